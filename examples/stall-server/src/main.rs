@@ -1,0 +1,324 @@
+//! `stall-server`: a demo axum service that blocks Tokio worker threads on
+//! purpose, so that loopguard's end-to-end tests have something to detect.
+//!
+//! | endpoint                   | what it does (wrong)                                          |
+//! |----------------------------|---------------------------------------------------------------|
+//! | `GET /`                    | lists these endpoints as JSON                                 |
+//! | `GET /fast`                | nothing: answers at once (the control)                        |
+//! | `GET /block/spin?ms=N`     | busy-loops on the worker for N ms                             |
+//! | `GET /block/sleep?ms=N`    | `std::thread::sleep` on the worker for N ms                   |
+//! | `GET /block/mutex?ms=N`    | waits on the worker N ms for a `std::sync::Mutex` a helper holds |
+//! | `GET /block/file?ms=N`     | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms   |
+//! | `GET /spawn_blocking?ms=N` | sleeps N ms in `spawn_blocking` (correct: worker stays free)  |
+//!
+//! Each `/block/*` handler blocks in one synchronous stretch (no `.await`
+//! inside) and answers `{"kind","requested_ms","blocked_ms","tid","pid"}`,
+//! where `tid` is the OS thread id (`gettid`) of the worker that blocked,
+//! read right before blocking, and `blocked_ms` the measured length of the
+//! stretch. `/spawn_blocking` answers the same plus `blocking_tid`, with
+//! `tid` the worker that ran the handler. `ms` must be in `0..=60000`,
+//! otherwise the answer is a 400 with `{"error": "..."}`.
+//!
+//! After binding, the server prints one line `listening on ADDR` to stdout;
+//! SIGTERM or SIGINT shut it down gracefully (exit code 0).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::Query;
+use axum::extract::rejection::QueryRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::signal::unix::{SignalKind, signal};
+
+const MAX_MS: u64 = 60_000;
+const FILE_CHUNK: usize = 64 * 1024;
+
+/// The lock `/block/mutex` contends on.
+static CONTENDED: Mutex<()> = Mutex::new(());
+/// Makes the temp file names of `/block/file` unique per request.
+static FILE_SEQ: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    addr: SocketAddr,
+    /// Tokio runtime flavor.
+    #[arg(long, value_enum, default_value_t = Flavor::MultiThread)]
+    flavor: Flavor,
+    /// Number of worker threads (multi-thread flavor only).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Flavor {
+    MultiThread,
+    CurrentThread,
+}
+
+#[derive(Deserialize)]
+struct MsParam {
+    ms: u64,
+}
+
+#[derive(Serialize)]
+struct BlockReport {
+    kind: &'static str,
+    requested_ms: u64,
+    blocked_ms: f64,
+    tid: i32,
+    pid: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blocking_tid: Option<i32>,
+}
+
+impl BlockReport {
+    fn new(kind: &'static str, requested_ms: u64, blocked: Duration, tid: i32) -> Self {
+        let blocked_ms = blocked.as_secs_f64() * 1e3;
+        Self {
+            kind,
+            requested_ms,
+            blocked_ms,
+            tid,
+            pid: getpid(),
+            blocking_tid: None,
+        }
+    }
+}
+
+/// An error answered as `{"error": "..."}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl ApiError {
+    fn internal(msg: impl std::fmt::Display) -> Self {
+        Self(StatusCode::INTERNAL_SERVER_ERROR, msg.to_string())
+    }
+}
+
+impl From<std::io::Error> for ApiError {
+    fn from(e: std::io::Error) -> Self {
+        Self::internal(format_args!("I/O error: {e}"))
+    }
+}
+
+type BlockResult = Result<Json<BlockReport>, ApiError>;
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+fn getpid() -> i32 {
+    // SAFETY: getpid has no preconditions and cannot fail.
+    unsafe { libc::getpid() }
+}
+
+fn parse_ms(q: Result<Query<MsParam>, QueryRejection>) -> Result<u64, ApiError> {
+    let Query(MsParam { ms }) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if ms > MAX_MS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("ms must be at most {MAX_MS}"),
+        ));
+    }
+    Ok(ms)
+}
+
+/// Runs `section` synchronously on the current thread and reports how long
+/// it took and which OS thread ran it. Must not be called across an `.await`.
+fn blocking_section(
+    kind: &'static str,
+    ms: u64,
+    section: impl FnOnce(Instant, Duration) -> std::io::Result<()>,
+) -> BlockResult {
+    let tid = gettid();
+    let start = Instant::now();
+    section(start, Duration::from_millis(ms))?;
+    Ok(Json(BlockReport::new(kind, ms, start.elapsed(), tid)))
+}
+
+/// `(path, blocks the worker, what it does)`, served by `GET /`.
+#[rustfmt::skip]
+const ENDPOINTS: &[(&str, bool, &str)] = &[
+    ("/",                    false, "this listing"),
+    ("/fast",                false, "answers at once (control)"),
+    ("/block/spin?ms=N",     true,  "busy-loops on the worker thread for N ms"),
+    ("/block/sleep?ms=N",    true,  "std::thread::sleep on the worker thread for N ms"),
+    ("/block/mutex?ms=N",    true,  "waits on the worker for a std Mutex another thread holds N ms"),
+    ("/block/file?ms=N",     true,  "sync write(64 KiB)+sync_data+read on the worker for ~N ms"),
+    ("/spawn_blocking?ms=N", false, "sleeps N ms in spawn_blocking (correct: the worker stays free)"),
+];
+
+async fn index() -> Json<Value> {
+    let endpoints: Vec<Value> = ENDPOINTS
+        .iter()
+        .map(|(path, blocks, what)| json!({ "path": path, "blocks_worker": blocks, "description": what }))
+        .collect();
+    Json(json!({ "service": "stall-server", "endpoints": endpoints }))
+}
+
+async fn fast() -> Json<Value> {
+    Json(json!({ "ok": true, "tid": gettid() }))
+}
+
+async fn block_spin(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
+    let ms = parse_ms(q)?;
+    blocking_section("spin", ms, |start, d| {
+        while start.elapsed() < d {
+            std::hint::spin_loop();
+        }
+        Ok(())
+    })
+}
+
+async fn block_sleep(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
+    let ms = parse_ms(q)?;
+    blocking_section("sleep", ms, |_, d| {
+        std::thread::sleep(d);
+        Ok(())
+    })
+}
+
+async fn block_mutex(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
+    let ms = parse_ms(q)?;
+    let (locked_tx, locked_rx) = mpsc::sync_channel::<()>(0);
+    let holder = std::thread::spawn(move || {
+        let guard = CONTENDED.lock().unwrap_or_else(PoisonError::into_inner);
+        // The handler waits for this before it contends for the lock.
+        let _ = locked_tx.send(());
+        std::thread::sleep(Duration::from_millis(ms));
+        drop(guard);
+    });
+    // Quick handshake: returns as soon as the holder has the lock. (Requests
+    // that overlap queue on the one lock, so they block for longer.)
+    locked_rx
+        .recv()
+        .map_err(|_| ApiError::internal("lock holder died"))?;
+    let report = blocking_section("mutex", ms, |_, _| {
+        drop(CONTENDED.lock().unwrap_or_else(PoisonError::into_inner));
+        Ok(())
+    });
+    let _ = holder.join();
+    report
+}
+
+async fn block_file(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
+    let ms = parse_ms(q)?;
+    let seq = FILE_SEQ.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("stall-server-{}-{seq}.tmp", getpid()));
+    let report = blocking_section("file", ms, |start, d| {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let mut buf = vec![0xa5_u8; FILE_CHUNK];
+        while start.elapsed() < d {
+            file.seek(SeekFrom::Start(0))?;
+            file.write_all(&buf)?;
+            file.sync_data()?;
+            if start.elapsed() >= d {
+                break;
+            }
+            file.seek(SeekFrom::Start(0))?;
+            file.read_exact(&mut buf)?;
+        }
+        Ok(())
+    });
+    let _ = std::fs::remove_file(&path);
+    report
+}
+
+async fn offload(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
+    let ms = parse_ms(q)?;
+    let tid = gettid();
+    let (blocking_tid, blocked) = tokio::task::spawn_blocking(move || {
+        let blocking_tid = gettid();
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_millis(ms));
+        (blocking_tid, start.elapsed())
+    })
+    .await
+    .map_err(|e| ApiError::internal(format_args!("blocking task failed: {e}")))?;
+    let report = BlockReport::new("spawn_blocking", ms, blocked, tid);
+    Ok(Json(BlockReport {
+        blocking_tid: Some(blocking_tid),
+        ..report
+    }))
+}
+
+fn app() -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/fast", get(fast))
+        .route("/block/spin", get(block_spin))
+        .route("/block/sleep", get(block_sleep))
+        .route("/block/mutex", get(block_mutex))
+        .route("/block/file", get(block_file))
+        .route("/spawn_blocking", get(offload))
+}
+
+async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+    // Install the handlers before announcing the port, so a harness that
+    // signals right after reading it cannot kill us with the default action.
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {local}")?;
+    stdout.flush()?;
+    drop(stdout);
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    axum::serve(listener, app())
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut builder = match args.flavor {
+        Flavor::MultiThread => {
+            anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(args.workers);
+            b
+        }
+        Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("building the Tokio runtime")?;
+    let result = runtime.block_on(serve(args.addr));
+    // Don't wait forever on a blocking task still sleeping.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}

@@ -1,0 +1,198 @@
+//! Records and constants shared by loopguard's eBPF programs (`loopguard-ebpf`)
+//! and its agent (`loopguard-user`).
+//!
+//! Only plain `#[repr(C)]` types and constants live here, so both sides agree
+//! on every byte. The agent decodes event kinds with `TryFrom<u32>`, so an
+//! unknown kind is an error rather than a misread.
+#![no_std]
+
+/// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
+pub mod names {
+    /// uprobe on the first instruction of every `tokio::runtime::task::raw::poll` copy.
+    pub const POLL_ENTER: &str = "poll_enter";
+    /// uretprobe on every `raw::poll` copy.
+    pub const POLL_EXIT: &str = "poll_exit";
+    /// `sched:sched_process_exit` tracepoint: forgets a thread's poll stack.
+    pub const THREAD_EXIT: &str = "thread_exit";
+
+    /// Ring buffer of [`super::PollEvent`]s.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-thread stack of in-flight polls, keyed by tid.
+    pub const THREAD_POLLS: &str = "THREAD_POLLS";
+    /// Per-CPU log2 histogram of worker poll durations.
+    pub const POLL_HISTOGRAM: &str = "POLL_HISTOGRAM";
+    /// Per-CPU counters, indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Global the agent sets before load: [`super::Config`].
+    pub const CONFIG: &str = "CONFIG";
+}
+
+/// How many nested polls one thread's stack records. Deeper polls are counted
+/// ([`Counter::StackOverflow`]) but not timed.
+pub const MAX_POLL_DEPTH: usize = 8;
+
+/// Address ranges of blocking-pool code the agent hands the kernel side.
+pub const MAX_BLOCKING_RANGES: usize = 16;
+
+/// Number of log2 slots in [`names::POLL_HISTOGRAM`]; slot `i` counts polls
+/// whose duration in ns has its highest set bit at `i` (slot 0 also holds 0 ns).
+pub const HISTOGRAM_SLOTS: u32 = 64;
+
+/// Ring buffer size in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// Upper bound on threads tracked at once in [`names::THREAD_POLLS`].
+pub const MAX_THREADS: u32 = 16384;
+
+/// The attach cookie of a `raw::poll` copy: bits 0..32 hold the byte offset
+/// of the task id from the task header (0 when it could not be verified),
+/// bits 32..64 the index of the copy in the agent's discovery list.
+pub const COOKIE_ID_OFFSET_MASK: u64 = 0xffff_ffff;
+
+/// Agent → kernel configuration, set as a global before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Process (tgid) the probes report on; others are ignored.
+    pub target_tgid: u32,
+    /// Number of valid entries in `blocking_ranges`.
+    pub blocking_range_count: u32,
+    /// Polls lasting at least this long (ns) produce a ring buffer event.
+    pub report_floor_ns: u64,
+    /// `[start, end)` runtime addresses of blocking-pool code: a poll whose
+    /// return address falls inside one ran on the blocking pool, not a worker.
+    pub blocking_ranges: [[u64; 2]; MAX_BLOCKING_RANGES],
+}
+
+impl Config {
+    pub const fn zeroed() -> Self {
+        Self {
+            target_tgid: 0,
+            blocking_range_count: 0,
+            report_floor_ns: u64::MAX,
+            blocking_ranges: [[0; 2]; MAX_BLOCKING_RANGES],
+        }
+    }
+}
+
+/// Flags on a [`PollFrame`] and a [`PollEvent`].
+pub mod frame_flags {
+    /// The poll returned into blocking-pool code (a `spawn_blocking` closure,
+    /// or the worker loop itself): never an event-loop stall.
+    pub const BLOCKING: u32 = 1 << 0;
+    /// Another poll started on this thread while this one was in flight: this
+    /// poll is a scheduler loop (a worker, a `LocalSet`), not a task.
+    pub const CONTAINER: u32 = 1 << 1;
+    /// The task id could not be read (unverified vtable layout or a failed
+    /// read): `task_id` holds 0.
+    pub const NO_TASK_ID: u32 = 1 << 2;
+}
+
+/// One in-flight poll on a thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PollFrame {
+    /// ns, from `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) at poll entry.
+    pub start_ns: u64,
+    /// Tokio task id, read from the task header at entry (0: unknown).
+    pub task_id: u64,
+    /// Task header address (first argument of `raw::poll`).
+    pub header: u64,
+    /// Return address of the poll call: who polled.
+    pub return_addr: u64,
+    /// Index of the `raw::poll` copy in the agent's discovery list.
+    pub copy_index: u32,
+    /// [`frame_flags`].
+    pub flags: u32,
+}
+
+/// A thread's stack of in-flight polls (value of [`names::THREAD_POLLS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadPolls {
+    /// Polls in flight, including those deeper than [`MAX_POLL_DEPTH`].
+    pub depth: u32,
+    pub _pad: u32,
+    pub frames: [PollFrame; MAX_POLL_DEPTH],
+}
+
+/// Kinds of [`PollEvent`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A worker poll that lasted at least the report floor has returned.
+    PollEnd = 1,
+}
+
+impl TryFrom<u32> for EventKind {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, u32> {
+        match value {
+            1 => Ok(Self::PollEnd),
+            other => Err(other),
+        }
+    }
+}
+
+/// Record sent through [`names::EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PollEvent {
+    /// [`EventKind`] as a plain `u32`.
+    pub kind: u32,
+    /// Process id (tgid) of the polling thread.
+    pub pid: u32,
+    /// Thread id of the polling thread.
+    pub tid: u32,
+    /// [`frame_flags`] of the finished frame.
+    pub flags: u32,
+    /// ns, `CLOCK_MONOTONIC`, poll entry.
+    pub start_ns: u64,
+    /// ns, poll duration.
+    pub duration_ns: u64,
+    /// Tokio task id (0: unknown, see [`frame_flags::NO_TASK_ID`]).
+    pub task_id: u64,
+    /// Task header address.
+    pub header: u64,
+    /// Return address of the poll call.
+    pub return_addr: u64,
+    /// Index of the `raw::poll` copy in the agent's discovery list.
+    pub copy_index: u32,
+    /// Stack depth of the finished poll on its thread (1 = outermost).
+    pub depth: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PollEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<PollFrame>() == 40);
+const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 8 + 40 * MAX_POLL_DEPTH);
+
+/// Indices into [`names::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Worker polls completed (every one, not only reported ones).
+    WorkerPolls = 0,
+    /// Blocking-pool polls completed.
+    BlockingPolls = 1,
+    /// Events lost because the ring buffer was full.
+    DroppedEvents = 2,
+    /// Polls nested deeper than [`MAX_POLL_DEPTH`].
+    StackOverflow = 3,
+    /// Returns seen with no matching entry on the thread's stack.
+    UnmatchedReturns = 4,
+    /// Entries lost because [`names::THREAD_POLLS`] was full.
+    ThreadMapFull = 5,
+}
+
+/// Number of slots in [`names::COUNTERS`].
+pub const COUNTER_SLOTS: u32 = 6;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are `repr(C)`, `Copy`, made only of integers, with explicit padding.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::PollFrame {}
+    unsafe impl aya::Pod for super::ThreadPolls {}
+    unsafe impl aya::Pod for super::PollEvent {}
+}

@@ -1,0 +1,252 @@
+//! loopguard's kernel side: times every Tokio task poll of one process.
+//!
+//! - `poll_enter` (uprobe on each `tokio::runtime::task::raw::poll` copy)
+//!   pushes a frame on the calling thread's poll stack: start time, task id,
+//!   header, return address, and whether the caller is blocking-pool code.
+//! - `poll_exit` (uretprobe on the same copies) pops it, counts the poll in a
+//!   per-CPU log2 histogram and, only when a worker poll lasted at least the
+//!   report floor, sends one `PollEvent` through the ring buffer.
+//! - `thread_exit` (`sched:sched_process_exit`) drops a dead thread's stack.
+//!
+//! The agent reads `THREAD_POLLS` directly to see polls that are still stuck.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_get_attach_cookie,
+    },
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use loopguard_common::{
+    COOKIE_ID_OFFSET_MASK, COUNTER_SLOTS, Config, Counter, EVENTS_RING_BYTES, EventKind,
+    HISTOGRAM_SLOTS, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS, PollEvent, PollFrame,
+    ThreadPolls, frame_flags,
+};
+
+/// Set by the agent before load (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::zeroed();
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+#[map]
+static THREAD_POLLS: HashMap<u32, ThreadPolls> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+#[map]
+static POLL_HISTOGRAM: PerCpuArray<u64> = PerCpuArray::with_max_entries(HISTOGRAM_SLOTS, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+fn target_tgid() -> u32 {
+    // SAFETY: a plain read of a global the loader patched before load.
+    unsafe { core::ptr::read_volatile(&raw const CONFIG.target_tgid) }
+}
+
+#[inline(always)]
+fn bump(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot; programs do not migrate while they run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Index of the highest set bit (0 for 0 and 1), without a `clz` instruction.
+#[inline(always)]
+fn log2_slot(mut v: u64) -> u32 {
+    let mut slot = 0;
+    let mut shift = 32;
+    while shift > 0 {
+        if v >> shift != 0 {
+            v >>= shift;
+            slot += shift;
+        }
+        shift >>= 1;
+    }
+    slot
+}
+
+#[inline(always)]
+fn is_blocking_pool(return_addr: u64) -> bool {
+    // SAFETY: plain reads of globals the loader patched before load.
+    let count = unsafe { core::ptr::read_volatile(&raw const CONFIG.blocking_range_count) } as usize;
+    let mut i = 0;
+    while i < MAX_BLOCKING_RANGES {
+        if i >= count {
+            return false;
+        }
+        let [start, end] = unsafe { core::ptr::read_volatile(&raw const CONFIG.blocking_ranges[i]) };
+        if return_addr >= start && return_addr < end {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[uprobe]
+pub fn poll_enter(ctx: ProbeContext) -> u32 {
+    let _ = try_poll_enter(&ctx);
+    0
+}
+
+fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 != target_tgid() {
+        return Ok(());
+    }
+    let tid = pid_tgid as u32;
+    let start_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the helper only reads the cookie of the link that fired.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let header: u64 = ctx.arg(0).ok_or(1i64)?;
+    // SAFETY: `regs` points at the saved registers of the probed thread.
+    let rsp = unsafe { (*ctx.regs).rsp };
+
+    let mut flags = 0;
+    let id_offset = cookie & COOKIE_ID_OFFSET_MASK;
+    let task_id = if id_offset == 0 {
+        flags |= frame_flags::NO_TASK_ID;
+        0
+    } else {
+        // SAFETY: bpf_probe_read_user tolerates any address.
+        unsafe { bpf_probe_read_user((header + id_offset) as *const u64) }.unwrap_or_else(|_| {
+            flags |= frame_flags::NO_TASK_ID;
+            0
+        })
+    };
+    // At the first instruction of the function, the return address is on top of the stack.
+    let return_addr = unsafe { bpf_probe_read_user(rsp as *const u64) }.unwrap_or(0);
+    if is_blocking_pool(return_addr) {
+        flags |= frame_flags::BLOCKING;
+    }
+
+    let frame = PollFrame {
+        start_ns,
+        task_id,
+        header,
+        return_addr,
+        copy_index: (cookie >> 32) as u32,
+        flags,
+    };
+
+    let stack = match THREAD_POLLS.get_ptr_mut(tid) {
+        Some(stack) => stack,
+        None => {
+            let empty = ThreadPolls::default();
+            if THREAD_POLLS.insert(tid, empty, 0).is_err() {
+                bump(Counter::ThreadMapFull);
+                return Ok(());
+            }
+            THREAD_POLLS.get_ptr_mut(tid).ok_or(1i64)?
+        }
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let stack = unsafe { &mut *stack };
+    let depth = stack.depth as usize;
+    if depth > 0 && depth <= MAX_POLL_DEPTH {
+        stack.frames[(depth - 1) & (MAX_POLL_DEPTH - 1)].flags |= frame_flags::CONTAINER;
+    }
+    if depth < MAX_POLL_DEPTH {
+        stack.frames[depth & (MAX_POLL_DEPTH - 1)] = frame;
+    } else {
+        bump(Counter::StackOverflow);
+    }
+    stack.depth += 1;
+    Ok(())
+}
+
+#[uretprobe]
+pub fn poll_exit(ctx: RetProbeContext) -> u32 {
+    let _ = try_poll_exit(&ctx);
+    0
+}
+
+fn try_poll_exit(_ctx: &RetProbeContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid != target_tgid() {
+        return Ok(());
+    }
+    let tid = pid_tgid as u32;
+    let end_ns = unsafe { bpf_ktime_get_ns() };
+    let Some(stack) = THREAD_POLLS.get_ptr_mut(tid) else {
+        bump(Counter::UnmatchedReturns);
+        return Ok(());
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let stack = unsafe { &mut *stack };
+    if stack.depth == 0 {
+        bump(Counter::UnmatchedReturns);
+        return Ok(());
+    }
+    stack.depth -= 1;
+    let depth = stack.depth as usize;
+    if depth >= MAX_POLL_DEPTH {
+        return Ok(());
+    }
+    let frame = stack.frames[depth & (MAX_POLL_DEPTH - 1)];
+    let duration_ns = end_ns.saturating_sub(frame.start_ns);
+
+    if frame.flags & frame_flags::BLOCKING != 0 {
+        bump(Counter::BlockingPolls);
+        return Ok(());
+    }
+    bump(Counter::WorkerPolls);
+    if let Some(slot) = POLL_HISTOGRAM.get_ptr_mut(log2_slot(duration_ns)) {
+        // SAFETY: per-CPU slot; programs do not migrate while they run.
+        unsafe { *slot += 1 };
+    }
+    if frame.flags & frame_flags::CONTAINER != 0 {
+        return Ok(());
+    }
+    // SAFETY: plain read of a global the loader patched before load.
+    let floor = unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) };
+    if duration_ns < floor {
+        return Ok(());
+    }
+    let Some(mut entry) = EVENTS.reserve::<PollEvent>(0) else {
+        bump(Counter::DroppedEvents);
+        return Ok(());
+    };
+    entry.write(PollEvent {
+        kind: EventKind::PollEnd as u32,
+        pid: tgid,
+        tid,
+        flags: frame.flags,
+        start_ns: frame.start_ns,
+        duration_ns,
+        task_id: frame.task_id,
+        header: frame.header,
+        return_addr: frame.return_addr,
+        copy_index: frame.copy_index,
+        depth: depth as u32 + 1,
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn thread_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == target_tgid() {
+        let _ = THREAD_POLLS.remove(pid_tgid as u32);
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

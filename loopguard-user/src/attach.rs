@@ -1,0 +1,109 @@
+//! Attach: loads the embedded eBPF object and attaches it to a
+//! [`ProbeTarget`]: a uretprobe and a uprobe on every `raw::poll` copy
+//! (returns first, so no entry is ever recorded without its return), and the
+//! thread-exit tracepoint. Dropping [`AttachedProbes`] detaches everything;
+//! so does the agent dying, since the kernel drops links with their fds.
+
+use std::num::NonZeroU32;
+
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
+use aya::programs::{TracePoint, UProbe};
+use aya::{Ebpf, EbpfLoader};
+use loopguard_common::{Config, MAX_BLOCKING_RANGES, names};
+
+use crate::discover::{ProbeTarget, proc};
+
+/// The eBPF object built from `loopguard-ebpf` by this crate's build script.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopguard"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(
+        "failed to load the eBPF programs; the kernel must support BPF ring buffers and uprobe cookies (Linux 5.15+); run with RUST_LOG=debug for the verifier log"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("failed to load program `{program}`")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("failed to attach `{program}` to {path} at file offset {offset:#x}")]
+    Probe {
+        program: &'static str,
+        path: String,
+        offset: u64,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("process {pid} exited while loopguard was attaching")]
+    ProcessExited { pid: u32 },
+    #[error("the eBPF object lacks `{0}`; rebuild loopguard (`cargo xtask build`)")]
+    Missing(&'static str),
+}
+
+/// The loaded programs and their links; detaches on drop.
+pub struct AttachedProbes {
+    pub ebpf: Ebpf,
+    /// uprobes + uretprobes attached.
+    pub probe_count: usize,
+}
+
+/// Loads and attaches everything for `target`.
+pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProbes, AttachError> {
+    let pid = target.pid;
+    let mut config = Config::zeroed();
+    config.target_tgid = pid;
+    config.report_floor_ns = report_floor_ns;
+    let ranges = target.blocking_runtime_ranges();
+    for (slot, range) in config.blocking_ranges.iter_mut().zip(&ranges) {
+        *slot = [range.start, range.end];
+    }
+    config.blocking_range_count = ranges.len().min(MAX_BLOCKING_RANGES) as u32;
+
+    let mut ebpf = EbpfLoader::new()
+        .override_global(names::CONFIG, &config, true)
+        .load(EBPF_OBJECT)
+        .map_err(AttachError::Load)?;
+
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::ProcessExited { pid })?);
+    let mut probe_count = 0;
+    // Returns before entries: an entry recorded without its return would
+    // look like a poll stuck forever.
+    for (program, is_entry) in [(names::POLL_EXIT, false), (names::POLL_ENTER, true)] {
+        let uprobe: &mut UProbe = ebpf
+            .program_mut(program)
+            .ok_or(AttachError::Missing(program))?
+            .try_into()
+            .map_err(|source| AttachError::Program { program, source })?;
+        uprobe.load().map_err(|source| AttachError::Program { program, source })?;
+        for (index, copy) in target.binary.poll_copies.iter().enumerate() {
+            let cookie = is_entry.then(|| ((index as u64) << 32) | copy.id_offset.unwrap_or(0));
+            let point = UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(copy.file_offset), cookie };
+            uprobe.attach(point, &target.exe.probe_path, scope).map_err(|source| {
+                if proc::is_alive(pid) {
+                    AttachError::Probe { program, path: target.exe.display_path.clone(), offset: copy.file_offset, source }
+                } else {
+                    AttachError::ProcessExited { pid }
+                }
+            })?;
+            probe_count += 1;
+        }
+    }
+
+    let program = names::THREAD_EXIT;
+    let tracepoint: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::Missing(program))?
+        .try_into()
+        .map_err(|source| AttachError::Program { program, source })?;
+    tracepoint.load().map_err(|source| AttachError::Program { program, source })?;
+    tracepoint
+        .attach("sched", "sched_process_exit")
+        .map_err(|source| AttachError::Program { program, source })?;
+
+    if !proc::is_alive(pid) {
+        return Err(AttachError::ProcessExited { pid });
+    }
+    Ok(AttachedProbes { ebpf, probe_count })
+}

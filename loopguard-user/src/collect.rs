@@ -1,0 +1,153 @@
+//! Collect: reads what the kernel side produced. Drains the ring buffer into
+//! [`PollEvent`]s, snapshots every thread's in-flight poll stack, and sums
+//! the per-CPU counters and histogram.
+
+use std::os::fd::AsRawFd;
+
+use aya::Ebpf;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use loopguard_common::{COUNTER_SLOTS, EventKind, HISTOGRAM_SLOTS, PollEvent, ThreadPolls, names};
+use tokio::io::unix::AsyncFd;
+
+use crate::summary::{Counters, Histogram};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("the eBPF object lacks map `{0}`; rebuild loopguard (`cargo xtask build`)")]
+    MissingMap(&'static str),
+    #[error("failed to open map `{name}`")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("failed to wait on the ring buffer")]
+    Poll(#[source] std::io::Error),
+}
+
+/// Handles on the maps the agent reads.
+pub struct Collector {
+    ring: AsyncFd<RingBuf<MapData>>,
+    thread_polls: BpfHashMap<MapData, u32, ThreadPolls>,
+    counters: PerCpuArray<MapData, u64>,
+    histogram: PerCpuArray<MapData, u64>,
+    /// Records that did not decode (wrong size or unknown kind).
+    pub malformed: u64,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CollectError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| CollectError::Map { name, source })
+}
+
+impl Collector {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, CollectError> {
+        let ring: RingBuf<MapData> = take(ebpf, names::EVENTS)?;
+        Ok(Self {
+            // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd,
+            // so the fd stays open for as long as it is registered.
+            ring: unsafe { AsyncFd::register(ring) }.map_err(|error| CollectError::Poll(error.into()))?,
+            thread_polls: take(ebpf, names::THREAD_POLLS)?,
+            counters: take(ebpf, names::COUNTERS)?,
+            histogram: take(ebpf, names::POLL_HISTOGRAM)?,
+            malformed: 0,
+        })
+    }
+
+    /// Waits until the ring buffer has data.
+    pub async fn readable(&self) -> Result<(), CollectError> {
+        let mut guard = self.ring.readable().await.map_err(CollectError::Poll)?;
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Moves every queued event into `out`.
+    pub fn drain(&mut self, out: &mut Vec<PollEvent>) {
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Some(event) => out.push(event),
+                None => self.malformed += 1,
+            }
+        }
+    }
+
+    /// Every thread's in-flight polls, as the kernel has them now.
+    pub fn snapshot(&self) -> Vec<(u32, ThreadPolls)> {
+        self.thread_polls.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn counters(&self) -> Counters {
+        let mut counters = Counters::default();
+        for (slot, total) in counters.0.iter_mut().enumerate().take(COUNTER_SLOTS as usize) {
+            *total = self.counters.get(&(slot as u32), 0).map_or(0, |values| values.iter().sum());
+        }
+        counters
+    }
+
+    pub fn histogram(&self) -> Histogram {
+        let mut histogram = Histogram::default();
+        for (slot, total) in histogram.0.iter_mut().enumerate().take(HISTOGRAM_SLOTS as usize) {
+            *total = self.histogram.get(&(slot as u32), 0).map_or(0, |values| values.iter().sum());
+        }
+        histogram
+    }
+
+    /// The ring buffer's fd, for logs.
+    pub fn ring_fd(&self) -> i32 {
+        self.ring.get_ref().as_raw_fd()
+    }
+}
+
+/// Decodes one ring buffer record; `None` for a wrong size or unknown kind.
+pub fn decode(bytes: &[u8]) -> Option<PollEvent> {
+    if bytes.len() < size_of::<PollEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked, PollEvent is plain integers, and
+    // read_unaligned copes with any alignment.
+    let event: PollEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    EventKind::try_from(event.kind).ok()?;
+    Some(event)
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(event: &PollEvent) -> Vec<u8> {
+        // SAFETY: PollEvent is repr(C) plain integers with no padding.
+        unsafe { std::slice::from_raw_parts((event as *const PollEvent).cast::<u8>(), size_of::<PollEvent>()) }.to_vec()
+    }
+
+    #[test]
+    fn a_record_round_trips() {
+        let event = PollEvent { kind: EventKind::PollEnd as u32, tid: 9, duration_ns: 5, ..Default::default() };
+        let decoded = decode(&bytes_of(&event)).unwrap();
+        assert_eq!((decoded.tid, decoded.duration_ns), (9, 5));
+    }
+
+    #[test]
+    fn short_or_unknown_records_are_rejected() {
+        let event = PollEvent { kind: 99, ..Default::default() };
+        assert!(decode(&bytes_of(&event)).is_none());
+        assert!(decode(&[0; 8]).is_none());
+    }
+
+    #[test]
+    fn the_monotonic_clock_moves() {
+        let a = monotonic_ns();
+        assert!(monotonic_ns() >= a && a > 0);
+    }
+}

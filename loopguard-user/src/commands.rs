@@ -1,0 +1,151 @@
+//! The two subcommands, from parsed arguments to an exit code.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::agent::{self, StopReason, WatchOptions};
+use crate::attach::{self, AttachedProbes};
+use crate::cli::{AttachArgs, RunArgs, WatchArgs};
+use crate::collect::Collector;
+use crate::discover::{self, ProbeTarget};
+use crate::error::{EXIT_STALL, Error};
+use crate::launch;
+use crate::preflight;
+
+fn watch_options(args: &WatchArgs) -> WatchOptions {
+    WatchOptions {
+        threshold_ns: args.threshold_ms * 1_000_000,
+        format: args.format,
+        scan_interval: Duration::from_millis(args.scan_interval_ms),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)
+}
+
+fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedProbes), Error> {
+    let target = discover::discover(pid)?;
+    tracing::info!(
+        pid,
+        exe = %target.exe.display_path,
+        poll_functions = target.binary.poll_copies.len(),
+        blocking_ranges = target.binary.blocking_ranges.len(),
+        "discovered target"
+    );
+    let probes = attach::attach(&target, options.threshold_ns)?;
+    tracing::info!(probes = probes.probe_count, "attached");
+    Ok((target, probes))
+}
+
+/// Watches, then detaches and prints the summary; returns the stall count.
+async fn watch_and_detach(
+    target: ProbeTarget,
+    mut probes: AttachedProbes,
+    options: &WatchOptions,
+    stop: impl Future<Output = StopReason>,
+) -> Result<u64, Error> {
+    let mut collector = Collector::new(&mut probes.ebpf)?;
+    agent::print_attached(&target, probes.probe_count, options);
+    let outcome = agent::watch(&target, &mut collector, options, stop).await?;
+    drop(probes);
+    tracing::info!(reason = ?outcome.reason, "detached");
+    agent::print_summary(&outcome, target.pid, options);
+    Ok(outcome.summary.stalls)
+}
+
+/// `loopguard attach`.
+pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
+    preflight::check()?;
+    let options = watch_options(&args.watch);
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let (target, probes) = prepare(args.pid, &options)?;
+        let duration = args.watch.duration;
+        let stop = async move {
+            let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = interrupt.recv() => StopReason::Interrupted,
+                _ = terminate.recv() => StopReason::Interrupted,
+                () = sleep_for(duration) => StopReason::DurationElapsed,
+            }
+        };
+        watch_and_detach(target, probes, &options, stop).await?;
+        Ok(0)
+    })
+}
+
+async fn sleep_for(secs: Option<u64>) {
+    match secs {
+        Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Signals `loopguard run` passes on to its command.
+const FORWARDED: [libc::c_int; 6] =
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+
+/// `loopguard run`.
+pub fn run(args: &RunArgs) -> Result<i32, Error> {
+    preflight::check()?;
+    let options = watch_options(&args.watch);
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let stopped = launch::launch_stopped(&args.command)?;
+        let pid = stopped.pid();
+        let prepared = prepare(pid, &options);
+        let (target, probes) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                // Never leave a stopped, traced child behind.
+                let mut child = stopped.child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(error);
+            }
+        };
+        let mut child = stopped.resume()?;
+        let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
+        std::thread::spawn(move || {
+            let status = child.wait().map(launch::exit_code).unwrap_or(1);
+            let _ = exit_tx.send(Some(status));
+        });
+        for signo in FORWARDED {
+            let Ok(mut incoming) = signal(SignalKind::from_raw(signo)) else { continue };
+            tokio::spawn(async move {
+                while incoming.recv().await.is_some() {
+                    // SAFETY: sending a signal to our own child.
+                    unsafe { libc::kill(pid as libc::pid_t, signo) };
+                }
+            });
+        }
+        let duration = args.watch.duration;
+        let mut child_exit = exit_rx.clone();
+        let stop = async move {
+            let exited = child_exit.wait_for(Option::is_some);
+            let timed_out = match duration {
+                Some(secs) => tokio::time::timeout(Duration::from_secs(secs), exited).await.is_err(),
+                None => {
+                    let _ = exited.await;
+                    false
+                }
+            };
+            if !timed_out {
+                return StopReason::TargetExited;
+            }
+            // --duration ends the command: SIGTERM, then wait for it to go.
+            // SAFETY: sending a signal to our own child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            let _ = child_exit.wait_for(Option::is_some).await;
+            StopReason::DurationElapsed
+        };
+        let stalls = watch_and_detach(target, probes, &options, stop).await?;
+        let code = exit_rx.wait_for(Option::is_some).await.map_or(1, |status| status.unwrap_or(1));
+        Ok(if args.fail_on_stall && stalls > 0 && code == 0 { EXIT_STALL } else { code })
+    })
+}

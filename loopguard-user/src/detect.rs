@@ -1,0 +1,233 @@
+//! Detect: turns finished polls and snapshots of in-flight polls into stalls.
+//!
+//! Input: [`PollEvent`]s from the ring buffer (worker polls that lasted at
+//! least the report floor) and periodic snapshots of every thread's poll
+//! stack. Output: [`Finding`]s: a stall still in progress (reported once, as
+//! soon as a snapshot shows it past the threshold) and a finished stall (its
+//! final duration, when the poll returns).
+
+use std::collections::HashMap;
+
+use loopguard_common::{MAX_POLL_DEPTH, PollEvent, ThreadPolls, frame_flags};
+
+/// A task poll that blocked its thread for at least the threshold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stall {
+    pub tid: u32,
+    /// Tokio task id, when the vtable layout could be verified.
+    pub task_id: Option<u64>,
+    /// Task header address.
+    pub header: u64,
+    /// ns, `CLOCK_MONOTONIC`, when the poll started.
+    pub start_ns: u64,
+    /// ns the poll has lasted (so far, for one in progress).
+    pub duration_ns: u64,
+    /// Index of the `raw::poll` copy (names the future type in v0 builds).
+    pub copy_index: u32,
+    /// Return address of the poll: the scheduler that polled it.
+    pub return_addr: u64,
+}
+
+/// What the detector reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    /// The poll is still running and has passed the threshold.
+    InProgress(Stall),
+    /// The poll returned after at least the threshold.
+    Finished {
+        stall: Stall,
+        /// Whether it had already been reported in progress.
+        seen_in_progress: bool,
+    },
+}
+
+/// How long an in-progress report is remembered after its poll vanished from
+/// the snapshots without an event (lost event, thread exit).
+const FORGET_AFTER_NS: u64 = 10_000_000_000;
+
+/// Pairs in-flight observations with finished polls for one threshold.
+#[derive(Debug)]
+pub struct StallDetector {
+    threshold_ns: u64,
+    /// `(tid, start_ns)` of polls reported in progress → when last seen.
+    in_progress: HashMap<(u32, u64), u64>,
+}
+
+impl StallDetector {
+    pub fn new(threshold_ns: u64) -> Self {
+        Self { threshold_ns, in_progress: HashMap::new() }
+    }
+
+    pub fn threshold_ns(&self) -> u64 {
+        self.threshold_ns
+    }
+
+    /// A worker poll returned.
+    pub fn on_poll_end(&mut self, event: &PollEvent) -> Option<Finding> {
+        let seen_in_progress = self.in_progress.remove(&(event.tid, event.start_ns)).is_some();
+        if event.duration_ns < self.threshold_ns || event.flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) != 0 {
+            return None;
+        }
+        let stall = Stall {
+            tid: event.tid,
+            task_id: task_id(event.task_id, event.flags),
+            header: event.header,
+            start_ns: event.start_ns,
+            duration_ns: event.duration_ns,
+            copy_index: event.copy_index,
+            return_addr: event.return_addr,
+        };
+        Some(Finding::Finished { stall, seen_in_progress })
+    }
+
+    /// A snapshot of every thread's poll stack, taken at `now_ns`.
+    pub fn on_snapshot(&mut self, now_ns: u64, threads: &[(u32, ThreadPolls)]) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        for (tid, polls) in threads {
+            let depth = polls.depth as usize;
+            if depth == 0 || depth > MAX_POLL_DEPTH {
+                continue;
+            }
+            // Only the innermost poll can be the one blocking the thread.
+            let frame = &polls.frames[depth - 1];
+            if frame.flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) != 0 {
+                continue;
+            }
+            let elapsed = now_ns.saturating_sub(frame.start_ns);
+            if elapsed < self.threshold_ns {
+                continue;
+            }
+            let key = (*tid, frame.start_ns);
+            if self.in_progress.insert(key, now_ns).is_none() {
+                findings.push(Finding::InProgress(Stall {
+                    tid: *tid,
+                    task_id: task_id(frame.task_id, frame.flags),
+                    header: frame.header,
+                    start_ns: frame.start_ns,
+                    duration_ns: elapsed,
+                    copy_index: frame.copy_index,
+                    return_addr: frame.return_addr,
+                }));
+            }
+        }
+        self.in_progress
+            .retain(|_, last_seen| now_ns.saturating_sub(*last_seen) < FORGET_AFTER_NS);
+        findings
+    }
+
+    /// Stalls reported in progress whose end has not been seen (yet).
+    pub fn unfinished(&self) -> usize {
+        self.in_progress.len()
+    }
+}
+
+fn task_id(id: u64, flags: u32) -> Option<u64> {
+    (flags & frame_flags::NO_TASK_ID == 0 && id != 0).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use loopguard_common::{EventKind, PollFrame};
+
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn end(tid: u32, start_ms: u64, duration_ms: u64, flags: u32) -> PollEvent {
+        PollEvent {
+            kind: EventKind::PollEnd as u32,
+            pid: 1,
+            tid,
+            flags,
+            start_ns: start_ms * MS,
+            duration_ns: duration_ms * MS,
+            task_id: 7,
+            header: 0x1000,
+            return_addr: 0x2000,
+            copy_index: 0,
+            depth: 1,
+        }
+    }
+
+    fn stack(frames: &[(u64, u32)]) -> ThreadPolls {
+        let mut polls = ThreadPolls { depth: frames.len() as u32, ..Default::default() };
+        for (i, &(start_ms, flags)) in frames.iter().enumerate() {
+            polls.frames[i] = PollFrame { start_ns: start_ms * MS, task_id: 9, flags, ..Default::default() };
+        }
+        polls
+    }
+
+    #[test]
+    fn a_short_poll_is_not_a_stall() {
+        let mut detector = StallDetector::new(50 * MS);
+        assert_eq!(detector.on_poll_end(&end(1, 0, 49, 0)), None);
+    }
+
+    #[test]
+    fn a_long_poll_is_a_stall_once() {
+        let mut detector = StallDetector::new(50 * MS);
+        let Some(Finding::Finished { stall, seen_in_progress }) = detector.on_poll_end(&end(1, 0, 340, 0)) else {
+            panic!("no stall");
+        };
+        assert_eq!((stall.tid, stall.task_id, stall.duration_ns), (1, Some(7), 340 * MS));
+        assert!(!seen_in_progress);
+    }
+
+    #[test]
+    fn blocking_pool_and_scheduler_loops_are_never_stalls() {
+        let mut detector = StallDetector::new(50 * MS);
+        assert_eq!(detector.on_poll_end(&end(1, 0, 500, frame_flags::BLOCKING)), None);
+        assert_eq!(detector.on_poll_end(&end(1, 0, 500, frame_flags::CONTAINER)), None);
+        let threads = [(1, stack(&[(0, frame_flags::BLOCKING)])), (2, stack(&[(0, frame_flags::CONTAINER)]))];
+        assert!(detector.on_snapshot(1000 * MS, &threads).is_empty());
+    }
+
+    #[test]
+    fn a_stuck_poll_is_reported_in_progress_once_then_finished() {
+        let mut detector = StallDetector::new(50 * MS);
+        let threads = [(3, stack(&[(100, 0)]))];
+        assert!(detector.on_snapshot(140 * MS, &threads).is_empty());
+        let first = detector.on_snapshot(155 * MS, &threads);
+        assert!(matches!(&first[..], [Finding::InProgress(s)] if s.duration_ns == 55 * MS && s.task_id == Some(9)));
+        assert!(detector.on_snapshot(2000 * MS, &threads).is_empty());
+        assert_eq!(detector.unfinished(), 1);
+        let finished = detector.on_poll_end(&end(3, 100, 3000, 0));
+        assert!(matches!(finished, Some(Finding::Finished { seen_in_progress: true, .. })));
+        assert_eq!(detector.unfinished(), 0);
+    }
+
+    #[test]
+    fn only_the_innermost_poll_counts() {
+        // An outer scheduler poll (container) with a stuck task inside it.
+        let mut detector = StallDetector::new(50 * MS);
+        let threads = [(4, stack(&[(0, frame_flags::CONTAINER), (900, 0)]))];
+        let findings = detector.on_snapshot(1000 * MS, &threads);
+        assert!(matches!(&findings[..], [Finding::InProgress(s)] if s.start_ns == 900 * MS));
+    }
+
+    #[test]
+    fn a_stack_deeper_than_recorded_is_skipped() {
+        let mut detector = StallDetector::new(50 * MS);
+        let mut polls = stack(&[(0, 0)]);
+        polls.depth = MAX_POLL_DEPTH as u32 + 1;
+        assert!(detector.on_snapshot(1000 * MS, &[(5, polls)]).is_empty());
+    }
+
+    #[test]
+    fn a_vanished_in_progress_stall_is_forgotten() {
+        let mut detector = StallDetector::new(50 * MS);
+        detector.on_snapshot(100 * MS, &[(6, stack(&[(0, 0)]))]);
+        assert_eq!(detector.unfinished(), 1);
+        detector.on_snapshot(100 * MS + FORGET_AFTER_NS, &[]);
+        assert_eq!(detector.unfinished(), 0);
+    }
+
+    #[test]
+    fn a_missing_task_id_stays_missing() {
+        let mut detector = StallDetector::new(50 * MS);
+        let Some(Finding::Finished { stall, .. }) = detector.on_poll_end(&end(1, 0, 60, frame_flags::NO_TASK_ID)) else {
+            panic!("no stall");
+        };
+        assert_eq!(stall.task_id, None);
+    }
+}

@@ -1,0 +1,224 @@
+//! Reads a target executable: where Tokio's task poll copies are, where the
+//! blocking pool's code is, and the task-id offset each copy's vtable gives.
+//!
+//! Input: the bytes of an ELF file. Output: a [`BinaryInfo`] in virtual
+//! addresses and file offsets; turning those into runtime addresses needs the
+//! process's memory map (`super::proc`).
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use object::{
+    Object, ObjectSection, ObjectSegment, ObjectSymbol, RelocationFlags, SectionKind, SegmentFlags,
+    SymbolKind, elf,
+};
+
+use super::symbols::{SymbolRole, classify, demangle, mentions_tokio};
+use super::vtable::{ImageWords, Word, agreed_offset, verify_vtable};
+
+/// One monomorphised copy of `tokio::runtime::task::raw::poll`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PollCopy {
+    /// Virtual address in the ELF.
+    pub vaddr: u64,
+    /// Offset in the file, what a uprobe attaches to.
+    pub file_offset: u64,
+    /// Demangled name (v0 names carry the future type).
+    pub name: String,
+    /// Byte offset of the task id from the task header, when the vtable
+    /// layout was verified.
+    pub id_offset: Option<u64>,
+}
+
+/// What [`analyze`] found in a binary.
+#[derive(Debug)]
+pub struct BinaryInfo {
+    pub poll_copies: Vec<PollCopy>,
+    /// File offset ranges of blocking-pool code.
+    pub blocking_ranges: Vec<Range<u64>>,
+    /// `(file offset, size, demangled name)` of every function symbol, sorted,
+    /// to name the code a return address points into.
+    pub functions: Vec<(u64, u64, String)>,
+}
+
+/// Why a binary cannot be profiled.
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error("not an ELF file: {0}")]
+    NotElf(#[source] object::Error),
+    #[error("unsupported architecture {0:?}; loopguard supports x86-64")]
+    Architecture(object::Architecture),
+    #[error("the binary has no symbol table (it is stripped)")]
+    Stripped,
+    #[error("the binary does not contain Tokio")]
+    NotTokio,
+    #[error("the binary uses Tokio but no copy of `tokio::runtime::task::raw::poll` was found")]
+    NoTaskPoll,
+}
+
+/// Analyzes the bytes of an executable.
+pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
+    let file = object::File::parse(data).map_err(ElfError::NotElf)?;
+    if file.architecture() != object::Architecture::X86_64 {
+        return Err(ElfError::Architecture(file.architecture()));
+    }
+    let image = Image::new(&file);
+
+    let symbols: Vec<_> = if file.symbol_table().is_some() {
+        file.symbols().collect()
+    } else {
+        file.dynamic_symbols().collect()
+    };
+    let mut copies: HashMap<u64, String> = HashMap::new();
+    let mut blocking_ranges = Vec::new();
+    let mut functions = Vec::new();
+    let mut saw_tokio = false;
+    for symbol in &symbols {
+        if symbol.kind() != SymbolKind::Text || symbol.address() == 0 {
+            continue;
+        }
+        let Ok(raw) = symbol.name() else { continue };
+        let name = demangle(raw);
+        saw_tokio |= mentions_tokio(&name);
+        match classify(&name) {
+            SymbolRole::TaskPoll => {
+                copies.entry(symbol.address()).or_insert_with(|| name.clone());
+            }
+            SymbolRole::BlockingPool if symbol.size() > 0 => {
+                if let Some(start) = image.file_offset(symbol.address()) {
+                    blocking_ranges.push(start..start + symbol.size());
+                }
+            }
+            _ => {}
+        }
+        if let Some(start) = image.file_offset(symbol.address()) {
+            functions.push((start, symbol.size(), name));
+        }
+    }
+    if copies.is_empty() {
+        return Err(if file.symbol_table().is_none() {
+            ElfError::Stripped
+        } else if saw_tokio {
+            ElfError::NoTaskPoll
+        } else {
+            ElfError::NotTokio
+        });
+    }
+
+    let id_offsets = find_id_offsets(&file, &image, copies.keys().copied().collect());
+    let mut poll_copies: Vec<PollCopy> = copies
+        .into_iter()
+        .filter_map(|(vaddr, name)| {
+            Some(PollCopy {
+                vaddr,
+                file_offset: image.file_offset(vaddr)?,
+                name,
+                id_offset: id_offsets.get(&vaddr).copied().flatten(),
+            })
+        })
+        .collect();
+    poll_copies.sort_by_key(|copy| copy.vaddr);
+    blocking_ranges.sort_by_key(|range| range.start);
+    functions.sort_by_key(|&(offset, _, _)| offset);
+    functions.dedup_by_key(|&mut (offset, _, _)| offset);
+    Ok(BinaryInfo { poll_copies, blocking_ranges, functions })
+}
+
+/// For each copy: the id offset all its vtables agree on (`None` inside when
+/// they disagree or none verified).
+fn find_id_offsets(file: &object::File<'_>, image: &Image<'_>, copies: HashSet<u64>) -> HashMap<u64, Option<u64>> {
+    let mut slots: HashMap<u64, Vec<u64>> = HashMap::new();
+    if image.relocations.is_empty() {
+        // Not position independent: vtables hold the addresses literally.
+        for section in file.sections() {
+            if !matches!(section.kind(), SectionKind::ReadOnlyData | SectionKind::Data) {
+                continue;
+            }
+            let Ok(bytes) = section.data() else { continue };
+            let base = section.address();
+            let skip = ((8 - base % 8) % 8) as usize;
+            for (i, chunk) in bytes.get(skip..).unwrap_or_default().chunks_exact(8).enumerate() {
+                let value = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+                if copies.contains(&value) {
+                    slots.entry(value).or_default().push(base + skip as u64 + 8 * i as u64);
+                }
+            }
+        }
+    } else {
+        for (&slot, &target) in &image.relocations {
+            if copies.contains(&target) {
+                slots.entry(target).or_default().push(slot);
+            }
+        }
+    }
+    copies
+        .into_iter()
+        .map(|copy| {
+            let verdicts = slots.get(&copy).map(Vec::as_slice).unwrap_or_default();
+            let offset = agreed_offset(verdicts.iter().map(|&slot| verify_vtable(image, slot)));
+            (copy, offset)
+        })
+        .collect()
+}
+
+/// The loadable segments of a file plus its `R_X86_64_RELATIVE` relocations.
+struct Image<'d> {
+    /// `(vaddr range backed by file bytes, file offset, bytes, executable)`.
+    segments: Vec<(Range<u64>, u64, &'d [u8], bool)>,
+    /// Slot address → target address, from relative relocations.
+    relocations: HashMap<u64, u64>,
+}
+
+impl<'d> Image<'d> {
+    fn new(file: &object::File<'d>) -> Self {
+        let segments = file
+            .segments()
+            .filter_map(|segment| {
+                let (offset, size) = segment.file_range();
+                let bytes = segment.data().ok()?;
+                let executable = match segment.flags() {
+                    SegmentFlags::Elf { p_flags } => p_flags & elf::PF_X != 0,
+                    _ => false,
+                };
+                Some((segment.address()..segment.address() + size, offset, bytes, executable))
+            })
+            .collect();
+        let relocations = file
+            .dynamic_relocations()
+            .into_iter()
+            .flatten()
+            .filter_map(|(slot, relocation)| match relocation.flags() {
+                RelocationFlags::Elf { r_type: elf::R_X86_64_RELATIVE } => {
+                    Some((slot, relocation.addend() as u64))
+                }
+                _ => None,
+            })
+            .collect();
+        Self { segments, relocations }
+    }
+
+    fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|(range, ..)| range.contains(&vaddr))
+            .map(|(range, offset, ..)| offset + (vaddr - range.start))
+    }
+}
+
+impl ImageWords for Image<'_> {
+    fn word(&self, vaddr: u64) -> Option<Word> {
+        let (range, _, bytes, _) = self.segments.iter().find(|(range, ..)| range.contains(&vaddr))?;
+        let at = (vaddr - range.start) as usize;
+        let raw = u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
+        Some(match self.relocations.get(&vaddr) {
+            Some(&target) => Word { value: target, relocated: true },
+            None => Word { value: raw, relocated: false },
+        })
+    }
+
+    fn is_code(&self, vaddr: u64) -> bool {
+        self.segments
+            .iter()
+            .any(|(range, _, _, executable)| *executable && range.contains(&vaddr))
+    }
+}

@@ -1,0 +1,157 @@
+//! What `/proc` says about the target process: its executable, where that
+//! executable is mapped, its threads' names.
+//!
+//! The executable is read through `/proc/PID/exe`, which the kernel resolves
+//! inside the target's own mount namespace, so a process in a container is
+//! read (and probed) as the file it really runs, even one deleted since.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub executable: bool,
+    /// File offset the mapping starts at.
+    pub offset: u64,
+    pub inode: u64,
+    pub path: String,
+}
+
+/// Parses the text of `/proc/PID/maps`; malformed lines are skipped.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.split_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let _dev = fields.next()?;
+    let inode = fields.next()?;
+    let path = fields.collect::<Vec<_>>().join(" ");
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        inode: inode.parse().ok()?,
+        path,
+    })
+}
+
+/// Where one file's bytes sit in a process: the mappings of that inode.
+#[derive(Clone, Debug, Default)]
+pub struct FileMappings(Vec<Mapping>);
+
+impl FileMappings {
+    pub fn new(maps: &[Mapping], inode: u64) -> Self {
+        Self(maps.iter().filter(|m| m.inode == inode).cloned().collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Runtime address of a file offset, if that part of the file is mapped.
+    pub fn runtime_addr(&self, file_offset: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|m| file_offset >= m.offset && file_offset - m.offset < m.end - m.start)
+            .map(|m| m.start + (file_offset - m.offset))
+    }
+
+    /// File offset of a runtime address inside one of the mappings.
+    pub fn file_offset(&self, addr: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|m| (m.start..m.end).contains(&addr))
+            .map(|m| m.offset + (addr - m.start))
+    }
+}
+
+/// The target's executable as loopguard reads and probes it.
+#[derive(Clone, Debug)]
+pub struct Executable {
+    /// `/proc/PID/exe`: opened and probed through the magic link.
+    pub probe_path: PathBuf,
+    /// What the link points to, for messages.
+    pub display_path: String,
+    pub inode: u64,
+}
+
+pub fn executable(pid: u32) -> io::Result<Executable> {
+    let probe_path = PathBuf::from(format!("/proc/{pid}/exe"));
+    let display_path = fs::read_link(&probe_path)?.display().to_string();
+    let inode = fs::metadata(&probe_path)?.ino();
+    Ok(Executable { probe_path, display_path, inode })
+}
+
+pub fn read_maps(pid: u32) -> io::Result<Vec<Mapping>> {
+    fs::read_to_string(format!("/proc/{pid}/maps")).map(|text| parse_maps(&text))
+}
+
+/// The thread's name (`comm`), or `?` once it has gone.
+pub fn thread_name(pid: u32, tid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .map_or_else(|_| "?".to_owned(), |name| name.trim_end().to_owned())
+}
+
+/// Whether the process still exists (and is not a zombie).
+pub fn is_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0a00000-55d0c0a80000 r--p 00000000 fe:01 1234                       /srv/app (deleted)
+55d0c0a80000-55d0c0f00000 r-xp 00080000 fe:01 1234                       /srv/app (deleted)
+55d0c0f00000-55d0c0f40000 rw-p 00500000 fe:01 1234                       /srv/app (deleted)
+7f0000000000-7f0000021000 rw-p 00000000 00:00 0
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+garbage line
+";
+
+    #[test]
+    fn maps_lines_are_parsed() {
+        let maps = parse_maps(MAPS);
+        assert_eq!(maps.len(), 5);
+        assert_eq!(maps[1].start, 0x55d0_c0a8_0000);
+        assert!(maps[1].executable);
+        assert!(!maps[0].executable);
+        assert_eq!(maps[1].offset, 0x80000);
+        assert_eq!(maps[1].inode, 1234);
+        assert_eq!(maps[1].path, "/srv/app (deleted)");
+        assert_eq!(maps[4].path, "[stack]");
+    }
+
+    #[test]
+    fn file_offsets_translate_both_ways() {
+        let file = FileMappings::new(&parse_maps(MAPS), 1234);
+        assert_eq!(file.runtime_addr(0x80010), Some(0x55d0_c0a8_0010));
+        assert_eq!(file.file_offset(0x55d0_c0a8_0010), Some(0x80010));
+        assert_eq!(file.runtime_addr(0x10_0000_0000), None);
+        assert_eq!(file.file_offset(0x7f00_0000_0000), None);
+        assert!(FileMappings::new(&parse_maps(MAPS), 99).is_empty());
+    }
+
+    #[test]
+    fn this_process_is_alive_and_a_made_up_one_is_not() {
+        assert!(is_alive(std::process::id()));
+        assert!(!is_alive(u32::MAX - 1));
+    }
+}

@@ -1,0 +1,190 @@
+//! Finds the byte offset of the task id inside a Tokio task, per `raw::poll`
+//! copy, by reading the task vtable out of the binary itself.
+//!
+//! Every task type has a static `Vtable` whose first field is its
+//! `raw::poll` copy, followed by more function pointers and then three
+//! offsets: `trailer_offset`, `scheduler_offset`, `id_offset` (declaration
+//! order in tokio 1.38 and later). The struct is not `repr(C)`, so instead of
+//! trusting that order we check it: the words must be code pointers where
+//! functions are expected and plausible, mutually consistent offsets where
+//! offsets are expected (`scheduler <= id < trailer`, 8-byte aligned, the id
+//! right after the scheduler field). A copy whose vtable does not pass gets
+//! no id offset, and its polls are reported without a task id.
+
+/// One 8-byte word of the image at some virtual address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Word {
+    /// The value after relocation (a relocation's addend in a PIE).
+    pub value: u64,
+    /// Whether a dynamic relocation writes this word at load time.
+    pub relocated: bool,
+}
+
+/// Read access to the loaded image, as the vtable check needs it.
+pub trait ImageWords {
+    /// The word at `vaddr`, if it lies in the file's initialised data.
+    fn word(&self, vaddr: u64) -> Option<Word>;
+    /// Whether `vaddr` lies in executable code.
+    fn is_code(&self, vaddr: u64) -> bool;
+}
+
+/// A vtable layout loopguard knows how to check.
+#[derive(Clone, Copy, Debug)]
+pub struct VtableLayout {
+    /// Function pointers at the start (`poll` first).
+    pub fn_slots: u64,
+    /// Index of `trailer_offset`, `scheduler_offset` and `id_offset`.
+    pub trailer_slot: u64,
+    pub scheduler_slot: u64,
+    pub id_slot: u64,
+}
+
+/// tokio 1.38 onwards: poll, schedule, dealloc, `try_read_output`,
+/// `drop_join_handle_slow`, `drop_abort_handle`, shutdown, then the offsets.
+pub const KNOWN_LAYOUTS: &[VtableLayout] = &[VtableLayout {
+    fn_slots: 7,
+    trailer_slot: 7,
+    scheduler_slot: 8,
+    id_slot: 9,
+}];
+
+/// The task header holds at least state, `queue_next` and the vtable pointer.
+const MIN_HEADER_BYTES: u64 = 24;
+/// Any scheduler handle Tokio stores in a task is at most this large.
+const MAX_SCHEDULER_BYTES: u64 = 64;
+/// A sanity bound on task cell sizes (futures can be large, not this large).
+const MAX_TASK_BYTES: u64 = 1 << 24;
+
+/// Checks the vtable that starts at `slot_vaddr` (a word holding the address
+/// of a `raw::poll` copy) against the known layouts; returns the id offset.
+pub fn verify_vtable(image: &impl ImageWords, slot_vaddr: u64) -> Option<u64> {
+    KNOWN_LAYOUTS
+        .iter()
+        .find_map(|layout| verify_layout(image, slot_vaddr, layout))
+}
+
+fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> Option<u64> {
+    for slot in 0..layout.fn_slots {
+        let word = image.word(base + 8 * slot)?;
+        if !image.is_code(word.value) {
+            return None;
+        }
+    }
+    let offset = |slot: u64| -> Option<u64> {
+        let word = image.word(base + 8 * slot)?;
+        (!word.relocated && word.value < MAX_TASK_BYTES && word.value % 8 == 0).then_some(word.value)
+    };
+    let trailer = offset(layout.trailer_slot)?;
+    let scheduler = offset(layout.scheduler_slot)?;
+    let id = offset(layout.id_slot)?;
+    let consistent = scheduler >= MIN_HEADER_BYTES
+        && id >= scheduler
+        && id - scheduler <= MAX_SCHEDULER_BYTES
+        && trailer >= id + 8;
+    consistent.then_some(id)
+}
+
+/// Combines the verdicts of every vtable found for one `raw::poll` copy:
+/// an offset only when all agree (identical code folding can make two task
+/// types share a copy; they then must share the layout too).
+pub fn agreed_offset(verdicts: impl IntoIterator<Item = Option<u64>>) -> Option<u64> {
+    let mut agreed = None;
+    for verdict in verdicts {
+        let id = verdict?;
+        match agreed {
+            None => agreed = Some(id),
+            Some(previous) if previous == id => {}
+            Some(_) => return None,
+        }
+    }
+    agreed
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const CODE: std::ops::Range<u64> = 0x1000..0x9000;
+
+    #[derive(Default)]
+    struct FakeImage(HashMap<u64, Word>);
+
+    impl FakeImage {
+        fn vtable(base: u64, fns: u64, offsets: &[u64]) -> Self {
+            let mut image = Self::default();
+            for slot in 0..fns {
+                image.0.insert(base + 8 * slot, Word { value: 0x1000 + 0x40 * slot, relocated: true });
+            }
+            for (i, &value) in offsets.iter().enumerate() {
+                image.0.insert(base + 8 * (fns + i as u64), Word { value, relocated: false });
+            }
+            image
+        }
+    }
+
+    impl ImageWords for FakeImage {
+        fn word(&self, vaddr: u64) -> Option<Word> {
+            self.0.get(&vaddr).copied()
+        }
+        fn is_code(&self, vaddr: u64) -> bool {
+            CODE.contains(&vaddr)
+        }
+    }
+
+    #[test]
+    fn tokio_layout_yields_id_offset() {
+        // trailer 0x80, scheduler 0x20, id 0x28: Arc<Handle> scheduler.
+        let image = FakeImage::vtable(0x20000, 7, &[0x80, 0x20, 0x28]);
+        assert_eq!(verify_vtable(&image, 0x20000), Some(0x28));
+    }
+
+    #[test]
+    fn zero_sized_scheduler_is_accepted() {
+        // BlockingSchedule without test-util is zero-sized: id == scheduler.
+        let image = FakeImage::vtable(0x20000, 7, &[0x40, 0x28, 0x28]);
+        assert_eq!(verify_vtable(&image, 0x20000), Some(0x28));
+    }
+
+    #[test]
+    fn reordered_offsets_are_rejected() {
+        let image = FakeImage::vtable(0x20000, 7, &[0x20, 0x28, 0x80]);
+        assert_eq!(verify_vtable(&image, 0x20000), None);
+    }
+
+    #[test]
+    fn a_missing_function_pointer_is_rejected() {
+        let mut image = FakeImage::vtable(0x20000, 7, &[0x80, 0x20, 0x28]);
+        image.0.insert(0x20000 + 8 * 3, Word { value: 0, relocated: false });
+        assert_eq!(verify_vtable(&image, 0x20000), None);
+    }
+
+    #[test]
+    fn a_relocated_offset_is_rejected() {
+        let mut image = FakeImage::vtable(0x20000, 7, &[0x80, 0x20, 0x28]);
+        image.0.insert(0x20000 + 8 * 9, Word { value: 0x28, relocated: true });
+        assert_eq!(verify_vtable(&image, 0x20000), None);
+    }
+
+    #[test]
+    fn an_older_shorter_vtable_is_rejected() {
+        // Only six function pointers: the seventh word is an offset, not code.
+        let image = FakeImage::vtable(0x20000, 6, &[0x80, 0x20, 0x28, 0x30]);
+        assert_eq!(verify_vtable(&image, 0x20000), None);
+    }
+
+    #[test]
+    fn unaligned_or_huge_offsets_are_rejected() {
+        assert_eq!(verify_vtable(&FakeImage::vtable(0, 7, &[0x80, 0x20, 0x2c]), 0), None);
+        assert_eq!(verify_vtable(&FakeImage::vtable(0, 7, &[1 << 40, 0x20, 0x28]), 0), None);
+    }
+
+    #[test]
+    fn verdicts_must_agree() {
+        assert_eq!(agreed_offset([Some(0x28), Some(0x28)]), Some(0x28));
+        assert_eq!(agreed_offset([Some(0x28), Some(0x30)]), None);
+        assert_eq!(agreed_offset([Some(0x28), None]), None);
+        assert_eq!(agreed_offset(std::iter::empty()), None);
+    }
+}

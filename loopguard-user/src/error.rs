@@ -1,0 +1,60 @@
+//! The top-level error and its exit code.
+
+use crate::attach::AttachError;
+use crate::collect::CollectError;
+use crate::discover::DiscoverError;
+use crate::launch::LaunchError;
+use crate::preflight::PreflightError;
+
+/// Exit code: a runtime failure.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit code: `--fail-on-stall` and a stall was seen.
+pub const EXIT_STALL: i32 = 3;
+/// Exit code: the target cannot be profiled.
+pub const EXIT_TARGET: i32 = 4;
+/// Exit code: privileges or kernel.
+pub const EXIT_ENVIRONMENT: i32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Discover(#[from] DiscoverError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    Collect(#[from] CollectError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("failed to start the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Preflight(_) => EXIT_ENVIRONMENT,
+            Self::Discover(DiscoverError::Permission { .. }) => EXIT_ENVIRONMENT,
+            Self::Discover(_) | Self::Launch(LaunchError::Spawn { .. }) => EXIT_TARGET,
+            Self::Attach(AttachError::ProcessExited { .. }) => EXIT_TARGET,
+            Self::Attach(_) | Self::Collect(_) | Self::Launch(_) | Self::Runtime(_) => EXIT_FAILURE,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_kind_of_problem() {
+        assert_eq!(Error::Discover(DiscoverError::NoSuchProcess { pid: 1 }).exit_code(), EXIT_TARGET);
+        assert_eq!(Error::Discover(DiscoverError::Permission { pid: 1 }).exit_code(), EXIT_ENVIRONMENT);
+        assert_eq!(
+            Error::Preflight(PreflightError::KernelTooOld { release: "4.0".into() }).exit_code(),
+            EXIT_ENVIRONMENT
+        );
+        assert_eq!(Error::Attach(AttachError::ProcessExited { pid: 1 }).exit_code(), EXIT_TARGET);
+    }
+}

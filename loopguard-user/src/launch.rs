@@ -1,0 +1,120 @@
+//! Launch: starts the command of `loopguard run` stopped right after `exec`,
+//! so the probes are in place before its first instruction runs.
+//!
+//! The child asks to be traced (`PTRACE_TRACEME`) before `exec`; the kernel
+//! then stops it with `SIGTRAP` once the new program is mapped. loopguard
+//! attaches, then detaches from ptrace and the program starts normally. The
+//! child gets a process group of its own, so a terminal's Ctrl+C reaches
+//! loopguard only, which forwards it once.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("failed to start `{program}`; check that it exists and is executable")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{program}` did not stop after exec as expected ({detail})")]
+    NoStop { program: String, detail: String },
+    #[error("failed to resume `{program}` (pid {pid})")]
+    Resume {
+        program: String,
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A child stopped right after `exec`.
+pub struct StoppedChild {
+    pub child: Child,
+    program: String,
+}
+
+/// Starts `command`, stopped after `exec`.
+pub fn launch_stopped(command: &[OsString]) -> Result<StoppedChild, LaunchError> {
+    let program = command[0].to_string_lossy().into_owned();
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setpgid(0, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| LaunchError::Spawn { program: program.clone(), source })?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: waiting on our own child.
+    let waited = unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    if waited != pid || !libc::WIFSTOPPED(status) || libc::WSTOPSIG(status) != libc::SIGTRAP {
+        let detail = if waited == pid && libc::WIFEXITED(status) {
+            format!("it exited with code {}", libc::WEXITSTATUS(status))
+        } else {
+            format!("wait status {status:#x}")
+        };
+        return Err(LaunchError::NoStop { program, detail });
+    }
+    Ok(StoppedChild { child, program })
+}
+
+impl StoppedChild {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lets the program run.
+    pub fn resume(self) -> Result<Child, LaunchError> {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: detaching from our own stopped tracee.
+        if unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) } == -1 {
+            return Err(LaunchError::Resume {
+                program: self.program,
+                pid: self.child.id(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(self.child)
+    }
+}
+
+/// The exit code a shell would report for `status`.
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_stops_after_exec_and_runs_after_resume() {
+        let stopped = launch_stopped(&["sh".into(), "-c".into(), "exit 7".into()]).unwrap();
+        // Stopped: it cannot have exited yet.
+        let exe = std::fs::read_link(format!("/proc/{}/exe", stopped.pid())).unwrap();
+        assert!(exe.to_string_lossy().contains("sh") || exe.to_string_lossy().contains("dash"), "{exe:?}");
+        let mut child = stopped.resume().unwrap();
+        assert_eq!(exit_code(child.wait().unwrap()), 7);
+    }
+
+    #[test]
+    fn a_missing_program_is_named() {
+        let Err(err) = launch_stopped(&["/nonexistent/loopguard-test".into()]) else {
+            panic!("a missing program started");
+        };
+        assert!(err.to_string().contains("/nonexistent/loopguard-test"), "{err}");
+    }
+}

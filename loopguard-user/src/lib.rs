@@ -1,0 +1,25 @@
+//! loopguard's agent: finds the task poll that froze a Tokio event loop.
+//!
+//! The pipeline, one module per stage:
+//! [`discover`] (pid → ELF and `/proc` → [`discover::ProbeTarget`]) →
+//! [`attach`] (→ [`attach::AttachedProbes`]) → [`collect`] (ring buffer and
+//! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) →
+//! [`report`] (text or JSON lines) and [`summary`].
+//! [`agent`] runs the loop, [`commands`] the subcommands, [`launch`] starts
+//! the program of `loopguard run`; [`preflight`] checks privileges and the
+//! kernel first.
+
+pub mod agent;
+pub mod attach;
+pub mod cli;
+pub mod collect;
+pub mod commands;
+pub mod detect;
+pub mod discover;
+pub mod error;
+pub mod launch;
+pub mod preflight;
+pub mod report;
+pub mod summary;
+
+pub use loopguard_common::PollEvent;

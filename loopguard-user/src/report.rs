@@ -1,0 +1,206 @@
+//! Report: renders findings and the final summary as text lines or JSON
+//! objects (one per line). Stdout carries reports; diagnostics go to stderr.
+
+use serde_json::{Value, json};
+
+use crate::detect::{Finding, Stall};
+use crate::summary::Summary;
+
+/// Output format chosen on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One human-readable line per stall.
+    Text,
+    /// One JSON object per line (`type`: stall, `stall_in_progress`, ...).
+    Json,
+}
+
+/// What a stall is shown with besides its numbers.
+#[derive(Clone, Debug, Default)]
+pub struct StallContext {
+    /// The thread's name (`comm`).
+    pub thread: String,
+    /// The `raw::poll` copy's name (v0 builds name the future type in it).
+    pub poll_fn: String,
+    /// The function the poll returns into: the scheduler that polled.
+    pub polled_from: Option<String>,
+}
+
+const NS_PER_MS: f64 = 1_000_000.0;
+
+fn ms(ns: u64) -> f64 {
+    (ns as f64 / NS_PER_MS * 1000.0).round() / 1000.0
+}
+
+/// The JSON object for a finding.
+pub fn finding_json(finding: &Finding, pid: u32, threshold_ns: u64, context: &StallContext) -> Value {
+    let (kind, stall) = match finding {
+        Finding::InProgress(stall) => ("stall_in_progress", stall),
+        Finding::Finished { stall, .. } => ("stall", stall),
+    };
+    let mut object = json!({
+        "type": kind,
+        "pid": pid,
+        "tid": stall.tid,
+        "thread": context.thread,
+        "task_id": stall.task_id,
+        "duration_ms": ms(stall.duration_ns),
+        "threshold_ms": ms(threshold_ns),
+        "request": Value::Null,
+        "start_ns": stall.start_ns,
+        "poll_fn": context.poll_fn,
+        "polled_from": context.polled_from,
+    });
+    if let Finding::Finished { seen_in_progress, .. } = finding {
+        object["seen_in_progress"] = json!(seen_in_progress);
+    }
+    object
+}
+
+/// The text line for a finding.
+pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext) -> String {
+    let (label, stall, verb) = match finding {
+        Finding::InProgress(stall) => ("STALL IN PROGRESS", stall, "blocked for"),
+        Finding::Finished { stall, .. } => ("STALL", stall, "blocked"),
+    };
+    format!(
+        "{label:<17} tid {tid} ({thread}) {task} {verb} {duration:.1} ms (threshold {threshold} ms){from}",
+        tid = stall.tid,
+        thread = context.thread,
+        task = task_label(stall),
+        duration = ms(stall.duration_ns),
+        threshold = ms(threshold_ns),
+        from = context.polled_from.as_deref().map(|f| format!("; polled from {f}")).unwrap_or_default(),
+    )
+}
+
+fn task_label(stall: &Stall) -> String {
+    match stall.task_id {
+        Some(id) => format!("task {id}"),
+        None => format!("task@{:#x}", stall.header),
+    }
+}
+
+/// The JSON object for the summary.
+pub fn summary_json(summary: &Summary, pid: u32, threshold_ns: u64) -> Value {
+    use loopguard_common::Counter;
+    let counters = &summary.counters;
+    json!({
+        "type": "summary",
+        "pid": pid,
+        "threshold_ms": ms(threshold_ns),
+        "elapsed_s": (summary.elapsed_s * 1000.0).round() / 1000.0,
+        "polls": counters.get(Counter::WorkerPolls),
+        "blocking_pool_polls": counters.get(Counter::BlockingPolls),
+        "stalls": summary.stalls,
+        "stalls_unfinished": summary.unfinished,
+        "total_stall_ms": ms(summary.total_stall_ns),
+        "longest_stall_ms": summary.longest.as_ref().map(|s| ms(s.duration_ns)),
+        "longest_stall_task_id": summary.longest.as_ref().and_then(|s| s.task_id),
+        "poll_p50_ms_upper": summary.histogram.quantile_upper_ns(0.5).map(ms),
+        "poll_p99_ms_upper": summary.histogram.quantile_upper_ns(0.99).map(ms),
+        "dropped_events": counters.get(Counter::DroppedEvents),
+        "unmatched_returns": counters.get(Counter::UnmatchedReturns),
+        "stack_overflows": counters.get(Counter::StackOverflow),
+        "thread_map_full": counters.get(Counter::ThreadMapFull),
+    })
+}
+
+/// The summary as text lines.
+pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
+    use loopguard_common::Counter;
+    let counters = &summary.counters;
+    let mut lines = vec![format!(
+        "loopguard summary: {:.1} s, {} worker polls ({} on the blocking pool), {} stall(s) over {} ms",
+        summary.elapsed_s,
+        counters.get(Counter::WorkerPolls),
+        counters.get(Counter::BlockingPolls),
+        summary.stalls,
+        ms(threshold_ns),
+    )];
+    if let Some(longest) = &summary.longest {
+        lines.push(format!(
+            "  longest stall: {:.1} ms, tid {} {}; total stalled {:.1} ms",
+            ms(longest.duration_ns),
+            longest.tid,
+            task_label(longest),
+            ms(summary.total_stall_ns),
+        ));
+    }
+    if summary.unfinished > 0 {
+        lines.push(format!("  {} stall(s) were still in progress at exit", summary.unfinished));
+    }
+    if let (Some(p50), Some(p99)) = (summary.histogram.quantile_upper_ns(0.5), summary.histogram.quantile_upper_ns(0.99)) {
+        lines.push(format!("  poll duration: p50 < {:.3} ms, p99 < {:.3} ms", ms(p50), ms(p99)));
+    }
+    let dropped = counters.get(Counter::DroppedEvents);
+    let lost = [
+        (dropped, "events dropped (ring buffer full)"),
+        (counters.get(Counter::UnmatchedReturns), "returns without a matching entry"),
+        (counters.get(Counter::StackOverflow), "polls nested too deep to time"),
+        (counters.get(Counter::ThreadMapFull), "polls untracked (thread map full)"),
+    ];
+    let lost: Vec<String> = lost.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+    lines.push(if lost.is_empty() {
+        "  dropped events: 0".to_owned()
+    } else {
+        format!("  data lost: {}", lost.join(", "))
+    });
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stall() -> Stall {
+        Stall {
+            tid: 42,
+            task_id: Some(8812),
+            header: 0xdead_0000,
+            start_ns: 5,
+            duration_ns: 340_123_456,
+            copy_index: 0,
+            return_addr: 0,
+        }
+    }
+
+    fn context() -> StallContext {
+        StallContext { thread: "tokio-rt-worker".into(), poll_fn: "tokio::runtime::task::raw::poll".into(), polled_from: None }
+    }
+
+    #[test]
+    fn json_carries_the_contract_fields() {
+        let finding = Finding::Finished { stall: stall(), seen_in_progress: true };
+        let value = finding_json(&finding, 7, 50_000_000, &context());
+        assert_eq!(value["type"], "stall");
+        assert_eq!(value["pid"], 7);
+        assert_eq!(value["tid"], 42);
+        assert_eq!(value["task_id"], 8812);
+        assert_eq!(value["duration_ms"], 340.123);
+        assert_eq!(value["threshold_ms"], 50.0);
+        assert!(value["request"].is_null());
+        let in_progress = finding_json(&Finding::InProgress(stall()), 7, 50_000_000, &context());
+        assert_eq!(in_progress["type"], "stall_in_progress");
+    }
+
+    #[test]
+    fn text_names_thread_task_and_duration() {
+        let line = finding_text(&Finding::Finished { stall: stall(), seen_in_progress: false }, 50_000_000, &context());
+        assert!(line.starts_with("STALL "), "{line}");
+        assert!(line.contains("tid 42 (tokio-rt-worker) task 8812 blocked 340.1 ms"), "{line}");
+        let mut unknown = stall();
+        unknown.task_id = None;
+        let line = finding_text(&Finding::InProgress(unknown), 50_000_000, &context());
+        assert!(line.contains("task@0xdead0000 blocked for"), "{line}");
+    }
+
+    #[test]
+    fn summary_mentions_lost_data_only_when_there_is_some() {
+        let mut summary = Summary::default();
+        assert!(summary_text(&summary, 1).contains("dropped events: 0"));
+        summary.counters.0[loopguard_common::Counter::DroppedEvents as usize] = 3;
+        assert!(summary_text(&summary, 1).contains("3 events dropped"));
+        assert_eq!(summary_json(&summary, 1, 1)["dropped_events"], 3);
+    }
+}
