@@ -12,7 +12,7 @@ pub mod names {
     pub const POLL_ENTER: &str = "poll_enter";
     /// uretprobe on every `raw::poll` copy.
     pub const POLL_EXIT: &str = "poll_exit";
-    /// `sched:sched_process_exit` tracepoint: forgets a thread's poll stack.
+    /// Raw tracepoint `sched_process_exit`: forgets a thread's poll stack.
     pub const THREAD_EXIT: &str = "thread_exit";
 
     /// Ring buffer of [`super::PollEvent`]s.

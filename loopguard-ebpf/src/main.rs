@@ -6,7 +6,8 @@
 //! - `poll_exit` (uretprobe on the same copies) pops it, counts the poll in a
 //!   per-CPU log2 histogram and, only when a worker poll lasted at least the
 //!   report floor, sends one `PollEvent` through the ring buffer.
-//! - `thread_exit` (`sched:sched_process_exit`) drops a dead thread's stack.
+//! - `thread_exit` (raw tracepoint `sched_process_exit`, which needs no
+//!   tracefs) drops a dead thread's stack.
 //!
 //! The agent reads `THREAD_POLLS` directly to see polls that are still stuck.
 #![no_std]
@@ -15,11 +16,12 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_get_attach_cookie,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_get_attach_cookie,
     },
-    macros::{map, tracepoint, uprobe, uretprobe},
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COUNTER_SLOTS, Config, Counter, EVENTS_RING_BYTES, EventKind,
@@ -72,16 +74,28 @@ fn log2_slot(mut v: u64) -> u32 {
     slot
 }
 
+/// `i & (MAX_POLL_DEPTH - 1)`, opaque to LLVM: left to itself, LLVM drops
+/// the mask where a branch already bounds `i`, computes the address before
+/// that branch, and the verifier then rejects the unbounded access.
+#[inline(always)]
+fn frame_index(i: usize) -> usize {
+    let masked = i & (MAX_POLL_DEPTH - 1);
+    // SAFETY: a volatile read of a local.
+    unsafe { core::ptr::read_volatile(&raw const masked) }
+}
+
 #[inline(always)]
 fn is_blocking_pool(return_addr: u64) -> bool {
     // SAFETY: plain reads of globals the loader patched before load.
-    let count = unsafe { core::ptr::read_volatile(&raw const CONFIG.blocking_range_count) } as usize;
+    let count =
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.blocking_range_count) } as usize;
     let mut i = 0;
     while i < MAX_BLOCKING_RANGES {
         if i >= count {
             return false;
         }
-        let [start, end] = unsafe { core::ptr::read_volatile(&raw const CONFIG.blocking_ranges[i]) };
+        let [start, end] =
+            unsafe { core::ptr::read_volatile(&raw const CONFIG.blocking_ranges[i]) };
         if return_addr >= start && return_addr < end {
             return true;
         }
@@ -151,12 +165,13 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
     let stack = unsafe { &mut *stack };
     let depth = stack.depth as usize;
     if depth > 0 && depth <= MAX_POLL_DEPTH {
-        stack.frames[(depth - 1) & (MAX_POLL_DEPTH - 1)].flags |= frame_flags::CONTAINER;
+        if let Some(parent) = stack.frames.get_mut(frame_index(depth - 1)) {
+            parent.flags |= frame_flags::CONTAINER;
+        }
     }
-    if depth < MAX_POLL_DEPTH {
-        stack.frames[depth & (MAX_POLL_DEPTH - 1)] = frame;
-    } else {
-        bump(Counter::StackOverflow);
+    match stack.frames.get_mut(frame_index(depth)) {
+        Some(slot) if depth < MAX_POLL_DEPTH => *slot = frame,
+        _ => bump(Counter::StackOverflow),
     }
     stack.depth += 1;
     Ok(())
@@ -191,7 +206,9 @@ fn try_poll_exit(_ctx: &RetProbeContext) -> Result<(), i64> {
     if depth >= MAX_POLL_DEPTH {
         return Ok(());
     }
-    let frame = stack.frames[depth & (MAX_POLL_DEPTH - 1)];
+    let Some(&frame) = stack.frames.get(frame_index(depth)) else {
+        return Ok(());
+    };
     let duration_ns = end_ns.saturating_sub(frame.start_ns);
 
     if frame.flags & frame_flags::BLOCKING != 0 {
@@ -232,8 +249,8 @@ fn try_poll_exit(_ctx: &RetProbeContext) -> Result<(), i64> {
     Ok(())
 }
 
-#[tracepoint]
-pub fn thread_exit(_ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn thread_exit(_ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 == target_tgid() {
         let _ = THREAD_POLLS.remove(pid_tgid as u32);

@@ -75,7 +75,10 @@ impl Printer<'_> {
         };
         let context = self.context(stall);
         let line = match self.format {
-            Format::Json => report::finding_json(finding, self.target.pid, self.threshold_ns, &context).to_string(),
+            Format::Json => {
+                report::finding_json(finding, self.target.pid, self.threshold_ns, &context)
+                    .to_string()
+            }
             Format::Text => report::finding_text(finding, self.threshold_ns, &context),
         };
         print_line(&line);
@@ -92,7 +95,10 @@ fn print_line(line: &str) {
 /// Announces the attachment: JSON on stdout, text on stderr.
 pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchOptions) {
     let copies = &target.binary.poll_copies;
-    let verified = copies.iter().filter(|copy| copy.id_offset.is_some()).count();
+    let verified = copies
+        .iter()
+        .filter(|copy| copy.id_offset.is_some())
+        .count();
     match options.format {
         Format::Json => print_line(
             &json!({
@@ -132,7 +138,12 @@ pub async fn watch(
 ) -> Result<Outcome, CollectError> {
     let started = Instant::now();
     let mut detector = StallDetector::new(options.threshold_ns);
-    let mut printer = Printer { target, format: options.format, threshold_ns: options.threshold_ns, callers: HashMap::new() };
+    let mut printer = Printer {
+        target,
+        format: options.format,
+        threshold_ns: options.threshold_ns,
+        callers: HashMap::new(),
+    };
     let mut summary = Summary::default();
     let mut events = Vec::new();
     let mut scan = tokio::time::interval(options.scan_interval);
@@ -162,13 +173,22 @@ pub async fn watch(
             }
         }
     };
-    handle_events(collector, &mut events, &mut detector, &mut printer, &mut summary);
+    handle_events(
+        collector,
+        &mut events,
+        &mut detector,
+        &mut printer,
+        &mut summary,
+    );
     summary.unfinished = detector.unfinished();
     summary.counters = collector.counters();
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();
     if collector.malformed > 0 {
-        tracing::warn!(records = collector.malformed, "ring buffer records that did not decode were skipped");
+        tracing::warn!(
+            records = collector.malformed,
+            "ring buffer records that did not decode were skipped"
+        );
     }
     Ok(Outcome { summary, reason })
 }
@@ -192,7 +212,9 @@ fn handle_events(
 /// Prints the summary: JSON on stdout, or text on stdout.
 pub fn print_summary(outcome: &Outcome, pid: u32, options: &WatchOptions) {
     let line = match options.format {
-        Format::Json => report::summary_json(&outcome.summary, pid, options.threshold_ns).to_string(),
+        Format::Json => {
+            report::summary_json(&outcome.summary, pid, options.threshold_ns).to_string()
+        }
         Format::Text => report::summary_text(&outcome.summary, options.threshold_ns),
     };
     print_line(&line);

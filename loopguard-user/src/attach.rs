@@ -1,13 +1,13 @@
 //! Attach: loads the embedded eBPF object and attaches it to a
 //! [`ProbeTarget`]: a uretprobe and a uprobe on every `raw::poll` copy
 //! (returns first, so no entry is ever recorded without its return), and the
-//! thread-exit tracepoint. Dropping [`AttachedProbes`] detaches everything;
+//! thread-exit raw tracepoint. Dropping [`AttachedProbes`] detaches everything;
 //! so does the agent dying, since the kernel drops links with their fds.
 
 use std::num::NonZeroU32;
 
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
-use aya::programs::{TracePoint, UProbe};
+use aya::programs::{RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use loopguard_common::{Config, MAX_BLOCKING_RANGES, names};
 
@@ -66,7 +66,8 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
         .load(EBPF_OBJECT)
         .map_err(AttachError::Load)?;
 
-    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::ProcessExited { pid })?);
+    let scope =
+        UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::ProcessExited { pid })?);
     let mut probe_count = 0;
     // Returns before entries: an entry recorded without its return would
     // look like a poll stuck forever.
@@ -76,30 +77,44 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
             .ok_or(AttachError::Missing(program))?
             .try_into()
             .map_err(|source| AttachError::Program { program, source })?;
-        uprobe.load().map_err(|source| AttachError::Program { program, source })?;
+        uprobe
+            .load()
+            .map_err(|source| AttachError::Program { program, source })?;
         for (index, copy) in target.binary.poll_copies.iter().enumerate() {
             let cookie = is_entry.then(|| ((index as u64) << 32) | copy.id_offset.unwrap_or(0));
-            let point = UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(copy.file_offset), cookie };
-            uprobe.attach(point, &target.exe.probe_path, scope).map_err(|source| {
-                if proc::is_alive(pid) {
-                    AttachError::Probe { program, path: target.exe.display_path.clone(), offset: copy.file_offset, source }
-                } else {
-                    AttachError::ProcessExited { pid }
-                }
-            })?;
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(copy.file_offset),
+                cookie,
+            };
+            uprobe
+                .attach(point, &target.exe.probe_path, scope)
+                .map_err(|source| {
+                    if proc::is_alive(pid) {
+                        AttachError::Probe {
+                            program,
+                            path: target.exe.display_path.clone(),
+                            offset: copy.file_offset,
+                            source,
+                        }
+                    } else {
+                        AttachError::ProcessExited { pid }
+                    }
+                })?;
             probe_count += 1;
         }
     }
 
     let program = names::THREAD_EXIT;
-    let tracepoint: &mut TracePoint = ebpf
+    let tracepoint: &mut RawTracePoint = ebpf
         .program_mut(program)
         .ok_or(AttachError::Missing(program))?
         .try_into()
         .map_err(|source| AttachError::Program { program, source })?;
-    tracepoint.load().map_err(|source| AttachError::Program { program, source })?;
     tracepoint
-        .attach("sched", "sched_process_exit")
+        .load()
+        .map_err(|source| AttachError::Program { program, source })?;
+    tracepoint
+        .attach("sched_process_exit")
         .map_err(|source| AttachError::Program { program, source })?;
 
     if !proc::is_alive(pid) {

@@ -105,14 +105,26 @@ mod tests {
 
     #[test]
     fn thresholds_out_of_range_are_refused() {
-        let err = Cli::try_parse_from(["loopguard", "attach", "--pid", "1", "--threshold-ms", "0"]).unwrap_err();
+        let err = Cli::try_parse_from(["loopguard", "attach", "--pid", "1", "--threshold-ms", "0"])
+            .unwrap_err();
         assert!(err.to_string().contains("threshold-ms"), "{err}");
     }
 
     #[test]
     fn run_takes_the_command_after_dashes() {
-        let cli = Cli::try_parse_from(["loopguard", "run", "--fail-on-stall", "--", "app", "--port", "1"]).unwrap();
-        let Command::Run(run) = cli.command else { panic!() };
+        let cli = Cli::try_parse_from([
+            "loopguard",
+            "run",
+            "--fail-on-stall",
+            "--",
+            "app",
+            "--port",
+            "1",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!()
+        };
         assert!(run.fail_on_stall);
         assert_eq!(run.command, ["app", "--port", "1"]);
     }
@@ -120,6 +132,9 @@ mod tests {
     #[test]
     fn help_teaches_with_examples() {
         let help = Cli::command().render_long_help().to_string();
-        assert!(help.contains("EXAMPLES:") && help.contains("loopguard attach --pid 1234"), "{help}");
+        assert!(
+            help.contains("EXAMPLES:") && help.contains("loopguard attach --pid 1234"),
+            "{help}"
+        );
     }
 }

@@ -49,7 +49,8 @@ impl Collector {
         Ok(Self {
             // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd,
             // so the fd stays open for as long as it is registered.
-            ring: unsafe { AsyncFd::register(ring) }.map_err(|error| CollectError::Poll(error.into()))?,
+            ring: unsafe { AsyncFd::register(ring) }
+                .map_err(|error| CollectError::Poll(error.into()))?,
             thread_polls: take(ebpf, names::THREAD_POLLS)?,
             counters: take(ebpf, names::COUNTERS)?,
             histogram: take(ebpf, names::POLL_HISTOGRAM)?,
@@ -82,16 +83,32 @@ impl Collector {
 
     pub fn counters(&self) -> Counters {
         let mut counters = Counters::default();
-        for (slot, total) in counters.0.iter_mut().enumerate().take(COUNTER_SLOTS as usize) {
-            *total = self.counters.get(&(slot as u32), 0).map_or(0, |values| values.iter().sum());
+        for (slot, total) in counters
+            .0
+            .iter_mut()
+            .enumerate()
+            .take(COUNTER_SLOTS as usize)
+        {
+            *total = self
+                .counters
+                .get(&(slot as u32), 0)
+                .map_or(0, |values| values.iter().sum());
         }
         counters
     }
 
     pub fn histogram(&self) -> Histogram {
         let mut histogram = Histogram::default();
-        for (slot, total) in histogram.0.iter_mut().enumerate().take(HISTOGRAM_SLOTS as usize) {
-            *total = self.histogram.get(&(slot as u32), 0).map_or(0, |values| values.iter().sum());
+        for (slot, total) in histogram
+            .0
+            .iter_mut()
+            .enumerate()
+            .take(HISTOGRAM_SLOTS as usize)
+        {
+            *total = self
+                .histogram
+                .get(&(slot as u32), 0)
+                .map_or(0, |values| values.iter().sum());
         }
         histogram
     }
@@ -116,7 +133,10 @@ pub fn decode(bytes: &[u8]) -> Option<PollEvent> {
 
 /// `CLOCK_MONOTONIC` in ns: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -128,19 +148,33 @@ mod tests {
 
     fn bytes_of(event: &PollEvent) -> Vec<u8> {
         // SAFETY: PollEvent is repr(C) plain integers with no padding.
-        unsafe { std::slice::from_raw_parts((event as *const PollEvent).cast::<u8>(), size_of::<PollEvent>()) }.to_vec()
+        unsafe {
+            std::slice::from_raw_parts(
+                (event as *const PollEvent).cast::<u8>(),
+                size_of::<PollEvent>(),
+            )
+        }
+        .to_vec()
     }
 
     #[test]
     fn a_record_round_trips() {
-        let event = PollEvent { kind: EventKind::PollEnd as u32, tid: 9, duration_ns: 5, ..Default::default() };
+        let event = PollEvent {
+            kind: EventKind::PollEnd as u32,
+            tid: 9,
+            duration_ns: 5,
+            ..Default::default()
+        };
         let decoded = decode(&bytes_of(&event)).unwrap();
         assert_eq!((decoded.tid, decoded.duration_ns), (9, 5));
     }
 
     #[test]
     fn short_or_unknown_records_are_rejected() {
-        let event = PollEvent { kind: 99, ..Default::default() };
+        let event = PollEvent {
+            kind: 99,
+            ..Default::default()
+        };
         assert!(decode(&bytes_of(&event)).is_none());
         assert!(decode(&[0; 8]).is_none());
     }

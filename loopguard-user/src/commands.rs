@@ -23,7 +23,10 @@ fn watch_options(args: &WatchArgs) -> WatchOptions {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)
 }
 
 fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedProbes), Error> {
@@ -65,7 +68,10 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
         let (target, probes) = prepare(args.pid, &options)?;
         let duration = args.watch.duration;
         let stop = async move {
-            let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            let (Ok(mut interrupt), Ok(mut terminate)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
                 return std::future::pending().await;
             };
             tokio::select! {
@@ -87,8 +93,14 @@ async fn sleep_for(secs: Option<u64>) {
 }
 
 /// Signals `loopguard run` passes on to its command.
-const FORWARDED: [libc::c_int; 6] =
-    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
 
 /// `loopguard run`.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
@@ -116,7 +128,9 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = exit_tx.send(Some(status));
         });
         for signo in FORWARDED {
-            let Ok(mut incoming) = signal(SignalKind::from_raw(signo)) else { continue };
+            let Ok(mut incoming) = signal(SignalKind::from_raw(signo)) else {
+                continue;
+            };
             tokio::spawn(async move {
                 while incoming.recv().await.is_some() {
                     // SAFETY: sending a signal to our own child.
@@ -129,7 +143,9 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let stop = async move {
             let exited = child_exit.wait_for(Option::is_some);
             let timed_out = match duration {
-                Some(secs) => tokio::time::timeout(Duration::from_secs(secs), exited).await.is_err(),
+                Some(secs) => tokio::time::timeout(Duration::from_secs(secs), exited)
+                    .await
+                    .is_err(),
                 None => {
                     let _ = exited.await;
                     false
@@ -145,7 +161,14 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             StopReason::DurationElapsed
         };
         let stalls = watch_and_detach(target, probes, &options, stop).await?;
-        let code = exit_rx.wait_for(Option::is_some).await.map_or(1, |status| status.unwrap_or(1));
-        Ok(if args.fail_on_stall && stalls > 0 && code == 0 { EXIT_STALL } else { code })
+        let code = exit_rx
+            .wait_for(Option::is_some)
+            .await
+            .map_or(1, |status| status.unwrap_or(1));
+        Ok(if args.fail_on_stall && stalls > 0 && code == 0 {
+            EXIT_STALL
+        } else {
+            code
+        })
     })
 }

@@ -55,7 +55,10 @@ pub struct StallDetector {
 
 impl StallDetector {
     pub fn new(threshold_ns: u64) -> Self {
-        Self { threshold_ns, in_progress: HashMap::new() }
+        Self {
+            threshold_ns,
+            in_progress: HashMap::new(),
+        }
     }
 
     pub fn threshold_ns(&self) -> u64 {
@@ -64,8 +67,13 @@ impl StallDetector {
 
     /// A worker poll returned.
     pub fn on_poll_end(&mut self, event: &PollEvent) -> Option<Finding> {
-        let seen_in_progress = self.in_progress.remove(&(event.tid, event.start_ns)).is_some();
-        if event.duration_ns < self.threshold_ns || event.flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) != 0 {
+        let seen_in_progress = self
+            .in_progress
+            .remove(&(event.tid, event.start_ns))
+            .is_some();
+        if event.duration_ns < self.threshold_ns
+            || event.flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) != 0
+        {
             return None;
         }
         let stall = Stall {
@@ -77,7 +85,10 @@ impl StallDetector {
             copy_index: event.copy_index,
             return_addr: event.return_addr,
         };
-        Some(Finding::Finished { stall, seen_in_progress })
+        Some(Finding::Finished {
+            stall,
+            seen_in_progress,
+        })
     }
 
     /// A snapshot of every thread's poll stack, taken at `now_ns`.
@@ -150,9 +161,17 @@ mod tests {
     }
 
     fn stack(frames: &[(u64, u32)]) -> ThreadPolls {
-        let mut polls = ThreadPolls { depth: frames.len() as u32, ..Default::default() };
+        let mut polls = ThreadPolls {
+            depth: frames.len() as u32,
+            ..Default::default()
+        };
         for (i, &(start_ms, flags)) in frames.iter().enumerate() {
-            polls.frames[i] = PollFrame { start_ns: start_ms * MS, task_id: 9, flags, ..Default::default() };
+            polls.frames[i] = PollFrame {
+                start_ns: start_ms * MS,
+                task_id: 9,
+                flags,
+                ..Default::default()
+            };
         }
         polls
     }
@@ -166,19 +185,35 @@ mod tests {
     #[test]
     fn a_long_poll_is_a_stall_once() {
         let mut detector = StallDetector::new(50 * MS);
-        let Some(Finding::Finished { stall, seen_in_progress }) = detector.on_poll_end(&end(1, 0, 340, 0)) else {
+        let Some(Finding::Finished {
+            stall,
+            seen_in_progress,
+        }) = detector.on_poll_end(&end(1, 0, 340, 0))
+        else {
             panic!("no stall");
         };
-        assert_eq!((stall.tid, stall.task_id, stall.duration_ns), (1, Some(7), 340 * MS));
+        assert_eq!(
+            (stall.tid, stall.task_id, stall.duration_ns),
+            (1, Some(7), 340 * MS)
+        );
         assert!(!seen_in_progress);
     }
 
     #[test]
     fn blocking_pool_and_scheduler_loops_are_never_stalls() {
         let mut detector = StallDetector::new(50 * MS);
-        assert_eq!(detector.on_poll_end(&end(1, 0, 500, frame_flags::BLOCKING)), None);
-        assert_eq!(detector.on_poll_end(&end(1, 0, 500, frame_flags::CONTAINER)), None);
-        let threads = [(1, stack(&[(0, frame_flags::BLOCKING)])), (2, stack(&[(0, frame_flags::CONTAINER)]))];
+        assert_eq!(
+            detector.on_poll_end(&end(1, 0, 500, frame_flags::BLOCKING)),
+            None
+        );
+        assert_eq!(
+            detector.on_poll_end(&end(1, 0, 500, frame_flags::CONTAINER)),
+            None
+        );
+        let threads = [
+            (1, stack(&[(0, frame_flags::BLOCKING)])),
+            (2, stack(&[(0, frame_flags::CONTAINER)])),
+        ];
         assert!(detector.on_snapshot(1000 * MS, &threads).is_empty());
     }
 
@@ -188,11 +223,19 @@ mod tests {
         let threads = [(3, stack(&[(100, 0)]))];
         assert!(detector.on_snapshot(140 * MS, &threads).is_empty());
         let first = detector.on_snapshot(155 * MS, &threads);
-        assert!(matches!(&first[..], [Finding::InProgress(s)] if s.duration_ns == 55 * MS && s.task_id == Some(9)));
+        assert!(
+            matches!(&first[..], [Finding::InProgress(s)] if s.duration_ns == 55 * MS && s.task_id == Some(9))
+        );
         assert!(detector.on_snapshot(2000 * MS, &threads).is_empty());
         assert_eq!(detector.unfinished(), 1);
         let finished = detector.on_poll_end(&end(3, 100, 3000, 0));
-        assert!(matches!(finished, Some(Finding::Finished { seen_in_progress: true, .. })));
+        assert!(matches!(
+            finished,
+            Some(Finding::Finished {
+                seen_in_progress: true,
+                ..
+            })
+        ));
         assert_eq!(detector.unfinished(), 0);
     }
 
@@ -225,7 +268,9 @@ mod tests {
     #[test]
     fn a_missing_task_id_stays_missing() {
         let mut detector = StallDetector::new(50 * MS);
-        let Some(Finding::Finished { stall, .. }) = detector.on_poll_end(&end(1, 0, 60, frame_flags::NO_TASK_ID)) else {
+        let Some(Finding::Finished { stall, .. }) =
+            detector.on_poll_end(&end(1, 0, 60, frame_flags::NO_TASK_ID))
+        else {
             panic!("no stall");
         };
         assert_eq!(stall.task_id, None);

@@ -49,12 +49,24 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_kind_of_problem() {
-        assert_eq!(Error::Discover(DiscoverError::NoSuchProcess { pid: 1 }).exit_code(), EXIT_TARGET);
-        assert_eq!(Error::Discover(DiscoverError::Permission { pid: 1 }).exit_code(), EXIT_ENVIRONMENT);
         assert_eq!(
-            Error::Preflight(PreflightError::KernelTooOld { release: "4.0".into() }).exit_code(),
+            Error::Discover(DiscoverError::NoSuchProcess { pid: 1 }).exit_code(),
+            EXIT_TARGET
+        );
+        assert_eq!(
+            Error::Discover(DiscoverError::Permission { pid: 1 }).exit_code(),
             EXIT_ENVIRONMENT
         );
-        assert_eq!(Error::Attach(AttachError::ProcessExited { pid: 1 }).exit_code(), EXIT_TARGET);
+        assert_eq!(
+            Error::Preflight(PreflightError::KernelTooOld {
+                release: "4.0".into()
+            })
+            .exit_code(),
+            EXIT_ENVIRONMENT
+        );
+        assert_eq!(
+            Error::Attach(AttachError::ProcessExited { pid: 1 }).exit_code(),
+            EXIT_TARGET
+        );
     }
 }

@@ -54,7 +54,10 @@ pub fn launch_stopped(command: &[OsString]) -> Result<StoppedChild, LaunchError>
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|source| LaunchError::Spawn { program: program.clone(), source })?;
+    let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: waiting on our own child.
@@ -93,7 +96,9 @@ impl StoppedChild {
 /// The exit code a shell would report for `status`.
 pub fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -105,7 +110,10 @@ mod tests {
         let stopped = launch_stopped(&["sh".into(), "-c".into(), "exit 7".into()]).unwrap();
         // Stopped: it cannot have exited yet.
         let exe = std::fs::read_link(format!("/proc/{}/exe", stopped.pid())).unwrap();
-        assert!(exe.to_string_lossy().contains("sh") || exe.to_string_lossy().contains("dash"), "{exe:?}");
+        assert!(
+            exe.to_string_lossy().contains("sh") || exe.to_string_lossy().contains("dash"),
+            "{exe:?}"
+        );
         let mut child = stopped.resume().unwrap();
         assert_eq!(exit_code(child.wait().unwrap()), 7);
     }
@@ -115,6 +123,9 @@ mod tests {
         let Err(err) = launch_stopped(&["/nonexistent/loopguard-test".into()]) else {
             panic!("a missing program started");
         };
-        assert!(err.to_string().contains("/nonexistent/loopguard-test"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/loopguard-test"),
+            "{err}"
+        );
     }
 }

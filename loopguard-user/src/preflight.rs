@@ -57,20 +57,26 @@ pub fn check_privileges(status: &str) -> Result<(), PreflightError> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(PreflightError::Privileges { missing: missing.join(", ") })
+        Err(PreflightError::Privileges {
+            missing: missing.join(", "),
+        })
     }
 }
 
 /// Checks a kernel release string such as `6.18.44-fc`.
 pub fn check_kernel(release: &str) -> Result<(), PreflightError> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
     let major = parts.next().and_then(|p| p.parse::<u32>().ok());
     let minor = parts.next().and_then(|p| p.parse::<u32>().ok());
     match (major, minor) {
         (Some(major), Some(minor)) if (major, minor) >= MIN_KERNEL => Ok(()),
         // An unreadable release is not worth refusing over; loading will tell.
         (None, _) | (_, None) => Ok(()),
-        _ => Err(PreflightError::KernelTooOld { release: release.to_owned() }),
+        _ => Err(PreflightError::KernelTooOld {
+            release: release.to_owned(),
+        }),
     }
 }
 
@@ -93,7 +99,10 @@ mod tests {
     fn an_unprivileged_user_is_told_to_use_sudo() {
         let err = check_privileges("CapEff:\t0000000000000000\n").unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("sudo") && text.contains("CAP_BPF") && text.contains("CAP_SYS_PTRACE"), "{text}");
+        assert!(
+            text.contains("sudo") && text.contains("CAP_BPF") && text.contains("CAP_SYS_PTRACE"),
+            "{text}"
+        );
     }
 
     #[test]

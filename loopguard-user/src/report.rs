@@ -33,7 +33,12 @@ fn ms(ns: u64) -> f64 {
 }
 
 /// The JSON object for a finding.
-pub fn finding_json(finding: &Finding, pid: u32, threshold_ns: u64, context: &StallContext) -> Value {
+pub fn finding_json(
+    finding: &Finding,
+    pid: u32,
+    threshold_ns: u64,
+    context: &StallContext,
+) -> Value {
     let (kind, stall) = match finding {
         Finding::InProgress(stall) => ("stall_in_progress", stall),
         Finding::Finished { stall, .. } => ("stall", stall),
@@ -51,7 +56,10 @@ pub fn finding_json(finding: &Finding, pid: u32, threshold_ns: u64, context: &St
         "poll_fn": context.poll_fn,
         "polled_from": context.polled_from,
     });
-    if let Finding::Finished { seen_in_progress, .. } = finding {
+    if let Finding::Finished {
+        seen_in_progress, ..
+    } = finding
+    {
         object["seen_in_progress"] = json!(seen_in_progress);
     }
     object
@@ -70,7 +78,11 @@ pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext
         task = task_label(stall),
         duration = ms(stall.duration_ns),
         threshold = ms(threshold_ns),
-        from = context.polled_from.as_deref().map(|f| format!("; polled from {f}")).unwrap_or_default(),
+        from = context
+            .polled_from
+            .as_deref()
+            .map(|f| format!("; polled from {f}"))
+            .unwrap_or_default(),
     )
 }
 
@@ -128,19 +140,42 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
         ));
     }
     if summary.unfinished > 0 {
-        lines.push(format!("  {} stall(s) were still in progress at exit", summary.unfinished));
+        lines.push(format!(
+            "  {} stall(s) were still in progress at exit",
+            summary.unfinished
+        ));
     }
-    if let (Some(p50), Some(p99)) = (summary.histogram.quantile_upper_ns(0.5), summary.histogram.quantile_upper_ns(0.99)) {
-        lines.push(format!("  poll duration: p50 < {:.3} ms, p99 < {:.3} ms", ms(p50), ms(p99)));
+    if let (Some(p50), Some(p99)) = (
+        summary.histogram.quantile_upper_ns(0.5),
+        summary.histogram.quantile_upper_ns(0.99),
+    ) {
+        lines.push(format!(
+            "  poll duration: p50 < {:.3} ms, p99 < {:.3} ms",
+            ms(p50),
+            ms(p99)
+        ));
     }
     let dropped = counters.get(Counter::DroppedEvents);
     let lost = [
         (dropped, "events dropped (ring buffer full)"),
-        (counters.get(Counter::UnmatchedReturns), "returns without a matching entry"),
-        (counters.get(Counter::StackOverflow), "polls nested too deep to time"),
-        (counters.get(Counter::ThreadMapFull), "polls untracked (thread map full)"),
+        (
+            counters.get(Counter::UnmatchedReturns),
+            "returns without a matching entry",
+        ),
+        (
+            counters.get(Counter::StackOverflow),
+            "polls nested too deep to time",
+        ),
+        (
+            counters.get(Counter::ThreadMapFull),
+            "polls untracked (thread map full)",
+        ),
     ];
-    let lost: Vec<String> = lost.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+    let lost: Vec<String> = lost
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
     lines.push(if lost.is_empty() {
         "  dropped events: 0".to_owned()
     } else {
@@ -166,12 +201,19 @@ mod tests {
     }
 
     fn context() -> StallContext {
-        StallContext { thread: "tokio-rt-worker".into(), poll_fn: "tokio::runtime::task::raw::poll".into(), polled_from: None }
+        StallContext {
+            thread: "tokio-rt-worker".into(),
+            poll_fn: "tokio::runtime::task::raw::poll".into(),
+            polled_from: None,
+        }
     }
 
     #[test]
     fn json_carries_the_contract_fields() {
-        let finding = Finding::Finished { stall: stall(), seen_in_progress: true };
+        let finding = Finding::Finished {
+            stall: stall(),
+            seen_in_progress: true,
+        };
         let value = finding_json(&finding, 7, 50_000_000, &context());
         assert_eq!(value["type"], "stall");
         assert_eq!(value["pid"], 7);
@@ -186,9 +228,19 @@ mod tests {
 
     #[test]
     fn text_names_thread_task_and_duration() {
-        let line = finding_text(&Finding::Finished { stall: stall(), seen_in_progress: false }, 50_000_000, &context());
+        let line = finding_text(
+            &Finding::Finished {
+                stall: stall(),
+                seen_in_progress: false,
+            },
+            50_000_000,
+            &context(),
+        );
         assert!(line.starts_with("STALL "), "{line}");
-        assert!(line.contains("tid 42 (tokio-rt-worker) task 8812 blocked 340.1 ms"), "{line}");
+        assert!(
+            line.contains("tid 42 (tokio-rt-worker) task 8812 blocked 340.1 ms"),
+            "{line}"
+        );
         let mut unknown = stall();
         unknown.task_id = None;
         let line = finding_text(&Finding::InProgress(unknown), 50_000_000, &context());

@@ -57,7 +57,11 @@ pub fn slot_upper_ns(slot: usize) -> u64 {
 
 /// Log2 slot of a duration, as the kernel computes it.
 pub fn slot_of(ns: u64) -> usize {
-    if ns == 0 { 0 } else { 63 - ns.leading_zeros() as usize }
+    if ns == 0 {
+        0
+    } else {
+        63 - ns.leading_zeros() as usize
+    }
 }
 
 /// Everything the final summary reports.
@@ -78,7 +82,11 @@ impl Summary {
         if let Finding::Finished { stall, .. } = finding {
             self.stalls += 1;
             self.total_stall_ns += stall.duration_ns;
-            if self.longest.as_ref().is_none_or(|longest| stall.duration_ns > longest.duration_ns) {
+            if self
+                .longest
+                .as_ref()
+                .is_none_or(|longest| stall.duration_ns > longest.duration_ns)
+            {
                 self.longest = Some(stall.clone());
             }
         }
@@ -112,7 +120,10 @@ mod tests {
         assert_eq!(histogram.total(), 100);
         assert_eq!(histogram.quantile_upper_ns(0.5), Some(1024));
         assert_eq!(histogram.quantile_upper_ns(0.98), Some(1024));
-        assert_eq!(histogram.quantile_upper_ns(0.99), Some(slot_upper_ns(slot_of(100_000_000))));
+        assert_eq!(
+            histogram.quantile_upper_ns(0.99),
+            Some(slot_upper_ns(slot_of(100_000_000)))
+        );
         assert_eq!(histogram.quantile_upper_ns(1.0), Some(slot_upper_ns(26)));
     }
 
@@ -130,7 +141,10 @@ mod tests {
         let mut summary = Summary::default();
         summary.record(&Finding::InProgress(stall(900)));
         for duration in [100, 300, 200] {
-            summary.record(&Finding::Finished { stall: stall(duration), seen_in_progress: false });
+            summary.record(&Finding::Finished {
+                stall: stall(duration),
+                seen_in_progress: false,
+            });
         }
         assert_eq!(summary.stalls, 3);
         assert_eq!(summary.total_stall_ns, 600);

@@ -82,7 +82,9 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
         saw_tokio |= mentions_tokio(&name);
         match classify(&name) {
             SymbolRole::TaskPoll => {
-                copies.entry(symbol.address()).or_insert_with(|| name.clone());
+                copies
+                    .entry(symbol.address())
+                    .or_insert_with(|| name.clone());
             }
             SymbolRole::BlockingPool if symbol.size() > 0 => {
                 if let Some(start) = image.file_offset(symbol.address()) {
@@ -121,26 +123,45 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
     blocking_ranges.sort_by_key(|range| range.start);
     functions.sort_by_key(|&(offset, _, _)| offset);
     functions.dedup_by_key(|&mut (offset, _, _)| offset);
-    Ok(BinaryInfo { poll_copies, blocking_ranges, functions })
+    Ok(BinaryInfo {
+        poll_copies,
+        blocking_ranges,
+        functions,
+    })
 }
 
 /// For each copy: the id offset all its vtables agree on (`None` inside when
 /// they disagree or none verified).
-fn find_id_offsets(file: &object::File<'_>, image: &Image<'_>, copies: HashSet<u64>) -> HashMap<u64, Option<u64>> {
+fn find_id_offsets(
+    file: &object::File<'_>,
+    image: &Image<'_>,
+    copies: HashSet<u64>,
+) -> HashMap<u64, Option<u64>> {
     let mut slots: HashMap<u64, Vec<u64>> = HashMap::new();
     if image.relocations.is_empty() {
         // Not position independent: vtables hold the addresses literally.
         for section in file.sections() {
-            if !matches!(section.kind(), SectionKind::ReadOnlyData | SectionKind::Data) {
+            if !matches!(
+                section.kind(),
+                SectionKind::ReadOnlyData | SectionKind::Data
+            ) {
                 continue;
             }
             let Ok(bytes) = section.data() else { continue };
             let base = section.address();
             let skip = ((8 - base % 8) % 8) as usize;
-            for (i, chunk) in bytes.get(skip..).unwrap_or_default().chunks_exact(8).enumerate() {
+            for (i, chunk) in bytes
+                .get(skip..)
+                .unwrap_or_default()
+                .chunks_exact(8)
+                .enumerate()
+            {
                 let value = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
                 if copies.contains(&value) {
-                    slots.entry(value).or_default().push(base + skip as u64 + 8 * i as u64);
+                    slots
+                        .entry(value)
+                        .or_default()
+                        .push(base + skip as u64 + 8 * i as u64);
                 }
             }
         }
@@ -180,7 +201,12 @@ impl<'d> Image<'d> {
                     SegmentFlags::Elf { p_flags } => p_flags & elf::PF_X != 0,
                     _ => false,
                 };
-                Some((segment.address()..segment.address() + size, offset, bytes, executable))
+                Some((
+                    segment.address()..segment.address() + size,
+                    offset,
+                    bytes,
+                    executable,
+                ))
             })
             .collect();
         let relocations = file
@@ -188,13 +214,16 @@ impl<'d> Image<'d> {
             .into_iter()
             .flatten()
             .filter_map(|(slot, relocation)| match relocation.flags() {
-                RelocationFlags::Elf { r_type: elf::R_X86_64_RELATIVE } => {
-                    Some((slot, relocation.addend() as u64))
-                }
+                RelocationFlags::Elf {
+                    r_type: elf::R_X86_64_RELATIVE,
+                } => Some((slot, relocation.addend() as u64)),
                 _ => None,
             })
             .collect();
-        Self { segments, relocations }
+        Self {
+            segments,
+            relocations,
+        }
     }
 
     fn file_offset(&self, vaddr: u64) -> Option<u64> {
@@ -207,12 +236,21 @@ impl<'d> Image<'d> {
 
 impl ImageWords for Image<'_> {
     fn word(&self, vaddr: u64) -> Option<Word> {
-        let (range, _, bytes, _) = self.segments.iter().find(|(range, ..)| range.contains(&vaddr))?;
+        let (range, _, bytes, _) = self
+            .segments
+            .iter()
+            .find(|(range, ..)| range.contains(&vaddr))?;
         let at = (vaddr - range.start) as usize;
         let raw = u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
         Some(match self.relocations.get(&vaddr) {
-            Some(&target) => Word { value: target, relocated: true },
-            None => Word { value: raw, relocated: false },
+            Some(&target) => Word {
+                value: target,
+                relocated: true,
+            },
+            None => Word {
+                value: raw,
+                relocated: false,
+            },
         })
     }
 

@@ -33,9 +33,13 @@ pub enum DiscoverError {
         #[source]
         source: io::Error,
     },
-    #[error("{path} (pid {pid}) has no symbol table: the binary is stripped; rebuild without stripping (Cargo profile `strip = \"none\"` or `\"debuginfo\"`, not `true` or `\"symbols\"`)")]
+    #[error(
+        "{path} (pid {pid}) has no symbol table: the binary is stripped; rebuild without stripping (Cargo profile `strip = \"none\"` or `\"debuginfo\"`, not `true` or `\"symbols\"`)"
+    )]
     Stripped { pid: u32, path: String },
-    #[error("{path} (pid {pid}) is not a Tokio program: no Tokio symbols in it; point --pid at the process that runs the Tokio runtime")]
+    #[error(
+        "{path} (pid {pid}) is not a Tokio program: no Tokio symbols in it; point --pid at the process that runs the Tokio runtime"
+    )]
     NotTokio { pid: u32, path: String },
     #[error(
         "{path} (pid {pid}) uses Tokio, but no copy of `tokio::runtime::task::raw::poll` was found; loopguard supports tokio 1.38 and later"
@@ -64,7 +68,8 @@ pub struct ProbeTarget {
 /// Finds what to probe in process `pid`.
 pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     let exe = proc::executable(pid).map_err(|error| io_error(pid, "/proc/PID/exe", error))?;
-    let data = std::fs::read(&exe.probe_path).map_err(|error| io_error(pid, &exe.display_path, error))?;
+    let data =
+        std::fs::read(&exe.probe_path).map_err(|error| io_error(pid, &exe.display_path, error))?;
     let binary = elf::analyze(&data).map_err(|source| {
         let (pid, path) = (pid, exe.display_path.clone());
         match source {
@@ -77,16 +82,28 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     let maps = proc::read_maps(pid).map_err(|error| io_error(pid, "/proc/PID/maps", error))?;
     let mappings = FileMappings::new(&maps, exe.inode);
     if mappings.is_empty() {
-        return Err(DiscoverError::NotMapped { pid, path: exe.display_path });
+        return Err(DiscoverError::NotMapped {
+            pid,
+            path: exe.display_path,
+        });
     }
-    Ok(ProbeTarget { pid, exe, binary, mappings })
+    Ok(ProbeTarget {
+        pid,
+        exe,
+        binary,
+        mappings,
+    })
 }
 
 fn io_error(pid: u32, path: &str, source: io::Error) -> DiscoverError {
     match source.kind() {
         io::ErrorKind::NotFound if !proc::is_alive(pid) => DiscoverError::NoSuchProcess { pid },
         io::ErrorKind::PermissionDenied => DiscoverError::Permission { pid },
-        _ => DiscoverError::ReadExe { pid, path: path.to_owned(), source },
+        _ => DiscoverError::ReadExe {
+            pid,
+            path: path.to_owned(),
+            source,
+        },
     }
 }
 
@@ -110,7 +127,9 @@ impl ProbeTarget {
     pub fn function_at(&self, addr: u64) -> Option<&str> {
         let offset = self.mappings.file_offset(addr)?;
         let functions = &self.binary.functions;
-        let index = functions.partition_point(|&(start, _, _)| start <= offset).checked_sub(1)?;
+        let index = functions
+            .partition_point(|&(start, _, _)| start <= offset)
+            .checked_sub(1)?;
         let (start, size, name) = &functions[index];
         (offset < start + (*size).max(1)).then_some(name.as_str())
     }
@@ -143,7 +162,10 @@ mod tests {
 
     #[test]
     fn ranges_merge_when_they_touch() {
-        assert_eq!(merge_ranges(vec![10..20, 0..5, 5..8, 19..30], 16), vec![0..8, 10..30]);
+        assert_eq!(
+            merge_ranges(vec![10..20, 0..5, 5..8, 19..30], 16),
+            vec![0..8, 10..30]
+        );
     }
 
     #[test]
@@ -156,7 +178,9 @@ mod tests {
     #[test]
     fn this_test_binary_is_a_tokio_program_with_verified_vtables() {
         // A task spawned here makes sure this test binary holds raw::poll copies.
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         runtime.block_on(async { tokio::spawn(async {}).await.unwrap() });
         let data = std::fs::read("/proc/self/exe").unwrap();
         let info = elf::analyze(&data).unwrap();
@@ -176,19 +200,28 @@ mod tests {
     #[test]
     fn a_missing_process_is_named() {
         let err = discover(u32::MAX - 1).unwrap_err();
-        assert!(matches!(err, DiscoverError::NoSuchProcess { .. }), "{err:?}");
+        assert!(
+            matches!(err, DiscoverError::NoSuchProcess { .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("pgrep"));
     }
 
     #[test]
     fn a_non_tokio_process_is_named() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let err = discover(child.id()).unwrap_err();
         child.kill().unwrap();
         child.wait().unwrap();
         // Debian's coreutils are stripped; either verdict names the problem.
         assert!(
-            matches!(err, DiscoverError::NotTokio { .. } | DiscoverError::Stripped { .. }),
+            matches!(
+                err,
+                DiscoverError::NotTokio { .. } | DiscoverError::Stripped { .. }
+            ),
             "{err:?}"
         );
     }

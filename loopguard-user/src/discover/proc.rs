@@ -89,7 +89,11 @@ pub fn executable(pid: u32) -> io::Result<Executable> {
     let probe_path = PathBuf::from(format!("/proc/{pid}/exe"));
     let display_path = fs::read_link(&probe_path)?.display().to_string();
     let inode = fs::metadata(&probe_path)?.ino();
-    Ok(Executable { probe_path, display_path, inode })
+    Ok(Executable {
+        probe_path,
+        display_path,
+        inode,
+    })
 }
 
 pub fn read_maps(pid: u32) -> io::Result<Vec<Mapping>> {

@@ -11,7 +11,10 @@ const TASK_POLL: &str = "tokio::runtime::task::raw::poll";
 /// thread closure (tokio 1.38 to 1.53), `sharded::` (tokio's next loop).
 /// A poll that returns into it ran a `spawn_blocking` closure (or a worker
 /// loop, which is itself a blocking task), never an event-loop task.
-const BLOCKING_POOL: &[&str] = &["tokio::runtime::blocking::pool::", "tokio::runtime::blocking::sharded::"];
+const BLOCKING_POOL: &[&str] = &[
+    "tokio::runtime::blocking::pool::",
+    "tokio::runtime::blocking::sharded::",
+];
 
 /// std's frame at the bottom of every spawned thread.
 const THREAD_TRAMPOLINE: &str = "std::sys::backtrace::__rust_begin_short_backtrace";
@@ -52,9 +55,13 @@ pub fn classify(demangled: &str) -> SymbolRole {
     }
     // The pool's thread body may be inlined into std's thread trampoline;
     // v0 mangling then still names the pool's closure as a generic argument.
-    let in_pool = BLOCKING_POOL.iter().any(|prefix| demangled.starts_with(prefix));
+    let in_pool = BLOCKING_POOL
+        .iter()
+        .any(|prefix| demangled.starts_with(prefix));
     let trampoline_of_pool = demangled.starts_with(THREAD_TRAMPOLINE)
-        && BLOCKING_POOL.iter().any(|prefix| demangled.contains(prefix));
+        && BLOCKING_POOL
+            .iter()
+            .any(|prefix| demangled.contains(prefix));
     if in_pool || trampoline_of_pool {
         return SymbolRole::BlockingPool;
     }
@@ -88,7 +95,10 @@ mod tests {
     fn v0_poll_copy_is_recognised() {
         // tokio::runtime::task::raw::poll::<u8, u16>
         let name = demangle("_RINvNtNtNtCs1234_5tokio7runtime4task3raw4pollhtEB8_");
-        assert!(name.starts_with("tokio::runtime::task::raw::poll::<"), "{name}");
+        assert!(
+            name.starts_with("tokio::runtime::task::raw::poll::<"),
+            "{name}"
+        );
         assert_eq!(classify(&name), SymbolRole::TaskPoll);
     }
 

@@ -72,7 +72,8 @@ fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> O
     }
     let offset = |slot: u64| -> Option<u64> {
         let word = image.word(base + 8 * slot)?;
-        (!word.relocated && word.value < MAX_TASK_BYTES && word.value % 8 == 0).then_some(word.value)
+        (!word.relocated && word.value < MAX_TASK_BYTES && word.value % 8 == 0)
+            .then_some(word.value)
     };
     let trailer = offset(layout.trailer_slot)?;
     let scheduler = offset(layout.scheduler_slot)?;
@@ -115,10 +116,22 @@ mod tests {
         fn vtable(base: u64, fns: u64, offsets: &[u64]) -> Self {
             let mut image = Self::default();
             for slot in 0..fns {
-                image.0.insert(base + 8 * slot, Word { value: 0x1000 + 0x40 * slot, relocated: true });
+                image.0.insert(
+                    base + 8 * slot,
+                    Word {
+                        value: 0x1000 + 0x40 * slot,
+                        relocated: true,
+                    },
+                );
             }
             for (i, &value) in offsets.iter().enumerate() {
-                image.0.insert(base + 8 * (fns + i as u64), Word { value, relocated: false });
+                image.0.insert(
+                    base + 8 * (fns + i as u64),
+                    Word {
+                        value,
+                        relocated: false,
+                    },
+                );
             }
             image
         }
@@ -156,14 +169,26 @@ mod tests {
     #[test]
     fn a_missing_function_pointer_is_rejected() {
         let mut image = FakeImage::vtable(0x20000, 7, &[0x80, 0x20, 0x28]);
-        image.0.insert(0x20000 + 8 * 3, Word { value: 0, relocated: false });
+        image.0.insert(
+            0x20000 + 8 * 3,
+            Word {
+                value: 0,
+                relocated: false,
+            },
+        );
         assert_eq!(verify_vtable(&image, 0x20000), None);
     }
 
     #[test]
     fn a_relocated_offset_is_rejected() {
         let mut image = FakeImage::vtable(0x20000, 7, &[0x80, 0x20, 0x28]);
-        image.0.insert(0x20000 + 8 * 9, Word { value: 0x28, relocated: true });
+        image.0.insert(
+            0x20000 + 8 * 9,
+            Word {
+                value: 0x28,
+                relocated: true,
+            },
+        );
         assert_eq!(verify_vtable(&image, 0x20000), None);
     }
 
@@ -176,8 +201,14 @@ mod tests {
 
     #[test]
     fn unaligned_or_huge_offsets_are_rejected() {
-        assert_eq!(verify_vtable(&FakeImage::vtable(0, 7, &[0x80, 0x20, 0x2c]), 0), None);
-        assert_eq!(verify_vtable(&FakeImage::vtable(0, 7, &[1 << 40, 0x20, 0x28]), 0), None);
+        assert_eq!(
+            verify_vtable(&FakeImage::vtable(0, 7, &[0x80, 0x20, 0x2c]), 0),
+            None
+        );
+        assert_eq!(
+            verify_vtable(&FakeImage::vtable(0, 7, &[1 << 40, 0x20, 0x28]), 0),
+            None
+        );
     }
 
     #[test]
