@@ -44,10 +44,13 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// Upper bound on threads tracked at once in [`names::THREAD_POLLS`].
 pub const MAX_THREADS: u32 = 16384;
 
-/// The attach cookie of a `raw::poll` copy: bits 0..32 hold the byte offset
+/// The attach cookie of a `raw::poll` copy: bits 0..16 hold the byte offset
 /// of the task id from the task header (0 when it could not be verified),
-/// bits 32..64 the index of the copy in the agent's discovery list.
-pub const COOKIE_ID_OFFSET_MASK: u64 = 0xffff_ffff;
+/// bit 16 [`COOKIE_BLOCKING_POOL`], bits 32..64 the index of the copy in the
+/// agent's discovery list.
+pub const COOKIE_ID_OFFSET_MASK: u64 = 0xffff;
+/// Cookie bit: the copy polls blocking-pool tasks (known from its vtable).
+pub const COOKIE_BLOCKING_POOL: u64 = 1 << 16;
 
 /// Agent → kernel configuration, set as a global before load.
 #[repr(C)]

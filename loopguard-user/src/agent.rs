@@ -95,10 +95,7 @@ fn print_line(line: &str) {
 /// Announces the attachment: JSON on stdout, text on stderr.
 pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchOptions) {
     let copies = &target.binary.poll_copies;
-    let verified = copies
-        .iter()
-        .filter(|copy| copy.id_offset.is_some())
-        .count();
+    let verified = copies.iter().filter(|copy| copy.layout.is_some()).count();
     match options.format {
         Format::Json => print_line(
             &json!({

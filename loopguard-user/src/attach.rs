@@ -9,8 +9,11 @@ use std::num::NonZeroU32;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
 use aya::programs::{RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
-use loopguard_common::{Config, MAX_BLOCKING_RANGES, names};
+use loopguard_common::{
+    COOKIE_BLOCKING_POOL, COOKIE_ID_OFFSET_MASK, Config, MAX_BLOCKING_RANGES, names,
+};
 
+use crate::discover::elf::PollCopy;
 use crate::discover::{ProbeTarget, proc};
 
 /// The eBPF object built from `loopguard-ebpf` by this crate's build script.
@@ -49,6 +52,16 @@ pub struct AttachedProbes {
     pub probe_count: usize,
 }
 
+/// The attach cookie of one copy (layout in `loopguard_common`).
+fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
+    let blocking = if copy.is_blocking_pool() {
+        COOKIE_BLOCKING_POOL
+    } else {
+        0
+    };
+    ((index as u64) << 32) | blocking | (copy.id_offset().unwrap_or(0) & COOKIE_ID_OFFSET_MASK)
+}
+
 /// Loads and attaches everything for `target`.
 pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProbes, AttachError> {
     let pid = target.pid;
@@ -81,7 +94,7 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
             .load()
             .map_err(|source| AttachError::Program { program, source })?;
         for (index, copy) in target.binary.poll_copies.iter().enumerate() {
-            let cookie = is_entry.then(|| ((index as u64) << 32) | copy.id_offset.unwrap_or(0));
+            let cookie = is_entry.then(|| poll_cookie(index, copy));
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(copy.file_offset),
                 cookie,

@@ -1,1 +1,54 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands. Each installs what it needs.
+//!
+//! - `setup`: install the toolchain pieces (idempotent, quick when present)
+//! - `build-ebpf`: setup, then build the eBPF object alone
+//! - `build`: setup, then the `loopguard` agent and the example, in release
+//! - `demo`: build, start the example, attach, drive a few requests, show the output
+//! - `test`: fmt, clippy, unit tests, then the privileged end-to-end tests
+//! - `bench`: requests/s of the example with and without loopguard attached
+
+mod bench;
+mod build;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "loopguard's build, test and demo commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need: rust-src, bpf-linker, LLVM 22, wrk, bpftool.
+    Setup,
+    /// Build the eBPF object (installs what is missing first).
+    BuildEbpf,
+    /// Build the agent and the example service in release.
+    Build,
+    /// Start the example service, attach loopguard, send blocking requests, show what it reports.
+    Demo,
+    /// Run fmt, clippy, unit tests and the end-to-end tests (the latter as root, for real).
+    Test(test::Options),
+    /// Measure requests/s of the example with and without loopguard attached.
+    Bench(bench::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => build::build_ebpf(),
+        Command::Build => build::build_all().map(|_| ()),
+        Command::Demo => demo::run(),
+        Command::Test(options) => test::run(&options),
+        Command::Bench(options) => bench::run(&options),
+    }
+}

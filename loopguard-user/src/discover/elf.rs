@@ -14,7 +14,7 @@ use object::{
 };
 
 use super::symbols::{SymbolRole, classify, demangle, mentions_tokio};
-use super::vtable::{ImageWords, Word, agreed_offset, verify_vtable};
+use super::vtable::{ImageWords, TaskLayout, Word, agreed_layout, verify_vtable};
 
 /// One monomorphised copy of `tokio::runtime::task::raw::poll`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,9 +25,20 @@ pub struct PollCopy {
     pub file_offset: u64,
     /// Demangled name (v0 names carry the future type).
     pub name: String,
-    /// Byte offset of the task id from the task header, when the vtable
-    /// layout was verified.
-    pub id_offset: Option<u64>,
+    /// The task layout its vtable gives, when it was verified.
+    pub layout: Option<TaskLayout>,
+}
+
+impl PollCopy {
+    /// Byte offset of the task id from the task header, when known.
+    pub fn id_offset(&self) -> Option<u64> {
+        self.layout.map(|layout| layout.id_offset)
+    }
+
+    /// Whether this copy polls blocking-pool work (known from its vtable).
+    pub fn is_blocking_pool(&self) -> bool {
+        self.layout.is_some_and(|layout| layout.is_blocking_pool())
+    }
 }
 
 /// What [`analyze`] found in a binary.
@@ -107,7 +118,7 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
         });
     }
 
-    let id_offsets = find_id_offsets(&file, &image, copies.keys().copied().collect());
+    let layouts = find_layouts(&file, &image, copies.keys().copied().collect());
     let mut poll_copies: Vec<PollCopy> = copies
         .into_iter()
         .filter_map(|(vaddr, name)| {
@@ -115,7 +126,7 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
                 vaddr,
                 file_offset: image.file_offset(vaddr)?,
                 name,
-                id_offset: id_offsets.get(&vaddr).copied().flatten(),
+                layout: layouts.get(&vaddr).copied().flatten(),
             })
         })
         .collect();
@@ -130,13 +141,13 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
     })
 }
 
-/// For each copy: the id offset all its vtables agree on (`None` inside when
+/// For each copy: the layout all its vtables agree on (`None` inside when
 /// they disagree or none verified).
-fn find_id_offsets(
+fn find_layouts(
     file: &object::File<'_>,
     image: &Image<'_>,
     copies: HashSet<u64>,
-) -> HashMap<u64, Option<u64>> {
+) -> HashMap<u64, Option<TaskLayout>> {
     let mut slots: HashMap<u64, Vec<u64>> = HashMap::new();
     if image.relocations.is_empty() {
         // Not position independent: vtables hold the addresses literally.
@@ -176,8 +187,8 @@ fn find_id_offsets(
         .into_iter()
         .map(|copy| {
             let verdicts = slots.get(&copy).map(Vec::as_slice).unwrap_or_default();
-            let offset = agreed_offset(verdicts.iter().map(|&slot| verify_vtable(image, slot)));
-            (copy, offset)
+            let layout = agreed_layout(verdicts.iter().map(|&slot| verify_vtable(image, slot)));
+            (copy, layout)
         })
         .collect()
 }

@@ -186,15 +186,21 @@ mod tests {
         let info = elf::analyze(&data).unwrap();
         assert!(!info.poll_copies.is_empty());
         assert!(
-            info.poll_copies.iter().any(|copy| copy.id_offset.is_some()),
+            info.poll_copies.iter().any(|copy| copy.layout.is_some()),
             "no vtable verified: {:?}",
             info.poll_copies
         );
         for copy in &info.poll_copies {
-            if let Some(offset) = copy.id_offset {
+            if let Some(offset) = copy.id_offset() {
                 assert!((32..=64).contains(&offset), "{copy:?}");
             }
         }
+        // The spawned task above runs on the event loop, not the blocking pool.
+        assert!(
+            info.poll_copies
+                .iter()
+                .any(|copy| copy.layout.is_some() && !copy.is_blocking_pool())
+        );
     }
 
     #[test]

@@ -55,9 +55,9 @@ pub fn classify(demangled: &str) -> SymbolRole {
     }
     // The pool's thread body may be inlined into std's thread trampoline;
     // v0 mangling then still names the pool's closure as a generic argument.
-    let in_pool = BLOCKING_POOL
-        .iter()
-        .any(|prefix| demangled.starts_with(prefix));
+    // v0 writes methods as `<tokio::...::Inner>::run`.
+    let path = demangled.trim_start_matches('<');
+    let in_pool = BLOCKING_POOL.iter().any(|prefix| path.starts_with(prefix));
     let trampoline_of_pool = demangled.starts_with(THREAD_TRAMPOLINE)
         && BLOCKING_POOL
             .iter()
@@ -119,6 +119,7 @@ mod tests {
         for name in [
             "tokio::runtime::blocking::pool::Inner::run",
             "tokio::runtime::blocking::pool::Spawner::spawn_thread::{{closure}}",
+            "<tokio::runtime::blocking::pool::Inner>::run",
         ] {
             assert_eq!(classify(name), SymbolRole::BlockingPool, "{name}");
         }

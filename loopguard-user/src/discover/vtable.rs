@@ -10,6 +10,13 @@
 //! offsets are expected (`scheduler <= id < trailer`, 8-byte aligned, the id
 //! right after the scheduler field). A copy whose vtable does not pass gets
 //! no id offset, and its polls are reported without a task id.
+//!
+//! The same three offsets tell which scheduler owns the task:
+//! `id_offset - scheduler_offset` is the size of the scheduler handle. Every
+//! event-loop scheduler (multi-thread, current-thread, `LocalSet`) stores an
+//! `Arc` of 8 bytes; the blocking pool's `BlockingSchedule` is 0 bytes (tokio
+//! 1.38, 1.39) or 16 (1.40 on). So a copy whose handle is not 8 bytes polls
+//! blocking-pool work, whatever the optimiser inlined where.
 
 /// One 8-byte word of the image at some virtual address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,15 +62,34 @@ const MAX_SCHEDULER_BYTES: u64 = 64;
 /// A sanity bound on task cell sizes (futures can be large, not this large).
 const MAX_TASK_BYTES: u64 = 1 << 24;
 
+/// Size of the scheduler handle of event-loop tasks (an `Arc`).
+const EVENT_LOOP_SCHEDULER_BYTES: u64 = 8;
+
+/// What a verified vtable says about its task type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// Byte offset of the task id from the task header.
+    pub id_offset: u64,
+    /// Size of the scheduler handle stored in the task.
+    pub scheduler_bytes: u64,
+}
+
+impl TaskLayout {
+    /// Whether tasks of this type run on the blocking pool.
+    pub fn is_blocking_pool(&self) -> bool {
+        self.scheduler_bytes != EVENT_LOOP_SCHEDULER_BYTES
+    }
+}
+
 /// Checks the vtable that starts at `slot_vaddr` (a word holding the address
-/// of a `raw::poll` copy) against the known layouts; returns the id offset.
-pub fn verify_vtable(image: &impl ImageWords, slot_vaddr: u64) -> Option<u64> {
+/// of a `raw::poll` copy) against the known layouts.
+pub fn verify_vtable(image: &impl ImageWords, slot_vaddr: u64) -> Option<TaskLayout> {
     KNOWN_LAYOUTS
         .iter()
         .find_map(|layout| verify_layout(image, slot_vaddr, layout))
 }
 
-fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> Option<u64> {
+fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> Option<TaskLayout> {
     for slot in 0..layout.fn_slots {
         let word = image.word(base + 8 * slot)?;
         if !image.is_code(word.value) {
@@ -82,13 +108,16 @@ fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> O
         && id >= scheduler
         && id - scheduler <= MAX_SCHEDULER_BYTES
         && trailer >= id + 8;
-    consistent.then_some(id)
+    consistent.then_some(TaskLayout {
+        id_offset: id,
+        scheduler_bytes: id - scheduler,
+    })
 }
 
 /// Combines the verdicts of every vtable found for one `raw::poll` copy:
-/// an offset only when all agree (identical code folding can make two task
+/// a layout only when all agree (identical code folding can make two task
 /// types share a copy; they then must share the layout too).
-pub fn agreed_offset(verdicts: impl IntoIterator<Item = Option<u64>>) -> Option<u64> {
+pub fn agreed_layout(verdicts: impl IntoIterator<Item = Option<TaskLayout>>) -> Option<TaskLayout> {
     let mut agreed = None;
     for verdict in verdicts {
         let id = verdict?;
@@ -150,14 +179,29 @@ mod tests {
     fn tokio_layout_yields_id_offset() {
         // trailer 0x80, scheduler 0x20, id 0x28: Arc<Handle> scheduler.
         let image = FakeImage::vtable(0x20000, 7, &[0x80, 0x20, 0x28]);
-        assert_eq!(verify_vtable(&image, 0x20000), Some(0x28));
+        let layout = verify_vtable(&image, 0x20000).unwrap();
+        assert_eq!(
+            layout,
+            TaskLayout {
+                id_offset: 0x28,
+                scheduler_bytes: 8
+            }
+        );
+        assert!(!layout.is_blocking_pool());
     }
 
     #[test]
-    fn zero_sized_scheduler_is_accepted() {
-        // BlockingSchedule without test-util is zero-sized: id == scheduler.
-        let image = FakeImage::vtable(0x20000, 7, &[0x40, 0x28, 0x28]);
-        assert_eq!(verify_vtable(&image, 0x20000), Some(0x28));
+    fn blocking_schedule_tasks_are_told_apart() {
+        // tokio 1.38/1.39: BlockingSchedule is zero-sized, id == scheduler.
+        let old =
+            verify_vtable(&FakeImage::vtable(0x20000, 7, &[0x40, 0x20, 0x20]), 0x20000).unwrap();
+        assert_eq!(old.id_offset, 0x20);
+        assert!(old.is_blocking_pool());
+        // tokio 1.40 on: it holds 16 bytes of hooks.
+        let new =
+            verify_vtable(&FakeImage::vtable(0x20000, 7, &[0x80, 0x20, 0x30]), 0x20000).unwrap();
+        assert_eq!(new.id_offset, 0x30);
+        assert!(new.is_blocking_pool());
     }
 
     #[test]
@@ -213,9 +257,15 @@ mod tests {
 
     #[test]
     fn verdicts_must_agree() {
-        assert_eq!(agreed_offset([Some(0x28), Some(0x28)]), Some(0x28));
-        assert_eq!(agreed_offset([Some(0x28), Some(0x30)]), None);
-        assert_eq!(agreed_offset([Some(0x28), None]), None);
-        assert_eq!(agreed_offset(std::iter::empty()), None);
+        let layout = |id_offset| {
+            Some(TaskLayout {
+                id_offset,
+                scheduler_bytes: 8,
+            })
+        };
+        assert_eq!(agreed_layout([layout(0x28), layout(0x28)]), layout(0x28));
+        assert_eq!(agreed_layout([layout(0x28), layout(0x30)]), None);
+        assert_eq!(agreed_layout([layout(0x28), None]), None);
+        assert_eq!(agreed_layout(std::iter::empty()), None);
     }
 }
