@@ -1,0 +1,343 @@
+//! End-to-end tests: real BPF programs, a real example server, real HTTP.
+//!
+//! They need root and the example built three ways, so they are `#[ignore]`d
+//! in a plain `cargo test`; `cargo xtask test` builds everything and runs
+//! them with `--ignored`, as root. Without root they fail, never skip.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{
+    Agent, FastTraffic, Server, assert_no_probes_left, http_get, of_type, require_root,
+    server_binary,
+};
+
+const THRESHOLD_MS: f64 = 50.0;
+/// Blocks injected one after another while fast traffic flows: (kind, ms).
+const BLOCKS: &[(&str, u64)] = &[
+    ("sleep", 100),
+    ("sleep", 250),
+    ("sleep", 1000),
+    ("spin", 250),
+    ("mutex", 250),
+    ("file", 250),
+];
+/// The long block that must be seen while it is still in progress.
+const HANG_MS: u64 = 3000;
+
+/// |measured - injected| <= max(5 %, 2 ms).
+fn assert_close(measured_ms: f64, injected_ms: u64, what: &str) {
+    let injected = injected_ms as f64;
+    let tolerance = (injected * 0.05).max(2.0);
+    assert!(
+        (measured_ms - injected).abs() <= tolerance,
+        "{what}: measured {measured_ms} ms, injected {injected} ms (tolerance {tolerance} ms)"
+    );
+}
+
+/// The whole detection scenario against one build of the example.
+fn detects_every_blocking_poll(binary: &Path, server_args: &[&str]) {
+    require_root();
+    let server = Server::start(binary, server_args);
+    let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
+    let traffic = FastTraffic::start(server.addr);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // (kind, injected ms, tid that blocked)
+    let mut injected = Vec::new();
+    for &(kind, ms) in BLOCKS {
+        let response = server.get(&format!("/block/{kind}?ms={ms}"));
+        injected.push((kind, ms, response.body["tid"].as_u64().unwrap()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let offloaded = server.get("/spawn_blocking?ms=400");
+    assert!(offloaded.body["blocking_tid"].is_u64());
+
+    // A long hang must be reported while it is still going on.
+    let hang_started = Instant::now();
+    let addr = server.addr;
+    let hang =
+        std::thread::spawn(move || http_get(addr, &format!("/block/sleep?ms={HANG_MS}")).unwrap());
+    let in_progress = agent.wait_for_since(
+        Some(hang_started),
+        "the hang in progress",
+        Duration::from_secs(5),
+        |v| v["type"] == "stall_in_progress",
+    );
+    let hang_response = hang.join().unwrap();
+    let hang_ended = Instant::now();
+    let hang_tid = hang_response.body["tid"].as_u64().unwrap();
+    injected.push(("sleep", HANG_MS, hang_tid));
+    let served = traffic.stop();
+    assert!(served > 0, "no fast request was served");
+
+    let (status, lines) = agent.interrupt();
+    assert!(status.success(), "loopguard exited with {status}");
+
+    // The in-progress report came while the poll was stuck, soon after it crossed the threshold.
+    assert!(
+        in_progress.at < hang_ended - Duration::from_secs(1),
+        "in-progress report came too late"
+    );
+    assert!(in_progress.at > hang_started);
+    assert_eq!(
+        in_progress.value["tid"].as_u64(),
+        Some(hang_tid),
+        "{:?}",
+        in_progress.value
+    );
+    let seen_at_ms = in_progress.value["duration_ms"].as_f64().unwrap();
+    assert!(
+        (THRESHOLD_MS..THRESHOLD_MS + 25.0).contains(&seen_at_ms),
+        "reported in progress at {seen_at_ms} ms, want within ~20 ms of the threshold"
+    );
+
+    // Every blocking request exactly once, in order, on its thread, to within 5 % or 2 ms.
+    // Nothing else: the fast traffic and the spawn_blocking work are not stalls.
+    let stalls = of_type(&lines, "stall");
+    assert_eq!(
+        stalls.len(),
+        injected.len(),
+        "stalls reported: {stalls:#?}\ninjected: {injected:?}"
+    );
+    for (stall, &(kind, ms, tid)) in stalls.iter().zip(&injected) {
+        let what = format!("{kind} {ms} ms");
+        assert_eq!(
+            stall["tid"].as_u64(),
+            Some(tid),
+            "{what}: wrong thread in {stall}"
+        );
+        assert_close(stall["duration_ms"].as_f64().unwrap(), ms, &what);
+        assert!(
+            stall["task_id"].as_u64().is_some_and(|id| id > 0),
+            "{what}: no task id in {stall}"
+        );
+        assert_eq!(stall["pid"].as_u64(), Some(u64::from(server.pid)));
+        assert_eq!(stall["threshold_ms"].as_f64(), Some(THRESHOLD_MS));
+        assert!(stall["request"].is_null());
+    }
+    let last = stalls.last().unwrap();
+    assert_eq!(
+        last["start_ns"], in_progress.value["start_ns"],
+        "the hang's final report is not the one seen in progress"
+    );
+    assert_eq!(last["seen_in_progress"], Value::Bool(true));
+
+    let summary = of_type(&lines, "summary");
+    let summary = summary.first().expect("a summary line");
+    assert_eq!(
+        summary["stalls"].as_u64(),
+        Some(injected.len() as u64),
+        "{summary}"
+    );
+    assert_eq!(summary["dropped_events"].as_u64(), Some(0), "{summary}");
+    assert!(summary["polls"].as_u64().unwrap() > served, "{summary}");
+
+    // Detached: the target serves on, and nothing of ours is left in the kernel.
+    assert_eq!(server.get("/fast").body["ok"], Value::Bool(true));
+    assert_no_probes_left();
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn release_build_multi_thread() {
+    detects_every_blocking_poll(
+        &server_binary("LOOPGUARD_SERVER"),
+        &["--flavor", "multi-thread", "--workers", "2"],
+    );
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn release_build_current_thread() {
+    detects_every_blocking_poll(
+        &server_binary("LOOPGUARD_SERVER"),
+        &["--flavor", "current-thread"],
+    );
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn fat_lto_panic_abort_build() {
+    detects_every_blocking_poll(
+        &server_binary("LOOPGUARD_SERVER_LTO"),
+        &["--flavor", "multi-thread"],
+    );
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn v0_mangled_build() {
+    detects_every_blocking_poll(
+        &server_binary("LOOPGUARD_SERVER_V0"),
+        &["--flavor", "multi-thread"],
+    );
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn killing_the_agent_leaves_the_target_running_and_clean() {
+    require_root();
+    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
+    let agent = Agent::attach(server.pid, &[]);
+    server.get("/fast");
+    agent.signal("KILL");
+    let _ = agent.wait(Duration::from_secs(5));
+    assert_no_probes_left();
+    assert_eq!(server.get("/fast").body["ok"], Value::Bool(true));
+    server.get("/block/sleep?ms=10");
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn sigterm_detaches_with_a_summary_and_duration_stops_by_itself() {
+    require_root();
+    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
+    let agent = Agent::attach(server.pid, &[]);
+    agent.signal("TERM");
+    let (status, lines) = agent.wait(Duration::from_secs(10));
+    assert!(status.success());
+    assert_eq!(of_type(&lines, "summary").len(), 1);
+
+    let started = Instant::now();
+    let agent = Agent::attach(server.pid, &["--duration", "2"]);
+    let (status, lines) = agent.wait(Duration::from_secs(15));
+    assert!(status.success());
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(of_type(&lines, "summary").len(), 1);
+    assert_no_probes_left();
+    server.get("/fast");
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn run_attaches_before_serving_forwards_signals_and_exit_codes() {
+    require_root();
+    let binary = server_binary("LOOPGUARD_SERVER");
+    let binary = binary.to_str().unwrap();
+    let agent = Agent::start(&[
+        "run",
+        "--format",
+        "json",
+        "--fail-on-stall",
+        "--",
+        binary,
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    // The probes are in place before the program prints its first line.
+    let attached = agent.wait_for("attached", Duration::from_secs(20), |v| {
+        v["type"] == "attached"
+    });
+    let listening = agent.wait_for("the server's address", Duration::from_secs(20), |v| {
+        v.as_str().is_some_and(|s| s.starts_with("listening on "))
+    });
+    assert!(attached.at <= listening.at);
+    let addr = listening
+        .value
+        .as_str()
+        .unwrap()
+        .trim_start_matches("listening on ")
+        .parse()
+        .unwrap();
+    let blocked = http_get(addr, "/block/sleep?ms=200").unwrap();
+    let stall = agent.wait_for("the stall", Duration::from_secs(5), |v| {
+        v["type"] == "stall"
+    });
+    assert_eq!(stall.value["tid"], blocked.body["tid"]);
+    assert_close(
+        stall.value["duration_ms"].as_f64().unwrap(),
+        200,
+        "run: sleep 200 ms",
+    );
+    // SIGTERM goes to the program, which shuts down cleanly (0); a stall was seen: 3.
+    agent.signal("TERM");
+    let (status, lines) = agent.wait(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(3), "{lines:#?}");
+    assert_eq!(of_type(&lines, "summary").len(), 1);
+
+    // The program's own exit code comes back (stall-server refuses 0 workers with 1).
+    let agent = Agent::start(&["run", "--", binary, "--workers", "0"]);
+    let (status, _) = agent.wait(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1));
+    assert_no_probes_left();
+}
+
+/// Runs `loopguard args`, expecting failure; returns (exit code, stderr).
+fn loopguard_fails(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(support::LOOPGUARD)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "loopguard {args:?} succeeded");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn bad_targets_get_errors_that_name_the_fix() {
+    require_root();
+    let (code, stderr) = loopguard_fails(&["attach", "--pid", "999999999"]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("no process with pid 999999999"), "{stderr}");
+
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let (code, stderr) = loopguard_fails(&["attach", "--pid", &sleeper.id().to_string()]);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("not a Tokio program") || stderr.contains("stripped"),
+        "{stderr}"
+    );
+
+    let stripped =
+        std::env::temp_dir().join(format!("loopguard-e2e-stripped-{}", std::process::id()));
+    std::fs::copy(server_binary("LOOPGUARD_SERVER"), &stripped).unwrap();
+    assert!(
+        std::process::Command::new("strip")
+            .arg(&stripped)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let server = Server::start(&stripped, &[]);
+    let (code, stderr) = loopguard_fails(&["attach", "--pid", &server.pid.to_string()]);
+    drop(server);
+    std::fs::remove_file(&stripped).unwrap();
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("stripped") && stderr.contains("strip = "),
+        "{stderr}"
+    );
+
+    // Not root: told to use sudo, nothing loaded.
+    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            support::LOOPGUARD,
+        ])
+        .args(["attach", "--pid", &server.pid.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("sudo"), "{stderr}");
+
+    let (code, stderr) = loopguard_fails(&["attach", "--pid", "1", "--threshold-ms", "0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("threshold-ms"), "{stderr}");
+}

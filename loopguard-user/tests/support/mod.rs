@@ -1,0 +1,331 @@
+//! Harness for the end-to-end tests: the example server, a tiny HTTP client,
+//! the agent with its output read line by line, and background traffic.
+
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the harness"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const LOOPGUARD: &str = env!("CARGO_BIN_EXE_loopguard");
+
+/// Panics unless running as root: these tests load BPF programs for real.
+pub fn require_root() {
+    let uid = Command::new("id").arg("-u").output().expect("run id");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "the end-to-end tests load eBPF programs and must run as root: use `sudo -E cargo xtask test`"
+    );
+}
+
+/// A server binary named by an environment variable that `cargo xtask test` sets.
+pub fn server_binary(var: &str) -> PathBuf {
+    let path = std::env::var_os(var).unwrap_or_else(|| {
+        panic!("{var} is not set; run the end-to-end tests through `cargo xtask test`")
+    });
+    let path = PathBuf::from(path);
+    assert!(
+        path.exists(),
+        "{var}={} does not exist; `cargo xtask test` builds it",
+        path.display()
+    );
+    path
+}
+
+/// A response: status code and JSON body (Null when the body is not JSON).
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// One GET over a fresh HTTP/1.1 connection.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    Ok(Response {
+        status,
+        body: serde_json::from_str(body).unwrap_or(Value::Null),
+    })
+}
+
+/// The example server, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub pid: u32,
+}
+
+impl Server {
+    pub fn start(binary: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(binary)
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let pid = child.id();
+        Self {
+            child,
+            addr: addr.parse().unwrap(),
+            pid,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        let response = http_get(self.addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(response.status, 200, "GET {path}: {response:?}");
+        response
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A line the agent printed on stdout: JSON, or a plain string otherwise.
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub at: Instant,
+    pub value: Value,
+}
+
+/// A running `loopguard`, its stdout collected by a thread.
+pub struct Agent {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<Line>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(LOOPGUARD)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start loopguard");
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                sink.lock().unwrap().push(Line {
+                    at: Instant::now(),
+                    value,
+                });
+            }
+        });
+        Self {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// `loopguard attach --pid PID --format json` plus `args`; waits until attached.
+    pub fn attach(pid: u32, args: &[&str]) -> Self {
+        let pid = pid.to_string();
+        let mut all = vec!["attach", "--pid", &pid, "--format", "json"];
+        all.extend_from_slice(args);
+        let agent = Self::start(&all);
+        agent.wait_for("the attached line", Duration::from_secs(20), |v| {
+            v["type"] == "attached"
+        });
+        agent
+    }
+
+    /// Waits for a line matching `pred`; panics with everything seen on timeout.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Line {
+        self.wait_for_since(None, what, timeout, pred)
+    }
+
+    /// Like [`Self::wait_for`], counting only lines printed after `since`.
+    pub fn wait_for_since(
+        &self,
+        since: Option<Instant>,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Line {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| since.is_none_or(|since| l.at > since) && pred(&l.value))
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; agent printed {:#?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn lines(&self) -> Vec<Line> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the agent to exit (up to `timeout`), then returns its status and output.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, Vec<Line>) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "loopguard did not exit within {timeout:?}; it printed {:#?}",
+                    self.lines()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.reader.take().unwrap().join().unwrap();
+        (status, self.lines())
+    }
+
+    /// Ctrl+C, then the exit status and everything printed.
+    pub fn interrupt(self) -> (ExitStatus, Vec<Line>) {
+        self.signal("INT");
+        self.wait(Duration::from_secs(15))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Requests to `/fast` in a loop on a thread, until stopped.
+pub struct FastTraffic {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl FastTraffic {
+    pub fn start(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let (stop2, done2) = (Arc::clone(&stop), Arc::clone(&done));
+        let handle = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                if http_get(addr, "/fast").is_ok_and(|r| r.status == 200) {
+                    done2.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Self {
+            stop,
+            done,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops and returns how many requests succeeded.
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap();
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// BPF programs of loopguard's still loaded in the kernel, by name.
+pub fn loaded_loopguard_programs() -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("run bpftool (cargo xtask setup installs it)");
+    let programs: Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    programs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .filter(|name| ["poll_enter", "poll_exit", "thread_exit"].contains(name))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits (up to 5 s) until no loopguard program is loaded; panics otherwise.
+pub fn assert_no_probes_left() {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = loaded_loopguard_programs();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "BPF programs left behind after detach: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+    assert!(
+        !events.contains("loopguard") && !events.contains("stall-server"),
+        "uprobe_events: {events}"
+    );
+}
+
+/// JSON lines of one type.
+pub fn of_type<'a>(lines: &'a [Line], kind: &str) -> Vec<&'a Value> {
+    lines
+        .iter()
+        .map(|l| &l.value)
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
