@@ -115,7 +115,8 @@ pub struct PollFrame {
 pub struct ThreadPolls {
     /// Polls in flight, including those deeper than [`MAX_POLL_DEPTH`].
     pub depth: u32,
-    pub _pad: u32,
+    /// Explicit padding, always 0.
+    pub pad: u32,
     pub frames: [PollFrame; MAX_POLL_DEPTH],
 }
 

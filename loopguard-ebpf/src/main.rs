@@ -164,10 +164,12 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
     // SAFETY: map value pointer, valid for this program run.
     let stack = unsafe { &mut *stack };
     let depth = stack.depth as usize;
-    if depth > 0 && depth <= MAX_POLL_DEPTH {
-        if let Some(parent) = stack.frames.get_mut(frame_index(depth - 1)) {
-            parent.flags |= frame_flags::CONTAINER;
-        }
+    // The poll below this one on the thread is a scheduler loop, not a task.
+    if depth > 0
+        && depth <= MAX_POLL_DEPTH
+        && let Some(parent) = stack.frames.get_mut(frame_index(depth - 1))
+    {
+        parent.flags |= frame_flags::CONTAINER;
     }
     match stack.frames.get_mut(frame_index(depth)) {
         Some(slot) if depth < MAX_POLL_DEPTH => *slot = frame,

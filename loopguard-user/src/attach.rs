@@ -24,12 +24,12 @@ pub enum AttachError {
     #[error(
         "failed to load the eBPF programs; the kernel must support BPF ring buffers and uprobe cookies (Linux 5.15+); run with RUST_LOG=debug for the verifier log"
     )]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("failed to load program `{program}`")]
     Program {
         program: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("failed to attach `{program}` to {path} at file offset {offset:#x}")]
     Probe {
@@ -37,7 +37,7 @@ pub enum AttachError {
         path: String,
         offset: u64,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("process {pid} exited while loopguard was attaching")]
     ProcessExited { pid: u32 },
@@ -77,7 +77,7 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
     let mut ebpf = EbpfLoader::new()
         .override_global(names::CONFIG, &config, true)
         .load(EBPF_OBJECT)
-        .map_err(AttachError::Load)?;
+        .map_err(|error| AttachError::Load(Box::new(error)))?;
 
     let scope =
         UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::ProcessExited { pid })?);
@@ -89,10 +89,14 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
             .program_mut(program)
             .ok_or(AttachError::Missing(program))?
             .try_into()
-            .map_err(|source| AttachError::Program { program, source })?;
-        uprobe
-            .load()
-            .map_err(|source| AttachError::Program { program, source })?;
+            .map_err(|source| AttachError::Program {
+                program,
+                source: Box::new(source),
+            })?;
+        uprobe.load().map_err(|source| AttachError::Program {
+            program,
+            source: Box::new(source),
+        })?;
         for (index, copy) in target.binary.poll_copies.iter().enumerate() {
             let cookie = is_entry.then(|| poll_cookie(index, copy));
             let point = UProbeAttachPoint {
@@ -107,7 +111,7 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
                             program,
                             path: target.exe.display_path.clone(),
                             offset: copy.file_offset,
-                            source,
+                            source: Box::new(source),
                         }
                     } else {
                         AttachError::ProcessExited { pid }
@@ -122,13 +126,20 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
         .program_mut(program)
         .ok_or(AttachError::Missing(program))?
         .try_into()
-        .map_err(|source| AttachError::Program { program, source })?;
-    tracepoint
-        .load()
-        .map_err(|source| AttachError::Program { program, source })?;
+        .map_err(|source| AttachError::Program {
+            program,
+            source: Box::new(source),
+        })?;
+    tracepoint.load().map_err(|source| AttachError::Program {
+        program,
+        source: Box::new(source),
+    })?;
     tracepoint
         .attach("sched_process_exit")
-        .map_err(|source| AttachError::Program { program, source })?;
+        .map_err(|source| AttachError::Program {
+            program,
+            source: Box::new(source),
+        })?;
 
     if !proc::is_alive(pid) {
         return Err(AttachError::ProcessExited { pid });

@@ -150,7 +150,7 @@ mod tests {
         // SAFETY: PollEvent is repr(C) plain integers with no padding.
         unsafe {
             std::slice::from_raw_parts(
-                (event as *const PollEvent).cast::<u8>(),
+                std::ptr::from_ref(event).cast::<u8>(),
                 size_of::<PollEvent>(),
             )
         }

@@ -124,7 +124,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {
-            let status = child.wait().map(launch::exit_code).unwrap_or(1);
+            let status = child.wait().map_or(1, launch::exit_code);
             let _ = exit_tx.send(Some(status));
         });
         for signo in FORWARDED {
@@ -142,14 +142,13 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let mut child_exit = exit_rx.clone();
         let stop = async move {
             let exited = child_exit.wait_for(Option::is_some);
-            let timed_out = match duration {
-                Some(secs) => tokio::time::timeout(Duration::from_secs(secs), exited)
+            let timed_out = if let Some(secs) = duration {
+                tokio::time::timeout(Duration::from_secs(secs), exited)
                     .await
-                    .is_err(),
-                None => {
-                    let _ = exited.await;
-                    false
-                }
+                    .is_err()
+            } else {
+                let _ = exited.await;
+                false
             };
             if !timed_out {
                 return StopReason::TargetExited;

@@ -34,10 +34,12 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Preflight(_) => EXIT_ENVIRONMENT,
-            Self::Discover(DiscoverError::Permission { .. }) => EXIT_ENVIRONMENT,
-            Self::Discover(_) | Self::Launch(LaunchError::Spawn { .. }) => EXIT_TARGET,
-            Self::Attach(AttachError::ProcessExited { .. }) => EXIT_TARGET,
+            Self::Preflight(_) | Self::Discover(DiscoverError::Permission { .. }) => {
+                EXIT_ENVIRONMENT
+            }
+            Self::Discover(_)
+            | Self::Launch(LaunchError::Spawn { .. })
+            | Self::Attach(AttachError::ProcessExited { .. }) => EXIT_TARGET,
             Self::Attach(_) | Self::Collect(_) | Self::Launch(_) | Self::Runtime(_) => EXIT_FAILURE,
         }
     }
