@@ -22,14 +22,7 @@ pub fn build_ebpf() -> anyhow::Result<()> {
         ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .current_dir(cmd::root());
-    for inherited in [
-        "CARGO",
-        "RUSTC",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTUP_TOOLCHAIN",
-    ] {
-        nightly_cargo.env_remove(inherited);
-    }
+    cmd::scrub_cargo_env(&mut nightly_cargo);
     cmd::run(&mut nightly_cargo)?;
     let object = cmd::target_dir().join("bpfel-unknown-none/release/loopguard");
     eprintln!("build-ebpf: {}", object.display());

@@ -59,3 +59,28 @@ pub fn target_dir() -> PathBuf {
 pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).trim() == "0"
 }
+
+/// `program` to run as root: directly when we are root, else under `sudo -E`.
+pub fn as_root(program: impl AsRef<std::ffi::OsStr>, why: &str) -> anyhow::Result<Command> {
+    if is_root() {
+        return Ok(Command::new(program));
+    }
+    if !succeeds(Command::new("sudo").arg("--version")) {
+        bail!("{why} needs root, and sudo is not installed: run this command as root");
+    }
+    let mut command = Command::new("sudo");
+    command.arg("-E").arg(program);
+    Ok(command)
+}
+
+/// Drops what the outer cargo set, so `rustup run nightly cargo` really uses nightly.
+pub fn scrub_cargo_env(command: &mut Command) {
+    for inherited in [
+        "CARGO",
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+    ] {
+        command.env_remove(inherited);
+    }
+}

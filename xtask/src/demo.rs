@@ -31,9 +31,6 @@ const REQUESTS: &[(&str, &str)] = &[
 ];
 
 pub fn run() -> anyhow::Result<()> {
-    if !cmd::is_root() {
-        bail!("the demo loads eBPF programs and needs root: run `sudo -E cargo xtask demo`");
-    }
     let binaries = build::build_all()?;
     let mut server = Command::new(&binaries.stall_server)
         .args(["--addr", "127.0.0.1:0"])
@@ -52,7 +49,7 @@ pub fn run() -> anyhow::Result<()> {
         server.id()
     );
 
-    let mut agent = Command::new(&binaries.loopguard)
+    let mut agent = cmd::as_root(&binaries.loopguard, "loading eBPF programs")?
         .args([
             "attach",
             "--pid",

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use crate::cmd;
 
@@ -40,16 +40,11 @@ fn install_apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !cmd::is_root() {
-        bail!(
-            "missing Debian packages {}; run `sudo cargo xtask setup` (or install them yourself)",
-            missing.join(" ")
-        );
-    }
     eprintln!("setup: installing {}", missing.join(" "));
-    cmd::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    let why = "installing Debian packages";
+    cmd::run(cmd::as_root("apt-get", why)?.args(["update", "-qq"]))?;
     cmd::run(
-        Command::new("apt-get")
+        cmd::as_root("apt-get", why)?
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),

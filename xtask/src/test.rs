@@ -2,9 +2,10 @@
 //! tests, then the end-to-end tests: as root, for real, against the example
 //! built three ways (release, fat LTO + panic=abort, v0 mangling).
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::{build, cmd};
 
@@ -31,9 +32,50 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let mut ebpf_clippy = Command::new("rustup");
-    ebpf_clippy
-        .current_dir(&root)
+    cmd::run(&mut ebpf_clippy())?;
+    cmd::run(cmd::cargo().current_dir(&root).args(["test", "--release"]))?;
+    if options.no_e2e {
+        eprintln!("test: end-to-end tests NOT run (--no-e2e)");
+        return Ok(());
+    }
+
+    let target = cmd::target_dir();
+    cmd::run(cmd::cargo().current_dir(&root).args([
+        "build",
+        "--profile",
+        "release-lto",
+        "-p",
+        "stall-server",
+    ]))?;
+    let v0_dir = target.join("v0");
+    cmd::run(
+        cmd::cargo()
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "stall-server"])
+            .env("CARGO_TARGET_DIR", &v0_dir)
+            .env("RUSTFLAGS", "-C symbol-mangling-version=v0"),
+    )?;
+    // Build the test binary as the user, run it as root (sudo -E when not root).
+    let e2e = build_test_binary("e2e")?;
+    cmd::run(
+        cmd::as_root(&e2e, "the end-to-end tests (they load eBPF programs)")?
+            .args(["--ignored", "--test-threads=1"])
+            .current_dir(root.join("loopguard-user"))
+            .env("LOOPGUARD_SERVER", &binaries.stall_server)
+            .env(
+                "LOOPGUARD_SERVER_LTO",
+                target.join("release-lto/stall-server"),
+            )
+            .env("LOOPGUARD_SERVER_V0", v0_dir.join("release/stall-server"))
+            .env("RUST_LOG", "info"),
+    )
+}
+
+/// Clippy for the eBPF crate, which only builds for the BPF target on nightly.
+fn ebpf_clippy() -> Command {
+    let mut clippy = Command::new("rustup");
+    clippy
+        .current_dir(cmd::root())
         .args([
             "run",
             "nightly",
@@ -52,62 +94,37 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             "-D",
             "warnings",
         ]);
-    for inherited in [
-        "CARGO",
-        "RUSTC",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTUP_TOOLCHAIN",
-    ] {
-        ebpf_clippy.env_remove(inherited);
-    }
-    cmd::run(&mut ebpf_clippy)?;
-    cmd::run(cmd::cargo().current_dir(&root).args(["test", "--release"]))?;
-    if options.no_e2e {
-        eprintln!("test: end-to-end tests NOT run (--no-e2e)");
-        return Ok(());
-    }
-    if !cmd::is_root() {
-        bail!(
-            "the end-to-end tests load eBPF programs and need root: run `sudo -E cargo xtask test` (or `--no-e2e` for the rest)"
-        );
-    }
+    cmd::scrub_cargo_env(&mut clippy);
+    clippy
+}
 
-    cmd::run(cmd::cargo().current_dir(&root).args([
-        "build",
-        "--profile",
-        "release-lto",
-        "-p",
-        "stall-server",
-    ]))?;
-    let v0_dir = cmd::target_dir().join("v0");
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "stall-server"])
-            .env("CARGO_TARGET_DIR", &v0_dir)
-            .env("RUSTFLAGS", "-C symbol-mangling-version=v0"),
-    )?;
-    let target = cmd::target_dir();
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "loopguard",
-                "--test",
-                "e2e",
-                "--",
-                "--ignored",
-                "--test-threads=1",
-            ])
-            .env("LOOPGUARD_SERVER", &binaries.stall_server)
-            .env(
-                "LOOPGUARD_SERVER_LTO",
-                target.join("release-lto/stall-server"),
-            )
-            .env("LOOPGUARD_SERVER_V0", v0_dir.join("release/stall-server"))
-            .env("RUST_LOG", "info"),
-    )
+/// Builds the integration test `name` of the agent; returns its executable.
+fn build_test_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let mut build = cmd::cargo();
+    build
+        .current_dir(cmd::root())
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "loopguard",
+            "--test",
+            name,
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(Stdio::inherit());
+    eprintln!("+ {}", cmd::display(&build));
+    let out = build
+        .output()
+        .with_context(|| format!("failed to start `{}`", cmd::display(&build)))?;
+    if !out.status.success() {
+        bail!("`{}` failed with {}", cmd::display(&build), out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["target"]["name"] == name)
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo built no executable for test `{name}`"))
 }
