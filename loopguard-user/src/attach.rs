@@ -6,7 +6,7 @@
 
 use std::num::NonZeroU32;
 
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope};
 use aya::programs::{RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use loopguard_common::{
@@ -47,9 +47,33 @@ pub enum AttachError {
 
 /// The loaded programs and their links; detaches on drop.
 pub struct AttachedProbes {
+    /// Declared first so it drops first: the uprobes go before the programs.
+    links: UProbeLinks,
     pub ebpf: Ebpf,
     /// uprobes + uretprobes attached.
     pub probe_count: usize,
+}
+
+/// uprobe links, owned so that detaching can report progress.
+struct UProbeLinks(Vec<UProbeLink>);
+
+impl AttachedProbes {
+    /// Removes every probe. The kernel waits for an RCU grace period under a
+    /// global lock for each uprobe it removes (about 100 ms each on the test
+    /// VM), so this reports progress once a second when it takes long.
+    pub fn detach(mut self, mut progress: impl FnMut(usize, usize)) {
+        let links = std::mem::take(&mut self.links.0);
+        let total = links.len();
+        let mut last_report = std::time::Instant::now();
+        for (done, link) in links.into_iter().enumerate() {
+            drop(link);
+            if last_report.elapsed() >= std::time::Duration::from_secs(1) {
+                progress(done + 1, total);
+                last_report = std::time::Instant::now();
+            }
+        }
+        drop(self);
+    }
 }
 
 /// The attach cookie of one copy (layout in `loopguard_common`).
@@ -81,7 +105,7 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
 
     let scope =
         UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::ProcessExited { pid })?);
-    let mut probe_count = 0;
+    let mut links = UProbeLinks(Vec::new());
     // Returns before entries: an entry recorded without its return would
     // look like a poll stuck forever.
     for (program, is_entry) in [(names::POLL_EXIT, false), (names::POLL_ENTER, true)] {
@@ -103,8 +127,9 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
                 location: UProbeAttachLocation::AbsoluteOffset(copy.file_offset),
                 cookie,
             };
-            uprobe
+            let link = uprobe
                 .attach(point, &target.exe.probe_path, scope)
+                .and_then(|id| uprobe.take_link(id))
                 .map_err(|source| {
                     if proc::is_alive(pid) {
                         AttachError::Probe {
@@ -117,7 +142,7 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
                         AttachError::ProcessExited { pid }
                     }
                 })?;
-            probe_count += 1;
+            links.0.push(link);
         }
     }
 
@@ -144,5 +169,10 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
     if !proc::is_alive(pid) {
         return Err(AttachError::ProcessExited { pid });
     }
-    Ok(AttachedProbes { ebpf, probe_count })
+    let probe_count = links.0.len();
+    Ok(AttachedProbes {
+        links,
+        ebpf,
+        probe_count,
+    })
 }

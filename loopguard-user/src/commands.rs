@@ -53,9 +53,10 @@ async fn watch_and_detach(
     let mut collector = Collector::new(&mut probes.ebpf)?;
     agent::print_attached(&target, probes.probe_count, options);
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
-    drop(probes);
-    tracing::info!(reason = ?outcome.reason, "detached");
     agent::print_summary(&outcome, target.pid, options);
+    let total = probes.probe_count;
+    probes.detach(|done, total| eprintln!("loopguard: detaching: {done}/{total} probes removed"));
+    tracing::info!(reason = ?outcome.reason, probes = total, "detached");
     Ok(outcome.summary.stalls)
 }
 

@@ -1,6 +1,6 @@
 //! End-to-end tests: real BPF programs, a real example server, real HTTP.
 //!
-//! They need root and the example built three ways, so they are `#[ignore]`d
+//! They need root and the example built four ways, so they are `#[ignore]`d
 //! in a plain `cargo test`; `cargo xtask test` builds everything and runs
 //! them with `--ignored`, as root. Without root they fail, never skip.
 
@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    Agent, FastTraffic, Server, assert_no_probes_left, http_get, of_type, require_root,
-    server_binary,
+    Agent, FastTraffic, Server, assert_detached, http_get, of_type, require_root, server_binary,
 };
 
 const THRESHOLD_MS: f64 = 50.0;
@@ -43,6 +42,12 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str]) {
     require_root();
     let server = Server::start(binary, server_args);
     let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
+    let ours = agent.programs();
+    assert_eq!(
+        ours.len(),
+        3,
+        "poll_enter, poll_exit, thread_exit should be loaded"
+    );
     let traffic = FastTraffic::start(server.addr);
     std::thread::sleep(Duration::from_millis(300));
 
@@ -141,7 +146,7 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str]) {
 
     // Detached: the target serves on, and nothing of ours is left in the kernel.
     assert_eq!(server.get("/fast").body["ok"], Value::Bool(true));
-    assert_no_probes_left();
+    assert_detached(&ours);
 }
 
 #[test]
@@ -182,14 +187,24 @@ fn v0_mangled_build() {
 
 #[test]
 #[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn non_pie_build() {
+    detects_every_blocking_poll(
+        &server_binary("LOOPGUARD_SERVER_NOPIE"),
+        &["--flavor", "multi-thread"],
+    );
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
 fn killing_the_agent_leaves_the_target_running_and_clean() {
     require_root();
     let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
     let agent = Agent::attach(server.pid, &[]);
+    let ours = agent.programs();
     server.get("/fast");
     agent.signal("KILL");
-    let _ = agent.wait(Duration::from_secs(5));
-    assert_no_probes_left();
+    let _ = agent.wait(Duration::from_secs(10));
+    assert_detached(&ours);
     assert_eq!(server.get("/fast").body["ok"], Value::Bool(true));
     server.get("/block/sleep?ms=10");
 }
@@ -200,18 +215,21 @@ fn sigterm_detaches_with_a_summary_and_duration_stops_by_itself() {
     require_root();
     let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
     let agent = Agent::attach(server.pid, &[]);
+    let first = agent.programs();
     agent.signal("TERM");
     let (status, lines) = agent.wait(Duration::from_secs(10));
     assert!(status.success());
     assert_eq!(of_type(&lines, "summary").len(), 1);
+    assert_detached(&first);
 
     let started = Instant::now();
     let agent = Agent::attach(server.pid, &["--duration", "2"]);
+    let second = agent.programs();
     let (status, lines) = agent.wait(Duration::from_secs(15));
     assert!(status.success());
     assert!(started.elapsed() >= Duration::from_secs(2));
     assert_eq!(of_type(&lines, "summary").len(), 1);
-    assert_no_probes_left();
+    assert_detached(&second);
     server.get("/fast");
 }
 
@@ -239,6 +257,7 @@ fn run_attaches_before_serving_forwards_signals_and_exit_codes() {
         v.as_str().is_some_and(|s| s.starts_with("listening on "))
     });
     assert!(attached.at <= listening.at);
+    let ours = agent.programs();
     let addr = listening
         .value
         .as_str()
@@ -261,12 +280,12 @@ fn run_attaches_before_serving_forwards_signals_and_exit_codes() {
     let (status, lines) = agent.wait(Duration::from_secs(15));
     assert_eq!(status.code(), Some(3), "{lines:#?}");
     assert_eq!(of_type(&lines, "summary").len(), 1);
+    assert_detached(&ours);
 
     // The program's own exit code comes back (stall-server refuses 0 workers with 1).
     let agent = Agent::start(&["run", "--", binary, "--workers", "0"]);
     let (status, _) = agent.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(1));
-    assert_no_probes_left();
 }
 
 /// Runs `loopguard args`, expecting failure; returns (exit code, stderr).

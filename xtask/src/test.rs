@@ -1,6 +1,6 @@
 //! `cargo xtask test`: fmt, clippy (host crates and the eBPF crate), unit
 //! tests, then the end-to-end tests: as root, for real, against the example
-//! built three ways (release, fat LTO + panic=abort, v0 mangling).
+//! built four ways (release, fat LTO + panic=abort, v0 mangling, non-PIE).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -8,6 +8,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, bail};
 
 use crate::{build, cmd};
+
+const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -55,6 +57,26 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .env("CARGO_TARGET_DIR", &v0_dir)
             .env("RUSTFLAGS", "-C symbol-mangling-version=v0"),
     )?;
+    // Non-PIE: vtables hold literal addresses instead of relocations. An
+    // explicit --target keeps RUSTFLAGS off the proc-macros.
+    let nopie_dir = target.join("nopie");
+    cmd::run(
+        cmd::cargo()
+            .current_dir(&root)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "stall-server",
+                "--target",
+                HOST_TARGET,
+            ])
+            .env("CARGO_TARGET_DIR", &nopie_dir)
+            .env(
+                "RUSTFLAGS",
+                "-C relocation-model=static -C link-arg=-no-pie",
+            ),
+    )?;
     // Build the test binary as the user, run it as root (sudo -E when not root).
     let e2e = build_test_binary("e2e")?;
     cmd::run(
@@ -67,6 +89,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 target.join("release-lto/stall-server"),
             )
             .env("LOOPGUARD_SERVER_V0", v0_dir.join("release/stall-server"))
+            .env(
+                "LOOPGUARD_SERVER_NOPIE",
+                nopie_dir.join(HOST_TARGET).join("release/stall-server"),
+            )
             .env("RUST_LOG", "info"),
     )
 }

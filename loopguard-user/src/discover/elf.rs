@@ -8,10 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
-use object::{
-    Object, ObjectSection, ObjectSegment, ObjectSymbol, RelocationFlags, SectionKind, SegmentFlags,
-    SymbolKind, elf,
-};
+use object::{Object, ObjectSegment, ObjectSymbol, RelocationFlags, SegmentFlags, SymbolKind, elf};
 
 use super::symbols::{SymbolRole, classify, demangle, mentions_tokio};
 use super::vtable::{ImageWords, TaskLayout, Word, agreed_layout, verify_vtable};
@@ -118,7 +115,7 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
         });
     }
 
-    let layouts = find_layouts(&file, &image, copies.keys().copied().collect());
+    let layouts = find_layouts(&image, copies.keys().copied().collect());
     let mut poll_copies: Vec<PollCopy> = copies
         .into_iter()
         .filter_map(|(vaddr, name)| {
@@ -143,43 +140,29 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
 
 /// For each copy: the layout all its vtables agree on (`None` inside when
 /// they disagree or none verified).
-fn find_layouts(
-    file: &object::File<'_>,
-    image: &Image<'_>,
-    copies: HashSet<u64>,
-) -> HashMap<u64, Option<TaskLayout>> {
+fn find_layouts(image: &Image<'_>, copies: HashSet<u64>) -> HashMap<u64, Option<TaskLayout>> {
     let mut slots: HashMap<u64, Vec<u64>> = HashMap::new();
-    if image.relocations.is_empty() {
-        // Not position independent: vtables hold the addresses literally.
-        for section in file.sections() {
-            if !matches!(
-                section.kind(),
-                SectionKind::ReadOnlyData | SectionKind::Data
-            ) {
-                continue;
-            }
-            let Ok(bytes) = section.data() else { continue };
-            let base = section.address();
-            let skip = ((8 - base % 8) % 8) as usize;
-            for (i, chunk) in bytes
-                .get(skip..)
-                .unwrap_or_default()
-                .chunks_exact(8)
-                .enumerate()
-            {
-                let value = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-                if copies.contains(&value) {
-                    slots
-                        .entry(value)
-                        .or_default()
-                        .push(base + skip as u64 + 8 * i as u64);
-                }
-            }
+    // A PIE's vtables are filled in by relative relocations at load time ...
+    for (&slot, &target) in &image.relocations {
+        if copies.contains(&target) {
+            slots.entry(target).or_default().push(slot);
         }
-    } else {
-        for (&slot, &target) in &image.relocations {
-            if copies.contains(&target) {
-                slots.entry(target).or_default().push(slot);
+    }
+    // ... a non-PIE executable's hold the addresses literally, in whichever
+    // data segment the linker chose (a PIE's file holds zeros there).
+    for (range, _, bytes, executable) in &image.segments {
+        if *executable {
+            continue;
+        }
+        let skip = ((8 - range.start % 8) % 8) as usize;
+        let words = bytes.get(skip..).unwrap_or_default().chunks_exact(8);
+        for (i, chunk) in words.enumerate() {
+            let value = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            if copies.contains(&value) {
+                slots
+                    .entry(value)
+                    .or_default()
+                    .push(range.start + skip as u64 + 8 * i as u64);
             }
         }
     }

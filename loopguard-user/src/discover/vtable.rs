@@ -114,16 +114,17 @@ fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> O
     })
 }
 
-/// Combines the verdicts of every vtable found for one `raw::poll` copy:
-/// a layout only when all agree (identical code folding can make two task
-/// types share a copy; they then must share the layout too).
+/// Combines the verdicts of every candidate vtable found for one `raw::poll`
+/// copy. A candidate that fails the check is no vtable (a data word that
+/// happens to equal the address) and is ignored; the verified ones must all
+/// agree (identical code folding can make task types share a copy; they then
+/// must share the layout too).
 pub fn agreed_layout(verdicts: impl IntoIterator<Item = Option<TaskLayout>>) -> Option<TaskLayout> {
     let mut agreed = None;
-    for verdict in verdicts {
-        let id = verdict?;
+    for layout in verdicts.into_iter().flatten() {
         match agreed {
-            None => agreed = Some(id),
-            Some(previous) if previous == id => {}
+            None => agreed = Some(layout),
+            Some(previous) if previous == layout => {}
             Some(_) => return None,
         }
     }
@@ -265,7 +266,8 @@ mod tests {
         };
         assert_eq!(agreed_layout([layout(0x28), layout(0x28)]), layout(0x28));
         assert_eq!(agreed_layout([layout(0x28), layout(0x30)]), None);
-        assert_eq!(agreed_layout([layout(0x28), None]), None);
+        assert_eq!(agreed_layout([layout(0x28), None]), layout(0x28));
+        assert_eq!(agreed_layout([None, None]), None);
         assert_eq!(agreed_layout(std::iter::empty()), None);
     }
 }

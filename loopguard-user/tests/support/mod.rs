@@ -157,6 +157,11 @@ impl Agent {
         }
     }
 
+    /// Ids of the BPF programs this agent holds now.
+    pub fn programs(&self) -> Vec<u64> {
+        programs_held_by(self.child.id())
+    }
+
     /// `loopguard attach --pid PID --format json` plus `args`; waits until attached.
     pub fn attach(pid: u32, args: &[&str]) -> Self {
         let pid = pid.to_string();
@@ -283,42 +288,84 @@ impl FastTraffic {
     }
 }
 
-/// BPF programs of loopguard's still loaded in the kernel, by name.
-pub fn loaded_loopguard_programs() -> Vec<String> {
+const PROGRAM_NAMES: [&str; 3] = ["poll_enter", "poll_exit", "thread_exit"];
+
+/// `bpftool -j OBJECT show`, parsed.
+fn bpftool_show(object: &str) -> Vec<Value> {
     let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
+        .args(["-j", object, "show"])
         .output()
         .expect("run bpftool (cargo xtask setup installs it)");
-    let programs: Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
-    programs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["name"].as_str())
-        .filter(|name| ["poll_enter", "poll_exit", "thread_exit"].contains(name))
-        .map(str::to_owned)
-        .collect()
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    listed.as_array().cloned().unwrap_or_default()
 }
 
-/// Waits (up to 5 s) until no loopguard program is loaded; panics otherwise.
-pub fn assert_no_probes_left() {
-    let deadline = Instant::now() + Duration::from_secs(5);
+/// Ids of the BPF programs process `pid` holds open, from the kernel's own
+/// `/proc/PID/fdinfo` (other agents on the machine are not counted).
+pub fn programs_held_by(pid: u32) -> Vec<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u64> = fds
+        .filter_map(Result::ok)
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy() == "anon_inode:bpf-prog")
+        })
+        .filter_map(|fd| {
+            std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .ok()
+        })
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("prog_id:")?.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Waits (up to 10 s: the kernel removes uprobes one grace period at a time)
+/// until none of `programs` is loaded and no link points at one of them.
+pub fn assert_detached(programs: &[u64]) {
+    assert!(
+        !programs.is_empty(),
+        "no loopguard programs were recorded while attached"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let left = loaded_loopguard_programs();
-        if left.is_empty() {
+        let loaded: Vec<u64> = bpftool_show("prog")
+            .iter()
+            .filter_map(|p| p["id"].as_u64())
+            .collect();
+        let left: Vec<u64> = programs
+            .iter()
+            .copied()
+            .filter(|id| loaded.contains(id))
+            .collect();
+        let links: Vec<Value> = bpftool_show("link")
+            .into_iter()
+            .filter(|link| {
+                link["prog_id"]
+                    .as_u64()
+                    .is_some_and(|id| programs.contains(&id))
+            })
+            .collect();
+        if left.is_empty() && links.is_empty() {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "BPF programs left behind after detach: {left:?}"
+            "left behind after detach: programs {left:?}, links {links:#?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     let events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
-    assert!(
-        !events.contains("loopguard") && !events.contains("stall-server"),
-        "uprobe_events: {events}"
-    );
+    assert!(!events.contains("stall-server"), "uprobe_events: {events}");
 }
 
 /// JSON lines of one type.
