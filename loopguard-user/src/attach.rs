@@ -76,6 +76,14 @@ impl AttachedProbes {
     }
 }
 
+/// Maps a failure of `program` to [`AttachError::Program`].
+fn program_error(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> AttachError {
+    move |source| AttachError::Program {
+        program,
+        source: Box::new(source),
+    }
+}
+
 /// The attach cookie of one copy (layout in `loopguard_common`).
 fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
     let blocking = if copy.is_blocking_pool() {
@@ -113,14 +121,8 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
             .program_mut(program)
             .ok_or(AttachError::Missing(program))?
             .try_into()
-            .map_err(|source| AttachError::Program {
-                program,
-                source: Box::new(source),
-            })?;
-        uprobe.load().map_err(|source| AttachError::Program {
-            program,
-            source: Box::new(source),
-        })?;
+            .map_err(program_error(program))?;
+        uprobe.load().map_err(program_error(program))?;
         for (index, copy) in target.binary.poll_copies.iter().enumerate() {
             let cookie = is_entry.then(|| poll_cookie(index, copy));
             let point = UProbeAttachPoint {
@@ -151,20 +153,11 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
         .program_mut(program)
         .ok_or(AttachError::Missing(program))?
         .try_into()
-        .map_err(|source| AttachError::Program {
-            program,
-            source: Box::new(source),
-        })?;
-    tracepoint.load().map_err(|source| AttachError::Program {
-        program,
-        source: Box::new(source),
-    })?;
+        .map_err(program_error(program))?;
+    tracepoint.load().map_err(program_error(program))?;
     tracepoint
         .attach("sched_process_exit")
-        .map_err(|source| AttachError::Program {
-            program,
-            source: Box::new(source),
-        })?;
+        .map_err(program_error(program))?;
 
     if !proc::is_alive(pid) {
         return Err(AttachError::ProcessExited { pid });

@@ -2,8 +2,6 @@
 //! [`PollEvent`]s, snapshots every thread's in-flight poll stack, and sums
 //! the per-CPU counters and histogram.
 
-use std::os::fd::AsRawFd;
-
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use loopguard_common::{COUNTER_SLOTS, EventKind, HISTOGRAM_SLOTS, PollEvent, ThreadPolls, names};
@@ -83,39 +81,27 @@ impl Collector {
 
     pub fn counters(&self) -> Counters {
         let mut counters = Counters::default();
-        for (slot, total) in counters
-            .0
-            .iter_mut()
-            .enumerate()
-            .take(COUNTER_SLOTS as usize)
-        {
-            *total = self
-                .counters
-                .get(&(slot as u32), 0)
-                .map_or(0, |values| values.iter().sum());
-        }
+        sum_per_cpu(&self.counters, &mut counters.0[..COUNTER_SLOTS as usize]);
         counters
     }
 
     pub fn histogram(&self) -> Histogram {
         let mut histogram = Histogram::default();
-        for (slot, total) in histogram
-            .0
-            .iter_mut()
-            .enumerate()
-            .take(HISTOGRAM_SLOTS as usize)
-        {
-            *total = self
-                .histogram
-                .get(&(slot as u32), 0)
-                .map_or(0, |values| values.iter().sum());
-        }
+        sum_per_cpu(
+            &self.histogram,
+            &mut histogram.0[..HISTOGRAM_SLOTS as usize],
+        );
         histogram
     }
+}
 
-    /// The ring buffer's fd, for logs.
-    pub fn ring_fd(&self) -> i32 {
-        self.ring.get_ref().as_raw_fd()
+/// Fills `totals[i]` with slot `i` of a per-CPU array, summed over CPUs (0
+/// for a slot that cannot be read).
+fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, totals: &mut [u64]) {
+    for (slot, total) in totals.iter_mut().enumerate() {
+        *total = array
+            .get(&(slot as u32), 0)
+            .map_or(0, |values| values.iter().sum());
     }
 }
 

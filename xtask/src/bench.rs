@@ -2,11 +2,11 @@
 //! unattached and attached, interleaved in one run, reported as a ratio.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
+use crate::example::Example;
 use crate::{build, cmd};
 
 #[derive(clap::Args)]
@@ -32,7 +32,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     let binaries = build::build_all()?;
-    let (mut server, addr) = start_server(&binaries.stall_server)?;
+    let server = Example::start(&binaries.stall_server)?;
+    let addr = &server.addr;
     let url = format!("http://{addr}{}", options.path);
     eprintln!("bench: warming up {url}");
     wrk(&url, 2, options.connections)?;
@@ -44,7 +45,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .args([
                 "attach",
                 "--pid",
-                &server.id().to_string(),
+                &server.pid().to_string(),
                 "--threshold-ms",
                 "1000",
                 "--format",
@@ -76,8 +77,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
         eprintln!("bench:   {summary}");
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     ratios.sort_by(f64::total_cmp);
     let median = ratios[ratios.len() / 2];
     println!(
@@ -87,22 +87,6 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>()
     );
     Ok(())
-}
-
-fn start_server(binary: &std::path::Path) -> anyhow::Result<(Child, String)> {
-    let mut server = Command::new(binary)
-        .args(["--addr", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("failed to start the example stall-server")?;
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().expect("piped")).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("stall-server did not print its address")?;
-    std::thread::sleep(Duration::from_millis(200));
-    Ok((server, addr.to_owned()))
 }
 
 /// Runs wrk and returns its requests/s.

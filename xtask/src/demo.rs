@@ -1,11 +1,11 @@
 //! `cargo xtask demo`: the whole product on the bundled example, in a minute.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::example::Example;
 use crate::{build, cmd};
 
 /// Requests the demo sends, and what each one does to a worker thread.
@@ -32,28 +32,18 @@ const REQUESTS: &[(&str, &str)] = &[
 
 pub fn run() -> anyhow::Result<()> {
     let binaries = build::build_all()?;
-    let mut server = Command::new(&binaries.stall_server)
-        .args(["--addr", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("failed to start the example stall-server")?;
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().expect("piped")).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("stall-server did not print its address")?
-        .to_owned();
+    let server = Example::start(&binaries.stall_server)?;
+    let addr = server.addr.clone();
     eprintln!(
         "\ndemo: stall-server (pid {}) listens on {addr}",
-        server.id()
+        server.pid()
     );
 
     let mut agent = cmd::as_root(&binaries.loopguard, "loading eBPF programs")?
         .args([
             "attach",
             "--pid",
-            &server.id().to_string(),
+            &server.pid().to_string(),
             "--threshold-ms",
             "50",
             "--duration",
@@ -76,8 +66,7 @@ pub fn run() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(150));
     }
     let status = agent.wait()?;
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     if !status.success() {
         bail!("loopguard exited with {status}");
     }

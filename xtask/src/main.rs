@@ -11,6 +11,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod example;
 mod setup;
 mod test;
 
