@@ -24,9 +24,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use loopguard_common::{
-    COOKIE_BLOCKING_POOL, COOKIE_ID_OFFSET_MASK, COUNTER_SLOTS, Config, Counter, EVENTS_RING_BYTES,
-    EventKind, HISTOGRAM_SLOTS, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS, PollEvent,
-    PollFrame, ThreadPolls, frame_flags,
+    COOKIE_BLOCKING_POOL, COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config,
+    Counter, EVENTS_RING_BYTES, EventKind, HISTOGRAM_SLOTS, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH,
+    MAX_THREADS, PollEvent, PollFrame, ThreadPolls, frame_flags,
 };
 
 /// Set by the agent before load (`EbpfLoader::set_global`).
@@ -137,7 +137,12 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
     };
     // At the first instruction of the function, the return address is on top of the stack.
     let return_addr = unsafe { bpf_probe_read_user(rsp as *const u64) }.unwrap_or(0);
-    if cookie & COOKIE_BLOCKING_POOL != 0 || is_blocking_pool(return_addr) {
+    let blocking = if cookie & COOKIE_LAYOUT_VERIFIED != 0 {
+        cookie & COOKIE_BLOCKING_POOL != 0
+    } else {
+        is_blocking_pool(return_addr)
+    };
+    if blocking {
         flags |= frame_flags::BLOCKING;
     }
 

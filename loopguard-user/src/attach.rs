@@ -10,7 +10,8 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink,
 use aya::programs::{RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use loopguard_common::{
-    COOKIE_BLOCKING_POOL, COOKIE_ID_OFFSET_MASK, Config, MAX_BLOCKING_RANGES, names,
+    COOKIE_BLOCKING_POOL, COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, Config,
+    MAX_BLOCKING_RANGES, names,
 };
 
 use crate::discover::elf::PollCopy;
@@ -86,12 +87,20 @@ fn program_error(program: &'static str) -> impl FnOnce(aya::programs::ProgramErr
 
 /// The attach cookie of one copy (layout in `loopguard_common`).
 fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
+    let verified = if copy.layout.is_some() {
+        COOKIE_LAYOUT_VERIFIED
+    } else {
+        0
+    };
     let blocking = if copy.is_blocking_pool() {
         COOKIE_BLOCKING_POOL
     } else {
         0
     };
-    ((index as u64) << 32) | blocking | (copy.id_offset().unwrap_or(0) & COOKIE_ID_OFFSET_MASK)
+    ((index as u64) << 32)
+        | verified
+        | blocking
+        | (copy.id_offset().unwrap_or(0) & COOKIE_ID_OFFSET_MASK)
 }
 
 /// Loads and attaches everything for `target`.
