@@ -34,6 +34,17 @@ pub enum StopReason {
     TargetExited,
 }
 
+impl StopReason {
+    /// How the summary names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Interrupted => "interrupted",
+            Self::DurationElapsed => "duration elapsed",
+            Self::TargetExited => "target exited",
+        }
+    }
+}
+
 /// What a watch produced.
 #[derive(Debug)]
 pub struct Outcome {
@@ -181,6 +192,7 @@ pub async fn watch(
     summary.counters = collector.counters();
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.stop_reason = reason.as_str();
     if collector.malformed > 0 {
         tracing::warn!(
             records = collector.malformed,

@@ -78,7 +78,8 @@ pub struct WatchArgs {
     /// Output format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// Stop by itself after this many seconds.
+    /// Stop by itself after this many seconds (`run`: SIGTERM the command then;
+    /// dying of that SIGTERM counts as success).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub duration: Option<u64>,
     /// How often (ms) in-flight polls are checked for stalls still in progress.

@@ -1,6 +1,7 @@
 //! The two subcommands, from parsed arguments to an exit code.
 
 use std::future::Future;
+use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -43,13 +44,14 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
     Ok((target, probes))
 }
 
-/// Watches, then detaches and prints the summary; returns the stall count.
+/// Watches, then detaches and prints the summary; returns the stall count
+/// and why watching stopped.
 async fn watch_and_detach(
     target: ProbeTarget,
     mut probes: AttachedProbes,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
-) -> Result<u64, Error> {
+) -> Result<(u64, StopReason), Error> {
     let mut collector = Collector::new(&mut probes.ebpf)?;
     agent::print_attached(&target, probes.probe_count, options);
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
@@ -57,7 +59,7 @@ async fn watch_and_detach(
     let total = probes.probe_count;
     probes.detach(|done, total| eprintln!("loopguard: detaching: {done}/{total} probes removed"));
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
-    Ok(outcome.summary.stalls)
+    Ok((outcome.summary.stalls, outcome.reason))
 }
 
 /// `loopguard attach`.
@@ -125,8 +127,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {
-            let status = child.wait().map_or(1, launch::exit_code);
-            let _ = exit_tx.send(Some(status));
+            let _ = exit_tx.send(Some(child.wait().ok()));
         });
         for signo in FORWARDED {
             let Ok(mut incoming) = signal(SignalKind::from_raw(signo)) else {
@@ -160,11 +161,22 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let stalls = watch_and_detach(target, probes, &options, stop).await?;
-        let code = exit_rx
+        let (stalls, reason) = watch_and_detach(target, probes, &options, stop).await?;
+        let status = exit_rx
             .wait_for(Option::is_some)
             .await
-            .map_or(1, |status| status.unwrap_or(1));
+            .ok()
+            .and_then(|status| status.flatten());
+        let code = status.map_or(1, |status| {
+            // A command ended by --duration's own SIGTERM ran as asked.
+            let ended_by_us =
+                reason == StopReason::DurationElapsed && status.signal() == Some(libc::SIGTERM);
+            if ended_by_us {
+                0
+            } else {
+                launch::exit_code(status)
+            }
+        });
         Ok(if args.fail_on_stall && stalls > 0 && code == 0 {
             EXIT_STALL
         } else {

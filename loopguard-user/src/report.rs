@@ -102,6 +102,7 @@ pub fn summary_json(summary: &Summary, pid: u32, threshold_ns: u64) -> Value {
         "pid": pid,
         "threshold_ms": ms(threshold_ns),
         "elapsed_s": (summary.elapsed_s * 1000.0).round() / 1000.0,
+        "stop_reason": summary.stop_reason,
         "polls": counters.get(Counter::WorkerPolls),
         "blocking_pool_polls": counters.get(Counter::BlockingPolls),
         "stalls": summary.stalls,
@@ -123,7 +124,12 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
     use loopguard_common::Counter;
     let counters = &summary.counters;
     let mut lines = vec![format!(
-        "loopguard summary: {:.1} s, {} worker polls ({} on the blocking pool), {} stall(s) over {} ms",
+        "loopguard summary ({}): {:.1} s, {} worker polls ({} on the blocking pool), {} stall(s) over {} ms",
+        if summary.stop_reason.is_empty() {
+            "stopped"
+        } else {
+            summary.stop_reason
+        },
         summary.elapsed_s,
         counters.get(Counter::WorkerPolls),
         counters.get(Counter::BlockingPolls),

@@ -75,6 +75,8 @@ pub struct Summary {
     pub counters: Counters,
     pub histogram: Histogram,
     pub elapsed_s: f64,
+    /// Why watching stopped ("interrupted", "duration elapsed", "target exited").
+    pub stop_reason: &'static str,
 }
 
 impl Summary {

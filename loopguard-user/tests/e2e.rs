@@ -288,6 +288,58 @@ fn run_attaches_before_serving_forwards_signals_and_exit_codes() {
     assert_eq!(status.code(), Some(1));
 }
 
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn run_with_duration_fails_on_stall_even_when_the_command_dies_of_sigterm() {
+    require_root();
+    let binary = server_binary("LOOPGUARD_SERVER");
+    let binary = binary.to_str().unwrap();
+    let args = [
+        "run",
+        "--fail-on-stall",
+        "--duration",
+        "3",
+        "--format",
+        "json",
+        "--",
+    ];
+    let agent = Agent::start(
+        &[
+            &args[..],
+            &[binary, "--addr", "127.0.0.1:0", "--no-signal-handlers"],
+        ]
+        .concat(),
+    );
+    let listening = agent.wait_for("the server's address", Duration::from_secs(20), |v| {
+        v.as_str().is_some_and(|s| s.starts_with("listening on "))
+    });
+    let addr = listening
+        .value
+        .as_str()
+        .unwrap()
+        .trim_start_matches("listening on ")
+        .parse()
+        .unwrap();
+    http_get(addr, "/block/spin?ms=100").unwrap();
+    // --duration's SIGTERM kills it (143 in a shell): that is how it was asked
+    // to end, so the stall decides the exit code.
+    let (status, lines) = agent.wait(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(3), "{lines:#?}");
+    let summary = of_type(&lines, "summary");
+    assert_eq!(summary[0]["stop_reason"], "duration elapsed");
+
+    // Without a stall the same run succeeds.
+    let agent = Agent::start(
+        &[
+            &args[..],
+            &[binary, "--addr", "127.0.0.1:0", "--no-signal-handlers"],
+        ]
+        .concat(),
+    );
+    let (status, lines) = agent.wait(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{lines:#?}");
+}
+
 /// Runs `loopguard args`, expecting failure; returns (exit code, stderr).
 fn loopguard_fails(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(support::LOOPGUARD)

@@ -60,6 +60,9 @@ struct Args {
     /// Number of worker threads (multi-thread flavor only).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Install no SIGTERM/SIGINT handlers: die of the signal, as many servers do.
+    #[arg(long)]
+    no_signal_handlers: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -277,11 +280,17 @@ fn app() -> Router {
         .route("/spawn_blocking", get(offload))
 }
 
-async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+async fn serve(addr: SocketAddr, signal_handlers: bool) -> anyhow::Result<()> {
     // Install the handlers before announcing the port, so a harness that
     // signals right after reading it cannot kill us with the default action.
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let handlers = if signal_handlers {
+        Some((
+            signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        ))
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
@@ -291,6 +300,9 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
     let shutdown = async move {
+        let Some((mut term, mut int)) = handlers else {
+            return std::future::pending().await;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
@@ -317,7 +329,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the Tokio runtime")?;
-    let result = runtime.block_on(serve(args.addr));
+    let result = runtime.block_on(serve(args.addr, !args.no_signal_handlers));
     // Don't wait forever on a blocking task still sleeping.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
