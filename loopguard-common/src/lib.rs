@@ -14,6 +14,12 @@ pub mod names {
     pub const POLL_EXIT: &str = "poll_exit";
     /// Raw tracepoint `sched_process_exit`: forgets a thread's poll stack.
     pub const THREAD_EXIT: &str = "thread_exit";
+    /// uprobe on every `loopguard:request_start` USDT site.
+    pub const REQUEST_START: &str = "request_start";
+    /// uprobe on every `loopguard:request_end` USDT site.
+    pub const REQUEST_END: &str = "request_end";
+    /// Argument specs of each USDT site, indexed by the site's cookie.
+    pub const USDT_SPECS: &str = "USDT_SPECS";
 
     /// Ring buffer of [`super::PollEvent`]s.
     pub const EVENTS: &str = "EVENTS";
@@ -81,6 +87,119 @@ impl Config {
     }
 }
 
+/// The USDT probes the `loopguard-middleware` crate fires.
+pub mod usdt {
+    /// Provider of every loopguard probe.
+    pub const PROVIDER: &str = "loopguard";
+    /// `request_start(layout, id, method_ptr, method_len, route_ptr, route_len, path_ptr, path_len)`.
+    pub const REQUEST_START: &str = "request_start";
+    /// `request_end(layout, id, status)`.
+    pub const REQUEST_END: &str = "request_end";
+    /// Arguments of `request_start`.
+    pub const REQUEST_START_ARGS: usize = 8;
+    /// Arguments of `request_end`.
+    pub const REQUEST_END_ARGS: usize = 3;
+    /// The argument layout this agent understands (the first argument of both probes).
+    pub const LAYOUT_VERSION: u64 = 1;
+}
+
+/// Most arguments a USDT site may have.
+pub const MAX_USDT_ARGS: usize = 8;
+/// Most USDT sites loopguard attaches to.
+pub const MAX_USDT_SITES: u32 = 256;
+/// Bytes of the method / route / path kept per request.
+pub const METHOD_BYTES: usize = 16;
+pub const ROUTE_BYTES: usize = 128;
+pub const PATH_BYTES: usize = 128;
+
+/// Where a USDT argument is ([`UsdtArg::kind`]).
+pub mod arg_kind {
+    pub const NONE: u8 = 0;
+    pub const REGISTER: u8 = 1;
+    pub const MEMORY: u8 = 2;
+    pub const IMMEDIATE: u8 = 3;
+}
+
+/// One decoded USDT argument spec.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UsdtArg {
+    /// [`arg_kind`].
+    pub kind: u8,
+    /// 1, 2, 4 or 8 bytes.
+    pub size: u8,
+    /// 1 when the value is sign-extended.
+    pub signed: u8,
+    pub pad: u8,
+    /// Byte offset of the register in `struct pt_regs`.
+    pub reg_offset: u16,
+    pub pad2: u16,
+    pub pad3: u32,
+    /// Displacement (memory) or value (immediate).
+    pub value: i64,
+}
+
+/// The arguments of one USDT site (value of [`names::USDT_SPECS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UsdtSpec {
+    pub args: [UsdtArg; MAX_USDT_ARGS],
+}
+
+const _: () = assert!(core::mem::size_of::<UsdtArg>() == 24);
+
+/// Sent when `request_start` fires.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RequestStartEvent {
+    /// [`EventKind::RequestStart`].
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// [`frame_flags`] of the poll the probe fired in; [`frame_flags::NO_POLL`] outside any.
+    pub flags: u32,
+    /// ns, `CLOCK_MONOTONIC`.
+    pub ts_ns: u64,
+    /// Task id of the poll the probe fired in (0: unknown).
+    pub task_id: u64,
+    /// Task header of that poll.
+    pub header: u64,
+    /// Request id the middleware chose.
+    pub request_id: u64,
+    /// First probe argument: the middleware's layout version.
+    pub layout: u64,
+    /// Lengths the application passed (may exceed the buffers: truncated).
+    pub method_len: u32,
+    pub route_len: u32,
+    pub path_len: u32,
+    pub pad: u32,
+    pub method: [u8; METHOD_BYTES],
+    pub route: [u8; ROUTE_BYTES],
+    pub path: [u8; PATH_BYTES],
+}
+
+/// Sent when `request_end` fires.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestEndEvent {
+    /// [`EventKind::RequestEnd`].
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// HTTP status, 0 when no response was produced.
+    pub status: u32,
+    /// ns, `CLOCK_MONOTONIC`.
+    pub ts_ns: u64,
+    pub request_id: u64,
+    /// First probe argument: the middleware's layout version.
+    pub layout: u64,
+}
+
+const _: () = assert!(
+    core::mem::size_of::<RequestStartEvent>() == 72 + METHOD_BYTES + ROUTE_BYTES + PATH_BYTES
+);
+const _: () = assert!(core::mem::size_of::<RequestEndEvent>() == 40);
+
 /// Flags on a [`PollFrame`] and a [`PollEvent`].
 pub mod frame_flags {
     /// The poll returned into blocking-pool code (a `spawn_blocking` closure,
@@ -92,6 +211,10 @@ pub mod frame_flags {
     /// The task id could not be read (unverified vtable layout or a failed
     /// read): `task_id` holds 0.
     pub const NO_TASK_ID: u32 = 1 << 2;
+    /// On a [`super::RequestStartEvent`]: the probe fired outside any poll
+    /// loopguard saw (the poll began before attaching, or the middleware runs
+    /// outside a task).
+    pub const NO_POLL: u32 = 1 << 3;
 }
 
 /// One in-flight poll on a thread.
@@ -129,6 +252,10 @@ pub struct ThreadPolls {
 pub enum EventKind {
     /// A worker poll that lasted at least the report floor has returned.
     PollEnd = 1,
+    /// [`RequestStartEvent`].
+    RequestStart = 2,
+    /// [`RequestEndEvent`].
+    RequestEnd = 3,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -137,6 +264,8 @@ impl TryFrom<u32> for EventKind {
     fn try_from(value: u32) -> Result<Self, u32> {
         match value {
             1 => Ok(Self::PollEnd),
+            2 => Ok(Self::RequestStart),
+            3 => Ok(Self::RequestEnd),
             other => Err(other),
         }
     }
@@ -202,4 +331,5 @@ mod pod {
     unsafe impl aya::Pod for super::PollFrame {}
     unsafe impl aya::Pod for super::ThreadPolls {}
     unsafe impl aya::Pod for super::PollEvent {}
+    unsafe impl aya::Pod for super::UsdtSpec {}
 }

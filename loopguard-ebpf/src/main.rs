@@ -6,6 +6,10 @@
 //! - `poll_exit` (uretprobe on the same copies) pops it, counts the poll in a
 //!   per-CPU log2 histogram and, only when a worker poll lasted at least the
 //!   report floor, sends one `PollEvent` through the ring buffer.
+//! - `request_start` / `request_end` (uprobes on the `loopguard:*` USDT
+//!   sites the middleware leaves) read the probe arguments as the agent
+//!   decoded them (`USDT_SPECS`) and send the request, with the task being
+//!   polled when it started, through the ring buffer.
 //! - `thread_exit` (raw tracepoint `sched_process_exit`, which needs no
 //!   tracefs) drops a dead thread's stack.
 //!
@@ -16,17 +20,18 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::bpf_get_attach_cookie,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{self, bpf_get_attach_cookie},
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use loopguard_common::{
     COOKIE_BLOCKING_POOL, COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config,
     Counter, EVENTS_RING_BYTES, EventKind, HISTOGRAM_SLOTS, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH,
-    MAX_THREADS, PollEvent, PollFrame, ThreadPolls, frame_flags,
+    MAX_THREADS, MAX_USDT_SITES, PollEvent, PollFrame, RequestEndEvent, RequestStartEvent,
+    ThreadPolls, UsdtArg, UsdtSpec, arg_kind, frame_flags,
 };
 
 /// Set by the agent before load (`EbpfLoader::set_global`).
@@ -253,6 +258,153 @@ fn try_poll_exit(_ctx: &RetProbeContext) -> Result<(), i64> {
         depth: depth as u32 + 1,
     });
     entry.submit(0);
+    Ok(())
+}
+
+#[map]
+static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_USDT_SITES, 0);
+
+/// Reads one USDT argument as its spec says, truncated and sign-extended.
+#[inline(always)]
+fn usdt_arg(regs: *const u8, arg: &UsdtArg) -> u64 {
+    // SAFETY: bpf_probe_read_kernel tolerates any address; `regs` is pt_regs.
+    let register = || {
+        unsafe {
+            bpf_probe_read_kernel(
+                regs.wrapping_add(usize::from(arg.reg_offset & 0xff))
+                    .cast::<u64>(),
+            )
+        }
+        .unwrap_or(0)
+    };
+    let raw = match arg.kind {
+        arg_kind::REGISTER => register(),
+        arg_kind::MEMORY => {
+            let address = (register() as i64).wrapping_add(arg.value) as u64;
+            // SAFETY: bpf_probe_read_user tolerates any address.
+            unsafe { bpf_probe_read_user(address as *const u64) }.unwrap_or(0)
+        }
+        arg_kind::IMMEDIATE => arg.value as u64,
+        _ => 0,
+    };
+    match (arg.size, arg.signed != 0) {
+        (1, false) => raw & 0xff,
+        (1, true) => i64::from(raw as u8 as i8) as u64,
+        (2, false) => raw & 0xffff,
+        (2, true) => i64::from(raw as u16 as i16) as u64,
+        (4, false) => raw & 0xffff_ffff,
+        (4, true) => i64::from(raw as u32 as i32) as u64,
+        _ => raw,
+    }
+}
+
+/// Copies at most `N` bytes of a user string into `buf`.
+#[inline(always)]
+fn read_user_str<const N: usize>(ptr: u64, len: u64, buf: *mut [u8; N]) {
+    let n = if len > N as u64 { N as u64 } else { len };
+    if ptr == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: `buf` has room for N >= n bytes; the helper tolerates any source.
+    unsafe {
+        generated::bpf_probe_read_user(buf.cast(), n as u32, ptr as *const core::ffi::c_void)
+    };
+}
+
+/// The task id, header and flags of the poll on top of `tid`'s stack.
+#[inline(always)]
+fn current_poll(tid: u32) -> (u64, u64, u32) {
+    // SAFETY: a read-only look at the map value.
+    let Some(stack) = (unsafe { THREAD_POLLS.get(tid) }) else {
+        return (0, 0, frame_flags::NO_POLL);
+    };
+    let depth = stack.depth as usize;
+    if depth == 0 || depth > MAX_POLL_DEPTH {
+        return (0, 0, frame_flags::NO_POLL);
+    }
+    match stack.frames.get(frame_index(depth - 1)) {
+        Some(frame) => (frame.task_id, frame.header, frame.flags),
+        None => (0, 0, frame_flags::NO_POLL),
+    }
+}
+
+#[uprobe]
+pub fn request_start(ctx: ProbeContext) -> u32 {
+    let _ = try_request_start(&ctx);
+    0
+}
+
+fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid != target_tgid() {
+        return Ok(());
+    }
+    let tid = pid_tgid as u32;
+    // SAFETY: the helper only reads the cookie of the link that fired.
+    let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let spec = USDT_SPECS.get(site).ok_or(1i64)?;
+    let regs = ctx.regs as *const u8;
+    let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(regs, arg));
+    let Some(mut entry) = EVENTS.reserve::<RequestStartEvent>(0) else {
+        bump(Counter::DroppedEvents);
+        return Ok(());
+    };
+    let (task_id, header, flags) = current_poll(tid);
+    let event = entry.as_mut_ptr();
+    let (method_len, route_len, path_len) = (arg(3), arg(5), arg(7));
+    // SAFETY: `event` points at the reserved record, written field by field.
+    unsafe {
+        (*event).kind = EventKind::RequestStart as u32;
+        (*event).pid = tgid;
+        (*event).tid = tid;
+        (*event).flags = flags;
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).task_id = task_id;
+        (*event).header = header;
+        (*event).request_id = arg(1);
+        (*event).layout = arg(0);
+        (*event).method_len = method_len as u32;
+        (*event).route_len = route_len as u32;
+        (*event).path_len = path_len as u32;
+        (*event).pad = 0;
+        read_user_str(arg(2), method_len, &raw mut (*event).method);
+        read_user_str(arg(4), route_len, &raw mut (*event).route);
+        read_user_str(arg(6), path_len, &raw mut (*event).path);
+    }
+    entry.submit(0);
+    Ok(())
+}
+
+#[uprobe]
+pub fn request_end(ctx: ProbeContext) -> u32 {
+    let _ = try_request_end(&ctx);
+    0
+}
+
+fn try_request_end(ctx: &ProbeContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid != target_tgid() {
+        return Ok(());
+    }
+    // SAFETY: the helper only reads the cookie of the link that fired.
+    let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let spec = USDT_SPECS.get(site).ok_or(1i64)?;
+    let regs = ctx.regs as *const u8;
+    let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(regs, arg));
+    let event = RequestEndEvent {
+        kind: EventKind::RequestEnd as u32,
+        pid: tgid,
+        tid: pid_tgid as u32,
+        status: arg(2) as u32,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        request_id: arg(1),
+        layout: arg(0),
+    };
+    if EVENTS.output::<RequestEndEvent>(&event, 0).is_err() {
+        bump(Counter::DroppedEvents);
+    }
     Ok(())
 }
 

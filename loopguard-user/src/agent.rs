@@ -12,11 +12,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::collect::{CollectError, Collector, monotonic_ns};
+use loopguard_common::usdt;
+
+use crate::attribute::RequestTracker;
+use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
 use crate::detect::{Finding, Stall, StallDetector};
 use crate::discover::{ProbeTarget, proc};
 use crate::report::{self, Format, StallContext};
-use crate::summary::Summary;
+use crate::summary::{RequestSummary, Summary};
 
 /// How the watch loop runs.
 #[derive(Clone, Debug)]
@@ -60,14 +63,23 @@ struct Printer<'t> {
     callers: HashMap<u64, Option<String>>,
 }
 
+/// Victims listed by name on a stall; the count covers the rest.
+const VICTIMS_LISTED: usize = 20;
+
 impl Printer<'_> {
-    fn context(&mut self, stall: &Stall) -> StallContext {
+    fn context(&mut self, stall: &Stall, requests: &RequestTracker) -> StallContext {
         let target = self.target;
         let polled_from = self
             .callers
             .entry(stall.return_addr)
             .or_insert_with(|| target.function_at(stall.return_addr).map(str::to_owned))
             .clone();
+        let request = requests.culprit(stall.task_id, stall.start_ns);
+        let victims = requests.victims(
+            request.map(|r| r.id),
+            stall.start_ns,
+            stall.start_ns + stall.duration_ns,
+        );
         StallContext {
             thread: proc::thread_name(target.pid, stall.tid),
             poll_fn: target
@@ -77,22 +89,105 @@ impl Printer<'_> {
                 .map(|copy| copy.name.clone())
                 .unwrap_or_default(),
             polled_from,
+            request: request.cloned(),
+            victim_count: victims.len(),
+            victims: victims.into_iter().take(VICTIMS_LISTED).cloned().collect(),
         }
     }
 
-    fn finding(&mut self, finding: &Finding) {
+    fn finding(&mut self, finding: &Finding, context: &StallContext) {
+        let line = match self.format {
+            Format::Json => {
+                report::finding_json(finding, self.target.pid, self.threshold_ns, context)
+                    .to_string()
+            }
+            Format::Text => report::finding_text(finding, self.threshold_ns, context),
+        };
+        print_line(&line);
+    }
+}
+
+/// Everything one watch keeps between events.
+struct Session<'t> {
+    detector: StallDetector,
+    requests: RequestTracker,
+    printer: Printer<'t>,
+    summary: Summary,
+    events: Vec<RawEvent>,
+    /// Request events whose probe layout this agent does not know.
+    layout_mismatches: u64,
+}
+
+/// Requests tracked at once; beyond it the oldest is dropped and counted.
+const REQUESTS_TRACKED: usize = 65_536;
+
+impl Session<'_> {
+    fn report(&mut self, finding: &Finding) {
         let stall = match finding {
             Finding::InProgress(stall) | Finding::Finished { stall, .. } => stall,
         };
-        let context = self.context(stall);
-        let line = match self.format {
-            Format::Json => {
-                report::finding_json(finding, self.target.pid, self.threshold_ns, &context)
-                    .to_string()
+        let context = self.printer.context(stall, &self.requests);
+        if let Finding::Finished { stall, .. } = finding {
+            self.requests
+                .record_stall(context.request.as_ref(), stall.duration_ns);
+        }
+        self.summary.record(finding);
+        self.printer.finding(finding, &context);
+    }
+
+    fn check_layout(&mut self, layout: u64) -> bool {
+        if layout == usdt::LAYOUT_VERSION {
+            return true;
+        }
+        if self.layout_mismatches == 0 {
+            eprintln!(
+                "loopguard: error: the app's loopguard-middleware fires probe layout {layout}, this loopguard reads layout {}; requests are not attributed (use matching versions)",
+                usdt::LAYOUT_VERSION
+            );
+        }
+        self.layout_mismatches += 1;
+        false
+    }
+
+    /// Handles everything queued in the ring buffer, in order.
+    fn handle_events(&mut self, collector: &mut Collector) {
+        collector.drain(&mut self.events);
+        let events = std::mem::take(&mut self.events);
+        for event in &events {
+            match event {
+                RawEvent::PollEnd(poll) => {
+                    if let Some(finding) = self.detector.on_poll_end(poll) {
+                        self.report(&finding);
+                    }
+                }
+                RawEvent::RequestStart { request, layout } => {
+                    if self.check_layout(*layout) {
+                        self.requests.start(request.clone());
+                    }
+                }
+                RawEvent::RequestEnd {
+                    id,
+                    status,
+                    ts_ns,
+                    layout,
+                } => {
+                    if self.check_layout(*layout) {
+                        self.requests.end(*id, *status, *ts_ns);
+                    }
+                }
             }
-            Format::Text => report::finding_text(finding, self.threshold_ns, &context),
-        };
-        print_line(&line);
+        }
+        self.events = events;
+        self.events.clear();
+    }
+
+    fn scan(&mut self, collector: &Collector) {
+        for finding in self
+            .detector
+            .on_snapshot(monotonic_ns(), &collector.snapshot())
+        {
+            self.report(&finding);
+        }
     }
 }
 
@@ -145,15 +240,19 @@ pub async fn watch(
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, CollectError> {
     let started = Instant::now();
-    let mut detector = StallDetector::new(options.threshold_ns);
-    let mut printer = Printer {
-        target,
-        format: options.format,
-        threshold_ns: options.threshold_ns,
-        callers: HashMap::new(),
+    let mut session = Session {
+        detector: StallDetector::new(options.threshold_ns),
+        requests: RequestTracker::new(REQUESTS_TRACKED),
+        printer: Printer {
+            target,
+            format: options.format,
+            threshold_ns: options.threshold_ns,
+            callers: HashMap::new(),
+        },
+        summary: Summary::default(),
+        events: Vec::new(),
+        layout_mismatches: 0,
     };
-    let mut summary = Summary::default();
-    let mut events = Vec::new();
     let mut scan = tokio::time::interval(options.scan_interval);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut liveness = tokio::time::interval(Duration::from_millis(200));
@@ -164,15 +263,12 @@ pub async fn watch(
             reason = &mut stop => break reason,
             ready = collector.readable() => {
                 ready?;
-                handle_events(collector, &mut events, &mut detector, &mut printer, &mut summary);
+                session.handle_events(collector);
             }
             _ = scan.tick() => {
                 // Events first, so a poll that just ended is not reported as in progress.
-                handle_events(collector, &mut events, &mut detector, &mut printer, &mut summary);
-                for finding in detector.on_snapshot(monotonic_ns(), &collector.snapshot()) {
-                    summary.record(&finding);
-                    printer.finding(&finding);
-                }
+                session.handle_events(collector);
+                session.scan(collector);
             }
             _ = liveness.tick() => {
                 if !proc::is_alive(target.pid) {
@@ -181,18 +277,14 @@ pub async fn watch(
             }
         }
     };
-    handle_events(
-        collector,
-        &mut events,
-        &mut detector,
-        &mut printer,
-        &mut summary,
-    );
-    summary.unfinished = detector.unfinished();
+    session.handle_events(collector);
+    let mut summary = session.summary;
+    summary.unfinished = session.detector.unfinished();
     summary.counters = collector.counters();
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.stop_reason = reason.as_str();
+    summary.requests = RequestSummary::from_tracker(&session.requests, session.layout_mismatches);
     if collector.malformed > 0 {
         tracing::warn!(
             records = collector.malformed,
@@ -200,22 +292,6 @@ pub async fn watch(
         );
     }
     Ok(Outcome { summary, reason })
-}
-
-fn handle_events(
-    collector: &mut Collector,
-    events: &mut Vec<crate::PollEvent>,
-    detector: &mut StallDetector,
-    printer: &mut Printer<'_>,
-    summary: &mut Summary,
-) {
-    collector.drain(events);
-    for event in events.drain(..) {
-        if let Some(finding) = detector.on_poll_end(&event) {
-            summary.record(&finding);
-            printer.finding(&finding);
-        }
-    }
 }
 
 /// Prints the summary: JSON on stdout, or text on stdout.

@@ -6,15 +6,17 @@
 
 use std::num::NonZeroU32;
 
+use aya::maps::Array;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope};
 use aya::programs::{RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use loopguard_common::{
     COOKIE_BLOCKING_POOL, COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, Config,
-    MAX_BLOCKING_RANGES, names,
+    MAX_BLOCKING_RANGES, MAX_USDT_SITES, UsdtArg, UsdtSpec, arg_kind, names, usdt,
 };
 
 use crate::discover::elf::PollCopy;
+use crate::discover::usdt::{ArgLocation, ArgSpec, ArgSpecError};
 use crate::discover::{ProbeTarget, proc};
 
 /// The eBPF object built from `loopguard-ebpf` by this crate's build script.
@@ -44,6 +46,31 @@ pub enum AttachError {
     ProcessExited { pid: u32 },
     #[error("the eBPF object lacks `{0}`; rebuild loopguard (`cargo xtask build`)")]
     Missing(&'static str),
+    #[error(
+        "`loopguard:{name}` in {path} has {found} arguments, but this loopguard reads probe layout {version} with {expected}: the app's loopguard-middleware and this agent do not match; use the loopguard release made with that middleware version"
+    )]
+    UsdtLayout {
+        name: String,
+        path: String,
+        found: usize,
+        expected: usize,
+        version: u64,
+    },
+    #[error("cannot read the arguments of `loopguard:{name}` in {path}")]
+    UsdtArgs {
+        name: String,
+        path: String,
+        #[source]
+        source: ArgSpecError,
+    },
+    #[error(
+        "`loopguard:{name}` in {path} is guarded by a semaphore, which loopguard cannot raise, so it would never fire; build the app with loopguard-middleware (the `probe` crate), not the `usdt` crate"
+    )]
+    UsdtSemaphore { name: String, path: String },
+    #[error("more than {max} loopguard USDT sites in {path}")]
+    TooManyUsdtSites { path: String, max: u32 },
+    #[error("failed to store the USDT argument specs")]
+    UsdtSpecs(#[source] aya::maps::MapError),
 }
 
 /// The loaded programs and their links; detaches on drop.
@@ -75,6 +102,127 @@ impl AttachedProbes {
         }
         drop(self);
     }
+}
+
+/// The number of arguments a known probe has, `None` for probes of ours
+/// this agent does not know (a newer middleware may add some).
+fn expected_args(name: &str) -> Option<usize> {
+    match name {
+        usdt::REQUEST_START => Some(usdt::REQUEST_START_ARGS),
+        usdt::REQUEST_END => Some(usdt::REQUEST_END_ARGS),
+        _ => None,
+    }
+}
+
+/// The kernel-side form of a site's argument specs.
+fn usdt_spec(args: &[ArgSpec]) -> UsdtSpec {
+    let mut spec = UsdtSpec::default();
+    for (slot, arg) in spec.args.iter_mut().zip(args) {
+        let (kind, reg_offset, value) = match arg.location {
+            ArgLocation::Register { offset } => (arg_kind::REGISTER, offset, 0),
+            ArgLocation::Memory {
+                offset,
+                displacement,
+            } => (arg_kind::MEMORY, offset, displacement),
+            ArgLocation::Immediate(value) => (arg_kind::IMMEDIATE, 0, value),
+        };
+        *slot = UsdtArg {
+            kind,
+            size: arg.size,
+            signed: u8::from(arg.signed),
+            reg_offset,
+            value,
+            ..UsdtArg::default()
+        };
+    }
+    spec
+}
+
+/// Checks and attaches the middleware's USDT sites (none: nothing to do).
+fn attach_usdt(
+    ebpf: &mut Ebpf,
+    target: &ProbeTarget,
+    scope: UProbeScope,
+    links: &mut UProbeLinks,
+) -> Result<(), AttachError> {
+    let path = &target.exe.display_path;
+    let mut known = Vec::new();
+    for site in &target.binary.usdt_sites {
+        let Some(expected) = expected_args(&site.name) else {
+            tracing::warn!(probe = %site.name, "unknown loopguard USDT probe ignored (a newer middleware?)");
+            continue;
+        };
+        let name = site.name.clone();
+        let args = site.args.as_ref().map_err(|source| AttachError::UsdtArgs {
+            name: name.clone(),
+            path: path.clone(),
+            source: source.clone(),
+        })?;
+        if args.len() != expected {
+            let version = usdt::LAYOUT_VERSION;
+            return Err(AttachError::UsdtLayout {
+                name,
+                path: path.clone(),
+                found: args.len(),
+                expected,
+                version,
+            });
+        }
+        if site.semaphore != 0 {
+            return Err(AttachError::UsdtSemaphore {
+                name,
+                path: path.clone(),
+            });
+        }
+        known.push((site, usdt_spec(args)));
+    }
+    if known.is_empty() {
+        return Ok(());
+    }
+    if known.len() > MAX_USDT_SITES as usize {
+        return Err(AttachError::TooManyUsdtSites {
+            path: path.clone(),
+            max: MAX_USDT_SITES,
+        });
+    }
+    {
+        let map = ebpf
+            .map_mut(names::USDT_SPECS)
+            .ok_or(AttachError::Missing(names::USDT_SPECS))?;
+        let mut specs: Array<_, UsdtSpec> = Array::try_from(map).map_err(AttachError::UsdtSpecs)?;
+        for (index, (_, spec)) in known.iter().enumerate() {
+            specs
+                .set(index as u32, spec, 0)
+                .map_err(AttachError::UsdtSpecs)?;
+        }
+    }
+    for (program, probe) in [
+        (names::REQUEST_START, usdt::REQUEST_START),
+        (names::REQUEST_END, usdt::REQUEST_END),
+    ] {
+        let uprobe: &mut UProbe = ebpf
+            .program_mut(program)
+            .ok_or(AttachError::Missing(program))?
+            .try_into()
+            .map_err(program_error(program))?;
+        uprobe.load().map_err(program_error(program))?;
+        for (index, (site, _)) in known
+            .iter()
+            .enumerate()
+            .filter(|(_, (site, _))| site.name == probe)
+        {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
+                cookie: Some(index as u64),
+            };
+            let link = uprobe
+                .attach(point, &target.exe.probe_path, scope)
+                .and_then(|id| uprobe.take_link(id))
+                .map_err(program_error(program))?;
+            links.0.push(link);
+        }
+    }
+    Ok(())
 }
 
 /// Maps a failure of `program` to [`AttachError::Program`].
@@ -156,6 +304,8 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
             links.0.push(link);
         }
     }
+
+    attach_usdt(&mut ebpf, target, scope, &mut links)?;
 
     let program = names::THREAD_EXIT;
     let tracepoint: &mut RawTracePoint = ebpf

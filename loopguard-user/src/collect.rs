@@ -4,9 +4,13 @@
 
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use loopguard_common::{COUNTER_SLOTS, EventKind, HISTOGRAM_SLOTS, PollEvent, ThreadPolls, names};
+use loopguard_common::{
+    COUNTER_SLOTS, EventKind, HISTOGRAM_SLOTS, PollEvent, RequestEndEvent, RequestStartEvent,
+    ThreadPolls, frame_flags, names,
+};
 use tokio::io::unix::AsyncFd;
 
+use crate::attribute::Request;
 use crate::summary::{Counters, Histogram};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +68,7 @@ impl Collector {
     }
 
     /// Moves every queued event into `out`.
-    pub fn drain(&mut self, out: &mut Vec<PollEvent>) {
+    pub fn drain(&mut self, out: &mut Vec<RawEvent>) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
             match decode(&item) {
@@ -105,16 +109,70 @@ fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, totals: &mut [u64]) {
     }
 }
 
-/// Decodes one ring buffer record; `None` for a wrong size or unknown kind.
-pub fn decode(bytes: &[u8]) -> Option<PollEvent> {
-    if bytes.len() < size_of::<PollEvent>() {
-        return None;
-    }
-    // SAFETY: the length is checked, PollEvent is plain integers, and
-    // read_unaligned copes with any alignment.
-    let event: PollEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    EventKind::try_from(event.kind).ok()?;
-    Some(event)
+/// A decoded ring buffer record.
+#[derive(Clone, Debug)]
+pub enum RawEvent {
+    PollEnd(PollEvent),
+    RequestStart {
+        request: Request,
+        /// The middleware's probe layout version.
+        layout: u64,
+    },
+    RequestEnd {
+        id: u64,
+        status: u16,
+        ts_ns: u64,
+        layout: u64,
+    },
+}
+
+/// Reads a `T` from the front of `bytes`, if it is long enough.
+fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
+    // SAFETY: the length is checked, the records are plain integers and
+    // byte arrays, and read_unaligned copes with any alignment.
+    (bytes.len() >= size_of::<T>())
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+/// The text of a string the kernel copied: at most the buffer, lossy UTF-8.
+fn text(buffer: &[u8], len: u32) -> String {
+    let len = (len as usize).min(buffer.len());
+    String::from_utf8_lossy(&buffer[..len]).into_owned()
+}
+
+/// Decodes one ring buffer record; `None` for a short record or unknown kind.
+pub fn decode(bytes: &[u8]) -> Option<RawEvent> {
+    let kind = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?);
+    Some(match EventKind::try_from(kind).ok()? {
+        EventKind::PollEnd => RawEvent::PollEnd(read_record(bytes)?),
+        EventKind::RequestStart => {
+            let event: RequestStartEvent = read_record(bytes)?;
+            let no_poll = event.flags & frame_flags::NO_POLL != 0;
+            let request = Request {
+                id: event.request_id,
+                method: text(&event.method, event.method_len),
+                route: (event.route_len > 0).then(|| text(&event.route, event.route_len)),
+                path: text(&event.path, event.path_len),
+                task_id: if no_poll { 0 } else { event.task_id },
+                start_ns: event.ts_ns,
+                end_ns: None,
+                status: None,
+            };
+            RawEvent::RequestStart {
+                request,
+                layout: event.layout,
+            }
+        }
+        EventKind::RequestEnd => {
+            let event: RequestEndEvent = read_record(bytes)?;
+            RawEvent::RequestEnd {
+                id: event.request_id,
+                status: u16::try_from(event.status).unwrap_or(0),
+                ts_ns: event.ts_ns,
+                layout: event.layout,
+            }
+        }
+    })
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock `bpf_ktime_get_ns` reads.
@@ -151,8 +209,66 @@ mod tests {
             duration_ns: 5,
             ..Default::default()
         };
-        let decoded = decode(&bytes_of(&event)).unwrap();
+        let Some(RawEvent::PollEnd(decoded)) = decode(&bytes_of(&event)) else {
+            panic!("not a poll end");
+        };
         assert_eq!((decoded.tid, decoded.duration_ns), (9, 5));
+    }
+
+    #[test]
+    fn a_request_start_decodes_its_strings() {
+        let mut event = RequestStartEvent {
+            kind: EventKind::RequestStart as u32,
+            pid: 1,
+            tid: 2,
+            flags: 0,
+            ts_ns: 3,
+            task_id: 44,
+            header: 0,
+            request_id: 8812,
+            layout: 1,
+            method_len: 4,
+            route_len: 0,
+            path_len: 300,
+            pad: 0,
+            method: [0; loopguard_common::METHOD_BYTES],
+            route: [0; loopguard_common::ROUTE_BYTES],
+            path: [b'a'; loopguard_common::PATH_BYTES],
+        };
+        event.method[..4].copy_from_slice(b"POST");
+        // SAFETY: plain integers and byte arrays.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&event).cast::<u8>(),
+                size_of::<RequestStartEvent>(),
+            )
+        };
+        let Some(RawEvent::RequestStart { request, layout }) = decode(bytes) else {
+            panic!("not a request start");
+        };
+        assert_eq!(layout, 1);
+        assert_eq!(
+            (request.id, request.task_id, request.method.as_str()),
+            (8812, 44, "POST")
+        );
+        assert_eq!(request.route, None);
+        assert_eq!(
+            request.path.len(),
+            loopguard_common::PATH_BYTES,
+            "truncated to the buffer"
+        );
+        event.flags = frame_flags::NO_POLL;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&event).cast::<u8>(),
+                size_of::<RequestStartEvent>(),
+            )
+        };
+        let Some(RawEvent::RequestStart { request, .. }) = decode(bytes) else {
+            panic!()
+        };
+        assert_eq!(request.task_id, 0);
     }
 
     #[test]

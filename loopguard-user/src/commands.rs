@@ -2,6 +2,8 @@
 
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -142,6 +144,11 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         }
         let duration = args.watch.duration;
         let mut child_exit = exit_rx.clone();
+        // Set when --duration's SIGTERM goes out. The watch loop may see the
+        // child die (and stop) before this future returns, so the stop reason
+        // cannot tell.
+        let terminated_by_us = Arc::new(AtomicBool::new(false));
+        let terminating = Arc::clone(&terminated_by_us);
         let stop = async move {
             let exited = child_exit.wait_for(Option::is_some);
             let timed_out = if let Some(secs) = duration {
@@ -156,12 +163,13 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 return StopReason::TargetExited;
             }
             // --duration ends the command: SIGTERM, then wait for it to go.
+            terminating.store(true, Ordering::SeqCst);
             // SAFETY: sending a signal to our own child.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let (stalls, reason) = watch_and_detach(target, probes, &options, stop).await?;
+        let (stalls, _) = watch_and_detach(target, probes, &options, stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await
@@ -170,7 +178,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let code = status.map_or(1, |status| {
             // A command ended by --duration's own SIGTERM ran as asked.
             let ended_by_us =
-                reason == StopReason::DurationElapsed && status.signal() == Some(libc::SIGTERM);
+                terminated_by_us.load(Ordering::SeqCst) && status.signal() == Some(libc::SIGTERM);
             if ended_by_us {
                 0
             } else {

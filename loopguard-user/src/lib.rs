@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod attribute;
 pub mod cli;
 pub mod collect;
 pub mod commands;

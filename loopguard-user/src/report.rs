@@ -3,8 +3,9 @@
 
 use serde_json::{Value, json};
 
+use crate::attribute::Request;
 use crate::detect::{Finding, Stall};
-use crate::summary::Summary;
+use crate::summary::{RequestSummary, Summary};
 
 /// Output format chosen on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -24,6 +25,16 @@ pub struct StallContext {
     pub poll_fn: String,
     /// The function the poll returns into: the scheduler that polled.
     pub polled_from: Option<String>,
+    /// The request the stalled task was serving (needs the middleware).
+    pub request: Option<Request>,
+    /// Other requests in flight while the thread was blocked (at most 20).
+    pub victims: Vec<Request>,
+    /// How many there were in all.
+    pub victim_count: usize,
+}
+
+fn request_json(request: &Request) -> Value {
+    json!({ "id": request.id, "method": request.method, "route": request.route, "path": request.path })
 }
 
 const NS_PER_MS: f64 = 1_000_000.0;
@@ -51,7 +62,9 @@ pub fn finding_json(
         "task_id": stall.task_id,
         "duration_ms": ms(stall.duration_ns),
         "threshold_ms": ms(threshold_ns),
-        "request": Value::Null,
+        "request": context.request.as_ref().map_or(Value::Null, request_json),
+        "victim_count": context.victim_count,
+        "victims": context.victims.iter().map(request_json).collect::<Vec<_>>(),
         "start_ns": stall.start_ns,
         "poll_fn": context.poll_fn,
         "polled_from": context.polled_from,
@@ -78,12 +91,31 @@ pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext
         task = task_label(stall),
         duration = ms(stall.duration_ns),
         threshold = ms(threshold_ns),
-        from = context
-            .polled_from
-            .as_deref()
-            .map(|f| format!("; polled from {f}"))
-            .unwrap_or_default(),
+        from = request_text(context),
     )
+}
+
+/// `: POST /login (/login, request 8812); 4 other requests waited`, or where
+/// it was polled from when no request is known.
+fn request_text(context: &StallContext) -> String {
+    let waited = match context.victim_count {
+        0 => String::new(),
+        1 => "; 1 other request waited".to_owned(),
+        n => format!("; {n} other requests waited"),
+    };
+    if let Some(request) = &context.request {
+        let route = request.route.as_deref().unwrap_or(&request.path);
+        return format!(
+            ": {} {route} ({}, request {}){waited}",
+            request.method, request.path, request.id
+        );
+    }
+    let from = context
+        .polled_from
+        .as_deref()
+        .map(|f| format!("; polled from {f}"))
+        .unwrap_or_default();
+    format!("{from}{waited}")
 }
 
 fn task_label(stall: &Stall) -> String {
@@ -116,6 +148,27 @@ pub fn summary_json(summary: &Summary, pid: u32, threshold_ns: u64) -> Value {
         "unmatched_returns": counters.get(Counter::UnmatchedReturns),
         "stack_overflows": counters.get(Counter::StackOverflow),
         "thread_map_full": counters.get(Counter::ThreadMapFull),
+        "requests": requests_json(&summary.requests),
+    })
+}
+
+fn requests_json(requests: &RequestSummary) -> Value {
+    json!({
+        "started": requests.started,
+        "ended": requests.ended,
+        "in_flight": requests.in_flight,
+        "peak_in_flight": requests.peak_in_flight,
+        "capacity": requests.capacity,
+        "evicted": requests.evicted,
+        "unmatched_ends": requests.unmatched_ends,
+        "unattributable_starts": requests.unattributable_starts,
+        "layout_mismatches": requests.layout_mismatches,
+        "routes": requests.routes.iter().map(|(route, totals)| json!({
+            "route": route,
+            "stalls": totals.stalls,
+            "total_stall_ms": ms(totals.total_ns),
+            "longest_stall_ms": ms(totals.longest_ns),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -182,6 +235,25 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
         .filter(|(n, _)| *n > 0)
         .map(|(n, what)| format!("{n} {what}"))
         .collect();
+    let requests = &summary.requests;
+    if requests.started > 0 {
+        lines.push(format!(
+            "  requests: {} started, {} ended, {} in flight at exit (peak {}, capacity {})",
+            requests.started,
+            requests.ended,
+            requests.in_flight,
+            requests.peak_in_flight,
+            requests.capacity
+        ));
+        for (route, totals) in requests.routes.iter().take(10) {
+            lines.push(format!(
+                "    {route}: {} stall(s), {:.1} ms in all, longest {:.1} ms",
+                totals.stalls,
+                ms(totals.total_ns),
+                ms(totals.longest_ns)
+            ));
+        }
+    }
     lines.push(if lost.is_empty() {
         "  dropped events: 0".to_owned()
     } else {
@@ -210,7 +282,7 @@ mod tests {
         StallContext {
             thread: "tokio-rt-worker".into(),
             poll_fn: "tokio::runtime::task::raw::poll".into(),
-            polled_from: None,
+            ..StallContext::default()
         }
     }
 
@@ -251,6 +323,47 @@ mod tests {
         unknown.task_id = None;
         let line = finding_text(&Finding::InProgress(unknown), 50_000_000, &context());
         assert!(line.contains("task@0xdead0000 blocked for"), "{line}");
+    }
+
+    #[test]
+    fn a_stall_names_its_request_and_counts_the_victims() {
+        let login = Request {
+            id: 8812,
+            method: "POST".into(),
+            route: Some("/login".into()),
+            path: "/login".into(),
+            task_id: 1,
+            start_ns: 0,
+            end_ns: None,
+            status: None,
+        };
+        let other = Request {
+            id: 9,
+            route: None,
+            path: "/health".into(),
+            ..login.clone()
+        };
+        let context = StallContext {
+            request: Some(login),
+            victims: vec![other],
+            victim_count: 4,
+            ..context()
+        };
+        let finding = Finding::Finished {
+            stall: stall(),
+            seen_in_progress: false,
+        };
+        let line = finding_text(&finding, 50_000_000, &context);
+        assert!(
+            line.ends_with(": POST /login (/login, request 8812); 4 other requests waited"),
+            "{line}"
+        );
+        let value = finding_json(&finding, 7, 50_000_000, &context);
+        assert_eq!(value["request"]["id"], 8812);
+        assert_eq!(value["request"]["route"], "/login");
+        assert_eq!(value["victim_count"], 4);
+        assert_eq!(value["victims"][0]["path"], "/health");
+        assert!(value["victims"][0]["route"].is_null());
     }
 
     #[test]

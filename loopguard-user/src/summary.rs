@@ -3,6 +3,7 @@
 
 use loopguard_common::{Counter, HISTOGRAM_SLOTS};
 
+use crate::attribute::{RequestTracker, RouteStalls};
 use crate::detect::{Finding, Stall};
 
 /// Kernel counters summed over CPUs, indexed by [`Counter`].
@@ -77,6 +78,44 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// Why watching stopped ("interrupted", "duration elapsed", "target exited").
     pub stop_reason: &'static str,
+    pub requests: RequestSummary,
+}
+
+/// What the middleware's probes told, for the summary.
+#[derive(Clone, Debug, Default)]
+pub struct RequestSummary {
+    pub started: u64,
+    pub ended: u64,
+    pub in_flight: usize,
+    pub peak_in_flight: usize,
+    pub capacity: usize,
+    pub evicted: u64,
+    pub unmatched_ends: u64,
+    pub unattributable_starts: u64,
+    pub layout_mismatches: u64,
+    /// `(METHOD route, totals)`, worst total stall time first.
+    pub routes: Vec<(String, RouteStalls)>,
+}
+
+impl RequestSummary {
+    pub fn from_tracker(tracker: &RequestTracker, layout_mismatches: u64) -> Self {
+        Self {
+            started: tracker.started,
+            ended: tracker.ended,
+            in_flight: tracker.in_flight(),
+            peak_in_flight: tracker.peak_in_flight,
+            capacity: tracker.capacity(),
+            evicted: tracker.evicted,
+            unmatched_ends: tracker.unmatched_ends,
+            unattributable_starts: tracker.unattributable_starts,
+            layout_mismatches,
+            routes: tracker
+                .ranked_routes()
+                .into_iter()
+                .map(|(route, totals)| (route.to_owned(), totals.clone()))
+                .collect(),
+        }
+    }
 }
 
 impl Summary {

@@ -37,16 +37,67 @@ fn assert_close(measured_ms: f64, injected_ms: u64, what: &str) {
     );
 }
 
+/// Whether the example serves through loopguard-middleware in a scenario.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Middleware {
+    On,
+    /// `LOOPGUARD_NO_MIDDLEWARE=1`: stalls must still be reported, without a request.
+    Off,
+}
+
+/// One reported stall against the block that was injected.
+fn check_stall(stall: &Value, kind: &str, ms: u64, tid: u64, pid: u32, middleware: Middleware) {
+    let what = format!("{kind} {ms} ms");
+    assert_eq!(
+        stall["tid"].as_u64(),
+        Some(tid),
+        "{what}: wrong thread in {stall}"
+    );
+    assert_close(stall["duration_ms"].as_f64().unwrap(), ms, &what);
+    assert!(
+        stall["task_id"].as_u64().is_some_and(|id| id > 0),
+        "{what}: no task id in {stall}"
+    );
+    assert_eq!(stall["pid"].as_u64(), Some(u64::from(pid)));
+    assert_eq!(stall["threshold_ms"].as_f64(), Some(THRESHOLD_MS));
+    let request = &stall["request"];
+    if middleware == Middleware::Off {
+        assert!(request.is_null(), "{what}: {stall}");
+        return;
+    }
+    let path = if ms == HANG_MS {
+        "/block/sleep".to_owned()
+    } else {
+        format!("/block/{kind}")
+    };
+    assert_eq!(request["path"], path.as_str(), "{what}: {stall}");
+    assert_eq!(request["route"], path.as_str(), "{what}: {stall}");
+    assert_eq!(request["method"], "GET", "{what}: {stall}");
+    assert!(
+        request["id"].as_u64().is_some_and(|id| id > 0),
+        "{what}: {stall}"
+    );
+    let victims = stall["victims"].as_array().unwrap();
+    assert!(
+        victims.iter().all(|v| v["id"] != request["id"]),
+        "{what}: culprit among victims"
+    );
+}
+
 /// The whole detection scenario against one build of the example.
-fn detects_every_blocking_poll(binary: &Path, server_args: &[&str]) {
+fn detects_every_blocking_poll(binary: &Path, server_args: &[&str], middleware: Middleware) {
     require_root();
-    let server = Server::start(binary, server_args);
+    let env: &[(&str, &str)] = match middleware {
+        Middleware::On => &[],
+        Middleware::Off => &[("LOOPGUARD_NO_MIDDLEWARE", "1")],
+    };
+    let server = Server::start_with_env(binary, server_args, env);
     let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        3,
-        "poll_enter, poll_exit, thread_exit should be loaded"
+        5,
+        "poll_enter, poll_exit, thread_exit, request_start, request_end should be loaded"
     );
     let traffic = FastTraffic::start(server.addr);
     std::thread::sleep(Duration::from_millis(300));
@@ -109,20 +160,7 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str]) {
         "stalls reported: {stalls:#?}\ninjected: {injected:?}"
     );
     for (stall, &(kind, ms, tid)) in stalls.iter().zip(&injected) {
-        let what = format!("{kind} {ms} ms");
-        assert_eq!(
-            stall["tid"].as_u64(),
-            Some(tid),
-            "{what}: wrong thread in {stall}"
-        );
-        assert_close(stall["duration_ms"].as_f64().unwrap(), ms, &what);
-        assert!(
-            stall["task_id"].as_u64().is_some_and(|id| id > 0),
-            "{what}: no task id in {stall}"
-        );
-        assert_eq!(stall["pid"].as_u64(), Some(u64::from(server.pid)));
-        assert_eq!(stall["threshold_ms"].as_f64(), Some(THRESHOLD_MS));
-        assert!(stall["request"].is_null());
+        check_stall(stall, kind, ms, tid, server.pid, middleware);
     }
     let last = stalls.last().unwrap();
     assert_eq!(
@@ -155,6 +193,7 @@ fn release_build_multi_thread() {
     detects_every_blocking_poll(
         &server_binary("LOOPGUARD_SERVER"),
         &["--flavor", "multi-thread", "--workers", "2"],
+        Middleware::On,
     );
 }
 
@@ -164,6 +203,7 @@ fn release_build_current_thread() {
     detects_every_blocking_poll(
         &server_binary("LOOPGUARD_SERVER"),
         &["--flavor", "current-thread"],
+        Middleware::On,
     );
 }
 
@@ -173,6 +213,7 @@ fn fat_lto_panic_abort_build() {
     detects_every_blocking_poll(
         &server_binary("LOOPGUARD_SERVER_LTO"),
         &["--flavor", "multi-thread"],
+        Middleware::On,
     );
 }
 
@@ -182,6 +223,7 @@ fn v0_mangled_build() {
     detects_every_blocking_poll(
         &server_binary("LOOPGUARD_SERVER_V0"),
         &["--flavor", "multi-thread"],
+        Middleware::Off,
     );
 }
 
@@ -191,6 +233,7 @@ fn non_pie_build() {
     detects_every_blocking_poll(
         &server_binary("LOOPGUARD_SERVER_NOPIE"),
         &["--flavor", "multi-thread"],
+        Middleware::On,
     );
 }
 
@@ -338,6 +381,94 @@ fn run_with_duration_fails_on_stall_even_when_the_command_dies_of_sigterm() {
     );
     let (status, lines) = agent.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{lines:#?}");
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn stalls_name_their_request_over_keep_alive_and_http2() {
+    require_root();
+    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
+    let addr = server.addr;
+    let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
+    // Bystanders: a request at a time on fresh connections, all along.
+    let traffic = FastTraffic::start(addr);
+    std::thread::sleep(Duration::from_millis(200));
+    // HTTP/1.1 keep-alive: one connection task serves three requests in turn.
+    support::curl(addr, &["/fast", "/users/11/block?ms=150", "/fast"]);
+    // HTTP/2: one connection, the streams in parallel (each its own task).
+    support::curl(
+        addr,
+        &[
+            "--http2-prior-knowledge",
+            "--parallel",
+            "--parallel-immediate",
+            "/users/22/block?ms=150",
+            "/fast",
+            "/fast",
+        ],
+    );
+    // 1000 more requests through the middleware, 100 per keep-alive connection.
+    let hundred: Vec<&str> = std::iter::repeat_n("/fast", 100).collect();
+    for _ in 0..10 {
+        support::curl(addr, &hundred);
+    }
+    let bystanders = traffic.stop();
+    let (status, lines) = agent.interrupt();
+    assert!(status.success());
+
+    let stalls = of_type(&lines, "stall");
+    assert_eq!(stalls.len(), 2, "{stalls:#?}");
+    for (stall, user) in stalls.iter().zip(["11", "22"]) {
+        let request = &stall["request"];
+        assert_eq!(request["method"], "GET", "{stall}");
+        assert_eq!(request["route"], "/users/{id}/block", "{stall}");
+        assert_eq!(
+            request["path"],
+            format!("/users/{user}/block").as_str(),
+            "{stall}"
+        );
+        assert_close(stall["duration_ms"].as_f64().unwrap(), 150, "user block");
+        // The bystanders that waited are victims, never the culprit.
+        let victims = stall["victims"].as_array().unwrap();
+        // Every request in flight while the worker was blocked; at most 20 listed.
+        let victim_count = stall["victim_count"].as_u64().unwrap();
+        assert!(
+            victims.len() <= 20 && victim_count >= victims.len() as u64,
+            "{stall}"
+        );
+        assert!(
+            !victims.is_empty(),
+            "no victim while fast traffic flowed: {stall}"
+        );
+        for victim in victims {
+            assert_ne!(victim["id"], request["id"]);
+            assert_eq!(victim["route"], "/fast", "{stall}");
+        }
+    }
+
+    let summary = of_type(&lines, "summary")[0];
+    let requests = &summary["requests"];
+    let started = requests["started"].as_u64().unwrap();
+    assert!(started >= 1000 + 6 + bystanders, "{requests}");
+    assert_eq!(
+        requests["ended"].as_u64(),
+        Some(started),
+        "a request_end was lost: {requests}"
+    );
+    assert_eq!(requests["in_flight"].as_u64(), Some(0), "{requests}");
+    for counter in [
+        "evicted",
+        "unmatched_ends",
+        "unattributable_starts",
+        "layout_mismatches",
+    ] {
+        assert_eq!(requests[counter].as_u64(), Some(0), "{counter}: {requests}");
+    }
+    assert!(requests["capacity"].as_u64().unwrap() > 0);
+    let top = &requests["routes"][0];
+    assert_eq!(top["route"], "GET /users/{id}/block", "{requests}");
+    assert_eq!(top["stalls"].as_u64(), Some(2), "{requests}");
+    assert_eq!(summary["dropped_events"].as_u64(), Some(0), "{summary}");
 }
 
 /// Runs `loopguard args`, expecting failure; returns (exit code, stderr).

@@ -1,15 +1,16 @@
 //! `stall-server`: a demo axum service that blocks Tokio worker threads on
 //! purpose, so that loopguard's end-to-end tests have something to detect.
 //!
-//! | endpoint                   | what it does (wrong)                                          |
-//! |----------------------------|---------------------------------------------------------------|
-//! | `GET /`                    | lists these endpoints as JSON                                 |
-//! | `GET /fast`                | nothing: answers at once (the control)                        |
-//! | `GET /block/spin?ms=N`     | busy-loops on the worker for N ms                             |
-//! | `GET /block/sleep?ms=N`    | `std::thread::sleep` on the worker for N ms                   |
-//! | `GET /block/mutex?ms=N`    | waits on the worker N ms for a `std::sync::Mutex` a helper holds |
-//! | `GET /block/file?ms=N`     | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms   |
-//! | `GET /spawn_blocking?ms=N` | sleeps N ms in `spawn_blocking` (correct: worker stays free)  |
+//! | endpoint                     | what it does (wrong)                                             |
+//! |------------------------------|------------------------------------------------------------------|
+//! | `GET /`                      | lists these endpoints as JSON                                    |
+//! | `GET /fast`                  | nothing: answers at once (the control)                           |
+//! | `GET /block/spin?ms=N`       | busy-loops on the worker for N ms                                |
+//! | `GET /block/sleep?ms=N`      | `std::thread::sleep` on the worker for N ms                      |
+//! | `GET /block/mutex?ms=N`      | waits on the worker N ms for a `std::sync::Mutex` a helper holds |
+//! | `GET /block/file?ms=N`       | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms     |
+//! | `GET /users/{id}/block?ms=N` | like `/block/sleep`, under a route template (answer adds `user`) |
+//! | `GET /spawn_blocking?ms=N`   | sleeps N ms in `spawn_blocking` (correct: worker stays free)     |
 //!
 //! Each `/block/*` handler blocks in one synchronous stretch (no `.await`
 //! inside) and answers `{"kind","requested_ms","blocked_ms","tid","pid"}`,
@@ -18,6 +19,14 @@
 //! stretch. `/spawn_blocking` answers the same plus `blocking_tid`, with
 //! `tid` the worker that ran the handler. `ms` must be in `0..=60000`,
 //! otherwise the answer is a 400 with `{"error": "..."}`.
+//!
+//! `/users/{id}/block` answers the `/block/sleep` JSON plus `"user": "<id>"`.
+//!
+//! Every route runs under `loopguard_middleware::LoopguardLayer`, which fires
+//! the `loopguard:request_start`/`request_end` USDT probes (method, route
+//! template such as `/users/{id}/block`, path). With the environment variable
+//! `LOOPGUARD_NO_MIDDLEWARE=1` the layer is left out: that is for the
+//! middleware overhead benchmark (same server, with and without it).
 //!
 //! After binding, the server prints one line `listening on ADDR` to stdout;
 //! SIGTERM or SIGINT shut it down gracefully (exit code 0).
@@ -29,8 +38,8 @@ use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::Query;
 use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -48,8 +57,16 @@ static CONTENDED: Mutex<()> = Mutex::new(());
 /// Makes the temp file names of `/block/file` unique per request.
 static FILE_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Leaves out the loopguard middleware when set to `1`.
+const NO_MIDDLEWARE_ENV: &str = "LOOPGUARD_NO_MIDDLEWARE";
+
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Environment:\n  LOOPGUARD_NO_MIDDLEWARE=1  serve without the loopguard-middleware layer \
+                  (for the middleware overhead benchmark)"
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:3000")]
@@ -85,6 +102,8 @@ struct BlockReport {
     pid: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
     blocking_tid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
 }
 
 impl BlockReport {
@@ -97,6 +116,7 @@ impl BlockReport {
             tid,
             pid: getpid(),
             blocking_tid: None,
+            user: None,
         }
     }
 }
@@ -161,13 +181,14 @@ fn blocking_section(
 /// `(path, blocks the worker, what it does)`, served by `GET /`.
 #[rustfmt::skip]
 const ENDPOINTS: &[(&str, bool, &str)] = &[
-    ("/",                    false, "this listing"),
-    ("/fast",                false, "answers at once (control)"),
-    ("/block/spin?ms=N",     true,  "busy-loops on the worker thread for N ms"),
-    ("/block/sleep?ms=N",    true,  "std::thread::sleep on the worker thread for N ms"),
-    ("/block/mutex?ms=N",    true,  "waits on the worker for a std Mutex another thread holds N ms"),
-    ("/block/file?ms=N",     true,  "sync write(64 KiB)+sync_data+read on the worker for ~N ms"),
-    ("/spawn_blocking?ms=N", false, "sleeps N ms in spawn_blocking (correct: the worker stays free)"),
+    ("/",                      false, "this listing"),
+    ("/fast",                  false, "answers at once (control)"),
+    ("/block/spin?ms=N",       true,  "busy-loops on the worker thread for N ms"),
+    ("/block/sleep?ms=N",      true,  "std::thread::sleep on the worker thread for N ms"),
+    ("/block/mutex?ms=N",      true,  "waits on the worker for a std Mutex another thread holds N ms"),
+    ("/block/file?ms=N",       true,  "sync write(64 KiB)+sync_data+read on the worker for ~N ms"),
+    ("/users/{id}/block?ms=N", true,  "std::thread::sleep on the worker thread for N ms (route template)"),
+    ("/spawn_blocking?ms=N",   false, "sleeps N ms in spawn_blocking (correct: the worker stays free)"),
 ];
 
 async fn index() -> Json<Value> {
@@ -198,6 +219,17 @@ async fn block_sleep(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
         std::thread::sleep(d);
         Ok(())
     })
+}
+
+async fn user_block(
+    Path(user): Path<String>,
+    q: Result<Query<MsParam>, QueryRejection>,
+) -> BlockResult {
+    let Json(report) = block_sleep(q).await?;
+    Ok(Json(BlockReport {
+        user: Some(user),
+        ..report
+    }))
 }
 
 async fn block_mutex(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
@@ -269,8 +301,8 @@ async fn offload(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
     }))
 }
 
-fn app() -> Router {
-    Router::new()
+fn app(middleware: bool) -> Router {
+    let router = Router::new()
         .route("/", get(index))
         .route("/fast", get(fast))
         .route("/block/spin", get(block_spin))
@@ -278,9 +310,17 @@ fn app() -> Router {
         .route("/block/mutex", get(block_mutex))
         .route("/block/file", get(block_file))
         .route("/spawn_blocking", get(offload))
+        .route("/users/{id}/block", get(user_block));
+    // After the routes: the layer then runs inside routing and sees the
+    // route template (`MatchedPath`).
+    if middleware {
+        router.layer(loopguard_middleware::LoopguardLayer::new())
+    } else {
+        router
+    }
 }
 
-async fn serve(addr: SocketAddr, signal_handlers: bool) -> anyhow::Result<()> {
+async fn serve(addr: SocketAddr, signal_handlers: bool, middleware: bool) -> anyhow::Result<()> {
     // Install the handlers before announcing the port, so a harness that
     // signals right after reading it cannot kill us with the default action.
     let handlers = if signal_handlers {
@@ -308,7 +348,7 @@ async fn serve(addr: SocketAddr, signal_handlers: bool) -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
     };
-    axum::serve(listener, app())
+    axum::serve(listener, app(middleware))
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
@@ -329,7 +369,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the Tokio runtime")?;
-    let result = runtime.block_on(serve(args.addr, !args.no_signal_handlers));
+    let middleware = std::env::var_os(NO_MIDDLEWARE_ENV).is_none_or(|v| v != "1");
+    let result = runtime.block_on(serve(args.addr, !args.no_signal_handlers, middleware));
     // Don't wait forever on a blocking task still sleeping.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result

@@ -8,9 +8,13 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
-use object::{Object, ObjectSegment, ObjectSymbol, RelocationFlags, SegmentFlags, SymbolKind, elf};
+use object::{
+    Object, ObjectSection, ObjectSegment, ObjectSymbol, RelocationFlags, SegmentFlags, SymbolKind,
+    elf,
+};
 
 use super::symbols::{SymbolRole, classify, demangle, mentions_tokio};
+use super::usdt::{ArgSpec, ArgSpecError, parse_args, parse_notes};
 use super::vtable::{ImageWords, TaskLayout, Word, agreed_layout, verify_vtable};
 
 /// One monomorphised copy of `tokio::runtime::task::raw::poll`.
@@ -38,10 +42,24 @@ impl PollCopy {
     }
 }
 
+/// One USDT probe site of the `loopguard` provider.
+#[derive(Clone, Debug)]
+pub struct UsdtSite {
+    pub name: String,
+    /// Offset in the file of the probe's `nop`.
+    pub file_offset: u64,
+    /// Semaphore address, 0 when there is none.
+    pub semaphore: u64,
+    /// The decoded argument specs, or why they cannot be read.
+    pub args: Result<Vec<ArgSpec>, ArgSpecError>,
+}
+
 /// What [`analyze`] found in a binary.
 #[derive(Debug)]
 pub struct BinaryInfo {
     pub poll_copies: Vec<PollCopy>,
+    /// `loopguard:*` USDT sites (empty without the middleware).
+    pub usdt_sites: Vec<UsdtSite>,
     /// File offset ranges of blocking-pool code.
     pub blocking_ranges: Vec<Range<u64>>,
     /// `(file offset, size, demangled name)` of every function symbol, sorted,
@@ -131,8 +149,10 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
     blocking_ranges.sort_by_key(|range| range.start);
     functions.sort_by_key(|&(offset, _, _)| offset);
     functions.dedup_by_key(|&mut (offset, _, _)| offset);
+    let usdt_sites = find_usdt_sites(&file, &image);
     Ok(BinaryInfo {
         poll_copies,
+        usdt_sites,
         blocking_ranges,
         functions,
     })
@@ -172,6 +192,36 @@ fn find_layouts(image: &Image<'_>, copies: HashSet<u64>) -> HashMap<u64, Option<
             let verdicts = slots.get(&copy).map(Vec::as_slice).unwrap_or_default();
             let layout = agreed_layout(verdicts.iter().map(|&slot| verify_vtable(image, slot)));
             (copy, layout)
+        })
+        .collect()
+}
+
+/// The `loopguard` provider's USDT sites, their addresses corrected for
+/// prelinking the way `SystemTap` defines (`.stapsdt.base`).
+fn find_usdt_sites(file: &object::File<'_>, image: &Image<'_>) -> Vec<UsdtSite> {
+    let Some(notes) = file
+        .section_by_name(".note.stapsdt")
+        .and_then(|section| section.data().ok())
+    else {
+        return Vec::new();
+    };
+    let actual_base = file
+        .section_by_name(".stapsdt.base")
+        .map(|section| section.address());
+    parse_notes(notes)
+        .into_iter()
+        .filter(|note| note.provider == loopguard_common::usdt::PROVIDER)
+        .filter_map(|note| {
+            let pc = match actual_base {
+                Some(base) if note.base != 0 => note.pc.wrapping_add(base).wrapping_sub(note.base),
+                _ => note.pc,
+            };
+            Some(UsdtSite {
+                file_offset: image.file_offset(pc)?,
+                semaphore: note.semaphore,
+                args: parse_args(&note.args),
+                name: note.name,
+            })
         })
         .collect()
 }

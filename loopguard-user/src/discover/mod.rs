@@ -7,6 +7,7 @@
 pub mod elf;
 pub mod proc;
 pub mod symbols;
+pub mod usdt;
 pub mod vtable;
 
 use std::io;

@@ -81,9 +81,15 @@ pub struct Server {
 
 impl Server {
     pub fn start(binary: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(binary, args, &[])
+    }
+
+    /// Starts the server with extra environment variables.
+    pub fn start_with_env(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(binary)
             .args(["--addr", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
@@ -366,6 +372,31 @@ pub fn assert_detached(programs: &[u64]) {
     }
     let events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
     assert!(!events.contains("stall-server"), "uprobe_events: {events}");
+}
+
+/// Runs curl with `args` (URLs relative to `addr` start with `/`); panics
+/// unless it succeeds.
+pub fn curl(addr: SocketAddr, args: &[&str]) {
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with('/') {
+                format!("http://{addr}{a}")
+            } else {
+                (*a).to_owned()
+            }
+        })
+        .collect();
+    let out = Command::new("curl")
+        .args(["-sSf", "-o", "/dev/null"])
+        .args(&args)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// JSON lines of one type.
