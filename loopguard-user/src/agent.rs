@@ -202,6 +202,12 @@ fn print_line(line: &str) {
 pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchOptions) {
     let copies = &target.binary.poll_copies;
     let verified = copies.iter().filter(|copy| copy.layout.is_some()).count();
+    let request_sites = target.binary.usdt_sites.len();
+    let requests = if request_sites == 0 {
+        "no loopguard-middleware probes, so stalls are not tied to requests".to_owned()
+    } else {
+        format!("{request_sites} request probe sites")
+    };
     match options.format {
         Format::Json => print_line(
             &json!({
@@ -211,12 +217,13 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
                 "poll_functions": copies.len(),
                 "task_ids_verified": verified,
                 "probes": probe_count,
+                "request_probe_sites": request_sites,
                 "threshold_ms": options.threshold_ns as f64 / 1e6,
             })
             .to_string(),
         ),
         Format::Text => eprintln!(
-            "loopguard: watching pid {} ({}): {} poll functions probed, task ids for {}; threshold {} ms; Ctrl+C to stop",
+            "loopguard: watching pid {} ({}): {} poll functions probed, task ids for {}, {requests}; threshold {} ms; Ctrl+C to stop",
             target.pid,
             target.exe.display_path,
             copies.len(),
