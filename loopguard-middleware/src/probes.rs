@@ -2,33 +2,20 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Layout version of the probe arguments: the first argument of both probes.
-///
-/// The agent refuses (or at least ignores) probes whose first argument is a
-/// version it does not know. Bump it whenever the argument list of either
-/// probe changes.
-pub const LAYOUT_VERSION: u64 = 1;
-
-/// USDT provider of both probes.
-pub const PROVIDER: &str = "loopguard";
-
-/// Name of the probe fired when a request's handler starts running:
-/// `loopguard:request_start`, [`REQUEST_START_ARGS`] arguments.
-pub const REQUEST_START: &str = "request_start";
-
-/// Name of the probe fired when a request's handler has produced its
-/// response head, failed, or been dropped: `loopguard:request_end`,
-/// [`REQUEST_END_ARGS`] arguments.
-pub const REQUEST_END: &str = "request_end";
-
-/// Number of arguments of [`REQUEST_START`]: layout version, request id,
-/// method pointer and length, route template pointer and length (null and 0
-/// when unknown), path pointer and length. All 8 bytes wide.
-pub const REQUEST_START_ARGS: usize = 8;
-
-/// Number of arguments of [`REQUEST_END`]: layout version, request id, HTTP
-/// status (0 when no response was produced). All 8 bytes wide.
-pub const REQUEST_END_ARGS: usize = 3;
+// The contract with the agent lives in `loopguard-common`, which both sides
+// build from, so the two cannot drift apart:
+//
+// - `LAYOUT_VERSION`: the first argument of both probes. The agent refuses
+//   probes whose argument count, or events whose version, it does not know.
+//   Bump it whenever the argument list of either probe changes.
+// - `request_start`: layout version, request id, method pointer and length,
+//   route template pointer and length (null and 0 when unknown), path
+//   pointer and length. All 8 bytes wide.
+// - `request_end`: layout version, request id, HTTP status (0 when no
+//   response was produced). All 8 bytes wide.
+pub use loopguard_common::usdt::{
+    LAYOUT_VERSION, PROVIDER, REQUEST_END, REQUEST_END_ARGS, REQUEST_START, REQUEST_START_ARGS,
+};
 
 /// Source of request ids. Starts at 1, so 0 never names a request.
 static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);

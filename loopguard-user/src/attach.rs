@@ -200,12 +200,7 @@ fn attach_usdt(
         (names::REQUEST_START, usdt::REQUEST_START),
         (names::REQUEST_END, usdt::REQUEST_END),
     ] {
-        let uprobe: &mut UProbe = ebpf
-            .program_mut(program)
-            .ok_or(AttachError::Missing(program))?
-            .try_into()
-            .map_err(program_error(program))?;
-        uprobe.load().map_err(program_error(program))?;
+        let uprobe = loaded_uprobe(ebpf, program)?;
         for (index, (site, _)) in known
             .iter()
             .enumerate()
@@ -223,6 +218,20 @@ fn attach_usdt(
         }
     }
     Ok(())
+}
+
+/// Program `name` as a uprobe, loaded into the kernel.
+fn loaded_uprobe<'e>(
+    ebpf: &'e mut Ebpf,
+    name: &'static str,
+) -> Result<&'e mut UProbe, AttachError> {
+    let uprobe: &mut UProbe = ebpf
+        .program_mut(name)
+        .ok_or(AttachError::Missing(name))?
+        .try_into()
+        .map_err(program_error(name))?;
+    uprobe.load().map_err(program_error(name))?;
+    Ok(uprobe)
 }
 
 /// Maps a failure of `program` to [`AttachError::Program`].
@@ -274,12 +283,7 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
     // Returns before entries: an entry recorded without its return would
     // look like a poll stuck forever.
     for (program, is_entry) in [(names::POLL_EXIT, false), (names::POLL_ENTER, true)] {
-        let uprobe: &mut UProbe = ebpf
-            .program_mut(program)
-            .ok_or(AttachError::Missing(program))?
-            .try_into()
-            .map_err(program_error(program))?;
-        uprobe.load().map_err(program_error(program))?;
+        let uprobe = loaded_uprobe(&mut ebpf, program)?;
         for (index, copy) in target.binary.poll_copies.iter().enumerate() {
             let cookie = is_entry.then(|| poll_cookie(index, copy));
             let point = UProbeAttachPoint {
@@ -327,4 +331,64 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
         ebpf,
         probe_count,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discover::usdt::parse_args;
+
+    #[test]
+    fn only_known_probes_have_an_expected_layout() {
+        assert_eq!(
+            expected_args("request_start"),
+            Some(usdt::REQUEST_START_ARGS)
+        );
+        assert_eq!(expected_args("request_end"), Some(usdt::REQUEST_END_ARGS));
+        assert_eq!(expected_args("request_poll"), None);
+    }
+
+    #[test]
+    fn argument_specs_become_kernel_records() {
+        let spec = usdt_spec(&parse_args("-8@%r10 4@-16(%rbp) 2@$7").unwrap());
+        let [register, memory, immediate, unused, ..] = spec.args;
+        assert_eq!(
+            (
+                register.kind,
+                register.size,
+                register.signed,
+                register.reg_offset
+            ),
+            (arg_kind::REGISTER, 8, 1, 56)
+        );
+        assert_eq!(
+            (memory.kind, memory.size, memory.reg_offset, memory.value),
+            (arg_kind::MEMORY, 4, 32, -16)
+        );
+        assert_eq!(
+            (immediate.kind, immediate.size, immediate.value),
+            (arg_kind::IMMEDIATE, 2, 7)
+        );
+        assert_eq!(unused.kind, arg_kind::NONE);
+    }
+
+    #[test]
+    fn a_layout_mismatch_names_both_sides_and_the_fix() {
+        let error = AttachError::UsdtLayout {
+            name: "request_start".into(),
+            path: "/srv/app".into(),
+            found: 9,
+            expected: 8,
+            version: 1,
+        };
+        let text = error.to_string();
+        assert!(
+            text.contains("has 9 arguments") && text.contains("layout 1 with 8"),
+            "{text}"
+        );
+        assert!(
+            text.contains("loopguard release made with that middleware version"),
+            "{text}"
+        );
+    }
 }

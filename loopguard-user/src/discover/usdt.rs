@@ -384,6 +384,59 @@ mod tests {
     }
 
     #[test]
+    fn notes_are_read_out_of_a_synthetic_elf() {
+        use object::{Object, ObjectSection};
+        let mut elf = object::write::Object::new(
+            object::BinaryFormat::Elf,
+            object::Architecture::X86_64,
+            object::Endianness::Little,
+        );
+        let text = elf.add_section(Vec::new(), b".text".to_vec(), object::SectionKind::Text);
+        elf.append_section_data(text, &[0x90; 16], 16);
+        let section = elf.add_section(
+            Vec::new(),
+            b".note.stapsdt".to_vec(),
+            object::SectionKind::Note,
+        );
+        let mut notes = note(
+            "loopguard",
+            "request_start",
+            "-8@%r10 -8@%rdi 8@-16(%rbp)",
+            0x10,
+        );
+        notes.extend(note("other", "probe", "", 0x20));
+        elf.append_section_data(section, &notes, 4);
+        let bytes = elf.write().unwrap();
+
+        let file = object::File::parse(&*bytes).unwrap();
+        let data = file
+            .section_by_name(".note.stapsdt")
+            .unwrap()
+            .data()
+            .unwrap();
+        let parsed = parse_notes(data);
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(
+            (
+                parsed[0].provider.as_str(),
+                parsed[0].name.as_str(),
+                parsed[0].pc
+            ),
+            ("loopguard", "request_start", 0x10)
+        );
+        let args = parse_args(&parsed[0].args).unwrap();
+        assert_eq!(args[0].location, ArgLocation::Register { offset: 56 });
+        assert_eq!(
+            args[2].location,
+            ArgLocation::Memory {
+                offset: 32,
+                displacement: -16
+            }
+        );
+        assert_eq!(parsed[1].provider, "other");
+    }
+
+    #[test]
     fn a_truncated_section_keeps_the_whole_notes() {
         let mut section = note("loopguard", "request_start", "", 1);
         section.extend_from_slice(&[8, 0, 0, 0, 200, 0]);
