@@ -118,6 +118,9 @@ struct Session<'t> {
     layout_mismatches: u64,
 }
 
+/// How long a stop may take to explain a target's exit.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+
 /// Requests tracked at once; beyond it the oldest is dropped and counted.
 const REQUESTS_TRACKED: usize = 65_536;
 
@@ -279,7 +282,10 @@ pub async fn watch(
             }
             _ = liveness.tick() => {
                 if !proc::is_alive(target.pid) {
-                    break StopReason::TargetExited;
+                    // The caller may know better why it ended (`run`'s
+                    // --duration kills it): give its stop a moment to say so.
+                    let known = tokio::time::timeout(STOP_GRACE, &mut stop).await;
+                    break known.unwrap_or(StopReason::TargetExited);
                 }
             }
         }
