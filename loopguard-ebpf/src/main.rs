@@ -334,16 +334,24 @@ pub fn request_start(ctx: ProbeContext) -> u32 {
     0
 }
 
-fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
+/// The firing thread (tgid, tid) and the argument specs of the USDT site
+/// that fired, or `None` for another process.
+#[inline(always)]
+fn usdt_site(ctx: &ProbeContext) -> Option<(u32, u32, &'static UsdtSpec)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid != target_tgid() {
-        return Ok(());
+        return None;
     }
-    let tid = pid_tgid as u32;
     // SAFETY: the helper only reads the cookie of the link that fired.
     let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
-    let spec = USDT_SPECS.get(site).ok_or(1i64)?;
+    Some((tgid, pid_tgid as u32, USDT_SPECS.get(site)?))
+}
+
+fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
+    let Some((tgid, tid, spec)) = usdt_site(ctx) else {
+        return Ok(());
+    };
     let regs = ctx.regs as *const u8;
     let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(regs, arg));
     let Some(mut entry) = EVENTS.reserve::<RequestStartEvent>(0) else {
@@ -383,20 +391,15 @@ pub fn request_end(ctx: ProbeContext) -> u32 {
 }
 
 fn try_request_end(ctx: &ProbeContext) -> Result<(), i64> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid != target_tgid() {
+    let Some((tgid, tid, spec)) = usdt_site(ctx) else {
         return Ok(());
-    }
-    // SAFETY: the helper only reads the cookie of the link that fired.
-    let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
-    let spec = USDT_SPECS.get(site).ok_or(1i64)?;
+    };
     let regs = ctx.regs as *const u8;
     let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(regs, arg));
     let event = RequestEndEvent {
         kind: EventKind::RequestEnd as u32,
         pid: tgid,
-        tid: pid_tgid as u32,
+        tid,
         status: arg(2) as u32,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         request_id: arg(1),
