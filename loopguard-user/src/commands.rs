@@ -46,14 +46,13 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
     Ok((target, probes))
 }
 
-/// Watches, then detaches and prints the summary; returns the stall count
-/// and why watching stopped.
+/// Watches, then detaches and prints the summary; returns the stall count.
 async fn watch_and_detach(
     target: ProbeTarget,
     mut probes: AttachedProbes,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
-) -> Result<(u64, StopReason), Error> {
+) -> Result<u64, Error> {
     let mut collector = Collector::new(&mut probes.ebpf)?;
     agent::print_attached(&target, probes.probe_count, options);
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
@@ -61,7 +60,7 @@ async fn watch_and_detach(
     let total = probes.probe_count;
     probes.detach(|done, total| eprintln!("loopguard: detaching: {done}/{total} probes removed"));
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
-    Ok((outcome.summary.stalls, outcome.reason))
+    Ok(outcome.summary.stalls)
 }
 
 /// `loopguard attach`.
@@ -169,7 +168,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let (stalls, _) = watch_and_detach(target, probes, &options, stop).await?;
+        let stalls = watch_and_detach(target, probes, &options, stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await

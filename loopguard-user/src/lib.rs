@@ -22,5 +22,3 @@ pub mod launch;
 pub mod preflight;
 pub mod report;
 pub mod summary;
-
-pub use loopguard_common::PollEvent;
