@@ -303,26 +303,25 @@ const _: () = assert!(core::mem::size_of::<PollEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<PollFrame>() == 40);
 const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 8 + 40 * MAX_POLL_DEPTH);
 
-/// Indices into [`names::COUNTERS`].
+/// Indices into [`names::COUNTERS`]. (Worker polls are not counted here:
+/// the [`names::POLL_HISTOGRAM`] holds every one, its total is the count.)
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Worker polls completed (every one, not only reported ones).
-    WorkerPolls = 0,
     /// Blocking-pool polls completed.
-    BlockingPolls = 1,
+    BlockingPolls = 0,
     /// Events lost because the ring buffer was full.
-    DroppedEvents = 2,
+    DroppedEvents = 1,
     /// Polls nested deeper than [`MAX_POLL_DEPTH`].
-    StackOverflow = 3,
+    StackOverflow = 2,
     /// Returns seen with no matching entry on the thread's stack.
-    UnmatchedReturns = 4,
+    UnmatchedReturns = 3,
     /// Entries lost because [`names::THREAD_POLLS`] was full.
-    ThreadMapFull = 5,
+    ThreadMapFull = 4,
 }
 
 /// Number of slots in [`names::COUNTERS`].
-pub const COUNTER_SLOTS: u32 = 6;
+pub const COUNTER_SLOTS: u32 = 5;
 
 #[cfg(feature = "user")]
 mod pod {

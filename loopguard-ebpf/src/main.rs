@@ -227,7 +227,6 @@ fn try_poll_exit(_ctx: &RetProbeContext) -> Result<(), i64> {
         bump(Counter::BlockingPolls);
         return Ok(());
     }
-    bump(Counter::WorkerPolls);
     if let Some(slot) = POLL_HISTOGRAM.get_ptr_mut(log2_slot(duration_ns)) {
         // SAFETY: per-CPU slot; programs do not migrate while they run.
         unsafe { *slot += 1 };

@@ -135,7 +135,7 @@ pub fn summary_json(summary: &Summary, pid: u32, threshold_ns: u64) -> Value {
         "threshold_ms": ms(threshold_ns),
         "elapsed_s": (summary.elapsed_s * 1000.0).round() / 1000.0,
         "stop_reason": summary.stop_reason,
-        "polls": counters.get(Counter::WorkerPolls),
+        "polls": summary.histogram.total(),
         "blocking_pool_polls": counters.get(Counter::BlockingPolls),
         "stalls": summary.stalls,
         "stalls_unfinished": summary.unfinished,
@@ -184,7 +184,7 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
             summary.stop_reason
         },
         summary.elapsed_s,
-        counters.get(Counter::WorkerPolls),
+        summary.histogram.total(),
         counters.get(Counter::BlockingPolls),
         summary.stalls,
         ms(threshold_ns),
