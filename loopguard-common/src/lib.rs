@@ -227,7 +227,9 @@ pub struct PollFrame {
     pub task_id: u64,
     /// Task header address (first argument of `raw::poll`).
     pub header: u64,
-    /// Return address of the poll call: who polled.
+    /// Return address of the poll call (who polled), read at entry only for
+    /// copies whose vtable could not be verified (0 otherwise: the return
+    /// event carries it).
     pub return_addr: u64,
     /// Index of the `raw::poll` copy in the agent's discovery list.
     pub copy_index: u32,

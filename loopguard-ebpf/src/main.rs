@@ -20,7 +20,7 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{self, bpf_get_attach_cookie},
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
@@ -49,6 +49,20 @@ static POLL_HISTOGRAM: PerCpuArray<u64> = PerCpuArray::with_max_entries(HISTOGRA
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Submit flags for request records: no wakeup (the agent drains the ring
+/// every scan interval), unless the ring is filling up. Waking the reader
+/// costs an irq_work (a self-IPI, a VM exit under virtualisation) and was
+/// most of `request_start`'s cost when every record woke the agent.
+#[inline(always)]
+fn quiet_submit_flags() -> u64 {
+    let pending = EVENTS.query(u64::from(aya_ebpf::bindings::BPF_RB_AVAIL_DATA));
+    if pending > u64::from(EVENTS_RING_BYTES / 4) {
+        u64::from(aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(aya_ebpf::bindings::BPF_RB_NO_WAKEUP)
+    }
+}
 
 #[inline(always)]
 fn target_tgid() -> u32 {
@@ -125,8 +139,6 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
     // SAFETY: the helper only reads the cookie of the link that fired.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let header: u64 = ctx.arg(0).ok_or(1i64)?;
-    // SAFETY: `regs` points at the saved registers of the probed thread.
-    let rsp = unsafe { (*ctx.regs).rsp };
 
     let mut flags = 0;
     let id_offset = cookie & COOKIE_ID_OFFSET_MASK;
@@ -140,12 +152,18 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
             0
         })
     };
-    // At the first instruction of the function, the return address is on top of the stack.
-    let return_addr = unsafe { bpf_probe_read_user(rsp as *const u64) }.unwrap_or(0);
-    let blocking = if cookie & COOKIE_LAYOUT_VERIFIED != 0 {
-        cookie & COOKIE_BLOCKING_POOL != 0
+    // A verified copy's vtable already says who polls it; the return address
+    // (what the report shows as the caller) is then taken for free from the
+    // return probe's registers. Only unverified copies read it here, to
+    // classify the caller by address.
+    let (return_addr, blocking) = if cookie & COOKIE_LAYOUT_VERIFIED != 0 {
+        (0, cookie & COOKIE_BLOCKING_POOL != 0)
     } else {
-        is_blocking_pool(return_addr)
+        // SAFETY: `regs` points at the saved registers of the probed thread.
+        let rsp = unsafe { (*ctx.regs).rsp };
+        // At the first instruction of the function, the return address is on top of the stack.
+        let return_addr = unsafe { bpf_probe_read_user(rsp as *const u64) }.unwrap_or(0);
+        (return_addr, is_blocking_pool(return_addr))
     };
     if blocking {
         flags |= frame_flags::BLOCKING;
@@ -195,7 +213,7 @@ pub fn poll_exit(ctx: RetProbeContext) -> u32 {
     0
 }
 
-fn try_poll_exit(_ctx: &RetProbeContext) -> Result<(), i64> {
+fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid != target_tgid() {
@@ -252,7 +270,9 @@ fn try_poll_exit(_ctx: &RetProbeContext) -> Result<(), i64> {
         duration_ns,
         task_id: frame.task_id,
         header: frame.header,
-        return_addr: frame.return_addr,
+        // The kernel points `rip` back at the caller before a return probe runs.
+        // SAFETY: `regs` points at the saved registers of the probed thread.
+        return_addr: unsafe { (*ctx.regs).rip },
         copy_index: frame.copy_index,
         depth: depth as u32 + 1,
     });
@@ -263,18 +283,18 @@ fn try_poll_exit(_ctx: &RetProbeContext) -> Result<(), i64> {
 #[map]
 static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_USDT_SITES, 0);
 
+/// The probed thread's saved registers (`struct pt_regs`, 21 words on
+/// x86-64), copied once per USDT hit with constant-offset context loads: one
+/// copy instead of a helper call per argument.
+type SavedRegs = [u64; 21];
+
 /// Reads one USDT argument as its spec says, truncated and sign-extended.
 #[inline(always)]
-fn usdt_arg(regs: *const u8, arg: &UsdtArg) -> u64 {
-    // SAFETY: bpf_probe_read_kernel tolerates any address; `regs` is pt_regs.
+fn usdt_arg(regs: &SavedRegs, arg: &UsdtArg) -> u64 {
     let register = || {
-        unsafe {
-            bpf_probe_read_kernel(
-                regs.wrapping_add(usize::from(arg.reg_offset & 0xff))
-                    .cast::<u64>(),
-            )
-        }
-        .unwrap_or(0)
+        regs.get(usize::from(arg.reg_offset & 0xff) / 8)
+            .copied()
+            .unwrap_or(0)
     };
     let raw = match arg.kind {
         arg_kind::REGISTER => register(),
@@ -351,8 +371,9 @@ fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
     let Some((tgid, tid, spec)) = usdt_site(ctx) else {
         return Ok(());
     };
-    let regs = ctx.regs as *const u8;
-    let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(regs, arg));
+    // SAFETY: a uprobe's context is the thread's `pt_regs`, readable in full.
+    let regs: SavedRegs = unsafe { core::ptr::read(ctx.regs.cast::<SavedRegs>()) };
+    let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(&regs, arg));
     let Some(mut entry) = EVENTS.reserve::<RequestStartEvent>(0) else {
         bump(Counter::DroppedEvents);
         return Ok(());
@@ -379,7 +400,7 @@ fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
         read_user_str(arg(4), route_len, &raw mut (*event).route);
         read_user_str(arg(6), path_len, &raw mut (*event).path);
     }
-    entry.submit(0);
+    entry.submit(quiet_submit_flags());
     Ok(())
 }
 
@@ -393,8 +414,9 @@ fn try_request_end(ctx: &ProbeContext) -> Result<(), i64> {
     let Some((tgid, tid, spec)) = usdt_site(ctx) else {
         return Ok(());
     };
-    let regs = ctx.regs as *const u8;
-    let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(regs, arg));
+    // SAFETY: a uprobe's context is the thread's `pt_regs`, readable in full.
+    let regs: SavedRegs = unsafe { core::ptr::read(ctx.regs.cast::<SavedRegs>()) };
+    let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(&regs, arg));
     let event = RequestEndEvent {
         kind: EventKind::RequestEnd as u32,
         pid: tgid,
@@ -404,7 +426,10 @@ fn try_request_end(ctx: &ProbeContext) -> Result<(), i64> {
         request_id: arg(1),
         layout: arg(0),
     };
-    if EVENTS.output::<RequestEndEvent>(&event, 0).is_err() {
+    if EVENTS
+        .output::<RequestEndEvent>(&event, quiet_submit_flags())
+        .is_err()
+    {
         bump(Counter::DroppedEvents);
     }
     Ok(())
