@@ -205,6 +205,7 @@ fn print_line(line: &str) {
 pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchOptions) {
     let copies = &target.binary.poll_copies;
     let verified = copies.iter().filter(|copy| copy.layout.is_some()).count();
+    let blocking_pool = copies.iter().filter(|copy| copy.is_blocking_pool()).count();
     let request_sites = target.binary.usdt_sites.len();
     let requests = if request_sites == 0 {
         "no loopguard-middleware probes, so stalls are not tied to requests".to_owned()
@@ -219,6 +220,7 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
                 "exe": target.exe.display_path,
                 "poll_functions": copies.len(),
                 "task_ids_verified": verified,
+                "blocking_pool_functions_unprobed": blocking_pool,
                 "probes": probe_count,
                 "request_probe_sites": request_sites,
                 "threshold_ms": options.threshold_ns as f64 / 1e6,
@@ -226,11 +228,11 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
             .to_string(),
         ),
         Format::Text => eprintln!(
-            "loopguard: watching pid {} ({}): {} poll functions probed, task ids for {}, {requests}; threshold {} ms; Ctrl+C to stop",
+            "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}; threshold {} ms; Ctrl+C to stop",
             target.pid,
             target.exe.display_path,
-            copies.len(),
-            verified,
+            copies.len() - blocking_pool,
+            verified - blocking_pool,
             options.threshold_ns / 1_000_000,
         ),
     }

@@ -285,6 +285,12 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
     for (program, is_entry) in [(names::POLL_EXIT, false), (names::POLL_ENTER, true)] {
         let uprobe = loaded_uprobe(&mut ebpf, program)?;
         for (index, copy) in target.binary.poll_copies.iter().enumerate() {
+            // Its vtable says only the blocking pool polls it: blocking there is
+            // the point, so a probe would cost every `spawn_blocking` (and every
+            // `tokio::fs` call) two traps for nothing.
+            if copy.is_blocking_pool() {
+                continue;
+            }
             let cookie = is_entry.then(|| poll_cookie(index, copy));
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(copy.file_offset),

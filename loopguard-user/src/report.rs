@@ -177,7 +177,7 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
     use loopguard_common::Counter;
     let counters = &summary.counters;
     let mut lines = vec![format!(
-        "loopguard summary ({}): {:.1} s, {} worker polls ({} on the blocking pool), {} stall(s) over {} ms",
+        "loopguard summary ({}): {:.1} s, {} worker polls ({} blocking-pool polls ignored), {} stall(s) over {} ms",
         if summary.stop_reason.is_empty() {
             "stopped"
         } else {
