@@ -8,7 +8,7 @@
 //! while the worker was blocked). Events arrive in ring buffer order, which
 //! is the order they happened in.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// One HTTP request as the middleware described it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +50,9 @@ pub struct RouteStalls {
 #[derive(Debug)]
 pub struct RequestTracker {
     in_flight: HashMap<u64, Request>,
+    /// `(start_ns, id)` of every request in flight: the oldest is the one to
+    /// evict, found without scanning a full table on every start.
+    by_start: BTreeSet<(u64, u64)>,
     /// Task id → the request it serves now.
     by_task: HashMap<u64, u64>,
     /// Finished requests kept to name victims of stalls that ended after them.
@@ -71,10 +74,15 @@ pub struct RequestTracker {
 /// Finished requests remembered for victim lists.
 const FINISHED_KEPT: usize = 4096;
 
+/// Distinct routes the summary ranks; later ones are counted together.
+const ROUTES_KEPT: usize = 1000;
+const OTHER_ROUTES: &str = "(other routes)";
+
 impl RequestTracker {
     pub fn new(capacity: usize) -> Self {
         Self {
             in_flight: HashMap::new(),
+            by_start: BTreeSet::new(),
             by_task: HashMap::new(),
             finished: VecDeque::new(),
             capacity: capacity.max(1),
@@ -102,12 +110,7 @@ impl RequestTracker {
         self.started += 1;
         if self.in_flight.len() >= self.capacity {
             // Drop the oldest: its end was probably lost.
-            if let Some(oldest) = self
-                .in_flight
-                .values()
-                .min_by_key(|r| r.start_ns)
-                .map(|r| r.id)
-            {
+            if let Some(&(_, oldest)) = self.by_start.first() {
                 self.forget(oldest);
                 self.evicted += 1;
             }
@@ -117,7 +120,11 @@ impl RequestTracker {
         } else {
             self.by_task.insert(request.task_id, request.id);
         }
-        self.in_flight.insert(request.id, request);
+        self.by_start.insert((request.start_ns, request.id));
+        if let Some(replaced) = self.in_flight.insert(request.id, request) {
+            // The same id twice (a middleware restarted its counter): keep the index exact.
+            self.by_start.remove(&(replaced.start_ns, replaced.id));
+        }
         self.peak_in_flight = self.peak_in_flight.max(self.in_flight.len());
     }
 
@@ -138,6 +145,7 @@ impl RequestTracker {
 
     fn forget(&mut self, id: u64) -> Option<Request> {
         let request = self.in_flight.remove(&id)?;
+        self.by_start.remove(&(request.start_ns, id));
         if self.by_task.get(&request.task_id) == Some(&id) {
             self.by_task.remove(&request.task_id);
         }
@@ -180,7 +188,11 @@ impl RequestTracker {
 
     /// Counts a finished stall against its culprit's route.
     pub fn record_stall(&mut self, culprit: Option<&Request>, duration_ns: u64) {
-        let key = culprit.map_or_else(|| "(no request)".to_owned(), Request::route_key);
+        let mut key = culprit.map_or_else(|| "(no request)".to_owned(), Request::route_key);
+        // Without route templates the key is a raw path: keep the table bounded.
+        if self.routes.len() >= ROUTES_KEPT && !self.routes.contains_key(&key) {
+            key = OTHER_ROUTES.to_owned();
+        }
         let route = self.routes.entry(key).or_default();
         route.stalls += 1;
         route.total_ns += duration_ns;
@@ -297,6 +309,37 @@ mod tests {
         tracker.end(1, 200, 9);
         assert_eq!(tracker.unmatched_ends, 1);
         assert_eq!(tracker.peak_in_flight, 3);
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_request_still_in_flight() {
+        let mut tracker = RequestTracker::new(2);
+        // (id, task, start)
+        tracker.start(request(1, 1, 10, "/a"));
+        tracker.start(request(2, 2, 20, "/b"));
+        tracker.end(1, 200, 30);
+        tracker.start(request(3, 3, 40, "/c"));
+        assert_eq!(tracker.evicted, 0);
+        tracker.start(request(4, 4, 50, "/d"));
+        assert_eq!(tracker.evicted, 1);
+        assert_eq!(tracker.culprit(Some(2), 0), None, "2 was the oldest left");
+        assert!(tracker.culprit(Some(3), 0).is_some());
+        assert_eq!(tracker.by_start.len(), tracker.in_flight());
+    }
+
+    #[test]
+    fn the_route_table_stays_bounded_without_templates() {
+        let mut tracker = RequestTracker::new(10);
+        for n in 0..ROUTES_KEPT as u64 + 50 {
+            let mut raw = request(n, 0, 0, "/x");
+            raw.route = None;
+            raw.path = format!("/files/{n}");
+            tracker.record_stall(Some(&raw), 1);
+        }
+        let routes = tracker.ranked_routes();
+        assert_eq!(routes.len(), ROUTES_KEPT + 1);
+        let other = routes.iter().find(|(key, _)| *key == OTHER_ROUTES).unwrap();
+        assert_eq!(other.1.stalls, 50);
     }
 
     #[test]
