@@ -191,7 +191,7 @@ impl RequestTracker {
         let mut key = culprit.map_or_else(|| "(no request)".to_owned(), Request::route_key);
         // Without route templates the key is a raw path: keep the table bounded.
         if self.routes.len() >= ROUTES_KEPT && !self.routes.contains_key(&key) {
-            key = OTHER_ROUTES.to_owned();
+            OTHER_ROUTES.clone_into(&mut key);
         }
         let route = self.routes.entry(key).or_default();
         route.stalls += 1;
