@@ -27,6 +27,8 @@ pub struct WatchOptions {
     pub threshold_ns: u64,
     pub format: Format,
     pub scan_interval: Duration,
+    /// Attach to the middleware's request probes (`--no-requests` turns it off).
+    pub requests: bool,
 }
 
 /// Why watching stopped.
@@ -207,7 +209,9 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
     let verified = copies.iter().filter(|copy| copy.layout.is_some()).count();
     let blocking_pool = copies.iter().filter(|copy| copy.is_blocking_pool()).count();
     let request_sites = target.binary.usdt_sites.len();
-    let requests = if request_sites == 0 {
+    let requests = if !options.requests {
+        "request probes off (--no-requests), so stalls are not tied to requests".to_owned()
+    } else if request_sites == 0 {
         "no loopguard-middleware probes, so stalls are not tied to requests".to_owned()
     } else {
         format!("{request_sites} request probe sites")
@@ -223,6 +227,7 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
                 "blocking_pool_functions_unprobed": blocking_pool,
                 "probes": probe_count,
                 "request_probe_sites": request_sites,
+                "request_probes_attached": options.requests && request_sites > 0,
                 "threshold_ms": options.threshold_ns as f64 / 1e6,
             })
             .to_string(),

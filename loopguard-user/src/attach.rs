@@ -261,7 +261,12 @@ fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
 }
 
 /// Loads and attaches everything for `target`.
-pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProbes, AttachError> {
+/// `requests`: also attach to the middleware's USDT sites.
+pub fn attach(
+    target: &ProbeTarget,
+    report_floor_ns: u64,
+    requests: bool,
+) -> Result<AttachedProbes, AttachError> {
     let pid = target.pid;
     let mut config = Config::zeroed();
     config.target_tgid = pid;
@@ -315,7 +320,9 @@ pub fn attach(target: &ProbeTarget, report_floor_ns: u64) -> Result<AttachedProb
         }
     }
 
-    attach_usdt(&mut ebpf, target, scope, &mut links)?;
+    if requests {
+        attach_usdt(&mut ebpf, target, scope, &mut links)?;
+    }
 
     let program = names::THREAD_EXIT;
     let tracepoint: &mut RawTracePoint = ebpf

@@ -82,6 +82,12 @@ pub struct WatchArgs {
     /// dying of that SIGTERM counts as success).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub duration: Option<u64>,
+    /// Do not attach to loopguard-middleware's request probes. Stalls are then
+    /// reported without the request, and each request costs two probe hits
+    /// less (about a third of loopguard's overhead on a trivial endpoint; see
+    /// the README's Overhead section).
+    #[arg(long)]
+    pub no_requests: bool,
     /// How often (ms) in-flight polls are checked for stalls still in progress.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub scan_interval_ms: u64,

@@ -22,6 +22,7 @@ fn watch_options(args: &WatchArgs) -> WatchOptions {
         threshold_ns: args.threshold_ms * 1_000_000,
         format: args.format,
         scan_interval: Duration::from_millis(args.scan_interval_ms),
+        requests: !args.no_requests,
     }
 }
 
@@ -41,7 +42,7 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
         blocking_ranges = target.binary.blocking_ranges.len(),
         "discovered target"
     );
-    let probes = attach::attach(&target, options.threshold_ns)?;
+    let probes = attach::attach(&target, options.threshold_ns, options.requests)?;
     tracing::info!(probes = probes.probe_count, "attached");
     Ok((target, probes))
 }

@@ -311,6 +311,40 @@ fn sigterm_detaches_with_a_summary_and_duration_stops_by_itself() {
 
 #[test]
 #[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn no_requests_leaves_the_request_probes_alone() {
+    require_root();
+    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
+    let agent = Agent::attach(server.pid, &["--no-requests"]);
+    let attached = agent.wait_for("attached", Duration::from_secs(5), |v| {
+        v["type"] == "attached"
+    });
+    assert_eq!(
+        attached.value["request_probes_attached"],
+        Value::Bool(false)
+    );
+    assert!(attached.value["request_probe_sites"].as_u64().unwrap() > 0);
+    let ours = agent.programs();
+    assert_eq!(ours.len(), 3, "poll_enter, poll_exit and thread_exit only");
+    let blocked = server.get("/block/sleep?ms=120");
+    let stall = agent.wait_for("the stall", Duration::from_secs(5), |v| {
+        v["type"] == "stall"
+    });
+    assert_eq!(stall.value["tid"], blocked.body["tid"]);
+    assert!(stall.value["request"].is_null(), "{}", stall.value);
+    let (status, lines) = agent.interrupt();
+    assert!(status.success());
+    let summary = of_type(&lines, "summary");
+    assert_eq!(
+        summary[0]["requests"]["started"].as_u64(),
+        Some(0),
+        "{}",
+        summary[0]
+    );
+    assert_detached(&ours);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
 fn run_attaches_before_serving_forwards_signals_and_exit_codes() {
     require_root();
     let binary = server_binary("LOOPGUARD_SERVER");
