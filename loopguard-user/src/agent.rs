@@ -92,8 +92,13 @@ impl Printer<'_> {
                 .unwrap_or_default(),
             polled_from,
             request: request.cloned(),
-            victim_count: victims.len(),
-            victims: victims.into_iter().take(VICTIMS_LISTED).cloned().collect(),
+            victim_count: victims.count,
+            victims: victims
+                .named
+                .into_iter()
+                .take(VICTIMS_LISTED)
+                .cloned()
+                .collect(),
         }
     }
 

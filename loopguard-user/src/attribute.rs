@@ -38,6 +38,15 @@ impl Request {
     }
 }
 
+/// The victims of one stall.
+#[derive(Debug)]
+pub struct Victims<'a> {
+    /// All of them, including finished requests no longer known by name.
+    pub count: usize,
+    /// The ones known by name, by id.
+    pub named: Vec<&'a Request>,
+}
+
 /// Totals per route for the summary.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RouteStalls {
@@ -55,8 +64,12 @@ pub struct RequestTracker {
     by_start: BTreeSet<(u64, u64)>,
     /// Task id → the request it serves now.
     by_task: HashMap<u64, u64>,
-    /// Finished requests kept to name victims of stalls that ended after them.
+    /// Finished requests kept in full, to name culprits and victims.
     finished: VecDeque<Request>,
+    /// `(start_ns, end_ns, id)` of many more finished requests, to count the
+    /// victims of a long stall under load (tens of thousands of requests may
+    /// finish on other workers while one is blocked).
+    finished_spans: VecDeque<(u64, u64, u64)>,
     capacity: usize,
     /// Requests dropped because `capacity` were already in flight.
     pub evicted: u64,
@@ -71,8 +84,11 @@ pub struct RequestTracker {
     routes: BTreeMap<String, RouteStalls>,
 }
 
-/// Finished requests remembered for victim lists.
+/// Finished requests remembered in full.
 const FINISHED_KEPT: usize = 4096;
+/// Finished requests remembered for counting victims: 6 MiB, about 4 s of
+/// requests at 60k/s.
+const FINISHED_SPANS_KEPT: usize = 1 << 18;
 
 /// Distinct routes the summary ranks; later ones are counted together.
 const ROUTES_KEPT: usize = 1000;
@@ -85,6 +101,7 @@ impl RequestTracker {
             by_start: BTreeSet::new(),
             by_task: HashMap::new(),
             finished: VecDeque::new(),
+            finished_spans: VecDeque::new(),
             capacity: capacity.max(1),
             evicted: 0,
             unmatched_ends: 0,
@@ -137,6 +154,11 @@ impl RequestTracker {
         self.ended += 1;
         request.end_ns = Some(end_ns);
         request.status = Some(status);
+        if self.finished_spans.len() >= FINISHED_SPANS_KEPT {
+            self.finished_spans.pop_front();
+        }
+        self.finished_spans
+            .push_back((request.start_ns, end_ns, request.id));
         if self.finished.len() >= FINISHED_KEPT {
             self.finished.pop_front();
         }
@@ -171,19 +193,33 @@ impl RequestTracker {
             .find(|r| r.task_id == task_id && r.end_ns.is_some_and(|end| end >= start_ns))
     }
 
-    /// Every other request in flight at some point in `[start_ns, end_ns]`.
-    pub fn victims(&self, culprit: Option<u64>, start_ns: u64, end_ns: u64) -> Vec<&Request> {
-        let mut victims: Vec<&Request> =
-            self.in_flight
-                .values()
-                .filter(|r| r.start_ns <= end_ns)
-                .chain(self.finished.iter().filter(|r| {
-                    r.end_ns.is_some_and(|end| end >= start_ns) && r.start_ns <= end_ns
-                }))
-                .filter(|r| Some(r.id) != culprit)
-                .collect();
-        victims.sort_by_key(|r| r.id);
-        victims
+    /// Every other request in flight at some point in `[start_ns, end_ns]`:
+    /// how many, and those that can still be named (all in flight, and the
+    /// most recently finished), by id.
+    pub fn victims(&self, culprit: Option<u64>, start_ns: u64, end_ns: u64) -> Victims<'_> {
+        let overlaps =
+            |start: u64, end: Option<u64>| start <= end_ns && end.is_none_or(|end| end >= start_ns);
+        let not_culprit = |id: u64| Some(id) != culprit;
+        let in_flight = self
+            .in_flight
+            .values()
+            .filter(|r| overlaps(r.start_ns, None) && not_culprit(r.id));
+        let mut named: Vec<&Request> = in_flight
+            .clone()
+            .chain(self.finished.iter().filter(|r| {
+                r.end_ns.is_some() && overlaps(r.start_ns, r.end_ns) && not_culprit(r.id)
+            }))
+            .collect();
+        named.sort_by_key(|r| r.id);
+        let finished = self
+            .finished_spans
+            .iter()
+            .filter(|&&(start, end, id)| overlaps(start, Some(end)) && not_culprit(id))
+            .count();
+        Victims {
+            count: in_flight.count() + finished,
+            named,
+        }
     }
 
     /// Counts a finished stall against its culprit's route.
@@ -252,10 +288,31 @@ mod tests {
         assert_eq!(tracker.culprit(Some(10), 400), None);
         let victims: Vec<u64> = tracker
             .victims(Some(1), 1, 341)
+            .named
             .iter()
             .map(|r| r.id)
             .collect();
         assert_eq!(victims, vec![2]);
+    }
+
+    #[test]
+    fn victims_are_counted_beyond_those_kept_by_name() {
+        // A 2 ms stall while 10,000 short requests come and go on another worker.
+        let mut tracker = RequestTracker::new(100);
+        tracker.start(request(1, 10, 0, "/login"));
+        for id in 2..10_002 {
+            tracker.start(request(id, 20, id * 100, "/fast"));
+            tracker.end(id, 200, id * 100 + 50);
+        }
+        tracker.end(1, 200, 2_000_000);
+        let victims = tracker.victims(Some(1), 0, 2_000_001);
+        assert_eq!(victims.count, 10_000);
+        assert_eq!(
+            victims.named.len(),
+            FINISHED_KEPT - 1,
+            "all but the culprit"
+        );
+        assert!(victims.named.windows(2).all(|w| w[0].id < w[1].id));
     }
 
     #[test]
@@ -291,6 +348,7 @@ mod tests {
         tracker.start(request(5, 50, 500, "/late")); // started after: no victim
         let ids: Vec<u64> = tracker
             .victims(Some(1), 5, 100)
+            .named
             .iter()
             .map(|r| r.id)
             .collect();
@@ -348,7 +406,7 @@ mod tests {
         tracker.start(request(1, 0, 0, "/x"));
         assert_eq!(tracker.unattributable_starts, 1);
         assert_eq!(tracker.culprit(Some(0), 0), None);
-        assert_eq!(tracker.victims(None, 0, 10).len(), 1);
+        assert_eq!(tracker.victims(None, 0, 10).count, 1);
     }
 
     #[test]
