@@ -206,10 +206,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             "the benchmark attaches eBPF programs and needs root: run `sudo -E cargo xtask bench`"
         );
     }
+    check_cpus(options)?;
     let plan = plan(options);
     let binaries = build::build_all()?;
     let oha = setup::install_oha()?;
-    check_cpus(options)?;
 
     let mut server_command = Command::new("taskset");
     server_command
@@ -241,6 +241,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let comparison = report::Comparison::new(
         &results.measurements,
         &plan.endpoints,
+        cpu_set(&options.server_cpus).len(),
         cpu_set(&options.load_cpus).len(),
     );
     print!("{}", comparison.render(options, &plan, &results));

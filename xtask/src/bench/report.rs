@@ -24,6 +24,9 @@ fn throughput_min_ratio(endpoint: Endpoint, mode: Mode) -> Option<f64> {
 /// A load generator above this share of its CPUs may be what limits the
 /// throughput, not the server.
 const LOAD_BOUND_PCT: f64 = 90.0;
+/// A server this busy at a fixed rate is close to saturation: its p99 is
+/// mostly queueing, which magnifies any per-request cost.
+const NEAR_SATURATION_PCT: f64 = 85.0;
 
 /// One progress line per measurement, for stderr.
 pub fn progress_line(m: &Measurement, plan: &Plan) -> String {
@@ -106,8 +109,15 @@ fn metrics(m: &Measurement) -> [f64; 3] {
 }
 
 impl Comparison {
-    pub fn new(measurements: &[Measurement], endpoints: &[Endpoint], load_cpus: usize) -> Self {
+    /// `server_cpus` and `load_cpus`: how many CPUs each may use.
+    pub fn new(
+        measurements: &[Measurement],
+        endpoints: &[Endpoint],
+        server_cpus: usize,
+        load_cpus: usize,
+    ) -> Self {
         let load_bound = LOAD_BOUND_PCT * load_cpus.max(1) as f64;
+        let near_saturation = NEAR_SATURATION_PCT * server_cpus.max(1) as f64;
         let mut rows = Vec::new();
         for &endpoint in endpoints {
             for mode in [Mode::Saturation, Mode::Rate] {
@@ -142,6 +152,10 @@ impl Comparison {
                 }
                 if probed.values().any(|m| m.overloaded()) {
                     notes.push("attached fell behind the rate");
+                } else if mode == Mode::Rate
+                    && probed.values().any(|m| m.server_cpu_pct >= near_saturation)
+                {
+                    notes.push("attached server near saturation at this rate (p99 is queueing)");
                 }
                 rows.push(Row {
                     endpoint,
@@ -206,7 +220,7 @@ impl Comparison {
         if !noted.is_empty() {
             let _ = writeln!(
                 out,
-                "\ncaveats (a load generator at its CPU limit caps the server's figure; a server behind a fixed rate measures queueing, not overhead):\n{}",
+                "\ncaveats (a load generator at its CPU limit caps the server's figure; a server behind or close to a fixed rate measures queueing, not only overhead):\n{}",
                 noted.join("\n")
             );
         }
