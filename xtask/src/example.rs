@@ -14,7 +14,13 @@ pub struct Example {
 
 impl Example {
     pub fn start(binary: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary)
+        Self::spawn(Command::new(binary))
+    }
+
+    /// Starts `command`, the example binary with its options (or a wrapper
+    /// such as `taskset` that execs it, so the pid stays the server's).
+    pub fn spawn(mut command: Command) -> anyhow::Result<Self> {
+        let mut child = command
             .args(["--addr", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .spawn()

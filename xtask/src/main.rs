@@ -5,7 +5,8 @@
 //! - `build`: setup, then the `loopguard` agent and the example, in release
 //! - `demo`: build, start the example, attach, drive a few requests, show the output
 //! - `test`: fmt, clippy, unit tests, then the privileged end-to-end tests
-//! - `bench`: requests/s of the example with and without loopguard attached
+//! - `bench`: the example's throughput and latency with and without loopguard
+//!   attached, the agent's CPU and memory, and optionally a memory soak
 
 mod bench;
 mod build;
@@ -39,7 +40,9 @@ enum Command {
     Demo,
     /// Run fmt, clippy, unit tests and the end-to-end tests (the latter as root, for real).
     Test(test::Options),
-    /// Measure requests/s of the example with and without loopguard attached.
+    /// Measure what attaching costs the example: throughput, p50/p99 latency, agent CPU and memory.
+    ///
+    /// Installs oha (the fixed-rate load generator) on first use.
     Bench(bench::Options),
 }
 

@@ -1,6 +1,7 @@
 //! Installs the toolchain pieces the build and the tests need, each only when
 //! missing, so a second run takes a second.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Context;
@@ -19,6 +20,9 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The fixed-rate load generator of `cargo xtask bench` (MSRV 1.88). Not
+/// part of [`run`]: only the benchmark needs it.
+pub const OHA_VERSION: &str = "1.16.0";
 
 pub fn run() -> anyhow::Result<()> {
     install_apt_packages()?;
@@ -104,4 +108,47 @@ fn install_bpf_linker() -> anyhow::Result<()> {
             .env("PATH", path),
     )
     .context("failed to install bpf-linker")
+}
+
+/// Installs oha [`OHA_VERSION`] unless it is there; returns the binary to
+/// run. About six minutes on two cores the first time (it builds rustls).
+pub fn install_oha() -> anyhow::Result<PathBuf> {
+    if let Some(oha) = find_oha() {
+        return Ok(oha);
+    }
+    eprintln!(
+        "setup: installing oha {OHA_VERSION}, the benchmark's fixed-rate load generator (about six minutes on two cores, once)"
+    );
+    let install = || format!("cargo install --locked oha --version {OHA_VERSION}");
+    cmd::run(cmd::cargo().args(["install", "--locked", "oha", "--version", OHA_VERSION]))
+        .with_context(|| {
+            format!(
+                "failed to install oha: run `{}` to see why (it needs crates.io and a C compiler), then `cargo xtask bench` again",
+                install()
+            )
+        })?;
+    find_oha().with_context(|| {
+        format!(
+            "`{}` succeeded but no oha {OHA_VERSION} is found in $CARGO_HOME/bin, ~/.cargo/bin or PATH",
+            install()
+        )
+    })
+}
+
+/// An oha that says it is [`OHA_VERSION`]: where `cargo install` puts it
+/// first (sudo may change HOME, and PATH may lack ~/.cargo/bin), then PATH.
+fn find_oha() -> Option<PathBuf> {
+    let home = |var: &str, sub: &str| std::env::var_os(var).map(|dir| PathBuf::from(dir).join(sub));
+    [
+        home("CARGO_HOME", "bin/oha"),
+        home("HOME", ".cargo/bin/oha"),
+        Some(PathBuf::from("oha")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|oha| {
+        cmd::output(Command::new(oha).arg("--version"))
+            .split_whitespace()
+            .any(|word| word == OHA_VERSION)
+    })
 }

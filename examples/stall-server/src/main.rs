@@ -11,6 +11,8 @@
 //! | `GET /block/file?ms=N`       | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms     |
 //! | `GET /users/{id}/block?ms=N` | like `/block/sleep`, under a route template (answer adds `user`) |
 //! | `GET /spawn_blocking?ms=N`   | sleeps N ms in `spawn_blocking` (correct: worker stays free)     |
+//! | `GET /work?ms=N`             | N ms of CPU work (hashing) on the worker: a handler doing work   |
+//! | `GET /json?kb=N`             | builds and serializes a JSON document of about N KiB (default 4) |
 //!
 //! Each `/block/*` handler blocks in one synchronous stretch (no `.await`
 //! inside) and answers `{"kind","requested_ms","blocked_ms","tid","pid"}`,
@@ -21,6 +23,13 @@
 //! otherwise the answer is a 400 with `{"error": "..."}`.
 //!
 //! `/users/{id}/block` answers the `/block/sleep` JSON plus `"user": "<id>"`.
+//!
+//! `/work` and `/json` are ordinary request work for the overhead benchmark
+//! (`cargo xtask bench`), not stalls at the sizes it uses. `/work` answers
+//! `{"kind","requested_ms","worked_ms","rounds","digest","tid"}`, with `ms`
+//! in `0..=1000`. `/json` answers `{"kind","requested_kb","count","users"}`,
+//! `users` being `count` small user records whose serialized size adds up to
+//! about `kb` KiB, with `kb` in `0..=1024`. Out of range is a 400 as above.
 //!
 //! Every route runs under `loopguard_middleware::LoopguardLayer`, which fires
 //! the `loopguard:request_start`/`request_end` USDT probes (method, route
@@ -50,6 +59,13 @@ use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 
 const MAX_MS: u64 = 60_000;
+/// `/work` is request work, not a stall: keep it short.
+const MAX_WORK_MS: u64 = 1_000;
+/// `/json` documents stay under 1 MiB.
+const MAX_JSON_KB: u64 = 1_024;
+const DEFAULT_JSON_KB: u64 = 4;
+/// Hash rounds between two clock reads in `/work`: about a microsecond.
+const WORK_CHUNK: u32 = 256;
 const FILE_CHUNK: usize = 64 * 1024;
 
 /// The lock `/block/mutex` contends on.
@@ -91,6 +107,59 @@ enum Flavor {
 #[derive(Deserialize)]
 struct MsParam {
     ms: u64,
+}
+
+#[derive(Deserialize)]
+struct KbParam {
+    kb: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct WorkReport {
+    kind: &'static str,
+    requested_ms: u64,
+    worked_ms: f64,
+    /// Chunks of `WORK_CHUNK` hash rounds done.
+    rounds: u64,
+    /// The hash state at the end, so the loop cannot be optimised away.
+    digest: String,
+    tid: i32,
+}
+
+/// One record of the `/json` document.
+#[derive(Serialize)]
+struct User {
+    id: u64,
+    name: String,
+    email: String,
+    active: bool,
+    score: f64,
+    roles: Vec<&'static str>,
+    created_at: String,
+}
+
+impl User {
+    /// A deterministic record; ids from 100000 up keep the size steady.
+    fn new(id: u64) -> Self {
+        const ROLES: [&str; 4] = ["reader", "writer", "admin", "billing"];
+        Self {
+            id,
+            name: format!("User {id}"),
+            email: format!("user{id}@example.com"),
+            active: !id.is_multiple_of(7),
+            score: (id % 1000) as f64 / 10.0,
+            roles: ROLES[..=(id % 3) as usize].to_vec(),
+            created_at: format!("2024-{:02}-{:02}T12:00:00Z", 1 + id % 12, 1 + id % 28),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct UserList {
+    kind: &'static str,
+    requested_kb: u64,
+    count: usize,
+    users: Vec<User>,
 }
 
 #[derive(Serialize)]
@@ -156,13 +225,17 @@ fn getpid() -> i32 {
 
 fn parse_ms(q: Result<Query<MsParam>, QueryRejection>) -> Result<u64, ApiError> {
     let Query(MsParam { ms }) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    if ms > MAX_MS {
+    at_most("ms", ms, MAX_MS)
+}
+
+fn at_most(name: &str, value: u64, max: u64) -> Result<u64, ApiError> {
+    if value > max {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            format!("ms must be at most {MAX_MS}"),
+            format!("{name} must be at most {max}"),
         ));
     }
-    Ok(ms)
+    Ok(value)
 }
 
 /// Runs `section` synchronously on the current thread and reports how long
@@ -189,6 +262,8 @@ const ENDPOINTS: &[(&str, bool, &str)] = &[
     ("/block/file?ms=N",       true,  "sync write(64 KiB)+sync_data+read on the worker for ~N ms"),
     ("/users/{id}/block?ms=N", true,  "std::thread::sleep on the worker thread for N ms (route template)"),
     ("/spawn_blocking?ms=N",   false, "sleeps N ms in spawn_blocking (correct: the worker stays free)"),
+    ("/work?ms=N",             false, "N ms (at most 1000) of CPU work on the worker: ordinary request work"),
+    ("/json?kb=N",             false, "builds and serializes a JSON list of users of about N KiB (default 4)"),
 ];
 
 async fn index() -> Json<Value> {
@@ -308,6 +383,58 @@ async fn offload(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
     }))
 }
 
+/// One round of a 64-bit mixer (splitmix64's finaliser): cheap, not foldable.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+async fn work(q: Result<Query<MsParam>, QueryRejection>) -> Result<Json<WorkReport>, ApiError> {
+    let Query(MsParam { ms }) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let ms = at_most("ms", ms, MAX_WORK_MS)?;
+    let tid = gettid();
+    let budget = Duration::from_millis(ms);
+    let start = Instant::now();
+    let mut state = u64::from(tid.unsigned_abs());
+    let mut rounds = 0_u64;
+    while start.elapsed() < budget {
+        for _ in 0..WORK_CHUNK {
+            state = mix(state);
+        }
+        rounds += 1;
+    }
+    Ok(Json(WorkReport {
+        kind: "work",
+        requested_ms: ms,
+        worked_ms: start.elapsed().as_secs_f64() * 1e3,
+        rounds,
+        digest: format!("{state:016x}"),
+        tid,
+    }))
+}
+
+/// Serialized bytes of one user record, plus the comma between records.
+fn user_record_len() -> usize {
+    static LEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LEN.get_or_init(|| serde_json::to_vec(&User::new(100_000)).map_or(128, |v| v.len() + 1))
+}
+
+async fn json_doc(q: Result<Query<KbParam>, QueryRejection>) -> Result<Json<UserList>, ApiError> {
+    let Query(KbParam { kb }) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let kb = at_most("kb", kb.unwrap_or(DEFAULT_JSON_KB), MAX_JSON_KB)?;
+    let count = (kb as usize * 1024).div_ceil(user_record_len());
+    let users = (0..count as u64).map(|i| User::new(100_000 + i)).collect();
+    // axum's `Json` serializes it into the response body.
+    Ok(Json(UserList {
+        kind: "json",
+        requested_kb: kb,
+        count,
+        users,
+    }))
+}
+
 fn app(middleware: bool) -> Router {
     let router = Router::new()
         .route("/", get(index))
@@ -317,6 +444,8 @@ fn app(middleware: bool) -> Router {
         .route("/block/mutex", get(block_mutex))
         .route("/block/file", get(block_file))
         .route("/spawn_blocking", get(offload))
+        .route("/work", get(work))
+        .route("/json", get(json_doc))
         .route("/users/{id}/block", get(user_block));
     // After the routes: the layer then runs inside routing and sees the
     // route template (`MatchedPath`).
