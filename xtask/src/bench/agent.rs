@@ -45,6 +45,7 @@ impl Agent {
         pid: u32,
         cpus: &str,
         threshold_ms: u64,
+        extra_args: &[String],
     ) -> anyhow::Result<Self> {
         let start = Instant::now();
         let mut command = Command::new("taskset");
@@ -54,6 +55,7 @@ impl Agent {
             .args(["attach", "--pid", &pid.to_string()])
             .args(["--threshold-ms", &threshold_ms.to_string()])
             .args(["--format", "json"])
+            .args(extra_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command

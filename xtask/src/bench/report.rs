@@ -184,13 +184,18 @@ impl Comparison {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nloopguard overhead on stall-server: {} round(s) of {} s per measurement; server {} worker(s) on CPUs {}, load on CPUs {}, agent on CPUs {}",
+            "\nloopguard overhead on stall-server: {} round(s) of {} s per measurement; server {} worker(s) on CPUs {}, load on CPUs {}, agent on CPUs {}{}",
             plan.rounds,
             plan.seconds,
             options.workers,
             options.server_cpus,
             options.load_cpus,
-            options.agent_cpus
+            options.agent_cpus,
+            if options.agent_args.is_empty() {
+                String::new()
+            } else {
+                format!(" with `{}`", options.agent_args.join(" "))
+            }
         );
         let _ = writeln!(
             out,

@@ -80,6 +80,7 @@ pub fn run(setup: &Setup) -> anyhow::Result<Report> {
         setup.server_pid,
         &options.agent_cpus,
         THRESHOLD_MS,
+        &options.agent_args,
     )?;
     let attached = Instant::now();
     let mut report = Report {
