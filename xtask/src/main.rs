@@ -43,7 +43,7 @@ enum Command {
     /// Measure what attaching costs the example: throughput, p50/p99 latency, agent CPU and memory.
     ///
     /// Installs oha (the fixed-rate load generator) on first use.
-    Bench(bench::Options),
+    Bench(Box<bench::Options>),
 }
 
 fn main() -> anyhow::Result<()> {
