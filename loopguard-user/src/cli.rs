@@ -84,8 +84,8 @@ pub struct WatchArgs {
     pub duration: Option<u64>,
     /// Do not attach to loopguard-middleware's request probes. Stalls are then
     /// reported without the request, and each request costs two probe hits
-    /// less (about a third of loopguard's overhead on a trivial endpoint; see
-    /// the README's Overhead section).
+    /// and two ring-buffer records less (on a trivial endpoint, about four
+    /// fifths of loopguard's overhead; see the README's Overhead section).
     #[arg(long)]
     pub no_requests: bool,
     /// How often (ms) in-flight polls are checked for stalls still in progress.
