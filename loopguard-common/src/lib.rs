@@ -52,13 +52,12 @@ pub const MAX_THREADS: u32 = 16384;
 
 /// The attach cookie of a `raw::poll` copy: bits 0..16 hold the byte offset
 /// of the task id from the task header (0 when it could not be verified),
-/// bit 16 [`COOKIE_BLOCKING_POOL`], bit 17 [`COOKIE_LAYOUT_VERIFIED`], bits 32..64 the index of the copy in the
+/// bit 17 [`COOKIE_LAYOUT_VERIFIED`], bits 32..64 the index of the copy in the
 /// agent's discovery list.
 pub const COOKIE_ID_OFFSET_MASK: u64 = 0xffff;
-/// Cookie bit: the copy polls blocking-pool tasks (known from its vtable).
-pub const COOKIE_BLOCKING_POOL: u64 = 1 << 16;
-/// Cookie bit: the copy's vtable was verified, so [`COOKIE_BLOCKING_POOL`]
-/// is authoritative and the return-address ranges need not be consulted.
+/// Cookie bit: the copy's vtable was verified. Verified copies that only the
+/// blocking pool polls are never attached, so a verified copy runs on an event
+/// loop and the return-address ranges need not be consulted.
 pub const COOKIE_LAYOUT_VERIFIED: u64 = 1 << 17;
 
 /// Agent → kernel configuration, set as a global before load.

@@ -28,8 +28,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use loopguard_common::{
-    COOKIE_BLOCKING_POOL, COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config,
-    Counter, EVENTS_RING_BYTES, EventKind, HISTOGRAM_SLOTS, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH,
+    COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
+    EVENTS_RING_BYTES, EventKind, HISTOGRAM_SLOTS, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH,
     MAX_THREADS, MAX_USDT_SITES, PollEvent, PollFrame, RequestEndEvent, RequestStartEvent,
     ThreadPolls, UsdtArg, UsdtSpec, arg_kind, frame_flags,
 };
@@ -152,12 +152,13 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
             0
         })
     };
-    // A verified copy's vtable already says who polls it; the return address
-    // (what the report shows as the caller) is then taken for free from the
-    // return probe's registers. Only unverified copies read it here, to
-    // classify the caller by address.
+    // A verified copy's vtable already said it runs on an event loop (the
+    // agent attaches no verified blocking-pool copy); the return address (what
+    // the report shows as the caller) is then taken for free from the return
+    // probe's registers. Only unverified copies read it here, to classify the
+    // caller by address.
     let (return_addr, blocking) = if cookie & COOKIE_LAYOUT_VERIFIED != 0 {
-        (0, cookie & COOKIE_BLOCKING_POOL != 0)
+        (0, false)
     } else {
         // SAFETY: `regs` points at the saved registers of the probed thread.
         let rsp = unsafe { (*ctx.regs).rsp };

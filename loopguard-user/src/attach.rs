@@ -11,8 +11,8 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink,
 use aya::programs::{RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use loopguard_common::{
-    COOKIE_BLOCKING_POOL, COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, Config,
-    MAX_BLOCKING_RANGES, MAX_USDT_SITES, UsdtArg, UsdtSpec, arg_kind, names, usdt,
+    COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, Config, MAX_BLOCKING_RANGES, MAX_USDT_SITES,
+    UsdtArg, UsdtSpec, arg_kind, names, usdt,
 };
 
 use crate::discover::elf::PollCopy;
@@ -249,15 +249,7 @@ fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
     } else {
         0
     };
-    let blocking = if copy.is_blocking_pool() {
-        COOKIE_BLOCKING_POOL
-    } else {
-        0
-    };
-    ((index as u64) << 32)
-        | verified
-        | blocking
-        | (copy.id_offset().unwrap_or(0) & COOKIE_ID_OFFSET_MASK)
+    ((index as u64) << 32) | verified | (copy.id_offset().unwrap_or(0) & COOKIE_ID_OFFSET_MASK)
 }
 
 /// Loads and attaches everything for `target`.
