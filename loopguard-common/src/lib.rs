@@ -6,6 +6,8 @@
 //! unknown kind is an error rather than a misread.
 #![no_std]
 
+pub mod hist;
+
 /// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
 pub mod names {
     /// uprobe on the first instruction of every `tokio::runtime::task::raw::poll` copy.
@@ -25,7 +27,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     /// Per-thread stack of in-flight polls, keyed by tid.
     pub const THREAD_POLLS: &str = "THREAD_POLLS";
-    /// Per-CPU log2 histogram of worker poll durations.
+    /// Per-CPU log-linear histogram of worker poll durations ([`super::hist`]).
     pub const POLL_HISTOGRAM: &str = "POLL_HISTOGRAM";
     /// Per-CPU counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
@@ -39,10 +41,6 @@ pub const MAX_POLL_DEPTH: usize = 8;
 
 /// Address ranges of blocking-pool code the agent hands the kernel side.
 pub const MAX_BLOCKING_RANGES: usize = 16;
-
-/// Number of log2 slots in [`names::POLL_HISTOGRAM`]; slot `i` counts polls
-/// whose duration in ns has its highest set bit at `i` (slot 0 also holds 0 ns).
-pub const HISTOGRAM_SLOTS: u32 = 64;
 
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
@@ -244,6 +242,11 @@ pub struct ThreadPolls {
     pub depth: u32,
     /// Explicit padding, always 0.
     pub pad: u32,
+    /// ns this thread spent inside finished worker task polls (scheduler
+    /// loops and blocking-pool polls not counted): its busy time.
+    pub busy_ns: u64,
+    /// Worker task polls this thread finished.
+    pub task_polls: u64,
     pub frames: [PollFrame; MAX_POLL_DEPTH],
 }
 
@@ -302,7 +305,7 @@ pub struct PollEvent {
 
 const _: () = assert!(core::mem::size_of::<PollEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<PollFrame>() == 40);
-const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 8 + 40 * MAX_POLL_DEPTH);
+const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 24 + 40 * MAX_POLL_DEPTH);
 
 /// Indices into [`names::COUNTERS`]. (Worker polls are not counted here:
 /// the [`names::POLL_HISTOGRAM`] holds every one, its total is the count.)
@@ -332,4 +335,5 @@ mod pod {
     unsafe impl aya::Pod for super::ThreadPolls {}
     unsafe impl aya::Pod for super::PollEvent {}
     unsafe impl aya::Pod for super::UsdtSpec {}
+    unsafe impl aya::Pod for super::hist::PollHistogram {}
 }

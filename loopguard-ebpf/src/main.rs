@@ -4,8 +4,9 @@
 //!   pushes a frame on the calling thread's poll stack: start time, task id,
 //!   header, return address, and whether the caller is blocking-pool code.
 //! - `poll_exit` (uretprobe on the same copies) pops it, counts the poll in a
-//!   per-CPU log2 histogram and, only when a worker poll lasted at least the
-//!   report floor, sends one `PollEvent` through the ring buffer.
+//!   per-CPU log-linear histogram, adds a task poll's time to the thread's
+//!   busy total and, only when a worker poll lasted at least the report
+//!   floor, sends one `PollEvent` through the ring buffer.
 //! - `request_start` / `request_end` (uprobes on the `loopguard:*` USDT
 //!   sites the middleware leaves) read the probe arguments as the agent
 //!   decoded them (`USDT_SPECS`) and send the request, with the task being
@@ -27,11 +28,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
-    EVENTS_RING_BYTES, EventKind, HISTOGRAM_SLOTS, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH,
-    MAX_THREADS, MAX_USDT_SITES, PollEvent, PollFrame, RequestEndEvent, RequestStartEvent,
-    ThreadPolls, UsdtArg, UsdtSpec, arg_kind, frame_flags,
+    EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS,
+    MAX_USDT_SITES, PollEvent, PollFrame, RequestEndEvent, RequestStartEvent, ThreadPolls,
+    UsdtArg, UsdtSpec, arg_kind, frame_flags,
+    hist::{self, PollHistogram},
 };
 
 /// Set by the agent before load (`EbpfLoader::set_global`).
@@ -44,8 +48,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[map]
 static THREAD_POLLS: HashMap<u32, ThreadPolls> = HashMap::with_max_entries(MAX_THREADS, 0);
 
+/// One entry per CPU holding every slot, so the agent reads it in one lookup.
 #[map]
-static POLL_HISTOGRAM: PerCpuArray<u64> = PerCpuArray::with_max_entries(HISTOGRAM_SLOTS, 0);
+static POLL_HISTOGRAM: PerCpuArray<PollHistogram> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -70,27 +75,32 @@ fn target_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&raw const CONFIG.target_tgid) }
 }
 
+/// Adds 1 to a per-CPU slot atomically: a program can be preempted by
+/// another on the same CPU, and a plain `+= 1` would lose one of the two.
+#[inline(always)]
+fn add_one(slot: *mut u64) {
+    // SAFETY: `slot` is a valid, aligned map value pointer for this run.
+    unsafe { AtomicU64::from_ptr(slot) }.fetch_add(1, Ordering::Relaxed);
+}
+
 #[inline(always)]
 fn bump(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot; programs do not migrate while they run.
-        unsafe { *slot += 1 };
+        add_one(slot);
     }
 }
 
-/// Index of the highest set bit (0 for 0 and 1), without a `clz` instruction.
+/// Counts one worker poll of `duration_ns` in this CPU's histogram.
 #[inline(always)]
-fn log2_slot(mut v: u64) -> u32 {
-    let mut slot = 0;
-    let mut shift = 32;
-    while shift > 0 {
-        if v >> shift != 0 {
-            v >>= shift;
-            slot += shift;
-        }
-        shift >>= 1;
+fn count_poll(duration_ns: u64) {
+    let Some(histogram) = POLL_HISTOGRAM.get_ptr_mut(0) else {
+        return;
+    };
+    let slot = hist::slot_of(duration_ns) & (hist::SLOTS - 1);
+    // SAFETY: a map value pointer; the mask keeps the index inside `slots`.
+    if let Some(count) = unsafe { (*histogram).slots.get_mut(slot as usize) } {
+        add_one(count);
     }
-    slot
 }
 
 /// `i & (MAX_POLL_DEPTH - 1)`, opaque to LLVM: left to itself, LLVM drops
@@ -246,13 +256,15 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
         bump(Counter::BlockingPolls);
         return Ok(());
     }
-    if let Some(slot) = POLL_HISTOGRAM.get_ptr_mut(log2_slot(duration_ns)) {
-        // SAFETY: per-CPU slot; programs do not migrate while they run.
-        unsafe { *slot += 1 };
-    }
+    // A scheduler loop's poll spans all the task polls inside it: it is
+    // neither a task poll nor busy time of its own.
     if frame.flags & frame_flags::CONTAINER != 0 {
         return Ok(());
     }
+    count_poll(duration_ns);
+    // Only this thread writes its stack: plain adds are exact here.
+    stack.busy_ns += duration_ns;
+    stack.task_polls += 1;
     // SAFETY: plain read of a global the loader patched before load.
     let floor = unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) };
     if duration_ns < floor {

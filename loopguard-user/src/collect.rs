@@ -4,9 +4,10 @@
 
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use loopguard_common::hist::PollHistogram;
 use loopguard_common::{
-    COUNTER_SLOTS, EventKind, HISTOGRAM_SLOTS, PollEvent, RequestEndEvent, RequestStartEvent,
-    ThreadPolls, frame_flags, names,
+    COUNTER_SLOTS, EventKind, PollEvent, RequestEndEvent, RequestStartEvent, ThreadPolls,
+    frame_flags, names,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -32,7 +33,7 @@ pub struct Collector {
     ring: AsyncFd<RingBuf<MapData>>,
     thread_polls: BpfHashMap<MapData, u32, ThreadPolls>,
     counters: PerCpuArray<MapData, u64>,
-    histogram: PerCpuArray<MapData, u64>,
+    histogram: PerCpuArray<MapData, PollHistogram>,
     /// Records that did not decode (wrong size or unknown kind).
     pub malformed: u64,
 }
@@ -89,12 +90,16 @@ impl Collector {
         counters
     }
 
+    /// The poll-duration histogram summed over CPUs: one lookup.
     pub fn histogram(&self) -> Histogram {
         let mut histogram = Histogram::default();
-        sum_per_cpu(
-            &self.histogram,
-            &mut histogram.0[..HISTOGRAM_SLOTS as usize],
-        );
+        if let Ok(per_cpu) = self.histogram.get(&0, 0) {
+            for cpu in per_cpu.iter() {
+                for (total, count) in histogram.0.iter_mut().zip(cpu.slots) {
+                    *total += count;
+                }
+            }
+        }
         histogram
     }
 }

@@ -1,7 +1,8 @@
 //! End-of-run totals: polls seen, stalls, the longest one, lost data, and
-//! poll-duration percentiles from the kernel's log2 histogram.
+//! poll-duration percentiles from the kernel's log-linear histogram.
 
-use loopguard_common::{Counter, HISTOGRAM_SLOTS};
+use loopguard_common::Counter;
+use loopguard_common::hist;
 
 use crate::attribute::{RequestTracker, RouteStalls};
 use crate::detect::{Finding, Stall};
@@ -16,14 +17,14 @@ impl Counters {
     }
 }
 
-/// Log2 histogram of worker poll durations: slot `i` counts polls of
-/// `[2^i, 2^(i+1))` ns (slot 0 also counts 0 ns).
+/// Histogram of worker poll durations, in the kernel's slots
+/// ([`loopguard_common::hist`]: each power of two split in eight).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Histogram(pub Vec<u64>);
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self(vec![0; HISTOGRAM_SLOTS as usize])
+        Self(vec![0; hist::SLOTS as usize])
     }
 }
 
@@ -32,9 +33,8 @@ impl Histogram {
         self.0.iter().sum()
     }
 
-    /// The upper edge (ns) of the slot holding the `q`-quantile (0..=1), or
-    /// `None` when empty: a value at most twice the true quantile.
-    pub fn quantile_upper_ns(&self, q: f64) -> Option<u64> {
+    /// The slot holding the `q`-quantile (0..=1), or `None` when empty.
+    fn quantile_slot(&self, q: f64) -> Option<u32> {
         let total = self.total();
         if total == 0 {
             return None;
@@ -44,24 +44,36 @@ impl Histogram {
         for (slot, &count) in self.0.iter().enumerate() {
             seen += count;
             if seen >= rank {
-                return Some(slot_upper_ns(slot));
+                return Some(slot as u32);
             }
         }
         None
     }
-}
 
-/// Exclusive upper edge of histogram slot `slot`, in ns.
-pub fn slot_upper_ns(slot: usize) -> u64 {
-    1u64.checked_shl(slot as u32 + 1).unwrap_or(u64::MAX)
-}
+    /// The upper edge (ns) of the slot holding the `q`-quantile, or `None`
+    /// when empty: at most 1/8 above the true quantile.
+    pub fn quantile_upper_ns(&self, q: f64) -> Option<u64> {
+        self.quantile_slot(q).map(hist::upper_ns)
+    }
 
-/// Log2 slot of a duration, as the kernel computes it.
-pub fn slot_of(ns: u64) -> usize {
-    if ns == 0 {
-        0
-    } else {
-        63 - ns.leading_zeros() as usize
+    /// The `q`-quantile (ns) estimated as the middle of its slot, or `None`
+    /// when empty: within 1/16 of the true quantile.
+    pub fn quantile_ns(&self, q: f64) -> Option<u64> {
+        self.quantile_slot(q).map(|slot| {
+            let (lower, upper) = (hist::lower_ns(slot), hist::upper_ns(slot));
+            lower + (upper - lower) / 2
+        })
+    }
+
+    /// Counts added since `earlier` (a previous read of the same histogram).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .zip(earlier.0.iter().chain(std::iter::repeat(&0)))
+                .map(|(now, then)| now.saturating_sub(*then))
+                .collect(),
+        )
     }
 }
 
@@ -138,34 +150,44 @@ impl Summary {
 mod tests {
     use super::*;
 
-    #[test]
-    fn slot_edges() {
-        assert_eq!(slot_of(0), 0);
-        assert_eq!(slot_of(1), 0);
-        assert_eq!(slot_of(2), 1);
-        assert_eq!(slot_of(3), 1);
-        assert_eq!(slot_of(1023), 9);
-        assert_eq!(slot_of(1024), 10);
-        assert_eq!(slot_of(u64::MAX), 63);
-        assert_eq!(slot_upper_ns(0), 2);
-        assert_eq!(slot_upper_ns(10), 2048);
-        assert_eq!(slot_upper_ns(63), u64::MAX);
+    fn slot(ns: u64) -> usize {
+        hist::slot_of(ns) as usize
     }
 
     #[test]
     fn quantiles_come_from_the_slot_edges() {
         let mut histogram = Histogram::default();
         assert_eq!(histogram.quantile_upper_ns(0.5), None);
-        histogram.0[slot_of(1_000)] = 98; // ~1 us
-        histogram.0[slot_of(100_000_000)] = 2; // ~100 ms
+        histogram.0[slot(1_000)] = 98; // ~1 us
+        histogram.0[slot(100_000_000)] = 2; // ~100 ms
         assert_eq!(histogram.total(), 100);
+        // 1000 ns is in [960, 1024).
         assert_eq!(histogram.quantile_upper_ns(0.5), Some(1024));
         assert_eq!(histogram.quantile_upper_ns(0.98), Some(1024));
-        assert_eq!(
-            histogram.quantile_upper_ns(0.99),
-            Some(slot_upper_ns(slot_of(100_000_000)))
-        );
-        assert_eq!(histogram.quantile_upper_ns(1.0), Some(slot_upper_ns(26)));
+        assert_eq!(histogram.quantile_ns(0.5), Some(992));
+        let p99 = histogram.quantile_ns(0.99).unwrap();
+        assert!(p99.abs_diff(100_000_000) * 16 <= 100_000_000, "{p99}");
+    }
+
+    #[test]
+    fn quantiles_are_within_a_sixteenth_everywhere() {
+        for ns in [5_u64, 17, 999, 4_321, 65_537, 5_000_000, 123_456_789, 3 << 40] {
+            let mut histogram = Histogram::default();
+            histogram.0[slot(ns)] = 1;
+            let estimate = histogram.quantile_ns(0.99).unwrap();
+            assert!(estimate.abs_diff(ns) * 16 <= ns.max(16), "{ns}: {estimate}");
+        }
+    }
+
+    #[test]
+    fn since_subtracts_an_earlier_read() {
+        let mut earlier = Histogram::default();
+        earlier.0[3] = 2;
+        let mut now = earlier.clone();
+        now.0[3] = 5;
+        now.0[9] = 1;
+        let delta = now.since(&earlier);
+        assert_eq!((delta.0[3], delta.0[9], delta.total()), (3, 1, 4));
     }
 
     #[test]
