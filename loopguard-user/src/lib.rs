@@ -4,7 +4,8 @@
 //! [`discover`] (pid → ELF and `/proc` → [`discover::ProbeTarget`]) →
 //! [`attach`] (→ [`attach::AttachedProbes`]) → [`collect`] (ring buffer and
 //! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) →
-//! [`report`] (text or JSON lines) and [`summary`].
+//! [`report`] (text or JSON lines) and [`summary`], and [`export`]
+//! (Prometheus metrics served over HTTP).
 //! [`agent`] runs the loop, [`commands`] the subcommands, [`launch`] starts
 //! the program of `loopguard run`; [`preflight`] checks privileges and the
 //! kernel first.
@@ -18,6 +19,7 @@ pub mod commands;
 pub mod detect;
 pub mod discover;
 pub mod error;
+pub mod export;
 pub mod launch;
 pub mod preflight;
 pub mod report;

@@ -20,11 +20,14 @@ impl Counters {
 /// Histogram of worker poll durations, in the kernel's slots
 /// ([`loopguard_common::hist`]: each power of two split in eight).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Histogram(pub Vec<u64>);
+pub struct Histogram(pub Vec<u64>, pub SumNs);
+
+/// ns, the sum of every counted poll's duration.
+pub type SumNs = u64;
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self(vec![0; hist::SLOTS as usize])
+        Self(vec![0; hist::SLOTS as usize], 0)
     }
 }
 
@@ -73,6 +76,7 @@ impl Histogram {
                 .zip(earlier.0.iter().chain(std::iter::repeat(&0)))
                 .map(|(now, then)| now.saturating_sub(*then))
                 .collect(),
+            self.1.saturating_sub(earlier.1),
         )
     }
 }
@@ -171,7 +175,16 @@ mod tests {
 
     #[test]
     fn quantiles_are_within_a_sixteenth_everywhere() {
-        for ns in [5_u64, 17, 999, 4_321, 65_537, 5_000_000, 123_456_789, 3 << 40] {
+        for ns in [
+            5_u64,
+            17,
+            999,
+            4_321,
+            65_537,
+            5_000_000,
+            123_456_789,
+            3 << 40,
+        ] {
             let mut histogram = Histogram::default();
             histogram.0[slot(ns)] = 1;
             let estimate = histogram.quantile_ns(0.99).unwrap();
