@@ -606,4 +606,54 @@ mod tests {
             "{text}"
         );
     }
+
+    /// Every `loopguard_*` name in a text.
+    fn names_in(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("loopguard_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.push(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn the_dashboard_and_the_rules_use_only_exported_names() {
+        let metrics = metrics();
+        metrics.record(StallKind::Stall, Some(&request(Some("/login"))), 1, 1);
+        metrics.record(StallKind::Cumulative, None, 1, 0);
+        metrics.request_started(&request(Some("/login")));
+        metrics.set_live(LiveState {
+            lost: vec![("ring_buffer_full", 0)],
+            threads: vec![ThreadBusy {
+                tid: 1,
+                name: "w".to_owned(),
+                ratio: 0.0,
+            }],
+            ..LiveState::default()
+        });
+        let text = metrics.render();
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for file in [
+            "grafana/loopguard-dashboard.json",
+            "prometheus/loopguard-rules.yml",
+        ] {
+            let used = std::fs::read_to_string(examples.join(file)).unwrap();
+            let names = names_in(&used);
+            assert!(names.len() > 3, "{file} uses no metric?");
+            for name in names {
+                assert!(
+                    text.lines().any(|line| line
+                        .strip_prefix(name.as_str())
+                        .is_some_and(|rest| rest.starts_with(['{', ' ']))),
+                    "{file} uses {name}, which loopguard does not export"
+                );
+            }
+        }
+    }
 }
