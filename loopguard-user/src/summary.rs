@@ -69,6 +69,7 @@ impl Histogram {
     }
 
     /// Counts added since `earlier` (a previous read of the same histogram).
+    #[must_use]
     pub fn since(&self, earlier: &Self) -> Self {
         Self(
             self.0

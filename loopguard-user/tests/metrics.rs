@@ -1,12 +1,16 @@
 //! End-to-end: loopguard's `/metrics` scraped by a real Prometheus server
 //! (Debian's package, started here on loopback, scraping every second)
 //! while the example gets fast traffic and blocking requests; the numbers
-//! are read back with PromQL through Prometheus's HTTP API, and the
+//! are read back with `PromQL` through Prometheus's HTTP API, and the
 //! exposition, the alert rules and the dashboard are checked with promtool
 //! and against each other.
 //!
 //! Root and the example build are needed, so the test is `#[ignore]`d in a
 //! plain `cargo test`; `cargo xtask test` runs it as root.
+#![expect(
+    clippy::float_cmp,
+    reason = "Prometheus returns counts and configured values as floats; integral ones are exact"
+)]
 
 mod support;
 
@@ -63,7 +67,7 @@ fn scrape(addr: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Every `loopguard_*` name in a text (PromQL in rules or a dashboard).
+/// Every `loopguard_*` name in a text (`PromQL` in rules or a dashboard).
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = text;

@@ -80,7 +80,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
     let mut failed = Vec::new();
-    for name in E2E_TESTS {
+    for &name in E2E_TESTS {
         let binary = build_test_binary(name)?;
         let result = cmd::run(
             cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?
