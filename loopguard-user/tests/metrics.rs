@@ -183,3 +183,46 @@ fn prometheus_scrapes_what_loopguard_saw() {
     assert_detached(&programs);
     drop(prometheus);
 }
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn a_metrics_port_in_use_fails_before_attaching() {
+    require_root();
+    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(support::LOOPGUARD)
+        .args([
+            "attach",
+            "--pid",
+            &server.pid.to_string(),
+            "--metrics-addr",
+            &addr,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("already in use") && stderr.contains("--metrics-addr"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("watching pid"),
+        "it attached before checking the port: {stderr}"
+    );
+    let out = Command::new(support::LOOPGUARD)
+        .args([
+            "attach",
+            "--pid",
+            &server.pid.to_string(),
+            "--metrics-addr",
+            "nonsense",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not an address"), "{stderr}");
+    server.get("/fast");
+}
