@@ -17,10 +17,12 @@ use loopguard_common::{Counter, ThreadPolls, usdt};
 
 use crate::attribute::RequestTracker;
 use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
-use crate::detect::{Finding, Stall, StallDetector};
-use crate::discover::{ProbeTarget, proc};
+use crate::detect::{Finding, Stall, StallDetector, StallKind};
+use crate::discover::waits::WaitKind;
+use crate::discover::{ProbeTarget, WatchMode, proc};
 use crate::export::live::{BusyTracker, stuck_polls};
-use crate::export::{LiveState, Metrics, StallKind};
+use crate::export::{BlockingKind, LiveState, Metrics};
+use crate::loops::LoopDetector;
 use crate::report::{self, Format, StallContext};
 use crate::summary::{RequestSummary, Summary};
 
@@ -34,6 +36,9 @@ pub struct WatchOptions {
     pub requests: bool,
     /// Where findings and live values go for `/metrics` (`--metrics-addr`).
     pub metrics: Option<Arc<Metrics>>,
+    /// Name patterns of the threads that count as event loops
+    /// (`--loop-threads`); every thread that waits for events when empty.
+    pub loop_threads: Vec<String>,
 }
 
 /// Why watching stopped.
@@ -134,6 +139,7 @@ const METRICS_REFRESH: Duration = Duration::from_millis(200);
 /// Everything one watch keeps between events.
 struct Session<'t> {
     detector: StallDetector,
+    loops: LoopDetector,
     requests: RequestTracker,
     printer: Printer<'t>,
     summary: Summary,
@@ -154,13 +160,19 @@ impl Session<'_> {
         let stall = match finding {
             Finding::InProgress(stall) | Finding::Finished { stall, .. } => stall,
         };
+        if stall.kind == StallKind::Poll {
+            self.loops.note_poll_stall(stall.tid, stall.start_ns);
+        }
         let context = self.printer.context(stall, &self.requests);
         if let Finding::Finished { stall, .. } = finding {
             self.requests
                 .record_stall(context.request.as_ref(), stall.duration_ns);
             if let Some(feed) = &self.metrics {
                 feed.metrics.record(
-                    StallKind::Stall,
+                    match stall.kind {
+                        StallKind::Poll => BlockingKind::Stall,
+                        StallKind::Loop => BlockingKind::Loop,
+                    },
                     context.request.as_ref(),
                     stall.duration_ns,
                     context.victim_count,
@@ -196,6 +208,14 @@ impl Session<'_> {
                         self.report(&finding);
                     }
                 }
+                RawEvent::LoopBusy(busy) => {
+                    let pid = self.printer.target.pid;
+                    if let Some(finding) =
+                        self.loops.on_busy(busy, |tid| proc::thread_name(pid, tid))
+                    {
+                        self.report(&finding);
+                    }
+                }
                 RawEvent::RequestStart { request, layout } => {
                     if self.check_layout(*layout) {
                         if let Some(feed) = &self.metrics {
@@ -224,6 +244,16 @@ impl Session<'_> {
         let now_ns = monotonic_ns();
         let threads = collector.snapshot();
         for finding in self.detector.on_snapshot(now_ns, &threads) {
+            self.report(&finding);
+        }
+        let pid = self.printer.target.pid;
+        let loop_threads = collector.loop_snapshot();
+        for finding in self
+            .loops
+            .on_snapshot(now_ns, &loop_threads, &threads, |tid| {
+                proc::thread_name(pid, tid)
+            })
+        {
             self.report(&finding);
         }
         let due = self.metrics.as_ref().is_some_and(|feed| {
@@ -302,30 +332,62 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
     } else {
         format!("{request_sites} request probe sites")
     };
+    let sites = &target.wait_sites;
+    let epoll_sites = sites.iter().filter(|s| s.kind == WaitKind::Epoll).count();
+    let park_sites = sites.len() - epoll_sites;
+    let mut wait_functions: Vec<&str> = sites.iter().map(|site| site.name.as_str()).collect();
+    wait_functions.sort_unstable();
+    wait_functions.dedup();
+    let (mode, why) = match &target.mode {
+        WatchMode::Tokio => ("tokio", None),
+        WatchMode::LoopOnly { why } => ("loop", Some(why.as_str())),
+    };
     match options.format {
         Format::Json => print_line(
             &json!({
                 "type": "attached",
                 "pid": target.pid,
                 "exe": target.exe.display_path,
+                "mode": mode,
+                "loop_only_reason": why,
                 "poll_functions": copies.len(),
                 "task_ids_verified": verified,
                 "blocking_pool_functions_unprobed": blocking_pool,
                 "probes": probe_count,
                 "request_probe_sites": request_sites,
                 "request_probes_attached": options.requests && request_sites > 0,
+                "wait_sites": sites.len(),
+                "wait_functions": wait_functions,
                 "threshold_ms": options.threshold_ns as f64 / 1e6,
             })
             .to_string(),
         ),
-        Format::Text => eprintln!(
-            "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}; threshold {} ms; Ctrl+C to stop",
-            target.pid,
-            target.exe.display_path,
-            copies.len() - blocking_pool,
-            verified - blocking_pool,
-            options.threshold_ns / 1_000_000,
-        ),
+        Format::Text => {
+            let waits = if sites.is_empty() {
+                "no epoll wait found, so stalls outside task polls are not seen".to_owned()
+            } else {
+                format!(
+                    "{epoll_sites} epoll and {park_sites} Tokio park wait sites ({})",
+                    wait_functions.join(", ")
+                )
+            };
+            match why {
+                None => eprintln!(
+                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; threshold {} ms; Ctrl+C to stop",
+                    target.pid,
+                    target.exe.display_path,
+                    copies.len() - blocking_pool,
+                    verified - blocking_pool,
+                    options.threshold_ns / 1_000_000,
+                ),
+                Some(why) => eprintln!(
+                    "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; threshold {} ms; Ctrl+C to stop",
+                    target.pid,
+                    target.exe.display_path,
+                    options.threshold_ns / 1_000_000,
+                ),
+            }
+        }
     }
     if verified < copies.len() {
         tracing::warn!(
@@ -345,6 +407,7 @@ pub async fn watch(
     let started = Instant::now();
     let mut session = Session {
         detector: StallDetector::new(options.threshold_ns),
+        loops: LoopDetector::new(options.threshold_ns, options.loop_threads.clone()),
         requests: RequestTracker::new(REQUESTS_TRACKED),
         printer: Printer {
             target,
@@ -396,7 +459,7 @@ pub async fn watch(
     // The endpoint stays up until loopguard exits: a last scrape sees the totals.
     session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
     let mut summary = session.summary;
-    summary.unfinished = session.detector.unfinished();
+    summary.unfinished = session.detector.unfinished() + session.loops.unfinished();
     summary.counters = collector.counters();
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();

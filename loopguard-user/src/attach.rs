@@ -252,6 +252,47 @@ fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
     ((index as u64) << 32) | verified | (copy.id_offset().unwrap_or(0) & COOKIE_ID_OFFSET_MASK)
 }
 
+/// The wait probes on every wait site (returns first: an entry recorded
+/// without its return would look like a thread waiting forever, which is
+/// harmless, but the other order would miss the first return).
+fn attach_waits(
+    ebpf: &mut Ebpf,
+    target: &ProbeTarget,
+    scope: UProbeScope,
+    links: &mut UProbeLinks,
+) -> Result<(), AttachError> {
+    if target.wait_sites.is_empty() {
+        return Ok(());
+    }
+    let pid = target.pid;
+    for program in [names::WAIT_EXIT, names::WAIT_ENTER] {
+        let uprobe = loaded_uprobe(ebpf, program)?;
+        for site in &target.wait_sites {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
+                cookie: None,
+            };
+            let link = uprobe
+                .attach(point, &site.probe_path, scope)
+                .and_then(|id| uprobe.take_link(id))
+                .map_err(|source| {
+                    if proc::is_alive(pid) {
+                        AttachError::Probe {
+                            program,
+                            path: site.display_path.clone(),
+                            offset: site.file_offset,
+                            source: Box::new(source),
+                        }
+                    } else {
+                        AttachError::ProcessExited { pid }
+                    }
+                })?;
+            links.0.push(link);
+        }
+    }
+    Ok(())
+}
+
 /// Loads and attaches everything for `target`.
 /// `requests`: also attach to the middleware's USDT sites.
 pub fn attach(
@@ -315,6 +356,7 @@ pub fn attach(
     if requests {
         attach_usdt(&mut ebpf, target, scope, &mut links)?;
     }
+    attach_waits(&mut ebpf, target, scope, &mut links)?;
 
     let program = names::THREAD_EXIT;
     let tracepoint: &mut RawTracePoint = ebpf

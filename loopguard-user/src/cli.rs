@@ -93,6 +93,11 @@ pub struct WatchArgs {
     /// How often (ms) in-flight polls are checked for stalls still in progress.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub scan_interval_ms: u64,
+    /// Only threads with these names count as event loops (comma-separated;
+    /// a trailing `*` matches a prefix: `node,python*`). By default every
+    /// thread that waits for events in epoll or Tokio's park is one.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub loop_threads: Vec<String>,
     /// Serve Prometheus metrics at `http://ADDR/metrics` while watching. A bare
     /// port (`9464`) binds 127.0.0.1 only; listening elsewhere is explicit
     /// (`0.0.0.0:9464`). Checked before anything is attached.

@@ -26,6 +26,7 @@ fn watch_options(args: &WatchArgs) -> WatchOptions {
         scan_interval: Duration::from_millis(args.scan_interval_ms),
         requests: !args.no_requests,
         metrics: None,
+        loop_threads: args.loop_threads.clone(),
     }
 }
 

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::attribute::Request;
-use crate::detect::{Finding, Stall};
+use crate::detect::{Finding, Stall, StallKind};
 use crate::summary::{RequestSummary, Summary};
 
 /// Output format chosen on the command line.
@@ -56,6 +56,7 @@ pub fn finding_json(
     };
     let mut object = json!({
         "type": kind,
+        "kind": stall.kind.as_str(),
         "pid": pid,
         "tid": stall.tid,
         "thread": context.thread,
@@ -81,6 +82,12 @@ pub fn finding_json(
 /// The text line for a finding.
 pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext) -> String {
     let (label, stall, verb) = match finding {
+        Finding::InProgress(stall) if stall.kind == StallKind::Loop => {
+            ("LOOP STALL IN PROGRESS", stall, "blocked for")
+        }
+        Finding::Finished { stall, .. } if stall.kind == StallKind::Loop => {
+            ("LOOP STALL", stall, "blocked")
+        }
         Finding::InProgress(stall) => ("STALL IN PROGRESS", stall, "blocked for"),
         Finding::Finished { stall, .. } => ("STALL", stall, "blocked"),
     };
@@ -119,6 +126,9 @@ fn request_text(context: &StallContext) -> String {
 }
 
 fn task_label(stall: &Stall) -> String {
+    if stall.kind == StallKind::Loop {
+        return "its event loop (outside any task poll)".to_owned();
+    }
     match stall.task_id {
         Some(id) => format!("task {id}"),
         None => format!("task@{:#x}", stall.header),
@@ -268,6 +278,7 @@ mod tests {
 
     fn stall() -> Stall {
         Stall {
+            kind: crate::detect::StallKind::Poll,
             tid: 42,
             task_id: Some(8812),
             header: 0xdead_0000,

@@ -207,6 +207,7 @@ mod tests {
     #[test]
     fn summary_keeps_the_longest_stall() {
         let stall = |duration_ns| Stall {
+            kind: crate::detect::StallKind::Poll,
             tid: 1,
             task_id: None,
             header: 0,

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::{build, cmd};
+use crate::{build, cmd, setup};
 
 const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -77,6 +77,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 "-C relocation-model=static -C link-arg=-no-pie",
             ),
     )?;
+    let python = setup::python_with_uvicorn()?;
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
     let mut failed = Vec::new();
@@ -96,6 +97,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                     "LOOPGUARD_SERVER_NOPIE",
                     nopie_dir.join(HOST_TARGET).join("release/stall-server"),
                 )
+                .env("LOOPGUARD_PYTHON", &python)
                 .env("RUST_LOG", "info"),
         );
         if let Err(error) = result {
@@ -110,7 +112,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 /// The end-to-end test files of the agent (`loopguard-user/tests/*.rs`).
-const E2E_TESTS: &[&str] = &["e2e", "metrics"];
+const E2E_TESTS: &[&str] = &["e2e", "metrics", "loops"];
 
 /// Clippy for the eBPF crate, which only builds for the BPF target on nightly.
 fn ebpf_clippy() -> Command {

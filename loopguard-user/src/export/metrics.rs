@@ -28,7 +28,7 @@ use crate::summary::Histogram;
 
 /// What a finding was, as the `kind` label says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StallKind {
+pub enum BlockingKind {
     /// One task poll over the threshold.
     Stall,
     /// Many shorter polls adding up inside a window.
@@ -37,7 +37,7 @@ pub enum StallKind {
     Loop,
 }
 
-impl StallKind {
+impl BlockingKind {
     pub fn label(self) -> &'static str {
         match self {
             Self::Stall => "stall",
@@ -224,7 +224,7 @@ impl Metrics {
     /// A blocking event ended (or, for cumulative and loop, was raised).
     pub fn record(
         &self,
-        kind: StallKind,
+        kind: BlockingKind,
         culprit: Option<&Request>,
         duration_ns: u64,
         victims: usize,
@@ -235,7 +235,7 @@ impl Metrics {
         self.lag
             .with_label_values(&labels)
             .observe(duration_ns as f64 / 1e9);
-        if kind == StallKind::Stall {
+        if kind == BlockingKind::Stall {
             self.victims
                 .with_label_values(&[route.as_str(), method])
                 .observe(victims as f64);
@@ -479,9 +479,9 @@ mod tests {
     fn stalls_count_by_kind_route_and_method() {
         let metrics = metrics();
         let login = request(Some("/login"));
-        metrics.record(StallKind::Stall, Some(&login), 340_000_000, 4);
-        metrics.record(StallKind::Stall, Some(&login), 60_000_000, 0);
-        metrics.record(StallKind::Stall, None, 70_000_000, 0);
+        metrics.record(BlockingKind::Stall, Some(&login), 340_000_000, 4);
+        metrics.record(BlockingKind::Stall, Some(&login), 60_000_000, 0);
+        metrics.record(BlockingKind::Stall, None, 70_000_000, 0);
         let text = metrics.render();
         assert_eq!(
             sample(
@@ -628,8 +628,8 @@ mod tests {
     #[test]
     fn the_dashboard_and_the_rules_use_only_exported_names() {
         let metrics = metrics();
-        metrics.record(StallKind::Stall, Some(&request(Some("/login"))), 1, 1);
-        metrics.record(StallKind::Cumulative, None, 1, 0);
+        metrics.record(BlockingKind::Stall, Some(&request(Some("/login"))), 1, 1);
+        metrics.record(BlockingKind::Cumulative, None, 1, 0);
         metrics.request_started(&request(Some("/login")));
         metrics.set_live(LiveState {
             lost: vec![("ring_buffer_full", 0)],
