@@ -60,7 +60,7 @@ pub enum DiscoverError {
     #[error("{path} is not mapped in pid {pid}; the process may be exiting")]
     NotMapped { pid: u32, path: String },
     #[error(
-        "{path} (pid {pid}) is not a Tokio program loopguard can read ({why}), and it maps no C library with epoll_wait, so it has no event loop loopguard can watch; point --pid at the process that runs the event loop"
+        "{path} (pid {pid}) has nothing loopguard can watch: {why}; point --pid at the process that runs a Tokio runtime or an event loop (asyncio, Node.js, ...)"
     )]
     NoEventLoop { pid: u32, path: String, why: String },
 }
@@ -94,10 +94,26 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     let exe = proc::executable(pid).map_err(|error| io_error(pid, "/proc/PID/exe", error))?;
     let data =
         std::fs::read(&exe.probe_path).map_err(|error| io_error(pid, &exe.display_path, error))?;
+    let tokio_version = version::tokio_version(&data);
     let (binary, mode) = match elf::analyze(&data) {
         Ok(binary) => (binary, WatchMode::Tokio),
+        // A Tokio program whose task polls cannot be found: loop mode would
+        // take its parked workers (a futex, not epoll, and no park symbol to
+        // tell) for busy ones. Refuse, with the fix.
+        Err(ElfError::Stripped) if tokio_version.is_some() || version::mentions_tokio(&data) => {
+            return Err(DiscoverError::Stripped {
+                pid,
+                path: exe.display_path,
+            });
+        }
+        Err(ElfError::NoTaskPoll) => {
+            return Err(DiscoverError::NoTaskPoll {
+                pid,
+                path: exe.display_path,
+            });
+        }
         // Not Tokio, or unreadable as such: the wait path may still watch it.
-        Err(error @ (ElfError::Stripped | ElfError::NotTokio | ElfError::NoTaskPoll)) => (
+        Err(error @ (ElfError::Stripped | ElfError::NotTokio)) => (
             BinaryInfo::default(),
             WatchMode::LoopOnly {
                 why: loop_only_reason(&error),
@@ -120,21 +136,30 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
         });
     }
     let wait_sites = find_wait_sites(pid, &exe, &data, &maps, mode == WatchMode::Tokio);
-    if let WatchMode::LoopOnly { why } = &mode
-        && !wait_sites.iter().any(|site| site.kind == WaitKind::Epoll)
-    {
-        return Err(DiscoverError::NoEventLoop {
-            pid,
-            path: exe.display_path,
-            why: why.clone(),
-        });
+    if let WatchMode::LoopOnly { why } = &mode {
+        // Every C library exports epoll_wait: only a process that has an
+        // epoll instance open runs an event loop.
+        let reason = if !wait_sites.iter().any(|site| site.kind == WaitKind::Epoll) {
+            Some("it maps no C library with epoll_wait")
+        } else if !proc::has_epoll_fd(pid) {
+            Some("it has no epoll instance open")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(DiscoverError::NoEventLoop {
+                pid,
+                path: exe.display_path,
+                why: format!("{why}, and {reason}"),
+            });
+        }
     }
     Ok(ProbeTarget {
         pid,
         exe,
         binary,
         mappings,
-        tokio_version: version::tokio_version(&data),
+        tokio_version,
         mode,
         wait_sites,
     })
@@ -142,10 +167,7 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
 
 fn loop_only_reason(error: &ElfError) -> String {
     match error {
-        ElfError::Stripped => "no symbol table: the binary is stripped".to_owned(),
-        ElfError::NoTaskPoll => {
-            "Tokio symbols but no copy of `tokio::runtime::task::raw::poll`".to_owned()
-        }
+        ElfError::Stripped => "no symbol table (stripped), and no sign of Tokio".to_owned(),
         _ => "no Tokio symbols".to_owned(),
     }
 }
