@@ -29,6 +29,11 @@ pub mod names {
     pub const WAIT_ENTER: &str = "wait_enter";
     /// uretprobe on the same functions.
     pub const WAIT_EXIT: &str = "wait_exit";
+    /// Raw tracepoint `sys_enter`: epoll waits as syscalls, for programs
+    /// whose wrappers cannot be probed.
+    pub const WAIT_SYSCALL_ENTER: &str = "wait_syscall_enter";
+    /// Raw tracepoint `sys_exit`, the other half.
+    pub const WAIT_SYSCALL_EXIT: &str = "wait_syscall_exit";
     /// Per-thread wait state of event-loop threads, keyed by tid.
     pub const THREAD_LOOPS: &str = "THREAD_LOOPS";
 

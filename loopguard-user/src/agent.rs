@@ -15,6 +15,7 @@ use serde_json::json;
 
 use loopguard_common::{Counter, ThreadPolls, usdt};
 
+use crate::attach::{WaitPath, WaitProbes};
 use crate::attribute::RequestTracker;
 use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
 use crate::detect::{Finding, Stall, StallDetector, StallKind};
@@ -39,6 +40,8 @@ pub struct WatchOptions {
     /// Name patterns of the threads that count as event loops
     /// (`--loop-threads`); every thread that waits for events when empty.
     pub loop_threads: Vec<String>,
+    /// How the wait path is probed (`--wait-probes`).
+    pub wait_probes: WaitProbes,
 }
 
 /// Why watching stopped.
@@ -320,7 +323,12 @@ fn print_line(line: &str) {
 }
 
 /// Announces the attachment: JSON on stdout, text on stderr.
-pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchOptions) {
+pub fn print_attached(
+    target: &ProbeTarget,
+    probe_count: usize,
+    wait_path: WaitPath,
+    options: &WatchOptions,
+) {
     let copies = &target.binary.poll_copies;
     let verified = copies.iter().filter(|copy| copy.layout.is_some()).count();
     let blocking_pool = copies.iter().filter(|copy| copy.is_blocking_pool()).count();
@@ -358,18 +366,26 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
                 "request_probes_attached": options.requests && request_sites > 0,
                 "wait_sites": sites.len(),
                 "wait_functions": wait_functions,
+                "wait_probes": wait_path.as_str(),
                 "threshold_ms": options.threshold_ns as f64 / 1e6,
             })
             .to_string(),
         ),
         Format::Text => {
-            let waits = if sites.is_empty() {
-                "no epoll wait found, so stalls outside task polls are not seen".to_owned()
-            } else {
-                format!(
-                    "{epoll_sites} epoll and {park_sites} Tokio park wait sites ({})",
+            let waits = match wait_path {
+                WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
+                WaitPath::Tracepoints => format!(
+                    "epoll waits seen on the syscall tracepoints{}",
+                    if park_sites > 0 {
+                        format!(" and {park_sites} Tokio park sites")
+                    } else {
+                        String::new()
+                    }
+                ),
+                WaitPath::Uprobes { .. } => format!(
+                    "wait uprobes on {epoll_sites} epoll and {park_sites} Tokio park sites ({})",
                     wait_functions.join(", ")
-                )
+                ),
             };
             match why {
                 None => eprintln!(

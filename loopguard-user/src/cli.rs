@@ -93,6 +93,13 @@ pub struct WatchArgs {
     /// How often (ms) in-flight polls are checked for stalls still in progress.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub scan_interval_ms: u64,
+    /// How event-loop waits are seen: `uprobe` on the C library's epoll
+    /// wrappers (costs nothing outside the target, misses programs that make
+    /// the syscall themselves), `tracepoint` on every syscall's entry and exit
+    /// (sees every wait, but runs for every process on the host), `auto`
+    /// (uprobes where the wrappers exist), or `off`.
+    #[arg(long, value_enum, default_value_t = crate::attach::WaitProbes::Auto)]
+    pub wait_probes: crate::attach::WaitProbes,
     /// Only threads with these names count as event loops (comma-separated;
     /// a trailing `*` matches a prefix: `node,python*`). By default every
     /// thread that waits for events in epoll or Tokio's park is one.

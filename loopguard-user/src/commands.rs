@@ -27,6 +27,7 @@ fn watch_options(args: &WatchArgs) -> WatchOptions {
         requests: !args.no_requests,
         metrics: None,
         loop_threads: args.loop_threads.clone(),
+        wait_probes: args.wait_probes,
     }
 }
 
@@ -83,7 +84,12 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
         blocking_ranges = target.binary.blocking_ranges.len(),
         "discovered target"
     );
-    let probes = attach::attach(&target, options.threshold_ns, options.requests)?;
+    let probes = attach::attach(
+        &target,
+        options.threshold_ns,
+        options.requests,
+        options.wait_probes,
+    )?;
     tracing::info!(probes = probes.probe_count, "attached");
     Ok((target, probes))
 }
@@ -96,7 +102,7 @@ async fn watch_and_detach(
     stop: impl Future<Output = StopReason>,
 ) -> Result<u64, Error> {
     let mut collector = Collector::new(&mut probes.ebpf)?;
-    agent::print_attached(&target, probes.probe_count, options);
+    agent::print_attached(&target, probes.probe_count, probes.wait_path, options);
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;

@@ -128,12 +128,18 @@ fn blocks_under_traffic(addr: SocketAddr, path: &str, count: usize) -> Vec<f64> 
 
 /// Attaches to a non-Tokio event loop, blocks it three times under fast
 /// traffic, and checks one loop stall per block and nothing else.
-fn watches_a_foreign_loop(server: &Foreign, path: &str) {
-    let agent = Agent::attach(server.pid(), &[]);
+fn watches_a_foreign_loop(server: &Foreign, path: &str, wait_probes: &str) {
+    let agent = Agent::attach(server.pid(), &["--wait-probes", wait_probes]);
     let attached = agent.wait_for("attached", Duration::from_secs(1), |v| {
         v["type"] == "attached"
     });
     assert_eq!(attached.value["mode"], "loop", "{}", attached.value);
+    let chosen = if wait_probes == "tracepoint" {
+        "syscall tracepoints"
+    } else {
+        "uprobes"
+    };
+    assert_eq!(attached.value["wait_probes"], chosen, "{}", attached.value);
     let programs = agent.programs();
     let blocked = blocks_under_traffic(server.addr, path, 3);
     std::thread::sleep(Duration::from_millis(200));
@@ -156,7 +162,7 @@ fn watches_a_foreign_loop(server: &Foreign, path: &str) {
 fn uvicorn_time_sleep_is_a_loop_stall() {
     require_root();
     let server = uvicorn();
-    watches_a_foreign_loop(&server, "/sleep?ms=300");
+    watches_a_foreign_loop(&server, "/sleep?ms=300", "auto");
 }
 
 #[test]
@@ -164,7 +170,15 @@ fn uvicorn_time_sleep_is_a_loop_stall() {
 fn node_busy_loop_is_a_loop_stall() {
     require_root();
     let server = node();
-    watches_a_foreign_loop(&server, "/busy?ms=300");
+    watches_a_foreign_loop(&server, "/busy?ms=300", "auto");
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example builds and node; run `cargo xtask test`"]
+fn node_busy_loop_on_the_syscall_tracepoints() {
+    require_root();
+    let server = node();
+    watches_a_foreign_loop(&server, "/busy?ms=300", "tracepoint");
 }
 
 /// A `block_on` body that blocks is a loop stall, reported once; a handler
