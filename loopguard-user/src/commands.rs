@@ -106,7 +106,17 @@ async fn watch_and_detach(
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;
-    probes.detach(|done, total| eprintln!("loopguard: detaching: {done}/{total} probes removed"));
+    let started = std::time::Instant::now();
+    probes.detach(|done, total| {
+        if done == total {
+            eprintln!(
+                "loopguard: detached: all {total} probes removed in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        } else {
+            eprintln!("loopguard: detaching: {done}/{total} probes removed");
+        }
+    });
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
     Ok(outcome.summary.stalls)
 }
