@@ -94,15 +94,26 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
     Ok((target, probes))
 }
 
+/// Opens the maps and announces the attachment (before `run` lets its
+/// command go, so the `attached` line comes first).
+fn announce(
+    target: &ProbeTarget,
+    probes: &mut AttachedProbes,
+    options: &WatchOptions,
+) -> Result<Collector, Error> {
+    let collector = Collector::new(&mut probes.ebpf)?;
+    agent::print_attached(target, probes.probe_count, probes.wait_path, options);
+    Ok(collector)
+}
+
 /// Watches, then detaches and prints the summary; returns the stall count.
 async fn watch_and_detach(
     target: ProbeTarget,
-    mut probes: AttachedProbes,
+    probes: AttachedProbes,
+    mut collector: Collector,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
 ) -> Result<u64, Error> {
-    let mut collector = Collector::new(&mut probes.ebpf)?;
-    agent::print_attached(&target, probes.probe_count, probes.wait_path, options);
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;
@@ -128,7 +139,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let listener = bind_metrics(&args.watch)?;
     let runtime = runtime()?;
     runtime.block_on(async {
-        let (target, probes) = prepare(args.pid, &options)?;
+        let (target, mut probes) = prepare(args.pid, &options)?;
         serve_metrics(
             listener,
             &args.watch,
@@ -150,7 +161,8 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
                 () = sleep_for(duration) => StopReason::DurationElapsed,
             }
         };
-        watch_and_detach(target, probes, &options, stop).await?;
+        let collector = announce(&target, &mut probes, &options)?;
+        watch_and_detach(target, probes, collector, &options, stop).await?;
         Ok(0)
     })
 }
@@ -182,7 +194,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let stopped = launch::launch_stopped(&args.command)?;
         let pid = stopped.pid();
         let prepared = prepare(pid, &options);
-        let (target, probes) = match prepared {
+        let (target, mut probes) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 // Never leave a stopped, traced child behind.
@@ -192,18 +204,23 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 return Err(error);
             }
         };
-        if let Err(error) = serve_metrics(
+        let started = serve_metrics(
             listener,
             &args.watch,
             &target,
             probes.probe_count,
             &mut options,
-        ) {
-            let mut child = stopped.child;
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(error);
-        }
+        )
+        .and_then(|()| announce(&target, &mut probes, &options));
+        let collector = match started {
+            Ok(collector) => collector,
+            Err(error) => {
+                let mut child = stopped.child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(error);
+            }
+        };
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {
@@ -247,7 +264,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let stalls = watch_and_detach(target, probes, &options, stop).await?;
+        let stalls = watch_and_detach(target, probes, collector, &options, stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await
