@@ -32,9 +32,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
-    EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS,
-    MAX_USDT_SITES, PollEvent, PollFrame, RequestEndEvent, RequestStartEvent, ThreadPolls,
-    UsdtArg, UsdtSpec, arg_kind, frame_flags,
+    EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS, MAX_USDT_SITES,
+    PollEvent, PollFrame, RequestEndEvent, RequestStartEvent, ThreadPolls, UsdtArg, UsdtSpec,
+    arg_kind, frame_flags,
     hist::{self, PollHistogram},
 };
 

@@ -8,22 +8,40 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::agent::Outcome;
 use crate::agent::{self, StopReason, WatchOptions};
 use crate::attach::{self, AttachedProbes};
-use crate::cli::{AttachArgs, RunArgs, WatchArgs};
+use crate::cli::{AttachArgs, ConfigArgs, FailOn, RunArgs};
 use crate::collect::Collector;
+use crate::config::Settings;
 use crate::discover::{self, ProbeTarget};
 use crate::error::{EXIT_STALL, Error};
 use crate::launch;
 use crate::preflight;
 
-fn watch_options(args: &WatchArgs) -> WatchOptions {
+fn watch_options(settings: &Settings) -> WatchOptions {
     WatchOptions {
-        threshold_ns: args.threshold_ms * 1_000_000,
-        format: args.format,
-        scan_interval: Duration::from_millis(args.scan_interval_ms),
-        requests: !args.no_requests,
+        detect: settings.detect(),
+        routes: settings.route_filter(),
+        format: settings.format,
+        scan_interval: Duration::from_millis(settings.scan_interval_ms.unsigned_abs()),
+        requests: settings.requests,
     }
+}
+
+/// `loopguard config`: prints the effective configuration.
+pub fn config(args: &ConfigArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, args.file.as_deref(), args.fail_on.as_deref())?;
+    print!("{}", settings.to_toml());
+    Ok(0)
+}
+
+/// What `run` fails on: `--fail-on`, `--fail-on-stall`, or the file's `fail_on`.
+fn fail_on_flags(args: &RunArgs) -> Option<Vec<FailOn>> {
+    if args.fail_on_stall {
+        return Some(vec![FailOn::Stall]);
+    }
+    args.fail_on.clone()
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -42,18 +60,20 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
         blocking_ranges = target.binary.blocking_ranges.len(),
         "discovered target"
     );
-    let probes = attach::attach(&target, options.threshold_ns, options.requests)?;
+    let floor_ns = options.detect.report_floor_ns();
+    tracing::info!(report_floor_ns = floor_ns, "kernel report floor");
+    let probes = attach::attach(&target, floor_ns, options.requests)?;
     tracing::info!(probes = probes.probe_count, "attached");
     Ok((target, probes))
 }
 
-/// Watches, then detaches and prints the summary; returns the stall count.
+/// Watches, then detaches and prints the summary.
 async fn watch_and_detach(
     target: ProbeTarget,
     mut probes: AttachedProbes,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
-) -> Result<u64, Error> {
+) -> Result<Outcome, Error> {
     let mut collector = Collector::new(&mut probes.ebpf)?;
     agent::print_attached(&target, probes.probe_count, options);
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
@@ -61,17 +81,18 @@ async fn watch_and_detach(
     let total = probes.probe_count;
     probes.detach(|done, total| eprintln!("loopguard: detaching: {done}/{total} probes removed"));
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
-    Ok(outcome.summary.stalls)
+    Ok(outcome)
 }
 
 /// `loopguard attach`.
 pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, None, None)?;
     preflight::check()?;
-    let options = watch_options(&args.watch);
+    let options = watch_options(&settings);
     let runtime = runtime()?;
     runtime.block_on(async {
         let (target, probes) = prepare(args.pid, &options)?;
-        let duration = args.watch.duration;
+        let duration = settings.duration_s.map(i64::unsigned_abs);
         let stop = async move {
             let (Ok(mut interrupt), Ok(mut terminate)) = (
                 signal(SignalKind::interrupt()),
@@ -109,8 +130,9 @@ const FORWARDED: [libc::c_int; 6] = [
 
 /// `loopguard run`.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
     preflight::check()?;
-    let options = watch_options(&args.watch);
+    let options = watch_options(&settings);
     let runtime = runtime()?;
     runtime.block_on(async {
         let stopped = launch::launch_stopped(&args.command)?;
@@ -142,7 +164,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 }
             });
         }
-        let duration = args.watch.duration;
+        let duration = settings.duration_s.map(i64::unsigned_abs);
         let mut child_exit = exit_rx.clone();
         // Set when --duration's SIGTERM goes out. The watch loop may see the
         // child die (and stop) before this future returns, so the stop reason
@@ -169,7 +191,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let stalls = watch_and_detach(target, probes, &options, stop).await?;
+        let outcome = watch_and_detach(target, probes, &options, stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await
@@ -185,7 +207,11 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 launch::exit_code(status)
             }
         });
-        Ok(if args.fail_on_stall && stalls > 0 && code == 0 {
+        let block = outcome.offending.block(&settings.fail_on);
+        if let Some(block) = &block {
+            eprintln!("{block}");
+        }
+        Ok(if block.is_some() && code == 0 {
             EXIT_STALL
         } else {
             code
