@@ -72,9 +72,11 @@ pub const fn upper_ns(slot: u32) -> u64 {
 pub struct PollHistogram {
     /// Worker polls whose duration fell in each slot.
     pub slots: [u64; SLOTS as usize],
+    /// ns, the sum of every counted poll's duration (Prometheus `_sum`).
+    pub sum_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PollHistogram>() == 8 * SLOTS as usize);
+const _: () = assert!(core::mem::size_of::<PollHistogram>() == 8 * SLOTS as usize + 8);
 
 #[cfg(test)]
 mod tests {

@@ -17,6 +17,10 @@
 //! The agent reads `THREAD_POLLS` directly to see polls that are still stuck.
 #![no_std]
 #![no_main]
+// The BPF target has no atomic read-modify-write types, but LLVM lowers
+// this intrinsic to the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     EbpfContext,
@@ -28,7 +32,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
@@ -75,12 +79,17 @@ fn target_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&raw const CONFIG.target_tgid) }
 }
 
-/// Adds 1 to a per-CPU slot atomically: a program can be preempted by
-/// another on the same CPU, and a plain `+= 1` would lose one of the two.
+/// Adds `n` to a per-CPU slot atomically: a program can be preempted by
+/// another on the same CPU, and a plain `+=` would lose one of the two.
+#[inline(always)]
+fn add(slot: *mut u64, n: u64) {
+    // SAFETY: `slot` is a valid, aligned map value pointer for this run.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
+}
+
 #[inline(always)]
 fn add_one(slot: *mut u64) {
-    // SAFETY: `slot` is a valid, aligned map value pointer for this run.
-    unsafe { AtomicU64::from_ptr(slot) }.fetch_add(1, Ordering::Relaxed);
+    add(slot, 1);
 }
 
 #[inline(always)]
@@ -101,6 +110,8 @@ fn count_poll(duration_ns: u64) {
     if let Some(count) = unsafe { (*histogram).slots.get_mut(slot as usize) } {
         add_one(count);
     }
+    // SAFETY: as above.
+    add(unsafe { &raw mut (*histogram).sum_ns }, duration_ns);
 }
 
 /// `i & (MAX_POLL_DEPTH - 1)`, opaque to LLVM: left to itself, LLVM drops

@@ -8,17 +8,20 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use loopguard_common::usdt;
+use loopguard_common::{Counter, ThreadPolls, usdt};
 
 use crate::alerts::{self, Offending};
 use crate::attribute::RequestTracker;
 use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
 use crate::detect::{Culprit, DetectSettings, Finding, RouteFilter, Stall, ThresholdEngine};
 use crate::discover::{ProbeTarget, proc};
+use crate::export::live::{BusyTracker, stuck_polls};
+use crate::export::{LiveState, Metrics, StallKind};
 use crate::report::{self, Format, StallContext};
 use crate::summary::{RequestSummary, Summary};
 
@@ -33,6 +36,8 @@ pub struct WatchOptions {
     pub scan_interval: Duration,
     /// Attach to the middleware's request probes (`--no-requests` turns it off).
     pub requests: bool,
+    /// Where findings and live values go for `/metrics` (`--metrics-addr`).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Why watching stopped.
@@ -151,6 +156,18 @@ impl Printer<'_> {
     }
 }
 
+/// Feeds the metrics the values only the kernel's maps hold.
+struct MetricsFeed {
+    metrics: Arc<Metrics>,
+    busy: BusyTracker,
+    names: HashMap<u32, String>,
+    last_refresh: Option<Instant>,
+}
+
+/// How often the live metrics (poll histogram, busy time, lost data) are
+/// read from the kernel: often enough for a 1 s scrape interval.
+const METRICS_REFRESH: Duration = Duration::from_millis(200);
+
 /// Everything one watch keeps between events.
 struct Session<'t> {
     engine: ThresholdEngine,
@@ -164,6 +181,7 @@ struct Session<'t> {
     events: Vec<RawEvent>,
     /// Request events whose probe layout this agent does not know.
     layout_mismatches: u64,
+    metrics: Option<MetricsFeed>,
 }
 
 /// How long a stop may take to explain a target's exit.
@@ -181,6 +199,17 @@ impl Session<'_> {
         if let Finding::Finished { stall, .. } = finding {
             self.requests
                 .record_stall(context.request.as_ref(), stall.duration_ns);
+            if let Some(feed) = &self.metrics {
+                feed.metrics.record(
+                    StallKind::Stall,
+                    context.request.as_ref(),
+                    stall.duration_ns,
+                    context.victim_count,
+                );
+            }
+        }
+        if let Some(feed) = &self.metrics {
+            tell_metrics(&feed.metrics, finding);
         }
         let excluded = context
             .request
@@ -227,6 +256,9 @@ impl Session<'_> {
                 }
                 RawEvent::RequestStart { request, layout } => {
                     if self.check_layout(*layout) {
+                        if let Some(feed) = &self.metrics {
+                            feed.metrics.request_started(request);
+                        }
                         self.requests.start(request.clone());
                     }
                 }
@@ -248,7 +280,8 @@ impl Session<'_> {
 
     fn scan(&mut self, collector: &Collector) {
         let now_ns = monotonic_ns();
-        for finding in self.engine.on_snapshot(now_ns, &collector.snapshot()) {
+        let threads = collector.snapshot();
+        for finding in self.engine.on_snapshot(now_ns, &threads) {
             self.report(&finding);
         }
         let interval = self.engine.settings().update_interval_ns();
@@ -258,6 +291,86 @@ impl Session<'_> {
                 self.report(&finding);
             }
         }
+        let due = self.metrics.as_ref().is_some_and(|feed| {
+            feed.last_refresh
+                .is_none_or(|last| last.elapsed() >= METRICS_REFRESH)
+        });
+        if due {
+            self.refresh_metrics(collector, now_ns, &threads);
+        }
+    }
+
+    /// Reads what only the kernel's maps hold into the metrics.
+    fn refresh_metrics(
+        &mut self,
+        collector: &Collector,
+        now_ns: u64,
+        threads: &[(u32, ThreadPolls)],
+    ) {
+        let Some(feed) = &mut self.metrics else {
+            return;
+        };
+        feed.last_refresh = Some(Instant::now());
+        let (stuck, longest) = stuck_polls(now_ns, self.engine.threshold_ns(), threads);
+        let pid = self.printer.target.pid;
+        let names = &mut feed.names;
+        let busy = feed.busy.update(now_ns, threads, |tid| {
+            names
+                .entry(tid)
+                .or_insert_with(|| proc::thread_name(pid, tid))
+                .clone()
+        });
+        names.retain(|tid, _| threads.iter().any(|(alive, _)| alive == tid));
+        let counters = collector.counters();
+        let tracker = &self.requests;
+        feed.metrics.set_live(LiveState {
+            histogram: collector.histogram(),
+            lost: vec![
+                ("ring_buffer_full", counters.get(Counter::DroppedEvents)),
+                (
+                    "return_without_entry",
+                    counters.get(Counter::UnmatchedReturns),
+                ),
+                ("poll_stack_overflow", counters.get(Counter::StackOverflow)),
+                ("thread_map_full", counters.get(Counter::ThreadMapFull)),
+                ("malformed_record", collector.malformed),
+                ("request_evicted", tracker.evicted),
+                ("request_end_without_start", tracker.unmatched_ends),
+                ("request_start_outside_poll", tracker.unattributable_starts),
+                ("request_probe_layout_mismatch", self.layout_mismatches),
+            ],
+            threads: busy,
+            requests_in_flight: tracker.in_flight() as u64,
+            stuck_polls: stuck,
+            stuck_longest_ns: longest,
+        });
+    }
+}
+
+/// What the metrics count of the threshold rules' findings (stalls are
+/// recorded with their context above).
+fn tell_metrics(metrics: &Metrics, finding: &Finding) {
+    match finding {
+        Finding::Cumulative(alert) => {
+            // Labelled with the request that blocked longest in the window.
+            let top = alert
+                .tasks
+                .iter()
+                .find_map(|t| t.request.as_ref())
+                .map(|c| crate::attribute::Request {
+                    id: c.id,
+                    method: c.method.clone(),
+                    route: Some(c.route.clone()),
+                    path: c.path.clone(),
+                    task_id: 0,
+                    start_ns: 0,
+                    end_ns: None,
+                    status: None,
+                });
+            metrics.record(StallKind::Cumulative, top.as_ref(), alert.blocked_ns, 0);
+        }
+        Finding::ThresholdChanged(change) => metrics.set_threshold_ns(change.to_ns),
+        Finding::InProgress(_) | Finding::Finished { .. } => {}
     }
 }
 
@@ -390,6 +503,15 @@ pub async fn watch(
         summary: Summary::default(),
         events: Vec::new(),
         layout_mismatches: 0,
+        metrics: options.metrics.as_ref().map(|metrics| {
+            metrics.set_threshold_ns(options.detect.threshold_ns);
+            MetricsFeed {
+                metrics: Arc::clone(metrics),
+                busy: BusyTracker::default(),
+                names: HashMap::new(),
+                last_refresh: None,
+            }
+        }),
     };
     let mut scan = tokio::time::interval(options.scan_interval);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -419,6 +541,8 @@ pub async fn watch(
         }
     };
     session.handle_events(collector);
+    // The endpoint stays up until loopguard exits: a last scrape sees the totals.
+    session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
     let mut summary = session.summary;
     summary.unfinished = session.engine.unfinished();
     summary.thresholds = session.engine.range();

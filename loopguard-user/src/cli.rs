@@ -15,6 +15,8 @@ EXAMPLES:
       One JSON object per line, for scripts (types: attached, stall_in_progress, stall, summary).
   sudo loopguard attach --pid 1234 --duration 60
       Watch for a minute, then print the summary and detach.
+  sudo loopguard attach --pid 1234 --metrics-addr 9464
+      Also serve Prometheus metrics at http://127.0.0.1:9464/metrics (loopguard_*).
   sudo loopguard run --fail-on stall,cumulative -- ./target/release/my-service --port 8080
       Start the service with the probes already in place; exit with its exit code,
       or 3 if any poll stalled or short blocks added up (a CI guard against blocking
@@ -148,6 +150,16 @@ pub struct WatchArgs {
     /// [default: /health,/healthz,/ready,/metrics].
     #[arg(long, value_delimiter = ',', value_name = "GLOBS")]
     pub exclude_routes: Option<Vec<String>>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while watching. A bare
+    /// port (`9464`) binds 127.0.0.1 only; listening elsewhere is explicit
+    /// (`0.0.0.0:9464`). Checked before anything is attached.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Route templates kept as metric labels; later ones are counted as
+    /// `other`, so the number of series stays bounded [default: 200].
+    #[arg(long, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub metrics_max_routes: Option<usize>,
     #[command(flatten)]
     pub adaptive: AdaptiveArgs,
     #[command(flatten)]

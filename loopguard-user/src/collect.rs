@@ -98,6 +98,7 @@ impl Collector {
                 for (total, count) in histogram.0.iter_mut().zip(cpu.slots) {
                     *total += count;
                 }
+                histogram.1 += cpu.sum_ns;
             }
         }
         histogram

@@ -16,6 +16,8 @@ use crate::collect::Collector;
 use crate::config::Settings;
 use crate::discover::{self, ProbeTarget};
 use crate::error::{EXIT_STALL, Error};
+use crate::export::server;
+use crate::export::{Metrics, TargetInfo};
 use crate::launch;
 use crate::preflight;
 
@@ -26,6 +28,7 @@ fn watch_options(settings: &Settings) -> WatchOptions {
         format: settings.format,
         scan_interval: Duration::from_millis(settings.scan_interval_ms.unsigned_abs()),
         requests: settings.requests,
+        metrics: None,
     }
 }
 
@@ -42,6 +45,45 @@ fn fail_on_flags(args: &RunArgs) -> Option<Vec<FailOn>> {
         return Some(vec![FailOn::Stall]);
     }
     args.fail_on.clone()
+}
+
+/// Binds `--metrics-addr` before anything is attached or started, so a bad
+/// address or a port in use fails first.
+fn bind_metrics(settings: &Settings) -> Result<Option<std::net::TcpListener>, Error> {
+    let Some(addr) = &settings.metrics_addr else {
+        return Ok(None);
+    };
+    Ok(Some(server::bind(server::parse_addr(addr)?)?))
+}
+
+/// Starts serving `/metrics` for `target` (inside the runtime).
+fn serve_metrics(
+    listener: Option<std::net::TcpListener>,
+    settings: &Settings,
+    target: &ProbeTarget,
+    probes: usize,
+    options: &mut WatchOptions,
+) -> Result<(), Error> {
+    let Some(listener) = listener else {
+        return Ok(());
+    };
+    let metrics = Arc::new(Metrics::new(
+        &TargetInfo {
+            pid: target.pid,
+            exe: target.exe.display_path.clone(),
+            tokio_version: target.tokio_version.clone(),
+        },
+        settings
+            .metrics_max_routes
+            .unwrap_or(crate::export::labels::DEFAULT_MAX_ROUTES),
+    ));
+    metrics.set_probes(probes);
+    if let Ok(addr) = listener.local_addr() {
+        eprintln!("loopguard: serving Prometheus metrics at http://{addr}/metrics");
+    }
+    server::serve(listener, Arc::clone(&metrics))?;
+    options.metrics = Some(metrics);
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -88,10 +130,18 @@ async fn watch_and_detach(
 pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, None)?;
     preflight::check()?;
-    let options = watch_options(&settings);
+    let mut options = watch_options(&settings);
+    let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let (target, probes) = prepare(args.pid, &options)?;
+        serve_metrics(
+            listener,
+            &settings,
+            &target,
+            probes.probe_count,
+            &mut options,
+        )?;
         let duration = settings.duration_s.map(i64::unsigned_abs);
         let stop = async move {
             let (Ok(mut interrupt), Ok(mut terminate)) = (
@@ -132,7 +182,8 @@ const FORWARDED: [libc::c_int; 6] = [
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
     preflight::check()?;
-    let options = watch_options(&settings);
+    let mut options = watch_options(&settings);
+    let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let stopped = launch::launch_stopped(&args.command)?;
@@ -148,6 +199,18 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 return Err(error);
             }
         };
+        if let Err(error) = serve_metrics(
+            listener,
+            &settings,
+            &target,
+            probes.probe_count,
+            &mut options,
+        ) {
+            let mut child = stopped.child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(error);
+        }
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {

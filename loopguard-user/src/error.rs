@@ -4,6 +4,7 @@ use crate::attach::AttachError;
 use crate::collect::CollectError;
 use crate::config::ConfigError;
 use crate::discover::DiscoverError;
+use crate::export::ExportError;
 use crate::launch::LaunchError;
 use crate::preflight::PreflightError;
 
@@ -32,6 +33,8 @@ pub enum Error {
     Launch(#[from] LaunchError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -45,8 +48,15 @@ impl Error {
             Self::Discover(_)
             | Self::Launch(LaunchError::Spawn { .. })
             | Self::Attach(AttachError::ProcessExited { .. }) => EXIT_TARGET,
-            Self::Config(_) => EXIT_USAGE,
-            Self::Attach(_) | Self::Collect(_) | Self::Launch(_) | Self::Runtime(_) => EXIT_FAILURE,
+            Self::Config(_)
+            | Self::Export(ExportError::BadAddress { .. } | ExportError::InUse { .. }) => {
+                EXIT_USAGE
+            }
+            Self::Attach(_)
+            | Self::Collect(_)
+            | Self::Launch(_)
+            | Self::Export(_)
+            | Self::Runtime(_) => EXIT_FAILURE,
         }
     }
 }

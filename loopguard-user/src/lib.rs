@@ -4,7 +4,8 @@
 //! [`discover`] (pid → ELF and `/proc` → [`discover::ProbeTarget`]) →
 //! [`attach`] (→ [`attach::AttachedProbes`]) → [`collect`] (ring buffer and
 //! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) →
-//! [`report`] (text or JSON lines) and [`summary`].
+//! [`report`] (text or JSON lines) and [`summary`], and [`export`]
+//! (Prometheus metrics served over HTTP).
 //! [`config`] merges flags and the TOML file into the settings the rules
 //! run with; [`alerts`] renders what the threshold rules find.
 //! [`agent`] runs the loop, [`commands`] the subcommands, [`launch`] starts
@@ -22,6 +23,7 @@ pub mod config;
 pub mod detect;
 pub mod discover;
 pub mod error;
+pub mod export;
 pub mod launch;
 pub mod preflight;
 pub mod report;

@@ -20,11 +20,14 @@ impl Counters {
 /// Histogram of worker poll durations, in the kernel's slots
 /// ([`loopguard_common::hist`]: each power of two split in eight).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Histogram(pub Vec<u64>);
+pub struct Histogram(pub Vec<u64>, pub SumNs);
+
+/// ns, the sum of every counted poll's duration.
+pub type SumNs = u64;
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self(vec![0; hist::SLOTS as usize])
+        Self(vec![0; hist::SLOTS as usize], 0)
     }
 }
 
@@ -73,6 +76,7 @@ impl Histogram {
                 .zip(earlier.0.iter().chain(std::iter::repeat(&0)))
                 .map(|(now, then)| now.saturating_sub(*then))
                 .collect(),
+            self.1.saturating_sub(earlier.1),
         )
     }
 }

@@ -9,7 +9,8 @@ use anyhow::Context;
 use crate::cmd;
 
 /// Debian packages: LLVM 22 for bpf-linker, wrk for load, bpftool to check
-/// that detaching leaves no programs behind.
+/// that detaching leaves no programs behind, Prometheus (and its promtool)
+/// for the metrics end-to-end test.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -17,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "wrk",
     "bpftool",
+    "prometheus",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -204,6 +204,12 @@ impl Settings {
         if let Some(kinds) = fail_on {
             self.fail_on = kinds.to_vec();
         }
+        if args.metrics_addr.is_some() {
+            self.metrics_addr.clone_from(&args.metrics_addr);
+        }
+        if args.metrics_max_routes.is_some() {
+            self.metrics_max_routes = args.metrics_max_routes;
+        }
         let (a, fa) = (&mut self.adaptive, &args.adaptive);
         if fa.adaptive {
             a.enabled = true;

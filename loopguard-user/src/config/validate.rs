@@ -148,6 +148,14 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if s.metrics_max_routes == Some(0) {
+        return Err(invalid(
+            "metrics_max_routes",
+            "--metrics-max-routes",
+            0,
+            "must be positive (routes kept as metric labels)",
+        ));
+    }
     let capacity = a.window_s.saturating_mul(MAX_POLLS_PER_S);
     if a.min_samples > capacity {
         return Err(invalid(

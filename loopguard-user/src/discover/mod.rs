@@ -2,12 +2,14 @@
 //!
 //! Reads the executable through `/proc/PID/exe`, finds every copy of Tokio's
 //! task poll function and the task-id offset its vtable gives
-//! ([`elf`]), and where the file is mapped in the process ([`proc`]).
+//! ([`elf`]), where the file is mapped in the process ([`proc`]), and the
+//! Tokio version it was built with, when that can be told ([`version`]).
 
 pub mod elf;
 pub mod proc;
 pub mod symbols;
 pub mod usdt;
+pub mod version;
 pub mod vtable;
 
 use std::io;
@@ -64,6 +66,8 @@ pub struct ProbeTarget {
     pub exe: Executable,
     pub binary: BinaryInfo,
     pub mappings: FileMappings,
+    /// The Tokio version the binary was built with, when its paths tell.
+    pub tokio_version: Option<String>,
 }
 
 /// Finds what to probe in process `pid`.
@@ -93,6 +97,7 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
         exe,
         binary,
         mappings,
+        tokio_version: version::tokio_version(&data),
     })
 }
 
