@@ -548,6 +548,7 @@ pub async fn watch(
     summary.thresholds = session.engine.range();
     summary.adaptive = options.detect.adaptive.is_some();
     summary.excluded_cuts = session.engine.excluded_cuts();
+    summary.preempted_cuts = session.engine.preempted_cuts;
     summary.counters = collector.counters();
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();

@@ -326,6 +326,16 @@ pub fn attach(
     tracepoint
         .attach("sched_process_exit")
         .map_err(program_error(program))?;
+    let program = names::THREAD_SWITCH;
+    let tracepoint: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::Missing(program))?
+        .try_into()
+        .map_err(program_error(program))?;
+    tracepoint.load().map_err(program_error(program))?;
+    tracepoint
+        .attach("sched_switch")
+        .map_err(program_error(program))?;
 
     if !proc::is_alive(pid) {
         return Err(AttachError::ProcessExited { pid });

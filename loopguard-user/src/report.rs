@@ -148,6 +148,7 @@ pub fn summary_json(summary: &Summary, pid: u32) -> Value {
             "current_ms": ms(thresholds.current_ns),
         },
         "cumulative_alerts": summary.cumulative_alerts,
+        "preempted_polls_not_counted": summary.preempted_cuts,
         "excluded": {
             "stalls": summary.excluded_stalls,
             "cumulative_polls": summary.excluded_cuts.0,

@@ -103,6 +103,8 @@ pub struct Summary {
     pub excluded_stalls: u64,
     /// `(polls, ns)` of short polls on excluded routes.
     pub excluded_cuts: (u64, u64),
+    /// Polls over the cumulative floor only because their thread was preempted.
+    pub preempted_cuts: u64,
 }
 
 /// What the middleware's probes told, for the summary.

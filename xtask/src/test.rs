@@ -100,7 +100,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
         if let Err(error) = result {
             eprintln!("test: end-to-end tests `{name}` failed: {error:#}");
-            failed.push(name);
+            failed.push(*name);
         }
     }
     if !failed.is_empty() {
@@ -110,7 +110,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 /// The end-to-end test files of the agent (`loopguard-user/tests/*.rs`).
-const E2E_TESTS: &[&str] = &["e2e", "metrics"];
+const E2E_TESTS: &[&str] = &["e2e", "metrics", "thresholds"];
 
 /// Clippy for the eBPF crate, which only builds for the BPF target on nightly.
 fn ebpf_clippy() -> Command {

@@ -73,7 +73,8 @@ impl StallDetector {
             .map(|(_, threshold_ns)| threshold_ns);
         let seen_in_progress = crossed.is_some();
         let threshold_ns = crossed.unwrap_or(self.threshold_ns);
-        if event.duration_ns < threshold_ns || !is_task_poll(event.flags) {
+        // Time spent preempted is the scheduler's, not the poll's.
+        if held_ns(event) < threshold_ns || !is_task_poll(event.flags) {
             return None;
         }
         let stall = Stall {
@@ -137,6 +138,12 @@ impl StallDetector {
     }
 }
 
+/// ns a finished poll held its thread: its duration less the time the
+/// thread waited preempted (runnable but switched out) during it.
+pub fn held_ns(event: &PollEvent) -> u64 {
+    event.duration_ns.saturating_sub(event.preempted_ns)
+}
+
 /// A poll of a task on a worker: not blocking-pool work, not a scheduler
 /// loop's own poll around the task polls.
 pub fn is_task_poll(flags: u32) -> bool {
@@ -168,6 +175,7 @@ mod tests {
             return_addr: 0x2000,
             copy_index: 0,
             depth: 1,
+            preempted_ns: 0,
         }
     }
 
@@ -288,6 +296,16 @@ mod tests {
         };
         assert_eq!(stall.threshold_ns, 50 * MS);
         assert_eq!(detector.on_poll_end(&end(3, 500, 70, 0)), None);
+    }
+
+    #[test]
+    fn time_spent_preempted_does_not_make_a_stall() {
+        let mut detector = StallDetector::new(50 * MS);
+        let mut preempted = end(1, 0, 60, 0);
+        preempted.preempted_ns = 15 * MS;
+        assert_eq!(detector.on_poll_end(&preempted), None);
+        preempted.preempted_ns = 5 * MS;
+        assert!(detector.on_poll_end(&preempted).is_some());
     }
 
     #[test]

@@ -7,13 +7,14 @@
 //! [`Finding`]s. A poll over the threshold in force is a stall; one between
 //! the cumulative floor and the threshold is a cut for the cumulative rule.
 //! With `--adaptive`, a cut must also be longer than the baseline's
-//! percentile: polls that are normal for this process are not cuts.
+//! percentile: polls that are normal for this process are not cuts, and
+//! there are no cuts until the baseline exists.
 
 use loopguard_common::{PollEvent, ThreadPolls};
 
 use super::adaptive::{AdaptiveSettings, AdaptiveThreshold, Baseline};
 use super::cumulative::{Culprit, CumulativeDetector, CumulativeSettings, Cut};
-use super::stall::{StallDetector, is_task_poll, task_id};
+use super::stall::{StallDetector, held_ns, is_task_poll, task_id};
 use super::{Finding, ThresholdChange};
 use crate::summary::Histogram;
 
@@ -87,6 +88,9 @@ pub struct ThresholdEngine {
     baseline: Option<Baseline>,
     announced_ns: u64,
     range: ThresholdRange,
+    /// Polls as long as a cut by the clock, but not once the time their
+    /// thread spent preempted is left out.
+    pub preempted_cuts: u64,
 }
 
 impl ThresholdEngine {
@@ -99,6 +103,7 @@ impl ThresholdEngine {
             baseline: None,
             announced_ns: threshold_ns,
             range: ThresholdRange::new(threshold_ns),
+            preempted_cuts: 0,
             settings,
         }
     }
@@ -131,14 +136,15 @@ impl ThresholdEngine {
             .map_or((0, 0), |c| (c.excluded_polls, c.excluded_ns))
     }
 
-    /// The shortest poll that is a cut now.
-    fn cut_floor_ns(&self, cumulative: &CumulativeSettings) -> u64 {
-        let normal = if self.adaptive.is_some() {
-            self.baseline.map_or(0, |b| b.quantile_upper_ns)
-        } else {
-            0
-        };
-        cumulative.floor_ns.max(normal)
+    /// The shortest poll that is a cut now; `None` while the adaptive rule
+    /// has no baseline yet (what is normal for this process is unknown, and
+    /// a service whose every poll is over the floor would alert at once).
+    fn cut_floor_ns(&self, cumulative: &CumulativeSettings) -> Option<u64> {
+        if self.adaptive.is_none() {
+            return Some(cumulative.floor_ns);
+        }
+        self.baseline
+            .map(|b| cumulative.floor_ns.max(b.quantile_upper_ns))
     }
 
     /// A worker poll returned. `request` is asked, only for a cut, for the
@@ -152,11 +158,15 @@ impl ThresholdEngine {
             return Some(finding);
         }
         let cumulative = self.cumulative.as_ref()?;
-        let floor_ns = self.cut_floor_ns(cumulative.settings());
-        if !is_task_poll(event.flags)
-            || event.duration_ns < floor_ns
-            || event.duration_ns >= self.threshold_ns()
-        {
+        let floor_ns = self.cut_floor_ns(cumulative.settings())?;
+        let held_ns = held_ns(event);
+        if !is_task_poll(event.flags) || held_ns >= self.threshold_ns() {
+            return None;
+        }
+        if held_ns < floor_ns {
+            if event.duration_ns >= floor_ns {
+                self.preempted_cuts += 1;
+            }
             return None;
         }
         let task_id = task_id(event.task_id, event.flags);
@@ -165,7 +175,7 @@ impl ThresholdEngine {
             tid: event.tid,
             task_id,
             start_ns: event.start_ns,
-            duration_ns: event.duration_ns,
+            duration_ns: held_ns,
             request: culprit,
         };
         self.cumulative
@@ -381,6 +391,49 @@ mod tests {
         assert!(moves >= 3, "the threshold moves are announced: {moves}");
         let range = sim.engine.range();
         assert!(range.min_ns < range.max_ns && range.max_ns == 50 * MS);
+    }
+
+    #[test]
+    fn steady_five_ms_work_raises_nothing_with_adaptive_and_a_block_is_caught() {
+        let mut sim = Sim::new(adaptive());
+        for tid in [1, 2] {
+            let mut start = 0;
+            for i in 0..1500_u64 {
+                let duration = 5 * MS + (i % 10) * 30_000;
+                sim.poll_at(tid, i, start, duration, "/work");
+                start += duration + 50_000;
+            }
+        }
+        assert!(sim.cumulative().is_empty(), "{:#?}", sim.cumulative());
+        assert!(sim.stalls().is_empty());
+        let threshold = sim.engine.threshold_ns();
+        assert!((20 * MS..25 * MS).contains(&threshold), "{threshold}");
+        let start = sim.clock[1] + MS;
+        sim.poll_at(1, 7, start, 100 * MS, "/block/sleep");
+        let stalls = sim.stalls();
+        assert_eq!(stalls.len(), 1);
+        assert_eq!(stalls[0].threshold_ns, threshold);
+    }
+
+    #[test]
+    fn polls_long_only_by_preemption_are_no_cuts() {
+        let mut engine = ThresholdEngine::new(fixed());
+        let mut alerts = 0;
+        for i in 0..40_u64 {
+            let event = PollEvent {
+                kind: EventKind::PollEnd as u32,
+                tid: 1 + (i % 2) as u32,
+                start_ns: i * 25 * MS,
+                duration_ns: 12 * MS,
+                preempted_ns: 11_900_000,
+                task_id: i,
+                depth: 1,
+                ..PollEvent::default()
+            };
+            alerts += usize::from(engine.on_poll_end(&event, |_, _| (None, false)).is_some());
+        }
+        assert_eq!(alerts, 0);
+        assert_eq!(engine.preempted_cuts, 40);
     }
 
     #[test]
