@@ -293,7 +293,9 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     if frame.flags & frame_flags::CONTAINER != 0 {
         return Ok(());
     }
-    count_poll(duration_ns);
+    // The histogram holds the time each poll held its thread: a preempted
+    // stretch is the scheduler's, and would inflate the adaptive baseline.
+    count_poll(duration_ns - preempted_ns.min(duration_ns));
     // Only this thread writes its stack: plain adds are exact here.
     stack.busy_ns += duration_ns;
     stack.task_polls += 1;

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use loopguard_common::{MAX_POLL_DEPTH, PollEvent, ThreadPolls, frame_flags};
+use loopguard_common::{MAX_POLL_DEPTH, PollEvent, PollFrame, ThreadPolls, frame_flags};
 
 use super::Finding;
 
@@ -107,7 +107,7 @@ impl StallDetector {
                 continue;
             }
             let elapsed = now_ns.saturating_sub(frame.start_ns);
-            if elapsed < self.threshold_ns {
+            if held_so_far_ns(now_ns, polls, frame) < self.threshold_ns {
                 continue;
             }
             let key = (*tid, frame.start_ns);
@@ -142,6 +142,21 @@ impl StallDetector {
 /// thread waited preempted (runnable but switched out) during it.
 pub fn held_ns(event: &PollEvent) -> u64 {
     event.duration_ns.saturating_sub(event.preempted_ns)
+}
+
+/// ns an in-flight poll has held its thread by `now_ns`: time since entry,
+/// less the preempted waits counted since, less a wait still open (the
+/// thread switched out runnable and not seen running since).
+fn held_so_far_ns(now_ns: u64, polls: &ThreadPolls, frame: &PollFrame) -> u64 {
+    let counted = polls.preempted_ns.saturating_sub(frame.preempted_at_entry);
+    let open = if polls.preempted_since_ns >= frame.start_ns && polls.preempted_since_ns != 0 {
+        now_ns.saturating_sub(polls.preempted_since_ns)
+    } else {
+        0
+    };
+    now_ns
+        .saturating_sub(frame.start_ns)
+        .saturating_sub(counted + open)
 }
 
 /// A poll of a task on a worker: not blocking-pool work, not a scheduler
@@ -306,6 +321,19 @@ mod tests {
         assert_eq!(detector.on_poll_end(&preempted), None);
         preempted.preempted_ns = 5 * MS;
         assert!(detector.on_poll_end(&preempted).is_some());
+    }
+
+    #[test]
+    fn a_poll_in_progress_is_judged_by_the_time_it_held_its_thread() {
+        let mut detector = StallDetector::new(50 * MS);
+        let mut polls = stack(&[(100, 0)]);
+        polls.frames[0].preempted_at_entry = 4 * MS;
+        polls.preempted_ns = 14 * MS; // 10 ms preempted, counted
+        assert!(detector.on_snapshot(155 * MS, &[(3, polls)]).is_empty());
+        polls.preempted_since_ns = 150 * MS; // switched out since 150 ms
+        assert!(detector.on_snapshot(170 * MS, &[(3, polls)]).is_empty());
+        polls.preempted_since_ns = 0;
+        assert_eq!(detector.on_snapshot(161 * MS, &[(3, polls)]).len(), 1);
     }
 
     #[test]
