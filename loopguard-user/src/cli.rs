@@ -22,9 +22,9 @@ EXAMPLES:
       or 3 if any poll stalled or short blocks added up (a CI guard against blocking
       code on the runtime); the offending events are listed together at the end.
   sudo loopguard attach --pid 1234 --adaptive
-      Let the threshold follow 4 x the p99 of this process's own polls (10..250 ms).
+      Let the threshold follow 4 x the p99 of this process's own polls (20..250 ms).
   sudo loopguard attach --pid 1234 --cumulative-budget-ms 100 --exclude-routes '/health,/internal/*'
-      Alert when polls of 5 ms or more add up to over 100 ms in any second, except on those routes.
+      Alert when polls of 10 ms or more add up to over 100 ms in any second, except on those routes.
   sudo loopguard attach --pid 1234 --config loopguard.toml
   loopguard config loopguard.toml --adaptive
       Every setting is a flag and a key in a TOML file; flags win. `config` prints the result.
@@ -186,7 +186,7 @@ pub struct AdaptiveArgs {
     /// Polls the window must hold before the rule takes over [default: 1000].
     #[arg(long, value_name = "N")]
     pub adaptive_min_samples: Option<u64>,
-    /// Lowest threshold (ms) the rule picks [default: 10].
+    /// Lowest threshold (ms) the rule picks [default: 20].
     #[arg(long, value_name = "MS")]
     pub adaptive_floor_ms: Option<u64>,
     /// Highest threshold (ms) the rule picks [default: 250].
@@ -201,7 +201,7 @@ pub struct CumulativeArgs {
     /// Turn the cumulative rule off.
     #[arg(long)]
     pub no_cumulative: bool,
-    /// Shortest poll (ms) that counts toward the budget [default: 5].
+    /// Shortest poll (ms) that counts toward the budget [default: 10].
     #[arg(long, value_name = "MS")]
     pub cumulative_floor_ms: Option<u64>,
     /// Sliding window (ms) the budget applies to [default: 1000].

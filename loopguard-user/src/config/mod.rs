@@ -334,7 +334,7 @@ mod tests {
         let detect = settings.detect();
         assert_eq!(detect.threshold_ns, 50 * MS);
         assert!(detect.adaptive.is_none());
-        assert_eq!(detect.report_floor_ns(), 5 * MS);
+        assert_eq!(detect.report_floor_ns(), 10 * MS);
     }
 
     #[test]

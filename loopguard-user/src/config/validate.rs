@@ -265,10 +265,10 @@ mod tests {
         assert!(
             error(|s| {
                 s.adaptive.enabled = true;
-                s.cumulative.floor_ms = 10;
+                s.cumulative.floor_ms = 20;
             })
             .contains(
-                "= 10: must be less than the lowest adaptive threshold (adaptive.floor_ms = 10)"
+                "= 20: must be less than the lowest adaptive threshold (adaptive.floor_ms = 20)"
             )
         );
         let mut off = Settings::default();

@@ -52,7 +52,7 @@ pub const DEFAULT_PERCENTILE: f64 = 0.99;
 pub const DEFAULT_MULTIPLIER: f64 = 4.0;
 pub const DEFAULT_WINDOW_S: u64 = 60;
 pub const DEFAULT_MIN_SAMPLES: u64 = 1000;
-pub const DEFAULT_FLOOR_MS: u64 = 10;
+pub const DEFAULT_FLOOR_MS: u64 = 20;
 pub const DEFAULT_CEILING_MS: u64 = 250;
 
 /// What the window says about normal polls.
@@ -230,6 +230,7 @@ mod tests {
         let rule = AdaptiveThreshold::new(settings());
         assert_eq!(rule.threshold_for(MS), DEFAULT_FLOOR_MS * MS);
         assert_eq!(rule.threshold_for(10 * MS), 40 * MS);
+        assert_eq!(rule.threshold_for(4 * MS), DEFAULT_FLOOR_MS * MS);
         assert_eq!(rule.threshold_for(100 * MS), DEFAULT_CEILING_MS * MS);
     }
 }

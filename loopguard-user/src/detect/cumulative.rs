@@ -24,7 +24,7 @@ pub struct CumulativeSettings {
     pub budget_ns: u64,
 }
 
-pub const DEFAULT_FLOOR_MS: u64 = 5;
+pub const DEFAULT_FLOOR_MS: u64 = 10;
 pub const DEFAULT_WINDOW_MS: u64 = 1000;
 pub const DEFAULT_BUDGET_MS: u64 = 200;
 

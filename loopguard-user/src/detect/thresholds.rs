@@ -355,7 +355,7 @@ mod tests {
 
     #[test]
     fn the_kernel_floor_is_the_lowest_threshold_or_cut() {
-        assert_eq!(fixed().report_floor_ns(), 5 * MS);
+        assert_eq!(fixed().report_floor_ns(), 10 * MS);
         let only_stalls = DetectSettings {
             cumulative: None,
             ..fixed()
