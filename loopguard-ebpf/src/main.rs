@@ -301,7 +301,8 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     stack.task_polls += 1;
     // SAFETY: plain read of a global the loader patched before load.
     let floor = unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) };
-    if duration_ns < floor {
+    // Shipped by the time the poll held its thread, as the agent judges it.
+    if duration_ns - preempted_ns.min(duration_ns) < floor {
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<PollEvent>(0) else {
