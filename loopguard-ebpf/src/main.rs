@@ -11,8 +11,10 @@
 //!   sites the middleware leaves) read the probe arguments as the agent
 //!   decoded them (`USDT_SPECS`) and send the request, with the task being
 //!   polled when it started, through the ring buffer.
+//! - `wait_enter` / `wait_exit` ([`wait`]) time each event-loop thread's
+//!   waits for events and the busy stretches between them.
 //! - `thread_exit` (raw tracepoint `sched_process_exit`, which needs no
-//!   tracefs) drops a dead thread's stack.
+//!   tracefs) drops a dead thread's stack and wait state.
 //!
 //! The agent reads `THREAD_POLLS` directly to see polls that are still stuck.
 #![no_std]
@@ -33,6 +35,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+mod wait;
 
 use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
@@ -71,6 +75,13 @@ fn quiet_submit_flags() -> u64 {
     } else {
         u64::from(aya_ebpf::bindings::BPF_RB_NO_WAKEUP)
     }
+}
+
+/// Polls and busy stretches at least this long (ns) are sent to the agent.
+#[inline(always)]
+fn report_floor_ns() -> u64 {
+    // SAFETY: a plain read of a global the loader patched before load.
+    unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) }
 }
 
 #[inline(always)]
@@ -299,10 +310,8 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     // Only this thread writes its stack: plain adds are exact here.
     stack.busy_ns += duration_ns;
     stack.task_polls += 1;
-    // SAFETY: plain read of a global the loader patched before load.
-    let floor = unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) };
     // Shipped by the time the poll held its thread, as the agent judges it.
-    if duration_ns - preempted_ns.min(duration_ns) < floor {
+    if duration_ns - preempted_ns.min(duration_ns) < report_floor_ns() {
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<PollEvent>(0) else {
@@ -489,6 +498,7 @@ pub fn thread_exit(_ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 == target_tgid() {
         let _ = THREAD_POLLS.remove(pid_tgid as u32);
+        wait::forget_thread(pid_tgid as u32);
     }
     0
 }

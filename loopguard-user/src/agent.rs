@@ -16,12 +16,17 @@ use serde_json::json;
 use loopguard_common::{Counter, ThreadPolls, usdt};
 
 use crate::alerts::{self, Offending};
+use crate::attach::{WaitPath, WaitProbes};
 use crate::attribute::RequestTracker;
 use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
-use crate::detect::{Culprit, DetectSettings, Finding, RouteFilter, Stall, ThresholdEngine};
-use crate::discover::{ProbeTarget, proc};
+use crate::detect::{
+    Culprit, DetectSettings, Finding, RouteFilter, Stall, StallKind, ThresholdEngine,
+};
+use crate::discover::waits::WaitKind;
+use crate::discover::{ProbeTarget, WatchMode, proc};
 use crate::export::live::{BusyTracker, stuck_polls};
-use crate::export::{LiveState, Metrics, StallKind};
+use crate::export::{BlockingKind, LiveState, Metrics};
+use crate::loops::LoopDetector;
 use crate::report::{self, Format, StallContext};
 use crate::summary::{RequestSummary, Summary};
 
@@ -38,6 +43,11 @@ pub struct WatchOptions {
     pub requests: bool,
     /// Where findings and live values go for `/metrics` (`--metrics-addr`).
     pub metrics: Option<Arc<Metrics>>,
+    /// Name patterns of the threads that count as event loops
+    /// (`--loop-threads`); every thread that waits for events when empty.
+    pub loop_threads: Vec<String>,
+    /// How the wait path is probed (`--wait-probes`).
+    pub wait_probes: WaitProbes,
 }
 
 /// Why watching stopped.
@@ -171,6 +181,7 @@ const METRICS_REFRESH: Duration = Duration::from_millis(200);
 /// Everything one watch keeps between events.
 struct Session<'t> {
     engine: ThresholdEngine,
+    loops: LoopDetector,
     routes: RouteFilter,
     offending: Offending,
     /// ns when the adaptive rule last read the histogram.
@@ -196,12 +207,20 @@ impl Session<'_> {
             Some(stall) => self.printer.context(stall, &self.requests),
             None => StallContext::default(),
         };
+        if let Some(stall) = finding.stall()
+            && stall.kind == StallKind::Poll
+        {
+            self.loops.note_poll_stall(stall.tid, stall.start_ns);
+        }
         if let Finding::Finished { stall, .. } = finding {
             self.requests
                 .record_stall(context.request.as_ref(), stall.duration_ns);
             if let Some(feed) = &self.metrics {
                 feed.metrics.record(
-                    StallKind::Stall,
+                    match stall.kind {
+                        StallKind::Poll => BlockingKind::Stall,
+                        StallKind::Loop => BlockingKind::Loop,
+                    },
                     context.request.as_ref(),
                     stall.duration_ns,
                     context.victim_count,
@@ -254,6 +273,14 @@ impl Session<'_> {
                         self.report(&finding);
                     }
                 }
+                RawEvent::LoopBusy(busy) => {
+                    let pid = self.printer.target.pid;
+                    if let Some(finding) =
+                        self.loops.on_busy(busy, |tid| proc::thread_name(pid, tid))
+                    {
+                        self.report(&finding);
+                    }
+                }
                 RawEvent::RequestStart { request, layout } => {
                     if self.check_layout(*layout) {
                         if let Some(feed) = &self.metrics {
@@ -290,6 +317,16 @@ impl Session<'_> {
             if let Some(finding) = self.engine.on_histogram(now_ns, &collector.histogram()) {
                 self.report(&finding);
             }
+        }
+        let pid = self.printer.target.pid;
+        let loop_threads = collector.loop_snapshot();
+        for finding in self
+            .loops
+            .on_snapshot(now_ns, &loop_threads, &threads, |tid| {
+                proc::thread_name(pid, tid)
+            })
+        {
+            self.report(&finding);
         }
         let due = self.metrics.as_ref().is_some_and(|feed| {
             feed.last_refresh
@@ -367,7 +404,7 @@ fn tell_metrics(metrics: &Metrics, finding: &Finding) {
                     end_ns: None,
                     status: None,
                 });
-            metrics.record(StallKind::Cumulative, top.as_ref(), alert.blocked_ns, 0);
+            metrics.record(BlockingKind::Cumulative, top.as_ref(), alert.blocked_ns, 0);
         }
         Finding::ThresholdChanged(change) => metrics.set_threshold_ns(change.to_ns),
         Finding::InProgress(_) | Finding::Finished { .. } => {}
@@ -407,7 +444,12 @@ fn print_line(line: &str) {
 }
 
 /// Announces the attachment: JSON on stdout, text on stderr.
-pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchOptions) {
+pub fn print_attached(
+    target: &ProbeTarget,
+    probe_count: usize,
+    wait_path: WaitPath,
+    options: &WatchOptions,
+) {
     let copies = &target.binary.poll_copies;
     let verified = copies.iter().filter(|copy| copy.layout.is_some()).count();
     let blocking_pool = copies.iter().filter(|copy| copy.is_blocking_pool()).count();
@@ -419,18 +461,33 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
     } else {
         format!("{request_sites} request probe sites")
     };
+    let sites = &target.wait_sites;
+    let epoll_sites = sites.iter().filter(|s| s.kind == WaitKind::Epoll).count();
+    let park_sites = sites.len() - epoll_sites;
+    let mut wait_functions: Vec<&str> = sites.iter().map(|site| site.name.as_str()).collect();
+    wait_functions.sort_unstable();
+    wait_functions.dedup();
+    let (mode, why) = match &target.mode {
+        WatchMode::Tokio => ("tokio", None),
+        WatchMode::LoopOnly { why } => ("loop", Some(why.as_str())),
+    };
     match options.format {
         Format::Json => print_line(
             &json!({
                 "type": "attached",
                 "pid": target.pid,
                 "exe": target.exe.display_path,
+                "mode": mode,
+                "loop_only_reason": why,
                 "poll_functions": copies.len(),
                 "task_ids_verified": verified,
                 "blocking_pool_functions_unprobed": blocking_pool,
                 "probes": probe_count,
                 "request_probe_sites": request_sites,
                 "request_probes_attached": options.requests && request_sites > 0,
+                "wait_sites": sites.len(),
+                "wait_functions": wait_functions,
+                "wait_probes": wait_path.as_str(),
                 "threshold_ms": options.detect.threshold_ns as f64 / 1e6,
                 "adaptive": options.detect.adaptive.is_some(),
                 "cumulative": options.detect.cumulative.is_some(),
@@ -438,14 +495,39 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
             })
             .to_string(),
         ),
-        Format::Text => eprintln!(
-            "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}; {}; Ctrl+C to stop",
-            target.pid,
-            target.exe.display_path,
-            copies.len() - blocking_pool,
-            verified - blocking_pool,
-            rules_text(&options.detect),
-        ),
+        Format::Text => {
+            let waits = match wait_path {
+                WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
+                WaitPath::Tracepoints => format!(
+                    "epoll waits seen on the syscall tracepoints{}",
+                    if park_sites > 0 {
+                        format!(" and {park_sites} Tokio park sites")
+                    } else {
+                        String::new()
+                    }
+                ),
+                WaitPath::Uprobes { .. } => format!(
+                    "wait uprobes on {epoll_sites} epoll and {park_sites} Tokio park sites ({})",
+                    wait_functions.join(", ")
+                ),
+            };
+            match why {
+                None => eprintln!(
+                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {}; Ctrl+C to stop",
+                    target.pid,
+                    target.exe.display_path,
+                    copies.len() - blocking_pool,
+                    verified - blocking_pool,
+                    rules_text(&options.detect),
+                ),
+                Some(why) => eprintln!(
+                    "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; threshold {} ms; Ctrl+C to stop",
+                    target.pid,
+                    target.exe.display_path,
+                    options.detect.threshold_ns / 1_000_000,
+                ),
+            }
+        }
     }
     if verified < copies.len() {
         tracing::warn!(
@@ -457,6 +539,7 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
 
 /// The rules in force, for the attached line.
 fn rules_text(detect: &DetectSettings) -> String {
+    use std::fmt::Write as _;
     let ms = |ns: u64| ns as f64 / 1e6;
     let mut text = match &detect.adaptive {
         Some(a) => format!(
@@ -471,12 +554,13 @@ fn rules_text(detect: &DetectSettings) -> String {
         None => format!("threshold {} ms", ms(detect.threshold_ns)),
     };
     if let Some(c) = &detect.cumulative {
-        text.push_str(&format!(
+        let _ = write!(
+            text,
             ", cumulative {} ms per {} ms of polls over {} ms",
             ms(c.budget_ns),
             ms(c.window_ns),
             ms(c.floor_ns)
-        ));
+        );
     }
     text
 }
@@ -491,6 +575,9 @@ pub async fn watch(
     let started = Instant::now();
     let mut session = Session {
         engine: ThresholdEngine::new(options.detect.clone()),
+        // Loop stalls keep the fixed threshold: the adaptive baseline is
+        // of task polls.
+        loops: LoopDetector::new(options.detect.threshold_ns, options.loop_threads.clone()),
         routes: options.routes.clone(),
         offending: Offending::default(),
         histogram_read_ns: 0,
@@ -544,7 +631,7 @@ pub async fn watch(
     // The endpoint stays up until loopguard exits: a last scrape sees the totals.
     session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
     let mut summary = session.summary;
-    summary.unfinished = session.engine.unfinished();
+    summary.unfinished = session.engine.unfinished() + session.loops.unfinished();
     summary.thresholds = session.engine.range();
     summary.adaptive = options.detect.adaptive.is_some();
     summary.excluded_cuts = session.engine.excluded_cuts();

@@ -150,7 +150,19 @@ pub struct WatchArgs {
     /// [default: /health,/healthz,/ready,/metrics].
     #[arg(long, value_delimiter = ',', value_name = "GLOBS")]
     pub exclude_routes: Option<Vec<String>>,
-    /// Serve Prometheus metrics at http://ADDR/metrics while watching. A bare
+    /// How event-loop waits are seen: `uprobe` on the C library's epoll
+    /// wrappers (costs nothing outside the target, misses programs that make
+    /// the syscall themselves), `tracepoint` on every syscall's entry and exit
+    /// (sees every wait, but runs for every process on the host), `auto`
+    /// (uprobes where the wrappers exist), or `off` [default: auto].
+    #[arg(long, value_enum)]
+    pub wait_probes: Option<crate::attach::WaitProbes>,
+    /// Only threads with these names count as event loops (comma-separated;
+    /// a trailing `*` matches a prefix: `node,python*`). By default every
+    /// thread that waits for events in epoll or Tokio's park is one.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub loop_threads: Option<Vec<String>>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` while watching. A bare
     /// port (`9464`) binds 127.0.0.1 only; listening elsewhere is explicit
     /// (`0.0.0.0:9464`). Checked before anything is attached.
     #[arg(long, value_name = "ADDR")]

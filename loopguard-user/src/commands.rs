@@ -29,6 +29,8 @@ fn watch_options(settings: &Settings) -> WatchOptions {
         scan_interval: Duration::from_millis(settings.scan_interval_ms.unsigned_abs()),
         requests: settings.requests,
         metrics: None,
+        loop_threads: settings.loop_threads.clone(),
+        wait_probes: settings.wait_probes,
     }
 }
 
@@ -104,7 +106,7 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
     );
     let floor_ns = options.detect.report_floor_ns();
     tracing::info!(report_floor_ns = floor_ns, "kernel report floor");
-    let probes = attach::attach(&target, floor_ns, options.requests)?;
+    let probes = attach::attach(&target, floor_ns, options.requests, options.wait_probes)?;
     tracing::info!(probes = probes.probe_count, "attached");
     Ok((target, probes))
 }
@@ -117,7 +119,7 @@ async fn watch_and_detach(
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, Error> {
     let mut collector = Collector::new(&mut probes.ebpf)?;
-    agent::print_attached(&target, probes.probe_count, options);
+    agent::print_attached(&target, probes.probe_count, probes.wait_path, options);
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;

@@ -3,7 +3,8 @@
 //! The pipeline, one module per stage:
 //! [`discover`] (pid → ELF and `/proc` → [`discover::ProbeTarget`]) →
 //! [`attach`] (→ [`attach::AttachedProbes`]) → [`collect`] (ring buffer and
-//! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) →
+//! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) and
+//! [`loops`] (event-loop threads away from their wait → loop stalls) →
 //! [`report`] (text or JSON lines) and [`summary`], and [`export`]
 //! (Prometheus metrics served over HTTP).
 //! [`config`] merges flags and the TOML file into the settings the rules
@@ -25,6 +26,7 @@ pub mod discover;
 pub mod error;
 pub mod export;
 pub mod launch;
+pub mod loops;
 pub mod preflight;
 pub mod report;
 pub mod summary;

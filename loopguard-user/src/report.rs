@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use crate::alerts;
 use crate::attribute::Request;
-use crate::detect::{Finding, Stall};
+use crate::detect::{Finding, Stall, StallKind};
 use crate::summary::{RequestSummary, Summary};
 
 /// Output format chosen on the command line.
@@ -61,6 +61,7 @@ pub fn finding_json(
     };
     let mut object = json!({
         "type": kind,
+        "kind": stall.kind.as_str(),
         "pid": pid,
         "tid": stall.tid,
         "thread": context.thread,
@@ -86,6 +87,12 @@ pub fn finding_json(
 /// The text line for a finding.
 pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext) -> String {
     let (label, stall, verb) = match finding {
+        Finding::InProgress(stall) if stall.kind == StallKind::Loop => {
+            ("LOOP STALL IN PROGRESS", stall, "blocked for")
+        }
+        Finding::Finished { stall, .. } if stall.kind == StallKind::Loop => {
+            ("LOOP STALL", stall, "blocked")
+        }
         Finding::InProgress(stall) => ("STALL IN PROGRESS", stall, "blocked for"),
         Finding::Finished { stall, .. } => ("STALL", stall, "blocked"),
         Finding::Cumulative(alert) => return alerts::cumulative_text(alert, None),
@@ -126,6 +133,9 @@ fn request_text(context: &StallContext) -> String {
 }
 
 fn task_label(stall: &Stall) -> String {
+    if stall.kind == StallKind::Loop {
+        return "its event loop (outside any task poll)".to_owned();
+    }
     match stall.task_id {
         Some(id) => format!("task {id}"),
         None => format!("task@{:#x}", stall.header),
@@ -193,24 +203,9 @@ fn requests_json(requests: &RequestSummary) -> Value {
     })
 }
 
-/// The summary as text lines.
-pub fn summary_text(summary: &Summary) -> String {
-    use loopguard_common::Counter;
-    let counters = &summary.counters;
-    let threshold_ns = summary.thresholds.current_ns;
-    let mut lines = vec![format!(
-        "loopguard summary ({}): {:.1} s, {} worker polls ({} blocking-pool polls ignored), {} stall(s) over {} ms",
-        if summary.stop_reason.is_empty() {
-            "stopped"
-        } else {
-            summary.stop_reason
-        },
-        summary.elapsed_s,
-        summary.histogram.total(),
-        counters.get(Counter::BlockingPolls),
-        summary.stalls,
-        ms(threshold_ns),
-    )];
+/// The summary's lines about the threshold rules.
+fn threshold_lines(summary: &Summary) -> Vec<String> {
+    let mut lines = Vec::new();
     let t = &summary.thresholds;
     if summary.adaptive {
         lines.push(format!(
@@ -234,6 +229,28 @@ pub fn summary_text(summary: &Summary) -> String {
             ms(summary.excluded_cuts.1)
         ));
     }
+    lines
+}
+
+/// The summary as text lines.
+pub fn summary_text(summary: &Summary) -> String {
+    use loopguard_common::Counter;
+    let counters = &summary.counters;
+    let threshold_ns = summary.thresholds.current_ns;
+    let mut lines = vec![format!(
+        "loopguard summary ({}): {:.1} s, {} worker polls ({} blocking-pool polls ignored), {} stall(s) over {} ms",
+        if summary.stop_reason.is_empty() {
+            "stopped"
+        } else {
+            summary.stop_reason
+        },
+        summary.elapsed_s,
+        summary.histogram.total(),
+        counters.get(Counter::BlockingPolls),
+        summary.stalls,
+        ms(threshold_ns),
+    )];
+    lines.extend(threshold_lines(summary));
     if let Some(longest) = &summary.longest {
         lines.push(format!(
             "  longest stall: {:.1} ms, tid {} {}; total stalled {:.1} ms",
@@ -313,6 +330,7 @@ mod tests {
 
     fn stall() -> Stall {
         Stall {
+            kind: crate::detect::StallKind::Poll,
             tid: 42,
             task_id: Some(8812),
             header: 0xdead_0000,
@@ -423,12 +441,14 @@ mod tests {
 
     #[test]
     fn summary_shows_the_thresholds_in_force() {
-        let mut summary = Summary::default();
-        summary.adaptive = true;
-        summary.thresholds = crate::detect::ThresholdRange {
-            min_ns: 12_000_000,
-            max_ns: 50_000_000,
-            current_ns: 20_000_000,
+        let summary = Summary {
+            adaptive: true,
+            thresholds: crate::detect::ThresholdRange {
+                min_ns: 12_000_000,
+                max_ns: 50_000_000,
+                current_ns: 20_000_000,
+            },
+            ..Summary::default()
         };
         let value = summary_json(&summary, 1);
         assert_eq!(value["threshold_ms"], 20.0);

@@ -69,6 +69,7 @@ impl Histogram {
     }
 
     /// Counts added since `earlier` (a previous read of the same histogram).
+    #[must_use]
     pub fn since(&self, earlier: &Self) -> Self {
         Self(
             self.0
@@ -224,6 +225,7 @@ mod tests {
     #[test]
     fn summary_keeps_the_longest_stall() {
         let stall = |duration_ns| Stall {
+            kind: crate::detect::StallKind::Poll,
             tid: 1,
             task_id: None,
             header: 0,

@@ -1,12 +1,16 @@
 //! End-to-end: loopguard's `/metrics` scraped by a real Prometheus server
 //! (Debian's package, started here on loopback, scraping every second)
 //! while the example gets fast traffic and blocking requests; the numbers
-//! are read back with PromQL through Prometheus's HTTP API, and the
+//! are read back with `PromQL` through Prometheus's HTTP API, and the
 //! exposition, the alert rules and the dashboard are checked with promtool
 //! and against each other.
 //!
 //! Root and the example build are needed, so the test is `#[ignore]`d in a
 //! plain `cargo test`; `cargo xtask test` runs it as root.
+#![expect(
+    clippy::float_cmp,
+    reason = "Prometheus returns counts and configured values as floats; integral ones are exact"
+)]
 
 mod support;
 
@@ -63,7 +67,7 @@ fn scrape(addr: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Every `loopguard_*` name in a text (PromQL in rules or a dashboard).
+/// Every `loopguard_*` name in a text (`PromQL` in rules or a dashboard).
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = text;
@@ -178,4 +182,47 @@ fn prometheus_scrapes_what_loopguard_saw() {
     assert!(status.success());
     assert_detached(&programs);
     drop(prometheus);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn a_metrics_port_in_use_fails_before_attaching() {
+    require_root();
+    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(support::LOOPGUARD)
+        .args([
+            "attach",
+            "--pid",
+            &server.pid.to_string(),
+            "--metrics-addr",
+            &addr,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("already in use") && stderr.contains("--metrics-addr"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("watching pid"),
+        "it attached before checking the port: {stderr}"
+    );
+    let out = Command::new(support::LOOPGUARD)
+        .args([
+            "attach",
+            "--pid",
+            &server.pid.to_string(),
+            "--metrics-addr",
+            "nonsense",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not an address"), "{stderr}");
+    server.get("/fast");
 }

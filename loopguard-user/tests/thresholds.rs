@@ -168,10 +168,13 @@ fn adaptive_lets_steady_work_be_and_catches_a_long_block_with_its_threshold() {
         v["type"] == "stall"
     });
     std::thread::sleep(Duration::from_millis(500));
-    let served = load.stop();
+    let requests_done = load.stop();
     let (status, lines) = agent.interrupt();
     assert!(status.success());
-    assert!(served > 200, "the load was too light: {served} requests");
+    assert!(
+        requests_done > 200,
+        "the load was too light: {requests_done} requests"
+    );
 
     assert_eq!(stall.value["tid"], blocked.body["tid"], "{}", stall.value);
     assert_eq!(stall.value["request"]["route"], "/block/sleep");

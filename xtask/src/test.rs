@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::{build, cmd};
+use crate::{build, cmd, setup};
 
 const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -77,10 +77,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 "-C relocation-model=static -C link-arg=-no-pie",
             ),
     )?;
+    let python = setup::python_with_uvicorn()?;
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
     let mut failed = Vec::new();
-    for name in E2E_TESTS {
+    for &name in E2E_TESTS {
         let binary = build_test_binary(name)?;
         let result = cmd::run(
             cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?
@@ -96,11 +97,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                     "LOOPGUARD_SERVER_NOPIE",
                     nopie_dir.join(HOST_TARGET).join("release/stall-server"),
                 )
+                .env("LOOPGUARD_PYTHON", &python)
                 .env("RUST_LOG", "info"),
         );
         if let Err(error) = result {
             eprintln!("test: end-to-end tests `{name}` failed: {error:#}");
-            failed.push(*name);
+            failed.push(name);
         }
     }
     if !failed.is_empty() {
@@ -110,7 +112,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 /// The end-to-end test files of the agent (`loopguard-user/tests/*.rs`).
-const E2E_TESTS: &[&str] = &["e2e", "metrics", "thresholds"];
+const E2E_TESTS: &[&str] = &["e2e", "metrics", "loops", "thresholds"];
 
 /// Clippy for the eBPF crate, which only builds for the BPF target on nightly.
 fn ebpf_clippy() -> Command {

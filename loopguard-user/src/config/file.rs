@@ -15,6 +15,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "requests",
     "scan_interval_ms",
     "exclude_routes",
+    "wait_probes",
+    "loop_threads",
     "fail_on",
     "metrics_addr",
     "metrics_max_routes",
@@ -43,6 +45,10 @@ pub struct FileConfig {
     pub requests: Option<bool>,
     pub scan_interval_ms: Option<i64>,
     pub exclude_routes: Option<Vec<String>>,
+    /// `uprobe`, `tracepoint`, `auto` or `off` (`--wait-probes`).
+    pub wait_probes: Option<String>,
+    /// Thread names that count as event loops (`--loop-threads`).
+    pub loop_threads: Option<Vec<String>>,
     pub fail_on: Option<Vec<String>>,
     /// Prometheus exporter address (`--metrics-addr`).
     pub metrics_addr: Option<String>,

@@ -9,6 +9,7 @@ mod validate;
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::attach::WaitProbes;
 use crate::cli::{FailOn, WatchArgs};
 use crate::detect::adaptive::{self, AdaptiveSettings};
 use crate::detect::cumulative::{self, CumulativeSettings};
@@ -81,6 +82,8 @@ pub struct Settings {
     pub requests: bool,
     pub scan_interval_ms: i64,
     pub exclude_routes: Vec<String>,
+    pub wait_probes: WaitProbes,
+    pub loop_threads: Vec<String>,
     pub fail_on: Vec<FailOn>,
     pub metrics_addr: Option<String>,
     pub metrics_max_routes: Option<usize>,
@@ -97,6 +100,8 @@ impl Default for Settings {
             requests: true,
             scan_interval_ms: 5,
             exclude_routes: DEFAULT_EXCLUDED_ROUTES.map(str::to_owned).to_vec(),
+            wait_probes: WaitProbes::Auto,
+            loop_threads: Vec::new(),
             fail_on: Vec::new(),
             metrics_addr: None,
             metrics_max_routes: None,
@@ -154,6 +159,15 @@ impl Settings {
         set(&mut self.requests, file.requests);
         set(&mut self.scan_interval_ms, file.scan_interval_ms);
         set(&mut self.exclude_routes, file.exclude_routes);
+        set(&mut self.loop_threads, file.loop_threads);
+        if let Some(probes) = file.wait_probes {
+            self.wait_probes =
+                clap::ValueEnum::from_str(&probes, true).map_err(|_| ConfigError::Invalid {
+                    key: "wait_probes (--wait-probes)".into(),
+                    value: format!("{probes:?}"),
+                    rule: "must be \"auto\", \"uprobe\", \"tracepoint\" or \"off\"".into(),
+                })?;
+        }
         if let Some(kinds) = file.fail_on {
             self.fail_on = kinds
                 .iter()
@@ -198,6 +212,10 @@ impl Settings {
             self.requests = false;
         }
         set(&mut self.scan_interval_ms, signed(args.scan_interval_ms));
+        set(&mut self.wait_probes, args.wait_probes);
+        if let Some(names) = &args.loop_threads {
+            self.loop_threads.clone_from(names);
+        }
         if let Some(routes) = &args.exclude_routes {
             self.exclude_routes = routes.iter().filter(|r| !r.is_empty()).cloned().collect();
         }
@@ -279,6 +297,10 @@ impl Settings {
         let _ = writeln!(out, "requests = {}", self.requests);
         let _ = writeln!(out, "scan_interval_ms = {}", self.scan_interval_ms);
         let _ = writeln!(out, "exclude_routes = [{}]", list(&self.exclude_routes));
+        let probes = clap::ValueEnum::to_possible_value(&self.wait_probes)
+            .map_or_else(|| "auto".to_owned(), |v| v.get_name().to_owned());
+        let _ = writeln!(out, "wait_probes = \"{probes}\"");
+        let _ = writeln!(out, "loop_threads = [{}]", list(&self.loop_threads));
         let fail_on: Vec<String> = self.fail_on.iter().map(|k| k.as_str().to_owned()).collect();
         let _ = writeln!(out, "fail_on = [{}]", list(&fail_on));
         match &self.metrics_addr {
@@ -363,6 +385,8 @@ mod tests {
         settings.fail_on = vec![FailOn::Cumulative];
         settings.metrics_addr = Some("0.0.0.0:9000".into());
         settings.duration_s = Some(9);
+        settings.wait_probes = WaitProbes::Off;
+        settings.loop_threads = vec!["node".into(), "python*".into()];
         let path = write_temp("roundtrip.toml", &settings.to_toml());
         let back = Settings::resolve(&WatchArgs::default(), Some(&path), None).unwrap();
         std::fs::remove_file(&path).unwrap();

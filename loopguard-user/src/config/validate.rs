@@ -8,7 +8,12 @@ use super::{ConfigError, Settings};
 /// can hold on a single-threaded runtime.
 pub const MAX_POLLS_PER_S: i64 = 1_000_000;
 
-fn invalid(key: &str, flag: &str, value: impl ToString, rule: impl Into<String>) -> ConfigError {
+fn invalid(
+    key: &str,
+    flag: &str,
+    value: &dyn std::fmt::Display,
+    rule: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
         key: format!("{key} ({flag})"),
         value: value.to_string(),
@@ -61,16 +66,31 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
             return Err(invalid(
                 key,
                 flag,
-                value,
+                &value,
                 "must be positive (durations and counts are > 0)",
             ));
         }
     }
+    check_adaptive(s)?;
+    check_cumulative(s)?;
+    if s.metrics_max_routes == Some(0) {
+        return Err(invalid(
+            "metrics_max_routes",
+            "--metrics-max-routes",
+            &0,
+            "must be positive (routes kept as metric labels)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_adaptive(s: &Settings) -> Result<(), ConfigError> {
+    let a = &s.adaptive;
     if a.multiplier.is_nan() || a.multiplier <= 1.0 {
         return Err(invalid(
             "adaptive.multiplier",
             "--adaptive-multiplier",
-            a.multiplier,
+            &a.multiplier,
             "must be greater than 1, or normal polls would count as stalls (try 3 to 5)",
         ));
     }
@@ -78,7 +98,7 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
         return Err(invalid(
             "adaptive.percentile",
             "--adaptive-percentile",
-            a.percentile,
+            &a.percentile,
             "must be between 0.5 and 0.999 (0.99 is the p99)",
         ));
     }
@@ -86,7 +106,7 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
         return Err(invalid(
             "adaptive.floor_ms",
             "--adaptive-floor-ms",
-            a.floor_ms,
+            &a.floor_ms,
             format!(
                 "must not exceed adaptive.ceiling_ms = {}; lower the floor or raise the ceiling",
                 a.ceiling_ms
@@ -97,18 +117,35 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
         return Err(invalid(
             "adaptive.window_s",
             "--adaptive-window-s",
-            a.window_s,
+            &a.window_s,
             format!(
                 "the window must not be shorter than the scan interval ({} ms)",
                 s.scan_interval_ms
             ),
         ));
     }
+    let capacity = a.window_s.saturating_mul(MAX_POLLS_PER_S);
+    if a.min_samples > capacity {
+        return Err(invalid(
+            "adaptive.min_samples",
+            "--adaptive-min-samples",
+            &a.min_samples,
+            format!(
+                "is more polls than a {} s window can hold ({capacity}, at most one poll per microsecond); lower it or lengthen adaptive.window_s",
+                a.window_s
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_cumulative(s: &Settings) -> Result<(), ConfigError> {
+    let (a, c) = (&s.adaptive, &s.cumulative);
     if c.window_ms < s.scan_interval_ms {
         return Err(invalid(
             "cumulative.window_ms",
             "--cumulative-window-ms",
-            c.window_ms,
+            &c.window_ms,
             format!(
                 "the window must not be shorter than the scan interval ({} ms)",
                 s.scan_interval_ms
@@ -119,7 +156,7 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
         return Err(invalid(
             "cumulative.budget_ms",
             "--cumulative-budget-ms",
-            c.budget_ms,
+            &c.budget_ms,
             format!(
                 "must be less than cumulative.window_ms = {}; a budget the window cannot exceed never alerts",
                 c.window_ms
@@ -130,7 +167,7 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
         return Err(invalid(
             "cumulative.floor_ms",
             "--cumulative-floor-ms",
-            c.floor_ms,
+            &c.floor_ms,
             format!(
                 "must be less than the stall threshold (threshold_ms = {}): polls over the threshold are stalls, not cuts",
                 s.threshold_ms
@@ -141,30 +178,10 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
         return Err(invalid(
             "cumulative.floor_ms",
             "--cumulative-floor-ms",
-            c.floor_ms,
+            &c.floor_ms,
             format!(
                 "must be less than the lowest adaptive threshold (adaptive.floor_ms = {}): polls over the threshold are stalls, not cuts",
                 a.floor_ms
-            ),
-        ));
-    }
-    if s.metrics_max_routes == Some(0) {
-        return Err(invalid(
-            "metrics_max_routes",
-            "--metrics-max-routes",
-            0,
-            "must be positive (routes kept as metric labels)",
-        ));
-    }
-    let capacity = a.window_s.saturating_mul(MAX_POLLS_PER_S);
-    if a.min_samples > capacity {
-        return Err(invalid(
-            "adaptive.min_samples",
-            "--adaptive-min-samples",
-            a.min_samples,
-            format!(
-                "is more polls than a {} s window can hold ({capacity}, at most one poll per microsecond); lower it or lengthen adaptive.window_s",
-                a.window_s
             ),
         ));
     }
@@ -239,8 +256,10 @@ mod tests {
             }),
             "cumulative.window_ms (--cumulative-window-ms) = 400: the window must not be shorter than the scan interval (500 ms)"
         );
-        let mut long_scan = Settings::default();
-        long_scan.scan_interval_ms = 2000;
+        let mut long_scan = Settings {
+            scan_interval_ms: 2000,
+            ..Settings::default()
+        };
         long_scan.cumulative.window_ms = 3000;
         long_scan.adaptive.window_s = 1;
         assert!(check(&long_scan).unwrap_err().to_string().starts_with(

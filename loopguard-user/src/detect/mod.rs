@@ -16,7 +16,7 @@ pub mod thresholds;
 pub use adaptive::{AdaptiveSettings, Baseline};
 pub use cumulative::{Culprit, CumulativeAlert, CumulativeSettings, Cut, Scope};
 pub use exclude::RouteFilter;
-pub use stall::{Stall, StallDetector};
+pub use stall::{Stall, StallDetector, StallKind};
 pub use thresholds::{DetectSettings, ThresholdEngine, ThresholdRange};
 
 /// What detection reports.

@@ -300,7 +300,11 @@ mod tests {
             let until = self.clock[tid as usize % 4] + for_ns;
             let mut i = 0_u64;
             while self.clock[tid as usize % 4] < until {
-                let duration = if i % 50 == 0 { base_ns } else { base_ns / 4 };
+                let duration = if i.is_multiple_of(50) {
+                    base_ns
+                } else {
+                    base_ns / 4
+                };
                 let start = self.clock[tid as usize % 4] + 20_000;
                 self.poll_at(tid, 1000 + i % 7, start, duration, "/fast");
                 i += 1;
@@ -501,11 +505,11 @@ mod tests {
         sim.healthy(2, 2 * MS, 6 * S);
         let calm = sim.engine.threshold_ns();
         assert!(near(calm, 8 * MS), "{calm}");
-        for i in 0..60 {
+        for i in 0..60_u32 {
             let start = sim.clock[1] + 1000;
             sim.poll_at(1, 99, start, 100 * MS, "/storm");
             sim.healthy(2, 2 * MS, 100 * MS);
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 sim.healthy(1, 2 * MS, 50 * MS);
             }
         }
@@ -593,7 +597,7 @@ mod tests {
                 let duration = settings.floor_ns + rng.below(60 * MS);
                 sim.poll_at(tid, rng.below(20), start, duration, "/r");
             }
-            let mut last: std::collections::HashMap<Scope, u64> = Default::default();
+            let mut last = std::collections::HashMap::<Scope, u64>::new();
             for alert in sim.cumulative() {
                 if let Some(previous) = last.insert(alert.scope, alert.window_end_ns) {
                     assert!(

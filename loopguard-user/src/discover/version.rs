@@ -23,6 +23,12 @@ pub fn tokio_version(data: &[u8]) -> Option<String> {
         .map(|(version, _)| version)
 }
 
+/// Whether `data` names Tokio's worker threads (`tokio-runtime-worker`,
+/// `tokio-rt-worker` since 1.5x): true of a stripped Tokio binary too.
+pub fn mentions_tokio(data: &[u8]) -> bool {
+    find(data, b"tokio-runtime-worker").is_some() || find(data, b"tokio-rt-worker").is_some()
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack
         .windows(needle.len())

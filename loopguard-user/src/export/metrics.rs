@@ -18,17 +18,17 @@ use prometheus::proto::{
     Metric, MetricFamily, MetricType,
 };
 use prometheus::{
-    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
-use super::labels::{RouteLabels, STANDARD_METHODS, method_label};
+use super::labels::{OTHER_METHOD, RouteLabels, STANDARD_METHODS, method_label};
 use crate::attribute::Request;
 use crate::summary::Histogram;
 
 /// What a finding was, as the `kind` label says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StallKind {
+pub enum BlockingKind {
     /// One task poll over the threshold.
     Stall,
     /// Many shorter polls adding up inside a window.
@@ -37,7 +37,7 @@ pub enum StallKind {
     Loop,
 }
 
-impl StallKind {
+impl BlockingKind {
     pub fn label(self) -> &'static str {
         match self {
             Self::Stall => "stall",
@@ -96,10 +96,14 @@ const VICTIM_BUCKETS: [f64; 12] = [
     0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
 ];
 
-/// Request counters by route, then by method (index into
-/// [`STANDARD_METHODS`], the last slot `OTHER`), so counting a request
-/// allocates nothing once its route has been seen.
-type RequestCounters = HashMap<String, [Option<IntCounter>; STANDARD_METHODS.len() + 1]>;
+/// Requests started, by route label, then by method (index into
+/// [`STANDARD_METHODS`], the last slot `OTHER`). Kept as totals rather
+/// than as a counter vector, so the same series can be fed either one
+/// request at a time (today: the middleware's records cross the ring
+/// buffer) or from totals the kernel counts per route (docs/ARCHITECTURE.md,
+/// "Request state"), and counting a request of a known route allocates
+/// nothing.
+type RequestTotals = HashMap<String, [u64; STANDARD_METHODS.len() + 1]>;
 
 /// Every metric loopguard exports.
 pub struct Metrics {
@@ -107,11 +111,10 @@ pub struct Metrics {
     blocking: IntCounterVec,
     lag: HistogramVec,
     victims: HistogramVec,
-    requests: IntCounterVec,
     threshold: Gauge,
     probes: IntGauge,
     routes: Mutex<RouteLabels>,
-    request_counters: Mutex<RequestCounters>,
+    requests: Mutex<RequestTotals>,
     live: Mutex<LiveState>,
 }
 
@@ -166,17 +169,6 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let requests = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "loopguard_requests_monitored_total",
-                    "Requests the middleware's probes reported starting",
-                ),
-                &["route", "method"],
-            )
-            .expect("valid metric"),
-        );
         let threshold = register(
             &registry,
             Gauge::new(
@@ -213,11 +205,10 @@ impl Metrics {
             blocking,
             lag,
             victims,
-            requests,
             threshold,
             probes,
             routes: Mutex::new(RouteLabels::new(max_routes)),
-            request_counters: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
             live: Mutex::new(LiveState::default()),
         }
     }
@@ -233,7 +224,7 @@ impl Metrics {
     /// A blocking event ended (or, for cumulative and loop, was raised).
     pub fn record(
         &self,
-        kind: StallKind,
+        kind: BlockingKind,
         culprit: Option<&Request>,
         duration_ns: u64,
         victims: usize,
@@ -244,7 +235,7 @@ impl Metrics {
         self.lag
             .with_label_values(&labels)
             .observe(duration_ns as f64 / 1e9);
-        if kind == StallKind::Stall {
+        if kind == BlockingKind::Stall {
             self.victims
                 .with_label_values(&[route.as_str(), method])
                 .observe(victims as f64);
@@ -254,23 +245,17 @@ impl Metrics {
     /// A request started.
     pub fn request_started(&self, request: &Request) {
         let method = method_index(&request.method);
-        let mut counters = lock(&self.request_counters);
-        let cached = request
+        let mut totals = lock(&self.requests);
+        if let Some(methods) = request
             .route
             .as_deref()
-            .and_then(|route| counters.get(route))
-            .and_then(|methods| methods[method].clone());
-        let counter = cached.unwrap_or_else(|| {
-            let (route, method_label) = lock(&self.routes).of(Some(request));
-            let counter = self.requests.with_label_values(&[&route, method_label]);
-            if let Some(template) = request.route.as_deref()
-                && template == route
-            {
-                counters.entry(route).or_default()[method] = Some(counter.clone());
-            }
-            counter
-        });
-        counter.inc();
+            .and_then(|template| totals.get_mut(template))
+        {
+            methods[method] += 1;
+            return;
+        }
+        let (route, _) = lock(&self.routes).of(Some(request));
+        totals.entry(route).or_default()[method] += 1;
     }
 
     /// Replaces the values read from the kernel.
@@ -284,8 +269,8 @@ impl Metrics {
         // A family with no sample (no thread busy yet, nothing lost) is
         // left out: the format has no way to say "none yet".
         families.extend(
-            live_families(&lock(&self.live))
-                .into_iter()
+            std::iter::once(request_family(&lock(&self.requests)))
+                .chain(live_families(&lock(&self.live)))
                 .filter(|family| !family.get_metric().is_empty()),
         );
         TextEncoder::new()
@@ -346,6 +331,24 @@ fn counter(labels: &[(&str, &str)], value: u64) -> Metric {
     counter.set_value(value as f64);
     metric.set_counter(counter);
     metric
+}
+
+fn request_family(totals: &RequestTotals) -> MetricFamily {
+    let mut metrics = Vec::new();
+    for (route, methods) in totals {
+        for (index, &total) in methods.iter().enumerate() {
+            if total > 0 {
+                let method = STANDARD_METHODS.get(index).copied().unwrap_or(OTHER_METHOD);
+                metrics.push(counter(&[("method", method), ("route", route)], total));
+            }
+        }
+    }
+    family(
+        "loopguard_requests_monitored_total",
+        "Requests the middleware's probes reported starting",
+        MetricType::COUNTER,
+        metrics,
+    )
 }
 
 /// The kernel's poll histogram as a Prometheus histogram: exact cumulative
@@ -476,9 +479,9 @@ mod tests {
     fn stalls_count_by_kind_route_and_method() {
         let metrics = metrics();
         let login = request(Some("/login"));
-        metrics.record(StallKind::Stall, Some(&login), 340_000_000, 4);
-        metrics.record(StallKind::Stall, Some(&login), 60_000_000, 0);
-        metrics.record(StallKind::Stall, None, 70_000_000, 0);
+        metrics.record(BlockingKind::Stall, Some(&login), 340_000_000, 4);
+        metrics.record(BlockingKind::Stall, Some(&login), 60_000_000, 0);
+        metrics.record(BlockingKind::Stall, None, 70_000_000, 0);
         let text = metrics.render();
         assert_eq!(
             sample(
@@ -625,8 +628,8 @@ mod tests {
     #[test]
     fn the_dashboard_and_the_rules_use_only_exported_names() {
         let metrics = metrics();
-        metrics.record(StallKind::Stall, Some(&request(Some("/login"))), 1, 1);
-        metrics.record(StallKind::Cumulative, None, 1, 0);
+        metrics.record(BlockingKind::Stall, Some(&request(Some("/login"))), 1, 1);
+        metrics.record(BlockingKind::Cumulative, None, 1, 0);
         metrics.request_started(&request(Some("/login")));
         metrics.set_live(LiveState {
             lost: vec![("ring_buffer_full", 0)],

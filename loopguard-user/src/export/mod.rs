@@ -10,5 +10,5 @@ pub mod live;
 pub mod metrics;
 pub mod server;
 
-pub use metrics::{LiveState, Metrics, StallKind, TargetInfo, ThreadBusy};
+pub use metrics::{BlockingKind, LiveState, Metrics, TargetInfo, ThreadBusy};
 pub use server::ExportError;

@@ -1,6 +1,6 @@
 //! A real Prometheus server (Debian's `prometheus`, which `cargo xtask
 //! setup` installs) on loopback, scraping one target every second, and
-//! PromQL through its HTTP API.
+//! `PromQL` through its HTTP API.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
