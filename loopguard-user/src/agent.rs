@@ -28,7 +28,7 @@ use crate::export::live::{BusyTracker, stuck_polls};
 use crate::export::{BlockingKind, LiveState, Metrics};
 use crate::loops::LoopDetector;
 use crate::report::{self, Format, StallContext};
-use crate::summary::{RequestSummary, Summary};
+use crate::summary::{LoopThread, RequestSummary, Summary};
 
 /// How the watch loop runs.
 #[derive(Clone, Debug)]
@@ -170,6 +170,7 @@ impl Printer<'_> {
 struct MetricsFeed {
     metrics: Arc<Metrics>,
     busy: BusyTracker,
+    loop_busy: BusyTracker,
     names: HashMap<u32, String>,
     last_refresh: Option<Instant>,
 }
@@ -357,7 +358,27 @@ impl Session<'_> {
                 .or_insert_with(|| proc::thread_name(pid, tid))
                 .clone()
         });
-        names.retain(|tid, _| threads.iter().any(|(alive, _)| alive == tid));
+        let loops = collector.loop_snapshot();
+        let loop_busy = feed.loop_busy.update_totals(
+            now_ns,
+            loops
+                .iter()
+                .filter(|(_, state)| state.waits > 0)
+                .map(|(tid, state)| {
+                    let thread = LoopThread::from_state(*tid, String::new(), state, now_ns);
+                    (*tid, thread.busy_ns)
+                }),
+            |tid| {
+                names
+                    .entry(tid)
+                    .or_insert_with(|| proc::thread_name(pid, tid))
+                    .clone()
+            },
+        );
+        names.retain(|tid, _| {
+            threads.iter().any(|(alive, _)| alive == tid)
+                || loops.iter().any(|(alive, _)| alive == tid)
+        });
         let counters = collector.counters();
         let tracker = &self.requests;
         feed.metrics.set_live(LiveState {
@@ -377,6 +398,7 @@ impl Session<'_> {
                 ("request_probe_layout_mismatch", self.layout_mismatches),
             ],
             threads: busy,
+            loop_threads: loop_busy,
             requests_in_flight: tracker.in_flight() as u64,
             stuck_polls: stuck,
             stuck_longest_ns: longest,
@@ -595,6 +617,7 @@ pub async fn watch(
             MetricsFeed {
                 metrics: Arc::clone(metrics),
                 busy: BusyTracker::default(),
+                loop_busy: BusyTracker::default(),
                 names: HashMap::new(),
                 last_refresh: None,
             }
@@ -636,6 +659,16 @@ pub async fn watch(
     summary.adaptive = options.detect.adaptive.is_some();
     summary.excluded_cuts = session.engine.excluded_cuts();
     summary.preempted_cuts = session.engine.preempted_cuts;
+    let now_ns = monotonic_ns();
+    summary.loop_threads = collector
+        .loop_snapshot()
+        .iter()
+        .filter(|(_, state)| state.waits > 0)
+        .map(|(tid, state)| {
+            LoopThread::from_state(*tid, proc::thread_name(target.pid, *tid), state, now_ns)
+        })
+        .collect();
+    summary.loop_threads.sort_by_key(|thread| thread.tid);
     summary.counters = collector.counters();
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();

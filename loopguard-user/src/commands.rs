@@ -111,19 +111,40 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
     Ok((target, probes))
 }
 
+/// Opens the maps and announces the attachment (before `run` lets its
+/// command go, so the `attached` line comes first).
+fn announce(
+    target: &ProbeTarget,
+    probes: &mut AttachedProbes,
+    options: &WatchOptions,
+) -> Result<Collector, Error> {
+    let collector = Collector::new(&mut probes.ebpf)?;
+    agent::print_attached(target, probes.probe_count, probes.wait_path, options);
+    Ok(collector)
+}
+
 /// Watches, then detaches and prints the summary.
 async fn watch_and_detach(
     target: ProbeTarget,
-    mut probes: AttachedProbes,
+    probes: AttachedProbes,
+    mut collector: Collector,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, Error> {
-    let mut collector = Collector::new(&mut probes.ebpf)?;
-    agent::print_attached(&target, probes.probe_count, probes.wait_path, options);
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;
-    probes.detach(|done, total| eprintln!("loopguard: detaching: {done}/{total} probes removed"));
+    let started = std::time::Instant::now();
+    probes.detach(|done, total| {
+        if done == total {
+            eprintln!(
+                "loopguard: detached: all {total} probes removed in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        } else {
+            eprintln!("loopguard: detaching: {done}/{total} probes removed");
+        }
+    });
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
     Ok(outcome)
 }
@@ -136,7 +157,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
-        let (target, probes) = prepare(args.pid, &options)?;
+        let (target, mut probes) = prepare(args.pid, &options)?;
         serve_metrics(
             listener,
             &settings,
@@ -158,7 +179,8 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
                 () = sleep_for(duration) => StopReason::DurationElapsed,
             }
         };
-        watch_and_detach(target, probes, &options, stop).await?;
+        let collector = announce(&target, &mut probes, &options)?;
+        watch_and_detach(target, probes, collector, &options, stop).await?;
         Ok(0)
     })
 }
@@ -191,7 +213,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let stopped = launch::launch_stopped(&args.command)?;
         let pid = stopped.pid();
         let prepared = prepare(pid, &options);
-        let (target, probes) = match prepared {
+        let (target, mut probes) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 // Never leave a stopped, traced child behind.
@@ -201,18 +223,23 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 return Err(error);
             }
         };
-        if let Err(error) = serve_metrics(
+        let started = serve_metrics(
             listener,
             &settings,
             &target,
             probes.probe_count,
             &mut options,
-        ) {
-            let mut child = stopped.child;
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(error);
-        }
+        )
+        .and_then(|()| announce(&target, &mut probes, &options));
+        let collector = match started {
+            Ok(collector) => collector,
+            Err(error) => {
+                let mut child = stopped.child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(error);
+            }
+        };
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {
@@ -256,7 +283,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let outcome = watch_and_detach(target, probes, &options, stop).await?;
+        let outcome = watch_and_detach(target, probes, collector, &options, stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await

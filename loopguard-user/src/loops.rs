@@ -348,6 +348,36 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_end_does_not_hide_the_next_stretch() {
+        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        // In progress, then its LoopEvent is lost (ring buffer full): the
+        // thread waits again and starts a new stretch.
+        assert_eq!(
+            detector
+                .on_snapshot(200 * MS, &[(7, busy_since(100))], &[], anyone)
+                .len(),
+            1
+        );
+        assert!(
+            detector
+                .on_snapshot(300 * MS, &[(7, waiting())], &[], anyone)
+                .is_empty()
+        );
+        let found = detector.on_snapshot(500 * MS, &[(7, busy_since(400))], &[], anyone);
+        assert!(
+            matches!(&found[..], [Finding::InProgress(stall)] if stall.start_ns == 400 * MS),
+            "{found:?}"
+        );
+        let Some(Finding::Finished {
+            seen_in_progress, ..
+        }) = detector.on_busy(&busy(7, 400, 150), anyone)
+        else {
+            panic!("the next stretch is reported");
+        };
+        assert!(seen_in_progress);
+    }
+
+    #[test]
     fn loop_threads_can_be_named() {
         assert!(name_matches("node", "node"));
         assert!(name_matches("tokio-*", "tokio-rt-worker"));

@@ -180,6 +180,13 @@ pub fn summary_json(summary: &Summary, pid: u32) -> Value {
         "stack_overflows": counters.get(Counter::StackOverflow),
         "thread_map_full": counters.get(Counter::ThreadMapFull),
         "requests": requests_json(&summary.requests),
+        "loop_threads": summary.loop_threads.iter().map(|thread| json!({
+            "tid": thread.tid,
+            "thread": thread.name,
+            "busy_ms": ms(thread.busy_ns),
+            "wait_ms": ms(thread.wait_ns),
+            "waits": thread.waits,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -264,6 +271,17 @@ pub fn summary_text(summary: &Summary) -> String {
         lines.push(format!(
             "  {} stall(s) were still in progress at exit",
             summary.unfinished
+        ));
+    }
+    for thread in &summary.loop_threads {
+        lines.push(format!(
+            "  event loop tid {} ({}): busy {:.1} ms, waiting {:.1} ms ({:.0} % busy), {} waits",
+            thread.tid,
+            thread.name,
+            ms(thread.busy_ns),
+            ms(thread.wait_ns),
+            thread.busy_ratio() * 100.0,
+            thread.waits,
         ));
     }
     if let (Some(p50), Some(p99)) = (

@@ -106,6 +106,58 @@ pub struct Summary {
     pub excluded_cuts: (u64, u64),
     /// Polls over the cumulative floor only because their thread was preempted.
     pub preempted_cuts: u64,
+    /// Busy and waiting time of every event-loop thread (the wait path).
+    pub loop_threads: Vec<LoopThread>,
+}
+
+/// One event-loop thread's time, from the wait probes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoopThread {
+    pub tid: u32,
+    pub name: String,
+    /// ns away from its wait (finished stretches, and the one running).
+    pub busy_ns: u64,
+    /// ns waiting for events.
+    pub wait_ns: u64,
+    pub waits: u64,
+}
+
+impl LoopThread {
+    /// From the kernel's record, at `now_ns`.
+    pub fn from_state(
+        tid: u32,
+        name: String,
+        state: &loopguard_common::LoopState,
+        now_ns: u64,
+    ) -> Self {
+        let running = if state.depth == 0 && state.busy_start_ns != 0 {
+            now_ns.saturating_sub(state.busy_start_ns)
+        } else {
+            0
+        };
+        let waiting = if state.depth > 0 && state.wait_start_ns != 0 {
+            now_ns.saturating_sub(state.wait_start_ns)
+        } else {
+            0
+        };
+        Self {
+            tid,
+            name,
+            busy_ns: state.busy_ns + running,
+            wait_ns: state.wait_ns + waiting,
+            waits: state.waits,
+        }
+    }
+
+    /// Share of its watched time the thread was busy (0 when unknown).
+    pub fn busy_ratio(&self) -> f64 {
+        let total = self.busy_ns + self.wait_ns;
+        if total == 0 {
+            0.0
+        } else {
+            self.busy_ns as f64 / total as f64
+        }
+    }
 }
 
 /// What the middleware's probes told, for the summary.
@@ -209,6 +261,32 @@ mod tests {
             let estimate = histogram.quantile_ns(0.99).unwrap();
             assert!(estimate.abs_diff(ns) * 16 <= ns.max(16), "{ns}: {estimate}");
         }
+    }
+
+    #[test]
+    fn loop_threads_count_the_stretch_or_wait_in_progress() {
+        let busy = loopguard_common::LoopState {
+            busy_start_ns: 900,
+            busy_ns: 100,
+            wait_ns: 800,
+            waits: 3,
+            ..Default::default()
+        };
+        let thread = LoopThread::from_state(7, "node".into(), &busy, 1000);
+        assert_eq!(
+            (thread.busy_ns, thread.wait_ns, thread.waits),
+            (200, 800, 3)
+        );
+        assert!((thread.busy_ratio() - 0.2).abs() < 1e-9);
+        let waiting = loopguard_common::LoopState {
+            depth: 1,
+            wait_start_ns: 950,
+            busy_ns: 100,
+            wait_ns: 800,
+            ..Default::default()
+        };
+        let thread = LoopThread::from_state(7, "node".into(), &waiting, 1000);
+        assert_eq!((thread.busy_ns, thread.wait_ns), (100, 850));
     }
 
     #[test]

@@ -56,6 +56,21 @@ impl BusyTracker {
         &mut self,
         now_ns: u64,
         threads: &[(u32, ThreadPolls)],
+        name: impl FnMut(u32) -> String,
+    ) -> Vec<ThreadBusy> {
+        let totals = threads.iter().filter_map(|(tid, polls)| {
+            let in_flight =
+                task_poll(polls).map_or(0, |frame| now_ns.saturating_sub(frame.start_ns));
+            (polls.task_polls > 0 || in_flight > 0).then_some((*tid, polls.busy_ns + in_flight))
+        });
+        self.update_totals(now_ns, totals, name)
+    }
+
+    /// Like [`Self::update`], from each thread's busy total (ns) now.
+    pub fn update_totals(
+        &mut self,
+        now_ns: u64,
+        totals: impl Iterator<Item = (u32, u64)>,
         mut name: impl FnMut(u32) -> String,
     ) -> Vec<ThreadBusy> {
         let window_over = self
@@ -67,16 +82,10 @@ impl BusyTracker {
             return self.last.clone();
         }
         let mut busy = Vec::new();
-        let mut seen = HashMap::with_capacity(threads.len());
-        for (tid, polls) in threads {
-            let in_flight =
-                task_poll(polls).map_or(0, |frame| now_ns.saturating_sub(frame.start_ns));
-            if polls.task_polls == 0 && in_flight == 0 {
-                continue;
-            }
-            let total = polls.busy_ns + in_flight;
-            seen.insert(*tid, (total, now_ns));
-            let Some(&(before, then)) = self.window_start.get(tid) else {
+        let mut seen = HashMap::new();
+        for (tid, total) in totals {
+            seen.insert(tid, (total, now_ns));
+            let Some(&(before, then)) = self.window_start.get(&tid) else {
                 continue;
             };
             let wall = now_ns.saturating_sub(then);
@@ -85,8 +94,8 @@ impl BusyTracker {
             }
             let ratio = (total.saturating_sub(before) as f64 / wall as f64).clamp(0.0, 1.0);
             busy.push(ThreadBusy {
-                tid: *tid,
-                name: name(*tid),
+                tid,
+                name: name(tid),
                 ratio,
             });
         }

@@ -73,6 +73,8 @@ pub struct LiveState {
     /// `(cause, total)` of data lost or dropped.
     pub lost: Vec<(&'static str, u64)>,
     pub threads: Vec<ThreadBusy>,
+    /// Event-loop threads (the wait path): share of time away from the wait.
+    pub loop_threads: Vec<ThreadBusy>,
     pub requests_in_flight: u64,
     /// Polls past the threshold that have not returned, now.
     pub stuck_polls: u32,
@@ -405,6 +407,20 @@ fn live_families(live: &LiveState) -> Vec<MetricFamily> {
             "Share of the last refresh interval each worker thread spent inside task polls (0..1)",
             MetricType::GAUGE,
             live.threads
+                .iter()
+                .map(|thread| {
+                    gauge(
+                        &[("thread", &thread.name), ("tid", &thread.tid.to_string())],
+                        thread.ratio,
+                    )
+                })
+                .collect(),
+        ),
+        family(
+            "loopguard_loop_busy_ratio",
+            "Share of the last refresh interval each event-loop thread spent away from its wait for events (0..1)",
+            MetricType::GAUGE,
+            live.loop_threads
                 .iter()
                 .map(|thread| {
                     gauge(
