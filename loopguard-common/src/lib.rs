@@ -16,6 +16,10 @@ pub mod names {
     pub const POLL_EXIT: &str = "poll_exit";
     /// Raw tracepoint `sched_process_exit`: forgets a thread's poll stack.
     pub const THREAD_EXIT: &str = "thread_exit";
+    /// Raw tracepoint `sched_switch`: times how long a thread in a poll waits
+    /// runnable but switched out (preempted), so that wait is not blamed on
+    /// the poll.
+    pub const THREAD_SWITCH: &str = "thread_switch";
     /// uprobe on every `loopguard:request_start` USDT site.
     pub const REQUEST_START: &str = "request_start";
     /// uprobe on every `loopguard:request_end` USDT site.
@@ -45,6 +49,9 @@ pub mod names {
     pub const POLL_HISTOGRAM: &str = "POLL_HISTOGRAM";
     /// Per-CPU counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// Per-CPU: ns of the last context switch on the CPU (the moment the
+    /// thread running there now was switched in).
+    pub const LAST_SWITCH: &str = "LAST_SWITCH";
     /// Global the agent sets before load: [`super::Config`].
     pub const CONFIG: &str = "CONFIG";
 }
@@ -246,6 +253,8 @@ pub struct PollFrame {
     pub copy_index: u32,
     /// [`frame_flags`].
     pub flags: u32,
+    /// The thread's [`ThreadPolls::preempted_ns`] at poll entry.
+    pub preempted_at_entry: u64,
 }
 
 /// A thread's stack of in-flight polls (value of [`names::THREAD_POLLS`]).
@@ -261,6 +270,12 @@ pub struct ThreadPolls {
     pub busy_ns: u64,
     /// Worker task polls this thread finished.
     pub task_polls: u64,
+    /// ns this thread waited switched out while runnable (preempted) during
+    /// polls, in all: from `sched_switch`.
+    pub preempted_ns: u64,
+    /// ns when it was last switched out while runnable inside a poll (0: it
+    /// was not, or that wait is already counted).
+    pub preempted_since_ns: u64,
     pub frames: [PollFrame; MAX_POLL_DEPTH],
 }
 
@@ -362,11 +377,14 @@ pub struct PollEvent {
     pub copy_index: u32,
     /// Stack depth of the finished poll on its thread (1 = outermost).
     pub depth: u32,
+    /// ns of `duration_ns` the thread spent preempted (runnable, switched
+    /// out): the scheduler's time, not the poll's.
+    pub preempted_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PollEvent>() == 64);
-const _: () = assert!(core::mem::size_of::<PollFrame>() == 40);
-const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 24 + 40 * MAX_POLL_DEPTH);
+const _: () = assert!(core::mem::size_of::<PollEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<PollFrame>() == 48);
+const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 40 + 48 * MAX_POLL_DEPTH);
 
 /// Indices into [`names::COUNTERS`]. (Worker polls are not counted here:
 /// the [`names::POLL_HISTOGRAM`] holds every one, its total is the count.)

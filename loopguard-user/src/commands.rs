@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::agent::Outcome;
 use crate::agent::{self, StopReason, WatchOptions};
 use crate::attach::{self, AttachedProbes};
-use crate::cli::{AttachArgs, RunArgs, WatchArgs};
+use crate::cli::{AttachArgs, ConfigArgs, FailOn, RunArgs};
 use crate::collect::Collector;
+use crate::config::Settings;
 use crate::discover::{self, ProbeTarget, proc};
 use crate::error::{EXIT_STALL, Error};
 use crate::export::server;
@@ -19,22 +21,38 @@ use crate::export::{Metrics, TargetInfo};
 use crate::launch;
 use crate::preflight;
 
-fn watch_options(args: &WatchArgs) -> WatchOptions {
+fn watch_options(settings: &Settings) -> WatchOptions {
     WatchOptions {
-        threshold_ns: args.threshold_ms * 1_000_000,
-        format: args.format,
-        scan_interval: Duration::from_millis(args.scan_interval_ms),
-        requests: !args.no_requests,
+        detect: settings.detect(),
+        routes: settings.route_filter(),
+        format: settings.format,
+        scan_interval: Duration::from_millis(settings.scan_interval_ms.unsigned_abs()),
+        requests: settings.requests,
         metrics: None,
-        loop_threads: args.loop_threads.clone(),
-        wait_probes: args.wait_probes,
+        loop_threads: settings.loop_threads.clone(),
+        wait_probes: settings.wait_probes,
     }
+}
+
+/// `loopguard config`: prints the effective configuration.
+pub fn config(args: &ConfigArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, args.file.as_deref(), args.fail_on.as_deref())?;
+    print!("{}", settings.to_toml());
+    Ok(0)
+}
+
+/// What `run` fails on: `--fail-on`, `--fail-on-stall`, or the file's `fail_on`.
+fn fail_on_flags(args: &RunArgs) -> Option<Vec<FailOn>> {
+    if args.fail_on_stall {
+        return Some(vec![FailOn::Stall]);
+    }
+    args.fail_on.clone()
 }
 
 /// Binds `--metrics-addr` before anything is attached or started, so a bad
 /// address or a port in use fails first.
-fn bind_metrics(args: &WatchArgs) -> Result<Option<std::net::TcpListener>, Error> {
-    let Some(addr) = &args.metrics_addr else {
+fn bind_metrics(settings: &Settings) -> Result<Option<std::net::TcpListener>, Error> {
+    let Some(addr) = &settings.metrics_addr else {
         return Ok(None);
     };
     Ok(Some(server::bind(server::parse_addr(addr)?)?))
@@ -43,7 +61,7 @@ fn bind_metrics(args: &WatchArgs) -> Result<Option<std::net::TcpListener>, Error
 /// Starts serving `/metrics` for `target` (inside the runtime).
 fn serve_metrics(
     listener: Option<std::net::TcpListener>,
-    args: &WatchArgs,
+    settings: &Settings,
     target: &ProbeTarget,
     probes: usize,
     options: &mut WatchOptions,
@@ -57,7 +75,9 @@ fn serve_metrics(
             exe: target.exe.display_path.clone(),
             tokio_version: target.tokio_version.clone(),
         },
-        args.metrics_max_routes,
+        settings
+            .metrics_max_routes
+            .unwrap_or(crate::export::labels::DEFAULT_MAX_ROUTES),
     ));
     metrics.set_probes(probes);
     if let Ok(addr) = listener.local_addr() {
@@ -84,12 +104,9 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
         blocking_ranges = target.binary.blocking_ranges.len(),
         "discovered target"
     );
-    let probes = attach::attach(
-        &target,
-        options.threshold_ns,
-        options.requests,
-        options.wait_probes,
-    )?;
+    let floor_ns = options.detect.report_floor_ns();
+    tracing::info!(report_floor_ns = floor_ns, "kernel report floor");
+    let probes = attach::attach(&target, floor_ns, options.requests, options.wait_probes)?;
     tracing::info!(probes = probes.probe_count, "attached");
     Ok((target, probes))
 }
@@ -106,14 +123,14 @@ fn announce(
     Ok(collector)
 }
 
-/// Watches, then detaches and prints the summary; returns the stall count.
+/// Watches, then detaches and prints the summary.
 async fn watch_and_detach(
     target: ProbeTarget,
     probes: AttachedProbes,
     mut collector: Collector,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
-) -> Result<u64, Error> {
+) -> Result<Outcome, Error> {
     let outcome = agent::watch(&target, &mut collector, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;
@@ -129,7 +146,7 @@ async fn watch_and_detach(
         }
     });
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
-    Ok(outcome.summary.stalls)
+    Ok(outcome)
 }
 
 /// The process `--pid` means: a thread id (loopguard prints them) is
@@ -149,21 +166,22 @@ fn process_to_watch(id: u32) -> u32 {
 
 /// `loopguard attach`.
 pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, None, None)?;
     preflight::check()?;
-    let mut options = watch_options(&args.watch);
-    let listener = bind_metrics(&args.watch)?;
+    let mut options = watch_options(&settings);
+    let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let pid = process_to_watch(args.pid);
         let (target, mut probes) = prepare(pid, &options)?;
         serve_metrics(
             listener,
-            &args.watch,
+            &settings,
             &target,
             probes.probe_count,
             &mut options,
         )?;
-        let duration = args.watch.duration;
+        let duration = settings.duration_s.map(i64::unsigned_abs);
         let stop = async move {
             let (Ok(mut interrupt), Ok(mut terminate)) = (
                 signal(SignalKind::interrupt()),
@@ -202,9 +220,10 @@ const FORWARDED: [libc::c_int; 6] = [
 
 /// `loopguard run`.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
     preflight::check()?;
-    let mut options = watch_options(&args.watch);
-    let listener = bind_metrics(&args.watch)?;
+    let mut options = watch_options(&settings);
+    let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let stopped = launch::launch_stopped(&args.command)?;
@@ -222,7 +241,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         };
         let started = serve_metrics(
             listener,
-            &args.watch,
+            &settings,
             &target,
             probes.probe_count,
             &mut options,
@@ -253,7 +272,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 }
             });
         }
-        let duration = args.watch.duration;
+        let duration = settings.duration_s.map(i64::unsigned_abs);
         let mut child_exit = exit_rx.clone();
         // Set when --duration's SIGTERM goes out. The watch loop may see the
         // child die (and stop) before this future returns, so the stop reason
@@ -280,7 +299,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let stalls = watch_and_detach(target, probes, collector, &options, stop).await?;
+        let outcome = watch_and_detach(target, probes, collector, &options, stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await
@@ -296,7 +315,11 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 launch::exit_code(status)
             }
         });
-        Ok(if args.fail_on_stall && stalls > 0 && code == 0 {
+        let block = outcome.offending.block(&settings.fail_on);
+        if let Some(block) = &block {
+            eprintln!("{block}");
+        }
+        Ok(if block.is_some() && code == 0 {
             EXIT_STALL
         } else {
             code

@@ -106,7 +106,12 @@ impl LoopDetector {
             return None;
         }
         Some(Finding::Finished {
-            stall: loop_stall(event.tid, event.start_ns, event.duration_ns),
+            stall: loop_stall(
+                event.tid,
+                event.start_ns,
+                event.duration_ns,
+                self.threshold_ns,
+            ),
             seen_in_progress,
         })
     }
@@ -147,6 +152,7 @@ impl LoopDetector {
                     *tid,
                     state.busy_start_ns,
                     elapsed,
+                    self.threshold_ns,
                 )));
             }
         }
@@ -171,7 +177,7 @@ fn innermost_is_task_poll(stack: &ThreadPolls) -> bool {
         && stack.frames[depth - 1].flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) == 0
 }
 
-fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64) -> Stall {
+fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64, threshold_ns: u64) -> Stall {
     Stall {
         kind: StallKind::Loop,
         tid,
@@ -181,6 +187,7 @@ fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64) -> Stall {
         duration_ns,
         copy_index: u32::MAX,
         return_addr: 0,
+        threshold_ns,
     }
 }
 

@@ -333,7 +333,15 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        let err = discover(child.id()).unwrap_err();
+        // Right after the spawn the child may not have mapped `sleep` yet.
+        let mut err = discover(child.id()).unwrap_err();
+        for _ in 0..100 {
+            if !matches!(err, DiscoverError::NotMapped { .. }) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            err = discover(child.id()).unwrap_err();
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         // Not Tokio, and no event loop either: nothing to watch.
