@@ -250,7 +250,7 @@ impl Session<'_> {
             return true;
         }
         if self.layout_mismatches == 0 {
-            eprintln!(
+            crate::diag!(
                 "loopguard: error: the app's loopguard-middleware fires probe layout {layout}, this loopguard reads layout {}; requests are not attributed (use matching versions)",
                 usdt::LAYOUT_VERSION
             );
@@ -538,7 +538,7 @@ pub fn print_attached(
                 ),
             };
             match why {
-                None => eprintln!(
+                None => crate::diag!(
                     "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {}; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
@@ -546,7 +546,7 @@ pub fn print_attached(
                     verified - blocking_pool,
                     rules_text(&options.detect),
                 ),
-                Some(why) => eprintln!(
+                Some(why) => crate::diag!(
                     "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; threshold {} ms; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,

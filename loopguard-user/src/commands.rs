@@ -81,7 +81,7 @@ fn serve_metrics(
     ));
     metrics.set_probes(probes);
     if let Ok(addr) = listener.local_addr() {
-        eprintln!("loopguard: serving Prometheus metrics at http://{addr}/metrics");
+        crate::diag!("loopguard: serving Prometheus metrics at http://{addr}/metrics");
     }
     server::serve(listener, Arc::clone(&metrics))?;
     options.metrics = Some(metrics);
@@ -137,12 +137,12 @@ async fn watch_and_detach(
     let started = std::time::Instant::now();
     probes.detach(|done, total| {
         if done == total {
-            eprintln!(
+            crate::diag!(
                 "loopguard: detached: all {total} probes removed in {:.1} s",
                 started.elapsed().as_secs_f64()
             );
         } else {
-            eprintln!("loopguard: detaching: {done}/{total} probes removed");
+            crate::diag!("loopguard: detaching: {done}/{total} probes removed");
         }
     });
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
@@ -154,7 +154,7 @@ async fn watch_and_detach(
 fn process_to_watch(id: u32) -> u32 {
     match proc::process_of(id) {
         Some(pid) if pid != id => {
-            eprintln!(
+            crate::diag!(
                 "loopguard: {id} is a thread of process {pid} ({}); watching process {pid}",
                 proc::thread_name(pid, id)
             );
@@ -321,7 +321,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         });
         let block = outcome.offending.block(&settings.fail_on);
         if let Some(block) = &block {
-            eprintln!("{block}");
+            crate::diag!("{block}");
         }
         Ok(if block.is_some() && code == 0 {
             EXIT_STALL

@@ -21,10 +21,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(error) => {
-            eprintln!("loopguard: error: {error}");
+            loopguard::diag!("loopguard: error: {error}");
             let mut source = std::error::Error::source(&error);
             while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
+                loopguard::diag!("  caused by: {cause}");
                 source = cause.source();
             }
             ExitCode::from(error.exit_code() as u8)
