@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,6 +55,8 @@ pub enum StopReason {
     Interrupted,
     DurationElapsed,
     TargetExited,
+    /// Nobody reads stdout any more (`| head -1`).
+    OutputClosed,
 }
 
 impl StopReason {
@@ -65,6 +66,7 @@ impl StopReason {
             Self::Interrupted => "interrupted",
             Self::DurationElapsed => "duration elapsed",
             Self::TargetExited => "target exited",
+            Self::OutputClosed => "output closed",
         }
     }
 }
@@ -463,10 +465,7 @@ fn culprit(
 }
 
 fn print_line(line: &str) {
-    let mut stdout = std::io::stdout().lock();
-    // A closed stdout (a pipe whose reader left) must not stop the detach.
-    let _ = writeln!(stdout, "{line}");
-    let _ = stdout.flush();
+    crate::output::line(line.to_owned());
 }
 
 /// Announces the attachment: JSON on stdout, text on stderr.
@@ -645,6 +644,9 @@ pub async fn watch(
                 session.scan(collector);
             }
             _ = liveness.tick() => {
+                if crate::output::reader_gone() {
+                    break StopReason::OutputClosed;
+                }
                 if !proc::is_alive(target.pid) {
                     // The caller may know better why it ended (`run`'s
                     // --duration kills it): give its stop a moment to say so.

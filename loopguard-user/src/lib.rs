@@ -38,6 +38,7 @@ pub mod error;
 pub mod export;
 pub mod launch;
 pub mod loops;
+pub mod output;
 pub mod preflight;
 pub mod report;
 pub mod summary;
