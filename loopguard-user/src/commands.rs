@@ -14,7 +14,7 @@ use crate::attach::{self, AttachedProbes};
 use crate::cli::{AttachArgs, ConfigArgs, FailOn, RunArgs};
 use crate::collect::Collector;
 use crate::config::Settings;
-use crate::discover::{self, ProbeTarget};
+use crate::discover::{self, ProbeTarget, proc};
 use crate::error::{EXIT_STALL, Error};
 use crate::export::server;
 use crate::export::{Metrics, TargetInfo};
@@ -149,6 +149,21 @@ async fn watch_and_detach(
     Ok(outcome)
 }
 
+/// The process `--pid` means: a thread id (loopguard prints them) is
+/// taken for the process it belongs to, and said so.
+fn process_to_watch(id: u32) -> u32 {
+    match proc::process_of(id) {
+        Some(pid) if pid != id => {
+            eprintln!(
+                "loopguard: {id} is a thread of process {pid} ({}); watching process {pid}",
+                proc::thread_name(pid, id)
+            );
+            pid
+        }
+        _ => id,
+    }
+}
+
 /// `loopguard attach`.
 pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, None)?;
@@ -157,7 +172,8 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
-        let (target, mut probes) = prepare(args.pid, &options)?;
+        let pid = process_to_watch(args.pid);
+        let (target, mut probes) = prepare(pid, &options)?;
         serve_metrics(
             listener,
             &settings,

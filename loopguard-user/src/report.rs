@@ -84,6 +84,26 @@ pub fn finding_json(
     object
 }
 
+/// `text` with every control character escaped (`\r`, `\n`, `\u{1b}`):
+/// thread names, routes and paths come from the target, and must not be
+/// able to forge a line or drive the terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 /// The text line for a finding.
 pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext) -> String {
     let (label, stall, verb) = match finding {
@@ -101,7 +121,7 @@ pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext
     format!(
         "{label:<17} tid {tid} ({thread}) {task} {verb} {duration:.1} ms (threshold {threshold} ms){from}",
         tid = stall.tid,
-        thread = context.thread,
+        thread = printable(&context.thread),
         task = task_label(stall),
         duration = ms(stall.duration_ns),
         threshold = ms(threshold_ns),
@@ -120,14 +140,17 @@ fn request_text(context: &StallContext) -> String {
     if let Some(request) = &context.request {
         let route = request.route.as_deref().unwrap_or(&request.path);
         return format!(
-            ": {} {route} ({}, request {}){waited}",
-            request.method, request.path, request.id
+            ": {} {} ({}, request {}){waited}",
+            printable(&request.method),
+            printable(route),
+            printable(&request.path),
+            request.id
         );
     }
     let from = context
         .polled_from
         .as_deref()
-        .map(|f| format!("; polled from {f}"))
+        .map(|f| format!("; polled from {}", printable(f)))
         .unwrap_or_default();
     format!("{from}{waited}")
 }
@@ -277,7 +300,7 @@ pub fn summary_text(summary: &Summary) -> String {
         lines.push(format!(
             "  event loop tid {} ({}): busy {:.1} ms, waiting {:.1} ms ({:.0} % busy), {} waits",
             thread.tid,
-            thread.name,
+            printable(&thread.name),
             ms(thread.busy_ns),
             ms(thread.wait_ns),
             thread.busy_ratio() * 100.0,
@@ -327,7 +350,8 @@ pub fn summary_text(summary: &Summary) -> String {
         ));
         for (route, totals) in requests.routes.iter().take(10) {
             lines.push(format!(
-                "    {route}: {} stall(s), {:.1} ms in all, longest {:.1} ms",
+                "    {}: {} stall(s), {:.1} ms in all, longest {:.1} ms",
+                printable(route),
                 totals.stalls,
                 ms(totals.total_ns),
                 ms(totals.longest_ns)
@@ -345,6 +369,17 @@ pub fn summary_text(summary: &Summary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_strings_cannot_forge_lines_or_drive_the_terminal() {
+        assert_eq!(printable("/users/{id}"), "/users/{id}");
+        let forged = printable("/x\r\nSTALL tid 1 (\u{1b}]0;pwned\u{7})");
+        assert!(!forged.chars().any(char::is_control), "{forged}");
+        assert!(
+            forged.contains("\\r\\n") && forged.contains("\\u{1b}"),
+            "{forged}"
+        );
+    }
 
     fn stall() -> Stall {
         Stall {
