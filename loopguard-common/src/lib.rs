@@ -300,9 +300,18 @@ pub struct LoopState {
     pub busy_ns: u64,
     /// Outermost waits finished.
     pub waits: u64,
+    /// ns the thread spent switched out while runnable (preempted) during
+    /// busy stretches: a stretch, like a poll, is judged by the time it held
+    /// its thread, not by time the machine gave to others.
+    pub preempted_ns: u64,
+    /// ns, when the thread was last switched out runnable during a busy
+    /// stretch (0 while it runs, or waits).
+    pub preempted_since_ns: u64,
+    /// `preempted_ns` when the busy stretch now running began.
+    pub preempted_at_start_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<LoopState>() == 48);
+const _: () = assert!(core::mem::size_of::<LoopState>() == 72);
 
 /// Sent when an event-loop thread enters a wait after a busy stretch of at
 /// least the report floor.
@@ -317,11 +326,15 @@ pub struct LoopEvent {
     pub pad: u32,
     /// ns, `CLOCK_MONOTONIC`, when the busy stretch began (the wait's return).
     pub start_ns: u64,
-    /// ns the thread stayed away from its wait.
+    /// ns the thread stayed away from its wait (wall time).
     pub duration_ns: u64,
+    /// ns of it the thread spent preempted (runnable but switched out):
+    /// the stretch is judged by `duration_ns - preempted_ns`, the time it
+    /// held its thread.
+    pub preempted_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<LoopEvent>() == 32);
+const _: () = assert!(core::mem::size_of::<LoopEvent>() == 40);
 
 /// Kinds of [`PollEvent`].
 #[repr(u32)]

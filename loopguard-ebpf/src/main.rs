@@ -523,16 +523,17 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     if (pid_tgid >> 32) as u32 != target_tgid() {
         return 0;
     }
+    // SAFETY: raw tracepoint arguments 0 (preempt) and 3 (prev_state).
+    let (preempt, prev_state) = unsafe { (*args, *args.add(3)) };
+    // Still on the run queue: preempted, or yielding (TASK_RUNNING is 0).
+    let runnable = preempt & 1 != 0 || prev_state as u32 == 0;
+    wait::note_switch(pid_tgid as u32, switched_in_ns, runnable, now);
     let Some(stack) = THREAD_POLLS.get_ptr_mut(pid_tgid as u32) else {
         return 0;
     };
     // SAFETY: map value pointer, valid for this program run.
     let stack = unsafe { &mut *stack };
     settle_preemption(stack, switched_in_ns);
-    // SAFETY: raw tracepoint arguments 0 (preempt) and 3 (prev_state).
-    let (preempt, prev_state) = unsafe { (*args, *args.add(3)) };
-    // Still on the run queue: preempted, or yielding (TASK_RUNNING is 0).
-    let runnable = preempt & 1 != 0 || prev_state as u32 == 0;
     if runnable && stack.depth > 0 {
         stack.preempted_since_ns = now;
     }

@@ -321,6 +321,8 @@ impl Session<'_> {
         }
         let pid = self.printer.target.pid;
         let loop_threads = collector.loop_snapshot();
+        // Loop stalls follow the threshold in force (adaptive or fixed).
+        self.loops.set_threshold_ns(self.engine.threshold_ns());
         for finding in self
             .loops
             .on_snapshot(now_ns, &loop_threads, &threads, |tid| {
@@ -349,6 +351,8 @@ impl Session<'_> {
             return;
         };
         feed.last_refresh = Some(Instant::now());
+        // Always the live value, not only when a move is large enough to say.
+        feed.metrics.set_threshold_ns(self.engine.threshold_ns());
         let (stuck, longest) = stuck_polls(now_ns, self.engine.threshold_ns(), threads);
         let pid = self.printer.target.pid;
         let names = &mut feed.names;
