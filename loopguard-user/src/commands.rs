@@ -226,6 +226,13 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
+        // Handlers first: a signal in the first moments must be forwarded,
+        // not kill loopguard by its default action.
+        let mut forwarded = Vec::with_capacity(FORWARDED.len());
+        for signo in FORWARDED {
+            let incoming = signal(SignalKind::from_raw(signo)).map_err(Error::Signals)?;
+            forwarded.push((signo, incoming));
+        }
         let stopped = launch::launch_stopped(&args.command)?;
         let pid = stopped.pid();
         let prepared = prepare(pid, &options);
@@ -261,10 +268,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         std::thread::spawn(move || {
             let _ = exit_tx.send(Some(child.wait().ok()));
         });
-        for signo in FORWARDED {
-            let Ok(mut incoming) = signal(SignalKind::from_raw(signo)) else {
-                continue;
-            };
+        for (signo, mut incoming) in forwarded {
             tokio::spawn(async move {
                 while incoming.recv().await.is_some() {
                     // SAFETY: sending a signal to our own child.
