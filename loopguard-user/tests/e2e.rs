@@ -473,7 +473,9 @@ fn run_with_duration_fails_on_stall_even_when_the_command_dies_of_sigterm() {
         .trim_start_matches("listening on ")
         .parse()
         .unwrap();
-    http_get(addr, "/block/spin?ms=100").unwrap();
+    // A sleep, not a spin: a poll is judged by the time it held its thread,
+    // and a spin on a CPU-starved CI machine may hold it less than it asked.
+    http_get(addr, "/block/sleep?ms=100").unwrap();
     // --duration's SIGTERM kills it (143 in a shell): that is how it was asked
     // to end, so the stall decides the exit code.
     let (status, lines) = agent.wait(Duration::from_secs(20));
