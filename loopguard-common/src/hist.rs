@@ -21,6 +21,10 @@ const _: () = assert!(USED_SLOTS <= SLOTS && SLOTS.is_power_of_two());
 
 /// Index of the highest set bit of `v` (0 for 0 and 1), in five shifts:
 /// BPF has no count-leading-zeros instruction.
+#[expect(
+    clippy::inline_always,
+    reason = "called from eBPF programs, which cannot make calls freely"
+)]
 #[inline(always)]
 pub const fn log2(mut v: u64) -> u32 {
     let mut bit = 0;
@@ -36,6 +40,10 @@ pub const fn log2(mut v: u64) -> u32 {
 }
 
 /// The slot a duration of `ns` is counted in.
+#[expect(
+    clippy::inline_always,
+    reason = "called from eBPF programs, which cannot make calls freely"
+)]
 #[inline(always)]
 pub const fn slot_of(ns: u64) -> u32 {
     if ns < SUBS {

@@ -14,9 +14,17 @@
 //! - `thread_exit` (raw tracepoint `sched_process_exit`, which needs no
 //!   tracefs) drops a dead thread's stack.
 //!
+//! - `stacks`: the user stacks of stuck polls, on and off CPU (issue #14).
+//!
 //! The agent reads `THREAD_POLLS` directly to see polls that are still stuck.
 #![no_std]
 #![no_main]
+// `AtomicU64::fetch_add` needs compare-and-swap, which the BPF target does
+// not declare; the add intrinsic lowers to BPF's own atomic add.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "the atomic add intrinsic, see above")]
+
+mod stacks;
 
 use aya_ebpf::{
     EbpfContext,
@@ -28,13 +36,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::intrinsics::AtomicOrdering;
 
 use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
-    EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS,
-    MAX_USDT_SITES, PollEvent, PollFrame, RequestEndEvent, RequestStartEvent, ThreadPolls,
-    UsdtArg, UsdtSpec, arg_kind, frame_flags,
+    EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS, MAX_USDT_SITES,
+    PollEvent, PollFrame, RequestEndEvent, RequestStartEvent, ThreadPolls, UsdtArg, UsdtSpec,
+    arg_kind, frame_flags,
     hist::{self, PollHistogram},
 };
 
@@ -79,8 +87,14 @@ fn target_tgid() -> u32 {
 /// another on the same CPU, and a plain `+= 1` would lose one of the two.
 #[inline(always)]
 fn add_one(slot: *mut u64) {
+    add(slot, 1);
+}
+
+/// Adds `n` (wrapping: `u64::MAX` subtracts one) to `*slot` atomically.
+#[inline(always)]
+fn add(slot: *mut u64, n: u64) {
     // SAFETY: `slot` is a valid, aligned map value pointer for this run.
-    unsafe { AtomicU64::from_ptr(slot) }.fetch_add(1, Ordering::Relaxed);
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
 }
 
 #[inline(always)]

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -19,6 +20,7 @@ use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
 use crate::detect::{Finding, Stall, StallDetector};
 use crate::discover::{ProbeTarget, proc};
 use crate::report::{self, Format, StallContext};
+use crate::stacks::{StackOptions, Stacks};
 use crate::summary::{RequestSummary, Summary};
 
 /// How the watch loop runs.
@@ -29,6 +31,11 @@ pub struct WatchOptions {
     pub scan_interval: Duration,
     /// Attach to the middleware's request probes (`--no-requests` turns it off).
     pub requests: bool,
+    /// Capture the stacks of stalls (`--no-stacks` turns it off).
+    pub capture_stacks: bool,
+    pub stacks: StackOptions,
+    /// Where to write the folded stacks at exit (`--folded`).
+    pub folded: Option<PathBuf>,
 }
 
 /// Why watching stopped.
@@ -99,6 +106,7 @@ impl Printer<'_> {
                 .take(VICTIMS_LISTED)
                 .cloned()
                 .collect(),
+            stack: None,
         }
     }
 
@@ -123,6 +131,7 @@ struct Session<'t> {
     events: Vec<RawEvent>,
     /// Request events whose probe layout this agent does not know.
     layout_mismatches: u64,
+    stacks: Option<Stacks>,
 }
 
 /// How long a stop may take to explain a target's exit.
@@ -136,7 +145,11 @@ impl Session<'_> {
         let stall = match finding {
             Finding::InProgress(stall) | Finding::Finished { stall, .. } => stall,
         };
-        let context = self.printer.context(stall, &self.requests);
+        let mut context = self.printer.context(stall, &self.requests);
+        if let Some(stacks) = &mut self.stacks {
+            let finished = matches!(finding, Finding::Finished { .. });
+            context.stack = Some(stacks.describe(stall, finished));
+        }
         if let Finding::Finished { stall, .. } = finding {
             self.requests
                 .record_stall(context.request.as_ref(), stall.duration_ns);
@@ -192,10 +205,12 @@ impl Session<'_> {
     }
 
     fn scan(&mut self, collector: &Collector) {
-        for finding in self
-            .detector
-            .on_snapshot(monotonic_ns(), &collector.snapshot())
-        {
+        let now = monotonic_ns();
+        let snapshot = collector.snapshot();
+        if let Some(stacks) = &mut self.stacks {
+            stacks.scan(now, &snapshot);
+        }
+        for finding in self.detector.on_snapshot(now, &snapshot) {
             self.report(&finding);
         }
     }
@@ -258,6 +273,7 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
 pub async fn watch(
     target: &ProbeTarget,
     collector: &mut Collector,
+    stacks: Option<Stacks>,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, CollectError> {
@@ -274,6 +290,7 @@ pub async fn watch(
         summary: Summary::default(),
         events: Vec::new(),
         layout_mismatches: 0,
+        stacks,
     };
     let mut scan = tokio::time::interval(options.scan_interval);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -310,6 +327,12 @@ pub async fn watch(
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.stop_reason = reason.as_str();
     summary.requests = RequestSummary::from_tracker(&session.requests, session.layout_mismatches);
+    if let Some(stacks) = &session.stacks {
+        summary.stacks = stacks.ranked();
+        if let Some(path) = &options.folded {
+            write_folded(path, &stacks.folded_text());
+        }
+    }
     if collector.malformed > 0 {
         tracing::warn!(
             records = collector.malformed,
@@ -317,6 +340,16 @@ pub async fn watch(
         );
     }
     Ok(Outcome { summary, reason })
+}
+
+/// Writes the folded stacks; a failure is reported, not fatal (the summary still prints).
+fn write_folded(path: &std::path::Path, text: &str) {
+    if let Err(error) = std::fs::write(path, text) {
+        eprintln!(
+            "loopguard: error: cannot write the folded stacks to {}: {error}; check the directory exists and is writable",
+            path.display()
+        );
+    }
 }
 
 /// Prints the summary: JSON on stdout, or text on stdout.

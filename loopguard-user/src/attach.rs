@@ -80,6 +80,8 @@ pub struct AttachedProbes {
     pub ebpf: Ebpf,
     /// uprobes + uretprobes attached.
     pub probe_count: usize,
+    /// The stack capture programs are loaded and attached.
+    pub stacks: bool,
 }
 
 /// uprobe links, owned so that detaching can report progress.
@@ -253,11 +255,13 @@ fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
 }
 
 /// Loads and attaches everything for `target`.
-/// `requests`: also attach to the middleware's USDT sites.
+/// `requests`: also attach to the middleware's USDT sites; `stacks`: also
+/// capture the stacks of stuck polls (armed at half the report floor).
 pub fn attach(
     target: &ProbeTarget,
     report_floor_ns: u64,
     requests: bool,
+    stacks: bool,
 ) -> Result<AttachedProbes, AttachError> {
     let pid = target.pid;
     let mut config = Config::zeroed();
@@ -269,8 +273,14 @@ pub fn attach(
     }
     config.blocking_range_count = ranges.len().min(MAX_BLOCKING_RANGES) as u32;
 
+    let stack_config = crate::stacks::capture::kernel_config(pid, report_floor_ns / 2, stacks);
     let mut ebpf = EbpfLoader::new()
         .override_global(names::CONFIG, &config, true)
+        .override_global(
+            loopguard_common::stacks::names::STACK_CONFIG,
+            &stack_config,
+            true,
+        )
         .load(EBPF_OBJECT)
         .map_err(|error| AttachError::Load(Box::new(error)))?;
 
@@ -327,6 +337,13 @@ pub fn attach(
         .attach("sched_process_exit")
         .map_err(program_error(program))?;
 
+    let stacks = stacks
+        && crate::stacks::capture::attach_programs(&mut ebpf)
+            .inspect_err(|error| {
+                tracing::warn!(error = %error, "stalls are reported without stacks");
+            })
+            .is_ok();
+
     if !proc::is_alive(pid) {
         return Err(AttachError::ProcessExited { pid });
     }
@@ -335,6 +352,7 @@ pub fn attach(
         links,
         ebpf,
         probe_count,
+        stacks,
     })
 }
 

@@ -15,6 +15,9 @@ EXAMPLES:
       One JSON object per line, for scripts (types: attached, stall_in_progress, stall, summary).
   sudo loopguard attach --pid 1234 --duration 60
       Watch for a minute, then print the summary and detach.
+  sudo loopguard attach --pid 1234 --folded stalls.folded
+      Each stall with its stack and cause (on CPU, or blocked in which system call);
+      at exit, the stalls' stacks in folded form for flamegraph.pl or inferno.
   sudo loopguard run --fail-on-stall -- ./target/release/my-service --port 8080
       Start the service with the probes already in place; exit with its exit code,
       or 3 if any poll stalled (a CI guard against blocking code on the runtime).
@@ -91,6 +94,24 @@ pub struct WatchArgs {
     /// How often (ms) in-flight polls are checked for stalls still in progress.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub scan_interval_ms: u64,
+    #[command(flatten)]
+    pub stacks: StackArgs,
+}
+
+/// Stack capture options (issue #14).
+#[derive(Debug, Args, Clone)]
+pub struct StackArgs {
+    /// Do not capture the stacks of stalled polls (nor say whether they were
+    /// on or off CPU).
+    #[arg(long)]
+    pub no_stacks: bool,
+    /// Show every frame of a stall's stack, the runtime's below the task too.
+    #[arg(long, conflicts_with = "no_stacks")]
+    pub all_frames: bool,
+    /// At exit, write the stalls' stacks here in folded form (one
+    /// `outer;...;inner <ms>` line per stack) for flame graph tools.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_stacks")]
+    pub folded: Option<PathBuf>,
 }
 
 impl RunArgs {

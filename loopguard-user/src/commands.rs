@@ -16,6 +16,7 @@ use crate::discover::{self, ProbeTarget};
 use crate::error::{EXIT_STALL, Error};
 use crate::launch;
 use crate::preflight;
+use crate::stacks::Stacks;
 
 fn watch_options(args: &WatchArgs) -> WatchOptions {
     WatchOptions {
@@ -23,6 +24,12 @@ fn watch_options(args: &WatchArgs) -> WatchOptions {
         format: args.format,
         scan_interval: Duration::from_millis(args.scan_interval_ms),
         requests: !args.no_requests,
+        stacks: crate::stacks::StackOptions {
+            arm_delay_ns: args.threshold_ms * 1_000_000 / 2,
+            all_frames: args.stacks.all_frames,
+        },
+        capture_stacks: !args.stacks.no_stacks,
+        folded: args.stacks.folded.clone(),
     }
 }
 
@@ -42,7 +49,12 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
         blocking_ranges = target.binary.blocking_ranges.len(),
         "discovered target"
     );
-    let probes = attach::attach(&target, options.threshold_ns, options.requests)?;
+    let probes = attach::attach(
+        &target,
+        options.threshold_ns,
+        options.requests,
+        options.capture_stacks,
+    )?;
     tracing::info!(probes = probes.probe_count, "attached");
     Ok((target, probes))
 }
@@ -55,8 +67,15 @@ async fn watch_and_detach(
     stop: impl Future<Output = StopReason>,
 ) -> Result<u64, Error> {
     let mut collector = Collector::new(&mut probes.ebpf)?;
+    let stacks = if probes.stacks {
+        Stacks::new(&mut probes.ebpf, target.pid, options.stacks)
+            .inspect_err(|error| tracing::warn!(%error, "stalls are reported without stacks"))
+            .ok()
+    } else {
+        None
+    };
     agent::print_attached(&target, probes.probe_count, options);
-    let outcome = agent::watch(&target, &mut collector, options, stop).await?;
+    let outcome = agent::watch(&target, &mut collector, stacks, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;
     probes.detach(|done, total| eprintln!("loopguard: detaching: {done}/{total} probes removed"));

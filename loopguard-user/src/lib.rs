@@ -4,7 +4,8 @@
 //! [`discover`] (pid → ELF and `/proc` → [`discover::ProbeTarget`]) →
 //! [`attach`] (→ [`attach::AttachedProbes`]) → [`collect`] (ring buffer and
 //! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) →
-//! [`report`] (text or JSON lines) and [`summary`].
+//! [`report`] (text or JSON lines) and [`summary`]; [`stacks`] adds where
+//! each stall spent its time and why.
 //! [`agent`] runs the loop, [`commands`] the subcommands, [`launch`] starts
 //! the program of `loopguard run`; [`preflight`] checks privileges and the
 //! kernel first.
@@ -21,4 +22,5 @@ pub mod error;
 pub mod launch;
 pub mod preflight;
 pub mod report;
+pub mod stacks;
 pub mod summary;

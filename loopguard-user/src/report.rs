@@ -31,6 +31,8 @@ pub struct StallContext {
     pub victims: Vec<Request>,
     /// How many there were in all.
     pub victim_count: usize,
+    /// Where the poll spent its time and why (stack capture on).
+    pub stack: Option<crate::stacks::StallStack>,
 }
 
 fn request_json(request: &Request) -> Value {
@@ -75,6 +77,9 @@ pub fn finding_json(
     {
         object["seen_in_progress"] = json!(seen_in_progress);
     }
+    if let Some(stack) = &context.stack {
+        crate::stacks::render::add_json(&mut object, stack);
+    }
     object
 }
 
@@ -85,13 +90,18 @@ pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext
         Finding::Finished { stall, .. } => ("STALL", stall, "blocked"),
     };
     format!(
-        "{label:<17} tid {tid} ({thread}) {task} {verb} {duration:.1} ms (threshold {threshold} ms){from}",
+        "{label:<17} tid {tid} ({thread}) {task} {verb} {duration:.1} ms (threshold {threshold} ms){from}{stack}",
         tid = stall.tid,
         thread = context.thread,
         task = task_label(stall),
         duration = ms(stall.duration_ns),
         threshold = ms(threshold_ns),
         from = request_text(context),
+        stack = context
+            .stack
+            .as_ref()
+            .map(crate::stacks::render::stall_lines)
+            .unwrap_or_default(),
     )
 }
 
@@ -149,6 +159,7 @@ pub fn summary_json(summary: &Summary, pid: u32, threshold_ns: u64) -> Value {
         "stack_overflows": counters.get(Counter::StackOverflow),
         "thread_map_full": counters.get(Counter::ThreadMapFull),
         "requests": requests_json(&summary.requests),
+        "stacks": crate::stacks::render::summary_json(&summary.stacks),
     })
 }
 
@@ -254,6 +265,7 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
             ));
         }
     }
+    lines.extend(crate::stacks::render::summary_lines(&summary.stacks));
     lines.push(if lost.is_empty() {
         "  dropped events: 0".to_owned()
     } else {

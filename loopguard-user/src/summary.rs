@@ -66,6 +66,7 @@ impl Histogram {
     }
 
     /// Counts added since `earlier` (a previous read of the same histogram).
+    #[must_use]
     pub fn since(&self, earlier: &Self) -> Self {
         Self(
             self.0
@@ -91,6 +92,8 @@ pub struct Summary {
     /// Why watching stopped ("interrupted", "duration elapsed", "target exited").
     pub stop_reason: &'static str,
     pub requests: RequestSummary,
+    /// Stalls folded by stack, longest total first (stack capture on).
+    pub stacks: Vec<crate::stacks::fold::StackStalls>,
 }
 
 /// What the middleware's probes told, for the summary.
@@ -171,7 +174,16 @@ mod tests {
 
     #[test]
     fn quantiles_are_within_a_sixteenth_everywhere() {
-        for ns in [5_u64, 17, 999, 4_321, 65_537, 5_000_000, 123_456_789, 3 << 40] {
+        for ns in [
+            5_u64,
+            17,
+            999,
+            4_321,
+            65_537,
+            5_000_000,
+            123_456_789,
+            3 << 40,
+        ] {
             let mut histogram = Histogram::default();
             histogram.0[slot(ns)] = 1;
             let estimate = histogram.quantile_ns(0.99).unwrap();
