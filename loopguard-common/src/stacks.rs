@@ -20,6 +20,8 @@ pub mod names {
     pub const THREAD_OFFCPU: &str = "THREAD_OFFCPU";
     /// Kernel task pointer → tid of a target thread switched out inside a poll.
     pub const OFFCPU_TASKS: &str = "OFFCPU_TASKS";
+    /// Threads sampled on CPU while attaching, tid → 1.
+    pub const CENSUS_TIDS: &str = "CENSUS_TIDS";
     /// Global the agent sets before load: [`super::StackConfig`].
     pub const STACK_CONFIG: &str = "STACK_CONFIG";
 }
@@ -31,6 +33,8 @@ pub const STACK_BYTES: usize = 32 * 1024;
 pub const STACK_CHUNK_BYTES: usize = 512;
 /// Ring buffer for stack records (a power of two, a multiple of the page size).
 pub const STACK_RING_BYTES: u32 = 4 << 20;
+/// Threads sampled at once while attaching ([`names::CENSUS_TIDS`]).
+pub const MAX_CENSUS_THREADS: u32 = 1024;
 /// Threads tracked at once in [`names::THREAD_OFFCPU`].
 pub const MAX_OFFCPU_THREADS: u32 = 4096;
 

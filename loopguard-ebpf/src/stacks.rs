@@ -17,14 +17,15 @@ use aya_ebpf::{
         generated,
     },
     macros::{btf_tracepoint, map, perf_event},
-    maps::{Array, LruHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, RingBuf},
     programs::{BtfTracePointContext, PerfEventContext},
 };
 use loopguard_common::{
     Counter, MAX_POLL_DEPTH, frame_flags,
     stacks::{
-        MAX_OFFCPU_THREADS, NO_SYSCALL, OffCpuEnd, STACK_BYTES, STACK_CHUNK_BYTES,
-        STACK_RING_BYTES, StackConfig, StackSample, ThreadOffCpu, record_kind, sample_cause,
+        MAX_CENSUS_THREADS, MAX_OFFCPU_THREADS, NO_SYSCALL, OffCpuEnd, STACK_BYTES,
+        STACK_CHUNK_BYTES, STACK_RING_BYTES, StackConfig, StackSample, ThreadOffCpu, record_kind,
+        sample_cause,
     },
 };
 
@@ -45,6 +46,11 @@ static THREAD_OFFCPU: LruHashMap<u32, ThreadOffCpu> =
 /// the switch back in (where only the task pointer is at hand) finds it.
 #[map]
 static OFFCPU_TASKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_OFFCPU_THREADS, 0);
+
+/// Threads the agent samples while attaching, whether or not a poll is
+/// known on them (a poll already stuck before attaching has no entry).
+#[map]
+static CENSUS_TIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_CENSUS_THREADS, 0);
 
 /// Entries in `OFFCPU_TASKS` (an upper bound): while 0, a switch-in costs no lookup.
 #[map]
@@ -284,19 +290,27 @@ pub fn stack_on_cpu(ctx: PerfEventContext) -> u32 {
     if regs.cs & 3 != 3 {
         return 0;
     }
-    let Some(poll_start) = current_task_poll(tid) else {
-        return 0;
-    };
     let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(poll_start) >= config_u64(&raw const STACK_CONFIG.arm_delay_ns) {
-        send_sample(
-            sample_cause::ON_CPU,
-            tid,
-            poll_start,
-            now,
-            &regs,
-            NO_SYSCALL,
-        );
+    match current_task_poll(tid) {
+        Some(poll_start) => {
+            let arm_delay = config_u64(&raw const STACK_CONFIG.arm_delay_ns);
+            if now.saturating_sub(poll_start) >= arm_delay {
+                send_sample(
+                    sample_cause::ON_CPU,
+                    tid,
+                    poll_start,
+                    now,
+                    &regs,
+                    NO_SYSCALL,
+                );
+            }
+        }
+        // A thread the agent looks at while attaching: whatever it runs.
+        // SAFETY: a read-only look at the map value.
+        None if unsafe { CENSUS_TIDS.get(tid) }.is_some() => {
+            send_sample(sample_cause::ON_CPU, tid, 0, now, &regs, NO_SYSCALL);
+        }
+        None => {}
     }
     0
 }

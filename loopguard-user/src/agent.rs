@@ -134,6 +134,11 @@ struct Session<'t> {
     stacks: Option<Stacks>,
 }
 
+/// How long threads are watched at attach for polls stuck since before:
+/// the threshold, within these bounds.
+const CENSUS_MIN: Duration = Duration::from_millis(50);
+const CENSUS_MAX: Duration = Duration::from_millis(500);
+
 /// How long a stop may take to explain a target's exit.
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
@@ -156,6 +161,23 @@ impl Session<'_> {
         }
         self.summary.record(finding);
         self.printer.finding(finding, &context);
+    }
+
+    /// Polls already stuck when loopguard attached, found from their
+    /// threads' stacks: reported in progress, with a lower bound.
+    fn report_stuck_before_attach(&mut self) {
+        let Some(stacks) = &mut self.stacks else {
+            return;
+        };
+        let window =
+            Duration::from_nanos(self.detector.threshold_ns()).clamp(CENSUS_MIN, CENSUS_MAX);
+        for (stall, stack) in stacks.stuck_before_attach(window) {
+            let mut context = self.printer.context(&stall, &self.requests);
+            context.stack = Some(stack);
+            let finding = Finding::InProgress(stall);
+            self.summary.record(&finding);
+            self.printer.finding(&finding, &context);
+        }
     }
 
     fn check_layout(&mut self, layout: u64) -> bool {
@@ -292,6 +314,7 @@ pub async fn watch(
         layout_mismatches: 0,
         stacks,
     };
+    session.report_stuck_before_attach();
     let mut scan = tokio::time::interval(options.scan_interval);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut liveness = tokio::time::interval(Duration::from_millis(200));

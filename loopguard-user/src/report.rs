@@ -131,6 +131,7 @@ fn request_text(context: &StallContext) -> String {
 fn task_label(stall: &Stall) -> String {
     match stall.task_id {
         Some(id) => format!("task {id}"),
+        None if stall.header == 0 => "task ?".to_owned(),
         None => format!("task@{:#x}", stall.header),
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: fmt, clippy (host crates and the eBPF crate), unit
 //! tests, then the end-to-end tests: as root, for real, against the example
 //! built five ways (release, fat LTO + panic=abort, v0 mangling, non-PIE,
-//! release with line tables).
+//! release with debug info).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -78,15 +78,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 "-C relocation-model=static -C link-arg=-no-pie",
             ),
     )?;
-    // With line tables (and inlined-call info) kept, for the stack tests'
-    // file:line checks: the workspace's release profile strips them.
+    // With debug info (line tables, inlined calls and their names) kept, for
+    // the stack tests' file:line checks: the release profile strips it.
     let debuginfo_dir = target.join("debuginfo");
     cmd::run(
         cmd::cargo()
             .current_dir(&root)
             .args(["build", "--release", "-p", "stall-server"])
             .env("CARGO_TARGET_DIR", &debuginfo_dir)
-            .env("CARGO_PROFILE_RELEASE_DEBUG", "line-tables-only")
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "limited")
             .env("CARGO_PROFILE_RELEASE_STRIP", "none"),
     )?;
     // Build the test binary as the user, run it as root (sudo -E when not root).

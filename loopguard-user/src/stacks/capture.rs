@@ -9,7 +9,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use aya::programs::{BtfTracePoint, PerfEvent, ProgramFd};
 use aya::{Btf, Ebpf};
-use loopguard_common::stacks::{STACK_BYTES, StackConfig, ThreadOffCpu, names};
+use std::time::Duration;
+
+use loopguard_common::stacks::{MAX_CENSUS_THREADS, STACK_BYTES, StackConfig, ThreadOffCpu, names};
 
 use super::StackError;
 use super::sample::{StackRecord, decode};
@@ -167,6 +169,7 @@ pub fn read_remote_stack(pid: u32, base: u64) -> Vec<u8> {
 pub struct Capture {
     ring: RingBuf<MapData>,
     offcpu: BpfHashMap<MapData, u32, ThreadOffCpu>,
+    census: BpfHashMap<MapData, u32, u32>,
     program: Option<ProgramFd>,
     /// tid → (poll start, its cpu-clock event).
     perf: HashMap<u32, (u64, OwnedFd)>,
@@ -193,6 +196,7 @@ impl Capture {
         Ok(Self {
             ring: take(ebpf, names::STACK_EVENTS)?,
             offcpu: take(ebpf, names::THREAD_OFFCPU)?,
+            census: take(ebpf, names::CENSUS_TIDS)?,
             program,
             perf: HashMap::new(),
             perf_failures: 0,
@@ -244,5 +248,28 @@ impl Capture {
     /// Threads sampled on CPU right now.
     pub fn sampled_threads(&self) -> usize {
         self.perf.len()
+    }
+
+    /// Samples `tids` on CPU for `window`, whatever they run (a poll that
+    /// began before attaching is not on the kernel's poll stacks), then
+    /// queues what came in into `out`. Blocks for `window`.
+    pub fn census_on_cpu(&mut self, tids: &[u32], window: Duration, out: &mut Vec<StackRecord>) {
+        let Some(program) = &self.program else {
+            return;
+        };
+        let mut events = Vec::new();
+        for &tid in tids.iter().take(MAX_CENSUS_THREADS as usize) {
+            if self.census.insert(tid, 1, 0).is_ok()
+                && let Ok(fd) = open_cpu_clock(tid, program)
+            {
+                events.push(fd);
+            }
+        }
+        std::thread::sleep(window);
+        drop(events);
+        for tid in tids {
+            let _ = self.census.remove(tid);
+        }
+        self.drain(out);
     }
 }

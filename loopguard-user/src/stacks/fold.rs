@@ -36,12 +36,21 @@ impl Frame {
 }
 
 /// Frames of Tokio's task harness and schedulers: everything from the first
-/// of these outwards is the runtime polling the task, not the task.
-fn is_scheduler(function: &str) -> bool {
-    let name = function.trim_start_matches('<');
-    ["tokio::runtime::task::", "tokio::runtime::scheduler::"]
+/// of these outwards is the runtime polling the task, not the task. Known
+/// by name, or by source file where the debug info names inlined calls
+/// without their path (`line-tables-only` builds).
+fn is_scheduler(frame: &Frame) -> bool {
+    let name = frame.function.trim_start_matches('<');
+    let by_name = ["tokio::runtime::task::", "tokio::runtime::scheduler::"]
         .iter()
-        .any(|prefix| name.starts_with(prefix))
+        .any(|prefix| name.starts_with(prefix));
+    let by_file = frame.file.as_deref().is_some_and(|file| {
+        file.contains("/tokio-")
+            && ["/src/runtime/task/", "/src/runtime/scheduler/"]
+                .iter()
+                .any(|dir| file.contains(dir))
+    });
+    by_name || by_file
 }
 
 /// The frames from the blocking call out to the task's future: the
@@ -52,7 +61,7 @@ pub fn trim_runtime(frames: &[Frame]) -> &[Frame] {
         .iter()
         .enumerate()
         .skip(1)
-        .find(|(_, frame)| is_scheduler(&frame.function))
+        .find(|(_, frame)| is_scheduler(frame))
         .map_or(frames.len(), |(index, _)| index);
     &frames[..cut]
 }
@@ -204,6 +213,18 @@ mod tests {
         let trimmed = trim_runtime(&stack);
         assert_eq!(trimmed.len(), 5);
         assert_eq!(trimmed[4].function, stack[4].function);
+    }
+
+    #[test]
+    fn runtime_frames_named_without_their_path_are_known_by_file() {
+        let mut stack = sleep_stack();
+        stack[5] = Frame {
+            function: "poll<axum::serve::handle_connection::{async_fn#0}>".into(),
+            file: Some("/root/.cargo/registry/src/x/tokio-1.48.0/src/runtime/task/core.rs".into()),
+            line: Some(375),
+            ..Frame::default()
+        };
+        assert_eq!(trim_runtime(&stack).len(), 5);
     }
 
     #[test]

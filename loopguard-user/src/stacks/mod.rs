@@ -7,6 +7,7 @@
 //! [`profile::Cause`]; over the run, identical stacks folded together.
 
 pub mod capture;
+pub mod census;
 pub mod fold;
 pub mod profile;
 pub mod render;
@@ -70,6 +71,9 @@ pub struct StallStack {
     pub cause: Option<Cause>,
     /// Stack samples the stack was chosen from.
     pub samples: usize,
+    /// The poll began before loopguard attached (found from the thread's
+    /// stack); its duration is a lower bound.
+    pub before_attach: bool,
 }
 
 /// How long a profile is kept after its poll was last seen stuck.
@@ -251,6 +255,15 @@ impl Stacks {
             frames,
             cause: Some(cause),
             samples: profile.stacks.len(),
+            before_attach: false,
+        }
+    }
+
+    fn shown(&self, frames: &[Frame]) -> Vec<Frame> {
+        if self.options.all_frames {
+            frames.to_vec()
+        } else {
+            fold::trim_runtime(frames).to_vec()
         }
     }
 

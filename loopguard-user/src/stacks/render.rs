@@ -37,6 +37,9 @@ pub fn add_json(object: &mut Value, stack: &StallStack) {
     object["stack"] = stack.frames.iter().map(frame_json).collect();
     object["stack_samples"] = json!(stack.samples);
     object["cause"] = stack.cause.as_ref().map_or(Value::Null, cause_json);
+    if stack.before_attach {
+        object["started_before_attach"] = json!(true);
+    }
 }
 
 /// `blocked in clock_nanosleep (off CPU 199.8 ms, on CPU 0.2 ms)`.
@@ -62,6 +65,11 @@ pub fn cause_text(cause: &Cause) -> String {
 /// The lines printed under a stall: its cause, then its frames.
 pub fn stall_lines(stack: &StallStack) -> String {
     let mut text = String::new();
+    if stack.before_attach {
+        text.push_str(
+            "\n    (stuck since before loopguard attached: the duration is a lower bound)",
+        );
+    }
     if let Some(cause) = &stack.cause {
         text.push_str("\n    cause: ");
         text.push_str(&cause_text(cause));
@@ -149,6 +157,7 @@ mod tests {
                 Some((230, Some("clock_nanosleep"))),
             )),
             samples: 1,
+            before_attach: false,
         };
         let text = stall_lines(&stack);
         assert_eq!(

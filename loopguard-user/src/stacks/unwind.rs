@@ -107,6 +107,77 @@ impl StackUnwinder {
 /// A loadable segment: stated address, file offset, file size, executable.
 pub type Segment = (u64, u64, u64, bool);
 
+/// Where to look for `rbp` when unwinding without it stopped: just above
+/// the last return address found, the frame of the function that needs it
+/// begins; its frame pointer is one of the 16-byte aligned slots there
+/// (where `push rbp` right after the call leaves it) sitting below a return
+/// address (`is_code`). The first few such slots, lowest first.
+pub fn frame_pointer_candidates(
+    sp: u64,
+    top: u64,
+    last_return: u64,
+    read: impl Fn(u64) -> Option<u64>,
+    is_code: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let mut candidates = Vec::new();
+    let mut slot = sp & !7;
+    let frame_start = loop {
+        if slot + 8 > top {
+            return candidates;
+        }
+        if read(slot) == Some(last_return) {
+            break slot + 8;
+        }
+        slot += 8;
+    };
+    let mut slot = (frame_start + 15) & !15;
+    while slot + 16 <= top && slot < frame_start + FRAME_POINTER_SCAN_BYTES {
+        if read(slot + 8).is_some_and(&is_code) {
+            candidates.push(slot);
+            if candidates.len() == MAX_FRAME_POINTER_GUESSES {
+                break;
+            }
+        }
+        slot += 16;
+    }
+    candidates
+}
+
+/// Frame pointer guesses tried at most; the one that unwinds furthest wins
+/// (a stale return address in a frame leads nowhere far).
+const MAX_FRAME_POINTER_GUESSES: usize = 6;
+
+/// How far into a frame its frame pointer is looked for.
+const FRAME_POINTER_SCAN_BYTES: u64 = 4096;
+
+impl StackUnwinder {
+    /// Like [`Self::unwind`] for registers without `rbp` (a thread asleep,
+    /// read from `/proc`): a frame-pointer function (the standard library
+    /// has them) stops the unwind, so its frame pointer is guessed from the
+    /// stack and the longer stack wins. `top` is the end of the stack copy.
+    pub fn unwind_guessing_bp(
+        &mut self,
+        regs: Regs,
+        top: u64,
+        read: impl Fn(u64) -> Option<u64>,
+    ) -> Vec<u64> {
+        let plain = self.unwind(regs, &read);
+        let Some(&last) = plain.last().filter(|_| plain.len() >= 2) else {
+            return plain;
+        };
+        let code = self.code.clone();
+        let is_code = |addr: u64| code.iter().any(|range| range.contains(&addr));
+        let mut best = plain;
+        for bp in frame_pointer_candidates(regs.sp, top, last + 1, &read, is_code) {
+            let guessed = self.unwind(Regs { bp, ..regs }, &read);
+            if guessed.len() > best.len() {
+                best = guessed;
+            }
+        }
+        best
+    }
+}
+
 /// The load bias of an executable mapping: runtime address minus the
 /// address the ELF file states, from the executable segment the mapping's
 /// file offset falls in (a page can hold the end of one segment and the
@@ -223,6 +294,34 @@ mod tests {
         assert_eq!(bias, 0x5555_cb4f_c000 - 0xc_a000);
         // A return address into `block_sleep::{{closure}}` (0x12cb40..0x12ccc3).
         assert_eq!(0x5555_cb55_ebdf - bias, 0x12_cbdf);
+    }
+
+    #[test]
+    fn the_frame_pointer_is_found_in_the_frame_above_the_last_return_address() {
+        // A thread asleep in clock_nanosleep, as read from the example: the
+        // return address into std's sleep at +0x48, std's frame pointer at
+        // +0x70 (below the return address into the handler at +0x78).
+        let sp = 0x7f29_f68b_1440;
+        let words: std::collections::HashMap<u64, u64> = [
+            (0x28, 0x55a8_6bf1_0b17),
+            (0x30, sp + 0x70),
+            (0x48, 0x55a8_6bef_dce3),
+            (0x60, sp + 0x160),
+            (0x70, 0x6b6c),
+            (0x78, 0x55a8_6bdb_fbe0),
+        ]
+        .into_iter()
+        .map(|(offset, value)| (sp + offset, value))
+        .collect();
+        let read = |addr: u64| Some(words.get(&addr).copied().unwrap_or(0));
+        let is_code = |addr: u64| (0x55a8_6bd0_0000..0x55a8_6c00_0000).contains(&addr);
+        // Above the return address into std's sleep (+0x28): a stale
+        // return address at +0x48, the frame pointer at +0x70.
+        assert_eq!(
+            frame_pointer_candidates(sp, sp + 0x1000, 0x55a8_6bf1_0b17, read, is_code),
+            [sp + 0x40, sp + 0x70]
+        );
+        assert!(frame_pointer_candidates(sp, sp + 0x1000, 0x1234, read, is_code).is_empty());
     }
 
     #[test]

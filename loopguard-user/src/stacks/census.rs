@@ -1,0 +1,349 @@
+//! Attaching to a process that already hangs. A poll that began before
+//! loopguard attached has no entry on its thread's poll stack, so the scan
+//! cannot see it; its thread's own stack can: a `raw::poll` frame with the
+//! task's code inside it, and no scheduler frame, means the thread is inside
+//! a task poll right now.
+//!
+//! Threads asleep in a system call are read from `/proc` (their registers
+//! from `/proc/PID/task/TID/syscall`, their stack from memory: it cannot
+//! change until they wake); threads on a CPU are sampled with a short-lived
+//! cpu-clock perf event.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use loopguard_common::stacks::STACK_CHUNK_BYTES;
+
+use super::fold::Frame;
+use super::profile::{Cause, CauseKind};
+use super::sample::{Regs, Sample, SampleCause, StackRecord};
+use super::{Stacks, StallStack, capture, syscalls};
+use crate::collect::monotonic_ns;
+use crate::detect::Stall;
+
+/// On-CPU samples a thread needs, all inside a task poll, to count as stuck.
+const MIN_CENSUS_SAMPLES: usize = 3;
+
+/// A thread found inside a task poll: since when (at least), the system
+/// call it sleeps in (none: on a CPU), its frames as shown.
+struct Found {
+    tid: u32,
+    since_ns: u64,
+    syscall: Option<i64>,
+    frames: Vec<Frame>,
+}
+
+/// What `/proc/PID/task/TID/syscall` says: the system call a thread sleeps
+/// in and its user stack and instruction pointers, or `None` while it runs
+/// (`running`) or is in user mode (`-1 sp pc`).
+pub fn parse_syscall(text: &str) -> Option<(i64, u64, u64)> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let nr: i64 = fields.first()?.parse().ok()?;
+    if nr < 0 || fields.len() < 3 {
+        return None;
+    }
+    let hex = |field: &str| u64::from_str_radix(field.trim_start_matches("0x"), 16).ok();
+    let sp = hex(fields[fields.len() - 2])?;
+    let pc = hex(fields[fields.len() - 1])?;
+    Some((nr, sp, pc))
+}
+
+/// `se.exec_start` of `/proc/PID/task/TID/sched` in ns: when a sleeping
+/// thread last ran, so when its sleep began (the scheduler's clock, which
+/// counts from boot as `CLOCK_MONOTONIC` does).
+pub fn parse_exec_start(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("se.exec_start"))?;
+    let value = line.split(':').nth(1)?.trim();
+    let (ms, frac) = value.split_once('.').unwrap_or((value, "0"));
+    let ms: u64 = ms.parse().ok()?;
+    let frac_ns: u64 = format!("{frac:0<6}").get(..6)?.parse().ok()?;
+    Some(ms * 1_000_000 + frac_ns)
+}
+
+/// The runtime polling a task: `raw::poll` itself is often a lone `jmp`
+/// to the harness (a tail call), so it may be missing from a stack.
+fn is_task_poll(frame: &Frame) -> bool {
+    let name = frame.function.trim_start_matches('<');
+    [
+        "tokio::runtime::task::raw::poll",
+        "tokio::runtime::task::harness::Harness",
+        "tokio::runtime::task::core::Core",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+}
+
+/// Frames that mean the thread is in the runtime itself, not in a task:
+/// parked, driving I/O or timers, or running blocking-pool work.
+fn is_runtime_machinery(frame: &Frame) -> bool {
+    let name = frame.function.trim_start_matches('<');
+    [
+        "tokio::runtime::scheduler::",
+        "tokio::runtime::park",
+        "tokio::runtime::driver",
+        "tokio::runtime::io::",
+        "tokio::runtime::time::",
+        "tokio::runtime::blocking::",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+}
+
+/// Whether a stack (innermost first) is inside a task poll: its innermost
+/// task-polling frame has no runtime machinery inside it.
+pub fn in_task_poll(frames: &[Frame]) -> bool {
+    frames
+        .iter()
+        .position(is_task_poll)
+        .is_some_and(|poll| !frames[..poll].iter().any(is_runtime_machinery))
+}
+
+impl Stacks {
+    /// Polls that were already stuck when loopguard attached: threads
+    /// inside a task poll now and still, `window` later (asleep at the same
+    /// place, or in a task poll in every on-CPU sample). Blocks for `window`.
+    pub fn stuck_before_attach(&mut self, window: Duration) -> Vec<(Stall, StallStack)> {
+        let started = monotonic_ns();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return Vec::new();
+        };
+        let tids: Vec<u32> = tasks
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let (asleep, running) = self.asleep_threads(&tids, started);
+        let mut records = Vec::new();
+        self.capture.census_on_cpu(&running, window, &mut records);
+        let now = monotonic_ns();
+        let mut found = self.still_asleep_in_polls(asleep, started);
+        found.extend(self.on_cpu_in_polls(records, started, now));
+        found
+            .into_iter()
+            .map(|found| found.into_stall(now))
+            .collect()
+    }
+
+    fn syscall_file(&self, tid: u32) -> String {
+        std::fs::read_to_string(format!("/proc/{}/task/{tid}/syscall", self.pid))
+            .unwrap_or_default()
+    }
+
+    /// Threads asleep in a system call (with what `/proc` said and their
+    /// stack), and the others.
+    fn asleep_threads(&self, tids: &[u32], now: u64) -> (Vec<(String, Sample)>, Vec<u32>) {
+        let mut asleep = Vec::new();
+        let mut running = Vec::new();
+        for &tid in tids {
+            let text = self.syscall_file(tid);
+            let Some((nr, sp, pc)) = parse_syscall(&text) else {
+                running.push(tid);
+                continue;
+            };
+            let base = sp & !(STACK_CHUNK_BYTES as u64 - 1);
+            let copied = capture::read_remote_stack(self.pid, base);
+            // Still asleep at the same place: the copy is consistent.
+            if self.syscall_file(tid) == text && !copied.is_empty() {
+                let sample = Sample {
+                    tid,
+                    cause: SampleCause::OffCpu,
+                    ts_ns: now,
+                    poll_start_ns: 0,
+                    regs: Regs { ip: pc, sp, bp: 0 },
+                    syscall: Some(nr),
+                    stack_base: base,
+                    stack: copied,
+                };
+                asleep.push((text, sample));
+            }
+        }
+        (asleep, running)
+    }
+
+    /// The sleeping threads still asleep at the same place, inside a task poll.
+    fn still_asleep_in_polls(&mut self, asleep: Vec<(String, Sample)>, started: u64) -> Vec<Found> {
+        let mut found = Vec::new();
+        for (text, sample) in asleep {
+            if self.syscall_file(sample.tid) != text {
+                continue;
+            }
+            let top = sample.stack_base + sample.stack.len() as u64;
+            let addrs = self
+                .unwinder
+                .unwind_guessing_bp(sample.regs, top, |addr| sample.read_u64(addr));
+            let frames = self.symbols.frames(&addrs);
+            if !in_task_poll(&frames) {
+                continue;
+            }
+            let since_ns = asleep_since(self.pid, sample.tid)
+                .filter(|since| *since < started)
+                .unwrap_or(started);
+            found.push(Found {
+                tid: sample.tid,
+                since_ns,
+                syscall: sample.syscall,
+                frames: self.shown(&frames),
+            });
+        }
+        found
+    }
+
+    /// The threads on a CPU whose every sample was inside a task poll.
+    fn on_cpu_in_polls(&mut self, records: Vec<StackRecord>, started: u64, now: u64) -> Vec<Found> {
+        let mut by_thread: HashMap<u32, (usize, bool, Vec<Frame>)> = HashMap::new();
+        for record in records {
+            match record {
+                StackRecord::Sample(sample) if sample.poll_start_ns == 0 => {
+                    let addrs = self
+                        .unwinder
+                        .unwind(sample.regs, |addr| sample.read_u64(addr));
+                    let frames = self.symbols.frames(&addrs);
+                    let entry = by_thread.entry(sample.tid).or_insert((0, true, Vec::new()));
+                    entry.0 += 1;
+                    if in_task_poll(&frames) {
+                        entry.2 = frames;
+                    } else {
+                        entry.1 = false;
+                    }
+                }
+                StackRecord::Sample(sample) => self.add_sample(&sample, now),
+                StackRecord::OffCpuEnd(span) => self
+                    .profile(span.tid, span.poll_start_ns, now)
+                    .add_span(&span),
+            }
+        }
+        by_thread
+            .into_iter()
+            .filter(|(_, (samples, always, _))| *always && *samples >= MIN_CENSUS_SAMPLES)
+            .map(|(tid, (_, _, frames))| Found {
+                tid,
+                since_ns: started,
+                syscall: None,
+                frames: self.shown(&frames),
+            })
+            .collect()
+    }
+}
+
+impl Found {
+    fn into_stall(self, now: u64) -> (Stall, StallStack) {
+        let duration_ns = now.saturating_sub(self.since_ns);
+        let asleep = self.syscall.is_some();
+        let stall = Stall {
+            tid: self.tid,
+            task_id: None,
+            header: 0,
+            start_ns: self.since_ns,
+            duration_ns,
+            copy_index: u32::MAX,
+            return_addr: 0,
+        };
+        let cause = Cause {
+            kind: if asleep {
+                CauseKind::Syscall
+            } else {
+                CauseKind::Cpu
+            },
+            syscall: self.syscall.map(|nr| (nr, syscalls::syscall_name(nr))),
+            on_cpu_ns: if asleep { 0 } else { duration_ns },
+            off_cpu_ns: if asleep { duration_ns } else { 0 },
+            wait_ns: 0,
+        };
+        let stack = StallStack {
+            frames: self.frames,
+            cause: Some(cause),
+            samples: 1,
+            before_attach: true,
+        };
+        (stall, stack)
+    }
+}
+
+/// When a sleeping thread last ran (`CLOCK_MONOTONIC` ns), from its
+/// scheduler statistics. The scheduler's clock is not quite the monotonic
+/// clock, so it is tied to it through this thread, which is running now (its
+/// own last start is at most now): the result errs late, keeping the
+/// duration a lower bound.
+fn asleep_since(pid: u32, tid: u32) -> Option<u64> {
+    let read = |path: String| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| parse_exec_start(&text))
+    };
+    let ours = read("/proc/thread-self/sched".to_owned())?;
+    let now = monotonic_ns();
+    let theirs = read(format!("/proc/{pid}/task/{tid}/sched"))?;
+    Some(theirs.checked_add(now)?.checked_sub(ours)?.min(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(names: &[&str]) -> Vec<Frame> {
+        names
+            .iter()
+            .map(|name| Frame {
+                function: (*name).to_owned(),
+                ..Frame::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_syscall_file_gives_registers_only_while_asleep() {
+        assert_eq!(
+            parse_syscall("230 0x1 0x0 0x7fce 0x7fce 0x0 0x0 0x7fcee677e440 0x7fcee6855545\n"),
+            Some((230, 0x7fce_e677_e440, 0x7fce_e685_5545))
+        );
+        assert_eq!(parse_syscall("running\n"), None);
+        assert_eq!(parse_syscall("-1 0x7ffd1000 0x401000\n"), None);
+    }
+
+    #[test]
+    fn exec_start_is_read_in_ns() {
+        let text = "cat (19237, #threads: 1)\n---\nse.exec_start                                :       1881399.203459\nse.vruntime : 1.0\n";
+        assert_eq!(parse_exec_start(text), Some(1_881_399_203_459));
+        assert_eq!(parse_exec_start("se.exec_start : 12\n"), Some(12_000_000));
+        assert_eq!(parse_exec_start("nothing"), None);
+    }
+
+    #[test]
+    fn a_worker_in_a_task_is_in_a_poll_a_parked_one_is_not() {
+        let stuck = frames(&[
+            "clock_nanosleep",
+            "std::thread::sleep",
+            "app::handler::{{closure}}",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "tokio::runtime::task::raw::poll",
+            "tokio::runtime::scheduler::multi_thread::worker::Context::run_task",
+            "tokio::runtime::task::raw::poll",
+        ]);
+        assert!(in_task_poll(&stuck));
+        let parked = frames(&[
+            "epoll_wait",
+            "tokio::runtime::io::driver::Driver::turn",
+            "tokio::runtime::scheduler::multi_thread::park::Parker::park",
+            "tokio::runtime::scheduler::multi_thread::worker::Context::run",
+            "<tokio::runtime::blocking::task::BlockingTask<T> as core::future::future::Future>::poll",
+            "tokio::runtime::task::raw::poll",
+        ]);
+        assert!(!in_task_poll(&parked));
+        let pool = frames(&[
+            "std::thread::sleep",
+            "app::offload::{{closure}}",
+            "<tokio::runtime::blocking::task::BlockingTask<T> as core::future::future::Future>::poll",
+            "tokio::runtime::task::raw::poll",
+        ]);
+        assert!(!in_task_poll(&pool), "spawn_blocking work is not a stall");
+        assert!(!in_task_poll(&frames(&["main", "__libc_start_main"])));
+        let tail_called = frames(&[
+            "app::spin",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "tokio::runtime::scheduler::multi_thread::worker::Context::run_task",
+        ]);
+        assert!(
+            in_task_poll(&tail_called),
+            "raw::poll jumped to the harness"
+        );
+    }
+}
