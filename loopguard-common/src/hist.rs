@@ -23,7 +23,7 @@ const _: () = assert!(USED_SLOTS <= SLOTS && SLOTS.is_power_of_two());
 /// BPF has no count-leading-zeros instruction.
 #[expect(
     clippy::inline_always,
-    reason = "called from eBPF programs, which cannot make calls freely"
+    reason = "the eBPF programs call it on their hot path and must not call out of line"
 )]
 #[inline(always)]
 pub const fn log2(mut v: u64) -> u32 {
@@ -42,7 +42,7 @@ pub const fn log2(mut v: u64) -> u32 {
 /// The slot a duration of `ns` is counted in.
 #[expect(
     clippy::inline_always,
-    reason = "called from eBPF programs, which cannot make calls freely"
+    reason = "the eBPF programs call it on their hot path and must not call out of line"
 )]
 #[inline(always)]
 pub const fn slot_of(ns: u64) -> u32 {
@@ -80,9 +80,11 @@ pub const fn upper_ns(slot: u32) -> u64 {
 pub struct PollHistogram {
     /// Worker polls whose duration fell in each slot.
     pub slots: [u64; SLOTS as usize],
+    /// ns, the sum of every counted poll's duration (Prometheus `_sum`).
+    pub sum_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PollHistogram>() == 8 * SLOTS as usize);
+const _: () = assert!(core::mem::size_of::<PollHistogram>() == 8 * SLOTS as usize + 8);
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,20 @@ pub mod names {
     pub const REQUEST_END: &str = "request_end";
     /// Argument specs of each USDT site, indexed by the site's cookie.
     pub const USDT_SPECS: &str = "USDT_SPECS";
+    /// uprobe on every function an event-loop thread waits in: the C
+    /// library's `epoll_wait` / `epoll_pwait` / `epoll_pwait2`, and Tokio's
+    /// park functions (a parked worker or `block_on` thread waits on a
+    /// futex, not in epoll).
+    pub const WAIT_ENTER: &str = "wait_enter";
+    /// uretprobe on the same functions.
+    pub const WAIT_EXIT: &str = "wait_exit";
+    /// Raw tracepoint `sys_enter`: epoll waits as syscalls, for programs
+    /// whose wrappers cannot be probed.
+    pub const WAIT_SYSCALL_ENTER: &str = "wait_syscall_enter";
+    /// Raw tracepoint `sys_exit`, the other half.
+    pub const WAIT_SYSCALL_EXIT: &str = "wait_syscall_exit";
+    /// Per-thread wait state of event-loop threads, keyed by tid.
+    pub const THREAD_LOOPS: &str = "THREAD_LOOPS";
 
     /// Ring buffer of [`super::PollEvent`]s.
     pub const EVENTS: &str = "EVENTS";
@@ -251,6 +265,50 @@ pub struct ThreadPolls {
     pub frames: [PollFrame; MAX_POLL_DEPTH],
 }
 
+/// What the wait probes keep per thread (value of [`names::THREAD_LOOPS`]).
+/// A thread appears here once it has entered or left a wait.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopState {
+    /// Waits entered and not yet returned (epoll inside a park nests).
+    pub depth: u32,
+    /// Explicit padding, always 0.
+    pub pad: u32,
+    /// ns, `CLOCK_MONOTONIC`, when the thread last came back from its
+    /// outermost wait: the start of the busy stretch now running (0: not
+    /// known yet, the thread was busy when loopguard attached).
+    pub busy_start_ns: u64,
+    /// ns, when the current outermost wait began (valid while `depth > 0`).
+    pub wait_start_ns: u64,
+    /// ns spent waiting, over finished waits.
+    pub wait_ns: u64,
+    /// ns spent busy between waits, over finished busy stretches.
+    pub busy_ns: u64,
+    /// Outermost waits finished.
+    pub waits: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<LoopState>() == 48);
+
+/// Sent when an event-loop thread enters a wait after a busy stretch of at
+/// least the report floor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopEvent {
+    /// [`EventKind::LoopBusy`].
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// Explicit padding, always 0.
+    pub pad: u32,
+    /// ns, `CLOCK_MONOTONIC`, when the busy stretch began (the wait's return).
+    pub start_ns: u64,
+    /// ns the thread stayed away from its wait.
+    pub duration_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<LoopEvent>() == 32);
+
 /// Kinds of [`PollEvent`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,6 +319,8 @@ pub enum EventKind {
     RequestStart = 2,
     /// [`RequestEndEvent`].
     RequestEnd = 3,
+    /// [`LoopEvent`].
+    LoopBusy = 4,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -271,6 +331,7 @@ impl TryFrom<u32> for EventKind {
             1 => Ok(Self::PollEnd),
             2 => Ok(Self::RequestStart),
             3 => Ok(Self::RequestEnd),
+            4 => Ok(Self::LoopBusy),
             other => Err(other),
         }
     }
@@ -337,4 +398,6 @@ mod pod {
     unsafe impl aya::Pod for super::PollEvent {}
     unsafe impl aya::Pod for super::UsdtSpec {}
     unsafe impl aya::Pod for super::hist::PollHistogram {}
+    unsafe impl aya::Pod for super::LoopState {}
+    unsafe impl aya::Pod for super::LoopEvent {}
 }

@@ -11,20 +11,20 @@
 //!   sites the middleware leaves) read the probe arguments as the agent
 //!   decoded them (`USDT_SPECS`) and send the request, with the task being
 //!   polled when it started, through the ring buffer.
+//! - `wait_enter` / `wait_exit` ([`wait`]) time each event-loop thread's
+//!   waits for events and the busy stretches between them.
 //! - `thread_exit` (raw tracepoint `sched_process_exit`, which needs no
-//!   tracefs) drops a dead thread's stack.
-//!
-//! - `stacks`: the user stacks of stuck polls, on and off CPU (issue #14).
+//!   tracefs) drops a dead thread's stack and wait state.
+//! - `stack_sched_switch` / `stack_on_cpu` ([`stacks`]): the user stacks of
+//!   stuck polls, on and off CPU, and their off-CPU time (issue #14).
 //!
 //! The agent reads `THREAD_POLLS` directly to see polls that are still stuck.
 #![no_std]
 #![no_main]
-// `AtomicU64::fetch_add` needs compare-and-swap, which the BPF target does
-// not declare; the add intrinsic lowers to BPF's own atomic add.
+// The BPF target has no atomic read-modify-write types, but LLVM lowers
+// this intrinsic to the BPF atomic add instruction.
 #![feature(core_intrinsics)]
-#![allow(internal_features, reason = "the atomic add intrinsic, see above")]
-
-mod stacks;
+#![allow(internal_features)]
 
 use aya_ebpf::{
     EbpfContext,
@@ -36,7 +36,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
-use core::intrinsics::AtomicOrdering;
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+mod stacks;
+mod wait;
 
 use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
@@ -77,24 +80,30 @@ fn quiet_submit_flags() -> u64 {
     }
 }
 
+/// Polls and busy stretches at least this long (ns) are sent to the agent.
+#[inline(always)]
+fn report_floor_ns() -> u64 {
+    // SAFETY: a plain read of a global the loader patched before load.
+    unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) }
+}
+
 #[inline(always)]
 fn target_tgid() -> u32 {
     // SAFETY: a plain read of a global the loader patched before load.
     unsafe { core::ptr::read_volatile(&raw const CONFIG.target_tgid) }
 }
 
-/// Adds 1 to a per-CPU slot atomically: a program can be preempted by
-/// another on the same CPU, and a plain `+= 1` would lose one of the two.
-#[inline(always)]
-fn add_one(slot: *mut u64) {
-    add(slot, 1);
-}
-
-/// Adds `n` (wrapping: `u64::MAX` subtracts one) to `*slot` atomically.
+/// Adds `n` to a per-CPU slot atomically: a program can be preempted by
+/// another on the same CPU, and a plain `+=` would lose one of the two.
 #[inline(always)]
 fn add(slot: *mut u64, n: u64) {
     // SAFETY: `slot` is a valid, aligned map value pointer for this run.
-    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
+}
+
+#[inline(always)]
+fn add_one(slot: *mut u64) {
+    add(slot, 1);
 }
 
 #[inline(always)]
@@ -115,6 +124,8 @@ fn count_poll(duration_ns: u64) {
     if let Some(count) = unsafe { (*histogram).slots.get_mut(slot as usize) } {
         add_one(count);
     }
+    // SAFETY: as above.
+    add(unsafe { &raw mut (*histogram).sum_ns }, duration_ns);
 }
 
 /// `i & (MAX_POLL_DEPTH - 1)`, opaque to LLVM: left to itself, LLVM drops
@@ -279,9 +290,7 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     // Only this thread writes its stack: plain adds are exact here.
     stack.busy_ns += duration_ns;
     stack.task_polls += 1;
-    // SAFETY: plain read of a global the loader patched before load.
-    let floor = unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) };
-    if duration_ns < floor {
+    if duration_ns < report_floor_ns() {
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<PollEvent>(0) else {
@@ -467,6 +476,7 @@ pub fn thread_exit(_ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 == target_tgid() {
         let _ = THREAD_POLLS.remove(pid_tgid as u32);
+        wait::forget_thread(pid_tgid as u32);
     }
     0
 }

@@ -9,19 +9,25 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use loopguard_common::usdt;
+use loopguard_common::{Counter, ThreadPolls, usdt};
 
+use crate::attach::{WaitPath, WaitProbes};
 use crate::attribute::RequestTracker;
 use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
-use crate::detect::{Finding, Stall, StallDetector};
-use crate::discover::{ProbeTarget, proc};
+use crate::detect::{Finding, Stall, StallDetector, StallKind};
+use crate::discover::waits::WaitKind;
+use crate::discover::{ProbeTarget, WatchMode, proc};
+use crate::export::live::{BusyTracker, stuck_polls};
+use crate::export::{BlockingKind, LiveState, Metrics};
+use crate::loops::LoopDetector;
 use crate::report::{self, Format, StallContext};
 use crate::stacks::{StackOptions, Stacks};
-use crate::summary::{RequestSummary, Summary};
+use crate::summary::{LoopThread, RequestSummary, Summary};
 
 /// How the watch loop runs.
 #[derive(Clone, Debug)]
@@ -31,6 +37,13 @@ pub struct WatchOptions {
     pub scan_interval: Duration,
     /// Attach to the middleware's request probes (`--no-requests` turns it off).
     pub requests: bool,
+    /// Where findings and live values go for `/metrics` (`--metrics-addr`).
+    pub metrics: Option<Arc<Metrics>>,
+    /// Name patterns of the threads that count as event loops
+    /// (`--loop-threads`); every thread that waits for events when empty.
+    pub loop_threads: Vec<String>,
+    /// How the wait path is probed (`--wait-probes`).
+    pub wait_probes: WaitProbes,
     /// Capture the stacks of stalls (`--no-stacks` turns it off).
     pub capture_stacks: bool,
     pub stacks: StackOptions,
@@ -122,15 +135,30 @@ impl Printer<'_> {
     }
 }
 
+/// Feeds the metrics the values only the kernel's maps hold.
+struct MetricsFeed {
+    metrics: Arc<Metrics>,
+    busy: BusyTracker,
+    loop_busy: BusyTracker,
+    names: HashMap<u32, String>,
+    last_refresh: Option<Instant>,
+}
+
+/// How often the live metrics (poll histogram, busy time, lost data) are
+/// read from the kernel: often enough for a 1 s scrape interval.
+const METRICS_REFRESH: Duration = Duration::from_millis(200);
+
 /// Everything one watch keeps between events.
 struct Session<'t> {
     detector: StallDetector,
+    loops: LoopDetector,
     requests: RequestTracker,
     printer: Printer<'t>,
     summary: Summary,
     events: Vec<RawEvent>,
     /// Request events whose probe layout this agent does not know.
     layout_mismatches: u64,
+    metrics: Option<MetricsFeed>,
     stacks: Option<Stacks>,
 }
 
@@ -150,14 +178,30 @@ impl Session<'_> {
         let stall = match finding {
             Finding::InProgress(stall) | Finding::Finished { stall, .. } => stall,
         };
+        if stall.kind == StallKind::Poll {
+            self.loops.note_poll_stall(stall.tid, stall.start_ns);
+        }
         let mut context = self.printer.context(stall, &self.requests);
-        if let Some(stacks) = &mut self.stacks {
+        if stall.kind == StallKind::Poll
+            && let Some(stacks) = &mut self.stacks
+        {
             let finished = matches!(finding, Finding::Finished { .. });
             context.stack = Some(stacks.describe(stall, finished));
         }
         if let Finding::Finished { stall, .. } = finding {
             self.requests
                 .record_stall(context.request.as_ref(), stall.duration_ns);
+            if let Some(feed) = &self.metrics {
+                feed.metrics.record(
+                    match stall.kind {
+                        StallKind::Poll => BlockingKind::Stall,
+                        StallKind::Loop => BlockingKind::Loop,
+                    },
+                    context.request.as_ref(),
+                    stall.duration_ns,
+                    context.victim_count,
+                );
+            }
         }
         self.summary.record(finding);
         self.printer.finding(finding, &context);
@@ -205,8 +249,19 @@ impl Session<'_> {
                         self.report(&finding);
                     }
                 }
+                RawEvent::LoopBusy(busy) => {
+                    let pid = self.printer.target.pid;
+                    if let Some(finding) =
+                        self.loops.on_busy(busy, |tid| proc::thread_name(pid, tid))
+                    {
+                        self.report(&finding);
+                    }
+                }
                 RawEvent::RequestStart { request, layout } => {
                     if self.check_layout(*layout) {
+                        if let Some(feed) = &self.metrics {
+                            feed.metrics.request_started(request);
+                        }
                         self.requests.start(request.clone());
                     }
                 }
@@ -227,14 +282,98 @@ impl Session<'_> {
     }
 
     fn scan(&mut self, collector: &Collector) {
-        let now = monotonic_ns();
-        let snapshot = collector.snapshot();
+        let now_ns = monotonic_ns();
+        let threads = collector.snapshot();
         if let Some(stacks) = &mut self.stacks {
-            stacks.scan(now, &snapshot);
+            stacks.scan(now_ns, &threads);
         }
-        for finding in self.detector.on_snapshot(now, &snapshot) {
+        for finding in self.detector.on_snapshot(now_ns, &threads) {
             self.report(&finding);
         }
+        let pid = self.printer.target.pid;
+        let loop_threads = collector.loop_snapshot();
+        for finding in self
+            .loops
+            .on_snapshot(now_ns, &loop_threads, &threads, |tid| {
+                proc::thread_name(pid, tid)
+            })
+        {
+            self.report(&finding);
+        }
+        let due = self.metrics.as_ref().is_some_and(|feed| {
+            feed.last_refresh
+                .is_none_or(|last| last.elapsed() >= METRICS_REFRESH)
+        });
+        if due {
+            self.refresh_metrics(collector, now_ns, &threads);
+        }
+    }
+
+    /// Reads what only the kernel's maps hold into the metrics.
+    fn refresh_metrics(
+        &mut self,
+        collector: &Collector,
+        now_ns: u64,
+        threads: &[(u32, ThreadPolls)],
+    ) {
+        let Some(feed) = &mut self.metrics else {
+            return;
+        };
+        feed.last_refresh = Some(Instant::now());
+        let (stuck, longest) = stuck_polls(now_ns, self.detector.threshold_ns(), threads);
+        let pid = self.printer.target.pid;
+        let names = &mut feed.names;
+        let busy = feed.busy.update(now_ns, threads, |tid| {
+            names
+                .entry(tid)
+                .or_insert_with(|| proc::thread_name(pid, tid))
+                .clone()
+        });
+        let loops = collector.loop_snapshot();
+        let loop_busy = feed.loop_busy.update_totals(
+            now_ns,
+            loops
+                .iter()
+                .filter(|(_, state)| state.waits > 0)
+                .map(|(tid, state)| {
+                    let thread = LoopThread::from_state(*tid, String::new(), state, now_ns);
+                    (*tid, thread.busy_ns)
+                }),
+            |tid| {
+                names
+                    .entry(tid)
+                    .or_insert_with(|| proc::thread_name(pid, tid))
+                    .clone()
+            },
+        );
+        names.retain(|tid, _| {
+            threads.iter().any(|(alive, _)| alive == tid)
+                || loops.iter().any(|(alive, _)| alive == tid)
+        });
+        let counters = collector.counters();
+        let tracker = &self.requests;
+        feed.metrics.set_live(LiveState {
+            histogram: collector.histogram(),
+            lost: vec![
+                ("ring_buffer_full", counters.get(Counter::DroppedEvents)),
+                (
+                    "return_without_entry",
+                    counters.get(Counter::UnmatchedReturns),
+                ),
+                ("poll_stack_overflow", counters.get(Counter::StackOverflow)),
+                ("thread_map_full", counters.get(Counter::ThreadMapFull)),
+                ("malformed_record", collector.malformed),
+                ("request_evicted", tracker.evicted),
+                ("request_end_without_start", tracker.unmatched_ends),
+                ("request_start_outside_poll", tracker.unattributable_starts),
+                ("request_probe_layout_mismatch", self.layout_mismatches),
+            ],
+            threads: busy,
+            loop_threads: loop_busy,
+            requests_in_flight: tracker.in_flight() as u64,
+            stuck_polls: stuck,
+            stuck_longest_ns: longest,
+        });
     }
 }
 
@@ -246,7 +385,12 @@ fn print_line(line: &str) {
 }
 
 /// Announces the attachment: JSON on stdout, text on stderr.
-pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchOptions) {
+pub fn print_attached(
+    target: &ProbeTarget,
+    probe_count: usize,
+    wait_path: WaitPath,
+    options: &WatchOptions,
+) {
     let copies = &target.binary.poll_copies;
     let verified = copies.iter().filter(|copy| copy.layout.is_some()).count();
     let blocking_pool = copies.iter().filter(|copy| copy.is_blocking_pool()).count();
@@ -258,30 +402,70 @@ pub fn print_attached(target: &ProbeTarget, probe_count: usize, options: &WatchO
     } else {
         format!("{request_sites} request probe sites")
     };
+    let sites = &target.wait_sites;
+    let epoll_sites = sites.iter().filter(|s| s.kind == WaitKind::Epoll).count();
+    let park_sites = sites.len() - epoll_sites;
+    let mut wait_functions: Vec<&str> = sites.iter().map(|site| site.name.as_str()).collect();
+    wait_functions.sort_unstable();
+    wait_functions.dedup();
+    let (mode, why) = match &target.mode {
+        WatchMode::Tokio => ("tokio", None),
+        WatchMode::LoopOnly { why } => ("loop", Some(why.as_str())),
+    };
     match options.format {
         Format::Json => print_line(
             &json!({
                 "type": "attached",
                 "pid": target.pid,
                 "exe": target.exe.display_path,
+                "mode": mode,
+                "loop_only_reason": why,
                 "poll_functions": copies.len(),
                 "task_ids_verified": verified,
                 "blocking_pool_functions_unprobed": blocking_pool,
                 "probes": probe_count,
                 "request_probe_sites": request_sites,
                 "request_probes_attached": options.requests && request_sites > 0,
+                "wait_sites": sites.len(),
+                "wait_functions": wait_functions,
+                "wait_probes": wait_path.as_str(),
                 "threshold_ms": options.threshold_ns as f64 / 1e6,
             })
             .to_string(),
         ),
-        Format::Text => eprintln!(
-            "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}; threshold {} ms; Ctrl+C to stop",
-            target.pid,
-            target.exe.display_path,
-            copies.len() - blocking_pool,
-            verified - blocking_pool,
-            options.threshold_ns / 1_000_000,
-        ),
+        Format::Text => {
+            let waits = match wait_path {
+                WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
+                WaitPath::Tracepoints => format!(
+                    "epoll waits seen on the syscall tracepoints{}",
+                    if park_sites > 0 {
+                        format!(" and {park_sites} Tokio park sites")
+                    } else {
+                        String::new()
+                    }
+                ),
+                WaitPath::Uprobes { .. } => format!(
+                    "wait uprobes on {epoll_sites} epoll and {park_sites} Tokio park sites ({})",
+                    wait_functions.join(", ")
+                ),
+            };
+            match why {
+                None => eprintln!(
+                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; threshold {} ms; Ctrl+C to stop",
+                    target.pid,
+                    target.exe.display_path,
+                    copies.len() - blocking_pool,
+                    verified - blocking_pool,
+                    options.threshold_ns / 1_000_000,
+                ),
+                Some(why) => eprintln!(
+                    "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; threshold {} ms; Ctrl+C to stop",
+                    target.pid,
+                    target.exe.display_path,
+                    options.threshold_ns / 1_000_000,
+                ),
+            }
+        }
     }
     if verified < copies.len() {
         tracing::warn!(
@@ -302,6 +486,7 @@ pub async fn watch(
     let started = Instant::now();
     let mut session = Session {
         detector: StallDetector::new(options.threshold_ns),
+        loops: LoopDetector::new(options.threshold_ns, options.loop_threads.clone()),
         requests: RequestTracker::new(REQUESTS_TRACKED),
         printer: Printer {
             target,
@@ -312,6 +497,16 @@ pub async fn watch(
         summary: Summary::default(),
         events: Vec::new(),
         layout_mismatches: 0,
+        metrics: options.metrics.as_ref().map(|metrics| {
+            metrics.set_threshold_ns(options.threshold_ns);
+            MetricsFeed {
+                metrics: Arc::clone(metrics),
+                busy: BusyTracker::default(),
+                loop_busy: BusyTracker::default(),
+                names: HashMap::new(),
+                last_refresh: None,
+            }
+        }),
         stacks,
     };
     session.report_stuck_before_attach();
@@ -343,8 +538,20 @@ pub async fn watch(
         }
     };
     session.handle_events(collector);
+    // The endpoint stays up until loopguard exits: a last scrape sees the totals.
+    session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
     let mut summary = session.summary;
-    summary.unfinished = session.detector.unfinished();
+    summary.unfinished = session.detector.unfinished() + session.loops.unfinished();
+    let now_ns = monotonic_ns();
+    summary.loop_threads = collector
+        .loop_snapshot()
+        .iter()
+        .filter(|(_, state)| state.waits > 0)
+        .map(|(tid, state)| {
+            LoopThread::from_state(*tid, proc::thread_name(target.pid, *tid), state, now_ns)
+        })
+        .collect();
+    summary.loop_threads.sort_by_key(|thread| thread.tid);
     summary.counters = collector.counters();
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();

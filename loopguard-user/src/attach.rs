@@ -17,6 +17,7 @@ use loopguard_common::{
 
 use crate::discover::elf::PollCopy;
 use crate::discover::usdt::{ArgLocation, ArgSpec, ArgSpecError};
+use crate::discover::waits::{WaitKind, WaitSite};
 use crate::discover::{ProbeTarget, proc};
 
 /// The eBPF object built from `loopguard-ebpf` by this crate's build script.
@@ -78,6 +79,8 @@ pub struct AttachedProbes {
     /// Declared first so it drops first: the uprobes go before the programs.
     links: UProbeLinks,
     pub ebpf: Ebpf,
+    /// How event-loop waits are seen.
+    pub wait_path: WaitPath,
     /// uprobes + uretprobes attached.
     pub probe_count: usize,
     /// The stack capture programs are loaded and attached.
@@ -88,9 +91,12 @@ pub struct AttachedProbes {
 struct UProbeLinks(Vec<UProbeLink>);
 
 impl AttachedProbes {
-    /// Removes every probe. The kernel waits for an RCU grace period under a
-    /// global lock for each uprobe it removes (about 100 ms each on the test
-    /// VM), so this reports progress once a second when it takes long.
+    /// Removes every probe. The kernel removes perf-event uprobes one at a
+    /// time under a global lock, waiting for an RCU grace period for each
+    /// (about 100 ms on the test VM; closing links from several threads was
+    /// measured no faster), so `progress(done, total)` is called about once
+    /// a second while it takes long, and always once at the end, when
+    /// everything, the programs included, is gone.
     pub fn detach(mut self, mut progress: impl FnMut(usize, usize)) {
         let links = std::mem::take(&mut self.links.0);
         let total = links.len();
@@ -103,6 +109,7 @@ impl AttachedProbes {
             }
         }
         drop(self);
+        progress(total, total);
     }
 }
 
@@ -254,13 +261,144 @@ fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
     ((index as u64) << 32) | verified | (copy.id_offset().unwrap_or(0) & COOKIE_ID_OFFSET_MASK)
 }
 
+/// How the wait path is probed (`--wait-probes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WaitProbes {
+    /// uprobes on the C library's epoll wrappers where the target has them,
+    /// the syscall tracepoints otherwise.
+    #[default]
+    Auto,
+    /// uprobes on the epoll wrappers: cost only the target's own waits, but
+    /// miss a program that makes the syscall itself.
+    Uprobe,
+    /// The `sys_enter`/`sys_exit` raw tracepoints: see every epoll wait,
+    /// but run (and return at once) for every syscall of every process.
+    Tracepoint,
+    /// No wait path: task polls only.
+    Off,
+}
+
+/// What the wait path ended up as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitPath {
+    /// uprobes on this many epoll wrappers (plus Tokio's parks).
+    Uprobes { epoll_sites: usize },
+    /// The syscall tracepoints (plus uprobes on Tokio's parks).
+    Tracepoints,
+    /// Not watched.
+    Off,
+}
+
+impl WaitPath {
+    /// How the `attached` line names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Uprobes { .. } => "uprobes",
+            Self::Tracepoints => "syscall tracepoints",
+            Self::Off => "off",
+        }
+    }
+}
+
+/// Chooses how to see epoll waits: uprobes where the wrappers exist.
+pub fn choose_wait_path(wanted: WaitProbes, epoll_sites: usize) -> WaitPath {
+    match wanted {
+        WaitProbes::Off => WaitPath::Off,
+        WaitProbes::Uprobe => WaitPath::Uprobes { epoll_sites },
+        WaitProbes::Auto if epoll_sites > 0 => WaitPath::Uprobes { epoll_sites },
+        WaitProbes::Auto | WaitProbes::Tracepoint => WaitPath::Tracepoints,
+    }
+}
+
+/// The wait probes on every wait site (returns first: an entry recorded
+/// without its return would look like a thread waiting forever, which is
+/// harmless, but the other order would miss the first return).
+fn attach_waits(
+    ebpf: &mut Ebpf,
+    target: &ProbeTarget,
+    scope: UProbeScope,
+    links: &mut UProbeLinks,
+    wanted: WaitProbes,
+) -> Result<WaitPath, AttachError> {
+    let epoll_sites = target
+        .wait_sites
+        .iter()
+        .filter(|site| site.kind == WaitKind::Epoll)
+        .count();
+    let path = choose_wait_path(wanted, epoll_sites);
+    let sites: Vec<&WaitSite> = target
+        .wait_sites
+        .iter()
+        .filter(|site| match path {
+            WaitPath::Off => false,
+            WaitPath::Tracepoints => site.kind == WaitKind::TokioPark,
+            WaitPath::Uprobes { .. } => true,
+        })
+        .collect();
+    if path == WaitPath::Tracepoints {
+        for (program, tracepoint) in [
+            (names::WAIT_SYSCALL_EXIT, "sys_exit"),
+            (names::WAIT_SYSCALL_ENTER, "sys_enter"),
+        ] {
+            attach_raw_tracepoint(ebpf, program, tracepoint)?;
+        }
+    }
+    let pid = target.pid;
+    for program in [names::WAIT_EXIT, names::WAIT_ENTER] {
+        if sites.is_empty() {
+            break;
+        }
+        let uprobe = loaded_uprobe(ebpf, program)?;
+        for site in &sites {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
+                cookie: None,
+            };
+            let link = uprobe
+                .attach(point, &site.probe_path, scope)
+                .and_then(|id| uprobe.take_link(id))
+                .map_err(|source| {
+                    if proc::is_alive(pid) {
+                        AttachError::Probe {
+                            program,
+                            path: site.display_path.clone(),
+                            offset: site.file_offset,
+                            source: Box::new(source),
+                        }
+                    } else {
+                        AttachError::ProcessExited { pid }
+                    }
+                })?;
+            links.0.push(link);
+        }
+    }
+    Ok(path)
+}
+
+fn attach_raw_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    tracepoint: &str,
+) -> Result<(), AttachError> {
+    let raw: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::Missing(program))?
+        .try_into()
+        .map_err(program_error(program))?;
+    raw.load().map_err(program_error(program))?;
+    raw.attach(tracepoint).map_err(program_error(program))?;
+    Ok(())
+}
+
 /// Loads and attaches everything for `target`.
-/// `requests`: also attach to the middleware's USDT sites; `stacks`: also
-/// capture the stacks of stuck polls (armed at half the report floor).
+/// `requests`: also attach to the middleware's USDT sites.
+/// `stacks`: also capture the stacks of stuck polls (armed at half the
+/// report floor).
 pub fn attach(
     target: &ProbeTarget,
     report_floor_ns: u64,
     requests: bool,
+    wait_probes: WaitProbes,
     stacks: bool,
 ) -> Result<AttachedProbes, AttachError> {
     let pid = target.pid;
@@ -325,18 +463,8 @@ pub fn attach(
     if requests {
         attach_usdt(&mut ebpf, target, scope, &mut links)?;
     }
-
-    let program = names::THREAD_EXIT;
-    let tracepoint: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or(AttachError::Missing(program))?
-        .try_into()
-        .map_err(program_error(program))?;
-    tracepoint.load().map_err(program_error(program))?;
-    tracepoint
-        .attach("sched_process_exit")
-        .map_err(program_error(program))?;
-
+    let wait_path = attach_waits(&mut ebpf, target, scope, &mut links, wait_probes)?;
+    attach_raw_tracepoint(&mut ebpf, names::THREAD_EXIT, "sched_process_exit")?;
     let stacks = stacks
         && crate::stacks::capture::attach_programs(&mut ebpf)
             .inspect_err(|error| {
@@ -351,6 +479,7 @@ pub fn attach(
     Ok(AttachedProbes {
         links,
         ebpf,
+        wait_path,
         probe_count,
         stacks,
     })
@@ -360,6 +489,20 @@ pub fn attach(
 mod tests {
     use super::*;
     use crate::discover::usdt::parse_args;
+
+    #[test]
+    fn the_wait_path_prefers_uprobes_where_wrappers_exist() {
+        assert_eq!(
+            choose_wait_path(WaitProbes::Auto, 3),
+            WaitPath::Uprobes { epoll_sites: 3 }
+        );
+        assert_eq!(choose_wait_path(WaitProbes::Auto, 0), WaitPath::Tracepoints);
+        assert_eq!(
+            choose_wait_path(WaitProbes::Tracepoint, 3),
+            WaitPath::Tracepoints
+        );
+        assert_eq!(choose_wait_path(WaitProbes::Off, 3), WaitPath::Off);
+    }
 
     #[test]
     fn only_known_probes_have_an_expected_layout() {

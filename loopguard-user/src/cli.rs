@@ -15,6 +15,8 @@ EXAMPLES:
       One JSON object per line, for scripts (types: attached, stall_in_progress, stall, summary).
   sudo loopguard attach --pid 1234 --duration 60
       Watch for a minute, then print the summary and detach.
+  sudo loopguard attach --pid 1234 --metrics-addr 9464
+      Also serve Prometheus metrics at http://127.0.0.1:9464/metrics (loopguard_*).
   sudo loopguard attach --pid 1234 --folded stalls.folded
       Each stall with its stack and cause (on CPU, or blocked in which system call);
       at exit, the stalls' stacks in folded form for flamegraph.pl or inferno.
@@ -94,6 +96,28 @@ pub struct WatchArgs {
     /// How often (ms) in-flight polls are checked for stalls still in progress.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub scan_interval_ms: u64,
+    /// How event-loop waits are seen: `uprobe` on the C library's epoll
+    /// wrappers (costs nothing outside the target, misses programs that make
+    /// the syscall themselves), `tracepoint` on every syscall's entry and exit
+    /// (sees every wait, but runs for every process on the host), `auto`
+    /// (uprobes where the wrappers exist), or `off`.
+    #[arg(long, value_enum, default_value_t = crate::attach::WaitProbes::Auto)]
+    pub wait_probes: crate::attach::WaitProbes,
+    /// Only threads with these names count as event loops (comma-separated;
+    /// a trailing `*` matches a prefix: `node,python*`). By default every
+    /// thread that waits for events in epoll or Tokio's park is one.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub loop_threads: Vec<String>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` while watching. A bare
+    /// port (`9464`) binds 127.0.0.1 only; listening elsewhere is explicit
+    /// (`0.0.0.0:9464`). Checked before anything is attached.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Route templates kept as metric labels; later ones are counted as
+    /// `other`, so the number of series stays bounded.
+    #[arg(long, value_name = "N", default_value_t = crate::export::labels::DEFAULT_MAX_ROUTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub metrics_max_routes: usize,
     #[command(flatten)]
     pub stacks: StackArgs,
 }

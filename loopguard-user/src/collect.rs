@@ -6,8 +6,8 @@ use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use loopguard_common::hist::PollHistogram;
 use loopguard_common::{
-    COUNTER_SLOTS, EventKind, PollEvent, RequestEndEvent, RequestStartEvent, ThreadPolls,
-    frame_flags, names,
+    COUNTER_SLOTS, EventKind, LoopEvent, LoopState, PollEvent, RequestEndEvent, RequestStartEvent,
+    ThreadPolls, frame_flags, names,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -32,6 +32,7 @@ pub enum CollectError {
 pub struct Collector {
     ring: AsyncFd<RingBuf<MapData>>,
     thread_polls: BpfHashMap<MapData, u32, ThreadPolls>,
+    thread_loops: BpfHashMap<MapData, u32, LoopState>,
     counters: PerCpuArray<MapData, u64>,
     histogram: PerCpuArray<MapData, PollHistogram>,
     /// Records that did not decode (wrong size or unknown kind).
@@ -55,6 +56,7 @@ impl Collector {
             ring: unsafe { AsyncFd::register(ring) }
                 .map_err(|error| CollectError::Poll(error.into()))?,
             thread_polls: take(ebpf, names::THREAD_POLLS)?,
+            thread_loops: take(ebpf, names::THREAD_LOOPS)?,
             counters: take(ebpf, names::COUNTERS)?,
             histogram: take(ebpf, names::POLL_HISTOGRAM)?,
             malformed: 0,
@@ -84,6 +86,11 @@ impl Collector {
         self.thread_polls.iter().filter_map(Result::ok).collect()
     }
 
+    /// Every event-loop thread's wait state, as the kernel has it now.
+    pub fn loop_snapshot(&self) -> Vec<(u32, LoopState)> {
+        self.thread_loops.iter().filter_map(Result::ok).collect()
+    }
+
     pub fn counters(&self) -> Counters {
         let mut counters = Counters::default();
         sum_per_cpu(&self.counters, &mut counters.0[..COUNTER_SLOTS as usize]);
@@ -98,6 +105,7 @@ impl Collector {
                 for (total, count) in histogram.0.iter_mut().zip(cpu.slots) {
                     *total += count;
                 }
+                histogram.1 += cpu.sum_ns;
             }
         }
         histogram
@@ -118,6 +126,8 @@ fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, totals: &mut [u64]) {
 #[derive(Clone, Debug)]
 pub enum RawEvent {
     PollEnd(PollEvent),
+    /// An event-loop thread came back to wait after a long busy stretch.
+    LoopBusy(LoopEvent),
     RequestStart {
         request: Request,
         /// The middleware's probe layout version.
@@ -150,6 +160,7 @@ pub fn decode(bytes: &[u8]) -> Option<RawEvent> {
     let kind = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?);
     Some(match EventKind::try_from(kind).ok()? {
         EventKind::PollEnd => RawEvent::PollEnd(read_record(bytes)?),
+        EventKind::LoopBusy => RawEvent::LoopBusy(read_record(bytes)?),
         EventKind::RequestStart => {
             let event: RequestStartEvent = read_record(bytes)?;
             let no_poll = event.flags & frame_flags::NO_POLL != 0;

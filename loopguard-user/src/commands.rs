@@ -14,6 +14,8 @@ use crate::cli::{AttachArgs, RunArgs, WatchArgs};
 use crate::collect::Collector;
 use crate::discover::{self, ProbeTarget};
 use crate::error::{EXIT_STALL, Error};
+use crate::export::server;
+use crate::export::{Metrics, TargetInfo};
 use crate::launch;
 use crate::preflight;
 use crate::stacks::Stacks;
@@ -24,13 +26,53 @@ fn watch_options(args: &WatchArgs) -> WatchOptions {
         format: args.format,
         scan_interval: Duration::from_millis(args.scan_interval_ms),
         requests: !args.no_requests,
+        metrics: None,
+        loop_threads: args.loop_threads.clone(),
+        wait_probes: args.wait_probes,
+        capture_stacks: !args.stacks.no_stacks,
         stacks: crate::stacks::StackOptions {
             arm_delay_ns: args.threshold_ms * 1_000_000 / 2,
             all_frames: args.stacks.all_frames,
         },
-        capture_stacks: !args.stacks.no_stacks,
         folded: args.stacks.folded.clone(),
     }
+}
+
+/// Binds `--metrics-addr` before anything is attached or started, so a bad
+/// address or a port in use fails first.
+fn bind_metrics(args: &WatchArgs) -> Result<Option<std::net::TcpListener>, Error> {
+    let Some(addr) = &args.metrics_addr else {
+        return Ok(None);
+    };
+    Ok(Some(server::bind(server::parse_addr(addr)?)?))
+}
+
+/// Starts serving `/metrics` for `target` (inside the runtime).
+fn serve_metrics(
+    listener: Option<std::net::TcpListener>,
+    args: &WatchArgs,
+    target: &ProbeTarget,
+    probes: usize,
+    options: &mut WatchOptions,
+) -> Result<(), Error> {
+    let Some(listener) = listener else {
+        return Ok(());
+    };
+    let metrics = Arc::new(Metrics::new(
+        &TargetInfo {
+            pid: target.pid,
+            exe: target.exe.display_path.clone(),
+            tokio_version: target.tokio_version.clone(),
+        },
+        args.metrics_max_routes,
+    ));
+    metrics.set_probes(probes);
+    if let Ok(addr) = listener.local_addr() {
+        eprintln!("loopguard: serving Prometheus metrics at http://{addr}/metrics");
+    }
+    server::serve(listener, Arc::clone(&metrics))?;
+    options.metrics = Some(metrics);
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -53,6 +95,7 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
         &target,
         options.threshold_ns,
         options.requests,
+        options.wait_probes,
         options.capture_stacks,
     )?;
     tracing::info!(probes = probes.probe_count, "attached");
@@ -74,11 +117,21 @@ async fn watch_and_detach(
     } else {
         None
     };
-    agent::print_attached(&target, probes.probe_count, options);
+    agent::print_attached(&target, probes.probe_count, probes.wait_path, options);
     let outcome = agent::watch(&target, &mut collector, stacks, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;
-    probes.detach(|done, total| eprintln!("loopguard: detaching: {done}/{total} probes removed"));
+    let started = std::time::Instant::now();
+    probes.detach(|done, total| {
+        if done == total {
+            eprintln!(
+                "loopguard: detached: all {total} probes removed in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        } else {
+            eprintln!("loopguard: detaching: {done}/{total} probes removed");
+        }
+    });
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
     Ok(outcome.summary.stalls)
 }
@@ -86,10 +139,18 @@ async fn watch_and_detach(
 /// `loopguard attach`.
 pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     preflight::check()?;
-    let options = watch_options(&args.watch);
+    let mut options = watch_options(&args.watch);
+    let listener = bind_metrics(&args.watch)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let (target, probes) = prepare(args.pid, &options)?;
+        serve_metrics(
+            listener,
+            &args.watch,
+            &target,
+            probes.probe_count,
+            &mut options,
+        )?;
         let duration = args.watch.duration;
         let stop = async move {
             let (Ok(mut interrupt), Ok(mut terminate)) = (
@@ -129,7 +190,8 @@ const FORWARDED: [libc::c_int; 6] = [
 /// `loopguard run`.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
     preflight::check()?;
-    let options = watch_options(&args.watch);
+    let mut options = watch_options(&args.watch);
+    let listener = bind_metrics(&args.watch)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let stopped = launch::launch_stopped(&args.command)?;
@@ -145,6 +207,18 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 return Err(error);
             }
         };
+        if let Err(error) = serve_metrics(
+            listener,
+            &args.watch,
+            &target,
+            probes.probe_count,
+            &mut options,
+        ) {
+            let mut child = stopped.child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(error);
+        }
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {

@@ -10,9 +10,32 @@ use std::collections::HashMap;
 
 use loopguard_common::{MAX_POLL_DEPTH, PollEvent, ThreadPolls, frame_flags};
 
-/// A task poll that blocked its thread for at least the threshold.
+/// What kept the thread from its event loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StallKind {
+    /// One task poll.
+    #[default]
+    Poll,
+    /// A busy stretch between two waits for events that holds no poll stall
+    /// (a `block_on` body, driver work, a non-Tokio event loop).
+    Loop,
+}
+
+impl StallKind {
+    /// How JSON names it (`kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Poll => "poll",
+            Self::Loop => "loop",
+        }
+    }
+}
+
+/// A task poll (or a loop's busy stretch) that blocked its thread for at
+/// least the threshold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stall {
+    pub kind: StallKind,
     pub tid: u32,
     /// Tokio task id, when the vtable layout could be verified.
     pub task_id: Option<u64>,
@@ -77,6 +100,7 @@ impl StallDetector {
             return None;
         }
         let stall = Stall {
+            kind: StallKind::Poll,
             tid: event.tid,
             task_id: task_id(event.task_id, event.flags),
             header: event.header,
@@ -111,6 +135,7 @@ impl StallDetector {
             let key = (*tid, frame.start_ns);
             if self.in_progress.insert(key, now_ns).is_none() {
                 findings.push(Finding::InProgress(Stall {
+                    kind: StallKind::Poll,
                     tid: *tid,
                     task_id: task_id(frame.task_id, frame.flags),
                     header: frame.header,

@@ -3,11 +3,14 @@
 use crate::attach::AttachError;
 use crate::collect::CollectError;
 use crate::discover::DiscoverError;
+use crate::export::ExportError;
 use crate::launch::LaunchError;
 use crate::preflight::PreflightError;
 
 /// Exit code: a runtime failure.
 pub const EXIT_FAILURE: i32 = 1;
+/// Exit code: bad arguments (clap uses it too).
+pub const EXIT_USAGE: i32 = 2;
 /// Exit code: `--fail-on-stall` and a stall was seen.
 pub const EXIT_STALL: i32 = 3;
 /// Exit code: the target cannot be profiled.
@@ -27,6 +30,8 @@ pub enum Error {
     Collect(#[from] CollectError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -40,7 +45,12 @@ impl Error {
             Self::Discover(_)
             | Self::Launch(LaunchError::Spawn { .. })
             | Self::Attach(AttachError::ProcessExited { .. }) => EXIT_TARGET,
-            Self::Attach(_) | Self::Collect(_) | Self::Launch(_) | Self::Runtime(_) => EXIT_FAILURE,
+            Self::Export(ExportError::BadAddress { .. } | ExportError::InUse { .. }) => EXIT_USAGE,
+            Self::Attach(_)
+            | Self::Collect(_)
+            | Self::Launch(_)
+            | Self::Export(_)
+            | Self::Runtime(_) => EXIT_FAILURE,
         }
     }
 }

@@ -3,9 +3,11 @@
 //! The pipeline, one module per stage:
 //! [`discover`] (pid → ELF and `/proc` → [`discover::ProbeTarget`]) →
 //! [`attach`] (→ [`attach::AttachedProbes`]) → [`collect`] (ring buffer and
-//! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) →
-//! [`report`] (text or JSON lines) and [`summary`]; [`stacks`] adds where
-//! each stall spent its time and why.
+//! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) and
+//! [`loops`] (event-loop threads away from their wait → loop stalls) →
+//! [`report`] (text or JSON lines) and [`summary`], and [`export`]
+//! (Prometheus metrics served over HTTP); [`stacks`] adds where each stall
+//! spent its time and why.
 //! [`agent`] runs the loop, [`commands`] the subcommands, [`launch`] starts
 //! the program of `loopguard run`; [`preflight`] checks privileges and the
 //! kernel first.
@@ -19,7 +21,9 @@ pub mod commands;
 pub mod detect;
 pub mod discover;
 pub mod error;
+pub mod export;
 pub mod launch;
+pub mod loops;
 pub mod preflight;
 pub mod report;
 pub mod stacks;

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::attribute::Request;
-use crate::detect::{Finding, Stall};
+use crate::detect::{Finding, Stall, StallKind};
 use crate::summary::{RequestSummary, Summary};
 
 /// Output format chosen on the command line.
@@ -58,6 +58,7 @@ pub fn finding_json(
     };
     let mut object = json!({
         "type": kind,
+        "kind": stall.kind.as_str(),
         "pid": pid,
         "tid": stall.tid,
         "thread": context.thread,
@@ -86,6 +87,12 @@ pub fn finding_json(
 /// The text line for a finding.
 pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext) -> String {
     let (label, stall, verb) = match finding {
+        Finding::InProgress(stall) if stall.kind == StallKind::Loop => {
+            ("LOOP STALL IN PROGRESS", stall, "blocked for")
+        }
+        Finding::Finished { stall, .. } if stall.kind == StallKind::Loop => {
+            ("LOOP STALL", stall, "blocked")
+        }
         Finding::InProgress(stall) => ("STALL IN PROGRESS", stall, "blocked for"),
         Finding::Finished { stall, .. } => ("STALL", stall, "blocked"),
     };
@@ -129,6 +136,9 @@ fn request_text(context: &StallContext) -> String {
 }
 
 fn task_label(stall: &Stall) -> String {
+    if stall.kind == StallKind::Loop {
+        return "its event loop (outside any task poll)".to_owned();
+    }
     match stall.task_id {
         Some(id) => format!("task {id}"),
         None if stall.header == 0 => "task ?".to_owned(),
@@ -161,6 +171,13 @@ pub fn summary_json(summary: &Summary, pid: u32, threshold_ns: u64) -> Value {
         "thread_map_full": counters.get(Counter::ThreadMapFull),
         "requests": requests_json(&summary.requests),
         "stacks": crate::stacks::render::summary_json(&summary.stacks),
+        "loop_threads": summary.loop_threads.iter().map(|thread| json!({
+            "tid": thread.tid,
+            "thread": thread.name,
+            "busy_ms": ms(thread.busy_ns),
+            "wait_ms": ms(thread.wait_ns),
+            "waits": thread.waits,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -214,6 +231,17 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
         lines.push(format!(
             "  {} stall(s) were still in progress at exit",
             summary.unfinished
+        ));
+    }
+    for thread in &summary.loop_threads {
+        lines.push(format!(
+            "  event loop tid {} ({}): busy {:.1} ms, waiting {:.1} ms ({:.0} % busy), {} waits",
+            thread.tid,
+            thread.name,
+            ms(thread.busy_ns),
+            ms(thread.wait_ns),
+            thread.busy_ratio() * 100.0,
+            thread.waits,
         ));
     }
     if let (Some(p50), Some(p99)) = (
@@ -281,6 +309,7 @@ mod tests {
 
     fn stall() -> Stall {
         Stall {
+            kind: crate::detect::StallKind::Poll,
             tid: 42,
             task_id: Some(8812),
             header: 0xdead_0000,

@@ -20,11 +20,14 @@ impl Counters {
 /// Histogram of worker poll durations, in the kernel's slots
 /// ([`loopguard_common::hist`]: each power of two split in eight).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Histogram(pub Vec<u64>);
+pub struct Histogram(pub Vec<u64>, pub SumNs);
+
+/// ns, the sum of every counted poll's duration.
+pub type SumNs = u64;
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self(vec![0; hist::SLOTS as usize])
+        Self(vec![0; hist::SLOTS as usize], 0)
     }
 }
 
@@ -74,6 +77,7 @@ impl Histogram {
                 .zip(earlier.0.iter().chain(std::iter::repeat(&0)))
                 .map(|(now, then)| now.saturating_sub(*then))
                 .collect(),
+            self.1.saturating_sub(earlier.1),
         )
     }
 }
@@ -92,8 +96,60 @@ pub struct Summary {
     /// Why watching stopped ("interrupted", "duration elapsed", "target exited").
     pub stop_reason: &'static str,
     pub requests: RequestSummary,
+    /// Busy and waiting time of every event-loop thread (the wait path).
+    pub loop_threads: Vec<LoopThread>,
     /// Stalls folded by stack, longest total first (stack capture on).
     pub stacks: Vec<crate::stacks::fold::StackStalls>,
+}
+
+/// One event-loop thread's time, from the wait probes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoopThread {
+    pub tid: u32,
+    pub name: String,
+    /// ns away from its wait (finished stretches, and the one running).
+    pub busy_ns: u64,
+    /// ns waiting for events.
+    pub wait_ns: u64,
+    pub waits: u64,
+}
+
+impl LoopThread {
+    /// From the kernel's record, at `now_ns`.
+    pub fn from_state(
+        tid: u32,
+        name: String,
+        state: &loopguard_common::LoopState,
+        now_ns: u64,
+    ) -> Self {
+        let running = if state.depth == 0 && state.busy_start_ns != 0 {
+            now_ns.saturating_sub(state.busy_start_ns)
+        } else {
+            0
+        };
+        let waiting = if state.depth > 0 && state.wait_start_ns != 0 {
+            now_ns.saturating_sub(state.wait_start_ns)
+        } else {
+            0
+        };
+        Self {
+            tid,
+            name,
+            busy_ns: state.busy_ns + running,
+            wait_ns: state.wait_ns + waiting,
+            waits: state.waits,
+        }
+    }
+
+    /// Share of its watched time the thread was busy (0 when unknown).
+    pub fn busy_ratio(&self) -> f64 {
+        let total = self.busy_ns + self.wait_ns;
+        if total == 0 {
+            0.0
+        } else {
+            self.busy_ns as f64 / total as f64
+        }
+    }
 }
 
 /// What the middleware's probes told, for the summary.
@@ -192,6 +248,32 @@ mod tests {
     }
 
     #[test]
+    fn loop_threads_count_the_stretch_or_wait_in_progress() {
+        let busy = loopguard_common::LoopState {
+            busy_start_ns: 900,
+            busy_ns: 100,
+            wait_ns: 800,
+            waits: 3,
+            ..Default::default()
+        };
+        let thread = LoopThread::from_state(7, "node".into(), &busy, 1000);
+        assert_eq!(
+            (thread.busy_ns, thread.wait_ns, thread.waits),
+            (200, 800, 3)
+        );
+        assert!((thread.busy_ratio() - 0.2).abs() < 1e-9);
+        let waiting = loopguard_common::LoopState {
+            depth: 1,
+            wait_start_ns: 950,
+            busy_ns: 100,
+            wait_ns: 800,
+            ..Default::default()
+        };
+        let thread = LoopThread::from_state(7, "node".into(), &waiting, 1000);
+        assert_eq!((thread.busy_ns, thread.wait_ns), (100, 850));
+    }
+
+    #[test]
     fn since_subtracts_an_earlier_read() {
         let mut earlier = Histogram::default();
         earlier.0[3] = 2;
@@ -205,6 +287,7 @@ mod tests {
     #[test]
     fn summary_keeps_the_longest_stall() {
         let stall = |duration_ns| Stall {
+            kind: crate::detect::StallKind::Poll,
             tid: 1,
             task_id: None,
             header: 0,

@@ -10,6 +10,7 @@
 mod agent;
 mod load;
 mod report;
+mod scrape;
 mod soak;
 
 use std::collections::BTreeMap;
@@ -90,6 +91,11 @@ pub struct Options {
     /// measures the agent without the request probes.
     #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Serve metrics from the attached agent (`--metrics-addr`) and scrape
+    /// `/metrics` every MS milliseconds while it is attached, as a Prometheus
+    /// would: measures what being scraped costs.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..))]
+    scrape_every_ms: Option<u64>,
     /// Also write every measurement, the medians and the soak's samples as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -353,6 +359,9 @@ fn compare(setting: &Setting) -> anyhow::Result<Results> {
                         &options.agent_cpus,
                         THRESHOLD_MS,
                         &options.agent_args,
+                        options
+                            .scrape_every_ms
+                            .map(std::time::Duration::from_millis),
                     )?;
                     results.attach_secs.push(agent.attach_secs);
                     Some(agent)

@@ -9,7 +9,9 @@ use anyhow::Context;
 use crate::cmd;
 
 /// Debian packages: LLVM 22 for bpf-linker, wrk for load, bpftool to check
-/// that detaching leaves no programs behind.
+/// that detaching leaves no programs behind, Prometheus (and its promtool)
+/// for the metrics end-to-end test, Python's venv and Node.js for the
+/// event loops the wait-path end-to-end tests watch.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -17,7 +19,13 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "wrk",
     "bpftool",
+    "prometheus",
+    "python3-venv",
+    "nodejs",
 ];
+/// The ASGI server the wait-path end-to-end test runs (from `PyPI`, into a
+/// virtual environment under the target directory).
+const UVICORN_VERSION: &str = "0.54.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The fixed-rate load generator of `cargo xtask bench` (MSRV 1.88). Not
@@ -108,6 +116,40 @@ fn install_bpf_linker() -> anyhow::Result<()> {
             .env("PATH", path),
     )
     .context("failed to install bpf-linker")
+}
+
+/// A virtual environment with uvicorn [`UVICORN_VERSION`] for the
+/// wait-path end-to-end tests, made with Debian's `python3` (stripped, as
+/// users' Pythons often are) unless it is there; returns its `python`.
+pub fn python_with_uvicorn() -> anyhow::Result<PathBuf> {
+    let venv = cmd::target_dir().join("e2e-python");
+    let python = venv.join("bin/python");
+    let installed = cmd::output(
+        Command::new(&python).args(["-c", "import uvicorn; print(uvicorn.__version__)"]),
+    );
+    if installed.trim() == UVICORN_VERSION {
+        return Ok(python);
+    }
+    eprintln!(
+        "setup: making a Python virtual environment with uvicorn {UVICORN_VERSION} for the end-to-end tests"
+    );
+    let _ = std::fs::remove_dir_all(&venv);
+    cmd::run(
+        Command::new("/usr/bin/python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv),
+    )
+    .context(
+        "failed to make the end-to-end tests' Python virtual environment (Debian's python3-venv)",
+    )?;
+    cmd::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("uvicorn=={UVICORN_VERSION}")),
+    )
+    .context("failed to install uvicorn from PyPI")?;
+    Ok(python)
 }
 
 /// Installs oha [`OHA_VERSION`] unless it is there; returns the binary to

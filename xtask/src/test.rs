@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::{build, cmd};
+use crate::{build, cmd, setup};
 
 const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -89,29 +89,46 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .env("CARGO_PROFILE_RELEASE_DEBUG", "limited")
             .env("CARGO_PROFILE_RELEASE_STRIP", "none"),
     )?;
-    // Build the test binary as the user, run it as root (sudo -E when not root).
-    let e2e = build_test_binary("e2e")?;
-    cmd::run(
-        cmd::as_root(&e2e, "the end-to-end tests (they load eBPF programs)")?
-            .args(["--ignored", "--test-threads=1"])
-            .current_dir(root.join("loopguard-user"))
-            .env("LOOPGUARD_SERVER", &binaries.stall_server)
-            .env(
-                "LOOPGUARD_SERVER_LTO",
-                target.join("release-lto/stall-server"),
-            )
-            .env("LOOPGUARD_SERVER_V0", v0_dir.join("release/stall-server"))
-            .env(
-                "LOOPGUARD_SERVER_NOPIE",
-                nopie_dir.join(HOST_TARGET).join("release/stall-server"),
-            )
-            .env(
-                "LOOPGUARD_SERVER_DEBUGINFO",
-                debuginfo_dir.join("release/stall-server"),
-            )
-            .env("RUST_LOG", "info"),
-    )
+    let python = setup::python_with_uvicorn()?;
+    // Build the test binaries as the user, run them as root (sudo -E when
+    // not root); every binary runs even when an earlier one failed.
+    let mut failed = Vec::new();
+    for &name in E2E_TESTS {
+        let binary = build_test_binary(name)?;
+        let result = cmd::run(
+            cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?
+                .args(["--ignored", "--test-threads=1"])
+                .current_dir(root.join("loopguard-user"))
+                .env("LOOPGUARD_SERVER", &binaries.stall_server)
+                .env(
+                    "LOOPGUARD_SERVER_LTO",
+                    target.join("release-lto/stall-server"),
+                )
+                .env("LOOPGUARD_SERVER_V0", v0_dir.join("release/stall-server"))
+                .env(
+                    "LOOPGUARD_SERVER_NOPIE",
+                    nopie_dir.join(HOST_TARGET).join("release/stall-server"),
+                )
+                .env(
+                    "LOOPGUARD_SERVER_DEBUGINFO",
+                    debuginfo_dir.join("release/stall-server"),
+                )
+                .env("LOOPGUARD_PYTHON", &python)
+                .env("RUST_LOG", "info"),
+        );
+        if let Err(error) = result {
+            eprintln!("test: end-to-end tests `{name}` failed: {error:#}");
+            failed.push(name);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("end-to-end test binaries failed: {}", failed.join(", "));
+    }
+    Ok(())
 }
+
+/// The end-to-end test files of the agent (`loopguard-user/tests/*.rs`).
+const E2E_TESTS: &[&str] = &["e2e", "metrics", "loops", "stacks"];
 
 /// Clippy for the eBPF crate, which only builds for the BPF target on nightly.
 fn ebpf_clippy() -> Command {

@@ -11,6 +11,7 @@
 //! | `GET /block/file?ms=N`       | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms     |
 //! | `GET /users/{id}/block?ms=N` | like `/block/sleep`, under a route template (answer adds `user`) |
 //! | `GET /spawn_blocking?ms=N`   | sleeps N ms in `spawn_blocking` (correct: worker stays free)     |
+//! | `GET /block/main?ms=N`       | the `block_on` body (not a task) sleeps N ms: a loop stall       |
 //! | `GET /work?ms=N`             | N ms of CPU work (hashing) on the worker: a handler doing work   |
 //! | `GET /json?kb=N`             | builds and serializes a JSON document of about N KiB (default 4) |
 //!
@@ -258,6 +259,7 @@ const ENDPOINTS: &[(&str, bool, &str)] = &[
     ("/fast",                  false, "answers at once (control)"),
     ("/block/spin?ms=N",       true,  "busy-loops on the worker thread for N ms"),
     ("/block/sleep?ms=N",      true,  "std::thread::sleep on the worker thread for N ms"),
+    ("/block/main?ms=N",       true,  "std::thread::sleep in the block_on body (not a task) for N ms"),
     ("/block/mutex?ms=N",      true,  "waits on the worker for a std Mutex another thread holds N ms"),
     ("/block/file?ms=N",       true,  "sync write(64 KiB)+sync_data+read on the worker for ~N ms"),
     ("/users/{id}/block?ms=N", true,  "std::thread::sleep on the worker thread for N ms (route template)"),
@@ -365,6 +367,38 @@ fn write_and_read_back(path: &std::path::Path, start: Instant, d: Duration) -> s
     Ok(())
 }
 
+/// A request to block the `block_on` body: how long, and where to answer.
+type MainBlock = (u64, tokio::sync::oneshot::Sender<(Duration, i32)>);
+
+/// Hands `/block/main` requests to the `block_on` body ([`serve`]).
+static MAIN_BLOCKS: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<MainBlock>> =
+    std::sync::OnceLock::new();
+
+async fn block_main(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
+    let ms = parse_ms(q)?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    MAIN_BLOCKS
+        .get()
+        .ok_or_else(|| ApiError::internal("the block_on body is not listening"))?
+        .send((ms, reply))
+        .map_err(|_| ApiError::internal("the block_on body is gone"))?;
+    let (blocked, tid) = answer
+        .await
+        .map_err(|_| ApiError::internal("the block_on body did not answer"))?;
+    Ok(Json(BlockReport::new("main", ms, blocked, tid)))
+}
+
+/// The `block_on` body's side of `/block/main`: blocks its own thread, which
+/// runs no task, for as long as each request asks.
+async fn main_blocks(mut requests: tokio::sync::mpsc::UnboundedReceiver<MainBlock>) {
+    while let Some((ms, reply)) = requests.recv().await {
+        let tid = gettid();
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = reply.send((start.elapsed(), tid));
+    }
+}
+
 async fn offload(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
     let ms = parse_ms(q)?;
     let tid = gettid();
@@ -444,6 +478,7 @@ fn app(middleware: bool) -> Router {
         .route("/block/mutex", get(block_mutex))
         .route("/block/file", get(block_file))
         .route("/spawn_blocking", get(offload))
+        .route("/block/main", get(block_main))
         .route("/work", get(work))
         .route("/json", get(json_doc))
         .route("/users/{id}/block", get(user_block));
@@ -484,9 +519,14 @@ async fn serve(addr: SocketAddr, signal_handlers: bool, middleware: bool) -> any
             _ = int.recv() => {}
         }
     };
-    axum::serve(listener, app(middleware))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let (blocks, requests) = tokio::sync::mpsc::unbounded_channel();
+    let _ = MAIN_BLOCKS.set(blocks);
+    // Both run in this future, the `block_on` body: axum's accept loop and
+    // the blocks `/block/main` asks for.
+    tokio::select! {
+        served = axum::serve(listener, app(middleware)).with_graceful_shutdown(shutdown) => served?,
+        () = main_blocks(requests) => {}
+    }
     Ok(())
 }
 

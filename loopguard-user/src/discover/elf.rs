@@ -54,8 +54,9 @@ pub struct UsdtSite {
     pub args: Result<Vec<ArgSpec>, ArgSpecError>,
 }
 
-/// What [`analyze`] found in a binary.
-#[derive(Debug)]
+/// What [`analyze`] found in a binary (empty for a program watched only
+/// through its wait path).
+#[derive(Debug, Default)]
 pub struct BinaryInfo {
     pub poll_copies: Vec<PollCopy>,
     /// `loopguard:*` USDT sites (empty without the middleware).

@@ -2,13 +2,16 @@
 //!
 //! Reads the executable through `/proc/PID/exe`, finds every copy of Tokio's
 //! task poll function and the task-id offset its vtable gives
-//! ([`elf`]), and where the file is mapped in the process ([`proc`]).
+//! ([`elf`]), where the file is mapped in the process ([`proc`]), and the
+//! Tokio version it was built with, when that can be told ([`version`]).
 
 pub mod elf;
 pub mod proc;
 pub mod symbols;
 pub mod usdt;
+pub mod version;
 pub mod vtable;
+pub mod waits;
 
 use std::io;
 use std::ops::Range;
@@ -17,6 +20,7 @@ use loopguard_common::MAX_BLOCKING_RANGES;
 
 use self::elf::{BinaryInfo, ElfError};
 use self::proc::{Executable, FileMappings};
+use self::waits::WaitSite;
 
 /// Why a process cannot be profiled. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +43,6 @@ pub enum DiscoverError {
     )]
     Stripped { pid: u32, path: String },
     #[error(
-        "{path} (pid {pid}) is not a Tokio program: no Tokio symbols in it; point --pid at the process that runs the Tokio runtime"
-    )]
-    NotTokio { pid: u32, path: String },
-    #[error(
         "{path} (pid {pid}) uses Tokio, but no copy of `tokio::runtime::task::raw::poll` was found; loopguard supports tokio 1.38 and later"
     )]
     NoTaskPoll { pid: u32, path: String },
@@ -55,6 +55,20 @@ pub enum DiscoverError {
     },
     #[error("{path} is not mapped in pid {pid}; the process may be exiting")]
     NotMapped { pid: u32, path: String },
+    #[error(
+        "{path} (pid {pid}) has nothing loopguard can watch: {why}; point --pid at the process that runs a Tokio runtime or an event loop (asyncio, Node.js, ...)"
+    )]
+    NoEventLoop { pid: u32, path: String, why: String },
+}
+
+/// How loopguard watches a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchMode {
+    /// Tokio task polls (and the wait path, when its sites were found).
+    Tokio,
+    /// The wait path only: the program is not Tokio (Python, Node, ...) or
+    /// its symbols cannot be read; `why` says which.
+    LoopOnly { why: String },
 }
 
 /// A process and what loopguard knows about its executable.
@@ -64,6 +78,11 @@ pub struct ProbeTarget {
     pub exe: Executable,
     pub binary: BinaryInfo,
     pub mappings: FileMappings,
+    /// The Tokio version the binary was built with, when its paths tell.
+    pub tokio_version: Option<String>,
+    pub mode: WatchMode,
+    /// Where event-loop threads wait: the wait probes' sites.
+    pub wait_sites: Vec<WaitSite>,
 }
 
 /// Finds what to probe in process `pid`.
@@ -71,15 +90,39 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     let exe = proc::executable(pid).map_err(|error| io_error(pid, "/proc/PID/exe", error))?;
     let data =
         std::fs::read(&exe.probe_path).map_err(|error| io_error(pid, &exe.display_path, error))?;
-    let binary = elf::analyze(&data).map_err(|source| {
-        let (pid, path) = (pid, exe.display_path.clone());
-        match source {
-            ElfError::Stripped => DiscoverError::Stripped { pid, path },
-            ElfError::NotTokio => DiscoverError::NotTokio { pid, path },
-            ElfError::NoTaskPoll => DiscoverError::NoTaskPoll { pid, path },
-            source => DiscoverError::Binary { pid, path, source },
+    let tokio_version = version::tokio_version(&data);
+    let (binary, mode) = match elf::analyze(&data) {
+        Ok(binary) => (binary, WatchMode::Tokio),
+        // A Tokio program whose task polls cannot be found: loop mode would
+        // take its parked workers (a futex, not epoll, and no park symbol to
+        // tell) for busy ones. Refuse, with the fix.
+        Err(ElfError::Stripped) if tokio_version.is_some() || version::mentions_tokio(&data) => {
+            return Err(DiscoverError::Stripped {
+                pid,
+                path: exe.display_path,
+            });
         }
-    })?;
+        Err(ElfError::NoTaskPoll) => {
+            return Err(DiscoverError::NoTaskPoll {
+                pid,
+                path: exe.display_path,
+            });
+        }
+        // Not Tokio, or unreadable as such: the wait path may still watch it.
+        Err(error @ (ElfError::Stripped | ElfError::NotTokio)) => (
+            BinaryInfo::default(),
+            WatchMode::LoopOnly {
+                why: loop_only_reason(&error),
+            },
+        ),
+        Err(source) => {
+            return Err(DiscoverError::Binary {
+                pid,
+                path: exe.display_path.clone(),
+                source,
+            });
+        }
+    };
     let maps = proc::read_maps(pid).map_err(|error| io_error(pid, "/proc/PID/maps", error))?;
     let mappings = FileMappings::new(&maps, exe.inode);
     if mappings.is_empty() {
@@ -88,12 +131,76 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
             path: exe.display_path,
         });
     }
+    let wait_sites = find_wait_sites(pid, &exe, &data, &maps, mode == WatchMode::Tokio);
+    if let WatchMode::LoopOnly { why } = &mode {
+        // Every C library exports epoll_wait: only a process that has an
+        // epoll instance open runs an event loop.
+        if !proc::has_epoll_fd(pid) {
+            let reason = "it has no epoll instance open";
+            return Err(DiscoverError::NoEventLoop {
+                pid,
+                path: exe.display_path,
+                why: format!("{why}, and {reason}"),
+            });
+        }
+    }
     Ok(ProbeTarget {
         pid,
         exe,
         binary,
         mappings,
+        tokio_version,
+        mode,
+        wait_sites,
     })
+}
+
+fn loop_only_reason(error: &ElfError) -> String {
+    match error {
+        ElfError::Stripped => "no symbol table (stripped), and no sign of Tokio".to_owned(),
+        _ => "no Tokio symbols".to_owned(),
+    }
+}
+
+/// The wait sites of process `pid`: in the executable (a statically linked
+/// epoll wrapper, Tokio's park functions) and in every C library it maps.
+fn find_wait_sites(
+    pid: u32,
+    exe: &Executable,
+    data: &[u8],
+    maps: &[proc::Mapping],
+    tokio: bool,
+) -> Vec<WaitSite> {
+    let mut sites: Vec<WaitSite> = waits::sites_in(data, tokio)
+        .into_iter()
+        .map(|(file_offset, name, kind)| WaitSite {
+            probe_path: exe.probe_path.clone(),
+            display_path: exe.display_path.clone(),
+            file_offset,
+            name,
+            kind,
+        })
+        .collect();
+    for library in waits::c_libraries(maps) {
+        let probe_path = std::path::PathBuf::from(format!("/proc/{pid}/root{library}"));
+        let Ok(bytes) = std::fs::read(&probe_path) else {
+            tracing::warn!(
+                library,
+                "cannot read a C library the target maps; its epoll waits are not watched"
+            );
+            continue;
+        };
+        sites.extend(waits::sites_in(&bytes, false).into_iter().map(
+            |(file_offset, name, kind)| WaitSite {
+                probe_path: probe_path.clone(),
+                display_path: library.clone(),
+                file_offset,
+                name,
+                kind,
+            },
+        ));
+    }
+    sites
 }
 
 fn io_error(pid: u32, path: &str, source: io::Error) -> DiscoverError {
@@ -220,16 +327,23 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
+        // Until its exec is done, the child is (partly) still this test binary.
+        let maps = format!("/proc/{}/maps", child.id());
+        for _ in 0..200 {
+            if std::fs::read_to_string(&maps).is_ok_and(|text| text.contains("/sleep")) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let err = discover(child.id()).unwrap_err();
         child.kill().unwrap();
         child.wait().unwrap();
-        // Debian's coreutils are stripped; either verdict names the problem.
+        // Not Tokio, and no event loop either: nothing to watch.
+        assert!(matches!(err, DiscoverError::NoEventLoop { .. }), "{err:?}");
+        let text = err.to_string();
         assert!(
-            matches!(
-                err,
-                DiscoverError::NotTokio { .. } | DiscoverError::Stripped { .. }
-            ),
-            "{err:?}"
+            text.contains("no epoll instance open") && text.contains("--pid"),
+            "{text}"
         );
     }
 }

@@ -107,6 +107,17 @@ pub fn thread_name(pid: u32, tid: u32) -> String {
 }
 
 /// Whether the process still exists (and is not a zombie).
+/// Whether process `pid` has an epoll instance open (an event loop waits
+/// on one).
+pub fn has_epoll_fd(pid: u32) -> bool {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(Result::ok).any(|fd| {
+        fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == "anon_inode:[eventpoll]")
+    })
+}
+
 pub fn is_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat

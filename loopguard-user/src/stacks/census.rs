@@ -19,7 +19,7 @@ use super::profile::{Cause, CauseKind};
 use super::sample::{Regs, Sample, SampleCause, StackRecord};
 use super::{Stacks, StallStack, capture, syscalls};
 use crate::collect::monotonic_ns;
-use crate::detect::Stall;
+use crate::detect::{Stall, StallKind};
 
 /// On-CPU samples a thread needs, all inside a task poll, to count as stuck.
 const MIN_CENSUS_SAMPLES: usize = 3;
@@ -228,6 +228,7 @@ impl Found {
         let duration_ns = now.saturating_sub(self.since_ns);
         let asleep = self.syscall.is_some();
         let stall = Stall {
+            kind: StallKind::Poll,
             tid: self.tid,
             task_id: None,
             header: 0,

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod prometheus;
+
 pub const LOOPGUARD: &str = env!("CARGO_BIN_EXE_loopguard");
 
 /// Panics unless running as root: these tests load BPF programs for real.

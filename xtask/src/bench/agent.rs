@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+use super::scrape::{self, Scraper};
+
 /// How long attaching may take (discovery + loading + one uprobe per copy).
 const ATTACH_TIMEOUT: Duration = Duration::from_mins(1);
 /// How long detaching may take (the kernel drops uprobes ~100 ms apiece).
@@ -28,6 +30,8 @@ pub struct Agent {
     stderr: Option<JoinHandle<Vec<String>>>,
     pub attached: Value,
     pub attach_secs: f64,
+    /// Scrapes `/metrics` while attached (`--scrape-every-ms`).
+    scraper: Option<Scraper>,
 }
 
 /// Resident memory of a process, in KiB.
@@ -46,13 +50,22 @@ impl Agent {
         cpus: &str,
         threshold_ms: u64,
         extra_args: &[String],
+        scrape_every: Option<Duration>,
     ) -> anyhow::Result<Self> {
         let start = Instant::now();
+        let metrics_addr = match scrape_every {
+            Some(_) => {
+                Some(scrape::free_addr().context("failed to find a port for --metrics-addr")?)
+            }
+            None => None,
+        };
         let mut command = Command::new("taskset");
+        command.args(["-c", cpus]).arg(loopguard).arg("attach");
+        if let Some(addr) = metrics_addr {
+            command.args(["--metrics-addr", &addr.to_string()]);
+        }
         command
-            .args(["-c", cpus])
-            .arg(loopguard)
-            .args(["attach", "--pid", &pid.to_string()])
+            .args(["--pid", &pid.to_string()])
             .args(["--threshold-ms", &threshold_ms.to_string()])
             .args(["--format", "json"])
             .args(extra_args)
@@ -83,6 +96,7 @@ impl Agent {
             stderr: Some(stderr),
             attached: Value::Null,
             attach_secs: 0.0,
+            scraper: None,
         };
         let deadline = start + ATTACH_TIMEOUT;
         loop {
@@ -111,6 +125,9 @@ impl Agent {
             }
         }
         agent.attach_secs = start.elapsed().as_secs_f64();
+        if let (Some(addr), Some(every)) = (metrics_addr, scrape_every) {
+            agent.scraper = Some(Scraper::start(addr, every));
+        }
         Ok(agent)
     }
 
@@ -136,6 +153,10 @@ impl Agent {
 
     /// SIGINT, then the `summary` line, then the exit status.
     pub fn detach(mut self) -> anyhow::Result<Value> {
+        if let Some(scraper) = self.scraper.take() {
+            let (ok, failed) = scraper.stop();
+            eprintln!("bench: {ok} scrapes of /metrics answered, {failed} failed");
+        }
         let mut child = self.child.take().expect("detached once");
         interrupt(child.id());
         let deadline = Instant::now() + DETACH_TIMEOUT;

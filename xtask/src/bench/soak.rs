@@ -81,6 +81,7 @@ pub fn run(setup: &Setup) -> anyhow::Result<Report> {
         &options.agent_cpus,
         THRESHOLD_MS,
         &options.agent_args,
+        options.scrape_every_ms.map(Duration::from_millis),
     )?;
     let attached = Instant::now();
     let mut report = Report {

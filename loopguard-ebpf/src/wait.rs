@@ -1,0 +1,171 @@
+//! The wait path: when each event-loop thread of the target waits for
+//! events, and how long it stays away in between.
+//!
+//! `wait_enter` / `wait_exit` sit on every function a loop thread waits in
+//! (the C library's epoll wrappers, Tokio's park functions); where no
+//! wrapper can be probed, `wait_syscall_enter` / `wait_syscall_exit` see
+//! the epoll syscalls themselves on the `sys_enter` / `sys_exit` raw
+//! tracepoints, which every process's syscalls pass through. Waits nest (a
+//! Tokio worker's park calls `epoll_wait`), so only the outermost one
+//! counts. A busy stretch runs from a wait's return to the next wait's
+//! entry; one of at least the report floor is sent as a `LoopEvent`. The
+//! agent reads `THREAD_LOOPS` to see a stretch that is still running.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    maps::HashMap,
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+};
+use loopguard_common::{EventKind, LoopEvent, LoopState, MAX_THREADS};
+
+use crate::{Counter, EVENTS, bump, report_floor_ns, target_tgid};
+
+#[map]
+static THREAD_LOOPS: HashMap<u32, LoopState> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+/// Waits deeper than this are not tracked (a runaway nesting count).
+const MAX_WAIT_DEPTH: u32 = 8;
+
+/// This thread's wait state, created on first use; `None` for another
+/// process or a full map.
+#[inline(always)]
+fn this_thread() -> Option<(u32, u32, &'static mut LoopState)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid != target_tgid() {
+        return None;
+    }
+    let tid = pid_tgid as u32;
+    let state = match THREAD_LOOPS.get_ptr_mut(tid) {
+        Some(state) => state,
+        None => {
+            if THREAD_LOOPS.insert(tid, LoopState::default(), 0).is_err() {
+                bump(Counter::ThreadMapFull);
+                return None;
+            }
+            THREAD_LOOPS.get_ptr_mut(tid)?
+        }
+    };
+    // SAFETY: a map value pointer, valid for this program run; only this
+    // thread writes its own entry.
+    Some((tgid, tid, unsafe { &mut *state }))
+}
+
+#[uprobe]
+pub fn wait_enter(_ctx: ProbeContext) -> u32 {
+    if let Some((tgid, tid, state)) = this_thread() {
+        enter(tgid, tid, state);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn wait_exit(_ctx: RetProbeContext) -> u32 {
+    if let Some((_, _, state)) = this_thread() {
+        exit(state);
+    }
+    0
+}
+
+/// x86-64 syscall numbers of the epoll waits.
+const SYS_EPOLL_WAIT: u64 = 232;
+const SYS_EPOLL_PWAIT: u64 = 281;
+const SYS_EPOLL_PWAIT2: u64 = 441;
+/// Byte offset of `orig_ax` (the syscall number) in x86-64 `struct pt_regs`.
+const PT_REGS_ORIG_AX: usize = 15 * 8;
+
+#[inline(always)]
+fn is_epoll_wait(id: u64) -> bool {
+    id == SYS_EPOLL_WAIT || id == SYS_EPOLL_PWAIT || id == SYS_EPOLL_PWAIT2
+}
+
+/// Raw tracepoint `sys_enter` (every syscall of every process): the wait
+/// path for programs whose epoll waits no uprobe can catch (statically
+/// linked without symbols, or making the syscall directly).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn wait_syscall_enter(ctx: RawTracePointContext) -> i32 {
+    if (bpf_get_current_pid_tgid() >> 32) as u32 != target_tgid() {
+        return 0;
+    }
+    let id: u64 = ctx.arg(1);
+    if is_epoll_wait(id)
+        && let Some((tgid, tid, state)) = this_thread()
+    {
+        enter(tgid, tid, state);
+    }
+    0
+}
+
+/// Raw tracepoint `sys_exit`, the other half of [`wait_syscall_enter`].
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn wait_syscall_exit(ctx: RawTracePointContext) -> i32 {
+    if (bpf_get_current_pid_tgid() >> 32) as u32 != target_tgid() {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    // SAFETY: the helper tolerates any address.
+    let id = unsafe { bpf_probe_read_kernel((regs + PT_REGS_ORIG_AX as u64) as *const u64) }
+        .unwrap_or(0);
+    if is_epoll_wait(id)
+        && let Some((_, _, state)) = this_thread()
+    {
+        exit(state);
+    }
+    0
+}
+
+/// A wait begins: closes the busy stretch at the outermost one.
+#[inline(always)]
+fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
+    if state.depth == 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        if state.busy_start_ns != 0 {
+            let busy = now.saturating_sub(state.busy_start_ns);
+            state.busy_ns += busy;
+            if busy >= report_floor_ns() {
+                let event = LoopEvent {
+                    kind: EventKind::LoopBusy as u32,
+                    pid: tgid,
+                    tid,
+                    pad: 0,
+                    start_ns: state.busy_start_ns,
+                    duration_ns: busy,
+                };
+                if EVENTS.output::<LoopEvent>(&event, 0).is_err() {
+                    bump(Counter::DroppedEvents);
+                }
+            }
+        }
+        state.busy_start_ns = 0;
+        state.wait_start_ns = now;
+    }
+    if state.depth < MAX_WAIT_DEPTH {
+        state.depth += 1;
+    }
+}
+
+/// A wait returns: the outermost one starts a busy stretch.
+#[inline(always)]
+fn exit(state: &mut LoopState) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if state.depth > 1 {
+        state.depth -= 1;
+        return;
+    }
+    // The outermost wait returned, or one that began before loopguard
+    // attached (depth 0): a busy stretch starts now either way.
+    if state.depth == 1 && state.wait_start_ns != 0 {
+        state.wait_ns += now.saturating_sub(state.wait_start_ns);
+    }
+    state.depth = 0;
+    state.waits += 1;
+    state.wait_start_ns = 0;
+    state.busy_start_ns = now;
+}
+
+/// Forgets a thread that exited (called from the thread-exit tracepoint).
+#[inline(always)]
+pub fn forget_thread(tid: u32) {
+    let _ = THREAD_LOOPS.remove(tid);
+}

@@ -1,0 +1,65 @@
+//! The Tokio version a binary was built with, where it can be told: panic
+//! locations keep the source path of the crate, `.../tokio-1.47.1/src/...`,
+//! unless the build remapped its paths.
+
+/// The version in the most `/tokio-X.Y.Z/` source paths inside `data`.
+pub fn tokio_version(data: &[u8]) -> Option<String> {
+    const NEEDLE: &[u8] = b"/tokio-";
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    let mut at = 0;
+    while let Some(found) = find(&data[at..], NEEDLE) {
+        let start = at + found + NEEDLE.len();
+        at = start;
+        if let Some(version) = version_at(&data[start..]) {
+            match counts.iter_mut().find(|(seen, _)| *seen == version) {
+                Some((_, count)) => *count += 1,
+                None => counts.push((version, 1)),
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, count)| *count)
+        .map(|(version, _)| version)
+}
+
+/// Whether `data` names Tokio's worker threads (`tokio-runtime-worker`,
+/// `tokio-rt-worker` since 1.5x): true of a stripped Tokio binary too.
+pub fn mentions_tokio(data: &[u8]) -> bool {
+    find(data, b"tokio-runtime-worker").is_some() || find(data, b"tokio-rt-worker").is_some()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// `X.Y.Z` (digits, three parts) followed by `/`, at the start of `bytes`.
+fn version_at(bytes: &[u8]) -> Option<String> {
+    let end = bytes.iter().take(32).position(|&b| b == b'/')?;
+    let version = std::str::from_utf8(&bytes[..end]).ok()?;
+    let parts: Vec<&str> = version.split('.').collect();
+    let numeric = |part: &&str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    (parts.len() == 3 && parts.iter().all(numeric)).then(|| version.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_cited_version_wins() {
+        let data = b"\0/root/.cargo/registry/src/index/tokio-1.47.1/src/runtime/task/raw.rs\0\
+            /x/tokio-1.47.1/src/io.rs\0/x/tokio-util-0.7.1/src/a.rs\0/y/tokio-1.2.3/src/b.rs\0";
+        assert_eq!(tokio_version(data), Some("1.47.1".to_owned()));
+    }
+
+    #[test]
+    fn anything_else_is_unknown() {
+        assert_eq!(tokio_version(b"no paths here"), None);
+        assert_eq!(tokio_version(b"/tokio-macros/x"), None);
+        assert_eq!(tokio_version(b"/tokio-1.x.0/src"), None);
+        assert_eq!(tokio_version(b"/tokio-1.47.1"), None, "no trailing slash");
+    }
+}

@@ -1,0 +1,228 @@
+//! End-to-end tests of the wait path: loop stalls outside task polls (a
+//! Tokio `block_on` body, both runtime flavours) and in event loops that are
+//! not Tokio at all (uvicorn on asyncio, Node.js), each measured against the
+//! server's own timing of its block.
+//!
+//! Root, the example build and the Python environment `cargo xtask test`
+//! makes are needed, so the tests are `#[ignore]`d in a plain `cargo test`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::prometheus::free_port;
+use support::{
+    Agent, FastTraffic, Line, Server, assert_detached, http_get, require_root, server_binary,
+};
+
+/// A stall of `kind` against the block the server timed itself
+/// (`blocked_ms`): the stretch holds the block, so it is at least as long,
+/// and at most max(5 %, 2 ms) longer.
+fn assert_matches(stall: &Value, kind: &str, blocked_ms: f64) {
+    assert_eq!(stall["kind"], kind, "{stall}");
+    let measured = stall["duration_ms"].as_f64().unwrap();
+    let slack = (blocked_ms * 0.05).max(2.0);
+    assert!(
+        measured >= blocked_ms - 0.5 && measured <= blocked_ms + slack,
+        "{kind} stall of {measured} ms for a block of {blocked_ms} ms (allowed {blocked_ms}..{}): {stall}",
+        blocked_ms + slack
+    );
+}
+
+fn stalls(lines: &[Line]) -> Vec<&Value> {
+    support::of_type(lines, "stall")
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/loop-servers")
+}
+
+/// A server process that is not ours to build, killed on drop.
+struct Foreign {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Foreign {
+    /// Waits until `GET /fast` answers.
+    fn wait_ready(self) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_get(self.addr, "/fast").is_ok_and(|r| r.status == 200) {
+            assert!(Instant::now() < deadline, "{} never answered", self.addr);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn uvicorn() -> Foreign {
+    let python = std::env::var_os("LOOPGUARD_PYTHON")
+        .expect("LOOPGUARD_PYTHON is not set; run the end-to-end tests through `cargo xtask test`");
+    let port = free_port();
+    let child = Command::new(python)
+        .args(["-m", "uvicorn", "app:app", "--host", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "--log-level", "warning"])
+        .arg("--app-dir")
+        .arg(examples())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start uvicorn");
+    Foreign {
+        child,
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+    }
+    .wait_ready()
+}
+
+fn node() -> Foreign {
+    let mut child = Command::new("node")
+        .arg(examples().join("server.js"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start node (`cargo xtask setup` installs Debian's nodejs)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .parse()
+        .unwrap();
+    Foreign { child, addr }.wait_ready()
+}
+
+/// Blocks `path` (which answers `blocked_ms`) `count` times under
+/// concurrent fast traffic; returns the server's own timings.
+fn blocks_under_traffic(addr: SocketAddr, path: &str, count: usize) -> Vec<f64> {
+    let traffic = FastTraffic::start(addr);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut blocked = Vec::new();
+    for _ in 0..count {
+        let response = http_get(addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(response.status, 200, "GET {path}: {response:?}");
+        blocked.push(response.body["blocked_ms"].as_f64().unwrap());
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let fast = traffic.stop();
+    assert!(fast > 20, "only {fast} fast requests went through");
+    blocked
+}
+
+/// Attaches to a non-Tokio event loop, blocks it three times under fast
+/// traffic, and checks one loop stall per block and nothing else.
+fn watches_a_foreign_loop(server: &Foreign, path: &str, wait_probes: &str) {
+    let agent = Agent::attach(server.pid(), &["--wait-probes", wait_probes]);
+    let attached = agent.wait_for("attached", Duration::from_secs(1), |v| {
+        v["type"] == "attached"
+    });
+    assert_eq!(attached.value["mode"], "loop", "{}", attached.value);
+    let chosen = if wait_probes == "tracepoint" {
+        "syscall tracepoints"
+    } else {
+        "uprobes"
+    };
+    assert_eq!(attached.value["wait_probes"], chosen, "{}", attached.value);
+    let programs = agent.programs();
+    let blocked = blocks_under_traffic(server.addr, path, 3);
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, lines) = agent.interrupt();
+    assert!(status.success());
+    let stalls = stalls(&lines);
+    assert_eq!(
+        stalls.len(),
+        blocked.len(),
+        "one loop stall per block ({blocked:?}), none for the fast traffic: {stalls:#?}"
+    );
+    for (stall, blocked_ms) in stalls.iter().zip(&blocked) {
+        assert_matches(stall, "loop", *blocked_ms);
+    }
+    assert_detached(&programs);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example builds and uvicorn; run `cargo xtask test`"]
+fn uvicorn_time_sleep_is_a_loop_stall() {
+    require_root();
+    let server = uvicorn();
+    watches_a_foreign_loop(&server, "/sleep?ms=300", "auto");
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example builds and node; run `cargo xtask test`"]
+fn node_busy_loop_is_a_loop_stall() {
+    require_root();
+    let server = node();
+    watches_a_foreign_loop(&server, "/busy?ms=300", "auto");
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example builds and node; run `cargo xtask test`"]
+fn node_busy_loop_on_the_syscall_tracepoints() {
+    require_root();
+    let server = node();
+    watches_a_foreign_loop(&server, "/busy?ms=300", "tracepoint");
+}
+
+/// A `block_on` body that blocks is a loop stall, reported once; a handler
+/// that blocks is a poll stall, reported once; idle workers raise nothing.
+fn block_on_body_blocks(flavor: &str) {
+    require_root();
+    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &["--flavor", flavor]);
+    let agent = Agent::attach(server.pid, &[]);
+    let programs = agent.programs();
+    // A thread already waiting when loopguard attached comes back unseen
+    // once (its return probe did not exist yet): let every thread wake once.
+    for _ in 0..3 {
+        server.get("/fast");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_since = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let main = server.get("/block/main?ms=200").body;
+    std::thread::sleep(Duration::from_millis(300));
+    let handler = server.get("/block/sleep?ms=150").body;
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, lines) = agent.interrupt();
+    assert!(status.success());
+    let idle: Vec<&Line> = lines
+        .iter()
+        .filter(|l| l.at > idle_since && l.at < idle_since + Duration::from_secs(1))
+        .collect();
+    assert!(idle.is_empty(), "idle workers raised {idle:#?}");
+    let stalls = stalls(&lines);
+    assert_eq!(stalls.len(), 2, "{stalls:#?}");
+    assert_matches(stalls[0], "loop", main["blocked_ms"].as_f64().unwrap());
+    assert_eq!(stalls[0]["tid"], main["tid"], "the block_on thread");
+    assert_matches(stalls[1], "poll", handler["blocked_ms"].as_f64().unwrap());
+    assert_detached(&programs);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn block_on_body_multi_thread() {
+    block_on_body_blocks("multi-thread");
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn block_on_body_current_thread() {
+    block_on_body_blocks("current-thread");
+}
