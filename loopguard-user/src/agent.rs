@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -509,13 +510,24 @@ pub async fn watch(
         }),
         stacks,
     };
-    session.report_stuck_before_attach();
     let mut scan = tokio::time::interval(options.scan_interval);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut liveness = tokio::time::interval(Duration::from_millis(200));
     tokio::pin!(stop);
+    // Poll `stop` once first, so its signal handlers are in place before the
+    // look for polls stuck since before attaching blocks for a moment.
+    let mut early = match std::future::poll_fn(|cx| Poll::Ready(stop.as_mut().poll(cx))).await {
+        Poll::Ready(reason) => Some(reason),
+        Poll::Pending => None,
+    };
+    if early.is_none() {
+        session.report_stuck_before_attach();
+    }
 
     let reason = loop {
+        if let Some(reason) = early.take() {
+            break reason;
+        }
         tokio::select! {
             reason = &mut stop => break reason,
             ready = collector.readable() => {
