@@ -10,7 +10,6 @@ use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -209,14 +208,26 @@ impl Session<'_> {
     }
 
     /// Polls already stuck when loopguard attached, found from their
-    /// threads' stacks: reported in progress, with a lower bound.
-    fn report_stuck_before_attach(&mut self) {
+    /// threads' stacks once the census window has passed: reported in
+    /// progress, with a lower bound.
+    fn report_stuck_before_attach(&mut self, collector: &Collector, now_ns: u64) {
         let Some(stacks) = &mut self.stacks else {
             return;
         };
-        let window =
-            Duration::from_nanos(self.detector.threshold_ns()).clamp(CENSUS_MIN, CENSUS_MAX);
-        for (stall, stack) in stacks.stuck_before_attach(window) {
+        // Threads where a poll began or ended since attaching are not stuck
+        // in one poll that began before.
+        let polls_seen = || {
+            collector
+                .snapshot()
+                .iter()
+                .filter(|(_, polls)| polls.depth > 0 || polls.task_polls > 0)
+                .map(|(tid, _)| *tid)
+                .collect()
+        };
+        let Some(found) = stacks.finish_census(now_ns, polls_seen) else {
+            return;
+        };
+        for (stall, stack) in found {
             let mut context = self.printer.context(&stall, &self.requests);
             context.stack = Some(stack);
             let finding = Finding::InProgress(stall);
@@ -288,6 +299,7 @@ impl Session<'_> {
         if let Some(stacks) = &mut self.stacks {
             stacks.scan(now_ns, &threads);
         }
+        self.report_stuck_before_attach(collector, now_ns);
         for finding in self.detector.on_snapshot(now_ns, &threads) {
             self.report(&finding);
         }
@@ -514,20 +526,12 @@ pub async fn watch(
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut liveness = tokio::time::interval(Duration::from_millis(200));
     tokio::pin!(stop);
-    // Poll `stop` once first, so its signal handlers are in place before the
-    // look for polls stuck since before attaching blocks for a moment.
-    let mut early = match std::future::poll_fn(|cx| Poll::Ready(stop.as_mut().poll(cx))).await {
-        Poll::Ready(reason) => Some(reason),
-        Poll::Pending => None,
-    };
-    if early.is_none() {
-        session.report_stuck_before_attach();
+    if let Some(stacks) = &mut session.stacks {
+        let window = Duration::from_nanos(options.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
+        stacks.start_census(window);
     }
 
     let reason = loop {
-        if let Some(reason) = early.take() {
-            break reason;
-        }
         tokio::select! {
             reason = &mut stop => break reason,
             ready = collector.readable() => {

@@ -18,7 +18,7 @@ use crate::export::server;
 use crate::export::{Metrics, TargetInfo};
 use crate::launch;
 use crate::preflight;
-use crate::stacks::Stacks;
+use crate::stacks::{StackTools, Stacks};
 
 fn watch_options(args: &WatchArgs) -> WatchOptions {
     WatchOptions {
@@ -82,7 +82,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .map_err(Error::Runtime)
 }
 
-fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedProbes), Error> {
+/// What watching needs: the target, the probes in place, and the stack tools
+/// (made before attaching: reading the target's files takes a moment in
+/// which events would pile up).
+type Prepared = (ProbeTarget, AttachedProbes, Option<StackTools>);
+
+fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
     let target = discover::discover(pid)?;
     tracing::info!(
         pid,
@@ -91,6 +96,7 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
         blocking_ranges = target.binary.blocking_ranges.len(),
         "discovered target"
     );
+    let tools = options.capture_stacks.then(|| StackTools::prepare(pid));
     let probes = attach::attach(
         &target,
         options.threshold_ns,
@@ -99,19 +105,18 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
         options.capture_stacks,
     )?;
     tracing::info!(probes = probes.probe_count, "attached");
-    Ok((target, probes))
+    Ok((target, probes, tools))
 }
 
 /// Watches, then detaches and prints the summary; returns the stall count.
 async fn watch_and_detach(
-    target: ProbeTarget,
-    mut probes: AttachedProbes,
+    (target, mut probes, tools): Prepared,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
 ) -> Result<u64, Error> {
     let mut collector = Collector::new(&mut probes.ebpf)?;
-    let stacks = if probes.stacks {
-        Stacks::new(&mut probes.ebpf, target.pid, options.stacks)
+    let stacks = if let Some(tools) = tools.filter(|_| probes.stacks) {
+        Stacks::new(&mut probes.ebpf, tools, options.stacks)
             .inspect_err(|error| tracing::warn!(%error, "stalls are reported without stacks"))
             .ok()
     } else {
@@ -143,7 +148,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let listener = bind_metrics(&args.watch)?;
     let runtime = runtime()?;
     runtime.block_on(async {
-        let (target, probes) = prepare(args.pid, &options)?;
+        let (target, probes, tools) = prepare(args.pid, &options)?;
         serve_metrics(
             listener,
             &args.watch,
@@ -165,7 +170,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
                 () = sleep_for(duration) => StopReason::DurationElapsed,
             }
         };
-        watch_and_detach(target, probes, &options, stop).await?;
+        watch_and_detach((target, probes, tools), &options, stop).await?;
         Ok(0)
     })
 }
@@ -197,7 +202,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let stopped = launch::launch_stopped(&args.command)?;
         let pid = stopped.pid();
         let prepared = prepare(pid, &options);
-        let (target, probes) = match prepared {
+        let (target, probes, tools) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 // Never leave a stopped, traced child behind.
@@ -262,7 +267,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let stalls = watch_and_detach(target, probes, &options, stop).await?;
+        let stalls = watch_and_detach((target, probes, tools), &options, stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await

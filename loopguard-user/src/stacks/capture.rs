@@ -9,8 +9,6 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use aya::programs::{BtfTracePoint, PerfEvent, ProgramFd};
 use aya::{Btf, Ebpf};
-use std::time::Duration;
-
 use loopguard_common::stacks::{MAX_CENSUS_THREADS, STACK_BYTES, StackConfig, ThreadOffCpu, names};
 
 use super::StackError;
@@ -250,12 +248,13 @@ impl Capture {
         self.perf.len()
     }
 
-    /// Samples `tids` on CPU for `window`, whatever they run (a poll that
-    /// began before attaching is not on the kernel's poll stacks), then
-    /// queues what came in into `out`. Blocks for `window`.
-    pub fn census_on_cpu(&mut self, tids: &[u32], window: Duration, out: &mut Vec<StackRecord>) {
+    /// Starts sampling `tids` on CPU whatever they run (a poll that began
+    /// before attaching is not on the kernel's poll stacks); their samples
+    /// come through the ring with a poll start of 0 until the returned
+    /// events are handed to [`Self::stop_census`].
+    pub fn start_census(&mut self, tids: &[u32]) -> Vec<OwnedFd> {
         let Some(program) = &self.program else {
-            return;
+            return Vec::new();
         };
         let mut events = Vec::new();
         for &tid in tids.iter().take(MAX_CENSUS_THREADS as usize) {
@@ -265,11 +264,14 @@ impl Capture {
                 events.push(fd);
             }
         }
-        std::thread::sleep(window);
+        events
+    }
+
+    /// Closes the census events and forgets their threads.
+    pub fn stop_census(&mut self, tids: &[u32], events: Vec<OwnedFd>) {
         drop(events);
         for tid in tids {
             let _ = self.census.remove(tid);
         }
-        self.drain(out);
     }
 }

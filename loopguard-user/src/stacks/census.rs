@@ -10,19 +10,34 @@
 //! cpu-clock perf event.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use loopguard_common::stacks::STACK_CHUNK_BYTES;
 
 use super::fold::Frame;
 use super::profile::{Cause, CauseKind};
-use super::sample::{Regs, Sample, SampleCause, StackRecord};
+use super::sample::{Regs, Sample, SampleCause};
 use super::{Stacks, StallStack, capture, syscalls};
 use crate::collect::monotonic_ns;
 use crate::detect::{Stall, StallKind};
 
 /// On-CPU samples a thread needs, all inside a task poll, to count as stuck.
 const MIN_CENSUS_SAMPLES: usize = 3;
+
+/// A census under way: what was seen when it started, the on-CPU samples
+/// since.
+pub(super) struct Census {
+    started: u64,
+    window_ns: u64,
+    asleep: Vec<(String, Sample)>,
+    running: Vec<u32>,
+    events: Vec<OwnedFd>,
+    pub(super) samples: Vec<Sample>,
+}
+
+/// Samples kept per census (the rest are dropped: enough to judge).
+pub(super) const MAX_CENSUS_SAMPLES: usize = 4096;
 
 /// A thread found inside a task poll: since when (at least), the system
 /// call it sleeps in (none: on a CPU), its frames as shown.
@@ -99,27 +114,60 @@ pub fn in_task_poll(frames: &[Frame]) -> bool {
 }
 
 impl Stacks {
-    /// Polls that were already stuck when loopguard attached: threads
-    /// inside a task poll now and still, `window` later (asleep at the same
-    /// place, or in a task poll in every on-CPU sample). Blocks for `window`.
-    pub fn stuck_before_attach(&mut self, window: Duration) -> Vec<(Stall, StallStack)> {
+    /// Starts looking for polls that were already stuck when loopguard
+    /// attached: notes the threads asleep in a system call (and their
+    /// stacks), samples the others on CPU for `window`. Does not block;
+    /// [`Self::finish_census`] concludes once the window has passed.
+    pub fn start_census(&mut self, window: Duration) {
         let started = monotonic_ns();
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
-            return Vec::new();
+            return;
         };
         let tids: Vec<u32> = tasks
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
             .collect();
         let (asleep, running) = self.asleep_threads(&tids, started);
-        let mut records = Vec::new();
-        self.capture.census_on_cpu(&running, window, &mut records);
-        let now = monotonic_ns();
-        let mut found = self.still_asleep_in_polls(asleep, started);
-        found.extend(self.on_cpu_in_polls(records, started, now));
-        found
-            .into_iter()
-            .map(|found| found.into_stall(now))
-            .collect()
+        let events = self.capture.start_census(&running);
+        self.census = Some(Census {
+            started,
+            window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
+            asleep,
+            running,
+            events,
+            samples: Vec::new(),
+        });
+    }
+
+    /// Once the census window has passed: the threads inside a task poll
+    /// then and still (asleep at the same place, or on a CPU in a task poll
+    /// in every sample and with no poll begun or ended on it since
+    /// attaching: `polls_seen` tells a busy worker polling many short tasks
+    /// apart). `None` while the window runs or without a census.
+    pub fn finish_census(
+        &mut self,
+        now: u64,
+        polls_seen: impl FnOnce() -> Vec<u32>,
+    ) -> Option<Vec<(Stall, StallStack)>> {
+        let census = self.census.as_ref()?;
+        if now.saturating_sub(census.started) < census.window_ns {
+            return None;
+        }
+        self.collect(now);
+        let census = self.census.take()?;
+        self.capture.stop_census(&census.running, census.events);
+        let busy = polls_seen();
+        let mut found = self.still_asleep_in_polls(census.asleep, census.started);
+        found.extend(
+            self.on_cpu_in_polls(census.samples, census.started)
+                .into_iter()
+                .filter(|found| !busy.contains(&found.tid)),
+        );
+        Some(
+            found
+                .into_iter()
+                .map(|found| found.into_stall(now))
+                .collect(),
+        )
     }
 
     fn syscall_file(&self, tid: u32) -> String {
@@ -187,27 +235,19 @@ impl Stacks {
     }
 
     /// The threads on a CPU whose every sample was inside a task poll.
-    fn on_cpu_in_polls(&mut self, records: Vec<StackRecord>, started: u64, now: u64) -> Vec<Found> {
+    fn on_cpu_in_polls(&mut self, samples: Vec<Sample>, started: u64) -> Vec<Found> {
         let mut by_thread: HashMap<u32, (usize, bool, Vec<Frame>)> = HashMap::new();
-        for record in records {
-            match record {
-                StackRecord::Sample(sample) if sample.poll_start_ns == 0 => {
-                    let addrs = self
-                        .unwinder
-                        .unwind(sample.regs, |addr| sample.read_u64(addr));
-                    let frames = self.symbols.frames(&addrs);
-                    let entry = by_thread.entry(sample.tid).or_insert((0, true, Vec::new()));
-                    entry.0 += 1;
-                    if in_task_poll(&frames) {
-                        entry.2 = frames;
-                    } else {
-                        entry.1 = false;
-                    }
-                }
-                StackRecord::Sample(sample) => self.add_sample(&sample, now),
-                StackRecord::OffCpuEnd(span) => self
-                    .profile(span.tid, span.poll_start_ns, now)
-                    .add_span(&span),
+        for sample in samples {
+            let addrs = self
+                .unwinder
+                .unwind(sample.regs, |addr| sample.read_u64(addr));
+            let frames = self.symbols.frames(&addrs);
+            let entry = by_thread.entry(sample.tid).or_insert((0, true, Vec::new()));
+            entry.0 += 1;
+            if in_task_poll(&frames) {
+                entry.2 = frames;
+            } else {
+                entry.1 = false;
             }
         }
         by_thread

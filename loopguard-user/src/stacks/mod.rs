@@ -79,6 +79,29 @@ pub struct StallStack {
 /// How long a profile is kept after its poll was last seen stuck.
 const PROFILE_TTL_NS: u64 = 2_000_000_000;
 
+/// What turns samples into named frames for one process: its modules'
+/// unwind tables and a symbolizer, both loaded and warmed up front.
+pub struct StackTools {
+    pid: u32,
+    unwinder: StackUnwinder,
+    symbols: Symbols,
+}
+
+impl StackTools {
+    /// Reads the process's modules and symbolizes one address in each, so
+    /// the first stall does not pay for parsing them.
+    pub fn prepare(pid: u32) -> Self {
+        let unwinder = StackUnwinder::for_process(pid);
+        let mut symbols = Symbols::new(pid);
+        let _ = symbols.frames(&unwinder.module_starts());
+        Self {
+            pid,
+            unwinder,
+            symbols,
+        }
+    }
+}
+
 /// Stack capture for one watched process.
 pub struct Stacks {
     pid: u32,
@@ -90,19 +113,26 @@ pub struct Stacks {
     profiles: HashMap<(u32, u64), (PollProfile, u64)>,
     table: StackTable,
     records: Vec<StackRecord>,
+    /// The look for polls stuck since before attaching, while it runs.
+    census: Option<census::Census>,
 }
 
 impl Stacks {
-    pub fn new(ebpf: &mut Ebpf, pid: u32, options: StackOptions) -> Result<Self, StackError> {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        tools: StackTools,
+        options: StackOptions,
+    ) -> Result<Self, StackError> {
         Ok(Self {
-            pid,
+            pid: tools.pid,
             options,
             capture: Capture::new(ebpf)?,
-            unwinder: StackUnwinder::for_process(pid),
-            symbols: Symbols::new(pid),
+            unwinder: tools.unwinder,
+            symbols: tools.symbols,
             profiles: HashMap::new(),
             table: StackTable::default(),
             records: Vec::new(),
+            census: None,
         })
     }
 
@@ -112,6 +142,14 @@ impl Stacks {
         let records = std::mem::take(&mut self.records);
         for record in &records {
             match record {
+                // Sampled by the census whatever it runs.
+                StackRecord::Sample(sample) if sample.poll_start_ns == 0 => {
+                    if let Some(census) = &mut self.census
+                        && census.samples.len() < census::MAX_CENSUS_SAMPLES
+                    {
+                        census.samples.push(sample.clone());
+                    }
+                }
                 StackRecord::Sample(sample) => self.add_sample(sample, now_ns),
                 StackRecord::OffCpuEnd(span) => {
                     self.profile(span.tid, span.poll_start_ns, now_ns)

@@ -71,6 +71,11 @@ impl StackUnwinder {
         }
     }
 
+    /// The first address of each module's code.
+    pub fn module_starts(&self) -> Vec<u64> {
+        self.code.iter().map(|range| range.start).collect()
+    }
+
     fn covers(&self, addr: u64) -> bool {
         self.code.iter().any(|range| range.contains(&addr))
     }
