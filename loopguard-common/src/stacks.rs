@@ -31,8 +31,10 @@ pub const STACK_BYTES: usize = 32 * 1024;
 /// The copy goes in chunks of this many bytes, aligned to it, so that no
 /// chunk straddles a page and the copy stops cleanly at the stack's top.
 pub const STACK_CHUNK_BYTES: usize = 512;
-/// Ring buffer for stack records (a power of two, a multiple of the page size).
-pub const STACK_RING_BYTES: u32 = 4 << 20;
+/// Ring buffer for stack records (a power of two, a multiple of the page
+/// size): 32 samples, drained every scan (5 ms); it is mapped twice into
+/// the agent, so it counts double in its memory.
+pub const STACK_RING_BYTES: u32 = 1 << 20;
 /// Threads sampled at once while attaching ([`names::CENSUS_TIDS`]).
 pub const MAX_CENSUS_THREADS: u32 = 1024;
 /// Threads tracked at once in [`names::THREAD_OFFCPU`].

@@ -145,7 +145,8 @@ pub fn stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
     if config_u32(&raw const STACK_CONFIG.enabled) == 0 {
         return 0;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Every context switch of the machine runs this: the clock is read only
+    // once a thread of ours is involved.
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 == config_u32(&raw const STACK_CONFIG.target_tgid) {
         // sched_switch(bool preempt, prev, next, unsigned int prev_state); prev is current.
@@ -153,20 +154,20 @@ pub fn stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
         let prev_state: u64 = ctx.arg(3);
         let _ = switch_out(
             pid_tgid as u32,
-            now,
             preempt & 0xff != 0 || prev_state & 0xffff_ffff == 0,
         );
     }
     // SAFETY: a valid, aligned map value pointer.
     if watched().is_some_and(|count| unsafe { core::ptr::read_volatile(count) } > 0) {
         let next: u64 = ctx.arg(2);
-        switch_in(next, now);
+        switch_in(next);
     }
     0
 }
 
-fn switch_out(tid: u32, now: u64, preempted: bool) -> Result<(), i64> {
+fn switch_out(tid: u32, preempted: bool) -> Result<(), i64> {
     let poll_start = current_task_poll(tid).ok_or(0i64)?;
+    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: helpers that take no pointer from us but the current task.
     let task = unsafe { generated::bpf_get_current_task_btf() };
     let regs_ptr = unsafe { generated::bpf_task_pt_regs(task) } as *const pt_regs;
@@ -228,11 +229,12 @@ fn switch_out(tid: u32, now: u64, preempted: bool) -> Result<(), i64> {
     Ok(())
 }
 
-fn switch_in(next: u64, now: u64) {
+fn switch_in(next: u64) {
     // SAFETY: a read-only look at the map value.
     let Some(&tid) = (unsafe { OFFCPU_TASKS.get(next) }) else {
         return;
     };
+    let now = unsafe { bpf_ktime_get_ns() };
     if OFFCPU_TASKS.remove(next).is_ok()
         && let Some(count) = watched()
     {

@@ -36,8 +36,9 @@ pub(super) struct Census {
     pub(super) samples: Vec<Sample>,
 }
 
-/// Samples kept per census (the rest are dropped: enough to judge).
-pub(super) const MAX_CENSUS_SAMPLES: usize = 4096;
+/// Samples kept per census (32 KiB of stack each; the rest are dropped:
+/// enough to judge, and the agent's memory stays small).
+pub(super) const MAX_CENSUS_SAMPLES: usize = 64;
 
 /// A thread found inside a task poll: since when (at least), the system
 /// call it sleeps in (none: on a CPU), its frames as shown.
@@ -61,18 +62,6 @@ pub fn parse_syscall(text: &str) -> Option<(i64, u64, u64)> {
     let sp = hex(fields[fields.len() - 2])?;
     let pc = hex(fields[fields.len() - 1])?;
     Some((nr, sp, pc))
-}
-
-/// `se.exec_start` of `/proc/PID/task/TID/sched` in ns: when a sleeping
-/// thread last ran, so when its sleep began (the scheduler's clock, which
-/// counts from boot as `CLOCK_MONOTONIC` does).
-pub fn parse_exec_start(text: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with("se.exec_start"))?;
-    let value = line.split(':').nth(1)?.trim();
-    let (ms, frac) = value.split_once('.').unwrap_or((value, "0"));
-    let ms: u64 = ms.parse().ok()?;
-    let frac_ns: u64 = format!("{frac:0<6}").get(..6)?.parse().ok()?;
-    Some(ms * 1_000_000 + frac_ns)
 }
 
 /// The runtime polling a task: `raw::poll` itself is often a lone `jmp`
@@ -221,12 +210,12 @@ impl Stacks {
             if !in_task_poll(&frames) {
                 continue;
             }
-            let since_ns = asleep_since(self.pid, sample.tid)
-                .filter(|since| *since < started)
-                .unwrap_or(started);
+            // Since attaching: the scheduler's own clock (`se.exec_start`)
+            // drifts from the monotonic clock by hundreds of ms on some
+            // machines, too much to date the sleep's start from it.
             found.push(Found {
                 tid: sample.tid,
-                since_ns,
+                since_ns: started,
                 syscall: sample.syscall,
                 frames: self.shown(&frames),
             });
@@ -298,23 +287,6 @@ impl Found {
     }
 }
 
-/// When a sleeping thread last ran (`CLOCK_MONOTONIC` ns), from its
-/// scheduler statistics. The scheduler's clock is not quite the monotonic
-/// clock, so it is tied to it through this thread, which is running now (its
-/// own last start is at most now): the result errs late, keeping the
-/// duration a lower bound.
-fn asleep_since(pid: u32, tid: u32) -> Option<u64> {
-    let read = |path: String| {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| parse_exec_start(&text))
-    };
-    let ours = read("/proc/thread-self/sched".to_owned())?;
-    let now = monotonic_ns();
-    let theirs = read(format!("/proc/{pid}/task/{tid}/sched"))?;
-    Some(theirs.checked_add(now)?.checked_sub(ours)?.min(now))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,14 +309,6 @@ mod tests {
         );
         assert_eq!(parse_syscall("running\n"), None);
         assert_eq!(parse_syscall("-1 0x7ffd1000 0x401000\n"), None);
-    }
-
-    #[test]
-    fn exec_start_is_read_in_ns() {
-        let text = "cat (19237, #threads: 1)\n---\nse.exec_start                                :       1881399.203459\nse.vruntime : 1.0\n";
-        assert_eq!(parse_exec_start(text), Some(1_881_399_203_459));
-        assert_eq!(parse_exec_start("se.exec_start : 12\n"), Some(12_000_000));
-        assert_eq!(parse_exec_start("nothing"), None);
     }
 
     #[test]

@@ -255,7 +255,13 @@ fn load_module(pid: u32, mapping: &Mapping) -> Option<Module<Vec<u8>>> {
         let range = section.address()..section.address() + section.size();
         Some((range, section.uncompressed_data().ok()?.into_owned()))
     };
-    let (text_svma, text) = section(".text").unzip();
+    // The text itself only serves framehop's prologue analysis of the
+    // innermost frame; not keeping a copy of every module's code saves
+    // megabytes of agent memory.
+    let text_svma = file
+        .section_by_name(".text")
+        .map(|s| s.address()..s.address() + s.size());
+    let text = None;
     let (eh_frame_svma, eh_frame) = section(".eh_frame").unzip();
     let (eh_frame_hdr_svma, eh_frame_hdr) = section(".eh_frame_hdr").unzip();
     let info = ExplicitModuleSectionInfo {
