@@ -17,6 +17,10 @@ pub mod names {
     pub const POLL_EXIT: &str = "poll_exit";
     /// Raw tracepoint `sched_process_exit`: forgets a thread's poll stack.
     pub const THREAD_EXIT: &str = "thread_exit";
+    /// Raw tracepoint `sched_switch`: times how long a thread in a poll waits
+    /// runnable but switched out (preempted), so that wait is not blamed on
+    /// the poll.
+    pub const THREAD_SWITCH: &str = "thread_switch";
     /// uprobe on every `loopguard:request_start` USDT site.
     pub const REQUEST_START: &str = "request_start";
     /// uprobe on every `loopguard:request_end` USDT site.
@@ -46,6 +50,9 @@ pub mod names {
     pub const POLL_HISTOGRAM: &str = "POLL_HISTOGRAM";
     /// Per-CPU counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// Per-CPU: ns of the last context switch on the CPU (the moment the
+    /// thread running there now was switched in).
+    pub const LAST_SWITCH: &str = "LAST_SWITCH";
     /// Global the agent sets before load: [`super::Config`].
     pub const CONFIG: &str = "CONFIG";
 }
@@ -247,6 +254,8 @@ pub struct PollFrame {
     pub copy_index: u32,
     /// [`frame_flags`].
     pub flags: u32,
+    /// The thread's [`ThreadPolls::preempted_ns`] at poll entry.
+    pub preempted_at_entry: u64,
 }
 
 /// A thread's stack of in-flight polls (value of [`names::THREAD_POLLS`]).
@@ -262,6 +271,12 @@ pub struct ThreadPolls {
     pub busy_ns: u64,
     /// Worker task polls this thread finished.
     pub task_polls: u64,
+    /// ns this thread waited switched out while runnable (preempted) during
+    /// polls, in all: from `sched_switch`.
+    pub preempted_ns: u64,
+    /// ns when it was last switched out while runnable inside a poll (0: it
+    /// was not, or that wait is already counted).
+    pub preempted_since_ns: u64,
     pub frames: [PollFrame; MAX_POLL_DEPTH],
 }
 
@@ -286,9 +301,18 @@ pub struct LoopState {
     pub busy_ns: u64,
     /// Outermost waits finished.
     pub waits: u64,
+    /// ns the thread spent switched out while runnable (preempted) during
+    /// busy stretches: a stretch, like a poll, is judged by the time it held
+    /// its thread, not by time the machine gave to others.
+    pub preempted_ns: u64,
+    /// ns, when the thread was last switched out runnable during a busy
+    /// stretch (0 while it runs, or waits).
+    pub preempted_since_ns: u64,
+    /// `preempted_ns` when the busy stretch now running began.
+    pub preempted_at_start_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<LoopState>() == 48);
+const _: () = assert!(core::mem::size_of::<LoopState>() == 72);
 
 /// Sent when an event-loop thread enters a wait after a busy stretch of at
 /// least the report floor.
@@ -303,11 +327,15 @@ pub struct LoopEvent {
     pub pad: u32,
     /// ns, `CLOCK_MONOTONIC`, when the busy stretch began (the wait's return).
     pub start_ns: u64,
-    /// ns the thread stayed away from its wait.
+    /// ns the thread stayed away from its wait (wall time).
     pub duration_ns: u64,
+    /// ns of it the thread spent preempted (runnable but switched out):
+    /// the stretch is judged by `duration_ns - preempted_ns`, the time it
+    /// held its thread.
+    pub preempted_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<LoopEvent>() == 32);
+const _: () = assert!(core::mem::size_of::<LoopEvent>() == 40);
 
 /// Kinds of [`PollEvent`].
 #[repr(u32)]
@@ -363,11 +391,14 @@ pub struct PollEvent {
     pub copy_index: u32,
     /// Stack depth of the finished poll on its thread (1 = outermost).
     pub depth: u32,
+    /// ns of `duration_ns` the thread spent preempted (runnable, switched
+    /// out): the scheduler's time, not the poll's.
+    pub preempted_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PollEvent>() == 64);
-const _: () = assert!(core::mem::size_of::<PollFrame>() == 40);
-const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 24 + 40 * MAX_POLL_DEPTH);
+const _: () = assert!(core::mem::size_of::<PollEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<PollFrame>() == 48);
+const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 40 + 48 * MAX_POLL_DEPTH);
 
 /// Indices into [`names::COUNTERS`]. (Worker polls are not counted here:
 /// the [`names::POLL_HISTOGRAM`] holds every one, its total is the count.)

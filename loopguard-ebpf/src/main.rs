@@ -106,6 +106,22 @@ fn add_one(slot: *mut u64) {
     add(slot, 1);
 }
 
+/// Closes a preempted wait still open on `stack`: the thread runs again, so
+/// it was switched back in at this CPU's last context switch.
+#[inline(always)]
+fn settle_preemption(stack: &mut ThreadPolls, switched_in_ns: u64) {
+    if stack.preempted_since_ns != 0 {
+        stack.preempted_ns += switched_in_ns.saturating_sub(stack.preempted_since_ns);
+        stack.preempted_since_ns = 0;
+    }
+}
+
+/// ns of this CPU's last context switch (0 when unknown).
+#[inline(always)]
+fn last_switch_ns() -> u64 {
+    LAST_SWITCH.get(0).copied().unwrap_or(0)
+}
+
 #[inline(always)]
 fn bump(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
@@ -205,13 +221,14 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
         flags |= frame_flags::BLOCKING;
     }
 
-    let frame = PollFrame {
+    let mut frame = PollFrame {
         start_ns,
         task_id,
         header,
         return_addr,
         copy_index: (cookie >> 32) as u32,
         flags,
+        preempted_at_entry: 0,
     };
 
     let stack = match THREAD_POLLS.get_ptr_mut(tid) {
@@ -227,6 +244,8 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
     };
     // SAFETY: map value pointer, valid for this program run.
     let stack = unsafe { &mut *stack };
+    settle_preemption(stack, last_switch_ns());
+    frame.preempted_at_entry = stack.preempted_ns;
     let depth = stack.depth as usize;
     // The poll below this one on the thread is a scheduler loop, not a task.
     if depth > 0
@@ -276,6 +295,8 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
         return Ok(());
     };
     let duration_ns = end_ns.saturating_sub(frame.start_ns);
+    settle_preemption(stack, last_switch_ns());
+    let preempted_ns = stack.preempted_ns.saturating_sub(frame.preempted_at_entry);
 
     if frame.flags & frame_flags::BLOCKING != 0 {
         bump(Counter::BlockingPolls);
@@ -286,11 +307,14 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     if frame.flags & frame_flags::CONTAINER != 0 {
         return Ok(());
     }
-    count_poll(duration_ns);
+    // The histogram holds the time each poll held its thread: a preempted
+    // stretch is the scheduler's, and would inflate the adaptive baseline.
+    count_poll(duration_ns - preempted_ns.min(duration_ns));
     // Only this thread writes its stack: plain adds are exact here.
     stack.busy_ns += duration_ns;
     stack.task_polls += 1;
-    if duration_ns < report_floor_ns() {
+    // Shipped by the time the poll held its thread, as the agent judges it.
+    if duration_ns - preempted_ns.min(duration_ns) < report_floor_ns() {
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<PollEvent>(0) else {
@@ -311,6 +335,7 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
         return_addr: unsafe { (*ctx.regs).rip },
         copy_index: frame.copy_index,
         depth: depth as u32 + 1,
+        preempted_ns: preempted_ns.min(duration_ns),
     });
     entry.submit(0);
     Ok(())
@@ -477,6 +502,43 @@ pub fn thread_exit(_ctx: RawTracePointContext) -> i32 {
     if (pid_tgid >> 32) as u32 == target_tgid() {
         let _ = THREAD_POLLS.remove(pid_tgid as u32);
         wait::forget_thread(pid_tgid as u32);
+    }
+    0
+}
+
+#[map]
+static LAST_SWITCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `sched_switch(preempt, prev, next, prev_state)`, run as `prev`: notes the
+/// CPU's switch time, and when a thread of the target leaves inside a poll
+/// while still runnable, the start of its wait.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: plain reads of the tracepoint's arguments.
+    let args = ctx.as_ptr() as *const u64;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(last) = LAST_SWITCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU map value pointer; only this CPU writes it.
+    let switched_in_ns = unsafe { core::ptr::replace(last, now) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 != target_tgid() {
+        return 0;
+    }
+    // SAFETY: raw tracepoint arguments 0 (preempt) and 3 (prev_state).
+    let (preempt, prev_state) = unsafe { (*args, *args.add(3)) };
+    // Still on the run queue: preempted, or yielding (TASK_RUNNING is 0).
+    let runnable = preempt & 1 != 0 || prev_state as u32 == 0;
+    wait::note_switch(pid_tgid as u32, switched_in_ns, runnable, now);
+    let Some(stack) = THREAD_POLLS.get_ptr_mut(pid_tgid as u32) else {
+        return 0;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let stack = unsafe { &mut *stack };
+    settle_preemption(stack, switched_in_ns);
+    if runnable && stack.depth > 0 {
+        stack.preempted_since_ns = now;
     }
     0
 }

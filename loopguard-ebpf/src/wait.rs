@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use loopguard_common::{EventKind, LoopEvent, LoopState, MAX_THREADS};
 
-use crate::{Counter, EVENTS, bump, report_floor_ns, target_tgid};
+use crate::{Counter, EVENTS, bump, last_switch_ns, report_floor_ns, target_tgid};
 
 #[map]
 static THREAD_LOOPS: HashMap<u32, LoopState> = HashMap::with_max_entries(MAX_THREADS, 0);
@@ -121,9 +121,14 @@ fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
     if state.depth == 0 {
         let now = unsafe { bpf_ktime_get_ns() };
         if state.busy_start_ns != 0 {
+            settle(state);
+            let preempted = state
+                .preempted_ns
+                .saturating_sub(state.preempted_at_start_ns);
             let busy = now.saturating_sub(state.busy_start_ns);
+            let preempted = preempted.min(busy);
             state.busy_ns += busy;
-            if busy >= report_floor_ns() {
+            if busy - preempted >= report_floor_ns() {
                 let event = LoopEvent {
                     kind: EventKind::LoopBusy as u32,
                     pid: tgid,
@@ -131,6 +136,7 @@ fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
                     pad: 0,
                     start_ns: state.busy_start_ns,
                     duration_ns: busy,
+                    preempted_ns: preempted,
                 };
                 if EVENTS.output::<LoopEvent>(&event, 0).is_err() {
                     bump(Counter::DroppedEvents);
@@ -142,6 +148,35 @@ fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
     }
     if state.depth < MAX_WAIT_DEPTH {
         state.depth += 1;
+    }
+}
+
+/// Closes a preemption still open on `state`: the thread runs again, so it
+/// was switched back in at this CPU's last context switch.
+#[inline(always)]
+fn settle(state: &mut LoopState) {
+    if state.preempted_since_ns != 0 {
+        state.preempted_ns += last_switch_ns().saturating_sub(state.preempted_since_ns);
+        state.preempted_since_ns = 0;
+    }
+}
+
+/// Called from the context-switch tracepoint for a thread of the target
+/// being switched out: `runnable` when it goes back on the run queue
+/// (preempted). Only time inside a busy stretch is counted.
+#[inline(always)]
+pub fn note_switch(tid: u32, switched_in_ns: u64, runnable: bool, now: u64) {
+    let Some(state) = THREAD_LOOPS.get_ptr_mut(tid) else {
+        return;
+    };
+    // SAFETY: a map value pointer, valid for this program run.
+    let state = unsafe { &mut *state };
+    if state.preempted_since_ns != 0 {
+        state.preempted_ns += switched_in_ns.saturating_sub(state.preempted_since_ns);
+        state.preempted_since_ns = 0;
+    }
+    if runnable && state.depth == 0 && state.busy_start_ns != 0 {
+        state.preempted_since_ns = now;
     }
 }
 
@@ -162,6 +197,8 @@ fn exit(state: &mut LoopState) {
     state.waits += 1;
     state.wait_start_ns = 0;
     state.busy_start_ns = now;
+    settle(state);
+    state.preempted_at_start_ns = state.preempted_ns;
 }
 
 /// Forgets a thread that exited (called from the thread-exit tracepoint).

@@ -16,10 +16,13 @@ use serde_json::json;
 
 use loopguard_common::{Counter, ThreadPolls, usdt};
 
+use crate::alerts::{self, Offending};
 use crate::attach::{WaitPath, WaitProbes};
 use crate::attribute::RequestTracker;
 use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
-use crate::detect::{Finding, Stall, StallDetector, StallKind};
+use crate::detect::{
+    Culprit, DetectSettings, Finding, RouteFilter, Stall, StallKind, ThresholdEngine,
+};
 use crate::discover::waits::WaitKind;
 use crate::discover::{ProbeTarget, WatchMode, proc};
 use crate::export::live::{BusyTracker, stuck_polls};
@@ -32,7 +35,10 @@ use crate::summary::{LoopThread, RequestSummary, Summary};
 /// How the watch loop runs.
 #[derive(Clone, Debug)]
 pub struct WatchOptions {
-    pub threshold_ns: u64,
+    /// The stall, adaptive and cumulative rules.
+    pub detect: DetectSettings,
+    /// Routes that raise no alert.
+    pub routes: RouteFilter,
     pub format: Format,
     pub scan_interval: Duration,
     /// Attach to the middleware's request probes (`--no-requests` turns it off).
@@ -75,13 +81,14 @@ impl StopReason {
 pub struct Outcome {
     pub summary: Summary,
     pub reason: StopReason,
+    /// Stalls and cumulative alerts, for `--fail-on`.
+    pub offending: Offending,
 }
 
 /// Prints findings in the chosen format, with names resolved from the target.
 struct Printer<'t> {
     target: &'t ProbeTarget,
     format: Format,
-    threshold_ns: u64,
     callers: HashMap<u64, Option<String>>,
 }
 
@@ -123,15 +130,47 @@ impl Printer<'_> {
         }
     }
 
-    fn finding(&mut self, finding: &Finding, context: &StallContext) {
-        let line = match self.format {
-            Format::Json => {
-                report::finding_json(finding, self.target.pid, self.threshold_ns, context)
-                    .to_string()
+    /// Prints a finding; returns its text line (for `--fail-on`).
+    fn finding(
+        &mut self,
+        finding: &Finding,
+        context: &StallContext,
+        engine: &ThresholdEngine,
+    ) -> String {
+        let pid = self.target.pid;
+        let threshold_ns = engine.threshold_ns();
+        let text = match finding {
+            Finding::InProgress(stall) | Finding::Finished { stall, .. } => {
+                report::finding_text(finding, stall.threshold_ns, context)
             }
-            Format::Text => report::finding_text(finding, self.threshold_ns, context),
+            Finding::Cumulative(alert) => {
+                let thread = match alert.scope {
+                    crate::detect::Scope::Thread(tid) => Some(proc::thread_name(pid, tid)),
+                    crate::detect::Scope::Process => None,
+                };
+                alerts::cumulative_text(alert, thread.as_deref())
+            }
+            Finding::ThresholdChanged(change) => alerts::threshold_text(change),
+        };
+        let line = match (self.format, finding) {
+            (Format::Text, _) => text.clone(),
+            (Format::Json, Finding::InProgress(stall) | Finding::Finished { stall, .. }) => {
+                report::finding_json(finding, pid, stall.threshold_ns, context).to_string()
+            }
+            (Format::Json, Finding::Cumulative(alert)) => {
+                let floor_ns = engine
+                    .settings()
+                    .cumulative
+                    .as_ref()
+                    .map_or(0, |c| c.floor_ns);
+                alerts::cumulative_json(alert, pid, threshold_ns, floor_ns).to_string()
+            }
+            (Format::Json, Finding::ThresholdChanged(change)) => {
+                alerts::threshold_json(change, pid).to_string()
+            }
         };
         print_line(&line);
+        text
     }
 }
 
@@ -150,8 +189,12 @@ const METRICS_REFRESH: Duration = Duration::from_millis(200);
 
 /// Everything one watch keeps between events.
 struct Session<'t> {
-    detector: StallDetector,
+    engine: ThresholdEngine,
     loops: LoopDetector,
+    routes: RouteFilter,
+    offending: Offending,
+    /// ns when the adaptive rule last read the histogram.
+    histogram_read_ns: u64,
     requests: RequestTracker,
     printer: Printer<'t>,
     summary: Summary,
@@ -175,18 +218,22 @@ const REQUESTS_TRACKED: usize = 65_536;
 
 impl Session<'_> {
     fn report(&mut self, finding: &Finding) {
-        let stall = match finding {
-            Finding::InProgress(stall) | Finding::Finished { stall, .. } => stall,
+        let mut context = match finding.stall() {
+            Some(stall) => self.printer.context(stall, &self.requests),
+            None => StallContext::default(),
         };
-        if stall.kind == StallKind::Poll {
-            self.loops.note_poll_stall(stall.tid, stall.start_ns);
-        }
-        let mut context = self.printer.context(stall, &self.requests);
-        if stall.kind == StallKind::Poll
+        if let Some(stall) = finding.stall()
+            && stall.kind == StallKind::Poll
+            && context.stack.is_none()
             && let Some(stacks) = &mut self.stacks
         {
             let finished = matches!(finding, Finding::Finished { .. });
             context.stack = Some(stacks.describe(stall, finished));
+        }
+        if let Some(stall) = finding.stall()
+            && stall.kind == StallKind::Poll
+        {
+            self.loops.note_poll_stall(stall.tid, stall.start_ns);
         }
         if let Finding::Finished { stall, .. } = finding {
             self.requests
@@ -203,8 +250,21 @@ impl Session<'_> {
                 );
             }
         }
-        self.summary.record(finding);
-        self.printer.finding(finding, &context);
+        if let Some(feed) = &self.metrics {
+            tell_metrics(&feed.metrics, finding);
+        }
+        let excluded = context
+            .request
+            .as_ref()
+            .is_some_and(|r| self.routes.excludes(r.route.as_deref().unwrap_or(&r.path)));
+        self.summary.record(finding, excluded);
+        if excluded {
+            return;
+        }
+        let text = self.printer.finding(finding, &context, &self.engine);
+        if let Some(kind) = alerts::fail_kind(finding) {
+            self.offending.record(kind, text);
+        }
     }
 
     /// Polls already stuck when loopguard attached, found from their
@@ -227,12 +287,13 @@ impl Session<'_> {
         let Some(found) = stacks.finish_census(now_ns, polls_seen) else {
             return;
         };
-        for (stall, stack) in found {
+        for (mut stall, stack) in found {
+            stall.threshold_ns = self.engine.threshold_ns();
             let mut context = self.printer.context(&stall, &self.requests);
             context.stack = Some(stack);
             let finding = Finding::InProgress(stall);
-            self.summary.record(&finding);
-            self.printer.finding(&finding, &context);
+            self.summary.record(&finding, false);
+            self.printer.finding(&finding, &context, &self.engine);
         }
     }
 
@@ -257,7 +318,11 @@ impl Session<'_> {
         for event in &events {
             match event {
                 RawEvent::PollEnd(poll) => {
-                    if let Some(finding) = self.detector.on_poll_end(poll) {
+                    let (requests, routes) = (&self.requests, &self.routes);
+                    let finding = self.engine.on_poll_end(poll, |task_id, start_ns| {
+                        culprit(requests, routes, task_id, start_ns)
+                    });
+                    if let Some(finding) = finding {
                         self.report(&finding);
                     }
                 }
@@ -300,11 +365,20 @@ impl Session<'_> {
             stacks.scan(now_ns, &threads);
         }
         self.report_stuck_before_attach(collector, now_ns);
-        for finding in self.detector.on_snapshot(now_ns, &threads) {
+        for finding in self.engine.on_snapshot(now_ns, &threads) {
             self.report(&finding);
+        }
+        let interval = self.engine.settings().update_interval_ns();
+        if interval.is_some_and(|every| now_ns >= self.histogram_read_ns + every) {
+            self.histogram_read_ns = now_ns;
+            if let Some(finding) = self.engine.on_histogram(now_ns, &collector.histogram()) {
+                self.report(&finding);
+            }
         }
         let pid = self.printer.target.pid;
         let loop_threads = collector.loop_snapshot();
+        // Loop stalls follow the threshold in force (adaptive or fixed).
+        self.loops.set_threshold_ns(self.engine.threshold_ns());
         for finding in self
             .loops
             .on_snapshot(now_ns, &loop_threads, &threads, |tid| {
@@ -333,7 +407,9 @@ impl Session<'_> {
             return;
         };
         feed.last_refresh = Some(Instant::now());
-        let (stuck, longest) = stuck_polls(now_ns, self.detector.threshold_ns(), threads);
+        // Always the live value, not only when a move is large enough to say.
+        feed.metrics.set_threshold_ns(self.engine.threshold_ns());
+        let (stuck, longest) = stuck_polls(now_ns, self.engine.threshold_ns(), threads);
         let pid = self.printer.target.pid;
         let names = &mut feed.names;
         let busy = feed.busy.update(now_ns, threads, |tid| {
@@ -390,6 +466,58 @@ impl Session<'_> {
     }
 }
 
+/// What the metrics count of the threshold rules' findings (stalls are
+/// recorded with their context above).
+fn tell_metrics(metrics: &Metrics, finding: &Finding) {
+    match finding {
+        Finding::Cumulative(alert) => {
+            // Labelled with the request that blocked longest in the window.
+            let top = alert
+                .tasks
+                .iter()
+                .find_map(|t| t.request.as_ref())
+                .map(|c| crate::attribute::Request {
+                    id: c.id,
+                    method: c.method.clone(),
+                    route: Some(c.route.clone()),
+                    path: c.path.clone(),
+                    task_id: 0,
+                    start_ns: 0,
+                    end_ns: None,
+                    status: None,
+                });
+            metrics.record(BlockingKind::Cumulative, top.as_ref(), alert.blocked_ns, 0);
+        }
+        Finding::ThresholdChanged(change) => metrics.set_threshold_ns(change.to_ns),
+        Finding::InProgress(_) | Finding::Finished { .. } => {}
+    }
+}
+
+/// The request a task served during a poll that began at `start_ns`, and
+/// whether its route is excluded: through the tracker's query API only.
+fn culprit(
+    requests: &RequestTracker,
+    routes: &RouteFilter,
+    task_id: Option<u64>,
+    start_ns: u64,
+) -> (Option<Culprit>, bool) {
+    let Some(request) = requests.culprit(task_id, start_ns) else {
+        return (None, false);
+    };
+    let route = request
+        .route
+        .clone()
+        .unwrap_or_else(|| request.path.clone());
+    let excluded = routes.excludes(&route);
+    let culprit = Culprit {
+        id: request.id,
+        method: request.method.clone(),
+        route,
+        path: request.path.clone(),
+    };
+    (Some(culprit), excluded)
+}
+
 fn print_line(line: &str) {
     let mut stdout = std::io::stdout().lock();
     // A closed stdout (a pipe whose reader left) must not stop the detach.
@@ -442,7 +570,10 @@ pub fn print_attached(
                 "wait_sites": sites.len(),
                 "wait_functions": wait_functions,
                 "wait_probes": wait_path.as_str(),
-                "threshold_ms": options.threshold_ns as f64 / 1e6,
+                "threshold_ms": options.detect.threshold_ns as f64 / 1e6,
+                "adaptive": options.detect.adaptive.is_some(),
+                "cumulative": options.detect.cumulative.is_some(),
+                "report_floor_ms": options.detect.report_floor_ns() as f64 / 1e6,
             })
             .to_string(),
         ),
@@ -464,18 +595,18 @@ pub fn print_attached(
             };
             match why {
                 None => eprintln!(
-                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; threshold {} ms; Ctrl+C to stop",
+                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {}; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
                     copies.len() - blocking_pool,
                     verified - blocking_pool,
-                    options.threshold_ns / 1_000_000,
+                    rules_text(&options.detect),
                 ),
                 Some(why) => eprintln!(
                     "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; threshold {} ms; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
-                    options.threshold_ns / 1_000_000,
+                    options.detect.threshold_ns / 1_000_000,
                 ),
             }
         }
@@ -488,6 +619,34 @@ pub fn print_attached(
     }
 }
 
+/// The rules in force, for the attached line.
+fn rules_text(detect: &DetectSettings) -> String {
+    use std::fmt::Write as _;
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let mut text = match &detect.adaptive {
+        Some(a) => format!(
+            "adaptive threshold ({} ms until {} polls were seen, then {} x p{} within {}..{} ms)",
+            ms(detect.threshold_ns),
+            a.min_samples,
+            a.multiplier,
+            a.percentile * 100.0,
+            ms(a.floor_ns),
+            ms(a.ceiling_ns)
+        ),
+        None => format!("threshold {} ms", ms(detect.threshold_ns)),
+    };
+    if let Some(c) = &detect.cumulative {
+        let _ = write!(
+            text,
+            ", cumulative {} ms per {} ms of polls over {} ms",
+            ms(c.budget_ns),
+            ms(c.window_ns),
+            ms(c.floor_ns)
+        );
+    }
+    text
+}
+
 /// Watches until `stop` resolves (or the target exits).
 pub async fn watch(
     target: &ProbeTarget,
@@ -498,20 +657,24 @@ pub async fn watch(
 ) -> Result<Outcome, CollectError> {
     let started = Instant::now();
     let mut session = Session {
-        detector: StallDetector::new(options.threshold_ns),
-        loops: LoopDetector::new(options.threshold_ns, options.loop_threads.clone()),
+        engine: ThresholdEngine::new(options.detect.clone()),
+        // Loop stalls keep the fixed threshold: the adaptive baseline is
+        // of task polls.
+        loops: LoopDetector::new(options.detect.threshold_ns, options.loop_threads.clone()),
+        routes: options.routes.clone(),
+        offending: Offending::default(),
+        histogram_read_ns: 0,
         requests: RequestTracker::new(REQUESTS_TRACKED),
         printer: Printer {
             target,
             format: options.format,
-            threshold_ns: options.threshold_ns,
             callers: HashMap::new(),
         },
         summary: Summary::default(),
         events: Vec::new(),
         layout_mismatches: 0,
         metrics: options.metrics.as_ref().map(|metrics| {
-            metrics.set_threshold_ns(options.threshold_ns);
+            metrics.set_threshold_ns(options.detect.threshold_ns);
             MetricsFeed {
                 metrics: Arc::clone(metrics),
                 busy: BusyTracker::default(),
@@ -522,14 +685,15 @@ pub async fn watch(
         }),
         stacks,
     };
+    if let Some(stacks) = &mut session.stacks {
+        let window =
+            Duration::from_nanos(options.detect.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
+        stacks.start_census(window);
+    }
     let mut scan = tokio::time::interval(options.scan_interval);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut liveness = tokio::time::interval(Duration::from_millis(200));
     tokio::pin!(stop);
-    if let Some(stacks) = &mut session.stacks {
-        let window = Duration::from_nanos(options.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
-        stacks.start_census(window);
-    }
 
     let reason = loop {
         tokio::select! {
@@ -557,7 +721,11 @@ pub async fn watch(
     // The endpoint stays up until loopguard exits: a last scrape sees the totals.
     session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
     let mut summary = session.summary;
-    summary.unfinished = session.detector.unfinished() + session.loops.unfinished();
+    summary.unfinished = session.engine.unfinished() + session.loops.unfinished();
+    summary.thresholds = session.engine.range();
+    summary.adaptive = options.detect.adaptive.is_some();
+    summary.excluded_cuts = session.engine.excluded_cuts();
+    summary.preempted_cuts = session.engine.preempted_cuts;
     let now_ns = monotonic_ns();
     summary.loop_threads = collector
         .loop_snapshot()
@@ -585,7 +753,11 @@ pub async fn watch(
             "ring buffer records that did not decode were skipped"
         );
     }
-    Ok(Outcome { summary, reason })
+    Ok(Outcome {
+        summary,
+        reason,
+        offending: session.offending,
+    })
 }
 
 /// Writes the folded stacks; a failure is reported, not fatal (the summary still prints).
@@ -601,10 +773,15 @@ fn write_folded(path: &std::path::Path, text: &str) {
 /// Prints the summary: JSON on stdout, or text on stdout.
 pub fn print_summary(outcome: &Outcome, pid: u32, options: &WatchOptions) {
     let line = match options.format {
-        Format::Json => {
-            report::summary_json(&outcome.summary, pid, options.threshold_ns).to_string()
+        Format::Json => report::summary_json(&outcome.summary, pid).to_string(),
+        Format::Text => {
+            let mut text = report::summary_text(&outcome.summary);
+            for line in crate::stacks::render::summary_lines(&outcome.summary.stacks) {
+                text.push('\n');
+                text.push_str(&line);
+            }
+            text
         }
-        Format::Text => report::summary_text(&outcome.summary, options.threshold_ns),
     };
     print_line(&line);
 }

@@ -465,6 +465,7 @@ pub fn attach(
     }
     let wait_path = attach_waits(&mut ebpf, target, scope, &mut links, wait_probes)?;
     attach_raw_tracepoint(&mut ebpf, names::THREAD_EXIT, "sched_process_exit")?;
+    attach_raw_tracepoint(&mut ebpf, names::THREAD_SWITCH, "sched_switch")?;
     let stacks = stacks
         && crate::stacks::capture::attach_programs(&mut ebpf)
             .inspect_err(|error| {

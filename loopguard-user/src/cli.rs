@@ -17,20 +17,28 @@ EXAMPLES:
       Watch for a minute, then print the summary and detach.
   sudo loopguard attach --pid 1234 --metrics-addr 9464
       Also serve Prometheus metrics at http://127.0.0.1:9464/metrics (loopguard_*).
-  sudo loopguard attach --pid 1234 --folded stalls.folded
-      Each stall with its stack and cause (on CPU, or blocked in which system call);
-      at exit, the stalls' stacks in folded form for flamegraph.pl or inferno.
-  sudo loopguard run --fail-on-stall -- ./target/release/my-service --port 8080
+  sudo loopguard run --fail-on stall,cumulative -- ./target/release/my-service --port 8080
       Start the service with the probes already in place; exit with its exit code,
-      or 3 if any poll stalled (a CI guard against blocking code on the runtime).
+      or 3 if any poll stalled or short blocks added up (a CI guard against blocking
+      code on the runtime); the offending events are listed together at the end.
+  sudo loopguard attach --pid 1234 --adaptive
+      Let the threshold follow 4 x the p99 of this process's own polls (20..250 ms).
+  sudo loopguard attach --pid 1234 --cumulative-budget-ms 100 --exclude-routes '/health,/internal/*'
+      Alert when polls of 10 ms or more add up to over 100 ms in any second, except on those routes.
+  sudo loopguard attach --pid 1234 --config loopguard.toml
+  loopguard config loopguard.toml --adaptive
+      Every setting is a flag and a key in a TOML file; flags win. `config` prints the result.
 
 OUTPUT:
   STALL IN PROGRESS  a poll has been running longer than the threshold (reported once, ~5 ms after crossing it)
   STALL              a poll that blocked its thread returned; its full duration
+  CUMULATIVE         polls under the threshold added up to over the budget in a window
+                     (per thread or process; the tasks and routes that blocked, worst first)
+  THRESHOLD          the adaptive threshold moved by more than 10 %
   Ctrl+C or SIGTERM detaches cleanly (the target keeps running) and prints a summary.
 
 EXIT CODES:
-  0 ok   1 runtime failure   2 bad arguments   3 a stall was seen with --fail-on-stall
+  0 ok   1 runtime failure   2 bad arguments or configuration   3 --fail-on saw what it names
   4 the target cannot be profiled (no such pid, not Tokio, stripped)   5 privileges or kernel
   `loopguard run` otherwise exits with the command's own exit code.";
 
@@ -52,6 +60,38 @@ pub enum Command {
     Attach(AttachArgs),
     /// Start a command with the probes in place before it serves, and report its stalls.
     Run(RunArgs),
+    /// Print the effective configuration (defaults, then FILE, then flags) as TOML.
+    Config(ConfigArgs),
+}
+
+/// What `loopguard run --fail-on` fails on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum FailOn {
+    /// A poll over the threshold.
+    Stall,
+    /// Short polls over the cumulative budget.
+    Cumulative,
+}
+
+impl FailOn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stall => "stall",
+            Self::Cumulative => "cumulative",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The TOML file to read (as `--config FILE`).
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// As for `run`: what makes it fail.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "KINDS")]
+    pub fail_on: Option<Vec<FailOn>>,
+    #[command(flatten)]
+    pub watch: WatchArgs,
 }
 
 #[derive(Debug, Args)]
@@ -65,8 +105,12 @@ pub struct AttachArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Exit with code 3 when any stall was seen and the command itself succeeded.
-    #[arg(long)]
+    /// Exit with code 3 when any of these was seen and the command itself
+    /// succeeded, listing them together at the end (e.g. `stall,cumulative`).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "KINDS")]
+    pub fail_on: Option<Vec<FailOn>>,
+    /// Same as `--fail-on stall`.
+    #[arg(long, conflicts_with = "fail_on")]
     pub fail_on_stall: bool,
     #[command(flatten)]
     pub watch: WatchArgs,
@@ -75,14 +119,19 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
-#[derive(Debug, Args, Clone)]
+/// Flags that map to configuration keys. Each is optional: a flag given
+/// wins over `--config FILE`, which wins over the default (`config`).
+#[derive(Debug, Args, Clone, Default)]
 pub struct WatchArgs {
-    /// A poll that keeps its thread at least this long (ms) is a stall.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=600_000))]
-    pub threshold_ms: u64,
-    /// Output format on stdout.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    /// Read settings from this TOML file (`loopguard config FILE` prints what it gives).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A poll that keeps its thread at least this long (ms) is a stall [default: 50].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub threshold_ms: Option<u64>,
+    /// Output format on stdout [default: text].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
     /// Stop by itself after this many seconds (`run`: SIGTERM the command then;
     /// dying of that SIGTERM counts as success).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
@@ -93,37 +142,46 @@ pub struct WatchArgs {
     /// fifths of loopguard's overhead; see the README's Overhead section).
     #[arg(long)]
     pub no_requests: bool,
-    /// How often (ms) in-flight polls are checked for stalls still in progress.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
-    pub scan_interval_ms: u64,
+    /// How often (ms) in-flight polls are checked for stalls still in progress [default: 5].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub scan_interval_ms: Option<u64>,
+    /// Route globs that raise no alert and are left out of rankings (still
+    /// counted), comma-separated; replaces the default list; '' for none
+    /// [default: /health,/healthz,/ready,/metrics].
+    #[arg(long, value_delimiter = ',', value_name = "GLOBS")]
+    pub exclude_routes: Option<Vec<String>>,
     /// How event-loop waits are seen: `uprobe` on the C library's epoll
     /// wrappers (costs nothing outside the target, misses programs that make
     /// the syscall themselves), `tracepoint` on every syscall's entry and exit
     /// (sees every wait, but runs for every process on the host), `auto`
-    /// (uprobes where the wrappers exist), or `off`.
-    #[arg(long, value_enum, default_value_t = crate::attach::WaitProbes::Auto)]
-    pub wait_probes: crate::attach::WaitProbes,
+    /// (uprobes where the wrappers exist), or `off` [default: auto].
+    #[arg(long, value_enum)]
+    pub wait_probes: Option<crate::attach::WaitProbes>,
     /// Only threads with these names count as event loops (comma-separated;
     /// a trailing `*` matches a prefix: `node,python*`). By default every
     /// thread that waits for events in epoll or Tokio's park is one.
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
-    pub loop_threads: Vec<String>,
+    pub loop_threads: Option<Vec<String>>,
     /// Serve Prometheus metrics at `http://ADDR/metrics` while watching. A bare
     /// port (`9464`) binds 127.0.0.1 only; listening elsewhere is explicit
     /// (`0.0.0.0:9464`). Checked before anything is attached.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
     /// Route templates kept as metric labels; later ones are counted as
-    /// `other`, so the number of series stays bounded.
-    #[arg(long, value_name = "N", default_value_t = crate::export::labels::DEFAULT_MAX_ROUTES,
+    /// `other`, so the number of series stays bounded [default: 200].
+    #[arg(long, value_name = "N",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
-    pub metrics_max_routes: usize,
+    pub metrics_max_routes: Option<usize>,
+    #[command(flatten)]
+    pub adaptive: AdaptiveArgs,
+    #[command(flatten)]
+    pub cumulative: CumulativeArgs,
     #[command(flatten)]
     pub stacks: StackArgs,
 }
 
 /// Stack capture options (issue #14).
-#[derive(Debug, Args, Clone)]
+#[derive(Debug, Args, Clone, Default)]
 pub struct StackArgs {
     /// Do not capture the stacks of stalled polls (nor say whether they were
     /// on or off CPU).
@@ -136,6 +194,52 @@ pub struct StackArgs {
     /// `outer;...;inner <ms>` line per stack) for flame graph tools.
     #[arg(long, value_name = "FILE", conflicts_with = "no_stacks")]
     pub folded: Option<PathBuf>,
+}
+
+/// The adaptive threshold (docs/THRESHOLDS.md).
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Adaptive threshold (docs/THRESHOLDS.md)")]
+pub struct AdaptiveArgs {
+    /// Threshold = clamp(multiplier x percentile of recent polls, floor, ceiling),
+    /// instead of --threshold-ms (which applies until enough polls were seen).
+    #[arg(long)]
+    pub adaptive: bool,
+    /// Percentile of recent worker polls taken as normal, 0.5..=0.999 [default: 0.99].
+    #[arg(long, value_name = "Q")]
+    pub adaptive_percentile: Option<f64>,
+    /// How many times the percentile a poll must last to stall, > 1 [default: 4].
+    #[arg(long, value_name = "X")]
+    pub adaptive_multiplier: Option<f64>,
+    /// Seconds of recent polls the percentile is taken over [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub adaptive_window_s: Option<u64>,
+    /// Polls the window must hold before the rule takes over [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub adaptive_min_samples: Option<u64>,
+    /// Lowest threshold (ms) the rule picks [default: 20].
+    #[arg(long, value_name = "MS")]
+    pub adaptive_floor_ms: Option<u64>,
+    /// Highest threshold (ms) the rule picks [default: 250].
+    #[arg(long, value_name = "MS")]
+    pub adaptive_ceiling_ms: Option<u64>,
+}
+
+/// The cumulative rule (docs/THRESHOLDS.md).
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Cumulative blocking (docs/THRESHOLDS.md)")]
+pub struct CumulativeArgs {
+    /// Turn the cumulative rule off.
+    #[arg(long)]
+    pub no_cumulative: bool,
+    /// Shortest poll (ms) that counts toward the budget [default: 10].
+    #[arg(long, value_name = "MS")]
+    pub cumulative_floor_ms: Option<u64>,
+    /// Sliding window (ms) the budget applies to [default: 1000].
+    #[arg(long, value_name = "MS")]
+    pub cumulative_window_ms: Option<u64>,
+    /// Blocked time (ms) a window may hold without an alert [default: 200].
+    #[arg(long, value_name = "MS")]
+    pub cumulative_budget_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -179,6 +283,33 @@ mod tests {
         };
         assert!(run.fail_on_stall);
         assert_eq!(run.command, ["app", "--port", "1"]);
+    }
+
+    #[test]
+    fn fail_on_takes_a_list_and_fail_on_stall_is_its_alias() {
+        let cli = Cli::try_parse_from([
+            "loopguard",
+            "run",
+            "--fail-on",
+            "stall,cumulative",
+            "--",
+            "app",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!()
+        };
+        assert_eq!(run.fail_on, Some(vec![FailOn::Stall, FailOn::Cumulative]));
+        let both = Cli::try_parse_from([
+            "loopguard",
+            "run",
+            "--fail-on",
+            "stall",
+            "--fail-on-stall",
+            "--",
+            "app",
+        ]);
+        assert!(both.is_err());
     }
 
     #[test]

@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::agent::Outcome;
 use crate::agent::{self, StopReason, WatchOptions};
 use crate::attach::{self, AttachedProbes};
-use crate::cli::{AttachArgs, RunArgs, WatchArgs};
+use crate::cli::{AttachArgs, ConfigArgs, FailOn, RunArgs};
 use crate::collect::Collector;
-use crate::discover::{self, ProbeTarget};
+use crate::config::Settings;
+use crate::discover::{self, ProbeTarget, proc};
 use crate::error::{EXIT_STALL, Error};
 use crate::export::server;
 use crate::export::{Metrics, TargetInfo};
@@ -20,28 +22,51 @@ use crate::launch;
 use crate::preflight;
 use crate::stacks::{StackTools, Stacks};
 
-fn watch_options(args: &WatchArgs) -> WatchOptions {
+fn watch_options(settings: &Settings) -> WatchOptions {
     WatchOptions {
-        threshold_ns: args.threshold_ms * 1_000_000,
-        format: args.format,
-        scan_interval: Duration::from_millis(args.scan_interval_ms),
-        requests: !args.no_requests,
+        detect: settings.detect(),
+        routes: settings.route_filter(),
+        format: settings.format,
+        scan_interval: Duration::from_millis(settings.scan_interval_ms.unsigned_abs()),
+        requests: settings.requests,
         metrics: None,
-        loop_threads: args.loop_threads.clone(),
-        wait_probes: args.wait_probes,
-        capture_stacks: !args.stacks.no_stacks,
+        loop_threads: settings.loop_threads.clone(),
+        wait_probes: settings.wait_probes,
+        capture_stacks: true,
         stacks: crate::stacks::StackOptions {
-            arm_delay_ns: args.threshold_ms * 1_000_000 / 2,
-            all_frames: args.stacks.all_frames,
+            arm_delay_ns: settings.detect().report_floor_ns() / 2,
+            all_frames: false,
         },
-        folded: args.stacks.folded.clone(),
+        folded: None,
     }
+}
+
+/// The stack flags, which are not configuration keys.
+fn apply_stack_args(options: &mut WatchOptions, args: &crate::cli::StackArgs) {
+    options.capture_stacks = !args.no_stacks;
+    options.stacks.all_frames = args.all_frames;
+    options.folded.clone_from(&args.folded);
+}
+
+/// `loopguard config`: prints the effective configuration.
+pub fn config(args: &ConfigArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, args.file.as_deref(), args.fail_on.as_deref())?;
+    print!("{}", settings.to_toml());
+    Ok(0)
+}
+
+/// What `run` fails on: `--fail-on`, `--fail-on-stall`, or the file's `fail_on`.
+fn fail_on_flags(args: &RunArgs) -> Option<Vec<FailOn>> {
+    if args.fail_on_stall {
+        return Some(vec![FailOn::Stall]);
+    }
+    args.fail_on.clone()
 }
 
 /// Binds `--metrics-addr` before anything is attached or started, so a bad
 /// address or a port in use fails first.
-fn bind_metrics(args: &WatchArgs) -> Result<Option<std::net::TcpListener>, Error> {
-    let Some(addr) = &args.metrics_addr else {
+fn bind_metrics(settings: &Settings) -> Result<Option<std::net::TcpListener>, Error> {
+    let Some(addr) = &settings.metrics_addr else {
         return Ok(None);
     };
     Ok(Some(server::bind(server::parse_addr(addr)?)?))
@@ -50,7 +75,7 @@ fn bind_metrics(args: &WatchArgs) -> Result<Option<std::net::TcpListener>, Error
 /// Starts serving `/metrics` for `target` (inside the runtime).
 fn serve_metrics(
     listener: Option<std::net::TcpListener>,
-    args: &WatchArgs,
+    settings: &Settings,
     target: &ProbeTarget,
     probes: usize,
     options: &mut WatchOptions,
@@ -64,7 +89,9 @@ fn serve_metrics(
             exe: target.exe.display_path.clone(),
             tokio_version: target.tokio_version.clone(),
         },
-        args.metrics_max_routes,
+        settings
+            .metrics_max_routes
+            .unwrap_or(crate::export::labels::DEFAULT_MAX_ROUTES),
     ));
     metrics.set_probes(probes);
     if let Ok(addr) = listener.local_addr() {
@@ -96,10 +123,12 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
         blocking_ranges = target.binary.blocking_ranges.len(),
         "discovered target"
     );
+    let floor_ns = options.detect.report_floor_ns();
+    tracing::info!(report_floor_ns = floor_ns, "kernel report floor");
     let tools = options.capture_stacks.then(|| StackTools::prepare(pid));
     let probes = attach::attach(
         &target,
-        options.threshold_ns,
+        floor_ns,
         options.requests,
         options.wait_probes,
         options.capture_stacks,
@@ -108,21 +137,31 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
     Ok((target, probes, tools))
 }
 
-/// Watches, then detaches and prints the summary; returns the stall count.
+/// Opens the maps and announces the attachment (before `run` lets its
+/// command go, so the `attached` line comes first).
+fn announce(
+    target: &ProbeTarget,
+    probes: &mut AttachedProbes,
+    options: &WatchOptions,
+) -> Result<Collector, Error> {
+    let collector = Collector::new(&mut probes.ebpf)?;
+    agent::print_attached(target, probes.probe_count, probes.wait_path, options);
+    Ok(collector)
+}
+
+/// Watches, then detaches and prints the summary.
 async fn watch_and_detach(
     (target, mut probes, tools): Prepared,
+    mut collector: Collector,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
-) -> Result<u64, Error> {
-    let mut collector = Collector::new(&mut probes.ebpf)?;
-    let stacks = if let Some(tools) = tools.filter(|_| probes.stacks) {
-        Stacks::new(&mut probes.ebpf, tools, options.stacks)
+) -> Result<Outcome, Error> {
+    let stacks = match tools {
+        Some(tools) if probes.stacks => Stacks::new(&mut probes.ebpf, tools, options.stacks)
             .inspect_err(|error| tracing::warn!(%error, "stalls are reported without stacks"))
-            .ok()
-    } else {
-        None
+            .ok(),
+        _ => None,
     };
-    agent::print_attached(&target, probes.probe_count, probes.wait_path, options);
     let outcome = agent::watch(&target, &mut collector, stacks, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;
@@ -138,25 +177,43 @@ async fn watch_and_detach(
         }
     });
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
-    Ok(outcome.summary.stalls)
+    Ok(outcome)
+}
+
+/// The process `--pid` means: a thread id (loopguard prints them) is
+/// taken for the process it belongs to, and said so.
+fn process_to_watch(id: u32) -> u32 {
+    match proc::process_of(id) {
+        Some(pid) if pid != id => {
+            eprintln!(
+                "loopguard: {id} is a thread of process {pid} ({}); watching process {pid}",
+                proc::thread_name(pid, id)
+            );
+            pid
+        }
+        _ => id,
+    }
 }
 
 /// `loopguard attach`.
 pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, None, None)?;
     preflight::check()?;
-    let mut options = watch_options(&args.watch);
-    let listener = bind_metrics(&args.watch)?;
+    let mut options = watch_options(&settings);
+    apply_stack_args(&mut options, &args.watch.stacks);
+    let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
-        let (target, probes, tools) = prepare(args.pid, &options)?;
+        let pid = process_to_watch(args.pid);
+        let (target, mut probes, tools) = prepare(pid, &options)?;
         serve_metrics(
             listener,
-            &args.watch,
+            &settings,
             &target,
             probes.probe_count,
             &mut options,
         )?;
-        let duration = args.watch.duration;
+        let duration = settings.duration_s.map(i64::unsigned_abs);
         let stop = async move {
             let (Ok(mut interrupt), Ok(mut terminate)) = (
                 signal(SignalKind::interrupt()),
@@ -170,7 +227,8 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
                 () = sleep_for(duration) => StopReason::DurationElapsed,
             }
         };
-        watch_and_detach((target, probes, tools), &options, stop).await?;
+        let collector = announce(&target, &mut probes, &options)?;
+        watch_and_detach((target, probes, tools), collector, &options, stop).await?;
         Ok(0)
     })
 }
@@ -194,15 +252,17 @@ const FORWARDED: [libc::c_int; 6] = [
 
 /// `loopguard run`.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
     preflight::check()?;
-    let mut options = watch_options(&args.watch);
-    let listener = bind_metrics(&args.watch)?;
+    let mut options = watch_options(&settings);
+    apply_stack_args(&mut options, &args.watch.stacks);
+    let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let stopped = launch::launch_stopped(&args.command)?;
         let pid = stopped.pid();
         let prepared = prepare(pid, &options);
-        let (target, probes, tools) = match prepared {
+        let (target, mut probes, tools) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 // Never leave a stopped, traced child behind.
@@ -212,18 +272,23 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 return Err(error);
             }
         };
-        if let Err(error) = serve_metrics(
+        let started = serve_metrics(
             listener,
-            &args.watch,
+            &settings,
             &target,
             probes.probe_count,
             &mut options,
-        ) {
-            let mut child = stopped.child;
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(error);
-        }
+        )
+        .and_then(|()| announce(&target, &mut probes, &options));
+        let collector = match started {
+            Ok(collector) => collector,
+            Err(error) => {
+                let mut child = stopped.child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(error);
+            }
+        };
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {
@@ -240,7 +305,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 }
             });
         }
-        let duration = args.watch.duration;
+        let duration = settings.duration_s.map(i64::unsigned_abs);
         let mut child_exit = exit_rx.clone();
         // Set when --duration's SIGTERM goes out. The watch loop may see the
         // child die (and stop) before this future returns, so the stop reason
@@ -267,7 +332,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let stalls = watch_and_detach((target, probes, tools), &options, stop).await?;
+        let outcome = watch_and_detach((target, probes, tools), collector, &options, stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await
@@ -283,7 +348,11 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 launch::exit_code(status)
             }
         });
-        Ok(if args.fail_on_stall && stalls > 0 && code == 0 {
+        let block = outcome.offending.block(&settings.fail_on);
+        if let Some(block) = &block {
+            eprintln!("{block}");
+        }
+        Ok(if block.is_some() && code == 0 {
             EXIT_STALL
         } else {
             code

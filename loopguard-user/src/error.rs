@@ -2,6 +2,7 @@
 
 use crate::attach::AttachError;
 use crate::collect::CollectError;
+use crate::config::ConfigError;
 use crate::discover::DiscoverError;
 use crate::export::ExportError;
 use crate::launch::LaunchError;
@@ -9,9 +10,9 @@ use crate::preflight::PreflightError;
 
 /// Exit code: a runtime failure.
 pub const EXIT_FAILURE: i32 = 1;
-/// Exit code: bad arguments (clap uses it too).
+/// Exit code: bad arguments or configuration (as clap's own).
 pub const EXIT_USAGE: i32 = 2;
-/// Exit code: `--fail-on-stall` and a stall was seen.
+/// Exit code: `--fail-on` and what it names was seen.
 pub const EXIT_STALL: i32 = 3;
 /// Exit code: the target cannot be profiled.
 pub const EXIT_TARGET: i32 = 4;
@@ -31,6 +32,8 @@ pub enum Error {
     #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Export(#[from] ExportError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
@@ -45,7 +48,10 @@ impl Error {
             Self::Discover(_)
             | Self::Launch(LaunchError::Spawn { .. })
             | Self::Attach(AttachError::ProcessExited { .. }) => EXIT_TARGET,
-            Self::Export(ExportError::BadAddress { .. } | ExportError::InUse { .. }) => EXIT_USAGE,
+            Self::Config(_)
+            | Self::Export(ExportError::BadAddress { .. } | ExportError::InUse { .. }) => {
+                EXIT_USAGE
+            }
             Self::Attach(_)
             | Self::Collect(_)
             | Self::Launch(_)
@@ -79,6 +85,14 @@ mod tests {
         assert_eq!(
             Error::Attach(AttachError::ProcessExited { pid: 1 }).exit_code(),
             EXIT_TARGET
+        );
+        assert_eq!(
+            Error::Config(ConfigError::UnknownKey {
+                key: "x".into(),
+                suggestion: None
+            })
+            .exit_code(),
+            EXIT_USAGE
         );
     }
 }

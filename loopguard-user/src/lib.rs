@@ -6,18 +6,21 @@
 //! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) and
 //! [`loops`] (event-loop threads away from their wait → loop stalls) →
 //! [`report`] (text or JSON lines) and [`summary`], and [`export`]
-//! (Prometheus metrics served over HTTP); [`stacks`] adds where each stall
-//! spent its time and why.
+//! (Prometheus metrics served over HTTP).
+//! [`config`] merges flags and the TOML file into the settings the rules
+//! run with; [`alerts`] renders what the threshold rules find.
 //! [`agent`] runs the loop, [`commands`] the subcommands, [`launch`] starts
 //! the program of `loopguard run`; [`preflight`] checks privileges and the
 //! kernel first.
 
 pub mod agent;
+pub mod alerts;
 pub mod attach;
 pub mod attribute;
 pub mod cli;
 pub mod collect;
 pub mod commands;
+pub mod config;
 pub mod detect;
 pub mod discover;
 pub mod error;

@@ -58,6 +58,11 @@ impl LoopDetector {
         }
     }
 
+    /// The threshold in force now (the adaptive rule moves it).
+    pub fn set_threshold_ns(&mut self, threshold_ns: u64) {
+        self.threshold_ns = threshold_ns;
+    }
+
     /// Whether thread `tid` (named by `name`) may be reported.
     fn is_loop_thread(&mut self, tid: u32, name: &mut impl FnMut(u32) -> String) -> bool {
         if self.only.is_empty() {
@@ -99,14 +104,21 @@ impl LoopDetector {
             .remove(&(event.tid, event.start_ns))
             .is_some();
         let end_ns = event.start_ns + event.duration_ns;
-        if event.duration_ns < self.threshold_ns
+        // Time spent preempted is the scheduler's, not the loop's.
+        let held_ns = event.duration_ns.saturating_sub(event.preempted_ns);
+        if held_ns < self.threshold_ns
             || self.holds_poll_stall(event.tid, event.start_ns, end_ns)
             || !self.is_loop_thread(event.tid, &mut name)
         {
             return None;
         }
         Some(Finding::Finished {
-            stall: loop_stall(event.tid, event.start_ns, event.duration_ns),
+            stall: loop_stall(
+                event.tid,
+                event.start_ns,
+                event.duration_ns,
+                self.threshold_ns,
+            ),
             seen_in_progress,
         })
     }
@@ -130,8 +142,7 @@ impl LoopDetector {
             if state.depth > 0 || state.busy_start_ns == 0 {
                 continue;
             }
-            let elapsed = now_ns.saturating_sub(state.busy_start_ns);
-            if elapsed < self.threshold_ns
+            if held_so_far_ns(now_ns, state) < self.threshold_ns
                 || in_task_poll.contains(tid)
                 || self.holds_poll_stall(*tid, state.busy_start_ns, now_ns)
                 || !self.is_loop_thread(*tid, &mut name)
@@ -146,7 +157,8 @@ impl LoopDetector {
                 findings.push(Finding::InProgress(loop_stall(
                     *tid,
                     state.busy_start_ns,
-                    elapsed,
+                    now_ns.saturating_sub(state.busy_start_ns),
+                    self.threshold_ns,
                 )));
             }
         }
@@ -164,6 +176,23 @@ impl LoopDetector {
     }
 }
 
+/// ns a running busy stretch has held its thread by `now_ns`: time since
+/// it began, less the time the thread spent preempted since (counted, and a
+/// preemption still open).
+fn held_so_far_ns(now_ns: u64, state: &LoopState) -> u64 {
+    let counted = state
+        .preempted_ns
+        .saturating_sub(state.preempted_at_start_ns);
+    let open = if state.preempted_since_ns != 0 {
+        now_ns.saturating_sub(state.preempted_since_ns)
+    } else {
+        0
+    };
+    now_ns
+        .saturating_sub(state.busy_start_ns)
+        .saturating_sub(counted + open)
+}
+
 fn innermost_is_task_poll(stack: &ThreadPolls) -> bool {
     let depth = stack.depth as usize;
     depth > 0
@@ -171,7 +200,7 @@ fn innermost_is_task_poll(stack: &ThreadPolls) -> bool {
         && stack.frames[depth - 1].flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) == 0
 }
 
-fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64) -> Stall {
+fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64, threshold_ns: u64) -> Stall {
     Stall {
         kind: StallKind::Loop,
         tid,
@@ -181,6 +210,7 @@ fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64) -> Stall {
         duration_ns,
         copy_index: u32::MAX,
         return_addr: 0,
+        threshold_ns,
     }
 }
 
@@ -200,6 +230,7 @@ mod tests {
             pad: 0,
             start_ns: start_ms * MS,
             duration_ns: duration_ms * MS,
+            preempted_ns: 0,
         }
     }
 
@@ -338,6 +369,78 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(detector.unfinished(), 0);
+    }
+
+    #[test]
+    fn a_lost_end_does_not_hide_the_next_stretch() {
+        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        // In progress, then its LoopEvent is lost (ring buffer full): the
+        // thread waits again and starts a new stretch.
+        assert_eq!(
+            detector
+                .on_snapshot(200 * MS, &[(7, busy_since(100))], &[], anyone)
+                .len(),
+            1
+        );
+        assert!(
+            detector
+                .on_snapshot(300 * MS, &[(7, waiting())], &[], anyone)
+                .is_empty()
+        );
+        let found = detector.on_snapshot(500 * MS, &[(7, busy_since(400))], &[], anyone);
+        assert!(
+            matches!(&found[..], [Finding::InProgress(stall)] if stall.start_ns == 400 * MS),
+            "{found:?}"
+        );
+        let Some(Finding::Finished {
+            seen_in_progress, ..
+        }) = detector.on_busy(&busy(7, 400, 150), anyone)
+        else {
+            panic!("the next stretch is reported");
+        };
+        assert!(seen_in_progress);
+    }
+
+    #[test]
+    fn time_spent_preempted_does_not_make_a_loop_stall() {
+        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        // 70 ms since the stretch began, 30 of them switched out runnable
+        // (20 counted, 10 still open): it held its thread 40 ms.
+        let preempted = LoopState {
+            busy_start_ns: 100 * MS,
+            preempted_at_start_ns: 5 * MS,
+            preempted_ns: 25 * MS,
+            preempted_since_ns: 160 * MS,
+            ..LoopState::default()
+        };
+        assert!(
+            detector
+                .on_snapshot(170 * MS, &[(7, preempted)], &[], anyone)
+                .is_empty()
+        );
+        // Back on CPU at 190 ms (50 ms preempted in all since the start):
+        // at 230 ms it has held its thread 80 ms, and is reported with its
+        // wall-clock duration, 130 ms.
+        let running = LoopState {
+            preempted_ns: 55 * MS,
+            preempted_since_ns: 0,
+            ..preempted
+        };
+        let found = detector.on_snapshot(230 * MS, &[(7, running)], &[], anyone);
+        assert!(
+            matches!(&found[..], [Finding::InProgress(stall)] if stall.duration_ns == 130 * MS),
+            "{found:?}"
+        );
+        // Finished: 60 of 100 ms preempted is no stall; 40 of 140 is.
+        let mut event = busy(8, 0, 100);
+        event.preempted_ns = 60 * MS;
+        assert!(detector.on_busy(&event, anyone).is_none());
+        let mut event = busy(8, 200, 140);
+        event.preempted_ns = 40 * MS;
+        let Some(Finding::Finished { stall, .. }) = detector.on_busy(&event, anyone) else {
+            panic!("held 100 ms");
+        };
+        assert_eq!(stall.duration_ns, 140 * MS, "wall-clock duration");
     }
 
     #[test]

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Attach(args) => commands::attach(args),
         Command::Run(args) => commands::run(args),
+        Command::Config(args) => commands::config(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

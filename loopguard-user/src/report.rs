@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 
+use crate::alerts;
 use crate::attribute::Request;
 use crate::detect::{Finding, Stall, StallKind};
 use crate::summary::{RequestSummary, Summary};
@@ -55,6 +56,10 @@ pub fn finding_json(
     let (kind, stall) = match finding {
         Finding::InProgress(stall) => ("stall_in_progress", stall),
         Finding::Finished { stall, .. } => ("stall", stall),
+        Finding::Cumulative(alert) => {
+            return alerts::cumulative_json(alert, pid, threshold_ns, 0);
+        }
+        Finding::ThresholdChanged(change) => return alerts::threshold_json(change, pid),
     };
     let mut object = json!({
         "type": kind,
@@ -84,6 +89,26 @@ pub fn finding_json(
     object
 }
 
+/// `text` with every control character escaped (`\r`, `\n`, `\u{1b}`):
+/// thread names, routes and paths come from the target, and must not be
+/// able to forge a line or drive the terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 /// The text line for a finding.
 pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext) -> String {
     let (label, stall, verb) = match finding {
@@ -95,11 +120,13 @@ pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext
         }
         Finding::InProgress(stall) => ("STALL IN PROGRESS", stall, "blocked for"),
         Finding::Finished { stall, .. } => ("STALL", stall, "blocked"),
+        Finding::Cumulative(alert) => return alerts::cumulative_text(alert, None),
+        Finding::ThresholdChanged(change) => return alerts::threshold_text(change),
     };
     format!(
         "{label:<17} tid {tid} ({thread}) {task} {verb} {duration:.1} ms (threshold {threshold} ms){from}{stack}",
         tid = stall.tid,
-        thread = context.thread,
+        thread = printable(&context.thread),
         task = task_label(stall),
         duration = ms(stall.duration_ns),
         threshold = ms(threshold_ns),
@@ -123,14 +150,17 @@ fn request_text(context: &StallContext) -> String {
     if let Some(request) = &context.request {
         let route = request.route.as_deref().unwrap_or(&request.path);
         return format!(
-            ": {} {route} ({}, request {}){waited}",
-            request.method, request.path, request.id
+            ": {} {} ({}, request {}){waited}",
+            printable(&request.method),
+            printable(route),
+            printable(&request.path),
+            request.id
         );
     }
     let from = context
         .polled_from
         .as_deref()
-        .map(|f| format!("; polled from {f}"))
+        .map(|f| format!("; polled from {}", printable(f)))
         .unwrap_or_default();
     format!("{from}{waited}")
 }
@@ -147,13 +177,27 @@ fn task_label(stall: &Stall) -> String {
 }
 
 /// The JSON object for the summary.
-pub fn summary_json(summary: &Summary, pid: u32, threshold_ns: u64) -> Value {
+pub fn summary_json(summary: &Summary, pid: u32) -> Value {
     use loopguard_common::Counter;
     let counters = &summary.counters;
+    let thresholds = &summary.thresholds;
     json!({
         "type": "summary",
         "pid": pid,
-        "threshold_ms": ms(threshold_ns),
+        "threshold_ms": ms(thresholds.current_ns),
+        "threshold": {
+            "adaptive": summary.adaptive,
+            "min_ms": ms(thresholds.min_ns),
+            "max_ms": ms(thresholds.max_ns),
+            "current_ms": ms(thresholds.current_ns),
+        },
+        "cumulative_alerts": summary.cumulative_alerts,
+        "preempted_polls_not_counted": summary.preempted_cuts,
+        "excluded": {
+            "stalls": summary.excluded_stalls,
+            "cumulative_polls": summary.excluded_cuts.0,
+            "cumulative_ms": ms(summary.excluded_cuts.1),
+        },
         "elapsed_s": (summary.elapsed_s * 1000.0).round() / 1000.0,
         "stop_reason": summary.stop_reason,
         "polls": summary.histogram.total(),
@@ -201,10 +245,40 @@ fn requests_json(requests: &RequestSummary) -> Value {
     })
 }
 
+/// The summary's lines about the threshold rules.
+fn threshold_lines(summary: &Summary) -> Vec<String> {
+    let mut lines = Vec::new();
+    let t = &summary.thresholds;
+    if summary.adaptive {
+        lines.push(format!(
+            "  adaptive threshold: {:.1} ms now, {:.1} to {:.1} ms over the run",
+            ms(t.current_ns),
+            ms(t.min_ns),
+            ms(t.max_ns)
+        ));
+    }
+    if summary.cumulative_alerts > 0 {
+        lines.push(format!(
+            "  cumulative alerts: {}",
+            summary.cumulative_alerts
+        ));
+    }
+    if summary.excluded_stalls > 0 || summary.excluded_cuts.0 > 0 {
+        lines.push(format!(
+            "  excluded routes: {} stall(s) and {} short polls ({:.1} ms) not alerted on",
+            summary.excluded_stalls,
+            summary.excluded_cuts.0,
+            ms(summary.excluded_cuts.1)
+        ));
+    }
+    lines
+}
+
 /// The summary as text lines.
-pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
+pub fn summary_text(summary: &Summary) -> String {
     use loopguard_common::Counter;
     let counters = &summary.counters;
+    let threshold_ns = summary.thresholds.current_ns;
     let mut lines = vec![format!(
         "loopguard summary ({}): {:.1} s, {} worker polls ({} blocking-pool polls ignored), {} stall(s) over {} ms",
         if summary.stop_reason.is_empty() {
@@ -218,6 +292,7 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
         summary.stalls,
         ms(threshold_ns),
     )];
+    lines.extend(threshold_lines(summary));
     if let Some(longest) = &summary.longest {
         lines.push(format!(
             "  longest stall: {:.1} ms, tid {} {}; total stalled {:.1} ms",
@@ -237,7 +312,7 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
         lines.push(format!(
             "  event loop tid {} ({}): busy {:.1} ms, waiting {:.1} ms ({:.0} % busy), {} waits",
             thread.tid,
-            thread.name,
+            printable(&thread.name),
             ms(thread.busy_ns),
             ms(thread.wait_ns),
             thread.busy_ratio() * 100.0,
@@ -287,14 +362,14 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
         ));
         for (route, totals) in requests.routes.iter().take(10) {
             lines.push(format!(
-                "    {route}: {} stall(s), {:.1} ms in all, longest {:.1} ms",
+                "    {}: {} stall(s), {:.1} ms in all, longest {:.1} ms",
+                printable(route),
                 totals.stalls,
                 ms(totals.total_ns),
                 ms(totals.longest_ns)
             ));
         }
     }
-    lines.extend(crate::stacks::render::summary_lines(&summary.stacks));
     lines.push(if lost.is_empty() {
         "  dropped events: 0".to_owned()
     } else {
@@ -307,6 +382,17 @@ pub fn summary_text(summary: &Summary, threshold_ns: u64) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn target_strings_cannot_forge_lines_or_drive_the_terminal() {
+        assert_eq!(printable("/users/{id}"), "/users/{id}");
+        let forged = printable("/x\r\nSTALL tid 1 (\u{1b}]0;pwned\u{7})");
+        assert!(!forged.chars().any(char::is_control), "{forged}");
+        assert!(
+            forged.contains("\\r\\n") && forged.contains("\\u{1b}"),
+            "{forged}"
+        );
+    }
+
     fn stall() -> Stall {
         Stall {
             kind: crate::detect::StallKind::Poll,
@@ -317,6 +403,7 @@ mod tests {
             duration_ns: 340_123_456,
             copy_index: 0,
             return_addr: 0,
+            threshold_ns: 50_000_000,
         }
     }
 
@@ -411,9 +498,29 @@ mod tests {
     #[test]
     fn summary_mentions_lost_data_only_when_there_is_some() {
         let mut summary = Summary::default();
-        assert!(summary_text(&summary, 1).contains("dropped events: 0"));
+        assert!(summary_text(&summary).contains("dropped events: 0"));
         summary.counters.0[loopguard_common::Counter::DroppedEvents as usize] = 3;
-        assert!(summary_text(&summary, 1).contains("3 events dropped"));
-        assert_eq!(summary_json(&summary, 1, 1)["dropped_events"], 3);
+        assert!(summary_text(&summary).contains("3 events dropped"));
+        assert_eq!(summary_json(&summary, 1)["dropped_events"], 3);
+    }
+
+    #[test]
+    fn summary_shows_the_thresholds_in_force() {
+        let summary = Summary {
+            adaptive: true,
+            thresholds: crate::detect::ThresholdRange {
+                min_ns: 12_000_000,
+                max_ns: 50_000_000,
+                current_ns: 20_000_000,
+            },
+            ..Summary::default()
+        };
+        let value = summary_json(&summary, 1);
+        assert_eq!(value["threshold_ms"], 20.0);
+        assert_eq!(value["threshold"]["min_ms"], 12.0);
+        assert_eq!(value["threshold"]["max_ms"], 50.0);
+        assert!(
+            summary_text(&summary).contains("adaptive threshold: 20.0 ms now, 12.0 to 50.0 ms")
+        );
     }
 }

@@ -5,7 +5,7 @@ use loopguard_common::Counter;
 use loopguard_common::hist;
 
 use crate::attribute::{RequestTracker, RouteStalls};
-use crate::detect::{Finding, Stall};
+use crate::detect::{Finding, Stall, ThresholdRange};
 
 /// Kernel counters summed over CPUs, indexed by [`Counter`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,6 +96,16 @@ pub struct Summary {
     /// Why watching stopped ("interrupted", "duration elapsed", "target exited").
     pub stop_reason: &'static str,
     pub requests: RequestSummary,
+    /// The thresholds in force over the run.
+    pub thresholds: ThresholdRange,
+    pub adaptive: bool,
+    pub cumulative_alerts: u64,
+    /// Stalls of excluded routes: counted, not reported.
+    pub excluded_stalls: u64,
+    /// `(polls, ns)` of short polls on excluded routes.
+    pub excluded_cuts: (u64, u64),
+    /// Polls over the cumulative floor only because their thread was preempted.
+    pub preempted_cuts: u64,
     /// Busy and waiting time of every event-loop thread (the wait path).
     pub loop_threads: Vec<LoopThread>,
     /// Stalls folded by stack, longest total first (stack capture on).
@@ -190,8 +200,16 @@ impl RequestSummary {
 }
 
 impl Summary {
-    pub fn record(&mut self, finding: &Finding) {
+    /// Counts a finding; `excluded`: it belongs to an excluded route.
+    pub fn record(&mut self, finding: &Finding, excluded: bool) {
+        if let Finding::Cumulative(_) = finding {
+            self.cumulative_alerts += 1;
+        }
         if let Finding::Finished { stall, .. } = finding {
+            if excluded {
+                self.excluded_stalls += 1;
+                return;
+            }
             self.stalls += 1;
             self.total_stall_ns += stall.duration_ns;
             if self
@@ -295,14 +313,18 @@ mod tests {
             duration_ns,
             copy_index: 0,
             return_addr: 0,
+            threshold_ns: 1,
         };
         let mut summary = Summary::default();
-        summary.record(&Finding::InProgress(stall(900)));
+        summary.record(&Finding::InProgress(stall(900)), false);
         for duration in [100, 300, 200] {
-            summary.record(&Finding::Finished {
-                stall: stall(duration),
-                seen_in_progress: false,
-            });
+            summary.record(
+                &Finding::Finished {
+                    stall: stall(duration),
+                    seen_in_progress: false,
+                },
+                false,
+            );
         }
         assert_eq!(summary.stalls, 3);
         assert_eq!(summary.total_stall_ns, 600);

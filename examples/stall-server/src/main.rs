@@ -10,6 +10,7 @@
 //! | `GET /block/mutex?ms=N`      | waits on the worker N ms for a `std::sync::Mutex` a helper holds |
 //! | `GET /block/file?ms=N`       | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms     |
 //! | `GET /users/{id}/block?ms=N` | like `/block/sleep`, under a route template (answer adds `user`) |
+//! | `GET /block/repeat?ms=N&times=K&gap_ms=G` | K blocking sleeps of N ms, each its own poll, G ms of `.await` apart |
 //! | `GET /spawn_blocking?ms=N`   | sleeps N ms in `spawn_blocking` (correct: worker stays free)     |
 //! | `GET /block/main?ms=N`       | the `block_on` body (not a task) sleeps N ms: a loop stall       |
 //! | `GET /work?ms=N`             | N ms of CPU work (hashing) on the worker: a handler doing work   |
@@ -24,6 +25,11 @@
 //! otherwise the answer is a 400 with `{"error": "..."}`.
 //!
 //! `/users/{id}/block` answers the `/block/sleep` JSON plus `"user": "<id>"`.
+//!
+//! `/block/repeat` is death by a thousand cuts: each block alone is short
+//! (under a stall threshold), together they hold the worker. It answers
+//! `{"kind":"repeat","requested_ms","times","gap_ms","blocked_ms":[...],"tids":[...]}`,
+//! one entry per block; `times` in `1..=1000`, `gap_ms` at most 60000.
 //!
 //! `/work` and `/json` are ordinary request work for the overhead benchmark
 //! (`cargo xtask bench`), not stalls at the sizes it uses. `/work` answers
@@ -108,6 +114,13 @@ enum Flavor {
 #[derive(Deserialize)]
 struct MsParam {
     ms: u64,
+}
+
+#[derive(Deserialize)]
+struct RepeatParam {
+    ms: u64,
+    times: u64,
+    gap_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -263,6 +276,7 @@ const ENDPOINTS: &[(&str, bool, &str)] = &[
     ("/block/mutex?ms=N",      true,  "waits on the worker for a std Mutex another thread holds N ms"),
     ("/block/file?ms=N",       true,  "sync write(64 KiB)+sync_data+read on the worker for ~N ms"),
     ("/users/{id}/block?ms=N", true,  "std::thread::sleep on the worker thread for N ms (route template)"),
+    ("/block/repeat?ms=N&times=K&gap_ms=G", true, "K blocking sleeps of N ms on the worker, G ms of .await apart"),
     ("/spawn_blocking?ms=N",   false, "sleeps N ms in spawn_blocking (correct: the worker stays free)"),
     ("/work?ms=N",             false, "N ms (at most 1000) of CPU work on the worker: ordinary request work"),
     ("/json?kb=N",             false, "builds and serializes a JSON list of users of about N KiB (default 4)"),
@@ -296,6 +310,37 @@ async fn block_sleep(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
         std::thread::sleep(d);
         Ok(())
     })
+}
+
+async fn block_repeat(
+    q: Result<Query<RepeatParam>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(RepeatParam { ms, times, gap_ms }) =
+        q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let ms = at_most("ms", ms, MAX_MS)?;
+    let gap_ms = at_most("gap_ms", gap_ms, MAX_MS)?;
+    let times = at_most("times", times, 1000)?.max(1);
+    let mut blocked_ms = Vec::new();
+    let mut tids = Vec::new();
+    for i in 0..times {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+        }
+        // Each block is one synchronous stretch: one poll of this task.
+        tids.push(gettid());
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_millis(ms));
+        blocked_ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(Json(json!({
+        "kind": "repeat",
+        "requested_ms": ms,
+        "times": times,
+        "gap_ms": gap_ms,
+        "blocked_ms": blocked_ms,
+        "tids": tids,
+        "pid": getpid(),
+    })))
 }
 
 async fn user_block(
@@ -477,6 +522,7 @@ fn app(middleware: bool) -> Router {
         .route("/block/sleep", get(block_sleep))
         .route("/block/mutex", get(block_mutex))
         .route("/block/file", get(block_file))
+        .route("/block/repeat", get(block_repeat))
         .route("/spawn_blocking", get(offload))
         .route("/block/main", get(block_main))
         .route("/work", get(work))

@@ -123,6 +123,17 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
             });
         }
     };
+    // Every C library exports epoll_wait: only a process that has an epoll
+    // instance open runs an event loop.
+    if let WatchMode::LoopOnly { why } = &mode
+        && !proc::has_epoll_fd(pid)
+    {
+        return Err(DiscoverError::NoEventLoop {
+            pid,
+            path: exe.display_path,
+            why: format!("{why}, and it has no epoll instance open"),
+        });
+    }
     let maps = proc::read_maps(pid).map_err(|error| io_error(pid, "/proc/PID/maps", error))?;
     let mappings = FileMappings::new(&maps, exe.inode);
     if mappings.is_empty() {
@@ -132,18 +143,6 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
         });
     }
     let wait_sites = find_wait_sites(pid, &exe, &data, &maps, mode == WatchMode::Tokio);
-    if let WatchMode::LoopOnly { why } = &mode {
-        // Every C library exports epoll_wait: only a process that has an
-        // epoll instance open runs an event loop.
-        if !proc::has_epoll_fd(pid) {
-            let reason = "it has no epoll instance open";
-            return Err(DiscoverError::NoEventLoop {
-                pid,
-                path: exe.display_path,
-                why: format!("{why}, and {reason}"),
-            });
-        }
-    }
     Ok(ProbeTarget {
         pid,
         exe,
@@ -181,7 +180,14 @@ fn find_wait_sites(
             kind,
         })
         .collect();
-    for library in waits::c_libraries(maps) {
+    let mut libraries = waits::c_libraries(maps);
+    if libraries.is_empty() && waits::is_dynamically_linked(data) {
+        // Stopped right after exec (`loopguard run`): the dynamic loader
+        // has not mapped the C library yet. A uprobe goes on the file, so
+        // one set on the library it will load fires once it is mapped.
+        libraries.extend(waits::default_c_library(pid));
+    }
+    for library in libraries {
         let probe_path = std::path::PathBuf::from(format!("/proc/{pid}/root{library}"));
         let Ok(bytes) = std::fs::read(&probe_path) else {
             tracing::warn!(
@@ -327,15 +333,15 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        // Until its exec is done, the child is (partly) still this test binary.
-        let maps = format!("/proc/{}/maps", child.id());
-        for _ in 0..200 {
-            if std::fs::read_to_string(&maps).is_ok_and(|text| text.contains("/sleep")) {
+        // Right after the spawn the child may not have mapped `sleep` yet.
+        let mut err = discover(child.id()).unwrap_err();
+        for _ in 0..100 {
+            if !matches!(err, DiscoverError::NotMapped { .. }) {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            err = discover(child.id()).unwrap_err();
         }
-        let err = discover(child.id()).unwrap_err();
         child.kill().unwrap();
         child.wait().unwrap();
         // Not Tokio, and no event loop either: nothing to watch.

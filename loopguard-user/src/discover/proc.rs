@@ -106,7 +106,6 @@ pub fn thread_name(pid: u32, tid: u32) -> String {
         .map_or_else(|_| "?".to_owned(), |name| name.trim_end().to_owned())
 }
 
-/// Whether the process still exists (and is not a zombie).
 /// Whether process `pid` has an epoll instance open (an event loop waits
 /// on one).
 pub fn has_epoll_fd(pid: u32) -> bool {
@@ -118,6 +117,18 @@ pub fn has_epoll_fd(pid: u32) -> bool {
     })
 }
 
+/// The process (thread group) `id` belongs to: itself for a process, its
+/// process for a thread id (`/proc/TID` exists for threads too); `None`
+/// when there is no such task.
+pub fn process_of(id: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{id}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Tgid:"))
+        .and_then(|tgid| tgid.trim().parse().ok())
+}
+
+/// Whether the process still exists (and is not a zombie).
 pub fn is_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
@@ -131,6 +142,23 @@ pub fn is_alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_id_resolves_to_its_process() {
+        let pid = std::process::id();
+        assert_eq!(process_of(pid), Some(pid));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+        let tid = rx.recv().unwrap();
+        assert_ne!(tid, pid);
+        assert_eq!(process_of(tid), Some(pid));
+        worker.join().unwrap();
+        assert_eq!(process_of(u32::MAX - 1), None);
+    }
 
     const MAPS: &str = "\
 55d0c0a00000-55d0c0a80000 r--p 00000000 fe:01 1234                       /srv/app (deleted)

@@ -140,6 +140,29 @@ pub fn is_c_library(path: &str) -> bool {
         || name.starts_with("libc.musl-")
 }
 
+/// Whether an ELF asks for a dynamic loader (`.interp`).
+pub fn is_dynamically_linked(data: &[u8]) -> bool {
+    object::File::parse(data).is_ok_and(|file| file.section_by_name(".interp").is_some())
+}
+
+/// Where a dynamically linked program's C library usually is, seen from
+/// process `pid` (through `/proc/PID/root`): the first that exists.
+pub fn default_c_library(pid: u32) -> Option<String> {
+    const CANDIDATES: [&str; 7] = [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/libc.so.6",
+        "/usr/lib64/libc.so.6",
+        "/usr/lib/libc.so.6",
+        "/lib/libc.so.6",
+        "/lib/ld-musl-x86_64.so.1",
+    ];
+    CANDIDATES
+        .iter()
+        .find(|path| std::path::Path::new(&format!("/proc/{pid}/root{path}")).exists())
+        .map(|path| (*path).to_owned())
+}
+
 /// The distinct C libraries process `pid` maps executable.
 pub fn c_libraries(maps: &[Mapping]) -> Vec<String> {
     let mut paths: Vec<String> = maps

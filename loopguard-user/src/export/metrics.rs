@@ -383,7 +383,7 @@ fn live_families(live: &LiveState) -> Vec<MetricFamily> {
     vec![
         family(
             "loopguard_poll_duration_seconds",
-            "Duration of every worker task poll, from the kernel's histogram (buckets at powers of two)",
+            "Time every worker task poll held its thread (preempted time left out), from the kernel's histogram (buckets at powers of two)",
             MetricType::HISTOGRAM,
             vec![poll_histogram(&live.histogram)],
         ),

@@ -265,6 +265,8 @@ impl Found {
             duration_ns,
             copy_index: u32::MAX,
             return_addr: 0,
+            // The agent sets the threshold in force.
+            threshold_ns: 0,
         };
         let cause = Cause {
             kind: if asleep {

@@ -1,4 +1,5 @@
-//! Detect: turns finished polls and snapshots of in-flight polls into stalls.
+//! The stall rule: one poll that kept its worker thread at least the
+//! threshold (fixed, or moved by the adaptive rule between calls).
 //!
 //! Input: [`PollEvent`]s from the ring buffer (worker polls that lasted at
 //! least the report floor) and periodic snapshots of every thread's poll
@@ -8,7 +9,9 @@
 
 use std::collections::HashMap;
 
-use loopguard_common::{MAX_POLL_DEPTH, PollEvent, ThreadPolls, frame_flags};
+use loopguard_common::{MAX_POLL_DEPTH, PollEvent, PollFrame, ThreadPolls, frame_flags};
+
+use super::Finding;
 
 /// What kept the thread from its event loop.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,19 +52,8 @@ pub struct Stall {
     pub copy_index: u32,
     /// Return address of the poll: the scheduler that polled it.
     pub return_addr: u64,
-}
-
-/// What the detector reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Finding {
-    /// The poll is still running and has passed the threshold.
-    InProgress(Stall),
-    /// The poll returned after at least the threshold.
-    Finished {
-        stall: Stall,
-        /// Whether it had already been reported in progress.
-        seen_in_progress: bool,
-    },
+    /// ns, the threshold in force when the stall was detected.
+    pub threshold_ns: u64,
 }
 
 /// How long an in-progress report is remembered after its poll vanished from
@@ -72,8 +64,9 @@ const FORGET_AFTER_NS: u64 = 10_000_000_000;
 #[derive(Debug)]
 pub struct StallDetector {
     threshold_ns: u64,
-    /// `(tid, start_ns)` of polls reported in progress → when last seen.
-    in_progress: HashMap<(u32, u64), u64>,
+    /// `(tid, start_ns)` of polls reported in progress → (when last seen,
+    /// the threshold they crossed).
+    in_progress: HashMap<(u32, u64), (u64, u64)>,
 }
 
 impl StallDetector {
@@ -88,15 +81,23 @@ impl StallDetector {
         self.threshold_ns
     }
 
+    /// Moves the threshold (the adaptive rule). A poll already reported in
+    /// progress is still reported when it finishes, against the threshold
+    /// it crossed.
+    pub fn set_threshold(&mut self, threshold_ns: u64) {
+        self.threshold_ns = threshold_ns;
+    }
+
     /// A worker poll returned.
     pub fn on_poll_end(&mut self, event: &PollEvent) -> Option<Finding> {
-        let seen_in_progress = self
+        let crossed = self
             .in_progress
             .remove(&(event.tid, event.start_ns))
-            .is_some();
-        if event.duration_ns < self.threshold_ns
-            || event.flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) != 0
-        {
+            .map(|(_, threshold_ns)| threshold_ns);
+        let seen_in_progress = crossed.is_some();
+        let threshold_ns = crossed.unwrap_or(self.threshold_ns);
+        // Time spent preempted is the scheduler's, not the poll's.
+        if held_ns(event) < threshold_ns || !is_task_poll(event.flags) {
             return None;
         }
         let stall = Stall {
@@ -108,6 +109,7 @@ impl StallDetector {
             duration_ns: event.duration_ns,
             copy_index: event.copy_index,
             return_addr: event.return_addr,
+            threshold_ns,
         };
         Some(Finding::Finished {
             stall,
@@ -129,11 +131,14 @@ impl StallDetector {
                 continue;
             }
             let elapsed = now_ns.saturating_sub(frame.start_ns);
-            if elapsed < self.threshold_ns {
+            if held_so_far_ns(now_ns, polls, frame) < self.threshold_ns {
                 continue;
             }
             let key = (*tid, frame.start_ns);
-            if self.in_progress.insert(key, now_ns).is_none() {
+            let crossed = self.in_progress.get(&key).map(|&(_, t)| t);
+            let threshold_ns = crossed.unwrap_or(self.threshold_ns);
+            self.in_progress.insert(key, (now_ns, threshold_ns));
+            if crossed.is_none() {
                 findings.push(Finding::InProgress(Stall {
                     kind: StallKind::Poll,
                     tid: *tid,
@@ -143,11 +148,12 @@ impl StallDetector {
                     duration_ns: elapsed,
                     copy_index: frame.copy_index,
                     return_addr: frame.return_addr,
+                    threshold_ns,
                 }));
             }
         }
         self.in_progress
-            .retain(|_, last_seen| now_ns.saturating_sub(*last_seen) < FORGET_AFTER_NS);
+            .retain(|_, (last_seen, _)| now_ns.saturating_sub(*last_seen) < FORGET_AFTER_NS);
         findings
     }
 
@@ -157,7 +163,34 @@ impl StallDetector {
     }
 }
 
-fn task_id(id: u64, flags: u32) -> Option<u64> {
+/// ns a finished poll held its thread: its duration less the time the
+/// thread waited preempted (runnable but switched out) during it.
+pub fn held_ns(event: &PollEvent) -> u64 {
+    event.duration_ns.saturating_sub(event.preempted_ns)
+}
+
+/// ns an in-flight poll has held its thread by `now_ns`: time since entry,
+/// less the preempted waits counted since, less a wait still open (the
+/// thread switched out runnable and not seen running since).
+fn held_so_far_ns(now_ns: u64, polls: &ThreadPolls, frame: &PollFrame) -> u64 {
+    let counted = polls.preempted_ns.saturating_sub(frame.preempted_at_entry);
+    let open = if polls.preempted_since_ns >= frame.start_ns && polls.preempted_since_ns != 0 {
+        now_ns.saturating_sub(polls.preempted_since_ns)
+    } else {
+        0
+    };
+    now_ns
+        .saturating_sub(frame.start_ns)
+        .saturating_sub(counted + open)
+}
+
+/// A poll of a task on a worker: not blocking-pool work, not a scheduler
+/// loop's own poll around the task polls.
+pub fn is_task_poll(flags: u32) -> bool {
+    flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) == 0
+}
+
+pub fn task_id(id: u64, flags: u32) -> Option<u64> {
     (flags & frame_flags::NO_TASK_ID == 0 && id != 0).then_some(id)
 }
 
@@ -182,6 +215,7 @@ mod tests {
             return_addr: 0x2000,
             copy_index: 0,
             depth: 1,
+            preempted_ns: 0,
         }
     }
 
@@ -288,6 +322,43 @@ mod tests {
         assert_eq!(detector.unfinished(), 1);
         detector.on_snapshot(100 * MS + FORGET_AFTER_NS, &[]);
         assert_eq!(detector.unfinished(), 0);
+    }
+
+    #[test]
+    fn a_poll_seen_in_progress_is_finished_against_the_threshold_it_crossed() {
+        let mut detector = StallDetector::new(50 * MS);
+        let threads = [(3, stack(&[(100, 0)]))];
+        assert_eq!(detector.on_snapshot(160 * MS, &threads).len(), 1);
+        detector.set_threshold(80 * MS);
+        let Some(Finding::Finished { stall, .. }) = detector.on_poll_end(&end(3, 100, 70, 0))
+        else {
+            panic!("the stall seen in progress was dropped");
+        };
+        assert_eq!(stall.threshold_ns, 50 * MS);
+        assert_eq!(detector.on_poll_end(&end(3, 500, 70, 0)), None);
+    }
+
+    #[test]
+    fn time_spent_preempted_does_not_make_a_stall() {
+        let mut detector = StallDetector::new(50 * MS);
+        let mut preempted = end(1, 0, 60, 0);
+        preempted.preempted_ns = 15 * MS;
+        assert_eq!(detector.on_poll_end(&preempted), None);
+        preempted.preempted_ns = 5 * MS;
+        assert!(detector.on_poll_end(&preempted).is_some());
+    }
+
+    #[test]
+    fn a_poll_in_progress_is_judged_by_the_time_it_held_its_thread() {
+        let mut detector = StallDetector::new(50 * MS);
+        let mut polls = stack(&[(100, 0)]);
+        polls.frames[0].preempted_at_entry = 4 * MS;
+        polls.preempted_ns = 14 * MS; // 10 ms preempted, counted
+        assert!(detector.on_snapshot(155 * MS, &[(3, polls)]).is_empty());
+        polls.preempted_since_ns = 150 * MS; // switched out since 150 ms
+        assert!(detector.on_snapshot(170 * MS, &[(3, polls)]).is_empty());
+        polls.preempted_since_ns = 0;
+        assert_eq!(detector.on_snapshot(161 * MS, &[(3, polls)]).len(), 1);
     }
 
     #[test]

@@ -1,0 +1,287 @@
+//! Renders what the threshold rules add to stalls: cumulative alerts and
+//! moves of the adaptive threshold (a JSON object or a text line each), and
+//! the block of offending events `loopguard run --fail-on` prints at the end.
+
+use serde_json::{Value, json};
+
+use crate::cli::FailOn;
+use crate::detect::cumulative::{RouteShare, TaskShare};
+use crate::detect::{Culprit, CumulativeAlert, Finding, Scope, ThresholdChange};
+
+fn ms(ns: u64) -> f64 {
+    (ns as f64 / 1e6 * 1000.0).round() / 1000.0
+}
+
+fn culprit_json(request: &Culprit) -> Value {
+    json!({ "id": request.id, "method": request.method, "route": request.route, "path": request.path })
+}
+
+fn task_json(task: &TaskShare) -> Value {
+    json!({
+        "task_id": task.task_id,
+        "tid": task.tid,
+        "polls": task.polls,
+        "total_ms": ms(task.blocked_ns),
+        "request": task.request.as_ref().map_or(Value::Null, culprit_json),
+    })
+}
+
+fn route_json(route: &RouteShare) -> Value {
+    json!({
+        "method": route.method,
+        "route": route.route,
+        "requests": route.requests,
+        "polls": route.polls,
+        "total_ms": ms(route.blocked_ns),
+    })
+}
+
+/// The JSON object of a cumulative alert.
+pub fn cumulative_json(
+    alert: &CumulativeAlert,
+    pid: u32,
+    threshold_ns: u64,
+    floor_ns: u64,
+) -> Value {
+    let (scope, tid) = match alert.scope {
+        Scope::Thread(tid) => ("thread", Some(tid)),
+        Scope::Process => ("process", None),
+    };
+    json!({
+        "type": "cumulative",
+        "pid": pid,
+        "scope": scope,
+        "tid": tid,
+        "window_start_ns": alert.window_start_ns,
+        "window_end_ns": alert.window_end_ns,
+        "window_ms": ms(alert.window_end_ns - alert.window_start_ns),
+        "total_ms": ms(alert.blocked_ns),
+        "polls": alert.polls,
+        "budget_ms": ms(alert.budget_ns),
+        "floor_ms": ms(floor_ns),
+        "threshold_ms": ms(threshold_ns),
+        "repeat": alert.repeat,
+        "tasks": alert.tasks.iter().map(task_json).collect::<Vec<_>>(),
+        "requests": alert.routes.iter().map(route_json).collect::<Vec<_>>(),
+    })
+}
+
+/// The text line of a cumulative alert.
+pub fn cumulative_text(alert: &CumulativeAlert, thread: Option<&str>) -> String {
+    let scope = match alert.scope {
+        Scope::Thread(tid) => format!("tid {tid} ({})", thread.unwrap_or("?")),
+        Scope::Process => "process".to_owned(),
+    };
+    let repeat = if alert.repeat > 1 {
+        format!(" [still, {} windows in a row]", alert.repeat)
+    } else {
+        String::new()
+    };
+    let routes: Vec<String> = alert
+        .routes
+        .iter()
+        .take(3)
+        .map(|r| {
+            format!(
+                "{} {} {:.1} ms in {} polls",
+                r.method,
+                r.route,
+                ms(r.blocked_ns),
+                r.polls
+            )
+        })
+        .collect();
+    let tasks: Vec<String> = alert
+        .tasks
+        .iter()
+        .take(3)
+        .map(|t| {
+            let task = t
+                .task_id
+                .map_or_else(|| "task ?".to_owned(), |id| format!("task {id}"));
+            format!("{task} {:.1} ms", ms(t.blocked_ns))
+        })
+        .collect();
+    let by = if routes.is_empty() {
+        format!("; by {}", tasks.join(", "))
+    } else {
+        format!("; by {}", routes.join(", "))
+    };
+    format!(
+        "{:<17} {scope} blocked {:.1} ms in {} short polls within {:.0} ms (budget {:.0} ms){repeat}{by}",
+        "CUMULATIVE",
+        ms(alert.blocked_ns),
+        alert.polls,
+        ms(alert.window_end_ns - alert.window_start_ns),
+        ms(alert.budget_ns),
+    )
+}
+
+/// The JSON object of a threshold move.
+pub fn threshold_json(change: &ThresholdChange, pid: u32) -> Value {
+    json!({
+        "type": "threshold",
+        "pid": pid,
+        "threshold_ms": ms(change.to_ns),
+        "previous_ms": ms(change.from_ns),
+        "percentile": change.percentile,
+        "percentile_ms": ms(change.baseline.quantile_ns),
+        "multiplier": change.multiplier,
+        "samples": change.baseline.samples,
+        "at_ns": change.at_ns,
+    })
+}
+
+/// The text line of a threshold move.
+pub fn threshold_text(change: &ThresholdChange) -> String {
+    format!(
+        "{:<17} {:.1} ms (was {:.1} ms): p{} of {} recent polls = {:.3} ms, x {}",
+        "THRESHOLD",
+        ms(change.to_ns),
+        ms(change.from_ns),
+        change.percentile * 100.0,
+        change.baseline.samples,
+        ms(change.baseline.quantile_ns),
+        change.multiplier,
+    )
+}
+
+/// Which `--fail-on` kind a finding is, if any.
+pub fn fail_kind(finding: &Finding) -> Option<FailOn> {
+    match finding {
+        Finding::Finished { .. } => Some(FailOn::Stall),
+        Finding::Cumulative(_) => Some(FailOn::Cumulative),
+        Finding::InProgress(_) | Finding::ThresholdChanged(_) => None,
+    }
+}
+
+/// Offending events kept for the block at the end; the rest are counted.
+pub const OFFENDING_KEPT: usize = 100;
+
+/// What `--fail-on` collects while watching.
+#[derive(Clone, Debug, Default)]
+pub struct Offending {
+    /// `(kind, text line)`, in order, at most [`OFFENDING_KEPT`].
+    pub lines: Vec<(FailOn, String)>,
+    pub stalls: u64,
+    pub cumulative: u64,
+}
+
+impl Offending {
+    pub fn record(&mut self, kind: FailOn, line: String) {
+        match kind {
+            FailOn::Stall => self.stalls += 1,
+            FailOn::Cumulative => self.cumulative += 1,
+        }
+        if self.lines.len() < OFFENDING_KEPT {
+            self.lines.push((kind, line));
+        }
+    }
+
+    pub fn count(&self, kind: FailOn) -> u64 {
+        match kind {
+            FailOn::Stall => self.stalls,
+            FailOn::Cumulative => self.cumulative,
+        }
+    }
+
+    /// The block printed when `--fail-on kinds` fails the run, or `None`
+    /// when nothing of those kinds was seen.
+    pub fn block(&self, kinds: &[FailOn]) -> Option<String> {
+        let total: u64 = kinds.iter().map(|&k| self.count(k)).sum();
+        if total == 0 {
+            return None;
+        }
+        let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        let mut out = vec![format!(
+            "loopguard: FAILED (--fail-on {}): {total} offending event(s):",
+            names.join(",")
+        )];
+        let shown: Vec<&String> = self
+            .lines
+            .iter()
+            .filter(|(kind, _)| kinds.contains(kind))
+            .map(|(_, line)| line)
+            .collect();
+        out.extend(shown.iter().map(|line| format!("  {line}")));
+        let hidden = total.saturating_sub(shown.len() as u64);
+        if hidden > 0 {
+            out.push(format!("  ... and {hidden} more (see above)"));
+        }
+        Some(out.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert() -> CumulativeAlert {
+        CumulativeAlert {
+            scope: Scope::Thread(42),
+            window_start_ns: 0,
+            window_end_ns: 1_000_000_000,
+            blocked_ns: 340_000_000,
+            polls: 17,
+            budget_ns: 200_000_000,
+            repeat: 1,
+            tasks: vec![TaskShare {
+                task_id: Some(9),
+                tid: 42,
+                polls: 17,
+                blocked_ns: 340_000_000,
+                request: Some(Culprit {
+                    id: 5,
+                    method: "GET".into(),
+                    route: "/block/repeat".into(),
+                    path: "/block/repeat".into(),
+                }),
+            }],
+            routes: vec![RouteShare {
+                method: "GET".into(),
+                route: "/block/repeat".into(),
+                requests: 1,
+                polls: 17,
+                blocked_ns: 340_000_000,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_cumulative_alert_carries_scope_window_total_and_contributors() {
+        let value = cumulative_json(&alert(), 7, 50_000_000, 5_000_000);
+        assert_eq!(value["type"], "cumulative");
+        assert_eq!(value["scope"], "thread");
+        assert_eq!(value["tid"], 42);
+        assert_eq!(value["total_ms"], 340.0);
+        assert_eq!(value["polls"], 17);
+        assert_eq!(value["window_ms"], 1000.0);
+        assert_eq!(value["requests"][0]["route"], "/block/repeat");
+        assert_eq!(value["requests"][0]["method"], "GET");
+        assert_eq!(value["tasks"][0]["task_id"], 9);
+        let line = cumulative_text(&alert(), Some("tokio-rt-worker"));
+        assert!(
+            line.starts_with("CUMULATIVE        tid 42 (tokio-rt-worker) blocked 340.0 ms in 17 short polls within 1000 ms (budget 200 ms); by GET /block/repeat 340.0 ms in 17 polls"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn the_fail_block_lists_only_the_kinds_asked_for() {
+        let mut offending = Offending::default();
+        assert_eq!(offending.block(&[FailOn::Stall]), None);
+        offending.record(FailOn::Stall, "STALL one".into());
+        offending.record(FailOn::Cumulative, "CUMULATIVE two".into());
+        let block = offending.block(&[FailOn::Cumulative]).unwrap();
+        assert_eq!(
+            block,
+            "loopguard: FAILED (--fail-on cumulative): 1 offending event(s):\n  CUMULATIVE two"
+        );
+        assert!(
+            offending
+                .block(&[FailOn::Stall, FailOn::Cumulative])
+                .unwrap()
+                .contains("STALL one")
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! The rules an effective configuration must follow. Each failure names the
+//! key (and its flag), the value, and the rule with what to do.
+
+use super::{ConfigError, Settings};
+
+/// A probed poll costs about a microsecond at the very least, so a thread
+/// cannot finish more than this many polls per second: the most a window
+/// can hold on a single-threaded runtime.
+pub const MAX_POLLS_PER_S: i64 = 1_000_000;
+
+fn invalid(
+    key: &str,
+    flag: &str,
+    value: &dyn std::fmt::Display,
+    rule: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        key: format!("{key} ({flag})"),
+        value: value.to_string(),
+        rule: rule.into(),
+    }
+}
+
+/// Checks every rule; the first broken one is the error.
+pub fn check(s: &Settings) -> Result<(), ConfigError> {
+    let a = &s.adaptive;
+    let c = &s.cumulative;
+    let positive: [(&str, &str, Option<i64>); 10] = [
+        ("threshold_ms", "--threshold-ms", Some(s.threshold_ms)),
+        (
+            "scan_interval_ms",
+            "--scan-interval-ms",
+            Some(s.scan_interval_ms),
+        ),
+        ("duration_s", "--duration", s.duration_s),
+        ("adaptive.window_s", "--adaptive-window-s", Some(a.window_s)),
+        (
+            "adaptive.min_samples",
+            "--adaptive-min-samples",
+            Some(a.min_samples),
+        ),
+        ("adaptive.floor_ms", "--adaptive-floor-ms", Some(a.floor_ms)),
+        (
+            "adaptive.ceiling_ms",
+            "--adaptive-ceiling-ms",
+            Some(a.ceiling_ms),
+        ),
+        (
+            "cumulative.floor_ms",
+            "--cumulative-floor-ms",
+            Some(c.floor_ms),
+        ),
+        (
+            "cumulative.window_ms",
+            "--cumulative-window-ms",
+            Some(c.window_ms),
+        ),
+        (
+            "cumulative.budget_ms",
+            "--cumulative-budget-ms",
+            Some(c.budget_ms),
+        ),
+    ];
+    for (key, flag, value) in positive {
+        if let Some(value) = value.filter(|&v| v <= 0) {
+            return Err(invalid(
+                key,
+                flag,
+                &value,
+                "must be positive (durations and counts are > 0)",
+            ));
+        }
+    }
+    check_adaptive(s)?;
+    check_cumulative(s)?;
+    if s.metrics_max_routes == Some(0) {
+        return Err(invalid(
+            "metrics_max_routes",
+            "--metrics-max-routes",
+            &0,
+            "must be positive (routes kept as metric labels)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_adaptive(s: &Settings) -> Result<(), ConfigError> {
+    let a = &s.adaptive;
+    if a.multiplier.is_nan() || a.multiplier <= 1.0 {
+        return Err(invalid(
+            "adaptive.multiplier",
+            "--adaptive-multiplier",
+            &a.multiplier,
+            "must be greater than 1, or normal polls would count as stalls (try 3 to 5)",
+        ));
+    }
+    if !(0.5..=0.999).contains(&a.percentile) {
+        return Err(invalid(
+            "adaptive.percentile",
+            "--adaptive-percentile",
+            &a.percentile,
+            "must be between 0.5 and 0.999 (0.99 is the p99)",
+        ));
+    }
+    if a.floor_ms > a.ceiling_ms {
+        return Err(invalid(
+            "adaptive.floor_ms",
+            "--adaptive-floor-ms",
+            &a.floor_ms,
+            format!(
+                "must not exceed adaptive.ceiling_ms = {}; lower the floor or raise the ceiling",
+                a.ceiling_ms
+            ),
+        ));
+    }
+    if a.window_s.saturating_mul(1000) < s.scan_interval_ms {
+        return Err(invalid(
+            "adaptive.window_s",
+            "--adaptive-window-s",
+            &a.window_s,
+            format!(
+                "the window must not be shorter than the scan interval ({} ms)",
+                s.scan_interval_ms
+            ),
+        ));
+    }
+    let capacity = a.window_s.saturating_mul(MAX_POLLS_PER_S);
+    if a.min_samples > capacity {
+        return Err(invalid(
+            "adaptive.min_samples",
+            "--adaptive-min-samples",
+            &a.min_samples,
+            format!(
+                "is more polls than a {} s window can hold ({capacity}, at most one poll per microsecond); lower it or lengthen adaptive.window_s",
+                a.window_s
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_cumulative(s: &Settings) -> Result<(), ConfigError> {
+    let (a, c) = (&s.adaptive, &s.cumulative);
+    if c.window_ms < s.scan_interval_ms {
+        return Err(invalid(
+            "cumulative.window_ms",
+            "--cumulative-window-ms",
+            &c.window_ms,
+            format!(
+                "the window must not be shorter than the scan interval ({} ms)",
+                s.scan_interval_ms
+            ),
+        ));
+    }
+    if c.budget_ms >= c.window_ms {
+        return Err(invalid(
+            "cumulative.budget_ms",
+            "--cumulative-budget-ms",
+            &c.budget_ms,
+            format!(
+                "must be less than cumulative.window_ms = {}; a budget the window cannot exceed never alerts",
+                c.window_ms
+            ),
+        ));
+    }
+    if c.enabled && c.floor_ms >= s.threshold_ms {
+        return Err(invalid(
+            "cumulative.floor_ms",
+            "--cumulative-floor-ms",
+            &c.floor_ms,
+            format!(
+                "must be less than the stall threshold (threshold_ms = {}): polls over the threshold are stalls, not cuts",
+                s.threshold_ms
+            ),
+        ));
+    }
+    if c.enabled && a.enabled && c.floor_ms >= a.floor_ms {
+        return Err(invalid(
+            "cumulative.floor_ms",
+            "--cumulative-floor-ms",
+            &c.floor_ms,
+            format!(
+                "must be less than the lowest adaptive threshold (adaptive.floor_ms = {}): polls over the threshold are stalls, not cuts",
+                a.floor_ms
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(change: impl FnOnce(&mut Settings)) -> String {
+        let mut settings = Settings::default();
+        change(&mut settings);
+        check(&settings)
+            .expect_err("the change should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn the_defaults_pass() {
+        assert!(check(&Settings::default()).is_ok());
+        let mut adaptive = Settings::default();
+        adaptive.adaptive.enabled = true;
+        assert!(check(&adaptive).is_ok());
+    }
+
+    #[test]
+    fn non_positive_durations_are_refused() {
+        assert_eq!(
+            error(|s| s.threshold_ms = 0),
+            "threshold_ms (--threshold-ms) = 0: must be positive (durations and counts are > 0)"
+        );
+        assert_eq!(
+            error(|s| s.cumulative.window_ms = -5),
+            "cumulative.window_ms (--cumulative-window-ms) = -5: must be positive (durations and counts are > 0)"
+        );
+        assert!(
+            error(|s| s.adaptive.window_s = 0)
+                .starts_with("adaptive.window_s (--adaptive-window-s) = 0: must be positive")
+        );
+        assert!(error(|s| s.duration_s = Some(0)).starts_with("duration_s (--duration) = 0"));
+    }
+
+    #[test]
+    fn a_multiplier_of_one_or_less_is_refused() {
+        assert_eq!(
+            error(|s| s.adaptive.multiplier = 1.0),
+            "adaptive.multiplier (--adaptive-multiplier) = 1: must be greater than 1, or normal polls would count as stalls (try 3 to 5)"
+        );
+        assert!(error(|s| s.adaptive.multiplier = 0.5).contains("= 0.5: must be greater than 1"));
+    }
+
+    #[test]
+    fn a_percentile_outside_half_to_999_permille_is_refused() {
+        assert_eq!(
+            error(|s| s.adaptive.percentile = 0.9999),
+            "adaptive.percentile (--adaptive-percentile) = 0.9999: must be between 0.5 and 0.999 (0.99 is the p99)"
+        );
+        assert!(
+            error(|s| s.adaptive.percentile = 0.4).contains("= 0.4: must be between 0.5 and 0.999")
+        );
+        assert!(error(|s| s.adaptive.percentile = 99.0).contains("= 99: must be between"));
+    }
+
+    #[test]
+    fn a_window_shorter_than_the_scan_interval_is_refused() {
+        assert_eq!(
+            error(|s| {
+                s.scan_interval_ms = 500;
+                s.cumulative.window_ms = 400;
+                s.cumulative.budget_ms = 100;
+            }),
+            "cumulative.window_ms (--cumulative-window-ms) = 400: the window must not be shorter than the scan interval (500 ms)"
+        );
+        let mut long_scan = Settings {
+            scan_interval_ms: 2000,
+            ..Settings::default()
+        };
+        long_scan.cumulative.window_ms = 3000;
+        long_scan.adaptive.window_s = 1;
+        assert!(check(&long_scan).unwrap_err().to_string().starts_with(
+            "adaptive.window_s (--adaptive-window-s) = 1: the window must not be shorter than the scan interval (2000 ms)"
+        ));
+    }
+
+    #[test]
+    fn a_budget_not_under_the_window_is_refused() {
+        assert_eq!(
+            error(|s| s.cumulative.budget_ms = 1000),
+            "cumulative.budget_ms (--cumulative-budget-ms) = 1000: must be less than cumulative.window_ms = 1000; a budget the window cannot exceed never alerts"
+        );
+    }
+
+    #[test]
+    fn a_cumulative_floor_not_under_the_threshold_is_refused() {
+        assert_eq!(
+            error(|s| s.cumulative.floor_ms = 50),
+            "cumulative.floor_ms (--cumulative-floor-ms) = 50: must be less than the stall threshold (threshold_ms = 50): polls over the threshold are stalls, not cuts"
+        );
+        assert!(
+            error(|s| {
+                s.adaptive.enabled = true;
+                s.cumulative.floor_ms = 20;
+            })
+            .contains(
+                "= 20: must be less than the lowest adaptive threshold (adaptive.floor_ms = 20)"
+            )
+        );
+        let mut off = Settings::default();
+        off.cumulative.enabled = false;
+        off.cumulative.floor_ms = 50;
+        assert!(check(&off).is_ok(), "a rule that is off does not bind");
+    }
+
+    #[test]
+    fn more_min_samples_than_the_window_holds_are_refused() {
+        assert_eq!(
+            error(|s| {
+                s.adaptive.window_s = 2;
+                s.adaptive.min_samples = 3_000_000;
+            }),
+            "adaptive.min_samples (--adaptive-min-samples) = 3000000: is more polls than a 2 s window can hold (2000000, at most one poll per microsecond); lower it or lengthen adaptive.window_s"
+        );
+    }
+
+    #[test]
+    fn a_floor_over_the_ceiling_is_refused() {
+        assert!(error(|s| s.adaptive.floor_ms = 300).starts_with(
+            "adaptive.floor_ms (--adaptive-floor-ms) = 300: must not exceed adaptive.ceiling_ms = 250"
+        ));
+    }
+}
