@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +62,8 @@ pub enum StopReason {
     Interrupted,
     DurationElapsed,
     TargetExited,
+    /// Nobody reads stdout any more (`| head -1`).
+    OutputClosed,
 }
 
 impl StopReason {
@@ -72,6 +73,7 @@ impl StopReason {
             Self::Interrupted => "interrupted",
             Self::DurationElapsed => "duration elapsed",
             Self::TargetExited => "target exited",
+            Self::OutputClosed => "output closed",
         }
     }
 }
@@ -302,7 +304,7 @@ impl Session<'_> {
             return true;
         }
         if self.layout_mismatches == 0 {
-            eprintln!(
+            crate::diag!(
                 "loopguard: error: the app's loopguard-middleware fires probe layout {layout}, this loopguard reads layout {}; requests are not attributed (use matching versions)",
                 usdt::LAYOUT_VERSION
             );
@@ -519,10 +521,7 @@ fn culprit(
 }
 
 fn print_line(line: &str) {
-    let mut stdout = std::io::stdout().lock();
-    // A closed stdout (a pipe whose reader left) must not stop the detach.
-    let _ = writeln!(stdout, "{line}");
-    let _ = stdout.flush();
+    crate::output::line(line.to_owned());
 }
 
 /// Announces the attachment: JSON on stdout, text on stderr.
@@ -594,7 +593,7 @@ pub fn print_attached(
                 ),
             };
             match why {
-                None => eprintln!(
+                None => crate::diag!(
                     "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {}; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
@@ -602,7 +601,7 @@ pub fn print_attached(
                     verified - blocking_pool,
                     rules_text(&options.detect),
                 ),
-                Some(why) => eprintln!(
+                Some(why) => crate::diag!(
                     "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; threshold {} ms; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
@@ -708,6 +707,9 @@ pub async fn watch(
                 session.scan(collector);
             }
             _ = liveness.tick() => {
+                if crate::output::reader_gone() {
+                    break StopReason::OutputClosed;
+                }
                 if !proc::is_alive(target.pid) {
                     // The caller may know better why it ended (`run`'s
                     // --duration kills it): give its stop a moment to say so.
@@ -741,12 +743,7 @@ pub async fn watch(
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.stop_reason = reason.as_str();
     summary.requests = RequestSummary::from_tracker(&session.requests, session.layout_mismatches);
-    if let Some(stacks) = &session.stacks {
-        summary.stacks = stacks.ranked();
-        if let Some(path) = &options.folded {
-            write_folded(path, &stacks.folded_text());
-        }
-    }
+    summary.stacks = finish_stacks(session.stacks.as_ref(), options.folded.as_deref());
     if collector.malformed > 0 {
         tracing::warn!(
             records = collector.malformed,
@@ -760,10 +757,24 @@ pub async fn watch(
     })
 }
 
+/// The run's stalls folded by stack, written to `folded` too when asked.
+fn finish_stacks(
+    stacks: Option<&Stacks>,
+    folded: Option<&std::path::Path>,
+) -> Vec<crate::stacks::fold::StackStalls> {
+    let Some(stacks) = stacks else {
+        return Vec::new();
+    };
+    if let Some(path) = folded {
+        write_folded(path, &stacks.folded_text());
+    }
+    stacks.ranked()
+}
+
 /// Writes the folded stacks; a failure is reported, not fatal (the summary still prints).
 fn write_folded(path: &std::path::Path, text: &str) {
     if let Err(error) = std::fs::write(path, text) {
-        eprintln!(
+        crate::diag!(
             "loopguard: error: cannot write the folded stacks to {}: {error}; check the directory exists and is writable",
             path.display()
         );

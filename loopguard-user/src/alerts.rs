@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use crate::cli::FailOn;
 use crate::detect::cumulative::{RouteShare, TaskShare};
 use crate::detect::{Culprit, CumulativeAlert, Finding, Scope, ThresholdChange};
+use crate::report::printable;
 
 fn ms(ns: u64) -> f64 {
     (ns as f64 / 1e6 * 1000.0).round() / 1000.0
@@ -69,7 +70,7 @@ pub fn cumulative_json(
 /// The text line of a cumulative alert.
 pub fn cumulative_text(alert: &CumulativeAlert, thread: Option<&str>) -> String {
     let scope = match alert.scope {
-        Scope::Thread(tid) => format!("tid {tid} ({})", thread.unwrap_or("?")),
+        Scope::Thread(tid) => format!("tid {tid} ({})", printable(thread.unwrap_or("?"))),
         Scope::Process => "process".to_owned(),
     };
     let repeat = if alert.repeat > 1 {
@@ -84,8 +85,8 @@ pub fn cumulative_text(alert: &CumulativeAlert, thread: Option<&str>) -> String 
         .map(|r| {
             format!(
                 "{} {} {:.1} ms in {} polls",
-                r.method,
-                r.route,
+                printable(&r.method),
+                printable(&r.route),
                 ms(r.blocked_ns),
                 r.polls
             )
@@ -264,6 +265,14 @@ mod tests {
             line.starts_with("CUMULATIVE        tid 42 (tokio-rt-worker) blocked 340.0 ms in 17 short polls within 1000 ms (budget 200 ms); by GET /block/repeat 340.0 ms in 17 polls"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn target_strings_cannot_forge_a_line() {
+        let mut forged = alert();
+        forged.routes[0].route = "/x\nSTALL fake".into();
+        let line = cumulative_text(&forged, Some("evil\u{1b}]0;title"));
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line}");
     }
 
     #[test]

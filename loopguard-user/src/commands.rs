@@ -95,7 +95,7 @@ fn serve_metrics(
     ));
     metrics.set_probes(probes);
     if let Ok(addr) = listener.local_addr() {
-        eprintln!("loopguard: serving Prometheus metrics at http://{addr}/metrics");
+        crate::diag!("loopguard: serving Prometheus metrics at http://{addr}/metrics");
     }
     server::serve(listener, Arc::clone(&metrics))?;
     options.metrics = Some(metrics);
@@ -168,12 +168,12 @@ async fn watch_and_detach(
     let started = std::time::Instant::now();
     probes.detach(|done, total| {
         if done == total {
-            eprintln!(
+            crate::diag!(
                 "loopguard: detached: all {total} probes removed in {:.1} s",
                 started.elapsed().as_secs_f64()
             );
         } else {
-            eprintln!("loopguard: detaching: {done}/{total} probes removed");
+            crate::diag!("loopguard: detaching: {done}/{total} probes removed");
         }
     });
     tracing::info!(reason = ?outcome.reason, probes = total, "detached");
@@ -185,7 +185,7 @@ async fn watch_and_detach(
 fn process_to_watch(id: u32) -> u32 {
     match proc::process_of(id) {
         Some(pid) if pid != id => {
-            eprintln!(
+            crate::diag!(
                 "loopguard: {id} is a thread of process {pid} ({}); watching process {pid}",
                 proc::thread_name(pid, id)
             );
@@ -259,6 +259,13 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
+        // Handlers first: a signal in the first moments must be forwarded,
+        // not kill loopguard by its default action.
+        let mut forwarded = Vec::with_capacity(FORWARDED.len());
+        for signo in FORWARDED {
+            let incoming = signal(SignalKind::from_raw(signo)).map_err(Error::Signals)?;
+            forwarded.push((signo, incoming));
+        }
         let stopped = launch::launch_stopped(&args.command)?;
         let pid = stopped.pid();
         let prepared = prepare(pid, &options);
@@ -294,10 +301,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         std::thread::spawn(move || {
             let _ = exit_tx.send(Some(child.wait().ok()));
         });
-        for signo in FORWARDED {
-            let Ok(mut incoming) = signal(SignalKind::from_raw(signo)) else {
-                continue;
-            };
+        for (signo, mut incoming) in forwarded {
             tokio::spawn(async move {
                 while incoming.recv().await.is_some() {
                     // SAFETY: sending a signal to our own child.
@@ -350,7 +354,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         });
         let block = outcome.offending.block(&settings.fail_on);
         if let Some(block) = &block {
-            eprintln!("{block}");
+            crate::diag!("{block}");
         }
         Ok(if block.is_some() && code == 0 {
             EXIT_STALL

@@ -37,6 +37,8 @@ pub enum Error {
     Export(#[from] ExportError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("failed to install the signal handlers loopguard forwards signals with")]
+    Signals(#[source] std::io::Error),
 }
 
 impl Error {
@@ -56,7 +58,8 @@ impl Error {
             | Self::Collect(_)
             | Self::Launch(_)
             | Self::Export(_)
-            | Self::Runtime(_) => EXIT_FAILURE,
+            | Self::Runtime(_)
+            | Self::Signals(_) => EXIT_FAILURE,
         }
     }
 }

@@ -5,7 +5,9 @@
 //! then stops it with `SIGTRAP` once the new program is mapped. loopguard
 //! attaches, then detaches from ptrace and the program starts normally. The
 //! child gets a process group of its own, so a terminal's Ctrl+C reaches
-//! loopguard only, which forwards it once.
+//! loopguard only, which forwards it once; and it is killed if loopguard
+//! dies (`PR_SET_PDEATHSIG`), so a killed loopguard never leaves its
+//! command running unwatched, out of reach of the terminal.
 
 use std::ffi::OsString;
 use std::io;
@@ -43,8 +45,18 @@ pub fn launch_stopped(command: &[OsString]) -> Result<StoppedChild, LaunchError>
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]);
     // SAFETY: only async-signal-safe calls between fork and exec.
+    let parent = unsafe { libc::getpid() };
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            // Die with loopguard (with the thread that forked, which is the
+            // one that waits for the command until loopguard exits).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // loopguard died before the line above took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
             if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }

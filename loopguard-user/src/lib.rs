@@ -13,6 +13,17 @@
 //! the program of `loopguard run`; [`preflight`] checks privileges and the
 //! kernel first.
 
+/// Writes one diagnostic line to stderr, like `eprintln!`, but ignores a
+/// closed or full stderr: losing a diagnostic must never stop loopguard, and
+/// above all never its detach.
+#[macro_export]
+macro_rules! diag {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod agent;
 pub mod alerts;
 pub mod attach;
@@ -27,6 +38,7 @@ pub mod error;
 pub mod export;
 pub mod launch;
 pub mod loops;
+pub mod output;
 pub mod preflight;
 pub mod report;
 pub mod stacks;

@@ -18,13 +18,19 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run(args),
         Command::Config(args) => commands::config(args),
     };
+    let lost = loopguard::output::finish(std::time::Duration::from_secs(2));
+    if lost > 0 {
+        loopguard::diag!(
+            "loopguard: {lost} report line(s) not written: stdout was not read fast enough, or not at all"
+        );
+    }
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(error) => {
-            eprintln!("loopguard: error: {error}");
+            loopguard::diag!("loopguard: error: {error}");
             let mut source = std::error::Error::source(&error);
             while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
+                loopguard::diag!("  caused by: {cause}");
                 source = cause.source();
             }
             ExitCode::from(error.exit_code() as u8)

@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -96,16 +95,7 @@ fn node() -> Foreign {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start node (`cargo xtask setup` installs Debian's nodejs)");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .parse()
-        .unwrap();
+    let addr = support::listening_addr(&mut child);
     Foreign { child, addr }.wait_ready()
 }
 

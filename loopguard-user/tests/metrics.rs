@@ -14,12 +14,12 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use loopguard::export::metrics::names_used;
 use support::prometheus::{Prometheus, free_port, now_s};
 use support::{Agent, FastTraffic, Server, assert_detached, require_root, server_binary};
 
@@ -65,21 +65,6 @@ fn scrape(addr: &str) -> String {
         .expect("run curl");
     assert!(out.status.success(), "scrape {addr}: {out:?}");
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Every `loopguard_*` name in a text (`PromQL` in rules or a dashboard).
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = text;
-    while let Some(at) = rest.find("loopguard_") {
-        let tail = &rest[at..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        names.insert(tail[..end].to_owned());
-        rest = &tail[end..];
-    }
-    names
 }
 
 #[test]
@@ -160,8 +145,8 @@ fn prometheus_scrapes_what_loopguard_saw() {
     promtool(&["check", "metrics"], &text);
     let rules = examples().join("prometheus/loopguard-rules.yml");
     promtool(&["check", "rules", rules.to_str().unwrap()], "");
-    let mut used = metric_names(&std::fs::read_to_string(&rules).unwrap());
-    used.extend(metric_names(
+    let mut used = names_used(&std::fs::read_to_string(&rules).unwrap());
+    used.extend(names_used(
         &std::fs::read_to_string(examples().join("grafana/loopguard-dashboard.json")).unwrap(),
     ));
     let missing: Vec<&String> = used

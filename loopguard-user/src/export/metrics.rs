@@ -379,6 +379,35 @@ fn poll_histogram(histogram: &Histogram) -> Metric {
     metric
 }
 
+/// One gauge per thread, labelled with its name and tid.
+fn busy_gauges(threads: &[ThreadBusy]) -> Vec<Metric> {
+    threads
+        .iter()
+        .map(|thread| {
+            gauge(
+                &[("thread", &thread.name), ("tid", &thread.tid.to_string())],
+                thread.ratio,
+            )
+        })
+        .collect()
+}
+
+/// The `loopguard_*` metric names a text (`PromQL` in alert rules or a
+/// dashboard) uses, to check them against what is exported.
+pub fn names_used(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("loopguard_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
 fn live_families(live: &LiveState) -> Vec<MetricFamily> {
     vec![
         family(
@@ -406,29 +435,13 @@ fn live_families(live: &LiveState) -> Vec<MetricFamily> {
             "loopguard_thread_busy_ratio",
             "Share of the last refresh interval each worker thread spent inside task polls (0..1)",
             MetricType::GAUGE,
-            live.threads
-                .iter()
-                .map(|thread| {
-                    gauge(
-                        &[("thread", &thread.name), ("tid", &thread.tid.to_string())],
-                        thread.ratio,
-                    )
-                })
-                .collect(),
+            busy_gauges(&live.threads),
         ),
         family(
             "loopguard_loop_busy_ratio",
             "Share of the last refresh interval each event-loop thread spent away from its wait for events (0..1)",
             MetricType::GAUGE,
-            live.loop_threads
-                .iter()
-                .map(|thread| {
-                    gauge(
-                        &[("thread", &thread.name), ("tid", &thread.tid.to_string())],
-                        thread.ratio,
-                    )
-                })
-                .collect(),
+            busy_gauges(&live.loop_threads),
         ),
         family(
             "loopguard_requests_in_flight",
@@ -626,21 +639,6 @@ mod tests {
         );
     }
 
-    /// Every `loopguard_*` name in a text.
-    fn names_in(text: &str) -> Vec<String> {
-        let mut names = Vec::new();
-        let mut rest = text;
-        while let Some(at) = rest.find("loopguard_") {
-            let tail = &rest[at..];
-            let end = tail
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len());
-            names.push(tail[..end].to_owned());
-            rest = &tail[end..];
-        }
-        names
-    }
-
     #[test]
     fn the_dashboard_and_the_rules_use_only_exported_names() {
         let metrics = metrics();
@@ -663,7 +661,7 @@ mod tests {
             "prometheus/loopguard-rules.yml",
         ] {
             let used = std::fs::read_to_string(examples.join(file)).unwrap();
-            let names = names_in(&used);
+            let names = names_used(&used);
             assert!(names.len() > 3, "{file} uses no metric?");
             for name in names {
                 assert!(

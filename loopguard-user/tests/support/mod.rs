@@ -74,6 +74,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     })
 }
 
+/// The address in the first line a server prints, `listening on ADDR`.
+pub fn listening_addr(child: &mut Child) -> SocketAddr {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .parse()
+        .unwrap()
+}
+
 /// The example server, killed on drop.
 pub struct Server {
     pub child: Child,
@@ -95,20 +108,9 @@ impl Server {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let addr = listening_addr(&mut child);
         let pid = child.id();
-        Self {
-            child,
-            addr: addr.parse().unwrap(),
-            pid,
-        }
+        Self { child, addr, pid }
     }
 
     pub fn get(&self, path: &str) -> Response {
