@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod hist;
+pub mod stacks;
 
 /// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
 pub mod names {

@@ -15,6 +15,8 @@
 //!   waits for events and the busy stretches between them.
 //! - `thread_exit` (raw tracepoint `sched_process_exit`, which needs no
 //!   tracefs) drops a dead thread's stack and wait state.
+//! - `stack_sched_switch` / `stack_on_cpu` ([`stacks`]): the user stacks of
+//!   stuck polls, on and off CPU, and their off-CPU time (issue #14).
 //!
 //! The agent reads `THREAD_POLLS` directly to see polls that are still stuck.
 #![no_std]
@@ -36,6 +38,7 @@ use aya_ebpf::{
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+mod stacks;
 mod wait;
 
 use loopguard_common::{

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use crate::export::live::{BusyTracker, stuck_polls};
 use crate::export::{BlockingKind, LiveState, Metrics};
 use crate::loops::LoopDetector;
 use crate::report::{self, Format, StallContext};
+use crate::stacks::{StackOptions, Stacks};
 use crate::summary::{LoopThread, RequestSummary, Summary};
 
 /// How the watch loop runs.
@@ -47,6 +49,11 @@ pub struct WatchOptions {
     pub loop_threads: Vec<String>,
     /// How the wait path is probed (`--wait-probes`).
     pub wait_probes: WaitProbes,
+    /// Capture the stacks of stalls (`--no-stacks` turns it off).
+    pub capture_stacks: bool,
+    pub stacks: StackOptions,
+    /// Where to write the folded stacks at exit (`--folded`).
+    pub folded: Option<PathBuf>,
 }
 
 /// Why watching stopped.
@@ -121,6 +128,7 @@ impl Printer<'_> {
                 .take(VICTIMS_LISTED)
                 .cloned()
                 .collect(),
+            stack: None,
         }
     }
 
@@ -196,7 +204,13 @@ struct Session<'t> {
     /// Request events whose probe layout this agent does not know.
     layout_mismatches: u64,
     metrics: Option<MetricsFeed>,
+    stacks: Option<Stacks>,
 }
+
+/// How long threads are watched at attach for polls stuck since before:
+/// the threshold, within these bounds.
+const CENSUS_MIN: Duration = Duration::from_millis(50);
+const CENSUS_MAX: Duration = Duration::from_millis(500);
 
 /// How long a stop may take to explain a target's exit.
 const STOP_GRACE: Duration = Duration::from_millis(500);
@@ -206,10 +220,18 @@ const REQUESTS_TRACKED: usize = 65_536;
 
 impl Session<'_> {
     fn report(&mut self, finding: &Finding) {
-        let context = match finding.stall() {
+        let mut context = match finding.stall() {
             Some(stall) => self.printer.context(stall, &self.requests),
             None => StallContext::default(),
         };
+        if let Some(stall) = finding.stall()
+            && stall.kind == StallKind::Poll
+            && context.stack.is_none()
+            && let Some(stacks) = &mut self.stacks
+        {
+            let finished = matches!(finding, Finding::Finished { .. });
+            context.stack = Some(stacks.describe(stall, finished));
+        }
         if let Some(stall) = finding.stall()
             && stall.kind == StallKind::Poll
         {
@@ -244,6 +266,36 @@ impl Session<'_> {
         let text = self.printer.finding(finding, &context, &self.engine);
         if let Some(kind) = alerts::fail_kind(finding) {
             self.offending.record(kind, text);
+        }
+    }
+
+    /// Polls already stuck when loopguard attached, found from their
+    /// threads' stacks once the census window has passed: reported in
+    /// progress, with a lower bound.
+    fn report_stuck_before_attach(&mut self, collector: &Collector, now_ns: u64) {
+        let Some(stacks) = &mut self.stacks else {
+            return;
+        };
+        // Threads where a poll began or ended since attaching are not stuck
+        // in one poll that began before.
+        let polls_seen = || {
+            collector
+                .snapshot()
+                .iter()
+                .filter(|(_, polls)| polls.depth > 0 || polls.task_polls > 0)
+                .map(|(tid, _)| *tid)
+                .collect()
+        };
+        let Some(found) = stacks.finish_census(now_ns, polls_seen) else {
+            return;
+        };
+        for (mut stall, stack) in found {
+            stall.threshold_ns = self.engine.threshold_ns();
+            let mut context = self.printer.context(&stall, &self.requests);
+            context.stack = Some(stack);
+            let finding = Finding::InProgress(stall);
+            self.summary.record(&finding, false);
+            self.printer.finding(&finding, &context, &self.engine);
         }
     }
 
@@ -311,6 +363,10 @@ impl Session<'_> {
     fn scan(&mut self, collector: &Collector) {
         let now_ns = monotonic_ns();
         let threads = collector.snapshot();
+        if let Some(stacks) = &mut self.stacks {
+            stacks.scan(now_ns, &threads);
+        }
+        self.report_stuck_before_attach(collector, now_ns);
         for finding in self.engine.on_snapshot(now_ns, &threads) {
             self.report(&finding);
         }
@@ -594,6 +650,7 @@ fn rules_text(detect: &DetectSettings) -> String {
 pub async fn watch(
     target: &ProbeTarget,
     collector: &mut Collector,
+    stacks: Option<Stacks>,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, CollectError> {
@@ -625,7 +682,13 @@ pub async fn watch(
                 last_refresh: None,
             }
         }),
+        stacks,
     };
+    if let Some(stacks) = &mut session.stacks {
+        let window =
+            Duration::from_nanos(options.detect.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
+        stacks.start_census(window);
+    }
     let mut scan = tokio::time::interval(options.scan_interval);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut liveness = tokio::time::interval(Duration::from_millis(200));
@@ -680,6 +743,7 @@ pub async fn watch(
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.stop_reason = reason.as_str();
     summary.requests = RequestSummary::from_tracker(&session.requests, session.layout_mismatches);
+    summary.stacks = finish_stacks(session.stacks.as_ref(), options.folded.as_deref());
     if collector.malformed > 0 {
         tracing::warn!(
             records = collector.malformed,
@@ -693,11 +757,42 @@ pub async fn watch(
     })
 }
 
+/// The run's stalls folded by stack, written to `folded` too when asked.
+fn finish_stacks(
+    stacks: Option<&Stacks>,
+    folded: Option<&std::path::Path>,
+) -> Vec<crate::stacks::fold::StackStalls> {
+    let Some(stacks) = stacks else {
+        return Vec::new();
+    };
+    if let Some(path) = folded {
+        write_folded(path, &stacks.folded_text());
+    }
+    stacks.ranked()
+}
+
+/// Writes the folded stacks; a failure is reported, not fatal (the summary still prints).
+fn write_folded(path: &std::path::Path, text: &str) {
+    if let Err(error) = std::fs::write(path, text) {
+        crate::diag!(
+            "loopguard: error: cannot write the folded stacks to {}: {error}; check the directory exists and is writable",
+            path.display()
+        );
+    }
+}
+
 /// Prints the summary: JSON on stdout, or text on stdout.
 pub fn print_summary(outcome: &Outcome, pid: u32, options: &WatchOptions) {
     let line = match options.format {
         Format::Json => report::summary_json(&outcome.summary, pid).to_string(),
-        Format::Text => report::summary_text(&outcome.summary),
+        Format::Text => {
+            let mut text = report::summary_text(&outcome.summary);
+            for line in crate::stacks::render::summary_lines(&outcome.summary.stacks) {
+                text.push('\n');
+                text.push_str(&line);
+            }
+            text
+        }
     };
     print_line(&line);
 }

@@ -83,6 +83,8 @@ pub struct AttachedProbes {
     pub wait_path: WaitPath,
     /// uprobes + uretprobes attached.
     pub probe_count: usize,
+    /// The stack capture programs are loaded and attached.
+    pub stacks: bool,
 }
 
 /// uprobe links, owned so that detaching can report progress.
@@ -390,11 +392,14 @@ fn attach_raw_tracepoint(
 
 /// Loads and attaches everything for `target`.
 /// `requests`: also attach to the middleware's USDT sites.
+/// `stacks`: also capture the stacks of stuck polls (armed at half the
+/// report floor).
 pub fn attach(
     target: &ProbeTarget,
     report_floor_ns: u64,
     requests: bool,
     wait_probes: WaitProbes,
+    stacks: bool,
 ) -> Result<AttachedProbes, AttachError> {
     let pid = target.pid;
     let mut config = Config::zeroed();
@@ -406,8 +411,14 @@ pub fn attach(
     }
     config.blocking_range_count = ranges.len().min(MAX_BLOCKING_RANGES) as u32;
 
+    let stack_config = crate::stacks::capture::kernel_config(pid, report_floor_ns / 2, stacks);
     let mut ebpf = EbpfLoader::new()
         .override_global(names::CONFIG, &config, true)
+        .override_global(
+            loopguard_common::stacks::names::STACK_CONFIG,
+            &stack_config,
+            true,
+        )
         .load(EBPF_OBJECT)
         .map_err(|error| AttachError::Load(Box::new(error)))?;
 
@@ -455,6 +466,12 @@ pub fn attach(
     let wait_path = attach_waits(&mut ebpf, target, scope, &mut links, wait_probes)?;
     attach_raw_tracepoint(&mut ebpf, names::THREAD_EXIT, "sched_process_exit")?;
     attach_raw_tracepoint(&mut ebpf, names::THREAD_SWITCH, "sched_switch")?;
+    let stacks = stacks
+        && crate::stacks::capture::attach_programs(&mut ebpf)
+            .inspect_err(|error| {
+                tracing::warn!(error = %error, "stalls are reported without stacks");
+            })
+            .is_ok();
 
     if !proc::is_alive(pid) {
         return Err(AttachError::ProcessExited { pid });
@@ -465,6 +482,7 @@ pub fn attach(
         ebpf,
         wait_path,
         probe_count,
+        stacks,
     })
 }
 

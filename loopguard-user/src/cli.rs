@@ -176,6 +176,24 @@ pub struct WatchArgs {
     pub adaptive: AdaptiveArgs,
     #[command(flatten)]
     pub cumulative: CumulativeArgs,
+    #[command(flatten)]
+    pub stacks: StackArgs,
+}
+
+/// Stack capture options (issue #14).
+#[derive(Debug, Args, Clone, Default)]
+pub struct StackArgs {
+    /// Do not capture the stacks of stalled polls (nor say whether they were
+    /// on or off CPU).
+    #[arg(long)]
+    pub no_stacks: bool,
+    /// Show every frame of a stall's stack, the runtime's below the task too.
+    #[arg(long, conflicts_with = "no_stacks")]
+    pub all_frames: bool,
+    /// At exit, write the stalls' stacks here in folded form (one
+    /// `outer;...;inner <ms>` line per stack) for flame graph tools.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_stacks")]
+    pub folded: Option<PathBuf>,
 }
 
 /// The adaptive threshold (docs/THRESHOLDS.md).

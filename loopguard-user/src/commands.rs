@@ -20,6 +20,7 @@ use crate::export::server;
 use crate::export::{Metrics, TargetInfo};
 use crate::launch;
 use crate::preflight;
+use crate::stacks::{StackTools, Stacks};
 
 fn watch_options(settings: &Settings) -> WatchOptions {
     WatchOptions {
@@ -31,7 +32,20 @@ fn watch_options(settings: &Settings) -> WatchOptions {
         metrics: None,
         loop_threads: settings.loop_threads.clone(),
         wait_probes: settings.wait_probes,
+        capture_stacks: true,
+        stacks: crate::stacks::StackOptions {
+            arm_delay_ns: settings.detect().report_floor_ns() / 2,
+            all_frames: false,
+        },
+        folded: None,
     }
+}
+
+/// The stack flags, which are not configuration keys.
+fn apply_stack_args(options: &mut WatchOptions, args: &crate::cli::StackArgs) {
+    options.capture_stacks = !args.no_stacks;
+    options.stacks.all_frames = args.all_frames;
+    options.folded.clone_from(&args.folded);
 }
 
 /// `loopguard config`: prints the effective configuration.
@@ -95,7 +109,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .map_err(Error::Runtime)
 }
 
-fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedProbes), Error> {
+/// What watching needs: the target, the probes in place, and the stack tools
+/// (made before attaching: reading the target's files takes a moment in
+/// which events would pile up).
+type Prepared = (ProbeTarget, AttachedProbes, Option<StackTools>);
+
+fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
     let target = discover::discover(pid)?;
     tracing::info!(
         pid,
@@ -106,9 +125,16 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<(ProbeTarget, AttachedPro
     );
     let floor_ns = options.detect.report_floor_ns();
     tracing::info!(report_floor_ns = floor_ns, "kernel report floor");
-    let probes = attach::attach(&target, floor_ns, options.requests, options.wait_probes)?;
+    let tools = options.capture_stacks.then(|| StackTools::prepare(pid));
+    let probes = attach::attach(
+        &target,
+        floor_ns,
+        options.requests,
+        options.wait_probes,
+        options.capture_stacks,
+    )?;
     tracing::info!(probes = probes.probe_count, "attached");
-    Ok((target, probes))
+    Ok((target, probes, tools))
 }
 
 /// Opens the maps and announces the attachment (before `run` lets its
@@ -125,13 +151,18 @@ fn announce(
 
 /// Watches, then detaches and prints the summary.
 async fn watch_and_detach(
-    target: ProbeTarget,
-    probes: AttachedProbes,
+    (target, mut probes, tools): Prepared,
     mut collector: Collector,
     options: &WatchOptions,
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, Error> {
-    let outcome = agent::watch(&target, &mut collector, options, stop).await?;
+    let stacks = match tools {
+        Some(tools) if probes.stacks => Stacks::new(&mut probes.ebpf, tools, options.stacks)
+            .inspect_err(|error| tracing::warn!(%error, "stalls are reported without stacks"))
+            .ok(),
+        _ => None,
+    };
+    let outcome = agent::watch(&target, &mut collector, stacks, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;
     let started = std::time::Instant::now();
@@ -169,11 +200,12 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, None)?;
     preflight::check()?;
     let mut options = watch_options(&settings);
+    apply_stack_args(&mut options, &args.watch.stacks);
     let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let pid = process_to_watch(args.pid);
-        let (target, mut probes) = prepare(pid, &options)?;
+        let (target, mut probes, tools) = prepare(pid, &options)?;
         serve_metrics(
             listener,
             &settings,
@@ -196,7 +228,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
             }
         };
         let collector = announce(&target, &mut probes, &options)?;
-        watch_and_detach(target, probes, collector, &options, stop).await?;
+        watch_and_detach((target, probes, tools), collector, &options, stop).await?;
         Ok(0)
     })
 }
@@ -223,6 +255,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
     preflight::check()?;
     let mut options = watch_options(&settings);
+    apply_stack_args(&mut options, &args.watch.stacks);
     let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {
@@ -236,7 +269,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let stopped = launch::launch_stopped(&args.command)?;
         let pid = stopped.pid();
         let prepared = prepare(pid, &options);
-        let (target, mut probes) = match prepared {
+        let (target, mut probes, tools) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 // Never leave a stopped, traced child behind.
@@ -303,7 +336,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let outcome = watch_and_detach(target, probes, collector, &options, stop).await?;
+        let outcome = watch_and_detach((target, probes, tools), collector, &options, stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await

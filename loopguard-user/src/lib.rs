@@ -41,4 +41,5 @@ pub mod loops;
 pub mod output;
 pub mod preflight;
 pub mod report;
+pub mod stacks;
 pub mod summary;

@@ -32,6 +32,8 @@ pub struct StallContext {
     pub victims: Vec<Request>,
     /// How many there were in all.
     pub victim_count: usize,
+    /// Where the poll spent its time and why (stack capture on).
+    pub stack: Option<crate::stacks::StallStack>,
 }
 
 fn request_json(request: &Request) -> Value {
@@ -81,6 +83,9 @@ pub fn finding_json(
     {
         object["seen_in_progress"] = json!(seen_in_progress);
     }
+    if let Some(stack) = &context.stack {
+        crate::stacks::render::add_json(&mut object, stack);
+    }
     object
 }
 
@@ -119,13 +124,18 @@ pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext
         Finding::ThresholdChanged(change) => return alerts::threshold_text(change),
     };
     format!(
-        "{label:<17} tid {tid} ({thread}) {task} {verb} {duration:.1} ms (threshold {threshold} ms){from}",
+        "{label:<17} tid {tid} ({thread}) {task} {verb} {duration:.1} ms (threshold {threshold} ms){from}{stack}",
         tid = stall.tid,
         thread = printable(&context.thread),
         task = task_label(stall),
         duration = ms(stall.duration_ns),
         threshold = ms(threshold_ns),
         from = request_text(context),
+        stack = context
+            .stack
+            .as_ref()
+            .map(crate::stacks::render::stall_lines)
+            .unwrap_or_default(),
     )
 }
 
@@ -161,6 +171,7 @@ fn task_label(stall: &Stall) -> String {
     }
     match stall.task_id {
         Some(id) => format!("task {id}"),
+        None if stall.header == 0 => "task ?".to_owned(),
         None => format!("task@{:#x}", stall.header),
     }
 }
@@ -203,6 +214,7 @@ pub fn summary_json(summary: &Summary, pid: u32) -> Value {
         "stack_overflows": counters.get(Counter::StackOverflow),
         "thread_map_full": counters.get(Counter::ThreadMapFull),
         "requests": requests_json(&summary.requests),
+        "stacks": crate::stacks::render::summary_json(&summary.stacks),
         "loop_threads": summary.loop_threads.iter().map(|thread| json!({
             "tid": thread.tid,
             "thread": thread.name,

@@ -108,6 +108,8 @@ pub struct Summary {
     pub preempted_cuts: u64,
     /// Busy and waiting time of every event-loop thread (the wait path).
     pub loop_threads: Vec<LoopThread>,
+    /// Stalls folded by stack, longest total first (stack capture on).
+    pub stacks: Vec<crate::stacks::fold::StackStalls>,
 }
 
 /// One event-loop thread's time, from the wait probes.

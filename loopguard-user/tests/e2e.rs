@@ -129,8 +129,8 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str], middleware: 
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        8,
-        "poll_enter, poll_exit, thread_exit, thread_switch, request_start, request_end, wait_enter, wait_exit should be loaded"
+        10,
+        "poll_enter, poll_exit, thread_exit, thread_switch, request_start, request_end, wait_enter, wait_exit, stack_sched_switch, stack_on_cpu should be loaded"
     );
     let traffic = FastTraffic::start(server.addr);
     std::thread::sleep(Duration::from_millis(300));
@@ -326,8 +326,8 @@ fn no_requests_leaves_the_request_probes_alone() {
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        6,
-        "poll_enter, poll_exit, thread_exit, thread_switch, wait_enter and wait_exit only"
+        8,
+        "poll_enter, poll_exit, thread_exit, thread_switch, wait_enter, wait_exit and the two stack programs only"
     );
     let blocked = server.get("/block/sleep?ms=120");
     let stall = agent.wait_for("the stall", Duration::from_secs(5), |v| {

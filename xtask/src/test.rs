@@ -1,6 +1,7 @@
 //! `cargo xtask test`: fmt, clippy (host crates and the eBPF crate), unit
 //! tests, then the end-to-end tests: as root, for real, against the example
-//! built four ways (release, fat LTO + panic=abort, v0 mangling, non-PIE).
+//! built five ways (release, fat LTO + panic=abort, v0 mangling, non-PIE,
+//! release with debug info).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -77,6 +78,17 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 "-C relocation-model=static -C link-arg=-no-pie",
             ),
     )?;
+    // With debug info (line tables, inlined calls and their names) kept, for
+    // the stack tests' file:line checks: the release profile strips it.
+    let debuginfo_dir = target.join("debuginfo");
+    cmd::run(
+        cmd::cargo()
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "stall-server"])
+            .env("CARGO_TARGET_DIR", &debuginfo_dir)
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "limited")
+            .env("CARGO_PROFILE_RELEASE_STRIP", "none"),
+    )?;
     let python = setup::python_with_uvicorn()?;
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
@@ -97,6 +109,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                     "LOOPGUARD_SERVER_NOPIE",
                     nopie_dir.join(HOST_TARGET).join("release/stall-server"),
                 )
+                .env(
+                    "LOOPGUARD_SERVER_DEBUGINFO",
+                    debuginfo_dir.join("release/stall-server"),
+                )
                 .env("LOOPGUARD_PYTHON", &python)
                 .env("RUST_LOG", "info"),
         );
@@ -112,7 +128,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 /// The end-to-end test files of the agent (`loopguard-user/tests/*.rs`).
-const E2E_TESTS: &[&str] = &["e2e", "metrics", "loops", "thresholds"];
+const E2E_TESTS: &[&str] = &["e2e", "metrics", "loops", "thresholds", "stacks"];
 
 /// Clippy for the eBPF crate, which only builds for the BPF target on nightly.
 fn ebpf_clippy() -> Command {

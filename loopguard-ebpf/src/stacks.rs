@@ -1,0 +1,318 @@
+//! Stack capture for stuck polls (issue #14).
+//!
+//! - `stack_sched_switch` (BTF tracepoint `sched_switch`): when a target
+//!   thread leaves its CPU inside a task poll, records when, why (asleep or
+//!   preempted), its user registers and the system call it sleeps in; when
+//!   it comes back, adds the interval to the poll's off-CPU totals. A poll
+//!   that has run past the arm delay also gets a copy of its user stack.
+//! - `stack_on_cpu` (perf event, cpu-clock, opened by the agent only on a
+//!   thread whose poll is stuck): copies the registers and user stack.
+//!
+//! Nothing here runs on a poll's entry or return: healthy polls pay nothing.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP, pt_regs},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated,
+    },
+    macros::{btf_tracepoint, map, perf_event},
+    maps::{Array, HashMap, LruHashMap, RingBuf},
+    programs::{BtfTracePointContext, PerfEventContext},
+};
+use loopguard_common::{
+    Counter, MAX_POLL_DEPTH, frame_flags,
+    stacks::{
+        MAX_CENSUS_THREADS, MAX_OFFCPU_THREADS, NO_SYSCALL, OffCpuEnd, STACK_BYTES,
+        STACK_CHUNK_BYTES, STACK_RING_BYTES, StackConfig, StackSample, ThreadOffCpu, record_kind,
+        sample_cause,
+    },
+};
+
+use crate::{THREAD_POLLS, add, bump, frame_index};
+
+/// Set by the agent before load (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+static STACK_CONFIG: StackConfig = StackConfig::zeroed();
+
+#[map]
+static STACK_EVENTS: RingBuf = RingBuf::with_byte_size(STACK_RING_BYTES, 0);
+
+#[map]
+static THREAD_OFFCPU: LruHashMap<u32, ThreadOffCpu> =
+    LruHashMap::with_max_entries(MAX_OFFCPU_THREADS, 0);
+
+/// Kernel task pointer of a thread switched out inside a poll → its tid, so
+/// the switch back in (where only the task pointer is at hand) finds it.
+#[map]
+static OFFCPU_TASKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_OFFCPU_THREADS, 0);
+
+/// Threads the agent samples while attaching, whether or not a poll is
+/// known on them (a poll already stuck before attaching has no entry).
+#[map]
+static CENSUS_TIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_CENSUS_THREADS, 0);
+
+/// Entries in `OFFCPU_TASKS` (an upper bound): while 0, a switch-in costs no lookup.
+#[map]
+static OFFCPU_WATCHED: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The `syscall` instruction (`0f 05`): the bytes before a sleeping
+/// thread's user `rip` when it entered the kernel by a system call.
+const SYSCALL_INSN: u16 = 0x050f;
+
+#[inline(always)]
+fn config_u32(field: *const u32) -> u32 {
+    // SAFETY: a plain read of a global the loader patched before load.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+#[inline(always)]
+fn config_u64(field: *const u64) -> u64 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// The start of the task poll `tid` is inside now (the innermost poll, when
+/// it is neither a scheduler loop nor blocking-pool work).
+#[inline(always)]
+fn current_task_poll(tid: u32) -> Option<u64> {
+    // SAFETY: a read-only look at the map value.
+    let stack = unsafe { THREAD_POLLS.get(tid) }?;
+    let depth = stack.depth as usize;
+    if depth == 0 || depth > MAX_POLL_DEPTH {
+        return None;
+    }
+    let frame = stack.frames.get(frame_index(depth - 1))?;
+    if frame.flags & (frame_flags::CONTAINER | frame_flags::BLOCKING) != 0 {
+        return None;
+    }
+    Some(frame.start_ns)
+}
+
+#[inline(always)]
+fn watched() -> Option<*mut u64> {
+    OFFCPU_WATCHED.get_ptr_mut(0)
+}
+
+/// Registers and the bottom of the user stack, into the stack ring buffer.
+/// Runs in the sampled thread's context (its memory is the current one).
+#[inline(always)]
+fn send_sample(cause: u32, tid: u32, poll_start_ns: u64, now: u64, regs: &pt_regs, syscall: i64) {
+    let Some(mut entry) = STACK_EVENTS.reserve::<StackSample>(0) else {
+        bump(Counter::DroppedEvents);
+        return;
+    };
+    let sample = entry.as_mut_ptr();
+    let base = regs.rsp & !(STACK_CHUNK_BYTES as u64 - 1);
+    // SAFETY: `sample` points at the reserved record, written field by field;
+    // every copy stays inside `stack` (chunk index < STACK_BYTES / chunk).
+    unsafe {
+        (*sample).kind = record_kind::SAMPLE;
+        (*sample).pid = config_u32(&raw const STACK_CONFIG.target_tgid);
+        (*sample).tid = tid;
+        (*sample).cause = cause;
+        (*sample).ts_ns = now;
+        (*sample).poll_start_ns = poll_start_ns;
+        (*sample).ip = regs.rip;
+        (*sample).sp = regs.rsp;
+        (*sample).bp = regs.rbp;
+        (*sample).syscall = syscall;
+        (*sample).stack_base = base;
+        (*sample).pad = 0;
+        let mut copied = 0u32;
+        let mut chunk = 0usize;
+        while chunk < STACK_BYTES / STACK_CHUNK_BYTES {
+            let offset = chunk * STACK_CHUNK_BYTES;
+            let dst = (&raw mut (*sample).stack).cast::<u8>().add(offset);
+            let read = generated::bpf_probe_read_user(
+                dst.cast(),
+                STACK_CHUNK_BYTES as u32,
+                (base + offset as u64) as *const core::ffi::c_void,
+            );
+            if read != 0 {
+                break;
+            }
+            copied += STACK_CHUNK_BYTES as u32;
+            chunk += 1;
+        }
+        (*sample).stack_len = copied;
+    }
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
+    if config_u32(&raw const STACK_CONFIG.enabled) == 0 {
+        return 0;
+    }
+    // Every context switch of the machine runs this: the clock is read only
+    // once a thread of ours is involved.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == config_u32(&raw const STACK_CONFIG.target_tgid) {
+        // sched_switch(bool preempt, prev, next, unsigned int prev_state); prev is current.
+        let preempt: u64 = ctx.arg(0);
+        let prev_state: u64 = ctx.arg(3);
+        let _ = switch_out(
+            pid_tgid as u32,
+            preempt & 0xff != 0 || prev_state & 0xffff_ffff == 0,
+        );
+    }
+    // SAFETY: a valid, aligned map value pointer.
+    if watched().is_some_and(|count| unsafe { core::ptr::read_volatile(count) } > 0) {
+        let next: u64 = ctx.arg(2);
+        switch_in(next);
+    }
+    0
+}
+
+fn switch_out(tid: u32, preempted: bool) -> Result<(), i64> {
+    let poll_start = current_task_poll(tid).ok_or(0i64)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: helpers that take no pointer from us but the current task.
+    let task = unsafe { generated::bpf_get_current_task_btf() };
+    let regs_ptr = unsafe { generated::bpf_task_pt_regs(task) } as *const pt_regs;
+    // SAFETY: the helper tolerates any address.
+    let regs = unsafe { bpf_probe_read_kernel(regs_ptr) }?;
+    let cause = if preempted {
+        sample_cause::PREEMPTED
+    } else {
+        sample_cause::OFF_CPU
+    };
+    let in_syscall = !preempted
+        && unsafe { bpf_probe_read_user(regs.rip.wrapping_sub(2) as *const u16) }
+            .is_ok_and(|insn| insn == SYSCALL_INSN);
+    let syscall = if in_syscall {
+        regs.orig_rax as i64
+    } else {
+        NO_SYSCALL
+    };
+
+    let state = match THREAD_OFFCPU.get_ptr_mut(tid) {
+        Some(state) => state,
+        None => {
+            THREAD_OFFCPU.insert(tid, ThreadOffCpu::default(), 0)?;
+            THREAD_OFFCPU.get_ptr_mut(tid).ok_or(0i64)?
+        }
+    };
+    // SAFETY: map value pointer, valid for this run; only this thread writes it
+    // while it runs, and its switch-in cannot run before this switch-out ends.
+    let state = unsafe { &mut *state };
+    if state.poll_start_ns != poll_start {
+        *state = ThreadOffCpu {
+            poll_start_ns: poll_start,
+            ..ThreadOffCpu::default()
+        };
+    }
+    state.out_ns = now;
+    state.ip = regs.rip;
+    state.sp = regs.rsp;
+    state.bp = regs.rbp;
+    state.syscall = syscall;
+    state.cause = cause;
+    state.switches += 1;
+    if OFFCPU_TASKS
+        .insert(task as u64, tid, u64::from(BPF_NOEXIST))
+        .is_ok()
+        && let Some(count) = watched()
+    {
+        add(count, 1);
+    }
+
+    let arm_delay = config_u64(&raw const STACK_CONFIG.arm_delay_ns);
+    let gap = config_u64(&raw const STACK_CONFIG.min_sample_gap_ns);
+    if now.saturating_sub(poll_start) >= arm_delay
+        && now.saturating_sub(state.last_sample_ns) >= gap
+    {
+        state.last_sample_ns = now;
+        send_sample(cause, tid, poll_start, now, &regs, syscall);
+    }
+    Ok(())
+}
+
+fn switch_in(next: u64) {
+    // SAFETY: a read-only look at the map value.
+    let Some(&tid) = (unsafe { OFFCPU_TASKS.get(next) }) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if OFFCPU_TASKS.remove(next).is_ok()
+        && let Some(count) = watched()
+    {
+        add(count, u64::MAX);
+    }
+    let Some(state) = THREAD_OFFCPU.get_ptr_mut(tid) else {
+        return;
+    };
+    // SAFETY: map value pointer, valid for this run.
+    let state = unsafe { &mut *state };
+    if state.out_ns == 0 {
+        return;
+    }
+    let interval = now.saturating_sub(state.out_ns);
+    if state.cause == sample_cause::OFF_CPU {
+        state.off_ns += interval;
+    } else {
+        state.wait_ns += interval;
+    }
+    let out_ns = state.out_ns;
+    state.out_ns = 0;
+    if now.saturating_sub(state.poll_start_ns) < config_u64(&raw const STACK_CONFIG.arm_delay_ns) {
+        return;
+    }
+    let end = OffCpuEnd {
+        kind: record_kind::OFF_CPU_END,
+        pid: config_u32(&raw const STACK_CONFIG.target_tgid),
+        tid,
+        cause: state.cause,
+        poll_start_ns: state.poll_start_ns,
+        out_ns,
+        in_ns: now,
+        syscall: state.syscall,
+        off_ns: state.off_ns,
+        wait_ns: state.wait_ns,
+    };
+    if STACK_EVENTS
+        .output::<OffCpuEnd>(&end, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        bump(Counter::DroppedEvents);
+    }
+}
+
+#[perf_event]
+pub fn stack_on_cpu(ctx: PerfEventContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 != config_u32(&raw const STACK_CONFIG.target_tgid) {
+        return 0;
+    }
+    let tid = pid_tgid as u32;
+    // SAFETY: the context is the perf sample's `bpf_perf_event_data`.
+    let regs = unsafe { (*ctx.ctx).regs };
+    // Only samples taken in user mode carry user registers.
+    if regs.cs & 3 != 3 {
+        return 0;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    match current_task_poll(tid) {
+        Some(poll_start) => {
+            let arm_delay = config_u64(&raw const STACK_CONFIG.arm_delay_ns);
+            if now.saturating_sub(poll_start) >= arm_delay {
+                send_sample(
+                    sample_cause::ON_CPU,
+                    tid,
+                    poll_start,
+                    now,
+                    &regs,
+                    NO_SYSCALL,
+                );
+            }
+        }
+        // A thread the agent looks at while attaching: whatever it runs.
+        // SAFETY: a read-only look at the map value.
+        None if unsafe { CENSUS_TIDS.get(tid) }.is_some() => {
+            send_sample(sample_cause::ON_CPU, tid, 0, now, &regs, NO_SYSCALL);
+        }
+        None => {}
+    }
+    0
+}

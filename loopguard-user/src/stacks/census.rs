@@ -1,0 +1,356 @@
+//! Attaching to a process that already hangs. A poll that began before
+//! loopguard attached has no entry on its thread's poll stack, so the scan
+//! cannot see it; its thread's own stack can: a `raw::poll` frame with the
+//! task's code inside it, and no scheduler frame, means the thread is inside
+//! a task poll right now.
+//!
+//! Threads asleep in a system call are read from `/proc` (their registers
+//! from `/proc/PID/task/TID/syscall`, their stack from memory: it cannot
+//! change until they wake); threads on a CPU are sampled with a short-lived
+//! cpu-clock perf event.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use loopguard_common::stacks::STACK_CHUNK_BYTES;
+
+use super::fold::Frame;
+use super::profile::{Cause, CauseKind};
+use super::sample::{Regs, Sample, SampleCause};
+use super::{Stacks, StallStack, capture, syscalls};
+use crate::collect::monotonic_ns;
+use crate::detect::{Stall, StallKind};
+
+/// On-CPU samples a thread needs, all inside a task poll, to count as stuck.
+const MIN_CENSUS_SAMPLES: usize = 3;
+
+/// A census under way: what was seen when it started, the on-CPU samples
+/// since.
+pub(super) struct Census {
+    started: u64,
+    window_ns: u64,
+    asleep: Vec<(String, Sample)>,
+    running: Vec<u32>,
+    events: Vec<OwnedFd>,
+    pub(super) samples: Vec<Sample>,
+}
+
+/// Samples kept per census (32 KiB of stack each; the rest are dropped:
+/// enough to judge, and the agent's memory stays small).
+pub(super) const MAX_CENSUS_SAMPLES: usize = 64;
+
+/// A thread found inside a task poll: since when (at least), the system
+/// call it sleeps in (none: on a CPU), its frames as shown.
+struct Found {
+    tid: u32,
+    since_ns: u64,
+    syscall: Option<i64>,
+    frames: Vec<Frame>,
+}
+
+/// What `/proc/PID/task/TID/syscall` says: the system call a thread sleeps
+/// in and its user stack and instruction pointers, or `None` while it runs
+/// (`running`) or is in user mode (`-1 sp pc`).
+pub fn parse_syscall(text: &str) -> Option<(i64, u64, u64)> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let nr: i64 = fields.first()?.parse().ok()?;
+    if nr < 0 || fields.len() < 3 {
+        return None;
+    }
+    let hex = |field: &str| u64::from_str_radix(field.trim_start_matches("0x"), 16).ok();
+    let sp = hex(fields[fields.len() - 2])?;
+    let pc = hex(fields[fields.len() - 1])?;
+    Some((nr, sp, pc))
+}
+
+/// The runtime polling a task: `raw::poll` itself is often a lone `jmp`
+/// to the harness (a tail call), so it may be missing from a stack.
+fn is_task_poll(frame: &Frame) -> bool {
+    let name = frame.function.trim_start_matches('<');
+    [
+        "tokio::runtime::task::raw::poll",
+        "tokio::runtime::task::harness::Harness",
+        "tokio::runtime::task::core::Core",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+}
+
+/// Frames that mean the thread is in the runtime itself, not in a task:
+/// parked, driving I/O or timers, or running blocking-pool work.
+fn is_runtime_machinery(frame: &Frame) -> bool {
+    let name = frame.function.trim_start_matches('<');
+    [
+        "tokio::runtime::scheduler::",
+        "tokio::runtime::park",
+        "tokio::runtime::driver",
+        "tokio::runtime::io::",
+        "tokio::runtime::time::",
+        "tokio::runtime::blocking::",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+}
+
+/// Whether a stack (innermost first) is inside a task poll: its innermost
+/// task-polling frame has no runtime machinery inside it.
+pub fn in_task_poll(frames: &[Frame]) -> bool {
+    frames
+        .iter()
+        .position(is_task_poll)
+        .is_some_and(|poll| !frames[..poll].iter().any(is_runtime_machinery))
+}
+
+impl Stacks {
+    /// Starts looking for polls that were already stuck when loopguard
+    /// attached: notes the threads asleep in a system call (and their
+    /// stacks), samples the others on CPU for `window`. Does not block;
+    /// [`Self::finish_census`] concludes once the window has passed.
+    pub fn start_census(&mut self, window: Duration) {
+        let started = monotonic_ns();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return;
+        };
+        let tids: Vec<u32> = tasks
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let (asleep, running) = self.asleep_threads(&tids, started);
+        let events = self.capture.start_census(&running);
+        self.census = Some(Census {
+            started,
+            window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
+            asleep,
+            running,
+            events,
+            samples: Vec::new(),
+        });
+    }
+
+    /// Once the census window has passed: the threads inside a task poll
+    /// then and still (asleep at the same place, or on a CPU in a task poll
+    /// in every sample and with no poll begun or ended on it since
+    /// attaching: `polls_seen` tells a busy worker polling many short tasks
+    /// apart). `None` while the window runs or without a census.
+    pub fn finish_census(
+        &mut self,
+        now: u64,
+        polls_seen: impl FnOnce() -> Vec<u32>,
+    ) -> Option<Vec<(Stall, StallStack)>> {
+        let census = self.census.as_ref()?;
+        if now.saturating_sub(census.started) < census.window_ns {
+            return None;
+        }
+        self.collect(now);
+        let census = self.census.take()?;
+        self.capture.stop_census(&census.running, census.events);
+        let busy = polls_seen();
+        let mut found = self.still_asleep_in_polls(census.asleep, census.started);
+        found.extend(
+            self.on_cpu_in_polls(census.samples, census.started)
+                .into_iter()
+                .filter(|found| !busy.contains(&found.tid)),
+        );
+        Some(
+            found
+                .into_iter()
+                .map(|found| found.into_stall(now))
+                .collect(),
+        )
+    }
+
+    fn syscall_file(&self, tid: u32) -> String {
+        std::fs::read_to_string(format!("/proc/{}/task/{tid}/syscall", self.pid))
+            .unwrap_or_default()
+    }
+
+    /// Threads asleep in a system call (with what `/proc` said and their
+    /// stack), and the others.
+    fn asleep_threads(&self, tids: &[u32], now: u64) -> (Vec<(String, Sample)>, Vec<u32>) {
+        let mut asleep = Vec::new();
+        let mut running = Vec::new();
+        for &tid in tids {
+            let text = self.syscall_file(tid);
+            let Some((nr, sp, pc)) = parse_syscall(&text) else {
+                running.push(tid);
+                continue;
+            };
+            let base = sp & !(STACK_CHUNK_BYTES as u64 - 1);
+            let copied = capture::read_remote_stack(self.pid, base);
+            // Still asleep at the same place: the copy is consistent.
+            if self.syscall_file(tid) == text && !copied.is_empty() {
+                let sample = Sample {
+                    tid,
+                    cause: SampleCause::OffCpu,
+                    ts_ns: now,
+                    poll_start_ns: 0,
+                    regs: Regs { ip: pc, sp, bp: 0 },
+                    syscall: Some(nr),
+                    stack_base: base,
+                    stack: copied,
+                };
+                asleep.push((text, sample));
+            }
+        }
+        (asleep, running)
+    }
+
+    /// The sleeping threads still asleep at the same place, inside a task poll.
+    fn still_asleep_in_polls(&mut self, asleep: Vec<(String, Sample)>, started: u64) -> Vec<Found> {
+        let mut found = Vec::new();
+        for (text, sample) in asleep {
+            if self.syscall_file(sample.tid) != text {
+                continue;
+            }
+            let top = sample.stack_base + sample.stack.len() as u64;
+            let addrs = self
+                .unwinder
+                .unwind_guessing_bp(sample.regs, top, |addr| sample.read_u64(addr));
+            let frames = self.symbols.frames(&addrs);
+            if !in_task_poll(&frames) {
+                continue;
+            }
+            // Since attaching: the scheduler's own clock (`se.exec_start`)
+            // drifts from the monotonic clock by hundreds of ms on some
+            // machines, too much to date the sleep's start from it.
+            found.push(Found {
+                tid: sample.tid,
+                since_ns: started,
+                syscall: sample.syscall,
+                frames: self.shown(&frames),
+            });
+        }
+        found
+    }
+
+    /// The threads on a CPU whose every sample was inside a task poll.
+    fn on_cpu_in_polls(&mut self, samples: Vec<Sample>, started: u64) -> Vec<Found> {
+        let mut by_thread: HashMap<u32, (usize, bool, Vec<Frame>)> = HashMap::new();
+        for sample in samples {
+            let addrs = self
+                .unwinder
+                .unwind(sample.regs, |addr| sample.read_u64(addr));
+            let frames = self.symbols.frames(&addrs);
+            let entry = by_thread.entry(sample.tid).or_insert((0, true, Vec::new()));
+            entry.0 += 1;
+            if in_task_poll(&frames) {
+                entry.2 = frames;
+            } else {
+                entry.1 = false;
+            }
+        }
+        by_thread
+            .into_iter()
+            .filter(|(_, (samples, always, _))| *always && *samples >= MIN_CENSUS_SAMPLES)
+            .map(|(tid, (_, _, frames))| Found {
+                tid,
+                since_ns: started,
+                syscall: None,
+                frames: self.shown(&frames),
+            })
+            .collect()
+    }
+}
+
+impl Found {
+    fn into_stall(self, now: u64) -> (Stall, StallStack) {
+        let duration_ns = now.saturating_sub(self.since_ns);
+        let asleep = self.syscall.is_some();
+        let stall = Stall {
+            kind: StallKind::Poll,
+            tid: self.tid,
+            task_id: None,
+            header: 0,
+            start_ns: self.since_ns,
+            duration_ns,
+            copy_index: u32::MAX,
+            return_addr: 0,
+            // The agent sets the threshold in force.
+            threshold_ns: 0,
+        };
+        let cause = Cause {
+            kind: if asleep {
+                CauseKind::Syscall
+            } else {
+                CauseKind::Cpu
+            },
+            syscall: self.syscall.map(|nr| (nr, syscalls::syscall_name(nr))),
+            on_cpu_ns: if asleep { 0 } else { duration_ns },
+            off_cpu_ns: if asleep { duration_ns } else { 0 },
+            wait_ns: 0,
+        };
+        let stack = StallStack {
+            frames: self.frames,
+            cause: Some(cause),
+            samples: 1,
+            before_attach: true,
+        };
+        (stall, stack)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(names: &[&str]) -> Vec<Frame> {
+        names
+            .iter()
+            .map(|name| Frame {
+                function: (*name).to_owned(),
+                ..Frame::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_syscall_file_gives_registers_only_while_asleep() {
+        assert_eq!(
+            parse_syscall("230 0x1 0x0 0x7fce 0x7fce 0x0 0x0 0x7fcee677e440 0x7fcee6855545\n"),
+            Some((230, 0x7fce_e677_e440, 0x7fce_e685_5545))
+        );
+        assert_eq!(parse_syscall("running\n"), None);
+        assert_eq!(parse_syscall("-1 0x7ffd1000 0x401000\n"), None);
+    }
+
+    #[test]
+    fn a_worker_in_a_task_is_in_a_poll_a_parked_one_is_not() {
+        let stuck = frames(&[
+            "clock_nanosleep",
+            "std::thread::sleep",
+            "app::handler::{{closure}}",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "tokio::runtime::task::raw::poll",
+            "tokio::runtime::scheduler::multi_thread::worker::Context::run_task",
+            "tokio::runtime::task::raw::poll",
+        ]);
+        assert!(in_task_poll(&stuck));
+        let parked = frames(&[
+            "epoll_wait",
+            "tokio::runtime::io::driver::Driver::turn",
+            "tokio::runtime::scheduler::multi_thread::park::Parker::park",
+            "tokio::runtime::scheduler::multi_thread::worker::Context::run",
+            "<tokio::runtime::blocking::task::BlockingTask<T> as core::future::future::Future>::poll",
+            "tokio::runtime::task::raw::poll",
+        ]);
+        assert!(!in_task_poll(&parked));
+        let pool = frames(&[
+            "std::thread::sleep",
+            "app::offload::{{closure}}",
+            "<tokio::runtime::blocking::task::BlockingTask<T> as core::future::future::Future>::poll",
+            "tokio::runtime::task::raw::poll",
+        ]);
+        assert!(!in_task_poll(&pool), "spawn_blocking work is not a stall");
+        assert!(!in_task_poll(&frames(&["main", "__libc_start_main"])));
+        let tail_called = frames(&[
+            "app::spin",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "tokio::runtime::scheduler::multi_thread::worker::Context::run_task",
+        ]);
+        assert!(
+            in_task_poll(&tail_called),
+            "raw::poll jumped to the harness"
+        );
+    }
+}

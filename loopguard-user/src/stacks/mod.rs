@@ -1,0 +1,372 @@
+//! Stacks: where a stuck poll spends its time, and why (issue #14).
+//!
+//! In: the kernel's stack samples and off-CPU intervals of polls past the
+//! arm delay ([`capture`]), snapshots of the in-flight polls. Out: for each
+//! stall, its dominant stack (unwound from `.eh_frame` by [`unwind`],
+//! named by [`symbolize`], runtime frames trimmed by [`fold`]) and its
+//! [`profile::Cause`]; over the run, identical stacks folded together.
+
+pub mod capture;
+pub mod census;
+pub mod fold;
+pub mod profile;
+pub mod render;
+pub mod sample;
+pub mod symbolize;
+pub mod syscalls;
+pub mod unwind;
+
+use std::collections::HashMap;
+
+use aya::Ebpf;
+use loopguard_common::stacks::{STACK_CHUNK_BYTES, sample_cause};
+use loopguard_common::{MAX_POLL_DEPTH, ThreadPolls, frame_flags};
+
+use crate::detect::Stall;
+use capture::Capture;
+use fold::{Frame, StackStalls, StackTable};
+use profile::{Cause, PollProfile, WeightedStack, classify};
+use sample::{Regs, Sample, SampleCause, StackRecord, syscall_of};
+use symbolize::Symbols;
+use unwind::StackUnwinder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error(
+        "cannot read the kernel's BTF (/sys/kernel/btf/vmlinux), which stack capture needs; use a kernel built with CONFIG_DEBUG_INFO_BTF, or pass --no-stacks"
+    )]
+    Btf(#[source] Box<aya::BtfError>),
+    #[error(
+        "failed to load the stack capture program `{program}`; pass --no-stacks to watch without stacks"
+    )]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("the eBPF object lacks `{0}`; rebuild loopguard (`cargo xtask build`)")]
+    Missing(&'static str),
+    #[error("failed to open map `{name}`")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// How stacks are captured and shown.
+#[derive(Clone, Copy, Debug)]
+pub struct StackOptions {
+    /// ns a poll must have run before its stack is sampled (half the threshold).
+    pub arm_delay_ns: u64,
+    /// Keep the runtime's frames below the task (`--all-frames`).
+    pub all_frames: bool,
+}
+
+/// A stall's stack and cause, ready to print.
+#[derive(Clone, Debug, Default)]
+pub struct StallStack {
+    /// Innermost first.
+    pub frames: Vec<Frame>,
+    pub cause: Option<Cause>,
+    /// Stack samples the stack was chosen from.
+    pub samples: usize,
+    /// The poll began before loopguard attached (found from the thread's
+    /// stack); its duration is a lower bound.
+    pub before_attach: bool,
+}
+
+/// How long a profile is kept after its poll was last seen stuck.
+const PROFILE_TTL_NS: u64 = 2_000_000_000;
+
+/// What turns samples into named frames for one process: its modules'
+/// unwind tables and a symbolizer, both loaded and warmed up front.
+pub struct StackTools {
+    pid: u32,
+    unwinder: StackUnwinder,
+    symbols: Symbols,
+}
+
+impl StackTools {
+    /// Reads the process's modules and symbolizes one address in each, so
+    /// the first stall does not pay for parsing them.
+    pub fn prepare(pid: u32) -> Self {
+        let unwinder = StackUnwinder::for_process(pid);
+        let mut symbols = Symbols::new(pid);
+        let _ = symbols.frames(&unwinder.module_starts());
+        Self {
+            pid,
+            unwinder,
+            symbols,
+        }
+    }
+}
+
+/// Stack capture for one watched process.
+pub struct Stacks {
+    pid: u32,
+    options: StackOptions,
+    capture: Capture,
+    unwinder: StackUnwinder,
+    symbols: Symbols,
+    /// `(tid, poll start)` → its profile and when it was last seen stuck.
+    profiles: HashMap<(u32, u64), (PollProfile, u64)>,
+    table: StackTable,
+    records: Vec<StackRecord>,
+    /// The look for polls stuck since before attaching, while it runs.
+    census: Option<census::Census>,
+}
+
+impl Stacks {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        tools: StackTools,
+        options: StackOptions,
+    ) -> Result<Self, StackError> {
+        Ok(Self {
+            pid: tools.pid,
+            options,
+            capture: Capture::new(ebpf)?,
+            unwinder: tools.unwinder,
+            symbols: tools.symbols,
+            profiles: HashMap::new(),
+            table: StackTable::default(),
+            records: Vec::new(),
+            census: None,
+        })
+    }
+
+    /// Takes in every record the kernel queued.
+    pub fn collect(&mut self, now_ns: u64) {
+        self.capture.drain(&mut self.records);
+        let records = std::mem::take(&mut self.records);
+        for record in &records {
+            match record {
+                // Sampled by the census whatever it runs.
+                StackRecord::Sample(sample) if sample.poll_start_ns == 0 => {
+                    if let Some(census) = &mut self.census
+                        && census.samples.len() < census::MAX_CENSUS_SAMPLES
+                    {
+                        census.samples.push(sample.clone());
+                    }
+                }
+                StackRecord::Sample(sample) => self.add_sample(sample, now_ns),
+                StackRecord::OffCpuEnd(span) => {
+                    self.profile(span.tid, span.poll_start_ns, now_ns)
+                        .add_span(span);
+                }
+            }
+        }
+        self.records = records;
+        self.records.clear();
+    }
+
+    fn profile(&mut self, tid: u32, start: u64, now_ns: u64) -> &mut PollProfile {
+        let entry = self
+            .profiles
+            .entry((tid, start))
+            .or_insert_with(|| (PollProfile::default(), now_ns));
+        entry.1 = now_ns;
+        &mut entry.0
+    }
+
+    fn add_sample(&mut self, sample: &Sample, now_ns: u64) {
+        let addrs = self
+            .unwinder
+            .unwind(sample.regs, |addr| sample.read_u64(addr));
+        tracing::debug!(tid = sample.tid, cause = ?sample.cause, regs = ?sample.regs, base = sample.stack_base, len = sample.stack.len(), addrs = ?addrs.iter().map(|a| format!("{a:#x}")).collect::<Vec<_>>(), "unwound");
+        let weight_ns = if sample.cause.on_cpu() {
+            1_000_000_000 / capture::ON_CPU_HZ
+        } else {
+            0
+        };
+        self.profile(sample.tid, sample.poll_start_ns, now_ns)
+            .add_stack(WeightedStack {
+                addrs,
+                cause: sample.cause,
+                syscall: sample.syscall,
+                ts_ns: sample.ts_ns,
+                weight_ns,
+            });
+    }
+
+    /// Every scan: samples the threads whose poll is past the arm delay on
+    /// CPU, copies the stack of those asleep since before they were armed.
+    pub fn scan(&mut self, now_ns: u64, threads: &[(u32, ThreadPolls)]) {
+        self.collect(now_ns);
+        let stuck = stuck_polls(now_ns, self.options.arm_delay_ns, threads);
+        self.capture.sample_on_cpu(&stuck);
+        for &(tid, start) in &stuck {
+            let Some(state) = self
+                .capture
+                .offcpu(tid)
+                .filter(|s| s.poll_start_ns == start)
+            else {
+                self.profile(tid, start, now_ns);
+                continue;
+            };
+            let asleep = state.out_ns != 0 && state.cause == sample_cause::OFF_CPU;
+            let profile = self.profile(tid, start, now_ns);
+            profile.off_ns = profile.off_ns.max(state.off_ns);
+            profile.wait_ns = profile.wait_ns.max(state.wait_ns);
+            if !asleep {
+                continue;
+            }
+            let syscall = syscall_of(state.syscall);
+            profile.asleep_since = Some((state.out_ns, syscall));
+            if profile.has_sample_at(state.out_ns) {
+                continue;
+            }
+            // Asleep since before it was armed: its stack cannot change
+            // until it wakes, so read it from here.
+            let base = state.sp & !(STACK_CHUNK_BYTES as u64 - 1);
+            let copied = capture::read_remote_stack(self.pid, base);
+            let unchanged = self
+                .capture
+                .offcpu(tid)
+                .is_some_and(|now| now.out_ns == state.out_ns);
+            if unchanged && !copied.is_empty() {
+                let sample = Sample {
+                    tid,
+                    cause: SampleCause::OffCpu,
+                    ts_ns: state.out_ns,
+                    poll_start_ns: start,
+                    regs: Regs {
+                        ip: state.ip,
+                        sp: state.sp,
+                        bp: state.bp,
+                    },
+                    syscall,
+                    stack_base: base,
+                    stack: copied,
+                };
+                self.add_sample(&sample, now_ns);
+            }
+        }
+        self.profiles
+            .retain(|_, (_, seen)| now_ns.saturating_sub(*seen) < PROFILE_TTL_NS);
+    }
+
+    /// The stack and cause of `stall`; a finished stall's profile is used up
+    /// and its stack counted in the run's table.
+    pub fn describe(&mut self, stall: &Stall, finished: bool) -> StallStack {
+        let key = (stall.tid, stall.start_ns);
+        let end_ns = stall.start_ns + stall.duration_ns;
+        self.collect(end_ns);
+        let mut profile = if finished {
+            self.profiles.remove(&key).map(|(profile, _)| profile)
+        } else {
+            self.profiles.get(&key).map(|(profile, _)| profile.clone())
+        }
+        .unwrap_or_default();
+        if let Some(state) = self
+            .capture
+            .offcpu(stall.tid)
+            .filter(|s| s.poll_start_ns == stall.start_ns)
+        {
+            profile.off_ns = profile.off_ns.max(state.off_ns);
+            profile.wait_ns = profile.wait_ns.max(state.wait_ns);
+            if !finished && state.out_ns != 0 && state.cause == sample_cause::OFF_CPU {
+                profile.asleep_since = Some((state.out_ns, syscall_of(state.syscall)));
+            }
+        }
+        if finished {
+            profile.asleep_since = None;
+        }
+        profile.settle(end_ns);
+        let cause = classify(stall.duration_ns, &profile);
+        let frames = match profile.dominant() {
+            Some(stack) => {
+                let frames = self.symbols.frames(&stack.addrs);
+                if self.options.all_frames {
+                    frames
+                } else {
+                    fold::trim_runtime(&frames).to_vec()
+                }
+            }
+            None => Vec::new(),
+        };
+        if finished && !frames.is_empty() {
+            self.table.record(&frames, stall.duration_ns);
+        }
+        StallStack {
+            frames,
+            cause: Some(cause),
+            samples: profile.stacks.len(),
+            before_attach: false,
+        }
+    }
+
+    fn shown(&self, frames: &[Frame]) -> Vec<Frame> {
+        if self.options.all_frames {
+            frames.to_vec()
+        } else {
+            fold::trim_runtime(frames).to_vec()
+        }
+    }
+
+    /// Stacks of the run's stalls, longest total first.
+    pub fn ranked(&self) -> Vec<StackStalls> {
+        self.table.ranked()
+    }
+
+    pub fn folded_text(&self) -> String {
+        self.table.folded_text()
+    }
+
+    /// Threads sampled on CPU right now.
+    pub fn sampled_threads(&self) -> usize {
+        self.capture.sampled_threads()
+    }
+}
+
+/// `(tid, poll start)` of every thread whose innermost task poll has run
+/// for at least `arm_delay_ns`.
+pub fn stuck_polls(
+    now_ns: u64,
+    arm_delay_ns: u64,
+    threads: &[(u32, ThreadPolls)],
+) -> Vec<(u32, u64)> {
+    threads
+        .iter()
+        .filter_map(|(tid, polls)| {
+            let depth = polls.depth as usize;
+            if depth == 0 || depth > MAX_POLL_DEPTH {
+                return None;
+            }
+            let frame = &polls.frames[depth - 1];
+            let task = frame.flags & (frame_flags::CONTAINER | frame_flags::BLOCKING) == 0;
+            (task && now_ns.saturating_sub(frame.start_ns) >= arm_delay_ns)
+                .then_some((*tid, frame.start_ns))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use loopguard_common::PollFrame;
+
+    use super::*;
+
+    #[test]
+    fn only_task_polls_past_the_arm_delay_are_stuck() {
+        let mut polls = ThreadPolls {
+            depth: 2,
+            ..ThreadPolls::default()
+        };
+        polls.frames[0] = PollFrame {
+            start_ns: 0,
+            flags: frame_flags::CONTAINER,
+            ..PollFrame::default()
+        };
+        polls.frames[1] = PollFrame {
+            start_ns: 100,
+            ..PollFrame::default()
+        };
+        let mut container_only = polls;
+        container_only.depth = 1;
+        let threads = [(1, polls), (2, container_only)];
+        assert_eq!(stuck_polls(125, 25, &threads), [(1, 100)]);
+        assert!(stuck_polls(124, 25, &threads).is_empty());
+    }
+}

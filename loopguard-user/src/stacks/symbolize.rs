@@ -1,0 +1,184 @@
+//! Symbolization: lookup addresses of a process become demangled function
+//! names, and `file:line` where DWARF is in the binary or in a separate debug
+//! file (`.gnu_debuglink`, build id under `/usr/lib/debug`), with inlined
+//! calls expanded (`blazesym`). Results are cached per address.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+
+use blazesym::symbolize::source::{Process, Source};
+use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer};
+
+use super::fold::Frame;
+
+/// Addresses cached at most; the cache is emptied when it grows past this.
+const MAX_CACHED: usize = 65_536;
+
+pub struct Symbols {
+    pid: u32,
+    symbolizer: Symbolizer,
+    /// Address → its frames, innermost (inlined) first.
+    cache: HashMap<u64, Vec<Frame>>,
+}
+
+fn location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
+    info.map_or((None, None), |info| {
+        let path = match &info.dir {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(&info.file),
+            _ => std::path::PathBuf::from(&*info.file),
+        };
+        (Some(path.display().to_string()), info.line)
+    })
+}
+
+impl Symbols {
+    pub fn new(pid: u32) -> Self {
+        let symbolizer = Symbolizer::builder()
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            .build();
+        Self {
+            pid,
+            symbolizer,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The frames of `addrs` (innermost first), inlined calls expanded.
+    pub fn frames(&mut self, addrs: &[u64]) -> Vec<Frame> {
+        let missing: Vec<u64> = addrs
+            .iter()
+            .copied()
+            .filter(|addr| !self.cache.contains_key(addr))
+            .collect();
+        if !missing.is_empty() {
+            if self.cache.len() + missing.len() > MAX_CACHED {
+                self.cache.clear();
+            }
+            let resolved = self.resolve(&missing);
+            self.cache.extend(missing.into_iter().zip(resolved));
+        }
+        addrs
+            .iter()
+            .flat_map(|addr| self.cache.get(addr).cloned().unwrap_or_default())
+            .collect()
+    }
+
+    fn resolve(&self, addrs: &[u64]) -> Vec<Vec<Frame>> {
+        let unknown = |addr: u64| {
+            vec![Frame {
+                function: format!("{addr:#x}"),
+                ..Frame::default()
+            }]
+        };
+        if NonZeroU32::new(self.pid).is_none() {
+            return addrs.iter().map(|&addr| unknown(addr)).collect();
+        }
+        let mut process = Process::new(self.pid.into());
+        // map_files needs CAP_SYS_ADMIN; without it, read the paths the maps name.
+        process.map_files = unsafe { libc::geteuid() } == 0;
+        let source = Source::Process(process);
+        let Ok(results) = self.symbolizer.symbolize(&source, Input::AbsAddr(addrs)) else {
+            return addrs.iter().map(|&addr| unknown(addr)).collect();
+        };
+        results
+            .into_iter()
+            .zip(addrs)
+            .map(|(result, &addr)| match result {
+                Symbolized::Sym(sym) => {
+                    let module = sym
+                        .module
+                        .as_ref()
+                        .map(|m| m.to_string_lossy().into_owned());
+                    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
+                    // blazesym lists inlined calls outermost first; frames go innermost first.
+                    for inlined in sym.inlined.iter().rev() {
+                        let (file, line) = location(inlined.code_info.as_ref());
+                        frames.push(Frame {
+                            function: inlined.name.to_string(),
+                            module: module.clone(),
+                            file,
+                            line,
+                        });
+                    }
+                    let (file, line) = location(sym.code_info.as_deref());
+                    frames.push(Frame {
+                        function: sym.name.to_string(),
+                        module,
+                        file,
+                        line,
+                    });
+                    frames
+                }
+                Symbolized::Unknown(_) => unknown(addr),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stacks::sample::Regs;
+    use crate::stacks::unwind::StackUnwinder;
+
+    /// Registers and a copy of this thread's stack, as the kernel records a sample.
+    #[inline(never)]
+    fn record_here() -> (Regs, u64, Vec<u8>) {
+        let (ip, sp, bp): (u64, u64, u64);
+        // SAFETY: reads three registers, touches no memory.
+        unsafe {
+            std::arch::asm!(
+                "lea {ip}, [rip]",
+                "mov {sp}, rsp",
+                "mov {bp}, rbp",
+                ip = out(reg) ip,
+                sp = out(reg) sp,
+                bp = out(reg) bp,
+            );
+        }
+        let maps = crate::discover::proc::read_maps(std::process::id()).unwrap();
+        let top = maps
+            .iter()
+            .find(|m| (m.start..m.end).contains(&sp))
+            .map(|m| m.end)
+            .unwrap();
+        let len = (top - sp).min(32 * 1024) as usize;
+        // SAFETY: [sp, sp + len) is this thread's mapped stack.
+        let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, len) }.to_vec();
+        (Regs { ip, sp, bp }, sp, stack)
+    }
+
+    #[inline(never)]
+    fn caller_of_record() -> (Regs, u64, Vec<u8>) {
+        std::hint::black_box(record_here())
+    }
+
+    #[test]
+    fn a_recorded_stack_unwinds_and_symbolizes_to_its_callers() {
+        let (regs, base, stack) = caller_of_record();
+        let pid = std::process::id();
+        let mut unwinder = StackUnwinder::for_process(pid);
+        let read = |addr: u64| {
+            let offset = usize::try_from(addr.checked_sub(base)?).ok()?;
+            Some(u64::from_le_bytes(
+                stack.get(offset..offset + 8)?.try_into().ok()?,
+            ))
+        };
+        let addrs = unwinder.unwind(regs, read);
+        assert!(addrs.len() >= 3, "{addrs:x?}");
+        let frames = Symbols::new(pid).frames(&addrs);
+        let names: Vec<&str> = frames.iter().map(|f| f.function.as_str()).collect();
+        let position = |needle: &str| names.iter().position(|name| name.contains(needle));
+        let (Some(inner), Some(outer)) = (position("record_here"), position("caller_of_record"))
+        else {
+            panic!("{names:#?}");
+        };
+        assert!(inner < outer, "{names:#?}");
+        assert!(
+            position("a_recorded_stack_unwinds").is_some(),
+            "the test itself is further out: {names:#?}"
+        );
+    }
+}
