@@ -5,7 +5,7 @@
 //! while it is stuck. On stop the ring buffer is drained one last time and
 //! the summary printed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -205,6 +205,9 @@ struct Session<'t> {
     layout_mismatches: u64,
     metrics: Option<MetricsFeed>,
     stacks: Option<Stacks>,
+    /// Threads that have polled a task (at the last scan): their polls, not
+    /// their busy stretches, feed the cumulative rule.
+    polling_threads: HashSet<u32>,
 }
 
 /// How long threads are watched at attach for polls stuck since before:
@@ -334,6 +337,13 @@ impl Session<'_> {
                         self.loops.on_busy(busy, |tid| proc::thread_name(pid, tid))
                     {
                         self.report(&finding);
+                    } else if !self.polling_threads.contains(&busy.tid) {
+                        let held_ns = busy.duration_ns.saturating_sub(busy.preempted_ns);
+                        if let Some(finding) =
+                            self.engine.on_loop_busy(busy.tid, busy.start_ns, held_ns)
+                        {
+                            self.report(&finding);
+                        }
                     }
                 }
                 RawEvent::RequestStart { request, layout } => {
@@ -363,6 +373,13 @@ impl Session<'_> {
     fn scan(&mut self, collector: &Collector) {
         let now_ns = monotonic_ns();
         let threads = collector.snapshot();
+        self.polling_threads.clear();
+        self.polling_threads.extend(
+            threads
+                .iter()
+                .filter(|(_, polls)| polls.task_polls > 0 || polls.depth > 0)
+                .map(|(tid, _)| *tid),
+        );
         if let Some(stacks) = &mut self.stacks {
             stacks.scan(now_ns, &threads);
         }
@@ -683,6 +700,7 @@ pub async fn watch(
             }
         }),
         stacks,
+        polling_threads: HashSet::new(),
     };
     if let Some(stacks) = &mut session.stacks {
         let window =

@@ -165,6 +165,29 @@ fn node_busy_loop_is_a_loop_stall() {
 
 #[test]
 #[ignore = "end-to-end: needs root, the example builds and node; run `cargo xtask test`"]
+fn node_short_blocks_add_up_to_one_cumulative_alert() {
+    require_root();
+    let server = node();
+    let agent = Agent::attach(server.pid(), &[]);
+    let programs = agent.programs();
+    // 20 blocks of 20 ms, 40 ms apart: none a stall, 200 ms of blocking
+    // well inside a second.
+    for _ in 0..20 {
+        let response = http_get(server.addr, "/busy?ms=20").unwrap();
+        assert_eq!(response.status, 200);
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, lines) = agent.interrupt();
+    assert!(status.success());
+    assert!(stalls(&lines).is_empty(), "{:#?}", stalls(&lines));
+    let alerts = support::of_type(&lines, "cumulative");
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_detached(&programs);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example builds and node; run `cargo xtask test`"]
 fn node_busy_loop_on_the_syscall_tracepoints() {
     require_root();
     let server = node();

@@ -184,6 +184,29 @@ impl ThresholdEngine {
             .map(Finding::Cumulative)
     }
 
+    /// A busy stretch of an event-loop thread that polls no task (a
+    /// non-Tokio loop, a `block_on` thread) ended, and was no stall: it is a
+    /// cut like a poll between the floor and the threshold. (A thread that
+    /// polls tasks gives its polls as cuts instead: its stretches hold them.)
+    pub fn on_loop_busy(&mut self, tid: u32, start_ns: u64, held_ns: u64) -> Option<Finding> {
+        let cumulative = self.cumulative.as_ref()?;
+        let floor_ns = self.cut_floor_ns(cumulative.settings())?;
+        if held_ns < floor_ns || held_ns >= self.threshold_ns() {
+            return None;
+        }
+        let cut = Cut {
+            tid,
+            task_id: None,
+            start_ns,
+            duration_ns: held_ns,
+            request: None,
+        };
+        self.cumulative
+            .as_mut()?
+            .on_cut(cut, false)
+            .map(Finding::Cumulative)
+    }
+
     /// A snapshot of every thread's poll stack, taken at `now_ns`.
     pub fn on_snapshot(&mut self, now_ns: u64, threads: &[(u32, ThreadPolls)]) -> Vec<Finding> {
         self.stall.on_snapshot(now_ns, threads)
@@ -417,6 +440,21 @@ mod tests {
         let stalls = sim.stalls();
         assert_eq!(stalls.len(), 1);
         assert_eq!(stalls[0].threshold_ns, threshold);
+    }
+
+    #[test]
+    fn short_busy_stretches_of_a_loop_add_up_to_one_cumulative_alert() {
+        let mut engine = ThresholdEngine::new(fixed());
+        // 20 ms away from the wait every 60 ms for a second: under the
+        // stall threshold each time, 220 ms within 1000 ms in all.
+        let findings: Vec<Finding> = (0..17_u64)
+            .filter_map(|i| engine.on_loop_busy(7, i * 60 * MS, 20 * MS))
+            .collect();
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        assert!(matches!(&findings[0], Finding::Cumulative(_)));
+        // Under the floor or over the threshold: no cut.
+        assert!(engine.on_loop_busy(8, 0, 5 * MS).is_none());
+        assert!(engine.on_loop_busy(8, 0, 80 * MS).is_none());
     }
 
     #[test]
