@@ -253,6 +253,14 @@ impl Session<'_> {
                     stall.duration_ns,
                     context.victim_count,
                 );
+                if stall.kind == StallKind::Poll && self.stacks.is_some() {
+                    feed.metrics.record_top_frame(
+                        context
+                            .stack
+                            .as_ref()
+                            .and_then(|stack| crate::stacks::fold::top_frame(&stack.frames)),
+                    );
+                }
             }
         }
         if let Some(feed) = &self.metrics {

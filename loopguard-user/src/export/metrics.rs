@@ -117,6 +117,9 @@ pub struct Metrics {
     probes: IntGauge,
     routes: Mutex<RouteLabels>,
     requests: Mutex<RequestTotals>,
+    /// Finished poll stalls by the innermost frame of the program's own
+    /// code that was running (stack capture on), at most [`TOP_FRAMES`].
+    top_frames: Mutex<HashMap<String, u64>>,
     live: Mutex<LiveState>,
 }
 
@@ -211,6 +214,7 @@ impl Metrics {
             probes,
             routes: Mutex::new(RouteLabels::new(max_routes)),
             requests: Mutex::new(HashMap::new()),
+            top_frames: Mutex::new(HashMap::new()),
             live: Mutex::new(LiveState::default()),
         }
     }
@@ -244,6 +248,18 @@ impl Metrics {
         }
     }
 
+    /// A finished poll stall's top frame (`None`: no stack was captured).
+    pub fn record_top_frame(&self, frame: Option<&str>) {
+        let mut frames = lock(&self.top_frames);
+        let frame = frame.unwrap_or(UNKNOWN_FRAME);
+        let key = if frames.contains_key(frame) || frames.len() < TOP_FRAMES {
+            frame
+        } else {
+            OTHER_FRAME
+        };
+        *frames.entry(key.to_owned()).or_default() += 1;
+    }
+
     /// A request started.
     pub fn request_started(&self, request: &Request) {
         let method = method_index(&request.method);
@@ -271,9 +287,13 @@ impl Metrics {
         // A family with no sample (no thread busy yet, nothing lost) is
         // left out: the format has no way to say "none yet".
         families.extend(
-            std::iter::once(request_family(&lock(&self.requests)))
-                .chain(live_families(&lock(&self.live)))
-                .filter(|family| !family.get_metric().is_empty()),
+            [
+                request_family(&lock(&self.requests)),
+                top_frame_family(&lock(&self.top_frames)),
+            ]
+            .into_iter()
+            .chain(live_families(&lock(&self.live)))
+            .filter(|family| !family.get_metric().is_empty()),
         );
         TextEncoder::new()
             .encode_to_string(&families)
@@ -333,6 +353,23 @@ fn counter(labels: &[(&str, &str)], value: u64) -> Metric {
     counter.set_value(value as f64);
     metric.set_counter(counter);
     metric
+}
+
+/// Distinct top frames kept as labels; later ones are `other`.
+pub const TOP_FRAMES: usize = 50;
+const OTHER_FRAME: &str = "other";
+const UNKNOWN_FRAME: &str = "unknown";
+
+fn top_frame_family(frames: &HashMap<String, u64>) -> MetricFamily {
+    family(
+        "loopguard_stalls_by_top_frame_total",
+        "Finished poll stalls by the innermost function of the program's own code that was running (at most 50 distinct, then other; unknown without a stack)",
+        MetricType::COUNTER,
+        frames
+            .iter()
+            .map(|(frame, total)| counter(&[("top_frame", frame)], *total))
+            .collect(),
+    )
 }
 
 fn request_family(totals: &RequestTotals) -> MetricFamily {
@@ -640,10 +677,38 @@ mod tests {
     }
 
     #[test]
+    fn top_frames_are_bounded() {
+        let metrics = metrics();
+        for i in 0..TOP_FRAMES + 5 {
+            metrics.record_top_frame(Some(&format!("app::handler_{i}")));
+        }
+        metrics.record_top_frame(Some("app::handler_0"));
+        metrics.record_top_frame(None);
+        let text = metrics.render();
+        assert_eq!(
+            sample(
+                &text,
+                r#"loopguard_stalls_by_top_frame_total{top_frame="app::handler_0"}"#
+            ),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"loopguard_stalls_by_top_frame_total{top_frame="other"}"#
+            ),
+            Some(6.0),
+            "5 past the cap and unknown, which came after it"
+        );
+    }
+
+    #[test]
     fn the_dashboard_and_the_rules_use_only_exported_names() {
         let metrics = metrics();
         metrics.record(BlockingKind::Stall, Some(&request(Some("/login"))), 1, 1);
         metrics.record(BlockingKind::Cumulative, None, 1, 0);
+        metrics.record_top_frame(Some("app::handler"));
         metrics.request_started(&request(Some("/login")));
         metrics.set_live(LiveState {
             lost: vec![("ring_buffer_full", 0)],

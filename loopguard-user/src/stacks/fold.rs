@@ -78,6 +78,15 @@ pub fn fold(frames: &[Frame]) -> String {
     folded
 }
 
+/// The innermost frame of the program itself (not of a library): what a
+/// stall's `top_frame` metric label says.
+pub fn top_frame(frames: &[Frame]) -> Option<&str> {
+    frames
+        .iter()
+        .find(|frame| !frame.in_library() && frame.function != "?")
+        .map(|frame| frame.function.as_str())
+}
+
 /// A short name for a stack: the innermost frame of the program itself (not
 /// of a library) and the frame that called it, `callee <- caller`.
 pub fn label(frames: &[Frame]) -> String {
