@@ -157,6 +157,13 @@ mod tests {
 
     #[test]
     fn a_recorded_stack_unwinds_and_symbolizes_to_its_callers() {
+        unwind_from_here();
+    }
+
+    /// The test's body, out of line: the harness may inline the `#[test]`
+    /// fn itself into its call shim, and then no symbol names it.
+    #[inline(never)]
+    fn unwind_from_here() {
         let (regs, base, stack) = caller_of_record();
         let pid = std::process::id();
         let mut unwinder = StackUnwinder::for_process(pid);
@@ -177,7 +184,7 @@ mod tests {
         };
         assert!(inner < outer, "{names:#?}");
         assert!(
-            position("a_recorded_stack_unwinds").is_some(),
+            position("unwind_from_here").is_some_and(|caller| caller > outer),
             "the test itself is further out: {names:#?}"
         );
     }
