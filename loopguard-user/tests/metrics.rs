@@ -176,18 +176,20 @@ fn a_metrics_port_in_use_fails_before_attaching() {
     let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = Command::new(support::LOOPGUARD)
-        .args([
-            "attach",
-            "--pid",
-            &server.pid.to_string(),
-            "--metrics-addr",
-            &addr,
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    // Exit code and stderr of an attach with this metrics address.
+    let attach = |metrics_addr: &str| {
+        let out = Command::new(support::LOOPGUARD)
+            .args(["attach", "--pid", &server.pid.to_string()])
+            .args(["--metrics-addr", metrics_addr])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = attach(&addr);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("already in use") && stderr.contains("--metrics-addr"),
         "{stderr}"
@@ -196,18 +198,8 @@ fn a_metrics_port_in_use_fails_before_attaching() {
         !stderr.contains("watching pid"),
         "it attached before checking the port: {stderr}"
     );
-    let out = Command::new(support::LOOPGUARD)
-        .args([
-            "attach",
-            "--pid",
-            &server.pid.to_string(),
-            "--metrics-addr",
-            "nonsense",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = attach("nonsense");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("is not an address"), "{stderr}");
     server.get("/fast");
 }
