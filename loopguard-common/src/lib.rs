@@ -93,6 +93,15 @@ pub struct Config {
     /// `[start, end)` runtime addresses of blocking-pool code: a poll whose
     /// return address falls inside one ran on the blocking pool, not a worker.
     pub blocking_ranges: [[u64; 2]; MAX_BLOCKING_RANGES],
+    /// [`config_flags`].
+    pub flags: u64,
+}
+
+/// Bits of [`Config::flags`].
+pub mod config_flags {
+    /// Every program returns at its first instruction: the benchmark's
+    /// floor, what the kernel's probe entries cost with none of our work.
+    pub const EMPTY_PROGRAMS: u64 = 1;
 }
 
 impl Config {
@@ -102,6 +111,7 @@ impl Config {
             blocking_range_count: 0,
             report_floor_ns: u64::MAX,
             blocking_ranges: [[0; 2]; MAX_BLOCKING_RANGES],
+            flags: 0,
         }
     }
 }

@@ -45,7 +45,7 @@ use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
     EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS, MAX_USDT_SITES,
     PollEvent, PollFrame, RequestEndEvent, RequestStartEvent, ThreadPolls, UsdtArg, UsdtSpec,
-    arg_kind, frame_flags,
+    arg_kind, config_flags, frame_flags,
     hist::{self, PollHistogram},
 };
 
@@ -85,6 +85,15 @@ fn quiet_submit_flags() -> u64 {
 fn report_floor_ns() -> u64 {
     // SAFETY: a plain read of a global the loader patched before load.
     unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) }
+}
+
+/// The benchmark's floor ([`config_flags::EMPTY_PROGRAMS`]): every program
+/// returns before doing anything, so only the kernel's probe entry is paid.
+#[inline(always)]
+pub(crate) fn empty_programs() -> bool {
+    // SAFETY: a plain read of a global the loader patched before load.
+    let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
+    flags & config_flags::EMPTY_PROGRAMS != 0
 }
 
 #[inline(always)]
@@ -176,6 +185,9 @@ fn is_blocking_pool(return_addr: u64) -> bool {
 
 #[uprobe]
 pub fn poll_enter(ctx: ProbeContext) -> u32 {
+    if empty_programs() {
+        return 0;
+    }
     let _ = try_poll_enter(&ctx);
     0
 }
@@ -264,6 +276,9 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
 
 #[uretprobe]
 pub fn poll_exit(ctx: RetProbeContext) -> u32 {
+    if empty_programs() {
+        return 0;
+    }
     let _ = try_poll_exit(&ctx);
     0
 }
@@ -410,6 +425,9 @@ fn current_poll(tid: u32) -> (u64, u64, u32) {
 
 #[uprobe]
 pub fn request_start(ctx: ProbeContext) -> u32 {
+    if empty_programs() {
+        return 0;
+    }
     let _ = try_request_start(&ctx);
     0
 }
@@ -467,6 +485,9 @@ fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
 
 #[uprobe]
 pub fn request_end(ctx: ProbeContext) -> u32 {
+    if empty_programs() {
+        return 0;
+    }
     let _ = try_request_end(&ctx);
     0
 }
@@ -498,6 +519,9 @@ fn try_request_end(ctx: &ProbeContext) -> Result<(), i64> {
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn thread_exit(_ctx: RawTracePointContext) -> i32 {
+    if empty_programs() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 == target_tgid() {
         let _ = THREAD_POLLS.remove(pid_tgid as u32);
@@ -514,6 +538,9 @@ static LAST_SWITCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// while still runnable, the start of its wait.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
+    if empty_programs() {
+        return 0;
+    }
     // SAFETY: plain reads of the tracepoint's arguments.
     let args = ctx.as_ptr() as *const u64;
     let now = unsafe { bpf_ktime_get_ns() };

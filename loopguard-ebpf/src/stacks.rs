@@ -142,6 +142,9 @@ fn send_sample(cause: u32, tid: u32, poll_start_ns: u64, now: u64, regs: &pt_reg
 
 #[btf_tracepoint(function = "sched_switch")]
 pub fn stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
+    if crate::empty_programs() {
+        return 0;
+    }
     if config_u32(&raw const STACK_CONFIG.enabled) == 0 {
         return 0;
     }
@@ -281,6 +284,9 @@ fn switch_in(next: u64) {
 
 #[perf_event]
 pub fn stack_on_cpu(ctx: PerfEventContext) -> u32 {
+    if crate::empty_programs() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 != config_u32(&raw const STACK_CONFIG.target_tgid) {
         return 0;

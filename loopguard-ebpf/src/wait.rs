@@ -54,6 +54,9 @@ fn this_thread() -> Option<(u32, u32, &'static mut LoopState)> {
 
 #[uprobe]
 pub fn wait_enter(_ctx: ProbeContext) -> u32 {
+    if crate::empty_programs() {
+        return 0;
+    }
     if let Some((tgid, tid, state)) = this_thread() {
         enter(tgid, tid, state);
     }
@@ -62,6 +65,9 @@ pub fn wait_enter(_ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn wait_exit(_ctx: RetProbeContext) -> u32 {
+    if crate::empty_programs() {
+        return 0;
+    }
     if let Some((_, _, state)) = this_thread() {
         exit(state);
     }
@@ -85,6 +91,9 @@ fn is_epoll_wait(id: u64) -> bool {
 /// linked without symbols, or making the syscall directly).
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn wait_syscall_enter(ctx: RawTracePointContext) -> i32 {
+    if crate::empty_programs() {
+        return 0;
+    }
     if (bpf_get_current_pid_tgid() >> 32) as u32 != target_tgid() {
         return 0;
     }
@@ -100,6 +109,9 @@ pub fn wait_syscall_enter(ctx: RawTracePointContext) -> i32 {
 /// Raw tracepoint `sys_exit`, the other half of [`wait_syscall_enter`].
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn wait_syscall_exit(ctx: RawTracePointContext) -> i32 {
+    if crate::empty_programs() {
+        return 0;
+    }
     if (bpf_get_current_pid_tgid() >> 32) as u32 != target_tgid() {
         return 0;
     }

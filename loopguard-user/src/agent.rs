@@ -54,6 +54,9 @@ pub struct WatchOptions {
     pub stacks: StackOptions,
     /// Where to write the folded stacks at exit (`--folded`).
     pub folded: Option<PathBuf>,
+    /// The benchmark's floor: the programs return at once and the agent
+    /// reads nothing until it stops.
+    pub empty_programs: bool,
 }
 
 /// Why watching stopped.
@@ -723,11 +726,11 @@ pub async fn watch(
     let reason = loop {
         tokio::select! {
             reason = &mut stop => break reason,
-            ready = collector.readable() => {
+            ready = collector.readable(), if !options.empty_programs => {
                 ready?;
                 session.handle_events(collector);
             }
-            _ = scan.tick() => {
+            _ = scan.tick(), if !options.empty_programs => {
                 // Events first, so a poll that just ended is not reported as in progress.
                 session.handle_events(collector);
                 session.scan(collector);

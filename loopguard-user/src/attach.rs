@@ -12,7 +12,7 @@ use aya::programs::{RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, Config, MAX_BLOCKING_RANGES, MAX_USDT_SITES,
-    UsdtArg, UsdtSpec, arg_kind, names, usdt,
+    UsdtArg, UsdtSpec, arg_kind, config_flags, names, usdt,
 };
 
 use crate::discover::elf::PollCopy;
@@ -400,10 +400,14 @@ pub fn attach(
     requests: bool,
     wait_probes: WaitProbes,
     stacks: bool,
+    empty_programs: bool,
 ) -> Result<AttachedProbes, AttachError> {
     let pid = target.pid;
     let mut config = Config::zeroed();
     config.target_tgid = pid;
+    if empty_programs {
+        config.flags |= config_flags::EMPTY_PROGRAMS;
+    }
     config.report_floor_ns = report_floor_ns;
     let ranges = target.blocking_runtime_ranges();
     for (slot, range) in config.blocking_ranges.iter_mut().zip(&ranges) {

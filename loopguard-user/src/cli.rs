@@ -101,6 +101,11 @@ pub struct AttachArgs {
     pub pid: u32,
     #[command(flatten)]
     pub watch: WatchArgs,
+    /// Benchmark floor (`cargo xtask bench`): attach the same probes with
+    /// programs that return at once, and read nothing, so what remains is
+    /// the kernel's cost of entering them.
+    #[arg(long, hide = true)]
+    pub bench_empty_programs: bool,
 }
 
 #[derive(Debug, Args)]

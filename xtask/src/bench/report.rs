@@ -5,16 +5,18 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::{Endpoint, Measurement, Mode, Options, Plan, Results, median};
+use super::{Endpoint, Measurement, Mode, Options, Plan, Results, Variant, median};
 
-/// Issue #7: p99 latency attached at most 5 % above unattached.
-const P99_MAX_RATIO: f64 = 1.05;
+/// Issue #18: p99 latency attached at most 10 % above unattached.
+const P99_MAX_RATIO: f64 = 1.10;
 
-/// Issue #7's throughput targets: at most 3 % lost on the trivial endpoint
-/// and 1 % on the 1 ms one, at saturation (at a fixed rate the load
-/// generator, not the server, sets the throughput).
-fn throughput_min_ratio(endpoint: Endpoint, mode: Mode) -> Option<f64> {
+/// Issue #18's throughput targets at saturation (at a fixed rate the load
+/// generator, not the server, sets the throughput): the trivial endpoint
+/// keeps 90 % with requests named, 97 % without (`--no-requests`); the 1 ms
+/// one keeps 99 %.
+fn throughput_min_ratio(endpoint: Endpoint, mode: Mode, requests: bool) -> Option<f64> {
     match (endpoint, mode) {
+        (Endpoint::Trivial, Mode::Saturation) if requests => Some(0.90),
         (Endpoint::Trivial, Mode::Saturation) => Some(0.97),
         (Endpoint::Work, Mode::Saturation) => Some(0.99),
         _ => None,
@@ -36,7 +38,7 @@ pub fn progress_line(m: &Measurement, plan: &Plan) -> String {
         plan.rounds,
         m.endpoint.name(),
         m.mode.name(),
-        if m.attached { "attached" } else { "unattached" },
+        m.variant.name(),
         m.sample.rps,
         m.sample.p50_ms,
         m.sample.p99_ms,
@@ -47,7 +49,11 @@ pub fn progress_line(m: &Measurement, plan: &Plan) -> String {
     if m.sample.errors > 0 {
         let _ = write!(line, ", {} errors", m.sample.errors);
     }
-    let _ = write!(line, "; server {:.0}% CPU", m.server_cpu_pct);
+    let _ = write!(
+        line,
+        "; server {:.0}% CPU, {:.2} µs/request",
+        m.server_cpu_pct, m.server_us_per_request
+    );
     if let Some(cpu) = m.sample.load_cpu_pct {
         let tool = match m.mode {
             Mode::Saturation => "wrk",
@@ -79,18 +85,25 @@ pub struct Row {
     rate: Option<f64>,
     rounds: usize,
     unattached: [Option<f64>; 3],
+    floor: [Option<f64>; 3],
     attached: [Option<f64>; 3],
     /// Medians of the per-round ratios attached / unattached: rps, p50, p99.
     ratios: [Option<f64>; 3],
+    /// The same for the floor (empty programs) / unattached.
+    floor_ratios: [Option<f64>; 3],
     per_round: Vec<[f64; 3]>,
+    /// Median server CPU per request, µs: unattached, floor, attached.
+    server_us: [Option<f64>; 3],
     agent_cpu_pct: Option<f64>,
+    /// Requests are named (no `--no-requests`): the trivial target is 0.90.
+    requests: bool,
     /// What makes the row's figures suspect.
     notes: Vec<&'static str>,
 }
 
 impl Row {
     fn throughput_verdict(&self) -> Option<bool> {
-        let target = throughput_min_ratio(self.endpoint, self.mode)?;
+        let target = throughput_min_ratio(self.endpoint, self.mode, self.requests)?;
         Some(self.ratios[0]? >= target)
     }
 
@@ -113,37 +126,50 @@ impl Comparison {
     pub fn new(
         measurements: &[Measurement],
         endpoints: &[Endpoint],
-        server_cpus: usize,
-        load_cpus: usize,
+        (server_cpus, load_cpus): (usize, usize),
+        requests: bool,
     ) -> Self {
         let load_bound = LOAD_BOUND_PCT * load_cpus.max(1) as f64;
         let near_saturation = NEAR_SATURATION_PCT * server_cpus.max(1) as f64;
         let mut rows = Vec::new();
         for &endpoint in endpoints {
             for mode in [Mode::Saturation, Mode::Rate] {
-                let of = |attached: bool| -> BTreeMap<u32, &Measurement> {
+                let of = |variant: Variant| -> BTreeMap<u32, &Measurement> {
                     measurements
                         .iter()
                         .filter(|m| m.endpoint == endpoint && m.mode == mode)
-                        .filter(|m| m.attached == attached)
+                        .filter(|m| m.variant == variant)
                         .map(|m| (m.round, m))
                         .collect()
                 };
-                let (bare, probed) = (of(false), of(true));
-                let per_round: Vec<[f64; 3]> = bare
-                    .iter()
-                    .filter_map(|(round, b)| {
-                        let (b, a) = (metrics(b), metrics(probed.get(round)?));
-                        Some([a[0] / b[0], a[1] / b[1], a[2] / b[2]])
-                    })
-                    .collect();
+                let (bare, floor, probed) = (
+                    of(Variant::Unattached),
+                    of(Variant::Floor),
+                    of(Variant::Attached),
+                );
+                let ratios_to_bare = |set: &BTreeMap<u32, &Measurement>| -> Vec<[f64; 3]> {
+                    bare.iter()
+                        .filter_map(|(round, b)| {
+                            let (b, a) = (metrics(b), metrics(set.get(round)?));
+                            Some([a[0] / b[0], a[1] / b[1], a[2] / b[2]])
+                        })
+                        .collect()
+                };
+                let per_round = ratios_to_bare(&probed);
+                let floor_rounds = ratios_to_bare(&floor);
+                let medians = |rounds: &[[f64; 3]]| {
+                    [0, 1, 2].map(|i| median(&rounds.iter().map(|r| r[i]).collect::<Vec<_>>()))
+                };
+                let us_per_request = |set: &BTreeMap<u32, &Measurement>| {
+                    median(&set.values().map(|m| m.server_us_per_request).collect::<Vec<_>>())
+                };
                 let column = |set: &BTreeMap<u32, &Measurement>, i: usize| {
                     median(&set.values().map(|m| metrics(m)[i]).collect::<Vec<_>>())
                 };
                 let rates: Vec<f64> = bare.values().filter_map(|m| m.rate).collect();
                 let cpu: Vec<f64> = probed.values().filter_map(|m| m.agent_cpu_pct).collect();
                 let mut notes = Vec::new();
-                let all = || bare.values().chain(probed.values());
+                let all = || bare.values().chain(probed.values()).chain(floor.values());
                 if all().any(|m| m.sample.load_cpu_pct.is_some_and(|cpu| cpu >= load_bound)) {
                     notes.push("load generator CPU-bound");
                 }
@@ -163,12 +189,19 @@ impl Comparison {
                     rate: median(&rates),
                     rounds: per_round.len(),
                     unattached: [0, 1, 2].map(|i| column(&bare, i)),
+                    floor: [0, 1, 2].map(|i| column(&floor, i)),
                     attached: [0, 1, 2].map(|i| column(&probed, i)),
-                    ratios: [0, 1, 2]
-                        .map(|i| median(&per_round.iter().map(|r| r[i]).collect::<Vec<_>>())),
+                    ratios: medians(&per_round),
+                    floor_ratios: medians(&floor_rounds),
                     per_round,
+                    server_us: [
+                        us_per_request(&bare),
+                        us_per_request(&floor),
+                        us_per_request(&probed),
+                    ],
                     agent_cpu_pct: median(&cpu),
                     notes,
+                    requests,
                 });
             }
         }
@@ -199,7 +232,7 @@ impl Comparison {
         );
         let _ = writeln!(
             out,
-            "ratio = attached / unattached, the median over rounds of each round's ratio; fixed rates: {}",
+            "ratio = attached / unattached (floor: empty programs / unattached), the median over rounds of each round's ratio; fixed rates: {}",
             results
                 .rates
                 .iter()
@@ -266,14 +299,26 @@ impl Comparison {
     }
 
     fn throughput_table(&self, out: &mut String) {
-        let _ = writeln!(out, "\nthroughput (requests/s)");
         let _ = writeln!(
             out,
-            "{:<8} {:<11} {:<11} {:>11} {:>11} {:>7}  {:<11} {:>9}",
-            "endpoint", "path", "mode", "unattached", "attached", "ratio", "target", "agent CPU"
+            "\nthroughput (requests/s); floor = the same probes with empty programs; server µs/request = its CPU time per request served"
+        );
+        let _ = writeln!(
+            out,
+            "{:<8} {:<11} {:>10} {:>10} {:>10} {:>6} {:>6}  {:<11} {:>22} {:>9}",
+            "endpoint",
+            "mode",
+            "unattached",
+            "floor",
+            "attached",
+            "floor",
+            "ratio",
+            "target",
+            "server µs/req u/f/a",
+            "agent CPU"
         );
         for row in &self.rows {
-            let target = throughput_min_ratio(row.endpoint, row.mode).map_or_else(
+            let target = throughput_min_ratio(row.endpoint, row.mode, row.requests).map_or_else(
                 || "-".to_owned(),
                 |min| {
                     format!(
@@ -284,14 +329,21 @@ impl Comparison {
             );
             let _ = writeln!(
                 out,
-                "{:<8} {:<11} {:<11} {:>11} {:>11} {:>7}  {:<11} {:>9}",
+                "{:<8} {:<11} {:>10} {:>10} {:>10} {:>6} {:>6}  {:<11} {:>22} {:>9}",
                 row.endpoint.name(),
-                row.endpoint.path(),
                 row.mode.name(),
-                number(row.unattached[0], 1),
-                number(row.attached[0], 1),
+                number(row.unattached[0], 0),
+                number(row.floor[0], 0),
+                number(row.attached[0], 0),
+                number(row.floor_ratios[0], 3),
                 number(row.ratios[0], 3),
                 target,
+                format!(
+                    "{}/{}/{}",
+                    number(row.server_us[0], 2),
+                    number(row.server_us[1], 2),
+                    number(row.server_us[2], 2)
+                ),
                 row.agent_cpu_pct
                     .map_or_else(|| "-".to_owned(), |cpu| format!("{cpu:.1} %")),
             );
@@ -302,7 +354,7 @@ impl Comparison {
         let _ = writeln!(out, "\nlatency (ms)");
         let _ = writeln!(
             out,
-            "{:<8} {:<11} {:>9} {:>9} {:>6}  {:>9} {:>9} {:>6}  {:<11}",
+            "{:<8} {:<11} {:>9} {:>9} {:>6}  {:>9} {:>9} {:>6} {:>6}  {:<11}",
             "endpoint",
             "mode",
             "p50 unatt",
@@ -310,13 +362,14 @@ impl Comparison {
             "ratio",
             "p99 unatt",
             "p99 att",
+            "floor",
             "ratio",
             "target"
         );
         for row in &self.rows {
             let _ = writeln!(
                 out,
-                "{:<8} {:<11} {:>9} {:>9} {:>6}  {:>9} {:>9} {:>6}  ≤ {P99_MAX_RATIO:.2} {}",
+                "{:<8} {:<11} {:>9} {:>9} {:>6}  {:>9} {:>9} {:>6} {:>6}  ≤ {P99_MAX_RATIO:.2} {}",
                 row.endpoint.name(),
                 row.mode.name(),
                 number(row.unattached[1], 3),
@@ -324,6 +377,7 @@ impl Comparison {
                 number(row.ratios[1], 3),
                 number(row.unattached[2], 3),
                 number(row.attached[2], 3),
+                number(row.floor_ratios[2], 3),
                 number(row.ratios[2], 3),
                 verdict(row.p99_verdict().unwrap_or(false)),
             );
@@ -343,10 +397,13 @@ impl Comparison {
                     "rate": row.rate,
                     "rounds": row.rounds,
                     "unattached": triple(&row.unattached),
+                    "floor": triple(&row.floor),
                     "attached": triple(&row.attached),
+                    "floor_ratio": triple(&row.floor_ratios),
                     "ratio": triple(&row.ratios),
+                    "server_us_per_request": { "unattached": row.server_us[0], "floor": row.server_us[1], "attached": row.server_us[2] },
                     "per_round_ratios": row.per_round.iter().map(|r| json!({ "rps": r[0], "p50_ms": r[1], "p99_ms": r[2] })).collect::<Vec<_>>(),
-                    "throughput_min_ratio": throughput_min_ratio(row.endpoint, row.mode),
+                    "throughput_min_ratio": throughput_min_ratio(row.endpoint, row.mode, row.requests),
                     "throughput_pass": row.throughput_verdict(),
                     "p99_max_ratio": P99_MAX_RATIO,
                     "p99_pass": row.p99_verdict(),
