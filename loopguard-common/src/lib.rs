@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod hist;
+pub mod requests;
 pub mod stacks;
 
 /// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
@@ -102,6 +103,9 @@ pub mod config_flags {
     /// Every program returns at its first instruction: the benchmark's
     /// floor, what the kernel's probe entries cost with none of our work.
     pub const EMPTY_PROGRAMS: u64 = 1;
+    /// The request probes are attached: poll frames note the request
+    /// totals, so a stall's victims can be counted ([`crate::requests`]).
+    pub const REQUESTS: u64 = 1 << 1;
 }
 
 impl Config {
@@ -177,58 +181,6 @@ pub struct UsdtSpec {
 
 const _: () = assert!(core::mem::size_of::<UsdtArg>() == 24);
 
-/// Sent when `request_start` fires.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct RequestStartEvent {
-    /// [`EventKind::RequestStart`].
-    pub kind: u32,
-    pub pid: u32,
-    pub tid: u32,
-    /// [`frame_flags`] of the poll the probe fired in; [`frame_flags::NO_POLL`] outside any.
-    pub flags: u32,
-    /// ns, `CLOCK_MONOTONIC`.
-    pub ts_ns: u64,
-    /// Task id of the poll the probe fired in (0: unknown).
-    pub task_id: u64,
-    /// Task header of that poll.
-    pub header: u64,
-    /// Request id the middleware chose.
-    pub request_id: u64,
-    /// First probe argument: the middleware's layout version.
-    pub layout: u64,
-    /// Lengths the application passed (may exceed the buffers: truncated).
-    pub method_len: u32,
-    pub route_len: u32,
-    pub path_len: u32,
-    pub pad: u32,
-    pub method: [u8; METHOD_BYTES],
-    pub route: [u8; ROUTE_BYTES],
-    pub path: [u8; PATH_BYTES],
-}
-
-/// Sent when `request_end` fires.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RequestEndEvent {
-    /// [`EventKind::RequestEnd`].
-    pub kind: u32,
-    pub pid: u32,
-    pub tid: u32,
-    /// HTTP status, 0 when no response was produced.
-    pub status: u32,
-    /// ns, `CLOCK_MONOTONIC`.
-    pub ts_ns: u64,
-    pub request_id: u64,
-    /// First probe argument: the middleware's layout version.
-    pub layout: u64,
-}
-
-const _: () = assert!(
-    core::mem::size_of::<RequestStartEvent>() == 72 + METHOD_BYTES + ROUTE_BYTES + PATH_BYTES
-);
-const _: () = assert!(core::mem::size_of::<RequestEndEvent>() == 40);
-
 /// Flags on a [`PollFrame`] and a [`PollEvent`].
 pub mod frame_flags {
     /// The poll returned into blocking-pool code (a `spawn_blocking` closure,
@@ -240,7 +192,7 @@ pub mod frame_flags {
     /// The task id could not be read (unverified vtable layout or a failed
     /// read): `task_id` holds 0.
     pub const NO_TASK_ID: u32 = 1 << 2;
-    /// On a [`super::RequestStartEvent`]: the probe fired outside any poll
+    /// On a [`super::requests::RequestEntry`]: the probe fired outside any poll
     /// loopguard saw (the poll began before attaching, or the middleware runs
     /// outside a task).
     pub const NO_POLL: u32 = 1 << 3;
@@ -266,6 +218,9 @@ pub struct PollFrame {
     pub flags: u32,
     /// The thread's [`ThreadPolls::preempted_ns`] at poll entry.
     pub preempted_at_entry: u64,
+    /// [`requests::RequestTotals::ended`] at poll entry (0 when requests are
+    /// not tracked).
+    pub requests_ended_at_entry: u64,
 }
 
 /// A thread's stack of in-flight polls (value of [`names::THREAD_POLLS`]).
@@ -288,6 +243,35 @@ pub struct ThreadPolls {
     /// was not, or that wait is already counted).
     pub preempted_since_ns: u64,
     pub frames: [PollFrame; MAX_POLL_DEPTH],
+}
+
+impl PollFrame {
+    pub const fn zeroed() -> Self {
+        Self {
+            start_ns: 0,
+            task_id: 0,
+            header: 0,
+            return_addr: 0,
+            copy_index: 0,
+            flags: 0,
+            preempted_at_entry: 0,
+            requests_ended_at_entry: 0,
+        }
+    }
+}
+
+impl ThreadPolls {
+    pub const fn zeroed() -> Self {
+        Self {
+            depth: 0,
+            pad: 0,
+            busy_ns: 0,
+            task_polls: 0,
+            preempted_ns: 0,
+            preempted_since_ns: 0,
+            frames: [PollFrame::zeroed(); MAX_POLL_DEPTH],
+        }
+    }
 }
 
 /// What the wait probes keep per thread (value of [`names::THREAD_LOOPS`]).
@@ -353,12 +337,10 @@ const _: () = assert!(core::mem::size_of::<LoopEvent>() == 40);
 pub enum EventKind {
     /// A worker poll that lasted at least the report floor has returned.
     PollEnd = 1,
-    /// [`RequestStartEvent`].
-    RequestStart = 2,
-    /// [`RequestEndEvent`].
-    RequestEnd = 3,
     /// [`LoopEvent`].
     LoopBusy = 4,
+    /// [`requests::RouteName`]: the first start of a route.
+    RouteName = 5,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -367,9 +349,8 @@ impl TryFrom<u32> for EventKind {
     fn try_from(value: u32) -> Result<Self, u32> {
         match value {
             1 => Ok(Self::PollEnd),
-            2 => Ok(Self::RequestStart),
-            3 => Ok(Self::RequestEnd),
             4 => Ok(Self::LoopBusy),
+            5 => Ok(Self::RouteName),
             other => Err(other),
         }
     }
@@ -404,11 +385,16 @@ pub struct PollEvent {
     /// ns of `duration_ns` the thread spent preempted (runnable, switched
     /// out): the scheduler's time, not the poll's.
     pub preempted_ns: u64,
+    /// [`requests::RequestTotals::ended`] at poll entry and
+    /// [`requests::RequestTotals::started`] at its return: the requests
+    /// counted between them were in flight during the poll.
+    pub requests_ended_at_entry: u64,
+    pub requests_started_at_exit: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PollEvent>() == 72);
-const _: () = assert!(core::mem::size_of::<PollFrame>() == 48);
-const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 40 + 48 * MAX_POLL_DEPTH);
+const _: () = assert!(core::mem::size_of::<PollEvent>() == 88);
+const _: () = assert!(core::mem::size_of::<PollFrame>() == 56);
+const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 40 + 56 * MAX_POLL_DEPTH);
 
 /// Indices into [`names::COUNTERS`]. (Worker polls are not counted here:
 /// the [`names::POLL_HISTOGRAM`] holds every one, its total is the count.)
@@ -441,4 +427,8 @@ mod pod {
     unsafe impl aya::Pod for super::hist::PollHistogram {}
     unsafe impl aya::Pod for super::LoopState {}
     unsafe impl aya::Pod for super::LoopEvent {}
+    unsafe impl aya::Pod for super::requests::RequestEntry {}
+    unsafe impl aya::Pod for super::requests::RecentEnds {}
+    unsafe impl aya::Pod for super::requests::RouteStats {}
+    unsafe impl aya::Pod for super::requests::RequestTotals {}
 }

@@ -7,10 +7,11 @@
 //!   per-CPU log-linear histogram, adds a task poll's time to the thread's
 //!   busy total and, only when a worker poll lasted at least the report
 //!   floor, sends one `PollEvent` through the ring buffer.
-//! - `request_start` / `request_end` (uprobes on the `loopguard:*` USDT
-//!   sites the middleware leaves) read the probe arguments as the agent
-//!   decoded them (`USDT_SPECS`) and send the request, with the task being
-//!   polled when it started, through the ring buffer.
+//! - `request_start` / `request_end` ([`requests`], uprobes on the
+//!   `loopguard:*` USDT sites the middleware leaves) keep in-flight requests
+//!   in maps by task and count them; a poll frame notes the request totals
+//!   at entry and a slow poll's event at exit, so a stall's victims are
+//!   counted without a record per request.
 //! - `wait_enter` / `wait_exit` ([`wait`]) time each event-loop thread's
 //!   waits for events and the busy stretches between them.
 //! - `thread_exit` (raw tracepoint `sched_process_exit`, which needs no
@@ -30,22 +31,22 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{self, bpf_get_attach_cookie},
+        generated::bpf_get_attach_cookie,
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+mod requests;
 mod stacks;
 mod wait;
 
 use loopguard_common::{
     COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
-    EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS, MAX_USDT_SITES,
-    PollEvent, PollFrame, RequestEndEvent, RequestStartEvent, ThreadPolls, UsdtArg, UsdtSpec,
-    arg_kind, config_flags, frame_flags,
+    EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS, PollEvent,
+    PollFrame, ThreadPolls, config_flags, frame_flags,
     hist::{self, PollHistogram},
 };
 
@@ -54,10 +55,14 @@ use loopguard_common::{
 static CONFIG: Config = Config::zeroed();
 
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// A thread's first poll stack.
+static EMPTY_POLLS: ThreadPolls = ThreadPolls::zeroed();
 
 #[map]
-static THREAD_POLLS: HashMap<u32, ThreadPolls> = HashMap::with_max_entries(MAX_THREADS, 0);
+pub(crate) static THREAD_POLLS: HashMap<u32, ThreadPolls> =
+    HashMap::with_max_entries(MAX_THREADS, 0);
 
 /// One entry per CPU holding every slot, so the agent reads it in one lookup.
 #[map]
@@ -66,23 +71,9 @@ static POLL_HISTOGRAM: PerCpuArray<PollHistogram> = PerCpuArray::with_max_entrie
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Submit flags for request records: no wakeup (the agent drains the ring
-/// every scan interval), unless the ring is filling up. Waking the reader
-/// costs an irq_work (a self-IPI, a VM exit under virtualisation) and was
-/// most of `request_start`'s cost when every record woke the agent.
-#[inline(always)]
-fn quiet_submit_flags() -> u64 {
-    let pending = EVENTS.query(u64::from(aya_ebpf::bindings::BPF_RB_AVAIL_DATA));
-    if pending > u64::from(EVENTS_RING_BYTES / 4) {
-        u64::from(aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP)
-    } else {
-        u64::from(aya_ebpf::bindings::BPF_RB_NO_WAKEUP)
-    }
-}
-
 /// Polls and busy stretches at least this long (ns) are sent to the agent.
 #[inline(always)]
-fn report_floor_ns() -> u64 {
+pub(crate) fn report_floor_ns() -> u64 {
     // SAFETY: a plain read of a global the loader patched before load.
     unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) }
 }
@@ -96,8 +87,16 @@ pub(crate) fn empty_programs() -> bool {
     flags & config_flags::EMPTY_PROGRAMS != 0
 }
 
+/// The request probes are attached ([`config_flags::REQUESTS`]).
 #[inline(always)]
-fn target_tgid() -> u32 {
+fn tracks_requests() -> bool {
+    // SAFETY: a plain read of a global the loader patched before load.
+    let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
+    flags & config_flags::REQUESTS != 0
+}
+
+#[inline(always)]
+pub(crate) fn target_tgid() -> u32 {
     // SAFETY: a plain read of a global the loader patched before load.
     unsafe { core::ptr::read_volatile(&raw const CONFIG.target_tgid) }
 }
@@ -105,13 +104,13 @@ fn target_tgid() -> u32 {
 /// Adds `n` to a per-CPU slot atomically: a program can be preempted by
 /// another on the same CPU, and a plain `+=` would lose one of the two.
 #[inline(always)]
-fn add(slot: *mut u64, n: u64) {
+pub(crate) fn add(slot: *mut u64, n: u64) {
     // SAFETY: `slot` is a valid, aligned map value pointer for this run.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
 }
 
 #[inline(always)]
-fn add_one(slot: *mut u64) {
+pub(crate) fn add_one(slot: *mut u64) {
     add(slot, 1);
 }
 
@@ -132,7 +131,7 @@ fn last_switch_ns() -> u64 {
 }
 
 #[inline(always)]
-fn bump(counter: Counter) {
+pub(crate) fn bump(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         add_one(slot);
     }
@@ -157,7 +156,7 @@ fn count_poll(duration_ns: u64) {
 /// the mask where a branch already bounds `i`, computes the address before
 /// that branch, and the verifier then rejects the unbounded access.
 #[inline(always)]
-fn frame_index(i: usize) -> usize {
+pub(crate) fn frame_index(i: usize) -> usize {
     let masked = i & (MAX_POLL_DEPTH - 1);
     // SAFETY: a volatile read of a local.
     unsafe { core::ptr::read_volatile(&raw const masked) }
@@ -241,13 +240,23 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
         copy_index: (cookie >> 32) as u32,
         flags,
         preempted_at_entry: 0,
+        requests_ended_at_entry: if tracks_requests() {
+            requests::totals().1
+        } else {
+            0
+        },
     };
 
     let stack = match THREAD_POLLS.get_ptr_mut(tid) {
         Some(stack) => stack,
         None => {
-            let empty = ThreadPolls::default();
-            if THREAD_POLLS.insert(tid, empty, 0).is_err() {
+            // From a zeroed global: a stack copy would not fit beside the frame.
+            #[expect(
+                clippy::needless_borrows_for_generic_args,
+                reason = "no copy on the BPF stack"
+            )]
+            let inserted = THREAD_POLLS.insert(tid, &EMPTY_POLLS, 0);
+            if inserted.is_err() {
                 bump(Counter::ThreadMapFull);
                 return Ok(());
             }
@@ -351,169 +360,14 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
         copy_index: frame.copy_index,
         depth: depth as u32 + 1,
         preempted_ns: preempted_ns.min(duration_ns),
+        requests_ended_at_entry: frame.requests_ended_at_entry,
+        requests_started_at_exit: if tracks_requests() {
+            requests::totals().0
+        } else {
+            0
+        },
     });
     entry.submit(0);
-    Ok(())
-}
-
-#[map]
-static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_USDT_SITES, 0);
-
-/// The probed thread's saved registers (`struct pt_regs`, 21 words on
-/// x86-64), copied once per USDT hit with constant-offset context loads: one
-/// copy instead of a helper call per argument.
-type SavedRegs = [u64; 21];
-
-/// Reads one USDT argument as its spec says, truncated and sign-extended.
-#[inline(always)]
-fn usdt_arg(regs: &SavedRegs, arg: &UsdtArg) -> u64 {
-    let register = || {
-        regs.get(usize::from(arg.reg_offset & 0xff) / 8)
-            .copied()
-            .unwrap_or(0)
-    };
-    let raw = match arg.kind {
-        arg_kind::REGISTER => register(),
-        arg_kind::MEMORY => {
-            let address = (register() as i64).wrapping_add(arg.value) as u64;
-            // SAFETY: bpf_probe_read_user tolerates any address.
-            unsafe { bpf_probe_read_user(address as *const u64) }.unwrap_or(0)
-        }
-        arg_kind::IMMEDIATE => arg.value as u64,
-        _ => 0,
-    };
-    match (arg.size, arg.signed != 0) {
-        (1, false) => raw & 0xff,
-        (1, true) => i64::from(raw as u8 as i8) as u64,
-        (2, false) => raw & 0xffff,
-        (2, true) => i64::from(raw as u16 as i16) as u64,
-        (4, false) => raw & 0xffff_ffff,
-        (4, true) => i64::from(raw as u32 as i32) as u64,
-        _ => raw,
-    }
-}
-
-/// Copies at most `N` bytes of a user string into `buf`.
-#[inline(always)]
-fn read_user_str<const N: usize>(ptr: u64, len: u64, buf: *mut [u8; N]) {
-    let n = if len > N as u64 { N as u64 } else { len };
-    if ptr == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: `buf` has room for N >= n bytes; the helper tolerates any source.
-    unsafe {
-        generated::bpf_probe_read_user(buf.cast(), n as u32, ptr as *const core::ffi::c_void)
-    };
-}
-
-/// The task id, header and flags of the poll on top of `tid`'s stack.
-#[inline(always)]
-fn current_poll(tid: u32) -> (u64, u64, u32) {
-    // SAFETY: a read-only look at the map value.
-    let Some(stack) = (unsafe { THREAD_POLLS.get(tid) }) else {
-        return (0, 0, frame_flags::NO_POLL);
-    };
-    let depth = stack.depth as usize;
-    if depth == 0 || depth > MAX_POLL_DEPTH {
-        return (0, 0, frame_flags::NO_POLL);
-    }
-    match stack.frames.get(frame_index(depth - 1)) {
-        Some(frame) => (frame.task_id, frame.header, frame.flags),
-        None => (0, 0, frame_flags::NO_POLL),
-    }
-}
-
-#[uprobe]
-pub fn request_start(ctx: ProbeContext) -> u32 {
-    if empty_programs() {
-        return 0;
-    }
-    let _ = try_request_start(&ctx);
-    0
-}
-
-/// The firing thread (tgid, tid) and the argument specs of the USDT site
-/// that fired, or `None` for another process.
-#[inline(always)]
-fn usdt_site(ctx: &ProbeContext) -> Option<(u32, u32, &'static UsdtSpec)> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid != target_tgid() {
-        return None;
-    }
-    // SAFETY: the helper only reads the cookie of the link that fired.
-    let site = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
-    Some((tgid, pid_tgid as u32, USDT_SPECS.get(site)?))
-}
-
-fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
-    let Some((tgid, tid, spec)) = usdt_site(ctx) else {
-        return Ok(());
-    };
-    // SAFETY: a uprobe's context is the thread's `pt_regs`, readable in full.
-    let regs: SavedRegs = unsafe { core::ptr::read(ctx.regs.cast::<SavedRegs>()) };
-    let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(&regs, arg));
-    let Some(mut entry) = EVENTS.reserve::<RequestStartEvent>(0) else {
-        bump(Counter::DroppedEvents);
-        return Ok(());
-    };
-    let (task_id, header, flags) = current_poll(tid);
-    let event = entry.as_mut_ptr();
-    let (method_len, route_len, path_len) = (arg(3), arg(5), arg(7));
-    // SAFETY: `event` points at the reserved record, written field by field.
-    unsafe {
-        (*event).kind = EventKind::RequestStart as u32;
-        (*event).pid = tgid;
-        (*event).tid = tid;
-        (*event).flags = flags;
-        (*event).ts_ns = bpf_ktime_get_ns();
-        (*event).task_id = task_id;
-        (*event).header = header;
-        (*event).request_id = arg(1);
-        (*event).layout = arg(0);
-        (*event).method_len = method_len as u32;
-        (*event).route_len = route_len as u32;
-        (*event).path_len = path_len as u32;
-        (*event).pad = 0;
-        read_user_str(arg(2), method_len, &raw mut (*event).method);
-        read_user_str(arg(4), route_len, &raw mut (*event).route);
-        read_user_str(arg(6), path_len, &raw mut (*event).path);
-    }
-    entry.submit(quiet_submit_flags());
-    Ok(())
-}
-
-#[uprobe]
-pub fn request_end(ctx: ProbeContext) -> u32 {
-    if empty_programs() {
-        return 0;
-    }
-    let _ = try_request_end(&ctx);
-    0
-}
-
-fn try_request_end(ctx: &ProbeContext) -> Result<(), i64> {
-    let Some((tgid, tid, spec)) = usdt_site(ctx) else {
-        return Ok(());
-    };
-    // SAFETY: a uprobe's context is the thread's `pt_regs`, readable in full.
-    let regs: SavedRegs = unsafe { core::ptr::read(ctx.regs.cast::<SavedRegs>()) };
-    let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(&regs, arg));
-    let event = RequestEndEvent {
-        kind: EventKind::RequestEnd as u32,
-        pid: tgid,
-        tid,
-        status: arg(2) as u32,
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        request_id: arg(1),
-        layout: arg(0),
-    };
-    if EVENTS
-        .output::<RequestEndEvent>(&event, quiet_submit_flags())
-        .is_err()
-    {
-        bump(Counter::DroppedEvents);
-    }
     Ok(())
 }
 

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use loopguard_common::{Counter, ThreadPolls, usdt};
+use loopguard_common::{Counter, ThreadPolls};
 
 use crate::alerts::{self, Offending};
 use crate::attach::{WaitPath, WaitProbes};
-use crate::attribute::RequestTracker;
-use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
+use crate::attribute::{self, Request, RouteNames, RouteTable, Victims};
+use crate::collect::{CollectError, Collector, RawEvent, RequestMaps, monotonic_ns};
 use crate::detect::{
     Culprit, DetectSettings, Finding, RouteFilter, Stall, StallKind, ThresholdEngine,
 };
@@ -101,7 +101,7 @@ struct Printer<'t> {
 const VICTIMS_LISTED: usize = 20;
 
 impl Printer<'_> {
-    fn context(&mut self, stall: &Stall, requests: &RequestTracker) -> StallContext {
+    fn context(&mut self, stall: &Stall, requests: &RequestView) -> StallContext {
         let target = self.target;
         let polled_from = self
             .callers
@@ -109,11 +109,7 @@ impl Printer<'_> {
             .or_insert_with(|| target.function_at(stall.return_addr).map(str::to_owned))
             .clone();
         let request = requests.culprit(stall.task_id, stall.start_ns);
-        let victims = requests.victims(
-            request.map(|r| r.id),
-            stall.start_ns,
-            stall.start_ns + stall.duration_ns,
-        );
+        let victims = requests.victims(stall, request.as_ref());
         StallContext {
             thread: proc::thread_name(target.pid, stall.tid),
             poll_fn: target
@@ -123,14 +119,9 @@ impl Printer<'_> {
                 .map(|copy| copy.name.clone())
                 .unwrap_or_default(),
             polled_from,
-            request: request.cloned(),
+            request,
             victim_count: victims.count,
-            victims: victims
-                .named
-                .into_iter()
-                .take(VICTIMS_LISTED)
-                .cloned()
-                .collect(),
+            victims: victims.named,
             stack: None,
         }
     }
@@ -179,6 +170,63 @@ impl Printer<'_> {
     }
 }
 
+/// What the kernel holds of requests, named (`None` maps: not tracked).
+struct RequestView<'a> {
+    maps: Option<&'a RequestMaps>,
+    names: &'a RouteNames,
+}
+
+impl RequestView<'_> {
+    /// The request task `task_id` served during a poll that began at `start_ns`.
+    fn culprit(&self, task_id: Option<u64>, start_ns: u64) -> Option<Request> {
+        let (maps, task) = (self.maps?, task_id?);
+        let name = |entry: loopguard_common::requests::RequestEntry| {
+            attribute::request(&entry, self.names)
+        };
+        let ended = maps.ended_in_poll(task).map(name);
+        let serving = maps.serving(task).map(name);
+        let found = attribute::culprit(task, start_ns, ended, serving, &[]);
+        if found.is_some() {
+            return found;
+        }
+        // Ended since, in a poll too short to keep it by task.
+        let recent: Vec<Request> = maps
+            .recent_ends()
+            .into_iter()
+            .filter(|entry| entry.task_id == task)
+            .map(name)
+            .collect();
+        attribute::culprit(task, start_ns, None, None, &recent)
+    }
+
+    /// The other requests in flight during `stall`: counted in the kernel,
+    /// named while it still knows them.
+    fn victims(&self, stall: &Stall, culprit: Option<&Request>) -> Victims {
+        let Some(maps) = self.maps else {
+            return Victims::default();
+        };
+        let overlapping = stall
+            .requests_window
+            .map_or(0, |(ended_at_start, started_at_end)| {
+                started_at_end
+                    .unwrap_or_else(|| maps.totals().started)
+                    .saturating_sub(ended_at_start)
+            });
+        let known = maps
+            .in_flight()
+            .into_iter()
+            .chain(maps.recent_ends())
+            .map(|entry| attribute::request(&entry, self.names));
+        attribute::victims(
+            overlapping,
+            culprit,
+            known,
+            (stall.start_ns, stall.start_ns + stall.duration_ns),
+            VICTIMS_LISTED,
+        )
+    }
+}
+
 /// Feeds the metrics the values only the kernel's maps hold.
 struct MetricsFeed {
     metrics: Arc<Metrics>,
@@ -200,12 +248,15 @@ struct Session<'t> {
     offending: Offending,
     /// ns when the adaptive rule last read the histogram.
     histogram_read_ns: u64,
-    requests: RequestTracker,
+    /// The kernel's request maps, when the request probes are attached.
+    request_maps: Option<RequestMaps>,
+    route_names: RouteNames,
+    route_stalls: RouteTable,
+    /// The probe layout mismatch was said.
+    layout_said: bool,
     printer: Printer<'t>,
     summary: Summary,
     events: Vec<RawEvent>,
-    /// Request events whose probe layout this agent does not know.
-    layout_mismatches: u64,
     metrics: Option<MetricsFeed>,
     stacks: Option<Stacks>,
     /// Threads that have polled a task (at the last scan): their polls, not
@@ -221,13 +272,14 @@ const CENSUS_MAX: Duration = Duration::from_millis(500);
 /// How long a stop may take to explain a target's exit.
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
-/// Requests tracked at once; beyond it the oldest is dropped and counted.
-const REQUESTS_TRACKED: usize = 65_536;
-
 impl Session<'_> {
     fn report(&mut self, finding: &Finding) {
+        let view = RequestView {
+            maps: self.request_maps.as_ref(),
+            names: &self.route_names,
+        };
         let mut context = match finding.stall() {
-            Some(stall) => self.printer.context(stall, &self.requests),
+            Some(stall) => self.printer.context(stall, &view),
             None => StallContext::default(),
         };
         if let Some(stall) = finding.stall()
@@ -244,7 +296,7 @@ impl Session<'_> {
             self.loops.note_poll_stall(stall.tid, stall.start_ns);
         }
         if let Finding::Finished { stall, .. } = finding {
-            self.requests
+            self.route_stalls
                 .record_stall(context.request.as_ref(), stall.duration_ns);
             if let Some(feed) = &self.metrics {
                 feed.metrics.record(
@@ -305,7 +357,11 @@ impl Session<'_> {
         };
         for (mut stall, stack) in found {
             stall.threshold_ns = self.engine.threshold_ns();
-            let mut context = self.printer.context(&stall, &self.requests);
+            let view = RequestView {
+                maps: self.request_maps.as_ref(),
+                names: &self.route_names,
+            };
+            let mut context = self.printer.context(&stall, &view);
             context.stack = Some(stack);
             let finding = Finding::InProgress(stall);
             self.summary.record(&finding, false);
@@ -313,18 +369,21 @@ impl Session<'_> {
         }
     }
 
-    fn check_layout(&mut self, layout: u64) -> bool {
-        if layout == usdt::LAYOUT_VERSION {
-            return true;
-        }
-        if self.layout_mismatches == 0 {
+    /// Says once that the app's middleware fires a probe layout this agent
+    /// does not read (the kernel ignores those hits and counts them).
+    fn check_layout(&mut self) {
+        let Some(maps) = &self.request_maps else {
+            return;
+        };
+        let totals = maps.totals();
+        if totals.layout_mismatches > 0 && !self.layout_said {
+            self.layout_said = true;
             crate::diag!(
-                "loopguard: error: the app's loopguard-middleware fires probe layout {layout}, this loopguard reads layout {}; requests are not attributed (use matching versions)",
-                usdt::LAYOUT_VERSION
+                "loopguard: error: the app's loopguard-middleware fires probe layout {}, this loopguard reads layout {}; requests are not attributed (use matching versions)",
+                totals.last_bad_layout,
+                loopguard_common::usdt::LAYOUT_VERSION
             );
         }
-        self.layout_mismatches += 1;
-        false
     }
 
     /// Handles everything queued in the ring buffer, in order.
@@ -334,9 +393,13 @@ impl Session<'_> {
         for event in &events {
             match event {
                 RawEvent::PollEnd(poll) => {
-                    let (requests, routes) = (&self.requests, &self.routes);
+                    let view = RequestView {
+                        maps: self.request_maps.as_ref(),
+                        names: &self.route_names,
+                    };
+                    let routes = &self.routes;
                     let finding = self.engine.on_poll_end(poll, |task_id, start_ns| {
-                        culprit(requests, routes, task_id, start_ns)
+                        culprit(&view, routes, task_id, start_ns)
                     });
                     if let Some(finding) = finding {
                         self.report(&finding);
@@ -357,23 +420,8 @@ impl Session<'_> {
                         }
                     }
                 }
-                RawEvent::RequestStart { request, layout } => {
-                    if self.check_layout(*layout) {
-                        if let Some(feed) = &self.metrics {
-                            feed.metrics.request_started(request);
-                        }
-                        self.requests.start(request.clone());
-                    }
-                }
-                RawEvent::RequestEnd {
-                    id,
-                    status,
-                    ts_ns,
-                    layout,
-                } => {
-                    if self.check_layout(*layout) {
-                        self.requests.end(*id, *status, *ts_ns);
-                    }
+                RawEvent::RouteName { key, method, route } => {
+                    self.route_names.insert(*key, method.clone(), route.clone());
                 }
             }
         }
@@ -382,6 +430,7 @@ impl Session<'_> {
     }
 
     fn scan(&mut self, collector: &Collector) {
+        self.check_layout();
         let now_ns = monotonic_ns();
         let threads = collector.snapshot();
         self.polling_threads.clear();
@@ -470,7 +519,19 @@ impl Session<'_> {
                 || loops.iter().any(|(alive, _)| alive == tid)
         });
         let counters = collector.counters();
-        let tracker = &self.requests;
+        let totals = self
+            .request_maps
+            .as_ref()
+            .map(RequestMaps::totals)
+            .unwrap_or_default();
+        if let Some(maps) = &self.request_maps {
+            let names = &self.route_names;
+            feed.metrics
+                .set_requests_started(maps.route_counts().into_iter().map(|(key, started)| {
+                    let (method, route) = names.get(key).unwrap_or(("?", None));
+                    (method.to_owned(), route.map(str::to_owned), started)
+                }));
+        }
         feed.metrics.set_live(LiveState {
             histogram: collector.histogram(),
             lost: vec![
@@ -482,14 +543,14 @@ impl Session<'_> {
                 ("poll_stack_overflow", counters.get(Counter::StackOverflow)),
                 ("thread_map_full", counters.get(Counter::ThreadMapFull)),
                 ("malformed_record", collector.malformed),
-                ("request_evicted", tracker.evicted),
-                ("request_end_without_start", tracker.unmatched_ends),
-                ("request_start_outside_poll", tracker.unattributable_starts),
-                ("request_probe_layout_mismatch", self.layout_mismatches),
+                ("request_evicted", totals.replaced),
+                ("request_end_without_start", totals.unmatched_ends),
+                ("request_start_outside_poll", totals.outside_poll),
+                ("request_probe_layout_mismatch", totals.layout_mismatches),
             ],
             threads: busy,
             loop_threads: loop_busy,
-            requests_in_flight: tracker.in_flight() as u64,
+            requests_in_flight: totals.started.saturating_sub(totals.ended),
             stuck_polls: stuck,
             stuck_longest_ns: longest,
         });
@@ -524,9 +585,9 @@ fn tell_metrics(metrics: &Metrics, finding: &Finding) {
 }
 
 /// The request a task served during a poll that began at `start_ns`, and
-/// whether its route is excluded: through the tracker's query API only.
+/// whether its route is excluded.
 fn culprit(
-    requests: &RequestTracker,
+    requests: &RequestView,
     routes: &RouteFilter,
     task_id: Option<u64>,
     start_ns: u64,
@@ -534,16 +595,13 @@ fn culprit(
     let Some(request) = requests.culprit(task_id, start_ns) else {
         return (None, false);
     };
-    let route = request
-        .route
-        .clone()
-        .unwrap_or_else(|| request.path.clone());
+    let route = request.route.unwrap_or_else(|| request.path.clone());
     let excluded = routes.excludes(&route);
     let culprit = Culprit {
         id: request.id,
-        method: request.method.clone(),
+        method: request.method,
         route,
-        path: request.path.clone(),
+        path: request.path,
     };
     (Some(culprit), excluded)
 }
@@ -674,6 +732,51 @@ fn rules_text(detect: &DetectSettings) -> String {
     text
 }
 
+impl<'t> Session<'t> {
+    fn new(
+        target: &'t ProbeTarget,
+        collector: &mut Collector,
+        stacks: Option<Stacks>,
+        options: &WatchOptions,
+    ) -> Self {
+        Session {
+            engine: ThresholdEngine::new(options.detect.clone()),
+            // Loop stalls keep the fixed threshold: the adaptive baseline is
+            // of task polls.
+            loops: LoopDetector::new(options.detect.threshold_ns, options.loop_threads.clone()),
+            routes: options.routes.clone(),
+            offending: Offending::default(),
+            histogram_read_ns: 0,
+            request_maps: collector
+                .requests
+                .take()
+                .filter(|_| options.requests && !target.binary.usdt_sites.is_empty()),
+            route_names: RouteNames::default(),
+            route_stalls: RouteTable::default(),
+            layout_said: false,
+            printer: Printer {
+                target,
+                format: options.format,
+                callers: HashMap::new(),
+            },
+            summary: Summary::default(),
+            events: Vec::new(),
+            metrics: options.metrics.as_ref().map(|metrics| {
+                metrics.set_threshold_ns(options.detect.threshold_ns);
+                MetricsFeed {
+                    metrics: Arc::clone(metrics),
+                    busy: BusyTracker::default(),
+                    loop_busy: BusyTracker::default(),
+                    names: HashMap::new(),
+                    last_refresh: None,
+                }
+            }),
+            stacks,
+            polling_threads: HashSet::new(),
+        }
+    }
+}
+
 /// Watches until `stop` resolves (or the target exits).
 pub async fn watch(
     target: &ProbeTarget,
@@ -683,36 +786,7 @@ pub async fn watch(
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, CollectError> {
     let started = Instant::now();
-    let mut session = Session {
-        engine: ThresholdEngine::new(options.detect.clone()),
-        // Loop stalls keep the fixed threshold: the adaptive baseline is
-        // of task polls.
-        loops: LoopDetector::new(options.detect.threshold_ns, options.loop_threads.clone()),
-        routes: options.routes.clone(),
-        offending: Offending::default(),
-        histogram_read_ns: 0,
-        requests: RequestTracker::new(REQUESTS_TRACKED),
-        printer: Printer {
-            target,
-            format: options.format,
-            callers: HashMap::new(),
-        },
-        summary: Summary::default(),
-        events: Vec::new(),
-        layout_mismatches: 0,
-        metrics: options.metrics.as_ref().map(|metrics| {
-            metrics.set_threshold_ns(options.detect.threshold_ns);
-            MetricsFeed {
-                metrics: Arc::clone(metrics),
-                busy: BusyTracker::default(),
-                loop_busy: BusyTracker::default(),
-                names: HashMap::new(),
-                last_refresh: None,
-            }
-        }),
-        stacks,
-        polling_threads: HashSet::new(),
-    };
+    let mut session = Session::new(target, collector, stacks, options);
     if let Some(stacks) = &mut session.stacks {
         let window =
             Duration::from_nanos(options.detect.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
@@ -771,7 +845,10 @@ pub async fn watch(
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.stop_reason = reason.as_str();
-    summary.requests = RequestSummary::from_tracker(&session.requests, session.layout_mismatches);
+    summary.requests = RequestSummary::new(
+        session.request_maps.as_ref().map(RequestMaps::totals),
+        &session.route_stalls,
+    );
     summary.stacks = finish_stacks(session.stacks.as_ref(), options.folded.as_deref());
     if collector.malformed > 0 {
         tracing::warn!(

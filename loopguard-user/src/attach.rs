@@ -408,6 +408,9 @@ pub fn attach(
     if empty_programs {
         config.flags |= config_flags::EMPTY_PROGRAMS;
     }
+    if requests && !target.binary.usdt_sites.is_empty() {
+        config.flags |= config_flags::REQUESTS;
+    }
     config.report_floor_ns = report_floor_ns;
     let ranges = target.blocking_runtime_ranges();
     for (slot, range) in config.blocking_ranges.iter_mut().zip(&ranges) {

@@ -1,14 +1,16 @@
 //! Attribute: which HTTP request a stall belongs to, and which requests had
 //! to wait behind it.
 //!
-//! Input: request starts and ends from the middleware's USDT probes (each
-//! start carries the Tokio task that was being polled when it fired), and
-//! stalls. Output: the culprit request of a stall (the one its task was
-//! serving) and its victims (every other request in flight on the process
-//! while the worker was blocked). Events arrive in ring buffer order, which
-//! is the order they happened in.
+//! Input: what the kernel keeps of requests (`loopguard_common::requests`):
+//! in-flight requests by task, recent ends, requests that ended inside a
+//! long poll, the names of routes (sent once each), and a stall's count of
+//! overlapping requests. Output: the culprit request of a stall (the one its
+//! task was serving) and its victims (every other request in flight on the
+//! process while the worker was blocked). Pure: the agent reads the maps.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
+
+use loopguard_common::requests::RequestEntry;
 
 /// One HTTP request as the middleware described it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,12 +41,13 @@ impl Request {
 }
 
 /// The victims of one stall.
-#[derive(Debug)]
-pub struct Victims<'a> {
-    /// All of them, including finished requests no longer known by name.
+#[derive(Debug, Default)]
+pub struct Victims {
+    /// All of them, counted in the kernel, including requests no longer
+    /// known by name.
     pub count: usize,
-    /// The ones known by name, by id.
-    pub named: Vec<&'a Request>,
+    /// The ones still known by name (in flight, or among the recent ends), by id.
+    pub named: Vec<Request>,
 }
 
 /// Totals per route for the summary.
@@ -55,173 +58,116 @@ pub struct RouteStalls {
     pub longest_ns: u64,
 }
 
-/// Requests in flight and recently finished, bounded.
-#[derive(Debug)]
-pub struct RequestTracker {
-    in_flight: HashMap<u64, Request>,
-    /// `(start_ns, id)` of every request in flight: the oldest is the one to
-    /// evict, found without scanning a full table on every start.
-    by_start: BTreeSet<(u64, u64)>,
-    /// Task id → the request it serves now.
-    by_task: HashMap<u64, u64>,
-    /// Finished requests kept in full, to name culprits and victims.
-    finished: VecDeque<Request>,
-    /// `(start_ns, end_ns, id)` of many more finished requests, to count the
-    /// victims of a long stall under load (tens of thousands of requests may
-    /// finish on other workers while one is blocked).
-    finished_spans: VecDeque<(u64, u64, u64)>,
-    capacity: usize,
-    /// Requests dropped because `capacity` were already in flight.
-    pub evicted: u64,
-    /// Ends whose start was never seen (started before attaching, or evicted).
-    pub unmatched_ends: u64,
-    /// Starts fired outside any poll loopguard saw: cannot be tied to a task.
-    pub unattributable_starts: u64,
-    pub started: u64,
-    pub ended: u64,
-    /// Most requests in flight at once.
-    pub peak_in_flight: usize,
-    routes: BTreeMap<String, RouteStalls>,
+/// The method and route template of each route key the kernel sent.
+#[derive(Debug, Default)]
+pub struct RouteNames(HashMap<u64, (String, Option<String>)>);
+
+/// Route keys remembered by name; more are named `?` (the kernel counts at
+/// most `MAX_ROUTES` anyway).
+const NAMES_KEPT: usize = 16_384;
+
+impl RouteNames {
+    /// The kernel saw route `key` start for the first time.
+    pub fn insert(&mut self, key: u64, method: String, route: Option<String>) {
+        if self.0.len() < NAMES_KEPT || self.0.contains_key(&key) {
+            self.0.insert(key, (method, route));
+        }
+    }
+
+    /// `(method, route)` of `key`, if the kernel sent it.
+    pub fn get(&self, key: u64) -> Option<(&str, Option<&str>)> {
+        self.0
+            .get(&key)
+            .map(|(method, route)| (method.as_str(), route.as_deref()))
+    }
 }
 
-/// Finished requests remembered in full.
-const FINISHED_KEPT: usize = 4096;
-/// Finished requests remembered for counting victims: 6 MiB, about 4 s of
-/// requests at 60k/s.
-const FINISHED_SPANS_KEPT: usize = 1 << 18;
+/// A request as the kernel keeps it, named.
+pub fn request(entry: &RequestEntry, names: &RouteNames) -> Request {
+    let (method, route) = names.get(entry.route_key).unwrap_or(("?", None));
+    let len = (entry.path_len as usize).min(entry.path.len());
+    Request {
+        id: entry.request_id,
+        method: method.to_owned(),
+        route: route.map(str::to_owned),
+        path: String::from_utf8_lossy(&entry.path[..len]).into_owned(),
+        task_id: entry.task_id,
+        start_ns: entry.start_ns,
+        end_ns: (entry.end_ns != 0).then_some(entry.end_ns),
+        status: (entry.end_ns != 0).then(|| u16::try_from(entry.status).unwrap_or(0)),
+    }
+}
+
+/// The request task `task_id` was serving during a poll that began at
+/// `start_ns`, from what the kernel holds: one that ended inside a poll
+/// of the task since (a handler usually finishes inside the very poll
+/// that stalled), else the one the task serves now, else the latest of the
+/// recent ends that ended since.
+pub fn culprit(
+    task_id: u64,
+    start_ns: u64,
+    ended_in_poll: Option<Request>,
+    in_flight: Option<Request>,
+    recent_ends: &[Request],
+) -> Option<Request> {
+    let ended_since =
+        |r: &Request| r.task_id == task_id && r.end_ns.is_some_and(|end| end >= start_ns);
+    if let Some(request) = ended_in_poll.filter(ended_since) {
+        return Some(request);
+    }
+    if let Some(request) = in_flight.filter(|r| r.task_id == task_id) {
+        return Some(request);
+    }
+    recent_ends
+        .iter()
+        .filter(|r| ended_since(r))
+        .max_by_key(|r| r.end_ns)
+        .cloned()
+}
+
+/// The victims of a stall over `[start_ns, end_ns]`: `overlapping`
+/// requests were in flight at some point during it (counted in the
+/// kernel, the culprit among them); `known` are the requests still known by
+/// name, in flight or recently ended. At most `limit` are named.
+pub fn victims(
+    overlapping: u64,
+    culprit: Option<&Request>,
+    known: impl IntoIterator<Item = Request>,
+    (start_ns, end_ns): (u64, u64),
+    limit: usize,
+) -> Victims {
+    let culprit_id = culprit.map(|r| r.id);
+    let mut named: Vec<Request> = known
+        .into_iter()
+        .filter(|r| {
+            Some(r.id) != culprit_id
+                && r.start_ns <= end_ns
+                && r.end_ns.is_none_or(|end| end >= start_ns)
+        })
+        .collect();
+    named.sort_by_key(|r| r.id);
+    named.dedup_by_key(|r| r.id);
+    named.truncate(limit);
+    let count = overlapping.saturating_sub(u64::from(culprit.is_some()));
+    Victims {
+        count: usize::try_from(count)
+            .unwrap_or(usize::MAX)
+            .max(named.len()),
+        named,
+    }
+}
+
+/// Stalls per route, bounded, for the summary.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: BTreeMap<String, RouteStalls>,
+}
 
 /// Distinct routes the summary ranks; later ones are counted together.
 const ROUTES_KEPT: usize = 1000;
 const OTHER_ROUTES: &str = "(other routes)";
 
-impl RequestTracker {
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            in_flight: HashMap::new(),
-            by_start: BTreeSet::new(),
-            by_task: HashMap::new(),
-            finished: VecDeque::new(),
-            finished_spans: VecDeque::new(),
-            capacity: capacity.max(1),
-            evicted: 0,
-            unmatched_ends: 0,
-            unattributable_starts: 0,
-            started: 0,
-            ended: 0,
-            peak_in_flight: 0,
-            routes: BTreeMap::new(),
-        }
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// A request started; `request.task_id` is 0 when the probe fired
-    /// outside a poll loopguard saw.
-    pub fn start(&mut self, request: Request) {
-        self.started += 1;
-        if self.in_flight.len() >= self.capacity {
-            // Drop the oldest: its end was probably lost.
-            if let Some(&(_, oldest)) = self.by_start.first() {
-                self.forget(oldest);
-                self.evicted += 1;
-            }
-        }
-        if request.task_id == 0 {
-            self.unattributable_starts += 1;
-        } else {
-            self.by_task.insert(request.task_id, request.id);
-        }
-        self.by_start.insert((request.start_ns, request.id));
-        if let Some(replaced) = self.in_flight.insert(request.id, request) {
-            // The same id twice (a middleware restarted its counter): keep the index exact.
-            self.by_start.remove(&(replaced.start_ns, replaced.id));
-        }
-        self.peak_in_flight = self.peak_in_flight.max(self.in_flight.len());
-    }
-
-    /// A request ended with `status` (0: no response).
-    pub fn end(&mut self, id: u64, status: u16, end_ns: u64) {
-        let Some(mut request) = self.forget(id) else {
-            self.unmatched_ends += 1;
-            return;
-        };
-        self.ended += 1;
-        request.end_ns = Some(end_ns);
-        request.status = Some(status);
-        if self.finished_spans.len() >= FINISHED_SPANS_KEPT {
-            self.finished_spans.pop_front();
-        }
-        self.finished_spans
-            .push_back((request.start_ns, end_ns, request.id));
-        if self.finished.len() >= FINISHED_KEPT {
-            self.finished.pop_front();
-        }
-        self.finished.push_back(request);
-    }
-
-    fn forget(&mut self, id: u64) -> Option<Request> {
-        let request = self.in_flight.remove(&id)?;
-        self.by_start.remove(&(request.start_ns, id));
-        if self.by_task.get(&request.task_id) == Some(&id) {
-            self.by_task.remove(&request.task_id);
-        }
-        Some(request)
-    }
-
-    /// The request task `task_id` was serving during a stall that began at
-    /// `start_ns`: the one it serves now, or one that ended since (a handler
-    /// usually finishes inside the very poll that stalled, so its end comes
-    /// through before the poll's).
-    pub fn culprit(&self, task_id: Option<u64>, start_ns: u64) -> Option<&Request> {
-        let task_id = task_id?;
-        if let Some(request) = self
-            .by_task
-            .get(&task_id)
-            .and_then(|id| self.in_flight.get(id))
-        {
-            return Some(request);
-        }
-        self.finished
-            .iter()
-            .rev()
-            .find(|r| r.task_id == task_id && r.end_ns.is_some_and(|end| end >= start_ns))
-    }
-
-    /// Every other request in flight at some point in `[start_ns, end_ns]`:
-    /// how many, and those that can still be named (all in flight, and the
-    /// most recently finished), by id.
-    pub fn victims(&self, culprit: Option<u64>, start_ns: u64, end_ns: u64) -> Victims<'_> {
-        let overlaps =
-            |start: u64, end: Option<u64>| start <= end_ns && end.is_none_or(|end| end >= start_ns);
-        let not_culprit = |id: u64| Some(id) != culprit;
-        let in_flight = self
-            .in_flight
-            .values()
-            .filter(|r| overlaps(r.start_ns, None) && not_culprit(r.id));
-        let mut named: Vec<&Request> = in_flight
-            .clone()
-            .chain(self.finished.iter().filter(|r| {
-                r.end_ns.is_some() && overlaps(r.start_ns, r.end_ns) && not_culprit(r.id)
-            }))
-            .collect();
-        named.sort_by_key(|r| r.id);
-        let finished = self
-            .finished_spans
-            .iter()
-            .filter(|&&(start, end, id)| overlaps(start, Some(end)) && not_culprit(id))
-            .count();
-        Victims {
-            count: in_flight.count() + finished,
-            named,
-        }
-    }
-
+impl RouteTable {
     /// Counts a finished stall against its culprit's route.
     pub fn record_stall(&mut self, culprit: Option<&Request>, duration_ns: u64) {
         let mut key = culprit.map_or_else(|| "(no request)".to_owned(), Request::route_key);
@@ -252,173 +198,124 @@ impl RequestTracker {
 mod tests {
     use super::*;
 
-    fn request(id: u64, task_id: u64, start_ns: u64, route: &str) -> Request {
+    fn request(id: u64, task_id: u64, start_ns: u64, end_ns: Option<u64>) -> Request {
         Request {
             id,
             method: "GET".into(),
-            route: Some(route.into()),
-            path: route.replace("{id}", "7"),
+            route: Some("/r".into()),
+            path: "/r".into(),
             task_id,
             start_ns,
-            end_ns: None,
-            status: None,
+            end_ns,
+            status: end_ns.map(|_| 200),
         }
     }
 
     #[test]
-    fn a_stall_belongs_to_the_request_its_task_serves() {
-        let mut tracker = RequestTracker::new(100);
-        tracker.start(request(1, 10, 0, "/login"));
-        tracker.start(request(2, 20, 5, "/fast"));
-        assert_eq!(tracker.culprit(Some(10), 0).map(|r| r.id), Some(1));
-        assert_eq!(tracker.culprit(Some(20), 0).map(|r| r.id), Some(2));
-        assert_eq!(tracker.culprit(Some(30), 0), None);
-        assert_eq!(tracker.culprit(None, 0), None);
-    }
-
-    #[test]
-    fn a_request_that_ended_inside_the_stalled_poll_is_still_the_culprit() {
-        // start (t=0) ... handler blocks, returns, request_end (t=340) ... poll ends.
-        let mut tracker = RequestTracker::new(100);
-        tracker.start(request(1, 10, 0, "/login"));
-        tracker.start(request(2, 20, 5, "/fast"));
-        tracker.end(1, 200, 340);
-        assert_eq!(tracker.culprit(Some(10), 1).map(|r| r.id), Some(1));
+    fn a_request_that_ended_inside_the_stalled_poll_is_the_culprit() {
+        // start (t=0) ... the handler blocks, returns, request_end (t=340), the poll ends.
+        let ended = request(1, 10, 0, Some(340));
+        let next = request(2, 10, 345, None); // keep-alive: the task's next request
+        let found = culprit(10, 1, Some(ended.clone()), Some(next), &[]);
+        assert_eq!(found.map(|r| r.id), Some(1));
         // A stall of that task that began after the request ended is not its.
-        assert_eq!(tracker.culprit(Some(10), 400), None);
-        let victims: Vec<u64> = tracker
-            .victims(Some(1), 1, 341)
-            .named
-            .iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(victims, vec![2]);
+        let found = culprit(10, 400, Some(ended), None, &[]);
+        assert_eq!(found, None);
     }
 
     #[test]
-    fn victims_are_counted_beyond_those_kept_by_name() {
-        // A 2 ms stall while 10,000 short requests come and go on another worker.
-        let mut tracker = RequestTracker::new(100);
-        tracker.start(request(1, 10, 0, "/login"));
-        for id in 2..10_002 {
-            tracker.start(request(id, 20, id * 100, "/fast"));
-            tracker.end(id, 200, id * 100 + 50);
-        }
-        tracker.end(1, 200, 2_000_000);
-        let victims = tracker.victims(Some(1), 0, 2_000_001);
-        assert_eq!(victims.count, 10_000);
+    fn the_request_a_task_serves_now_is_the_culprit_of_its_poll() {
+        let serving = request(7, 10, 0, None);
         assert_eq!(
-            victims.named.len(),
-            FINISHED_KEPT - 1,
-            "all but the culprit"
+            culprit(10, 5, None, Some(serving), &[]).map(|r| r.id),
+            Some(7)
         );
-        assert!(victims.named.windows(2).all(|w| w[0].id < w[1].id));
+        let other_task = request(8, 11, 0, None);
+        assert_eq!(culprit(10, 5, None, Some(other_task), &[]), None);
     }
 
     #[test]
-    fn keep_alive_moves_a_task_to_its_next_request() {
-        // One connection task serves requests 1 then 2.
-        let mut tracker = RequestTracker::new(100);
-        tracker.start(request(1, 10, 0, "/a"));
-        tracker.end(1, 200, 10);
-        assert_eq!(tracker.culprit(Some(10), 15), None);
-        tracker.start(request(2, 10, 20, "/b"));
-        assert_eq!(tracker.culprit(Some(10), 25).map(|r| r.id), Some(2));
+    fn recent_ends_name_a_culprit_that_ended_in_a_later_short_poll() {
+        let recent = [
+            request(1, 10, 0, Some(50)), // ended before the poll
+            request(2, 10, 60, Some(400)),
+            request(3, 20, 60, Some(500)), // another task
+        ];
+        assert_eq!(culprit(10, 100, None, None, &recent).map(|r| r.id), Some(2));
     }
 
     #[test]
-    fn an_end_before_the_next_start_does_not_unmap_a_newer_request() {
-        // Out of order: request 2 started on the task before request 1's end arrived.
-        let mut tracker = RequestTracker::new(100);
-        tracker.start(request(1, 10, 0, "/a"));
-        tracker.start(request(2, 10, 20, "/b"));
-        tracker.end(1, 200, 25);
-        assert_eq!(tracker.culprit(Some(10), 30).map(|r| r.id), Some(2));
-    }
-
-    #[test]
-    fn victims_are_the_others_in_flight_during_the_stall() {
-        let mut tracker = RequestTracker::new(100);
-        tracker.start(request(1, 10, 0, "/block")); // culprit
-        tracker.start(request(2, 20, 10, "/fast")); // waits, still in flight
-        tracker.start(request(3, 30, 20, "/fast")); // waits, finished during the stall
-        tracker.end(3, 200, 90);
-        tracker.start(request(4, 40, 1, "/old"));
-        tracker.end(4, 200, 2); // finished before the stall: no victim
-        tracker.start(request(5, 50, 500, "/late")); // started after: no victim
-        let ids: Vec<u64> = tracker
-            .victims(Some(1), 5, 100)
-            .named
-            .iter()
-            .map(|r| r.id)
-            .collect();
+    fn victims_are_counted_by_the_kernel_and_named_when_known() {
+        let culprit_request = request(1, 10, 0, Some(340));
+        let known = vec![
+            request(2, 20, 10, None),     // waits, still in flight
+            request(3, 30, 20, Some(90)), // waits, finished during the stall
+            request(4, 40, 1, Some(2)),   // finished before the stall
+            request(5, 50, 500, None),    // started after
+            culprit_request.clone(),
+        ];
+        // 10,000 requests overlapped in the kernel's count, the culprit among them.
+        let victims = victims(10_000, Some(&culprit_request), known, (5, 100), 20);
+        assert_eq!(victims.count, 9_999);
+        let ids: Vec<u64> = victims.named.iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![2, 3]);
     }
 
     #[test]
-    fn missing_ends_are_bounded_and_counted() {
-        let mut tracker = RequestTracker::new(3);
-        for id in 1..=5 {
-            tracker.start(request(id, id * 10, id, "/x"));
-        }
-        assert_eq!(tracker.in_flight(), 3);
-        assert_eq!(tracker.evicted, 2);
-        assert_eq!(tracker.culprit(Some(10), 0), None, "the oldest went first");
-        tracker.end(1, 200, 9);
-        assert_eq!(tracker.unmatched_ends, 1);
-        assert_eq!(tracker.peak_in_flight, 3);
+    fn named_victims_are_bounded_and_never_outnumber_the_count() {
+        let known = (1..100).map(|id| request(id, id, 0, None));
+        let victims = victims(0, None, known, (0, 10), 20);
+        assert_eq!(victims.named.len(), 20);
+        assert_eq!(victims.count, 20);
     }
 
     #[test]
-    fn eviction_takes_the_oldest_request_still_in_flight() {
-        let mut tracker = RequestTracker::new(2);
-        // (id, task, start)
-        tracker.start(request(1, 1, 10, "/a"));
-        tracker.start(request(2, 2, 20, "/b"));
-        tracker.end(1, 200, 30);
-        tracker.start(request(3, 3, 40, "/c"));
-        assert_eq!(tracker.evicted, 0);
-        tracker.start(request(4, 4, 50, "/d"));
-        assert_eq!(tracker.evicted, 1);
-        assert_eq!(tracker.culprit(Some(2), 0), None, "2 was the oldest left");
-        assert!(tracker.culprit(Some(3), 0).is_some());
-        assert_eq!(tracker.by_start.len(), tracker.in_flight());
+    fn kernel_entries_are_named_from_the_route_names_sent_once() {
+        let mut names = RouteNames::default();
+        names.insert(42, "POST".into(), Some("/login".into()));
+        let mut entry = RequestEntry::zeroed();
+        entry.request_id = 8812;
+        entry.task_id = 77;
+        entry.route_key = 42;
+        entry.path[..6].copy_from_slice(b"/login");
+        entry.path_len = 6;
+        let found = super::request(&entry, &names);
+        assert_eq!(found.route_key(), "POST /login");
+        assert_eq!((found.id, found.task_id, found.end_ns), (8812, 77, None));
+        entry.route_key = 7;
+        entry.end_ns = 5;
+        entry.status = 503;
+        let unknown = super::request(&entry, &names);
+        assert_eq!((unknown.method.as_str(), unknown.status), ("?", Some(503)));
     }
 
     #[test]
     fn the_route_table_stays_bounded_without_templates() {
-        let mut tracker = RequestTracker::new(10);
+        let mut table = RouteTable::default();
         for n in 0..ROUTES_KEPT as u64 + 50 {
-            let mut raw = request(n, 0, 0, "/x");
+            let mut raw = request(n, 0, 0, None);
             raw.route = None;
             raw.path = format!("/files/{n}");
-            tracker.record_stall(Some(&raw), 1);
+            table.record_stall(Some(&raw), 1);
         }
-        let routes = tracker.ranked_routes();
+        let routes = table.ranked_routes();
         assert_eq!(routes.len(), ROUTES_KEPT + 1);
         let other = routes.iter().find(|(key, _)| *key == OTHER_ROUTES).unwrap();
         assert_eq!(other.1.stalls, 50);
     }
 
     #[test]
-    fn starts_outside_a_poll_are_kept_but_unattributable() {
-        let mut tracker = RequestTracker::new(10);
-        tracker.start(request(1, 0, 0, "/x"));
-        assert_eq!(tracker.unattributable_starts, 1);
-        assert_eq!(tracker.culprit(Some(0), 0), None);
-        assert_eq!(tracker.victims(None, 0, 10).count, 1);
-    }
-
-    #[test]
     fn routes_rank_by_total_stall_time() {
-        let mut tracker = RequestTracker::new(10);
-        let login = request(1, 10, 0, "/login");
-        let users = request(2, 20, 0, "/users/{id}");
-        tracker.record_stall(Some(&login), 100);
-        tracker.record_stall(Some(&users), 300);
-        tracker.record_stall(Some(&login), 150);
-        tracker.record_stall(None, 50);
-        let ranked = tracker.ranked_routes();
+        let mut table = RouteTable::default();
+        let mut login = request(1, 10, 0, None);
+        login.route = Some("/login".into());
+        let mut users = request(2, 20, 0, None);
+        users.route = Some("/users/{id}".into());
+        table.record_stall(Some(&login), 100);
+        table.record_stall(Some(&users), 300);
+        table.record_stall(Some(&login), 150);
+        table.record_stall(None, 50);
+        let ranked = table.ranked_routes();
         assert_eq!(ranked[0].0, "GET /users/{id}");
         assert_eq!(
             ranked[1],

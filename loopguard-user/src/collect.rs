@@ -3,15 +3,16 @@
 //! the per-CPU counters and histogram.
 
 use aya::Ebpf;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use loopguard_common::hist::PollHistogram;
+use loopguard_common::requests::{
+    self, RecentEnds, RequestEntry, RequestTotals, RouteName, RouteStats,
+};
 use loopguard_common::{
-    COUNTER_SLOTS, EventKind, LoopEvent, LoopState, PollEvent, RequestEndEvent, RequestStartEvent,
-    ThreadPolls, frame_flags, names,
+    COUNTER_SLOTS, EventKind, LoopEvent, LoopState, PollEvent, ThreadPolls, names,
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::attribute::Request;
 use crate::summary::{Counters, Histogram};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +36,83 @@ pub struct Collector {
     thread_loops: BpfHashMap<MapData, u32, LoopState>,
     counters: PerCpuArray<MapData, u64>,
     histogram: PerCpuArray<MapData, PollHistogram>,
+    /// Taken by the watch when the request probes are attached.
+    pub requests: Option<RequestMaps>,
     /// Records that did not decode (wrong size or unknown kind).
     pub malformed: u64,
+}
+
+/// The maps that hold requests in the kernel (`loopguard_common::requests`).
+pub struct RequestMaps {
+    in_flight: BpfHashMap<MapData, u64, RequestEntry>,
+    ended_in_poll: BpfHashMap<MapData, u64, RequestEntry>,
+    recent_ends: PerCpuArray<MapData, RecentEnds>,
+    routes: BpfHashMap<MapData, u64, RouteStats>,
+    totals: Array<MapData, RequestTotals>,
+}
+
+/// In-flight requests read to name a stall's victims, at most.
+const IN_FLIGHT_READ: usize = 4096;
+
+impl RequestMaps {
+    fn new(ebpf: &mut Ebpf) -> Result<Self, CollectError> {
+        Ok(Self {
+            in_flight: take(ebpf, requests::names::REQUESTS)?,
+            ended_in_poll: take(ebpf, requests::names::ENDED_IN_POLL)?,
+            recent_ends: take(ebpf, requests::names::RECENT_ENDS)?,
+            routes: take(ebpf, requests::names::ROUTES)?,
+            totals: take(ebpf, requests::names::REQUEST_TOTALS)?,
+        })
+    }
+
+    pub fn totals(&self) -> RequestTotals {
+        self.totals.get(&0, 0).unwrap_or_default()
+    }
+
+    /// The request filed under task `task_id` (in flight).
+    pub fn serving(&self, task_id: u64) -> Option<RequestEntry> {
+        self.in_flight
+            .get(&requests::request_key(task_id, 0), 0)
+            .ok()
+    }
+
+    /// The request of task `task_id` that last ended inside a long poll.
+    pub fn ended_in_poll(&self, task_id: u64) -> Option<RequestEntry> {
+        self.ended_in_poll.get(&task_id, 0).ok()
+    }
+
+    /// Every CPU's recent ends, in no order.
+    pub fn recent_ends(&self) -> Vec<RequestEntry> {
+        let Ok(per_cpu) = self.recent_ends.get(&0, 0) else {
+            return Vec::new();
+        };
+        per_cpu
+            .iter()
+            .flat_map(|ring| {
+                let written = usize::try_from(ring.next).unwrap_or(usize::MAX);
+                ring.entries[..written.min(ring.entries.len())].to_vec()
+            })
+            .collect()
+    }
+
+    /// Requests in flight now (at most [`IN_FLIGHT_READ`]).
+    pub fn in_flight(&self) -> Vec<RequestEntry> {
+        self.in_flight
+            .iter()
+            .filter_map(Result::ok)
+            .take(IN_FLIGHT_READ)
+            .map(|(_, entry)| entry)
+            .collect()
+    }
+
+    /// Requests started per route key.
+    pub fn route_counts(&self) -> Vec<(u64, u64)> {
+        self.routes
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, stats)| (key, stats.started))
+            .collect()
+    }
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CollectError>
@@ -59,6 +135,7 @@ impl Collector {
             thread_loops: take(ebpf, names::THREAD_LOOPS)?,
             counters: take(ebpf, names::COUNTERS)?,
             histogram: take(ebpf, names::POLL_HISTOGRAM)?,
+            requests: Some(RequestMaps::new(ebpf)?),
             malformed: 0,
         })
     }
@@ -128,16 +205,11 @@ pub enum RawEvent {
     PollEnd(PollEvent),
     /// An event-loop thread came back to wait after a long busy stretch.
     LoopBusy(LoopEvent),
-    RequestStart {
-        request: Request,
-        /// The middleware's probe layout version.
-        layout: u64,
-    },
-    RequestEnd {
-        id: u64,
-        status: u16,
-        ts_ns: u64,
-        layout: u64,
+    /// The first start of a route: its key's method and template.
+    RouteName {
+        key: u64,
+        method: String,
+        route: Option<String>,
     },
 }
 
@@ -161,31 +233,12 @@ pub fn decode(bytes: &[u8]) -> Option<RawEvent> {
     Some(match EventKind::try_from(kind).ok()? {
         EventKind::PollEnd => RawEvent::PollEnd(read_record(bytes)?),
         EventKind::LoopBusy => RawEvent::LoopBusy(read_record(bytes)?),
-        EventKind::RequestStart => {
-            let event: RequestStartEvent = read_record(bytes)?;
-            let no_poll = event.flags & frame_flags::NO_POLL != 0;
-            let request = Request {
-                id: event.request_id,
-                method: text(&event.method, event.method_len),
-                route: (event.route_len > 0).then(|| text(&event.route, event.route_len)),
-                path: text(&event.path, event.path_len),
-                task_id: if no_poll { 0 } else { event.task_id },
-                start_ns: event.ts_ns,
-                end_ns: None,
-                status: None,
-            };
-            RawEvent::RequestStart {
-                request,
-                layout: event.layout,
-            }
-        }
-        EventKind::RequestEnd => {
-            let event: RequestEndEvent = read_record(bytes)?;
-            RawEvent::RequestEnd {
-                id: event.request_id,
-                status: u16::try_from(event.status).unwrap_or(0),
-                ts_ns: event.ts_ns,
-                layout: event.layout,
+        EventKind::RouteName => {
+            let name: RouteName = read_record(bytes)?;
+            RawEvent::RouteName {
+                key: name.key,
+                method: text(&name.method, name.method_len),
+                route: (name.route_len > 0).then(|| text(&name.route, name.route_len)),
             }
         }
     })
@@ -232,59 +285,42 @@ mod tests {
     }
 
     #[test]
-    fn a_request_start_decodes_its_strings() {
-        let mut event = RequestStartEvent {
-            kind: EventKind::RequestStart as u32,
-            pid: 1,
-            tid: 2,
-            flags: 0,
-            ts_ns: 3,
-            task_id: 44,
-            header: 0,
-            request_id: 8812,
-            layout: 1,
-            method_len: 4,
-            route_len: 0,
-            path_len: 300,
-            pad: 0,
-            method: [0; loopguard_common::METHOD_BYTES],
-            route: [0; loopguard_common::ROUTE_BYTES],
-            path: [b'a'; loopguard_common::PATH_BYTES],
-        };
-        event.method[..4].copy_from_slice(b"POST");
+    fn a_route_name_decodes_its_strings() {
+        let mut name = RouteName::zeroed();
+        name.kind = EventKind::RouteName as u32;
+        name.key = 42;
+        name.method_len = 4;
+        name.method[..4].copy_from_slice(b"POST");
+        name.route_len = 300;
+        name.route = [b'a'; loopguard_common::ROUTE_BYTES];
         // SAFETY: plain integers and byte arrays.
         let bytes = unsafe {
             std::slice::from_raw_parts(
-                std::ptr::from_ref(&event).cast::<u8>(),
-                size_of::<RequestStartEvent>(),
+                std::ptr::from_ref(&name).cast::<u8>(),
+                size_of::<RouteName>(),
             )
         };
-        let Some(RawEvent::RequestStart { request, layout }) = decode(bytes) else {
-            panic!("not a request start");
+        let Some(RawEvent::RouteName { key, method, route }) = decode(bytes) else {
+            panic!("not a route name");
         };
-        assert_eq!(layout, 1);
+        assert_eq!((key, method.as_str()), (42, "POST"));
         assert_eq!(
-            (request.id, request.task_id, request.method.as_str()),
-            (8812, 44, "POST")
-        );
-        assert_eq!(request.route, None);
-        assert_eq!(
-            request.path.len(),
-            loopguard_common::PATH_BYTES,
+            route.map(|r| r.len()),
+            Some(loopguard_common::ROUTE_BYTES),
             "truncated to the buffer"
         );
-        event.flags = frame_flags::NO_POLL;
+        name.route_len = 0;
         // SAFETY: as above.
         let bytes = unsafe {
             std::slice::from_raw_parts(
-                std::ptr::from_ref(&event).cast::<u8>(),
-                size_of::<RequestStartEvent>(),
+                std::ptr::from_ref(&name).cast::<u8>(),
+                size_of::<RouteName>(),
             )
         };
-        let Some(RawEvent::RequestStart { request, .. }) = decode(bytes) else {
+        let Some(RawEvent::RouteName { route, .. }) = decode(bytes) else {
             panic!()
         };
-        assert_eq!(request.task_id, 0);
+        assert_eq!(route, None, "no template");
     }
 
     #[test]

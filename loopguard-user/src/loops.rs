@@ -211,6 +211,7 @@ fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64, threshold_ns: u64) -> S
         copy_index: u32::MAX,
         return_addr: 0,
         threshold_ns,
+        requests_window: None,
     }
 }
 

@@ -404,6 +404,7 @@ mod tests {
             copy_index: 0,
             return_addr: 0,
             threshold_ns: 50_000_000,
+            requests_window: None,
         }
     }
 

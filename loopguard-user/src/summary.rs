@@ -4,7 +4,9 @@
 use loopguard_common::Counter;
 use loopguard_common::hist;
 
-use crate::attribute::{RequestTracker, RouteStalls};
+use loopguard_common::requests::RequestTotals;
+
+use crate::attribute::{RouteStalls, RouteTable};
 use crate::detect::{Finding, Stall, ThresholdRange};
 
 /// Kernel counters summed over CPUs, indexed by [`Counter`].
@@ -179,18 +181,22 @@ pub struct RequestSummary {
 }
 
 impl RequestSummary {
-    pub fn from_tracker(tracker: &RequestTracker, layout_mismatches: u64) -> Self {
+    /// From the kernel's request totals (`None`: requests not tracked) and
+    /// the stalls counted per route.
+    pub fn new(totals: Option<RequestTotals>, routes: &RouteTable) -> Self {
+        let totals = totals.unwrap_or_default();
+        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         Self {
-            started: tracker.started,
-            ended: tracker.ended,
-            in_flight: tracker.in_flight(),
-            peak_in_flight: tracker.peak_in_flight,
-            capacity: tracker.capacity(),
-            evicted: tracker.evicted,
-            unmatched_ends: tracker.unmatched_ends,
-            unattributable_starts: tracker.unattributable_starts,
-            layout_mismatches,
-            routes: tracker
+            started: totals.started,
+            ended: totals.ended,
+            in_flight: count(totals.started.saturating_sub(totals.ended)),
+            peak_in_flight: count(totals.peak_in_flight),
+            capacity: loopguard_common::requests::MAX_REQUESTS as usize,
+            evicted: totals.replaced,
+            unmatched_ends: totals.unmatched_ends,
+            unattributable_starts: totals.outside_poll,
+            layout_mismatches: totals.layout_mismatches,
+            routes: routes
                 .ranked_routes()
                 .into_iter()
                 .map(|(route, totals)| (route.to_owned(), totals.clone()))
@@ -314,6 +320,7 @@ mod tests {
             copy_index: 0,
             return_addr: 0,
             threshold_ns: 1,
+            requests_window: None,
         };
         let mut summary = Summary::default();
         summary.record(&Finding::InProgress(stall(900)), false);

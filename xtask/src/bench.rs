@@ -406,8 +406,11 @@ fn compare(setting: &Setting) -> anyhow::Result<Results> {
                         setting.server_pid,
                         &options.agent_cpus,
                         THRESHOLD_MS,
-                        &[options.agent_args.clone(), vec!["--bench-empty-programs".to_owned()]]
-                            .concat(),
+                        &[
+                            options.agent_args.clone(),
+                            vec!["--bench-empty-programs".to_owned()],
+                        ]
+                        .concat(),
                         None,
                     )?),
                     Variant::Attached => {

@@ -54,6 +54,10 @@ pub struct Stall {
     pub return_addr: u64,
     /// ns, the threshold in force when the stall was detected.
     pub threshold_ns: u64,
+    /// The kernel's request totals around the poll: requests ended when it
+    /// began, and started when it returned (`None` while in progress: read
+    /// them now). The requests counted between them overlapped it.
+    pub requests_window: Option<(u64, Option<u64>)>,
 }
 
 /// How long an in-progress report is remembered after its poll vanished from
@@ -110,6 +114,10 @@ impl StallDetector {
             copy_index: event.copy_index,
             return_addr: event.return_addr,
             threshold_ns,
+            requests_window: Some((
+                event.requests_ended_at_entry,
+                Some(event.requests_started_at_exit),
+            )),
         };
         Some(Finding::Finished {
             stall,
@@ -149,6 +157,7 @@ impl StallDetector {
                     copy_index: frame.copy_index,
                     return_addr: frame.return_addr,
                     threshold_ns,
+                    requests_window: Some((frame.requests_ended_at_entry, None)),
                 }));
             }
         }
@@ -216,6 +225,8 @@ mod tests {
             copy_index: 0,
             depth: 1,
             preempted_ns: 0,
+            requests_ended_at_entry: 0,
+            requests_started_at_exit: 0,
         }
     }
 

@@ -260,20 +260,29 @@ impl Metrics {
         *frames.entry(key.to_owned()).or_default() += 1;
     }
 
-    /// A request started.
-    pub fn request_started(&self, request: &Request) {
-        let method = method_index(&request.method);
-        let mut totals = lock(&self.requests);
-        if let Some(methods) = request
-            .route
-            .as_deref()
-            .and_then(|template| totals.get_mut(template))
-        {
-            methods[method] += 1;
-            return;
+    /// The kernel's count of requests started per `(method, route)`, all of
+    /// them each time (they only grow).
+    pub fn set_requests_started(
+        &self,
+        counts: impl IntoIterator<Item = (String, Option<String>, u64)>,
+    ) {
+        let mut fresh = RequestTotals::new();
+        let mut routes = lock(&self.routes);
+        for (method, route, started) in counts {
+            let request = Request {
+                id: 0,
+                method,
+                route,
+                path: String::new(),
+                task_id: 0,
+                start_ns: 0,
+                end_ns: None,
+                status: None,
+            };
+            let (label, _) = routes.of(Some(&request));
+            fresh.entry(label).or_default()[method_index(&request.method)] += started;
         }
-        let (route, _) = lock(&self.routes).of(Some(request));
-        totals.entry(route).or_default()[method] += 1;
+        *lock(&self.requests) = fresh;
     }
 
     /// Replaces the values read from the kernel.
@@ -583,10 +592,13 @@ mod tests {
     #[test]
     fn requests_are_counted_by_template_never_by_path() {
         let metrics = metrics();
-        for _ in 0..3 {
-            metrics.request_started(&request(Some("/users/{id}")));
-        }
-        metrics.request_started(&request(None));
+        // The kernel's counts per (method, route key), read twice: the
+        // second read replaces the first.
+        metrics.set_requests_started([("POST".to_owned(), Some("/users/{id}".to_owned()), 1)]);
+        metrics.set_requests_started([
+            ("POST".to_owned(), Some("/users/{id}".to_owned()), 3),
+            ("POST".to_owned(), None, 1),
+        ]);
         let text = metrics.render();
         assert_eq!(
             sample(
@@ -709,7 +721,7 @@ mod tests {
         metrics.record(BlockingKind::Stall, Some(&request(Some("/login"))), 1, 1);
         metrics.record(BlockingKind::Cumulative, None, 1, 0);
         metrics.record_top_frame(Some("app::handler"));
-        metrics.request_started(&request(Some("/login")));
+        metrics.set_requests_started([("GET".to_owned(), Some("/login".to_owned()), 1)]);
         metrics.set_live(LiveState {
             lost: vec![("ring_buffer_full", 0)],
             threads: vec![ThreadBusy {

@@ -267,6 +267,8 @@ impl Found {
             return_addr: 0,
             // The agent sets the threshold in force.
             threshold_ns: 0,
+            // Its poll began before loopguard counted requests.
+            requests_window: None,
         };
         let cause = Cause {
             kind: if asleep {

@@ -161,7 +161,11 @@ impl Comparison {
                     [0, 1, 2].map(|i| median(&rounds.iter().map(|r| r[i]).collect::<Vec<_>>()))
                 };
                 let us_per_request = |set: &BTreeMap<u32, &Measurement>| {
-                    median(&set.values().map(|m| m.server_us_per_request).collect::<Vec<_>>())
+                    median(
+                        &set.values()
+                            .map(|m| m.server_us_per_request)
+                            .collect::<Vec<_>>(),
+                    )
                 };
                 let column = |set: &BTreeMap<u32, &Measurement>, i: usize| {
                     median(&set.values().map(|m| metrics(m)[i]).collect::<Vec<_>>())
