@@ -11,6 +11,7 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{self, bpf_get_attach_cookie},
@@ -193,20 +194,25 @@ fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
         let key = requests::request_key(task_id, request_id);
         if task_id == 0 {
             add_one(&raw mut (*totals).outside_poll);
-        } else if let Some(earlier) = REQUESTS.get_ptr(key)
-            && (*earlier).request_id != request_id
-        {
-            // Its task moved on without an end: count it ended, so it is
-            // not in flight for ever.
-            add_one(&raw mut (*totals).replaced);
-            add_one(&raw mut (*totals).ended);
         }
         // By reference: a copy would not fit the BPF stack beside the rest.
         #[expect(
             clippy::needless_borrows_for_generic_args,
             reason = "no copy on the BPF stack"
         )]
-        let inserted = REQUESTS.insert(key, &*entry, 0);
+        let mut inserted = REQUESTS.insert(key, &*entry, u64::from(BPF_NOEXIST));
+        if inserted.is_err() && REQUESTS.get_ptr(key).is_some() {
+            // Its task moved on without an end: count that one ended, so it
+            // is not in flight for ever.
+            add_one(&raw mut (*totals).replaced);
+            add_one(&raw mut (*totals).ended);
+            #[expect(
+                clippy::needless_borrows_for_generic_args,
+                reason = "no copy on the BPF stack"
+            )]
+            let again = REQUESTS.insert(key, &*entry, 0);
+            inserted = again;
+        }
         if inserted.is_err() {
             bump(Counter::DroppedEvents);
             return Ok(());
@@ -230,10 +236,7 @@ fn count_route(tgid: u32, key: u64, name: &mut RouteName, lens: (u32, u32)) {
         return;
     }
     let first = RouteStats { started: 1 };
-    if ROUTES
-        .insert(key, first, u64::from(aya_ebpf::bindings::BPF_NOEXIST))
-        .is_err()
-    {
+    if ROUTES.insert(key, first, u64::from(BPF_NOEXIST)).is_err() {
         // Full, or another CPU inserted it first.
         let other = if ROUTES.get_ptr_mut(key).is_some() {
             key

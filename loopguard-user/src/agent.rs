@@ -54,9 +54,9 @@ pub struct WatchOptions {
     pub stacks: StackOptions,
     /// Where to write the folded stacks at exit (`--folded`).
     pub folded: Option<PathBuf>,
-    /// The benchmark's floor: the programs return at once and the agent
-    /// reads nothing until it stops.
-    pub empty_programs: bool,
+    /// The benchmark's floor: with empty programs the agent reads nothing
+    /// until it stops.
+    pub bench: crate::attach::Bench,
 }
 
 /// Why watching stopped.
@@ -800,11 +800,11 @@ pub async fn watch(
     let reason = loop {
         tokio::select! {
             reason = &mut stop => break reason,
-            ready = collector.readable(), if !options.empty_programs => {
+            ready = collector.readable(), if !options.bench.empty_programs => {
                 ready?;
                 session.handle_events(collector);
             }
-            _ = scan.tick(), if !options.empty_programs => {
+            _ = scan.tick(), if !options.bench.empty_programs => {
                 // Events first, so a poll that just ended is not reported as in progress.
                 session.handle_events(collector);
                 session.scan(collector);

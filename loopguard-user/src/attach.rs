@@ -390,6 +390,15 @@ fn attach_raw_tracepoint(
     Ok(())
 }
 
+/// The benchmark's floor variants (`cargo xtask bench`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Bench {
+    /// Every program returns at once.
+    pub empty_programs: bool,
+    /// No poll return probes.
+    pub entry_only: bool,
+}
+
 /// Loads and attaches everything for `target`.
 /// `requests`: also attach to the middleware's USDT sites.
 /// `stacks`: also capture the stacks of stuck polls (armed at half the
@@ -400,12 +409,12 @@ pub fn attach(
     requests: bool,
     wait_probes: WaitProbes,
     stacks: bool,
-    empty_programs: bool,
+    bench: Bench,
 ) -> Result<AttachedProbes, AttachError> {
     let pid = target.pid;
     let mut config = Config::zeroed();
     config.target_tgid = pid;
-    if empty_programs {
+    if bench.empty_programs {
         config.flags |= config_flags::EMPTY_PROGRAMS;
     }
     if requests && !target.binary.usdt_sites.is_empty() {
@@ -435,6 +444,9 @@ pub fn attach(
     // Returns before entries: an entry recorded without its return would
     // look like a poll stuck forever.
     for (program, is_entry) in [(names::POLL_EXIT, false), (names::POLL_ENTER, true)] {
+        if !is_entry && bench.entry_only {
+            continue;
+        }
         let uprobe = loaded_uprobe(&mut ebpf, program)?;
         for (index, copy) in target.binary.poll_copies.iter().enumerate() {
             // Its vtable says only the blocking pool polls it: blocking there is

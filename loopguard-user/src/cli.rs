@@ -106,6 +106,10 @@ pub struct AttachArgs {
     /// the kernel's cost of entering them.
     #[arg(long, hide = true)]
     pub bench_empty_programs: bool,
+    /// Benchmark floor without the poll return probes: what an entry-only
+    /// design would pay the kernel (only with --bench-empty-programs).
+    #[arg(long, hide = true, requires = "bench_empty_programs")]
+    pub bench_entry_only: bool,
 }
 
 #[derive(Debug, Args)]

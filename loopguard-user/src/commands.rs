@@ -38,7 +38,7 @@ fn watch_options(settings: &Settings) -> WatchOptions {
             all_frames: false,
         },
         folded: None,
-        empty_programs: false,
+        bench: attach::Bench::default(),
     }
 }
 
@@ -133,7 +133,7 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
         options.requests,
         options.wait_probes,
         options.capture_stacks,
-        options.empty_programs,
+        options.bench,
     )?;
     tracing::info!(probes = probes.probe_count, "attached");
     Ok((target, probes, tools))
@@ -203,7 +203,10 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     preflight::check()?;
     let mut options = watch_options(&settings);
     apply_stack_args(&mut options, &args.watch.stacks);
-    options.empty_programs = args.bench_empty_programs;
+    options.bench = attach::Bench {
+        empty_programs: args.bench_empty_programs,
+        entry_only: args.bench_entry_only,
+    };
     let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     runtime.block_on(async {

@@ -105,6 +105,11 @@ pub struct Options {
     /// would: measures what being scraped costs.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..))]
     scrape_every_ms: Option<u64>,
+    /// Extra argument for the floor's agent only, repeatable:
+    /// `--floor-arg=--bench-entry-only` measures the floor without the poll
+    /// return probes (what an entry-only design would pay the kernel).
+    #[arg(long = "floor-arg", value_name = "ARG", allow_hyphen_values = true)]
+    floor_args: Vec<String>,
     /// Skip the floor: by default every round also measures the same probe
     /// sites with empty programs attached, to tell the kernel's entry cost
     /// from loopguard's own work.
@@ -473,6 +478,7 @@ fn config_json(options: &Options, plan: &Plan, rates: &BTreeMap<Endpoint, f64>) 
         "threshold_ms": THRESHOLD_MS,
         "agent_args": options.agent_args,
         "floor": !options.no_floor,
+        "floor_args": options.floor_args,
         "rates": rates.iter().map(|(e, r)| (e.name().to_owned(), json!(r))).collect::<serde_json::Map<_, _>>(),
         "oha": setup::OHA_VERSION,
         "online_cpus": cmd::output(&mut Command::new("nproc")).trim(),
