@@ -38,6 +38,7 @@ use aya_ebpf::{
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+mod follow;
 mod stacks;
 mod wait;
 
