@@ -45,14 +45,14 @@ pub const FOLLOW_RING_BYTES: u32 = 1 << 16;
 pub struct FollowConfig {
     /// 1: stop a followed process at exec until the agent resumes it.
     pub stop_on_exec: u32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 impl FollowConfig {
     pub const fn zeroed() -> Self {
         Self {
             stop_on_exec: 0,
-            _pad: 0,
+            pad: 0,
         }
     }
 }

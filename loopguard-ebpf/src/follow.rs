@@ -55,7 +55,7 @@ fn bump(counter: FollowCounter) {
 fn current_followed(task: u64) -> bool {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: lookups of plain values, only tested for presence.
-    unsafe { FOLLOW_PIDS.get(&tgid).is_some() || FOLLOW_TASKS.get(&task).is_some() }
+    unsafe { FOLLOW_PIDS.get(tgid).is_some() || FOLLOW_TASKS.get(task).is_some() }
 }
 
 /// `sched_process_fork(parent, child)`, run as the parent: a child of a
@@ -69,7 +69,7 @@ pub fn follow_fork(ctx: RawTracePointContext) -> i32 {
     }
     // SAFETY: raw tracepoint argument 1 is the child's task pointer.
     let child = unsafe { *(ctx.as_ptr() as *const u64).add(1) };
-    if FOLLOW_TASKS.insert(&child, &1, 0).is_err() {
+    if FOLLOW_TASKS.insert(child, 1, 0).is_err() {
         bump(FollowCounter::TasksFull);
     }
     0
@@ -95,10 +95,10 @@ pub fn follow_exec(_ctx: RawTracePointContext) -> i32 {
     // Recorded before the signal: whoever resumes (the agent, or its
     // watchdog if the agent dies) finds every stop in the map.
     let stopped = stop
-        && FOLLOW_STOPPED.insert(&tgid, &1, 0).is_ok()
+        && FOLLOW_STOPPED.insert(tgid, 1, 0).is_ok()
         // SAFETY: signals the current process, which is not exiting.
         && (unsafe { bpf_send_signal(SIGSTOP) } == 0 || {
-            let _ = FOLLOW_STOPPED.remove(&tgid);
+            let _ = FOLLOW_STOPPED.remove(tgid);
             false
         });
     entry.write(ExecEvent {
@@ -116,6 +116,6 @@ pub fn follow_exec(_ctx: RawTracePointContext) -> i32 {
 pub fn follow_exit(_ctx: RawTracePointContext) -> i32 {
     // SAFETY: a helper with no arguments.
     let task = unsafe { bpf_get_current_task() };
-    let _ = FOLLOW_TASKS.remove(&task);
+    let _ = FOLLOW_TASKS.remove(task);
     0
 }

@@ -849,9 +849,10 @@ fn write_folded(path: &std::path::Path, text: &str) {
 pub fn print_summary(outcome: &Outcome, target: &ProbeTarget, options: &WatchOptions) {
     let pid = target.pid;
     let line = match options.format {
-        Format::Json if options.label => {
-            with_exe(target, report::summary_json(&outcome.summary, pid).to_string())
-        }
+        Format::Json if options.label => with_exe(
+            target,
+            report::summary_json(&outcome.summary, pid).to_string(),
+        ),
         Format::Json => report::summary_json(&outcome.summary, pid).to_string(),
         Format::Text if options.label => {
             let mut text = report::summary_text(&outcome.summary);

@@ -8,17 +8,17 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::agent::{self, StopReason, WatchOptions};
+use crate::alerts::Offending;
 use crate::attach::{self, AttachedProbes};
 use crate::cli::{AttachArgs, ConfigArgs, FailOn, RunArgs};
 use crate::collect::Collector;
 use crate::config::Settings;
 use crate::discover::{self, ProbeTarget, proc};
-use crate::alerts::Offending;
 use crate::error::{EXIT_STALL, EXIT_TARGET, Error};
-use crate::follow::roster::{Attached, Skip};
-use crate::follow::supervise::{Mode, Supervisor};
 use crate::export::server;
 use crate::export::{Metrics, TargetInfo};
+use crate::follow::roster::{Attached, Skip};
+use crate::follow::supervise::{Mode, Supervisor};
 use crate::launch;
 use crate::preflight;
 use crate::stacks::StackTools;
@@ -279,50 +279,10 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 return Err(error.into());
             }
         };
-        match prepare(pid, &options) {
-            Ok((target, mut probes, tools)) => {
-                let started = serve_metrics(
-                    listener,
-                    &settings,
-                    &target,
-                    probes.probe_count,
-                    &mut options,
-                )
-                .and_then(|()| announce(&target, &mut probes, &options));
-                let collector = match started {
-                    Ok(collector) => collector,
-                    Err(error) => {
-                        discard(stopped);
-                        return Err(error);
-                    }
-                };
-                supervisor.roster.attached(
-                    pid,
-                    &target.exe.display_path,
-                    Attached {
-                        probes: probes.probe_count,
-                        stopped_ms: None,
-                    },
-                );
-                supervisor.watch((target, probes, tools), collector, options.clone());
-            }
-            // Not a program loopguard watches (a shell, cargo): let it run
-            // and watch what it starts.
-            Err(error) if supervisor.following() && skippable(&error) => {
-                let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-                    .map_or_else(|_| "?".to_owned(), |p| p.display().to_string());
-                crate::diag!(
-                    "loopguard: {} is not watched ({}); following the programs it starts",
-                    crate::report::printable(&exe),
-                    first_clause(&error.to_string())
-                );
-                supervisor.roster.skipped(pid, &exe, Skip::from_error(&error));
-            }
-            Err(error) => {
-                // Never leave a stopped, traced child behind.
-                discard(stopped);
-                return Err(error);
-            }
+        if let Err(error) = watch_command(&mut supervisor, pid, listener, &settings, &mut options) {
+            // Never leave a stopped, traced child behind.
+            discard(stopped);
+            return Err(error);
         }
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
@@ -365,10 +325,6 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             StopReason::DurationElapsed
         };
         supervisor.run_until(stop).await?;
-        let mut offending = Offending::default();
-        for finished in std::mem::take(&mut supervisor.finished) {
-            offending.merge(finished.outcome?.offending);
-        }
         let status = exit_rx
             .wait_for(Option::is_some)
             .await
@@ -384,24 +340,76 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 launch::exit_code(status)
             }
         });
-        if supervisor.following() {
-            if settings.format == crate::report::Format::Json {
-                crate::output::line(supervisor.roster.json().to_string());
-            }
-            crate::diag!("{}", supervisor.roster.text());
-        }
-        let block = offending.block(&settings.fail_on);
-        if let Some(block) = &block {
-            crate::diag!("{block}");
-        }
-        let watched_nothing = supervisor.roster.attached_count() == 0;
-        if watched_nothing {
-            crate::diag!(
-                "loopguard: error: no program the command ran could be watched (see above); loopguard watches Tokio programs built with symbols"
-            );
-        }
-        Ok(exit_code(code, block.is_some(), watched_nothing))
+        finish_run(&mut supervisor, &settings, code)
     }))
+}
+
+/// Attaches to `run`'s command, stopped after exec; a program loopguard
+/// does not watch (a shell, cargo) is skipped when following, to watch
+/// what it starts.
+fn watch_command(
+    supervisor: &mut Supervisor,
+    pid: u32,
+    listener: Option<std::net::TcpListener>,
+    settings: &Settings,
+    options: &mut WatchOptions,
+) -> Result<(), Error> {
+    match prepare(pid, options) {
+        Ok((target, mut probes, tools)) => {
+            serve_metrics(listener, settings, &target, probes.probe_count, options)?;
+            let collector = announce(&target, &mut probes, options)?;
+            supervisor.roster.attached(
+                pid,
+                &target.exe.display_path,
+                Attached {
+                    probes: probes.probe_count,
+                    stopped_ms: None,
+                },
+            );
+            supervisor.watch((target, probes, tools), collector, options.clone());
+            Ok(())
+        }
+        Err(error) if supervisor.following() && skippable(&error) => {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map_or_else(|_| "?".to_owned(), |p| p.display().to_string());
+            crate::diag!(
+                "loopguard: {} is not watched ({}); following the programs it starts",
+                crate::report::printable(&exe),
+                first_clause(&error.to_string())
+            );
+            supervisor
+                .roster
+                .skipped(pid, &exe, Skip::from_error(&error));
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The end of `run`: who was watched, the offending events in one block,
+/// and the exit code.
+fn finish_run(supervisor: &mut Supervisor, settings: &Settings, code: i32) -> Result<i32, Error> {
+    let mut offending = Offending::default();
+    for finished in std::mem::take(&mut supervisor.finished) {
+        offending.merge(finished.outcome?.offending);
+    }
+    if supervisor.following() {
+        if settings.format == crate::report::Format::Json {
+            crate::output::line(supervisor.roster.json().to_string());
+        }
+        crate::diag!("{}", supervisor.roster.text());
+    }
+    let block = offending.block(&settings.fail_on);
+    if let Some(block) = &block {
+        crate::diag!("{block}");
+    }
+    let watched_nothing = supervisor.roster.attached_count() == 0;
+    if watched_nothing {
+        crate::diag!(
+            "loopguard: error: no program the command ran could be watched (see above); loopguard watches Tokio programs built with symbols"
+        );
+    }
+    Ok(exit_code(code, block.is_some(), watched_nothing))
 }
 
 /// `run`'s exit code: the command's own when it failed; else 3 when what

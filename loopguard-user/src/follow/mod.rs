@@ -73,24 +73,29 @@ impl Follower {
     ) -> Result<Self, FollowError> {
         let config = FollowConfig {
             stop_on_exec: 1,
-            _pad: 0,
+            pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(names::FOLLOW_CONFIG, &config, true)
             .load(EBPF_OBJECT)
             .map_err(|error| AttachError::Load(Box::new(error)))?;
         let mut pids: BpfHashMap<MapData, u32, u32> = take(&mut ebpf, names::FOLLOW_PIDS)?;
-        pids.insert(seed, 1, 0)
-            .map_err(|source| FollowError::Map {
-                name: names::FOLLOW_PIDS,
-                source,
-            })?;
+        pids.insert(seed, 1, 0).map_err(|source| FollowError::Map {
+            name: names::FOLLOW_PIDS,
+            source,
+        })?;
         let stopped_map = ebpf
             .take_map(names::FOLLOW_STOPPED)
-            .ok_or(FollowError::Attach(AttachError::Missing(names::FOLLOW_STOPPED)))?;
+            .ok_or(FollowError::Attach(AttachError::Missing(
+                names::FOLLOW_STOPPED,
+            )))?;
         let stopped_fd = match &stopped_map {
             aya::maps::Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
-            _ => return Err(FollowError::Attach(AttachError::Missing(names::FOLLOW_STOPPED))),
+            _ => {
+                return Err(FollowError::Attach(AttachError::Missing(
+                    names::FOLLOW_STOPPED,
+                )));
+            }
         };
         let stopped: BpfHashMap<MapData, u32, u32> =
             BpfHashMap::try_from(stopped_map).map_err(|source| FollowError::Map {
@@ -167,7 +172,10 @@ impl Follower {
     /// Children not followed (map full) and exec events lost.
     pub fn lost(&self) -> (u64, u64) {
         let get = |c: FollowCounter| self.counters.get(&(c as u32), 0).unwrap_or(0);
-        (get(FollowCounter::TasksFull), get(FollowCounter::EventsLost))
+        (
+            get(FollowCounter::TasksFull),
+            get(FollowCounter::EventsLost),
+        )
     }
 }
 

@@ -38,9 +38,9 @@ impl Skip {
             Error::Discover(DiscoverError::Binary { source, .. }) => {
                 Self::NotTokio(format!("not an ELF program loopguard can read ({source})"))
             }
-            Error::Discover(error @ (DiscoverError::Stripped { .. } | DiscoverError::NoTaskPoll { .. })) => {
-                Self::Unprobeable(error.to_string())
-            }
+            Error::Discover(
+                error @ (DiscoverError::Stripped { .. } | DiscoverError::NoTaskPoll { .. }),
+            ) => Self::Unprobeable(error.to_string()),
             other => Self::Failed(other.to_string()),
         }
     }
@@ -140,7 +140,9 @@ impl Roster {
                 "pid": e.pid, "exe": e.exe, "probes": a.probes,
                 "stopped_ms": a.stopped_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
             }),
-            Err(skip) => json!({ "pid": e.pid, "exe": e.exe, "reason": skip.kind(), "why": skip.why() }),
+            Err(skip) => {
+                json!({ "pid": e.pid, "exe": e.exe, "reason": skip.kind(), "why": skip.why() })
+            }
         };
         json!({
             "type": "followed",
@@ -163,7 +165,11 @@ mod tests {
     #[test]
     fn the_roster_says_who_was_attached_and_why_others_were_skipped() {
         let mut roster = Roster::default();
-        roster.skipped(10, "/usr/bin/cargo", Skip::NotTokio("no Tokio symbols".into()));
+        roster.skipped(
+            10,
+            "/usr/bin/cargo",
+            Skip::NotTokio("no Tokio symbols".into()),
+        );
         roster.attached(
             11,
             "/t/deps/api-1a2b",
@@ -174,10 +180,22 @@ mod tests {
         );
         roster.skipped(12, "/bin/true", Skip::ExitedTooFast);
         let text = roster.text();
-        assert!(text.contains("3 program(s): 1 attached, 2 skipped"), "{text}");
-        assert!(text.contains("attached  pid 11 /t/deps/api-1a2b: 40 probes, held stopped 31.2 ms"), "{text}");
-        assert!(text.contains("skipped   pid 10 /usr/bin/cargo: not Tokio: no Tokio symbols"), "{text}");
-        assert!(text.contains("pid 12 /bin/true: exited before it could be inspected"), "{text}");
+        assert!(
+            text.contains("3 program(s): 1 attached, 2 skipped"),
+            "{text}"
+        );
+        assert!(
+            text.contains("attached  pid 11 /t/deps/api-1a2b: 40 probes, held stopped 31.2 ms"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skipped   pid 10 /usr/bin/cargo: not Tokio: no Tokio symbols"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pid 12 /bin/true: exited before it could be inspected"),
+            "{text}"
+        );
         let json = roster.json();
         assert_eq!(json["attached"][0]["pid"], 11);
         assert_eq!(json["skipped"][1]["reason"], "exited");
@@ -194,12 +212,16 @@ mod tests {
             path: "/bin/sh".into(),
             why: "no Tokio symbols, and it has no epoll instance open".into(),
         });
-        assert!(matches!(Skip::from_error(&sh), Skip::NotTokio(why) if why.starts_with("no Tokio")));
+        assert!(
+            matches!(Skip::from_error(&sh), Skip::NotTokio(why) if why.starts_with("no Tokio"))
+        );
         let stripped = Error::Discover(DiscoverError::Stripped {
             pid: 1,
             path: "/srv/api".into(),
         });
-        assert!(matches!(Skip::from_error(&stripped), Skip::Unprobeable(why) if why.contains("stripped")));
+        assert!(
+            matches!(Skip::from_error(&stripped), Skip::Unprobeable(why) if why.contains("stripped"))
+        );
     }
 
     #[test]

@@ -16,13 +16,13 @@ use super::roster::{Attached, Roster, Skip, label};
 use super::watchdog::Watchdog;
 use super::{FollowError, Follower};
 use crate::agent::{self, Outcome, StopReason, WatchOptions};
-use crate::collect::{Collector, monotonic_ns};
 use crate::attach::AttachedProbes;
+use crate::collect::{Collector, monotonic_ns};
 use crate::commands::{Prepared, announce, discover_and_attach};
 use crate::discover::ProbeTarget;
-use crate::stacks::StackTools;
 use crate::discover::proc;
 use crate::error::Error;
+use crate::stacks::StackTools;
 use crate::stacks::Stacks;
 
 /// What is followed.
@@ -123,7 +123,9 @@ impl Supervisor {
             let stacks = match tools {
                 Some(tools) if probes.stacks => {
                     Stacks::new(&mut probes.ebpf, tools, options.stacks)
-                        .inspect_err(|error| tracing::warn!(%error, "stalls are reported without stacks"))
+                        .inspect_err(
+                            |error| tracing::warn!(%error, "stalls are reported without stacks"),
+                        )
                         .ok()
                 }
                 _ => None,
@@ -146,13 +148,14 @@ impl Supervisor {
             };
             let started = std::time::Instant::now();
             let detached = tokio::task::spawn_blocking(move || {
+                let mut said_done = false;
                 probes.detach(|done, total| {
-                    if done == total {
+                    if done == total && !std::mem::replace(&mut said_done, true) {
                         crate::diag!(
                             "{prefix}loopguard: detached: all {total} probes removed in {:.1} s",
                             started.elapsed().as_secs_f64()
                         );
-                    } else {
+                    } else if done < total {
                         crate::diag!("{prefix}loopguard: detaching: {done}/{total} probes removed");
                     }
                 });
@@ -172,10 +175,7 @@ impl Supervisor {
 
     /// Runs until `stop` resolves and every watch has ended (`Run`), or
     /// until the target is gone or exec'd out of reach (`Attach`).
-    pub async fn run_until(
-        &mut self,
-        stop: impl Future<Output = StopReason>,
-    ) -> Result<(), Error> {
+    pub async fn run_until(&mut self, stop: impl Future<Output = StopReason>) -> Result<(), Error> {
         tokio::pin!(stop);
         let mut stopping: Option<StopReason> = None;
         loop {
