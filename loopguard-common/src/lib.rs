@@ -6,6 +6,7 @@
 //! unknown kind is an error rather than a misread.
 #![no_std]
 
+pub mod follow;
 pub mod hist;
 pub mod requests;
 pub mod stacks;

@@ -39,6 +39,7 @@ use aya_ebpf::{
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+mod follow;
 mod requests;
 mod stacks;
 mod wait;

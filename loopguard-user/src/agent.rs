@@ -57,6 +57,9 @@ pub struct WatchOptions {
     /// The benchmark's floor: with empty programs the agent reads nothing
     /// until it stops.
     pub bench: crate::attach::Bench,
+    /// Name the process on every line (pid and program): set when several
+    /// processes are watched at once (`run` following its command).
+    pub label: bool,
 }
 
 /// Why watching stopped.
@@ -67,6 +70,8 @@ pub enum StopReason {
     TargetExited,
     /// Nobody reads stdout any more (`| head -1`).
     OutputClosed,
+    /// The target exec'd another program: the probes watched the old one.
+    Exec,
 }
 
 impl StopReason {
@@ -77,6 +82,7 @@ impl StopReason {
             Self::DurationElapsed => "duration elapsed",
             Self::TargetExited => "target exited",
             Self::OutputClosed => "output closed",
+            Self::Exec => "target exec'd another program",
         }
     }
 }
@@ -94,6 +100,7 @@ pub struct Outcome {
 struct Printer<'t> {
     target: &'t ProbeTarget,
     format: Format,
+    label: bool,
     callers: HashMap<u64, Option<String>>,
 }
 
@@ -148,6 +155,11 @@ impl Printer<'_> {
             }
             Finding::ThresholdChanged(change) => alerts::threshold_text(change),
         };
+        let text = if self.label {
+            labelled(self.target, &text)
+        } else {
+            text
+        };
         let line = match (self.format, finding) {
             (Format::Text, _) => text.clone(),
             (Format::Json, Finding::InProgress(stall) | Finding::Finished { stall, .. }) => {
@@ -164,6 +176,11 @@ impl Printer<'_> {
             (Format::Json, Finding::ThresholdChanged(change)) => {
                 alerts::threshold_json(change, pid).to_string()
             }
+        };
+        let line = if self.label && self.format == Format::Json {
+            with_exe(self.target, line)
+        } else {
+            line
         };
         print_line(&line);
         text
@@ -224,6 +241,26 @@ impl RequestView<'_> {
             (stall.start_ns, stall.start_ns + stall.duration_ns),
             VICTIMS_LISTED,
         )
+    }
+}
+
+/// Every line of `text` prefixed with the process's pid and program.
+fn labelled(target: &ProbeTarget, text: &str) -> String {
+    let label = crate::follow::roster::label(target.pid, &target.exe.display_path);
+    text.lines()
+        .map(|line| format!("{label} {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A JSON line with the process's program added (its pid is in every line).
+fn with_exe(target: &ProbeTarget, line: String) -> String {
+    match serde_json::from_str::<serde_json::Value>(&line) {
+        Ok(serde_json::Value::Object(mut object)) => {
+            object.insert("exe".into(), target.exe.display_path.clone().into());
+            serde_json::Value::Object(object).to_string()
+        }
+        _ => line,
     }
 }
 
@@ -757,6 +794,7 @@ impl<'t> Session<'t> {
             printer: Printer {
                 target,
                 format: options.format,
+                label: options.label,
                 callers: HashMap::new(),
             },
             summary: Summary::default(),
@@ -888,9 +926,22 @@ fn write_folded(path: &std::path::Path, text: &str) {
 }
 
 /// Prints the summary: JSON on stdout, or text on stdout.
-pub fn print_summary(outcome: &Outcome, pid: u32, options: &WatchOptions) {
+pub fn print_summary(outcome: &Outcome, target: &ProbeTarget, options: &WatchOptions) {
+    let pid = target.pid;
     let line = match options.format {
+        Format::Json if options.label => with_exe(
+            target,
+            report::summary_json(&outcome.summary, pid).to_string(),
+        ),
         Format::Json => report::summary_json(&outcome.summary, pid).to_string(),
+        Format::Text if options.label => {
+            let mut text = report::summary_text(&outcome.summary);
+            for line in crate::stacks::render::summary_lines(&outcome.summary.stacks) {
+                text.push('\n');
+                text.push_str(&line);
+            }
+            labelled(target, &text)
+        }
         Format::Text => {
             let mut text = report::summary_text(&outcome.summary);
             for line in crate::stacks::render::summary_lines(&outcome.summary.stacks) {

@@ -179,6 +179,14 @@ impl Offending {
         }
     }
 
+    /// Adds another process's offending events to these.
+    pub fn merge(&mut self, other: Self) {
+        self.stalls += other.stalls;
+        self.cumulative += other.cumulative;
+        let room = OFFENDING_KEPT.saturating_sub(self.lines.len());
+        self.lines.extend(other.lines.into_iter().take(room));
+    }
+
     pub fn count(&self, kind: FailOn) -> u64 {
         match kind {
             FailOn::Stall => self.stalls,

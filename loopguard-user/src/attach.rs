@@ -21,7 +21,8 @@ use crate::discover::waits::{WaitKind, WaitSite};
 use crate::discover::{ProbeTarget, proc};
 
 /// The eBPF object built from `loopguard-ebpf` by this crate's build script.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopguard"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopguard"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -375,7 +376,7 @@ fn attach_waits(
     Ok(path)
 }
 
-fn attach_raw_tracepoint(
+pub(crate) fn attach_raw_tracepoint(
     ebpf: &mut Ebpf,
     program: &'static str,
     tracepoint: &str,

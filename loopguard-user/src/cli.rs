@@ -121,6 +121,11 @@ pub struct RunArgs {
     /// Same as `--fail-on stall`.
     #[arg(long, conflicts_with = "fail_on")]
     pub fail_on_stall: bool,
+    /// Watch the command only, not the programs it starts (by default every
+    /// Tokio program the command or its descendants exec is attached to,
+    /// stopped at exec until its probes are in).
+    #[arg(long)]
+    pub no_follow: bool,
     #[command(flatten)]
     pub watch: WatchArgs,
     /// The command to run, after `--`.

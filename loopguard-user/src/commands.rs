@@ -1,6 +1,5 @@
 //! The two subcommands, from parsed arguments to an exit code.
 
-use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,19 +7,21 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::agent::Outcome;
 use crate::agent::{self, StopReason, WatchOptions};
+use crate::alerts::Offending;
 use crate::attach::{self, AttachedProbes};
 use crate::cli::{AttachArgs, ConfigArgs, FailOn, RunArgs};
 use crate::collect::Collector;
 use crate::config::Settings;
 use crate::discover::{self, ProbeTarget, proc};
-use crate::error::{EXIT_STALL, Error};
+use crate::error::{EXIT_STALL, EXIT_TARGET, Error};
 use crate::export::server;
 use crate::export::{Metrics, TargetInfo};
+use crate::follow::roster::{Attached, Skip};
+use crate::follow::supervise::{Mode, Supervisor};
 use crate::launch;
 use crate::preflight;
-use crate::stacks::{StackTools, Stacks};
+use crate::stacks::StackTools;
 
 fn watch_options(settings: &Settings) -> WatchOptions {
     WatchOptions {
@@ -39,6 +40,7 @@ fn watch_options(settings: &Settings) -> WatchOptions {
         },
         folded: None,
         bench: attach::Bench::default(),
+        label: false,
     }
 }
 
@@ -113,9 +115,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 /// What watching needs: the target, the probes in place, and the stack tools
 /// (made before attaching: reading the target's files takes a moment in
 /// which events would pile up).
-type Prepared = (ProbeTarget, AttachedProbes, Option<StackTools>);
+pub(crate) type Prepared = (ProbeTarget, AttachedProbes, Option<StackTools>);
 
-fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
+pub(crate) fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
+    let tools = options.capture_stacks.then(|| StackTools::prepare(pid));
+    let (target, probes) = discover_and_attach(pid, options)?;
+    Ok((target, probes, tools))
+}
+
+/// Finds what to probe in `pid` and attaches (no stack tools: those stay
+/// on the thread that watches).
+pub(crate) fn discover_and_attach(
+    pid: u32,
+    options: &WatchOptions,
+) -> Result<(ProbeTarget, AttachedProbes), Error> {
     let target = discover::discover(pid)?;
     tracing::info!(
         pid,
@@ -126,7 +139,6 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
     );
     let floor_ns = options.detect.report_floor_ns();
     tracing::info!(report_floor_ns = floor_ns, "kernel report floor");
-    let tools = options.capture_stacks.then(|| StackTools::prepare(pid));
     let probes = attach::attach(
         &target,
         floor_ns,
@@ -136,12 +148,12 @@ fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
         options.bench,
     )?;
     tracing::info!(probes = probes.probe_count, "attached");
-    Ok((target, probes, tools))
+    Ok((target, probes))
 }
 
 /// Opens the maps and announces the attachment (before `run` lets its
 /// command go, so the `attached` line comes first).
-fn announce(
+pub(crate) fn announce(
     target: &ProbeTarget,
     probes: &mut AttachedProbes,
     options: &WatchOptions,
@@ -149,37 +161,6 @@ fn announce(
     let collector = Collector::new(&mut probes.ebpf)?;
     agent::print_attached(target, probes.probe_count, probes.wait_path, options);
     Ok(collector)
-}
-
-/// Watches, then detaches and prints the summary.
-async fn watch_and_detach(
-    (target, mut probes, tools): Prepared,
-    mut collector: Collector,
-    options: &WatchOptions,
-    stop: impl Future<Output = StopReason>,
-) -> Result<Outcome, Error> {
-    let stacks = match tools {
-        Some(tools) if probes.stacks => Stacks::new(&mut probes.ebpf, tools, options.stacks)
-            .inspect_err(|error| tracing::warn!(%error, "stalls are reported without stacks"))
-            .ok(),
-        _ => None,
-    };
-    let outcome = agent::watch(&target, &mut collector, stacks, options, stop).await?;
-    agent::print_summary(&outcome, target.pid, options);
-    let total = probes.probe_count;
-    let started = std::time::Instant::now();
-    probes.detach(|done, total| {
-        if done == total {
-            crate::diag!(
-                "loopguard: detached: all {total} probes removed in {:.1} s",
-                started.elapsed().as_secs_f64()
-            );
-        } else {
-            crate::diag!("loopguard: detaching: {done}/{total} probes removed");
-        }
-    });
-    tracing::info!(reason = ?outcome.reason, probes = total, "detached");
-    Ok(outcome)
 }
 
 /// The process `--pid` means: a thread id (loopguard prints them) is
@@ -209,8 +190,11 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     };
     let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
-    runtime.block_on(async {
+    let local = tokio::task::LocalSet::new();
+    runtime.block_on(local.run_until(async {
         let pid = process_to_watch(args.pid);
+        // Following first: an exec while attaching is not missed.
+        let mut supervisor = Supervisor::start(pid, Mode::Attach, true, &options)?;
         let (target, mut probes, tools) = prepare(pid, &options)?;
         serve_metrics(
             listener,
@@ -234,9 +218,17 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
             }
         };
         let collector = announce(&target, &mut probes, &options)?;
-        watch_and_detach((target, probes, tools), collector, &options, stop).await?;
+        supervisor.watch((target, probes, tools), collector, options.clone());
+        supervisor.run_until(stop).await?;
+        for finished in std::mem::take(&mut supervisor.finished) {
+            finished.outcome?;
+        }
+        if let Some(why) = &supervisor.gave_up {
+            crate::diag!("loopguard: error: {why}");
+            return Ok(EXIT_TARGET);
+        }
         Ok(0)
-    })
+    }))
 }
 
 async fn sleep_for(secs: Option<u64>) {
@@ -256,15 +248,25 @@ const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
+/// Kills a child that never ran (still stopped after exec) and reaps it.
+fn discard(stopped: launch::StoppedChild) {
+    let mut child = stopped.child;
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// `loopguard run`.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
     preflight::check()?;
     let mut options = watch_options(&settings);
     apply_stack_args(&mut options, &args.watch.stacks);
+    let follow = !args.no_follow;
+    options.label = follow;
     let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
-    runtime.block_on(async {
+    let local = tokio::task::LocalSet::new();
+    runtime.block_on(local.run_until(async {
         // Handlers first: a signal in the first moments must be forwarded,
         // not kill loopguard by its default action.
         let mut forwarded = Vec::with_capacity(FORWARDED.len());
@@ -274,34 +276,20 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         }
         let stopped = launch::launch_stopped(&args.command)?;
         let pid = stopped.pid();
-        let prepared = prepare(pid, &options);
-        let (target, mut probes, tools) = match prepared {
-            Ok(prepared) => prepared,
+        // Following starts while the command is stopped: nothing it forks
+        // or execs is missed.
+        let mut supervisor = match Supervisor::start(pid, Mode::Run, follow, &options) {
+            Ok(supervisor) => supervisor,
             Err(error) => {
-                // Never leave a stopped, traced child behind.
-                let mut child = stopped.child;
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(error);
+                discard(stopped);
+                return Err(error.into());
             }
         };
-        let started = serve_metrics(
-            listener,
-            &settings,
-            &target,
-            probes.probe_count,
-            &mut options,
-        )
-        .and_then(|()| announce(&target, &mut probes, &options));
-        let collector = match started {
-            Ok(collector) => collector,
-            Err(error) => {
-                let mut child = stopped.child;
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(error);
-            }
-        };
+        if let Err(error) = watch_command(&mut supervisor, pid, listener, &settings, &mut options) {
+            // Never leave a stopped, traced child behind.
+            discard(stopped);
+            return Err(error);
+        }
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {
@@ -342,7 +330,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };
-        let outcome = watch_and_detach((target, probes, tools), collector, &options, stop).await?;
+        supervisor.run_until(stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
             .await
@@ -358,14 +346,116 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 launch::exit_code(status)
             }
         });
-        let block = outcome.offending.block(&settings.fail_on);
-        if let Some(block) = &block {
-            crate::diag!("{block}");
+        finish_run(&mut supervisor, &settings, code)
+    }))
+}
+
+/// Attaches to `run`'s command, stopped after exec; a program loopguard
+/// does not watch (a shell, cargo) is skipped when following, to watch
+/// what it starts.
+fn watch_command(
+    supervisor: &mut Supervisor,
+    pid: u32,
+    listener: Option<std::net::TcpListener>,
+    settings: &Settings,
+    options: &mut WatchOptions,
+) -> Result<(), Error> {
+    match prepare(pid, options) {
+        Ok((target, mut probes, tools)) => {
+            serve_metrics(listener, settings, &target, probes.probe_count, options)?;
+            let collector = announce(&target, &mut probes, options)?;
+            supervisor.roster.attached(
+                pid,
+                &target.exe.display_path,
+                Attached {
+                    probes: probes.probe_count,
+                    stopped_ms: None,
+                },
+            );
+            supervisor.watch((target, probes, tools), collector, options.clone());
+            Ok(())
         }
-        Ok(if block.is_some() && code == 0 {
-            EXIT_STALL
-        } else {
-            code
-        })
-    })
+        Err(error) if supervisor.following() && skippable(&error) => {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map_or_else(|_| "?".to_owned(), |p| p.display().to_string());
+            crate::diag!(
+                "loopguard: {} is not watched ({}); following the programs it starts",
+                crate::report::printable(&exe),
+                first_clause(&error.to_string())
+            );
+            supervisor
+                .roster
+                .skipped(pid, &exe, Skip::from_error(&error));
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The end of `run`: who was watched, the offending events in one block,
+/// and the exit code.
+fn finish_run(supervisor: &mut Supervisor, settings: &Settings, code: i32) -> Result<i32, Error> {
+    let mut offending = Offending::default();
+    for finished in std::mem::take(&mut supervisor.finished) {
+        offending.merge(finished.outcome?.offending);
+    }
+    if supervisor.following() {
+        if settings.format == crate::report::Format::Json {
+            crate::output::line(supervisor.roster.json().to_string());
+        }
+        crate::diag!("{}", supervisor.roster.text());
+    }
+    let block = offending.block(&settings.fail_on);
+    if let Some(block) = &block {
+        crate::diag!("{block}");
+    }
+    let watched_nothing = supervisor.roster.attached_count() == 0;
+    if watched_nothing {
+        crate::diag!(
+            "loopguard: error: no program the command ran could be watched (see above); loopguard watches Tokio programs built with symbols"
+        );
+    }
+    Ok(exit_code(code, block.is_some(), watched_nothing))
+}
+
+/// `run`'s exit code: the command's own when it failed; else 3 when what
+/// `--fail-on` names was seen, 4 when nothing could be watched, 0.
+fn exit_code(command: i32, offended: bool, watched_nothing: bool) -> i32 {
+    if command != 0 {
+        command
+    } else if offended {
+        EXIT_STALL
+    } else if watched_nothing {
+        EXIT_TARGET
+    } else {
+        0
+    }
+}
+
+/// Errors that make `run` skip its command and follow what it starts.
+fn skippable(error: &Error) -> bool {
+    matches!(
+        Skip::from_error(error),
+        Skip::NotTokio(_) | Skip::Unprobeable(_)
+    )
+}
+
+/// The message up to its first `;` (the advice after it is for `attach`).
+fn first_clause(message: &str) -> &str {
+    message.split(';').next().unwrap_or(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_exit_codes_put_the_command_first() {
+        assert_eq!(exit_code(101, true, false), 101);
+        assert_eq!(exit_code(0, true, false), EXIT_STALL);
+        assert_eq!(exit_code(0, false, true), EXIT_TARGET);
+        assert_eq!(exit_code(0, true, true), EXIT_STALL);
+        assert_eq!(exit_code(0, false, false), 0);
+        assert_eq!(exit_code(2, false, false), 2);
+    }
 }

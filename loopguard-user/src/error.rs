@@ -5,6 +5,7 @@ use crate::collect::CollectError;
 use crate::config::ConfigError;
 use crate::discover::DiscoverError;
 use crate::export::ExportError;
+use crate::follow::FollowError;
 use crate::launch::LaunchError;
 use crate::preflight::PreflightError;
 
@@ -35,6 +36,8 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[error(transparent)]
+    Follow(#[from] FollowError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error("failed to install the signal handlers loopguard forwards signals with")]
@@ -58,6 +61,7 @@ impl Error {
             | Self::Collect(_)
             | Self::Launch(_)
             | Self::Export(_)
+            | Self::Follow(_)
             | Self::Runtime(_)
             | Self::Signals(_) => EXIT_FAILURE,
         }

@@ -36,6 +36,7 @@ pub mod detect;
 pub mod discover;
 pub mod error;
 pub mod export;
+pub mod follow;
 pub mod launch;
 pub mod loops;
 pub mod output;

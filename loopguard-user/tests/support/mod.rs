@@ -143,8 +143,14 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(LOOPGUARD)
-            .args(args)
+        let mut command = Command::new(LOOPGUARD);
+        command.args(args);
+        Self::spawn(command)
+    }
+
+    /// Starts `command` (a `loopguard` command line) with its stdout read.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .spawn()
             .expect("start loopguard");
