@@ -11,11 +11,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use loopguard_common::{Counter, ThreadPolls, usdt};
 
 use crate::alerts::{self, Offending};
+use crate::emit;
+use crate::events::{self, build};
 use crate::attach::{WaitPath, WaitProbes};
 use crate::attribute::RequestTracker;
 use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
@@ -27,7 +27,7 @@ use crate::discover::{ProbeTarget, WatchMode, proc};
 use crate::export::live::{BusyTracker, stuck_polls};
 use crate::export::{BlockingKind, LiveState, Metrics};
 use crate::loops::LoopDetector;
-use crate::report::{self, Format, StallContext};
+use crate::report::{Format, StallContext};
 use crate::stacks::{StackOptions, Stacks};
 use crate::summary::{LoopThread, RequestSummary, Summary};
 
@@ -132,7 +132,7 @@ impl Printer<'_> {
         }
     }
 
-    /// Prints a finding; returns its text line (for `--fail-on`).
+    /// Prints (and records) a finding; returns its text line (for `--fail-on`).
     fn finding(
         &mut self,
         finding: &Finding,
@@ -140,39 +140,23 @@ impl Printer<'_> {
         engine: &ThresholdEngine,
     ) -> String {
         let pid = self.target.pid;
-        let threshold_ns = engine.threshold_ns();
-        let text = match finding {
-            Finding::InProgress(stall) | Finding::Finished { stall, .. } => {
-                report::finding_text(finding, stall.threshold_ns, context)
-            }
-            Finding::Cumulative(alert) => {
-                let thread = match alert.scope {
-                    crate::detect::Scope::Thread(tid) => Some(proc::thread_name(pid, tid)),
-                    crate::detect::Scope::Process => None,
-                };
-                alerts::cumulative_text(alert, thread.as_deref())
-            }
-            Finding::ThresholdChanged(change) => alerts::threshold_text(change),
-        };
-        let line = match (self.format, finding) {
-            (Format::Text, _) => text.clone(),
-            (Format::Json, Finding::InProgress(stall) | Finding::Finished { stall, .. }) => {
-                report::finding_json(finding, pid, stall.threshold_ns, context).to_string()
-            }
-            (Format::Json, Finding::Cumulative(alert)) => {
-                let floor_ns = engine
+        let cumulative = match finding {
+            Finding::Cumulative(alert) => build::CumulativeContext {
+                threshold_ns: engine.threshold_ns(),
+                floor_ns: engine
                     .settings()
                     .cumulative
                     .as_ref()
-                    .map_or(0, |c| c.floor_ns);
-                alerts::cumulative_json(alert, pid, threshold_ns, floor_ns).to_string()
-            }
-            (Format::Json, Finding::ThresholdChanged(change)) => {
-                alerts::threshold_json(change, pid).to_string()
-            }
+                    .map_or(0, |c| c.floor_ns),
+                thread: match alert.scope {
+                    crate::detect::Scope::Thread(tid) => Some(proc::thread_name(pid, tid)),
+                    crate::detect::Scope::Process => None,
+                },
+            },
+            _ => build::CumulativeContext::default(),
         };
-        print_line(&line);
-        text
+        let event = build::finding(finding, pid, context, &cumulative);
+        emit::event(&event, self.format).unwrap_or_default()
     }
 }
 
@@ -208,7 +192,18 @@ struct Session<'t> {
     /// Threads that have polled a task (at the last scan): their polls, not
     /// their busy stretches, feed the cumulative rule.
     polling_threads: HashSet<u32>,
+    /// The live status line (stderr is a terminal).
+    status: Option<StatusFeed>,
 }
+
+/// What the status line was last drawn from.
+struct StatusFeed {
+    started: Instant,
+    last: Option<(Instant, u64)>,
+}
+
+/// How often the status line is redrawn.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
 
 /// How long threads are watched at attach for polls stuck since before:
 /// the threshold, within these bounds.
@@ -414,6 +409,7 @@ impl Session<'_> {
         {
             self.report(&finding);
         }
+        self.refresh_status(collector);
         let due = self.metrics.as_ref().is_some_and(|feed| {
             feed.last_refresh
                 .is_none_or(|last| last.elapsed() >= METRICS_REFRESH)
@@ -421,6 +417,34 @@ impl Session<'_> {
         if due {
             self.refresh_metrics(collector, now_ns, &threads);
         }
+    }
+
+    /// Redraws the status line once a second: polls per second from the
+    /// kernel's histogram, stalls so far, the threshold, requests in flight.
+    fn refresh_status(&mut self, collector: &Collector) {
+        let Some(feed) = &mut self.status else {
+            return;
+        };
+        let now = Instant::now();
+        if feed
+            .last
+            .is_some_and(|(at, _)| now.duration_since(at) < STATUS_REFRESH)
+        {
+            return;
+        }
+        let polls = collector.histogram().total();
+        let rate = feed.last.map_or(0, |(at, before)| {
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            (polls.saturating_sub(before) as f64 / secs).round() as u64
+        });
+        feed.last = Some((now, polls));
+        crate::output::status(Some(crate::term::status_text(
+            rate,
+            self.summary.stalls,
+            events::ms(self.engine.threshold_ns()),
+            self.requests.in_flight(),
+            now.duration_since(feed.started).as_secs(),
+        )));
     }
 
     /// Reads what only the kernel's maps hold into the metrics.
@@ -545,10 +569,6 @@ fn culprit(
     (Some(culprit), excluded)
 }
 
-fn print_line(line: &str) {
-    crate::output::line(line.to_owned());
-}
-
 /// Announces the attachment: JSON on stdout, text on stderr.
 pub fn print_attached(
     target: &ProbeTarget,
@@ -577,30 +597,31 @@ pub fn print_attached(
         WatchMode::Tokio => ("tokio", None),
         WatchMode::LoopOnly { why } => ("loop", Some(why.as_str())),
     };
+    let attached = events::Event::Attached(events::Attached {
+        pid: target.pid,
+        exe: target.exe.display_path.clone(),
+        mode: mode.to_owned(),
+        loop_only_reason: why.map(str::to_owned),
+        poll_functions: copies.len(),
+        task_ids_verified: verified,
+        blocking_pool_functions_unprobed: blocking_pool,
+        probes: probe_count,
+        request_probe_sites: request_sites,
+        request_probes_attached: options.requests && request_sites > 0,
+        wait_sites: sites.len(),
+        wait_functions: wait_functions.iter().map(|f| (*f).to_owned()).collect(),
+        wait_probes: wait_path.as_str().to_owned(),
+        threshold_ms: options.detect.threshold_ns as f64 / 1e6,
+        adaptive: options.detect.adaptive.is_some(),
+        cumulative: options.detect.cumulative.is_some(),
+        report_floor_ms: options.detect.report_floor_ns() as f64 / 1e6,
+        schema_version: events::SCHEMA_VERSION,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        time: events::clock::now(),
+    });
+    emit::event(&attached, options.format);
     match options.format {
-        Format::Json => print_line(
-            &json!({
-                "type": "attached",
-                "pid": target.pid,
-                "exe": target.exe.display_path,
-                "mode": mode,
-                "loop_only_reason": why,
-                "poll_functions": copies.len(),
-                "task_ids_verified": verified,
-                "blocking_pool_functions_unprobed": blocking_pool,
-                "probes": probe_count,
-                "request_probe_sites": request_sites,
-                "request_probes_attached": options.requests && request_sites > 0,
-                "wait_sites": sites.len(),
-                "wait_functions": wait_functions,
-                "wait_probes": wait_path.as_str(),
-                "threshold_ms": options.detect.threshold_ns as f64 / 1e6,
-                "adaptive": options.detect.adaptive.is_some(),
-                "cumulative": options.detect.cumulative.is_some(),
-                "report_floor_ms": options.detect.report_floor_ns() as f64 / 1e6,
-            })
-            .to_string(),
-        ),
+        Format::Json => {}
         Format::Text => {
             let waits = match wait_path {
                 WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
@@ -709,6 +730,10 @@ pub async fn watch(
         }),
         stacks,
         polling_threads: HashSet::new(),
+        status: crate::term::status_enabled().then(|| StatusFeed {
+            started,
+            last: None,
+        }),
     };
     if let Some(stacks) = &mut session.stacks {
         let window =
@@ -746,6 +771,7 @@ pub async fn watch(
         }
     };
     session.handle_events(collector);
+    crate::output::status(None);
     // The endpoint stays up until loopguard exits: a last scrape sees the totals.
     session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
     let mut summary = session.summary;
@@ -807,18 +833,8 @@ fn write_folded(path: &std::path::Path, text: &str) {
     }
 }
 
-/// Prints the summary: JSON on stdout, or text on stdout.
+/// Prints (and records) the summary: JSON or text on stdout.
 pub fn print_summary(outcome: &Outcome, pid: u32, options: &WatchOptions) {
-    let line = match options.format {
-        Format::Json => report::summary_json(&outcome.summary, pid).to_string(),
-        Format::Text => {
-            let mut text = report::summary_text(&outcome.summary);
-            for line in crate::stacks::render::summary_lines(&outcome.summary.stacks) {
-                text.push('\n');
-                text.push_str(&line);
-            }
-            text
-        }
-    };
-    print_line(&line);
+    let summary = build::summary(&outcome.summary, pid);
+    emit::event(&events::Event::Summary(Box::new(summary)), options.format);
 }

@@ -48,6 +48,23 @@ fn apply_stack_args(options: &mut WatchOptions, args: &crate::cli::StackArgs) {
     options.folded.clone_from(&args.folded);
 }
 
+/// Colour, the status line and the recording, before anything is attached
+/// (a recording that cannot be made fails first).
+fn start_output(args: &crate::cli::OutputArgs) -> Result<(), Error> {
+    crate::term::setup(args.color, true);
+    if let Some(path) = &args.record {
+        crate::record::open(path)?;
+    }
+    Ok(())
+}
+
+/// `loopguard report`: a recording shown again.
+pub fn report(args: &crate::cli::ReportArgs) -> Result<i32, Error> {
+    crate::term::setup(args.color, false);
+    crate::replay::report(args)?;
+    Ok(0)
+}
+
 /// `loopguard config`: prints the effective configuration.
 pub fn config(args: &ConfigArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, args.file.as_deref(), args.fail_on.as_deref())?;
@@ -202,6 +219,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let mut options = watch_options(&settings);
     apply_stack_args(&mut options, &args.watch.stacks);
     let listener = bind_metrics(&settings)?;
+    start_output(&args.output)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let pid = process_to_watch(args.pid);
@@ -257,6 +275,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let mut options = watch_options(&settings);
     apply_stack_args(&mut options, &args.watch.stacks);
     let listener = bind_metrics(&settings)?;
+    start_output(&args.output)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         // Handlers first: a signal in the first moments must be forwarded,
