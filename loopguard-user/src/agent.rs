@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 use loopguard_common::{Counter, ThreadPolls, usdt};
 
 use crate::alerts::{self, Offending};
-use crate::emit;
-use crate::events::{self, build};
 use crate::attach::{WaitPath, WaitProbes};
 use crate::attribute::RequestTracker;
 use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
@@ -24,6 +22,8 @@ use crate::detect::{
 };
 use crate::discover::waits::WaitKind;
 use crate::discover::{ProbeTarget, WatchMode, proc};
+use crate::emit;
+use crate::events::{self, build};
 use crate::export::live::{BusyTracker, stuck_polls};
 use crate::export::{BlockingKind, LiveState, Metrics};
 use crate::loops::LoopDetector;
@@ -200,6 +200,16 @@ struct Session<'t> {
 struct StatusFeed {
     started: Instant,
     last: Option<(Instant, u64)>,
+}
+
+impl StatusFeed {
+    /// A feed when the status line is shown (stderr is a terminal).
+    fn when_shown(started: Instant) -> Option<Self> {
+        crate::term::status_enabled().then_some(Self {
+            started,
+            last: None,
+        })
+    }
 }
 
 /// How often the status line is redrawn.
@@ -597,6 +607,7 @@ pub fn print_attached(
         WatchMode::Tokio => ("tokio", None),
         WatchMode::LoopOnly { why } => ("loop", Some(why.as_str())),
     };
+    let at_ns = crate::collect::monotonic_ns();
     let attached = events::Event::Attached(events::Attached {
         pid: target.pid,
         exe: target.exe.display_path.clone(),
@@ -617,7 +628,8 @@ pub fn print_attached(
         report_floor_ms: options.detect.report_floor_ns() as f64 / 1e6,
         schema_version: events::SCHEMA_VERSION,
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        time: events::clock::now(),
+        at_ns,
+        time: events::clock::from_monotonic(at_ns),
     });
     emit::event(&attached, options.format);
     match options.format {
@@ -730,10 +742,7 @@ pub async fn watch(
         }),
         stacks,
         polling_threads: HashSet::new(),
-        status: crate::term::status_enabled().then(|| StatusFeed {
-            started,
-            last: None,
-        }),
+        status: StatusFeed::when_shown(started),
     };
     if let Some(stacks) = &mut session.stacks {
         let window =
@@ -793,6 +802,7 @@ pub async fn watch(
     summary.counters = collector.counters();
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.at_ns = now_ns;
     summary.stop_reason = reason.as_str();
     summary.requests = RequestSummary::from_tracker(&session.requests, session.layout_mismatches);
     summary.stacks = finish_stacks(session.stacks.as_ref(), options.folded.as_deref());

@@ -97,7 +97,7 @@ pub struct ReportArgs {
     /// Write an HTML page of the recording here.
     #[arg(long, value_name = "OUT.html")]
     pub html: Option<PathBuf>,
-    /// Colour the labels [default: auto: on a terminal, unless NO_COLOR is set].
+    /// Colour the labels [default: auto: on a terminal, unless `NO_COLOR` is set].
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto, hide_default_value = true)]
     pub color: ColorChoice,
 }
@@ -109,7 +109,7 @@ pub struct OutputArgs {
     /// --format shows (`loopguard report FILE` shows it again).
     #[arg(long, value_name = "FILE.jsonl")]
     pub record: Option<PathBuf>,
-    /// Colour the labels [default: auto: on a terminal, unless NO_COLOR is
+    /// Colour the labels [default: auto: on a terminal, unless `NO_COLOR` is
     /// set]. On a terminal, stderr also shows a live status line.
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto, hide_default_value = true)]
     pub color: ColorChoice,

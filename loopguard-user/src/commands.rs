@@ -48,14 +48,21 @@ fn apply_stack_args(options: &mut WatchOptions, args: &crate::cli::StackArgs) {
     options.folded.clone_from(&args.folded);
 }
 
-/// Colour, the status line and the recording, before anything is attached
-/// (a recording that cannot be made fails first).
-fn start_output(args: &crate::cli::OutputArgs) -> Result<(), Error> {
-    crate::term::setup(args.color, true);
-    if let Some(path) = &args.record {
+/// The watch options of `attach` and `run`; starts colour, the status line
+/// and the recording before anything is attached (a recording that cannot
+/// be made fails first).
+fn start_watch(
+    settings: &Settings,
+    watch: &crate::cli::WatchArgs,
+    output: &crate::cli::OutputArgs,
+) -> Result<WatchOptions, Error> {
+    let mut options = watch_options(settings);
+    apply_stack_args(&mut options, &watch.stacks);
+    crate::term::setup(output.color, true);
+    if let Some(path) = &output.record {
         crate::record::open(path)?;
     }
-    Ok(())
+    Ok(options)
 }
 
 /// `loopguard report`: a recording shown again.
@@ -216,10 +223,8 @@ fn process_to_watch(id: u32) -> u32 {
 pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, None)?;
     preflight::check()?;
-    let mut options = watch_options(&settings);
-    apply_stack_args(&mut options, &args.watch.stacks);
     let listener = bind_metrics(&settings)?;
-    start_output(&args.output)?;
+    let mut options = start_watch(&settings, &args.watch, &args.output)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let pid = process_to_watch(args.pid);
@@ -272,10 +277,8 @@ const FORWARDED: [libc::c_int; 6] = [
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
     preflight::check()?;
-    let mut options = watch_options(&settings);
-    apply_stack_args(&mut options, &args.watch.stacks);
     let listener = bind_metrics(&settings)?;
-    start_output(&args.output)?;
+    let mut options = start_watch(&settings, &args.watch, &args.output)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         // Handlers first: a signal in the first moments must be forwarded,

@@ -73,7 +73,7 @@ struct Stall {
 
 #[derive(Serialize)]
 struct Route<'a> {
-    route: &'a str,
+    name: &'a str,
     stalls: u64,
     total_ms: f64,
     longest_ms: f64,
@@ -114,7 +114,12 @@ fn bin_threads(aggregate: &Aggregate, first: u64, bin_ns: f64) -> Vec<Thread<'_>
         let end = start + span.duration_ns as f64;
         let first_bin = ((start / bin_ns) as usize).min(BINS - 1);
         let last_bin = ((end / bin_ns) as usize).min(BINS - 1);
-        for (bin, slot) in lane.iter_mut().enumerate().take(last_bin + 1).skip(first_bin) {
+        for (bin, slot) in lane
+            .iter_mut()
+            .enumerate()
+            .take(last_bin + 1)
+            .skip(first_bin)
+        {
             let lo = (bin as f64 * bin_ns).max(start);
             let hi = ((bin + 1) as f64 * bin_ns).min(end);
             slot.0 += (hi - lo).max(0.0) / 1e6;
@@ -179,22 +184,22 @@ fn stall(aggregate: &Aggregate, stall: &StallLine, first: u64) -> Stall {
     }
 }
 
-/// The summary's slots folded into powers of two.
+/// The summary's slots folded into powers of two, every power from the
+/// shortest poll's to the longest's (empty ones too: the axis is even).
 fn buckets(slots: &[HistogramSlot]) -> Vec<Bucket> {
-    let mut buckets: Vec<Bucket> = Vec::new();
+    let power = |ns: u64| ns.checked_ilog2().unwrap_or(0);
+    let (Some(first), Some(last)) = (slots.first(), slots.last()) else {
+        return Vec::new();
+    };
+    let (low, high) = (power(first.lower_ns), power(last.lower_ns));
+    let mut buckets: Vec<Bucket> = (low..=high)
+        .map(|p| Bucket {
+            lower_ns: 1_u64 << p,
+            count: 0,
+        })
+        .collect();
     for slot in slots {
-        let lower = if slot.lower_ns == 0 {
-            0
-        } else {
-            1_u64 << (63 - slot.lower_ns.leading_zeros())
-        };
-        match buckets.last_mut() {
-            Some(last) if last.lower_ns == lower => last.count += slot.count,
-            _ => buckets.push(Bucket {
-                lower_ns: lower,
-                count: slot.count,
-            }),
-        }
+        buckets[(power(slot.lower_ns) - low) as usize].count += slot.count;
     }
     buckets
 }
@@ -219,7 +224,11 @@ fn alert_curve(points: &[(u64, f64)], first: u64) -> Vec<(f64, u64)> {
 /// The page of `aggregate`, read from `source`.
 pub fn page(aggregate: &Aggregate, source: &str) -> String {
     let first = aggregate.first_ns.unwrap_or(0);
-    let span_ns = aggregate.last_ns.unwrap_or(first).saturating_sub(first).max(1);
+    let span_ns = aggregate
+        .last_ns
+        .unwrap_or(first)
+        .saturating_sub(first)
+        .max(1);
     let bin_ns = span_ns as f64 / BINS as f64;
     let mut longest: Vec<Stall> = aggregate
         .longest
@@ -242,10 +251,7 @@ pub fn page(aggregate: &Aggregate, source: &str) -> String {
         in_progress: aggregate.in_progress,
         total_stall_ms: (aggregate.total_stall_ms * 1000.0).round() / 1000.0,
         alerts: aggregate.alerts,
-        summary_text: aggregate
-            .summary
-            .as_ref()
-            .map(crate::report::summary_text),
+        summary_text: aggregate.summary.as_ref().map(crate::report::summary_text),
         threads: bin_threads(aggregate, first, bin_ns),
         longest,
         kept: KEPT_STALLS,
@@ -253,8 +259,8 @@ pub fn page(aggregate: &Aggregate, source: &str) -> String {
             .ranked_routes()
             .into_iter()
             .take(ROUTES)
-            .map(|(route, totals)| Route {
-                route,
+            .map(|(name, totals)| Route {
+                name,
                 stalls: totals.stalls,
                 total_ms: (totals.total_ms * 1000.0).round() / 1000.0,
                 longest_ms: totals.longest_ms,
@@ -430,7 +436,7 @@ function stalls() {
 }
 function routes() {
   const tbody = document.querySelector("#routes tbody");
-  for (const r of D.routes) row(tbody, [[r.route], [String(r.stalls), true], [r.total_ms.toFixed(1), true], [r.longest_ms.toFixed(1), true]], "route-row");
+  for (const r of D.routes) row(tbody, [[r.name], [String(r.stalls), true], [r.total_ms.toFixed(1), true], [r.longest_ms.toFixed(1), true]], "route-row");
   if (!D.routes.length) row(tbody, [["no stall was tied to a request (no loopguard-middleware?)"]]);
 }
 function histogram() {
@@ -497,6 +503,16 @@ mod tests {
         let buckets = buckets(&slots);
         assert_eq!(buckets.len(), 2);
         assert_eq!((buckets[0].lower_ns, buckets[0].count), (1024, 5));
+        let gap = [
+            slots[0].clone(),
+            HistogramSlot {
+                lower_ns: 8192,
+                upper_ns: 9216,
+                count: 1,
+            },
+        ];
+        let counts: Vec<u64> = super::buckets(&gap).iter().map(|b| b.count).collect();
+        assert_eq!(counts, [2, 0, 0, 1]);
     }
 
     #[test]
@@ -506,7 +522,11 @@ mod tests {
             .add_line(r#"{"type":"stall","kind":"poll","pid":1,"tid":7,"thread":"</script><b>","task_id":3,"duration_ms":60.0,"threshold_ms":50.0,"request":null,"victim_count":0,"victims":[],"start_ns":5,"poll_fn":"p","polled_from":null}"#)
             .unwrap();
         let page = page(&aggregate, "x.jsonl");
-        assert_eq!(page.matches("</script>").count(), 2, "only the two real ones");
+        assert_eq!(
+            page.matches("</script>").count(),
+            2,
+            "only the two real ones"
+        );
         assert!(!page.contains("http://") || !page.contains("src=\"http"));
         assert!(!page.contains("<link") && !page.contains(" src="));
     }

@@ -5,7 +5,7 @@
 //! Lines wait in a bounded queue; when it is full a line is dropped and
 //! counted (said on stderr at exit). When the reader is gone (`| head -1`),
 //! writing stops and [`reader_gone`] tells the watch loop to stop too.
-//! The same thread draws the status line on a terminal (crate::term).
+//! The same thread draws the status line on a terminal ([`crate::term`]).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,12 +1,13 @@
 //! Replay: `loopguard report FILE.jsonl` reads a recording back, one line
 //! at a time (a recording of a million events is never held whole), and
 //! prints its summary as the live run did, its lines (`--lines`), or an
-//! HTML page of it (`--html`, crate::html).
+//! HTML page of it (`--html`, [`crate::html`]).
 //!
 //! [`Aggregate`] folds the events into what the page shows: stalls binned
 //! per thread over time, the longest stalls in full, routes by stall time,
 //! cumulative alerts. It is pure: the tests feed it synthetic lines.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use crate::report;
 /// The recording cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
-    #[error("failed to read the recording {}: {source}", path.display())]
+    #[error("failed to read the recording {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -38,7 +39,7 @@ pub enum ReplayError {
     },
     #[error("{} holds no loopguard events; pass a file written by `--record` or `--format json`", path.display())]
     Empty { path: PathBuf },
-    #[error("failed to write the page {}: {source}; check the directory exists and is writable", path.display())]
+    #[error("failed to write the page {}; check the directory exists and is writable", path.display())]
     WriteHtml {
         path: PathBuf,
         #[source]
@@ -73,7 +74,46 @@ pub struct StallLine {
 #[derive(Deserialize)]
 struct Tag<'a> {
     #[serde(rename = "type", borrow)]
-    event: std::borrow::Cow<'a, str>,
+    event: Cow<'a, str>,
+}
+
+/// The part of a stall every stall is read for; the rest (its stack) only
+/// when it is among the longest.
+#[derive(Deserialize)]
+struct StallHead<'a> {
+    #[serde(rename = "type", borrow)]
+    event: Cow<'a, str>,
+    tid: u32,
+    #[serde(borrow)]
+    thread: Cow<'a, str>,
+    duration_ms: f64,
+    start_ns: u64,
+    #[serde(borrow)]
+    request: Option<RequestHead<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RequestHead<'a> {
+    #[serde(borrow)]
+    method: Cow<'a, str>,
+    #[serde(borrow)]
+    route: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    path: Cow<'a, str>,
+}
+
+/// The `type` of a line without parsing it: loopguard writes the tag
+/// first, and no event has a nested `type` key (a quote inside a string is
+/// escaped, so the pattern cannot come from a value). `None` when absent.
+fn quick_tag(line: &str) -> Option<&str> {
+    const KEY: &str = "\"type\":\"";
+    let at = if line.starts_with("{\"type\":\"") {
+        1
+    } else {
+        line.find(KEY)?
+    };
+    let rest = &line[at + KEY.len()..];
+    rest.get(..rest.find('"')?)
 }
 
 /// Stalls kept in full for the page (the longest).
@@ -122,14 +162,9 @@ pub struct Aggregate {
     pub thresholds: Vec<(u64, f64)>,
     pub first_ns: Option<u64>,
     pub last_ns: Option<u64>,
-}
-
-fn route_key(request: &RequestRecord) -> String {
-    format!(
-        "{} {}",
-        request.method,
-        request.route.as_deref().unwrap_or(&request.path)
-    )
+    /// The shortest of `longest` and where it is, once it is full.
+    shortest_kept: Option<(f64, usize)>,
+    key: String,
 }
 
 impl Aggregate {
@@ -154,26 +189,39 @@ impl Aggregate {
         if line.is_empty() {
             return Ok(());
         }
-        let tag: Tag = serde_json::from_str(line).map_err(|e| e.to_string())?;
-        self.lines += 1;
-        match tag.event.as_ref() {
-            "stall" | "stall_in_progress" => {
-                let stall: StallLine = serde_json::from_str(line).map_err(|e| e.to_string())?;
-                self.add_stall(stall);
+        let tag = match quick_tag(line) {
+            Some(tag) => Cow::Borrowed(tag),
+            None => {
+                serde_json::from_str::<Tag>(line)
+                    .map_err(|e| e.to_string())?
+                    .event
             }
+        };
+        self.lines += 1;
+        match tag.as_ref() {
+            "stall" | "stall_in_progress" => self.add_stall(line)?,
             "cumulative" => {
                 let alert: CumulativeEvent =
                     serde_json::from_str(line).map_err(|e| e.to_string())?;
                 self.alerts += 1;
                 self.see(alert.window_start_ns, alert.window_end_ns);
-                self.alert_points.push((alert.window_end_ns, alert.total_ms));
+                self.alert_points
+                    .push((alert.window_end_ns, alert.total_ms));
                 if self.kept_alerts.len() < KEPT_ALERTS {
                     self.kept_alerts.push(alert);
                 }
             }
             "threshold" | "attached" | "summary" => match serde_json::from_str(line) {
-                Ok(Event::Attached(attached)) => self.attached = Some(attached),
-                Ok(Event::Summary(summary)) => self.summary = Some(*summary),
+                Ok(Event::Attached(attached)) => {
+                    self.see(attached.at_ns, attached.at_ns);
+                    self.attached = Some(attached);
+                }
+                Ok(Event::Summary(summary)) => {
+                    if summary.at_ns > 0 {
+                        self.see(summary.at_ns, summary.at_ns);
+                    }
+                    self.summary = Some(*summary);
+                }
                 Ok(Event::Threshold(change)) => {
                     self.thresholds.push((change.at_ns, change.threshold_ms));
                 }
@@ -186,12 +234,13 @@ impl Aggregate {
         Ok(())
     }
 
-    fn add_stall(&mut self, stall: StallLine) {
-        let duration_ns = (stall.duration_ms * 1e6) as u64;
+    fn add_stall(&mut self, line: &str) -> Result<(), String> {
+        let stall: StallHead = serde_json::from_str(line).map_err(|e| e.to_string())?;
         if stall.event == "stall_in_progress" {
             self.in_progress += 1;
-            return;
+            return Ok(());
         }
+        let duration_ns = (stall.duration_ms * 1e6) as u64;
         self.stalls += 1;
         self.total_stall_ms += stall.duration_ms;
         self.see(stall.start_ns, stall.start_ns + duration_ns);
@@ -202,29 +251,43 @@ impl Aggregate {
             duration_ns,
         });
         if let Some(request) = &stall.request {
-            let totals = self.routes.entry(route_key(request)).or_default();
+            self.key.clear();
+            self.key.push_str(&request.method);
+            self.key.push(' ');
+            self.key
+                .push_str(request.route.as_deref().unwrap_or(&request.path));
+            let totals = match self.routes.get_mut(&self.key) {
+                Some(totals) => totals,
+                None => self.routes.entry(self.key.clone()).or_default(),
+            };
             totals.stalls += 1;
             totals.total_ms += stall.duration_ms;
             totals.longest_ms = totals.longest_ms.max(stall.duration_ms);
         }
-        self.keep_if_long(stall);
+        let longer = self
+            .shortest_kept
+            .is_none_or(|(shortest, _)| stall.duration_ms > shortest);
+        if longer {
+            let full: StallLine = serde_json::from_str(line).map_err(|e| e.to_string())?;
+            self.keep(full);
+        }
+        Ok(())
     }
 
-    /// Keeps the [`KEPT_STALLS`] longest: a min-ordered vector, replaced at
-    /// its shortest (cheap: most stalls of a long run are not longer).
-    fn keep_if_long(&mut self, stall: StallLine) {
-        if self.longest.len() < KEPT_STALLS {
-            self.longest.push(stall);
-            return;
+    /// Keeps one of the [`KEPT_STALLS`] longest, in place of the shortest
+    /// kept once they are that many.
+    fn keep(&mut self, stall: StallLine) {
+        match self.shortest_kept {
+            None => self.longest.push(stall),
+            Some((_, at)) => self.longest[at] = stall,
         }
-        let (shortest, at) = self
-            .longest
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.duration_ms, i))
-            .fold((f64::INFINITY, 0), |a, b| if b.0 < a.0 { b } else { a });
-        if stall.duration_ms > shortest {
-            self.longest[at] = stall;
+        if self.longest.len() >= KEPT_STALLS {
+            self.shortest_kept = self
+                .longest
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.duration_ms, i))
+                .min_by(|a, b| a.0.total_cmp(&b.0));
         }
     }
 
@@ -349,6 +412,7 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
             start_ns: s.start_ns,
         }),
         poll_histogram: Vec::new(),
+        at_ns: aggregate.last_ns.unwrap_or(0),
         time: String::new(),
     }
 }
@@ -406,9 +470,7 @@ mod tests {
     #[test]
     fn stalls_are_counted_ranked_and_the_longest_kept() {
         let mut aggregate = Aggregate::default();
-        aggregate
-            .add_line(&stall(7, 0, 60.0, Some("/a")))
-            .unwrap();
+        aggregate.add_line(&stall(7, 0, 60.0, Some("/a"))).unwrap();
         aggregate
             .add_line(&stall(8, 100, 300.0, Some("/b")))
             .unwrap();
@@ -450,5 +512,7 @@ mod tests {
         assert!(aggregate.add_line(r#"{"type":"stall"}"#).is_err());
         // A newer loopguard's event type is skipped.
         aggregate.add_line(r#"{"type":"future_thing"}"#).unwrap();
+        assert_eq!(quick_tag(r#"{"a":1,"type":"stall"}"#), Some("stall"));
+        assert_eq!(quick_tag(r#"{"a":"\"type\":\"x"}"#), None);
     }
 }

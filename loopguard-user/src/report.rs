@@ -1,4 +1,4 @@
-//! Report: renders events (crate::events) as text lines: stalls, alerts
+//! Report: renders events ([`crate::events`]) as text lines: stalls, alerts
 //! and the final summary. JSON is the events themselves. The text comes
 //! from the records alone, so `loopguard report` replays a recording to
 //! what the live run printed. Stdout carries reports; diagnostics go to
@@ -212,7 +212,10 @@ pub fn summary_text(summary: &SummaryEvent) -> String {
     }
     let lost = [
         (summary.dropped_events, "events dropped (ring buffer full)"),
-        (summary.unmatched_returns, "returns without a matching entry"),
+        (
+            summary.unmatched_returns,
+            "returns without a matching entry",
+        ),
         (summary.stack_overflows, "polls nested too deep to time"),
         (summary.thread_map_full, "polls untracked (thread map full)"),
     ];

@@ -4,7 +4,7 @@
 //!
 //! Every line written while the status line is up clears it first, then
 //! draws it again below: the status line never mixes into log lines. The
-//! status is drawn by the output thread (crate::output), never by the watch
+//! status is drawn by the output thread ([`crate::output`]), never by the watch
 //! loop, so a stopped terminal cannot block the watch or its detach; a
 //! diagnostic that finds the screen busy is written plainly instead of
 //! waiting.
@@ -141,7 +141,9 @@ pub fn write_stdout_line(stdout: &mut impl Write, line: &str) -> std::io::Result
         writeln!(stdout, "{line}")?;
         return stdout.flush();
     }
-    let screen = SCREEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let screen = SCREEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (clear, line, redraw) = frame(screen.as_deref(), line);
     let mut stderr = std::io::stderr();
     let _ = stderr.write_all(clear.as_bytes());
@@ -157,7 +159,9 @@ pub fn draw_status(status: Option<String>) {
     if !status_enabled() {
         return;
     }
-    let mut screen = SCREEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut screen = SCREEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let text = status.map(|s| fit(&s, width()));
     let mut stderr = std::io::stderr();
     let _ = write!(stderr, "{CLEAR}{}", text.as_deref().unwrap_or(""));

@@ -5,10 +5,9 @@ use loopguard_common::{Counter, hist};
 
 use super::clock;
 use super::{
-    CauseRecord, CumulativeEvent, Event, ExcludedSummary, FrameRecord, HistogramSlot,
-    LongestStall, LoopThreadSummary, RequestRecord, RequestsSummary, RouteShareRecord,
-    RouteSummary, StackFields, StackSummary, StallEvent, SummaryEvent, TaskShareRecord,
-    ThresholdEvent, ThresholdSummary, ms,
+    CauseRecord, CumulativeEvent, Event, ExcludedSummary, FrameRecord, HistogramSlot, LongestStall,
+    LoopThreadSummary, RequestRecord, RequestsSummary, RouteShareRecord, RouteSummary, StackFields,
+    StackSummary, StallEvent, SummaryEvent, TaskShareRecord, ThresholdEvent, ThresholdSummary, ms,
 };
 use crate::attribute::Request;
 use crate::detect::cumulative::{RouteShare, TaskShare};
@@ -309,6 +308,7 @@ pub fn summary(summary: &Summary, pid: u32) -> SummaryEvent {
             start_ns: s.start_ns,
         }),
         poll_histogram: histogram(&summary.histogram),
-        time: clock::now(),
+        at_ns: summary.at_ns,
+        time: clock::from_monotonic(summary.at_ns),
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! [`build`] makes them from findings and the summary; [`clock`] gives the
 //! RFC 3339 wall-clock times printed beside the monotonic nanoseconds.
-//! Text lines are rendered from these same records (crate::report), so a
+//! Text lines are rendered from these same records ([`crate::report`]), so a
 //! recording replays to exactly what a live run printed.
 
 pub mod build;
@@ -74,7 +74,10 @@ pub struct Attached {
     pub schema_version: u32,
     /// loopguard's own version.
     pub version: String,
-    /// RFC 3339, when the line was made.
+    /// ns, `CLOCK_MONOTONIC` (the clock of every `_ns` field), when the
+    /// probes were in place.
+    pub at_ns: u64,
+    /// RFC 3339 of `at_ns`.
     pub time: String,
 }
 
@@ -251,6 +254,10 @@ pub struct SummaryEvent {
     /// Worker poll durations: the kernel histogram's non-empty slots.
     #[serde(default)]
     pub poll_histogram: Vec<HistogramSlot>,
+    /// ns, `CLOCK_MONOTONIC`, when watching stopped.
+    #[serde(default)]
+    pub at_ns: u64,
+    /// RFC 3339 of `at_ns`.
     pub time: String,
 }
 

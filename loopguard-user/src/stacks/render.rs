@@ -1,5 +1,5 @@
 //! How stacks and causes show in text: the lines under a stall and the
-//! summary's stacks, rendered from the event records (crate::events).
+//! summary's stacks, rendered from the event records ([`crate::events`]).
 
 use std::fmt::Write as _;
 
