@@ -11,8 +11,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use loopguard_common::{Counter, ThreadPolls};
 
 use crate::alerts::{self, Offending};
@@ -24,10 +22,12 @@ use crate::detect::{
 };
 use crate::discover::waits::WaitKind;
 use crate::discover::{ProbeTarget, WatchMode, proc};
+use crate::emit;
+use crate::events::{self, build};
 use crate::export::live::{BusyTracker, stuck_polls};
 use crate::export::{BlockingKind, LiveState, Metrics};
 use crate::loops::LoopDetector;
-use crate::report::{self, Format, StallContext};
+use crate::report::{Format, StallContext};
 use crate::stacks::{StackOptions, Stacks};
 use crate::summary::{LoopThread, RequestSummary, Summary};
 
@@ -108,6 +108,14 @@ struct Printer<'t> {
 const VICTIMS_LISTED: usize = 20;
 
 impl Printer<'_> {
+    /// The process every line names when several are watched.
+    fn process(&self) -> emit::Process<'_> {
+        emit::Process {
+            pid: self.target.pid,
+            exe: &self.target.exe.display_path,
+        }
+    }
+
     fn context(&mut self, stall: &Stall, requests: &RequestView) -> StallContext {
         let target = self.target;
         let polled_from = self
@@ -133,7 +141,7 @@ impl Printer<'_> {
         }
     }
 
-    /// Prints a finding; returns its text line (for `--fail-on`).
+    /// Prints (and records) a finding; returns its text line (for `--fail-on`).
     fn finding(
         &mut self,
         finding: &Finding,
@@ -141,49 +149,24 @@ impl Printer<'_> {
         engine: &ThresholdEngine,
     ) -> String {
         let pid = self.target.pid;
-        let threshold_ns = engine.threshold_ns();
-        let text = match finding {
-            Finding::InProgress(stall) | Finding::Finished { stall, .. } => {
-                report::finding_text(finding, stall.threshold_ns, context)
-            }
-            Finding::Cumulative(alert) => {
-                let thread = match alert.scope {
-                    crate::detect::Scope::Thread(tid) => Some(proc::thread_name(pid, tid)),
-                    crate::detect::Scope::Process => None,
-                };
-                alerts::cumulative_text(alert, thread.as_deref())
-            }
-            Finding::ThresholdChanged(change) => alerts::threshold_text(change),
-        };
-        let text = if self.label {
-            labelled(self.target, &text)
-        } else {
-            text
-        };
-        let line = match (self.format, finding) {
-            (Format::Text, _) => text.clone(),
-            (Format::Json, Finding::InProgress(stall) | Finding::Finished { stall, .. }) => {
-                report::finding_json(finding, pid, stall.threshold_ns, context).to_string()
-            }
-            (Format::Json, Finding::Cumulative(alert)) => {
-                let floor_ns = engine
+        let cumulative = match finding {
+            Finding::Cumulative(alert) => build::CumulativeContext {
+                threshold_ns: engine.threshold_ns(),
+                floor_ns: engine
                     .settings()
                     .cumulative
                     .as_ref()
-                    .map_or(0, |c| c.floor_ns);
-                alerts::cumulative_json(alert, pid, threshold_ns, floor_ns).to_string()
-            }
-            (Format::Json, Finding::ThresholdChanged(change)) => {
-                alerts::threshold_json(change, pid).to_string()
-            }
+                    .map_or(0, |c| c.floor_ns),
+                thread: match alert.scope {
+                    crate::detect::Scope::Thread(tid) => Some(proc::thread_name(pid, tid)),
+                    crate::detect::Scope::Process => None,
+                },
+            },
+            _ => build::CumulativeContext::default(),
         };
-        let line = if self.label && self.format == Format::Json {
-            with_exe(self.target, line)
-        } else {
-            line
-        };
-        print_line(&line);
-        text
+        let event = build::finding(finding, pid, context, &cumulative);
+        emit::event_from(&event, self.format, self.label.then(|| self.process()))
+            .unwrap_or_default()
     }
 }
 
@@ -244,26 +227,6 @@ impl RequestView<'_> {
     }
 }
 
-/// Every line of `text` prefixed with the process's pid and program.
-fn labelled(target: &ProbeTarget, text: &str) -> String {
-    let label = crate::follow::roster::label(target.pid, &target.exe.display_path);
-    text.lines()
-        .map(|line| format!("{label} {line}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// A JSON line with the process's program added (its pid is in every line).
-fn with_exe(target: &ProbeTarget, line: String) -> String {
-    match serde_json::from_str::<serde_json::Value>(&line) {
-        Ok(serde_json::Value::Object(mut object)) => {
-            object.insert("exe".into(), target.exe.display_path.clone().into());
-            serde_json::Value::Object(object).to_string()
-        }
-        _ => line,
-    }
-}
-
 /// Feeds the metrics the values only the kernel's maps hold.
 struct MetricsFeed {
     metrics: Arc<Metrics>,
@@ -299,7 +262,28 @@ struct Session<'t> {
     /// Threads that have polled a task (at the last scan): their polls, not
     /// their busy stretches, feed the cumulative rule.
     polling_threads: HashSet<u32>,
+    /// The live status line (stderr is a terminal).
+    status: Option<StatusFeed>,
 }
+
+/// What the status line was last drawn from.
+struct StatusFeed {
+    started: Instant,
+    last: Option<(Instant, u64)>,
+}
+
+impl StatusFeed {
+    /// A feed when the status line is shown (stderr is a terminal).
+    fn when_shown(started: Instant) -> Option<Self> {
+        crate::term::status_enabled().then_some(Self {
+            started,
+            last: None,
+        })
+    }
+}
+
+/// How often the status line is redrawn.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
 
 /// How long threads are watched at attach for polls stuck since before:
 /// the threshold, within these bounds.
@@ -503,6 +487,7 @@ impl Session<'_> {
         {
             self.report(&finding);
         }
+        self.refresh_status(collector);
         let due = self.metrics.as_ref().is_some_and(|feed| {
             feed.last_refresh
                 .is_none_or(|last| last.elapsed() >= METRICS_REFRESH)
@@ -510,6 +495,37 @@ impl Session<'_> {
         if due {
             self.refresh_metrics(collector, now_ns, &threads);
         }
+    }
+
+    /// Redraws the status line once a second: polls per second from the
+    /// kernel's histogram, stalls so far, the threshold, requests in flight.
+    fn refresh_status(&mut self, collector: &Collector) {
+        let Some(feed) = &mut self.status else {
+            return;
+        };
+        let now = Instant::now();
+        if feed
+            .last
+            .is_some_and(|(at, _)| now.duration_since(at) < STATUS_REFRESH)
+        {
+            return;
+        }
+        let polls = collector.histogram().total();
+        let rate = feed.last.map_or(0, |(at, before)| {
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            (polls.saturating_sub(before) as f64 / secs).round() as u64
+        });
+        feed.last = Some((now, polls));
+        crate::output::status(Some(crate::term::status_text(
+            rate,
+            self.summary.stalls,
+            events::ms(self.engine.threshold_ns()),
+            self.request_maps.as_ref().map_or(0, |maps| {
+                let totals = maps.totals();
+                usize::try_from(totals.started.saturating_sub(totals.ended)).unwrap_or(usize::MAX)
+            }),
+            now.duration_since(feed.started).as_secs(),
+        )));
     }
 
     /// Reads what only the kernel's maps hold into the metrics.
@@ -643,10 +659,6 @@ fn culprit(
     (Some(culprit), excluded)
 }
 
-fn print_line(line: &str) {
-    crate::output::line(line.to_owned());
-}
-
 /// Announces the attachment: JSON on stdout, text on stderr.
 pub fn print_attached(
     target: &ProbeTarget,
@@ -675,30 +687,33 @@ pub fn print_attached(
         WatchMode::Tokio => ("tokio", None),
         WatchMode::LoopOnly { why } => ("loop", Some(why.as_str())),
     };
+    let at_ns = crate::collect::monotonic_ns();
+    let attached = events::Event::Attached(events::Attached {
+        pid: target.pid,
+        exe: target.exe.display_path.clone(),
+        mode: mode.to_owned(),
+        loop_only_reason: why.map(str::to_owned),
+        poll_functions: copies.len(),
+        task_ids_verified: verified,
+        blocking_pool_functions_unprobed: blocking_pool,
+        probes: probe_count,
+        request_probe_sites: request_sites,
+        request_probes_attached: options.requests && request_sites > 0,
+        wait_sites: sites.len(),
+        wait_functions: wait_functions.iter().map(|f| (*f).to_owned()).collect(),
+        wait_probes: wait_path.as_str().to_owned(),
+        threshold_ms: options.detect.threshold_ns as f64 / 1e6,
+        adaptive: options.detect.adaptive.is_some(),
+        cumulative: options.detect.cumulative.is_some(),
+        report_floor_ms: options.detect.report_floor_ns() as f64 / 1e6,
+        schema_version: events::SCHEMA_VERSION,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        at_ns,
+        time: events::clock::from_monotonic(at_ns),
+    });
+    emit::event(&attached, options.format);
     match options.format {
-        Format::Json => print_line(
-            &json!({
-                "type": "attached",
-                "pid": target.pid,
-                "exe": target.exe.display_path,
-                "mode": mode,
-                "loop_only_reason": why,
-                "poll_functions": copies.len(),
-                "task_ids_verified": verified,
-                "blocking_pool_functions_unprobed": blocking_pool,
-                "probes": probe_count,
-                "request_probe_sites": request_sites,
-                "request_probes_attached": options.requests && request_sites > 0,
-                "wait_sites": sites.len(),
-                "wait_functions": wait_functions,
-                "wait_probes": wait_path.as_str(),
-                "threshold_ms": options.detect.threshold_ns as f64 / 1e6,
-                "adaptive": options.detect.adaptive.is_some(),
-                "cumulative": options.detect.cumulative.is_some(),
-                "report_floor_ms": options.detect.report_floor_ns() as f64 / 1e6,
-            })
-            .to_string(),
-        ),
+        Format::Json => {}
         Format::Text => {
             let waits = match wait_path {
                 WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
@@ -775,6 +790,7 @@ impl<'t> Session<'t> {
         collector: &mut Collector,
         stacks: Option<Stacks>,
         options: &WatchOptions,
+        started: Instant,
     ) -> Self {
         Session {
             engine: ThresholdEngine::new(options.detect.clone()),
@@ -811,6 +827,7 @@ impl<'t> Session<'t> {
             }),
             stacks,
             polling_threads: HashSet::new(),
+            status: StatusFeed::when_shown(started),
         }
     }
 }
@@ -824,7 +841,7 @@ pub async fn watch(
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, CollectError> {
     let started = Instant::now();
-    let mut session = Session::new(target, collector, stacks, options);
+    let mut session = Session::new(target, collector, stacks, options, started);
     if let Some(stacks) = &mut session.stacks {
         let window =
             Duration::from_nanos(options.detect.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
@@ -861,6 +878,7 @@ pub async fn watch(
         }
     };
     session.handle_events(collector);
+    crate::output::status(None);
     // The endpoint stays up until loopguard exits: a last scrape sees the totals.
     session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
     let mut summary = session.summary;
@@ -882,6 +900,7 @@ pub async fn watch(
     summary.counters = collector.counters();
     summary.histogram = collector.histogram();
     summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.at_ns = now_ns;
     summary.stop_reason = reason.as_str();
     summary.requests = RequestSummary::new(
         session.request_maps.as_ref().map(RequestMaps::totals),
@@ -925,31 +944,17 @@ fn write_folded(path: &std::path::Path, text: &str) {
     }
 }
 
-/// Prints the summary: JSON on stdout, or text on stdout.
+/// Prints (and records) the summary: JSON or text on stdout, naming the
+/// process on every line when several are watched.
 pub fn print_summary(outcome: &Outcome, target: &ProbeTarget, options: &WatchOptions) {
-    let pid = target.pid;
-    let line = match options.format {
-        Format::Json if options.label => with_exe(
-            target,
-            report::summary_json(&outcome.summary, pid).to_string(),
-        ),
-        Format::Json => report::summary_json(&outcome.summary, pid).to_string(),
-        Format::Text if options.label => {
-            let mut text = report::summary_text(&outcome.summary);
-            for line in crate::stacks::render::summary_lines(&outcome.summary.stacks) {
-                text.push('\n');
-                text.push_str(&line);
-            }
-            labelled(target, &text)
-        }
-        Format::Text => {
-            let mut text = report::summary_text(&outcome.summary);
-            for line in crate::stacks::render::summary_lines(&outcome.summary.stacks) {
-                text.push('\n');
-                text.push_str(&line);
-            }
-            text
-        }
+    let summary = build::summary(&outcome.summary, target.pid);
+    let process = emit::Process {
+        pid: target.pid,
+        exe: &target.exe.display_path,
     };
-    print_line(&line);
+    emit::event_from(
+        &events::Event::Summary(Box::new(summary)),
+        options.format,
+        options.label.then_some(process),
+    );
 }

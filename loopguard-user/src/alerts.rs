@@ -2,76 +2,19 @@
 //! moves of the adaptive threshold (a JSON object or a text line each), and
 //! the block of offending events `loopguard run --fail-on` prints at the end.
 
-use serde_json::{Value, json};
-
 use crate::cli::FailOn;
-use crate::detect::cumulative::{RouteShare, TaskShare};
-use crate::detect::{Culprit, CumulativeAlert, Finding, Scope, ThresholdChange};
+use crate::detect::Finding;
+use crate::events::{CumulativeEvent, ThresholdEvent};
 use crate::report::printable;
 
-fn ms(ns: u64) -> f64 {
-    (ns as f64 / 1e6 * 1000.0).round() / 1000.0
-}
-
-fn culprit_json(request: &Culprit) -> Value {
-    json!({ "id": request.id, "method": request.method, "route": request.route, "path": request.path })
-}
-
-fn task_json(task: &TaskShare) -> Value {
-    json!({
-        "task_id": task.task_id,
-        "tid": task.tid,
-        "polls": task.polls,
-        "total_ms": ms(task.blocked_ns),
-        "request": task.request.as_ref().map_or(Value::Null, culprit_json),
-    })
-}
-
-fn route_json(route: &RouteShare) -> Value {
-    json!({
-        "method": route.method,
-        "route": route.route,
-        "requests": route.requests,
-        "polls": route.polls,
-        "total_ms": ms(route.blocked_ns),
-    })
-}
-
-/// The JSON object of a cumulative alert.
-pub fn cumulative_json(
-    alert: &CumulativeAlert,
-    pid: u32,
-    threshold_ns: u64,
-    floor_ns: u64,
-) -> Value {
-    let (scope, tid) = match alert.scope {
-        Scope::Thread(tid) => ("thread", Some(tid)),
-        Scope::Process => ("process", None),
-    };
-    json!({
-        "type": "cumulative",
-        "pid": pid,
-        "scope": scope,
-        "tid": tid,
-        "window_start_ns": alert.window_start_ns,
-        "window_end_ns": alert.window_end_ns,
-        "window_ms": ms(alert.window_end_ns - alert.window_start_ns),
-        "total_ms": ms(alert.blocked_ns),
-        "polls": alert.polls,
-        "budget_ms": ms(alert.budget_ns),
-        "floor_ms": ms(floor_ns),
-        "threshold_ms": ms(threshold_ns),
-        "repeat": alert.repeat,
-        "tasks": alert.tasks.iter().map(task_json).collect::<Vec<_>>(),
-        "requests": alert.routes.iter().map(route_json).collect::<Vec<_>>(),
-    })
-}
-
 /// The text line of a cumulative alert.
-pub fn cumulative_text(alert: &CumulativeAlert, thread: Option<&str>) -> String {
-    let scope = match alert.scope {
-        Scope::Thread(tid) => format!("tid {tid} ({})", printable(thread.unwrap_or("?"))),
-        Scope::Process => "process".to_owned(),
+pub fn cumulative_text(alert: &CumulativeEvent) -> String {
+    let scope = match alert.tid {
+        Some(tid) if alert.scope == "thread" => format!(
+            "tid {tid} ({})",
+            printable(alert.thread.as_deref().unwrap_or("?"))
+        ),
+        _ => "process".to_owned(),
     };
     let repeat = if alert.repeat > 1 {
         format!(" [still, {} windows in a row]", alert.repeat)
@@ -79,7 +22,7 @@ pub fn cumulative_text(alert: &CumulativeAlert, thread: Option<&str>) -> String 
         String::new()
     };
     let routes: Vec<String> = alert
-        .routes
+        .requests
         .iter()
         .take(3)
         .map(|r| {
@@ -87,7 +30,7 @@ pub fn cumulative_text(alert: &CumulativeAlert, thread: Option<&str>) -> String 
                 "{} {} {:.1} ms in {} polls",
                 printable(&r.method),
                 printable(&r.route),
-                ms(r.blocked_ns),
+                r.total_ms,
                 r.polls
             )
         })
@@ -100,7 +43,7 @@ pub fn cumulative_text(alert: &CumulativeAlert, thread: Option<&str>) -> String 
             let task = t
                 .task_id
                 .map_or_else(|| "task ?".to_owned(), |id| format!("task {id}"));
-            format!("{task} {:.1} ms", ms(t.blocked_ns))
+            format!("{task} {:.1} ms", t.total_ms)
         })
         .collect();
     let by = if routes.is_empty() {
@@ -110,39 +53,20 @@ pub fn cumulative_text(alert: &CumulativeAlert, thread: Option<&str>) -> String 
     };
     format!(
         "{:<17} {scope} blocked {:.1} ms in {} short polls within {:.0} ms (budget {:.0} ms){repeat}{by}",
-        "CUMULATIVE",
-        ms(alert.blocked_ns),
-        alert.polls,
-        ms(alert.window_end_ns - alert.window_start_ns),
-        ms(alert.budget_ns),
+        "CUMULATIVE", alert.total_ms, alert.polls, alert.window_ms, alert.budget_ms,
     )
 }
 
-/// The JSON object of a threshold move.
-pub fn threshold_json(change: &ThresholdChange, pid: u32) -> Value {
-    json!({
-        "type": "threshold",
-        "pid": pid,
-        "threshold_ms": ms(change.to_ns),
-        "previous_ms": ms(change.from_ns),
-        "percentile": change.percentile,
-        "percentile_ms": ms(change.baseline.quantile_ns),
-        "multiplier": change.multiplier,
-        "samples": change.baseline.samples,
-        "at_ns": change.at_ns,
-    })
-}
-
 /// The text line of a threshold move.
-pub fn threshold_text(change: &ThresholdChange) -> String {
+pub fn threshold_text(change: &ThresholdEvent) -> String {
     format!(
         "{:<17} {:.1} ms (was {:.1} ms): p{} of {} recent polls = {:.3} ms, x {}",
         "THRESHOLD",
-        ms(change.to_ns),
-        ms(change.from_ns),
+        change.threshold_ms,
+        change.previous_ms,
         change.percentile * 100.0,
-        change.baseline.samples,
-        ms(change.baseline.quantile_ns),
+        change.samples,
+        change.percentile_ms,
         change.multiplier,
     )
 }
@@ -224,6 +148,13 @@ impl Offending {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::cumulative::{RouteShare, TaskShare};
+    use crate::detect::{Culprit, CumulativeAlert, Scope};
+    use crate::events::build;
+
+    fn event(alert: &CumulativeAlert, thread: &str) -> CumulativeEvent {
+        build::cumulative(alert, 7, 50_000_000, 5_000_000, Some(thread.to_owned()))
+    }
 
     fn alert() -> CumulativeAlert {
         CumulativeAlert {
@@ -258,8 +189,7 @@ mod tests {
 
     #[test]
     fn a_cumulative_alert_carries_scope_window_total_and_contributors() {
-        let value = cumulative_json(&alert(), 7, 50_000_000, 5_000_000);
-        assert_eq!(value["type"], "cumulative");
+        let value = serde_json::to_value(event(&alert(), "tokio-rt-worker")).unwrap();
         assert_eq!(value["scope"], "thread");
         assert_eq!(value["tid"], 42);
         assert_eq!(value["total_ms"], 340.0);
@@ -268,7 +198,7 @@ mod tests {
         assert_eq!(value["requests"][0]["route"], "/block/repeat");
         assert_eq!(value["requests"][0]["method"], "GET");
         assert_eq!(value["tasks"][0]["task_id"], 9);
-        let line = cumulative_text(&alert(), Some("tokio-rt-worker"));
+        let line = cumulative_text(&event(&alert(), "tokio-rt-worker"));
         assert!(
             line.starts_with("CUMULATIVE        tid 42 (tokio-rt-worker) blocked 340.0 ms in 17 short polls within 1000 ms (budget 200 ms); by GET /block/repeat 340.0 ms in 17 polls"),
             "{line}"
@@ -279,7 +209,7 @@ mod tests {
     fn target_strings_cannot_forge_a_line() {
         let mut forged = alert();
         forged.routes[0].route = "/x\nSTALL fake".into();
-        let line = cumulative_text(&forged, Some("evil\u{1b}]0;title"));
+        let line = cumulative_text(&event(&forged, "evil\u{1b}]0;title"));
         assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line}");
     }
 

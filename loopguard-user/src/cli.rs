@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::report::Format;
+use crate::term::ColorChoice;
 
 const EXAMPLES: &str = "\
 EXAMPLES:
   sudo loopguard attach --pid 1234
       Report every task poll that blocks a worker of pid 1234 for 50 ms or more.
   sudo loopguard attach --pid \"$(pgrep -n my-service)\" --threshold-ms 20 --format json
-      One JSON object per line, for scripts (types: attached, stall_in_progress, stall, summary).
+      One JSON object per line, for scripts (types: attached, stall_in_progress, stall,
+      cumulative, threshold, summary; docs/EVENTS.md).
   sudo loopguard attach --pid 1234 --duration 60
       Watch for a minute, then print the summary and detach.
   sudo loopguard attach --pid 1234 --metrics-addr 9464
@@ -25,6 +27,10 @@ EXAMPLES:
       Let the threshold follow 4 x the p99 of this process's own polls (20..250 ms).
   sudo loopguard attach --pid 1234 --cumulative-budget-ms 100 --exclude-routes '/health,/internal/*'
       Alert when polls of 10 ms or more add up to over 100 ms in any second, except on those routes.
+  sudo loopguard attach --pid 1234 --record run.jsonl
+  loopguard report run.jsonl --html run.html
+      Keep every event in a file while the terminal shows text; show it again
+      later, or as a page with a timeline of the stalls.
   sudo loopguard attach --pid 1234 --config loopguard.toml
   loopguard config loopguard.toml --adaptive
       Every setting is a flag and a key in a TOML file; flags win. `config` prints the result.
@@ -62,6 +68,51 @@ pub enum Command {
     Run(RunArgs),
     /// Print the effective configuration (defaults, then FILE, then flags) as TOML.
     Config(ConfigArgs),
+    /// Show a recording (`--record FILE.jsonl`) again: its summary, its
+    /// lines, or an HTML page of it.
+    #[command(after_help = REPORT_EXAMPLES)]
+    Report(ReportArgs),
+}
+
+const REPORT_EXAMPLES: &str = "\
+EXAMPLES:
+  sudo loopguard attach --pid 1234 --duration 600 --record soak.jsonl
+  loopguard report soak.jsonl
+      The summary the run printed at its end.
+  loopguard report soak.jsonl --lines
+      Every stall and alert line as the run printed it, then the summary.
+  loopguard report soak.jsonl --html soak.html
+      One self-contained page (no network): stalls per thread over time with
+      their requests and stacks, the poll-duration histogram, routes ranked by
+      stall time, cumulative alerts.";
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The recording (JSON lines, as `--record` or `--format json` wrote them).
+    #[arg(value_name = "FILE.jsonl")]
+    pub file: PathBuf,
+    /// Also print every stall and alert line before the summary.
+    #[arg(long)]
+    pub lines: bool,
+    /// Write an HTML page of the recording here.
+    #[arg(long, value_name = "OUT.html")]
+    pub html: Option<PathBuf>,
+    /// Colour the labels [default: auto: on a terminal, unless `NO_COLOR` is set].
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, hide_default_value = true)]
+    pub color: ColorChoice,
+}
+
+/// Where the run's output goes besides stdout, and how it looks.
+#[derive(Debug, Args, Clone, Default)]
+pub struct OutputArgs {
+    /// Also write every event as a JSON line to this file, whatever
+    /// --format shows (`loopguard report FILE` shows it again).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub record: Option<PathBuf>,
+    /// Colour the labels [default: auto: on a terminal, unless `NO_COLOR` is
+    /// set]. On a terminal, stderr also shows a live status line.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, hide_default_value = true)]
+    pub color: ColorChoice,
 }
 
 /// What `loopguard run --fail-on` fails on.
@@ -101,6 +152,8 @@ pub struct AttachArgs {
     pub pid: u32,
     #[command(flatten)]
     pub watch: WatchArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Benchmark floor (`cargo xtask bench`): attach the same probes with
     /// programs that return at once, and read nothing, so what remains is
     /// the kernel's cost of entering them.
@@ -128,6 +181,8 @@ pub struct RunArgs {
     pub no_follow: bool,
     #[command(flatten)]
     pub watch: WatchArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,

@@ -51,6 +51,30 @@ fn apply_stack_args(options: &mut WatchOptions, args: &crate::cli::StackArgs) {
     options.folded.clone_from(&args.folded);
 }
 
+/// The watch options of `attach` and `run`; starts colour, the status line
+/// and the recording before anything is attached (a recording that cannot
+/// be made fails first).
+fn start_watch(
+    settings: &Settings,
+    watch: &crate::cli::WatchArgs,
+    output: &crate::cli::OutputArgs,
+) -> Result<WatchOptions, Error> {
+    let mut options = watch_options(settings);
+    apply_stack_args(&mut options, &watch.stacks);
+    crate::term::setup(output.color, true);
+    if let Some(path) = &output.record {
+        crate::record::open(path)?;
+    }
+    Ok(options)
+}
+
+/// `loopguard report`: a recording shown again.
+pub fn report(args: &crate::cli::ReportArgs) -> Result<i32, Error> {
+    crate::term::setup(args.color, false);
+    crate::replay::report(args)?;
+    Ok(0)
+}
+
 /// `loopguard config`: prints the effective configuration.
 pub fn config(args: &ConfigArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, args.file.as_deref(), args.fail_on.as_deref())?;
@@ -182,13 +206,12 @@ fn process_to_watch(id: u32) -> u32 {
 pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, None)?;
     preflight::check()?;
-    let mut options = watch_options(&settings);
-    apply_stack_args(&mut options, &args.watch.stacks);
+    let listener = bind_metrics(&settings)?;
+    let mut options = start_watch(&settings, &args.watch, &args.output)?;
     options.bench = attach::Bench {
         empty_programs: args.bench_empty_programs,
         entry_only: args.bench_entry_only,
     };
-    let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     let local = tokio::task::LocalSet::new();
     runtime.block_on(local.run_until(async {
@@ -259,11 +282,10 @@ fn discard(stopped: launch::StoppedChild) {
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
     preflight::check()?;
-    let mut options = watch_options(&settings);
-    apply_stack_args(&mut options, &args.watch.stacks);
+    let listener = bind_metrics(&settings)?;
+    let mut options = start_watch(&settings, &args.watch, &args.output)?;
     let follow = !args.no_follow;
     options.label = follow;
-    let listener = bind_metrics(&settings)?;
     let runtime = runtime()?;
     let local = tokio::task::LocalSet::new();
     runtime.block_on(local.run_until(async {
@@ -401,7 +423,7 @@ fn finish_run(supervisor: &mut Supervisor, settings: &Settings, code: i32) -> Re
     }
     if supervisor.following() {
         if settings.format == crate::report::Format::Json {
-            crate::output::line(supervisor.roster.json().to_string());
+            crate::emit::event(&supervisor.roster.event(), settings.format);
         }
         crate::diag!("{}", supervisor.roster.text());
     }

@@ -38,6 +38,10 @@ pub enum Error {
     Export(#[from] ExportError),
     #[error(transparent)]
     Follow(#[from] FollowError),
+    #[error(transparent)]
+    Record(#[from] crate::record::RecordError),
+    #[error(transparent)]
+    Replay(#[from] crate::replay::ReplayError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error("failed to install the signal handlers loopguard forwards signals with")]
@@ -54,6 +58,8 @@ impl Error {
             | Self::Launch(LaunchError::Spawn { .. })
             | Self::Attach(AttachError::ProcessExited { .. }) => EXIT_TARGET,
             Self::Config(_)
+            | Self::Record(_)
+            | Self::Replay(_)
             | Self::Export(ExportError::BadAddress { .. } | ExportError::InUse { .. }) => {
                 EXIT_USAGE
             }

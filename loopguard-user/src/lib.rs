@@ -5,8 +5,10 @@
 //! [`attach`] (→ [`attach::AttachedProbes`]) → [`collect`] (ring buffer and
 //! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) and
 //! [`loops`] (event-loop threads away from their wait → loop stalls) →
-//! [`report`] (text or JSON lines) and [`summary`], and [`export`]
-//! (Prometheus metrics served over HTTP).
+//! [`events`] (the typed JSON records) → [`emit`] (stdout as [`report`]'s
+//! text or JSON, and the [`record`]ing) and [`summary`], and [`export`]
+//! (Prometheus metrics served over HTTP). [`output`] and [`term`] write
+//! to the terminal; [`replay`] reads a recording back and [`html`] draws it.
 //! [`config`] merges flags and the TOML file into the settings the rules
 //! run with; [`alerts`] renders what the threshold rules find.
 //! [`agent`] runs the loop, [`commands`] the subcommands, [`launch`] starts
@@ -19,8 +21,7 @@
 #[macro_export]
 macro_rules! diag {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        $crate::term::diag_line(&format!($($arg)*));
     }};
 }
 
@@ -34,13 +35,19 @@ pub mod commands;
 pub mod config;
 pub mod detect;
 pub mod discover;
+pub mod emit;
 pub mod error;
+pub mod events;
 pub mod export;
 pub mod follow;
+pub mod html;
 pub mod launch;
 pub mod loops;
 pub mod output;
 pub mod preflight;
+pub mod record;
+pub mod replay;
 pub mod report;
 pub mod stacks;
 pub mod summary;
+pub mod term;

@@ -10,14 +10,16 @@ fn main() -> ExitCode {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(loopguard::term::LogWriter)
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Attach(args) => commands::attach(args),
         Command::Run(args) => commands::run(args),
         Command::Config(args) => commands::config(args),
+        Command::Report(args) => commands::report(args),
     };
+    loopguard::record::finish(std::time::Duration::from_secs(5));
     let lost = loopguard::output::finish(std::time::Duration::from_secs(2));
     if lost > 0 {
         loopguard::diag!(

@@ -5,8 +5,8 @@
 //! Lines wait in a bounded queue; when it is full a line is dropped and
 //! counted (said on stderr at exit). When the reader is gone (`| head -1`),
 //! writing stops and [`reader_gone`] tells the watch loop to stop too.
+//! The same thread draws the status line on a terminal ([`crate::term`]).
 
-use std::io::Write;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -15,15 +15,28 @@ use std::time::{Duration, Instant};
 /// Lines that may wait for a slow reader.
 const QUEUED_LINES: usize = 16_384;
 
-static QUEUE: OnceLock<SyncSender<String>> = OnceLock::new();
+/// What the output thread is asked to do.
+enum Out {
+    Line(String),
+    Status(Option<String>),
+}
+
+static QUEUE: OnceLock<SyncSender<Out>> = OnceLock::new();
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 static GONE: AtomicBool = AtomicBool::new(false);
 static PENDING: AtomicU64 = AtomicU64::new(0);
 
-fn write_lines(lines: &Receiver<String>) {
-    for line in lines {
+fn write_lines(lines: &Receiver<Out>) {
+    for out in lines {
+        let line = match out {
+            Out::Line(line) => line,
+            Out::Status(status) => {
+                crate::term::draw_status(status);
+                continue;
+            }
+        };
         let mut stdout = std::io::stdout().lock();
-        let written = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+        let written = crate::term::write_stdout_line(&mut stdout, &line);
         PENDING.fetch_sub(1, Ordering::Relaxed);
         if written.is_err() {
             // EPIPE or any other failure: nobody reads any more.
@@ -34,7 +47,7 @@ fn write_lines(lines: &Receiver<String>) {
 }
 
 /// The queue, and the thread that empties it, started on first use.
-fn queue() -> &'static SyncSender<String> {
+fn queue() -> &'static SyncSender<Out> {
     QUEUE.get_or_init(|| {
         let (queue, lines) = sync_channel(QUEUED_LINES);
         if std::thread::Builder::new()
@@ -55,13 +68,22 @@ pub fn line(text: String) {
         return;
     }
     PENDING.fetch_add(1, Ordering::Relaxed);
-    match queue().try_send(text) {
+    match queue().try_send(Out::Line(text)) {
         Ok(()) => {}
         Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
             PENDING.fetch_sub(1, Ordering::Relaxed);
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Shows `status` on the status line (`None` takes it down); never blocks,
+/// and is dropped when the queue is full (the next one comes soon).
+pub fn status(status: Option<String>) {
+    if !crate::term::status_enabled() || GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let _ = queue().try_send(Out::Status(status));
 }
 
 /// Whether stdout's reader has gone away.

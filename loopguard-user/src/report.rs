@@ -1,12 +1,12 @@
-//! Report: renders findings and the final summary as text lines or JSON
-//! objects (one per line). Stdout carries reports; diagnostics go to stderr.
-
-use serde_json::{Value, json};
+//! Report: renders events ([`crate::events`]) as text lines: stalls, alerts
+//! and the final summary. JSON is the events themselves. The text comes
+//! from the records alone, so `loopguard report` replays a recording to
+//! what the live run printed. Stdout carries reports; diagnostics go to
+//! stderr.
 
 use crate::alerts;
 use crate::attribute::Request;
-use crate::detect::{Finding, Stall, StallKind};
-use crate::summary::{RequestSummary, Summary};
+use crate::events::{Event, StallEvent, SummaryEvent};
 
 /// Output format chosen on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -36,59 +36,6 @@ pub struct StallContext {
     pub stack: Option<crate::stacks::StallStack>,
 }
 
-fn request_json(request: &Request) -> Value {
-    json!({ "id": request.id, "method": request.method, "route": request.route, "path": request.path })
-}
-
-const NS_PER_MS: f64 = 1_000_000.0;
-
-fn ms(ns: u64) -> f64 {
-    (ns as f64 / NS_PER_MS * 1000.0).round() / 1000.0
-}
-
-/// The JSON object for a finding.
-pub fn finding_json(
-    finding: &Finding,
-    pid: u32,
-    threshold_ns: u64,
-    context: &StallContext,
-) -> Value {
-    let (kind, stall) = match finding {
-        Finding::InProgress(stall) => ("stall_in_progress", stall),
-        Finding::Finished { stall, .. } => ("stall", stall),
-        Finding::Cumulative(alert) => {
-            return alerts::cumulative_json(alert, pid, threshold_ns, 0);
-        }
-        Finding::ThresholdChanged(change) => return alerts::threshold_json(change, pid),
-    };
-    let mut object = json!({
-        "type": kind,
-        "kind": stall.kind.as_str(),
-        "pid": pid,
-        "tid": stall.tid,
-        "thread": context.thread,
-        "task_id": stall.task_id,
-        "duration_ms": ms(stall.duration_ns),
-        "threshold_ms": ms(threshold_ns),
-        "request": context.request.as_ref().map_or(Value::Null, request_json),
-        "victim_count": context.victim_count,
-        "victims": context.victims.iter().map(request_json).collect::<Vec<_>>(),
-        "start_ns": stall.start_ns,
-        "poll_fn": context.poll_fn,
-        "polled_from": context.polled_from,
-    });
-    if let Finding::Finished {
-        seen_in_progress, ..
-    } = finding
-    {
-        object["seen_in_progress"] = json!(seen_in_progress);
-    }
-    if let Some(stack) = &context.stack {
-        crate::stacks::render::add_json(&mut object, stack);
-    }
-    object
-}
-
 /// `text` with every control character escaped (`\r`, `\n`, `\u{1b}`):
 /// thread names, routes and paths come from the target, and must not be
 /// able to forge a line or drive the terminal.
@@ -109,29 +56,37 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     )
 }
 
-/// The text line for a finding.
-pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext) -> String {
-    let (label, stall, verb) = match finding {
-        Finding::InProgress(stall) if stall.kind == StallKind::Loop => {
-            ("LOOP STALL IN PROGRESS", stall, "blocked for")
-        }
-        Finding::Finished { stall, .. } if stall.kind == StallKind::Loop => {
-            ("LOOP STALL", stall, "blocked")
-        }
-        Finding::InProgress(stall) => ("STALL IN PROGRESS", stall, "blocked for"),
-        Finding::Finished { stall, .. } => ("STALL", stall, "blocked"),
-        Finding::Cumulative(alert) => return alerts::cumulative_text(alert, None),
-        Finding::ThresholdChanged(change) => return alerts::threshold_text(change),
+/// The text line of an event (`None` for `attached` and `followed`, which
+/// are said on stderr in their own words).
+pub fn event_text(event: &Event) -> Option<String> {
+    Some(match event {
+        Event::Attached(_) | Event::Followed(_) => return None,
+        Event::StallInProgress(stall) => stall_text(stall, true),
+        Event::Stall(stall) => stall_text(stall, false),
+        Event::Cumulative(alert) => alerts::cumulative_text(alert),
+        Event::Threshold(change) => alerts::threshold_text(change),
+        Event::Summary(summary) => summary_text(summary),
+    })
+}
+
+/// The text line of a stall, with its cause and frames under it.
+pub fn stall_text(stall: &StallEvent, in_progress: bool) -> String {
+    let looped = stall.kind == "loop";
+    let (label, verb) = match (looped, in_progress) {
+        (true, true) => ("LOOP STALL IN PROGRESS", "blocked for"),
+        (true, false) => ("LOOP STALL", "blocked"),
+        (false, true) => ("STALL IN PROGRESS", "blocked for"),
+        (false, false) => ("STALL", "blocked"),
     };
     format!(
         "{label:<17} tid {tid} ({thread}) {task} {verb} {duration:.1} ms (threshold {threshold} ms){from}{stack}",
         tid = stall.tid,
-        thread = printable(&context.thread),
-        task = task_label(stall),
-        duration = ms(stall.duration_ns),
-        threshold = ms(threshold_ns),
-        from = request_text(context),
-        stack = context
+        thread = printable(&stall.thread),
+        task = task_label(&stall.kind, stall.task_id, stall.task_header),
+        duration = stall.duration_ms,
+        threshold = stall.threshold_ms,
+        from = request_text(stall),
+        stack = stall
             .stack
             .as_ref()
             .map(crate::stacks::render::stall_lines)
@@ -141,13 +96,13 @@ pub fn finding_text(finding: &Finding, threshold_ns: u64, context: &StallContext
 
 /// `: POST /login (/login, request 8812); 4 other requests waited`, or where
 /// it was polled from when no request is known.
-fn request_text(context: &StallContext) -> String {
-    let waited = match context.victim_count {
+fn request_text(stall: &StallEvent) -> String {
+    let waited = match stall.victim_count {
         0 => String::new(),
         1 => "; 1 other request waited".to_owned(),
         n => format!("; {n} other requests waited"),
     };
-    if let Some(request) = &context.request {
+    if let Some(request) = &stall.request {
         let route = request.route.as_deref().unwrap_or(&request.path);
         return format!(
             ": {} {} ({}, request {}){waited}",
@@ -157,7 +112,7 @@ fn request_text(context: &StallContext) -> String {
             request.id
         );
     }
-    let from = context
+    let from = stall
         .polled_from
         .as_deref()
         .map(|f| format!("; polled from {}", printable(f)))
@@ -165,96 +120,25 @@ fn request_text(context: &StallContext) -> String {
     format!("{from}{waited}")
 }
 
-fn task_label(stall: &Stall) -> String {
-    if stall.kind == StallKind::Loop {
+fn task_label(kind: &str, task_id: Option<u64>, header: Option<u64>) -> String {
+    if kind == "loop" {
         return "its event loop (outside any task poll)".to_owned();
     }
-    match stall.task_id {
-        Some(id) => format!("task {id}"),
-        None if stall.header == 0 => "task ?".to_owned(),
-        None => format!("task@{:#x}", stall.header),
+    match (task_id, header) {
+        (Some(id), _) => format!("task {id}"),
+        (None, Some(header)) => format!("task@{header:#x}"),
+        (None, None) => "task ?".to_owned(),
     }
-}
-
-/// The JSON object for the summary.
-pub fn summary_json(summary: &Summary, pid: u32) -> Value {
-    use loopguard_common::Counter;
-    let counters = &summary.counters;
-    let thresholds = &summary.thresholds;
-    json!({
-        "type": "summary",
-        "pid": pid,
-        "threshold_ms": ms(thresholds.current_ns),
-        "threshold": {
-            "adaptive": summary.adaptive,
-            "min_ms": ms(thresholds.min_ns),
-            "max_ms": ms(thresholds.max_ns),
-            "current_ms": ms(thresholds.current_ns),
-        },
-        "cumulative_alerts": summary.cumulative_alerts,
-        "preempted_polls_not_counted": summary.preempted_cuts,
-        "excluded": {
-            "stalls": summary.excluded_stalls,
-            "cumulative_polls": summary.excluded_cuts.0,
-            "cumulative_ms": ms(summary.excluded_cuts.1),
-        },
-        "elapsed_s": (summary.elapsed_s * 1000.0).round() / 1000.0,
-        "stop_reason": summary.stop_reason,
-        "polls": summary.histogram.total(),
-        "blocking_pool_polls": counters.get(Counter::BlockingPolls),
-        "stalls": summary.stalls,
-        "stalls_unfinished": summary.unfinished,
-        "total_stall_ms": ms(summary.total_stall_ns),
-        "longest_stall_ms": summary.longest.as_ref().map(|s| ms(s.duration_ns)),
-        "longest_stall_task_id": summary.longest.as_ref().and_then(|s| s.task_id),
-        "poll_p50_ms_upper": summary.histogram.quantile_upper_ns(0.5).map(ms),
-        "poll_p99_ms_upper": summary.histogram.quantile_upper_ns(0.99).map(ms),
-        "dropped_events": counters.get(Counter::DroppedEvents),
-        "unmatched_returns": counters.get(Counter::UnmatchedReturns),
-        "stack_overflows": counters.get(Counter::StackOverflow),
-        "thread_map_full": counters.get(Counter::ThreadMapFull),
-        "requests": requests_json(&summary.requests),
-        "stacks": crate::stacks::render::summary_json(&summary.stacks),
-        "loop_threads": summary.loop_threads.iter().map(|thread| json!({
-            "tid": thread.tid,
-            "thread": thread.name,
-            "busy_ms": ms(thread.busy_ns),
-            "wait_ms": ms(thread.wait_ns),
-            "waits": thread.waits,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-fn requests_json(requests: &RequestSummary) -> Value {
-    json!({
-        "started": requests.started,
-        "ended": requests.ended,
-        "in_flight": requests.in_flight,
-        "peak_in_flight": requests.peak_in_flight,
-        "capacity": requests.capacity,
-        "evicted": requests.evicted,
-        "unmatched_ends": requests.unmatched_ends,
-        "unattributable_starts": requests.unattributable_starts,
-        "layout_mismatches": requests.layout_mismatches,
-        "routes": requests.routes.iter().map(|(route, totals)| json!({
-            "route": route,
-            "stalls": totals.stalls,
-            "total_stall_ms": ms(totals.total_ns),
-            "longest_stall_ms": ms(totals.longest_ns),
-        })).collect::<Vec<_>>(),
-    })
 }
 
 /// The summary's lines about the threshold rules.
-fn threshold_lines(summary: &Summary) -> Vec<String> {
+fn threshold_lines(summary: &SummaryEvent) -> Vec<String> {
     let mut lines = Vec::new();
-    let t = &summary.thresholds;
-    if summary.adaptive {
+    let t = &summary.threshold;
+    if t.adaptive {
         lines.push(format!(
             "  adaptive threshold: {:.1} ms now, {:.1} to {:.1} ms over the run",
-            ms(t.current_ns),
-            ms(t.min_ns),
-            ms(t.max_ns)
+            t.current_ms, t.min_ms, t.max_ms
         ));
     }
     if summary.cumulative_alerts > 0 {
@@ -263,87 +147,77 @@ fn threshold_lines(summary: &Summary) -> Vec<String> {
             summary.cumulative_alerts
         ));
     }
-    if summary.excluded_stalls > 0 || summary.excluded_cuts.0 > 0 {
+    let excluded = &summary.excluded;
+    if excluded.stalls > 0 || excluded.cumulative_polls > 0 {
         lines.push(format!(
             "  excluded routes: {} stall(s) and {} short polls ({:.1} ms) not alerted on",
-            summary.excluded_stalls,
-            summary.excluded_cuts.0,
-            ms(summary.excluded_cuts.1)
+            excluded.stalls, excluded.cumulative_polls, excluded.cumulative_ms
         ));
     }
     lines
 }
 
 /// The summary as text lines.
-pub fn summary_text(summary: &Summary) -> String {
-    use loopguard_common::Counter;
-    let counters = &summary.counters;
-    let threshold_ns = summary.thresholds.current_ns;
+pub fn summary_text(summary: &SummaryEvent) -> String {
     let mut lines = vec![format!(
         "loopguard summary ({}): {:.1} s, {} worker polls ({} blocking-pool polls ignored), {} stall(s) over {} ms",
         if summary.stop_reason.is_empty() {
             "stopped"
         } else {
-            summary.stop_reason
+            &summary.stop_reason
         },
         summary.elapsed_s,
-        summary.histogram.total(),
-        counters.get(Counter::BlockingPolls),
+        summary.polls,
+        summary.blocking_pool_polls,
         summary.stalls,
-        ms(threshold_ns),
+        summary.threshold_ms,
     )];
     lines.extend(threshold_lines(summary));
-    if let Some(longest) = &summary.longest {
+    if let Some(longest) = &summary.longest_stall {
         lines.push(format!(
             "  longest stall: {:.1} ms, tid {} {}; total stalled {:.1} ms",
-            ms(longest.duration_ns),
+            longest.duration_ms,
             longest.tid,
-            task_label(longest),
-            ms(summary.total_stall_ns),
+            task_label(&longest.kind, longest.task_id, longest.task_header),
+            summary.total_stall_ms,
         ));
     }
-    if summary.unfinished > 0 {
+    if summary.stalls_unfinished > 0 {
         lines.push(format!(
             "  {} stall(s) were still in progress at exit",
-            summary.unfinished
+            summary.stalls_unfinished
         ));
     }
     for thread in &summary.loop_threads {
+        let watched = thread.busy_ms + thread.wait_ms;
+        let busy = if watched > 0.0 {
+            thread.busy_ms / watched
+        } else {
+            0.0
+        };
         lines.push(format!(
             "  event loop tid {} ({}): busy {:.1} ms, waiting {:.1} ms ({:.0} % busy), {} waits",
             thread.tid,
-            printable(&thread.name),
-            ms(thread.busy_ns),
-            ms(thread.wait_ns),
-            thread.busy_ratio() * 100.0,
+            printable(&thread.thread),
+            thread.busy_ms,
+            thread.wait_ms,
+            busy * 100.0,
             thread.waits,
         ));
     }
-    if let (Some(p50), Some(p99)) = (
-        summary.histogram.quantile_upper_ns(0.5),
-        summary.histogram.quantile_upper_ns(0.99),
-    ) {
+    if let (Some(p50), Some(p99)) = (summary.poll_p50_ms_upper, summary.poll_p99_ms_upper) {
         lines.push(format!(
-            "  poll duration: p50 < {:.3} ms, p99 < {:.3} ms",
-            ms(p50),
-            ms(p99)
+            "  poll duration: p50 < {p50:.3} ms, p99 < {p99:.3} ms"
         ));
     }
-    let dropped = counters.get(Counter::DroppedEvents);
     let lost = [
-        (dropped, "events dropped (ring buffer full)"),
+        (summary.dropped_events, "events dropped (ring buffer full)"),
         (
-            counters.get(Counter::UnmatchedReturns),
+            summary.unmatched_returns,
             "returns without a matching entry",
         ),
-        (
-            counters.get(Counter::StackOverflow),
-            "polls nested too deep to time",
-        ),
-        (
-            counters.get(Counter::ThreadMapFull),
-            "polls untracked (thread map full)",
-        ),
+        (summary.stack_overflows, "polls nested too deep to time"),
+        (summary.thread_map_full, "polls untracked (thread map full)"),
     ];
     let lost: Vec<String> = lost
         .iter()
@@ -360,13 +234,13 @@ pub fn summary_text(summary: &Summary) -> String {
             requests.peak_in_flight,
             requests.capacity
         ));
-        for (route, totals) in requests.routes.iter().take(10) {
+        for route in requests.routes.iter().take(10) {
             lines.push(format!(
                 "    {}: {} stall(s), {:.1} ms in all, longest {:.1} ms",
-                printable(route),
-                totals.stalls,
-                ms(totals.total_ns),
-                ms(totals.longest_ns)
+                printable(&route.route),
+                route.stalls,
+                route.total_stall_ms,
+                route.longest_stall_ms
             ));
         }
     }
@@ -375,12 +249,17 @@ pub fn summary_text(summary: &Summary) -> String {
     } else {
         format!("  data lost: {}", lost.join(", "))
     });
+    lines.extend(crate::stacks::render::summary_lines(&summary.stacks));
     lines.join("\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::{Finding, Stall};
+    use crate::events::build;
+    use crate::report::StallContext;
+    use crate::summary::Summary;
 
     #[test]
     fn target_strings_cannot_forge_lines_or_drive_the_terminal() {
@@ -416,32 +295,49 @@ mod tests {
         }
     }
 
+    fn event(finding: &Finding, context: &StallContext) -> Event {
+        build::finding(finding, 7, context, &build::CumulativeContext::default())
+    }
+
+    fn json(finding: &Finding, context: &StallContext) -> serde_json::Value {
+        serde_json::to_value(event(finding, context)).unwrap()
+    }
+
+    fn text(finding: &Finding, context: &StallContext) -> String {
+        event_text(&event(finding, context)).unwrap()
+    }
+
     #[test]
     fn json_carries_the_contract_fields() {
         let finding = Finding::Finished {
             stall: stall(),
             seen_in_progress: true,
         };
-        let value = finding_json(&finding, 7, 50_000_000, &context());
+        let value = json(&finding, &context());
         assert_eq!(value["type"], "stall");
+        assert_eq!(value["kind"], "poll");
         assert_eq!(value["pid"], 7);
         assert_eq!(value["tid"], 42);
         assert_eq!(value["task_id"], 8812);
         assert_eq!(value["duration_ms"], 340.123);
         assert_eq!(value["threshold_ms"], 50.0);
+        assert_eq!(value["seen_in_progress"], true);
         assert!(value["request"].is_null());
-        let in_progress = finding_json(&Finding::InProgress(stall()), 7, 50_000_000, &context());
+        assert!(value.get("stack").is_none() && value.get("task_header").is_none());
+        let in_progress = json(&Finding::InProgress(stall()), &context());
         assert_eq!(in_progress["type"], "stall_in_progress");
+        assert!(in_progress.get("seen_in_progress").is_none());
+        let back: Event = serde_json::from_value(in_progress.clone()).unwrap();
+        assert_eq!(serde_json::to_value(back).unwrap(), in_progress);
     }
 
     #[test]
     fn text_names_thread_task_and_duration() {
-        let line = finding_text(
+        let line = text(
             &Finding::Finished {
                 stall: stall(),
                 seen_in_progress: false,
             },
-            50_000_000,
             &context(),
         );
         assert!(line.starts_with("STALL "), "{line}");
@@ -451,7 +347,7 @@ mod tests {
         );
         let mut unknown = stall();
         unknown.task_id = None;
-        let line = finding_text(&Finding::InProgress(unknown), 50_000_000, &context());
+        let line = text(&Finding::InProgress(unknown), &context());
         assert!(line.contains("task@0xdead0000 blocked for"), "{line}");
     }
 
@@ -483,12 +379,12 @@ mod tests {
             stall: stall(),
             seen_in_progress: false,
         };
-        let line = finding_text(&finding, 50_000_000, &context);
+        let line = text(&finding, &context);
         assert!(
             line.ends_with(": POST /login (/login, request 8812); 4 other requests waited"),
             "{line}"
         );
-        let value = finding_json(&finding, 7, 50_000_000, &context);
+        let value = json(&finding, &context);
         assert_eq!(value["request"]["id"], 8812);
         assert_eq!(value["request"]["route"], "/login");
         assert_eq!(value["victim_count"], 4);
@@ -499,10 +395,11 @@ mod tests {
     #[test]
     fn summary_mentions_lost_data_only_when_there_is_some() {
         let mut summary = Summary::default();
-        assert!(summary_text(&summary).contains("dropped events: 0"));
+        assert!(summary_text(&build::summary(&summary, 1)).contains("dropped events: 0"));
         summary.counters.0[loopguard_common::Counter::DroppedEvents as usize] = 3;
-        assert!(summary_text(&summary).contains("3 events dropped"));
-        assert_eq!(summary_json(&summary, 1)["dropped_events"], 3);
+        let event = build::summary(&summary, 1);
+        assert!(summary_text(&event).contains("3 events dropped"));
+        assert_eq!(serde_json::to_value(&event).unwrap()["dropped_events"], 3);
     }
 
     #[test]
@@ -516,12 +413,12 @@ mod tests {
             },
             ..Summary::default()
         };
-        let value = summary_json(&summary, 1);
+        let event = build::summary(&summary, 1);
+        let value = serde_json::to_value(Event::Summary(Box::new(event.clone()))).unwrap();
+        assert_eq!(value["type"], "summary");
         assert_eq!(value["threshold_ms"], 20.0);
         assert_eq!(value["threshold"]["min_ms"], 12.0);
         assert_eq!(value["threshold"]["max_ms"], 50.0);
-        assert!(
-            summary_text(&summary).contains("adaptive threshold: 20.0 ms now, 12.0 to 50.0 ms")
-        );
+        assert!(summary_text(&event).contains("adaptive threshold: 20.0 ms now, 12.0 to 50.0 ms"));
     }
 }

@@ -112,6 +112,8 @@ pub struct Summary {
     pub loop_threads: Vec<LoopThread>,
     /// Stalls folded by stack, longest total first (stack capture on).
     pub stacks: Vec<crate::stacks::fold::StackStalls>,
+    /// ns, `CLOCK_MONOTONIC`, when watching stopped.
+    pub at_ns: u64,
 }
 
 /// One event-loop thread's time, from the wait probes.

@@ -165,6 +165,9 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str], middleware: 
 
     let (status, lines) = agent.interrupt();
     assert!(status.success(), "loopguard exited with {status}");
+    // Every line printed follows the published schema (docs/events.schema.json).
+    support::schema::assert_events_follow_schema(lines.iter().map(|l| &l.value));
+    assert_eq!(lines[0].value["schema_version"], 1);
 
     // The in-progress report came while the poll was stuck, soon after it crossed the threshold.
     assert!(

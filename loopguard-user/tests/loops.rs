@@ -135,6 +135,7 @@ fn watches_a_foreign_loop(server: &Foreign, path: &str, wait_probes: &str) {
     std::thread::sleep(Duration::from_millis(200));
     let (status, lines) = agent.interrupt();
     assert!(status.success());
+    support::schema::assert_events_follow_schema(lines.iter().map(|l| &l.value));
     let stalls = stalls(&lines);
     assert_eq!(
         stalls.len(),

@@ -77,6 +77,7 @@ fn capture_each_block(binary: &Path) -> (Vec<Value>, Value, String) {
     }
     let (status, lines) = agent.interrupt();
     assert!(status.success(), "loopguard exited with {status}");
+    support::schema::assert_events_follow_schema(lines.iter().map(|l| &l.value));
     assert_detached(&ours);
     let text = std::fs::read_to_string(&folded).expect("the folded stacks were written");
     let _ = std::fs::remove_file(&folded);

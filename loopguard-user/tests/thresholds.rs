@@ -176,6 +176,7 @@ fn adaptive_lets_steady_work_be_and_catches_a_long_block_with_its_threshold() {
     let requests_done = load.stop();
     let (status, lines) = agent.interrupt();
     assert!(status.success());
+    support::schema::assert_events_follow_schema(lines.iter().map(|l| &l.value));
     assert!(
         requests_done > 200,
         "the load was too light: {requests_done} requests"

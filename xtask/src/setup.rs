@@ -11,7 +11,8 @@ use crate::cmd;
 /// Debian packages: LLVM 22 for bpf-linker, wrk for load, bpftool to check
 /// that detaching leaves no programs behind, Prometheus (and its promtool)
 /// for the metrics end-to-end test, Python's venv and Node.js for the
-/// event loops the wait-path end-to-end tests watch.
+/// event loops the wait-path end-to-end tests watch, Chromium to open the
+/// HTML report headless.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -22,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "python3-venv",
     "nodejs",
+    "chromium",
 ];
 /// The ASGI server the wait-path end-to-end test runs (from `PyPI`, into a
 /// virtual environment under the target directory).

@@ -2,8 +2,6 @@
 //! time the process waited, stopped, for its probes) or skipped, and why.
 //! Printed at the end of `loopguard run`, where a CI log reader looks.
 
-use serde_json::{Value, json};
-
 use crate::attach::AttachError;
 use crate::discover::DiscoverError;
 use crate::error::Error;
@@ -133,21 +131,40 @@ impl Roster {
         out.join("\n")
     }
 
-    /// The `followed` JSON object.
-    pub fn json(&self) -> Value {
+    /// The `followed` event.
+    pub fn event(&self) -> crate::events::Event {
+        use crate::events::{Followed, FollowedProcess};
         let entry = |e: &Entry| match &e.outcome {
-            Ok(a) => json!({
-                "pid": e.pid, "exe": e.exe, "probes": a.probes,
-                "stopped_ms": a.stopped_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
-            }),
-            Err(skip) => {
-                json!({ "pid": e.pid, "exe": e.exe, "reason": skip.kind(), "why": skip.why() })
-            }
+            Ok(a) => FollowedProcess {
+                pid: e.pid,
+                exe: e.exe.clone(),
+                probes: Some(a.probes),
+                stopped_ms: a.stopped_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
+                reason: None,
+                why: None,
+            },
+            Err(skip) => FollowedProcess {
+                pid: e.pid,
+                exe: e.exe.clone(),
+                probes: None,
+                stopped_ms: None,
+                reason: Some(skip.kind().to_owned()),
+                why: Some(skip.why()),
+            },
         };
-        json!({
-            "type": "followed",
-            "attached": self.entries.iter().filter(|e| e.outcome.is_ok()).map(entry).collect::<Vec<_>>(),
-            "skipped": self.entries.iter().filter(|e| e.outcome.is_err()).map(entry).collect::<Vec<_>>(),
+        crate::events::Event::Followed(Followed {
+            attached: self
+                .entries
+                .iter()
+                .filter(|e| e.outcome.is_ok())
+                .map(entry)
+                .collect(),
+            skipped: self
+                .entries
+                .iter()
+                .filter(|e| e.outcome.is_err())
+                .map(entry)
+                .collect(),
         })
     }
 }
@@ -196,7 +213,8 @@ mod tests {
             text.contains("pid 12 /bin/true: exited before it could be inspected"),
             "{text}"
         );
-        let json = roster.json();
+        let json: serde_json::Value = serde_json::from_str(&roster.event().to_json()).unwrap();
+        assert_eq!(json["type"], "followed");
         assert_eq!(json["attached"][0]["pid"], 11);
         assert_eq!(json["skipped"][1]["reason"], "exited");
     }

@@ -1,71 +1,50 @@
-//! How stacks and causes show in stall reports and the summary: JSON
-//! fields (`stack`, `cause`, the summary's `stacks`) and text lines.
+//! How stacks and causes show in text: the lines under a stall and the
+//! summary's stacks, rendered from the event records ([`crate::events`]).
 
 use std::fmt::Write as _;
 
-use serde_json::{Value, json};
-
-use super::StallStack;
-use super::fold::{Frame, StackStalls};
-use super::profile::{Cause, CauseKind};
+use crate::events::{CauseRecord, FrameRecord, StackFields, StackSummary};
+use crate::report::printable;
 
 /// Frames printed per stall in text; JSON has them all.
 const TEXT_FRAMES: usize = 12;
 /// Stacks listed in the summary.
 pub const SUMMARY_STACKS: usize = 5;
 
-fn ms(ns: u64) -> f64 {
-    (ns as f64 / 1000.0).round() / 1000.0
-}
-
-fn frame_json(frame: &Frame) -> Value {
-    json!({ "function": frame.function, "file": frame.file, "line": frame.line, "module": frame.module })
-}
-
-fn cause_json(cause: &Cause) -> Value {
-    json!({
-        "kind": cause.kind.as_str(),
-        "syscall": cause.syscall.map(|(nr, name)| name.map_or_else(|| nr.to_string(), str::to_owned)),
-        "on_cpu_ms": ms(cause.on_cpu_ns),
-        "off_cpu_ms": ms(cause.off_cpu_ns),
-        "cpu_wait_ms": ms(cause.wait_ns),
-    })
-}
-
-/// Adds `stack` and `cause` to a stall's JSON object.
-pub fn add_json(object: &mut Value, stack: &StallStack) {
-    object["stack"] = stack.frames.iter().map(frame_json).collect();
-    object["stack_samples"] = json!(stack.samples);
-    object["cause"] = stack.cause.as_ref().map_or(Value::Null, cause_json);
-    if stack.before_attach {
-        object["started_before_attach"] = json!(true);
+/// `function (file:line)` or just `function`.
+pub fn frame_text(frame: &FrameRecord) -> String {
+    let function = printable(&frame.function);
+    match (&frame.file, frame.line) {
+        (Some(file), Some(line)) => format!("{function} ({}:{line})", printable(file)),
+        (Some(file), None) => format!("{function} ({})", printable(file)),
+        _ => function.into_owned(),
     }
 }
 
 /// `blocked in clock_nanosleep (off CPU 199.8 ms, on CPU 0.2 ms)`.
-pub fn cause_text(cause: &Cause) -> String {
-    let syscall = cause
-        .syscall
-        .map(|(nr, name)| name.map_or_else(|| format!("system call {nr}"), str::to_owned))
-        .unwrap_or_default();
-    let what = match cause.kind {
-        CauseKind::Cpu => "on CPU".to_owned(),
-        CauseKind::Syscall => format!("blocked in {syscall}"),
-        CauseKind::OffCpu => "off CPU outside a system call (page faults?)".to_owned(),
-        CauseKind::Mixed if syscall.is_empty() => "on and off CPU".to_owned(),
-        CauseKind::Mixed => format!("on CPU and blocked in {syscall}"),
+pub fn cause_text(cause: &CauseRecord) -> String {
+    let syscall = match &cause.syscall {
+        Some(name) if name.parse::<i64>().is_ok() => format!("system call {name}"),
+        Some(name) => printable(name).into_owned(),
+        None => String::new(),
+    };
+    let what = match cause.kind.as_str() {
+        "cpu" => "on CPU".to_owned(),
+        "syscall" => format!("blocked in {syscall}"),
+        "off_cpu" => "off CPU outside a system call (page faults?)".to_owned(),
+        _ if syscall.is_empty() => "on and off CPU".to_owned(),
+        _ => format!("on CPU and blocked in {syscall}"),
     };
     format!(
         "{what} (on CPU {:.1} ms, off CPU {:.1} ms)",
-        ms(cause.on_cpu_ns),
-        ms(cause.off_cpu_ns)
+        cause.on_cpu_ms, cause.off_cpu_ms
     )
 }
 
 /// The lines printed under a stall: its cause, then its frames.
-pub fn stall_lines(stack: &StallStack) -> String {
+pub fn stall_lines(stack: &StackFields) -> String {
     let mut text = String::new();
-    if stack.before_attach {
+    if stack.started_before_attach {
         text.push_str(
             "\n    (stuck since before loopguard attached: the duration is a lower bound)",
         );
@@ -74,38 +53,22 @@ pub fn stall_lines(stack: &StallStack) -> String {
         text.push_str("\n    cause: ");
         text.push_str(&cause_text(cause));
     }
-    for (index, frame) in stack.frames.iter().take(TEXT_FRAMES).enumerate() {
+    for (index, frame) in stack.stack.iter().take(TEXT_FRAMES).enumerate() {
         text.push_str(if index == 0 { "\n    at " } else { "\n       " });
-        text.push_str(&frame.display());
+        text.push_str(&frame_text(frame));
     }
-    if stack.frames.len() > TEXT_FRAMES {
+    if stack.stack.len() > TEXT_FRAMES {
         let _ = write!(
             text,
-            "
-       ... {} more",
-            stack.frames.len() - TEXT_FRAMES
+            "\n       ... {} more",
+            stack.stack.len() - TEXT_FRAMES
         );
     }
     text
 }
 
-pub fn summary_json(stacks: &[StackStalls]) -> Value {
-    stacks
-        .iter()
-        .take(SUMMARY_STACKS)
-        .map(|entry| {
-            json!({
-                "label": entry.label,
-                "folded": entry.folded,
-                "stalls": entry.stalls,
-                "total_stall_ms": ms(entry.total_ns),
-            })
-        })
-        .collect()
-}
-
 /// `  bcrypt::hash <- handlers::login: 14 stalls, 4.2 s` lines.
-pub fn summary_lines(stacks: &[StackStalls]) -> Vec<String> {
+pub fn summary_lines(stacks: &[StackSummary]) -> Vec<String> {
     let mut lines = Vec::new();
     if stacks.is_empty() {
         return lines;
@@ -114,10 +77,10 @@ pub fn summary_lines(stacks: &[StackStalls]) -> Vec<String> {
     for entry in stacks.iter().take(SUMMARY_STACKS) {
         lines.push(format!(
             "    {}: {} stall{}, {:.1} s",
-            entry.label,
+            printable(&entry.label),
             entry.stalls,
             if entry.stalls == 1 { "" } else { "s" },
-            entry.total_ns as f64 / 1e9
+            entry.total_stall_ms / 1000.0
         ));
     }
     lines
@@ -126,6 +89,10 @@ pub fn summary_lines(stacks: &[StackStalls]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::build;
+    use crate::stacks::StallStack;
+    use crate::stacks::fold::{Frame, StackStalls};
+    use crate::stacks::profile::{Cause, CauseKind};
 
     fn cause(kind: CauseKind, syscall: Option<(i64, Option<&'static str>)>) -> Cause {
         Cause {
@@ -135,6 +102,26 @@ mod tests {
             off_cpu_ns: 199_000_000,
             wait_ns: 0,
         }
+    }
+
+    fn fields(stack: &StallStack) -> StackFields {
+        let stall = crate::detect::Stall {
+            kind: crate::detect::StallKind::Poll,
+            tid: 1,
+            task_id: Some(1),
+            header: 0,
+            start_ns: 0,
+            duration_ns: 1,
+            copy_index: 0,
+            return_addr: 0,
+            threshold_ns: 1,
+            requests_window: None,
+        };
+        let context = crate::report::StallContext {
+            stack: Some(stack.clone()),
+            ..Default::default()
+        };
+        build::stall(&stall, None, 1, &context).stack.unwrap()
     }
 
     #[test]
@@ -159,22 +146,29 @@ mod tests {
             samples: 1,
             before_attach: false,
         };
-        let text = stall_lines(&stack);
+        let fields = fields(&stack);
+        let text = stall_lines(&fields);
         assert_eq!(
             text,
             "\n    cause: blocked in clock_nanosleep (on CPU 1.0 ms, off CPU 199.0 ms)\n    at std::thread::sleep\n       app::handler (src/main.rs:42)"
         );
-        let mut object = json!({});
-        add_json(&mut object, &stack);
+        let object = serde_json::to_value(&fields).unwrap();
         assert_eq!(object["cause"]["kind"], "syscall");
         assert_eq!(object["cause"]["syscall"], "clock_nanosleep");
         assert_eq!(object["cause"]["off_cpu_ms"], 199.0);
         assert_eq!(object["stack"][1]["line"], 42);
+        assert!(object.get("started_before_attach").is_none());
     }
 
     #[test]
     fn an_unnamed_syscall_shows_its_number() {
-        let text = cause_text(&cause(CauseKind::Mixed, Some((999, None))));
+        let stack = StallStack {
+            frames: Vec::new(),
+            cause: Some(cause(CauseKind::Mixed, Some((999, None)))),
+            samples: 0,
+            before_attach: false,
+        };
+        let text = cause_text(fields(&stack).cause.as_ref().unwrap());
         assert!(
             text.starts_with("on CPU and blocked in system call 999"),
             "{text}"
@@ -183,16 +177,20 @@ mod tests {
 
     #[test]
     fn the_summary_names_stacks_by_label() {
-        let stacks = [StackStalls {
-            label: "bcrypt::hash <- handlers::login".into(),
-            folded: "handlers::login;bcrypt::hash".into(),
-            stalls: 14,
-            total_ns: 4_200_000_000,
-        }];
+        let summary = crate::summary::Summary {
+            stacks: vec![StackStalls {
+                label: "bcrypt::hash <- handlers::login".into(),
+                folded: "handlers::login;bcrypt::hash".into(),
+                stalls: 14,
+                total_ns: 4_200_000_000,
+            }],
+            ..Default::default()
+        };
+        let event = build::summary(&summary, 1);
         assert_eq!(
-            summary_lines(&stacks)[1],
+            summary_lines(&event.stacks)[1],
             "    bcrypt::hash <- handlers::login: 14 stalls, 4.2 s"
         );
-        assert_eq!(summary_json(&stacks)[0]["stalls"], 14);
+        assert_eq!(event.stacks[0].stalls, 14);
     }
 }

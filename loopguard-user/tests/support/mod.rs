@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod prometheus;
+pub mod schema;
 
 pub const LOOPGUARD: &str = env!("CARGO_BIN_EXE_loopguard");
 
