@@ -16,7 +16,7 @@ use serde_json::json;
 use loopguard_common::{Counter, ThreadPolls, usdt};
 
 use crate::alerts::{self, Offending};
-use crate::attach::{WaitPath, WaitProbes};
+use crate::attach::{LinkSummary, ProbeLinks, WaitPath, WaitProbes};
 use crate::attribute::RequestTracker;
 use crate::collect::{CollectError, Collector, RawEvent, monotonic_ns};
 use crate::detect::{
@@ -49,6 +49,8 @@ pub struct WatchOptions {
     pub loop_threads: Vec<String>,
     /// How the wait path is probed (`--wait-probes`).
     pub wait_probes: WaitProbes,
+    /// How the uprobes are attached (`--probe-links`).
+    pub probe_links: ProbeLinks,
     /// Capture the stacks of stalls (`--no-stacks` turns it off).
     pub capture_stacks: bool,
     pub stacks: StackOptions,
@@ -554,6 +556,7 @@ pub fn print_attached(
     target: &ProbeTarget,
     probe_count: usize,
     wait_path: WaitPath,
+    links: &LinkSummary,
     options: &WatchOptions,
 ) {
     let copies = &target.binary.poll_copies;
@@ -577,6 +580,12 @@ pub fn print_attached(
         WatchMode::Tokio => ("tokio", None),
         WatchMode::LoopOnly { why } => ("loop", Some(why.as_str())),
     };
+    let linked = format!(
+        "{probe_count} probes in {} {} links, attached in {:.2} s",
+        links.links,
+        links.kind.as_str(),
+        links.attach_time.as_secs_f64()
+    );
     match options.format {
         Format::Json => print_line(
             &json!({
@@ -589,6 +598,9 @@ pub fn print_attached(
                 "task_ids_verified": verified,
                 "blocking_pool_functions_unprobed": blocking_pool,
                 "probes": probe_count,
+                "probe_links": links.kind.as_str(),
+                "links": links.links,
+                "attach_s": links.attach_time.as_secs_f64(),
                 "request_probe_sites": request_sites,
                 "request_probes_attached": options.requests && request_sites > 0,
                 "wait_sites": sites.len(),
@@ -619,7 +631,7 @@ pub fn print_attached(
             };
             match why {
                 None => crate::diag!(
-                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {}; Ctrl+C to stop",
+                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {linked}; {}; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
                     copies.len() - blocking_pool,
@@ -627,7 +639,7 @@ pub fn print_attached(
                     rules_text(&options.detect),
                 ),
                 Some(why) => crate::diag!(
-                    "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; threshold {} ms; Ctrl+C to stop",
+                    "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; {linked}; threshold {} ms; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
                     options.detect.threshold_ns / 1_000_000,

@@ -139,15 +139,46 @@ pub struct Agent {
     pub child: Child,
     lines: Arc<Mutex<Vec<Line>>>,
     reader: Option<JoinHandle<()>>,
+    /// Stderr lines, when [`Self::start_capturing_stderr`] started it
+    /// (they are echoed to the test's stderr too).
+    stderr: Option<(SharedLines, JoinHandle<()>)>,
 }
+
+/// Lines a reader thread collects.
+type SharedLines = Arc<Mutex<Vec<String>>>;
 
 impl Agent {
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with(args, false)
+    }
+
+    /// Like [`Self::start`], keeping the stderr lines for [`Self::stderr_lines`].
+    pub fn start_capturing_stderr(args: &[&str]) -> Self {
+        Self::start_with(args, true)
+    }
+
+    fn start_with(args: &[&str], capture_stderr: bool) -> Self {
         let mut child = Command::new(LOOPGUARD)
             .args(args)
             .stdout(Stdio::piped())
+            .stderr(if capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("start loopguard");
+        let stderr = child.stderr.take().map(|stderr| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let sink = Arc::clone(&lines);
+            let reader = std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    sink.lock().unwrap().push(line);
+                }
+            });
+            (lines, reader)
+        });
         let stdout = child.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
@@ -164,7 +195,18 @@ impl Agent {
             child,
             lines,
             reader: Some(reader),
+            stderr,
         }
+    }
+
+    /// What the agent printed on stderr so far (needs
+    /// [`Self::start_capturing_stderr`]); complete once [`Self::wait`] returned.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        let (lines, _) = self
+            .stderr
+            .as_ref()
+            .expect("started with start_capturing_stderr");
+        lines.lock().unwrap().clone()
     }
 
     /// Ids of the BPF programs this agent holds now.
@@ -248,6 +290,19 @@ impl Agent {
         };
         self.reader.take().unwrap().join().unwrap();
         (status, self.lines())
+    }
+
+    /// Like [`Self::wait`], plus every stderr line (needs
+    /// [`Self::start_capturing_stderr`]).
+    pub fn wait_with_stderr(mut self, timeout: Duration) -> (ExitStatus, Vec<Line>, Vec<String>) {
+        let (lines, reader) = self
+            .stderr
+            .take()
+            .expect("started with start_capturing_stderr");
+        let (status, stdout) = self.wait(timeout);
+        reader.join().unwrap();
+        let stderr = lines.lock().unwrap().clone();
+        (status, stdout, stderr)
     }
 
     /// Ctrl+C, then the exit status and everything printed.
