@@ -833,7 +833,7 @@ mod tests {
             wait_site(libc, 0x30),
         ];
         let groups = group_wait_sites(&sites.iter().collect::<Vec<_>>());
-        let summary: Vec<(&str, &str, Vec<(u64, u64)>)> = groups
+        let summary: Vec<_> = groups
             .iter()
             .map(|g| (g.program, g.display_path.as_str(), g.sites.clone()))
             .collect();
