@@ -253,7 +253,8 @@ impl AttachedProbes {
         let mut last_report = Instant::now();
         links.close(|removed| {
             done += removed;
-            if last_report.elapsed() >= Duration::from_secs(1) {
+            // The last report comes once everything is gone, below.
+            if done < total && last_report.elapsed() >= Duration::from_secs(1) {
                 progress(done.min(total), total);
                 last_report = Instant::now();
             }

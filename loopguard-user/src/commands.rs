@@ -208,6 +208,8 @@ async fn watch_and_detach(
     let outcome = agent::watch(&target, &mut collector, stacks, options, stop).await?;
     agent::print_summary(&outcome, target.pid, options);
     let total = probes.probe_count;
+    // Logged before, so the last line is the one saying all are removed.
+    tracing::info!(reason = ?outcome.reason, probes = total, "detaching");
     let links = probes.links_summary;
     let expected = links.kind.expected(total, links.links).detach;
     crate::diag!(
@@ -227,7 +229,6 @@ async fn watch_and_detach(
             crate::diag!("loopguard: detaching: {done}/{total} probes removed");
         }
     });
-    tracing::info!(reason = ?outcome.reason, probes = total, "detached");
     Ok(outcome)
 }
 
