@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use loopguard_common::{Counter, ThreadPolls};
 
 use crate::alerts::{self, Offending};
-use crate::attach::{WaitPath, WaitProbes};
+use crate::attach::{LinkSummary, ProbeLinks, WaitPath, WaitProbes};
 use crate::attribute::{self, Request, RouteNames, RouteTable, Victims};
 use crate::collect::{CollectError, Collector, RawEvent, RequestMaps, monotonic_ns};
 use crate::detect::{
@@ -49,6 +49,8 @@ pub struct WatchOptions {
     pub loop_threads: Vec<String>,
     /// How the wait path is probed (`--wait-probes`).
     pub wait_probes: WaitProbes,
+    /// How the uprobes are attached (`--probe-links`).
+    pub probe_links: ProbeLinks,
     /// Capture the stacks of stalls (`--no-stacks` turns it off).
     pub capture_stacks: bool,
     pub stacks: StackOptions,
@@ -664,6 +666,7 @@ pub fn print_attached(
     target: &ProbeTarget,
     probe_count: usize,
     wait_path: WaitPath,
+    links: &LinkSummary,
     options: &WatchOptions,
 ) {
     let copies = &target.binary.poll_copies;
@@ -687,6 +690,12 @@ pub fn print_attached(
         WatchMode::Tokio => ("tokio", None),
         WatchMode::LoopOnly { why } => ("loop", Some(why.as_str())),
     };
+    let linked = format!(
+        "{probe_count} probes in {} {} links, attached in {:.2} s",
+        links.links,
+        links.kind.as_str(),
+        links.attach_time.as_secs_f64()
+    );
     let at_ns = crate::collect::monotonic_ns();
     let attached = events::Event::Attached(events::Attached {
         pid: target.pid,
@@ -697,6 +706,9 @@ pub fn print_attached(
         task_ids_verified: verified,
         blocking_pool_functions_unprobed: blocking_pool,
         probes: probe_count,
+        probe_links: links.kind.as_str().to_owned(),
+        links: links.links,
+        attach_s: links.attach_time.as_secs_f64(),
         request_probe_sites: request_sites,
         request_probes_attached: options.requests && request_sites > 0,
         wait_sites: sites.len(),
@@ -732,7 +744,7 @@ pub fn print_attached(
             };
             match why {
                 None => crate::diag!(
-                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {}; Ctrl+C to stop",
+                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {linked}; {}; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
                     copies.len() - blocking_pool,
@@ -740,7 +752,7 @@ pub fn print_attached(
                     rules_text(&options.detect),
                 ),
                 Some(why) => crate::diag!(
-                    "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; threshold {} ms; Ctrl+C to stop",
+                    "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; {linked}; threshold {} ms; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
                     options.detect.threshold_ns / 1_000_000,

@@ -226,6 +226,13 @@ pub struct WatchArgs {
     /// (uprobes where the wrappers exist), or `off` [default: auto].
     #[arg(long, value_enum)]
     pub wait_probes: Option<crate::attach::WaitProbes>,
+    /// How the uprobes are attached: `multi` puts each program's probes in
+    /// one `uprobe_multi` link (Linux 6.10+: attaching and detaching hundreds
+    /// of probes takes a fraction of a second), `perf` one perf-event link
+    /// per probe (any kernel; detaching takes about 0.1 s per probe), `auto`
+    /// multi where the kernel has it [default: auto].
+    #[arg(long, value_enum)]
+    pub probe_links: Option<crate::attach::ProbeLinks>,
     /// Only threads with these names count as event loops (comma-separated;
     /// a trailing `*` matches a prefix: `node,python*`). By default every
     /// thread that waits for events in epoll or Tokio's park is one.

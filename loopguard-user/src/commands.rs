@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::agent::{self, StopReason, WatchOptions};
 use crate::alerts::Offending;
-use crate::attach::{self, AttachedProbes};
+use crate::attach::{self, AttachProgress, AttachedProbes, LinkKind};
 use crate::cli::{AttachArgs, ConfigArgs, FailOn, RunArgs};
 use crate::collect::Collector;
 use crate::config::Settings;
@@ -33,6 +33,7 @@ fn watch_options(settings: &Settings) -> WatchOptions {
         metrics: None,
         loop_threads: settings.loop_threads.clone(),
         wait_probes: settings.wait_probes,
+        probe_links: settings.probe_links,
         capture_stacks: true,
         stacks: crate::stacks::StackOptions {
             arm_delay_ns: settings.detect().report_floor_ns() / 2,
@@ -163,16 +164,52 @@ pub(crate) fn discover_and_attach(
     );
     let floor_ns = options.detect.report_floor_ns();
     tracing::info!(report_floor_ns = floor_ns, "kernel report floor");
-    let probes = attach::attach(
-        &target,
-        floor_ns,
-        options.requests,
-        options.wait_probes,
-        options.capture_stacks,
-        options.bench,
-    )?;
-    tracing::info!(probes = probes.probe_count, "attached");
+    let attach_options = attach::AttachOptions {
+        report_floor_ns: floor_ns,
+        requests: options.requests,
+        wait_probes: options.wait_probes,
+        stacks: options.capture_stacks,
+        probe_links: options.probe_links,
+        bench: options.bench,
+    };
+    let probes = attach::attach(&target, attach_options, &mut |progress| {
+        report_attach_progress(progress);
+    })?;
+    let links = probes.links_summary;
+    tracing::info!(
+        probes = probes.probe_count,
+        links = links.links,
+        kind = links.kind.as_str(),
+        seconds = links.attach_time.as_secs_f64(),
+        "attached"
+    );
     Ok((target, probes))
+}
+
+/// Prints what attaching is about to do, and how far it got when slow.
+fn report_attach_progress(progress: AttachProgress) {
+    match progress {
+        AttachProgress::Starting {
+            kind,
+            probes,
+            links,
+        } => {
+            let expected = kind.expected(probes, links);
+            let how = match kind {
+                LinkKind::UprobeMulti => format!("in {links} uprobe_multi links"),
+                LinkKind::PerfEvent => "as perf-event uprobes, one link each".to_owned(),
+            };
+            crate::diag!(
+                "loopguard: attaching {probes} probes {how} (expect about {:.1} s; detaching later about {:.1} s)",
+                expected.attach.as_secs_f64(),
+                expected.detach.as_secs_f64(),
+            );
+        }
+        AttachProgress::Attached { done, total } if done < total => {
+            crate::diag!("loopguard: attaching: {done}/{total} probes attached");
+        }
+        AttachProgress::Attached { .. } => {}
+    }
 }
 
 /// Opens the maps and announces the attachment (before `run` lets its
@@ -183,7 +220,13 @@ pub(crate) fn announce(
     options: &WatchOptions,
 ) -> Result<Collector, Error> {
     let collector = Collector::new(&mut probes.ebpf)?;
-    agent::print_attached(target, probes.probe_count, probes.wait_path, options);
+    agent::print_attached(
+        target,
+        probes.probe_count,
+        probes.wait_path,
+        &probes.links_summary,
+        options,
+    );
     Ok(collector)
 }
 

@@ -8,6 +8,7 @@
 //! `--soak-minutes` then checks the agent's memory over a longer run.
 
 mod agent;
+mod attach_time;
 mod load;
 mod report;
 mod scrape;
@@ -121,6 +122,11 @@ pub struct Options {
     /// After the comparison, keep one agent attached for MINUTES under a moderate mixed load of the endpoints (each at its fixed rate divided by their number), sampling its RSS every 10 s. Fails if RSS exceeds 64 MiB, or grows by more than 1 MiB a minute after the first minute.
     #[arg(long, value_name = "MINUTES", value_parser = clap::value_parser!(u32).range(1..))]
     soak_minutes: Option<u32>,
+    /// Only measure how long attaching to and detaching from
+    /// `examples/many-futures` (hundreds of poll functions) takes, once per
+    /// round (--rounds, --agent-arg apply); no load.
+    #[arg(long)]
+    attach_only: bool,
 }
 
 /// The default fixed rate as a share of unattached saturation. Half was
@@ -270,6 +276,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     check_cpus(options)?;
     let plan = plan(options);
     let binaries = build::build_all()?;
+    if options.attach_only {
+        return attach_time::run(
+            &binaries.loopguard,
+            &binaries.many_futures,
+            &options.agent_args,
+            plan.rounds,
+        );
+    }
     let oha = setup::install_oha()?;
 
     let mut server_command = Command::new("taskset");

@@ -33,6 +33,8 @@ pub fn build_ebpf() -> anyhow::Result<()> {
 pub struct Binaries {
     pub loopguard: PathBuf,
     pub stall_server: PathBuf,
+    /// The example with hundreds of `raw::poll` copies.
+    pub many_futures: PathBuf,
 }
 
 pub fn build_all() -> anyhow::Result<Binaries> {
@@ -44,10 +46,13 @@ pub fn build_all() -> anyhow::Result<Binaries> {
         "loopguard",
         "-p",
         "stall-server",
+        "-p",
+        "many-futures",
     ]))?;
     let release = cmd::target_dir().join("release");
     Ok(Binaries {
         loopguard: release.join("loopguard"),
         stall_server: release.join("stall-server"),
+        many_futures: release.join("many-futures"),
     })
 }

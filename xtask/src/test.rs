@@ -1,7 +1,8 @@
 //! `cargo xtask test`: fmt, clippy (host crates and the eBPF crate), unit
 //! tests, then the end-to-end tests: as root, for real, against the example
 //! built five ways (release, fat LTO + panic=abort, v0 mangling, non-PIE,
-//! release with debug info).
+//! release with debug info), and against `many-futures` (hundreds of poll
+//! copies: attach and detach at scale).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -113,6 +114,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                     "LOOPGUARD_SERVER_DEBUGINFO",
                     debuginfo_dir.join("release/stall-server"),
                 )
+                .env("LOOPGUARD_MANY_FUTURES", &binaries.many_futures)
                 .env("LOOPGUARD_PYTHON", &python)
                 .env("RUST_LOG", "info"),
         );
@@ -136,6 +138,7 @@ const E2E_TESTS: &[&str] = &[
     "stacks",
     "follow",
     "output",
+    "scale",
 ];
 
 /// Clippy for the eBPF crate, which only builds for the BPF target on nightly.

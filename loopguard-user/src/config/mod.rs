@@ -9,7 +9,7 @@ mod validate;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::attach::WaitProbes;
+use crate::attach::{ProbeLinks, WaitProbes};
 use crate::cli::{FailOn, WatchArgs};
 use crate::detect::adaptive::{self, AdaptiveSettings};
 use crate::detect::cumulative::{self, CumulativeSettings};
@@ -83,6 +83,7 @@ pub struct Settings {
     pub scan_interval_ms: i64,
     pub exclude_routes: Vec<String>,
     pub wait_probes: WaitProbes,
+    pub probe_links: ProbeLinks,
     pub loop_threads: Vec<String>,
     pub fail_on: Vec<FailOn>,
     pub metrics_addr: Option<String>,
@@ -101,6 +102,7 @@ impl Default for Settings {
             scan_interval_ms: 5,
             exclude_routes: DEFAULT_EXCLUDED_ROUTES.map(str::to_owned).to_vec(),
             wait_probes: WaitProbes::Auto,
+            probe_links: ProbeLinks::Auto,
             loop_threads: Vec::new(),
             fail_on: Vec::new(),
             metrics_addr: None,
@@ -213,6 +215,7 @@ impl Settings {
         }
         set(&mut self.scan_interval_ms, signed(args.scan_interval_ms));
         set(&mut self.wait_probes, args.wait_probes);
+        set(&mut self.probe_links, args.probe_links);
         if let Some(names) = &args.loop_threads {
             self.loop_threads.clone_from(names);
         }

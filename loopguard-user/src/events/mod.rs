@@ -63,6 +63,16 @@ pub struct Attached {
     pub task_ids_verified: usize,
     pub blocking_pool_functions_unprobed: usize,
     pub probes: usize,
+    /// How the uprobes are linked: `uprobe_multi` or `perf_event`
+    /// (recordings made before it existed have none).
+    #[serde(default)]
+    pub probe_links: String,
+    /// Links holding the probes.
+    #[serde(default)]
+    pub links: usize,
+    /// Seconds attaching took.
+    #[serde(default)]
+    pub attach_s: f64,
     pub request_probe_sites: usize,
     pub request_probes_attached: bool,
     pub wait_sites: usize,

@@ -146,6 +146,14 @@ impl Supervisor {
             } else {
                 String::new()
             };
+            let total = probes.probe_count;
+            let links = probes.links_summary;
+            crate::diag!(
+                "{prefix}loopguard: detaching {total} probes in {} {} links (expect about {:.1} s)",
+                links.links,
+                links.kind.as_str(),
+                links.kind.expected(total, links.links).detach.as_secs_f64()
+            );
             let started = std::time::Instant::now();
             let detached = tokio::task::spawn_blocking(move || {
                 let mut said_done = false;

@@ -140,7 +140,13 @@ pub struct Agent {
     pub child: Child,
     lines: Arc<Mutex<Vec<Line>>>,
     reader: Option<JoinHandle<()>>,
+    /// Stderr lines, when [`Self::start_capturing_stderr`] started it
+    /// (they are echoed to the test's stderr too).
+    stderr: Option<(SharedLines, JoinHandle<()>)>,
 }
+
+/// Lines a reader thread collects.
+type SharedLines = Arc<Mutex<Vec<String>>>;
 
 impl Agent {
     pub fn start(args: &[&str]) -> Self {
@@ -149,12 +155,39 @@ impl Agent {
         Self::spawn(command)
     }
 
+    /// Like [`Self::start`], keeping the stderr lines for [`Self::stderr_lines`].
+    pub fn start_capturing_stderr(args: &[&str]) -> Self {
+        let mut command = Command::new(LOOPGUARD);
+        command.args(args);
+        Self::spawn_with(command, true)
+    }
+
     /// Starts `command` (a `loopguard` command line) with its stdout read.
-    pub fn spawn(mut command: Command) -> Self {
+    pub fn spawn(command: Command) -> Self {
+        Self::spawn_with(command, false)
+    }
+
+    fn spawn_with(mut command: Command, capture_stderr: bool) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
+            .stderr(if capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("start loopguard");
+        let stderr = child.stderr.take().map(|stderr| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let sink = Arc::clone(&lines);
+            let reader = std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    sink.lock().unwrap().push(line);
+                }
+            });
+            (lines, reader)
+        });
         let stdout = child.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
@@ -171,7 +204,18 @@ impl Agent {
             child,
             lines,
             reader: Some(reader),
+            stderr,
         }
+    }
+
+    /// What the agent printed on stderr so far (needs
+    /// [`Self::start_capturing_stderr`]); complete once [`Self::wait`] returned.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        let (lines, _) = self
+            .stderr
+            .as_ref()
+            .expect("started with start_capturing_stderr");
+        lines.lock().unwrap().clone()
     }
 
     /// Ids of the BPF programs this agent holds now.
@@ -255,6 +299,19 @@ impl Agent {
         };
         self.reader.take().unwrap().join().unwrap();
         (status, self.lines())
+    }
+
+    /// Like [`Self::wait`], plus every stderr line (needs
+    /// [`Self::start_capturing_stderr`]).
+    pub fn wait_with_stderr(mut self, timeout: Duration) -> (ExitStatus, Vec<Line>, Vec<String>) {
+        let (lines, reader) = self
+            .stderr
+            .take()
+            .expect("started with start_capturing_stderr");
+        let (status, stdout) = self.wait(timeout);
+        reader.join().unwrap();
+        let stderr = lines.lock().unwrap().clone();
+        (status, stdout, stderr)
     }
 
     /// Ctrl+C, then the exit status and everything printed.
