@@ -214,13 +214,11 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
             &mut options,
         )?;
         let duration = settings.duration_s.map(i64::unsigned_abs);
+        // A handler that cannot be installed is an error: a stop future
+        // that never completes would leave the probes in until SIGKILL.
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signals)?;
         let stop = async move {
-            let (Ok(mut interrupt), Ok(mut terminate)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return std::future::pending().await;
-            };
             tokio::select! {
                 _ = interrupt.recv() => StopReason::Interrupted,
                 _ = terminate.recv() => StopReason::Interrupted,
@@ -250,6 +248,15 @@ const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
+/// Kills and reaps the command `run` could not watch: never leave a
+/// stopped, traced child behind. Returns `error`.
+fn abandon(stopped: launch::StoppedChild, error: Error) -> Error {
+    let mut child = stopped.child;
+    let _ = child.kill();
+    let _ = child.wait();
+    error
+}
+
 /// `loopguard run`.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
@@ -271,13 +278,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         let prepared = prepare(pid, &options);
         let (target, mut probes, tools) = match prepared {
             Ok(prepared) => prepared,
-            Err(error) => {
-                // Never leave a stopped, traced child behind.
-                let mut child = stopped.child;
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(error);
-            }
+            Err(error) => return Err(abandon(stopped, error)),
         };
         let started = serve_metrics(
             listener,
@@ -289,12 +290,13 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         .and_then(|()| announce(&target, &mut probes, &options));
         let collector = match started {
             Ok(collector) => collector,
-            Err(error) => {
-                let mut child = stopped.child;
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(error);
-            }
+            Err(error) => return Err(abandon(stopped, error)),
+        };
+        // Opened while the child is stopped and unreaped: it names this
+        // process for good, so no forwarded signal reaches a recycled pid.
+        let pidfd = match crate::pidfd::Pidfd::open(pid) {
+            Ok(pidfd) => Arc::new(pidfd),
+            Err(error) => return Err(abandon(stopped, Error::Signals(error))),
         };
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
@@ -302,10 +304,11 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = exit_tx.send(Some(child.wait().ok()));
         });
         for (signo, mut incoming) in forwarded {
+            let pidfd = Arc::clone(&pidfd);
             tokio::spawn(async move {
                 while incoming.recv().await.is_some() {
-                    // SAFETY: sending a signal to our own child.
-                    unsafe { libc::kill(pid as libc::pid_t, signo) };
+                    // ESRCH once the command has exited: nothing to forward to.
+                    let _ = pidfd.signal(signo);
                 }
             });
         }
@@ -331,8 +334,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             }
             // --duration ends the command: SIGTERM, then wait for it to go.
             terminating.store(true, Ordering::SeqCst);
-            // SAFETY: sending a signal to our own child.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            let _ = pidfd.signal(libc::SIGTERM);
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };

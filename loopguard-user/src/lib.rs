@@ -39,6 +39,7 @@ pub mod export;
 pub mod launch;
 pub mod loops;
 pub mod output;
+pub mod pidfd;
 pub mod preflight;
 pub mod report;
 pub mod stacks;
