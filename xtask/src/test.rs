@@ -128,7 +128,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 /// The end-to-end test files of the agent (`loopguard-user/tests/*.rs`).
-const E2E_TESTS: &[&str] = &["e2e", "metrics", "loops", "thresholds", "stacks"];
+const E2E_TESTS: &[&str] = &[
+    "e2e",
+    "metrics",
+    "loops",
+    "thresholds",
+    "stacks",
+    "faults",
+    "inputs",
+];
 
 /// Clippy for the eBPF crate, which only builds for the BPF target on nightly.
 fn ebpf_clippy() -> Command {
