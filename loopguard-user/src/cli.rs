@@ -40,7 +40,9 @@ OUTPUT:
 EXIT CODES:
   0 ok   1 runtime failure   2 bad arguments or configuration   3 --fail-on saw what it names
   4 the target cannot be profiled (no such pid, not Tokio, stripped)   5 privileges or kernel
-  `loopguard run` otherwise exits with the command's own exit code.";
+  `loopguard run` exits with the command's own exit code (128+N if signal N ended it),
+  or 3 as above; its own failures use 125 (loopguard failed: bad arguments, cannot
+  attach, privileges), 126 (command not executable), 127 (command not found).";
 
 /// Finds the request that froze your Tokio event loop.
 ///
