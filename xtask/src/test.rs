@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::{build, cmd, setup};
+use crate::{build, cmd, fuzz, matrix, setup};
 
 const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -37,6 +37,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     ]))?;
     cmd::run(&mut ebpf_clippy())?;
     cmd::run(cmd::cargo().current_dir(&root).args(["test", "--release"]))?;
+    // The parsers of what a target hands loopguard, fuzzed briefly (20 s
+    // each); `cargo xtask fuzz --seconds N` for longer runs.
+    fuzz::run(&fuzz::Options { seconds: 20 })?;
     if options.no_e2e {
         eprintln!("test: end-to-end tests NOT run (--no-e2e)");
         return Ok(());
@@ -90,6 +93,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .env("CARGO_PROFILE_RELEASE_STRIP", "none"),
     )?;
     let python = setup::python_with_uvicorn()?;
+    let matrix = matrix::build()?;
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
     let mut failed = Vec::new();
@@ -114,6 +118,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                     debuginfo_dir.join("release/stall-server"),
                 )
                 .env("LOOPGUARD_PYTHON", &python)
+                .env("LOOPGUARD_MATRIX", &matrix)
                 .env("RUST_LOG", "info"),
         );
         if let Err(error) = result {
@@ -136,6 +141,7 @@ const E2E_TESTS: &[&str] = &[
     "stacks",
     "faults",
     "inputs",
+    "matrix",
 ];
 
 /// Clippy for the eBPF crate, which only builds for the BPF target on nightly.
