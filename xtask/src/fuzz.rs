@@ -103,17 +103,24 @@ fn write_seeds() -> anyhow::Result<PathBuf> {
                 "--strip-debug",
                 "--remove-section=.text",
                 "--remove-section=.eh_frame",
+                "--remove-section=.eh_frame_hdr",
+                "--remove-section=.gcc_except_table",
             ])
             .arg(&example)
             .arg(seeds.join("elf/stall-server-slim")),
     )?;
     // usdt: the note section itself, and each note's argument string.
+    // (Not `-O binary`: the note section is not loaded, so that writes nothing.)
     cmd::run(
         Command::new("objcopy")
-            .args(["-O", "binary", "--only-section=.note.stapsdt"])
+            .arg(format!(
+                "--dump-section=.note.stapsdt={}",
+                seeds.join("usdt/note.stapsdt").display()
+            ))
             .arg(&example)
-            .arg(seeds.join("usdt/note.stapsdt")),
+            .arg(seeds.join("usdt/scratch")),
     )?;
+    let _ = std::fs::remove_file(seeds.join("usdt/scratch"));
     let notes = cmd::output(Command::new("readelf").arg("-n").arg(&example));
     for (i, args) in notes
         .lines()

@@ -120,14 +120,15 @@ pub fn verify_vtable(image: &impl ImageWords, slot_vaddr: u64) -> Option<TaskLay
 }
 
 fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> Option<TaskLayout> {
+    let word_at = |slot: u64| image.word(base.checked_add(8 * slot)?);
     for slot in 0..layout.fn_slots {
-        let word = image.word(base + 8 * slot)?;
+        let word = word_at(slot)?;
         if !image.is_code(word.value) {
             return None;
         }
     }
     let offset = |slot: u64| -> Option<u64> {
-        let word = image.word(base + 8 * slot)?;
+        let word = word_at(slot)?;
         (!word.relocated && word.value < MAX_TASK_BYTES && word.value % 8 == 0)
             .then_some(word.value)
     };
@@ -138,7 +139,8 @@ fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> O
         && id >= scheduler
         && id - scheduler <= MAX_SCHEDULER_BYTES
         && trailer >= id + 8;
-    consistent.then_some(TaskLayout {
+    // `then`, not `then_some`: the size is only computed once `id >= scheduler`.
+    consistent.then(|| TaskLayout {
         id_offset: id,
         scheduler_bytes: id - scheduler,
     })
@@ -263,6 +265,16 @@ mod tests {
     fn reordered_offsets_are_rejected() {
         let image = FakeImage::vtable(0x20000, 7, &[0x20, 0x28, 0x80]);
         assert_eq!(verify_vtable(&image, 0x20000), None);
+    }
+
+    #[test]
+    fn an_id_before_the_scheduler_is_rejected_without_overflow() {
+        // Found by the `vtable` fuzz target: the handle size was computed
+        // (and overflowed) before the check that rules it out.
+        let image = FakeImage::vtable(0x20000, 7, &[0x80, 0x30, 0x28]);
+        assert_eq!(verify_vtable(&image, 0x20000), None);
+        // A vtable at the very top of the address space reads no word past it.
+        assert_eq!(verify_vtable(&image, u64::MAX - 7), None);
     }
 
     #[test]
