@@ -72,15 +72,57 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// Upper bound on threads tracked at once in [`names::THREAD_POLLS`].
 pub const MAX_THREADS: u32 = 16384;
 
-/// The attach cookie of a `raw::poll` copy: bits 0..16 hold the byte offset
-/// of the task id from the task header (0 when it could not be verified),
-/// bit 17 [`COOKIE_LAYOUT_VERIFIED`], bits 32..64 the index of the copy in the
-/// agent's discovery list.
+/// The attach cookie of a `raw::poll` copy (a `u64`, see [`PollCookie`]):
+/// bits 0..16 hold the byte offset of the task id from the task header (0
+/// when it could not be verified), bit 17 [`COOKIE_LAYOUT_VERIFIED`], bits
+/// 32..64 the index of the copy in the agent's discovery list.
 pub const COOKIE_ID_OFFSET_MASK: u64 = 0xffff;
 /// Cookie bit: the copy's vtable was verified. Verified copies that only the
 /// blocking pool polls are never attached, so a verified copy runs on an event
 /// loop and the return-address ranges need not be consulted.
 pub const COOKIE_LAYOUT_VERIFIED: u64 = 1 << 17;
+/// Cookie bits 32..64: the copy's index.
+pub const COOKIE_INDEX_SHIFT: u32 = 32;
+
+/// The attach cookie of a `raw::poll` copy, packed by the agent and unpacked
+/// by the poll probe: one definition of the bit layout for both sides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PollCookie {
+    /// Index of the copy in the agent's discovery list.
+    pub copy_index: u32,
+    /// Byte offset of the task id from the task header; 0 when unknown.
+    /// Offsets that do not fit in 16 bits are packed as 0 (unknown).
+    pub id_offset: u16,
+    /// The copy's vtable was verified (it runs on an event loop).
+    pub verified: bool,
+}
+
+impl PollCookie {
+    /// The cookie's `u64` form.
+    pub const fn pack(self) -> u64 {
+        let verified = if self.verified {
+            COOKIE_LAYOUT_VERIFIED
+        } else {
+            0
+        };
+        ((self.copy_index as u64) << COOKIE_INDEX_SHIFT)
+            | verified
+            | (self.id_offset as u64 & COOKIE_ID_OFFSET_MASK)
+    }
+
+    /// Reads a cookie packed by [`PollCookie::pack`].
+    pub const fn unpack(cookie: u64) -> Self {
+        Self {
+            copy_index: (cookie >> COOKIE_INDEX_SHIFT) as u32,
+            id_offset: (cookie & COOKIE_ID_OFFSET_MASK) as u16,
+            verified: cookie & COOKIE_LAYOUT_VERIFIED != 0,
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<u64>() * 8 >= COOKIE_INDEX_SHIFT as usize + 32);
+const _: () = assert!(COOKIE_LAYOUT_VERIFIED & COOKIE_ID_OFFSET_MASK == 0);
+const _: () = assert!(COOKIE_LAYOUT_VERIFIED < 1 << COOKIE_INDEX_SHIFT);
 
 /// Agent → kernel configuration, set as a global before load.
 #[repr(C)]
@@ -109,6 +151,8 @@ pub mod config_flags {
     pub const REQUESTS: u64 = 1 << 1;
 }
 
+const _: () = assert!(core::mem::size_of::<Config>() == 24 + 16 * MAX_BLOCKING_RANGES);
+
 impl Config {
     pub const fn zeroed() -> Self {
         Self {
@@ -121,21 +165,9 @@ impl Config {
     }
 }
 
-/// The USDT probes the `loopguard-middleware` crate fires.
-pub mod usdt {
-    /// Provider of every loopguard probe.
-    pub const PROVIDER: &str = "loopguard";
-    /// `request_start(layout, id, method_ptr, method_len, route_ptr, route_len, path_ptr, path_len)`.
-    pub const REQUEST_START: &str = "request_start";
-    /// `request_end(layout, id, status)`.
-    pub const REQUEST_END: &str = "request_end";
-    /// Arguments of `request_start`.
-    pub const REQUEST_START_ARGS: usize = 8;
-    /// Arguments of `request_end`.
-    pub const REQUEST_END_ARGS: usize = 3;
-    /// The argument layout this agent understands (the first argument of both probes).
-    pub const LAYOUT_VERSION: u64 = 1;
-}
+/// The USDT probes the `loopguard-middleware` crate fires (their own crate,
+/// so the middleware never depends on this one).
+pub use loopguard_usdt as usdt;
 
 /// Most arguments a USDT site may have.
 pub const MAX_USDT_ARGS: usize = 8;
@@ -181,6 +213,7 @@ pub struct UsdtSpec {
 }
 
 const _: () = assert!(core::mem::size_of::<UsdtArg>() == 24);
+const _: () = assert!(core::mem::size_of::<UsdtSpec>() == 24 * MAX_USDT_ARGS);
 
 /// Flags on a [`PollFrame`] and a [`PollEvent`].
 pub mod frame_flags {
@@ -432,4 +465,41 @@ mod pod {
     unsafe impl aya::Pod for super::requests::RecentEnds {}
     unsafe impl aya::Pod for super::requests::RouteStats {}
     unsafe impl aya::Pod for super::requests::RequestTotals {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PollCookie;
+
+    #[test]
+    fn poll_cookies_round_trip_at_the_edges() {
+        for cookie in [
+            PollCookie {
+                copy_index: 0,
+                id_offset: 0,
+                verified: false,
+            },
+            PollCookie {
+                copy_index: 7,
+                id_offset: 72,
+                verified: true,
+            },
+            PollCookie {
+                copy_index: u32::MAX,
+                id_offset: u16::MAX,
+                verified: true,
+            },
+        ] {
+            assert_eq!(PollCookie::unpack(cookie.pack()), cookie);
+        }
+        assert_eq!(
+            PollCookie {
+                copy_index: 3,
+                id_offset: 72,
+                verified: true
+            }
+            .pack(),
+            (3 << 32) | (1 << 17) | 0x48
+        );
+    }
 }

@@ -167,6 +167,7 @@ pub struct ThreadOffCpu {
 const _: () = assert!(core::mem::size_of::<StackSample>() == 80 + STACK_BYTES);
 const _: () = assert!(core::mem::size_of::<OffCpuEnd>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadOffCpu>() == 80);
+const _: () = assert!(core::mem::size_of::<StackConfig>() == 24);
 const _: () = assert!(STACK_BYTES.is_multiple_of(STACK_CHUNK_BYTES));
 
 #[cfg(feature = "user")]

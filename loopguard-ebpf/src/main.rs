@@ -45,9 +45,9 @@ mod stacks;
 mod wait;
 
 use loopguard_common::{
-    COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, COUNTER_SLOTS, Config, Counter,
-    EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES, MAX_POLL_DEPTH, MAX_THREADS, PollEvent,
-    PollFrame, ThreadPolls, config_flags, frame_flags,
+    COUNTER_SLOTS, Config, Counter, EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES,
+    MAX_POLL_DEPTH, MAX_THREADS, PollCookie, PollEvent, PollFrame, ThreadPolls, config_flags,
+    frame_flags,
     hist::{self, PollHistogram},
 };
 
@@ -204,7 +204,8 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
     let header: u64 = ctx.arg(0).ok_or(1i64)?;
 
     let mut flags = 0;
-    let id_offset = cookie & COOKIE_ID_OFFSET_MASK;
+    let cookie = PollCookie::unpack(cookie);
+    let id_offset = u64::from(cookie.id_offset);
     let task_id = if id_offset == 0 {
         flags |= frame_flags::NO_TASK_ID;
         0
@@ -220,7 +221,7 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
     // the report shows as the caller) is then taken for free from the return
     // probe's registers. Only unverified copies read it here, to classify the
     // caller by address.
-    let (return_addr, blocking) = if cookie & COOKIE_LAYOUT_VERIFIED != 0 {
+    let (return_addr, blocking) = if cookie.verified {
         (0, false)
     } else {
         // SAFETY: `regs` points at the saved registers of the probed thread.
@@ -238,7 +239,7 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
         task_id,
         header,
         return_addr,
-        copy_index: (cookie >> 32) as u32,
+        copy_index: cookie.copy_index,
         flags,
         preempted_at_entry: 0,
         requests_ended_at_entry: if tracks_requests() {

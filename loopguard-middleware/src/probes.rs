@@ -2,8 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-// The contract with the agent lives in `loopguard-common`, which both sides
-// build from, so the two cannot drift apart:
+// The contract with the agent lives in `loopguard-usdt` (re-exported by
+// `loopguard-common`), which both sides build from, so the two cannot drift apart:
 //
 // - `LAYOUT_VERSION`: the first argument of both probes. The agent refuses
 //   probes whose argument count, or events whose version, it does not know.
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 //   pointer and length. All 8 bytes wide.
 // - `request_end`: layout version, request id, HTTP status (0 when no
 //   response was produced). All 8 bytes wide.
-pub use loopguard_common::usdt::{
+pub use loopguard_usdt::{
     LAYOUT_VERSION, PROVIDER, REQUEST_END, REQUEST_END_ARGS, REQUEST_START, REQUEST_START_ARGS,
 };
 

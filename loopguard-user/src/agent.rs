@@ -20,6 +20,7 @@ use crate::collect::{CollectError, Collector, RawEvent, RequestMaps, monotonic_n
 use crate::detect::{
     Culprit, DetectSettings, Finding, RouteFilter, Stall, StallKind, ThresholdEngine,
 };
+use crate::discover::vtable::PollClass;
 use crate::discover::waits::WaitKind;
 use crate::discover::{ProbeTarget, WatchMode, proc};
 use crate::emit;
@@ -670,8 +671,16 @@ pub fn print_attached(
     options: &WatchOptions,
 ) {
     let copies = &target.binary.poll_copies;
-    let verified = copies.iter().filter(|copy| copy.layout.is_some()).count();
+    let event_loop = copies
+        .iter()
+        .filter(|copy| copy.class() == PollClass::EventLoop)
+        .count();
     let blocking_pool = copies.iter().filter(|copy| copy.is_blocking_pool()).count();
+    let unknown: Vec<&str> = copies
+        .iter()
+        .filter(|copy| copy.class() == PollClass::Unknown)
+        .map(|copy| copy.name.as_str())
+        .collect();
     let request_sites = target.binary.usdt_sites.len();
     let requests = if !options.requests {
         "request probes off (--no-requests), so stalls are not tied to requests".to_owned()
@@ -703,8 +712,9 @@ pub fn print_attached(
         mode: mode.to_owned(),
         loop_only_reason: why.map(str::to_owned),
         poll_functions: copies.len(),
-        task_ids_verified: verified,
+        task_ids_verified: event_loop,
         blocking_pool_functions_unprobed: blocking_pool,
+        unknown_layout_functions: unknown.iter().map(|name| (*name).to_owned()).collect(),
         probes: probe_count,
         probe_links: links.kind.as_str().to_owned(),
         links: links.links,
@@ -727,28 +737,14 @@ pub fn print_attached(
     match options.format {
         Format::Json => {}
         Format::Text => {
-            let waits = match wait_path {
-                WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
-                WaitPath::Tracepoints => format!(
-                    "epoll waits seen on the syscall tracepoints{}",
-                    if park_sites > 0 {
-                        format!(" and {park_sites} Tokio park sites")
-                    } else {
-                        String::new()
-                    }
-                ),
-                WaitPath::Uprobes { .. } => format!(
-                    "wait uprobes on {epoll_sites} epoll and {park_sites} Tokio park sites ({})",
-                    wait_functions.join(", ")
-                ),
-            };
+            let waits = waits_text(wait_path, (epoll_sites, park_sites), &wait_functions);
             match why {
                 None => crate::diag!(
                     "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {linked}; {}; Ctrl+C to stop",
                     target.pid,
                     target.exe.display_path,
                     copies.len() - blocking_pool,
-                    verified - blocking_pool,
+                    event_loop,
                     rules_text(&options.detect),
                 ),
                 Some(why) => crate::diag!(
@@ -760,11 +756,51 @@ pub fn print_attached(
             }
         }
     }
-    if verified < copies.len() {
-        tracing::warn!(
-            unverified = copies.len() - verified,
-            "task vtable layout not recognised for some poll functions; their stalls are reported without a task id"
-        );
+    if !unknown.is_empty() {
+        crate::diag!("{}", unknown_layout_warning(&unknown));
+    }
+}
+
+/// The attach-time warning naming the poll functions whose task layout is
+/// not one loopguard knows (probed anyway, without task ids).
+fn unknown_layout_warning(unknown: &[&str]) -> String {
+    const SHOWN: usize = 4;
+    let mut names = unknown
+        .iter()
+        .take(SHOWN)
+        .map(|name| crate::report::printable(name).into_owned())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if unknown.len() > SHOWN {
+        use std::fmt::Write as _;
+        let _ = write!(names, "; and {} more", unknown.len() - SHOWN);
+    }
+    format!(
+        "loopguard: warning: {} poll function(s) have a task layout this loopguard does not know (a newer Tokio?): they are probed, told apart from blocking-pool work by return address, and their stalls carry no task id: {names}",
+        unknown.len()
+    )
+}
+
+/// How the wait path is watched, for the attached line.
+fn waits_text(
+    wait_path: WaitPath,
+    (epoll_sites, park_sites): (usize, usize),
+    wait_functions: &[&str],
+) -> String {
+    match wait_path {
+        WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
+        WaitPath::Tracepoints => format!(
+            "epoll waits seen on the syscall tracepoints{}",
+            if park_sites > 0 {
+                format!(" and {park_sites} Tokio park sites")
+            } else {
+                String::new()
+            }
+        ),
+        WaitPath::Uprobes { .. } => format!(
+            "wait uprobes on {epoll_sites} epoll and {park_sites} Tokio park sites ({})",
+            wait_functions.join(", ")
+        ),
     }
 }
 
@@ -969,4 +1005,33 @@ pub fn print_summary(outcome: &Outcome, target: &ProbeTarget, options: &WatchOpt
         options.format,
         options.label.then_some(process),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unknown_layout_warning;
+
+    #[test]
+    fn copies_of_an_unknown_layout_are_named_at_attach() {
+        let names = [
+            "a::poll",
+            "b::poll",
+            "c::poll",
+            "d::poll",
+            "e\u{1b}]0;x::poll",
+            "f",
+        ];
+        let text = unknown_layout_warning(&names[..2]);
+        assert!(text.contains("2 poll function(s)"), "{text}");
+        assert!(text.contains("a::poll; b::poll"), "{text}");
+        assert!(
+            text.contains("probed") && text.contains("no task id"),
+            "{text}"
+        );
+        let text = unknown_layout_warning(&names);
+        assert!(
+            text.contains("and 2 more") && !text.contains("e\u{1b}"),
+            "{text}"
+        );
+    }
 }

@@ -20,12 +20,13 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink,
 use aya::programs::{RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use loopguard_common::{
-    COOKIE_ID_OFFSET_MASK, COOKIE_LAYOUT_VERIFIED, Config, MAX_BLOCKING_RANGES, MAX_USDT_SITES,
-    UsdtArg, UsdtSpec, arg_kind, config_flags, names, usdt,
+    Config, MAX_BLOCKING_RANGES, MAX_USDT_SITES, PollCookie, UsdtArg, UsdtSpec, arg_kind,
+    config_flags, names, usdt,
 };
 
 use crate::discover::elf::PollCopy;
 use crate::discover::usdt::{ArgLocation, ArgSpec, ArgSpecError};
+use crate::discover::vtable::PollClass;
 use crate::discover::waits::{WaitKind, WaitSite};
 use crate::discover::{ProbeTarget, proc};
 
@@ -53,6 +54,10 @@ pub enum AttachError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error(
+        "this loopguard was built without its eBPF programs (bpf-linker was not on PATH when it was built); run `cargo xtask build-ebpf` once, then rebuild loopguard"
+    )]
+    NoEbpfObject,
     #[error("process {pid} exited while loopguard was attaching")]
     ProcessExited { pid: u32 },
     #[error("the eBPF object lacks `{0}`; rebuild loopguard (`cargo xtask build`)")]
@@ -403,12 +408,15 @@ fn program_error(program: &'static str) -> impl FnOnce(aya::programs::ProgramErr
 
 /// The attach cookie of one copy (layout in `loopguard_common`).
 fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
-    let verified = if copy.layout.is_some() {
-        COOKIE_LAYOUT_VERIFIED
-    } else {
-        0
-    };
-    ((index as u64) << 32) | verified | (copy.id_offset().unwrap_or(0) & COOKIE_ID_OFFSET_MASK)
+    PollCookie {
+        copy_index: index as u32,
+        id_offset: copy
+            .id_offset()
+            .and_then(|offset| u16::try_from(offset).ok())
+            .unwrap_or(0),
+        verified: copy.class() == PollClass::EventLoop,
+    }
+    .pack()
 }
 
 /// How the wait path is probed (`--wait-probes`).
@@ -740,6 +748,9 @@ pub fn attach(
     }
     config.blocking_range_count = ranges.len().min(MAX_BLOCKING_RANGES) as u32;
 
+    if EBPF_OBJECT.is_empty() {
+        return Err(AttachError::NoEbpfObject);
+    }
     let stack_config =
         crate::stacks::capture::kernel_config(pid, report_floor_ns / 2, options.stacks);
     let mut ebpf = EbpfLoader::new()
@@ -880,6 +891,45 @@ mod tests {
         assert!(perf.detach > Duration::from_secs(30), "{perf:?}");
         assert_eq!(LinkKind::UprobeMulti.as_str(), "uprobe_multi");
         assert_eq!(LinkKind::PerfEvent.as_str(), "perf_event");
+    }
+
+    #[test]
+    fn every_class_of_copy_but_the_blocking_pool_is_probed_and_only_event_loops_get_ids() {
+        use crate::discover::vtable::TaskLayout;
+        let copy = |scheduler_bytes: Option<u64>| PollCopy {
+            vaddr: 0x1000,
+            file_offset: 0x1000,
+            name: "tokio::runtime::task::raw::poll".into(),
+            layout: scheduler_bytes.map(|bytes| TaskLayout {
+                id_offset: 0x20 + bytes,
+                scheduler_bytes: bytes,
+            }),
+        };
+        let event_loop = PollCookie::unpack(poll_cookie(1, &copy(Some(8))));
+        assert_eq!(
+            event_loop,
+            PollCookie {
+                copy_index: 1,
+                id_offset: 0x28,
+                verified: true
+            }
+        );
+        assert!(copy(Some(16)).is_blocking_pool());
+        // A layout no known Tokio has, and no verified vtable at all: probed
+        // (not the blocking pool), sorted by return address in the kernel
+        // (not verified), no task id.
+        for unknown in [copy(Some(24)), copy(None)] {
+            assert_eq!(unknown.class(), PollClass::Unknown);
+            assert!(!unknown.is_blocking_pool());
+            assert_eq!(
+                PollCookie::unpack(poll_cookie(2, &unknown)),
+                PollCookie {
+                    copy_index: 2,
+                    id_offset: 0,
+                    verified: false
+                }
+            );
+        }
     }
 
     #[test]

@@ -46,7 +46,9 @@ OUTPUT:
 EXIT CODES:
   0 ok   1 runtime failure   2 bad arguments or configuration   3 --fail-on saw what it names
   4 the target cannot be profiled (no such pid, not Tokio, stripped)   5 privileges or kernel
-  `loopguard run` otherwise exits with the command's own exit code.";
+  `loopguard run` exits with the command's own exit code (128+N if signal N ended it),
+  or 3 as above; its own failures use 125 (loopguard failed: bad arguments, cannot
+  attach, privileges), 126 (command not executable), 127 (command not found).";
 
 /// Finds the request that froze your Tokio event loop.
 ///
@@ -145,10 +147,27 @@ pub struct ConfigArgs {
     pub watch: WatchArgs,
 }
 
+/// A pid: a positive number. A negative one gets a hint (`kill -PGID`
+/// habits, or a shell variable that held an error code).
+fn parse_pid(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<i64>() {
+        Ok(pid) if pid < 0 => Err(format!(
+            "a pid is a positive number, not {pid}: loopguard watches one process (not a process group, as `kill -{}` would mean); find it with `pgrep -a NAME` and pass --pid {}",
+            pid.unsigned_abs(),
+            pid.unsigned_abs()
+        )),
+        Ok(0) => Err("pid 0 is not a process; find the pid with `pgrep -a NAME`".to_owned()),
+        Ok(pid) => u32::try_from(pid).map_err(|_| format!("{pid} is larger than any pid")),
+        Err(_) => Err(format!(
+            "`{text}` is not a pid (a positive number); find it with `pgrep -a NAME`"
+        )),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct AttachArgs {
     /// Process id of the Tokio program to watch.
-    #[arg(long, short)]
+    #[arg(long, short, allow_negative_numbers = true, value_parser = parse_pid)]
     pub pid: u32,
     #[command(flatten)]
     pub watch: WatchArgs,
@@ -333,6 +352,25 @@ mod tests {
     #[test]
     fn the_cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn negative_and_malformed_pids_get_a_hint() {
+        for (pid, hint) in [
+            ("-5", "a pid is a positive number, not -5"),
+            ("-5", "--pid 5"),
+            ("0", "pid 0 is not a process"),
+            ("abc", "`abc` is not a pid"),
+            ("99999999999", "larger than any pid"),
+        ] {
+            let err = Cli::try_parse_from(["loopguard", "attach", "--pid", pid]).unwrap_err();
+            assert!(err.to_string().contains(hint), "{pid}: {err}");
+        }
+        let cli = Cli::try_parse_from(["loopguard", "attach", "--pid", "42"]).unwrap();
+        let Command::Attach(attach) = cli.command else {
+            panic!()
+        };
+        assert_eq!(attach.pid, 42);
     }
 
     #[test]

@@ -270,13 +270,11 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
             &mut options,
         )?;
         let duration = settings.duration_s.map(i64::unsigned_abs);
+        // A handler that cannot be installed is an error: a stop future
+        // that never completes would leave the probes in until SIGKILL.
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signals)?;
         let stop = async move {
-            let (Ok(mut interrupt), Ok(mut terminate)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return std::future::pending().await;
-            };
             tokio::select! {
                 _ = interrupt.recv() => StopReason::Interrupted,
                 _ = terminate.recv() => StopReason::Interrupted,
@@ -314,11 +312,13 @@ const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
-/// Kills a child that never ran (still stopped after exec) and reaps it.
-fn discard(stopped: launch::StoppedChild) {
+/// Kills and reaps the command `run` could not watch: never leave a
+/// stopped, traced child behind. Returns `error`.
+fn abandon(stopped: launch::StoppedChild, error: Error) -> Error {
     let mut child = stopped.child;
     let _ = child.kill();
     let _ = child.wait();
+    error
 }
 
 /// `loopguard run`.
@@ -345,26 +345,28 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         // or execs is missed.
         let mut supervisor = match Supervisor::start(pid, Mode::Run, follow, &options) {
             Ok(supervisor) => supervisor,
-            Err(error) => {
-                discard(stopped);
-                return Err(error.into());
-            }
+            Err(error) => return Err(abandon(stopped, error.into())),
         };
         if let Err(error) = watch_command(&mut supervisor, pid, listener, &settings, &mut options) {
-            // Never leave a stopped, traced child behind.
-            discard(stopped);
-            return Err(error);
+            return Err(abandon(stopped, error));
         }
+        // Opened while the child is stopped and unreaped: it names this
+        // process for good, so no forwarded signal reaches a recycled pid.
+        let pidfd = match crate::pidfd::Pidfd::open(pid) {
+            Ok(pidfd) => Arc::new(pidfd),
+            Err(error) => return Err(abandon(stopped, Error::Signals(error))),
+        };
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {
             let _ = exit_tx.send(Some(child.wait().ok()));
         });
         for (signo, mut incoming) in forwarded {
+            let pidfd = Arc::clone(&pidfd);
             tokio::spawn(async move {
                 while incoming.recv().await.is_some() {
-                    // SAFETY: sending a signal to our own child.
-                    unsafe { libc::kill(pid as libc::pid_t, signo) };
+                    // ESRCH once the command has exited: nothing to forward to.
+                    let _ = pidfd.signal(signo);
                 }
             });
         }
@@ -390,8 +392,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             }
             // --duration ends the command: SIGTERM, then wait for it to go.
             terminating.store(true, Ordering::SeqCst);
-            // SAFETY: sending a signal to our own child.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            let _ = pidfd.signal(libc::SIGTERM);
             let _ = child_exit.wait_for(Option::is_some).await;
             StopReason::DurationElapsed
         };

@@ -20,6 +20,17 @@ pub const EXIT_TARGET: i32 = 4;
 /// Exit code: privileges or kernel.
 pub const EXIT_ENVIRONMENT: i32 = 5;
 
+/// `loopguard run` exits with its command's code (128 + N when signal N
+/// ended it), so its own failures use the codes `env`, `nohup` and
+/// `timeout` use, which a command's own exit code 2 (or 4, 5) cannot be
+/// taken for: loopguard itself failed (bad arguments, cannot attach,
+/// privileges; the message on stderr says which).
+pub const EXIT_RUN_FAILED: i32 = 125;
+/// `loopguard run`: the command was found but cannot be executed.
+pub const EXIT_RUN_CANNOT_EXECUTE: i32 = 126;
+/// `loopguard run`: the command was not found.
+pub const EXIT_RUN_NOT_FOUND: i32 = 127;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -49,6 +60,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The exit code of `loopguard run` failing with this error (see
+    /// [`EXIT_RUN_FAILED`]).
+    pub fn run_exit_code(&self) -> i32 {
+        match self {
+            Self::Launch(LaunchError::Spawn { source, .. }) => match source.kind() {
+                std::io::ErrorKind::NotFound => EXIT_RUN_NOT_FOUND,
+                _ => EXIT_RUN_CANNOT_EXECUTE,
+            },
+            _ => EXIT_RUN_FAILED,
+        }
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Preflight(_) | Self::Discover(DiscoverError::Permission { .. }) => {
@@ -77,6 +100,34 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_failures_cannot_be_taken_for_a_command_exit_code() {
+        let spawn = |kind| {
+            Error::Launch(LaunchError::Spawn {
+                program: "app".into(),
+                source: std::io::Error::from(kind),
+            })
+        };
+        assert_eq!(
+            spawn(std::io::ErrorKind::NotFound).run_exit_code(),
+            EXIT_RUN_NOT_FOUND
+        );
+        assert_eq!(
+            spawn(std::io::ErrorKind::PermissionDenied).run_exit_code(),
+            EXIT_RUN_CANNOT_EXECUTE
+        );
+        let usage = Error::Config(ConfigError::UnknownKey {
+            key: "x".into(),
+            suggestion: None,
+        });
+        assert_eq!(usage.exit_code(), EXIT_USAGE);
+        assert_eq!(usage.run_exit_code(), EXIT_RUN_FAILED);
+        assert_eq!(
+            Error::Discover(DiscoverError::Permission { pid: 1 }).run_exit_code(),
+            EXIT_RUN_FAILED
+        );
+    }
 
     #[test]
     fn exit_codes_follow_the_kind_of_problem() {

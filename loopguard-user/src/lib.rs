@@ -44,6 +44,7 @@ pub mod html;
 pub mod launch;
 pub mod loops;
 pub mod output;
+pub mod pidfd;
 pub mod preflight;
 pub mod record;
 pub mod replay;

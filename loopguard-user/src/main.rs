@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use loopguard::cli::{Cli, Command};
 use loopguard::commands;
+use loopguard::error::EXIT_RUN_FAILED;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -12,7 +13,19 @@ fn main() -> ExitCode {
         )
         .with_writer(loopguard::term::LogWriter)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            let code = if error.use_stderr() && invoked_as_run() {
+                EXIT_RUN_FAILED
+            } else {
+                error.exit_code()
+            };
+            return ExitCode::from(code.clamp(0, 255) as u8);
+        }
+    };
+    let run = matches!(cli.command, Command::Run(_));
     let result = match &cli.command {
         Command::Attach(args) => commands::attach(args),
         Command::Run(args) => commands::run(args),
@@ -35,7 +48,21 @@ fn main() -> ExitCode {
                 loopguard::diag!("  caused by: {cause}");
                 source = cause.source();
             }
-            ExitCode::from(error.exit_code() as u8)
+            let code = if run {
+                error.run_exit_code()
+            } else {
+                error.exit_code()
+            };
+            ExitCode::from(code as u8)
         }
     }
+}
+
+/// Whether the subcommand on the command line is `run` (its first word
+/// that is not an option), for the exit code of a usage error.
+fn invoked_as_run() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .find(|arg| !arg.to_string_lossy().starts_with('-'))
+        .is_some_and(|arg| arg == "run")
 }

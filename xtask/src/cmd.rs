@@ -38,9 +38,12 @@ pub fn display(cmd: &Command) -> String {
     parts.join(" ")
 }
 
-/// `cargo`, as the one running xtask.
+/// `cargo`, as the one running xtask. The agent it builds must embed its
+/// eBPF programs: a missing bpf-linker is an error, not a warning.
 pub fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo.env("LOOPGUARD_REQUIRE_EBPF", "1");
+    cargo
 }
 
 /// The workspace root.

@@ -13,6 +13,8 @@ mod build;
 mod cmd;
 mod demo;
 mod example;
+mod fuzz;
+mod matrix;
 mod setup;
 mod test;
 
@@ -40,6 +42,12 @@ enum Command {
     Demo,
     /// Run fmt, clippy, unit tests and the end-to-end tests (the latter as root, for real).
     Test(test::Options),
+    /// Run the fuzz targets (ELF, USDT notes and argument specs, task vtables), seeded
+    /// from real binaries, for a few seconds each. Installs cargo-fuzz once.
+    Fuzz(fuzz::Options),
+    /// Build the Tokio version matrix's examples; prints the `LOOPGUARD_MATRIX` value
+    /// the `matrix` end-to-end test reads.
+    Matrix,
     /// Measure what attaching costs the example: throughput, p50/p99 latency, agent CPU and memory.
     ///
     /// Installs oha (the fixed-rate load generator) on first use.
@@ -53,6 +61,8 @@ fn main() -> anyhow::Result<()> {
         Command::Build => build::build_all().map(|_| ()),
         Command::Demo => demo::run(),
         Command::Test(options) => test::run(&options),
+        Command::Fuzz(options) => fuzz::run(&options),
+        Command::Matrix => matrix::build().map(|entries| println!("{entries}")),
         Command::Bench(options) => bench::run(&options),
     }
 }

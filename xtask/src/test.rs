@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::{build, cmd, setup};
+use crate::{build, cmd, fuzz, matrix, setup};
 
 const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -38,59 +38,18 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     ]))?;
     cmd::run(&mut ebpf_clippy())?;
     cmd::run(cmd::cargo().current_dir(&root).args(["test", "--release"]))?;
+    // The parsers of what a target hands loopguard, fuzzed briefly (20 s
+    // each); `cargo xtask fuzz --seconds N` for longer runs.
+    fuzz::run(&fuzz::Options { seconds: 20 })?;
     if options.no_e2e {
         eprintln!("test: end-to-end tests NOT run (--no-e2e)");
         return Ok(());
     }
 
     let target = cmd::target_dir();
-    cmd::run(cmd::cargo().current_dir(&root).args([
-        "build",
-        "--profile",
-        "release-lto",
-        "-p",
-        "stall-server",
-    ]))?;
-    let v0_dir = target.join("v0");
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "stall-server"])
-            .env("CARGO_TARGET_DIR", &v0_dir)
-            .env("RUSTFLAGS", "-C symbol-mangling-version=v0"),
-    )?;
-    // Non-PIE: vtables hold literal addresses instead of relocations. An
-    // explicit --target keeps RUSTFLAGS off the proc-macros.
-    let nopie_dir = target.join("nopie");
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "stall-server",
-                "--target",
-                HOST_TARGET,
-            ])
-            .env("CARGO_TARGET_DIR", &nopie_dir)
-            .env(
-                "RUSTFLAGS",
-                "-C relocation-model=static -C link-arg=-no-pie",
-            ),
-    )?;
-    // With debug info (line tables, inlined calls and their names) kept, for
-    // the stack tests' file:line checks: the release profile strips it.
-    let debuginfo_dir = target.join("debuginfo");
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "stall-server"])
-            .env("CARGO_TARGET_DIR", &debuginfo_dir)
-            .env("CARGO_PROFILE_RELEASE_DEBUG", "limited")
-            .env("CARGO_PROFILE_RELEASE_STRIP", "none"),
-    )?;
+    let (v0_dir, nopie_dir, debuginfo_dir) = build_variants(&root, &target)?;
     let python = setup::python_with_uvicorn()?;
+    let matrix = matrix::build()?;
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
     let mut failed = Vec::new();
@@ -116,6 +75,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 )
                 .env("LOOPGUARD_MANY_FUTURES", &binaries.many_futures)
                 .env("LOOPGUARD_PYTHON", &python)
+                .env("LOOPGUARD_MATRIX", &matrix)
                 .env("RUST_LOG", "info"),
         );
         if let Err(error) = result {
@@ -129,6 +89,62 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The example built the other ways the tests need: fat LTO, v0 mangling,
+/// non-PIE and with debug info. Returns the v0, non-PIE and debug-info
+/// target directories.
+fn build_variants(
+    root: &std::path::Path,
+    target: &std::path::Path,
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    cmd::run(cmd::cargo().current_dir(root).args([
+        "build",
+        "--profile",
+        "release-lto",
+        "-p",
+        "stall-server",
+    ]))?;
+    let v0_dir = target.join("v0");
+    cmd::run(
+        cmd::cargo()
+            .current_dir(root)
+            .args(["build", "--release", "-p", "stall-server"])
+            .env("CARGO_TARGET_DIR", &v0_dir)
+            .env("RUSTFLAGS", "-C symbol-mangling-version=v0"),
+    )?;
+    // Non-PIE: vtables hold literal addresses instead of relocations. An
+    // explicit --target keeps RUSTFLAGS off the proc-macros.
+    let nopie_dir = target.join("nopie");
+    cmd::run(
+        cmd::cargo()
+            .current_dir(root)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "stall-server",
+                "--target",
+                HOST_TARGET,
+            ])
+            .env("CARGO_TARGET_DIR", &nopie_dir)
+            .env(
+                "RUSTFLAGS",
+                "-C relocation-model=static -C link-arg=-no-pie",
+            ),
+    )?;
+    // With debug info (line tables, inlined calls and their names) kept, for
+    // the stack tests' file:line checks: the release profile strips it.
+    let debuginfo_dir = target.join("debuginfo");
+    cmd::run(
+        cmd::cargo()
+            .current_dir(root)
+            .args(["build", "--release", "-p", "stall-server"])
+            .env("CARGO_TARGET_DIR", &debuginfo_dir)
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "limited")
+            .env("CARGO_PROFILE_RELEASE_STRIP", "none"),
+    )?;
+    Ok((v0_dir, nopie_dir, debuginfo_dir))
+}
+
 /// The end-to-end test files of the agent (`loopguard-user/tests/*.rs`).
 const E2E_TESTS: &[&str] = &[
     "e2e",
@@ -139,6 +155,9 @@ const E2E_TESTS: &[&str] = &[
     "follow",
     "output",
     "scale",
+    "faults",
+    "inputs",
+    "matrix",
 ];
 
 /// Clippy for the eBPF crate, which only builds for the BPF target on nightly.

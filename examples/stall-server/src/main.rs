@@ -12,6 +12,7 @@
 //! | `GET /users/{id}/block?ms=N` | like `/block/sleep`, under a route template (answer adds `user`) |
 //! | `GET /block/repeat?ms=N&times=K&gap_ms=G` | K blocking sleeps of N ms, each its own poll, G ms of `.await` apart |
 //! | `GET /spawn_blocking?ms=N`   | sleeps N ms in `spawn_blocking` (correct: worker stays free)     |
+//! | `GET /spawn_blocking/burst?n=K&ms=N` | K `spawn_blocking` sleeps of N ms at once: thread churn  |
 //! | `GET /block/main?ms=N`       | the `block_on` body (not a task) sleeps N ms: a loop stall       |
 //! | `GET /work?ms=N`             | N ms of CPU work (hashing) on the worker: a handler doing work   |
 //! | `GET /json?kb=N`             | builds and serializes a JSON document of about N KiB (default 4) |
@@ -25,6 +26,10 @@
 //! otherwise the answer is a 400 with `{"error": "..."}`.
 //!
 //! `/users/{id}/block` answers the `/block/sleep` JSON plus `"user": "<id>"`.
+//!
+//! `/spawn_blocking/burst` starts `n` (`1..=256`) blocking-pool threads at
+//! once (with `--blocking-keep-alive-ms`, they exit soon after): it answers
+//! `{"kind":"burst","n","threads"}`, `threads` the distinct thread ids used.
 //!
 //! `/block/repeat` is death by a thousand cuts: each block alone is short
 //! (under a stall threshold), together they hold the worker. It answers
@@ -103,6 +108,9 @@ struct Args {
     /// Install no SIGTERM/SIGINT handlers: die of the signal, as many servers do.
     #[arg(long)]
     no_signal_handlers: bool,
+    /// How long an idle blocking-pool thread lives (Tokio's default: 10 s).
+    #[arg(long, value_name = "MS")]
+    blocking_keep_alive_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -278,6 +286,7 @@ const ENDPOINTS: &[(&str, bool, &str)] = &[
     ("/users/{id}/block?ms=N", true,  "std::thread::sleep on the worker thread for N ms (route template)"),
     ("/block/repeat?ms=N&times=K&gap_ms=G", true, "K blocking sleeps of N ms on the worker, G ms of .await apart"),
     ("/spawn_blocking?ms=N",   false, "sleeps N ms in spawn_blocking (correct: the worker stays free)"),
+    ("/spawn_blocking/burst?n=K&ms=N", false, "K spawn_blocking sleeps of N ms at once: blocking-pool thread churn"),
     ("/work?ms=N",             false, "N ms (at most 1000) of CPU work on the worker: ordinary request work"),
     ("/json?kb=N",             false, "builds and serializes a JSON list of users of about N KiB (default 4)"),
 ];
@@ -462,6 +471,44 @@ async fn offload(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
     }))
 }
 
+#[derive(Deserialize)]
+struct BurstParam {
+    n: usize,
+    ms: u64,
+}
+
+async fn burst(q: Result<Query<BurstParam>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+    let Query(BurstParam { n, ms }) =
+        q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let ms = at_most("ms", ms, MAX_MS)?;
+    if !(1..=256).contains(&n) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "n must be in 1..=256".to_owned(),
+        ));
+    }
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            tokio::task::spawn_blocking(move || {
+                std::thread::sleep(Duration::from_millis(ms));
+                gettid()
+            })
+        })
+        .collect();
+    let mut threads = Vec::with_capacity(n);
+    for task in tasks {
+        threads.push(
+            task.await
+                .map_err(|e| ApiError::internal(format_args!("blocking task failed: {e}")))?,
+        );
+    }
+    threads.sort_unstable();
+    threads.dedup();
+    Ok(Json(
+        json!({ "kind": "burst", "n": n, "threads": threads.len() }),
+    ))
+}
+
 /// One round of a 64-bit mixer (splitmix64's finaliser): cheap, not foldable.
 fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -524,6 +571,7 @@ fn app(middleware: bool) -> Router {
         .route("/block/file", get(block_file))
         .route("/block/repeat", get(block_repeat))
         .route("/spawn_blocking", get(offload))
+        .route("/spawn_blocking/burst", get(burst))
         .route("/block/main", get(block_main))
         .route("/work", get(work))
         .route("/json", get(json_doc))
@@ -587,6 +635,9 @@ fn main() -> anyhow::Result<()> {
         }
         Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
     };
+    if let Some(ms) = args.blocking_keep_alive_ms {
+        builder.thread_keep_alive(Duration::from_millis(ms));
+    }
     let runtime = builder
         .enable_all()
         .build()

@@ -15,7 +15,7 @@ use object::{
 
 use super::symbols::{SymbolRole, classify, demangle, mentions_tokio};
 use super::usdt::{ArgSpec, ArgSpecError, parse_args, parse_notes};
-use super::vtable::{ImageWords, TaskLayout, Word, agreed_layout, verify_vtable};
+use super::vtable::{ImageWords, PollClass, TaskLayout, Word, agreed_layout, verify_vtable};
 
 /// One monomorphised copy of `tokio::runtime::task::raw::poll`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,14 +31,24 @@ pub struct PollCopy {
 }
 
 impl PollCopy {
-    /// Byte offset of the task id from the task header, when known.
+    /// Who polls this copy's tasks: [`PollClass::Unknown`] when no vtable
+    /// was verified or its layout is not one loopguard knows.
+    pub fn class(&self) -> PollClass {
+        self.layout
+            .map_or(PollClass::Unknown, |layout| layout.class())
+    }
+
+    /// Byte offset of the task id from the task header, for event-loop
+    /// copies (the only ones whose layout loopguard vouches for).
     pub fn id_offset(&self) -> Option<u64> {
-        self.layout.map(|layout| layout.id_offset)
+        self.layout
+            .filter(|layout| layout.class() == PollClass::EventLoop)
+            .map(|layout| layout.id_offset)
     }
 
     /// Whether this copy polls blocking-pool work (known from its vtable).
     pub fn is_blocking_pool(&self) -> bool {
-        self.layout.is_some_and(|layout| layout.is_blocking_pool())
+        self.class() == PollClass::BlockingPool
     }
 }
 

@@ -28,9 +28,17 @@ pub enum DiscoverError {
     #[error("no process with pid {pid}; check the pid with `pgrep -a NAME` or `ps -e`")]
     NoSuchProcess { pid: u32 },
     #[error(
-        "cannot read the executable of pid {pid}: permission denied; run loopguard as root (sudo) or with CAP_SYS_PTRACE, CAP_BPF and CAP_PERFMON"
+        "cannot read the executable of pid {pid}: permission denied; run loopguard as root (sudo), or with CAP_SYS_ADMIN and CAP_SYS_PTRACE"
     )]
     Permission { pid: u32 },
+    #[error(
+        "cannot read the executable of pid {pid}: the kernel refused even with CAP_SYS_PTRACE; the process is out of reach (another user namespace, or a security module such as Yama, SELinux or AppArmor denies it); run loopguard inside its namespace or container"
+    )]
+    Unreachable { pid: u32 },
+    #[error(
+        "pid {pid} ({name}) is a kernel thread, not a program: it has no executable to probe; point --pid at a process running a Tokio runtime or an event loop (`pgrep -a NAME`)"
+    )]
+    KernelThread { pid: u32, name: String },
     #[error("failed to read the executable of pid {pid} ({path})")]
     ReadExe {
         pid: u32,
@@ -87,7 +95,8 @@ pub struct ProbeTarget {
 
 /// Finds what to probe in process `pid`.
 pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
-    let exe = proc::executable(pid).map_err(|error| io_error(pid, "/proc/PID/exe", error))?;
+    let exe =
+        proc::executable(pid).map_err(|error| io_error(pid, &format!("/proc/{pid}/exe"), error))?;
     let data =
         std::fs::read(&exe.probe_path).map_err(|error| io_error(pid, &exe.display_path, error))?;
     let tokio_version = version::tokio_version(&data);
@@ -112,7 +121,7 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
         Err(error @ (ElfError::Stripped | ElfError::NotTokio)) => (
             BinaryInfo::default(),
             WatchMode::LoopOnly {
-                why: loop_only_reason(&error),
+                why: loop_only_reason(&error, version::looks_like_rust(&data)),
             },
         ),
         Err(source) => {
@@ -134,7 +143,8 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
             why: format!("{why}, and it has no epoll instance open"),
         });
     }
-    let maps = proc::read_maps(pid).map_err(|error| io_error(pid, "/proc/PID/maps", error))?;
+    let maps =
+        proc::read_maps(pid).map_err(|error| io_error(pid, &format!("/proc/{pid}/maps"), error))?;
     let mappings = FileMappings::new(&maps, exe.inode);
     if mappings.is_empty() {
         return Err(DiscoverError::NotMapped {
@@ -154,8 +164,10 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     })
 }
 
-fn loop_only_reason(error: &ElfError) -> String {
+fn loop_only_reason(error: &ElfError, rust: bool) -> String {
     match error {
+        // A C program, a shell, an interpreter: no rebuild advice fits.
+        _ if !rust => "not a Rust program".to_owned(),
         ElfError::Stripped => "no symbol table (stripped), and no sign of Tokio".to_owned(),
         _ => "no Tokio symbols".to_owned(),
     }
@@ -212,6 +224,13 @@ fn find_wait_sites(
 fn io_error(pid: u32, path: &str, source: io::Error) -> DiscoverError {
     match source.kind() {
         io::ErrorKind::NotFound if !proc::is_alive(pid) => DiscoverError::NoSuchProcess { pid },
+        io::ErrorKind::NotFound if proc::is_kernel_thread(pid) => DiscoverError::KernelThread {
+            pid,
+            name: crate::report::printable(&proc::thread_name(pid, pid)).into_owned(),
+        },
+        io::ErrorKind::PermissionDenied if proc::has_effective_cap(proc::CAP_SYS_PTRACE) => {
+            DiscoverError::Unreachable { pid }
+        }
         io::ErrorKind::PermissionDenied => DiscoverError::Permission { pid },
         _ => DiscoverError::ReadExe {
             pid,
@@ -328,6 +347,22 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_thread_is_named_as_one() {
+        // kthreadd is pid 2 wherever there is a kernel.
+        if !proc::is_kernel_thread(2) {
+            return;
+        }
+        let err = discover(2).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, DiscoverError::KernelThread { pid: 2, .. })
+                && text.contains("kernel thread"),
+            "{text}"
+        );
+        assert!(!text.contains("PID"), "{text}");
+    }
+
+    #[test]
     fn a_non_tokio_process_is_named() {
         let mut child = std::process::Command::new("sleep")
             .arg("30")
@@ -349,6 +384,13 @@ mod tests {
         let text = err.to_string();
         assert!(
             text.contains("no epoll instance open") && text.contains("--pid"),
+            "{text}"
+        );
+        // sleep is C: neither "stripped" nor a rebuild is the advice.
+        assert!(
+            text.contains("not a Rust program")
+                && !text.contains("strip")
+                && !text.contains("rebuild"),
             "{text}"
         );
     }

@@ -128,6 +128,38 @@ pub fn process_of(id: u32) -> Option<u32> {
         .and_then(|tgid| tgid.trim().parse().ok())
 }
 
+/// `PF_KTHREAD`, in the flags field of `/proc/PID/stat`.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Whether `pid` is a kernel thread (no executable, no user memory).
+pub fn is_kernel_thread(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command: state, ppid, pgrp, session, tty_nr,
+            // tpgid, flags.
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+/// Capability number of `CAP_SYS_PTRACE`.
+pub const CAP_SYS_PTRACE: u32 = 19;
+
+/// Whether this process holds capability `cap` in its effective set.
+pub fn has_effective_cap(cap: u32) -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << cap) != 0)
+}
+
 /// Whether the process still exists (and is not a zombie).
 pub fn is_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -190,6 +222,16 @@ garbage line
         assert_eq!(file.runtime_addr(0x10_0000_0000), None);
         assert_eq!(file.file_offset(0x7f00_0000_0000), None);
         assert!(FileMappings::new(&parse_maps(MAPS), 99).is_empty());
+    }
+
+    #[test]
+    fn kernel_threads_are_told_from_programs() {
+        assert!(!is_kernel_thread(std::process::id()));
+        assert!(!is_kernel_thread(u32::MAX - 1));
+        // kthreadd, where the kernel shows it (pid 2).
+        if fs::read_to_string("/proc/2/comm").is_ok_and(|comm| comm.trim() == "kthreadd") {
+            assert!(is_kernel_thread(2));
+        }
     }
 
     #[test]

@@ -29,6 +29,13 @@ pub fn mentions_tokio(data: &[u8]) -> bool {
     find(data, b"tokio-runtime-worker").is_some() || find(data, b"tokio-rt-worker").is_some()
 }
 
+/// Whether `data` looks like a Rust program, stripped or not: rustc signs
+/// `.comment` (`rustc version 1.x`), and the standard library's panic
+/// locations keep `/rustc/<commit>/library/` paths.
+pub fn looks_like_rust(data: &[u8]) -> bool {
+    find(data, b"rustc version ").is_some() || find(data, b"/rustc/").is_some()
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack
         .windows(needle.len())
@@ -47,6 +54,24 @@ fn version_at(bytes: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rust_programs_are_told_from_others() {
+        assert!(looks_like_rust(
+            b"\0rustc version 1.95.0 (59807616e 2026-04-14)\0"
+        ));
+        assert!(looks_like_rust(
+            b"/rustc/59807616e/library/core/src/panicking.rs"
+        ));
+        assert!(!looks_like_rust(
+            b"GCC: (Debian 12.2.0-14) 12.2.0\0coreutils"
+        ));
+        // This test binary is one, the C library's `sleep` is not.
+        assert!(looks_like_rust(&std::fs::read("/proc/self/exe").unwrap()));
+        if let Ok(sleep) = std::fs::read("/usr/bin/sleep") {
+            assert!(!looks_like_rust(&sleep));
+        }
+    }
 
     #[test]
     fn the_most_cited_version_wins() {

@@ -15,8 +15,10 @@
 //! `id_offset - scheduler_offset` is the size of the scheduler handle. Every
 //! event-loop scheduler (multi-thread, current-thread, `LocalSet`) stores an
 //! `Arc` of 8 bytes; the blocking pool's `BlockingSchedule` is 0 bytes (tokio
-//! 1.38, 1.39) or 16 (1.40 on). So a copy whose handle is not 8 bytes polls
-//! blocking-pool work, whatever the optimiser inlined where.
+//! 1.38, 1.39) or 16 (1.40 on). Any other size is a layout this loopguard
+//! does not know (a future Tokio): such a copy is [`PollClass::Unknown`],
+//! probed all the same, its polls told apart by return address and
+//! reported without a task id. Never "not probed".
 
 /// One 8-byte word of the image at some virtual address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +66,23 @@ const MAX_TASK_BYTES: u64 = 1 << 24;
 
 /// Size of the scheduler handle of event-loop tasks (an `Arc`).
 const EVENT_LOOP_SCHEDULER_BYTES: u64 = 8;
+/// Sizes of the blocking pool's `BlockingSchedule`: zero-sized in tokio
+/// 1.38 and 1.39, two words of hooks from 1.40.
+const BLOCKING_SCHEDULER_BYTES: [u64; 2] = [0, 16];
+
+/// Who polls the tasks of one `raw::poll` copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollClass {
+    /// An event loop (multi-thread worker, current-thread runtime,
+    /// `LocalSet`): probed, task ids read at the verified offset.
+    EventLoop,
+    /// The blocking pool: blocking there is the point, not probed.
+    BlockingPool,
+    /// A layout loopguard cannot vouch for (no vtable verified, or a
+    /// scheduler handle of a size no known Tokio has): probed, classified
+    /// per poll by its return address, no task id.
+    Unknown,
+}
 
 /// What a verified vtable says about its task type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,9 +94,20 @@ pub struct TaskLayout {
 }
 
 impl TaskLayout {
+    /// Who polls tasks of this type, from the scheduler handle's size.
+    pub fn class(&self) -> PollClass {
+        if self.scheduler_bytes == EVENT_LOOP_SCHEDULER_BYTES {
+            PollClass::EventLoop
+        } else if BLOCKING_SCHEDULER_BYTES.contains(&self.scheduler_bytes) {
+            PollClass::BlockingPool
+        } else {
+            PollClass::Unknown
+        }
+    }
+
     /// Whether tasks of this type run on the blocking pool.
     pub fn is_blocking_pool(&self) -> bool {
-        self.scheduler_bytes != EVENT_LOOP_SCHEDULER_BYTES
+        self.class() == PollClass::BlockingPool
     }
 }
 
@@ -90,14 +120,15 @@ pub fn verify_vtable(image: &impl ImageWords, slot_vaddr: u64) -> Option<TaskLay
 }
 
 fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> Option<TaskLayout> {
+    let word_at = |slot: u64| image.word(base.checked_add(8 * slot)?);
     for slot in 0..layout.fn_slots {
-        let word = image.word(base + 8 * slot)?;
+        let word = word_at(slot)?;
         if !image.is_code(word.value) {
             return None;
         }
     }
     let offset = |slot: u64| -> Option<u64> {
-        let word = image.word(base + 8 * slot)?;
+        let word = word_at(slot)?;
         (!word.relocated && word.value < MAX_TASK_BYTES && word.value % 8 == 0)
             .then_some(word.value)
     };
@@ -108,7 +139,8 @@ fn verify_layout(image: &impl ImageWords, base: u64, layout: &VtableLayout) -> O
         && id >= scheduler
         && id - scheduler <= MAX_SCHEDULER_BYTES
         && trailer >= id + 8;
-    consistent.then_some(TaskLayout {
+    // `then`, not `then_some`: the size is only computed once `id >= scheduler`.
+    consistent.then(|| TaskLayout {
         id_offset: id,
         scheduler_bytes: id - scheduler,
     })
@@ -206,9 +238,43 @@ mod tests {
     }
 
     #[test]
+    fn a_scheduler_handle_of_an_unknown_size_is_unknown_not_blocking() {
+        // A future Tokio with a 24-byte handle: neither 8 (event loop) nor 0
+        // or 16 (blocking pool). It must stay probed, so it is not the pool.
+        let layout =
+            verify_vtable(&FakeImage::vtable(0x20000, 7, &[0x80, 0x20, 0x38]), 0x20000).unwrap();
+        assert_eq!(layout.scheduler_bytes, 24);
+        assert_eq!(layout.class(), PollClass::Unknown);
+        assert!(!layout.is_blocking_pool());
+        for (bytes, class) in [
+            (0, PollClass::BlockingPool),
+            (8, PollClass::EventLoop),
+            (16, PollClass::BlockingPool),
+            (32, PollClass::Unknown),
+            (64, PollClass::Unknown),
+        ] {
+            let layout = TaskLayout {
+                id_offset: 0x20 + bytes,
+                scheduler_bytes: bytes,
+            };
+            assert_eq!(layout.class(), class, "{bytes} bytes");
+        }
+    }
+
+    #[test]
     fn reordered_offsets_are_rejected() {
         let image = FakeImage::vtable(0x20000, 7, &[0x20, 0x28, 0x80]);
         assert_eq!(verify_vtable(&image, 0x20000), None);
+    }
+
+    #[test]
+    fn an_id_before_the_scheduler_is_rejected_without_overflow() {
+        // Found by the `vtable` fuzz target: the handle size was computed
+        // (and overflowed) before the check that rules it out.
+        let image = FakeImage::vtable(0x20000, 7, &[0x80, 0x30, 0x28]);
+        assert_eq!(verify_vtable(&image, 0x20000), None);
+        // A vtable at the very top of the address space reads no word past it.
+        assert_eq!(verify_vtable(&image, u64::MAX - 7), None);
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct Attached {
     pub poll_functions: usize,
     pub task_ids_verified: usize,
     pub blocking_pool_functions_unprobed: usize,
+    /// Poll functions whose task layout is not one loopguard knows: probed,
+    /// without task ids.
+    #[serde(default)]
+    pub unknown_layout_functions: Vec<String>,
     pub probes: usize,
     /// How the uprobes are linked: `uprobe_multi` or `perf_event`
     /// (recordings made before it existed have none).

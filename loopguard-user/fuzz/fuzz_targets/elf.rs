@@ -1,0 +1,19 @@
+//! `discover::elf::analyze` on any bytes: an error or a result, never a
+//! panic, and what it returns points inside the file.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use loopguard::discover::elf::analyze;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(info) = analyze(data) {
+        for copy in &info.poll_copies {
+            if let Some(offset) = copy.id_offset() {
+                assert!(offset >= 24 && offset % 8 == 0, "{copy:?}");
+            }
+        }
+        for range in &info.blocking_ranges {
+            assert!(range.start <= range.end, "{range:?}");
+        }
+    }
+});
