@@ -485,14 +485,15 @@ fn finish_run(supervisor: &mut Supervisor, settings: &Settings, code: i32) -> Re
 }
 
 /// `run`'s exit code: the command's own when it failed; else 3 when what
-/// `--fail-on` names was seen, 4 when nothing could be watched, 0.
+/// `--fail-on` names was seen, 125 (loopguard failed) when nothing could be
+/// watched, 0.
 fn exit_code(command: i32, offended: bool, watched_nothing: bool) -> i32 {
     if command != 0 {
         command
     } else if offended {
         EXIT_STALL
     } else if watched_nothing {
-        EXIT_TARGET
+        crate::error::EXIT_RUN_FAILED
     } else {
         0
     }
@@ -519,7 +520,7 @@ mod tests {
     fn run_exit_codes_put_the_command_first() {
         assert_eq!(exit_code(101, true, false), 101);
         assert_eq!(exit_code(0, true, false), EXIT_STALL);
-        assert_eq!(exit_code(0, false, true), EXIT_TARGET);
+        assert_eq!(exit_code(0, false, true), crate::error::EXIT_RUN_FAILED);
         assert_eq!(exit_code(0, true, true), EXIT_STALL);
         assert_eq!(exit_code(0, false, false), 0);
         assert_eq!(exit_code(2, false, false), 2);
