@@ -303,7 +303,7 @@ async fn sleep_for(secs: Option<u64>) {
 }
 
 /// Signals `loopguard run` passes on to its command.
-const FORWARDED: [libc::c_int; 6] = [
+pub(crate) const FORWARDED: [libc::c_int; 6] = [
     libc::SIGINT,
     libc::SIGTERM,
     libc::SIGHUP,

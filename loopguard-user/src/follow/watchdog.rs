@@ -66,15 +66,13 @@ fn watchdog_main(map: RawFd, pipe: RawFd) -> ! {
     // SAFETY: raw system calls only, on fds this process owns.
     unsafe {
         libc::setpgid(0, 0);
-        for signo in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGPIPE,
-        ] {
+        // Deaf to what `run` forwards to its command (Ctrl+C, a
+        // supervisor's TERM): the watchdog must outlive loopguard; nor may
+        // a closed pipe kill it.
+        for signo in crate::commands::FORWARDED
+            .into_iter()
+            .chain([libc::SIGPIPE])
+        {
             libc::signal(signo, libc::SIG_IGN);
         }
         // Nothing of loopguard's output stays open through us.
