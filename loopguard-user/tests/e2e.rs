@@ -605,15 +605,9 @@ fn stalls_name_their_request_over_keep_alive_and_http2() {
 
 /// Runs `loopguard args`, expecting failure; returns (exit code, stderr).
 fn loopguard_fails(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(support::LOOPGUARD)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "loopguard {args:?} succeeded");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, stderr) = support::loopguard(args);
+    assert_ne!(code, Some(0), "loopguard {args:?} succeeded");
+    (code.unwrap_or(-1), stderr)
 }
 
 #[test]

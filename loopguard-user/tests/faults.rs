@@ -279,17 +279,9 @@ fn blocking_pool_thread_churn_is_no_stall_and_stalls_still_come() {
     assert_eq!(server.get("/fast").body["ok"], Value::Bool(true));
 }
 
-/// `loopguard run ARGS`: exit code, stdout and stderr.
+/// `loopguard run ARGS`: exit code and stderr.
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(support::LOOPGUARD)
-        .arg("run")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    support::loopguard(&[&["run"], args].concat())
 }
 
 #[test]

@@ -10,20 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Server, require_root, server_binary};
-
-/// `loopguard ARGS` to completion: exit code and stderr.
-fn loopguard(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(support::LOOPGUARD)
-        .args(args)
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use support::{Server, code_and_stderr, loopguard, require_root, server_binary};
 
 /// `loopguard ARGS` as uid 65534 holding exactly the capabilities `caps`
 /// (setpriv's ambient set: what `setcap CAPS+ep` on the binary gives).
@@ -39,10 +26,7 @@ fn loopguard_with_caps(caps: &str, args: &[&str]) -> (Option<i32>, String) {
         .stdout(Stdio::null())
         .output()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    code_and_stderr(&out)
 }
 
 #[test]

@@ -177,16 +177,9 @@ fn a_metrics_port_in_use_fails_before_attaching() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     // Exit code and stderr of an attach with this metrics address.
+    let pid = server.pid.to_string();
     let attach = |metrics_addr: &str| {
-        let out = Command::new(support::LOOPGUARD)
-            .args(["attach", "--pid", &server.pid.to_string()])
-            .args(["--metrics-addr", metrics_addr])
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        support::loopguard(&["attach", "--pid", &pid, "--metrics-addr", metrics_addr])
     };
     let (code, stderr) = attach(&addr);
     assert_eq!(code, Some(2), "{stderr}");

@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,6 +21,24 @@ pub mod prometheus;
 pub mod schema;
 
 pub const LOOPGUARD: &str = env!("CARGO_BIN_EXE_loopguard");
+
+/// A finished command's exit code (`None`: killed by a signal) and stderr.
+pub fn code_and_stderr(out: &Output) -> (Option<i32>, String) {
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `loopguard ARGS` to completion (stdout discarded): exit code and stderr.
+pub fn loopguard(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(LOOPGUARD)
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    code_and_stderr(&out)
+}
 
 /// Panics unless running as root: these tests load BPF programs for real.
 pub fn require_root() {
