@@ -195,9 +195,9 @@ impl RequestView<'_> {
         // Ended since, in a poll too short to keep it by task.
         let recent: Vec<Request> = maps
             .recent_ends()
-            .into_iter()
+            .iter()
             .filter(|entry| entry.task_id == task)
-            .map(name)
+            .map(|entry| name(*entry))
             .collect();
         attribute::culprit(task, start_ns, None, None, &recent)
     }
@@ -215,10 +215,11 @@ impl RequestView<'_> {
                     .unwrap_or_else(|| maps.totals().started)
                     .saturating_sub(ended_at_start)
             });
+        let recent = maps.recent_ends();
         let known = maps
             .in_flight()
             .into_iter()
-            .chain(maps.recent_ends())
+            .chain(recent.iter().copied())
             .map(|entry| attribute::request(&entry, self.names));
         attribute::victims(
             overlapping,
@@ -413,6 +414,9 @@ impl Session<'_> {
     /// Handles everything queued in the ring buffer, in order.
     fn handle_events(&mut self, collector: &mut Collector) {
         collector.drain(&mut self.events);
+        if let Some(maps) = &self.request_maps {
+            maps.forget_recent_ends();
+        }
         let events = std::mem::take(&mut self.events);
         for event in &events {
             match event {
@@ -455,6 +459,9 @@ impl Session<'_> {
 
     fn scan(&mut self, collector: &Collector) {
         self.check_layout();
+        if let Some(maps) = &self.request_maps {
+            maps.forget_recent_ends();
+        }
         let now_ns = monotonic_ns();
         let threads = collector.snapshot();
         self.polling_threads.clear();

@@ -49,6 +49,10 @@ pub struct RequestMaps {
     recent_ends: PerCpuArray<MapData, RecentEnds>,
     routes: BpfHashMap<MapData, u64, RouteStats>,
     totals: Array<MapData, RequestTotals>,
+    /// The recent ends as last read: one read serves every culprit and
+    /// victim asked about until [`Self::forget_recent_ends`] (every CPU's
+    /// ring, 23 KiB each, is too much to read per slow poll).
+    recent: std::cell::RefCell<Option<Vec<RequestEntry>>>,
 }
 
 /// In-flight requests read to name a stall's victims, at most.
@@ -62,6 +66,7 @@ impl RequestMaps {
             recent_ends: take(ebpf, requests::names::RECENT_ENDS)?,
             routes: take(ebpf, requests::names::ROUTES)?,
             totals: take(ebpf, requests::names::REQUEST_TOTALS)?,
+            recent: std::cell::RefCell::new(None),
         })
     }
 
@@ -81,18 +86,34 @@ impl RequestMaps {
         self.ended_in_poll.get(&task_id, 0).ok()
     }
 
-    /// Every CPU's recent ends, in no order.
-    pub fn recent_ends(&self) -> Vec<RequestEntry> {
-        let Ok(per_cpu) = self.recent_ends.get(&0, 0) else {
-            return Vec::new();
-        };
-        per_cpu
-            .iter()
-            .flat_map(|ring| {
-                let written = usize::try_from(ring.next).unwrap_or(usize::MAX);
-                ring.entries[..written.min(ring.entries.len())].to_vec()
-            })
-            .collect()
+    /// Every CPU's recent ends, in no order: read once, then kept until
+    /// [`Self::forget_recent_ends`].
+    pub fn recent_ends(&self) -> std::cell::Ref<'_, [RequestEntry]> {
+        if self.recent.borrow().is_none() {
+            let ends = self.recent_ends.get(&0, 0).map_or_else(
+                |_| Vec::new(),
+                |per_cpu| {
+                    per_cpu
+                        .iter()
+                        .flat_map(|ring| {
+                            let written = usize::try_from(ring.next).unwrap_or(usize::MAX);
+                            ring.entries[..written.min(ring.entries.len())].to_vec()
+                        })
+                        .collect()
+                },
+            );
+            *self.recent.borrow_mut() = Some(ends);
+        }
+        std::cell::Ref::map(self.recent.borrow(), |ends| {
+            ends.as_deref().unwrap_or_default()
+        })
+    }
+
+    /// Ends may have come since the last read: the next ask reads again.
+    /// Called before each batch of events and each scan, so every event
+    /// (produced before its batch was drained) sees the ends before it.
+    pub fn forget_recent_ends(&self) {
+        *self.recent.borrow_mut() = None;
     }
 
     /// Requests in flight now (at most [`IN_FLIGHT_READ`]).
