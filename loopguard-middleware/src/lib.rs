@@ -80,16 +80,33 @@
 //!   same id on the same task (with `panic = "abort"` a panic ends the
 //!   process instead).
 //!
-//! The probe sites live in two non-inlined functions, [`request_start`] and
-//! [`request_end`], so a binary normally holds one note per probe; agents
-//! should still attach to every note of that name, as for any USDT probe.
+//! The probe sites live in non-inlined functions, so a binary normally holds
+//! one note per probe; agents should still attach to every note of that
+//! name, as for any USDT probe.
+//!
+//! # The in-flight table
+//!
+//! A request that started before the agent attached fired its
+//! `request_start` with nobody listening. So that the agent can still name
+//! the request behind a worker that is *already* stuck when it attaches,
+//! the crate also keeps every request in flight in a static table
+//! (`loopguard_usdt::INFLIGHT_*`, 47 KiB of `.bss`): id, method, route and
+//! path (cut to 16 and 64 bytes), start time, and which thread polls its
+//! future now. A third note, `loopguard:inflight_table`, never fires: its
+//! semaphore field carries the table's address, so the table is found in
+//! stripped binaries too. Each slot is a sequence lock, so the agent reads
+//! whole entries only.
 //!
 //! # Cost without an agent
 //!
 //! A probe site is one `nop` instruction, preceded by the register moves that
 //! load its arguments, inside a function call: no system call, no branch on
 //! a semaphore, no locking. Only an attached agent turns the `nop` into a
-//! breakpoint. Per request the layer adds one relaxed atomic increment (the
+//! breakpoint. The in-flight table adds per request a copy of at most 144
+//! bytes of text and a few atomic stores, and per later poll of the
+//! response future two stores and one `clock_gettime` (vDSO); no lock, no
+//! allocation, and no system call after a thread's first request (its
+//! thread id is cached). Per request the layer adds one relaxed atomic increment (the
 //! id), clones of the method (a plain enum value for standard methods), of
 //! the `MatchedPath` (an `Arc` increment) and of the `Uri` (reference count
 //! increments on its `Bytes`), and keeps them in the response future until
@@ -97,6 +114,7 @@
 //! longer than 15 bytes or a URI scheme other than http/https allocates, as
 //! cloning them does).
 
+mod inflight;
 mod probes;
 mod service;
 

@@ -42,6 +42,21 @@ pub fn next_request_id() -> u64 {
 /// Without an attached agent this is a `nop` and a few register moves.
 #[inline(never)]
 pub fn request_start(id: u64, method: &str, route: Option<&str>, path: &str) {
+    fire_start(id, method, route, path);
+    crate::inflight::started(id, method, route, path, false);
+}
+
+/// [`request_start`] for the tower layer, which also tells the in-flight
+/// table about every later poll of the request's future.
+pub(crate) fn request_start_tracked(id: u64, method: &str, route: Option<&str>, path: &str) {
+    fire_start(id, method, route, path);
+    crate::inflight::started(id, method, route, path, true);
+}
+
+/// The `request_start` probe site (one per binary, whichever function
+/// calls it).
+#[inline(never)]
+fn fire_start(id: u64, method: &str, route: Option<&str>, path: &str) {
     let (route_ptr, route_len) = match route {
         Some(route) => (route.as_ptr(), route.len()),
         None => (std::ptr::null(), 0),
@@ -82,6 +97,8 @@ pub fn request_end(id: u64, status: u16) {
         id,
         u64::from(status)
     );
+    crate::inflight::ended(id);
+    crate::inflight::announce();
     #[cfg(test)]
     recorder::record(recorder::Event::End { id, status });
 }

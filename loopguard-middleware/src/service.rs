@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::probes::{next_request_id, request_end, request_start};
+use crate::probes::{next_request_id, request_end, request_start_tracked};
 
 /// Tower [`Layer`] that wraps a service in [`LoopguardService`].
 ///
@@ -135,7 +135,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        this.probe.start();
+        let _polling = this.probe.start();
         // A panic here unwinds through us untouched; dropping the future
         // then ends the request with status 0.
         let output = ready!(this.inner.poll(cx));
@@ -214,20 +214,31 @@ struct RequestProbe {
 }
 
 impl RequestProbe {
-    /// Fires `request_start` unless it already fired.
+    /// Fires `request_start` unless it already fired, and notes in the
+    /// in-flight table that this thread polls the request until the
+    /// returned guard is dropped.
     #[inline]
-    fn start(&mut self) {
-        if let State::NotStarted(captured) = &self.state {
-            let id = captured.id;
-            // The pointers point into `captured`, alive until the state
-            // changes below, after the probe.
-            request_start(
-                id,
-                captured.method.as_str(),
-                captured.route.as_ref().map(route_str),
-                captured.uri.path(),
-            );
-            self.state = State::Started(id);
+    fn start(&mut self) -> Option<Polling> {
+        match &self.state {
+            State::NotStarted(captured) => {
+                let id = captured.id;
+                // The pointers point into `captured`, alive until the state
+                // changes below, after the probe. Filing the request marks
+                // this poll too.
+                request_start_tracked(
+                    id,
+                    captured.method.as_str(),
+                    captured.route.as_ref().map(route_str),
+                    captured.uri.path(),
+                );
+                self.state = State::Started(id);
+                Some(Polling(id))
+            }
+            State::Started(id) => {
+                crate::inflight::polling(*id, true);
+                Some(Polling(*id))
+            }
+            State::Ended => None,
         }
     }
 
@@ -238,6 +249,16 @@ impl RequestProbe {
             self.state = State::Ended;
             request_end(id, status);
         }
+    }
+}
+
+/// A poll of a started request's future under way: its drop (return or
+/// unwind) tells the in-flight table the thread stopped polling it.
+struct Polling(u64);
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        crate::inflight::polling(self.0, false);
     }
 }
 

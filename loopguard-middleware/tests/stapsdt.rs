@@ -7,6 +7,7 @@ use loopguard_middleware::{
     PROVIDER, REQUEST_END, REQUEST_END_ARGS, REQUEST_START, REQUEST_START_ARGS, RequestGuard,
     next_request_id, request_end, request_start,
 };
+use loopguard_usdt as usdt;
 use object::{Object, ObjectSection};
 
 /// `NT_STAPSDT`.
@@ -122,9 +123,26 @@ fn binary_has_the_probe_notes() {
             assert_eq!(note.semaphore, 0, "no semaphore: {note:?}");
         }
     }
+    let tables: Vec<&&SdtNote> = ours
+        .iter()
+        .filter(|n| n.name == usdt::INFLIGHT_TABLE)
+        .collect();
+    assert!(!tables.is_empty(), "no in-flight table note in {notes:?}");
+    for table in tables {
+        assert_ne!(table.semaphore, 0, "the table's address: {table:?}");
+        assert_eq!(
+            table.args,
+            [
+                usdt::INFLIGHT_VERSION.to_string(),
+                usdt::INFLIGHT_SLOTS.to_string(),
+                usdt::INFLIGHT_SLOT_BYTES.to_string()
+            ],
+            "{table:?}"
+        );
+    }
     assert!(
         ours.iter()
-            .all(|n| n.name == REQUEST_START || n.name == REQUEST_END),
+            .all(|n| [REQUEST_START, REQUEST_END, usdt::INFLIGHT_TABLE].contains(&n.name.as_str())),
         "unexpected probes: {ours:?}"
     );
 }

@@ -255,6 +255,9 @@ struct Session<'t> {
     /// The kernel's request maps, when the request probes are attached.
     request_maps: Option<RequestMaps>,
     route_names: RouteNames,
+    /// Runtime addresses of the middleware's in-flight tables: the
+    /// requests behind polls already stuck at attach.
+    inflight_tables: Vec<u64>,
     route_stalls: RouteTable,
     /// The probe layout mismatch was said.
     layout_said: bool,
@@ -380,13 +383,31 @@ impl Session<'_> {
         let Some(found) = stacks.finish_census(now_ns, polls_seen) else {
             return;
         };
-        for (mut stall, stack) in found {
+        // Their requests started before the probes: the middleware's
+        // in-flight table names them.
+        let in_flight = if found.is_empty() {
+            Vec::new()
+        } else {
+            crate::inflight::read(self.printer.target.pid, &self.inflight_tables)
+        };
+        for (mut stall, mut stack) in found {
             stall.threshold_ns = self.engine.threshold_ns();
+            let request = crate::inflight::running_on(&in_flight, stall.tid);
+            if let Some(began) = request.and_then(crate::inflight::InflightRequest::poll_began_by)
+                && began < stall.start_ns
+            {
+                stack.extend_back(stall.start_ns - began);
+                stall.duration_ns += stall.start_ns - began;
+                stall.start_ns = began;
+            }
             let view = RequestView {
                 maps: self.request_maps.as_ref(),
                 names: &self.route_names,
             };
             let mut context = self.printer.context(&stall, &view);
+            if let Some(request) = request {
+                context.request = Some(request.to_request());
+            }
             context.stack = Some(stack);
             let finding = Finding::InProgress(stall);
             self.summary.record(&finding, false);
@@ -860,6 +881,7 @@ impl<'t> Session<'t> {
                 .take()
                 .filter(|_| options.requests && !target.binary.usdt_sites.is_empty()),
             route_names: RouteNames::default(),
+            inflight_tables: crate::inflight::table_addresses(target),
             route_stalls: RouteTable::default(),
             layout_said: false,
             printer: Printer {

@@ -41,6 +41,7 @@ pub mod events;
 pub mod export;
 pub mod follow;
 pub mod html;
+pub mod inflight;
 pub mod launch;
 pub mod loops;
 pub mod output;

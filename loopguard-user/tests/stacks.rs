@@ -228,13 +228,22 @@ fn attaching_to_a_hung_server_reports_the_polls_already_stuck() {
         &["syscall"],
         SLEEP_CALLS,
     );
-    // A lower bound, counted from attaching: at most since the request was sent.
-    let asleep_ms = asleep.value["duration_ms"].as_f64().unwrap();
-    let most_ms = (asleep.at - sent).as_secs_f64() * 1e3;
-    assert!(
-        asleep_ms > 0.0 && asleep_ms <= most_ms,
-        "reported {asleep_ms} ms, {most_ms} ms since the request"
-    );
+    // Their requests started before the probes: the middleware's in-flight
+    // table names them, and dates the stuck poll from its first poll.
+    for (line, route) in [(&asleep, "/block/sleep"), (&spinning, "/block/spin")] {
+        let request = &line.value["request"];
+        assert_eq!(request["route"], route, "{}", line.value);
+        assert_eq!(request["path"], route, "{}", line.value);
+        assert_eq!(request["method"], "GET", "{}", line.value);
+        assert!(request["id"].as_u64().unwrap() > 0, "{}", line.value);
+        let held_ms = line.value["duration_ms"].as_f64().unwrap();
+        let most_ms = (line.at - sent).as_secs_f64() * 1e3;
+        let least_ms = (attached - sent).as_secs_f64() * 1e3 - 500.0;
+        assert!(
+            least_ms <= held_ms && held_ms <= most_ms,
+            "reported {held_ms} ms, {least_ms}..{most_ms} ms expected from when the request was sent"
+        );
+    }
     check_cause(
         &spinning.value,
         &[&["axum::handler::Handler", "stall_server::"]],

@@ -16,3 +16,76 @@ pub const REQUEST_START_ARGS: usize = 8;
 pub const REQUEST_END_ARGS: usize = 3;
 /// The argument layout this agent understands (the first argument of both probes).
 pub const LAYOUT_VERSION: u64 = 1;
+
+/// The in-flight table: the requests a process is serving, kept by the
+/// middleware in a static array so that an agent attaching later can name
+/// the request behind a poll that was already stuck (its `request_start`
+/// fired before any probe was there to see it).
+///
+/// The table is found through a note of provider [`PROVIDER`] named
+/// [`INFLIGHT_TABLE`] that never fires: its *semaphore* field holds the
+/// table's address (prelink-corrected like any semaphore), its arguments
+/// string is `"<INFLIGHT_VERSION> <INFLIGHT_SLOTS> <INFLIGHT_SLOT_BYTES>"`.
+/// Notes survive `strip`, so the table is found in stripped binaries too.
+///
+/// Layout: [`INFLIGHT_RESERVED_BYTES`] reserved bytes (a tool enabling the
+/// note as a probe would bump a semaphore there), then [`INFLIGHT_SLOTS`]
+/// slots of [`INFLIGHT_SLOT_BYTES`] bytes, every field little-endian at the
+/// offsets in [`inflight_slot`]. A request takes slot `id % INFLIGHT_SLOTS`.
+///
+/// Each slot is a sequence lock: a writer makes `seq` odd before changing
+/// anything and even again after; a reader keeps a copy only if it read
+/// the same even `seq` before and after copying.
+pub const INFLIGHT_TABLE: &str = "inflight_table";
+/// Version of the table layout, the first word of the note's arguments.
+pub const INFLIGHT_VERSION: u32 = 1;
+/// Slots in the table.
+pub const INFLIGHT_SLOTS: usize = 256;
+/// Bytes before the first slot.
+pub const INFLIGHT_RESERVED_BYTES: usize = 8;
+/// Bytes of method kept (longer methods are cut).
+pub const INFLIGHT_METHOD_BYTES: usize = 16;
+/// Bytes of route template and of path kept (longer ones are cut).
+pub const INFLIGHT_TEXT_BYTES: usize = 64;
+/// Bytes per slot.
+pub const INFLIGHT_SLOT_BYTES: usize =
+    inflight_slot::TEXT + INFLIGHT_METHOD_BYTES + 2 * INFLIGHT_TEXT_BYTES;
+
+/// Byte offsets of a slot's fields.
+pub mod inflight_slot {
+    /// u32: odd while a writer changes the slot.
+    pub const SEQ: usize = 0;
+    /// u32: the thread polling the request's future right now (0: none).
+    /// Without poll tracking (see [`flags::POLLS_TRACKED`]), the thread
+    /// `request_start` ran on, kept until the request ends.
+    pub const POLLING_TID: usize = 4;
+    /// u64: request id (0: the slot is free).
+    pub const ID: usize = 8;
+    /// u64: ns, `CLOCK_MONOTONIC`, when `request_start` fired.
+    pub const STARTED_NS: usize = 16;
+    /// u64: ns, `CLOCK_MONOTONIC`, when the current poll of the request's
+    /// future began (valid while `POLLING_TID` is set and polls are tracked).
+    pub const POLL_STARTED_NS: usize = 24;
+    /// u8: [`flags`].
+    pub const FLAGS: usize = 32;
+    /// u8: bytes of method kept.
+    pub const METHOD_LEN: usize = 33;
+    /// u8: bytes of route kept.
+    pub const ROUTE_LEN: usize = 34;
+    /// u8: bytes of path kept.
+    pub const PATH_LEN: usize = 35;
+    /// The texts: method, route, path, each at its full width.
+    pub const TEXT: usize = 40;
+
+    /// Bits of the `FLAGS` byte.
+    pub mod flags {
+        /// The request has a route template (it may be empty).
+        pub const HAS_ROUTE: u8 = 1;
+        /// `POLLING_TID` follows every poll of the request's future (the
+        /// tower layer), rather than naming the thread it started on.
+        pub const POLLS_TRACKED: u8 = 2;
+    }
+}
+
+const _: () = assert!(INFLIGHT_SLOT_BYTES.is_multiple_of(8));
+const _: () = assert!(INFLIGHT_TEXT_BYTES <= u8::MAX as usize);

@@ -64,6 +64,17 @@ pub struct UsdtSite {
     pub args: Result<Vec<ArgSpec>, ArgSpecError>,
 }
 
+/// Where the middleware's in-flight table sits (see
+/// `loopguard_usdt::INFLIGHT_TABLE`), relative to its note's site: the site
+/// is in mapped text, so its runtime address gives the table's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InflightTableSite {
+    /// File offset of the note's `nop`.
+    pub site_file_offset: u64,
+    /// Table address minus site address, as linked (wrapping).
+    pub table_minus_site: u64,
+}
+
 /// What [`analyze`] found in a binary (empty for a program watched only
 /// through its wait path).
 #[derive(Debug, Default)]
@@ -71,6 +82,9 @@ pub struct BinaryInfo {
     pub poll_copies: Vec<PollCopy>,
     /// `loopguard:*` USDT sites (empty without the middleware).
     pub usdt_sites: Vec<UsdtSite>,
+    /// The middleware's in-flight tables (one per copy of the middleware
+    /// linked in; none with a middleware older than the table).
+    pub inflight_tables: Vec<InflightTableSite>,
     /// File offset ranges of blocking-pool code.
     pub blocking_ranges: Vec<Range<u64>>,
     /// `(file offset, size, demangled name)` of every function symbol, sorted,
@@ -160,10 +174,11 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
     blocking_ranges.sort_by_key(|range| range.start);
     functions.sort_by_key(|&(offset, _, _)| offset);
     functions.dedup_by_key(|&mut (offset, _, _)| offset);
-    let usdt_sites = find_usdt_sites(&file, &image);
+    let (usdt_sites, inflight_tables) = find_usdt_sites(&file, &image);
     Ok(BinaryInfo {
         poll_copies,
         usdt_sites,
+        inflight_tables,
         blocking_ranges,
         functions,
     })
@@ -208,33 +223,62 @@ fn find_layouts(image: &Image<'_>, copies: HashSet<u64>) -> HashMap<u64, Option<
 }
 
 /// The `loopguard` provider's USDT sites, their addresses corrected for
-/// prelinking the way `SystemTap` defines (`.stapsdt.base`).
-fn find_usdt_sites(file: &object::File<'_>, image: &Image<'_>) -> Vec<UsdtSite> {
+/// prelinking the way `SystemTap` defines (`.stapsdt.base`), and the
+/// in-flight tables its notes announce.
+fn find_usdt_sites(
+    file: &object::File<'_>,
+    image: &Image<'_>,
+) -> (Vec<UsdtSite>, Vec<InflightTableSite>) {
     let Some(notes) = file
         .section_by_name(".note.stapsdt")
         .and_then(|section| section.data().ok())
     else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let actual_base = file
         .section_by_name(".stapsdt.base")
         .map(|section| section.address());
-    parse_notes(notes)
-        .into_iter()
-        .filter(|note| note.provider == loopguard_common::usdt::PROVIDER)
-        .filter_map(|note| {
-            let pc = match actual_base {
-                Some(base) if note.base != 0 => note.pc.wrapping_add(base).wrapping_sub(note.base),
-                _ => note.pc,
-            };
-            Some(UsdtSite {
-                file_offset: image.file_offset(pc)?,
-                semaphore: note.semaphore,
-                args: parse_args(&note.args),
-                name: note.name,
-            })
-        })
-        .collect()
+    let corrected = |note_base: u64, addr: u64| match actual_base {
+        Some(base) if note_base != 0 => addr.wrapping_add(base).wrapping_sub(note_base),
+        _ => addr,
+    };
+    let mut sites = Vec::new();
+    let mut tables = Vec::new();
+    for note in parse_notes(notes) {
+        if note.provider != loopguard_common::usdt::PROVIDER {
+            continue;
+        }
+        let pc = corrected(note.base, note.pc);
+        let Some(file_offset) = image.file_offset(pc) else {
+            continue;
+        };
+        if note.name == loopguard_common::usdt::INFLIGHT_TABLE {
+            if inflight_layout_known(&note.args) && note.semaphore != 0 {
+                tables.push(InflightTableSite {
+                    site_file_offset: file_offset,
+                    table_minus_site: corrected(note.base, note.semaphore).wrapping_sub(pc),
+                });
+            } else {
+                tracing::warn!(layout = %note.args, "in-flight table of another middleware version ignored");
+            }
+            continue;
+        }
+        sites.push(UsdtSite {
+            file_offset,
+            semaphore: note.semaphore,
+            args: parse_args(&note.args),
+            name: note.name,
+        });
+    }
+    (sites, tables)
+}
+
+/// Whether an in-flight table note's arguments (`version slots slot_bytes`)
+/// are the layout this agent reads.
+fn inflight_layout_known(args: &str) -> bool {
+    use loopguard_common::usdt::{INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_VERSION};
+    let expected = format!("{INFLIGHT_VERSION} {INFLIGHT_SLOTS} {INFLIGHT_SLOT_BYTES}");
+    args.split_whitespace().eq(expected.split_whitespace())
 }
 
 /// The loadable segments of a file plus its `R_X86_64_RELATIVE` relocations.

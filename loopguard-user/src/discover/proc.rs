@@ -96,6 +96,34 @@ pub fn executable(pid: u32) -> io::Result<Executable> {
     })
 }
 
+/// Up to `len` bytes of process `pid`'s memory at `addr` (fewer where the
+/// range leaves its mappings; none when it cannot be read).
+pub fn read_memory(pid: u32, addr: u64, len: usize) -> Vec<u8> {
+    let mut buffer = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buffer.len(),
+    };
+    // SAFETY: one local buffer of the stated length; the kernel checks the
+    // remote side.
+    let read = unsafe {
+        libc::process_vm_readv(
+            pid as libc::pid_t,
+            &raw const local,
+            1,
+            &raw const remote,
+            1,
+            0,
+        )
+    };
+    buffer.truncate(usize::try_from(read).unwrap_or(0));
+    buffer
+}
+
 pub fn read_maps(pid: u32) -> io::Result<Vec<Mapping>> {
     fs::read_to_string(format!("/proc/{pid}/maps")).map(|text| parse_maps(&text))
 }

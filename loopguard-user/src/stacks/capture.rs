@@ -138,29 +138,7 @@ fn open_cpu_clock(tid: u32, program: &ProgramFd) -> std::io::Result<OwnedFd> {
 /// Copies up to [`STACK_BYTES`] of `pid`'s memory from `base` (less at the
 /// end of the mapping). Empty when it cannot be read.
 pub fn read_remote_stack(pid: u32, base: u64) -> Vec<u8> {
-    let mut buffer = vec![0u8; STACK_BYTES];
-    let local = libc::iovec {
-        iov_base: buffer.as_mut_ptr().cast(),
-        iov_len: buffer.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: base as *mut libc::c_void,
-        iov_len: buffer.len(),
-    };
-    // SAFETY: one local buffer of the stated length; the remote side is
-    // checked by the kernel.
-    let read = unsafe {
-        libc::process_vm_readv(
-            pid as libc::pid_t,
-            &raw const local,
-            1,
-            &raw const remote,
-            1,
-            0,
-        )
-    };
-    buffer.truncate(usize::try_from(read).unwrap_or(0));
-    buffer
+    crate::discover::proc::read_memory(pid, base, STACK_BYTES)
 }
 
 /// Handles on the stack capture maps and the perf events opened so far.

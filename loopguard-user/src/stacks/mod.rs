@@ -76,6 +76,21 @@ pub struct StallStack {
     pub before_attach: bool,
 }
 
+impl StallStack {
+    /// The poll is now known to have begun `extra_ns` earlier than
+    /// counted: that time goes to the side the thread is found on (a stall
+    /// found stuck before attach is all one side).
+    pub fn extend_back(&mut self, extra_ns: u64) {
+        if let Some(cause) = &mut self.cause {
+            if cause.kind == profile::CauseKind::Cpu {
+                cause.on_cpu_ns += extra_ns;
+            } else {
+                cause.off_cpu_ns += extra_ns;
+            }
+        }
+    }
+}
+
 /// How long a profile is kept after its poll was last seen stuck.
 const PROFILE_TTL_NS: u64 = 2_000_000_000;
 

@@ -204,27 +204,9 @@ pub fn load_bias(mapping_start: u64, mapping_offset: u64, segments: &[Segment]) 
 /// and friends live there), its image read from the process.
 fn module_bytes(pid: u32, mapping: &Mapping) -> Option<Vec<u8>> {
     if mapping.path == "[vdso]" {
-        let mut image = vec![0u8; usize::try_from(mapping.end - mapping.start).ok()?];
-        let local = libc::iovec {
-            iov_base: image.as_mut_ptr().cast(),
-            iov_len: image.len(),
-        };
-        let remote = libc::iovec {
-            iov_base: mapping.start as *mut libc::c_void,
-            iov_len: image.len(),
-        };
-        // SAFETY: one local buffer of the stated length; the kernel checks the remote side.
-        let read = unsafe {
-            libc::process_vm_readv(
-                pid as libc::pid_t,
-                &raw const local,
-                1,
-                &raw const remote,
-                1,
-                0,
-            )
-        };
-        return (usize::try_from(read).ok()? == image.len()).then_some(image);
+        let len = usize::try_from(mapping.end - mapping.start).ok()?;
+        let image = crate::discover::proc::read_memory(pid, mapping.start, len);
+        return (image.len() == len).then_some(image);
     }
     let via_map_files = format!(
         "/proc/{pid}/map_files/{:x}-{:x}",
