@@ -53,6 +53,14 @@ pub struct StackConfig {
     /// ns between two off-CPU samples of one thread (a poll that blocks a
     /// thousand times is sampled at this pace, not a thousand times).
     pub min_sample_gap_ns: u64,
+    /// 1: a thread outside any task poll but in a busy stretch of its event
+    /// loop (between two waits) is captured like a poll, its stretch's
+    /// start standing for the poll's. Set for loop-only targets (Python,
+    /// Node), whose stalls are stretches; a Tokio worker's stretches hold
+    /// many polls and are not sampled.
+    pub loop_stretches: u32,
+    /// Explicit padding, always 0.
+    pub pad: u32,
 }
 
 impl StackConfig {
@@ -62,6 +70,8 @@ impl StackConfig {
             enabled: 0,
             arm_delay_ns: u64::MAX,
             min_sample_gap_ns: 0,
+            loop_stretches: 0,
+            pad: 0,
         }
     }
 }
@@ -167,7 +177,7 @@ pub struct ThreadOffCpu {
 const _: () = assert!(core::mem::size_of::<StackSample>() == 80 + STACK_BYTES);
 const _: () = assert!(core::mem::size_of::<OffCpuEnd>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadOffCpu>() == 80);
-const _: () = assert!(core::mem::size_of::<StackConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<StackConfig>() == 32);
 const _: () = assert!(STACK_BYTES.is_multiple_of(STACK_CHUNK_BYTES));
 
 #[cfg(feature = "user")]

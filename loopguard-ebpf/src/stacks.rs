@@ -1,4 +1,5 @@
-//! Stack capture for stuck polls (issue #14).
+//! Stack capture for stuck polls, and for loop-only targets stuck busy
+//! stretches of their event loop (issue #14).
 //!
 //! - `stack_sched_switch` (BTF tracepoint `sched_switch`): when a target
 //!   thread leaves its CPU inside a task poll, records when, why (asleep or
@@ -89,6 +90,19 @@ fn current_task_poll(tid: u32) -> Option<u64> {
     Some(frame.start_ns)
 }
 
+/// The start of what `tid` is stuck in, if anything: its task poll, or for
+/// loop-only targets its event loop's busy stretch.
+#[inline(always)]
+fn current_stretch(tid: u32) -> Option<u64> {
+    current_task_poll(tid).or_else(|| {
+        if config_u32(&raw const STACK_CONFIG.loop_stretches) != 0 {
+            crate::wait::busy_since(tid)
+        } else {
+            None
+        }
+    })
+}
+
 #[inline(always)]
 fn watched() -> Option<*mut u64> {
     OFFCPU_WATCHED.get_ptr_mut(0)
@@ -169,7 +183,7 @@ pub fn stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn switch_out(tid: u32, preempted: bool) -> Result<(), i64> {
-    let poll_start = current_task_poll(tid).ok_or(0i64)?;
+    let poll_start = current_stretch(tid).ok_or(0i64)?;
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: helpers that take no pointer from us but the current task.
     let task = unsafe { generated::bpf_get_current_task_btf() };
@@ -299,7 +313,7 @@ pub fn stack_on_cpu(ctx: PerfEventContext) -> u32 {
         return 0;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    match current_task_poll(tid) {
+    match current_stretch(tid) {
         Some(poll_start) => {
             let arm_delay = config_u64(&raw const STACK_CONFIG.arm_delay_ns);
             if now.saturating_sub(poll_start) >= arm_delay {

@@ -52,6 +52,15 @@ fn this_thread() -> Option<(u32, u32, &'static mut LoopState)> {
     Some((tgid, tid, unsafe { &mut *state }))
 }
 
+/// When `tid`'s current busy stretch began, while it runs (the thread is
+/// in no wait and came back from one since attaching).
+#[inline(always)]
+pub(crate) fn busy_since(tid: u32) -> Option<u64> {
+    // SAFETY: a read-only look at the map value.
+    let state = unsafe { THREAD_LOOPS.get(tid) }?;
+    (state.depth == 0 && state.busy_start_ns != 0).then_some(state.busy_start_ns)
+}
+
 #[uprobe]
 pub fn wait_enter(_ctx: ProbeContext) -> u32 {
     if crate::empty_programs() {

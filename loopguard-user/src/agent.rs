@@ -310,8 +310,12 @@ impl Session<'_> {
             Some(stall) => self.printer.context(stall, &view),
             None => StallContext::default(),
         };
+        // A loop-only target's stretches are captured like polls; a Tokio
+        // worker's are not (see `StackConfig::loop_stretches`).
+        let captured =
+            |kind: StallKind| kind == StallKind::Poll || self.printer.target.is_loop_only();
         if let Some(stall) = finding.stall()
-            && stall.kind == StallKind::Poll
+            && captured(stall.kind)
             && context.stack.is_none()
             && let Some(stacks) = &mut self.stacks
         {
@@ -492,8 +496,14 @@ impl Session<'_> {
                 .filter(|(_, polls)| polls.task_polls > 0 || polls.depth > 0)
                 .map(|(tid, _)| *tid),
         );
+        let loop_threads = collector.loop_snapshot();
         if let Some(stacks) = &mut self.stacks {
-            stacks.scan(now_ns, &threads);
+            let stretches: &[_] = if self.printer.target.is_loop_only() {
+                &loop_threads
+            } else {
+                &[]
+            };
+            stacks.scan(now_ns, &threads, stretches);
         }
         self.report_stuck_before_attach(collector, now_ns);
         for finding in self.engine.on_snapshot(now_ns, &threads) {
@@ -507,7 +517,6 @@ impl Session<'_> {
             }
         }
         let pid = self.printer.target.pid;
-        let loop_threads = collector.loop_snapshot();
         // Loop stalls follow the threshold in force (adaptive or fixed).
         self.loops.set_threshold_ns(self.engine.threshold_ns());
         for finding in self

@@ -751,8 +751,12 @@ pub fn attach(
     if EBPF_OBJECT.is_empty() {
         return Err(AttachError::NoEbpfObject);
     }
-    let stack_config =
-        crate::stacks::capture::kernel_config(pid, report_floor_ns / 2, options.stacks);
+    let stack_config = crate::stacks::capture::kernel_config(
+        pid,
+        report_floor_ns / 2,
+        options.stacks,
+        target.is_loop_only(),
+    );
     let mut ebpf = EbpfLoader::new()
         .override_global(names::CONFIG, &config, true)
         .override_global(

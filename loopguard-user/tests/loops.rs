@@ -116,9 +116,20 @@ fn blocks_under_traffic(addr: SocketAddr, path: &str, count: usize) -> Vec<f64> 
     blocked
 }
 
+/// What blocked a loop: a cause kind, and the system calls it may name
+/// (empty: any).
+type Blocked<'a> = (&'a str, &'a [&'a str]);
+
+/// A sleep, as the C library does it.
+const SLEPT: Blocked<'static> = ("syscall", &["clock_nanosleep", "nanosleep", "select"]);
+/// A busy loop.
+const SPUN: Blocked<'static> = ("cpu", &[]);
+
 /// Attaches to a non-Tokio event loop, blocks it three times under fast
-/// traffic, and checks one loop stall per block and nothing else.
-fn watches_a_foreign_loop(server: &Foreign, path: &str, wait_probes: &str) {
+/// traffic, and checks one loop stall per block and nothing else, each
+/// with a stack and the cause `blocked` (issue #14: loop stalls are
+/// captured like polls).
+fn watches_a_foreign_loop(server: &Foreign, path: &str, wait_probes: &str, blocked_by: Blocked) {
     let agent = Agent::attach(server.pid(), &["--wait-probes", wait_probes]);
     let attached = agent.wait_for("attached", Duration::from_secs(1), |v| {
         v["type"] == "attached"
@@ -144,6 +155,14 @@ fn watches_a_foreign_loop(server: &Foreign, path: &str, wait_probes: &str) {
     );
     for (stall, blocked_ms) in stalls.iter().zip(&blocked) {
         assert_matches(stall, "loop", *blocked_ms);
+        let (kind, syscalls) = blocked_by;
+        assert_eq!(stall["cause"]["kind"], kind, "{stall}");
+        if !syscalls.is_empty() {
+            let syscall = stall["cause"]["syscall"].as_str().unwrap_or_default();
+            assert!(syscalls.contains(&syscall), "{stall}");
+        }
+        let frames = stall["stack"].as_array().map_or(0, Vec::len);
+        assert!(frames > 0, "a loop stall without its stack: {stall}");
     }
     assert_detached(&programs);
 }
@@ -153,7 +172,7 @@ fn watches_a_foreign_loop(server: &Foreign, path: &str, wait_probes: &str) {
 fn uvicorn_time_sleep_is_a_loop_stall() {
     require_root();
     let server = uvicorn();
-    watches_a_foreign_loop(&server, "/sleep?ms=300", "auto");
+    watches_a_foreign_loop(&server, "/sleep?ms=300", "auto", SLEPT);
 }
 
 #[test]
@@ -161,7 +180,7 @@ fn uvicorn_time_sleep_is_a_loop_stall() {
 fn node_busy_loop_is_a_loop_stall() {
     require_root();
     let server = node();
-    watches_a_foreign_loop(&server, "/busy?ms=300", "auto");
+    watches_a_foreign_loop(&server, "/busy?ms=300", "auto", SPUN);
 }
 
 #[test]
@@ -192,7 +211,7 @@ fn node_short_blocks_add_up_to_one_cumulative_alert() {
 fn node_busy_loop_on_the_syscall_tracepoints() {
     require_root();
     let server = node();
-    watches_a_foreign_loop(&server, "/busy?ms=300", "tracepoint");
+    watches_a_foreign_loop(&server, "/busy?ms=300", "tracepoint", SPUN);
 }
 
 /// A `block_on` body that blocks is a loop stall, reported once; a handler

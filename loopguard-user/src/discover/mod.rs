@@ -93,6 +93,14 @@ pub struct ProbeTarget {
     pub wait_sites: Vec<WaitSite>,
 }
 
+impl ProbeTarget {
+    /// Watched through its wait path only: its stalls are busy stretches
+    /// of its event loop, not task polls.
+    pub fn is_loop_only(&self) -> bool {
+        matches!(self.mode, WatchMode::LoopOnly { .. })
+    }
+}
+
 /// Finds what to probe in process `pid`.
 pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     let exe =

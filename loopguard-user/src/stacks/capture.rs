@@ -21,12 +21,21 @@ pub const ON_CPU_HZ: u64 = 499;
 const MAX_PERF_EVENTS: usize = 64;
 
 /// The kernel configuration: capture for `pid`, armed at `arm_delay_ns`.
-pub fn kernel_config(pid: u32, arm_delay_ns: u64, enabled: bool) -> StackConfig {
+/// `loop_stretches`: also capture loop threads in a long busy stretch
+/// (loop-only targets).
+pub fn kernel_config(
+    pid: u32,
+    arm_delay_ns: u64,
+    enabled: bool,
+    loop_stretches: bool,
+) -> StackConfig {
     StackConfig {
         target_tgid: pid,
         enabled: u32::from(enabled),
         arm_delay_ns,
         min_sample_gap_ns: 2_000_000,
+        loop_stretches: u32::from(loop_stretches),
+        pad: 0,
     }
 }
 

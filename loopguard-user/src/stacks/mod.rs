@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use aya::Ebpf;
 use loopguard_common::stacks::{STACK_CHUNK_BYTES, sample_cause};
-use loopguard_common::{MAX_POLL_DEPTH, ThreadPolls, frame_flags};
+use loopguard_common::{LoopState, MAX_POLL_DEPTH, ThreadPolls, frame_flags};
 
 use crate::detect::Stall;
 use capture::Capture;
@@ -207,9 +207,17 @@ impl Stacks {
 
     /// Every scan: samples the threads whose poll is past the arm delay on
     /// CPU, copies the stack of those asleep since before they were armed.
-    pub fn scan(&mut self, now_ns: u64, threads: &[(u32, ThreadPolls)]) {
+    /// `loops`: the wait state of a loop-only target's threads (empty for
+    /// Tokio targets), whose long busy stretches are sampled like polls.
+    pub fn scan(
+        &mut self,
+        now_ns: u64,
+        threads: &[(u32, ThreadPolls)],
+        loops: &[(u32, LoopState)],
+    ) {
         self.collect(now_ns);
-        let stuck = stuck_polls(now_ns, self.options.arm_delay_ns, threads);
+        let mut stuck = stuck_polls(now_ns, self.options.arm_delay_ns, threads);
+        stuck.extend(stuck_stretches(now_ns, self.options.arm_delay_ns, loops));
         self.capture.sample_on_cpu(&stuck);
         for &(tid, start) in &stuck {
             let Some(state) = self
@@ -357,11 +365,48 @@ pub fn stuck_polls(
         .collect()
 }
 
+/// `(tid, stretch start)` of every loop thread busy (out of any wait) for
+/// at least `arm_delay_ns`.
+pub fn stuck_stretches(
+    now_ns: u64,
+    arm_delay_ns: u64,
+    loops: &[(u32, LoopState)],
+) -> Vec<(u32, u64)> {
+    loops
+        .iter()
+        .filter(|(_, state)| {
+            state.depth == 0
+                && state.busy_start_ns != 0
+                && now_ns.saturating_sub(state.busy_start_ns) >= arm_delay_ns
+        })
+        .map(|(tid, state)| (*tid, state.busy_start_ns))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use loopguard_common::PollFrame;
 
     use super::*;
+
+    #[test]
+    fn only_busy_stretches_past_the_arm_delay_are_stuck() {
+        let busy = |depth: u32, start: u64| LoopState {
+            depth,
+            busy_start_ns: start,
+            ..LoopState::default()
+        };
+        let loops = [
+            (1, busy(0, 100)),
+            // Waiting: not busy, whatever its last stretch.
+            (2, busy(1, 100)),
+            // Busy since before attach: the start is not known.
+            (3, busy(0, 0)),
+            // Not long enough yet.
+            (4, busy(0, 900)),
+        ];
+        assert_eq!(stuck_stretches(1_000, 500, &loops), [(1, 100)]);
+    }
 
     #[test]
     fn only_task_polls_past_the_arm_delay_are_stuck() {
