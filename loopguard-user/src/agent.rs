@@ -367,22 +367,24 @@ impl Session<'_> {
         }
     }
 
-    /// Polls already stuck when loopguard attached, found from their
-    /// threads' stacks once the census window has passed: reported in
-    /// progress, with a lower bound.
+    /// Polls (and `block_on` bodies) already stuck when loopguard attached,
+    /// found from their threads' stacks once the census window has passed:
+    /// reported in progress, with a lower bound.
     fn report_stuck_before_attach(&mut self, collector: &Collector, now_ns: u64) {
         let Some(stacks) = &mut self.stacks else {
             return;
         };
-        // Threads where a poll began or ended since attaching are not stuck
-        // in one poll that began before.
+        // Threads where a poll began or ended, or a wait, since attaching
+        // are not stuck in something that began before.
         let polls_seen = || {
-            collector
+            let mut seen: Vec<u32> = collector
                 .snapshot()
                 .iter()
                 .filter(|(_, polls)| polls.depth > 0 || polls.task_polls > 0)
                 .map(|(tid, _)| *tid)
-                .collect()
+                .collect();
+            seen.extend(collector.loop_snapshot().iter().map(|(tid, _)| *tid));
+            seen
         };
         let Some(found) = stacks.finish_census(now_ns, polls_seen) else {
             return;
@@ -396,7 +398,9 @@ impl Session<'_> {
         };
         for (mut stall, mut stack) in found {
             stall.threshold_ns = self.engine.threshold_ns();
-            let request = crate::inflight::running_on(&in_flight, stall.tid);
+            let request = (stall.kind == StallKind::Poll)
+                .then(|| crate::inflight::running_on(&in_flight, stall.tid))
+                .flatten();
             if let Some(began) = request.and_then(crate::inflight::InflightRequest::poll_began_by)
                 && began < stall.start_ns
             {

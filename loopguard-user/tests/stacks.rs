@@ -257,3 +257,51 @@ fn attaching_to_a_hung_server_reports_the_polls_already_stuck() {
     assert!(status.success());
     assert_detached(&ours);
 }
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn attaching_while_a_block_on_body_blocks_reports_a_loop_stall_in_progress() {
+    require_root();
+    for flavor in ["current-thread", "multi-thread"] {
+        let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &["--flavor", flavor]);
+        let addr = server.addr;
+        // The main thread's `block_on` body sleeps: no task poll holds it.
+        let blocker = std::thread::spawn(move || http_get(addr, "/block/main?ms=3500").unwrap());
+        std::thread::sleep(Duration::from_secs(2));
+        let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
+        let attached = Instant::now();
+        let stuck = agent.wait_for(
+            "the block_on body stuck before attach",
+            Duration::from_secs(3),
+            |v| v["type"] == "stall_in_progress" && v["started_before_attach"] == Value::Bool(true),
+        );
+        assert!(
+            stuck.at < attached + Duration::from_secs(1),
+            "{flavor}: reported {:?} after attaching",
+            stuck.at - attached
+        );
+        assert_eq!(stuck.value["kind"], "loop", "{flavor}: {}", stuck.value);
+        assert_eq!(
+            stuck.value["tid"].as_u64(),
+            Some(u64::from(server.pid)),
+            "{flavor}: the main thread"
+        );
+        check_cause(
+            &stuck.value,
+            &[&["stall_server::serve"]],
+            &["syscall"],
+            SLEEP_CALLS,
+        );
+        let ours = agent.programs();
+        blocker.join().unwrap();
+        let (status, lines) = agent.interrupt();
+        assert!(status.success());
+        // The workers, idle all along, were not taken for stuck ones.
+        let others: Vec<&Value> = of_type(&lines, "stall_in_progress")
+            .into_iter()
+            .filter(|v| v["tid"].as_u64() != Some(u64::from(server.pid)))
+            .collect();
+        assert!(others.is_empty(), "{flavor}: {others:#?}");
+        assert_detached(&ours);
+    }
+}

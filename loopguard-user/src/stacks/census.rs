@@ -18,9 +18,12 @@ use loopguard_common::stacks::STACK_CHUNK_BYTES;
 use super::fold::Frame;
 use super::profile::{Cause, CauseKind};
 use super::sample::{Regs, Sample, SampleCause};
+use super::symbolize::Symbols;
+use super::unwind::{CallBefore, call_before};
 use super::{Stacks, StallStack, capture, syscalls};
 use crate::collect::monotonic_ns;
 use crate::detect::{Stall, StallKind};
+use crate::discover::proc::read_memory;
 
 /// On-CPU samples a thread needs, all inside a task poll, to count as stuck.
 const MIN_CENSUS_SAMPLES: usize = 3;
@@ -44,6 +47,7 @@ pub(super) const MAX_CENSUS_SAMPLES: usize = 64;
 /// call it sleeps in (none: on a CPU), its frames as shown.
 struct Found {
     tid: u32,
+    kind: StallKind,
     since_ns: u64,
     syscall: Option<i64>,
     frames: Vec<Frame>,
@@ -100,6 +104,56 @@ pub fn in_task_poll(frames: &[Frame]) -> bool {
         .iter()
         .position(is_task_poll)
         .is_some_and(|poll| !frames[..poll].iter().any(is_runtime_machinery))
+}
+
+/// `Runtime::block_on`, `Handle::block_on` and the schedulers' own: the
+/// runtime polling the future given to `block_on` (`#[tokio::main]`'s body).
+fn is_block_on(frame: &Frame) -> bool {
+    let name = frame.function.trim_start_matches('<');
+    name.starts_with("tokio::runtime::")
+        && name
+            .split("::")
+            .any(|part| part == "block_on" || part.starts_with("block_on<"))
+}
+
+/// Frames of a `block_on` waiting for its future or driving the runtime:
+/// parking, the drivers, I/O and timers (the scheduler's plain wrappers,
+/// such as `current_thread::Context::enter`, are not).
+fn is_parked_or_driving(frame: &Frame) -> bool {
+    let name = frame.function.trim_start_matches('<');
+    name.contains("::park")
+        || name.starts_with("mio::")
+        || [
+            "tokio::runtime::driver",
+            "tokio::runtime::io::",
+            "tokio::runtime::time::",
+            "tokio::runtime::blocking::",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
+
+/// Whether a stack is inside a `block_on` body, outside any task poll: the
+/// innermost `block_on` frame has no task poll, park or driver inside it.
+pub fn in_block_on_body(frames: &[Frame]) -> bool {
+    frames.iter().position(is_block_on).is_some_and(|at| {
+        at > 0
+            && !frames[..at]
+                .iter()
+                .any(|frame| is_parked_or_driving(frame) || is_task_poll(frame))
+    })
+}
+
+/// What a thread found in `frames` is stuck in, if anything: a task poll,
+/// or a `block_on` body (a loop stall: no task poll holds it).
+fn stuck_in(frames: &[Frame]) -> Option<StallKind> {
+    if in_task_poll(frames) {
+        Some(StallKind::Poll)
+    } else if in_block_on_body(frames) {
+        Some(StallKind::Loop)
+    } else {
+        None
+    }
 }
 
 impl Stacks {
@@ -203,18 +257,25 @@ impl Stacks {
                 continue;
             }
             let top = sample.stack_base + sample.stack.len() as u64;
-            let addrs = self
-                .unwinder
-                .unwind_guessing_bp(sample.regs, top, |addr| sample.read_u64(addr));
+            let (pid, symbols) = (self.pid, &mut self.symbols);
+            let addrs = self.unwinder.unwind_guessing_bp(
+                sample.regs,
+                top,
+                |addr| sample.read_u64(addr),
+                |inside, next| calls_function_of(pid, symbols, inside, next),
+            );
             let frames = self.symbols.frames(&addrs);
-            if !in_task_poll(&frames) {
+            let kind = stuck_in(&frames);
+            tracing::debug!(tid = sample.tid, ?kind, frames = ?frames.iter().map(|f| f.function.as_str()).collect::<Vec<_>>(), "census: asleep");
+            let Some(kind) = kind else {
                 continue;
-            }
+            };
             // Since attaching: the scheduler's own clock (`se.exec_start`)
             // drifts from the monotonic clock by hundreds of ms on some
             // machines, too much to date the sleep's start from it.
             found.push(Found {
                 tid: sample.tid,
+                kind,
                 since_ns: started,
                 syscall: sample.syscall,
                 frames: self.shown(&frames),
@@ -225,25 +286,30 @@ impl Stacks {
 
     /// The threads on a CPU whose every sample was inside a task poll.
     fn on_cpu_in_polls(&mut self, samples: Vec<Sample>, started: u64) -> Vec<Found> {
-        let mut by_thread: HashMap<u32, (usize, bool, Vec<Frame>)> = HashMap::new();
+        // Per thread: samples, the kind every sample was stuck in so far
+        // (`None` once two disagree or one is not stuck), the last frames.
+        let mut by_thread: HashMap<u32, (usize, Option<StallKind>, Vec<Frame>)> = HashMap::new();
         for sample in samples {
             let addrs = self
                 .unwinder
                 .unwind(sample.regs, |addr| sample.read_u64(addr));
             let frames = self.symbols.frames(&addrs);
-            let entry = by_thread.entry(sample.tid).or_insert((0, true, Vec::new()));
+            let kind = stuck_in(&frames);
+            let entry = by_thread.entry(sample.tid).or_insert((0, kind, Vec::new()));
             entry.0 += 1;
-            if in_task_poll(&frames) {
+            if kind.is_some() && entry.1 == kind {
                 entry.2 = frames;
             } else {
-                entry.1 = false;
+                entry.1 = None;
             }
         }
         by_thread
             .into_iter()
-            .filter(|(_, (samples, always, _))| *always && *samples >= MIN_CENSUS_SAMPLES)
-            .map(|(tid, (_, _, frames))| Found {
+            .filter(|(_, (samples, kind, _))| kind.is_some() && *samples >= MIN_CENSUS_SAMPLES)
+            .filter_map(|(tid, (_, kind, frames))| Some((tid, kind?, frames)))
+            .map(|(tid, kind, frames)| Found {
                 tid,
+                kind,
                 since_ns: started,
                 syscall: None,
                 frames: self.shown(&frames),
@@ -252,12 +318,33 @@ impl Stacks {
     }
 }
 
+/// Whether the code before return address `next + 1` (the unwinder's
+/// addresses are return addresses minus one) calls the function `inside` is
+/// in: see [`super::unwind::StackUnwinder::unwind_guessing_bp`].
+fn calls_function_of(pid: u32, symbols: &mut Symbols, inside: u64, next: u64) -> Option<bool> {
+    let ret = next.wrapping_add(1);
+    let bytes = read_memory(pid, ret.wrapping_sub(7), 7);
+    let code: [u8; 7] = bytes.as_slice().try_into().ok()?;
+    match call_before(ret, &code) {
+        CallBefore::Direct(target) => {
+            let function = |symbols: &mut Symbols, addr: u64| {
+                symbols.frames(&[addr]).pop().map(|frame| frame.function)
+            };
+            let callee = function(symbols, target)?;
+            let current = function(symbols, inside)?;
+            Some(callee == current)
+        }
+        CallBefore::Indirect => None,
+        CallBefore::None => Some(false),
+    }
+}
+
 impl Found {
     fn into_stall(self, now: u64) -> (Stall, StallStack) {
         let duration_ns = now.saturating_sub(self.since_ns);
         let asleep = self.syscall.is_some();
         let stall = Stall {
-            kind: StallKind::Poll,
+            kind: self.kind,
             tid: self.tid,
             task_id: None,
             header: 0,
@@ -354,5 +441,61 @@ mod tests {
             in_task_poll(&tail_called),
             "raw::poll jumped to the harness"
         );
+    }
+
+    #[test]
+    fn a_blocking_block_on_body_is_stuck_a_parked_one_is_not() {
+        // As gdb shows the example's main thread in `/block/main`.
+        let body = frames(&[
+            "__GI___clock_nanosleep",
+            "std::thread::functions::sleep",
+            "stall_server::serve::{{closure}}",
+            "tokio::runtime::context::scoped::Scoped<T>::set",
+            "tokio::runtime::runtime::Runtime::block_on",
+            "stall_server::main",
+        ]);
+        assert!(!in_task_poll(&body));
+        assert!(in_block_on_body(&body));
+        assert_eq!(stuck_in(&body), Some(StallKind::Loop));
+        let parked = frames(&[
+            "epoll_wait",
+            "mio::poll::Poll::poll",
+            "tokio::runtime::io::driver::Driver::turn",
+            "tokio::runtime::park::CachedParkThread::park",
+            "tokio::runtime::park::CachedParkThread::block_on",
+            "tokio::runtime::runtime::Runtime::block_on",
+            "app::main",
+        ]);
+        assert!(!in_block_on_body(&parked));
+        let running_a_task = frames(&[
+            "app::handler::{{closure}}",
+            "tokio::runtime::task::raw::poll",
+            "tokio::runtime::scheduler::current_thread::CoreGuard::block_on::{{closure}}",
+            "tokio::runtime::scheduler::current_thread::CoreGuard::block_on",
+            "tokio::runtime::runtime::Runtime::block_on",
+        ]);
+        assert_eq!(stuck_in(&running_a_task), Some(StallKind::Poll));
+        assert!(!in_block_on_body(&frames(&[
+            "tokio::runtime::runtime::Runtime::block_on",
+            "app::main"
+        ])));
+        // With debug info, inlined scheduler wrappers show between them.
+        let inlined = frames(&[
+            "std::thread::functions::sleep",
+            "app::main::{{closure}}",
+            "tokio::runtime::coop::budget",
+            "tokio::runtime::scheduler::current_thread::Context::enter",
+            "tokio::runtime::scheduler::current_thread::CoreGuard::block_on::{{closure}}",
+            "tokio::runtime::scheduler::current_thread::CoreGuard::block_on",
+            "tokio::runtime::runtime::Runtime::block_on",
+        ]);
+        assert_eq!(stuck_in(&inlined), Some(StallKind::Loop));
+        let parked_current_thread = frames(&[
+            "epoll_wait",
+            "tokio::runtime::scheduler::current_thread::Context::park",
+            "tokio::runtime::scheduler::current_thread::CoreGuard::block_on::{{closure}}",
+            "tokio::runtime::runtime::Runtime::block_on",
+        ]);
+        assert_eq!(stuck_in(&parked_current_thread), None);
     }
 }

@@ -109,6 +109,43 @@ impl StackUnwinder {
     }
 }
 
+/// How good a frame pointer guess is: a verified call first, then length.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct GuessScore {
+    verified: bool,
+    frames: usize,
+}
+
+/// What the instruction before a return address `ret` is, from the bytes
+/// `code` = the 7 bytes ending at `ret`: a direct call (`e8 rel32`, with its
+/// target), an indirect call (`ff /2`, target unknown), or no call.
+pub fn call_before(ret: u64, code: &[u8; 7]) -> CallBefore {
+    if code[2] == 0xe8 {
+        let rel = i32::from_le_bytes([code[3], code[4], code[5], code[6]]);
+        return CallBefore::Direct(ret.wrapping_add_signed(i64::from(rel)));
+    }
+    // `ff` with ModRM.reg = 2, ending at `ret` for the encodings compilers
+    // emit: `call reg` (2 or 3 bytes with REX), `call [reg+disp8]` (3),
+    // `call [rsp+disp8]` (4), `call [rip+disp32]` and `call [reg+disp32]`
+    // (6), `call [rsp+disp32]` (7).
+    let indirect = [2usize, 3, 4, 6, 7]
+        .iter()
+        .any(|&back| code[7 - back] == 0xff && (code[8 - back] >> 3) & 7 == 2);
+    if indirect {
+        CallBefore::Indirect
+    } else {
+        CallBefore::None
+    }
+}
+
+/// See [`call_before`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallBefore {
+    Direct(u64),
+    Indirect,
+    None,
+}
+
 /// A loadable segment: stated address, file offset, file size, executable.
 pub type Segment = (u64, u64, u64, bool);
 
@@ -148,8 +185,9 @@ pub fn frame_pointer_candidates(
     candidates
 }
 
-/// Frame pointer guesses tried at most; the one that unwinds furthest wins
-/// (a stale return address in a frame leads nowhere far).
+/// Frame pointer guesses tried at most. A guess whose next return address
+/// comes right after a call of the function it returns to wins; then one
+/// the caller's code cannot contradict; then the one that unwinds furthest.
 const MAX_FRAME_POINTER_GUESSES: usize = 6;
 
 /// How far into a frame its frame pointer is looked for.
@@ -159,12 +197,19 @@ impl StackUnwinder {
     /// Like [`Self::unwind`] for registers without `rbp` (a thread asleep,
     /// read from `/proc`): a frame-pointer function (the standard library
     /// has them) stops the unwind, so its frame pointer is guessed from the
-    /// stack and the longer stack wins. `top` is the end of the stack copy.
+    /// stack. `top` is the end of the stack copy. `calls(inside, next)`
+    /// judges a guess: whether the code before the return address after
+    /// `next` calls the function `inside` is in (`Some(true)`), calls
+    /// something else or is no call (`Some(false)`), or cannot tell (an
+    /// indirect call). A stale frame pointer left in a frame from an
+    /// earlier, deeper call can unwind further than the true one, so the
+    /// caller's call is what decides (see [`MAX_FRAME_POINTER_GUESSES`]).
     pub fn unwind_guessing_bp(
         &mut self,
         regs: Regs,
         top: u64,
         read: impl Fn(u64) -> Option<u64>,
+        mut calls: impl FnMut(u64, u64) -> Option<bool>,
     ) -> Vec<u64> {
         let plain = self.unwind(regs, &read);
         let Some(&last) = plain.last().filter(|_| plain.len() >= 2) else {
@@ -172,14 +217,25 @@ impl StackUnwinder {
         };
         let code = self.code.clone();
         let is_code = |addr: u64| code.iter().any(|range| range.contains(&addr));
-        let mut best = plain;
+        let mut best = (GuessScore::default(), plain.clone());
         for bp in frame_pointer_candidates(regs.sp, top, last + 1, &read, is_code) {
             let guessed = self.unwind(Regs { bp, ..regs }, &read);
-            if guessed.len() > best.len() {
-                best = guessed;
+            let Some(&next) = guessed.get(plain.len()) else {
+                continue;
+            };
+            let verdict = calls(last, next);
+            if verdict == Some(false) {
+                continue;
+            }
+            let score = GuessScore {
+                verified: verdict == Some(true),
+                frames: guessed.len(),
+            };
+            if score > best.0 {
+                best = (score, guessed);
             }
         }
-        best
+        best.1
     }
 }
 
@@ -279,6 +335,36 @@ mod tests {
         (0xc_a350, 0xc_9350, 0x1d_82c0, true),
         (0x2a_3610, 0x2a_1610, 0x1_c940, false),
     ];
+
+    #[test]
+    fn the_call_before_a_return_address_is_decoded() {
+        // call rel32 = +0x100 from the return address.
+        let direct = [0x90, 0x90, 0xe8, 0x00, 0x01, 0x00, 0x00];
+        assert_eq!(call_before(0x1000, &direct), CallBefore::Direct(0x1100));
+        let backwards = [0x90, 0x90, 0xe8, 0x00, 0xff, 0xff, 0xff];
+        assert_eq!(
+            call_before(0x1000, &backwards),
+            CallBefore::Direct(0x1000 - 0x100)
+        );
+        // call *%rax; call *0x10(%rbx); call *0x1234(%rip).
+        assert_eq!(
+            call_before(0, &[0, 0, 0, 0, 0, 0xff, 0xd0]),
+            CallBefore::Indirect
+        );
+        assert_eq!(
+            call_before(0, &[0, 0, 0, 0, 0xff, 0x53, 0x10]),
+            CallBefore::Indirect
+        );
+        assert_eq!(
+            call_before(0, &[0, 0xff, 0x15, 0x34, 0x12, 0, 0]),
+            CallBefore::Indirect
+        );
+        // mov %rsp,%rbp; pop; ret: no call.
+        assert_eq!(
+            call_before(0, &[0x48, 0x89, 0xe5, 0x5d, 0xc3, 0x90, 0x90]),
+            CallBefore::None
+        );
+    }
 
     #[test]
     fn the_bias_of_a_pie_text_mapping_comes_from_the_text_segment() {
