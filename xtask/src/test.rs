@@ -1,6 +1,7 @@
 //! `cargo xtask test`: fmt, clippy (host crates and the eBPF crate), unit
-//! tests, then the end-to-end tests: as root, for real, against the example
-//! built five ways (release, fat LTO + panic=abort, v0 mangling, non-PIE,
+//! tests, build hygiene (no aya in middleware users; the pure crates on
+//! stable without bpf-linker), then the end-to-end tests: as root, for real,
+//! against the example built five ways (release, fat LTO + panic=abort, v0 mangling, non-PIE,
 //! release with debug info), and against `many-futures` (hundreds of poll
 //! copies: attach and detach at scale).
 
@@ -9,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::{build, cmd, fuzz, matrix, setup};
+use crate::{build, cmd, fuzz, hygiene, matrix, setup};
 
 const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -22,6 +23,8 @@ pub struct Options {
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
     let root = cmd::root();
+    // No build needed, so first: a middleware user that pulls in aya fails fast.
+    hygiene::check_no_aya_in_apps()?;
     // The agent's build embeds the eBPF object, so even clippy needs the toolchain.
     let binaries = build::build_all()?;
     cmd::run(
@@ -38,6 +41,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     ]))?;
     cmd::run(&mut ebpf_clippy())?;
     cmd::run(cmd::cargo().current_dir(&root).args(["test", "--release"]))?;
+    hygiene::check_pure_crates_on_stable()?;
     // The parsers of what a target hands loopguard, fuzzed briefly (20 s
     // each); `cargo xtask fuzz --seconds N` for longer runs.
     fuzz::run(&fuzz::Options { seconds: 20 })?;
