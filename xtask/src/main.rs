@@ -4,6 +4,7 @@
 //! - `build-ebpf`: setup, then build the eBPF object alone
 //! - `build`: setup, then the `loopguard` agent and the example, in release
 //! - `demo`: build, start the example, attach, drive a few requests, show the output
+//! - `lint`: fmt and clippy of every workspace `test` builds
 //! - `test`: fmt, clippy, unit tests, then the privileged end-to-end tests
 //! - `hygiene`: the build-hygiene checks `test` runs (no aya in middleware
 //!   users; the pure crates on stable without bpf-linker)
@@ -17,6 +18,7 @@ mod demo;
 mod example;
 mod fuzz;
 mod hygiene;
+mod lint;
 mod matrix;
 mod setup;
 mod test;
@@ -43,6 +45,9 @@ enum Command {
     Build,
     /// Start the example service, attach loopguard, send blocking requests, show what it reports.
     Demo,
+    /// Run fmt and clippy on every workspace: the main one, the eBPF crate, the version
+    /// matrix's examples and the fuzz targets.
+    Lint,
     /// Run fmt, clippy, unit tests and the end-to-end tests (the latter as root, for real).
     Test(test::Options),
     /// Check build hygiene (part of `test`): no aya in the dependency tree of an app using
@@ -66,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf => build::build_ebpf(),
         Command::Build => build::build_all().map(|_| ()),
         Command::Demo => demo::run(),
+        Command::Lint => lint::run(),
         Command::Test(options) => test::run(&options),
         Command::Hygiene => {
             hygiene::check_no_aya_in_apps()?;
