@@ -30,7 +30,7 @@ use crate::export::{BlockingKind, LiveState, Metrics};
 use crate::loops::LoopDetector;
 use crate::report::{Format, StallContext};
 use crate::stacks::{StackOptions, Stacks};
-use crate::summary::{LoopThread, RequestSummary, Summary};
+use crate::summary::{LoopThread, Summary};
 
 /// How the watch loop runs.
 #[derive(Clone, Debug)]
@@ -957,7 +957,7 @@ pub async fn watch(
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.at_ns = now_ns;
     summary.stop_reason = reason.as_str();
-    summary.requests = RequestSummary::new(
+    summary.requests = events::RequestsSummary::new(
         session.request_maps.as_ref().map(RequestMaps::totals),
         &session.route_stalls,
     );

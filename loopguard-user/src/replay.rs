@@ -390,16 +390,8 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
         stack_overflows: 0,
         thread_map_full: 0,
         requests: crate::events::RequestsSummary {
-            started: 0,
-            ended: 0,
-            in_flight: 0,
-            peak_in_flight: 0,
-            capacity: 0,
-            evicted: 0,
-            unmatched_ends: 0,
-            unattributable_starts: 0,
-            layout_mismatches: 0,
             routes,
+            ..Default::default()
         },
         stacks: Vec::new(),
         loop_threads: Vec::new(),

@@ -292,7 +292,9 @@ pub struct ExcludedSummary {
     pub cumulative_ms: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// What the middleware's probes told over the run: the kernel's request
+/// totals and the stalls per route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RequestsSummary {
     pub started: u64,
     pub ended: u64,
