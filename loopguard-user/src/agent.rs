@@ -605,6 +605,7 @@ impl Session<'_> {
                 ),
                 ("poll_stack_overflow", counters.get(Counter::StackOverflow)),
                 ("thread_map_full", counters.get(Counter::ThreadMapFull)),
+                ("request_map_full", counters.get(Counter::RequestMapFull)),
                 ("malformed_record", collector.malformed),
                 ("request_evicted", totals.replaced),
                 ("request_end_without_start", totals.unmatched_ends),

@@ -389,6 +389,7 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
         unmatched_returns: 0,
         stack_overflows: 0,
         thread_map_full: 0,
+        request_map_full: 0,
         requests: crate::events::RequestsSummary {
             routes,
             ..Default::default()

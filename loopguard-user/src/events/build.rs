@@ -293,6 +293,7 @@ pub fn summary(summary: &Summary, pid: u32) -> SummaryEvent {
         unmatched_returns: counters.get(Counter::UnmatchedReturns),
         stack_overflows: counters.get(Counter::StackOverflow),
         thread_map_full: counters.get(Counter::ThreadMapFull),
+        request_map_full: counters.get(Counter::RequestMapFull),
         requests: summary.requests.clone(),
         stacks: stacks(&summary.stacks),
         loop_threads: summary

@@ -261,6 +261,10 @@ pub struct SummaryEvent {
     pub unmatched_returns: u64,
     pub stack_overflows: u64,
     pub thread_map_full: u64,
+    /// Request starts not tracked: the kernel's request map had no room.
+    /// (Absent from recordings made before it was counted apart.)
+    #[serde(default)]
+    pub request_map_full: u64,
     pub requests: RequestsSummary,
     pub stacks: Vec<StackSummary>,
     pub loop_threads: Vec<LoopThreadSummary>,
