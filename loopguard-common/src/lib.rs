@@ -445,10 +445,13 @@ pub enum Counter {
     UnmatchedReturns = 3,
     /// Entries lost because [`names::THREAD_POLLS`] was full.
     ThreadMapFull = 4,
+    /// Request starts not tracked because the request map had no room
+    /// (its insert failed): their stalls have no request.
+    RequestMapFull = 5,
 }
 
 /// Number of slots in [`names::COUNTERS`].
-pub const COUNTER_SLOTS: u32 = 5;
+pub const COUNTER_SLOTS: u32 = 6;
 
 #[cfg(feature = "user")]
 mod pod {

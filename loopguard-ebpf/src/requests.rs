@@ -214,7 +214,8 @@ fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
             inserted = again;
         }
         if inserted.is_err() {
-            bump(Counter::DroppedEvents);
+            // No room for it: not the ring buffer's loss, its own.
+            bump(Counter::RequestMapFull);
             return Ok(());
         }
         add_one(&raw mut (*totals).started);

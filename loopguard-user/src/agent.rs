@@ -30,7 +30,7 @@ use crate::export::{BlockingKind, LiveState, Metrics};
 use crate::loops::LoopDetector;
 use crate::report::{Format, StallContext};
 use crate::stacks::{StackOptions, Stacks};
-use crate::summary::{LoopThread, RequestSummary, Summary};
+use crate::summary::{LoopThread, Summary};
 
 /// How the watch loop runs.
 #[derive(Clone, Debug)]
@@ -639,6 +639,7 @@ impl Session<'_> {
                 ),
                 ("poll_stack_overflow", counters.get(Counter::StackOverflow)),
                 ("thread_map_full", counters.get(Counter::ThreadMapFull)),
+                ("request_map_full", counters.get(Counter::RequestMapFull)),
                 ("malformed_record", collector.malformed),
                 ("request_evicted", totals.replaced),
                 ("request_end_without_start", totals.unmatched_ends),
@@ -992,7 +993,7 @@ pub async fn watch(
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.at_ns = now_ns;
     summary.stop_reason = reason.as_str();
-    summary.requests = RequestSummary::new(
+    summary.requests = events::RequestsSummary::new(
         session.request_maps.as_ref().map(RequestMaps::totals),
         &session.route_stalls,
     );

@@ -275,7 +275,8 @@ pub struct WatchArgs {
     pub stacks: StackArgs,
 }
 
-/// Stack capture options (issue #14).
+/// Stack capture options (issue #14); keys of the `[stacks]` table:
+/// `enabled`, `all_frames`, `folded`.
 #[derive(Debug, Args, Clone, Default)]
 pub struct StackArgs {
     /// Do not capture the stacks of stalled polls (nor say whether they were

@@ -34,22 +34,15 @@ fn watch_options(settings: &Settings) -> WatchOptions {
         loop_threads: settings.loop_threads.clone(),
         wait_probes: settings.wait_probes,
         probe_links: settings.probe_links,
-        capture_stacks: true,
+        capture_stacks: settings.stacks.enabled,
         stacks: crate::stacks::StackOptions {
             arm_delay_ns: settings.detect().report_floor_ns() / 2,
-            all_frames: false,
+            all_frames: settings.stacks.all_frames,
         },
-        folded: None,
+        folded: settings.stacks.folded.clone(),
         bench: attach::Bench::default(),
         label: false,
     }
-}
-
-/// The stack flags, which are not configuration keys.
-fn apply_stack_args(options: &mut WatchOptions, args: &crate::cli::StackArgs) {
-    options.capture_stacks = !args.no_stacks;
-    options.stacks.all_frames = args.all_frames;
-    options.folded.clone_from(&args.folded);
 }
 
 /// The watch options of `attach` and `run`; starts colour, the status line
@@ -57,11 +50,9 @@ fn apply_stack_args(options: &mut WatchOptions, args: &crate::cli::StackArgs) {
 /// be made fails first).
 fn start_watch(
     settings: &Settings,
-    watch: &crate::cli::WatchArgs,
     output: &crate::cli::OutputArgs,
 ) -> Result<WatchOptions, Error> {
-    let mut options = watch_options(settings);
-    apply_stack_args(&mut options, &watch.stacks);
+    let options = watch_options(settings);
     crate::term::setup(output.color, true);
     if let Some(path) = &output.record {
         crate::record::open(path)?;
@@ -250,7 +241,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, None)?;
     preflight::check()?;
     let listener = bind_metrics(&settings)?;
-    let mut options = start_watch(&settings, &args.watch, &args.output)?;
+    let mut options = start_watch(&settings, &args.output)?;
     options.bench = attach::Bench {
         empty_programs: args.bench_empty_programs,
         entry_only: args.bench_entry_only,
@@ -326,7 +317,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
     preflight::check()?;
     let listener = bind_metrics(&settings)?;
-    let mut options = start_watch(&settings, &args.watch, &args.output)?;
+    let mut options = start_watch(&settings, &args.output)?;
     let follow = !args.no_follow;
     options.label = follow;
     let runtime = runtime()?;

@@ -218,6 +218,10 @@ pub fn summary_text(summary: &SummaryEvent) -> String {
         ),
         (summary.stack_overflows, "polls nested too deep to time"),
         (summary.thread_map_full, "polls untracked (thread map full)"),
+        (
+            summary.request_map_full,
+            "requests untracked (request map full)",
+        ),
     ];
     let lost: Vec<String> = lost
         .iter()
@@ -400,6 +404,26 @@ mod tests {
         let event = build::summary(&summary, 1);
         assert!(summary_text(&event).contains("3 events dropped"));
         assert_eq!(serde_json::to_value(&event).unwrap()["dropped_events"], 3);
+    }
+
+    #[test]
+    fn a_full_request_map_is_its_own_loss_not_the_ring_buffers() {
+        let mut summary = Summary::default();
+        summary.counters.0[loopguard_common::Counter::RequestMapFull as usize] = 2;
+        let event = build::summary(&summary, 1);
+        let text = summary_text(&event);
+        assert!(
+            text.contains("data lost: 2 requests untracked (request map full)"),
+            "{text}"
+        );
+        let value = serde_json::to_value(&event).unwrap();
+        assert_eq!(value["request_map_full"], 2);
+        assert_eq!(value["dropped_events"], 0);
+        // A recording from before the field existed still reads.
+        let mut old = value;
+        old.as_object_mut().unwrap().remove("request_map_full");
+        let back: crate::events::SummaryEvent = serde_json::from_value(old).unwrap();
+        assert_eq!(back.request_map_full, 0);
     }
 
     #[test]

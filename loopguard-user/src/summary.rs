@@ -4,9 +4,6 @@
 use loopguard_common::Counter;
 use loopguard_common::hist;
 
-use loopguard_common::requests::RequestTotals;
-
-use crate::attribute::{RouteStalls, RouteTable};
 use crate::detect::{Finding, Stall, ThresholdRange};
 
 /// Kernel counters summed over CPUs, indexed by [`Counter`].
@@ -97,7 +94,8 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// Why watching stopped ("interrupted", "duration elapsed", "target exited").
     pub stop_reason: &'static str,
-    pub requests: RequestSummary,
+    /// What the middleware's probes told (as the summary event carries it).
+    pub requests: crate::events::RequestsSummary,
     /// The thresholds in force over the run.
     pub thresholds: ThresholdRange,
     pub adaptive: bool,
@@ -162,47 +160,6 @@ impl LoopThread {
             0.0
         } else {
             self.busy_ns as f64 / total as f64
-        }
-    }
-}
-
-/// What the middleware's probes told, for the summary.
-#[derive(Clone, Debug, Default)]
-pub struct RequestSummary {
-    pub started: u64,
-    pub ended: u64,
-    pub in_flight: usize,
-    pub peak_in_flight: usize,
-    pub capacity: usize,
-    pub evicted: u64,
-    pub unmatched_ends: u64,
-    pub unattributable_starts: u64,
-    pub layout_mismatches: u64,
-    /// `(METHOD route, totals)`, worst total stall time first.
-    pub routes: Vec<(String, RouteStalls)>,
-}
-
-impl RequestSummary {
-    /// From the kernel's request totals (`None`: requests not tracked) and
-    /// the stalls counted per route.
-    pub fn new(totals: Option<RequestTotals>, routes: &RouteTable) -> Self {
-        let totals = totals.unwrap_or_default();
-        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-        Self {
-            started: totals.started,
-            ended: totals.ended,
-            in_flight: count(totals.started.saturating_sub(totals.ended)),
-            peak_in_flight: count(totals.peak_in_flight),
-            capacity: loopguard_common::requests::MAX_REQUESTS as usize,
-            evicted: totals.replaced,
-            unmatched_ends: totals.unmatched_ends,
-            unattributable_starts: totals.outside_poll,
-            layout_mismatches: totals.layout_mismatches,
-            routes: routes
-                .ranked_routes()
-                .into_iter()
-                .map(|(route, totals)| (route.to_owned(), totals.clone()))
-                .collect(),
         }
     }
 }

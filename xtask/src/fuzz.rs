@@ -45,6 +45,24 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Clippy for the fuzz targets, on stable like the main workspace's (they
+/// need no nightly feature to build; only running them does), in the fuzz
+/// target directory. `--locked`: their lock must follow the agent's
+/// dependencies.
+pub fn clippy() -> anyhow::Result<()> {
+    let manifest = cmd::root().join("loopguard-user/fuzz/Cargo.toml");
+    cmd::run(
+        cmd::cargo()
+            .args(["clippy", "--all-targets", "--locked", "--manifest-path"])
+            .arg(manifest)
+            .args(["--", "-D", "warnings"])
+            .env("CARGO_TARGET_DIR", cmd::target_dir().join("fuzz"))
+            // As for the fuzzers themselves: no eBPF object (an empty one).
+            .env("AYA_BUILD_SKIP", "1")
+            .env_remove("LOOPGUARD_REQUIRE_EBPF"),
+    )
+}
+
 fn nightly_cargo() -> Command {
     let mut command = Command::new("rustup");
     command.args(["run", "nightly", "cargo"]);

@@ -4,7 +4,10 @@
 //! - `build-ebpf`: setup, then build the eBPF object alone
 //! - `build`: setup, then the `loopguard` agent and the example, in release
 //! - `demo`: build, start the example, attach, drive a few requests, show the output
+//! - `lint`: fmt and clippy of every workspace `test` builds
 //! - `test`: fmt, clippy, unit tests, then the privileged end-to-end tests
+//! - `hygiene`: the build-hygiene checks `test` runs (no aya in middleware
+//!   users; the pure crates on stable without bpf-linker)
 //! - `bench`: the example's throughput and latency with and without loopguard
 //!   attached, the agent's CPU and memory, and optionally a memory soak
 
@@ -14,6 +17,8 @@ mod cmd;
 mod demo;
 mod example;
 mod fuzz;
+mod hygiene;
+mod lint;
 mod matrix;
 mod setup;
 mod test;
@@ -40,8 +45,14 @@ enum Command {
     Build,
     /// Start the example service, attach loopguard, send blocking requests, show what it reports.
     Demo,
+    /// Run fmt and clippy on every workspace: the main one, the eBPF crate, the version
+    /// matrix's examples and the fuzz targets.
+    Lint,
     /// Run fmt, clippy, unit tests and the end-to-end tests (the latter as root, for real).
     Test(test::Options),
+    /// Check build hygiene (part of `test`): no aya in the dependency tree of an app using
+    /// the middleware, and the pure crates built and unit-tested on stable without bpf-linker.
+    Hygiene,
     /// Run the fuzz targets (ELF, USDT notes and argument specs, task vtables), seeded
     /// from real binaries, for a few seconds each. Installs cargo-fuzz once.
     Fuzz(fuzz::Options),
@@ -60,7 +71,12 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf => build::build_ebpf(),
         Command::Build => build::build_all().map(|_| ()),
         Command::Demo => demo::run(),
+        Command::Lint => lint::run(),
         Command::Test(options) => test::run(&options),
+        Command::Hygiene => {
+            hygiene::check_no_aya_in_apps()?;
+            hygiene::check_pure_crates_on_stable()
+        }
         Command::Fuzz(options) => fuzz::run(&options),
         Command::Matrix => matrix::build().map(|entries| println!("{entries}")),
         Command::Bench(options) => bench::run(&options),

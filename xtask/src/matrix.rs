@@ -72,6 +72,35 @@ pub fn build() -> anyhow::Result<String> {
     Ok(entries.join(";"))
 }
 
+/// Clippy for the matrix's examples, once each: `tokio-matrix` against the
+/// oldest checked Tokio (its code is the same for every version), and
+/// `actix-server` with its own lock. Check builds in the matrix's target
+/// directory: about two minutes the first time on two cores, a second after.
+pub fn clippy() -> anyhow::Result<()> {
+    let root = cmd::root();
+    let matrix_dir = cmd::target_dir().join("matrix");
+    let oldest = TOKIO_VERSIONS[0].context("the first checked Tokio version is pinned")?;
+    let tokio_matrix = write_manifest(
+        &root,
+        &matrix_dir.join(format!("tokio-{oldest}")),
+        Some(oldest),
+    )?;
+    let actix = root.join("examples/actix-server/Cargo.toml");
+    // The generated manifest's lock is written by the first build; the
+    // actix example's is in the repository and must be current.
+    for (manifest, lock) in [(&tokio_matrix, None), (&actix, Some("--locked"))] {
+        cmd::run(
+            cmd::cargo()
+                .args(["clippy", "--all-targets", "--manifest-path"])
+                .arg(manifest)
+                .args(lock)
+                .args(["--", "-D", "warnings"])
+                .env("CARGO_TARGET_DIR", matrix_dir.join("target")),
+        )?;
+    }
+    Ok(())
+}
+
 /// The example's manifest with its Tokio pinned to `version` (or left at
 /// "1.38" or later) and absolute paths, in a directory of its own.
 fn write_manifest(root: &Path, dir: &Path, version: Option<&str>) -> anyhow::Result<PathBuf> {

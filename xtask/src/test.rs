@@ -1,15 +1,17 @@
-//! `cargo xtask test`: fmt, clippy (host crates and the eBPF crate), unit
-//! tests, then the end-to-end tests: as root, for real, against the example
-//! built five ways (release, fat LTO + panic=abort, v0 mangling, non-PIE,
-//! release with debug info), and against `many-futures` (hundreds of poll
-//! copies: attach and detach at scale).
+//! `cargo xtask test`: fmt and clippy (host crates, the eBPF crate, the
+//! version matrix and the fuzz targets: `cargo xtask lint`), unit tests,
+//! build hygiene (no aya in middleware users; the pure crates on stable
+//! without bpf-linker), then the end-to-end tests: as root, for real,
+//! against the example built five ways (release, fat LTO + panic=abort, v0
+//! mangling, non-PIE, release with debug info), and against `many-futures`
+//! (hundreds of poll copies: attach and detach at scale).
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use anyhow::{Context, bail};
 
-use crate::{build, cmd, fuzz, matrix, setup};
+use crate::{build, cmd, fuzz, hygiene, lint, matrix, setup};
 
 const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -22,22 +24,14 @@ pub struct Options {
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
     let root = cmd::root();
+    // No build needed, so first: a middleware user that pulls in aya fails fast.
+    hygiene::check_no_aya_in_apps()?;
     // The agent's build embeds the eBPF object, so even clippy needs the toolchain.
     let binaries = build::build_all()?;
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args(["fmt", "--all", "--", "--check"]),
-    )?;
-    cmd::run(cmd::cargo().current_dir(&root).args([
-        "clippy",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    cmd::run(&mut ebpf_clippy())?;
+    // fmt and clippy, for the workspaces outside the main lock too.
+    lint::run()?;
     cmd::run(cmd::cargo().current_dir(&root).args(["test", "--release"]))?;
+    hygiene::check_pure_crates_on_stable()?;
     // The parsers of what a target hands loopguard, fuzzed briefly (20 s
     // each); `cargo xtask fuzz --seconds N` for longer runs.
     fuzz::run(&fuzz::Options { seconds: 20 })?;
@@ -159,33 +153,6 @@ const E2E_TESTS: &[&str] = &[
     "inputs",
     "matrix",
 ];
-
-/// Clippy for the eBPF crate, which only builds for the BPF target on nightly.
-fn ebpf_clippy() -> Command {
-    let mut clippy = Command::new("rustup");
-    clippy
-        .current_dir(cmd::root())
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "clippy",
-            "-p",
-            "loopguard-ebpf",
-            "--release",
-        ])
-        .args([
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--",
-            "-D",
-            "warnings",
-        ]);
-    cmd::scrub_cargo_env(&mut clippy);
-    clippy
-}
 
 /// Builds the integration test `name` of the agent; returns its executable.
 fn build_test_binary(name: &str) -> anyhow::Result<PathBuf> {

@@ -9,7 +9,9 @@ fn check_args(text: &str) {
     if let Ok(args) = parse_args(text) {
         for arg in args {
             assert!(matches!(arg.size, 1 | 2 | 4 | 8), "{arg:?}");
-            if let ArgLocation::Register { offset } | ArgLocation::Memory { offset, .. } = arg.location {
+            if let ArgLocation::Register { offset } | ArgLocation::Memory { offset, .. } =
+                arg.location
+            {
                 assert!(offset < 21 * 8, "{arg:?}");
             }
         }

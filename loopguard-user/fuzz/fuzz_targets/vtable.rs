@@ -47,7 +47,10 @@ fuzz_target!(|data: &[u8]| {
     };
     for slot in [BASE, BASE + 8, BASE + 16, BASE - 8] {
         if let Some(layout) = verify_vtable(&image, slot) {
-            assert!(layout.id_offset >= 24 && layout.id_offset % 8 == 0, "{layout:?}");
+            assert!(
+                layout.id_offset >= 24 && layout.id_offset % 8 == 0,
+                "{layout:?}"
+            );
             assert!(layout.scheduler_bytes <= 64, "{layout:?}");
             assert_eq!(
                 layout.is_blocking_pool(),

@@ -1,7 +1,7 @@
 //! The TOML file: its schema, syntax errors with line and column, and
 //! unknown keys with the nearest known key suggested.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -33,6 +33,10 @@ pub const KNOWN_KEYS: &[&str] = &[
     "cumulative.floor_ms",
     "cumulative.window_ms",
     "cumulative.budget_ms",
+    "stacks",
+    "stacks.enabled",
+    "stacks.all_frames",
+    "stacks.folded",
 ];
 
 /// The file as written; every key optional. Durations are signed so that a
@@ -58,6 +62,8 @@ pub struct FileConfig {
     pub adaptive: AdaptiveFile,
     #[serde(default)]
     pub cumulative: CumulativeFile,
+    #[serde(default)]
+    pub stacks: StacksFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +83,15 @@ pub struct CumulativeFile {
     pub floor_ms: Option<i64>,
     pub window_ms: Option<i64>,
     pub budget_ms: Option<i64>,
+}
+
+/// Stack capture (`--no-stacks`, `--all-frames`, `--folded`).
+#[derive(Debug, Default, Deserialize)]
+pub struct StacksFile {
+    pub enabled: Option<bool>,
+    pub all_frames: Option<bool>,
+    /// Relative to the working directory, as the flag's.
+    pub folded: Option<PathBuf>,
 }
 
 /// Reads and parses `path`.
@@ -186,6 +201,11 @@ window_s = 30
 
 [cumulative]
 budget_ms = 150
+
+[stacks]
+enabled = true
+all_frames = true
+folded = "stalls.folded"
 "#,
             "t.toml",
         )
@@ -194,6 +214,27 @@ budget_ms = 150
         assert_eq!(file.adaptive.percentile, Some(0.995));
         assert_eq!(file.cumulative.budget_ms, Some(150));
         assert_eq!(file.metrics_max_routes, Some(50));
+        assert_eq!(file.stacks.enabled, Some(true));
+        assert_eq!(file.stacks.all_frames, Some(true));
+        assert_eq!(file.stacks.folded, Some(PathBuf::from("stalls.folded")));
+    }
+
+    #[test]
+    fn stack_keys_belong_to_the_stacks_table() {
+        let error = parse("all_frames = true\n", "t.toml").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("did you mean `stacks.all_frames`?"),
+            "{error}"
+        );
+        let error = parse("[stacks]\nfold = \"x\"\n", "t.toml").unwrap_err();
+        assert!(
+            error.to_string().contains("did you mean `stacks.folded`?"),
+            "{error}"
+        );
+        let error = parse("[stacks]\nenabled = \"no\"\n", "t.toml").unwrap_err();
+        assert!(error.to_string().starts_with("t.toml:2:"), "{error}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod file;
 mod validate;
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::attach::{ProbeLinks, WaitProbes};
 use crate::cli::{FailOn, WatchArgs};
@@ -73,6 +73,17 @@ pub struct CumulativeConfig {
     pub budget_ms: i64,
 }
 
+/// Stack capture, as the file says it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StacksConfig {
+    /// Capture stalls' stacks and causes (`--no-stacks` turns it off).
+    pub enabled: bool,
+    /// Keep the runtime's frames below the task (`--all-frames`).
+    pub all_frames: bool,
+    /// Write the folded stacks here at exit (`--folded`).
+    pub folded: Option<PathBuf>,
+}
+
 /// The effective configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -90,6 +101,7 @@ pub struct Settings {
     pub metrics_max_routes: Option<usize>,
     pub adaptive: AdaptiveConfig,
     pub cumulative: CumulativeConfig,
+    pub stacks: StacksConfig,
 }
 
 impl Default for Settings {
@@ -121,6 +133,11 @@ impl Default for Settings {
                 floor_ms: cumulative::DEFAULT_FLOOR_MS as i64,
                 window_ms: cumulative::DEFAULT_WINDOW_MS as i64,
                 budget_ms: cumulative::DEFAULT_BUDGET_MS as i64,
+            },
+            stacks: StacksConfig {
+                enabled: true,
+                all_frames: false,
+                folded: None,
             },
         }
     }
@@ -200,6 +217,12 @@ impl Settings {
         set(&mut c.floor_ms, fc.floor_ms);
         set(&mut c.window_ms, fc.window_ms);
         set(&mut c.budget_ms, fc.budget_ms);
+        let (st, fst) = (&mut self.stacks, file.stacks);
+        set(&mut st.enabled, fst.enabled);
+        set(&mut st.all_frames, fst.all_frames);
+        if fst.folded.is_some() {
+            st.folded = fst.folded;
+        }
         Ok(())
     }
 
@@ -248,6 +271,16 @@ impl Settings {
         set(&mut c.floor_ms, signed(fc.cumulative_floor_ms));
         set(&mut c.window_ms, signed(fc.cumulative_window_ms));
         set(&mut c.budget_ms, signed(fc.cumulative_budget_ms));
+        let (st, fst) = (&mut self.stacks, &args.stacks);
+        if fst.no_stacks {
+            st.enabled = false;
+        }
+        if fst.all_frames {
+            st.all_frames = true;
+        }
+        if fst.folded.is_some() {
+            st.folded.clone_from(&fst.folded);
+        }
     }
 
     /// What the detection engine runs with (after validation: all positive).
@@ -332,6 +365,16 @@ impl Settings {
             "\n[cumulative]\nenabled = {}\nfloor_ms = {}\nwindow_ms = {}\nbudget_ms = {}\n",
             c.enabled, c.floor_ms, c.window_ms, c.budget_ms
         );
+        let st = &self.stacks;
+        let _ = write!(
+            out,
+            "\n[stacks]\nenabled = {}\nall_frames = {}\n",
+            st.enabled, st.all_frames
+        );
+        match &st.folded {
+            Some(path) => _ = writeln!(out, "folded = {:?}", path.display().to_string()),
+            None => out.push_str("# folded: unset (no folded-stacks file)\n"),
+        }
         out
     }
 }
@@ -381,6 +424,67 @@ mod tests {
     }
 
     #[test]
+    fn stack_keys_take_the_file_then_the_flags() {
+        let path = write_temp(
+            "stacks.toml",
+            "[stacks]\nall_frames = true\nfolded = \"from-file.folded\"\n",
+        );
+        let from_file = Settings::resolve(&WatchArgs::default(), Some(&path), None).unwrap();
+        assert_eq!(
+            from_file.stacks,
+            StacksConfig {
+                enabled: true,
+                all_frames: true,
+                folded: Some("from-file.folded".into()),
+            },
+            "the file over the defaults"
+        );
+        let mut args = WatchArgs::default();
+        args.stacks.folded = Some("from-flag.folded".into());
+        let flagged = Settings::resolve(&args, Some(&path), None).unwrap();
+        assert_eq!(
+            flagged.stacks.folded,
+            Some("from-flag.folded".into()),
+            "the flag"
+        );
+        assert!(flagged.stacks.all_frames, "still the file");
+
+        // The file turns capture off; a flag cannot turn it back on, but
+        // `--all-frames` against it is the CLI's conflict, refused.
+        let off = write_temp("stacks-off.toml", "[stacks]\nenabled = false\n");
+        let settings = Settings::resolve(&WatchArgs::default(), Some(&off), None).unwrap();
+        assert!(!settings.stacks.enabled);
+        let mut all = WatchArgs::default();
+        all.stacks.all_frames = true;
+        let error = Settings::resolve(&all, Some(&off), None).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("stacks.all_frames (--all-frames) = true"),
+            "{error}"
+        );
+        // And `--no-stacks` against a file that names a folded file.
+        let mut no = WatchArgs::default();
+        no.stacks.no_stacks = true;
+        let error = Settings::resolve(&no, Some(&path), None).unwrap_err();
+        assert!(
+            error.to_string().starts_with("stacks.folded (--folded)"),
+            "{error}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&off).unwrap();
+    }
+
+    #[test]
+    fn the_stack_flags_alone_set_the_stack_keys() {
+        let mut args = WatchArgs::default();
+        args.stacks.no_stacks = true;
+        let settings = Settings::resolve(&args, None, None).unwrap();
+        assert!(!settings.stacks.enabled);
+        assert!(Settings::default().stacks.enabled, "on by default");
+    }
+
+    #[test]
     fn the_printed_configuration_reads_back_the_same() {
         let mut settings = Settings::default();
         settings.adaptive.enabled = true;
@@ -390,6 +494,8 @@ mod tests {
         settings.duration_s = Some(9);
         settings.wait_probes = WaitProbes::Off;
         settings.loop_threads = vec!["node".into(), "python*".into()];
+        settings.stacks.all_frames = true;
+        settings.stacks.folded = Some("/tmp/stalls.folded".into());
         let path = write_temp("roundtrip.toml", &settings.to_toml());
         let back = Settings::resolve(&WatchArgs::default(), Some(&path), None).unwrap();
         std::fs::remove_file(&path).unwrap();

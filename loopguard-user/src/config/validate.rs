@@ -73,6 +73,7 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
     }
     check_adaptive(s)?;
     check_cumulative(s)?;
+    check_stacks(s)?;
     if s.metrics_max_routes == Some(0) {
         return Err(invalid(
             "metrics_max_routes",
@@ -184,6 +185,28 @@ fn check_cumulative(s: &Settings) -> Result<(), ConfigError> {
                 a.floor_ms
             ),
         ));
+    }
+    Ok(())
+}
+
+/// The CLI refuses `--no-stacks` with `--all-frames` or `--folded`; the same
+/// holds when one comes from the file and the other from a flag.
+fn check_stacks(s: &Settings) -> Result<(), ConfigError> {
+    let st = &s.stacks;
+    if st.enabled {
+        return Ok(());
+    }
+    let off = "needs stack capture, which stacks.enabled = false (--no-stacks) turns off; remove one of the two";
+    if let Some(path) = &st.folded {
+        return Err(invalid(
+            "stacks.folded",
+            "--folded",
+            &format!("{:?}", path.display().to_string()),
+            off,
+        ));
+    }
+    if st.all_frames {
+        return Err(invalid("stacks.all_frames", "--all-frames", &true, off));
     }
     Ok(())
 }
@@ -305,6 +328,27 @@ mod tests {
             }),
             "adaptive.min_samples (--adaptive-min-samples) = 3000000: is more polls than a 2 s window can hold (2000000, at most one poll per microsecond); lower it or lengthen adaptive.window_s"
         );
+    }
+
+    #[test]
+    fn stack_options_without_stack_capture_are_refused() {
+        assert_eq!(
+            error(|s| {
+                s.stacks.enabled = false;
+                s.stacks.folded = Some("out.folded".into());
+            }),
+            "stacks.folded (--folded) = \"out.folded\": needs stack capture, which stacks.enabled = false (--no-stacks) turns off; remove one of the two"
+        );
+        assert!(
+            error(|s| {
+                s.stacks.enabled = false;
+                s.stacks.all_frames = true;
+            })
+            .starts_with("stacks.all_frames (--all-frames) = true: needs stack capture")
+        );
+        let mut off = Settings::default();
+        off.stacks.enabled = false;
+        assert!(check(&off).is_ok());
     }
 
     #[test]

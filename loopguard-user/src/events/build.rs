@@ -1,6 +1,7 @@
 //! Makes [`Event`]s from what the watch found: findings with their context,
 //! and the summary.
 
+use loopguard_common::requests::RequestTotals;
 use loopguard_common::{Counter, hist};
 
 use super::clock;
@@ -9,14 +10,14 @@ use super::{
     LoopThreadSummary, RequestRecord, RequestsSummary, RouteShareRecord, RouteSummary, StackFields,
     StackSummary, StallEvent, SummaryEvent, TaskShareRecord, ThresholdEvent, ThresholdSummary, ms,
 };
-use crate::attribute::Request;
+use crate::attribute::{Request, RouteTable};
 use crate::detect::cumulative::{RouteShare, TaskShare};
 use crate::detect::{Culprit, CumulativeAlert, Finding, Scope, Stall, ThresholdChange};
 use crate::report::StallContext;
 use crate::stacks::StallStack;
 use crate::stacks::fold::{Frame, StackStalls};
 use crate::stacks::profile::Cause;
-use crate::summary::{RequestSummary, Summary};
+use crate::summary::Summary;
 
 /// How many stacks the summary lists.
 pub const SUMMARY_STACKS: usize = crate::stacks::render::SUMMARY_STACKS;
@@ -200,27 +201,33 @@ pub fn finding(
     }
 }
 
-fn requests(requests: &RequestSummary) -> RequestsSummary {
-    RequestsSummary {
-        started: requests.started,
-        ended: requests.ended,
-        in_flight: requests.in_flight,
-        peak_in_flight: requests.peak_in_flight,
-        capacity: requests.capacity,
-        evicted: requests.evicted,
-        unmatched_ends: requests.unmatched_ends,
-        unattributable_starts: requests.unattributable_starts,
-        layout_mismatches: requests.layout_mismatches,
-        routes: requests
-            .routes
-            .iter()
-            .map(|(route, totals)| RouteSummary {
-                route: route.clone(),
-                stalls: totals.stalls,
-                total_stall_ms: ms(totals.total_ns),
-                longest_stall_ms: ms(totals.longest_ns),
-            })
-            .collect(),
+impl RequestsSummary {
+    /// From the kernel's request totals (`None`: requests not tracked) and
+    /// the stalls counted per route.
+    pub fn new(totals: Option<RequestTotals>, routes: &RouteTable) -> Self {
+        let totals = totals.unwrap_or_default();
+        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Self {
+            started: totals.started,
+            ended: totals.ended,
+            in_flight: count(totals.started.saturating_sub(totals.ended)),
+            peak_in_flight: count(totals.peak_in_flight),
+            capacity: loopguard_common::requests::MAX_REQUESTS as usize,
+            evicted: totals.replaced,
+            unmatched_ends: totals.unmatched_ends,
+            unattributable_starts: totals.outside_poll,
+            layout_mismatches: totals.layout_mismatches,
+            routes: routes
+                .ranked_routes()
+                .into_iter()
+                .map(|(route, totals)| RouteSummary {
+                    route: route.to_owned(),
+                    stalls: totals.stalls,
+                    total_stall_ms: ms(totals.total_ns),
+                    longest_stall_ms: ms(totals.longest_ns),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -286,7 +293,8 @@ pub fn summary(summary: &Summary, pid: u32) -> SummaryEvent {
         unmatched_returns: counters.get(Counter::UnmatchedReturns),
         stack_overflows: counters.get(Counter::StackOverflow),
         thread_map_full: counters.get(Counter::ThreadMapFull),
-        requests: requests(&summary.requests),
+        request_map_full: counters.get(Counter::RequestMapFull),
+        requests: summary.requests.clone(),
         stacks: stacks(&summary.stacks),
         loop_threads: summary
             .loop_threads

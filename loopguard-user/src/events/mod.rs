@@ -261,6 +261,10 @@ pub struct SummaryEvent {
     pub unmatched_returns: u64,
     pub stack_overflows: u64,
     pub thread_map_full: u64,
+    /// Request starts not tracked: the kernel's request map had no room.
+    /// (Absent from recordings made before it was counted apart.)
+    #[serde(default)]
+    pub request_map_full: u64,
     pub requests: RequestsSummary,
     pub stacks: Vec<StackSummary>,
     pub loop_threads: Vec<LoopThreadSummary>,
@@ -292,7 +296,9 @@ pub struct ExcludedSummary {
     pub cumulative_ms: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// What the middleware's probes told over the run: the kernel's request
+/// totals and the stalls per route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RequestsSummary {
     pub started: u64,
     pub ended: u64,
