@@ -104,7 +104,8 @@
 //! a semaphore, no locking. Only an attached agent turns the `nop` into a
 //! breakpoint. The in-flight table adds per request a copy of at most 144
 //! bytes of text and a few atomic stores, and per later poll of the
-//! response future two stores and one `clock_gettime` (vDSO); no lock, no
+//! response future two stores and one `clock_gettime` of the coarse clock
+//! (vDSO); no lock, no
 //! allocation, and no system call after a thread's first request (its
 //! thread id is cached). Per request the layer adds one relaxed atomic increment (the
 //! id), clones of the method (a plain enum value for standard methods), of

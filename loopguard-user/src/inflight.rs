@@ -58,9 +58,29 @@ impl InflightRequest {
 
     /// When the poll stuck on `tid` began, at the latest, if this request
     /// tells: only a tracked request's current poll runs inside that task
-    /// poll.
+    /// poll. The middleware reads the coarse clock, up to a tick behind:
+    /// the tick is added back.
     pub fn poll_began_by(&self) -> Option<u64> {
-        (self.polls_tracked && self.poll_started_ns != 0).then_some(self.poll_started_ns)
+        (self.polls_tracked && self.poll_started_ns != 0)
+            .then(|| self.poll_started_ns + coarse_tick_ns())
+    }
+}
+
+/// The resolution of `CLOCK_MONOTONIC_COARSE` (one timer tick), how far
+/// behind the monotonic clock the middleware's times may be.
+pub fn coarse_tick_ns() -> u64 {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out pointer.
+    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) } == 0;
+    if ok {
+        u64::try_from(res.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(res.tv_nsec).unwrap_or(0)
+    } else {
+        // The longest tick Linux has (HZ=100).
+        10_000_000
     }
 }
 
@@ -256,7 +276,7 @@ mod tests {
                 path: "/login".into(),
             }]
         );
-        assert_eq!(requests[0].poll_began_by(), Some(2_000));
+        assert_eq!(requests[0].poll_began_by(), Some(2_000 + coarse_tick_ns()));
     }
 
     #[test]

@@ -61,10 +61,12 @@ pub mod inflight_slot {
     pub const POLLING_TID: usize = 4;
     /// u64: request id (0: the slot is free).
     pub const ID: usize = 8;
-    /// u64: ns, `CLOCK_MONOTONIC`, when `request_start` fired.
+    /// u64: ns, `CLOCK_MONOTONIC_COARSE` (the monotonic clock as of the
+    /// last tick: up to `clock_getres` behind), when `request_start` fired.
     pub const STARTED_NS: usize = 16;
-    /// u64: ns, `CLOCK_MONOTONIC`, when the current poll of the request's
-    /// future began (valid while `POLLING_TID` is set and polls are tracked).
+    /// u64: ns, `CLOCK_MONOTONIC_COARSE`, when the current poll of the
+    /// request's future began (valid while `POLLING_TID` is set and polls
+    /// are tracked).
     pub const POLL_STARTED_NS: usize = 24;
     /// u8: [`flags`].
     pub const FLAGS: usize = 32;
