@@ -108,3 +108,45 @@ fn every_checked_tokio_and_actix_report_a_stall_with_its_request() {
         );
     }
 }
+
+#[test]
+#[ignore = "end-to-end: needs root and the matrix builds; run `cargo xtask test`"]
+fn a_request_stuck_before_attach_is_named_with_the_plain_functions() {
+    require_root();
+    // `RequestGuard` (no tower layer): the in-flight table names the thread
+    // the request started on. The oldest Tokio and actix.
+    let entries: Vec<_> = entries()
+        .into_iter()
+        .filter(|(label, _, flavor)| flavor == "actix" || label.contains("1.38"))
+        .collect();
+    assert!(entries.len() >= 2, "{entries:?}");
+    for (label, binary, flavor) in entries {
+        let server = start(&binary, &flavor);
+        let addr = server.addr;
+        let blocker =
+            std::thread::spawn(move || support::http_get(addr, "/block/sleep?ms=3000").unwrap());
+        std::thread::sleep(Duration::from_millis(1500));
+        let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
+        let stuck = agent
+            .wait_for(
+                &format!("{label}: the poll stuck before attach"),
+                Duration::from_secs(3),
+                |v| {
+                    v["type"] == "stall_in_progress"
+                        && v["started_before_attach"] == Value::Bool(true)
+                },
+            )
+            .value;
+        assert_eq!(
+            stuck["request"]["route"], "/block/sleep",
+            "{label}: {stuck}"
+        );
+        assert_eq!(stuck["request"]["method"], "GET", "{label}: {stuck}");
+        let ours = agent.programs();
+        let blocked = blocker.join().unwrap();
+        assert_eq!(stuck["tid"], blocked.body["tid"], "{label}: {stuck}");
+        let (status, _) = agent.interrupt();
+        assert!(status.success(), "{label}");
+        assert_detached(&ours);
+    }
+}
