@@ -143,8 +143,8 @@ fn a_request_stuck_before_attach_is_named_with_the_plain_functions() {
         );
         assert_eq!(stuck["request"]["method"], "GET", "{label}: {stuck}");
         let ours = agent.programs();
-        let blocked = blocker.join().unwrap();
-        assert_eq!(stuck["tid"], blocked.body["tid"], "{label}: {stuck}");
+        let slept = sleeper.join().unwrap();
+        assert_eq!(stuck["tid"], slept.body["tid"], "{label}: {stuck}");
         let (status, _) = agent.interrupt();
         assert!(status.success(), "{label}");
         assert_detached(&ours);
