@@ -123,7 +123,7 @@ fn a_request_stuck_before_attach_is_named_with_the_plain_functions() {
     for (label, binary, flavor) in entries {
         let server = start(&binary, &flavor);
         let addr = server.addr;
-        let blocker =
+        let sleeper =
             std::thread::spawn(move || support::http_get(addr, "/block/sleep?ms=3000").unwrap());
         std::thread::sleep(Duration::from_millis(1500));
         let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
