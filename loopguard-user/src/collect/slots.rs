@@ -422,10 +422,6 @@ mod tests {
         let source = Racing::new(vec![torn(7, 20)], vec![Some((0, polls(7, 22, None)))]);
         let taken = snapshot([7], &source);
         assert_eq!(taken.threads.len(), 1);
-        assert!(
-            detector
-                .on_snapshot(1000 * MS, &taken.threads)
-                .is_empty()
-        );
+        assert!(detector.on_snapshot(1000 * MS, &taken.threads).is_empty());
     }
 }
