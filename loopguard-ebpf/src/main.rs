@@ -409,6 +409,14 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     wait::note_switch(slot, tid, switched_in_ns, runnable, now);
+    // Every switch of a target thread runs this: a write section (two
+    // atomic adds) is opened only when there is something to write.
+    let Some(stack) = slots::peek_polls(slot, tid) else {
+        return 0;
+    };
+    if stack.preempted_since_ns == 0 && !(runnable && stack.depth > 0) {
+        return 0;
+    }
     let Some(mut stack) = slots::polls_mut(slot, tid, false) else {
         return 0;
     };

@@ -221,6 +221,19 @@ pub(crate) fn loops_mut(slot: u32, tid: u32, take: bool) -> Option<Writing<LoopS
     Writing::open(THREAD_LOOPS.get_ptr_mut(slot)?, tid, take)
 }
 
+/// `tid`'s poll stack in `slot`, for a look before deciding to write (by
+/// that thread: its own last writes are what it reads).
+#[inline(always)]
+pub(crate) fn peek_polls(slot: u32, tid: u32) -> Option<&'static ThreadPolls> {
+    THREAD_POLLS.get(slot).filter(|polls| polls.tid == tid)
+}
+
+/// `tid`'s wait state in `slot`, as [`peek_polls`].
+#[inline(always)]
+pub(crate) fn peek_loops(slot: u32, tid: u32) -> Option<&'static LoopState> {
+    THREAD_LOOPS.get(slot).filter(|loops| loops.tid == tid)
+}
+
 /// `tid`'s poll stack, read by a program of that same thread; `None` while
 /// one of its sections is open (this program interrupted it) or when it has
 /// none.

@@ -168,6 +168,13 @@ fn settle(state: &mut LoopState) {
 /// the run queue (preempted). Only time inside a busy stretch is counted.
 #[inline(always)]
 pub fn note_switch(slot: u32, tid: u32, switched_in_ns: u64, runnable: bool, now: u64) {
+    let Some(state) = slots::peek_loops(slot, tid) else {
+        return;
+    };
+    let mark = runnable && state.depth == 0 && state.busy_start_ns != 0;
+    if state.preempted_since_ns == 0 && !mark {
+        return;
+    }
     let Some(mut state) = slots::loops_mut(slot, tid, false) else {
         return;
     };
@@ -176,7 +183,7 @@ pub fn note_switch(slot: u32, tid: u32, switched_in_ns: u64, runnable: bool, now
         state.preempted_ns += switched_in_ns.saturating_sub(state.preempted_since_ns);
         state.preempted_since_ns = 0;
     }
-    if runnable && state.depth == 0 && state.busy_start_ns != 0 {
+    if mark {
         state.preempted_since_ns = now;
     }
 }
