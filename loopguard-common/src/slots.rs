@@ -7,7 +7,8 @@
 //! slot and pushes it back. Slot `i` of [`names::SLOT_OWNERS`] holds the
 //! owner's tid (0: free), slot `i` of `THREAD_POLLS` and `THREAD_LOOPS` its
 //! state. The three arrays are `BPF_F_MMAPABLE`: the agent maps them
-//! read-only and scans the owners (16 KiB) to find the slots worth copying.
+//! read-only and scans the owners (32 KiB: the kernel spaces 4-byte values
+//! 8 apart) to find the slots worth copying.
 //!
 //! Every value starts with a `seq: u32` and a `tid: u32`. Only the owning
 //! thread writes its slot (its own probes, and `sched_switch` and
