@@ -9,6 +9,7 @@
 pub mod follow;
 pub mod hist;
 pub mod requests;
+pub mod slots;
 pub mod stacks;
 
 /// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
@@ -41,12 +42,14 @@ pub mod names {
     pub const WAIT_SYSCALL_ENTER: &str = "wait_syscall_enter";
     /// Raw tracepoint `sys_exit`, the other half.
     pub const WAIT_SYSCALL_EXIT: &str = "wait_syscall_exit";
-    /// Per-thread wait state of event-loop threads, keyed by tid.
+    /// Per-thread wait state of event-loop threads ([`super::LoopState`]),
+    /// one per thread slot ([`super::slots`]).
     pub const THREAD_LOOPS: &str = "THREAD_LOOPS";
 
     /// Ring buffer of [`super::PollEvent`]s.
     pub const EVENTS: &str = "EVENTS";
-    /// Per-thread stack of in-flight polls, keyed by tid.
+    /// Per-thread stack of in-flight polls ([`super::ThreadPolls`]), one per
+    /// thread slot ([`super::slots`]).
     pub const THREAD_POLLS: &str = "THREAD_POLLS";
     /// Per-CPU log-linear histogram of worker poll durations ([`super::hist`]).
     pub const POLL_HISTOGRAM: &str = "POLL_HISTOGRAM";
@@ -68,9 +71,6 @@ pub const MAX_BLOCKING_RANGES: usize = 16;
 
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
-
-/// Upper bound on threads tracked at once in [`names::THREAD_POLLS`].
-pub const MAX_THREADS: u32 = 16384;
 
 /// The attach cookie of a `raw::poll` copy (a `u64`, see [`PollCookie`]):
 /// bits 0..16 hold the byte offset of the task id from the task header (0
@@ -257,10 +257,16 @@ pub struct PollFrame {
     pub requests_ended_at_entry: u64,
 }
 
-/// A thread's stack of in-flight polls (value of [`names::THREAD_POLLS`]).
+/// A thread's stack of in-flight polls (a slot of [`names::THREAD_POLLS`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadPolls {
+    /// Write sequence ([`slots`]): odd while the owning thread is writing
+    /// this slot, bumped twice per write; never reset, not even when the
+    /// slot passes to another thread.
+    pub seq: u32,
+    /// Thread id of the owner (0: the slot holds no thread's polls).
+    pub tid: u32,
     /// Polls in flight, including those deeper than [`MAX_POLL_DEPTH`].
     pub depth: u32,
     /// Explicit padding, always 0.
@@ -297,6 +303,8 @@ impl PollFrame {
 impl ThreadPolls {
     pub const fn zeroed() -> Self {
         Self {
+            seq: 0,
+            tid: 0,
             depth: 0,
             pad: 0,
             busy_ns: 0,
@@ -308,11 +316,15 @@ impl ThreadPolls {
     }
 }
 
-/// What the wait probes keep per thread (value of [`names::THREAD_LOOPS`]).
+/// What the wait probes keep per thread (a slot of [`names::THREAD_LOOPS`]).
 /// A thread appears here once it has entered or left a wait.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopState {
+    /// Write sequence, as [`ThreadPolls::seq`].
+    pub seq: u32,
+    /// Thread id of the owner (0: the slot holds no thread's wait state).
+    pub tid: u32,
     /// Waits entered and not yet returned (epoll inside a park nests).
     pub depth: u32,
     /// Explicit padding, always 0.
@@ -340,7 +352,7 @@ pub struct LoopState {
     pub preempted_at_start_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<LoopState>() == 72);
+const _: () = assert!(core::mem::size_of::<LoopState>() == 80);
 
 /// Sent when an event-loop thread enters a wait after a busy stretch of at
 /// least the report floor.
@@ -428,7 +440,7 @@ pub struct PollEvent {
 
 const _: () = assert!(core::mem::size_of::<PollEvent>() == 88);
 const _: () = assert!(core::mem::size_of::<PollFrame>() == 56);
-const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 40 + 56 * MAX_POLL_DEPTH);
+const _: () = assert!(core::mem::size_of::<ThreadPolls>() == 48 + 56 * MAX_POLL_DEPTH);
 
 /// Indices into [`names::COUNTERS`]. (Worker polls are not counted here:
 /// the [`names::POLL_HISTOGRAM`] holds every one, its total is the count.)
@@ -443,15 +455,19 @@ pub enum Counter {
     StackOverflow = 2,
     /// Returns seen with no matching entry on the thread's stack.
     UnmatchedReturns = 3,
-    /// Entries lost because [`names::THREAD_POLLS`] was full.
+    /// Threads left untracked because no thread slot was free
+    /// ([`slots::MAX_THREAD_SLOTS`] in use).
     ThreadMapFull = 4,
     /// Request starts not tracked because the request map had no room
     /// (its insert failed): their stalls have no request.
     RequestMapFull = 5,
+    /// Slots of exited threads that could not be put back on the free
+    /// stack (never expected: the push failed), so never reused.
+    SlotLeaked = 6,
 }
 
 /// Number of slots in [`names::COUNTERS`].
-pub const COUNTER_SLOTS: u32 = 6;
+pub const COUNTER_SLOTS: u32 = 7;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -19,7 +19,9 @@
 //! - `stack_sched_switch` / `stack_on_cpu` ([`stacks`]): the user stacks of
 //!   stuck polls, on and off CPU, and their off-CPU time (issue #14).
 //!
-//! The agent reads `THREAD_POLLS` directly to see polls that are still stuck.
+//! Each thread's poll stack and wait state live in a thread slot
+//! ([`slots`]); the agent maps those arrays and reads them in place to see
+//! polls that are still stuck.
 #![no_std]
 #![no_main]
 // The BPF target has no atomic read-modify-write types, but LLVM lowers
@@ -34,20 +36,20 @@ use aya_ebpf::{
         generated::bpf_get_attach_cookie,
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 mod follow;
 mod requests;
+mod slots;
 mod stacks;
 mod wait;
 
 use loopguard_common::{
     COUNTER_SLOTS, Config, Counter, EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES,
-    MAX_POLL_DEPTH, MAX_THREADS, PollCookie, PollEvent, PollFrame, ThreadPolls, config_flags,
-    frame_flags,
+    MAX_POLL_DEPTH, PollCookie, PollEvent, PollFrame, ThreadPolls, config_flags, frame_flags,
     hist::{self, PollHistogram},
 };
 
@@ -57,13 +59,6 @@ static CONFIG: Config = Config::zeroed();
 
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
-
-/// A thread's first poll stack.
-static EMPTY_POLLS: ThreadPolls = ThreadPolls::zeroed();
-
-#[map]
-pub(crate) static THREAD_POLLS: HashMap<u32, ThreadPolls> =
-    HashMap::with_max_entries(MAX_THREADS, 0);
 
 /// One entry per CPU holding every slot, so the agent reads it in one lookup.
 #[map]
@@ -249,24 +244,9 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
         },
     };
 
-    let stack = match THREAD_POLLS.get_ptr_mut(tid) {
-        Some(stack) => stack,
-        None => {
-            // From a zeroed global: a stack copy would not fit beside the frame.
-            #[expect(
-                clippy::needless_borrows_for_generic_args,
-                reason = "no copy on the BPF stack"
-            )]
-            let inserted = THREAD_POLLS.insert(tid, &EMPTY_POLLS, 0);
-            if inserted.is_err() {
-                bump(Counter::ThreadMapFull);
-                return Ok(());
-            }
-            THREAD_POLLS.get_ptr_mut(tid).ok_or(1i64)?
-        }
-    };
-    // SAFETY: map value pointer, valid for this program run.
-    let stack = unsafe { &mut *stack };
+    let slot = slots::claim_slot(tid).ok_or(1i64)?;
+    let mut stack = slots::polls_mut(slot, tid, true).ok_or(1i64)?;
+    let stack = &mut *stack;
     settle_preemption(stack, last_switch_ns());
     frame.preempted_at_entry = stack.preempted_ns;
     let depth = stack.depth as usize;
@@ -302,27 +282,9 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     }
     let tid = pid_tgid as u32;
     let end_ns = unsafe { bpf_ktime_get_ns() };
-    let Some(stack) = THREAD_POLLS.get_ptr_mut(tid) else {
-        bump(Counter::UnmatchedReturns);
+    let Some((frame, depth, duration_ns, preempted_ns)) = pop_frame(tid, end_ns) else {
         return Ok(());
     };
-    // SAFETY: map value pointer, valid for this program run.
-    let stack = unsafe { &mut *stack };
-    if stack.depth == 0 {
-        bump(Counter::UnmatchedReturns);
-        return Ok(());
-    }
-    stack.depth -= 1;
-    let depth = stack.depth as usize;
-    if depth >= MAX_POLL_DEPTH {
-        return Ok(());
-    }
-    let Some(&frame) = stack.frames.get(frame_index(depth)) else {
-        return Ok(());
-    };
-    let duration_ns = end_ns.saturating_sub(frame.start_ns);
-    settle_preemption(stack, last_switch_ns());
-    let preempted_ns = stack.preempted_ns.saturating_sub(frame.preempted_at_entry);
 
     if frame.flags & frame_flags::BLOCKING != 0 {
         bump(Counter::BlockingPolls);
@@ -336,9 +298,6 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     // The histogram holds the time each poll held its thread: a preempted
     // stretch is the scheduler's, and would inflate the adaptive baseline.
     count_poll(duration_ns - preempted_ns.min(duration_ns));
-    // Only this thread writes its stack: plain adds are exact here.
-    stack.busy_ns += duration_ns;
-    stack.task_polls += 1;
     // Shipped by the time the poll held its thread, as the agent judges it.
     if duration_ns - preempted_ns.min(duration_ns) < report_floor_ns() {
         return Ok(());
@@ -373,6 +332,39 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// Pops `tid`'s innermost frame in one write section, adding a task poll's
+/// time to the thread's busy total: the frame, its depth (0 = outermost),
+/// its duration and the ns it spent preempted. `None` when there is no
+/// frame to pop (counted) or it was deeper than the stack records.
+#[inline(always)]
+fn pop_frame(tid: u32, end_ns: u64) -> Option<(PollFrame, usize, u64, u64)> {
+    let Some(mut stack) = slots::slot_of(tid).and_then(|slot| slots::polls_mut(slot, tid, false))
+    else {
+        bump(Counter::UnmatchedReturns);
+        return None;
+    };
+    let stack = &mut *stack;
+    if stack.depth == 0 {
+        bump(Counter::UnmatchedReturns);
+        return None;
+    }
+    stack.depth -= 1;
+    let depth = stack.depth as usize;
+    if depth >= MAX_POLL_DEPTH {
+        return None;
+    }
+    let frame = *stack.frames.get(frame_index(depth))?;
+    let duration_ns = end_ns.saturating_sub(frame.start_ns);
+    settle_preemption(stack, last_switch_ns());
+    let preempted_ns = stack.preempted_ns.saturating_sub(frame.preempted_at_entry);
+    if frame.flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) == 0 {
+        // Only this thread writes its slot: plain adds are exact here.
+        stack.busy_ns += duration_ns;
+        stack.task_polls += 1;
+    }
+    Some((frame, depth, duration_ns, preempted_ns))
+}
+
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn thread_exit(_ctx: RawTracePointContext) -> i32 {
     if empty_programs() {
@@ -380,8 +372,7 @@ pub fn thread_exit(_ctx: RawTracePointContext) -> i32 {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 == target_tgid() {
-        let _ = THREAD_POLLS.remove(pid_tgid as u32);
-        wait::forget_thread(pid_tgid as u32);
+        slots::release(pid_tgid as u32);
     }
     0
 }
@@ -413,12 +404,23 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     let (preempt, prev_state) = unsafe { (*args, *args.add(3)) };
     // Still on the run queue: preempted, or yielding (TASK_RUNNING is 0).
     let runnable = preempt & 1 != 0 || prev_state as u32 == 0;
-    wait::note_switch(pid_tgid as u32, switched_in_ns, runnable, now);
-    let Some(stack) = THREAD_POLLS.get_ptr_mut(pid_tgid as u32) else {
+    let tid = pid_tgid as u32;
+    let Some(slot) = slots::slot_of(tid) else {
         return 0;
     };
-    // SAFETY: map value pointer, valid for this program run.
-    let stack = unsafe { &mut *stack };
+    wait::note_switch(slot, tid, switched_in_ns, runnable, now);
+    // Every switch of a target thread runs this: a write section (two
+    // atomic adds) is opened only when there is something to write.
+    let Some(stack) = slots::peek_polls(slot, tid) else {
+        return 0;
+    };
+    if stack.preempted_since_ns == 0 && !(runnable && stack.depth > 0) {
+        return 0;
+    }
+    let Some(mut stack) = slots::polls_mut(slot, tid, false) else {
+        return 0;
+    };
+    let stack = &mut *stack;
     settle_preemption(stack, switched_in_ns);
     if runnable && stack.depth > 0 {
         stack.preempted_since_ns = now;

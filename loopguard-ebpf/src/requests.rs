@@ -29,7 +29,7 @@ use loopguard_common::{
     usdt::LAYOUT_VERSION,
 };
 
-use crate::{EVENTS, THREAD_POLLS, add, add_one, bump, frame_index};
+use crate::{EVENTS, add, add_one, bump, frame_index, slots};
 
 #[map]
 static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_USDT_SITES, 0);
@@ -103,8 +103,7 @@ fn read_user_str<const N: usize>(ptr: u64, len: u64, buf: *mut [u8; N]) {
 /// The task id, start and flags of the poll on top of `tid`'s stack.
 #[inline(always)]
 fn current_poll(tid: u32) -> (u64, u64, u32) {
-    // SAFETY: a read-only look at the map value.
-    let Some(stack) = (unsafe { THREAD_POLLS.get(tid) }) else {
+    let Some(stack) = slots::polls_of(tid) else {
         return (0, 0, frame_flags::NO_POLL);
     };
     let depth = stack.depth as usize;

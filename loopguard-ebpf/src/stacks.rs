@@ -30,7 +30,7 @@ use loopguard_common::{
     },
 };
 
-use crate::{THREAD_POLLS, add, bump, frame_index};
+use crate::{add, bump, frame_index, slots};
 
 /// Set by the agent before load (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -77,8 +77,9 @@ fn config_u64(field: *const u64) -> u64 {
 /// it is neither a scheduler loop nor blocking-pool work).
 #[inline(always)]
 fn current_task_poll(tid: u32) -> Option<u64> {
-    // SAFETY: a read-only look at the map value.
-    let stack = unsafe { THREAD_POLLS.get(tid) }?;
+    // `None` too when the thread was switched out in the middle of writing
+    // its stack (a preempted probe): the stack is not whole then.
+    let stack = slots::polls_of(tid)?;
     let depth = stack.depth as usize;
     if depth == 0 || depth > MAX_POLL_DEPTH {
         return None;

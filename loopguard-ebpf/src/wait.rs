@@ -9,56 +9,49 @@
 //! Tokio worker's park calls `epoll_wait`), so only the outermost one
 //! counts. A busy stretch runs from a wait's return to the next wait's
 //! entry; one of at least the report floor is sent as a `LoopEvent`. The
-//! agent reads `THREAD_LOOPS` to see a stretch that is still running.
+//! wait state lives in the thread's slot ([`crate::slots`]), where the agent
+//! reads it to see a stretch that is still running.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::HashMap,
+    macros::{raw_tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
-use loopguard_common::{EventKind, LoopEvent, LoopState, MAX_THREADS};
+use loopguard_common::{EventKind, LoopEvent, LoopState};
 
-use crate::{Counter, EVENTS, bump, last_switch_ns, report_floor_ns, target_tgid};
-
-#[map]
-static THREAD_LOOPS: HashMap<u32, LoopState> = HashMap::with_max_entries(MAX_THREADS, 0);
+use crate::{
+    Counter, EVENTS, bump, last_switch_ns, report_floor_ns,
+    slots::{self, Writing},
+    target_tgid,
+};
 
 /// Waits deeper than this are not tracked (a runaway nesting count).
 const MAX_WAIT_DEPTH: u32 = 8;
 
-/// This thread's wait state, created on first use; `None` for another
-/// process or a full map.
+/// A write section on this thread's wait state, created on first use;
+/// `None` for another process or when no thread slot is free (counted).
 #[inline(always)]
-fn this_thread() -> Option<(u32, u32, &'static mut LoopState)> {
+fn this_thread() -> Option<(u32, u32, Writing<LoopState>)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid != target_tgid() {
         return None;
     }
     let tid = pid_tgid as u32;
-    let state = match THREAD_LOOPS.get_ptr_mut(tid) {
-        Some(state) => state,
-        None => {
-            if THREAD_LOOPS.insert(tid, LoopState::default(), 0).is_err() {
-                bump(Counter::ThreadMapFull);
-                return None;
-            }
-            THREAD_LOOPS.get_ptr_mut(tid)?
-        }
-    };
-    // SAFETY: a map value pointer, valid for this program run; only this
-    // thread writes its own entry.
-    Some((tgid, tid, unsafe { &mut *state }))
+    let slot = slots::claim_slot(tid)?;
+    Some((tgid, tid, slots::loops_mut(slot, tid, true)?))
 }
 
 /// When `tid`'s current busy stretch began, while it runs (the thread is
 /// in no wait and came back from one since attaching).
 #[inline(always)]
 pub(crate) fn busy_since(tid: u32) -> Option<u64> {
-    // SAFETY: a read-only look at the map value.
-    let state = unsafe { THREAD_LOOPS.get(tid) }?;
-    (state.depth == 0 && state.busy_start_ns != 0).then_some(state.busy_start_ns)
+    // Read by a program of that same thread: its own last writes.
+    let state = slots::peek_loops(slots::slot_of(tid)?, tid)?;
+    (!loopguard_common::slots::is_writing(state.seq)
+        && state.depth == 0
+        && state.busy_start_ns != 0)
+        .then_some(state.busy_start_ns)
 }
 
 #[uprobe]
@@ -66,8 +59,8 @@ pub fn wait_enter(_ctx: ProbeContext) -> u32 {
     if crate::empty_programs() {
         return 0;
     }
-    if let Some((tgid, tid, state)) = this_thread() {
-        enter(tgid, tid, state);
+    if let Some((tgid, tid, mut state)) = this_thread() {
+        enter(tgid, tid, &mut state);
     }
     0
 }
@@ -77,8 +70,8 @@ pub fn wait_exit(_ctx: RetProbeContext) -> u32 {
     if crate::empty_programs() {
         return 0;
     }
-    if let Some((_, _, state)) = this_thread() {
-        exit(state);
+    if let Some((_, _, mut state)) = this_thread() {
+        exit(&mut state);
     }
     0
 }
@@ -108,9 +101,9 @@ pub fn wait_syscall_enter(ctx: RawTracePointContext) -> i32 {
     }
     let id: u64 = ctx.arg(1);
     if is_epoll_wait(id)
-        && let Some((tgid, tid, state)) = this_thread()
+        && let Some((tgid, tid, mut state)) = this_thread()
     {
-        enter(tgid, tid, state);
+        enter(tgid, tid, &mut state);
     }
     0
 }
@@ -129,9 +122,9 @@ pub fn wait_syscall_exit(ctx: RawTracePointContext) -> i32 {
     let id = unsafe { bpf_probe_read_kernel((regs + PT_REGS_ORIG_AX as u64) as *const u64) }
         .unwrap_or(0);
     if is_epoll_wait(id)
-        && let Some((_, _, state)) = this_thread()
+        && let Some((_, _, mut state)) = this_thread()
     {
-        exit(state);
+        exit(&mut state);
     }
     0
 }
@@ -183,20 +176,26 @@ fn settle(state: &mut LoopState) {
 }
 
 /// Called from the context-switch tracepoint for a thread of the target
-/// being switched out: `runnable` when it goes back on the run queue
-/// (preempted). Only time inside a busy stretch is counted.
+/// (with slot `slot`) being switched out: `runnable` when it goes back on
+/// the run queue (preempted). Only time inside a busy stretch is counted.
 #[inline(always)]
-pub fn note_switch(tid: u32, switched_in_ns: u64, runnable: bool, now: u64) {
-    let Some(state) = THREAD_LOOPS.get_ptr_mut(tid) else {
+pub fn note_switch(slot: u32, tid: u32, switched_in_ns: u64, runnable: bool, now: u64) {
+    let Some(state) = slots::peek_loops(slot, tid) else {
         return;
     };
-    // SAFETY: a map value pointer, valid for this program run.
-    let state = unsafe { &mut *state };
+    let mark = runnable && state.depth == 0 && state.busy_start_ns != 0;
+    if state.preempted_since_ns == 0 && !mark {
+        return;
+    }
+    let Some(mut state) = slots::loops_mut(slot, tid, false) else {
+        return;
+    };
+    let state = &mut *state;
     if state.preempted_since_ns != 0 {
         state.preempted_ns += switched_in_ns.saturating_sub(state.preempted_since_ns);
         state.preempted_since_ns = 0;
     }
-    if runnable && state.depth == 0 && state.busy_start_ns != 0 {
+    if mark {
         state.preempted_since_ns = now;
     }
 }
@@ -220,10 +219,4 @@ fn exit(state: &mut LoopState) {
     state.busy_start_ns = now;
     settle(state);
     state.preempted_at_start_ns = state.preempted_ns;
-}
-
-/// Forgets a thread that exited (called from the thread-exit tracepoint).
-#[inline(always)]
-pub fn forget_thread(tid: u32) {
-    let _ = THREAD_LOOPS.remove(tid);
 }

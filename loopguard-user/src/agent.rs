@@ -640,6 +640,10 @@ impl Session<'_> {
                 ("poll_stack_overflow", counters.get(Counter::StackOverflow)),
                 ("thread_map_full", counters.get(Counter::ThreadMapFull)),
                 ("request_map_full", counters.get(Counter::RequestMapFull)),
+                ("thread_slot_leaked", counters.get(Counter::SlotLeaked)),
+                // A scan that found a thread's slot being written on every
+                // attempt leaves it out: that scan's view of it is lost.
+                ("snapshot_slot_busy", collector.busy_slots.get()),
                 ("malformed_record", collector.malformed),
                 ("request_evicted", totals.replaced),
                 ("request_end_without_start", totals.unmatched_ends),

@@ -15,13 +15,13 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use aya::maps::Array;
+use aya::maps::{Array, MapData, Stack};
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope};
 use aya::programs::{RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use loopguard_common::{
     Config, MAX_BLOCKING_RANGES, MAX_USDT_SITES, PollCookie, UsdtArg, UsdtSpec, arg_kind,
-    config_flags, names, usdt,
+    config_flags, names, slots, usdt,
 };
 
 use crate::discover::elf::PollCopy;
@@ -87,6 +87,8 @@ pub enum AttachError {
     TooManyUsdtSites { path: String, max: u32 },
     #[error("failed to store the USDT argument specs")]
     UsdtSpecs(#[source] aya::maps::MapError),
+    #[error("failed to hand the kernel its free thread slots")]
+    FreeSlots(#[source] aya::maps::MapError),
     #[error(
         "this kernel has no uprobe_multi links with a process filter (Linux 6.10+, or a stable release with the fix); use `--probe-links auto` or `perf`"
     )]
@@ -723,6 +725,20 @@ pub struct AttachOptions {
     pub bench: Bench,
 }
 
+/// Puts every thread slot on the kernel's free stack, the highest first, so
+/// threads take the lowest: the slots in use stay few pages apart.
+fn fill_free_slots(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    let map = ebpf
+        .map_mut(slots::names::FREE_SLOTS)
+        .ok_or(AttachError::Missing(slots::names::FREE_SLOTS))?;
+    let mut free: Stack<&mut MapData, u32> =
+        Stack::try_from(map).map_err(AttachError::FreeSlots)?;
+    for slot in (0..slots::MAX_THREAD_SLOTS).rev() {
+        free.push(slot, 0).map_err(AttachError::FreeSlots)?;
+    }
+    Ok(())
+}
+
 /// Loads and attaches everything for `target`, telling `progress` what it
 /// is about to do and how far it got.
 pub fn attach(
@@ -766,6 +782,9 @@ pub fn attach(
         )
         .load(EBPF_OBJECT)
         .map_err(|error| AttachError::Load(Box::new(error)))?;
+    fill_free_slots(&mut ebpf)?;
+    // Before any probe, so every thread that takes a slot gives it back.
+    attach_raw_tracepoint(&mut ebpf, names::THREAD_EXIT, "sched_process_exit")?;
 
     let mut groups = poll_groups(target);
     if options.bench.entry_only {
@@ -806,7 +825,6 @@ pub fn attach(
         UprobeLinks::Multi { links, .. } => links.len(),
     };
 
-    attach_raw_tracepoint(&mut ebpf, names::THREAD_EXIT, "sched_process_exit")?;
     attach_raw_tracepoint(&mut ebpf, names::THREAD_SWITCH, "sched_switch")?;
     let stacks = options.stacks
         && crate::stacks::capture::attach_programs(&mut ebpf)

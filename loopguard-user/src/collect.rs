@@ -1,6 +1,9 @@
 //! Collect: reads what the kernel side produced. Drains the ring buffer into
-//! [`PollEvent`]s, snapshots every thread's in-flight poll stack, and sums
-//! the per-CPU counters and histogram.
+//! [`PollEvent`]s, snapshots every thread's in-flight poll stack and wait
+//! state from the mapped thread slots ([`slots`]), and sums the per-CPU
+//! counters and histogram.
+
+pub mod slots;
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -11,8 +14,11 @@ use loopguard_common::requests::{
 use loopguard_common::{
     COUNTER_SLOTS, EventKind, LoopEvent, LoopState, PollEvent, ThreadPolls, names,
 };
+use std::cell::Cell;
+
 use tokio::io::unix::AsyncFd;
 
+use self::slots::{MappedArray, SlotMapError, SlotValue};
 use crate::summary::{Counters, Histogram};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,13 +33,19 @@ pub enum CollectError {
     },
     #[error("failed to wait on the ring buffer")]
     Poll(#[source] std::io::Error),
+    #[error(transparent)]
+    Slots(#[from] SlotMapError),
 }
 
 /// Handles on the maps the agent reads.
 pub struct Collector {
     ring: AsyncFd<RingBuf<MapData>>,
-    thread_polls: BpfHashMap<MapData, u32, ThreadPolls>,
-    thread_loops: BpfHashMap<MapData, u32, LoopState>,
+    slot_owners: MappedArray<u32>,
+    thread_polls: MappedArray<ThreadPolls>,
+    thread_loops: MappedArray<LoopState>,
+    /// Slots skipped by a snapshot because their thread was writing them on
+    /// every attempt (read again at the next scan).
+    pub busy_slots: Cell<u64>,
     counters: PerCpuArray<MapData, u64>,
     histogram: PerCpuArray<MapData, PollHistogram>,
     /// Taken by the watch when the request probes are attached.
@@ -136,6 +148,12 @@ impl RequestMaps {
     }
 }
 
+/// Maps a thread slot array of `ebpf` into the agent.
+fn map<T: Copy>(ebpf: &mut Ebpf, name: &'static str) -> Result<MappedArray<T>, CollectError> {
+    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    Ok(MappedArray::new(map, name)?)
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CollectError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -152,8 +170,10 @@ impl Collector {
             // so the fd stays open for as long as it is registered.
             ring: unsafe { AsyncFd::register(ring) }
                 .map_err(|error| CollectError::Poll(error.into()))?,
-            thread_polls: take(ebpf, names::THREAD_POLLS)?,
-            thread_loops: take(ebpf, names::THREAD_LOOPS)?,
+            slot_owners: map(ebpf, loopguard_common::slots::names::SLOT_OWNERS)?,
+            thread_polls: map(ebpf, names::THREAD_POLLS)?,
+            thread_loops: map(ebpf, names::THREAD_LOOPS)?,
+            busy_slots: Cell::new(0),
             counters: take(ebpf, names::COUNTERS)?,
             histogram: take(ebpf, names::POLL_HISTOGRAM)?,
             requests: Some(RequestMaps::new(ebpf)?),
@@ -179,14 +199,23 @@ impl Collector {
         }
     }
 
-    /// Every thread's in-flight polls, as the kernel has them now.
+    /// Every thread's in-flight polls, as the kernel has them now: each
+    /// stack whole, never half-written (no system call).
     pub fn snapshot(&self) -> Vec<(u32, ThreadPolls)> {
-        self.thread_polls.iter().filter_map(Result::ok).collect()
+        self.read_slots(&self.thread_polls)
     }
 
-    /// Every event-loop thread's wait state, as the kernel has it now.
+    /// Every event-loop thread's wait state, as the kernel has it now, each
+    /// whole.
     pub fn loop_snapshot(&self) -> Vec<(u32, LoopState)> {
-        self.thread_loops.iter().filter_map(Result::ok).collect()
+        self.read_slots(&self.thread_loops)
+    }
+
+    fn read_slots<T: SlotValue>(&self, values: &MappedArray<T>) -> Vec<(u32, T)> {
+        let snapshot = slots::snapshot(self.slot_owners.words(), values);
+        self.busy_slots
+            .set(self.busy_slots.get() + snapshot.skipped);
+        snapshot.threads
     }
 
     pub fn counters(&self) -> Counters {

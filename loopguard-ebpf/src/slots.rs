@@ -1,0 +1,273 @@
+//! Thread slots (`loopguard_common::slots`): each target thread's poll
+//! stack and wait state live in slot `i` of two mmapable arrays, which the
+//! agent reads in place. Only the owning thread writes its slot, always
+//! inside a [`Writing`] section, so the agent can tell a whole value from a
+//! half-written one by its sequence number.
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ops::{Deref, DerefMut},
+    ptr::{read_volatile, write_volatile},
+};
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, Stack},
+};
+use loopguard_common::{
+    Counter, LoopState, ThreadPolls,
+    slots::{MAP_MMAPABLE, MAX_THREAD_SLOTS, is_writing},
+};
+
+use crate::bump;
+
+#[map]
+static THREAD_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_THREAD_SLOTS, 0);
+
+/// Filled with every slot index by the agent before any program runs.
+#[map]
+static FREE_SLOTS: Stack<u32> = Stack::with_max_entries(MAX_THREAD_SLOTS, 0);
+
+#[map]
+static SLOT_OWNERS: Array<u32> = Array::with_max_entries(MAX_THREAD_SLOTS, MAP_MMAPABLE);
+
+#[map]
+static THREAD_POLLS: Array<ThreadPolls> = Array::with_max_entries(MAX_THREAD_SLOTS, MAP_MMAPABLE);
+
+#[map]
+static THREAD_LOOPS: Array<LoopState> = Array::with_max_entries(MAX_THREAD_SLOTS, MAP_MMAPABLE);
+
+/// A value kept in a slot: it starts with its write sequence and its owner.
+pub(crate) trait Slotted {
+    fn seq(value: *mut Self) -> *mut u32;
+    fn tid(value: *mut Self) -> *mut u32;
+    /// Forgets everything but the sequence and the owner. Frames above the
+    /// depth are never read, so they are left as they are.
+    fn clear(&mut self);
+}
+
+impl Slotted for ThreadPolls {
+    #[inline(always)]
+    fn seq(value: *mut Self) -> *mut u32 {
+        // SAFETY: a field of a valid value pointer.
+        unsafe { &raw mut (*value).seq }
+    }
+
+    #[inline(always)]
+    fn tid(value: *mut Self) -> *mut u32 {
+        // SAFETY: as above.
+        unsafe { &raw mut (*value).tid }
+    }
+
+    #[inline(always)]
+    fn clear(&mut self) {
+        self.depth = 0;
+        self.busy_ns = 0;
+        self.task_polls = 0;
+        self.preempted_ns = 0;
+        self.preempted_since_ns = 0;
+    }
+}
+
+impl Slotted for LoopState {
+    #[inline(always)]
+    fn seq(value: *mut Self) -> *mut u32 {
+        // SAFETY: a field of a valid value pointer.
+        unsafe { &raw mut (*value).seq }
+    }
+
+    #[inline(always)]
+    fn tid(value: *mut Self) -> *mut u32 {
+        // SAFETY: as above.
+        unsafe { &raw mut (*value).tid }
+    }
+
+    #[inline(always)]
+    fn clear(&mut self) {
+        self.depth = 0;
+        self.busy_start_ns = 0;
+        self.wait_start_ns = 0;
+        self.wait_ns = 0;
+        self.busy_ns = 0;
+        self.waits = 0;
+        self.preempted_ns = 0;
+        self.preempted_since_ns = 0;
+        self.preempted_at_start_ns = 0;
+    }
+}
+
+/// Adds 1 to a slot's sequence: a BPF atomic add, which the x86-64 JIT
+/// emits as a `lock`-prefixed add (a full barrier); sequentially consistent
+/// in LLVM's eyes, so no store is moved across it at compile time.
+#[inline(always)]
+fn bump_seq(seq: *mut u32) {
+    // SAFETY: `seq` points into a map value, aligned, valid for this run.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(seq, 1) };
+}
+
+/// A write section on one slot value: the sequence is odd from [`Writing::open`]
+/// until this is dropped. Opened inside another section of the same thread
+/// (a probe preempted mid-write, then `sched_switch` for it), it leaves the
+/// sequence to the outer one, which stays odd until all of both is written.
+pub(crate) struct Writing<T: Slotted> {
+    value: *mut T,
+    opened: bool,
+}
+
+impl<T: Slotted> Writing<T> {
+    /// Opens a section on `value`, in the slot of `tid`. A value this
+    /// thread has not used yet is taken (cleared, marked as `tid`'s) when
+    /// `take` is set, else `None`.
+    #[inline(always)]
+    fn open(value: *mut T, tid: u32, take: bool) -> Option<Self> {
+        let owner = T::tid(value);
+        // Only this thread writes its slot: plain reads see its last values.
+        // SAFETY: a valid, aligned map value pointer.
+        let taken = unsafe { read_volatile(owner) } != tid;
+        if taken && !take {
+            return None;
+        }
+        let seq = T::seq(value);
+        // SAFETY: as above.
+        let opened = !is_writing(unsafe { read_volatile(seq) });
+        if opened {
+            bump_seq(seq);
+        }
+        let mut section = Self { value, opened };
+        if taken {
+            section.clear();
+            // SAFETY: as above.
+            unsafe { write_volatile(owner, tid) };
+        }
+        Some(section)
+    }
+}
+
+impl<T: Slotted> Drop for Writing<T> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if self.opened {
+            bump_seq(T::seq(self.value));
+        }
+    }
+}
+
+impl<T: Slotted> Deref for Writing<T> {
+    type Target = T;
+
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        // SAFETY: a map value pointer, valid for this program run.
+        unsafe { &*self.value }
+    }
+}
+
+impl<T: Slotted> DerefMut for Writing<T> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as above; only this thread writes its slot.
+        unsafe { &mut *self.value }
+    }
+}
+
+/// The slot of `tid`, if it has one.
+#[inline(always)]
+pub(crate) fn slot_of(tid: u32) -> Option<u32> {
+    // SAFETY: a read-only look at the map value.
+    unsafe { THREAD_SLOTS.get(tid) }.copied()
+}
+
+/// The slot of `tid`, taken from the free stack at its first use; `None`
+/// (counted as `ThreadMapFull`) when every slot is taken.
+#[inline(always)]
+pub(crate) fn claim_slot(tid: u32) -> Option<u32> {
+    if let Some(slot) = slot_of(tid) {
+        return Some(slot);
+    }
+    let Ok(Some(slot)) = FREE_SLOTS.pop() else {
+        bump(Counter::ThreadMapFull);
+        return None;
+    };
+    if THREAD_SLOTS.insert(tid, slot, 0).is_err() {
+        give_back(slot);
+        bump(Counter::ThreadMapFull);
+        return None;
+    }
+    if let Some(owner) = SLOT_OWNERS.get_ptr_mut(slot) {
+        // SAFETY: a valid, aligned map value pointer.
+        unsafe { write_volatile(owner, tid) };
+    }
+    Some(slot)
+}
+
+#[inline(always)]
+fn give_back(slot: u32) {
+    if FREE_SLOTS.push(slot, 0).is_err() {
+        bump(Counter::SlotLeaked);
+    }
+}
+
+/// A write section on `tid`'s poll stack in `slot`; with `take`, one is
+/// started if the thread has none yet.
+#[inline(always)]
+pub(crate) fn polls_mut(slot: u32, tid: u32, take: bool) -> Option<Writing<ThreadPolls>> {
+    Writing::open(THREAD_POLLS.get_ptr_mut(slot)?, tid, take)
+}
+
+/// A write section on `tid`'s wait state in `slot`; with `take`, one is
+/// started if the thread has none yet.
+#[inline(always)]
+pub(crate) fn loops_mut(slot: u32, tid: u32, take: bool) -> Option<Writing<LoopState>> {
+    Writing::open(THREAD_LOOPS.get_ptr_mut(slot)?, tid, take)
+}
+
+/// `tid`'s poll stack in `slot`, for a look before deciding to write (by
+/// that thread: its own last writes are what it reads).
+#[inline(always)]
+pub(crate) fn peek_polls(slot: u32, tid: u32) -> Option<&'static ThreadPolls> {
+    THREAD_POLLS.get(slot).filter(|polls| polls.tid == tid)
+}
+
+/// `tid`'s wait state in `slot`, as [`peek_polls`].
+#[inline(always)]
+pub(crate) fn peek_loops(slot: u32, tid: u32) -> Option<&'static LoopState> {
+    THREAD_LOOPS.get(slot).filter(|loops| loops.tid == tid)
+}
+
+/// `tid`'s poll stack, read by a program of that same thread; `None` while
+/// one of its sections is open (this program interrupted it) or when it has
+/// none.
+#[inline(always)]
+pub(crate) fn polls_of(tid: u32) -> Option<&'static ThreadPolls> {
+    let polls = THREAD_POLLS.get(slot_of(tid)?)?;
+    // SAFETY: plain reads of a map value's fields.
+    let (seq, owner) = unsafe {
+        (
+            read_volatile(&raw const polls.seq),
+            read_volatile(&raw const polls.tid),
+        )
+    };
+    (!is_writing(seq) && owner == tid).then_some(polls)
+}
+
+/// Thread `tid` exits (run as that thread): clears its slot and frees it.
+#[inline(always)]
+pub(crate) fn release(tid: u32) {
+    let Some(slot) = slot_of(tid) else {
+        return;
+    };
+    if let Some(mut polls) = polls_mut(slot, tid, false) {
+        polls.clear();
+        polls.tid = 0;
+    }
+    if let Some(mut loops) = loops_mut(slot, tid, false) {
+        loops.clear();
+        loops.tid = 0;
+    }
+    if let Some(owner) = SLOT_OWNERS.get_ptr_mut(slot) {
+        // SAFETY: a valid, aligned map value pointer.
+        unsafe { write_volatile(owner, 0) };
+    }
+    let _ = THREAD_SLOTS.remove(tid);
+    give_back(slot);
+}
