@@ -176,9 +176,9 @@ pub(crate) fn started(id: u64, method: &str, route: Option<&str>, path: &str, tr
     slot.release(seq);
 }
 
-/// Notes that this thread starts (`true`) or stops polling request `id`'s
-/// future. Ignored when the slot holds another request.
-pub(crate) fn polling(id: u64, now_polling: bool) {
+/// Runs `change` on request `id`'s slot inside a write section, unless the
+/// slot holds another request (it took the slot since) or is being written.
+fn change_request(id: u64, change: impl FnOnce(&Slot)) {
     let slot = slot_of(id);
     if slot.id.load(Ordering::Relaxed) != id {
         return;
@@ -187,30 +187,30 @@ pub(crate) fn polling(id: u64, now_polling: bool) {
         return;
     };
     if slot.id.load(Ordering::Relaxed) == id {
+        change(slot);
+    }
+    slot.release(seq);
+}
+
+/// Notes that this thread starts (`true`) or stops polling request `id`'s
+/// future.
+pub(crate) fn polling(id: u64, now_polling: bool) {
+    change_request(id, |slot| {
         if now_polling {
             slot.poll_started_ns.store(now_ns(), Ordering::Relaxed);
             slot.polling_tid.store(tid(), Ordering::Relaxed);
         } else {
             slot.polling_tid.store(0, Ordering::Relaxed);
         }
-    }
-    slot.release(seq);
+    });
 }
 
-/// Frees request `id`'s slot, unless another request took it since.
+/// Frees request `id`'s slot.
 pub(crate) fn ended(id: u64) {
-    let slot = slot_of(id);
-    if slot.id.load(Ordering::Relaxed) != id {
-        return;
-    }
-    let Some(seq) = slot.claim() else {
-        return;
-    };
-    if slot.id.load(Ordering::Relaxed) == id {
+    change_request(id, |slot| {
         slot.id.store(0, Ordering::Relaxed);
         slot.polling_tid.store(0, Ordering::Relaxed);
-    }
-    slot.release(seq);
+    });
 }
 
 /// The note announcing the table: provider `loopguard`, name
