@@ -386,7 +386,13 @@ impl Session<'_> {
             seen.extend(collector.loop_snapshot().iter().map(|(tid, _)| *tid));
             seen
         };
-        let Some(found) = stacks.finish_census(now_ns, polls_seen) else {
+        let pid = self.printer.target.pid;
+        let loop_only = self.printer.target.is_loop_only();
+        let loops = &mut self.loops;
+        let loop_thread = |tid: u32| {
+            loop_only && loops.presumed_loop_thread(pid, tid, |tid| proc::thread_name(pid, tid))
+        };
+        let Some(found) = stacks.finish_census(now_ns, polls_seen, loop_thread) else {
             return;
         };
         // Their requests started before the probes: the middleware's

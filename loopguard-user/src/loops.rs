@@ -75,6 +75,23 @@ impl LoopDetector {
         })
     }
 
+    /// Whether thread `tid` of process `pid` is taken for an event-loop
+    /// thread before it was seen waiting (the attach census of loop-only
+    /// targets): a thread `--loop-threads` names; without that option, the
+    /// main thread, where Node, uvicorn and asyncio's `run` keep their loop.
+    pub fn presumed_loop_thread(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        mut name: impl FnMut(u32) -> String,
+    ) -> bool {
+        if self.only.is_empty() {
+            tid == pid
+        } else {
+            self.is_loop_thread(tid, &mut name)
+        }
+    }
+
     /// The poll detector reported a stall (in progress or finished) on `tid`
     /// whose poll began at `start_ns`.
     pub fn note_poll_stall(&mut self, tid: u32, start_ns: u64) {
@@ -265,6 +282,23 @@ mod tests {
 
     fn anyone(_: u32) -> String {
         "main".to_owned()
+    }
+
+    #[test]
+    fn before_any_wait_the_main_thread_or_the_named_ones_are_loop_threads() {
+        let mut any = LoopDetector::new(50 * MS, Vec::new());
+        assert!(any.presumed_loop_thread(100, 100, anyone));
+        assert!(!any.presumed_loop_thread(100, 101, anyone));
+        let mut named = LoopDetector::new(50 * MS, vec!["loop-*".into()]);
+        let name = |tid: u32| {
+            if tid == 101 {
+                "loop-1".into()
+            } else {
+                "main".into()
+            }
+        };
+        assert!(named.presumed_loop_thread(100, 101, name));
+        assert!(!named.presumed_loop_thread(100, 100, name));
     }
 
     #[test]

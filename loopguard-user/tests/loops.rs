@@ -214,6 +214,71 @@ fn node_busy_loop_on_the_syscall_tracepoints() {
     watches_a_foreign_loop(&server, "/busy?ms=300", "tracepoint", SPUN);
 }
 
+/// Attaches while `path` has held the loop of `server` for 1.5 s: the
+/// attach census reports a loop stall in progress on the main thread,
+/// started before attach, within a second, with the cause `blocked_by`.
+fn reports_a_loop_already_stuck(server: &Foreign, path: &str, blocked_by: Blocked) {
+    let addr = server.addr;
+    let path = path.to_owned();
+    let blocker = std::thread::spawn(move || http_get(addr, &path).unwrap());
+    std::thread::sleep(Duration::from_millis(1500));
+    let agent = Agent::attach(server.pid(), &["--threshold-ms", "50"]);
+    let attached = Instant::now();
+    let stuck = agent.wait_for(
+        "the loop stuck before attach",
+        Duration::from_secs(3),
+        |v| v["type"] == "stall_in_progress" && v["started_before_attach"] == Value::Bool(true),
+    );
+    assert!(
+        stuck.at < attached + Duration::from_secs(1),
+        "reported {:?} after attaching",
+        stuck.at - attached
+    );
+    let stall = &stuck.value;
+    assert_eq!(stall["kind"], "loop", "{stall}");
+    assert_eq!(
+        stall["tid"].as_u64(),
+        Some(u64::from(server.pid())),
+        "{stall}"
+    );
+    let (kind, syscalls) = blocked_by;
+    assert_eq!(stall["cause"]["kind"], kind, "{stall}");
+    if !syscalls.is_empty() {
+        let syscall = stall["cause"]["syscall"].as_str().unwrap_or_default();
+        assert!(syscalls.contains(&syscall), "{stall}");
+    }
+    assert!(
+        stall["stack"].as_array().is_some_and(|s| !s.is_empty()),
+        "{stall}"
+    );
+    let programs = agent.programs();
+    assert_eq!(blocker.join().unwrap().status, 200);
+    let (status, lines) = agent.interrupt();
+    assert!(status.success());
+    let in_progress = support::of_type(&lines, "stall_in_progress");
+    assert!(
+        in_progress.iter().all(|v| v["tid"] == stall["tid"]),
+        "only the loop thread: {in_progress:#?}"
+    );
+    assert_detached(&programs);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example builds and uvicorn; run `cargo xtask test`"]
+fn uvicorn_already_asleep_at_attach_is_a_loop_stall_in_progress() {
+    require_root();
+    let server = uvicorn();
+    reports_a_loop_already_stuck(&server, "/sleep?ms=3500", SLEPT);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example builds and node; run `cargo xtask test`"]
+fn node_already_busy_at_attach_is_a_loop_stall_in_progress() {
+    require_root();
+    let server = node();
+    reports_a_loop_already_stuck(&server, "/busy?ms=3500", SPUN);
+}
+
 /// A `block_on` body that blocks is a loop stall, reported once; a handler
 /// that blocks is a poll stall, reported once; idle workers raise nothing.
 fn block_on_body_blocks(flavor: &str) {

@@ -186,10 +186,16 @@ impl Stacks {
     /// in every sample and with no poll begun or ended on it since
     /// attaching: `polls_seen` tells a busy worker polling many short tasks
     /// apart). `None` while the window runs or without a census.
+    ///
+    /// `loop_thread` says which threads of a loop-only target (Python,
+    /// Node) count as event-loop threads before any was seen waiting
+    /// (always `false` for Tokio targets, whose stacks tell): such a thread
+    /// out of every event wait for the whole window is a loop stall.
     pub fn finish_census(
         &mut self,
         now: u64,
         polls_seen: impl FnOnce() -> Vec<u32>,
+        mut loop_thread: impl FnMut(u32) -> bool,
     ) -> Option<Vec<(Stall, StallStack)>> {
         let census = self.census.as_ref()?;
         if now.saturating_sub(census.started) < census.window_ns {
@@ -199,9 +205,9 @@ impl Stacks {
         let census = self.census.take()?;
         self.capture.stop_census(&census.running, census.events);
         let busy = polls_seen();
-        let mut found = self.still_asleep_in_polls(census.asleep, census.started);
+        let mut found = self.still_asleep_in_polls(census.asleep, census.started, &mut loop_thread);
         found.extend(
-            self.on_cpu_in_polls(census.samples, census.started)
+            self.on_cpu_in_polls(census.samples, census.started, &mut loop_thread)
                 .into_iter()
                 .filter(|found| !busy.contains(&found.tid)),
         );
@@ -250,7 +256,12 @@ impl Stacks {
     }
 
     /// The sleeping threads still asleep at the same place, inside a task poll.
-    fn still_asleep_in_polls(&mut self, asleep: Vec<(String, Sample)>, started: u64) -> Vec<Found> {
+    fn still_asleep_in_polls(
+        &mut self,
+        asleep: Vec<(String, Sample)>,
+        started: u64,
+        loop_thread: &mut impl FnMut(u32) -> bool,
+    ) -> Vec<Found> {
         let mut found = Vec::new();
         for (text, sample) in asleep {
             if self.syscall_file(sample.tid) != text {
@@ -265,7 +276,10 @@ impl Stacks {
                 |inside, next| calls_function_of(pid, symbols, inside, next),
             );
             let frames = self.symbols.frames(&addrs);
-            let kind = stuck_in(&frames);
+            let kind = stuck_in(&frames).or_else(|| {
+                let waiting = sample.syscall.is_some_and(syscalls::is_event_wait);
+                (!waiting && loop_thread(sample.tid)).then_some(StallKind::Loop)
+            });
             tracing::debug!(tid = sample.tid, ?kind, frames = ?frames.iter().map(|f| f.function.as_str()).collect::<Vec<_>>(), "census: asleep");
             let Some(kind) = kind else {
                 continue;
@@ -285,7 +299,12 @@ impl Stacks {
     }
 
     /// The threads on a CPU whose every sample was inside a task poll.
-    fn on_cpu_in_polls(&mut self, samples: Vec<Sample>, started: u64) -> Vec<Found> {
+    fn on_cpu_in_polls(
+        &mut self,
+        samples: Vec<Sample>,
+        started: u64,
+        loop_thread: &mut impl FnMut(u32) -> bool,
+    ) -> Vec<Found> {
         // Per thread: samples, the kind every sample was stuck in so far
         // (`None` once two disagree or one is not stuck), the last frames.
         let mut by_thread: HashMap<u32, (usize, Option<StallKind>, Vec<Frame>)> = HashMap::new();
@@ -294,7 +313,8 @@ impl Stacks {
                 .unwinder
                 .unwind(sample.regs, |addr| sample.read_u64(addr));
             let frames = self.symbols.frames(&addrs);
-            let kind = stuck_in(&frames);
+            let kind =
+                stuck_in(&frames).or_else(|| loop_thread(sample.tid).then_some(StallKind::Loop));
             let entry = by_thread.entry(sample.tid).or_insert((0, kind, Vec::new()));
             entry.0 += 1;
             if kind.is_some() && entry.1 == kind {

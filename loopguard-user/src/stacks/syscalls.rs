@@ -1,5 +1,21 @@
 //! Names of the x86-64 system calls a blocked poll is likely to sleep in.
 
+/// Whether `nr` is a call an event loop waits for events in (epoll, and
+/// `poll`/`select` for loops built on those): a loop thread asleep there is
+/// idle, not stuck.
+pub fn is_event_wait(nr: i64) -> bool {
+    [
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_pwait2,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_select,
+        libc::SYS_pselect6,
+    ]
+    .contains(&nr)
+}
+
 /// The name of system call `nr`, for the ones a stuck thread plausibly
 /// sleeps in; `None` for the rest (reported by number).
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
