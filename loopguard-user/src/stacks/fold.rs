@@ -29,9 +29,10 @@ impl Frame {
 
     /// Whether the frame belongs to a shared library (libc, ...).
     pub fn in_library(&self) -> bool {
+        // `[vdso]`: the kernel's `clock_gettime` and friends.
         self.module
             .as_deref()
-            .is_some_and(|module| module.contains(".so"))
+            .is_some_and(|module| module.contains(".so") || module.starts_with('['))
     }
 }
 
@@ -260,6 +261,18 @@ mod tests {
             "std::thread::sleep <- stall_server::block_sleep::{{closure}}"
         );
         assert_eq!(label(&[]), "?");
+        // A spin that reads the clock: the vDSO is not the program.
+        let spin = [
+            frame("clock_gettime", "[vdso]"),
+            frame("__GI___clock_gettime", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            frame("std::time::Instant::now", "/srv/app"),
+            frame("stall_server::block_spin::{{closure}}", "/srv/app"),
+        ];
+        assert_eq!(
+            label(&spin),
+            "std::time::Instant::now <- stall_server::block_spin::{{closure}}"
+        );
+        assert_eq!(top_frame(&spin), Some("std::time::Instant::now"));
     }
 
     #[test]
