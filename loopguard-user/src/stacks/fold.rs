@@ -264,7 +264,10 @@ mod tests {
         // A spin that reads the clock: the vDSO is not the program.
         let spin = [
             frame("clock_gettime", "[vdso]"),
-            frame("__GI___clock_gettime", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            frame(
+                "__GI___clock_gettime",
+                "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            ),
             frame("std::time::Instant::now", "/srv/app"),
             frame("stall_server::block_spin::{{closure}}", "/srv/app"),
         ];
