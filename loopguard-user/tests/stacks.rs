@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Agent, Server, assert_detached, http_get, of_type, require_root, server_binary};
+use support::{
+    Agent, Server, assert_cause, assert_detached, http_get, of_type, require_root, server_binary,
+};
 
 /// The frames of a stall, as `function` strings.
 fn stack_functions(stall: &Value) -> Vec<String> {
@@ -43,13 +45,8 @@ fn check_cause(stall: &Value, functions: &[&[&str]], kinds: &[&str], syscalls: &
             .starts_with("tokio::runtime::scheduler")),
         "the runtime's frames were not trimmed: {stack:#?}"
     );
+    assert_cause(stall, kinds, syscalls);
     let cause = &stall["cause"];
-    let kind = cause["kind"].as_str().unwrap_or_default();
-    assert!(kinds.contains(&kind), "cause {cause} of {stack:#?}");
-    if !syscalls.is_empty() {
-        let syscall = cause["syscall"].as_str().unwrap_or_default();
-        assert!(syscalls.contains(&syscall), "cause {cause}");
-    }
     let on = cause["on_cpu_ms"].as_f64().unwrap();
     let off = cause["off_cpu_ms"].as_f64().unwrap();
     let duration = stall["duration_ms"].as_f64().unwrap();
@@ -200,28 +197,10 @@ fn attaching_to_a_hung_server_reports_the_polls_already_stuck() {
     std::thread::sleep(Duration::from_secs(2));
     let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
     let attached = Instant::now();
-    let stuck = |v: &Value, kind: &str| {
-        v["type"] == "stall_in_progress"
-            && v["started_before_attach"] == Value::Bool(true)
-            && v["cause"]["kind"] == kind
-    };
-    let asleep = agent.wait_for(
-        "the sleep stuck before attach",
-        Duration::from_secs(3),
-        |v| stuck(v, "syscall"),
-    );
-    let spinning = agent.wait_for(
-        "the spin stuck before attach",
-        Duration::from_secs(3),
-        |v| stuck(v, "cpu"),
-    );
-    for line in [&asleep, &spinning] {
-        assert!(
-            line.at < attached + Duration::from_secs(1),
-            "reported {:?} after attaching",
-            line.at - attached
-        );
-    }
+    let asleep = agent
+        .wait_for_stuck_before_attach("the sleep", attached, |v| v["cause"]["kind"] == "syscall");
+    let spinning =
+        agent.wait_for_stuck_before_attach("the spin", attached, |v| v["cause"]["kind"] == "cpu");
     check_cause(
         &asleep.value,
         &[&["block_sleep"]],
@@ -270,15 +249,10 @@ fn attaching_while_a_block_on_body_blocks_reports_a_loop_stall_in_progress() {
         std::thread::sleep(Duration::from_secs(2));
         let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
         let attached = Instant::now();
-        let stuck = agent.wait_for(
-            "the block_on body stuck before attach",
-            Duration::from_secs(3),
-            |v| v["type"] == "stall_in_progress" && v["started_before_attach"] == Value::Bool(true),
-        );
-        assert!(
-            stuck.at < attached + Duration::from_secs(1),
-            "{flavor}: reported {:?} after attaching",
-            stuck.at - attached
+        let stuck = agent.wait_for_stuck_before_attach(
+            &format!("{flavor}: the block_on body"),
+            attached,
+            |_| true,
         );
         assert_eq!(stuck.value["kind"], "loop", "{flavor}: {}", stuck.value);
         assert_eq!(

@@ -287,6 +287,28 @@ impl Agent {
         }
     }
 
+    /// The `stall_in_progress` line for something stuck since before
+    /// attaching (`started_before_attach`) that also matches `pred`;
+    /// asserts it came within a second of `attached`.
+    pub fn wait_for_stuck_before_attach(
+        &self,
+        what: &str,
+        attached: Instant,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Line {
+        let line = self.wait_for(what, Duration::from_secs(3), |v| {
+            v["type"] == "stall_in_progress"
+                && v["started_before_attach"] == Value::Bool(true)
+                && pred(v)
+        });
+        assert!(
+            line.at < attached + Duration::from_secs(1),
+            "{what}: reported {:?} after attaching",
+            line.at - attached
+        );
+        line
+    }
+
     pub fn lines(&self) -> Vec<Line> {
         self.lines.lock().unwrap().clone()
     }
@@ -486,6 +508,17 @@ pub fn curl(addr: SocketAddr, args: &[&str]) {
 }
 
 /// JSON lines of one type.
+/// A stall's cause is one of `kinds`, in one of `syscalls` when given.
+pub fn assert_cause(stall: &Value, kinds: &[&str], syscalls: &[&str]) {
+    let cause = &stall["cause"];
+    let kind = cause["kind"].as_str().unwrap_or_default();
+    assert!(kinds.contains(&kind), "cause {cause} of {stall}");
+    if !syscalls.is_empty() {
+        let syscall = cause["syscall"].as_str().unwrap_or_default();
+        assert!(syscalls.contains(&syscall), "cause {cause} of {stall}");
+    }
+}
+
 pub fn of_type<'a>(lines: &'a [Line], kind: &str) -> Vec<&'a Value> {
     lines
         .iter()
