@@ -4,10 +4,10 @@ use crate::attach::AttachError;
 use crate::collect::CollectError;
 use crate::config::ConfigError;
 use crate::discover::DiscoverError;
+use crate::discover::preflight::PreflightError;
 use crate::export::ExportError;
 use crate::follow::FollowError;
-use crate::launch::LaunchError;
-use crate::preflight::PreflightError;
+use crate::follow::launch::LaunchError;
 
 /// Exit code: a runtime failure.
 pub const EXIT_FAILURE: i32 = 1;
@@ -50,9 +50,9 @@ pub enum Error {
     #[error(transparent)]
     Follow(#[from] FollowError),
     #[error(transparent)]
-    Record(#[from] crate::record::RecordError),
+    Record(#[from] crate::present::record::RecordError),
     #[error(transparent)]
-    Replay(#[from] crate::replay::ReplayError),
+    Replay(#[from] crate::present::replay::ReplayError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error("failed to install the signal handlers loopguard forwards signals with")]

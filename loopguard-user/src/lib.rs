@@ -1,19 +1,29 @@
 //! loopguard's agent: finds the task poll that froze a Tokio event loop.
 //!
-//! The pipeline, one module per stage:
-//! [`discover`] (pid → ELF and `/proc` → [`discover::ProbeTarget`]) →
-//! [`attach`] (→ [`attach::AttachedProbes`]) → [`collect`] (ring buffer and
-//! in-flight maps → `PollEvent`s and snapshots) → [`detect`] (→ stalls) and
-//! [`loops`] (event-loop threads away from their wait → loop stalls) →
-//! [`events`] (the typed JSON records) → [`emit`] (stdout as [`report`]'s
-//! text or JSON, and the [`record`]ing) and [`summary`], and [`export`]
-//! (Prometheus metrics served over HTTP). [`output`] and [`term`] write
-//! to the terminal; [`replay`] reads a recording back and [`html`] draws it.
-//! [`config`] merges flags and the TOML file into the settings the rules
-//! run with; [`alerts`] renders what the threshold rules find.
-//! [`agent`] runs the loop, [`commands`] the subcommands, [`launch`] starts
-//! the program of `loopguard run`; [`preflight`] checks privileges and the
-//! kernel first.
+//! One folder per pipeline stage, in the order the data flows (each stage
+//! imports only the ones above it in this list):
+//!
+//! 1. [`discover`]: pid → ELF and `/proc` → [`discover::ProbeTarget`];
+//!    [`discover::preflight`] checks privileges and the kernel first.
+//! 2. [`attach`]: → [`attach::AttachedProbes`].
+//! 3. [`collect`]: ring buffer and maps → `PollEvent`s, snapshots and the
+//!    end-of-run totals ([`collect::totals`]).
+//! 4. [`detect`]: → stalls (the threshold rules) and loop stalls
+//!    ([`detect::loops`]: event-loop threads away from their wait).
+//! 5. [`attribute`]: a stall → the request it served and the ones it held
+//!    up ([`attribute::inflight`]: the kernel's in-flight table).
+//! 6. [`stacks`]: where a stalled thread was.
+//! 7. [`events`]: the typed JSON records.
+//! 8. [`export`]: Prometheus metrics served over HTTP.
+//! 9. [`present`]: the report as text or JSON on stdout, the recording,
+//!    alerts, stacks as text, replay and the HTML page.
+//! 10. [`config`]: flags ([`config::args`]) and the TOML file merged into
+//!     the settings the rules run with.
+//! 11. [`watch`]: the watch loop over one process.
+//! 12. [`follow`]: `loopguard run`: launch, follow forks, supervise.
+//! 13. [`cli`]: the subcommands, and [`error`] with their exit codes.
+//!
+//! [`term`] (colour, the status line, diagnostics) is used by all.
 
 /// Writes one diagnostic line to stderr, like `eprintln!`, but ignores a
 /// closed or full stderr: losing a diagnostic must never stop loopguard, and
@@ -25,31 +35,32 @@ macro_rules! diag {
     }};
 }
 
-pub mod agent;
-pub mod alerts;
-pub mod attach;
-pub mod attribute;
-pub mod cli;
-pub mod collect;
-pub mod commands;
-pub mod config;
-pub mod detect;
-pub mod discover;
-pub mod emit;
-pub mod error;
-pub mod events;
-pub mod export;
-pub mod follow;
-pub mod html;
-pub mod inflight;
-pub mod launch;
-pub mod loops;
-pub mod output;
-pub mod pidfd;
-pub mod preflight;
-pub mod record;
-pub mod replay;
-pub mod report;
-pub mod stacks;
-pub mod summary;
 pub mod term;
+
+pub mod discover;
+
+pub mod attach;
+
+pub mod collect;
+
+pub mod detect;
+
+pub mod attribute;
+
+pub mod stacks;
+
+pub mod events;
+
+pub mod export;
+
+pub mod present;
+
+pub mod config;
+
+pub mod watch;
+
+pub mod follow;
+
+pub mod error;
+
+pub mod cli;

@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use loopguard::cli::{Cli, Command};
-use loopguard::commands;
+use loopguard::cli::commands;
+use loopguard::config::args::{Cli, Command};
 use loopguard::error::EXIT_RUN_FAILED;
 use tracing_subscriber::EnvFilter;
 
@@ -32,8 +32,8 @@ fn main() -> ExitCode {
         Command::Config(args) => commands::config(args),
         Command::Report(args) => commands::report(args),
     };
-    loopguard::record::finish(std::time::Duration::from_secs(5));
-    let lost = loopguard::output::finish(std::time::Duration::from_secs(2));
+    loopguard::present::record::finish(std::time::Duration::from_secs(5));
+    let lost = loopguard::present::output::finish(std::time::Duration::from_secs(2));
     if lost > 0 {
         loopguard::diag!(
             "loopguard: {lost} report line(s) not written: stdout was not read fast enough, or not at all"

@@ -4,7 +4,7 @@
 //!
 //! Every line written while the status line is up clears it first, then
 //! draws it again below: the status line never mixes into log lines. The
-//! status is drawn by the output thread ([`crate::output`]), never by the watch
+//! status is drawn by the output thread ([`crate::present::output`]), never by the watch
 //! loop, so a stopped terminal cannot block the watch or its detach; a
 //! diagnostic that finds the screen busy is written plainly instead of
 //! waiting.

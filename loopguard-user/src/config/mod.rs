@@ -3,6 +3,7 @@
 //! flags win. The result is validated once, whatever its source, and
 //! `loopguard config FILE` prints it.
 
+pub mod args;
 mod file;
 mod validate;
 
@@ -10,12 +11,12 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::attach::{ProbeLinks, WaitProbes};
-use crate::cli::{FailOn, WatchArgs};
+use crate::config::args::{FailOn, WatchArgs};
 use crate::detect::adaptive::{self, AdaptiveSettings};
 use crate::detect::cumulative::{self, CumulativeSettings};
 use crate::detect::exclude::DEFAULT_EXCLUDED_ROUTES;
 use crate::detect::{DetectSettings, RouteFilter};
-use crate::report::Format;
+use crate::present::text::Format;
 
 pub use file::{KNOWN_KEYS, nearest_key};
 

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use loopguard_common::hist;
 
-use crate::summary::Histogram;
+use crate::collect::totals::Histogram;
 
 /// The adaptive rule's settings (validated by `config`).
 #[derive(Clone, Debug, PartialEq)]

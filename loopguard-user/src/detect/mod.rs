@@ -10,6 +10,7 @@
 pub mod adaptive;
 pub mod cumulative;
 pub mod exclude;
+pub mod loops;
 pub mod stall;
 pub mod thresholds;
 

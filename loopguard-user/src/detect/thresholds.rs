@@ -16,7 +16,7 @@ use super::adaptive::{AdaptiveSettings, AdaptiveThreshold, Baseline};
 use super::cumulative::{Culprit, CumulativeDetector, CumulativeSettings, Cut};
 use super::stall::{StallDetector, held_ns, is_task_poll, task_id};
 use super::{Finding, ThresholdChange};
-use crate::summary::Histogram;
+use crate::collect::totals::Histogram;
 
 /// Which rules run, with what settings.
 #[derive(Clone, Debug, PartialEq)]

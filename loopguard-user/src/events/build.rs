@@ -11,16 +11,16 @@ use super::{
     StackSummary, StallEvent, SummaryEvent, TaskShareRecord, ThresholdEvent, ThresholdSummary, ms,
 };
 use crate::attribute::{Request, RouteTable};
+use crate::collect::totals::Summary;
 use crate::detect::cumulative::{RouteShare, TaskShare};
 use crate::detect::{Culprit, CumulativeAlert, Finding, Scope, Stall, ThresholdChange};
-use crate::report::StallContext;
+use crate::present::text::StallContext;
 use crate::stacks::StallStack;
 use crate::stacks::fold::{Frame, StackStalls};
 use crate::stacks::profile::Cause;
-use crate::summary::Summary;
 
 /// How many stacks the summary lists.
-pub const SUMMARY_STACKS: usize = crate::stacks::render::SUMMARY_STACKS;
+pub const SUMMARY_STACKS: usize = crate::present::stacks::SUMMARY_STACKS;
 
 pub fn request(request: &Request) -> RequestRecord {
     RequestRecord {
@@ -244,7 +244,7 @@ fn stacks(stacks: &[StackStalls]) -> Vec<StackSummary> {
         .collect()
 }
 
-fn histogram(histogram: &crate::summary::Histogram) -> Vec<HistogramSlot> {
+fn histogram(histogram: &crate::collect::totals::Histogram) -> Vec<HistogramSlot> {
     histogram
         .0
         .iter()

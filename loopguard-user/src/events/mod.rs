@@ -6,7 +6,7 @@
 //!
 //! [`build`] makes them from findings and the summary; [`clock`] gives the
 //! RFC 3339 wall-clock times printed beside the monotonic nanoseconds.
-//! Text lines are rendered from these same records ([`crate::report`]), so a
+//! Text lines are rendered from these same records ([`crate::present::text`]), so a
 //! recording replays to exactly what a live run printed.
 
 pub mod build;

@@ -24,7 +24,7 @@ use prometheus::{
 
 use super::labels::{OTHER_METHOD, RouteLabels, STANDARD_METHODS, method_label};
 use crate::attribute::Request;
-use crate::summary::Histogram;
+use crate::collect::totals::Histogram;
 
 /// What a finding was, as the `kind` label says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

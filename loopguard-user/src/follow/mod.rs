@@ -11,6 +11,8 @@
 //! - [`supervise`]: one watch per attached process, started and ended as
 //!   exec events and exits come.
 
+pub mod launch;
+pub mod pidfd;
 pub mod roster;
 pub mod supervise;
 pub mod watchdog;

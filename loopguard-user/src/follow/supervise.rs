@@ -15,15 +15,15 @@ use tokio::sync::{mpsc, watch};
 use super::roster::{Attached, Roster, Skip, label};
 use super::watchdog::Watchdog;
 use super::{FollowError, Follower};
-use crate::agent::{self, Outcome, StopReason, WatchOptions};
 use crate::attach::AttachedProbes;
+use crate::cli::commands::{Prepared, announce, discover_and_attach};
 use crate::collect::{Collector, monotonic_ns};
-use crate::commands::{Prepared, announce, discover_and_attach};
 use crate::discover::ProbeTarget;
 use crate::discover::proc;
 use crate::error::Error;
 use crate::stacks::StackTools;
 use crate::stacks::Stacks;
+use crate::watch::{self as agent, Outcome, StopReason, WatchOptions};
 
 /// What is followed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,7 +307,7 @@ impl Supervisor {
                     Mode::Attach => {
                         self.gave_up = Some(format!(
                             "pid {pid} exec'd {}, which loopguard cannot watch: {error}; it keeps running, unwatched",
-                            crate::report::printable(&exe)
+                            crate::present::text::printable(&exe)
                         ));
                         if let Some(follower) = &mut self.follower {
                             follower.forget(pid);

@@ -69,7 +69,7 @@ fn watchdog_main(map: RawFd, pipe: RawFd) -> ! {
         // Deaf to what `run` forwards to its command (Ctrl+C, a
         // supervisor's TERM): the watchdog must outlive loopguard; nor may
         // a closed pipe kill it.
-        for signo in crate::commands::FORWARDED
+        for signo in crate::cli::commands::FORWARDED
             .into_iter()
             .chain([libc::SIGPIPE])
         {

@@ -10,7 +10,6 @@ pub mod capture;
 pub mod census;
 pub mod fold;
 pub mod profile;
-pub mod render;
 pub mod sample;
 pub mod symbolize;
 pub mod syscalls;

@@ -2,8 +2,9 @@
 //! (`--format`), and the recording (`--record`) as JSON.
 
 use crate::events::Event;
-use crate::report::{self, Format};
-use crate::{output, record, term};
+use crate::present::text::{self as report, Format};
+use crate::present::{output, record};
+use crate::term;
 
 /// The process an event is about, named on every line when several are
 /// watched at once (`run` following its command's children).

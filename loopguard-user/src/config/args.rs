@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::report::Format;
+use crate::present::text::Format;
 use crate::term::ColorChoice;
 
 const EXAMPLES: &str = "\

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::events::{CauseRecord, FrameRecord, StackFields, StackSummary};
-use crate::report::printable;
+use crate::present::text::printable;
 
 /// Frames printed per stall in text; JSON has them all.
 const TEXT_FRAMES: usize = 12;
@@ -117,7 +117,7 @@ mod tests {
             threshold_ns: 1,
             requests_window: None,
         };
-        let context = crate::report::StallContext {
+        let context = crate::present::text::StallContext {
             stack: Some(stack.clone()),
             ..Default::default()
         };
@@ -177,7 +177,7 @@ mod tests {
 
     #[test]
     fn the_summary_names_stacks_by_label() {
-        let summary = crate::summary::Summary {
+        let summary = crate::collect::totals::Summary {
             stacks: vec![StackStalls {
                 label: "bcrypt::hash <- handlers::login".into(),
                 folded: "handlers::login;bcrypt::hash".into(),

@@ -8,6 +8,8 @@
 //! task was serving) and its victims (every other request in flight on the
 //! process while the worker was blocked). Pure: the agent reads the maps.
 
+pub mod inflight;
+
 use std::collections::{BTreeMap, HashMap};
 
 use loopguard_common::requests::RequestEntry;

@@ -2,10 +2,10 @@
 //! moves of the adaptive threshold (a JSON object or a text line each), and
 //! the block of offending events `loopguard run --fail-on` prints at the end.
 
-use crate::cli::FailOn;
+use crate::config::args::FailOn;
 use crate::detect::Finding;
 use crate::events::{CumulativeEvent, ThresholdEvent};
-use crate::report::printable;
+use crate::present::text::printable;
 
 /// The text line of a cumulative alert.
 pub fn cumulative_text(alert: &CumulativeEvent) -> String {

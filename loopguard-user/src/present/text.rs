@@ -4,9 +4,9 @@
 //! what the live run printed. Stdout carries reports; diagnostics go to
 //! stderr.
 
-use crate::alerts;
 use crate::attribute::Request;
 use crate::events::{Event, StallEvent, SummaryEvent};
+use crate::present::alerts;
 
 /// Output format chosen on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -89,7 +89,7 @@ pub fn stall_text(stall: &StallEvent, in_progress: bool) -> String {
         stack = stall
             .stack
             .as_ref()
-            .map(crate::stacks::render::stall_lines)
+            .map(crate::present::stacks::stall_lines)
             .unwrap_or_default(),
     )
 }
@@ -253,17 +253,17 @@ pub fn summary_text(summary: &SummaryEvent) -> String {
     } else {
         format!("  data lost: {}", lost.join(", "))
     });
-    lines.extend(crate::stacks::render::summary_lines(&summary.stacks));
+    lines.extend(crate::present::stacks::summary_lines(&summary.stacks));
     lines.join("\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collect::totals::Summary;
     use crate::detect::{Finding, Stall};
     use crate::events::build;
-    use crate::report::StallContext;
-    use crate::summary::Summary;
+    use crate::present::text::StallContext;
 
     #[test]
     fn target_strings_cannot_forge_lines_or_drive_the_terminal() {

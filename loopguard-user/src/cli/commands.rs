@@ -7,21 +7,21 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::agent::{self, StopReason, WatchOptions};
-use crate::alerts::Offending;
 use crate::attach::{self, AttachProgress, AttachedProbes, LinkKind};
-use crate::cli::{AttachArgs, ConfigArgs, FailOn, RunArgs};
 use crate::collect::Collector;
 use crate::config::Settings;
+use crate::config::args::{AttachArgs, ConfigArgs, FailOn, RunArgs};
+use crate::discover::preflight;
 use crate::discover::{self, ProbeTarget, proc};
 use crate::error::{EXIT_STALL, EXIT_TARGET, Error};
 use crate::export::server;
 use crate::export::{Metrics, TargetInfo};
+use crate::follow::launch;
 use crate::follow::roster::{Attached, Skip};
 use crate::follow::supervise::{Mode, Supervisor};
-use crate::launch;
-use crate::preflight;
+use crate::present::alerts::Offending;
 use crate::stacks::StackTools;
+use crate::watch::{self as agent, StopReason, WatchOptions};
 
 fn watch_options(settings: &Settings) -> WatchOptions {
     WatchOptions {
@@ -50,20 +50,20 @@ fn watch_options(settings: &Settings) -> WatchOptions {
 /// be made fails first).
 fn start_watch(
     settings: &Settings,
-    output: &crate::cli::OutputArgs,
+    output: &crate::config::args::OutputArgs,
 ) -> Result<WatchOptions, Error> {
     let options = watch_options(settings);
     crate::term::setup(output.color, true);
     if let Some(path) = &output.record {
-        crate::record::open(path)?;
+        crate::present::record::open(path)?;
     }
     Ok(options)
 }
 
 /// `loopguard report`: a recording shown again.
-pub fn report(args: &crate::cli::ReportArgs) -> Result<i32, Error> {
+pub fn report(args: &crate::config::args::ReportArgs) -> Result<i32, Error> {
     crate::term::setup(args.color, false);
-    crate::replay::report(args)?;
+    crate::present::replay::report(args)?;
     Ok(0)
 }
 
@@ -343,7 +343,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         }
         // Opened while the child is stopped and unreaped: it names this
         // process for good, so no forwarded signal reaches a recycled pid.
-        let pidfd = match crate::pidfd::Pidfd::open(pid) {
+        let pidfd = match crate::follow::pidfd::Pidfd::open(pid) {
             Ok(pidfd) => Arc::new(pidfd),
             Err(error) => return Err(abandon(stopped, Error::Signals(error))),
         };
@@ -437,7 +437,7 @@ fn watch_command(
                 .map_or_else(|_| "?".to_owned(), |p| p.display().to_string());
             crate::diag!(
                 "loopguard: {} is not watched ({}); following the programs it starts",
-                crate::report::printable(&exe),
+                crate::present::text::printable(&exe),
                 first_clause(&error.to_string())
             );
             supervisor
@@ -457,8 +457,8 @@ fn finish_run(supervisor: &mut Supervisor, settings: &Settings, code: i32) -> Re
         offending.merge(finished.outcome?.offending);
     }
     if supervisor.following() {
-        if settings.format == crate::report::Format::Json {
-            crate::emit::event(&supervisor.roster.event(), settings.format);
+        if settings.format == crate::present::text::Format::Json {
+            crate::present::emit::event(&supervisor.roster.event(), settings.format);
         }
         crate::diag!("{}", supervisor.roster.text());
     }

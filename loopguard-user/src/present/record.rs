@@ -1,7 +1,7 @@
 //! Record: `--record FILE.jsonl` keeps every event as a JSON line in a
 //! file, whatever `--format` shows, for `loopguard report`.
 //!
-//! Like stdout ([`crate::output`]), the file is written by a thread of its own
+//! Like stdout ([`crate::present::output`]), the file is written by a thread of its own
 //! through a bounded queue: a slow disk never holds up the watch loop or its
 //! detach. A line that finds the queue full is dropped and counted, and the
 //! count said at exit.

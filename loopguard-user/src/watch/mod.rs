@@ -13,24 +13,24 @@ use std::time::{Duration, Instant};
 
 use loopguard_common::{Counter, ThreadPolls};
 
-use crate::alerts::{self, Offending};
 use crate::attach::{LinkSummary, ProbeLinks, WaitPath, WaitProbes};
 use crate::attribute::{self, Request, RouteNames, RouteTable, Victims};
+use crate::collect::totals::{LoopThread, Summary};
 use crate::collect::{CollectError, Collector, RawEvent, RequestMaps, monotonic_ns};
+use crate::detect::loops::LoopDetector;
 use crate::detect::{
     Culprit, DetectSettings, Finding, RouteFilter, Stall, StallKind, ThresholdEngine,
 };
 use crate::discover::vtable::PollClass;
 use crate::discover::waits::WaitKind;
 use crate::discover::{ProbeTarget, WatchMode, proc};
-use crate::emit;
 use crate::events::{self, build};
 use crate::export::live::{BusyTracker, stuck_polls};
 use crate::export::{BlockingKind, LiveState, Metrics};
-use crate::loops::LoopDetector;
-use crate::report::{Format, StallContext};
+use crate::present::alerts::{self, Offending};
+use crate::present::emit;
+use crate::present::text::{Format, StallContext};
 use crate::stacks::{StackOptions, Stacks};
-use crate::summary::{LoopThread, Summary};
 
 /// How the watch loop runs.
 #[derive(Clone, Debug)]
@@ -400,14 +400,15 @@ impl Session<'_> {
         let in_flight = if found.is_empty() {
             Vec::new()
         } else {
-            crate::inflight::read(self.printer.target.pid, &self.inflight_tables)
+            crate::attribute::inflight::read(self.printer.target.pid, &self.inflight_tables)
         };
         for (mut stall, mut stack) in found {
             stall.threshold_ns = self.engine.threshold_ns();
             let request = (stall.kind == StallKind::Poll)
-                .then(|| crate::inflight::running_on(&in_flight, stall.tid))
+                .then(|| crate::attribute::inflight::running_on(&in_flight, stall.tid))
                 .flatten();
-            if let Some(began) = request.and_then(crate::inflight::InflightRequest::poll_began_by)
+            if let Some(began) =
+                request.and_then(crate::attribute::inflight::InflightRequest::poll_began_by)
                 && began < stall.start_ns
             {
                 stack.extend_back(stall.start_ns - began);
@@ -566,7 +567,7 @@ impl Session<'_> {
             (polls.saturating_sub(before) as f64 / secs).round() as u64
         });
         feed.last = Some((now, polls));
-        crate::output::status(Some(crate::term::status_text(
+        crate::present::output::status(Some(crate::term::status_text(
             rate,
             self.summary.stalls,
             events::ms(self.engine.threshold_ns()),
@@ -820,7 +821,7 @@ fn unknown_layout_warning(unknown: &[&str]) -> String {
     let mut names = unknown
         .iter()
         .take(SHOWN)
-        .map(|name| crate::report::printable(name).into_owned())
+        .map(|name| crate::present::text::printable(name).into_owned())
         .collect::<Vec<_>>()
         .join("; ");
     if unknown.len() > SHOWN {
@@ -905,7 +906,7 @@ impl<'t> Session<'t> {
                 .take()
                 .filter(|_| options.requests && !target.binary.usdt_sites.is_empty()),
             route_names: RouteNames::default(),
-            inflight_tables: crate::inflight::table_addresses(target),
+            inflight_tables: crate::attribute::inflight::table_addresses(target),
             route_stalls: RouteTable::default(),
             layout_said: false,
             printer: Printer {
@@ -966,7 +967,7 @@ pub async fn watch(
                 session.scan(collector);
             }
             _ = liveness.tick() => {
-                if crate::output::reader_gone() {
+                if crate::present::output::reader_gone() {
                     break StopReason::OutputClosed;
                 }
                 if !proc::is_alive(target.pid) {
@@ -979,7 +980,7 @@ pub async fn watch(
         }
     };
     session.handle_events(collector);
-    crate::output::status(None);
+    crate::present::output::status(None);
     // The endpoint stays up until loopguard exits: a last scrape sees the totals.
     session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
     let mut summary = session.summary;

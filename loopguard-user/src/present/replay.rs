@@ -1,7 +1,7 @@
 //! Replay: `loopguard report FILE.jsonl` reads a recording back, one line
 //! at a time (a recording of a million events is never held whole), and
 //! prints its summary as the live run did, its lines (`--lines`), or an
-//! HTML page of it (`--html`, [`crate::html`]).
+//! HTML page of it (`--html`, [`crate::present::html`]).
 //!
 //! [`Aggregate`] folds the events into what the page shows: stalls binned
 //! per thread over time, the longest stalls in full, routes by stall time,
@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::events::{
     Attached, CauseRecord, CumulativeEvent, Event, FrameRecord, RequestRecord, SummaryEvent,
 };
-use crate::report;
+use crate::present::text as report;
 
 /// The recording cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -411,7 +411,7 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
 }
 
 /// `loopguard report`.
-pub fn report(args: &crate::cli::ReportArgs) -> Result<(), ReplayError> {
+pub fn report(args: &crate::config::args::ReportArgs) -> Result<(), ReplayError> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let aggregate = read(&args.file, |line| {
@@ -436,7 +436,7 @@ pub fn report(args: &crate::cli::ReportArgs) -> Result<(), ReplayError> {
     );
     let _ = out.flush();
     if let Some(path) = &args.html {
-        let page = crate::html::page(&aggregate, &args.file.display().to_string());
+        let page = crate::present::html::page(&aggregate, &args.file.display().to_string());
         std::fs::write(path, page).map_err(|source| ReplayError::WriteHtml {
             path: path.clone(),
             source,

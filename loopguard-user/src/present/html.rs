@@ -10,8 +10,8 @@
 use serde::Serialize;
 
 use crate::events::HistogramSlot;
-use crate::replay::{Aggregate, KEPT_STALLS, StallLine};
-use crate::stacks::render::{cause_text, frame_text};
+use crate::present::replay::{Aggregate, KEPT_STALLS, StallLine};
+use crate::present::stacks::{cause_text, frame_text};
 
 /// Columns of the timeline.
 pub const BINS: usize = 800;
@@ -251,7 +251,10 @@ pub fn page(aggregate: &Aggregate, source: &str) -> String {
         in_progress: aggregate.in_progress,
         total_stall_ms: (aggregate.total_stall_ms * 1000.0).round() / 1000.0,
         alerts: aggregate.alerts,
-        summary_text: aggregate.summary.as_ref().map(crate::report::summary_text),
+        summary_text: aggregate
+            .summary
+            .as_ref()
+            .map(crate::present::text::summary_text),
         threads: bin_threads(aggregate, first, bin_ns),
         longest,
         kept: KEPT_STALLS,

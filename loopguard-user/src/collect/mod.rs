@@ -4,6 +4,7 @@
 //! counters and histogram.
 
 pub mod slots;
+pub mod totals;
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -19,7 +20,7 @@ use std::cell::Cell;
 use tokio::io::unix::AsyncFd;
 
 use self::slots::{MappedArray, SlotMapError, SlotValue};
-use crate::summary::{Counters, Histogram};
+use crate::collect::totals::{Counters, Histogram};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {

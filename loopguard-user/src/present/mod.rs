@@ -1,0 +1,14 @@
+//! Present: what a person reads. The report's text ([`text`]) and JSON,
+//! sent by [`emit`] to stdout ([`output`]) and the recording ([`record`]);
+//! the threshold alerts ([`alerts`]) and the stall stacks ([`stacks`]) as
+//! text; and a recording read back ([`replay`]) and drawn as a page
+//! ([`html`]).
+
+pub mod alerts;
+pub mod emit;
+pub mod html;
+pub mod output;
+pub mod record;
+pub mod replay;
+pub mod stacks;
+pub mod text;
