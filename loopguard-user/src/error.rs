@@ -1,13 +1,13 @@
 //! The top-level error and its exit code.
 
+use std::io;
+
 use crate::attach::AttachError;
 use crate::collect::CollectError;
 use crate::config::ConfigError;
 use crate::discover::DiscoverError;
 use crate::discover::preflight::PreflightError;
 use crate::export::ExportError;
-use crate::follow::FollowError;
-use crate::follow::launch::LaunchError;
 
 /// Exit code: a runtime failure.
 pub const EXIT_FAILURE: i32 = 1;
@@ -95,6 +95,44 @@ impl Error {
             | Self::Signals(_) => EXIT_FAILURE,
         }
     }
+}
+
+/// `loopguard run` failed to follow its command (defined here, not in
+/// [`crate::follow`], so this module stays below the stages that return it).
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("failed to load the exec-following programs")]
+    Attach(#[from] AttachError),
+    #[error("failed to open map `{name}` of the exec-following programs")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("failed to wait for exec events")]
+    Poll(#[source] std::io::Error),
+    #[error("failed to start the watchdog that resumes stopped processes if loopguard dies")]
+    Watchdog(#[source] std::io::Error),
+}
+
+/// `loopguard run` failed to start its command.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("failed to start `{program}`; check that it exists and is executable")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{program}` did not stop after exec as expected ({detail})")]
+    NoStop { program: String, detail: String },
+    #[error("failed to resume `{program}` (pid {pid})")]
+    Resume {
+        program: String,
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
 }
 
 #[cfg(test)]

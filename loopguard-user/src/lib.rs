@@ -64,3 +64,6 @@ pub mod follow;
 pub mod error;
 
 pub mod cli;
+
+#[cfg(test)]
+mod layers;

@@ -232,6 +232,26 @@ pub fn status_text(
     )
 }
 
+/// `text` with every control character escaped (`\r`, `\n`, `\u{1b}`):
+/// thread names, routes and paths come from the target, and must not be
+/// able to forge a line or drive the terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 //! otherwise ([`LinkKind`]): the same programs, cookies and pid filter
 //! either way.
 
+pub mod stacks;
 mod uprobe_multi;
 
 use std::num::NonZeroU32;
@@ -767,7 +768,7 @@ pub fn attach(
     if EBPF_OBJECT.is_empty() {
         return Err(AttachError::NoEbpfObject);
     }
-    let stack_config = crate::stacks::capture::kernel_config(
+    let stack_config = stacks::kernel_config(
         pid,
         report_floor_ns / 2,
         options.stacks,
@@ -827,7 +828,7 @@ pub fn attach(
 
     attach_raw_tracepoint(&mut ebpf, names::THREAD_SWITCH, "sched_switch")?;
     let stacks = options.stacks
-        && crate::stacks::capture::attach_programs(&mut ebpf)
+        && stacks::attach_programs(&mut ebpf)
             .inspect_err(|error| {
                 tracing::warn!(error = %error, "stalls are reported without stacks");
             })

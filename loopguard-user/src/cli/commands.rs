@@ -7,21 +7,22 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::attach::{self, AttachProgress, AttachedProbes, LinkKind};
-use crate::collect::Collector;
+use crate::attach;
 use crate::config::Settings;
-use crate::config::args::{AttachArgs, ConfigArgs, FailOn, RunArgs};
+use crate::config::args::{AttachArgs, ConfigArgs, RunArgs};
+use crate::detect::FailOn;
 use crate::discover::preflight;
-use crate::discover::{self, ProbeTarget, proc};
+use crate::discover::{ProbeTarget, proc};
 use crate::error::{EXIT_STALL, EXIT_TARGET, Error};
 use crate::export::server;
 use crate::export::{Metrics, TargetInfo};
 use crate::follow::launch;
 use crate::follow::roster::{Attached, Skip};
 use crate::follow::supervise::{Mode, Supervisor};
+use crate::follow::watchdog::FORWARDED;
 use crate::present::alerts::Offending;
-use crate::stacks::StackTools;
-use crate::watch::{self as agent, StopReason, WatchOptions};
+use crate::watch::setup::{announce, prepare};
+use crate::watch::{StopReason, WatchOptions};
 
 fn watch_options(settings: &Settings) -> WatchOptions {
     WatchOptions {
@@ -63,7 +64,7 @@ fn start_watch(
 /// `loopguard report`: a recording shown again.
 pub fn report(args: &crate::config::args::ReportArgs) -> Result<i32, Error> {
     crate::term::setup(args.color, false);
-    crate::present::replay::report(args)?;
+    crate::cli::report::report(args)?;
     Ok(0)
 }
 
@@ -126,99 +127,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .enable_all()
         .build()
         .map_err(Error::Runtime)
-}
-
-/// What watching needs: the target, the probes in place, and the stack tools
-/// (made before attaching: reading the target's files takes a moment in
-/// which events would pile up).
-pub(crate) type Prepared = (ProbeTarget, AttachedProbes, Option<StackTools>);
-
-pub(crate) fn prepare(pid: u32, options: &WatchOptions) -> Result<Prepared, Error> {
-    let tools = options.capture_stacks.then(|| StackTools::prepare(pid));
-    let (target, probes) = discover_and_attach(pid, options)?;
-    Ok((target, probes, tools))
-}
-
-/// Finds what to probe in `pid` and attaches (no stack tools: those stay
-/// on the thread that watches).
-pub(crate) fn discover_and_attach(
-    pid: u32,
-    options: &WatchOptions,
-) -> Result<(ProbeTarget, AttachedProbes), Error> {
-    let target = discover::discover(pid)?;
-    tracing::info!(
-        pid,
-        exe = %target.exe.display_path,
-        poll_functions = target.binary.poll_copies.len(),
-        blocking_ranges = target.binary.blocking_ranges.len(),
-        "discovered target"
-    );
-    let floor_ns = options.detect.report_floor_ns();
-    tracing::info!(report_floor_ns = floor_ns, "kernel report floor");
-    let attach_options = attach::AttachOptions {
-        report_floor_ns: floor_ns,
-        requests: options.requests,
-        wait_probes: options.wait_probes,
-        stacks: options.capture_stacks,
-        probe_links: options.probe_links,
-        bench: options.bench,
-    };
-    let probes = attach::attach(&target, attach_options, &mut |progress| {
-        report_attach_progress(progress);
-    })?;
-    let links = probes.links_summary;
-    tracing::info!(
-        probes = probes.probe_count,
-        links = links.links,
-        kind = links.kind.as_str(),
-        seconds = links.attach_time.as_secs_f64(),
-        "attached"
-    );
-    Ok((target, probes))
-}
-
-/// Prints what attaching is about to do, and how far it got when slow.
-fn report_attach_progress(progress: AttachProgress) {
-    match progress {
-        AttachProgress::Starting {
-            kind,
-            probes,
-            links,
-        } => {
-            let expected = kind.expected(probes, links);
-            let how = match kind {
-                LinkKind::UprobeMulti => format!("in {links} uprobe_multi links"),
-                LinkKind::PerfEvent => "as perf-event uprobes, one link each".to_owned(),
-            };
-            crate::diag!(
-                "loopguard: attaching {probes} probes {how} (expect about {:.1} s; detaching later about {:.1} s)",
-                expected.attach.as_secs_f64(),
-                expected.detach.as_secs_f64(),
-            );
-        }
-        AttachProgress::Attached { done, total } if done < total => {
-            crate::diag!("loopguard: attaching: {done}/{total} probes attached");
-        }
-        AttachProgress::Attached { .. } => {}
-    }
-}
-
-/// Opens the maps and announces the attachment (before `run` lets its
-/// command go, so the `attached` line comes first).
-pub(crate) fn announce(
-    target: &ProbeTarget,
-    probes: &mut AttachedProbes,
-    options: &WatchOptions,
-) -> Result<Collector, Error> {
-    let collector = Collector::new(&mut probes.ebpf)?;
-    agent::print_attached(
-        target,
-        probes.probe_count,
-        probes.wait_path,
-        &probes.links_summary,
-        options,
-    );
-    Ok(collector)
 }
 
 /// The process `--pid` means: a thread id (loopguard prints them) is
@@ -292,16 +200,6 @@ async fn sleep_for(secs: Option<u64>) {
         None => std::future::pending().await,
     }
 }
-
-/// Signals `loopguard run` passes on to its command.
-pub(crate) const FORWARDED: [libc::c_int; 6] = [
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-];
 
 /// Kills and reaps the command `run` could not watch: never leave a
 /// stopped, traced child behind. Returns `error`.
@@ -437,7 +335,7 @@ fn watch_command(
                 .map_or_else(|_| "?".to_owned(), |p| p.display().to_string());
             crate::diag!(
                 "loopguard: {} is not watched ({}); following the programs it starts",
-                crate::present::text::printable(&exe),
+                crate::term::printable(&exe),
                 first_clause(&error.to_string())
             );
             supervisor

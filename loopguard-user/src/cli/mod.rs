@@ -2,3 +2,4 @@
 //! wiring the stages below for `attach`, `run`, `config` and `report`.
 
 pub mod commands;
+pub mod report;

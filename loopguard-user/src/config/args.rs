@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::detect::FailOn;
 use crate::present::text::Format;
 use crate::term::ColorChoice;
 
@@ -115,24 +116,6 @@ pub struct OutputArgs {
     /// set]. On a terminal, stderr also shows a live status line.
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto, hide_default_value = true)]
     pub color: ColorChoice,
-}
-
-/// What `loopguard run --fail-on` fails on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
-pub enum FailOn {
-    /// A poll over the threshold.
-    Stall,
-    /// Short polls over the cumulative budget.
-    Cumulative,
-}
-
-impl FailOn {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stall => "stall",
-            Self::Cumulative => "cumulative",
-        }
-    }
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::attach::{ProbeLinks, WaitProbes};
-use crate::config::args::{FailOn, WatchArgs};
+use crate::config::args::WatchArgs;
+use crate::detect::FailOn;
 use crate::detect::adaptive::{self, AdaptiveSettings};
 use crate::detect::cumulative::{self, CumulativeSettings};
 use crate::detect::exclude::DEFAULT_EXCLUDED_ROUTES;

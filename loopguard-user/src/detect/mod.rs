@@ -60,3 +60,21 @@ pub struct ThresholdChange {
     pub percentile: f64,
     pub multiplier: f64,
 }
+
+/// What `loopguard run --fail-on` fails on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum FailOn {
+    /// A poll over the threshold.
+    Stall,
+    /// Short polls over the cumulative budget.
+    Cumulative,
+}
+
+impl FailOn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stall => "stall",
+            Self::Cumulative => "cumulative",
+        }
+    }
+}

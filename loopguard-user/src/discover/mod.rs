@@ -235,7 +235,7 @@ fn io_error(pid: u32, path: &str, source: io::Error) -> DiscoverError {
         io::ErrorKind::NotFound if !proc::is_alive(pid) => DiscoverError::NoSuchProcess { pid },
         io::ErrorKind::NotFound if proc::is_kernel_thread(pid) => DiscoverError::KernelThread {
             pid,
-            name: crate::present::text::printable(&proc::thread_name(pid, pid)).into_owned(),
+            name: crate::term::printable(&proc::thread_name(pid, pid)).into_owned(),
         },
         io::ErrorKind::PermissionDenied if proc::has_effective_cap(proc::CAP_SYS_PTRACE) => {
             DiscoverError::Unreachable { pid }

@@ -11,16 +11,16 @@ use super::{
     StackSummary, StallEvent, SummaryEvent, TaskShareRecord, ThresholdEvent, ThresholdSummary, ms,
 };
 use crate::attribute::{Request, RouteTable};
-use crate::collect::totals::Summary;
 use crate::detect::cumulative::{RouteShare, TaskShare};
 use crate::detect::{Culprit, CumulativeAlert, Finding, Scope, Stall, ThresholdChange};
-use crate::present::text::StallContext;
+use crate::events::StallContext;
+use crate::events::summary::Summary;
 use crate::stacks::StallStack;
 use crate::stacks::fold::{Frame, StackStalls};
 use crate::stacks::profile::Cause;
 
 /// How many stacks the summary lists.
-pub const SUMMARY_STACKS: usize = crate::present::stacks::SUMMARY_STACKS;
+pub const SUMMARY_STACKS: usize = 5;
 
 pub fn request(request: &Request) -> RequestRecord {
     RequestRecord {

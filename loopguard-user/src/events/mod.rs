@@ -11,6 +11,7 @@
 
 pub mod build;
 pub mod clock;
+pub mod summary;
 
 use serde::{Deserialize, Serialize};
 
@@ -388,4 +389,23 @@ pub struct FollowedProcess {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+}
+
+/// What a stall is shown with besides its numbers.
+#[derive(Clone, Debug, Default)]
+pub struct StallContext {
+    /// The thread's name (`comm`).
+    pub thread: String,
+    /// The `raw::poll` copy's name (v0 builds name the future type in it).
+    pub poll_fn: String,
+    /// The function the poll returns into: the scheduler that polled.
+    pub polled_from: Option<String>,
+    /// The request the stalled task was serving (needs the middleware).
+    pub request: Option<crate::attribute::Request>,
+    /// Other requests in flight while the thread was blocked (at most 20).
+    pub victims: Vec<crate::attribute::Request>,
+    /// How many there were in all.
+    pub victim_count: usize,
+    /// Where the poll spent its time and why (stack capture on).
+    pub stack: Option<crate::stacks::StallStack>,
 }

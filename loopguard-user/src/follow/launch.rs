@@ -14,24 +14,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
-#[derive(Debug, thiserror::Error)]
-pub enum LaunchError {
-    #[error("failed to start `{program}`; check that it exists and is executable")]
-    Spawn {
-        program: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("`{program}` did not stop after exec as expected ({detail})")]
-    NoStop { program: String, detail: String },
-    #[error("failed to resume `{program}` (pid {pid})")]
-    Resume {
-        program: String,
-        pid: u32,
-        #[source]
-        source: io::Error,
-    },
-}
+pub use crate::error::LaunchError;
 
 /// A child stopped right after `exec`.
 pub struct StoppedChild {

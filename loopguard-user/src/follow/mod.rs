@@ -26,21 +26,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::attach::{AttachError, EBPF_OBJECT, attach_raw_tracepoint};
 
-#[derive(Debug, thiserror::Error)]
-pub enum FollowError {
-    #[error("failed to load the exec-following programs")]
-    Attach(#[from] AttachError),
-    #[error("failed to open map `{name}` of the exec-following programs")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("failed to wait for exec events")]
-    Poll(#[source] std::io::Error),
-    #[error("failed to start the watchdog that resumes stopped processes if loopguard dies")]
-    Watchdog(#[source] std::io::Error),
-}
+pub use crate::error::FollowError;
 
 /// The kernel side of following; detaches on drop.
 pub struct Follower {

@@ -115,7 +115,7 @@ impl Roster {
             self.entries.len() - attached
         )];
         for entry in &self.entries {
-            let exe = crate::present::text::printable(&entry.exe);
+            let exe = crate::term::printable(&entry.exe);
             out.push(match &entry.outcome {
                 Ok(a) => format!(
                     "  attached  pid {} {exe}: {} probes{}",
@@ -169,11 +169,7 @@ impl Roster {
     }
 }
 
-/// How a process is named on every line when several are watched.
-pub fn label(pid: u32, exe: &str) -> String {
-    let name = exe.rsplit('/').next().unwrap_or(exe);
-    format!("[pid {pid} {}]", crate::present::text::printable(name))
-}
+pub use crate::present::emit::label;
 
 #[cfg(test)]
 mod tests {

@@ -16,13 +16,13 @@ use super::roster::{Attached, Roster, Skip, label};
 use super::watchdog::Watchdog;
 use super::{FollowError, Follower};
 use crate::attach::AttachedProbes;
-use crate::cli::commands::{Prepared, announce, discover_and_attach};
 use crate::collect::{Collector, monotonic_ns};
 use crate::discover::ProbeTarget;
 use crate::discover::proc;
 use crate::error::Error;
 use crate::stacks::StackTools;
 use crate::stacks::Stacks;
+use crate::watch::setup::{Prepared, announce, discover_and_attach};
 use crate::watch::{self as agent, Outcome, StopReason, WatchOptions};
 
 /// What is followed.
@@ -307,7 +307,7 @@ impl Supervisor {
                     Mode::Attach => {
                         self.gave_up = Some(format!(
                             "pid {pid} exec'd {}, which loopguard cannot watch: {error}; it keeps running, unwatched",
-                            crate::present::text::printable(&exe)
+                            crate::term::printable(&exe)
                         ));
                         if let Some(follower) = &mut self.follower {
                             follower.forget(pid);

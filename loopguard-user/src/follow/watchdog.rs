@@ -18,6 +18,16 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// Signals `loopguard run` passes on to its command.
+pub const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
 /// Most pids the watchdog resumes (the map holds at most this many).
 const MAX_STOPPED: usize = loopguard_common::follow::MAX_FOLLOW_PIDS as usize;
 
@@ -69,10 +79,7 @@ fn watchdog_main(map: RawFd, pipe: RawFd) -> ! {
         // Deaf to what `run` forwards to its command (Ctrl+C, a
         // supervisor's TERM): the watchdog must outlive loopguard; nor may
         // a closed pipe kill it.
-        for signo in crate::cli::commands::FORWARDED
-            .into_iter()
-            .chain([libc::SIGPIPE])
-        {
+        for signo in FORWARDED.into_iter().chain([libc::SIGPIPE]) {
             libc::signal(signo, libc::SIG_IGN);
         }
         // Nothing of loopguard's output stays open through us.

@@ -2,10 +2,10 @@
 //! moves of the adaptive threshold (a JSON object or a text line each), and
 //! the block of offending events `loopguard run --fail-on` prints at the end.
 
-use crate::config::args::FailOn;
+use crate::detect::FailOn;
 use crate::detect::Finding;
 use crate::events::{CumulativeEvent, ThresholdEvent};
-use crate::present::text::printable;
+use crate::term::printable;
 
 /// The text line of a cumulative alert.
 pub fn cumulative_text(alert: &CumulativeEvent) -> String {

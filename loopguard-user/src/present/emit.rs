@@ -24,7 +24,7 @@ pub fn event(event: &Event, format: Format) -> Option<String> {
 pub fn event_from(event: &Event, format: Format, process: Option<Process>) -> Option<String> {
     let text = report::event_text(event).map(|text| match process {
         Some(process) => {
-            let label = crate::follow::roster::label(process.pid, process.exe);
+            let label = label(process.pid, process.exe);
             text.lines()
                 .map(|line| format!("{label} {line}"))
                 .collect::<Vec<_>>()
@@ -64,4 +64,10 @@ fn with_exe(line: String, exe: &str) -> String {
         }
         _ => line,
     }
+}
+
+/// How a process is named on every line when several are watched.
+pub fn label(pid: u32, exe: &str) -> String {
+    let name = exe.rsplit('/').next().unwrap_or(exe);
+    format!("[pid {pid} {}]", crate::term::printable(name))
 }

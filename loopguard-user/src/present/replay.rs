@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -17,7 +17,6 @@ use serde::Deserialize;
 use crate::events::{
     Attached, CauseRecord, CumulativeEvent, Event, FrameRecord, RequestRecord, SummaryEvent,
 };
-use crate::present::text as report;
 
 /// The recording cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -410,45 +409,10 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
     }
 }
 
-/// `loopguard report`.
-pub fn report(args: &crate::config::args::ReportArgs) -> Result<(), ReplayError> {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let aggregate = read(&args.file, |line| {
-        if !args.lines {
-            return;
-        }
-        if let Ok(event) = serde_json::from_str::<Event>(line)
-            && !matches!(event, Event::Summary(_))
-            && let Some(text) = report::event_text(&event)
-        {
-            let _ = writeln!(out, "{}", crate::term::paint_stdout(&text));
-        }
-    })?;
-    let summary = aggregate
-        .summary
-        .clone()
-        .unwrap_or_else(|| partial_summary(&aggregate));
-    let _ = writeln!(
-        out,
-        "{}",
-        crate::term::paint_stdout(&report::summary_text(&summary))
-    );
-    let _ = out.flush();
-    if let Some(path) = &args.html {
-        let page = crate::present::html::page(&aggregate, &args.file.display().to_string());
-        std::fs::write(path, page).map_err(|source| ReplayError::WriteHtml {
-            path: path.clone(),
-            source,
-        })?;
-        crate::diag!("loopguard: wrote {}", path.display());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::present::text as report;
 
     fn stall(tid: u32, start_ms: u64, ms: f64, route: Option<&str>) -> String {
         let request = route.map_or("null".to_owned(), |r| {

@@ -4,12 +4,12 @@
 use std::fmt::Write as _;
 
 use crate::events::{CauseRecord, FrameRecord, StackFields, StackSummary};
-use crate::present::text::printable;
+use crate::term::printable;
 
 /// Frames printed per stall in text; JSON has them all.
 const TEXT_FRAMES: usize = 12;
-/// Stacks listed in the summary.
-pub const SUMMARY_STACKS: usize = 5;
+/// Stacks listed in the summary (the summary event holds as many).
+pub use crate::events::build::SUMMARY_STACKS;
 
 /// `function (file:line)` or just `function`.
 pub fn frame_text(frame: &FrameRecord) -> String {
@@ -117,7 +117,7 @@ mod tests {
             threshold_ns: 1,
             requests_window: None,
         };
-        let context = crate::present::text::StallContext {
+        let context = crate::events::StallContext {
             stack: Some(stack.clone()),
             ..Default::default()
         };
@@ -177,7 +177,7 @@ mod tests {
 
     #[test]
     fn the_summary_names_stacks_by_label() {
-        let summary = crate::collect::totals::Summary {
+        let summary = crate::events::summary::Summary {
             stacks: vec![StackStalls {
                 label: "bcrypt::hash <- handlers::login".into(),
                 folded: "handlers::login;bcrypt::hash".into(),

@@ -4,9 +4,9 @@
 //! what the live run printed. Stdout carries reports; diagnostics go to
 //! stderr.
 
-use crate::attribute::Request;
 use crate::events::{Event, StallEvent, SummaryEvent};
 use crate::present::alerts;
+use crate::term::printable;
 
 /// Output format chosen on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -15,45 +15,6 @@ pub enum Format {
     Text,
     /// One JSON object per line (`type`: stall, `stall_in_progress`, ...).
     Json,
-}
-
-/// What a stall is shown with besides its numbers.
-#[derive(Clone, Debug, Default)]
-pub struct StallContext {
-    /// The thread's name (`comm`).
-    pub thread: String,
-    /// The `raw::poll` copy's name (v0 builds name the future type in it).
-    pub poll_fn: String,
-    /// The function the poll returns into: the scheduler that polled.
-    pub polled_from: Option<String>,
-    /// The request the stalled task was serving (needs the middleware).
-    pub request: Option<Request>,
-    /// Other requests in flight while the thread was blocked (at most 20).
-    pub victims: Vec<Request>,
-    /// How many there were in all.
-    pub victim_count: usize,
-    /// Where the poll spent its time and why (stack capture on).
-    pub stack: Option<crate::stacks::StallStack>,
-}
-
-/// `text` with every control character escaped (`\r`, `\n`, `\u{1b}`):
-/// thread names, routes and paths come from the target, and must not be
-/// able to forge a line or drive the terminal.
-pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    std::borrow::Cow::Owned(
-        text.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect(),
-    )
 }
 
 /// The text line of an event (`None` for `attached` and `followed`, which
@@ -260,10 +221,10 @@ pub fn summary_text(summary: &SummaryEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collect::totals::Summary;
+    use crate::attribute::Request;
     use crate::detect::{Finding, Stall};
-    use crate::events::build;
-    use crate::present::text::StallContext;
+    use crate::events::summary::Summary;
+    use crate::events::{StallContext, build};
 
     #[test]
     fn target_strings_cannot_forge_lines_or_drive_the_terminal() {

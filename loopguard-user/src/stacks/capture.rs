@@ -1,15 +1,15 @@
-//! The kernel-facing half of stack capture: loading the `sched_switch` and
-//! perf-event programs, reading their ring buffer and off-CPU map, opening a
+//! The kernel-facing half of stack capture (the programs are loaded by
+//! [`crate::attach::stacks`]): reading their ring buffer and off-CPU map, opening a
 //! cpu-clock perf event on a thread only while its poll is stuck, and
 //! copying the stack of a thread that is asleep right now.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
+use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
-use aya::programs::{BtfTracePoint, PerfEvent, ProgramFd};
-use aya::{Btf, Ebpf};
-use loopguard_common::stacks::{MAX_CENSUS_THREADS, STACK_BYTES, StackConfig, ThreadOffCpu, names};
+use aya::programs::ProgramFd;
+use loopguard_common::stacks::{MAX_CENSUS_THREADS, STACK_BYTES, ThreadOffCpu, names};
 
 use super::StackError;
 use super::sample::{StackRecord, decode};
@@ -19,56 +19,6 @@ pub const ON_CPU_HZ: u64 = 499;
 
 /// Perf events open at once (one per stuck thread).
 const MAX_PERF_EVENTS: usize = 64;
-
-/// The kernel configuration: capture for `pid`, armed at `arm_delay_ns`.
-/// `loop_stretches`: also capture loop threads in a long busy stretch
-/// (loop-only targets).
-pub fn kernel_config(
-    pid: u32,
-    arm_delay_ns: u64,
-    enabled: bool,
-    loop_stretches: bool,
-) -> StackConfig {
-    StackConfig {
-        target_tgid: pid,
-        enabled: u32::from(enabled),
-        arm_delay_ns,
-        min_sample_gap_ns: 2_000_000,
-        loop_stretches: u32::from(loop_stretches),
-        pad: 0,
-    }
-}
-
-/// Loads and attaches `sched_switch`, loads the perf-event program. Both
-/// go with the `Ebpf` that owns them.
-pub fn attach_programs(ebpf: &mut Ebpf) -> Result<(), StackError> {
-    let btf = Btf::from_sys_fs().map_err(|source| StackError::Btf(Box::new(source)))?;
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut(names::SCHED_SWITCH)
-        .ok_or(StackError::Missing(names::SCHED_SWITCH))?
-        .try_into()
-        .map_err(program_error(names::SCHED_SWITCH))?;
-    program
-        .load("sched_switch", &btf)
-        .map_err(program_error(names::SCHED_SWITCH))?;
-    program
-        .attach()
-        .map_err(program_error(names::SCHED_SWITCH))?;
-    let program: &mut PerfEvent = ebpf
-        .program_mut(names::ON_CPU)
-        .ok_or(StackError::Missing(names::ON_CPU))?
-        .try_into()
-        .map_err(program_error(names::ON_CPU))?;
-    program.load().map_err(program_error(names::ON_CPU))?;
-    Ok(())
-}
-
-fn program_error(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> StackError {
-    move |source| StackError::Program {
-        program,
-        source: Box::new(source),
-    }
-}
 
 /// `struct perf_event_attr` up to `PERF_ATTR_SIZE_VER5`.
 #[repr(C)]

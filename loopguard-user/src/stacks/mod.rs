@@ -29,29 +29,7 @@ use sample::{Regs, Sample, SampleCause, StackRecord, syscall_of};
 use symbolize::Symbols;
 use unwind::StackUnwinder;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StackError {
-    #[error(
-        "cannot read the kernel's BTF (/sys/kernel/btf/vmlinux), which stack capture needs; use a kernel built with CONFIG_DEBUG_INFO_BTF, or pass --no-stacks"
-    )]
-    Btf(#[source] Box<aya::BtfError>),
-    #[error(
-        "failed to load the stack capture program `{program}`; pass --no-stacks to watch without stacks"
-    )]
-    Program {
-        program: &'static str,
-        #[source]
-        source: Box<aya::programs::ProgramError>,
-    },
-    #[error("the eBPF object lacks `{0}`; rebuild loopguard (`cargo xtask build`)")]
-    Missing(&'static str),
-    #[error("failed to open map `{name}`")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-}
+pub use crate::attach::stacks::StackError;
 
 /// How stacks are captured and shown.
 #[derive(Clone, Copy, Debug)]

@@ -5,6 +5,8 @@
 //! while it is stuck. On stop the ring buffer is drained one last time and
 //! the summary printed.
 
+pub mod setup;
+
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use loopguard_common::{Counter, ThreadPolls};
 
 use crate::attach::{LinkSummary, ProbeLinks, WaitPath, WaitProbes};
 use crate::attribute::{self, Request, RouteNames, RouteTable, Victims};
-use crate::collect::totals::{LoopThread, Summary};
+use crate::collect::totals::LoopThread;
 use crate::collect::{CollectError, Collector, RawEvent, RequestMaps, monotonic_ns};
 use crate::detect::loops::LoopDetector;
 use crate::detect::{
@@ -24,12 +26,14 @@ use crate::detect::{
 use crate::discover::vtable::PollClass;
 use crate::discover::waits::WaitKind;
 use crate::discover::{ProbeTarget, WatchMode, proc};
+use crate::events::StallContext;
+use crate::events::summary::Summary;
 use crate::events::{self, build};
 use crate::export::live::{BusyTracker, stuck_polls};
 use crate::export::{BlockingKind, LiveState, Metrics};
 use crate::present::alerts::{self, Offending};
 use crate::present::emit;
-use crate::present::text::{Format, StallContext};
+use crate::present::text::Format;
 use crate::stacks::{StackOptions, Stacks};
 
 /// How the watch loop runs.
@@ -821,7 +825,7 @@ fn unknown_layout_warning(unknown: &[&str]) -> String {
     let mut names = unknown
         .iter()
         .take(SHOWN)
-        .map(|name| crate::present::text::printable(name).into_owned())
+        .map(|name| crate::term::printable(name).into_owned())
         .collect::<Vec<_>>()
         .join("; ");
     if unknown.len() > SHOWN {

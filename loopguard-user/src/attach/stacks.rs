@@ -1,0 +1,81 @@
+//! Stack capture's programs: the kernel configuration they are loaded
+//! with, and the `sched_switch` and perf-event programs loaded with the
+//! probes (what they capture is read by [`crate::stacks`]).
+
+use aya::programs::{BtfTracePoint, PerfEvent};
+use aya::{Btf, Ebpf};
+use loopguard_common::stacks::{StackConfig, names};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error(
+        "cannot read the kernel's BTF (/sys/kernel/btf/vmlinux), which stack capture needs; use a kernel built with CONFIG_DEBUG_INFO_BTF, or pass --no-stacks"
+    )]
+    Btf(#[source] Box<aya::BtfError>),
+    #[error(
+        "failed to load the stack capture program `{program}`; pass --no-stacks to watch without stacks"
+    )]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("the eBPF object lacks `{0}`; rebuild loopguard (`cargo xtask build`)")]
+    Missing(&'static str),
+    #[error("failed to open map `{name}`")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// The kernel configuration: capture for `pid`, armed at `arm_delay_ns`.
+/// `loop_stretches`: also capture loop threads in a long busy stretch
+/// (loop-only targets).
+pub fn kernel_config(
+    pid: u32,
+    arm_delay_ns: u64,
+    enabled: bool,
+    loop_stretches: bool,
+) -> StackConfig {
+    StackConfig {
+        target_tgid: pid,
+        enabled: u32::from(enabled),
+        arm_delay_ns,
+        min_sample_gap_ns: 2_000_000,
+        loop_stretches: u32::from(loop_stretches),
+        pad: 0,
+    }
+}
+
+/// Loads and attaches `sched_switch`, loads the perf-event program. Both
+/// go with the `Ebpf` that owns them.
+pub fn attach_programs(ebpf: &mut Ebpf) -> Result<(), StackError> {
+    let btf = Btf::from_sys_fs().map_err(|source| StackError::Btf(Box::new(source)))?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(names::SCHED_SWITCH)
+        .ok_or(StackError::Missing(names::SCHED_SWITCH))?
+        .try_into()
+        .map_err(program_error(names::SCHED_SWITCH))?;
+    program
+        .load("sched_switch", &btf)
+        .map_err(program_error(names::SCHED_SWITCH))?;
+    program
+        .attach()
+        .map_err(program_error(names::SCHED_SWITCH))?;
+    let program: &mut PerfEvent = ebpf
+        .program_mut(names::ON_CPU)
+        .ok_or(StackError::Missing(names::ON_CPU))?
+        .try_into()
+        .map_err(program_error(names::ON_CPU))?;
+    program.load().map_err(program_error(names::ON_CPU))?;
+    Ok(())
+}
+
+fn program_error(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> StackError {
+    move |source| StackError::Program {
+        program,
+        source: Box::new(source),
+    }
+}
