@@ -230,6 +230,13 @@ pub mod frame_flags {
     /// loopguard saw (the poll began before attaching, or the middleware runs
     /// outside a task).
     pub const NO_POLL: u32 = 1 << 3;
+
+    /// Whether a frame with these flags is a worker task poll: not
+    /// blocking-pool work, not a scheduler loop's own poll around the task
+    /// polls.
+    pub const fn is_task_poll(flags: u32) -> bool {
+        flags & (BLOCKING | CONTAINER) == 0
+    }
 }
 
 /// One in-flight poll on a thread.
@@ -313,6 +320,40 @@ impl ThreadPolls {
             preempted_since_ns: 0,
             frames: [PollFrame::zeroed(); MAX_POLL_DEPTH],
         }
+    }
+
+    /// The innermost poll in flight, the only one that can be holding the
+    /// thread (`None` when there is none, or it is deeper than was kept).
+    pub fn innermost(&self) -> Option<&PollFrame> {
+        let depth = self.depth as usize;
+        if depth == 0 || depth > MAX_POLL_DEPTH {
+            return None;
+        }
+        self.frames.get(depth - 1)
+    }
+
+    /// The innermost poll in flight when it is a worker task poll
+    /// ([`frame_flags::is_task_poll`]): the one every rule about a stuck
+    /// poll judges.
+    pub fn innermost_task_poll(&self) -> Option<&PollFrame> {
+        self.innermost()
+            .filter(|frame| frame_flags::is_task_poll(frame.flags))
+    }
+
+    /// ns `frame`, a poll of this thread still in flight, has held the
+    /// thread by `now_ns`: time since entry, less the preempted waits
+    /// counted since, less a wait still open (the thread switched out
+    /// runnable and not seen running since).
+    pub fn held_so_far_ns(&self, now_ns: u64, frame: &PollFrame) -> u64 {
+        let counted = self.preempted_ns.saturating_sub(frame.preempted_at_entry);
+        let open = if self.preempted_since_ns >= frame.start_ns && self.preempted_since_ns != 0 {
+            now_ns.saturating_sub(self.preempted_since_ns)
+        } else {
+            0
+        };
+        now_ns
+            .saturating_sub(frame.start_ns)
+            .saturating_sub(counted + open)
     }
 }
 

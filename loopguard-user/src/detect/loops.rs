@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use loopguard_common::{LoopEvent, LoopState, MAX_POLL_DEPTH, ThreadPolls, frame_flags};
+use loopguard_common::{LoopEvent, LoopState, ThreadPolls};
 
 use crate::detect::{Finding, Stall, StallKind};
 
@@ -151,7 +151,7 @@ impl LoopDetector {
     ) -> Vec<Finding> {
         let in_task_poll: HashSet<u32> = polls
             .iter()
-            .filter(|(_, stack)| innermost_is_task_poll(stack))
+            .filter(|(_, stack)| stack.innermost_task_poll().is_some())
             .map(|(tid, _)| *tid)
             .collect();
         let mut findings = Vec::new();
@@ -210,13 +210,6 @@ fn held_so_far_ns(now_ns: u64, state: &LoopState) -> u64 {
         .saturating_sub(counted + open)
 }
 
-fn innermost_is_task_poll(stack: &ThreadPolls) -> bool {
-    let depth = stack.depth as usize;
-    depth > 0
-        && depth <= MAX_POLL_DEPTH
-        && stack.frames[depth - 1].flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) == 0
-}
-
 fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64, threshold_ns: u64) -> Stall {
     Stall {
         kind: StallKind::Loop,
@@ -234,6 +227,7 @@ fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64, threshold_ns: u64) -> S
 
 #[cfg(test)]
 mod tests {
+    use loopguard_common::frame_flags;
     use loopguard_common::{EventKind, PollFrame};
 
     use super::*;

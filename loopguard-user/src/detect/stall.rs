@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use loopguard_common::{MAX_POLL_DEPTH, PollEvent, PollFrame, ThreadPolls, frame_flags};
+use loopguard_common::{PollEvent, ThreadPolls, frame_flags};
 
 use super::Finding;
 
@@ -129,17 +129,12 @@ impl StallDetector {
     pub fn on_snapshot(&mut self, now_ns: u64, threads: &[(u32, ThreadPolls)]) -> Vec<Finding> {
         let mut findings = Vec::new();
         for (tid, polls) in threads {
-            let depth = polls.depth as usize;
-            if depth == 0 || depth > MAX_POLL_DEPTH {
-                continue;
-            }
             // Only the innermost poll can be the one blocking the thread.
-            let frame = &polls.frames[depth - 1];
-            if frame.flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) != 0 {
+            let Some(frame) = polls.innermost_task_poll() else {
                 continue;
-            }
+            };
             let elapsed = now_ns.saturating_sub(frame.start_ns);
-            if held_so_far_ns(now_ns, polls, frame) < self.threshold_ns {
+            if polls.held_so_far_ns(now_ns, frame) < self.threshold_ns {
                 continue;
             }
             let key = (*tid, frame.start_ns);
@@ -178,25 +173,10 @@ pub fn held_ns(event: &PollEvent) -> u64 {
     event.duration_ns.saturating_sub(event.preempted_ns)
 }
 
-/// ns an in-flight poll has held its thread by `now_ns`: time since entry,
-/// less the preempted waits counted since, less a wait still open (the
-/// thread switched out runnable and not seen running since).
-fn held_so_far_ns(now_ns: u64, polls: &ThreadPolls, frame: &PollFrame) -> u64 {
-    let counted = polls.preempted_ns.saturating_sub(frame.preempted_at_entry);
-    let open = if polls.preempted_since_ns >= frame.start_ns && polls.preempted_since_ns != 0 {
-        now_ns.saturating_sub(polls.preempted_since_ns)
-    } else {
-        0
-    };
-    now_ns
-        .saturating_sub(frame.start_ns)
-        .saturating_sub(counted + open)
-}
-
 /// A poll of a task on a worker: not blocking-pool work, not a scheduler
 /// loop's own poll around the task polls.
 pub fn is_task_poll(flags: u32) -> bool {
-    flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) == 0
+    frame_flags::is_task_poll(flags)
 }
 
 pub fn task_id(id: u64, flags: u32) -> Option<u64> {
@@ -205,6 +185,7 @@ pub fn task_id(id: u64, flags: u32) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use loopguard_common::MAX_POLL_DEPTH;
     use loopguard_common::{EventKind, PollFrame};
 
     use super::*;

@@ -4,28 +4,21 @@
 
 use std::collections::HashMap;
 
-use loopguard_common::{MAX_POLL_DEPTH, PollFrame, ThreadPolls, frame_flags};
+use loopguard_common::ThreadPolls;
 
 use super::metrics::ThreadBusy;
 
-/// The innermost poll of a thread, when it is a worker task poll (not a
-/// scheduler loop, not blocking-pool work).
-fn task_poll(polls: &ThreadPolls) -> Option<&PollFrame> {
-    let depth = polls.depth as usize;
-    if depth == 0 || depth > MAX_POLL_DEPTH {
-        return None;
-    }
-    let frame = &polls.frames[depth - 1];
-    (frame.flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) == 0).then_some(frame)
-}
-
-/// How many task polls have run at least `threshold_ns` at `now_ns` without
-/// returning, and how long the longest of them has run.
+/// How many task polls have held their thread at least `threshold_ns` at
+/// `now_ns` without returning (held time, as the stall detector counts it:
+/// preempted waits left out), and the longest such hold.
 pub fn stuck_polls(now_ns: u64, threshold_ns: u64, threads: &[(u32, ThreadPolls)]) -> (u32, u64) {
     threads
         .iter()
-        .filter_map(|(_, polls)| task_poll(polls))
-        .map(|frame| now_ns.saturating_sub(frame.start_ns))
+        .filter_map(|(_, polls)| {
+            polls
+                .innermost_task_poll()
+                .map(|frame| polls.held_so_far_ns(now_ns, frame))
+        })
         .filter(|&elapsed| elapsed >= threshold_ns)
         .fold((0, 0), |(count, longest), elapsed| {
             (count + 1, longest.max(elapsed))
@@ -59,8 +52,9 @@ impl BusyTracker {
         name: impl FnMut(u32) -> String,
     ) -> Vec<ThreadBusy> {
         let totals = threads.iter().filter_map(|(tid, polls)| {
-            let in_flight =
-                task_poll(polls).map_or(0, |frame| now_ns.saturating_sub(frame.start_ns));
+            let in_flight = polls
+                .innermost_task_poll()
+                .map_or(0, |frame| now_ns.saturating_sub(frame.start_ns));
             (polls.task_polls > 0 || in_flight > 0).then_some((*tid, polls.busy_ns + in_flight))
         });
         self.update_totals(now_ns, totals, name)
@@ -110,6 +104,7 @@ impl BusyTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loopguard_common::{PollFrame, frame_flags};
 
     const MS: u64 = 1_000_000;
 
@@ -142,6 +137,18 @@ mod tests {
         assert_eq!(stuck_polls(1000 * MS, 200 * MS, &threads), (1, 1000 * MS));
         assert_eq!(stuck_polls(1000 * MS, 50 * MS, &threads), (2, 1000 * MS));
         assert_eq!(stuck_polls(1000 * MS, 2000 * MS, &threads), (0, 0));
+    }
+
+    #[test]
+    fn a_stuck_poll_is_held_time_as_the_detector_counts_it() {
+        // In flight for 1000 ms, 700 of them switched out runnable: held 300.
+        let mut preempted = thread(0, 1, Some((0, 0)));
+        preempted.preempted_ns = 700 * MS;
+        let threads = [(1, preempted)];
+        assert_eq!(stuck_polls(1000 * MS, 200 * MS, &threads), (1, 300 * MS));
+        assert_eq!(stuck_polls(1000 * MS, 500 * MS, &threads), (0, 0));
+        let mut detector = crate::detect::stall::StallDetector::new(500 * MS);
+        assert!(detector.on_snapshot(1000 * MS, &threads).is_empty());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use aya::Ebpf;
 use loopguard_common::stacks::{STACK_CHUNK_BYTES, sample_cause};
-use loopguard_common::{LoopState, MAX_POLL_DEPTH, ThreadPolls, frame_flags};
+use loopguard_common::{LoopState, ThreadPolls};
 
 use crate::detect::Stall;
 use capture::Capture;
@@ -330,13 +330,9 @@ pub fn stuck_polls(
     threads
         .iter()
         .filter_map(|(tid, polls)| {
-            let depth = polls.depth as usize;
-            if depth == 0 || depth > MAX_POLL_DEPTH {
-                return None;
-            }
-            let frame = &polls.frames[depth - 1];
-            let task = frame.flags & (frame_flags::CONTAINER | frame_flags::BLOCKING) == 0;
-            (task && now_ns.saturating_sub(frame.start_ns) >= arm_delay_ns)
+            // Wall time, as the kernel arms capture (`arm_delay_ns`).
+            let frame = polls.innermost_task_poll()?;
+            (now_ns.saturating_sub(frame.start_ns) >= arm_delay_ns)
                 .then_some((*tid, frame.start_ns))
         })
         .collect()
@@ -363,6 +359,7 @@ pub fn stuck_stretches(
 #[cfg(test)]
 mod tests {
     use loopguard_common::PollFrame;
+    use loopguard_common::frame_flags;
 
     use super::*;
 
