@@ -229,6 +229,21 @@ mod tests {
         // nothing can be attached, and nothing is claimed.
         assert!(sites_in(&bytes, false).is_empty());
         assert!(sites_in(b"not an elf", true).is_empty());
+        // The C library this test runs on defines the wrappers: each found,
+        // once, at a file offset inside it, and nothing else claimed.
+        let libc = default_c_library(std::process::id()).expect("a C library");
+        let bytes = std::fs::read(&libc).unwrap();
+        let sites = sites_in(&bytes, false);
+        let names: Vec<&str> = sites.iter().map(|(_, name, _)| name.as_str()).collect();
+        assert!(names.contains(&"epoll_wait"), "{libc}: {names:?}");
+        assert!(
+            sites
+                .iter()
+                .all(|(offset, name, kind)| *kind == WaitKind::Epoll
+                    && EPOLL_WRAPPERS.contains(&name.as_str())
+                    && (*offset as usize) < bytes.len()),
+            "{sites:?}"
+        );
     }
 
     #[test]
