@@ -215,6 +215,54 @@ pub struct UsdtSpec {
 const _: () = assert!(core::mem::size_of::<UsdtArg>() == 24);
 const _: () = assert!(core::mem::size_of::<UsdtSpec>() == 24 * MAX_USDT_ARGS);
 
+/// x86-64 `struct pt_regs`, the saved registers a uprobe or a syscall
+/// sees: byte offsets of its fields, the one copy every reader uses (USDT
+/// argument specs, the wait probes' syscall number, the request probes'
+/// copy of the registers).
+pub mod pt_regs {
+    /// Size of the struct in 64-bit words.
+    pub const WORDS: usize = 21;
+    pub const R15: u16 = 0;
+    pub const R14: u16 = 8;
+    pub const R13: u16 = 16;
+    pub const R12: u16 = 24;
+    pub const RBP: u16 = 32;
+    pub const RBX: u16 = 40;
+    pub const R11: u16 = 48;
+    pub const R10: u16 = 56;
+    pub const R9: u16 = 64;
+    pub const R8: u16 = 72;
+    pub const RAX: u16 = 80;
+    pub const RCX: u16 = 88;
+    pub const RDX: u16 = 96;
+    pub const RSI: u16 = 104;
+    pub const RDI: u16 = 112;
+    /// The syscall number, kept apart from `rax` (which the return overwrites).
+    pub const ORIG_AX: u16 = 120;
+    pub const RIP: u16 = 128;
+    pub const RSP: u16 = 152;
+    /// The general-purpose registers by name, as USDT argument specs name them.
+    pub const BY_NAME: [(&str, u16); 17] = [
+        ("r15", R15),
+        ("r14", R14),
+        ("r13", R13),
+        ("r12", R12),
+        ("rbp", RBP),
+        ("rbx", RBX),
+        ("r11", R11),
+        ("r10", R10),
+        ("r9", R9),
+        ("r8", R8),
+        ("rax", RAX),
+        ("rcx", RCX),
+        ("rdx", RDX),
+        ("rsi", RSI),
+        ("rdi", RDI),
+        ("rip", RIP),
+        ("rsp", RSP),
+    ];
+}
+
 /// Flags on a [`PollFrame`] and a [`PollEvent`].
 pub mod frame_flags {
     /// The poll returned into blocking-pool code (a `spawn_blocking` closure,
@@ -504,11 +552,13 @@ pub enum Counter {
     RequestMapFull = 5,
     /// Slots of exited threads that could not be put back on the free
     /// stack (never expected: the push failed), so never reused.
+    /// Keep it last: [`COUNTER_SLOTS`] is counted from it.
     SlotLeaked = 6,
 }
 
-/// Number of slots in [`names::COUNTERS`].
-pub const COUNTER_SLOTS: u32 = 7;
+/// Number of slots in [`names::COUNTERS`]: one per [`Counter`], tied to
+/// its last variant so a new counter cannot be left out.
+pub const COUNTER_SLOTS: u32 = Counter::SlotLeaked as u32 + 1;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -53,10 +53,11 @@ pub(crate) static REQUEST_TOTALS: Array<RequestTotals> = Array::with_max_entries
 #[map]
 static REQUEST_SCRATCH: PerCpuArray<RequestScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// The probed thread's saved registers (`struct pt_regs`, 21 words on
-/// x86-64), copied once per USDT hit with constant-offset context loads: one
-/// copy instead of a helper call per argument.
-type SavedRegs = [u64; 21];
+/// The probed thread's saved registers (`struct pt_regs`,
+/// [`loopguard_common::pt_regs`]), copied once per USDT hit with
+/// constant-offset context loads: one copy instead of a helper call per
+/// argument.
+type SavedRegs = [u64; loopguard_common::pt_regs::WORDS];
 
 /// Reads one USDT argument as its spec says, truncated and sign-extended.
 #[inline(always)]

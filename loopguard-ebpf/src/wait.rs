@@ -17,7 +17,7 @@ use aya_ebpf::{
     macros::{raw_tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
-use loopguard_common::{EventKind, LoopEvent, LoopState};
+use loopguard_common::{EventKind, LoopEvent, LoopState, pt_regs};
 
 use crate::{
     Counter, EVENTS, bump, last_switch_ns, report_floor_ns,
@@ -80,8 +80,6 @@ pub fn wait_exit(_ctx: RetProbeContext) -> u32 {
 const SYS_EPOLL_WAIT: u64 = 232;
 const SYS_EPOLL_PWAIT: u64 = 281;
 const SYS_EPOLL_PWAIT2: u64 = 441;
-/// Byte offset of `orig_ax` (the syscall number) in x86-64 `struct pt_regs`.
-const PT_REGS_ORIG_AX: usize = 15 * 8;
 
 #[inline(always)]
 fn is_epoll_wait(id: u64) -> bool {
@@ -119,7 +117,7 @@ pub fn wait_syscall_exit(ctx: RawTracePointContext) -> i32 {
     }
     let regs: u64 = ctx.arg(0);
     // SAFETY: the helper tolerates any address.
-    let id = unsafe { bpf_probe_read_kernel((regs + PT_REGS_ORIG_AX as u64) as *const u64) }
+    let id = unsafe { bpf_probe_read_kernel((regs + u64::from(pt_regs::ORIG_AX)) as *const u64) }
         .unwrap_or(0);
     if is_epoll_wait(id)
         && let Some((_, _, mut state)) = this_thread()

@@ -188,25 +188,7 @@ fn parse_int(text: &str) -> Option<i64> {
 /// holds a sub-register (`eax`, `ax`, `al` are read from `rax`; the size of
 /// the spec then truncates). High-byte registers (`ah`) are not supported.
 pub fn register_offset(name: &str) -> Option<u16> {
-    const FULL: [(&str, u16); 17] = [
-        ("r15", 0),
-        ("r14", 8),
-        ("r13", 16),
-        ("r12", 24),
-        ("rbp", 32),
-        ("rbx", 40),
-        ("r11", 48),
-        ("r10", 56),
-        ("r9", 64),
-        ("r8", 72),
-        ("rax", 80),
-        ("rcx", 88),
-        ("rdx", 96),
-        ("rsi", 104),
-        ("rdi", 112),
-        ("rip", 128),
-        ("rsp", 152),
-    ];
+    const FULL: [(&str, u16); 17] = loopguard_common::pt_regs::BY_NAME;
     // Legacy sub-registers: (64-bit, 32-bit, 16-bit, 8-bit low).
     const LEGACY: [[&str; 4]; 8] = [
         ["rax", "eax", "ax", "al"],
