@@ -152,6 +152,7 @@ const E2E_TESTS: &[&str] = &[
     "faults",
     "inputs",
     "matrix",
+    "hostile",
 ];
 
 /// Builds the integration test `name` of the agent; returns its executable.
