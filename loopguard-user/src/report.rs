@@ -40,13 +40,13 @@ pub struct StallContext {
 /// thread names, routes and paths come from the target, and must not be
 /// able to forge a line or drive the terminal.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(is_unprintable) {
         return std::borrow::Cow::Borrowed(text);
     }
     std::borrow::Cow::Owned(
         text.chars()
             .map(|c| {
-                if c.is_control() {
+                if is_unprintable(c) {
                     c.escape_default().to_string()
                 } else {
                     c.to_string()
@@ -54,6 +54,16 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
             })
             .collect(),
     )
+}
+
+/// Control characters (C0, DEL, C1), and the bidirectional marks and
+/// overrides that reorder what a terminal shows.
+fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
 }
 
 /// The text line of an event (`None` for `attached` and `followed`, which
