@@ -38,6 +38,10 @@ pub enum FollowError {
     Poll(#[source] std::io::Error),
     #[error("failed to start the watchdog that resumes stopped processes if loopguard dies")]
     Watchdog(#[source] std::io::Error),
+    #[error(
+        "inspecting and attaching to pid {pid} took longer than {secs} s; it was resumed and runs unwatched (RUST_LOG=debug shows the step it was on)"
+    )]
+    DiscoveryTimeout { pid: u32, secs: u64 },
 }
 
 /// The kernel side of following; detaches on drop.
@@ -148,10 +152,14 @@ impl Follower {
     /// Lets a process the kernel stopped at exec run (`SIGCONT`), and
     /// forgets the stop. A process that has gone is forgotten too.
     pub fn resume(&mut self, pid: u32) {
+        // The pidfd first, then the entry: the kernel forgets a stop when
+        // its process exits, so an entry still there after the open means
+        // the pidfd names the stopped process, not one that reused its pid.
+        let pidfd = crate::pidfd::Pidfd::open(pid);
         if self.stopped.get(&pid, 0).is_ok() {
-            // SAFETY: signalling a process we stopped; it cannot have been
-            // reaped and its pid reused while stopped, short of a SIGKILL.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+            if let Ok(pidfd) = pidfd {
+                let _ = pidfd.signal(libc::SIGCONT);
+            }
             let _ = self.stopped.remove(&pid);
         }
     }

@@ -25,6 +25,10 @@ use crate::error::Error;
 use crate::stacks::StackTools;
 use crate::stacks::Stacks;
 
+/// How long a process stopped at exec waits for loopguard to inspect and
+/// attach to it before it is resumed unwatched.
+pub const EXEC_DISCOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What is followed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -246,8 +250,19 @@ impl Supervisor {
         self.pending += 1;
         let options = self.options.clone();
         let tx = self.prepared_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let _ = tx.send((pid, exec_ns, discover_and_attach(pid, &options)));
+        // The process waits stopped meanwhile: never for ever. Past the
+        // limit it is resumed unwatched; probes attached later by the
+        // abandoned work are dropped with its result.
+        let work = tokio::task::spawn_blocking(move || discover_and_attach(pid, &options));
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(EXEC_DISCOVERY_TIMEOUT, work).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) | Err(_) => Err(Error::Follow(FollowError::DiscoveryTimeout {
+                    pid,
+                    secs: EXEC_DISCOVERY_TIMEOUT.as_secs(),
+                })),
+            };
+            let _ = tx.send((pid, exec_ns, result));
         });
     }
 
