@@ -43,6 +43,12 @@ pub(super) struct Census {
 /// enough to judge, and the agent's memory stays small).
 pub(super) const MAX_CENSUS_SAMPLES: usize = 64;
 
+/// Sleeping threads whose stack the census copies (32 KiB each, so 8 MiB
+/// at most): a target with thousands of threads cannot make the root
+/// agent's memory grow with them. The lowest thread ids go first (the main
+/// thread and the runtime's first threads).
+pub(super) const MAX_CENSUS_ASLEEP: usize = 256;
+
 /// A thread found inside a task poll: since when (at least), the system
 /// call it sleeps in (none: on a CPU), its frames as shown.
 struct Found {
@@ -166,9 +172,10 @@ impl Stacks {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
             return;
         };
-        let tids: Vec<u32> = tasks
+        let mut tids: Vec<u32> = tasks
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
             .collect();
+        tids.sort_unstable();
         let (asleep, running) = self.asleep_threads(&tids, started);
         let events = self.capture.start_census(&running);
         self.census = Some(Census {
@@ -229,7 +236,12 @@ impl Stacks {
     fn asleep_threads(&self, tids: &[u32], now: u64) -> (Vec<(String, Sample)>, Vec<u32>) {
         let mut asleep = Vec::new();
         let mut running = Vec::new();
+        let mut skipped = 0usize;
         for &tid in tids {
+            if asleep.len() >= MAX_CENSUS_ASLEEP {
+                skipped += 1;
+                continue;
+            }
             let text = self.syscall_file(tid);
             let Some((nr, sp, pc)) = parse_syscall(&text) else {
                 running.push(tid);
@@ -251,6 +263,13 @@ impl Stacks {
                 };
                 asleep.push((text, sample));
             }
+        }
+        if skipped > 0 {
+            tracing::info!(
+                skipped,
+                examined = MAX_CENSUS_ASLEEP,
+                "census: too many threads; those past the limit are not checked for a poll stuck at attach"
+            );
         }
         (asleep, running)
     }
