@@ -1007,7 +1007,15 @@ pub async fn watch(
         session.request_maps.as_ref().map(RequestMaps::totals),
         &session.route_stalls,
     );
-    summary.stacks = finish_stacks(session.stacks.as_ref(), options.folded.as_deref());
+    // Several processes (`run` following) share the file: each line says whose.
+    let root_frame = options.label.then(|| {
+        crate::stacks::fold::folded_frame(&format!("[pid {} {}]", target.pid, target.exe.display_path))
+    });
+    summary.stacks = finish_stacks(
+        session.stacks.as_ref(),
+        options.folded.as_deref(),
+        root_frame.as_deref(),
+    );
     if collector.malformed > 0 {
         tracing::warn!(
             records = collector.malformed,
@@ -1025,19 +1033,29 @@ pub async fn watch(
 fn finish_stacks(
     stacks: Option<&Stacks>,
     folded: Option<&std::path::Path>,
+    root_frame: Option<&str>,
 ) -> Vec<crate::stacks::fold::StackStalls> {
     let Some(stacks) = stacks else {
         return Vec::new();
     };
     if let Some(path) = folded {
-        write_folded(path, &stacks.folded_text());
+        let text = stacks.folded_text();
+        let text = match root_frame {
+            Some(root) => text.lines().map(|line| format!("{root};{line}\n")).collect(),
+            None => text,
+        };
+        write_folded(path, &text);
     }
     stacks.ranked()
 }
 
-/// Writes the folded stacks; a failure is reported, not fatal (the summary still prints).
+/// Appends the folded stacks to the file `start_watch` emptied (every
+/// watched process adds its own); a failure is reported, not fatal (the
+/// summary still prints).
 fn write_folded(path: &std::path::Path, text: &str) {
-    if let Err(error) = std::fs::write(path, text) {
+    use std::io::Write as _;
+    let written = crate::outfile::append(path).and_then(|mut file| file.write_all(text.as_bytes()));
+    if let Err(error) = written {
         crate::diag!(
             "loopguard: error: cannot write the folded stacks to {}: {error}; check the directory exists and is writable",
             path.display()

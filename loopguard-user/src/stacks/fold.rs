@@ -74,9 +74,18 @@ pub fn fold(frames: &[Frame]) -> String {
         if !folded.is_empty() {
             folded.push(';');
         }
-        folded.push_str(&frame.function.replace(';', ":"));
+        folded.push_str(&folded_frame(&frame.function));
     }
     folded
+}
+
+/// One frame of a folded line: names come from the target's symbols, so
+/// `;` (the frame separator) becomes `:` and control characters (a newline
+/// would start a forged line) are escaped. Spaces stay: C++ and Rust names
+/// hold them (`<T as Trait>::f`), and readers take the count after the
+/// line's last space.
+pub fn folded_frame(name: &str) -> String {
+    crate::report::printable(name).replace(';', ":")
 }
 
 /// The innermost frame of the program itself (not of a library): what a
@@ -173,6 +182,23 @@ impl StackTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symbol_cannot_forge_a_folded_line() {
+        let frames = vec![
+            Frame {
+                function: "evil 999\nmain;forged".to_owned(),
+                ..Frame::default()
+            },
+            Frame {
+                function: "<a::B as c::D>::f".to_owned(),
+                ..Frame::default()
+            },
+        ];
+        let folded = fold(&frames);
+        assert!(!folded.contains('\n'), "{folded:?}");
+        assert_eq!(folded, "<a::B as c::D>::f;evil 999\\nmain:forged");
+    }
 
     fn frame(function: &str, module: &str) -> Frame {
         Frame {
