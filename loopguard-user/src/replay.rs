@@ -203,6 +203,12 @@ impl Aggregate {
             "cumulative" => {
                 let alert: CumulativeEvent =
                     serde_json::from_str(line).map_err(|e| e.to_string())?;
+                if alert.window_end_ns < alert.window_start_ns {
+                    return Err(format!(
+                        "a cumulative alert whose window ends (window_end_ns {}) before it starts (window_start_ns {})",
+                        alert.window_end_ns, alert.window_start_ns
+                    ));
+                }
                 self.alerts += 1;
                 self.see(alert.window_start_ns, alert.window_end_ns);
                 self.alert_points
@@ -217,6 +223,7 @@ impl Aggregate {
                     self.attached = Some(attached);
                 }
                 Ok(Event::Summary(summary)) => {
+                    check_histogram(&summary.poll_histogram)?;
                     if summary.at_ns > 0 {
                         self.see(summary.at_ns, summary.at_ns);
                     }
@@ -240,10 +247,16 @@ impl Aggregate {
             self.in_progress += 1;
             return Ok(());
         }
-        let duration_ns = (stall.duration_ms * 1e6) as u64;
+        let duration_ns = stall_duration_ns(stall.duration_ms)?;
+        let end_ns = stall.start_ns.checked_add(duration_ns).ok_or_else(|| {
+            format!(
+                "a stall that ends past the end of time (start_ns {} + duration_ms {})",
+                stall.start_ns, stall.duration_ms
+            )
+        })?;
         self.stalls += 1;
         self.total_stall_ms += stall.duration_ms;
-        self.see(stall.start_ns, stall.start_ns + duration_ns);
+        self.see(stall.start_ns, end_ns);
         let thread = self.thread(stall.tid, &stall.thread);
         self.spans.push(Span {
             thread,
@@ -300,6 +313,36 @@ impl Aggregate {
     }
 }
 
+/// A stall's `duration_ms` in ns: finite, not negative, and at most a
+/// year (a recording says more only if it was edited).
+fn stall_duration_ns(duration_ms: f64) -> Result<u64, String> {
+    const YEAR_MS: f64 = 365.0 * 86_400_000.0;
+    if !(0.0..=YEAR_MS).contains(&duration_ms) {
+        return Err(format!(
+            "a stall with duration_ms {duration_ms}: durations are between 0 and a year"
+        ));
+    }
+    Ok((duration_ms * 1e6) as u64)
+}
+
+/// A summary's `poll_histogram`: slots in ascending order of `lower_ns`,
+/// each no wider than it is long (as loopguard writes them).
+fn check_histogram(slots: &[crate::events::HistogramSlot]) -> Result<(), String> {
+    if let Some(pair) = slots.windows(2).find(|pair| pair[0].lower_ns >= pair[1].lower_ns) {
+        return Err(format!(
+            "a summary whose poll_histogram is not in ascending order (lower_ns {} then {})",
+            pair[0].lower_ns, pair[1].lower_ns
+        ));
+    }
+    if let Some(slot) = slots.iter().find(|slot| slot.upper_ns < slot.lower_ns) {
+        return Err(format!(
+            "a summary whose poll_histogram has a slot ending before it starts (lower_ns {}, upper_ns {})",
+            slot.lower_ns, slot.upper_ns
+        ));
+    }
+    Ok(())
+}
+
 /// Reads `path` line by line into an [`Aggregate`]; `each` sees every line.
 pub fn read(path: &Path, mut each: impl FnMut(&str)) -> Result<Aggregate, ReplayError> {
     let read_error = |source| ReplayError::Read {
@@ -344,7 +387,7 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
     let pid = aggregate.attached.as_ref().map_or(0, |a| a.pid);
     let threshold_ms = aggregate.attached.as_ref().map_or(0.0, |a| a.threshold_ms);
     let span_s = match (aggregate.first_ns, aggregate.last_ns) {
-        (Some(first), Some(last)) => (last - first) as f64 / 1e9,
+        (Some(first), Some(last)) => last.saturating_sub(first) as f64 / 1e9,
         _ => 0.0,
     };
     let mut routes: Vec<crate::events::RouteSummary> = aggregate
@@ -437,7 +480,9 @@ pub fn report(args: &crate::cli::ReportArgs) -> Result<(), ReplayError> {
     let _ = out.flush();
     if let Some(path) = &args.html {
         let page = crate::html::page(&aggregate, &args.file.display().to_string());
-        std::fs::write(path, page).map_err(|source| ReplayError::WriteHtml {
+        crate::outfile::create(path)
+            .and_then(|mut file| file.write_all(page.as_bytes()))
+            .map_err(|source| ReplayError::WriteHtml {
             path: path.clone(),
             source,
         })?;
@@ -496,6 +541,31 @@ mod tests {
             .map(|s| s.duration_ms)
             .fold(f64::INFINITY, f64::min);
         assert!((shortest - (50.0 + KEPT_STALLS as f64 * 2.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn impossible_recordings_are_errors_not_panics() {
+        let mut aggregate = Aggregate::default();
+        let error = aggregate
+            .add_line(r#"{"type":"cumulative","pid":1,"scope":"thread","tid":7,"window_start_ns":100,"window_end_ns":50,"window_ms":1000.0,"total_ms":60.0,"polls":3,"budget_ms":50.0,"floor_ms":1.0,"threshold_ms":50.0,"repeat":0,"tasks":[],"requests":[],"window_start_time":"t","window_end_time":"t","time":"t"}"#)
+            .unwrap_err();
+        assert!(error.contains("before it starts"), "{error}");
+        let error = aggregate
+            .add_line(&stall(7, u64::MAX / 1_000_000, 60.0, None))
+            .unwrap_err();
+        assert!(error.contains("past the end of time"), "{error}");
+        let error = aggregate
+            .add_line(&stall(7, 0, -1.0, None))
+            .unwrap_err();
+        assert!(error.contains("duration_ms -1"), "{error}");
+        let slot = |lower_ns: u64| crate::events::HistogramSlot {
+            lower_ns,
+            upper_ns: lower_ns * 2,
+            count: 1,
+        };
+        let error = check_histogram(&[slot(1024), slot(2)]).unwrap_err();
+        assert!(error.contains("ascending"), "{error}");
+        assert!(check_histogram(&[slot(2), slot(1024)]).is_ok());
     }
 
     #[test]
