@@ -1009,7 +1009,10 @@ pub async fn watch(
     );
     // Several processes (`run` following) share the file: each line says whose.
     let root_frame = options.label.then(|| {
-        crate::stacks::fold::folded_frame(&format!("[pid {} {}]", target.pid, target.exe.display_path))
+        crate::stacks::fold::folded_frame(&format!(
+            "[pid {} {}]",
+            target.pid, target.exe.display_path
+        ))
     });
     summary.stacks = finish_stacks(
         session.stacks.as_ref(),
@@ -1041,7 +1044,10 @@ fn finish_stacks(
     if let Some(path) = folded {
         let text = stacks.folded_text();
         let text = match root_frame {
-            Some(root) => text.lines().map(|line| format!("{root};{line}\n")).collect(),
+            Some(root) => text
+                .lines()
+                .map(|line| format!("{root};{line}\n"))
+                .collect(),
             None => text,
         };
         write_folded(path, &text);

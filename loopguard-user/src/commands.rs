@@ -471,7 +471,9 @@ fn finish_run(supervisor: &mut Supervisor, settings: &Settings, code: i32) -> Re
         if settings.format == crate::report::Format::Json {
             crate::emit::event(&supervisor.roster.event(), settings.format);
         }
-        crate::diag!("{}", supervisor.roster.text());
+        for line in supervisor.roster.lines() {
+            crate::diag!("{line}");
+        }
     }
     let block = offending.block(&settings.fail_on);
     if let Some(block) = &block {

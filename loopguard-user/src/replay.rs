@@ -328,7 +328,10 @@ fn stall_duration_ns(duration_ms: f64) -> Result<u64, String> {
 /// A summary's `poll_histogram`: slots in ascending order of `lower_ns`,
 /// each no wider than it is long (as loopguard writes them).
 fn check_histogram(slots: &[crate::events::HistogramSlot]) -> Result<(), String> {
-    if let Some(pair) = slots.windows(2).find(|pair| pair[0].lower_ns >= pair[1].lower_ns) {
+    if let Some(pair) = slots
+        .windows(2)
+        .find(|pair| pair[0].lower_ns >= pair[1].lower_ns)
+    {
         return Err(format!(
             "a summary whose poll_histogram is not in ascending order (lower_ns {} then {})",
             pair[0].lower_ns, pair[1].lower_ns
@@ -483,9 +486,9 @@ pub fn report(args: &crate::cli::ReportArgs) -> Result<(), ReplayError> {
         crate::outfile::create(path)
             .and_then(|mut file| file.write_all(page.as_bytes()))
             .map_err(|source| ReplayError::WriteHtml {
-            path: path.clone(),
-            source,
-        })?;
+                path: path.clone(),
+                source,
+            })?;
         crate::diag!("loopguard: wrote {}", path.display());
     }
     Ok(())
@@ -554,9 +557,7 @@ mod tests {
             .add_line(&stall(7, u64::MAX / 1_000_000, 60.0, None))
             .unwrap_err();
         assert!(error.contains("past the end of time"), "{error}");
-        let error = aggregate
-            .add_line(&stall(7, 0, -1.0, None))
-            .unwrap_err();
+        let error = aggregate.add_line(&stall(7, 0, -1.0, None)).unwrap_err();
         assert!(error.contains("duration_ms -1"), "{error}");
         let slot = |lower_ns: u64| crate::events::HistogramSlot {
             lower_ns,

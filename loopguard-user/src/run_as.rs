@@ -101,7 +101,12 @@ pub fn command_identity(user: Option<&str>, as_root: bool) -> Result<Option<RunA
     let choice = choose(user, as_root, euid, |var| std::env::var(var).ok())?;
     let run_as = resolve(&choice)?;
     if let Some(run_as) = &run_as {
-        tracing::info!(uid = run_as.uid, gid = run_as.gid, "the command runs as uid {}", run_as.uid);
+        tracing::info!(
+            uid = run_as.uid,
+            gid = run_as.gid,
+            "the command runs as uid {}",
+            run_as.uid
+        );
     }
     Ok(run_as)
 }
@@ -125,7 +130,8 @@ pub fn resolve(choice: &Choice) -> Result<Option<RunAs>, RunAsError> {
             }))
         }
         Choice::User(user) => {
-            let entry = Passwd::by_name(user).or_else(|| user.parse().ok().and_then(Passwd::by_uid));
+            let entry =
+                Passwd::by_name(user).or_else(|| user.parse().ok().and_then(Passwd::by_uid));
             match entry {
                 Some(entry) => Ok(Some(RunAs {
                     uid: entry.uid,
@@ -205,12 +211,21 @@ impl Passwd {
         // SAFETY: an all-zero passwd is valid; the call fills it.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut result = std::ptr::null_mut();
-        let code = call(&raw mut pwd, buffer.as_mut_ptr(), buffer.len(), &raw mut result);
+        let code = call(
+            &raw mut pwd,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &raw mut result,
+        );
         if code != 0 || result.is_null() {
             return None;
         }
         // SAFETY: on success the strings point into `buffer`, NUL-terminated.
-        let text = |ptr: *const libc::c_char| unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned();
+        let text = |ptr: *const libc::c_char| {
+            unsafe { CStr::from_ptr(ptr) }
+                .to_string_lossy()
+                .into_owned()
+        };
         Some(Self {
             name: text(pwd.pw_name),
             uid: pwd.pw_uid,
@@ -233,9 +248,8 @@ fn group_list(name: &str, gid: u32) -> Result<Vec<u32>, RunAsError> {
         let mut groups = vec![0 as libc::gid_t; usize::try_from(count).unwrap_or(64)];
         let mut found = count;
         // SAFETY: a buffer of `found` entries; the call says how many it needs.
-        let code = unsafe {
-            libc::getgrouplist(user.as_ptr(), gid, groups.as_mut_ptr(), &raw mut found)
-        };
+        let code =
+            unsafe { libc::getgrouplist(user.as_ptr(), gid, groups.as_mut_ptr(), &raw mut found) };
         if code >= 0 {
             groups.truncate(usize::try_from(found).unwrap_or(0));
             return Ok(groups);
@@ -308,6 +322,9 @@ mod tests {
         assert_eq!((root.uid, root.gid), (0, 0));
         assert_eq!(root.name.as_deref(), Some("root"));
         let bare = resolve(&Choice::User("4242424".into())).unwrap().unwrap();
-        assert_eq!((bare.uid, bare.gid, bare.groups), (4_242_424, 4_242_424, vec![4_242_424]));
+        assert_eq!(
+            (bare.uid, bare.gid, bare.groups),
+            (4_242_424, 4_242_424, vec![4_242_424])
+        );
     }
 }

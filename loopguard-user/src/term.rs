@@ -246,11 +246,14 @@ mod tests {
 
     #[test]
     fn diagnostics_cannot_drive_the_terminal() {
-        let line = "loopguard: watching pid 7 (/tmp/\u{1b}]0;owned\u{7}\u{9b}2J\u{202e}exe\nSTALL forged)";
+        let line =
+            "loopguard: watching pid 7 (/tmp/\u{1b}]0;owned\u{7}\u{9b}2J\u{202e}exe\nSTALL forged)";
         let text = diag_text(line);
         assert_eq!(text.matches('\n').count(), 1, "one line: {text:?}");
         assert!(
-            !text.chars().any(|c| c == '\u{1b}' || c == '\u{7}' || c == '\u{9b}' || c == '\u{202e}'),
+            !text
+                .chars()
+                .any(|c| c == '\u{1b}' || c == '\u{7}' || c == '\u{9b}' || c == '\u{202e}'),
             "{text:?}"
         );
         assert!(text.contains("\\u{1b}]0;owned"), "{text:?}");

@@ -96,7 +96,12 @@ fn check_ranges(s: &Settings) -> Result<(), ConfigError> {
     let a = &s.adaptive;
     let c = &s.cumulative;
     let bounded: [(&str, &str, Option<i64>, i64); 10] = [
-        ("threshold_ms", "--threshold-ms", Some(s.threshold_ms), 600_000),
+        (
+            "threshold_ms",
+            "--threshold-ms",
+            Some(s.threshold_ms),
+            600_000,
+        ),
         (
             "scan_interval_ms",
             "--scan-interval-ms",
@@ -150,12 +155,7 @@ fn check_ranges(s: &Settings) -> Result<(), ConfigError> {
     ];
     for (key, flag, value, max) in bounded {
         if let Some(value) = value.filter(|&v| v > max) {
-            return Err(invalid(
-                key,
-                flag,
-                &value,
-                format!("must be at most {max}"),
-            ));
+            return Err(invalid(key, flag, &value, format!("must be at most {max}")));
         }
     }
     if let Some(routes) = s.metrics_max_routes.filter(|&r| r > 100_000) {

@@ -157,7 +157,8 @@ mod tests {
     use super::*;
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("loopguard-files-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("loopguard-files-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir

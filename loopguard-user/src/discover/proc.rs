@@ -286,7 +286,10 @@ garbage line
     fn running_out_of_descriptors_is_not_the_target_exiting() {
         let pid = std::process::id();
         let emfile = || Err(io::Error::from_raw_os_error(libc::EMFILE));
-        assert!(alive_from_stat(pid, emfile()), "our own EMFILE is not its death");
+        assert!(
+            alive_from_stat(pid, emfile()),
+            "our own EMFILE is not its death"
+        );
         assert!(!alive_from_stat(u32::MAX - 1, emfile()));
         let enoent = Err(io::Error::from_raw_os_error(libc::ENOENT));
         assert!(!alive_from_stat(pid, enoent));
