@@ -1044,10 +1044,11 @@ fn finish_stacks(
     if let Some(path) = folded {
         let text = stacks.folded_text();
         let text = match root_frame {
-            Some(root) => text
-                .lines()
-                .map(|line| format!("{root};{line}\n"))
-                .collect(),
+            Some(root) => text.lines().fold(String::new(), |mut out, line| {
+                use std::fmt::Write as _;
+                let _ = writeln!(out, "{root};{line}");
+                out
+            }),
             None => text,
         };
         write_folded(path, &text);

@@ -569,6 +569,92 @@ mod tests {
         assert!(check_histogram(&[slot(2), slot(1024)]).is_ok());
     }
 
+    /// What the fuzz target (`fuzz/fuzz_targets/report.rs`) does, on
+    /// recordings made from the golden one by rewriting its numbers.
+    fn report_in_memory(text: &str) {
+        let mut aggregate = Aggregate::default();
+        for line in text.lines() {
+            if aggregate.add_line(line).is_err() {
+                return;
+            }
+        }
+        let summary = aggregate
+            .summary
+            .clone()
+            .unwrap_or_else(|| partial_summary(&aggregate));
+        let _ = report::summary_text(&summary);
+        let page = crate::html::page(&aggregate, "x.jsonl");
+        assert_eq!(page.matches("</script>").count(), 2);
+    }
+
+    #[test]
+    fn rewritten_recordings_never_panic_the_report() {
+        let golden = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/session.jsonl"
+        ))
+        .unwrap();
+        report_in_memory(&golden);
+        let numbers = [
+            "0",
+            "1",
+            "-1",
+            "18446744073709551615",
+            "9223372036854775807",
+            "1e300",
+            "-1e300",
+        ];
+        for field in [
+            "\"lower_ns\":",
+            "\"upper_ns\":",
+            "\"count\":",
+            "\"start_ns\":",
+            "\"at_ns\":",
+            "\"duration_ms\":",
+            "\"window_start_ns\":",
+            "\"window_end_ns\":",
+            "\"threshold_ms\":",
+            "\"tid\":",
+        ] {
+            for number in numbers {
+                let mut text = String::new();
+                for line in golden.lines() {
+                    let mut rest = line;
+                    while let Some(at) = rest.find(field) {
+                        let value_at = at + field.len();
+                        text.push_str(&rest[..value_at]);
+                        let end = rest[value_at..]
+                            .find([',', '}', ']'])
+                            .map_or(rest.len(), |e| value_at + e);
+                        text.push_str(number);
+                        rest = &rest[end..];
+                    }
+                    text.push_str(rest);
+                    text.push('\n');
+                }
+                report_in_memory(&text);
+            }
+        }
+        // The histogram reversed.
+        let mut reversed = String::new();
+        for line in golden.lines() {
+            match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(mut value) => {
+                    if let Some(slots) = value
+                        .get_mut("poll_histogram")
+                        .and_then(serde_json::Value::as_array_mut)
+                    {
+                        slots.reverse();
+                    }
+                    reversed.push_str(&value.to_string());
+                }
+                Err(_) => reversed.push_str(line),
+            }
+            reversed.push('\n');
+        }
+        report_in_memory(&reversed);
+    }
+
     #[test]
     fn lines_that_are_not_events_say_so() {
         let mut aggregate = Aggregate::default();

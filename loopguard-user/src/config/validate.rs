@@ -324,9 +324,11 @@ mod tests {
         assert!(error(|s| s.scan_interval_ms = 1001).contains("at most 1000"));
         assert!(error(|s| s.cumulative.window_ms = i64::MAX).contains("at most 86400000"));
         assert!(error(|s| s.metrics_max_routes = Some(100_001)).contains("at most 100000"));
-        let mut edge = Settings::default();
-        edge.threshold_ms = 600_000;
-        edge.scan_interval_ms = 1000;
+        let edge = Settings {
+            threshold_ms: 600_000,
+            scan_interval_ms: 1000,
+            ..Settings::default()
+        };
         assert!(check(&edge).is_ok(), "the flags' own maxima pass");
     }
 

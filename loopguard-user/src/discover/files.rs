@@ -6,10 +6,10 @@
 //! the same name. So a mapped file is opened through the mapping itself
 //! (`/proc/PID/map_files/START-END`, the inode really mapped), a path the
 //! target has not mapped yet is resolved inside the target's root with
-//! `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` and no symlink as
-//! its last component, and every open is non-blocking (a FIFO cannot hold
-//! the open). What was opened must be a regular file no larger than a cap,
-//! and no more than the cap is ever read.
+//! `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`, and every open is
+//! non-blocking (a FIFO cannot hold the open). What was opened must be a
+//! regular file no larger than a cap, and no more than the cap is ever
+//! read.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -52,18 +52,15 @@ pub fn read_mapping(pid: u32, mapping: &Mapping, cap: u64) -> io::Result<Vec<u8>
 }
 
 /// Reads `path` as process `pid` sees it: resolved inside its root (an
-/// absolute symlink or `..` cannot leave it), no magic links, no symlink
-/// as the last component.
+/// absolute symlink or `..` cannot leave it) and without magic links.
+/// Symlinks inside the root are followed (`libc.so.6 -> libc-2.31.so` on
+/// older systems); what they lead to must still be a regular file.
 pub fn read_in_root(pid: u32, path: &str, cap: u64) -> io::Result<Vec<u8>> {
     let root = File::open(format!("/proc/{pid}/root"))?;
     let relative = CString::new(path.trim_start_matches('/').as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
     let how = OpenHow {
-        flags: (libc::O_RDONLY
-            | libc::O_NONBLOCK
-            | libc::O_NOCTTY
-            | libc::O_CLOEXEC
-            | libc::O_NOFOLLOW) as u64,
+        flags: (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC) as u64,
         mode: 0,
         resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
     };
@@ -196,10 +193,15 @@ mod tests {
         let dir = temp_dir("symlink");
         std::os::unix::fs::symlink("/dev/zero", dir.join("libc.so.6")).unwrap();
         std::fs::write(dir.join("real"), b"elf").unwrap();
+        std::os::unix::fs::symlink("real", dir.join("libc.so.7")).unwrap();
         let pid = std::process::id();
         let inside = |name: &str| format!("{}/{name}", dir.display());
         assert!(read_in_root(pid, &inside("libc.so.6"), 1 << 20).is_err());
         assert_eq!(read_in_root(pid, &inside("real"), 1 << 20).unwrap(), b"elf");
+        assert_eq!(
+            read_in_root(pid, &inside("libc.so.7"), 1 << 20).unwrap(),
+            b"elf"
+        );
         assert!(exists_in_root(pid, &inside("real")));
         assert!(!exists_in_root(pid, &inside("libc.so.6")));
         assert!(!exists_in_root(pid, &inside("missing")));

@@ -11,6 +11,7 @@
 //! - [`supervise`]: one watch per attached process, started and ended as
 //!   exec events and exits come.
 
+pub mod deadline;
 pub mod roster;
 pub mod supervise;
 pub mod watchdog;

@@ -253,15 +253,16 @@ impl Supervisor {
         // The process waits stopped meanwhile: never for ever. Past the
         // limit it is resumed unwatched; probes attached later by the
         // abandoned work are dropped with its result.
-        let work = tokio::task::spawn_blocking(move || discover_and_attach(pid, &options));
         tokio::spawn(async move {
-            let result = match tokio::time::timeout(EXEC_DISCOVERY_TIMEOUT, work).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) | Err(_) => Err(Error::Follow(FollowError::DiscoveryTimeout {
-                    pid,
-                    secs: EXEC_DISCOVERY_TIMEOUT.as_secs(),
-                })),
-            };
+            let work = move || discover_and_attach(pid, &options);
+            let result = super::deadline::blocking_within(EXEC_DISCOVERY_TIMEOUT, work)
+                .await
+                .unwrap_or_else(|| {
+                    Err(Error::Follow(FollowError::DiscoveryTimeout {
+                        pid,
+                        secs: EXEC_DISCOVERY_TIMEOUT.as_secs(),
+                    }))
+                });
             let _ = tx.send((pid, exec_ns, result));
         });
     }
