@@ -214,7 +214,13 @@ impl Stacks {
         Some(
             found
                 .into_iter()
-                .map(|found| found.into_stall(now))
+                .map(|found| {
+                    let (stall, mut stack) = found.into_stall(now);
+                    if stall.kind == StallKind::Loop {
+                        stack.frames = self.python.merge_now(stall.tid, &stack.frames);
+                    }
+                    (stall, stack)
+                })
                 .collect(),
         )
     }
