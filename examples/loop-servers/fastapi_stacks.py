@@ -7,11 +7,14 @@ this file). `GET /fast` answers at once. Run it with uvicorn:
 """
 
 import socket
+import sys
 import time
 
 from fastapi import FastAPI
 
 app = FastAPI()
+# `/deep` recurses 1,000 frames below the framework's.
+sys.setrecursionlimit(5000)
 
 
 @app.get("/fast")
@@ -53,4 +56,18 @@ async def recv_handler(port: int, ms: int = 100):
     with socket.create_connection(("127.0.0.1", port)) as conn:
         conn.sendall(str(ms).encode() + b"\n")
         conn.recv(1)  # LINE:recv
+    return {"blocked_ms": (time.perf_counter() - start) * 1000}
+
+
+def deep(n, ms):
+    if n == 0:
+        time.sleep(ms / 1000)  # LINE:deep
+        return
+    deep(n - 1, ms)  # LINE:deep_call
+
+
+@app.get("/deep")
+async def deep_handler(depth: int = 1000, ms: int = 100):
+    start = time.perf_counter()
+    deep(depth, ms)
     return {"blocked_ms": (time.perf_counter() - start) * 1000}

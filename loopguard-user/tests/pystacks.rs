@@ -1,5 +1,5 @@
-//! End-to-end tests of Python stacks (issue #29): a FastAPI app under
-//! uvicorn on each CPython version loopguard reads (3.11, 3.12, 3.13),
+//! End-to-end tests of Python stacks (issue #29): a `FastAPI` app under
+//! uvicorn on each `CPython` version loopguard reads (3.11, 3.12, 3.13),
 //! blocked by `time.sleep`, a pure-Python CPU loop and a blocking
 //! `socket.recv`, and already stuck when loopguard attaches. Every stall's
 //! stack must hold the handler's Python frame with the file and line of
@@ -80,7 +80,7 @@ impl Uvicorn {
             child,
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(45);
         while !http_get(server.addr, "/fast").is_ok_and(|r| r.status == 200) {
             assert!(
                 Instant::now() < deadline,
@@ -159,8 +159,30 @@ fn the_stall<'a>(stalls: &[&'a Value], function: &str) -> &'a Value {
     found[0]
 }
 
-/// Sleeps in two handlers (twice, once), spins and waits in `recv`; checks
-/// each stall's Python stack, then the folded output and the summary.
+/// 1,000 recursive calls under the framework's frames: cut at 1,024.
+fn assert_deep(stalls: &[&Value]) {
+    let deep = stalls
+        .iter()
+        .find(|s| {
+            python_frames(s)
+                .first()
+                .is_some_and(|f| f["function"] == "deep")
+        })
+        .unwrap_or_else(|| panic!("no stall in `deep`: {stalls:#?}"));
+    assert_python_top(deep, "deep", "deep");
+    let deep_frames = python_frames(deep);
+    assert_eq!(deep_frames.len(), 1024, "{deep}");
+    assert!(
+        deep_frames[1..].iter().all(
+            |f| f["function"] == "deep" && f["line"].as_u64() == Some(marked_line("deep_call"))
+        ),
+        "{deep}"
+    );
+}
+
+/// Sleeps in two handlers (twice, once), spins, waits in `recv` and sleeps
+/// 1,000 calls deep; checks each stall's Python stack, then the folded
+/// output and the summary.
 fn blocks_in_python(version: &str) {
     let server = Uvicorn::start(version);
     let folded = std::env::temp_dir().join(format!("loopguard-pystacks-{version}.folded"));
@@ -177,6 +199,7 @@ fn blocks_in_python(version: &str) {
         "/doze?ms=300".to_owned(),
         "/spin?ms=300".to_owned(),
         format!("/recv?port={port}&ms=300"),
+        "/deep?depth=1000&ms=300".to_owned(),
     ];
     for path in &paths {
         server.get(path);
@@ -225,6 +248,8 @@ fn blocks_in_python(version: &str) {
     let recv = the_stall(&stalls, "recv_handler");
     assert_python_top(recv, "recv_handler", "recv");
     assert!(leaf(recv).contains("recv"), "leaf {}: {recv}", leaf(recv));
+
+    assert_deep(&stalls);
 
     // Folded: one stack per handler, and the summary counts them.
     let text = std::fs::read_to_string(&folded).expect("the folded file");

@@ -29,9 +29,9 @@ const APT_PACKAGES: &[&str] = &[
 /// virtual environment under the target directory).
 const UVICORN_VERSION: &str = "0.54.0";
 /// `FastAPI` for the Python stack end-to-end tests (with uvicorn
-/// [`UVICORN_VERSION`]), one virtual environment per CPython version.
+/// [`UVICORN_VERSION`]), one virtual environment per `CPython` version.
 const FASTAPI_VERSION: &str = "0.165.0";
-/// The CPython versions whose stacks loopguard reads, and where each is
+/// The `CPython` versions whose stacks loopguard reads, and where each is
 /// looked for: Debian's (a stripped executable holding the interpreter)
 /// first, then pyenv's builds (the interpreter in `libpython3.x.so`).
 pub const STACK_PYTHONS: &[(&str, &[&str])] = &[

@@ -131,7 +131,7 @@ pub struct Stacks {
     records: Vec<StackRecord>,
     /// The look for polls stuck since before attaching, while it runs.
     census: Option<census::Census>,
-    /// Python frames of a CPython target's stuck loop threads.
+    /// Python frames of a `CPython` target's stuck loop threads.
     python: python::PythonStacks,
 }
 

@@ -1,4 +1,4 @@
-//! Where CPython keeps what a stack walk reads, per minor version
+//! Where `CPython` keeps what a stack walk reads, per minor version
 //! (x86-64, the default build: no free threading, no debug build).
 //!
 //! 3.13 publishes its own offsets (`_Py_DebugOffsets`, the first bytes of

@@ -1,5 +1,5 @@
 //! The line of an instruction, from a 3.11+ code object's location table
-//! (`co_linetable`, CPython's `Objects/locations.md` format).
+//! (`co_linetable`, `CPython`'s `Objects/locations.md` format).
 //!
 //! Entries run in instruction order. Each starts with a byte whose top bit
 //! is set: bits 3-6 are the entry's form, bits 0-2 its length in code units

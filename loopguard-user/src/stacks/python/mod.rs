@@ -1,4 +1,4 @@
-//! Python stacks of CPython targets (3.11, 3.12, 3.13; issue #29): the
+//! Python stacks of `CPython` targets (3.11, 3.12, 3.13; issue #29): the
 //! Python frames a stuck loop thread runs, read from outside with
 //! `process_vm_readv`, never stopping or signalling the target.
 //!
@@ -40,7 +40,7 @@ impl Memory for ProcessMemory {
     }
 }
 
-/// A CPython interpreter found in a process.
+/// A `CPython` interpreter found in a process.
 #[derive(Clone, Debug)]
 pub struct PythonTarget {
     pub interp: Interpreter,
@@ -53,7 +53,7 @@ pub struct PythonTarget {
 pub enum Found {
     /// No `_PyRuntime` in the executable or a mapped libpython.
     NotPython,
-    /// A CPython whose layout loopguard does not know: native stacks only.
+    /// A `CPython` whose layout loopguard does not know: native stacks only.
     Unsupported {
         module: String,
         why: String,
@@ -85,7 +85,7 @@ fn symbol_offsets(data: &[u8]) -> Option<[Option<u64>; 3]> {
     found[0].is_some().then_some(found)
 }
 
-/// Looks for CPython in process `pid`: the executable first, then each
+/// Looks for `CPython` in process `pid`: the executable first, then each
 /// mapped `libpython3*.so`.
 pub fn find(pid: u32) -> Found {
     let Ok(maps) = proc::read_maps(pid) else {
@@ -184,7 +184,7 @@ enum State {
     Absent,
     /// Found; `checked` once a thread state's native id matched a thread.
     Present {
-        target: PythonTarget,
+        target: Box<PythonTarget>,
         checked: bool,
     },
 }
@@ -220,7 +220,7 @@ impl PythonStacks {
                 Found::Python(target) => {
                     tracing::debug!(pid = self.pid, module = %target.module, minor = target.interp.layout.minor, "Python interpreter found");
                     State::Present {
-                        target,
+                        target: Box::new(target),
                         checked: false,
                     }
                 }
@@ -247,7 +247,7 @@ impl PythonStacks {
             }
         }
         match &self.state {
-            State::Present { target, .. } => Some(target),
+            State::Present { target, .. } => Some(&**target),
             _ => None,
         }
     }
@@ -257,12 +257,20 @@ impl PythonStacks {
         let Some(interp) = self.target().map(|t| t.interp) else {
             return Vec::new();
         };
-        walk::stack_of(
+        let started = std::time::Instant::now();
+        let stack = walk::stack_of(
             &ProcessMemory { pid: self.pid },
             &interp,
             tid,
             &mut self.cache,
-        )
+        );
+        tracing::debug!(
+            tid,
+            frames = stack.len(),
+            us = started.elapsed().as_micros(),
+            "Python stack read"
+        );
+        stack
     }
 
     /// Thread `tid` is stuck in the stall that began at `start`: notes its

@@ -86,7 +86,7 @@ fn read_u64(memory: &dyn Memory, addr: u64) -> Option<u64> {
 
 /// A plausible user-space pointer to an 8-byte-aligned object.
 fn pointer(addr: u64) -> bool {
-    addr >= 0x1000 && addr < (1 << 47) && addr % 8 == 0
+    (0x1000..(1 << 47)).contains(&addr) && addr.is_multiple_of(8)
 }
 
 /// The thread states of the main interpreter, with their native thread ids.
@@ -616,7 +616,7 @@ mod tests {
                 if len < 8 {
                     continue;
                 }
-                let at = addr + (next() % (len as u64 - 7)) & !7;
+                let at = (addr + (next() % (len as u64 - 7))) & !7;
                 let value = match next() % 4 {
                     0 => next(),
                     1 => addrs[(next() % addrs.len() as u64) as usize].0,
