@@ -171,13 +171,17 @@ fn assert_deep(stalls: &[&Value]) {
         .unwrap_or_else(|| panic!("no stall in `deep`: {stalls:#?}"));
     assert_python_top(deep, "deep", "deep");
     let deep_frames = python_frames(deep);
+    // `deep(1000)` .. `deep(1)` call from the recursion's line, under
+    // `deep_handler` and the framework, whose outermost frames are cut.
     assert_eq!(deep_frames.len(), 1024, "{deep}");
+    let call_line = marked_line("deep_call");
     assert!(
-        deep_frames[1..].iter().all(
-            |f| f["function"] == "deep" && f["line"].as_u64() == Some(marked_line("deep_call"))
-        ),
+        deep_frames[1..=1000]
+            .iter()
+            .all(|f| f["function"] == "deep" && f["line"].as_u64() == Some(call_line)),
         "{deep}"
     );
+    assert_eq!(deep_frames[1001]["function"], "deep_handler", "{deep}");
 }
 
 /// Sleeps in two handlers (twice, once), spins, waits in `recv` and sleeps
