@@ -341,7 +341,8 @@ impl PythonStacks {
         self.interleave(native, &python)
     }
 
-    fn interleave(&self, native: &[Frame], python: &[PyFrame]) -> Vec<Frame> {
+    /// `native` with `python` in place of its eval-loop frames.
+    pub fn interleave(&self, native: &[Frame], python: &[PyFrame]) -> Vec<Frame> {
         match &self.state {
             State::Present { target, .. } if !python.is_empty() => {
                 merge::interleave(native, python, &target.module)
