@@ -1,7 +1,7 @@
 //! Installs the toolchain pieces the build and the tests need, each only when
 //! missing, so a second run takes a second.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
@@ -28,6 +28,23 @@ const APT_PACKAGES: &[&str] = &[
 /// The ASGI server the wait-path end-to-end test runs (from `PyPI`, into a
 /// virtual environment under the target directory).
 const UVICORN_VERSION: &str = "0.54.0";
+/// `FastAPI` for the Python stack end-to-end tests (with uvicorn
+/// [`UVICORN_VERSION`]), one virtual environment per `CPython` version.
+const FASTAPI_VERSION: &str = "0.165.0";
+/// The `CPython` versions whose stacks loopguard reads, and where each is
+/// looked for: Debian's (a stripped executable holding the interpreter)
+/// first, then pyenv's builds (the interpreter in `libpython3.x.so`).
+pub const STACK_PYTHONS: &[(&str, &[&str])] = &[
+    (
+        "3.11",
+        &[
+            "/usr/bin/python3.11",
+            "/root/.pyenv/versions/3.11.7/bin/python3.11",
+        ],
+    ),
+    ("3.12", &["/root/.pyenv/versions/3.12.1/bin/python3.12"]),
+    ("3.13", &["/root/.pyenv/versions/3.13.0/bin/python3.13"]),
+];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The fixed-rate load generator of `cargo xtask bench` (MSRV 1.88). Not
@@ -195,4 +212,42 @@ fn find_oha() -> Option<PathBuf> {
             .split_whitespace()
             .any(|word| word == OHA_VERSION)
     })
+}
+
+/// One virtual environment per [`STACK_PYTHONS`] version with `FastAPI`
+/// [`FASTAPI_VERSION`] and uvicorn [`UVICORN_VERSION`], made unless it is
+/// there; returns `(version, its python)`.
+pub fn pythons_with_fastapi() -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+    let mut found = Vec::new();
+    for &(version, candidates) in STACK_PYTHONS {
+        let Some(base) = candidates.iter().find(|path| Path::new(path).exists()) else {
+            anyhow::bail!(
+                "no CPython {version} for the Python stack end-to-end tests (looked for {}); install one, e.g. `pyenv install {version}`",
+                candidates.join(", ")
+            );
+        };
+        let venv = cmd::target_dir().join(format!("e2e-fastapi-{version}"));
+        let python = venv.join("bin/python");
+        let installed = cmd::output(Command::new(&python).args([
+            "-c",
+            "import fastapi, uvicorn; print(fastapi.__version__, uvicorn.__version__)",
+        ]));
+        if installed.trim() != format!("{FASTAPI_VERSION} {UVICORN_VERSION}") {
+            eprintln!(
+                "setup: making a CPython {version} virtual environment with FastAPI {FASTAPI_VERSION} and uvicorn {UVICORN_VERSION}"
+            );
+            let _ = std::fs::remove_dir_all(&venv);
+            cmd::run(Command::new(base).args(["-m", "venv"]).arg(&venv))
+                .with_context(|| format!("failed to make a virtual environment with {base}"))?;
+            cmd::run(
+                Command::new(venv.join("bin/pip"))
+                    .args(["install", "--quiet", "--disable-pip-version-check"])
+                    .arg(format!("fastapi=={FASTAPI_VERSION}"))
+                    .arg(format!("uvicorn=={UVICORN_VERSION}")),
+            )
+            .context("failed to install FastAPI and uvicorn from PyPI")?;
+        }
+        found.push((version, python));
+    }
+    Ok(found)
 }

@@ -43,14 +43,23 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let target = cmd::target_dir();
     let (v0_dir, nopie_dir, debuginfo_dir) = build_variants(&root, &target)?;
     let python = setup::python_with_uvicorn()?;
+    let stack_pythons = setup::pythons_with_fastapi()?;
     let matrix = matrix::build()?;
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
     let mut failed = Vec::new();
     for &name in E2E_TESTS {
         let binary = build_test_binary(name)?;
+        let mut command = cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?;
+        // `LOOPGUARD_PYTHON_3_12`: a FastAPI environment per CPython version.
+        for (version, python) in &stack_pythons {
+            command.env(
+                format!("LOOPGUARD_PYTHON_{}", version.replace('.', "_")),
+                python,
+            );
+        }
         let result = cmd::run(
-            cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?
+            command
                 .args(["--ignored", "--test-threads=1"])
                 .current_dir(root.join("loopguard-user"))
                 .env("LOOPGUARD_SERVER", &binaries.stall_server)
@@ -153,6 +162,7 @@ const E2E_TESTS: &[&str] = &[
     "inputs",
     "matrix",
     "hostile",
+    "pystacks",
 ];
 
 /// Builds the integration test `name` of the agent; returns its executable.

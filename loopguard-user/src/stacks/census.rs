@@ -57,6 +57,8 @@ struct Found {
     since_ns: u64,
     syscall: Option<i64>,
     frames: Vec<Frame>,
+    /// Python frames are in `frames` already (read while asleep).
+    python_read: bool,
 }
 
 /// What `/proc/PID/task/TID/syscall` says: the system call a thread sleeps
@@ -221,7 +223,15 @@ impl Stacks {
         Some(
             found
                 .into_iter()
-                .map(|found| found.into_stall(now))
+                .map(|found| {
+                    let python_read = found.python_read;
+                    let (stall, mut stack) = found.into_stall(now);
+                    // On a CPU: its Python stack now.
+                    if stall.kind == StallKind::Loop && !python_read {
+                        stack.frames = self.python.merge_now(stall.tid, &stack.frames);
+                    }
+                    (stall, stack)
+                })
                 .collect(),
         )
     }
@@ -306,12 +316,23 @@ impl Stacks {
             // Since attaching: the scheduler's own clock (`se.exec_start`)
             // drifts from the monotonic clock by hundreds of ms on some
             // machines, too much to date the sleep's start from it.
+            let mut frames = self.shown(&frames);
+            if kind == StallKind::Loop {
+                // Read while the thread still sleeps where the census saw
+                // it (checked again after): read later, the Python stack
+                // could be from after it woke.
+                let python = self.python.stack_now(sample.tid);
+                if self.syscall_file(sample.tid) == text {
+                    frames = self.python.interleave(&frames, &python);
+                }
+            }
             found.push(Found {
                 tid: sample.tid,
                 kind,
                 since_ns: started,
                 syscall: sample.syscall,
-                frames: self.shown(&frames),
+                frames,
+                python_read: true,
             });
         }
         found
@@ -352,6 +373,7 @@ impl Stacks {
                 since_ns: started,
                 syscall: None,
                 frames: self.shown(&frames),
+                python_read: false,
             })
             .collect()
     }
