@@ -314,13 +314,16 @@ impl Session<'_> {
         };
         if let (Some(stall), Some(asgi)) = (finding.stall(), &mut self.asgi) {
             let in_progress = matches!(finding, Finding::InProgress(_));
-            crate::asgi::attribute_loop_stall(
+            let verdict = crate::asgi::attribute_loop_stall(
                 asgi,
                 stall,
                 in_progress,
                 &mut context,
                 VICTIMS_LISTED,
             );
+            if verdict == crate::asgi::Verdict::ShortSteps {
+                return;
+            }
         }
         // A loop-only target's stretches are captured like polls; a Tokio
         // worker's are not (see `StackConfig::loop_stretches`).
@@ -404,8 +407,11 @@ impl Session<'_> {
         // A Python app's table names its loop threads (read once, if asked).
         let asgi = &mut self.asgi;
         let mut asgi_loops: Option<Vec<u32>> = None;
+        // A process with no epoll instance (an interpreter met at exec) has
+        // no loop to be stuck in.
+        let has_loop = loop_only && proc::has_epoll_fd(pid);
         let loop_thread = |tid: u32| {
-            loop_only
+            has_loop
                 && (asgi_loops
                     .get_or_insert_with(|| {
                         asgi.as_mut()
@@ -449,9 +455,15 @@ impl Session<'_> {
                 crate::asgi::attribute_loop_stall(asgi, &stall, true, &mut context, VICTIMS_LISTED);
             }
             context.stack = Some(stack);
+            let named = stall.kind == StallKind::Loop && context.request.is_some();
             let finding = Finding::InProgress(stall);
             self.summary.record(&finding, false);
-            self.printer.finding(&finding, &context, &self.engine);
+            let text = self.printer.finding(&finding, &context, &self.engine);
+            // Its end is never seen: a loop stall with its request counts
+            // for `--fail-on` now.
+            if named {
+                self.offending.record(crate::cli::FailOn::Stall, text);
+            }
         }
     }
 
@@ -503,12 +515,25 @@ impl Session<'_> {
                     } else if !self.polling_threads.contains(&busy.tid) {
                         let held_ns = busy.duration_ns.saturating_sub(busy.preempted_ns);
                         let end_ns = busy.start_ns + busy.duration_ns;
-                        let request = self.asgi.as_mut().and_then(|asgi| {
-                            crate::asgi::cut_culprit(asgi, busy.tid, busy.start_ns, end_ns)
+                        // A Python app's table gives the step that held the
+                        // loop, if one did, instead of the whole stretch.
+                        let step = self.asgi.as_mut().and_then(|asgi| {
+                            crate::asgi::cut_of_stretch(
+                                asgi,
+                                busy.tid,
+                                busy.start_ns,
+                                end_ns,
+                                held_ns,
+                            )
                         });
-                        if let Some(finding) =
-                            self.engine
-                                .on_loop_busy(busy.tid, busy.start_ns, held_ns, request)
+                        let cut = match step {
+                            None => Some((busy.start_ns, held_ns, None)),
+                            Some(step) => step.map(|(start, held, who)| (start, held, Some(who))),
+                        };
+                        if let Some((start_ns, held_ns, request)) = cut
+                            && let Some(finding) = self
+                                .engine
+                                .on_loop_busy(busy.tid, start_ns, held_ns, request)
                         {
                             self.report(&finding);
                         }

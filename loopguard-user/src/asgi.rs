@@ -176,14 +176,22 @@ pub struct AsgiTables {
     pid: u32,
     addresses: Vec<u64>,
     looked: Option<Instant>,
+    /// The last read that could read a table.
+    last: Vec<StepRequest>,
 }
 
 impl AsgiTables {
+    /// Whether the process has a table.
+    pub fn found(&self) -> bool {
+        !self.addresses.is_empty()
+    }
+
     pub fn new(pid: u32) -> Self {
         Self {
             pid,
             addresses: Vec::new(),
             looked: None,
+            last: Vec::new(),
         }
     }
 
@@ -197,63 +205,117 @@ impl AsgiTables {
                 tracing::debug!(pid = self.pid, tables = ?self.addresses, "loopguard-asgi in-flight table found");
             }
         }
-        self.addresses
-            .iter()
-            .flat_map(|&addr| {
-                let before = read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
-                let data = read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
-                let after = read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
-                consistent_steps(&before, &data, &after)
-            })
-            .collect()
+        let mut readable = false;
+        let mut requests = Vec::new();
+        for &addr in &self.addresses {
+            let before = read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
+            let data = read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
+            let after = read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
+            readable |= data.len() == INFLIGHT_MEMFD_BYTES;
+            requests.extend(consistent_steps(&before, &data, &after));
+        }
+        if readable {
+            self.last.clone_from(&requests);
+            requests
+        } else {
+            // The process is gone (its last stall is handled as the agent
+            // drains): the last read is what is known.
+            self.last.clone()
+        }
     }
+}
+
+/// What the tables say of a loop stall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No table (yet): the stall stands, without a request.
+    NoTable,
+    /// One request's step held the loop: it is named.
+    Attributed,
+    /// The app keeps a table but no request's step held the loop for the
+    /// threshold: the stretch is many short steps (a loop at saturation),
+    /// not one block. Not a stall.
+    ShortSteps,
 }
 
 /// Names the culprit and victims of loop stall `stall` (in progress or
 /// finished) from the tables, unless `context` already has a request.
+/// A stall counts only when one request's step held the loop for at least
+/// `threshold_ns` of it.
 pub fn attribute_loop_stall(
     tables: &mut AsgiTables,
     stall: &Stall,
     in_progress: bool,
     context: &mut StallContext,
     listed: usize,
-) {
+) -> Verdict {
     if stall.kind != StallKind::Loop || context.request.is_some() {
-        return;
+        return Verdict::NoTable;
     }
     let requests = tables.read();
-    if requests.is_empty() {
-        return;
+    if !tables.found() {
+        return Verdict::NoTable;
     }
     let end_ns = stall.start_ns + stall.duration_ns;
     let culprit = if in_progress {
         running_step(&requests, stall.tid)
+            .filter(|r| r.slot.poll_started_ns.saturating_add(stall.threshold_ns) <= end_ns)
     } else {
-        covering_step(&requests, stall.tid, stall.start_ns, end_ns)
+        covering_step(&requests, stall.tid, stall.start_ns, end_ns).filter(|r| {
+            r.long_overlap(r.long_tid, stall.start_ns, end_ns) >= stall.threshold_ns
+                || r.slot.polling_tid == stall.tid
+        })
     };
-    context.request = culprit.map(StepRequest::to_request);
-    let mut others = victims(
-        &requests,
-        culprit.map(|r| r.slot.id),
-        stall.start_ns,
-        end_ns,
-    );
+    let Some(culprit) = culprit else {
+        return Verdict::ShortSteps;
+    };
+    context.request = Some(culprit.to_request());
+    let mut others = victims(&requests, Some(culprit.slot.id), stall.start_ns, end_ns);
     context.victim_count = others.len();
     others.truncate(listed);
     context.victims = others;
+    Verdict::Attributed
 }
 
-/// The request behind a loop busy stretch of `tid` over
-/// `[start_ns, end_ns]` too short to be a stall, for the cumulative rule.
-pub fn cut_culprit(
+/// What a busy stretch of `tid` over `[start_ns, end_ns]`, `held_ns` of it
+/// on CPU and too short to be a stall, gives the cumulative rule: `None`
+/// without a table (the stretch itself is the cut); else [`step_cut`].
+pub fn cut_of_stretch(
     tables: &mut AsgiTables,
     tid: u32,
     start_ns: u64,
     end_ns: u64,
-) -> Option<Culprit> {
+    held_ns: u64,
+) -> Option<Option<(u64, u64, Culprit)>> {
     let requests = tables.read();
-    let request = covering_step(&requests, tid, start_ns, end_ns)?.to_request();
-    Some(Culprit {
+    if !tables.found() {
+        return None;
+    }
+    Some(step_cut(&requests, tid, start_ns, end_ns, held_ns))
+}
+
+/// The request step that held the loop in a busy stretch (start, ns held,
+/// request), or nothing: a stretch of short steps is no cut. The step's
+/// wall time counts all the stretch's preemption against it, so a step
+/// that only waited for a CPU (a loaded machine) holds nothing.
+pub fn step_cut(
+    requests: &[StepRequest],
+    tid: u32,
+    start_ns: u64,
+    end_ns: u64,
+    held_ns: u64,
+) -> Option<(u64, u64, Culprit)> {
+    let step = covering_step(requests, tid, start_ns, end_ns)?;
+    let preempted_ns = end_ns.saturating_sub(start_ns).saturating_sub(held_ns);
+    let held = step
+        .long_overlap(tid, start_ns, end_ns)
+        .saturating_sub(preempted_ns)
+        .min(held_ns);
+    if held == 0 {
+        return None;
+    }
+    let request = step.to_request();
+    let culprit = Culprit {
         id: request.id,
         route: request
             .route
@@ -261,7 +323,8 @@ pub fn cut_culprit(
             .unwrap_or_else(|| request.path.clone()),
         method: request.method,
         path: request.path,
-    })
+    };
+    Some((step.long_start_ns.max(start_ns), held, culprit))
 }
 
 /// The event-loop threads of requests in flight: loop threads even when
@@ -445,5 +508,21 @@ mod tests {
         assert!(covering_step(&requests, 7, 299 * MS, 500 * MS).is_some());
         // A step that began after the stall ended is not its culprit.
         assert!(covering_step(&requests, 7, 100 * MS, 200 * MS).is_none());
+    }
+    #[test]
+    fn a_short_block_is_a_cut_and_a_step_that_waited_for_a_cpu_is_not() {
+        let mut blocking = filed(1, "/x/block");
+        blocking.long = (7, 110, 130);
+        let requests = read(&[blocking]);
+        // A 20 ms step in a 25 ms stretch, all on CPU.
+        let (start, held, who) = step_cut(&requests, 7, 108 * MS, 133 * MS, 25 * MS).unwrap();
+        assert_eq!(
+            (start, held, who.route.as_str()),
+            (110 * MS, 20 * MS, "/x/{tag}")
+        );
+        // The same stretch preempted 20 ms: the step held the loop 0 ms.
+        assert!(step_cut(&requests, 7, 108 * MS, 133 * MS, 5 * MS).is_none());
+        // No long step in the stretch: many short steps are no cut.
+        assert!(step_cut(&requests, 7, 200 * MS, 230 * MS, 30 * MS).is_none());
     }
 }

@@ -13,7 +13,16 @@ import threading
 # The slot of the request whose context is current.
 CURRENT = contextvars.ContextVar("loopguard_request", default=None)
 
-_native_id = threading.get_native_id
+_local = threading.local()
+
+
+def _native_id():
+    """This thread's kernel id, without a system call after the first."""
+    try:
+        return _local.tid
+    except AttributeError:
+        _local.tid = threading.get_native_id()
+        return _local.tid
 
 
 class Steps:

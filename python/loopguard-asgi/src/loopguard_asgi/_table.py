@@ -19,6 +19,7 @@ only when it saw the same even sequence before and after it.
 
 import mmap
 import os
+import struct
 import threading
 import time
 
@@ -43,6 +44,13 @@ LONG_STEP_NS = 1_000_000
 
 _MASK32 = 0xFFFFFFFF
 _now = time.monotonic_ns
+# polling tid, id, started, step started, flags, method, route, path lengths
+_HEAD = struct.Struct("<IQQQBBBB")
+# long step tid, loop tid, long step start and end, ended
+_STEP = struct.Struct("<IIQQQ")
+# Encoded and cut texts, by text (methods and route templates are few).
+_CUT_CACHE = {}
+_CUT_CACHE_MAX = 4096
 
 
 class Table:
@@ -84,8 +92,18 @@ class Table:
 
 
 def _cut(text, width):
+    cut = _CUT_CACHE.get(text)
+    if cut is None:
+        data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
+        cut = data[:width]
+        if len(_CUT_CACHE) < _CUT_CACHE_MAX:
+            _CUT_CACHE[text] = cut
+    return cut
+
+
+def _cut_path(text):
     data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
-    return data[:width]
+    return data[:TEXT_BYTES]
 
 
 class Slot:
@@ -93,7 +111,7 @@ class Slot:
 
     __slots__ = (
         "table", "index", "id", "tid", "base", "w32", "w64", "steps64",
-        "seq", "depth", "step_began", "ended",
+        "seq", "depth", "step_began", "ended", "route_text",
     )
 
     def __init__(self, table, index, request_id, tid):
@@ -109,6 +127,7 @@ class Slot:
         self.depth = 0
         self.step_began = 0
         self.ended = False
+        self.route_text = None
 
     def _open(self):
         self.seq = (self.seq + 1) & _MASK32
@@ -119,42 +138,35 @@ class Slot:
         self.table.u32[self.w32] = self.seq
 
     def fill(self, method, path):
-        table, base, w64, s64 = self.table, self.base, self.w64, self.steps64
+        table, base = self.table, self.base
         now = _now()
         method = _cut(method, METHOD_BYTES)
-        path = _cut(path, TEXT_BYTES)
+        path = _cut_path(path)
+        buffer = table.buffer
         self._open()
-        u64 = table.u64
-        table.u32[self.w32 + 1] = 0
-        u64[w64 + 1] = self.id
-        u64[w64 + 2] = now
-        u64[w64 + 3] = 0
-        at = base + TEXT
-        table.bytes[at:at + len(method)] = method
-        at += METHOD_BYTES + TEXT_BYTES
-        table.bytes[at:at + len(path)] = path
-        table.bytes[base + 32:base + 36] = bytes(
-            (FLAG_POLLS_TRACKED, len(method), 0, len(path))
+        _HEAD.pack_into(
+            buffer, base + 4, 0, self.id, now, 0,
+            FLAG_POLLS_TRACKED, len(method), 0, len(path),
         )
-        u64[s64] = 0
-        table.u32[s64 * 2 + 1] = self.tid
-        u64[s64 + 1] = 0
-        u64[s64 + 2] = 0
-        u64[s64 + 3] = 0
+        at = base + TEXT
+        buffer[at:at + len(method)] = method
+        at += METHOD_BYTES + TEXT_BYTES
+        buffer[at:at + len(path)] = path
+        _STEP.pack_into(buffer, self.steps64 * 8, 0, self.tid, 0, 0, 0)
         self._close()
 
     def route(self, template):
         """The router matched: ``template`` is the route's path."""
-        if self.ended or not isinstance(template, str):
+        if self.ended or not isinstance(template, str) or template is self.route_text:
             return
-        table, base = self.table, self.base
+        self.route_text = template
+        buffer, base = self.table.buffer, self.base
         route = _cut(template, TEXT_BYTES)
         self._open()
         at = base + TEXT + METHOD_BYTES
-        table.bytes[at:at + len(route)] = route
-        flags = table.bytes[base + 32] | FLAG_HAS_ROUTE
-        table.bytes[base + 32] = flags
-        table.bytes[base + 34] = len(route)
+        buffer[at:at + len(route)] = route
+        buffer[base + 32] |= FLAG_HAS_ROUTE
+        buffer[base + 34] = len(route)
         self._close()
 
     def step_begin(self, tid):
@@ -207,7 +219,7 @@ class Slot:
 
 
 _table = None
-_table_pid = None
+_table_made = False
 _table_lock = threading.Lock()
 
 
@@ -215,15 +227,23 @@ def table():
     """This process's table, made on first use (and again in a forked child,
     which must not share its parent's); ``None`` where there is no
     ``memfd_create`` or ``LOOPGUARD_ASGI=off``."""
-    global _table, _table_pid
-    pid = os.getpid()
-    if _table_pid == pid:
+    global _table, _table_made
+    if _table_made:
         return _table
     with _table_lock:
-        if _table_pid != pid:
+        if not _table_made:
             _table = _make()
-            _table_pid = pid
+            _table_made = True
     return _table
+
+
+def _forget_in_child():
+    global _table, _table_made
+    _table, _table_made = None, False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _make():
