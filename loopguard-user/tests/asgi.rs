@@ -1,10 +1,10 @@
 //! End-to-end tests of the `loopguard-asgi` middleware with real uvicorn
-//! and FastAPI from PyPI (`examples/loop-servers/fastapi_app.py`): every
+//! and `FastAPI` from `PyPI` (`examples/loop-servers/fastapi_app.py`): every
 //! asyncio loop stall names the request whose step blocked the loop, never
 //! a request suspended on `await`, and counts the others as victims.
 //!
 //! Root and the Python environment `cargo xtask test` makes (uvicorn,
-//! FastAPI, python/loopguard-asgi) are needed, so the tests are `#[ignore]`d
+//! `FastAPI`, `python/loopguard-asgi`) are needed, so the tests are `#[ignore]`d
 //! in a plain `cargo test`.
 
 mod support;
@@ -19,7 +19,7 @@ use serde_json::Value;
 use support::prometheus::free_port;
 use support::{Agent, FastTraffic, Line, assert_detached, http_get, require_root};
 
-/// The FastAPI app under uvicorn, killed on drop.
+/// The `FastAPI` app under uvicorn, killed on drop.
 struct App {
     child: Child,
     addr: SocketAddr,
@@ -45,7 +45,7 @@ fn examples() -> PathBuf {
 impl App {
     /// uvicorn serving `fastapi_app:app`, answering `/fast`, each blocking
     /// endpoint called once so that a test's blocks time only the block
-    /// (FastAPI builds an endpoint's validators on its first call).
+    /// (`FastAPI` builds an endpoint's validators on its first call).
     fn start() -> Self {
         let port = free_port();
         let child = Command::new(python())

@@ -122,7 +122,7 @@ fn install_bpf_linker() -> anyhow::Result<()> {
 }
 
 /// What the Python end-to-end tests and the Python benchmark install from
-/// `PyPI` beside uvicorn, pinned: FastAPI on Starlette and anyio, httpx and
+/// `PyPI` beside uvicorn, pinned: `FastAPI` on `Starlette` and `anyio`, `httpx` and
 /// pytest for the CI-guard suites, and fastapi-loopguard, the package the
 /// benchmark compares against.
 const PYTHON_PACKAGES: &[&str] = &[
