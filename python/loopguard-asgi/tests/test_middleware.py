@@ -201,3 +201,28 @@ def test_the_table_is_a_named_shared_mapping():
     with open(f"/proc/{os.getpid()}/maps") as maps:
         names = [line.split()[-2] if line.rstrip().endswith("(deleted)") else "" for line in maps]
     assert "/memfd:loopguard-inflight" in names
+
+
+def test_a_wrapped_child_task_can_be_cancelled_and_its_steps_end():
+    seen = {}
+
+    async def child():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen["cancelled"] = True
+            raise
+
+    async def app(scope, receive, send):
+        task = asyncio.get_running_loop().create_task(child())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        seen["repr"] = repr(task)
+
+    call(LoopguardMiddleware(app))
+    assert seen["cancelled"]
+    assert "child" in seen["repr"] or "Steps" in seen["repr"]
+    _, slot = newest()
+    assert slot["tid"] == 0 and slot["seq"] % 2 == 0 and slot["ended"] > 0
