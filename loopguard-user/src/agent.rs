@@ -258,6 +258,8 @@ struct Session<'t> {
     /// Runtime addresses of the middleware's in-flight tables: the
     /// requests behind polls already stuck at attach.
     inflight_tables: Vec<u64>,
+    /// A Python target's `loopguard-asgi` tables (loop mode).
+    asgi: Option<crate::asgi::AsgiTables>,
     route_stalls: RouteTable,
     /// The probe layout mismatch was said.
     layout_said: bool,
@@ -310,6 +312,19 @@ impl Session<'_> {
             Some(stall) => self.printer.context(stall, &view),
             None => StallContext::default(),
         };
+        if let (Some(stall), Some(asgi)) = (finding.stall(), &mut self.asgi) {
+            let in_progress = matches!(finding, Finding::InProgress(_));
+            let verdict = crate::asgi::attribute_loop_stall(
+                asgi,
+                stall,
+                in_progress,
+                &mut context,
+                VICTIMS_LISTED,
+            );
+            if verdict == crate::asgi::Verdict::ShortSteps {
+                return;
+            }
+        }
         // A loop-only target's stretches are captured like polls; a Tokio
         // worker's are not (see `StackConfig::loop_stretches`).
         let captured =
@@ -389,8 +404,22 @@ impl Session<'_> {
         let pid = self.printer.target.pid;
         let loop_only = self.printer.target.is_loop_only();
         let loops = &mut self.loops;
+        // A Python app's table names its loop threads (read once, if asked).
+        let asgi = &mut self.asgi;
+        let mut asgi_loops: Option<Vec<u32>> = None;
+        // A process with no epoll instance (an interpreter met at exec) has
+        // no loop to be stuck in.
+        let has_loop = loop_only && proc::has_epoll_fd(pid);
         let loop_thread = |tid: u32| {
-            loop_only && loops.presumed_loop_thread(pid, tid, |tid| proc::thread_name(pid, tid))
+            has_loop
+                && (asgi_loops
+                    .get_or_insert_with(|| {
+                        asgi.as_mut()
+                            .map(crate::asgi::loop_threads)
+                            .unwrap_or_default()
+                    })
+                    .contains(&tid)
+                    || loops.presumed_loop_thread(pid, tid, |tid| proc::thread_name(pid, tid)))
         };
         let Some(found) = stacks.finish_census(now_ns, polls_seen, loop_thread) else {
             return;
@@ -422,10 +451,19 @@ impl Session<'_> {
             if let Some(request) = request {
                 context.request = Some(request.to_request());
             }
+            if let Some(asgi) = &mut self.asgi {
+                crate::asgi::attribute_loop_stall(asgi, &stall, true, &mut context, VICTIMS_LISTED);
+            }
             context.stack = Some(stack);
+            let named = stall.kind == StallKind::Loop && context.request.is_some();
             let finding = Finding::InProgress(stall);
             self.summary.record(&finding, false);
-            self.printer.finding(&finding, &context, &self.engine);
+            let text = self.printer.finding(&finding, &context, &self.engine);
+            // Its end is never seen: a loop stall with its request counts
+            // for `--fail-on` now.
+            if named {
+                self.offending.record(crate::cli::FailOn::Stall, text);
+            }
         }
     }
 
@@ -476,8 +514,26 @@ impl Session<'_> {
                         self.report(&finding);
                     } else if !self.polling_threads.contains(&busy.tid) {
                         let held_ns = busy.duration_ns.saturating_sub(busy.preempted_ns);
-                        if let Some(finding) =
-                            self.engine.on_loop_busy(busy.tid, busy.start_ns, held_ns)
+                        let end_ns = busy.start_ns + busy.duration_ns;
+                        // A Python app's table gives the step that held the
+                        // loop, if one did, instead of the whole stretch.
+                        let step = self.asgi.as_mut().and_then(|asgi| {
+                            crate::asgi::cut_of_stretch(
+                                asgi,
+                                busy.tid,
+                                busy.start_ns,
+                                end_ns,
+                                held_ns,
+                            )
+                        });
+                        let cut = match step {
+                            None => Some((busy.start_ns, held_ns, None)),
+                            Some(step) => step.map(|(start, held, who)| (start, held, Some(who))),
+                        };
+                        if let Some((start_ns, held_ns, request)) = cut
+                            && let Some(finding) = self
+                                .engine
+                                .on_loop_busy(busy.tid, start_ns, held_ns, request)
                         {
                             self.report(&finding);
                         }
@@ -906,6 +962,9 @@ impl<'t> Session<'t> {
                 .filter(|_| options.requests && !target.binary.usdt_sites.is_empty()),
             route_names: RouteNames::default(),
             inflight_tables: crate::inflight::table_addresses(target),
+            asgi: target
+                .is_loop_only()
+                .then(|| crate::asgi::AsgiTables::new(target.pid)),
             route_stalls: RouteTable::default(),
             layout_said: false,
             printer: Printer {

@@ -27,6 +27,7 @@ macro_rules! diag {
 
 pub mod agent;
 pub mod alerts;
+pub mod asgi;
 pub mod attach;
 pub mod attribute;
 pub mod cli;

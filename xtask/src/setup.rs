@@ -55,6 +55,7 @@ pub fn run() -> anyhow::Result<()> {
     install_apt_packages()?;
     install_rust_src()?;
     install_bpf_linker()?;
+    python_with_uvicorn()?;
     eprintln!("setup: everything is in place");
     Ok(())
 }
@@ -137,37 +138,70 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     .context("failed to install bpf-linker")
 }
 
-/// A virtual environment with uvicorn [`UVICORN_VERSION`] for the
-/// wait-path end-to-end tests, made with Debian's `python3` (stripped, as
-/// users' Pythons often are) unless it is there; returns its `python`.
+/// What the Python end-to-end tests and the Python benchmark install from
+/// `PyPI` beside uvicorn, pinned: `FastAPI` on `Starlette` and `anyio`, `httpx` and
+/// pytest for the CI-guard suites, and fastapi-loopguard, the package the
+/// benchmark compares against.
+const PYTHON_PACKAGES: &[&str] = &[
+    "fastapi==0.165.0",
+    "starlette==1.10.0",
+    "anyio==4.16.0",
+    "httpx==0.29.0",
+    "pytest==9.2.0",
+    "fastapi-loopguard==0.9.0",
+];
+
+/// A virtual environment with uvicorn [`UVICORN_VERSION`],
+/// [`PYTHON_PACKAGES`] and this repository's `python/loopguard-asgi`
+/// (editable) for the Python end-to-end tests, made with Debian's `python3`
+/// (stripped, as users' Pythons often are) unless it is there; returns its
+/// `python`.
 pub fn python_with_uvicorn() -> anyhow::Result<PathBuf> {
     let venv = cmd::target_dir().join("e2e-python");
     let python = venv.join("bin/python");
-    let installed = cmd::output(
-        Command::new(&python).args(["-c", "import uvicorn; print(uvicorn.__version__)"]),
-    );
-    if installed.trim() == UVICORN_VERSION {
+    let asgi = cmd::root().join("python/loopguard-asgi");
+    let wanted = std::iter::once(format!("uvicorn=={UVICORN_VERSION}"))
+        .chain(PYTHON_PACKAGES.iter().map(|p| (*p).to_owned()))
+        .collect::<Vec<_>>();
+    // One line per package, `name==version`, then where loopguard_asgi is.
+    let check = "import importlib.metadata as m, sys, loopguard_asgi\n\
+        for spec in sys.argv[1:]:\n    name = spec.split('==')[0]\n    print(name + '==' + m.version(name))\n\
+        print(loopguard_asgi.__file__)";
+    let installed = cmd::output(Command::new(&python).arg("-c").arg(check).args(&wanted));
+    let mut lines = installed.lines();
+    let pinned = wanted
+        .iter()
+        .all(|spec| lines.next() == Some(spec.as_str()));
+    let editable = lines
+        .next()
+        .is_some_and(|file| Path::new(file).starts_with(&asgi));
+    if pinned && editable {
         return Ok(python);
     }
-    eprintln!(
-        "setup: making a Python virtual environment with uvicorn {UVICORN_VERSION} for the end-to-end tests"
-    );
-    let _ = std::fs::remove_dir_all(&venv);
-    cmd::run(
-        Command::new("/usr/bin/python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv),
-    )
-    .context(
-        "failed to make the end-to-end tests' Python virtual environment (Debian's python3-venv)",
-    )?;
+    if !python.exists() {
+        eprintln!(
+            "setup: making a Python virtual environment with uvicorn {UVICORN_VERSION} and FastAPI for the end-to-end tests"
+        );
+        cmd::run(
+            Command::new("/usr/bin/python3")
+                .arg("-m")
+                .arg("venv")
+                .arg(&venv),
+        )
+        .context(
+            "failed to make the end-to-end tests' Python virtual environment (Debian's python3-venv)",
+        )?;
+    }
     cmd::run(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!("uvicorn=={UVICORN_VERSION}")),
+            .args(&wanted)
+            .arg("-e")
+            .arg(&asgi),
     )
-    .context("failed to install uvicorn from PyPI")?;
+    .context(
+        "failed to install uvicorn, FastAPI and python/loopguard-asgi (PyPI must be reachable)",
+    )?;
     Ok(python)
 }
 

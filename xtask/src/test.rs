@@ -7,7 +7,7 @@
 //! (hundreds of poll copies: attach and detach at scale).
 
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
@@ -44,6 +44,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let (v0_dir, nopie_dir, debuginfo_dir) = build_variants(&root, &target)?;
     let python = setup::python_with_uvicorn()?;
     let stack_pythons = setup::pythons_with_fastapi()?;
+    // The loopguard-asgi middleware's own tests (no root, no agent).
+    cmd::run(
+        Command::new(&python)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .arg(root.join("python/loopguard-asgi/tests")),
+    )?;
     let matrix = matrix::build()?;
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
@@ -151,6 +157,7 @@ fn build_variants(
 /// The end-to-end test files of the agent (`loopguard-user/tests/*.rs`).
 const E2E_TESTS: &[&str] = &[
     "e2e",
+    "asgi",
     "metrics",
     "loops",
     "thresholds",

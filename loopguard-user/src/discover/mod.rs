@@ -145,6 +145,7 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     // instance open runs an event loop.
     if let WatchMode::LoopOnly { why } = &mode
         && !proc::has_epoll_fd(pid)
+        && !opens_its_loop_later(&exe.display_path)
     {
         return Err(DiscoverError::NoEventLoop {
             pid,
@@ -171,6 +172,14 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
         mode,
         wait_sites,
     })
+}
+
+/// Whether `path` is an interpreter that opens its event loop after it
+/// starts (Python, Node): `loopguard run -- pytest` meets it at exec, before
+/// any loop exists, and must watch it from there.
+fn opens_its_loop_later(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.starts_with("python") || name.starts_with("node")
 }
 
 fn loop_only_reason(error: &ElfError, rust: bool) -> String {
