@@ -295,6 +295,11 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     if frame.flags & frame_flags::CONTAINER != 0 {
         return Ok(());
     }
+    // Back in the scheduler: the loop view's busy stretch ends at this
+    // poll's start and restarts now (a loop that turns is not stuck).
+    if let Some(slot) = slots::slot_of(tid) {
+        wait::task_poll_returned(tgid, tid, slot, frame.start_ns, preempted_ns, end_ns);
+    }
     // The histogram holds the time each poll held its thread: a preempted
     // stretch is the scheduler's, and would inflate the adaptive baseline.
     count_poll(duration_ns - preempted_ns.min(duration_ns));

@@ -8,8 +8,13 @@
 //! tracepoints, which every process's syscalls pass through. Waits nest (a
 //! Tokio worker's park calls `epoll_wait`), so only the outermost one
 //! counts. A busy stretch runs from a wait's return to the next wait's
-//! entry; one of at least the report floor is sent as a `LoopEvent`. The
-//! wait state lives in the thread's slot ([`crate::slots`]), where the agent
+//! entry; one of at least the report floor is sent as a `LoopEvent`. On a
+//! Tokio worker, a task poll's return ends the stretch too, at the poll's
+//! start ([`task_poll_returned`]): the time inside task polls is the poll
+//! detector's, and a thread back in its scheduler after each short poll is
+//! a loop that turns, whether or not it reaches a wait site (a `yield_now`
+//! makes the worker park with a zero timeout, which reaches `epoll_wait`
+//! only when no other worker holds the driver). The wait state lives in the thread's slot ([`crate::slots`]), where the agent
 //! reads it to see a stretch that is still running.
 
 use aya_ebpf::{
@@ -129,6 +134,70 @@ pub fn wait_syscall_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// A task poll of a worker (not a scheduler loop, not blocking-pool work)
+/// that began at `poll_start_ns` returned at `now` after `poll_preempted_ns`
+/// switched out while runnable: the busy stretch running on this thread
+/// ends where the poll began (sent when it held the thread for at least the
+/// report floor: scheduler or `block_on` work between polls), and a new one
+/// starts now. Nothing to do for a thread that is not in a busy stretch
+/// (never seen waiting, or inside a wait: a poll nested in a park).
+#[inline(always)]
+pub(crate) fn task_poll_returned(
+    tgid: u32,
+    tid: u32,
+    slot: u32,
+    poll_start_ns: u64,
+    poll_preempted_ns: u64,
+    now: u64,
+) {
+    let Some(peek) = slots::peek_loops(slot, tid) else {
+        return;
+    };
+    if peek.depth != 0 || peek.busy_start_ns == 0 {
+        return;
+    }
+    let Some(mut state) = slots::loops_mut(slot, tid, false) else {
+        return;
+    };
+    let state = &mut *state;
+    if state.depth != 0 || state.busy_start_ns == 0 {
+        return;
+    }
+    settle(state);
+    let start = state.busy_start_ns;
+    let busy = poll_start_ns.max(start) - start;
+    // Preemptions during the stretch, less those inside the poll.
+    let preempted = state
+        .preempted_ns
+        .saturating_sub(state.preempted_at_start_ns)
+        .saturating_sub(poll_preempted_ns)
+        .min(busy);
+    if busy - preempted >= report_floor_ns() {
+        send_busy(tgid, tid, start, busy, preempted);
+    }
+    state.busy_ns += now.saturating_sub(start);
+    state.busy_start_ns = now;
+    state.preempted_at_start_ns = state.preempted_ns;
+}
+
+/// One `LoopEvent`: a stretch of `busy` ns from `start`, `preempted` of it
+/// switched out.
+#[inline(always)]
+fn send_busy(tgid: u32, tid: u32, start: u64, busy: u64, preempted: u64) {
+    let event = LoopEvent {
+        kind: EventKind::LoopBusy as u32,
+        pid: tgid,
+        tid,
+        pad: 0,
+        start_ns: start,
+        duration_ns: busy,
+        preempted_ns: preempted,
+    };
+    if EVENTS.output::<LoopEvent>(&event, 0).is_err() {
+        bump(Counter::DroppedEvents);
+    }
+}
+
 /// A wait begins: closes the busy stretch at the outermost one.
 #[inline(always)]
 fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
@@ -143,18 +212,7 @@ fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
             let preempted = preempted.min(busy);
             state.busy_ns += busy;
             if busy - preempted >= report_floor_ns() {
-                let event = LoopEvent {
-                    kind: EventKind::LoopBusy as u32,
-                    pid: tgid,
-                    tid,
-                    pad: 0,
-                    start_ns: state.busy_start_ns,
-                    duration_ns: busy,
-                    preempted_ns: preempted,
-                };
-                if EVENTS.output::<LoopEvent>(&event, 0).is_err() {
-                    bump(Counter::DroppedEvents);
-                }
+                send_busy(tgid, tid, state.busy_start_ns, busy, preempted);
             }
         }
         state.busy_start_ns = 0;
