@@ -410,6 +410,7 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     // Still on the run queue: preempted, or yielding (TASK_RUNNING is 0).
     let runnable = preempt & 1 != 0 || prev_state as u32 == 0;
     let tid = pid_tgid as u32;
+    wait::note_unseen_return(tid, switched_in_ns);
     let Some(slot) = slots::slot_of(tid) else {
         return 0;
     };

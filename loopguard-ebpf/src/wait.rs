@@ -19,7 +19,8 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{raw_tracepoint, uprobe, uretprobe},
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    maps::HashMap,
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use loopguard_common::{EventKind, LoopEvent, LoopState};
@@ -32,6 +33,57 @@ use crate::{
 
 /// Waits deeper than this are not tracked (a runaway nesting count).
 const MAX_WAIT_DEPTH: u32 = 8;
+
+/// Threads the agent found asleep in a wait when it attached (filled by
+/// the agent, emptied here). The return probe of a wait entered before
+/// attaching never fires, so without this a thread that sleeps in its park
+/// until the first event (a `block_on` body waiting for stdin) would start
+/// no busy stretch at its first wakeup, and its first block would be
+/// missed. Its first switch-out, or its next wait, tells when it woke.
+#[map]
+static UNSEEN_WAITS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Whether `tid` was asleep in a wait at attach and has not been seen
+/// since; forgets it.
+#[inline(always)]
+fn take_unseen(tid: u32) -> bool {
+    // SAFETY: only the presence of the key is used.
+    if unsafe { UNSEEN_WAITS.get(&tid) }.is_none() {
+        return false;
+    }
+    let _ = UNSEEN_WAITS.remove(&tid);
+    true
+}
+
+/// `sched_switch` of `tid` (of the target) leaving its CPU, which it had
+/// since `switched_in_ns`: when the agent found it asleep in a wait at
+/// attach, it has come back from that wait (it ran), at `switched_in_ns`.
+/// Its busy stretch begins then, unless a wait was already seen since.
+#[inline(always)]
+pub fn note_unseen_return(tid: u32, switched_in_ns: u64) {
+    if !take_unseen(tid) {
+        return;
+    }
+    let Some(slot) = slots::claim_slot(tid) else {
+        return;
+    };
+    let Some(mut state) = slots::loops_mut(slot, tid, true) else {
+        return;
+    };
+    let state = &mut *state;
+    if state.depth == 0 && state.busy_start_ns == 0 {
+        start_stretch(state, switched_in_ns);
+    }
+}
+
+/// A busy stretch begins at `at` (after a wait's return).
+#[inline(always)]
+fn start_stretch(state: &mut LoopState, at: u64) {
+    state.waits += 1;
+    state.busy_start_ns = at;
+    settle(state);
+    state.preempted_at_start_ns = state.preempted_ns;
+}
 
 /// A write section on this thread's wait state, created on first use;
 /// `None` for another process or when no thread slot is free (counted).
@@ -203,6 +255,11 @@ fn send_busy(tgid: u32, tid: u32, start: u64, busy: u64, preempted: u64) {
 fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
     if state.depth == 0 {
         let now = unsafe { bpf_ktime_get_ns() };
+        // Back from a wait entered before attaching, not switched out since
+        // (that would have told): it has run since this CPU's last switch.
+        if state.busy_start_ns == 0 && take_unseen(tid) {
+            start_stretch(state, last_switch_ns());
+        }
         if state.busy_start_ns != 0 {
             settle(state);
             let preempted = state
@@ -272,9 +329,6 @@ fn exit(state: &mut LoopState) {
         state.wait_ns += now.saturating_sub(state.wait_start_ns);
     }
     state.depth = 0;
-    state.waits += 1;
     state.wait_start_ns = 0;
-    state.busy_start_ns = now;
-    settle(state);
-    state.preempted_at_start_ns = state.preempted_ns;
+    start_stretch(state, now);
 }
