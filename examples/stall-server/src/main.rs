@@ -17,6 +17,8 @@
 //! | `GET /work?ms=N`             | N ms of CPU work (hashing) on the worker: a handler doing work   |
 //! | `GET /json?kb=N`             | builds and serializes a JSON document of about N KiB (default 4) |
 //! | `GET /work/yield?ms=N`       | N ms of CPU work in 1 ms slices, `yield_now().await` between: healthy |
+//! | `GET /fs?kb=N`               | writes, reads back and removes N KiB with `tokio::fs`: healthy   |
+//! | `GET /timer?ms=N`            | `tokio::time::sleep(N ms).await`: healthy                        |
 //!
 //! Each `/block/*` handler blocks in one synchronous stretch (no `.await`
 //! inside) and answers `{"kind","requested_ms","blocked_ms","tid","pid"}`,
@@ -325,6 +327,8 @@ const ENDPOINTS: &[(&str, bool, &str)] = &[
     ("/work?ms=N",             false, "N ms (at most 1000) of CPU work on the worker: ordinary request work"),
     ("/json?kb=N",             false, "builds and serializes a JSON list of users of about N KiB (default 4)"),
     ("/work/yield?ms=N",       false, "N ms of CPU work in 1 ms slices with yield_now().await between them (healthy)"),
+    ("/fs?kb=N",               false, "writes, reads back and removes N KiB (at most 1024) with tokio::fs (healthy)"),
+    ("/timer?ms=N",            false, "tokio::time::sleep for N ms (healthy)"),
 ];
 
 async fn index() -> Json<Value> {
@@ -616,6 +620,27 @@ async fn work_yield(q: Result<Query<MsParam>, QueryRejection>) -> Result<Json<Va
     })))
 }
 
+/// `/fs`: `kb` KiB written, read back and removed with `tokio::fs` (the
+/// blocking pool does the I/O). Answers `{"kind":"fs","kb","read"}`.
+async fn fs_round_trip(q: Result<Query<KbParam>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+    let Query(KbParam { kb }) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let kb = at_most("kb", kb.unwrap_or(DEFAULT_JSON_KB), MAX_JSON_KB)?;
+    let seq = FILE_SEQ.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("stall-server-fs-{}-{seq}.tmp", getpid()));
+    let data = vec![0x5a_u8; kb as usize * 1024];
+    tokio::fs::write(&path, &data).await?;
+    let read = tokio::fs::read(&path).await;
+    let _ = tokio::fs::remove_file(&path).await;
+    Ok(Json(json!({ "kind": "fs", "kb": kb, "read": read?.len() })))
+}
+
+/// `/timer`: waits `ms` on Tokio's timer. Answers `{"kind":"timer","requested_ms"}`.
+async fn timer(q: Result<Query<MsParam>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+    let ms = parse_ms(q)?;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(Json(json!({ "kind": "timer", "requested_ms": ms })))
+}
+
 /// Serialized bytes of one user record, plus the comma between records.
 fn user_record_len() -> usize {
     static LEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -650,6 +675,8 @@ fn app(middleware: bool) -> Router {
         .route("/block/main", get(block_main))
         .route("/work", get(work))
         .route("/work/yield", get(work_yield))
+        .route("/fs", get(fs_round_trip))
+        .route("/timer", get(timer))
         .route("/json", get(json_doc))
         .route("/users/{id}/block", get(user_block));
     // After the routes: the layer then runs inside routing and sees the
