@@ -130,6 +130,19 @@ fn is_gone(revents: libc::c_short) -> bool {
     revents & libc::POLLNVAL == 0 && revents & (libc::POLLERR | libc::POLLHUP) != 0
 }
 
+/// Waits up to `limit` for the queued lines to be written; returns how many
+/// lines were lost in all (queue full, reader gone, or still queued).
+pub fn finish(limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    while PENDING.load(Ordering::Relaxed) > 0
+        && !GONE.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    DROPPED.load(Ordering::Relaxed) + PENDING.load(Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,17 +188,4 @@ mod tests {
         assert!(is_gone(libc::POLLERR));
         assert!(is_gone(libc::POLLHUP | libc::POLLOUT));
     }
-}
-
-/// Waits up to `limit` for the queued lines to be written; returns how many
-/// lines were lost in all (queue full, reader gone, or still queued).
-pub fn finish(limit: Duration) -> u64 {
-    let deadline = Instant::now() + limit;
-    while PENDING.load(Ordering::Relaxed) > 0
-        && !GONE.load(Ordering::Relaxed)
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    DROPPED.load(Ordering::Relaxed) + PENDING.load(Ordering::Relaxed)
 }
