@@ -48,10 +48,10 @@ static UNSEEN_WAITS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 #[inline(always)]
 fn take_unseen(tid: u32) -> bool {
     // SAFETY: only the presence of the key is used.
-    if unsafe { UNSEEN_WAITS.get(&tid) }.is_none() {
+    if unsafe { UNSEEN_WAITS.get(tid) }.is_none() {
         return false;
     }
-    let _ = UNSEEN_WAITS.remove(&tid);
+    let _ = UNSEEN_WAITS.remove(tid);
     true
 }
 
