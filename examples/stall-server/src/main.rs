@@ -5,7 +5,7 @@
 //! |------------------------------|------------------------------------------------------------------|
 //! | `GET /`                      | lists these endpoints as JSON                                    |
 //! | `GET /fast`                  | nothing: answers at once (the control)                           |
-//! | `GET /block/spin?ms=N`       | busy-loops on the worker for N ms                                |
+//! | `GET /block/spin?ms=N`       | busy-loops on the worker for N ms (`&clock=cpu`: N ms of CPU)    |
 //! | `GET /block/sleep?ms=N`      | `std::thread::sleep` on the worker for N ms                      |
 //! | `GET /block/mutex?ms=N`      | waits on the worker N ms for a `std::sync::Mutex` a helper holds |
 //! | `GET /block/file?ms=N`       | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms     |
@@ -343,10 +343,29 @@ async fn fast() -> Json<Value> {
     Json(json!({ "ok": true, "tid": gettid() }))
 }
 
-async fn block_spin(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
-    let ms = parse_ms(q)?;
+#[derive(Deserialize)]
+struct SpinParam {
+    ms: u64,
+    /// `cpu`: spin until the thread has used `ms` of CPU time, so that the
+    /// spin holds its thread that long however often it is preempted.
+    clock: Option<String>,
+}
+
+async fn block_spin(q: Result<Query<SpinParam>, QueryRejection>) -> BlockResult {
+    let Query(SpinParam { ms, clock }) =
+        q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let ms = at_most("ms", ms, MAX_MS)?;
+    let by_cpu = clock.as_deref() == Some("cpu");
     blocking_section("spin", ms, |start, d| {
-        while start.elapsed() < d {
+        let cpu_start = thread_cpu_time();
+        let spun = || {
+            if by_cpu {
+                thread_cpu_time().saturating_sub(cpu_start)
+            } else {
+                start.elapsed()
+            }
+        };
+        while spun() < d {
             std::hint::spin_loop();
         }
         Ok(())
