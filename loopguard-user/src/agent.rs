@@ -1001,12 +1001,17 @@ pub async fn watch(
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, CollectError> {
     let started = Instant::now();
-    let mut session = Session::new(target, collector, stacks, options, started);
-    if let Some(stacks) = &mut session.stacks {
+    let mut stacks = stacks;
+    if let Some(stacks) = &mut stacks {
         let window =
             Duration::from_nanos(options.detect.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
         stacks.start_census(window);
+        // Their waits' returns cannot be seen: the kernel watches for them.
+        let waiting = stacks.asleep_in_waits();
+        let filed = collector.mark_unseen_waits(&waiting);
+        tracing::debug!(?waiting, filed, "threads asleep in a wait at attach");
     }
+    let mut session = Session::new(target, collector, stacks, options, started);
     let mut scan = tokio::time::interval(options.scan_interval);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut liveness = tokio::time::interval(Duration::from_millis(200));

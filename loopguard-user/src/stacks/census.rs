@@ -106,12 +106,56 @@ fn is_runtime_machinery(frame: &Frame) -> bool {
 }
 
 /// Whether a stack (innermost first) is inside a task poll: its innermost
-/// task-polling frame has no runtime machinery inside it.
+/// task-polling frame has no runtime machinery inside it, and the poll is
+/// not blocking-pool work ([`polled_by_blocking_pool`]).
 pub fn in_task_poll(frames: &[Frame]) -> bool {
-    frames
+    frames.iter().position(is_task_poll).is_some_and(|poll| {
+        !frames[..poll].iter().any(is_runtime_machinery)
+            && !polled_by_blocking_pool(&frames[poll..])
+    })
+}
+
+/// Whether the task poll at the top of `outward` (the innermost task-poll
+/// frame and everything outside it) is run by the blocking pool.
+/// `spawn_blocking` work (`tokio::io::stdin()`'s `read`, a `tokio::fs`
+/// call) is such a poll, and never a stall. `BlockingTask::poll` is often
+/// inlined into the poll, so the poll's surroundings tell:
+///
+/// - the nearest runtime frame outside it is the pool's thread loop
+///   (`tokio::runtime::blocking::pool`), not a scheduler; or
+/// - no runtime frame is outside it at all (the pool's loop inlined into
+///   the thread's start, as in release builds), and it is not nested in
+///   another task poll. A worker's task poll always is: the multi-thread
+///   worker runs inside a blocking-pool task, and the current-thread
+///   scheduler and `LocalSet` leave frames of their own.
+fn polled_by_blocking_pool(outward: &[Frame]) -> bool {
+    let nearest = outward
         .iter()
-        .position(is_task_poll)
-        .is_some_and(|poll| !frames[..poll].iter().any(is_runtime_machinery))
+        .skip_while(|frame| is_task_poll(frame))
+        .find_map(|frame| {
+            let name = frame.function.trim_start_matches('<');
+            if name.starts_with("tokio::runtime::blocking::") {
+                Some(true)
+            } else if name.starts_with("tokio::runtime::") || name.starts_with("tokio::task::") {
+                Some(false)
+            } else {
+                None
+            }
+        });
+    nearest.unwrap_or_else(|| poll_levels(outward) <= 1)
+}
+
+/// How many task polls a stack is nested in: each level leaves its
+/// `raw::poll` (called through the task's vtable, so never inlined, though
+/// it may tail-call the harness) or its `Harness::poll`, or both.
+fn poll_levels(frames: &[Frame]) -> usize {
+    let count = |prefix: &str| {
+        frames
+            .iter()
+            .filter(|frame| frame.function.trim_start_matches('<').starts_with(prefix))
+            .count()
+    };
+    count("tokio::runtime::task::raw::poll").max(count("tokio::runtime::task::harness::Harness"))
 }
 
 /// `Runtime::block_on`, `Handle::block_on` and the schedulers' own: the
@@ -150,6 +194,19 @@ pub fn in_block_on_body(frames: &[Frame]) -> bool {
                 .iter()
                 .any(|frame| is_parked_or_driving(frame) || is_task_poll(frame))
     })
+}
+
+/// A frame of an event wait the wait probes sit on: Tokio's park functions
+/// (`tokio::runtime::park`, the multi-thread scheduler's `park`), or the C
+/// library's epoll wrappers. A blocking-pool thread idle on its condition
+/// variable has none.
+fn is_event_wait(frame: &Frame) -> bool {
+    let name = frame.function.trim_start_matches('<');
+    name.starts_with("tokio::runtime::park::")
+        || name.starts_with("tokio::runtime::scheduler::multi_thread::park::")
+        || crate::discover::waits::EPOLL_WRAPPERS
+            .iter()
+            .any(|wrapper| name.trim_start_matches("__GI_").trim_start_matches("__") == *wrapper)
 }
 
 /// What a thread found in `frames` is stuck in, if anything: a task poll,
@@ -284,6 +341,38 @@ impl Stacks {
         (asleep, running)
     }
 
+    /// The threads asleep in an event wait (a Tokio park, an epoll wait)
+    /// when the census began, not stuck in a poll or a `block_on` body:
+    /// their wait began before the probes existed, so its return will not
+    /// be seen ([`crate::collect::Collector::mark_unseen_waits`]).
+    pub fn asleep_in_waits(&mut self) -> Vec<u32> {
+        let Some(census) = self.census.take() else {
+            return Vec::new();
+        };
+        let mut waiting = Vec::new();
+        for (_, sample) in &census.asleep {
+            let frames = self.frames_of_asleep(sample);
+            if stuck_in(&frames).is_none() && frames.iter().any(is_event_wait) {
+                waiting.push(sample.tid);
+            }
+        }
+        self.census = Some(census);
+        waiting
+    }
+
+    /// The frames of a thread asleep in a system call (its frame pointer guessed).
+    fn frames_of_asleep(&mut self, sample: &Sample) -> Vec<Frame> {
+        let top = sample.stack_base + sample.stack.len() as u64;
+        let (pid, symbols) = (self.pid, &mut self.symbols);
+        let addrs = self.unwinder.unwind_guessing_bp(
+            sample.regs,
+            top,
+            |addr| sample.read_u64(addr),
+            |inside, next| calls_function_of(pid, symbols, inside, next),
+        );
+        self.symbols.frames(&addrs)
+    }
+
     /// The sleeping threads still asleep at the same place, inside a task poll.
     fn still_asleep_in_polls(
         &mut self,
@@ -296,15 +385,7 @@ impl Stacks {
             if self.syscall_file(sample.tid) != text {
                 continue;
             }
-            let top = sample.stack_base + sample.stack.len() as u64;
-            let (pid, symbols) = (self.pid, &mut self.symbols);
-            let addrs = self.unwinder.unwind_guessing_bp(
-                sample.regs,
-                top,
-                |addr| sample.read_u64(addr),
-                |inside, next| calls_function_of(pid, symbols, inside, next),
-            );
-            let frames = self.symbols.frames(&addrs);
+            let frames = self.frames_of_asleep(&sample);
             let kind = stuck_in(&frames).or_else(|| {
                 let waiting = sample.syscall.is_some_and(syscalls::is_event_wait);
                 (!waiting && loop_thread(sample.tid)).then_some(StallKind::Loop)
@@ -491,6 +572,51 @@ mod tests {
             "tokio::runtime::task::raw::poll",
         ]);
         assert!(!in_task_poll(&pool), "spawn_blocking work is not a stall");
+        // `tokio::io::stdin()`'s reader in a fat-LTO build: `BlockingTask::poll`
+        // inlined, so the pool's thread loop is the poll's only witness.
+        let stdin = frames(&[
+            "read",
+            "<std::io::stdio::Stdin as std::io::Read>::read",
+            "tokio::io::blocking::Buf::read_from",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "tokio::runtime::task::raw::poll",
+            "tokio::runtime::blocking::pool::Inner::run",
+            "std::sys::backtrace::__rust_begin_short_backtrace",
+        ]);
+        assert!(!in_task_poll(&stdin), "a blocking-pool read is not a stall");
+        // As the release build of the example shows it: the pool's loop
+        // inlined into the thread's start, `raw::poll` a tail call.
+        let inlined = frames(&[
+            "__GI___libc_read",
+            "<std::io::stdio::Stdin as std::io::Read>::read",
+            "tokio::io::blocking::Buf::read_from",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "std::sys::backtrace::__rust_begin_short_backtrace",
+            "core::ops::function::FnOnce::call_once{{vtable.shim}}",
+            "start_thread",
+        ]);
+        assert!(
+            !in_task_poll(&inlined),
+            "a blocking-pool read is not a stall"
+        );
+        // A worker whose scheduler frames are all inlined: two poll levels.
+        let nested = frames(&[
+            "app::spin",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "tokio::runtime::task::raw::poll",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "std::sys::backtrace::__rust_begin_short_backtrace",
+        ]);
+        assert!(in_task_poll(&nested), "a worker's task poll is nested");
+        // A worker's task poll returns into the scheduler, though the worker
+        // itself runs inside a blocking-pool task further out.
+        let mut worker = stuck.clone();
+        worker.extend(frames(&["tokio::runtime::blocking::pool::Inner::run"]));
+        assert!(in_task_poll(&worker));
         assert!(!in_task_poll(&frames(&["main", "__libc_start_main"])));
         let tail_called = frames(&[
             "app::spin",
@@ -502,6 +628,27 @@ mod tests {
             in_task_poll(&tail_called),
             "raw::poll jumped to the harness"
         );
+    }
+
+    #[test]
+    fn parked_and_epoll_waiting_threads_are_in_an_event_wait() {
+        assert!(
+            frames(&["syscall", "tokio::runtime::park::Inner::park"])
+                .iter()
+                .any(is_event_wait)
+        );
+        assert!(
+            frames(&["epoll_wait", "mio::poll::Poll::poll"])
+                .iter()
+                .any(is_event_wait)
+        );
+        assert!(frames(&["__GI_epoll_pwait"]).iter().any(is_event_wait));
+        let pool_idle = frames(&[
+            "syscall",
+            "<std::sys::sync::condvar::futex::Condvar>::wait_timeout",
+            "tokio::runtime::blocking::pool::Inner::run",
+        ]);
+        assert!(!pool_idle.iter().any(is_event_wait));
     }
 
     #[test]
