@@ -1,6 +1,7 @@
 // A tiny Node.js server for loopguard's end-to-end tests of the wait path.
 // `GET /busy?ms=N` busy-loops on the event loop (the bug loopguard must
-// find) and answers {"blocked_ms": ...}, its own timing of the block;
+// find) and answers {"blocked_ms": ..., "cpu_ms": ...}, its own timing of
+// the block (with `&clock=cpu`, N ms of CPU time rather than wall time);
 // `GET /fast` answers at once. Prints `listening on 127.0.0.1:PORT`.
 'use strict';
 const http = require('http');
@@ -11,11 +12,19 @@ const server = http.createServer((req, res) => {
   let body = { ok: true };
   if (url.pathname === '/busy') {
     const ms = Number(url.searchParams.get('ms') || 100);
+    // `clock=cpu`: spin until the process has used `ms` of CPU time, so a
+    // preempted spin on a loaded machine still holds its loop that long.
+    const byCpu = url.searchParams.get('clock') === 'cpu';
     const start = performance.now();
-    while (performance.now() - start < ms) {
+    const cpuStart = process.cpuUsage();
+    const cpuMs = () => {
+      const used = process.cpuUsage(cpuStart);
+      return (used.user + used.system) / 1000;
+    };
+    while ((byCpu ? cpuMs() : performance.now() - start) < ms) {
       // spin: the event loop cannot run anything else
     }
-    body = { blocked_ms: performance.now() - start };
+    body = { blocked_ms: performance.now() - start, cpu_ms: cpuMs() };
   }
   res.setHeader('content-type', 'application/json');
   res.end(JSON.stringify(body));

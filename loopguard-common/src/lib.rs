@@ -45,6 +45,11 @@ pub mod names {
     /// Per-thread wait state of event-loop threads ([`super::LoopState`]),
     /// one per thread slot ([`super::slots`]).
     pub const THREAD_LOOPS: &str = "THREAD_LOOPS";
+    /// Hash, tid → 0: threads the agent found asleep in a wait when it
+    /// attached. That wait's return probe never fires (it was entered
+    /// before the probe existed), so the kernel dates the thread's first
+    /// busy stretch from when it next ran, and removes the entry.
+    pub const UNSEEN_WAITS: &str = "UNSEEN_WAITS";
 
     /// Ring buffer of [`super::PollEvent`]s.
     pub const EVENTS: &str = "EVENTS";

@@ -111,11 +111,19 @@ pub fn follow_exec(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// `sched_process_exit`, run as the exiting thread: forget it.
+/// `sched_process_exit`, run as the exiting thread: forget it. A process
+/// stopped at exec has one thread, its leader: when that exits (killed
+/// while stopped), its stop is forgotten too, so its pid, once reused, is
+/// never sent the `SIGCONT` meant for it.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn follow_exit(_ctx: RawTracePointContext) -> i32 {
     // SAFETY: a helper with no arguments.
     let task = unsafe { bpf_get_current_task() };
     let _ = FOLLOW_TASKS.remove(task);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if pid == tgid {
+        let _ = FOLLOW_STOPPED.remove(tgid);
+    }
     0
 }

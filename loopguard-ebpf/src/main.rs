@@ -295,6 +295,11 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     if frame.flags & frame_flags::CONTAINER != 0 {
         return Ok(());
     }
+    // Back in the scheduler: the loop view's busy stretch ends at this
+    // poll's start and restarts now (a loop that turns is not stuck).
+    if let Some(slot) = slots::slot_of(tid) {
+        wait::task_poll_returned(tgid, tid, slot, frame.start_ns, preempted_ns, end_ns);
+    }
     // The histogram holds the time each poll held its thread: a preempted
     // stretch is the scheduler's, and would inflate the adaptive baseline.
     count_poll(duration_ns - preempted_ns.min(duration_ns));
@@ -405,6 +410,7 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     // Still on the run queue: preempted, or yielding (TASK_RUNNING is 0).
     let runnable = preempt & 1 != 0 || prev_state as u32 == 0;
     let tid = pid_tgid as u32;
+    wait::note_unseen_return(tid, switched_in_ns);
     let Some(slot) = slots::slot_of(tid) else {
         return 0;
     };

@@ -12,7 +12,7 @@ use core::{
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, Stack},
+    maps::{Array, HashMap, PerCpuArray, Stack},
 };
 use loopguard_common::{
     Counter, LoopState, ThreadPolls,
@@ -170,11 +170,36 @@ impl<T: Slotted> DerefMut for Writing<T> {
     }
 }
 
-/// The slot of `tid`, if it has one.
+/// Per CPU, the last thread whose slot was looked up there and its slot
+/// (`tid << 32 | slot`; 0: none). A poll's entry and return and the
+/// context switches around them are mostly the same thread on the same
+/// CPU: two array reads instead of a hash lookup.
+#[map]
+static SLOT_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The slot of `tid`, if it has one. Run as thread `tid`.
 #[inline(always)]
 pub(crate) fn slot_of(tid: u32) -> Option<u32> {
+    let Some(cache) = SLOT_CACHE.get_ptr_mut(0) else {
+        // SAFETY: a read-only look at the map value.
+        return unsafe { THREAD_SLOTS.get(tid) }.copied();
+    };
+    // SAFETY: a per-CPU map value pointer; one aligned 8-byte load.
+    let cached = unsafe { read_volatile(cache) };
+    if tid != 0 && (cached >> 32) as u32 == tid {
+        let slot = cached as u32;
+        // The slot may have been freed (the thread exited, its tid reused)
+        // since: its owner says whether it is still `tid`'s.
+        if SLOT_OWNERS.get(slot).is_some_and(|&owner| owner == tid) {
+            return Some(slot);
+        }
+    }
     // SAFETY: a read-only look at the map value.
-    unsafe { THREAD_SLOTS.get(tid) }.copied()
+    let slot = unsafe { THREAD_SLOTS.get(tid) }.copied()?;
+    // SAFETY: as above; a nested program on this CPU may overwrite it,
+    // which only costs the next lookup its shortcut.
+    unsafe { write_volatile(cache, u64::from(tid) << 32 | u64::from(slot)) };
+    Some(slot)
 }
 
 /// The slot of `tid`, taken from the free stack at its first use; `None`

@@ -8,13 +8,19 @@
 //! tracepoints, which every process's syscalls pass through. Waits nest (a
 //! Tokio worker's park calls `epoll_wait`), so only the outermost one
 //! counts. A busy stretch runs from a wait's return to the next wait's
-//! entry; one of at least the report floor is sent as a `LoopEvent`. The
-//! wait state lives in the thread's slot ([`crate::slots`]), where the agent
+//! entry; one of at least the report floor is sent as a `LoopEvent`. On a
+//! Tokio worker, a task poll's return ends the stretch too, at the poll's
+//! start ([`task_poll_returned`]): the time inside task polls is the poll
+//! detector's, and a thread back in its scheduler after each short poll is
+//! a loop that turns, whether or not it reaches a wait site (a `yield_now`
+//! makes the worker park with a zero timeout, which reaches `epoll_wait`
+//! only when no other worker holds the driver). The wait state lives in the thread's slot ([`crate::slots`]), where the agent
 //! reads it to see a stretch that is still running.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{raw_tracepoint, uprobe, uretprobe},
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    maps::HashMap,
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use loopguard_common::{EventKind, LoopEvent, LoopState, pt_regs};
@@ -27,6 +33,57 @@ use crate::{
 
 /// Waits deeper than this are not tracked (a runaway nesting count).
 const MAX_WAIT_DEPTH: u32 = 8;
+
+/// Threads the agent found asleep in a wait when it attached (filled by
+/// the agent, emptied here). The return probe of a wait entered before
+/// attaching never fires, so without this a thread that sleeps in its park
+/// until the first event (a `block_on` body waiting for stdin) would start
+/// no busy stretch at its first wakeup, and its first block would be
+/// missed. Its first switch-out, or its next wait, tells when it woke.
+#[map]
+static UNSEEN_WAITS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Whether `tid` was asleep in a wait at attach and has not been seen
+/// since; forgets it.
+#[inline(always)]
+fn take_unseen(tid: u32) -> bool {
+    // SAFETY: only the presence of the key is used.
+    if unsafe { UNSEEN_WAITS.get(tid) }.is_none() {
+        return false;
+    }
+    let _ = UNSEEN_WAITS.remove(tid);
+    true
+}
+
+/// `sched_switch` of `tid` (of the target) leaving its CPU, which it had
+/// since `switched_in_ns`: when the agent found it asleep in a wait at
+/// attach, it has come back from that wait (it ran), at `switched_in_ns`.
+/// Its busy stretch begins then, unless a wait was already seen since.
+#[inline(always)]
+pub fn note_unseen_return(tid: u32, switched_in_ns: u64) {
+    if !take_unseen(tid) {
+        return;
+    }
+    let Some(slot) = slots::claim_slot(tid) else {
+        return;
+    };
+    let Some(mut state) = slots::loops_mut(slot, tid, true) else {
+        return;
+    };
+    let state = &mut *state;
+    if state.depth == 0 && state.busy_start_ns == 0 {
+        start_stretch(state, switched_in_ns);
+    }
+}
+
+/// A busy stretch begins at `at` (after a wait's return).
+#[inline(always)]
+fn start_stretch(state: &mut LoopState, at: u64) {
+    state.waits += 1;
+    state.busy_start_ns = at;
+    settle(state);
+    state.preempted_at_start_ns = state.preempted_ns;
+}
 
 /// A write section on this thread's wait state, created on first use;
 /// `None` for another process or when no thread slot is free (counted).
@@ -127,11 +184,80 @@ pub fn wait_syscall_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// A task poll of a worker (not a scheduler loop, not blocking-pool work)
+/// that began at `poll_start_ns` returned at `now` after `poll_preempted_ns`
+/// switched out while runnable: the busy stretch running on this thread
+/// ends where the poll began (sent when it held the thread for at least the
+/// report floor: scheduler or `block_on` work between polls), and a new one
+/// starts now. Nothing to do for a thread that is not in a busy stretch
+/// (never seen waiting, or inside a wait: a poll nested in a park).
+#[inline(always)]
+pub(crate) fn task_poll_returned(
+    tgid: u32,
+    tid: u32,
+    slot: u32,
+    poll_start_ns: u64,
+    poll_preempted_ns: u64,
+    now: u64,
+) {
+    let Some(peek) = slots::peek_loops(slot, tid) else {
+        return;
+    };
+    if peek.depth != 0 || peek.busy_start_ns == 0 {
+        return;
+    }
+    let Some(mut state) = slots::loops_mut(slot, tid, false) else {
+        return;
+    };
+    let state = &mut *state;
+    if state.depth != 0 || state.busy_start_ns == 0 {
+        return;
+    }
+    settle(state);
+    let start = state.busy_start_ns;
+    let busy = poll_start_ns.max(start) - start;
+    // Preemptions during the stretch, less those inside the poll.
+    let preempted = state
+        .preempted_ns
+        .saturating_sub(state.preempted_at_start_ns)
+        .saturating_sub(poll_preempted_ns)
+        .min(busy);
+    if busy - preempted >= report_floor_ns() {
+        send_busy(tgid, tid, start, busy, preempted);
+    }
+    state.busy_ns += now.saturating_sub(start);
+    state.busy_start_ns = now;
+    state.preempted_at_start_ns = state.preempted_ns;
+}
+
+/// One `LoopEvent`: a stretch of `busy` ns from `start`, `preempted` of it
+/// switched out.
+#[inline(always)]
+fn send_busy(tgid: u32, tid: u32, start: u64, busy: u64, preempted: u64) {
+    let event = LoopEvent {
+        kind: EventKind::LoopBusy as u32,
+        pid: tgid,
+        tid,
+        pad: 0,
+        start_ns: start,
+        duration_ns: busy,
+        preempted_ns: preempted,
+    };
+    if EVENTS.output::<LoopEvent>(&event, 0).is_err() {
+        bump(Counter::DroppedEvents);
+    }
+}
+
 /// A wait begins: closes the busy stretch at the outermost one.
 #[inline(always)]
 fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
     if state.depth == 0 {
         let now = unsafe { bpf_ktime_get_ns() };
+        // Back from a wait entered before attaching, not switched out since
+        // (that would have told): it has run since this CPU's last switch.
+        if state.busy_start_ns == 0 && take_unseen(tid) {
+            start_stretch(state, last_switch_ns());
+        }
         if state.busy_start_ns != 0 {
             settle(state);
             let preempted = state
@@ -141,18 +267,7 @@ fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
             let preempted = preempted.min(busy);
             state.busy_ns += busy;
             if busy - preempted >= report_floor_ns() {
-                let event = LoopEvent {
-                    kind: EventKind::LoopBusy as u32,
-                    pid: tgid,
-                    tid,
-                    pad: 0,
-                    start_ns: state.busy_start_ns,
-                    duration_ns: busy,
-                    preempted_ns: preempted,
-                };
-                if EVENTS.output::<LoopEvent>(&event, 0).is_err() {
-                    bump(Counter::DroppedEvents);
-                }
+                send_busy(tgid, tid, state.busy_start_ns, busy, preempted);
             }
         }
         state.busy_start_ns = 0;
@@ -212,9 +327,6 @@ fn exit(state: &mut LoopState) {
         state.wait_ns += now.saturating_sub(state.wait_start_ns);
     }
     state.depth = 0;
-    state.waits += 1;
     state.wait_start_ns = 0;
-    state.busy_start_ns = now;
-    settle(state);
-    state.preempted_at_start_ns = state.preempted_ns;
+    start_stretch(state, now);
 }

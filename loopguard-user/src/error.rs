@@ -113,6 +113,10 @@ pub enum FollowError {
     Poll(#[source] std::io::Error),
     #[error("failed to start the watchdog that resumes stopped processes if loopguard dies")]
     Watchdog(#[source] std::io::Error),
+    #[error(
+        "inspecting and attaching to pid {pid} took longer than {secs} s; it was resumed and runs unwatched (RUST_LOG=debug shows the step it was on)"
+    )]
+    DiscoveryTimeout { pid: u32, secs: u64 },
 }
 
 /// `loopguard run` failed to start its command.
@@ -126,6 +130,8 @@ pub enum LaunchError {
     },
     #[error("`{program}` did not stop after exec as expected ({detail})")]
     NoStop { program: String, detail: String },
+    #[error(transparent)]
+    RunAs(#[from] crate::config::run_as::RunAsError),
     #[error("failed to resume `{program}` (pid {pid})")]
     Resume {
         program: String,

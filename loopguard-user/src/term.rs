@@ -162,7 +162,7 @@ pub fn draw_status(status: Option<String>) {
     let mut screen = SCREEN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let text = status.map(|s| fit(&s, width()));
+    let text = status.map(|s| fit(&crate::term::printable(&s), width()));
     let mut stderr = std::io::stderr();
     let _ = write!(stderr, "{CLEAR}{}", text.as_deref().unwrap_or(""));
     let _ = stderr.flush();
@@ -188,9 +188,17 @@ pub fn write_stderr(bytes: &[u8]) {
 
 /// One diagnostic line on stderr (see [`crate::diag`]).
 pub fn diag_line(line: &str) {
-    let mut text = paint_stderr(line);
+    write_stderr(diag_text(line).as_bytes());
+}
+
+/// What [`diag_line`] writes. Diagnostics quote the target (its exe path,
+/// thread names, symbols, discovery errors): whatever they hold, control
+/// and bidirectional-override characters are escaped here, so no message
+/// can drive the terminal or forge a line.
+pub fn diag_text(line: &str) -> String {
+    let mut text = paint_stderr(&crate::term::printable(line));
     text.push('\n');
-    write_stderr(text.as_bytes());
+    text
 }
 
 /// The writer `tracing` logs through, so log records do not fight with
@@ -236,13 +244,13 @@ pub fn status_text(
 /// thread names, routes and paths come from the target, and must not be
 /// able to forge a line or drive the terminal.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(is_unprintable) {
         return std::borrow::Cow::Borrowed(text);
     }
     std::borrow::Cow::Owned(
         text.chars()
             .map(|c| {
-                if c.is_control() {
+                if is_unprintable(c) {
                     c.escape_default().to_string()
                 } else {
                     c.to_string()
@@ -252,9 +260,34 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     )
 }
 
+/// Control characters (C0, DEL, C1), and the bidirectional marks and
+/// overrides that reorder what a terminal shows.
+fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn diagnostics_cannot_drive_the_terminal() {
+        let line =
+            "loopguard: watching pid 7 (/tmp/\u{1b}]0;owned\u{7}\u{9b}2J\u{202e}exe\nSTALL forged)";
+        let text = diag_text(line);
+        assert_eq!(text.matches('\n').count(), 1, "one line: {text:?}");
+        assert!(
+            !text
+                .chars()
+                .any(|c| c == '\u{1b}' || c == '\u{7}' || c == '\u{9b}' || c == '\u{202e}'),
+            "{text:?}"
+        );
+        assert!(text.contains("\\u{1b}]0;owned"), "{text:?}");
+    }
 
     #[test]
     fn colour_follows_the_choice_the_terminal_and_no_color() {

@@ -184,14 +184,22 @@ fn node_busy_loop_is_a_loop_stall() {
 fn node_short_blocks_add_up_to_one_cumulative_alert() {
     require_root();
     let server = node();
-    let agent = Agent::attach(server.pid(), &[]);
+    // The budget stays 200 ms; the window is 3 s rather than 1 s so that
+    // the blocks fit in one however slowly a loaded machine runs them.
+    let agent = Agent::attach(server.pid(), &["--cumulative-window-ms", "3000"]);
     let programs = agent.programs();
-    // 20 blocks of 20 ms, 40 ms apart: none a stall, 200 ms of blocking
-    // well inside a second.
-    for _ in 0..20 {
-        let response = http_get(server.addr, "/busy?ms=20").unwrap();
+    // 12 blocks of 20 ms of CPU time (so each holds the loop 20 ms even when
+    // preempted), 10 ms apart: none a stall, 240 ms in all, over the budget
+    // once; what is left after the alert (at most 40 ms) cannot reach it
+    // again, so exactly one alert is right whatever the pacing.
+    for _ in 0..12 {
+        let response = http_get(server.addr, "/busy?ms=20&clock=cpu").unwrap();
         assert_eq!(response.status, 200);
-        std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            response.body["cpu_ms"].as_f64().unwrap() >= 20.0,
+            "{response:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(200));
     let (status, lines) = agent.interrupt();

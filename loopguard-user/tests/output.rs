@@ -343,6 +343,40 @@ fn synthetic_recording(path: &Path, stalls: u64, stacks_every: u64) {
     writeln!(out, "{}", Event::Summary(summary).to_json()).unwrap();
 }
 
+#[test]
+#[ignore = "needs chromium; run by `cargo xtask test`"]
+fn a_script_opener_in_a_target_string_does_not_blank_the_page() {
+    // `<!--<script>` in a string of the embedded JSON would put the data's
+    // script element in the tokenizer's double-escaped state: the page
+    // would render nothing.
+    let dir = artifacts();
+    let recording = dir.join("hostile.jsonl");
+    synthetic_recording(&recording, 20, 1);
+    let text = std::fs::read_to_string(&recording).unwrap();
+    let hostile = text.replace("\"route\":\"/r/1\"", "\"route\":\"<!--<script>\"");
+    assert_ne!(text, hostile, "no route to replace");
+    std::fs::write(&recording, hostile).unwrap();
+    let page = dir.join("hostile.html");
+    let out = loopguard(&[
+        "report",
+        recording.to_str().unwrap(),
+        "--html",
+        page.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&recording);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dom = chromium(&page, &dir.join("hostile.png"));
+    assert!(
+        dom.contains("data-rendered=\"yes\""),
+        "the page did not render:\n{dom}"
+    );
+    assert!(dom.contains("20 stalls ("), "{dom}");
+}
+
 /// Writes a synthetic recording of `stalls` stalls, renders its page, and
 /// opens it; returns how long `report --html` took.
 fn render_synthetic(name: &str, stalls: u64, stacks_every: u64) -> Duration {

@@ -69,7 +69,10 @@ fn capture_each_block(binary: &Path) -> (Vec<Value>, Value, String) {
     );
     let ours = agent.programs();
     for kind in ["spin", "sleep", "mutex", "file"] {
-        server.get(&format!("/block/{kind}?ms=200"));
+        // 200 ms of CPU for the spin: a wall-clock spin on a loaded machine
+        // may hold its thread less than the threshold (no stall at all).
+        let clock = if kind == "spin" { "&clock=cpu" } else { "" };
+        server.get(&format!("/block/{kind}?ms=200{clock}"));
         std::thread::sleep(Duration::from_millis(50));
     }
     let (status, lines) = agent.interrupt();

@@ -1,6 +1,6 @@
 //! `cargo xtask fuzz [--seconds N]`: the cargo-fuzz targets of
 //! `loopguard-user/fuzz` (ELF parser, USDT notes and argument specs, task
-//! vtables), seeded from real binaries, each run for N seconds (20 by
+//! vtables, recordings for `loopguard report`), seeded from real binaries, each run for N seconds (20 by
 //! default; `cargo xtask test` runs them so). Installs cargo-fuzz once.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use anyhow::Context;
 use crate::cmd;
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
-pub const TARGETS: &[&str] = &["elf", "usdt", "vtable"];
+pub const TARGETS: &[&str] = &["elf", "usdt", "vtable", "report"];
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -166,5 +166,10 @@ fn write_seeds() -> anyhow::Result<PathBuf> {
         }
         std::fs::write(seeds.join(format!("vtable/{name}")), bytes)?;
     }
+    // report: the golden recording of the output tests.
+    std::fs::copy(
+        cmd::root().join("loopguard-user/tests/golden/session.jsonl"),
+        seeds.join("report/session.jsonl"),
+    )?;
     Ok(seeds)
 }

@@ -1,7 +1,7 @@
 //! Installs the toolchain pieces the build and the tests need, each only when
 //! missing, so a second run takes a second.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
@@ -28,6 +28,23 @@ const APT_PACKAGES: &[&str] = &[
 /// The ASGI server the wait-path end-to-end test runs (from `PyPI`, into a
 /// virtual environment under the target directory).
 const UVICORN_VERSION: &str = "0.54.0";
+/// `FastAPI` for the Python stack end-to-end tests (with uvicorn
+/// [`UVICORN_VERSION`]), one virtual environment per `CPython` version.
+const FASTAPI_VERSION: &str = "0.165.0";
+/// The `CPython` versions whose stacks loopguard reads, and where each is
+/// looked for: Debian's (a stripped executable holding the interpreter)
+/// first, then pyenv's builds (the interpreter in `libpython3.x.so`).
+pub const STACK_PYTHONS: &[(&str, &[&str])] = &[
+    (
+        "3.11",
+        &[
+            "/usr/bin/python3.11",
+            "/root/.pyenv/versions/3.11.7/bin/python3.11",
+        ],
+    ),
+    ("3.12", &["/root/.pyenv/versions/3.12.1/bin/python3.12"]),
+    ("3.13", &["/root/.pyenv/versions/3.13.0/bin/python3.13"]),
+];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The fixed-rate load generator of `cargo xtask bench` (MSRV 1.88). Not
@@ -38,6 +55,7 @@ pub fn run() -> anyhow::Result<()> {
     install_apt_packages()?;
     install_rust_src()?;
     install_bpf_linker()?;
+    python_with_uvicorn()?;
     eprintln!("setup: everything is in place");
     Ok(())
 }
@@ -120,37 +138,70 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     .context("failed to install bpf-linker")
 }
 
-/// A virtual environment with uvicorn [`UVICORN_VERSION`] for the
-/// wait-path end-to-end tests, made with Debian's `python3` (stripped, as
-/// users' Pythons often are) unless it is there; returns its `python`.
+/// What the Python end-to-end tests and the Python benchmark install from
+/// `PyPI` beside uvicorn, pinned: `FastAPI` on `Starlette` and `anyio`, `httpx` and
+/// pytest for the CI-guard suites, and fastapi-loopguard, the package the
+/// benchmark compares against.
+const PYTHON_PACKAGES: &[&str] = &[
+    "fastapi==0.165.0",
+    "starlette==1.10.0",
+    "anyio==4.16.0",
+    "httpx==0.29.0",
+    "pytest==9.2.0",
+    "fastapi-loopguard==0.9.0",
+];
+
+/// A virtual environment with uvicorn [`UVICORN_VERSION`],
+/// [`PYTHON_PACKAGES`] and this repository's `python/loopguard-asgi`
+/// (editable) for the Python end-to-end tests, made with Debian's `python3`
+/// (stripped, as users' Pythons often are) unless it is there; returns its
+/// `python`.
 pub fn python_with_uvicorn() -> anyhow::Result<PathBuf> {
     let venv = cmd::target_dir().join("e2e-python");
     let python = venv.join("bin/python");
-    let installed = cmd::output(
-        Command::new(&python).args(["-c", "import uvicorn; print(uvicorn.__version__)"]),
-    );
-    if installed.trim() == UVICORN_VERSION {
+    let asgi = cmd::root().join("python/loopguard-asgi");
+    let wanted = std::iter::once(format!("uvicorn=={UVICORN_VERSION}"))
+        .chain(PYTHON_PACKAGES.iter().map(|p| (*p).to_owned()))
+        .collect::<Vec<_>>();
+    // One line per package, `name==version`, then where loopguard_asgi is.
+    let check = "import importlib.metadata as m, sys, loopguard_asgi\n\
+        for spec in sys.argv[1:]:\n    name = spec.split('==')[0]\n    print(name + '==' + m.version(name))\n\
+        print(loopguard_asgi.__file__)";
+    let installed = cmd::output(Command::new(&python).arg("-c").arg(check).args(&wanted));
+    let mut lines = installed.lines();
+    let pinned = wanted
+        .iter()
+        .all(|spec| lines.next() == Some(spec.as_str()));
+    let editable = lines
+        .next()
+        .is_some_and(|file| Path::new(file).starts_with(&asgi));
+    if pinned && editable {
         return Ok(python);
     }
-    eprintln!(
-        "setup: making a Python virtual environment with uvicorn {UVICORN_VERSION} for the end-to-end tests"
-    );
-    let _ = std::fs::remove_dir_all(&venv);
-    cmd::run(
-        Command::new("/usr/bin/python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv),
-    )
-    .context(
-        "failed to make the end-to-end tests' Python virtual environment (Debian's python3-venv)",
-    )?;
+    if !python.exists() {
+        eprintln!(
+            "setup: making a Python virtual environment with uvicorn {UVICORN_VERSION} and FastAPI for the end-to-end tests"
+        );
+        cmd::run(
+            Command::new("/usr/bin/python3")
+                .arg("-m")
+                .arg("venv")
+                .arg(&venv),
+        )
+        .context(
+            "failed to make the end-to-end tests' Python virtual environment (Debian's python3-venv)",
+        )?;
+    }
     cmd::run(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!("uvicorn=={UVICORN_VERSION}")),
+            .args(&wanted)
+            .arg("-e")
+            .arg(&asgi),
     )
-    .context("failed to install uvicorn from PyPI")?;
+    .context(
+        "failed to install uvicorn, FastAPI and python/loopguard-asgi (PyPI must be reachable)",
+    )?;
     Ok(python)
 }
 
@@ -195,4 +246,42 @@ fn find_oha() -> Option<PathBuf> {
             .split_whitespace()
             .any(|word| word == OHA_VERSION)
     })
+}
+
+/// One virtual environment per [`STACK_PYTHONS`] version with `FastAPI`
+/// [`FASTAPI_VERSION`] and uvicorn [`UVICORN_VERSION`], made unless it is
+/// there; returns `(version, its python)`.
+pub fn pythons_with_fastapi() -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+    let mut found = Vec::new();
+    for &(version, candidates) in STACK_PYTHONS {
+        let Some(base) = candidates.iter().find(|path| Path::new(path).exists()) else {
+            anyhow::bail!(
+                "no CPython {version} for the Python stack end-to-end tests (looked for {}); install one, e.g. `pyenv install {version}`",
+                candidates.join(", ")
+            );
+        };
+        let venv = cmd::target_dir().join(format!("e2e-fastapi-{version}"));
+        let python = venv.join("bin/python");
+        let installed = cmd::output(Command::new(&python).args([
+            "-c",
+            "import fastapi, uvicorn; print(fastapi.__version__, uvicorn.__version__)",
+        ]));
+        if installed.trim() != format!("{FASTAPI_VERSION} {UVICORN_VERSION}") {
+            eprintln!(
+                "setup: making a CPython {version} virtual environment with FastAPI {FASTAPI_VERSION} and uvicorn {UVICORN_VERSION}"
+            );
+            let _ = std::fs::remove_dir_all(&venv);
+            cmd::run(Command::new(base).args(["-m", "venv"]).arg(&venv))
+                .with_context(|| format!("failed to make a virtual environment with {base}"))?;
+            cmd::run(
+                Command::new(venv.join("bin/pip"))
+                    .args(["install", "--quiet", "--disable-pip-version-check"])
+                    .arg(format!("fastapi=={FASTAPI_VERSION}"))
+                    .arg(format!("uvicorn=={UVICORN_VERSION}")),
+            )
+            .context("failed to install FastAPI and uvicorn from PyPI")?;
+        }
+        found.push((version, python));
+    }
+    Ok(found)
 }

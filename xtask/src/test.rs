@@ -7,7 +7,7 @@
 //! (hundreds of poll copies: attach and detach at scale).
 
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
@@ -43,14 +43,29 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let target = cmd::target_dir();
     let (v0_dir, nopie_dir, debuginfo_dir) = build_variants(&root, &target)?;
     let python = setup::python_with_uvicorn()?;
+    let stack_pythons = setup::pythons_with_fastapi()?;
+    // The loopguard-asgi middleware's own tests (no root, no agent).
+    cmd::run(
+        Command::new(&python)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .arg(root.join("python/loopguard-asgi/tests")),
+    )?;
     let matrix = matrix::build()?;
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
     let mut failed = Vec::new();
     for &name in E2E_TESTS {
         let binary = build_test_binary(name)?;
+        let mut command = cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?;
+        // `LOOPGUARD_PYTHON_3_12`: a FastAPI environment per CPython version.
+        for (version, python) in &stack_pythons {
+            command.env(
+                format!("LOOPGUARD_PYTHON_{}", version.replace('.', "_")),
+                python,
+            );
+        }
         let result = cmd::run(
-            cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?
+            command
                 .args(["--ignored", "--test-threads=1"])
                 .current_dir(root.join("loopguard-user"))
                 .env("LOOPGUARD_SERVER", &binaries.stall_server)
@@ -142,6 +157,7 @@ fn build_variants(
 /// The end-to-end test files of the agent (`loopguard-user/tests/*.rs`).
 const E2E_TESTS: &[&str] = &[
     "e2e",
+    "asgi",
     "metrics",
     "loops",
     "thresholds",
@@ -152,6 +168,12 @@ const E2E_TESTS: &[&str] = &[
     "faults",
     "inputs",
     "matrix",
+    "hostile",
+    "pystacks",
+    // Issue #23: false alarms and a missed block_on stall (about 1 min),
+    // then the false-alarm soak over every build (under 3 min).
+    "alarms",
+    "soak",
 ];
 
 /// Builds the integration test `name` of the agent; returns its executable.

@@ -5,7 +5,7 @@
 //! |------------------------------|------------------------------------------------------------------|
 //! | `GET /`                      | lists these endpoints as JSON                                    |
 //! | `GET /fast`                  | nothing: answers at once (the control)                           |
-//! | `GET /block/spin?ms=N`       | busy-loops on the worker for N ms                                |
+//! | `GET /block/spin?ms=N`       | busy-loops on the worker for N ms (`&clock=cpu`: N ms of CPU)    |
 //! | `GET /block/sleep?ms=N`      | `std::thread::sleep` on the worker for N ms                      |
 //! | `GET /block/mutex?ms=N`      | waits on the worker N ms for a `std::sync::Mutex` a helper holds |
 //! | `GET /block/file?ms=N`       | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms     |
@@ -16,12 +16,18 @@
 //! | `GET /block/main?ms=N`       | the `block_on` body (not a task) sleeps N ms: a loop stall       |
 //! | `GET /work?ms=N`             | N ms of CPU work (hashing) on the worker: a handler doing work   |
 //! | `GET /json?kb=N`             | builds and serializes a JSON document of about N KiB (default 4) |
+//! | `GET /work/yield?ms=N`       | N ms of CPU work in 1 ms slices, `yield_now().await` between: healthy |
+//! | `GET /fs?kb=N`               | writes, reads back and removes N KiB with `tokio::fs`: healthy   |
+//! | `GET /timer?ms=N`            | `tokio::time::sleep(N ms).await`: healthy                        |
 //!
 //! Each `/block/*` handler blocks in one synchronous stretch (no `.await`
 //! inside) and answers `{"kind","requested_ms","blocked_ms","tid","pid"}`,
 //! where `tid` is the OS thread id (`gettid`) of the worker that blocked,
 //! read right before blocking, and `blocked_ms` the measured length of the
-//! stretch. `/spawn_blocking` answers the same plus `blocking_tid`, with
+//! stretch. `cpu_ms` is the CPU time the thread used during the stretch
+//! (`CLOCK_THREAD_CPUTIME_ID`): for a spin, the time it held its thread
+//! (what loopguard measures: the stretch less the time it sat preempted),
+//! which on a loaded machine is less than the wall-clock `blocked_ms`. `/spawn_blocking` answers the same plus `blocking_tid`, with
 //! `tid` the worker that ran the handler. `ms` must be in `0..=60000`,
 //! otherwise the answer is a 400 with `{"error": "..."}`.
 //!
@@ -51,6 +57,13 @@
 //!
 //! After binding, the server prints one line `listening on ADDR` to stdout;
 //! SIGTERM or SIGINT shut it down gracefully (exit code 0).
+//!
+//! With `--stdin`, the HTTP server runs as a spawned task instead, and the
+//! `block_on` body is a command loop: it `select!`s over the lines of
+//! `tokio::io::stdin()` (read by a blocking-pool thread that sits in `read`)
+//! and a SIGUSR1 stream. A line `N` blocks the `block_on` thread N ms with
+//! `std::thread::sleep` and prints `blocked N ms in Xms on tid T`; SIGUSR1
+//! prints `usr1`; end of input or SIGTERM/SIGINT stops the server.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
@@ -111,6 +124,10 @@ struct Args {
     /// How long an idle blocking-pool thread lives (Tokio's default: 10 s).
     #[arg(long, value_name = "MS")]
     blocking_keep_alive_ms: Option<u64>,
+    /// Serve HTTP from a spawned task; the `block_on` body reads commands
+    /// from stdin (a line `N` blocks it N ms) and SIGUSR1.
+    #[arg(long)]
+    stdin: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -189,6 +206,9 @@ struct BlockReport {
     kind: &'static str,
     requested_ms: u64,
     blocked_ms: f64,
+    /// CPU time the thread used during the section.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_ms: Option<f64>,
     tid: i32,
     pid: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -204,6 +224,7 @@ impl BlockReport {
             kind,
             requested_ms,
             blocked_ms,
+            cpu_ms: None,
             tid,
             pid: getpid(),
             blocking_tid: None,
@@ -268,9 +289,25 @@ fn blocking_section(
     section: impl FnOnce(Instant, Duration) -> std::io::Result<()>,
 ) -> BlockResult {
     let tid = gettid();
+    let cpu_before = thread_cpu_time();
     let start = Instant::now();
     section(start, Duration::from_millis(ms))?;
-    Ok(Json(BlockReport::new(kind, ms, start.elapsed(), tid)))
+    let blocked = start.elapsed();
+    let cpu = thread_cpu_time().saturating_sub(cpu_before);
+    let mut report = BlockReport::new(kind, ms, blocked, tid);
+    report.cpu_ms = Some(cpu.as_secs_f64() * 1e3);
+    Ok(Json(report))
+}
+
+/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// `(path, blocks the worker, what it does)`, served by `GET /`.
@@ -289,6 +326,9 @@ const ENDPOINTS: &[(&str, bool, &str)] = &[
     ("/spawn_blocking/burst?n=K&ms=N", false, "K spawn_blocking sleeps of N ms at once: blocking-pool thread churn"),
     ("/work?ms=N",             false, "N ms (at most 1000) of CPU work on the worker: ordinary request work"),
     ("/json?kb=N",             false, "builds and serializes a JSON list of users of about N KiB (default 4)"),
+    ("/work/yield?ms=N",       false, "N ms of CPU work in 1 ms slices with yield_now().await between them (healthy)"),
+    ("/fs?kb=N",               false, "writes, reads back and removes N KiB (at most 1024) with tokio::fs (healthy)"),
+    ("/timer?ms=N",            false, "tokio::time::sleep for N ms (healthy)"),
 ];
 
 async fn index() -> Json<Value> {
@@ -303,10 +343,29 @@ async fn fast() -> Json<Value> {
     Json(json!({ "ok": true, "tid": gettid() }))
 }
 
-async fn block_spin(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
-    let ms = parse_ms(q)?;
+#[derive(Deserialize)]
+struct SpinParam {
+    ms: u64,
+    /// `cpu`: spin until the thread has used `ms` of CPU time, so that the
+    /// spin holds its thread that long however often it is preempted.
+    clock: Option<String>,
+}
+
+async fn block_spin(q: Result<Query<SpinParam>, QueryRejection>) -> BlockResult {
+    let Query(SpinParam { ms, clock }) =
+        q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let ms = at_most("ms", ms, MAX_MS)?;
+    let by_cpu = clock.as_deref() == Some("cpu");
     blocking_section("spin", ms, |start, d| {
-        while start.elapsed() < d {
+        let cpu_start = thread_cpu_time();
+        let spun = || {
+            if by_cpu {
+                thread_cpu_time().saturating_sub(cpu_start)
+            } else {
+                start.elapsed()
+            }
+        };
+        while spun() < d {
             std::hint::spin_loop();
         }
         Ok(())
@@ -541,6 +600,66 @@ async fn work(q: Result<Query<MsParam>, QueryRejection>) -> Result<Json<WorkRepo
     }))
 }
 
+/// `/work/yield`: `ms` milliseconds of hashing in 1 ms slices, each slice one
+/// poll, `tokio::task::yield_now().await` between them. Cooperative, so never
+/// a stall, however long the whole request takes. Answers
+/// `{"kind":"yield","requested_ms","worked_ms","slices","longest_slice_ms","tids"}`.
+async fn work_yield(q: Result<Query<MsParam>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+    let ms = parse_ms(q)?;
+    let budget = Duration::from_millis(ms);
+    let slice = Duration::from_millis(1);
+    let start = Instant::now();
+    let mut state = u64::from(gettid().unsigned_abs());
+    let mut slices = 0_u64;
+    let mut longest = Duration::ZERO;
+    let mut tids = Vec::new();
+    while start.elapsed() < budget {
+        let tid = gettid();
+        if tids.last() != Some(&tid) {
+            tids.push(tid);
+        }
+        let slice_start = Instant::now();
+        while slice_start.elapsed() < slice {
+            for _ in 0..WORK_CHUNK {
+                state = mix(state);
+            }
+        }
+        longest = longest.max(slice_start.elapsed());
+        slices += 1;
+        tokio::task::yield_now().await;
+    }
+    Ok(Json(json!({
+        "kind": "yield",
+        "requested_ms": ms,
+        "worked_ms": start.elapsed().as_secs_f64() * 1e3,
+        "slices": slices,
+        "longest_slice_ms": longest.as_secs_f64() * 1e3,
+        "digest": format!("{state:016x}"),
+        "tids": tids,
+    })))
+}
+
+/// `/fs`: `kb` KiB written, read back and removed with `tokio::fs` (the
+/// blocking pool does the I/O). Answers `{"kind":"fs","kb","read"}`.
+async fn fs_round_trip(q: Result<Query<KbParam>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+    let Query(KbParam { kb }) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let kb = at_most("kb", kb.unwrap_or(DEFAULT_JSON_KB), MAX_JSON_KB)?;
+    let seq = FILE_SEQ.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("stall-server-fs-{}-{seq}.tmp", getpid()));
+    let data = vec![0x5a_u8; kb as usize * 1024];
+    tokio::fs::write(&path, &data).await?;
+    let read = tokio::fs::read(&path).await;
+    let _ = tokio::fs::remove_file(&path).await;
+    Ok(Json(json!({ "kind": "fs", "kb": kb, "read": read?.len() })))
+}
+
+/// `/timer`: waits `ms` on Tokio's timer. Answers `{"kind":"timer","requested_ms"}`.
+async fn timer(q: Result<Query<MsParam>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+    let ms = parse_ms(q)?;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(Json(json!({ "kind": "timer", "requested_ms": ms })))
+}
+
 /// Serialized bytes of one user record, plus the comma between records.
 fn user_record_len() -> usize {
     static LEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -574,6 +693,9 @@ fn app(middleware: bool) -> Router {
         .route("/spawn_blocking/burst", get(burst))
         .route("/block/main", get(block_main))
         .route("/work", get(work))
+        .route("/work/yield", get(work_yield))
+        .route("/fs", get(fs_round_trip))
+        .route("/timer", get(timer))
         .route("/json", get(json_doc))
         .route("/users/{id}/block", get(user_block));
     // After the routes: the layer then runs inside routing and sees the
@@ -624,6 +746,51 @@ async fn serve(addr: SocketAddr, signal_handlers: bool, middleware: bool) -> any
     Ok(())
 }
 
+/// `--stdin`: HTTP from a spawned task, while the `block_on` body (this
+/// future) `select!`s over stdin's lines and SIGUSR1, and blocks its own
+/// thread on each number it reads.
+async fn serve_with_stdin(addr: SocketAddr, middleware: bool) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app(middleware)).await });
+    say(&format!("listening on {local}"))?;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line.context("reading stdin")? else { break };
+                let Ok(ms) = line.trim().parse::<u64>() else {
+                    say(&format!("not a number: {:?}", line.trim()))?;
+                    continue;
+                };
+                let ms = ms.min(MAX_MS);
+                let start = Instant::now();
+                std::thread::sleep(Duration::from_millis(ms));
+                let took = start.elapsed().as_secs_f64() * 1e3;
+                say(&format!("blocked {ms} ms in {took:.3}ms on tid {}", gettid()))?;
+            }
+            _ = usr1.recv() => say("usr1")?,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    server.abort();
+    Ok(())
+}
+
+/// One line on stdout, flushed (a harness reads it through a pipe).
+fn say(line: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut builder = match args.flavor {
@@ -643,7 +810,11 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("building the Tokio runtime")?;
     let middleware = std::env::var_os(NO_MIDDLEWARE_ENV).is_none_or(|v| v != "1");
-    let result = runtime.block_on(serve(args.addr, !args.no_signal_handlers, middleware));
+    let result = if args.stdin {
+        runtime.block_on(serve_with_stdin(args.addr, middleware))
+    } else {
+        runtime.block_on(serve(args.addr, !args.no_signal_handlers, middleware))
+    };
     // Don't wait forever on a blocking task still sleeping.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result

@@ -7,6 +7,9 @@
 //! - `GET /fast`: `{"ok":true}`
 //! - `GET /block/sleep?ms=N`: sleeps N ms (at most 10000) on the worker
 //!   thread, then `{"tid":T,"blocked_ms":M}` (`tid` the OS thread id).
+//! - `GET /mixed`: healthy work of every kind: 20 slices of 1 ms of CPU with
+//!   `yield_now().await` between, a 20 ms sleep in `spawn_blocking`, 10 ms on
+//!   Tokio's timer; then `{"ok":true}`. Never a stall.
 //!
 //! Every request is named with `loopguard_middleware::RequestGuard`, inside
 //! the task that serves it, route `/block/sleep` or `/fast`.
@@ -65,6 +68,19 @@ fn tid() -> u64 {
         .unwrap_or(0)
 }
 
+/// `/mixed`: cooperative CPU work, blocking-pool work and a timer.
+async fn mixed() {
+    for _ in 0..20 {
+        let slice = Instant::now();
+        while slice.elapsed() < Duration::from_millis(1) {
+            std::hint::spin_loop();
+        }
+        tokio::task::yield_now().await;
+    }
+    let _ = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(20))).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
 async fn serve(mut stream: TcpStream) {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
@@ -80,6 +96,12 @@ async fn serve(mut stream: TcpStream) {
     let (status, body) = match path {
         "/fast" => {
             let guard = RequestGuard::start("GET", Some("/fast"), path);
+            guard.finish(200);
+            (200, "{\"ok\":true}".to_owned())
+        }
+        "/mixed" => {
+            let guard = RequestGuard::start("GET", Some("/mixed"), path);
+            mixed().await;
             guard.finish(200);
             (200, "{\"ok\":true}".to_owned())
         }

@@ -91,3 +91,38 @@ pub mod inflight_slot {
 
 const _: () = assert!(INFLIGHT_SLOT_BYTES.is_multiple_of(8));
 const _: () = assert!(INFLIGHT_TEXT_BYTES <= u8::MAX as usize);
+
+/// The in-flight table of a process that cannot hold a note (Python's
+/// `loopguard-asgi` middleware): a shared mapping of a memfd of this name,
+/// found from `/proc/PID/maps` (`/memfd:loopguard-inflight (deleted)`).
+/// Its first [`INFLIGHT_RESERVED_BYTES`] hold [`INFLIGHT_MEMFD_MAGIC`] and
+/// [`INFLIGHT_STEPS_VERSION`] (two u32); then the slots, as in the table
+/// above with `POLLS_TRACKED` set and times from `CLOCK_MONOTONIC` (not
+/// coarse); then one step record of [`INFLIGHT_STEP_BYTES`] per slot,
+/// covered by its slot's sequence lock. A slot whose request ended keeps
+/// it (`ENDED_NS` set) until a new request takes the slot.
+pub const INFLIGHT_MEMFD_NAME: &str = "loopguard-inflight";
+/// `b"lgif"` as a little-endian u32.
+pub const INFLIGHT_MEMFD_MAGIC: u32 = u32::from_le_bytes(*b"lgif");
+/// Version of the step records.
+pub const INFLIGHT_STEPS_VERSION: u32 = 1;
+/// Bytes of one step record.
+pub const INFLIGHT_STEP_BYTES: usize = 32;
+/// Where the step records begin.
+pub const INFLIGHT_STEPS_AT: usize = INFLIGHT_RESERVED_BYTES + INFLIGHT_SLOTS * INFLIGHT_SLOT_BYTES;
+/// Bytes of a memfd table.
+pub const INFLIGHT_MEMFD_BYTES: usize = INFLIGHT_STEPS_AT + INFLIGHT_SLOTS * INFLIGHT_STEP_BYTES;
+
+/// Byte offsets of a step record's fields.
+pub mod inflight_step {
+    /// u32: the thread that ran the request's last long step (1 ms or more).
+    pub const LONG_TID: usize = 0;
+    /// u32: the event-loop thread the request started on.
+    pub const LOOP_TID: usize = 4;
+    /// u64: ns, `CLOCK_MONOTONIC`, when that step began (0: none yet).
+    pub const LONG_START_NS: usize = 8;
+    /// u64: ns, `CLOCK_MONOTONIC`, when it ended.
+    pub const LONG_END_NS: usize = 16;
+    /// u64: ns, `CLOCK_MONOTONIC`, when the request ended (0: in flight).
+    pub const ENDED_NS: usize = 24;
+}

@@ -786,6 +786,17 @@ pub fn attach(
     fill_free_slots(&mut ebpf)?;
     // Before any probe, so every thread that takes a slot gives it back.
     attach_raw_tracepoint(&mut ebpf, names::THREAD_EXIT, "sched_process_exit")?;
+    // The context-switch programs before any probe, too: a poll (or busy
+    // stretch) that began while they were missing would have its
+    // preemption counted as held time, and under load that is a false
+    // stall of a poll that only waited for a CPU during the attach.
+    attach_raw_tracepoint(&mut ebpf, names::THREAD_SWITCH, "sched_switch")?;
+    let stacks = options.stacks
+        && stacks::attach_programs(&mut ebpf)
+            .inspect_err(|error| {
+                tracing::warn!(error = %error, "stalls are reported without stacks");
+            })
+            .is_ok();
 
     let mut groups = poll_groups(target);
     if options.bench.entry_only {
@@ -825,14 +836,6 @@ pub fn attach(
         UprobeLinks::Perf(links) => links.len(),
         UprobeLinks::Multi { links, .. } => links.len(),
     };
-
-    attach_raw_tracepoint(&mut ebpf, names::THREAD_SWITCH, "sched_switch")?;
-    let stacks = options.stacks
-        && stacks::attach_programs(&mut ebpf)
-            .inspect_err(|error| {
-                tracing::warn!(error = %error, "stalls are reported without stacks");
-            })
-            .is_ok();
 
     if !proc::is_alive(pid) {
         return Err(AttachError::ProcessExited { pid });

@@ -110,11 +110,11 @@ pub fn read(pid: u32, addresses: &[u64]) -> Vec<InflightRequest> {
         .collect()
 }
 
-fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
 }
 
-fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+pub(crate) fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
 
@@ -136,7 +136,7 @@ pub fn consistent_requests(before: &[u8], data: &[u8], after: &[u8]) -> Vec<Infl
         .collect()
 }
 
-fn parse_slot(slot: &[u8]) -> Option<InflightRequest> {
+pub(crate) fn parse_slot(slot: &[u8]) -> Option<InflightRequest> {
     use inflight_slot::flags;
     let id = u64_at(slot, inflight_slot::ID)?;
     if id == 0 {

@@ -8,6 +8,7 @@
 //! task was serving) and its victims (every other request in flight on the
 //! process while the worker was blocked). Pure: the agent reads the maps.
 
+pub mod asgi;
 pub mod inflight;
 
 use std::collections::{BTreeMap, HashMap};

@@ -58,6 +58,15 @@ fn start_watch(
     if let Some(path) = &output.record {
         crate::present::record::open(path)?;
     }
+    // Emptied once: each watched process appends its stacks at its end.
+    if let Some(path) = &options.folded
+        && let Err(error) = crate::present::outfile::create(path)
+    {
+        crate::diag!(
+            "loopguard: error: cannot write the folded stacks to {}: {error}; check the directory exists and is writable",
+            path.display()
+        );
+    }
     Ok(options)
 }
 
@@ -213,6 +222,8 @@ fn abandon(stopped: launch::StoppedChild, error: Error) -> Error {
 /// `loopguard run`.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let settings = Settings::resolve(&args.watch, None, fail_on_flags(args).as_deref())?;
+    let run_as = crate::config::run_as::command_identity(args.user.as_deref(), args.as_root)
+        .map_err(launch::LaunchError::from)?;
     preflight::check()?;
     let listener = bind_metrics(&settings)?;
     let mut options = start_watch(&settings, &args.output)?;
@@ -228,7 +239,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let incoming = signal(SignalKind::from_raw(signo)).map_err(Error::Signals)?;
             forwarded.push((signo, incoming));
         }
-        let stopped = launch::launch_stopped(&args.command)?;
+        let stopped = launch::launch_stopped(&args.command, run_as.as_ref())?;
         let pid = stopped.pid();
         // Following starts while the command is stopped: nothing it forks
         // or execs is missed.
@@ -358,7 +369,9 @@ fn finish_run(supervisor: &mut Supervisor, settings: &Settings, code: i32) -> Re
         if settings.format == crate::present::text::Format::Json {
             crate::present::emit::event(&supervisor.roster.event(), settings.format);
         }
-        crate::diag!("{}", supervisor.roster.text());
+        for line in supervisor.roster.lines() {
+            crate::diag!("{line}");
+        }
     }
     let block = offending.block(&settings.fail_on);
     if let Some(block) = &block {

@@ -34,10 +34,12 @@ pub fn report(args: &crate::config::args::ReportArgs) -> Result<(), ReplayError>
     let _ = out.flush();
     if let Some(path) = &args.html {
         let page = crate::present::html::page(&aggregate, &args.file.display().to_string());
-        std::fs::write(path, page).map_err(|source| ReplayError::WriteHtml {
-            path: path.clone(),
-            source,
-        })?;
+        crate::present::outfile::create(path)
+            .and_then(|mut file| file.write_all(page.as_bytes()))
+            .map_err(|source| ReplayError::WriteHtml {
+                path: path.clone(),
+                source,
+            })?;
         crate::diag!("loopguard: wrote {}", path.display());
     }
     Ok(())

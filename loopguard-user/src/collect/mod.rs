@@ -53,6 +53,8 @@ pub struct Collector {
     pub requests: Option<RequestMaps>,
     /// Records that did not decode (wrong size or unknown kind).
     pub malformed: u64,
+    /// Threads asleep in a wait at attach (`names::UNSEEN_WAITS`).
+    unseen_waits: BpfHashMap<MapData, u32, u8>,
 }
 
 /// The maps that hold requests in the kernel (`loopguard_common::requests`).
@@ -179,7 +181,18 @@ impl Collector {
             histogram: take(ebpf, names::POLL_HISTOGRAM)?,
             requests: Some(RequestMaps::new(ebpf)?),
             malformed: 0,
+            unseen_waits: take(ebpf, names::UNSEEN_WAITS)?,
         })
+    }
+
+    /// Tells the kernel that threads `tids` were asleep in a wait when
+    /// loopguard attached, so their first wakeup starts a busy stretch
+    /// though that wait's return probe never fires. Returns how many were
+    /// filed (a full map leaves the rest out: their first stretch is missed).
+    pub fn mark_unseen_waits(&mut self, tids: &[u32]) -> usize {
+        tids.iter()
+            .filter(|tid| self.unseen_waits.insert(**tid, 0, 0).is_ok())
+            .count()
     }
 
     /// Waits until the ring buffer has data.

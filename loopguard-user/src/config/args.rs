@@ -181,6 +181,14 @@ pub struct RunArgs {
     /// stopped at exec until its probes are in).
     #[arg(long)]
     pub no_follow: bool,
+    /// Run the command as this user (a name or a numeric uid) instead of
+    /// the one who ran sudo.
+    #[arg(long, value_name = "USER", conflicts_with = "as_root")]
+    pub user: Option<String>,
+    /// Run the command as root. By default, under sudo, it runs as the user
+    /// who ran sudo (`SUDO_UID`, `SUDO_GID`).
+    #[arg(long)]
+    pub as_root: bool,
     #[command(flatten)]
     pub watch: WatchArgs,
     #[command(flatten)]

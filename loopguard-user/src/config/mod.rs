@@ -5,6 +5,7 @@
 
 pub mod args;
 mod file;
+pub mod run_as;
 mod validate;
 
 use std::fmt::Write as _;

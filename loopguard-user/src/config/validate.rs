@@ -71,6 +71,7 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
             ));
         }
     }
+    check_ranges(s)?;
     check_adaptive(s)?;
     check_cumulative(s)?;
     check_stacks(s)?;
@@ -80,6 +81,89 @@ pub fn check(s: &Settings) -> Result<(), ConfigError> {
             "--metrics-max-routes",
             &0,
             "must be positive (routes kept as metric labels)",
+        ));
+    }
+    Ok(())
+}
+
+/// The longest stretch any millisecond setting may give: a day. Larger
+/// values would overflow once turned into nanoseconds (a file's
+/// `threshold_ms = 18446744073710` became 0.45 ms).
+pub const MAX_ANY_MS: i64 = 86_400_000;
+
+/// Upper bounds, the same whether a value comes from a flag or the file.
+fn check_ranges(s: &Settings) -> Result<(), ConfigError> {
+    let a = &s.adaptive;
+    let c = &s.cumulative;
+    let bounded: [(&str, &str, Option<i64>, i64); 10] = [
+        (
+            "threshold_ms",
+            "--threshold-ms",
+            Some(s.threshold_ms),
+            600_000,
+        ),
+        (
+            "scan_interval_ms",
+            "--scan-interval-ms",
+            Some(s.scan_interval_ms),
+            1000,
+        ),
+        // A year.
+        ("duration_s", "--duration", s.duration_s, 31_536_000),
+        (
+            "adaptive.window_s",
+            "--adaptive-window-s",
+            Some(a.window_s),
+            MAX_ANY_MS / 1000,
+        ),
+        (
+            "adaptive.min_samples",
+            "--adaptive-min-samples",
+            Some(a.min_samples),
+            1_000_000_000,
+        ),
+        (
+            "adaptive.floor_ms",
+            "--adaptive-floor-ms",
+            Some(a.floor_ms),
+            600_000,
+        ),
+        (
+            "adaptive.ceiling_ms",
+            "--adaptive-ceiling-ms",
+            Some(a.ceiling_ms),
+            600_000,
+        ),
+        (
+            "cumulative.floor_ms",
+            "--cumulative-floor-ms",
+            Some(c.floor_ms),
+            600_000,
+        ),
+        (
+            "cumulative.window_ms",
+            "--cumulative-window-ms",
+            Some(c.window_ms),
+            MAX_ANY_MS,
+        ),
+        (
+            "cumulative.budget_ms",
+            "--cumulative-budget-ms",
+            Some(c.budget_ms),
+            MAX_ANY_MS,
+        ),
+    ];
+    for (key, flag, value, max) in bounded {
+        if let Some(value) = value.filter(|&v| v > max) {
+            return Err(invalid(key, flag, &value, format!("must be at most {max}")));
+        }
+    }
+    if let Some(routes) = s.metrics_max_routes.filter(|&r| r > 100_000) {
+        return Err(invalid(
+            "metrics_max_routes",
+            "--metrics-max-routes",
+            &routes,
+            "must be at most 100000",
         ));
     }
     Ok(())
@@ -232,6 +316,23 @@ mod tests {
     }
 
     #[test]
+    fn values_past_the_flags_ranges_are_refused_not_wrapped() {
+        assert_eq!(
+            error(|s| s.threshold_ms = 18_446_744_073_710),
+            "threshold_ms (--threshold-ms) = 18446744073710: must be at most 600000"
+        );
+        assert!(error(|s| s.scan_interval_ms = 1001).contains("at most 1000"));
+        assert!(error(|s| s.cumulative.window_ms = i64::MAX).contains("at most 86400000"));
+        assert!(error(|s| s.metrics_max_routes = Some(100_001)).contains("at most 100000"));
+        let edge = Settings {
+            threshold_ms: 600_000,
+            scan_interval_ms: 1000,
+            ..Settings::default()
+        };
+        assert!(check(&edge).is_ok(), "the flags' own maxima pass");
+    }
+
+    #[test]
     fn non_positive_durations_are_refused() {
         assert_eq!(
             error(|s| s.threshold_ms = 0),
@@ -285,9 +386,12 @@ mod tests {
         };
         long_scan.cumulative.window_ms = 3000;
         long_scan.adaptive.window_s = 1;
-        assert!(check(&long_scan).unwrap_err().to_string().starts_with(
-            "adaptive.window_s (--adaptive-window-s) = 1: the window must not be shorter than the scan interval (2000 ms)"
-        ));
+        // A scan interval over a second is refused by its range first (the
+        // flag's): an adaptive window (whole seconds) is never shorter.
+        assert_eq!(
+            check(&long_scan).unwrap_err().to_string(),
+            "scan_interval_ms (--scan-interval-ms) = 2000: must be at most 1000"
+        );
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! [`Finding`]s, in progress (once, as soon as a snapshot shows the stretch
 //! past the threshold) and finished.
 //!
+//! On a Tokio worker the kernel also ends a stretch where each task poll
+//! begins and starts the next at its return, so a stretch is time outside
+//! both waits and task polls (scheduler, driver, `block_on` body).
+//!
 //! A stretch that holds a poll stall is that poll's stall, reported once by
 //! the poll detector: the loop view only adds what task polls cannot see (a
 //! `block_on` body, driver work, an event loop that is not Tokio). While a

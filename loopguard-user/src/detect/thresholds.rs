@@ -188,7 +188,13 @@ impl ThresholdEngine {
     /// non-Tokio loop, a `block_on` thread) ended, and was no stall: it is a
     /// cut like a poll between the floor and the threshold. (A thread that
     /// polls tasks gives its polls as cuts instead: its stretches hold them.)
-    pub fn on_loop_busy(&mut self, tid: u32, start_ns: u64, held_ns: u64) -> Option<Finding> {
+    pub fn on_loop_busy(
+        &mut self,
+        tid: u32,
+        start_ns: u64,
+        held_ns: u64,
+        request: Option<Culprit>,
+    ) -> Option<Finding> {
         let cumulative = self.cumulative.as_ref()?;
         let floor_ns = self.cut_floor_ns(cumulative.settings())?;
         if held_ns < floor_ns || held_ns >= self.threshold_ns() {
@@ -199,7 +205,7 @@ impl ThresholdEngine {
             task_id: None,
             start_ns,
             duration_ns: held_ns,
-            request: None,
+            request,
         };
         self.cumulative
             .as_mut()?
@@ -448,13 +454,13 @@ mod tests {
         // 20 ms away from the wait every 60 ms for a second: under the
         // stall threshold each time, 220 ms within 1000 ms in all.
         let findings: Vec<Finding> = (0..17_u64)
-            .filter_map(|i| engine.on_loop_busy(7, i * 60 * MS, 20 * MS))
+            .filter_map(|i| engine.on_loop_busy(7, i * 60 * MS, 20 * MS, None))
             .collect();
         assert_eq!(findings.len(), 1, "{findings:?}");
         assert!(matches!(&findings[0], Finding::Cumulative(_)));
         // Under the floor or over the threshold: no cut.
-        assert!(engine.on_loop_busy(8, 0, 5 * MS).is_none());
-        assert!(engine.on_loop_busy(8, 0, 80 * MS).is_none());
+        assert!(engine.on_loop_busy(8, 0, 5 * MS, None).is_none());
+        assert!(engine.on_loop_busy(8, 0, 80 * MS, None).is_none());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! Tokio version it was built with, when that can be told ([`version`]).
 
 pub mod elf;
+pub mod files;
 pub mod preflight;
 pub mod proc;
 pub mod symbols;
@@ -106,8 +107,8 @@ impl ProbeTarget {
 pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     let exe =
         proc::executable(pid).map_err(|error| io_error(pid, &format!("/proc/{pid}/exe"), error))?;
-    let data =
-        std::fs::read(&exe.probe_path).map_err(|error| io_error(pid, &exe.display_path, error))?;
+    let data = files::read_through_proc(&exe.probe_path, files::MAX_EXECUTABLE_BYTES)
+        .map_err(|error| io_error(pid, &exe.display_path, error))?;
     let tokio_version = version::tokio_version(&data);
     let (binary, mode) = match elf::analyze(&data) {
         Ok(binary) => (binary, WatchMode::Tokio),
@@ -145,6 +146,7 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     // instance open runs an event loop.
     if let WatchMode::LoopOnly { why } = &mode
         && !proc::has_epoll_fd(pid)
+        && !opens_its_loop_later(&exe.display_path)
     {
         return Err(DiscoverError::NoEventLoop {
             pid,
@@ -171,6 +173,14 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
         mode,
         wait_sites,
     })
+}
+
+/// Whether `path` is an interpreter that opens its event loop after it
+/// starts (Python, Node): `loopguard run -- pytest` meets it at exec, before
+/// any loop exists, and must watch it from there.
+fn opens_its_loop_later(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.starts_with("python") || name.starts_with("node")
 }
 
 fn loop_only_reason(error: &ElfError, rust: bool) -> String {
@@ -201,21 +211,44 @@ fn find_wait_sites(
             kind,
         })
         .collect();
-    let mut libraries = waits::c_libraries(maps);
+    // A mapped library is read and probed through its mapping, so the
+    // inode really mapped is the one used, whatever the target has since
+    // put under its name.
+    let mut libraries: Vec<(std::path::PathBuf, io::Result<Vec<u8>>, String)> =
+        waits::c_libraries(maps)
+            .into_iter()
+            .map(|mapping| {
+                (
+                    files::mapping_path(pid, &mapping),
+                    files::read_mapping(pid, &mapping, files::MAX_C_LIBRARY_BYTES),
+                    mapping.path,
+                )
+            })
+            .collect();
     if libraries.is_empty() && waits::is_dynamically_linked(data) {
         // Stopped right after exec (`loopguard run`): the dynamic loader
         // has not mapped the C library yet. A uprobe goes on the file, so
         // one set on the library it will load fires once it is mapped.
-        libraries.extend(waits::default_c_library(pid));
-    }
-    for library in libraries {
-        let probe_path = std::path::PathBuf::from(format!("/proc/{pid}/root{library}"));
-        let Ok(bytes) = std::fs::read(&probe_path) else {
-            tracing::warn!(
+        libraries.extend(waits::default_c_library(pid).map(|library| {
+            (
+                std::path::PathBuf::from(format!("/proc/{pid}/root{library}")),
+                files::read_in_root(pid, &library, files::MAX_C_LIBRARY_BYTES),
                 library,
-                "cannot read a C library the target maps; its epoll waits are not watched"
-            );
-            continue;
+            )
+        }));
+    }
+    for (probe_path, bytes, library) in libraries {
+        let library = crate::term::printable(&library).into_owned();
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::warn!(
+                    library,
+                    %error,
+                    "cannot read a C library the target maps; its epoll waits are not watched"
+                );
+                continue;
+            }
         };
         sites.extend(waits::sites_in(&bytes, false).into_iter().map(
             |(file_offset, name, kind)| WaitSite {

@@ -27,11 +27,11 @@ const CAP_BPF: u32 = 39;
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "loopguard needs root, or the capabilities CAP_SYS_ADMIN and CAP_SYS_PTRACE (missing: {missing}); run it with sudo, or `setcap cap_sys_admin,cap_sys_ptrace+ep` on the loopguard binary"
+        "loopguard needs root, or the capabilities CAP_SYS_ADMIN and CAP_SYS_PTRACE (missing: {missing}); run it with sudo, or `setcap cap_sys_admin,cap_sys_ptrace+ep` on the loopguard binary (then everyone who can execute the binary can watch, stop at exec and read the memory of every process on the host: limit it to a group, `chgrp loopguard-users loopguard && chmod 750 loopguard`)"
     )]
     Privileges { missing: String },
     #[error(
-        "this kernel lets only CAP_SYS_ADMIN create uprobes (CAP_BPF and CAP_PERFMON are not enough since Linux's 2025 fix); run loopguard with sudo, or give it `setcap cap_sys_admin,cap_sys_ptrace+ep`"
+        "this kernel lets only CAP_SYS_ADMIN create uprobes (CAP_BPF and CAP_PERFMON are not enough since Linux's 2025 fix); run loopguard with sudo, or give it `setcap cap_sys_admin,cap_sys_ptrace+ep` (then everyone who can execute the binary can watch, stop at exec and read the memory of every process on the host: limit it to a group, `chgrp loopguard-users loopguard && chmod 750 loopguard`)"
     )]
     UprobesNeedSysAdmin,
     #[error(

@@ -189,14 +189,34 @@ pub fn has_effective_cap(cap: u32) -> bool {
 }
 
 /// Whether the process still exists (and is not a zombie).
+///
+/// Only the target's absence says it has gone: when loopguard itself
+/// cannot read `/proc` (out of file descriptors, out of memory), it asks
+/// the kernel with a null signal, which needs no descriptor.
 pub fn is_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+    alive_from_stat(pid, fs::read_to_string(format!("/proc/{pid}/stat")))
+}
+
+fn alive_from_stat(pid: u32, stat: io::Result<String>) -> bool {
+    match stat {
         Ok(stat) => stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => false,
+        Err(_) => exists_by_signal(pid),
     }
+}
+
+/// Whether a process `pid` exists, asked with `kill(pid, 0)` (a zombie
+/// counts as existing).
+pub fn exists_by_signal(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 sends nothing; it only checks that pid exists.
+    let sent = unsafe { libc::kill(pid, 0) } == 0;
+    sent || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 #[cfg(test)]
@@ -260,6 +280,20 @@ garbage line
         if fs::read_to_string("/proc/2/comm").is_ok_and(|comm| comm.trim() == "kthreadd") {
             assert!(is_kernel_thread(2));
         }
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_not_the_target_exiting() {
+        let pid = std::process::id();
+        let emfile = || Err(io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(
+            alive_from_stat(pid, emfile()),
+            "our own EMFILE is not its death"
+        );
+        assert!(!alive_from_stat(u32::MAX - 1, emfile()));
+        let enoent = Err(io::Error::from_raw_os_error(libc::ENOENT));
+        assert!(!alive_from_stat(pid, enoent));
+        assert!(!alive_from_stat(pid, Ok("1 (x) Z 0".to_owned())));
     }
 
     #[test]

@@ -2,24 +2,26 @@
 //! locations keep the source path of the crate, `.../tokio-1.47.1/src/...`,
 //! unless the build remapped its paths.
 
-/// The version in the most `/tokio-X.Y.Z/` source paths inside `data`.
+/// The version in the most `/tokio-X.Y.Z/` source paths inside `data`
+/// (of equal counts, the one seen first last). Linear in the size of
+/// `data`, however many distinct versions a hostile binary holds.
 pub fn tokio_version(data: &[u8]) -> Option<String> {
     const NEEDLE: &[u8] = b"/tokio-";
-    let mut counts: Vec<(String, usize)> = Vec::new();
+    // Version -> (count, order first seen).
+    let mut counts: std::collections::HashMap<String, (usize, usize)> =
+        std::collections::HashMap::new();
     let mut at = 0;
     while let Some(found) = find(&data[at..], NEEDLE) {
         let start = at + found + NEEDLE.len();
         at = start;
         if let Some(version) = version_at(&data[start..]) {
-            match counts.iter_mut().find(|(seen, _)| *seen == version) {
-                Some((_, count)) => *count += 1,
-                None => counts.push((version, 1)),
-            }
+            let seen = counts.len();
+            counts.entry(version).or_insert((0, seen)).0 += 1;
         }
     }
     counts
         .into_iter()
-        .max_by_key(|(_, count)| *count)
+        .max_by_key(|(_, (count, seen))| (*count, *seen))
         .map(|(version, _)| version)
 }
 
@@ -54,6 +56,25 @@ fn version_at(bytes: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_distinct_versions_take_linear_time() {
+        let mut data = Vec::new();
+        for minor in 0..100_000 {
+            data.extend_from_slice(format!("/tokio-1.{minor}.0/src/x.rs ").as_bytes());
+        }
+        data.extend_from_slice(b"/tokio-1.7.0/src/y.rs");
+        let started = std::time::Instant::now();
+        assert_eq!(tokio_version(&data).as_deref(), Some("1.7.0"));
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn equal_counts_go_to_the_version_seen_first_last() {
+        let data = b"/tokio-1.2.3/ /tokio-1.4.5/";
+        assert_eq!(tokio_version(data).as_deref(), Some("1.4.5"));
+    }
 
     #[test]
     fn rust_programs_are_told_from_others() {

@@ -159,20 +159,22 @@ pub fn default_c_library(pid: u32) -> Option<String> {
     ];
     CANDIDATES
         .iter()
-        .find(|path| std::path::Path::new(&format!("/proc/{pid}/root{path}")).exists())
+        .find(|path| super::files::exists_in_root(pid, path))
         .map(|path| (*path).to_owned())
 }
 
-/// The distinct C libraries process `pid` maps executable.
-pub fn c_libraries(maps: &[Mapping]) -> Vec<String> {
-    let mut paths: Vec<String> = maps
+/// The distinct C libraries process `pid` maps executable: one executable
+/// mapping of each, to be read through (a name the target may have
+/// deleted and reused since, " (deleted)" suffix or not).
+pub fn c_libraries(maps: &[Mapping]) -> Vec<Mapping> {
+    let mut libraries: Vec<Mapping> = maps
         .iter()
         .filter(|m| m.executable && m.path.starts_with('/') && is_c_library(&m.path))
-        .map(|m| m.path.clone())
+        .cloned()
         .collect();
-    paths.sort();
-    paths.dedup();
-    paths
+    libraries.sort_by(|a, b| a.path.cmp(&b.path));
+    libraries.dedup_by(|a, b| a.path == b.path);
+    libraries
 }
 
 #[cfg(test)]

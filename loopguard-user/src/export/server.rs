@@ -4,6 +4,7 @@
 //! The address is parsed and bound before anything is attached, so a typo
 //! or a port in use is an error that leaves the target untouched.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
@@ -11,9 +12,16 @@ use std::sync::Arc;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::metrics::Metrics;
+
+/// Scrape connections open at once; a new one past this closes the oldest.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection may take to send a request's headers, idle
+/// keep-alive time included.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -90,6 +98,10 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> Result<(), ExportE
     let listener = tokio::net::TcpListener::from_std(listener)
         .map_err(|source| ExportError::Bind { addr, source })?;
     tokio::spawn(async move {
+        // The oldest connections, closed first when a new one comes in at
+        // the limit: idle clients cannot hold every descriptor, and the
+        // newest (a scrape arriving now) is the one kept.
+        let mut open: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -99,19 +111,28 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> Result<(), ExportE
                     continue;
                 }
             };
+            open.retain(|connection| !connection.is_finished());
+            while open.len() >= MAX_CONNECTIONS {
+                if let Some(oldest) = open.pop_front() {
+                    oldest.abort();
+                }
+            }
             let metrics = Arc::clone(&metrics);
-            tokio::spawn(async move {
+            let connection = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let metrics = Arc::clone(&metrics);
                     async move { Ok::<_, Infallible>(respond(&request, &metrics)) }
                 });
                 if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
                     tracing::debug!(%error, "metrics: scrape connection ended with an error");
                 }
             });
+            open.push_back(connection.abort_handle());
         }
     });
     Ok(())

@@ -14,6 +14,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
+use crate::config::run_as::RunAs;
 pub use crate::error::LaunchError;
 
 /// A child stopped right after `exec`.
@@ -22,15 +23,34 @@ pub struct StoppedChild {
     program: String,
 }
 
-/// Starts `command`, stopped after `exec`.
-pub fn launch_stopped(command: &[OsString]) -> Result<StoppedChild, LaunchError> {
+/// Starts `command` (as `run_as`, if given), stopped after `exec`.
+pub fn launch_stopped(
+    command: &[OsString],
+    run_as: Option<&RunAs>,
+) -> Result<StoppedChild, LaunchError> {
     let program = command[0].to_string_lossy().into_owned();
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]);
+    let run_as = run_as.cloned();
+    if let Some(run_as) = &run_as {
+        for var in ["USER", "LOGNAME"] {
+            match &run_as.name {
+                Some(name) => cmd.env(var, name),
+                None => cmd.env_remove(var),
+            };
+        }
+        if let Some(home) = &run_as.home {
+            cmd.env("HOME", home);
+        }
+    }
     // SAFETY: only async-signal-safe calls between fork and exec.
     let parent = unsafe { libc::getpid() };
     unsafe {
         cmd.pre_exec(move || {
+            // First: a change of credentials clears the parent-death signal.
+            if let Some(run_as) = &run_as {
+                run_as.switch()?;
+            }
             // Die with loopguard (with the thread that forked, which is the
             // one that waits for the command until loopguard exits).
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
@@ -102,7 +122,7 @@ mod tests {
 
     #[test]
     fn a_child_stops_after_exec_and_runs_after_resume() {
-        let stopped = launch_stopped(&["sh".into(), "-c".into(), "exit 7".into()]).unwrap();
+        let stopped = launch_stopped(&["sh".into(), "-c".into(), "exit 7".into()], None).unwrap();
         // Stopped: it cannot have exited yet.
         let exe = std::fs::read_link(format!("/proc/{}/exe", stopped.pid())).unwrap();
         assert!(
@@ -115,7 +135,7 @@ mod tests {
 
     #[test]
     fn a_missing_program_is_named() {
-        let Err(err) = launch_stopped(&["/nonexistent/loopguard-test".into()]) else {
+        let Err(err) = launch_stopped(&["/nonexistent/loopguard-test".into()], None) else {
             panic!("a missing program started");
         };
         assert!(

@@ -11,6 +11,7 @@
 //! - [`supervise`]: one watch per attached process, started and ended as
 //!   exec events and exits come.
 
+pub mod deadline;
 pub mod launch;
 pub mod pidfd;
 pub mod roster;
@@ -136,10 +137,14 @@ impl Follower {
     /// Lets a process the kernel stopped at exec run (`SIGCONT`), and
     /// forgets the stop. A process that has gone is forgotten too.
     pub fn resume(&mut self, pid: u32) {
+        // The pidfd first, then the entry: the kernel forgets a stop when
+        // its process exits, so an entry still there after the open means
+        // the pidfd names the stopped process, not one that reused its pid.
+        let pidfd = crate::follow::pidfd::Pidfd::open(pid);
         if self.stopped.get(&pid, 0).is_ok() {
-            // SAFETY: signalling a process we stopped; it cannot have been
-            // reaped and its pid reused while stopped, short of a SIGKILL.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+            if let Ok(pidfd) = pidfd {
+                let _ = pidfd.signal(libc::SIGCONT);
+            }
             let _ = self.stopped.remove(&pid);
         }
     }

@@ -108,6 +108,12 @@ impl Roster {
 
     /// The block printed at the end (stderr).
     pub fn text(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    /// The block's lines, each printed on its own (every line a target
+    /// string is in gets its control characters escaped).
+    pub fn lines(&self) -> Vec<String> {
         let attached = self.attached_count();
         let mut out = vec![format!(
             "loopguard: followed {} program(s): {attached} attached, {} skipped",
@@ -128,7 +134,7 @@ impl Roster {
                 Err(skip) => format!("  skipped   pid {} {exe}: {}", entry.pid, skip.why()),
             });
         }
-        out.join("\n")
+        out
     }
 
     /// The `followed` event.

@@ -25,6 +25,10 @@ use crate::stacks::Stacks;
 use crate::watch::setup::{Prepared, announce, discover_and_attach};
 use crate::watch::{self as agent, Outcome, StopReason, WatchOptions};
 
+/// How long a process stopped at exec waits for loopguard to inspect and
+/// attach to it before it is resumed unwatched.
+pub const EXEC_DISCOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What is followed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -246,8 +250,20 @@ impl Supervisor {
         self.pending += 1;
         let options = self.options.clone();
         let tx = self.prepared_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let _ = tx.send((pid, exec_ns, discover_and_attach(pid, &options)));
+        // The process waits stopped meanwhile: never for ever. Past the
+        // limit it is resumed unwatched; probes attached later by the
+        // abandoned work are dropped with its result.
+        tokio::spawn(async move {
+            let work = move || discover_and_attach(pid, &options);
+            let result = super::deadline::blocking_within(EXEC_DISCOVERY_TIMEOUT, work)
+                .await
+                .unwrap_or_else(|| {
+                    Err(Error::Follow(FollowError::DiscoveryTimeout {
+                        pid,
+                        secs: EXEC_DISCOVERY_TIMEOUT.as_secs(),
+                    }))
+                });
+            let _ = tx.send((pid, exec_ns, result));
         });
     }
 

@@ -82,17 +82,27 @@ fn watchdog_main(map: RawFd, pipe: RawFd) -> ! {
         for signo in FORWARDED.into_iter().chain([libc::SIGPIPE]) {
             libc::signal(signo, libc::SIG_IGN);
         }
+        // Above the standard streams (any free number: a low
+        // RLIMIT_NOFILE must not matter), or as they are.
+        let map = match libc::fcntl(map, libc::F_DUPFD, 3) {
+            -1 => map,
+            fd => fd,
+        };
+        let pipe = match libc::fcntl(pipe, libc::F_DUPFD, 3) {
+            -1 => pipe,
+            fd => fd,
+        };
+        if map < 3 || pipe < 3 {
+            let message = b"loopguard: error: the watchdog cannot keep its descriptors; a process loopguard stops stays stopped if loopguard is killed\n";
+            libc::write(2, message.as_ptr().cast(), message.len());
+            libc::_exit(1);
+        }
         // Nothing of loopguard's output stays open through us.
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
             for fd in 0..3 {
                 libc::dup2(null, fd);
             }
-        }
-        let map = libc::fcntl(map, libc::F_DUPFD, 1000);
-        let pipe = libc::fcntl(pipe, libc::F_DUPFD, 1000);
-        if map < 0 || pipe < 0 {
-            libc::_exit(1);
         }
         // Every other fd goes: the programs, loopguard's write end of the pipe.
         let (low, high) = (map.min(pipe) as u32, map.max(pipe) as u32);
@@ -111,11 +121,52 @@ fn watchdog_main(map: RawFd, pipe: RawFd) -> ! {
         let mut pids = [0u32; MAX_STOPPED];
         let count = stopped_pids(map, &mut pids);
         for &pid in &pids[..count] {
-            libc::kill(pid as libc::pid_t, libc::SIGCONT);
+            resume(map, pid);
         }
         libc::_exit(0)
     }
 }
+
+/// Sends `SIGCONT` to `pid` through a pidfd, if its stop is still in the
+/// map once the pidfd is open (the kernel forgets the stop of a process
+/// that exits, so the pidfd names the stopped process, never a later one
+/// with its number). Raw system calls only.
+fn resume(map: RawFd, pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return;
+    }
+    let mut value = 0u32;
+    let attr = NextKeyAttr {
+        map_fd: map as u32,
+        _pad: 0,
+        key: (&raw const pid) as u64,
+        next_key: (&raw mut value) as u64,
+    };
+    // SAFETY: BPF_MAP_LOOKUP_ELEM reads the same layout (map, key, value);
+    // the pointers are to our locals. Then a signal through our own pidfd.
+    unsafe {
+        let stopped = libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            &raw const attr,
+            size_of::<NextKeyAttr>() as u32,
+        ) == 0;
+        if stopped {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd as libc::c_int,
+                libc::SIGCONT,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
+        libc::close(pidfd as libc::c_int);
+    }
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 
 /// `union bpf_attr` as `BPF_MAP_GET_NEXT_KEY` reads it.
 #[repr(C)]

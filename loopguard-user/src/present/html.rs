@@ -188,10 +188,13 @@ fn stall(aggregate: &Aggregate, stall: &StallLine, first: u64) -> Stall {
 /// shortest poll's to the longest's (empty ones too: the axis is even).
 fn buckets(slots: &[HistogramSlot]) -> Vec<Bucket> {
     let power = |ns: u64| ns.checked_ilog2().unwrap_or(0);
-    let (Some(first), Some(last)) = (slots.first(), slots.last()) else {
+    // Whatever order the slots come in.
+    let (Some(low), Some(high)) = (
+        slots.iter().map(|s| power(s.lower_ns)).min(),
+        slots.iter().map(|s| power(s.lower_ns)).max(),
+    ) else {
         return Vec::new();
     };
-    let (low, high) = (power(first.lower_ns), power(last.lower_ns));
     let mut buckets: Vec<Bucket> = (low..=high)
         .map(|p| Bucket {
             lower_ns: 1_u64 << p,
@@ -304,14 +307,22 @@ pub fn page(aggregate: &Aggregate, source: &str) -> String {
             .map(|(at, ms)| (rel_ms(*at, first), *ms))
             .collect(),
     };
-    // `</` inside the data must not end the script element.
-    let json = serde_json::to_string(&data)
-        .unwrap_or_else(|_| "{}".to_owned())
-        .replace("</", "<\\/");
+    let json = script_safe_json(&serde_json::to_string(&data).unwrap_or_else(|_| "{}".to_owned()));
     TEMPLATE
         .replace("/*STYLE*/", STYLE)
         .replace("/*SCRIPT*/", SCRIPT)
         .replace("{{DATA}}", &json)
+}
+
+/// JSON text that cannot change how the HTML tokenizer reads the script
+/// element holding it: `</script>` would end it, `<!--` followed by
+/// `<script` would switch it to the double-escaped state (the page then
+/// renders nothing). `<`, `>` and `&` occur only inside JSON strings, where
+/// `\u003c`-style escapes mean the same characters.
+fn script_safe_json(json: &str) -> String {
+    json.replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
 }
 
 const TEMPLATE: &str = r#"<!DOCTYPE html>
@@ -532,6 +543,23 @@ mod tests {
         );
         assert!(!page.contains("http://") || !page.contains("src=\"http"));
         assert!(!page.contains("<link") && !page.contains(" src="));
+    }
+
+    #[test]
+    fn a_comment_opener_in_a_string_leaves_the_script_element_alone() {
+        let mut aggregate = Aggregate::default();
+        aggregate
+            .add_line(r#"{"type":"stall","kind":"poll","pid":1,"tid":7,"thread":"<!--<script>&amp;","task_id":3,"duration_ms":60.0,"threshold_ms":50.0,"request":null,"victim_count":0,"victims":[],"start_ns":5,"poll_fn":"p","polled_from":null}"#)
+            .unwrap();
+        let page = page(&aggregate, "x.jsonl");
+        assert!(!page.contains("<!--"), "a comment opener reached the page");
+        let json = script_safe_json(r#"{"thread":"<!--<script>&amp;"}"#);
+        assert_eq!(
+            json,
+            r#"{"thread":"\u003c!--\u003cscript\u003e\u0026amp;"}"#
+        );
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back["thread"], "<!--<script>&amp;");
     }
 
     #[test]

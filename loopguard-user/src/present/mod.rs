@@ -7,6 +7,7 @@
 pub mod alerts;
 pub mod emit;
 pub mod html;
+pub mod outfile;
 pub mod output;
 pub mod record;
 pub mod replay;

@@ -4,7 +4,11 @@
 //!
 //! Lines wait in a bounded queue; when it is full a line is dropped and
 //! counted (said on stderr at exit). When the reader is gone (`| head -1`),
-//! writing stops and [`reader_gone`] tells the watch loop to stop too.
+//! writing stops and [`reader_gone`] tells the watch loop to stop too. A
+//! reader can also go while there is nothing to write (`2>&1 | head -1`
+//! after the attach line, and no stall follows): [`reader_gone`] then asks
+//! the kernel whether stdout's or stderr's other end is still open, as
+//! `tail -f` does.
 //! The same thread draws the status line on a terminal ([`crate::term`]).
 
 use std::sync::OnceLock;
@@ -86,9 +90,44 @@ pub fn status(status: Option<String>) {
     let _ = queue().try_send(Out::Status(status));
 }
 
-/// Whether stdout's reader has gone away.
+/// Whether stdout's reader has gone away: a write failed, or stdout or
+/// stderr is a pipe or socket whose reading end is closed. One `poll(2)`
+/// with no timeout; the watch loop asks on its liveness tick.
 pub fn reader_gone() -> bool {
-    GONE.load(Ordering::Relaxed)
+    if GONE.load(Ordering::Relaxed) {
+        return true;
+    }
+    if let Some(fd) = closed_output() {
+        tracing::debug!("the reader of fd {fd} is gone; stopping");
+        GONE.store(true, Ordering::Relaxed);
+        return true;
+    }
+    false
+}
+
+/// The first of stdout and stderr whose reader is gone: `poll` reports
+/// `POLLERR` on a pipe's write end with no reader left, `POLLHUP` on a
+/// socket shut down by its peer. Terminals, files and `/dev/null` never
+/// report either; a closed fd (`POLLNVAL`) is not a reader that left.
+fn closed_output() -> Option<i32> {
+    let mut fds = [1, 2].map(|fd| libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    });
+    // SAFETY: `fds` is a valid array of `pollfd` for the call's duration.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    if ready <= 0 {
+        return None;
+    }
+    fds.iter()
+        .find(|pfd| is_gone(pfd.revents))
+        .map(|pfd| pfd.fd)
+}
+
+/// Whether `poll`'s `revents` for an output fd say its reader is gone.
+fn is_gone(revents: libc::c_short) -> bool {
+    revents & libc::POLLNVAL == 0 && revents & (libc::POLLERR | libc::POLLHUP) != 0
 }
 
 /// Waits up to `limit` for the queued lines to be written; returns how many
@@ -102,4 +141,51 @@ pub fn finish(limit: Duration) -> u64 {
         std::thread::sleep(Duration::from_millis(5));
     }
     DROPPED.load(Ordering::Relaxed) + PENDING.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two fds `pipe` writes.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both fds were just created and are owned here only.
+        unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    fn revents(fd: &std::os::fd::OwnedFd) -> libc::c_short {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid `pollfd`.
+        unsafe { libc::poll(&raw mut pfd, 1, 0) };
+        pfd.revents
+    }
+
+    #[test]
+    fn a_pipe_whose_reader_closed_is_gone_with_nothing_written() {
+        let (reader, writer) = pipe();
+        assert!(!is_gone(revents(&writer)), "reader still open");
+        drop(reader);
+        assert!(is_gone(revents(&writer)), "reader closed");
+    }
+
+    #[test]
+    fn a_closed_fd_is_not_a_reader_that_left() {
+        assert!(!is_gone(libc::POLLNVAL));
+        assert!(!is_gone(libc::POLLOUT));
+        assert!(is_gone(libc::POLLERR));
+        assert!(is_gone(libc::POLLHUP | libc::POLLOUT));
+    }
 }

@@ -73,7 +73,7 @@ pub fn open(path: &Path) -> Result<(), RecordError> {
         path: path.to_owned(),
         source,
     };
-    let file = File::create(path).map_err(fail)?;
+    let file = crate::present::outfile::create(path).map_err(fail)?;
     let (queue, lines) = sync_channel(QUEUED_LINES);
     std::thread::Builder::new()
         .name("loopguard-record".to_owned())

@@ -202,6 +202,12 @@ impl Aggregate {
             "cumulative" => {
                 let alert: CumulativeEvent =
                     serde_json::from_str(line).map_err(|e| e.to_string())?;
+                if alert.window_end_ns < alert.window_start_ns {
+                    return Err(format!(
+                        "a cumulative alert whose window ends (window_end_ns {}) before it starts (window_start_ns {})",
+                        alert.window_end_ns, alert.window_start_ns
+                    ));
+                }
                 self.alerts += 1;
                 self.see(alert.window_start_ns, alert.window_end_ns);
                 self.alert_points
@@ -216,6 +222,7 @@ impl Aggregate {
                     self.attached = Some(attached);
                 }
                 Ok(Event::Summary(summary)) => {
+                    check_histogram(&summary.poll_histogram)?;
                     if summary.at_ns > 0 {
                         self.see(summary.at_ns, summary.at_ns);
                     }
@@ -239,10 +246,16 @@ impl Aggregate {
             self.in_progress += 1;
             return Ok(());
         }
-        let duration_ns = (stall.duration_ms * 1e6) as u64;
+        let duration_ns = stall_duration_ns(stall.duration_ms)?;
+        let end_ns = stall.start_ns.checked_add(duration_ns).ok_or_else(|| {
+            format!(
+                "a stall that ends past the end of time (start_ns {} + duration_ms {})",
+                stall.start_ns, stall.duration_ms
+            )
+        })?;
         self.stalls += 1;
         self.total_stall_ms += stall.duration_ms;
-        self.see(stall.start_ns, stall.start_ns + duration_ns);
+        self.see(stall.start_ns, end_ns);
         let thread = self.thread(stall.tid, &stall.thread);
         self.spans.push(Span {
             thread,
@@ -299,6 +312,39 @@ impl Aggregate {
     }
 }
 
+/// A stall's `duration_ms` in ns: finite, not negative, and at most a
+/// year (a recording says more only if it was edited).
+fn stall_duration_ns(duration_ms: f64) -> Result<u64, String> {
+    const YEAR_MS: f64 = 365.0 * 86_400_000.0;
+    if !(0.0..=YEAR_MS).contains(&duration_ms) {
+        return Err(format!(
+            "a stall with duration_ms {duration_ms}: durations are between 0 and a year"
+        ));
+    }
+    Ok((duration_ms * 1e6) as u64)
+}
+
+/// A summary's `poll_histogram`: slots in ascending order of `lower_ns`,
+/// each no wider than it is long (as loopguard writes them).
+fn check_histogram(slots: &[crate::events::HistogramSlot]) -> Result<(), String> {
+    if let Some(pair) = slots
+        .windows(2)
+        .find(|pair| pair[0].lower_ns >= pair[1].lower_ns)
+    {
+        return Err(format!(
+            "a summary whose poll_histogram is not in ascending order (lower_ns {} then {})",
+            pair[0].lower_ns, pair[1].lower_ns
+        ));
+    }
+    if let Some(slot) = slots.iter().find(|slot| slot.upper_ns < slot.lower_ns) {
+        return Err(format!(
+            "a summary whose poll_histogram has a slot ending before it starts (lower_ns {}, upper_ns {})",
+            slot.lower_ns, slot.upper_ns
+        ));
+    }
+    Ok(())
+}
+
 /// Reads `path` line by line into an [`Aggregate`]; `each` sees every line.
 pub fn read(path: &Path, mut each: impl FnMut(&str)) -> Result<Aggregate, ReplayError> {
     let read_error = |source| ReplayError::Read {
@@ -343,7 +389,7 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
     let pid = aggregate.attached.as_ref().map_or(0, |a| a.pid);
     let threshold_ms = aggregate.attached.as_ref().map_or(0.0, |a| a.threshold_ms);
     let span_s = match (aggregate.first_ns, aggregate.last_ns) {
-        (Some(first), Some(last)) => (last - first) as f64 / 1e9,
+        (Some(first), Some(last)) => last.saturating_sub(first) as f64 / 1e9,
         _ => 0.0,
     };
     let mut routes: Vec<crate::events::RouteSummary> = aggregate
@@ -460,6 +506,115 @@ mod tests {
             .map(|s| s.duration_ms)
             .fold(f64::INFINITY, f64::min);
         assert!((shortest - (50.0 + KEPT_STALLS as f64 * 2.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn impossible_recordings_are_errors_not_panics() {
+        let mut aggregate = Aggregate::default();
+        let error = aggregate
+            .add_line(r#"{"type":"cumulative","pid":1,"scope":"thread","tid":7,"window_start_ns":100,"window_end_ns":50,"window_ms":1000.0,"total_ms":60.0,"polls":3,"budget_ms":50.0,"floor_ms":1.0,"threshold_ms":50.0,"repeat":0,"tasks":[],"requests":[],"window_start_time":"t","window_end_time":"t","time":"t"}"#)
+            .unwrap_err();
+        assert!(error.contains("before it starts"), "{error}");
+        let error = aggregate
+            .add_line(&stall(7, u64::MAX / 1_000_000, 60.0, None))
+            .unwrap_err();
+        assert!(error.contains("past the end of time"), "{error}");
+        let error = aggregate.add_line(&stall(7, 0, -1.0, None)).unwrap_err();
+        assert!(error.contains("duration_ms -1"), "{error}");
+        let slot = |lower_ns: u64| crate::events::HistogramSlot {
+            lower_ns,
+            upper_ns: lower_ns * 2,
+            count: 1,
+        };
+        let error = check_histogram(&[slot(1024), slot(2)]).unwrap_err();
+        assert!(error.contains("ascending"), "{error}");
+        assert!(check_histogram(&[slot(2), slot(1024)]).is_ok());
+    }
+
+    /// What the fuzz target (`fuzz/fuzz_targets/report.rs`) does, on
+    /// recordings made from the golden one by rewriting its numbers.
+    fn report_in_memory(text: &str) {
+        let mut aggregate = Aggregate::default();
+        for line in text.lines() {
+            if aggregate.add_line(line).is_err() {
+                return;
+            }
+        }
+        let summary = aggregate
+            .summary
+            .clone()
+            .unwrap_or_else(|| partial_summary(&aggregate));
+        let _ = report::summary_text(&summary);
+        let page = crate::present::html::page(&aggregate, "x.jsonl");
+        assert_eq!(page.matches("</script>").count(), 2);
+    }
+
+    #[test]
+    fn rewritten_recordings_never_panic_the_report() {
+        let golden = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/session.jsonl"
+        ))
+        .unwrap();
+        report_in_memory(&golden);
+        let numbers = [
+            "0",
+            "1",
+            "-1",
+            "18446744073709551615",
+            "9223372036854775807",
+            "1e300",
+            "-1e300",
+        ];
+        for field in [
+            "\"lower_ns\":",
+            "\"upper_ns\":",
+            "\"count\":",
+            "\"start_ns\":",
+            "\"at_ns\":",
+            "\"duration_ms\":",
+            "\"window_start_ns\":",
+            "\"window_end_ns\":",
+            "\"threshold_ms\":",
+            "\"tid\":",
+        ] {
+            for number in numbers {
+                let mut text = String::new();
+                for line in golden.lines() {
+                    let mut rest = line;
+                    while let Some(at) = rest.find(field) {
+                        let value_at = at + field.len();
+                        text.push_str(&rest[..value_at]);
+                        let end = rest[value_at..]
+                            .find([',', '}', ']'])
+                            .map_or(rest.len(), |e| value_at + e);
+                        text.push_str(number);
+                        rest = &rest[end..];
+                    }
+                    text.push_str(rest);
+                    text.push('\n');
+                }
+                report_in_memory(&text);
+            }
+        }
+        // The histogram reversed.
+        let mut reversed = String::new();
+        for line in golden.lines() {
+            match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(mut value) => {
+                    if let Some(slots) = value
+                        .get_mut("poll_histogram")
+                        .and_then(serde_json::Value::as_array_mut)
+                    {
+                        slots.reverse();
+                    }
+                    reversed.push_str(&value.to_string());
+                }
+                Err(_) => reversed.push_str(line),
+            }
+            reversed.push('\n');
+        }
+        report_in_memory(&reversed);
     }
 
     #[test]

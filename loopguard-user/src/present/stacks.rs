@@ -52,6 +52,15 @@ pub fn stall_lines(stack: &StackFields) -> String {
     if let Some(cause) = &stack.cause {
         text.push_str("\n    cause: ");
         text.push_str(&cause_text(cause));
+        // A Python stack: the Python function that made the call.
+        if let Some(caller) = stack
+            .stack
+            .iter()
+            .find(|f| f.module.as_deref() == Some(crate::stacks::python::merge::PYTHON_MODULE))
+        {
+            text.push_str(" in Python ");
+            text.push_str(&frame_text(caller));
+        }
     }
     for (index, frame) in stack.stack.iter().take(TEXT_FRAMES).enumerate() {
         text.push_str(if index == 0 { "\n    at " } else { "\n       " });
@@ -158,6 +167,36 @@ mod tests {
         assert_eq!(object["cause"]["off_cpu_ms"], 199.0);
         assert_eq!(object["stack"][1]["line"], 42);
         assert!(object.get("started_before_attach").is_none());
+    }
+
+    #[test]
+    fn a_python_stack_names_the_python_caller_in_the_cause() {
+        let stack = StallStack {
+            frames: vec![
+                Frame {
+                    function: "clock_nanosleep".into(),
+                    module: Some("/lib/libc.so.6".into()),
+                    ..Frame::default()
+                },
+                Frame {
+                    function: "sleep_handler".into(),
+                    module: Some(crate::stacks::python::merge::PYTHON_MODULE.into()),
+                    file: Some("/srv/app.py".into()),
+                    line: Some(25),
+                },
+            ],
+            cause: Some(cause(
+                CauseKind::Syscall,
+                Some((230, Some("clock_nanosleep"))),
+            )),
+            samples: 1,
+            before_attach: false,
+        };
+        let text = stall_lines(&fields(&stack));
+        assert!(
+            text.starts_with("\n    cause: blocked in clock_nanosleep (on CPU 1.0 ms, off CPU 199.0 ms) in Python sleep_handler (/srv/app.py:25)\n"),
+            "{text}"
+        );
     }
 
     #[test]

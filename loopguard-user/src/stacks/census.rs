@@ -43,6 +43,12 @@ pub(super) struct Census {
 /// enough to judge, and the agent's memory stays small).
 pub(super) const MAX_CENSUS_SAMPLES: usize = 64;
 
+/// Sleeping threads whose stack the census copies (32 KiB each, so 8 MiB
+/// at most): a target with thousands of threads cannot make the root
+/// agent's memory grow with them. The lowest thread ids go first (the main
+/// thread and the runtime's first threads).
+pub(super) const MAX_CENSUS_ASLEEP: usize = 256;
+
 /// A thread found inside a task poll: since when (at least), the system
 /// call it sleeps in (none: on a CPU), its frames as shown.
 struct Found {
@@ -51,6 +57,8 @@ struct Found {
     since_ns: u64,
     syscall: Option<i64>,
     frames: Vec<Frame>,
+    /// Python frames are in `frames` already (read while asleep).
+    python_read: bool,
 }
 
 /// What `/proc/PID/task/TID/syscall` says: the system call a thread sleeps
@@ -98,12 +106,56 @@ fn is_runtime_machinery(frame: &Frame) -> bool {
 }
 
 /// Whether a stack (innermost first) is inside a task poll: its innermost
-/// task-polling frame has no runtime machinery inside it.
+/// task-polling frame has no runtime machinery inside it, and the poll is
+/// not blocking-pool work ([`polled_by_blocking_pool`]).
 pub fn in_task_poll(frames: &[Frame]) -> bool {
-    frames
+    frames.iter().position(is_task_poll).is_some_and(|poll| {
+        !frames[..poll].iter().any(is_runtime_machinery)
+            && !polled_by_blocking_pool(&frames[poll..])
+    })
+}
+
+/// Whether the task poll at the top of `outward` (the innermost task-poll
+/// frame and everything outside it) is run by the blocking pool.
+/// `spawn_blocking` work (`tokio::io::stdin()`'s `read`, a `tokio::fs`
+/// call) is such a poll, and never a stall. `BlockingTask::poll` is often
+/// inlined into the poll, so the poll's surroundings tell:
+///
+/// - the nearest runtime frame outside it is the pool's thread loop
+///   (`tokio::runtime::blocking::pool`), not a scheduler; or
+/// - no runtime frame is outside it at all (the pool's loop inlined into
+///   the thread's start, as in release builds), and it is not nested in
+///   another task poll. A worker's task poll always is: the multi-thread
+///   worker runs inside a blocking-pool task, and the current-thread
+///   scheduler and `LocalSet` leave frames of their own.
+fn polled_by_blocking_pool(outward: &[Frame]) -> bool {
+    let nearest = outward
         .iter()
-        .position(is_task_poll)
-        .is_some_and(|poll| !frames[..poll].iter().any(is_runtime_machinery))
+        .skip_while(|frame| is_task_poll(frame))
+        .find_map(|frame| {
+            let name = frame.function.trim_start_matches('<');
+            if name.starts_with("tokio::runtime::blocking::") {
+                Some(true)
+            } else if name.starts_with("tokio::runtime::") || name.starts_with("tokio::task::") {
+                Some(false)
+            } else {
+                None
+            }
+        });
+    nearest.unwrap_or_else(|| poll_levels(outward) <= 1)
+}
+
+/// How many task polls a stack is nested in: each level leaves its
+/// `raw::poll` (called through the task's vtable, so never inlined, though
+/// it may tail-call the harness) or its `Harness::poll`, or both.
+fn poll_levels(frames: &[Frame]) -> usize {
+    let count = |prefix: &str| {
+        frames
+            .iter()
+            .filter(|frame| frame.function.trim_start_matches('<').starts_with(prefix))
+            .count()
+    };
+    count("tokio::runtime::task::raw::poll").max(count("tokio::runtime::task::harness::Harness"))
 }
 
 /// `Runtime::block_on`, `Handle::block_on` and the schedulers' own: the
@@ -144,6 +196,19 @@ pub fn in_block_on_body(frames: &[Frame]) -> bool {
     })
 }
 
+/// A frame of an event wait the wait probes sit on: Tokio's park functions
+/// (`tokio::runtime::park`, the multi-thread scheduler's `park`), or the C
+/// library's epoll wrappers. A blocking-pool thread idle on its condition
+/// variable has none.
+fn is_event_wait(frame: &Frame) -> bool {
+    let name = frame.function.trim_start_matches('<');
+    name.starts_with("tokio::runtime::park::")
+        || name.starts_with("tokio::runtime::scheduler::multi_thread::park::")
+        || crate::discover::waits::EPOLL_WRAPPERS
+            .iter()
+            .any(|wrapper| name.trim_start_matches("__GI_").trim_start_matches("__") == *wrapper)
+}
+
 /// What a thread found in `frames` is stuck in, if anything: a task poll,
 /// or a `block_on` body (a loop stall: no task poll holds it).
 fn stuck_in(frames: &[Frame]) -> Option<StallKind> {
@@ -166,9 +231,10 @@ impl Stacks {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
             return;
         };
-        let tids: Vec<u32> = tasks
+        let mut tids: Vec<u32> = tasks
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
             .collect();
+        tids.sort_unstable();
         let (asleep, running) = self.asleep_threads(&tids, started);
         let events = self.capture.start_census(&running);
         self.census = Some(Census {
@@ -214,7 +280,15 @@ impl Stacks {
         Some(
             found
                 .into_iter()
-                .map(|found| found.into_stall(now))
+                .map(|found| {
+                    let python_read = found.python_read;
+                    let (stall, mut stack) = found.into_stall(now);
+                    // On a CPU: its Python stack now.
+                    if stall.kind == StallKind::Loop && !python_read {
+                        stack.frames = self.python.merge_now(stall.tid, &stack.frames);
+                    }
+                    (stall, stack)
+                })
                 .collect(),
         )
     }
@@ -229,7 +303,12 @@ impl Stacks {
     fn asleep_threads(&self, tids: &[u32], now: u64) -> (Vec<(String, Sample)>, Vec<u32>) {
         let mut asleep = Vec::new();
         let mut running = Vec::new();
+        let mut skipped = 0usize;
         for &tid in tids {
+            if asleep.len() >= MAX_CENSUS_ASLEEP {
+                skipped += 1;
+                continue;
+            }
             let text = self.syscall_file(tid);
             let Some((nr, sp, pc)) = parse_syscall(&text) else {
                 running.push(tid);
@@ -252,7 +331,46 @@ impl Stacks {
                 asleep.push((text, sample));
             }
         }
+        if skipped > 0 {
+            tracing::info!(
+                skipped,
+                examined = MAX_CENSUS_ASLEEP,
+                "census: too many threads; those past the limit are not checked for a poll stuck at attach"
+            );
+        }
         (asleep, running)
+    }
+
+    /// The threads asleep in an event wait (a Tokio park, an epoll wait)
+    /// when the census began, not stuck in a poll or a `block_on` body:
+    /// their wait began before the probes existed, so its return will not
+    /// be seen ([`crate::collect::Collector::mark_unseen_waits`]).
+    pub fn asleep_in_waits(&mut self) -> Vec<u32> {
+        let Some(census) = self.census.take() else {
+            return Vec::new();
+        };
+        let mut waiting = Vec::new();
+        for (_, sample) in &census.asleep {
+            let frames = self.frames_of_asleep(sample);
+            if stuck_in(&frames).is_none() && frames.iter().any(is_event_wait) {
+                waiting.push(sample.tid);
+            }
+        }
+        self.census = Some(census);
+        waiting
+    }
+
+    /// The frames of a thread asleep in a system call (its frame pointer guessed).
+    fn frames_of_asleep(&mut self, sample: &Sample) -> Vec<Frame> {
+        let top = sample.stack_base + sample.stack.len() as u64;
+        let (pid, symbols) = (self.pid, &mut self.symbols);
+        let addrs = self.unwinder.unwind_guessing_bp(
+            sample.regs,
+            top,
+            |addr| sample.read_u64(addr),
+            |inside, next| calls_function_of(pid, symbols, inside, next),
+        );
+        self.symbols.frames(&addrs)
     }
 
     /// The sleeping threads still asleep at the same place, inside a task poll.
@@ -267,15 +385,7 @@ impl Stacks {
             if self.syscall_file(sample.tid) != text {
                 continue;
             }
-            let top = sample.stack_base + sample.stack.len() as u64;
-            let (pid, symbols) = (self.pid, &mut self.symbols);
-            let addrs = self.unwinder.unwind_guessing_bp(
-                sample.regs,
-                top,
-                |addr| sample.read_u64(addr),
-                |inside, next| calls_function_of(pid, symbols, inside, next),
-            );
-            let frames = self.symbols.frames(&addrs);
+            let frames = self.frames_of_asleep(&sample);
             let kind = stuck_in(&frames).or_else(|| {
                 let waiting = sample.syscall.is_some_and(syscalls::is_event_wait);
                 (!waiting && loop_thread(sample.tid)).then_some(StallKind::Loop)
@@ -287,12 +397,23 @@ impl Stacks {
             // Since attaching: the scheduler's own clock (`se.exec_start`)
             // drifts from the monotonic clock by hundreds of ms on some
             // machines, too much to date the sleep's start from it.
+            let mut frames = self.shown(&frames);
+            if kind == StallKind::Loop {
+                // Read while the thread still sleeps where the census saw
+                // it (checked again after): read later, the Python stack
+                // could be from after it woke.
+                let python = self.python.stack_now(sample.tid);
+                if self.syscall_file(sample.tid) == text {
+                    frames = self.python.interleave(&frames, &python);
+                }
+            }
             found.push(Found {
                 tid: sample.tid,
                 kind,
                 since_ns: started,
                 syscall: sample.syscall,
-                frames: self.shown(&frames),
+                frames,
+                python_read: true,
             });
         }
         found
@@ -333,6 +454,7 @@ impl Stacks {
                 since_ns: started,
                 syscall: None,
                 frames: self.shown(&frames),
+                python_read: false,
             })
             .collect()
     }
@@ -450,6 +572,51 @@ mod tests {
             "tokio::runtime::task::raw::poll",
         ]);
         assert!(!in_task_poll(&pool), "spawn_blocking work is not a stall");
+        // `tokio::io::stdin()`'s reader in a fat-LTO build: `BlockingTask::poll`
+        // inlined, so the pool's thread loop is the poll's only witness.
+        let stdin = frames(&[
+            "read",
+            "<std::io::stdio::Stdin as std::io::Read>::read",
+            "tokio::io::blocking::Buf::read_from",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "tokio::runtime::task::raw::poll",
+            "tokio::runtime::blocking::pool::Inner::run",
+            "std::sys::backtrace::__rust_begin_short_backtrace",
+        ]);
+        assert!(!in_task_poll(&stdin), "a blocking-pool read is not a stall");
+        // As the release build of the example shows it: the pool's loop
+        // inlined into the thread's start, `raw::poll` a tail call.
+        let inlined = frames(&[
+            "__GI___libc_read",
+            "<std::io::stdio::Stdin as std::io::Read>::read",
+            "tokio::io::blocking::Buf::read_from",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "std::sys::backtrace::__rust_begin_short_backtrace",
+            "core::ops::function::FnOnce::call_once{{vtable.shim}}",
+            "start_thread",
+        ]);
+        assert!(
+            !in_task_poll(&inlined),
+            "a blocking-pool read is not a stall"
+        );
+        // A worker whose scheduler frames are all inlined: two poll levels.
+        let nested = frames(&[
+            "app::spin",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "tokio::runtime::task::raw::poll",
+            "tokio::runtime::task::core::Core<T,S>::poll",
+            "tokio::runtime::task::harness::Harness<T,S>::poll",
+            "std::sys::backtrace::__rust_begin_short_backtrace",
+        ]);
+        assert!(in_task_poll(&nested), "a worker's task poll is nested");
+        // A worker's task poll returns into the scheduler, though the worker
+        // itself runs inside a blocking-pool task further out.
+        let mut worker = stuck.clone();
+        worker.extend(frames(&["tokio::runtime::blocking::pool::Inner::run"]));
+        assert!(in_task_poll(&worker));
         assert!(!in_task_poll(&frames(&["main", "__libc_start_main"])));
         let tail_called = frames(&[
             "app::spin",
@@ -461,6 +628,27 @@ mod tests {
             in_task_poll(&tail_called),
             "raw::poll jumped to the harness"
         );
+    }
+
+    #[test]
+    fn parked_and_epoll_waiting_threads_are_in_an_event_wait() {
+        assert!(
+            frames(&["syscall", "tokio::runtime::park::Inner::park"])
+                .iter()
+                .any(is_event_wait)
+        );
+        assert!(
+            frames(&["epoll_wait", "mio::poll::Poll::poll"])
+                .iter()
+                .any(is_event_wait)
+        );
+        assert!(frames(&["__GI_epoll_pwait"]).iter().any(is_event_wait));
+        let pool_idle = frames(&[
+            "syscall",
+            "<std::sys::sync::condvar::futex::Condvar>::wait_timeout",
+            "tokio::runtime::blocking::pool::Inner::run",
+        ]);
+        assert!(!pool_idle.iter().any(is_event_wait));
     }
 
     #[test]

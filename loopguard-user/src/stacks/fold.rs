@@ -67,21 +67,37 @@ pub fn trim_runtime(frames: &[Frame]) -> &[Frame] {
     &frames[..cut]
 }
 
-/// The folded form of a stack: outermost first, `;`-separated function names.
+/// The folded form of a stack: outermost first, `;`-separated function
+/// names. A stack with Python frames folds on those (and a library leaf
+/// such as `clock_nanosleep`), not on the interpreter's native frames.
 pub fn fold(frames: &[Frame]) -> String {
+    let kept: Vec<&Frame> =
+        super::python::merge::fold_frames(frames).unwrap_or_else(|| frames.iter().collect());
     let mut folded = String::new();
-    for frame in frames.iter().rev() {
+    for frame in kept.into_iter().rev() {
         if !folded.is_empty() {
             folded.push(';');
         }
-        folded.push_str(&frame.function.replace(';', ":"));
+        folded.push_str(&folded_frame(&frame.function));
     }
     folded
+}
+
+/// One frame of a folded line: names come from the target's symbols, so
+/// `;` (the frame separator) becomes `:` and control characters (a newline
+/// would start a forged line) are escaped. Spaces stay: C++ and Rust names
+/// hold them (`<T as Trait>::f`), and readers take the count after the
+/// line's last space.
+pub fn folded_frame(name: &str) -> String {
+    crate::term::printable(name).replace(';', ":")
 }
 
 /// The innermost frame of the program itself (not of a library): what a
 /// stall's `top_frame` metric label says.
 pub fn top_frame(frames: &[Frame]) -> Option<&str> {
+    if let Some(python) = super::python::merge::python_caller(frames) {
+        return Some(python.function.as_str());
+    }
     frames
         .iter()
         .find(|frame| !frame.in_library() && frame.function != "?")
@@ -91,6 +107,19 @@ pub fn top_frame(frames: &[Frame]) -> Option<&str> {
 /// A short name for a stack: the innermost frame of the program itself (not
 /// of a library) and the frame that called it, `callee <- caller`.
 pub fn label(frames: &[Frame]) -> String {
+    // Python: the innermost Python function and its caller.
+    if let Some(python) = super::python::merge::fold_frames(frames) {
+        let mut names = python
+            .iter()
+            .filter(|f| super::python::merge::is_python(f))
+            .map(|f| f.function.as_str());
+        if let Some(first) = names.next() {
+            return match names.find(|name| *name != first) {
+                Some(caller) => format!("{first} <- {caller}"),
+                None => first.to_owned(),
+            };
+        }
+    }
     let start = frames
         .iter()
         .position(|frame| !frame.in_library() && frame.function != "?")
@@ -173,6 +202,23 @@ impl StackTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symbol_cannot_forge_a_folded_line() {
+        let frames = vec![
+            Frame {
+                function: "evil 999\nmain;forged".to_owned(),
+                ..Frame::default()
+            },
+            Frame {
+                function: "<a::B as c::D>::f".to_owned(),
+                ..Frame::default()
+            },
+        ];
+        let folded = fold(&frames);
+        assert!(!folded.contains('\n'), "{folded:?}");
+        assert_eq!(folded, "<a::B as c::D>::f;evil 999\\nmain:forged");
+    }
 
     fn frame(function: &str, module: &str) -> Frame {
         Frame {

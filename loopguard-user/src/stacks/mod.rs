@@ -10,6 +10,7 @@ pub mod capture;
 pub mod census;
 pub mod fold;
 pub mod profile;
+pub mod python;
 pub mod sample;
 pub mod symbolize;
 pub mod syscalls;
@@ -21,7 +22,7 @@ use aya::Ebpf;
 use loopguard_common::stacks::{STACK_CHUNK_BYTES, sample_cause};
 use loopguard_common::{LoopState, ThreadPolls};
 
-use crate::detect::Stall;
+use crate::detect::{Stall, StallKind};
 use capture::Capture;
 use fold::{Frame, StackStalls, StackTable};
 use profile::{Cause, PollProfile, WeightedStack, classify};
@@ -107,6 +108,8 @@ pub struct Stacks {
     records: Vec<StackRecord>,
     /// The look for polls stuck since before attaching, while it runs.
     census: Option<census::Census>,
+    /// Python frames of a `CPython` target's stuck loop threads.
+    python: python::PythonStacks,
 }
 
 impl Stacks {
@@ -125,6 +128,7 @@ impl Stacks {
             table: StackTable::default(),
             records: Vec::new(),
             census: None,
+            python: python::PythonStacks::new(tools.pid),
         })
     }
 
@@ -194,7 +198,13 @@ impl Stacks {
     ) {
         self.collect(now_ns);
         let mut stuck = stuck_polls(now_ns, self.options.arm_delay_ns, threads);
-        stuck.extend(stuck_stretches(now_ns, self.options.arm_delay_ns, loops));
+        let stretches = stuck_stretches(now_ns, self.options.arm_delay_ns, loops);
+        // A stuck loop thread of a Python target: its Python stack now.
+        for &(tid, start) in &stretches {
+            self.python.sample(tid, start, now_ns);
+        }
+        self.python.expire(now_ns);
+        stuck.extend(stretches);
         self.capture.sample_on_cpu(&stuck);
         for &(tid, start) in &stuck {
             let Some(state) = self
@@ -285,6 +295,12 @@ impl Stacks {
                 }
             }
             None => Vec::new(),
+        };
+        let frames = if stall.kind == StallKind::Loop {
+            self.python
+                .merge(stall.tid, stall.start_ns, finished, &frames)
+        } else {
+            frames
         };
         if finished && !frames.is_empty() {
             self.table.record(&frames, stall.duration_ns);

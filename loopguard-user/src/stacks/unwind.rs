@@ -264,12 +264,8 @@ fn module_bytes(pid: u32, mapping: &Mapping) -> Option<Vec<u8>> {
         let image = crate::discover::proc::read_memory(pid, mapping.start, len);
         return (image.len() == len).then_some(image);
     }
-    let via_map_files = format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        mapping.start, mapping.end
-    );
-    std::fs::read(&via_map_files)
-        .or_else(|_| std::fs::read(format!("/proc/{pid}/root{}", mapping.path)))
+    // Through the mapping only: the name is the target's to change.
+    crate::discover::files::read_mapping(pid, mapping, crate::discover::files::MAX_EXECUTABLE_BYTES)
         .ok()
 }
 

@@ -262,6 +262,8 @@ struct Session<'t> {
     /// Runtime addresses of the middleware's in-flight tables: the
     /// requests behind polls already stuck at attach.
     inflight_tables: Vec<u64>,
+    /// A Python target's `loopguard-asgi` tables (loop mode).
+    asgi: Option<crate::attribute::asgi::AsgiTables>,
     route_stalls: RouteTable,
     /// The probe layout mismatch was said.
     layout_said: bool,
@@ -314,6 +316,13 @@ impl Session<'_> {
             Some(stall) => self.printer.context(stall, &view),
             None => StallContext::default(),
         };
+        if let (Some(stall), Some(asgi)) = (finding.stall(), &mut self.asgi) {
+            let in_progress = matches!(finding, Finding::InProgress(_));
+            let verdict = name_from_asgi(asgi, stall, in_progress, &mut context);
+            if verdict == crate::attribute::asgi::Verdict::ShortSteps {
+                return;
+            }
+        }
         // A loop-only target's stretches are captured like polls; a Tokio
         // worker's are not (see `StackConfig::loop_stretches`).
         let captured =
@@ -393,8 +402,22 @@ impl Session<'_> {
         let pid = self.printer.target.pid;
         let loop_only = self.printer.target.is_loop_only();
         let loops = &mut self.loops;
+        // A Python app's table names its loop threads (read once, if asked).
+        let asgi = &mut self.asgi;
+        let mut asgi_loops: Option<Vec<u32>> = None;
+        // A process with no epoll instance (an interpreter met at exec) has
+        // no loop to be stuck in.
+        let has_loop = loop_only && proc::has_epoll_fd(pid);
         let loop_thread = |tid: u32| {
-            loop_only && loops.presumed_loop_thread(pid, tid, |tid| proc::thread_name(pid, tid))
+            has_loop
+                && (asgi_loops
+                    .get_or_insert_with(|| {
+                        asgi.as_mut()
+                            .map(crate::attribute::asgi::loop_threads)
+                            .unwrap_or_default()
+                    })
+                    .contains(&tid)
+                    || loops.presumed_loop_thread(pid, tid, |tid| proc::thread_name(pid, tid)))
         };
         let Some(found) = stacks.finish_census(now_ns, polls_seen, loop_thread) else {
             return;
@@ -427,10 +450,19 @@ impl Session<'_> {
             if let Some(request) = request {
                 context.request = Some(request.to_request());
             }
+            if let Some(asgi) = &mut self.asgi {
+                name_from_asgi(asgi, &stall, true, &mut context);
+            }
             context.stack = Some(stack);
+            let named = stall.kind == StallKind::Loop && context.request.is_some();
             let finding = Finding::InProgress(stall);
             self.summary.record(&finding, false);
-            self.printer.finding(&finding, &context, &self.engine);
+            let text = self.printer.finding(&finding, &context, &self.engine);
+            // Its end is never seen: a loop stall with its request counts
+            // for `--fail-on` now.
+            if named {
+                self.offending.record(crate::detect::FailOn::Stall, text);
+            }
         }
     }
 
@@ -481,8 +513,26 @@ impl Session<'_> {
                         self.report(&finding);
                     } else if !self.polling_threads.contains(&busy.tid) {
                         let held_ns = busy.duration_ns.saturating_sub(busy.preempted_ns);
-                        if let Some(finding) =
-                            self.engine.on_loop_busy(busy.tid, busy.start_ns, held_ns)
+                        let end_ns = busy.start_ns + busy.duration_ns;
+                        // A Python app's table gives the step that held the
+                        // loop, if one did, instead of the whole stretch.
+                        let step = self.asgi.as_mut().and_then(|asgi| {
+                            crate::attribute::asgi::cut_of_stretch(
+                                asgi,
+                                busy.tid,
+                                busy.start_ns,
+                                end_ns,
+                                held_ns,
+                            )
+                        });
+                        let cut = match step {
+                            None => Some((busy.start_ns, held_ns, None)),
+                            Some(step) => step.map(|(start, held, who)| (start, held, Some(who))),
+                        };
+                        if let Some((start_ns, held_ns, request)) = cut
+                            && let Some(finding) = self
+                                .engine
+                                .on_loop_busy(busy.tid, start_ns, held_ns, request)
                         {
                             self.report(&finding);
                         }
@@ -911,6 +961,9 @@ impl<'t> Session<'t> {
                 .filter(|_| options.requests && !target.binary.usdt_sites.is_empty()),
             route_names: RouteNames::default(),
             inflight_tables: crate::attribute::inflight::table_addresses(target),
+            asgi: target
+                .is_loop_only()
+                .then(|| crate::attribute::asgi::AsgiTables::new(target.pid)),
             route_stalls: RouteTable::default(),
             layout_said: false,
             printer: Printer {
@@ -947,12 +1000,17 @@ pub async fn watch(
     stop: impl Future<Output = StopReason>,
 ) -> Result<Outcome, CollectError> {
     let started = Instant::now();
-    let mut session = Session::new(target, collector, stacks, options, started);
-    if let Some(stacks) = &mut session.stacks {
+    let mut stacks = stacks;
+    if let Some(stacks) = &mut stacks {
         let window =
             Duration::from_nanos(options.detect.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
         stacks.start_census(window);
+        // Their waits' returns cannot be seen: the kernel watches for them.
+        let waiting = stacks.asleep_in_waits();
+        let filed = collector.mark_unseen_waits(&waiting);
+        tracing::debug!(?waiting, filed, "threads asleep in a wait at attach");
     }
+    let mut session = Session::new(target, collector, stacks, options, started);
     let mut scan = tokio::time::interval(options.scan_interval);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut liveness = tokio::time::interval(Duration::from_millis(200));
@@ -1012,7 +1070,18 @@ pub async fn watch(
         session.request_maps.as_ref().map(RequestMaps::totals),
         &session.route_stalls,
     );
-    summary.stacks = finish_stacks(session.stacks.as_ref(), options.folded.as_deref());
+    // Several processes (`run` following) share the file: each line says whose.
+    let root_frame = options.label.then(|| {
+        crate::stacks::fold::folded_frame(&format!(
+            "[pid {} {}]",
+            target.pid, target.exe.display_path
+        ))
+    });
+    summary.stacks = finish_stacks(
+        session.stacks.as_ref(),
+        options.folded.as_deref(),
+        root_frame.as_deref(),
+    );
     if collector.malformed > 0 {
         tracing::warn!(
             records = collector.malformed,
@@ -1030,19 +1099,34 @@ pub async fn watch(
 fn finish_stacks(
     stacks: Option<&Stacks>,
     folded: Option<&std::path::Path>,
+    root_frame: Option<&str>,
 ) -> Vec<crate::stacks::fold::StackStalls> {
     let Some(stacks) = stacks else {
         return Vec::new();
     };
     if let Some(path) = folded {
-        write_folded(path, &stacks.folded_text());
+        let text = stacks.folded_text();
+        let text = match root_frame {
+            Some(root) => text.lines().fold(String::new(), |mut out, line| {
+                use std::fmt::Write as _;
+                let _ = writeln!(out, "{root};{line}");
+                out
+            }),
+            None => text,
+        };
+        write_folded(path, &text);
     }
     stacks.ranked()
 }
 
-/// Writes the folded stacks; a failure is reported, not fatal (the summary still prints).
+/// Appends the folded stacks to the file `start_watch` emptied (every
+/// watched process adds its own); a failure is reported, not fatal (the
+/// summary still prints).
 fn write_folded(path: &std::path::Path, text: &str) {
-    if let Err(error) = std::fs::write(path, text) {
+    use std::io::Write as _;
+    let written =
+        crate::present::outfile::append(path).and_then(|mut file| file.write_all(text.as_bytes()));
+    if let Err(error) = written {
         crate::diag!(
             "loopguard: error: cannot write the folded stacks to {}: {error}; check the directory exists and is writable",
             path.display()
@@ -1063,6 +1147,33 @@ pub fn print_summary(outcome: &Outcome, target: &ProbeTarget, options: &WatchOpt
         options.format,
         options.label.then_some(process),
     );
+}
+
+/// The culprit and victims of loop stall `stall` from a Python app's
+/// `loopguard-asgi` table, into `context` (unless it already has a request).
+fn name_from_asgi(
+    asgi: &mut crate::attribute::asgi::AsgiTables,
+    stall: &crate::detect::Stall,
+    in_progress: bool,
+    context: &mut StallContext,
+) -> crate::attribute::asgi::Verdict {
+    let mut named = crate::attribute::asgi::Named {
+        request: context.request.take(),
+        ..Default::default()
+    };
+    let verdict = crate::attribute::asgi::attribute_loop_stall(
+        asgi,
+        stall,
+        in_progress,
+        &mut named,
+        VICTIMS_LISTED,
+    );
+    context.request = named.request;
+    if verdict == crate::attribute::asgi::Verdict::Attributed {
+        context.victims = named.victims;
+        context.victim_count = named.victim_count;
+    }
+    verdict
 }
 
 #[cfg(test)]

@@ -1,0 +1,229 @@
+//! Python frames in a native stack: each `_PyEval_EvalFrameDefault` frame
+//! gives way to the Python frames it ran, the interpreter's own helpers
+//! between them go, and the native leaf (the system call's wrapper, a C
+//! extension's function) stays.
+
+use crate::stacks::fold::Frame;
+
+use super::walk::PyFrame;
+
+/// `module` of a Python frame.
+pub const PYTHON_MODULE: &str = "python";
+/// The interpreter's eval loop: one native frame per Python-to-C-to-Python
+/// round trip.
+const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";
+
+/// Whether `frame` is a Python frame (made by [`interleave`]).
+pub fn is_python(frame: &Frame) -> bool {
+    frame.module.as_deref() == Some(PYTHON_MODULE)
+}
+
+fn frame(py: &PyFrame) -> Frame {
+    Frame {
+        function: py.function.clone(),
+        module: Some(PYTHON_MODULE.to_owned()),
+        file: Some(py.file.clone()),
+        line: py.line,
+    }
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// `native` (innermost first) with `python` (innermost first, split into
+/// one group per eval call at `call_start`) in place of its eval-loop
+/// frames. Native frames of `interpreter` (the executable or libpython
+/// holding the interpreter, a path or a file name) outside the innermost
+/// eval frame are the interpreter calling itself and are dropped; native
+/// frames of other modules (C extensions) stay where they are. Groups left
+/// over (the native unwind stopped early) go outermost.
+pub fn interleave(native: &[Frame], python: &[PyFrame], interpreter: &str) -> Vec<Frame> {
+    if python.is_empty() {
+        return native.to_vec();
+    }
+    let mut groups = Vec::new();
+    let mut start = 0;
+    for (index, py) in python.iter().enumerate() {
+        if py.call_start || index + 1 == python.len() {
+            groups.push(&python[start..=index]);
+            start = index + 1;
+        }
+    }
+    let mut groups = groups.into_iter();
+    let interpreter = file_name(interpreter);
+    let in_interpreter = |frame: &Frame| {
+        frame
+            .module
+            .as_deref()
+            .is_some_and(|module| file_name(module) == interpreter)
+    };
+    let mut out = Vec::with_capacity(native.len() + python.len());
+    let mut past_eval = false;
+    for native_frame in native {
+        if native_frame.function == EVAL_LOOP {
+            past_eval = true;
+            match groups.next() {
+                Some(group) => out.extend(group.iter().map(frame)),
+                None => out.push(native_frame.clone()),
+            }
+        } else if !(past_eval && in_interpreter(native_frame)) {
+            out.push(native_frame.clone());
+        }
+    }
+    for group in groups {
+        out.extend(group.iter().map(frame));
+    }
+    out
+}
+
+/// The frames a Python stack folds on: its Python frames, and the
+/// innermost frame when it is a library's (`clock_nanosleep`, `recv` in
+/// libc) other than libpython, so a sleep and a CPU loop in one handler
+/// fold apart while samples of one CPU loop (whose innermost native frame
+/// moves) fold together. `None` for a stack without Python frames.
+pub fn fold_frames(frames: &[Frame]) -> Option<Vec<&Frame>> {
+    if !frames.iter().any(is_python) {
+        return None;
+    }
+    let mut kept: Vec<&Frame> = Vec::new();
+    if let Some(leaf) = frames.first()
+        && !is_python(leaf)
+        && leaf.in_library()
+        && !leaf
+            .module
+            .as_deref()
+            .is_some_and(|m| file_name(m).starts_with("libpython"))
+    {
+        kept.push(leaf);
+    }
+    kept.extend(frames.iter().filter(|f| is_python(f)));
+    Some(kept)
+}
+
+/// `function (file:line)` of the innermost Python frame: the Python code
+/// that made the blocking call, or that runs on the CPU.
+pub fn python_caller(frames: &[Frame]) -> Option<&Frame> {
+    frames.iter().find(|f| is_python(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn native(function: &str, module: &str) -> Frame {
+        Frame {
+            function: function.to_owned(),
+            module: Some(module.to_owned()),
+            file: None,
+            line: None,
+        }
+    }
+
+    fn py(function: &str, line: u32, call_start: bool) -> PyFrame {
+        PyFrame {
+            function: function.to_owned(),
+            file: "/srv/app.py".to_owned(),
+            line: Some(line),
+            call_start,
+        }
+    }
+
+    const LIB: &str = "/opt/py/lib/libpython3.12.so.1.0";
+
+    #[test]
+    fn eval_frames_give_way_to_their_python_frames() {
+        let natives = [
+            native("clock_nanosleep", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            native("time_sleep", LIB),
+            native("cfunction_vectorcall_O", LIB),
+            native(EVAL_LOOP, LIB),
+            native(
+                "task_step",
+                "/opt/py/lib/python3.12/lib-dynload/_asyncio.so",
+            ),
+            native("_PyObject_MakeTpCall", LIB),
+            native(EVAL_LOOP, LIB),
+            native("PyEval_EvalCode", LIB),
+            native("main", "/opt/py/bin/python3.12"),
+        ];
+        let python = [
+            py("block", 8, false),
+            py("handler", 12, true),
+            py("Loop.run_once", 30, false),
+            py("<module>", 1, true),
+        ];
+        let merged = interleave(&natives, &python, "libpython3.12.so.1.0");
+        let names: Vec<_> = merged.iter().map(|f| f.function.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "clock_nanosleep",
+                "time_sleep",
+                "cfunction_vectorcall_O",
+                "block",
+                "handler",
+                "task_step",
+                "Loop.run_once",
+                "<module>",
+                "main",
+            ]
+        );
+        assert_eq!(merged[3].display(), "block (/srv/app.py:8)");
+        assert_eq!(
+            python_caller(&merged).map(|f| f.function.as_str()),
+            Some("block")
+        );
+        let folded: Vec<_> = fold_frames(&merged)
+            .unwrap()
+            .iter()
+            .map(|f| f.function.as_str())
+            .collect();
+        assert_eq!(
+            folded,
+            [
+                "clock_nanosleep",
+                "block",
+                "handler",
+                "Loop.run_once",
+                "<module>"
+            ]
+        );
+    }
+
+    #[test]
+    fn more_groups_than_eval_frames_go_outermost_and_no_python_keeps_native() {
+        let natives = [native("_PyEval_EvalFrameDefault", LIB)];
+        let python = [py("a", 1, true), py("b", 2, true)];
+        let names: Vec<_> = interleave(&natives, &python, LIB)
+            .into_iter()
+            .map(|f| f.function)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        let kept = interleave(&natives, &[], LIB);
+        assert_eq!(kept, natives);
+        assert!(fold_frames(&kept).is_none());
+        // Only Python frames (no native stack): still a stack.
+        let only = interleave(&[], &python, LIB);
+        assert_eq!(only.len(), 2);
+    }
+
+    #[test]
+    fn a_cpu_loop_folds_on_python_frames_whatever_its_native_leaf() {
+        let python = [py("spin", 5, true)];
+        let a = interleave(
+            &[native("PyNumber_Add", LIB), native(EVAL_LOOP, LIB)],
+            &python,
+            LIB,
+        );
+        let b = interleave(&[native(EVAL_LOOP, LIB)], &python, LIB);
+        let names = |frames: &[Frame]| -> Vec<String> {
+            fold_frames(frames)
+                .unwrap()
+                .iter()
+                .map(|f| f.function.clone())
+                .collect()
+        };
+        assert_eq!(names(&a), names(&b));
+    }
+}

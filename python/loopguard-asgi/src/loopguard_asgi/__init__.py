@@ -1,0 +1,69 @@
+"""ASGI middleware for loopguard: the agent names the request behind every
+asyncio loop stall, and the requests that waited for it.
+
+FastAPI / Starlette::
+
+    from loopguard_asgi import LoopguardMiddleware
+    app.add_middleware(LoopguardMiddleware)
+
+Any ASGI app: ``app = LoopguardMiddleware(app)``.
+"""
+
+import asyncio
+
+from . import _steps, _table
+
+__all__ = ["LoopguardMiddleware"]
+__version__ = "0.1.0"
+
+
+class _Scope(dict):
+    """The request's scope, telling the slot the route template as soon as
+    the router stores it (``scope["route"]``, Starlette and FastAPI)."""
+
+    __slots__ = ("_loopguard_slot",)
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, value)
+        if key == "route":
+            self._loopguard_slot.route(getattr(value, "path", None))
+
+    def update(self, *args, **kwargs):
+        dict.update(self, *args, **kwargs)
+        if args and "route" in args[0] or "route" in kwargs:
+            self._loopguard_slot.route(getattr(self.get("route"), "path", None))
+
+    def copy(self):
+        return dict(self)
+
+
+class LoopguardMiddleware:
+    """Keeps every HTTP request in the process's in-flight table, and marks
+    its slot around every asyncio step that runs for it."""
+
+    def __init__(self, app):
+        self.app = app
+        self._loop = None
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http":
+            return await self.app(scope, receive, send)
+        table = _table.table()
+        if table is None:
+            return await self.app(scope, receive, send)
+        tid = _steps._native_id()
+        slot = table.start(scope.get("method", ""), scope.get("path", ""), tid)
+        if slot is None:
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            _steps.install(loop)
+            self._loop = loop
+        tracked = _Scope(scope)
+        tracked._loopguard_slot = slot
+        token = _steps.CURRENT.set(slot)
+        try:
+            return await _steps.Steps(self.app(tracked, receive, send), slot, tid)
+        finally:
+            _steps.CURRENT.reset(token)
+            slot.end()

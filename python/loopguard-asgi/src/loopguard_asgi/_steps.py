@@ -1,0 +1,106 @@
+"""Per-step tracking: asyncio runs one task step at a time on the loop
+thread, and the request whose step runs while the loop is blocked is the
+culprit. The request's own coroutine is wrapped (:class:`Steps`), and so is
+every task created while the request's context is current (a task factory,
+chaining any factory already installed), so anyio task groups count for
+their request."""
+
+import asyncio
+import collections.abc
+import contextvars
+import threading
+
+# The slot of the request whose context is current.
+CURRENT = contextvars.ContextVar("loopguard_request", default=None)
+
+_local = threading.local()
+
+
+def _native_id():
+    """This thread's kernel id, without a system call after the first."""
+    try:
+        return _local.tid
+    except AttributeError:
+        _local.tid = threading.get_native_id()
+        return _local.tid
+
+
+class Steps:
+    """A coroutine that marks its request's slot around every step of
+    ``coro``: the thread running it, and when the step began and ended."""
+
+    __slots__ = ("_coro", "_slot", "_tid")
+
+    def __init__(self, coro, slot, tid):
+        self._coro = coro
+        self._slot = slot
+        self._tid = tid
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
+
+    def send(self, value):
+        slot, tid = self._slot, self._tid
+        slot.step_begin(tid)
+        try:
+            return self._coro.send(value)
+        finally:
+            slot.step_end(tid)
+
+    def throw(self, *args):
+        slot, tid = self._slot, self._tid
+        slot.step_begin(tid)
+        try:
+            return self._coro.throw(*args)
+        finally:
+            slot.step_end(tid)
+
+    def close(self):
+        return self._coro.close()
+
+    # What asyncio's task repr and debug tools read from a coroutine.
+    @property
+    def cr_frame(self):
+        return getattr(self._coro, "cr_frame", None)
+
+    @property
+    def cr_running(self):
+        return getattr(self._coro, "cr_running", False)
+
+    @property
+    def cr_await(self):
+        return getattr(self._coro, "cr_await", None)
+
+    @property
+    def cr_code(self):
+        return getattr(self._coro, "cr_code", None)
+
+
+collections.abc.Coroutine.register(Steps)
+
+
+def _factory(previous):
+    def loopguard_task_factory(loop, coro, **kwargs):
+        context = kwargs.get("context")
+        slot = context.get(CURRENT) if context is not None else CURRENT.get()
+        if slot is not None and not slot.ended and not isinstance(coro, Steps):
+            coro = Steps(coro, slot, _native_id())
+        if previous is not None:
+            return previous(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loopguard_task_factory.loopguard = True
+    return loopguard_task_factory
+
+
+def install(loop):
+    """Installs the task factory on ``loop`` unless it is there."""
+    current = loop.get_task_factory()
+    if not getattr(current, "loopguard", False):
+        loop.set_task_factory(_factory(current))

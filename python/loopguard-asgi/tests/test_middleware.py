@@ -1,0 +1,228 @@
+"""Unit tests of the middleware: what it writes into the in-flight table,
+read back the way the agent reads it (slot layout and sequence lock)."""
+
+import asyncio
+import os
+import struct
+import threading
+import time
+
+import pytest
+
+from loopguard_asgi import LoopguardMiddleware, _steps, _table
+
+
+def slots():
+    """Every filed slot, decoded: the agent's view of the table."""
+    table = _table.table()
+    data = bytes(table.buffer)
+    assert struct.unpack_from("<II", data, 0) == (_table.MAGIC, _table.STEPS_VERSION)
+    found = {}
+    for index in range(_table.SLOTS):
+        base = _table.RESERVED_BYTES + index * _table.SLOT_BYTES
+        seq, tid, rid, started, step_started = struct.unpack_from("<IIQQQ", data, base)
+        if rid == 0:
+            continue
+        flags, mlen, rlen, plen = data[base + 32:base + 36]
+        text = base + _table.TEXT
+        steps = _table.STEPS_AT + index * _table.STEP_BYTES
+        long_tid, loop_tid, long_start, long_end, ended = struct.unpack_from("<IIQQQ", data, steps)
+        found[rid] = dict(
+            seq=seq,
+            tid=tid,
+            started=started,
+            step_started=step_started,
+            flags=flags,
+            method=data[text:text + mlen].decode(),
+            route=data[text + 16:text + 16 + rlen].decode() if flags & 1 else None,
+            path=data[text + 80:text + 80 + plen].decode(),
+            long_tid=long_tid,
+            loop_tid=loop_tid,
+            long=(long_start, long_end),
+            ended=ended,
+        )
+    return found
+
+
+class Route:
+    def __init__(self, path):
+        self.path = path
+
+
+def call(app, path="/items/7", method="GET"):
+    scope = {"type": "http", "method": method, "path": path}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        await app(scope, receive, send)
+
+    asyncio.run(run())
+    return sent
+
+
+def newest():
+    found = slots()
+    rid = max(found)
+    return rid, found[rid]
+
+
+def test_a_request_is_filed_with_its_route_and_ended():
+    seen = {}
+
+    async def app(scope, receive, send):
+        scope["route"] = Route("/items/{id}")
+        rid, slot = newest()
+        seen.update(slot)
+        await send({"type": "http.response.start", "status": 200})
+
+    call(LoopguardMiddleware(app))
+    tid = threading.get_native_id()
+    assert seen["method"] == "GET" and seen["path"] == "/items/7"
+    assert seen["route"] == "/items/{id}"
+    assert seen["tid"] == tid, "the step running now names the loop thread"
+    assert seen["seq"] % 2 == 0
+    assert seen["loop_tid"] == tid
+    assert seen["flags"] & _table.FLAG_POLLS_TRACKED
+    assert seen["ended"] == 0
+    _, after = newest()
+    assert after["ended"] >= after["started"] > 0
+    assert after["tid"] == 0, "no step runs after the end"
+
+
+def test_starlette_style_update_sets_the_route():
+    async def app(scope, receive, send):
+        scope.update({"route": Route("/users/{name}"), "endpoint": None})
+
+    call(LoopguardMiddleware(app), path="/users/ada")
+    _, slot = newest()
+    assert slot["route"] == "/users/{name}"
+
+
+def test_a_long_step_is_recorded_and_a_suspension_is_not_a_step():
+    async def app(scope, receive, send):
+        await asyncio.sleep(0.05)  # suspended: not a step
+        time.sleep(0.02)  # blocks the loop: one long step
+
+    call(LoopguardMiddleware(app))
+    _, slot = newest()
+    start, end = slot["long"]
+    assert slot["long_tid"] == threading.get_native_id()
+    assert 20e6 <= end - start < 45e6, (start, end)
+
+
+def test_child_tasks_count_for_their_request_and_others_do_not():
+    seen = {}
+
+    async def child():
+        await asyncio.sleep(0)
+        rid, slot = newest()
+        seen["child"] = slot["tid"]
+        time.sleep(0.01)
+
+    async def app(scope, receive, send):
+        task = asyncio.get_running_loop().create_task(child())
+        await task
+        assert isinstance(task.get_coro(), _steps.Steps)
+
+    call(LoopguardMiddleware(app))
+    assert seen["child"] == threading.get_native_id()
+    _, slot = newest()
+    assert slot["long"][1] - slot["long"][0] >= 10e6
+
+
+def test_an_existing_task_factory_is_chained():
+    made = []
+
+    def factory(loop, coro, **kwargs):
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def app(scope, receive, send):
+        await asyncio.create_task(asyncio.sleep(0))
+
+    async def run():
+        asyncio.get_running_loop().set_task_factory(factory)
+        scope = {"type": "http", "method": "GET", "path": "/"}
+        await LoopguardMiddleware(app)(scope, None, None)
+
+    asyncio.run(run())
+    assert isinstance(made[0], _steps.Steps)
+    assert not any(isinstance(c, _steps.Steps) for c in made[1:]), "tasks outside the request"
+
+
+def test_exceptions_pass_through_and_end_the_request():
+    async def app(scope, receive, send):
+        await asyncio.sleep(0)
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        call(LoopguardMiddleware(app))
+    _, slot = newest()
+    assert slot["ended"] > 0 and slot["seq"] % 2 == 0
+
+
+def test_other_scopes_pass_untouched():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(type(scope))
+
+    async def run():
+        await LoopguardMiddleware(app)({"type": "lifespan"}, None, None)
+
+    before = max(slots(), default=0)
+    asyncio.run(run())
+    assert seen == [dict]
+    assert max(slots(), default=0) == before
+
+
+def test_texts_are_cut_to_their_width_and_slots_are_reused():
+    async def app(scope, receive, send):
+        pass
+
+    mw = LoopguardMiddleware(app)
+    for _ in range(_table.SLOTS + 3):
+        call(mw, path="/" + "x" * 200, method="PROPFINDVERYLONGMETHOD")
+    found = slots()
+    assert len(found) == _table.SLOTS
+    _, slot = newest()
+    assert len(slot["path"]) == _table.TEXT_BYTES
+    assert len(slot["method"]) == _table.METHOD_BYTES
+
+
+def test_the_table_is_a_named_shared_mapping():
+    _table.table()
+    with open(f"/proc/{os.getpid()}/maps") as maps:
+        names = [line.split()[-2] if line.rstrip().endswith("(deleted)") else "" for line in maps]
+    assert "/memfd:loopguard-inflight" in names
+
+
+def test_a_wrapped_child_task_can_be_cancelled_and_its_steps_end():
+    seen = {}
+
+    async def child():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen["cancelled"] = True
+            raise
+
+    async def app(scope, receive, send):
+        task = asyncio.get_running_loop().create_task(child())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        seen["repr"] = repr(task)
+
+    call(LoopguardMiddleware(app))
+    assert seen["cancelled"]
+    assert "child" in seen["repr"] or "Steps" in seen["repr"]
+    _, slot = newest()
+    assert slot["tid"] == 0 and slot["seq"] % 2 == 0 and slot["ended"] > 0
