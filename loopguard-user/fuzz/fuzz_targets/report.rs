@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use loopguard::replay::{Aggregate, partial_summary};
+use loopguard::present::replay::{Aggregate, partial_summary};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -22,8 +22,8 @@ fuzz_target!(|data: &[u8]| {
         .summary
         .clone()
         .unwrap_or_else(|| partial_summary(&aggregate));
-    let _ = loopguard::report::summary_text(&summary);
-    let page = loopguard::html::page(&aggregate, "fuzz.jsonl");
+    let _ = loopguard::present::text::summary_text(&summary);
+    let page = loopguard::present::html::page(&aggregate, "fuzz.jsonl");
     assert_eq!(page.matches("</script>").count(), 2);
     assert!(!page.contains("<!--<script"));
 });
