@@ -202,7 +202,9 @@ fn buckets(slots: &[HistogramSlot]) -> Vec<Bucket> {
         })
         .collect();
     for slot in slots {
-        buckets[(power(slot.lower_ns) - low) as usize].count += slot.count;
+        let bucket = &mut buckets[(power(slot.lower_ns) - low) as usize];
+        // Counts come from a recording, which may say anything.
+        bucket.count = bucket.count.saturating_add(slot.count);
     }
     buckets
 }
