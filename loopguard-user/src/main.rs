@@ -11,6 +11,8 @@ fn main() -> ExitCode {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         )
+        // Plain text: the writer escapes every control character.
+        .with_ansi(false)
         .with_writer(loopguard::term::LogWriter)
         .init();
     let cli = match Cli::try_parse() {

@@ -201,6 +201,15 @@ pub fn diag_text(line: &str) -> String {
     text
 }
 
+/// What [`LogWriter`] writes of a formatted log record: log records quote
+/// the target too (its exe path, thread and symbol names), so each line is
+/// escaped as every diagnostic is; the line ends stay.
+pub fn log_text(record: &[u8]) -> String {
+    let text = String::from_utf8_lossy(record);
+    let lines: Vec<_> = text.split('\n').map(printable).collect();
+    lines.join("\n")
+}
+
 /// The writer `tracing` logs through, so log records do not fight with
 /// the status line either.
 #[derive(Clone, Copy, Debug, Default)]
@@ -208,7 +217,7 @@ pub struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        write_stderr(buf);
+        write_stderr(log_text(buf).as_bytes());
         Ok(buf.len())
     }
 
@@ -330,5 +339,13 @@ mod tests {
             status_text(12_345, 1, 50.0, 3, 61),
             "loopguard: 12345 polls/s | 1 stall | threshold 50.0 ms | 3 requests in flight | 61 s"
         );
+    }
+
+    #[test]
+    fn log_records_cannot_drive_the_terminal() {
+        let record = "INFO discovered target exe=/tmp/py\u{1b}]0;owned\u{7}\u{202e}\n";
+        let written = log_text(record.as_bytes());
+        assert!(!written.contains('\u{1b}') && !written.contains('\u{202e}'));
+        assert!(written.ends_with('\n'), "the record's own line end stays");
     }
 }
