@@ -1006,9 +1006,13 @@ pub async fn watch(
             Duration::from_nanos(options.detect.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
         stacks.start_census(window);
         // Their waits' returns cannot be seen: the kernel watches for them.
-        let waiting = stacks.asleep_in_waits();
-        let filed = collector.mark_unseen_waits(&waiting);
-        tracing::debug!(?waiting, filed, "threads asleep in a wait at attach");
+        // Not without a wait path: no wait would ever end the stretch that
+        // starts, and a worker's idle time would read as a loop stall.
+        if !matches!(options.wait_probes, crate::attach::WaitProbes::Off) {
+            let waiting = stacks.asleep_in_waits();
+            let filed = collector.mark_unseen_waits(&waiting);
+            tracing::debug!(?waiting, filed, "threads asleep in a wait at attach");
+        }
     }
     let mut session = Session::new(target, collector, stacks, options, started);
     let mut scan = tokio::time::interval(options.scan_interval);
