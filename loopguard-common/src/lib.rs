@@ -11,6 +11,7 @@ pub mod hist;
 pub mod requests;
 pub mod slots;
 pub mod stacks;
+pub mod steal;
 
 /// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
 pub mod names {
@@ -24,6 +25,10 @@ pub mod names {
     /// runnable but switched out (preempted), so that wait is not blamed on
     /// the poll.
     pub const THREAD_SWITCH: &str = "thread_switch";
+    /// Raw tracepoint `sched_stat_runtime`: time the host did not run the
+    /// vCPU of a thread inside a poll (steal time, [`crate::steal`]), so
+    /// that pause is not blamed on the poll either.
+    pub const THREAD_RUNTIME: &str = "thread_runtime";
     /// uprobe on every `loopguard:request_start` USDT site.
     pub const REQUEST_START: &str = "request_start";
     /// uprobe on every `loopguard:request_end` USDT site.
@@ -154,6 +159,10 @@ pub mod config_flags {
     /// The request probes are attached: poll frames note the request
     /// totals, so a stall's victims can be counted ([`crate::requests`]).
     pub const REQUESTS: u64 = 1 << 1;
+    /// The wait path rides on `sched_switch` (`--wait-probes switch`): a
+    /// thread switched out asleep in an epoll wait is waiting until it is
+    /// switched back in. No probe per epoll wait.
+    pub const WAIT_SWITCH: u64 = 1 << 2;
 }
 
 const _: () = assert!(core::mem::size_of::<Config>() == 24 + 16 * MAX_BLOCKING_RANGES);

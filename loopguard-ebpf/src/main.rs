@@ -16,6 +16,9 @@
 //!   waits for events and the busy stretches between them.
 //! - `thread_exit` (raw tracepoint `sched_process_exit`, which needs no
 //!   tracefs) drops a dead thread's stack and wait state.
+//! - `thread_runtime` ([`steal`], raw tracepoint `sched_stat_runtime`):
+//!   time the host did not run the vCPU of a thread inside a poll (steal
+//!   time) counts as a wait for the CPU, like a preemption.
 //! - `stack_sched_switch` / `stack_on_cpu` ([`stacks`]): the user stacks of
 //!   stuck polls, on and off CPU, and their off-CPU time (issue #14).
 //!
@@ -45,6 +48,7 @@ mod follow;
 mod requests;
 mod slots;
 mod stacks;
+mod steal;
 mod wait;
 
 use loopguard_common::{
@@ -81,6 +85,14 @@ pub(crate) fn empty_programs() -> bool {
     // SAFETY: a plain read of a global the loader patched before load.
     let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
     flags & config_flags::EMPTY_PROGRAMS != 0
+}
+
+/// The wait path rides on `sched_switch` ([`config_flags::WAIT_SWITCH`]).
+#[inline(always)]
+pub(crate) fn waits_on_switch() -> bool {
+    // SAFETY: a plain read of a global the loader patched before load.
+    let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
+    flags & config_flags::WAIT_SWITCH != 0
 }
 
 /// The request probes are attached ([`config_flags::REQUESTS`]).
@@ -122,7 +134,7 @@ fn settle_preemption(stack: &mut ThreadPolls, switched_in_ns: u64) {
 
 /// ns of this CPU's last context switch (0 when unknown).
 #[inline(always)]
-fn last_switch_ns() -> u64 {
+pub(crate) fn last_switch_ns() -> u64 {
     LAST_SWITCH.get(0).copied().unwrap_or(0)
 }
 
@@ -378,6 +390,7 @@ pub fn thread_exit(_ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 == target_tgid() {
         slots::release(pid_tgid as u32);
+        steal::forget();
     }
     0
 }
@@ -387,7 +400,9 @@ static LAST_SWITCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// `sched_switch(preempt, prev, next, prev_state)`, run as `prev`: notes the
 /// CPU's switch time, and when a thread of the target leaves inside a poll
-/// while still runnable, the start of its wait.
+/// while still runnable, the start of its wait. On the `sched_switch` wait
+/// path it also ends the epoll wait of a `next` switched back in, and
+/// begins one for a thread of the target going to sleep in an epoll wait.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     if empty_programs() {
@@ -401,6 +416,11 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     };
     // SAFETY: a per-CPU map value pointer; only this CPU writes it.
     let switched_in_ns = unsafe { core::ptr::replace(last, now) };
+    let waits_on_switch = waits_on_switch();
+    if waits_on_switch {
+        // SAFETY: raw tracepoint argument 2 (next).
+        wait::switch_in(unsafe { *args.add(2) }, now);
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 != target_tgid() {
         return 0;
@@ -410,7 +430,12 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     // Still on the run queue: preempted, or yielding (TASK_RUNNING is 0).
     let runnable = preempt & 1 != 0 || prev_state as u32 == 0;
     let tid = pid_tgid as u32;
+    // First the return from a wait entered before attaching, then the wait
+    // this switch may begin (which closes the stretch that return opened).
     wait::note_unseen_return(tid, switched_in_ns);
+    if waits_on_switch && !runnable {
+        wait::switch_out(tid);
+    }
     let Some(slot) = slots::slot_of(tid) else {
         return 0;
     };

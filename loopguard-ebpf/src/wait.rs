@@ -14,19 +14,30 @@
 //! detector's, and a thread back in its scheduler after each short poll is
 //! a loop that turns, whether or not it reaches a wait site (a `yield_now`
 //! makes the worker park with a zero timeout, which reaches `epoll_wait`
-//! only when no other worker holds the driver). The wait state lives in the thread's slot ([`crate::slots`]), where the agent
-//! reads it to see a stretch that is still running.
+//! only when no other worker holds the driver). The wait state lives in
+//! the thread's slot ([`crate::slots`]), where the agent reads it to see a
+//! stretch that is still running.
+//!
+//! On a Tokio target the default wait path is `sched_switch`
+//! ([`switch_out`] / [`switch_in`]), which runs on every context switch
+//! anyway: a thread switched out asleep in an epoll wait (its syscall
+//! number in its saved registers) is waiting until it is switched back in,
+//! with no probe per wait. An epoll wait that does not sleep is not seen,
+//! which the task polls make up for: each one's return ends the stretch.
+//! Tokio's parks that sleep in a futex (which a lock sleeps in too) keep
+//! their uprobes.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
     macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::HashMap,
+    maps::{Array, HashMap},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
-use loopguard_common::{EventKind, LoopEvent, LoopState, pt_regs};
+use loopguard_common::{EventKind, LoopEvent, LoopState, pt_regs, slots::MAX_THREAD_SLOTS};
 
 use crate::{
-    Counter, EVENTS, bump, last_switch_ns, report_floor_ns,
+    Counter, EVENTS, add, bump, last_switch_ns, report_floor_ns,
     slots::{self, Writing},
     target_tgid,
 };
@@ -316,7 +327,12 @@ pub fn note_switch(slot: u32, tid: u32, switched_in_ns: u64, runnable: bool, now
 /// A wait returns: the outermost one starts a busy stretch.
 #[inline(always)]
 fn exit(state: &mut LoopState) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    exit_at(state, unsafe { bpf_ktime_get_ns() });
+}
+
+/// A wait returns at `now`: the outermost one starts a busy stretch.
+#[inline(always)]
+fn exit_at(state: &mut LoopState, now: u64) {
     if state.depth > 1 {
         state.depth -= 1;
         return;
@@ -329,4 +345,99 @@ fn exit(state: &mut LoopState) {
     state.depth = 0;
     state.wait_start_ns = 0;
     start_stretch(state, now);
+}
+
+/// Threads switched out asleep in an epoll wait ([`switch_out`]), by task
+/// pointer, to their tid (low half) and slot (high half): their wait ends
+/// when they are switched back in.
+#[map]
+static WAITING_TASKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_THREAD_SLOTS, 0);
+
+/// Buckets of [`WAITING_FILTER`].
+const FILTER_BUCKETS: u32 = 256;
+
+/// How many entries of [`WAITING_TASKS`] fall in each bucket of task
+/// pointers ([`bucket_of`]): a switch in looks the hash map up only when
+/// its bucket is not empty. Every context switch on the host runs
+/// `thread_switch`, and a hash lookup on each one while any target thread
+/// sleeps cost more than the wait uprobes it replaces on a busy host.
+#[map]
+static WAITING_FILTER: Array<u64> = Array::with_max_entries(FILTER_BUCKETS, 0);
+
+/// The [`WAITING_FILTER`] bucket of a task pointer (Fibonacci hashing:
+/// task structs are slab objects, so their low bits say little).
+#[inline(always)]
+fn bucket_of(task: u64) -> u32 {
+    (task.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u32
+}
+
+/// Run as thread `tid` of the target, which `sched_switch` takes off its
+/// CPU asleep: when it sleeps in an epoll wait, its wait begins now (nested
+/// inside a park probe's, if any). A futex is not a wait here, since a
+/// lock sleeps in one too: the parks that sleep in one keep their uprobes.
+#[inline(always)]
+pub(crate) fn switch_out(tid: u32) {
+    // SAFETY: the helpers return the current task and its user registers.
+    let task = unsafe { generated::bpf_get_current_task_btf() };
+    let regs = unsafe { generated::bpf_task_pt_regs(task) } as u64;
+    // SAFETY: the helper tolerates any address.
+    let id = unsafe { bpf_probe_read_kernel((regs + u64::from(pt_regs::ORIG_AX)) as *const u64) }
+        .unwrap_or(u64::MAX);
+    if !is_epoll_wait(id) {
+        return;
+    }
+    let tgid = target_tgid();
+    let Some(slot) = slots::claim_slot(tid) else {
+        return;
+    };
+    let Some(mut state) = slots::loops_mut(slot, tid, true) else {
+        return;
+    };
+    // The same task as a plain number (the verifier allows no arithmetic
+    // on the BTF pointer), as `sched_switch` names `next`.
+    // SAFETY: the helper returns the current task's address.
+    let task = unsafe { generated::bpf_get_current_task() };
+    // Recorded once per sleep: the switch back in closes what this opens.
+    if WAITING_TASKS
+        .insert(
+            task,
+            u64::from(tid) | u64::from(slot) << 32,
+            u64::from(BPF_NOEXIST),
+        )
+        .is_err()
+    {
+        return;
+    }
+    if let Some(count) = WAITING_FILTER.get_ptr_mut(bucket_of(task)) {
+        add(count, 1);
+    }
+    enter(tgid, tid, &mut state);
+}
+
+/// `sched_switch` puts task `next` on this CPU at `now`: if it was asleep
+/// in an epoll wait ([`switch_out`]), that wait ends now. One array read
+/// unless a thread of the target sleeps in one in `next`'s bucket.
+#[inline(always)]
+pub(crate) fn switch_in(next: u64, now: u64) {
+    let Some(count) = WAITING_FILTER.get_ptr_mut(bucket_of(next)) else {
+        return;
+    };
+    // SAFETY: a valid map value pointer.
+    if unsafe { core::ptr::read_volatile(count) } == 0 {
+        return;
+    }
+    // SAFETY: a read-only look at the map value.
+    let Some(&waiting) = (unsafe { WAITING_TASKS.get(next) }) else {
+        return;
+    };
+    let (tid, slot) = (waiting as u32, (waiting >> 32) as u32);
+    if WAITING_TASKS.remove(next).is_err() {
+        return;
+    }
+    add(count, u64::MAX);
+    // `next` runs nowhere now: no program of its own writes its slot
+    // meanwhile, so this write section is the only one.
+    if let Some(mut state) = slots::loops_mut(slot, tid, false) {
+        exit_at(&mut state, now);
+    }
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 /// drive it. A new top-level module must be placed here.
 const LAYERS: &[&str] = &[
     "term",
+    "privilege",
     "discover",
     "attach",
     "collect",

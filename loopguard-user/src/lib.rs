@@ -23,7 +23,9 @@
 //! 12. [`follow`]: `loopguard run`: launch, follow forks, supervise.
 //! 13. [`cli`]: the subcommands, and [`error`] with their exit codes.
 //!
-//! [`term`] (colour, the status line, diagnostics) is used by all.
+//! [`term`] (colour, the status line, diagnostics) is used by all, and
+//! [`privilege`] (the capabilities kept once a watch is set up) by the
+//! commands.
 
 /// Writes one diagnostic line to stderr, like `eprintln!`, but ignores a
 /// closed or full stderr: losing a diagnostic must never stop loopguard, and
@@ -36,6 +38,8 @@ macro_rules! diag {
 }
 
 pub mod term;
+
+pub mod privilege;
 
 pub mod discover;
 

@@ -145,8 +145,8 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str], middleware: 
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        12,
-        "poll_enter, poll_exit, thread_exit, thread_switch, request_start, request_end, wait_enter, wait_exit, stack_sched_switch, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded"
+        13,
+        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, request_start, request_end, wait_enter, wait_exit, stack_sched_switch, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded"
     );
     let traffic = FastTraffic::start(server.addr);
     std::thread::sleep(Duration::from_millis(300));
@@ -348,8 +348,8 @@ fn no_requests_leaves_the_request_probes_alone() {
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        10,
-        "poll_enter, poll_exit, thread_exit, thread_switch, wait_enter, wait_exit, the two stack programs and the two exec-watch programs only"
+        11,
+        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, wait_enter, wait_exit, the two stack programs and the two exec-watch programs only"
     );
     let blocked = server.get("/block/sleep?ms=120");
     let stall = agent.wait_for("the stall", Duration::from_secs(5), |v| {

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Agent, http_get, prometheus::free_port, require_root};
+use support::{
+    Agent, Server, http_get, of_type, prometheus::free_port, require_root, server_binary,
+};
 
 /// A Python process running `script` (with `args`), once it printed `ready`.
 struct Target {
@@ -20,9 +22,14 @@ struct Target {
 
 impl Target {
     fn start(script: &str, args: &[&str]) -> Self {
-        let python = std::env::var_os("LOOPGUARD_PYTHON").expect(
-            "LOOPGUARD_PYTHON is not set; run the end-to-end tests through `cargo xtask test`",
-        );
+        Self::start_with("LOOPGUARD_PYTHON", script, args)
+    }
+
+    /// With the Python interpreter the environment variable `var` names.
+    fn start_with(var: &str, script: &str, args: &[&str]) -> Self {
+        let python = std::env::var_os(var).unwrap_or_else(|| {
+            panic!("{var} is not set; run the end-to-end tests through `cargo xtask test`")
+        });
         let mut child = Command::new(python)
             .arg("-c")
             .arg(script)
@@ -489,4 +496,156 @@ fn ten_thousand_sleeping_threads_keep_attach_small_and_quick() {
         "the agent grew to {rss} MiB for 10,000 sleeping threads"
     );
     target.assert_running();
+}
+
+/// An asyncio loop that blocks in `sleep(6)` called from code it wrote into
+/// an anonymous executable page (a JIT frame), with a FIFO where a perf map
+/// of its JIT code would be.
+const JIT_FRAME_AND_FIFO_PERF_MAP: &str = "
+import asyncio, ctypes, mmap, os, struct
+libc = ctypes.CDLL(None)
+sleep = ctypes.cast(libc.sleep, ctypes.c_void_p).value
+# sub rsp,8; mov edi,6; movabs rax,sleep; call rax; add rsp,8; ret
+code = (b'\\x48\\x83\\xec\\x08\\xbf\\x06\\x00\\x00\\x00\\x48\\xb8' + struct.pack('<Q', sleep)
+        + b'\\xff\\xd0\\x48\\x83\\xc4\\x08\\xc3')
+page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(code)
+jit = ctypes.CFUNCTYPE(None)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+os.mkfifo(f'/tmp/perf-{os.getpid()}.map')
+async def main():
+    print('ready', flush=True)
+    await asyncio.sleep(0.3)
+    jit()
+    await asyncio.sleep(600)
+asyncio.run(main())
+";
+
+#[test]
+#[ignore = "needs root and a kernel with BPF; run via `cargo xtask test`"]
+fn a_jit_frame_and_a_fifo_perf_map_leave_the_rest_of_the_stack_named() {
+    require_root();
+    let target = Target::start(JIT_FRAME_AND_FIFO_PERF_MAP, &[]);
+    let perf_map = PathBuf::from(format!("/tmp/perf-{}.map", target.pid()));
+    std::thread::sleep(Duration::from_secs(1));
+    let agent = Agent::attach(target.pid(), &["--duration", "4"]);
+    let stuck = agent.wait_for("the loop stuck in sleep", Duration::from_secs(5), |v| {
+        v["type"] == "stall_in_progress"
+    });
+    let (status, lines) = agent.wait(Duration::from_secs(20));
+    let _ = std::fs::remove_file(&perf_map);
+    assert!(status.success(), "{lines:#?}");
+    let functions: Vec<&str> = stuck.value["stack"]
+        .as_array()
+        .map(|frames| {
+            frames
+                .iter()
+                .filter_map(|f| f["function"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        functions
+            .iter()
+            .any(|f| f.contains("sleep") || f.contains("nanosleep")),
+        "the C library's frames are named beside the JIT frame: {functions:?}"
+    );
+}
+
+/// Maps a copy of its C library named like a libpython, deletes it and puts
+/// a FIFO under the name the maps show; then its loop blocks in Python.
+const SWAPPED_LIBPYTHON: &str = "
+import asyncio, mmap, os, sys, time
+d = sys.argv[1]
+libc = next(l.split()[-1] for l in open('/proc/self/maps') if '/libc.so' in l)
+path = os.path.join(d, 'libpython3.fifo.so')
+with open(libc, 'rb') as src, open(path, 'wb') as dst:
+    dst.write(src.read())
+with open(path, 'rb') as f:
+    held = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ | mmap.PROT_EXEC)
+os.unlink(path)
+os.mkfifo(path + ' (deleted)')
+async def main():
+    print('ready', flush=True)
+    await asyncio.sleep(0.3)
+    time.sleep(6)
+    await asyncio.sleep(600)
+asyncio.run(main())
+";
+
+#[test]
+#[ignore = "needs root and a kernel with BPF; run via `cargo xtask test`"]
+fn a_libpython_swapped_for_a_fifo_does_not_hang_the_python_stacks() {
+    require_root();
+    let dir = scratch_dir("libpython");
+    // A Python whose interpreter is in libpython (pyenv's), so the
+    // libraries are searched.
+    let mut target = Target::start_with(
+        "LOOPGUARD_PYTHON_3_12",
+        SWAPPED_LIBPYTHON,
+        &[dir.to_str().unwrap()],
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", target.pid())).unwrap();
+    assert!(maps.contains("libpython3.fifo.so (deleted)"), "{maps}");
+    std::thread::sleep(Duration::from_secs(1));
+    let agent = Agent::attach(target.pid(), &["--duration", "4"]);
+    let stuck = agent.wait_for(
+        "the loop stuck in time.sleep",
+        Duration::from_secs(5),
+        |v| v["type"] == "stall_in_progress",
+    );
+    let (status, lines) = agent.wait(Duration::from_secs(20));
+    assert!(status.success(), "{lines:#?}");
+    let frames = stuck.value["stack"].as_array().cloned().unwrap_or_default();
+    assert!(
+        frames.iter().any(|f| f["function"] == "main"),
+        "the Python frames are read from the real libpython: {}",
+        stuck.value
+    );
+    target.assert_running();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A Tokio service whose directory holds a FIFO where blazesym looks for a
+/// DWARF package (`SERVICE.dwp`) and a `/dev/zero` link where a debug file
+/// could be: the stall is reported with its named stack, without
+/// `file:line` from DWARF, and the agent neither hangs nor reads on.
+#[test]
+#[ignore = "needs root and a kernel with BPF; run via `cargo xtask test`"]
+fn a_fifo_where_a_dwarf_package_would_be_does_not_hang_symbolization() {
+    require_root();
+    let dir = scratch_dir("dwp");
+    let binary = dir.join("service");
+    std::fs::copy(server_binary("LOOPGUARD_SERVER"), &binary).unwrap();
+    let fifo = std::ffi::CString::new(format!("{}.dwp", binary.display())).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+    let server = Server::start(&binary, &["--flavor", "multi-thread", "--workers", "2"]);
+    let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
+    server.get("/block/sleep?ms=200");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let (status, lines) = agent.interrupt();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the agent took {:?} to stop",
+        started.elapsed()
+    );
+    assert!(status.success(), "loopguard exited with {status}");
+    let stalls = of_type(&lines, "stall");
+    assert_eq!(stalls.len(), 1, "{lines:#?}");
+    let functions: Vec<&str> = stalls[0]["stack"]
+        .as_array()
+        .map(|frames| {
+            frames
+                .iter()
+                .filter_map(|f| f["function"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        functions.iter().any(|f| f.contains("block")),
+        "the service's frames keep their names: {functions:?}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -102,17 +102,26 @@ fn the_documented_non_root_setup_works_and_the_old_one_is_named() {
         "--no-stacks",
     ];
     // What docs/TROUBLESHOOTING.md says to use: attaches, detaches, exit 0.
-    let (code, stderr) = loopguard_with_caps("sys_admin,sys_ptrace", &watch);
+    let (code, stderr) = loopguard_with_caps("sys_admin,sys_ptrace,kill", &watch);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("detached"), "{stderr}");
+    // The set documented before CAP_KILL: it could stop another user's
+    // process at exec and never resume it, so preflight refuses it.
+    let (code, stderr) = loopguard_with_caps("sys_admin,sys_ptrace", &watch);
+    assert_eq!(code, Some(5), "{stderr}");
+    assert!(
+        stderr.contains("missing: CAP_KILL")
+            && stderr.contains("setcap cap_sys_admin,cap_sys_ptrace,cap_kill+ep"),
+        "{stderr}"
+    );
     // The set once documented: where the kernel wants CAP_SYS_ADMIN for
     // uprobes (this one), preflight says so and nothing is loaded; on a
     // kernel that still takes CAP_PERFMON it attaches. Never a raw EACCES.
-    let (code, stderr) = loopguard_with_caps("bpf,perfmon,sys_ptrace", &watch);
+    let (code, stderr) = loopguard_with_caps("bpf,perfmon,sys_ptrace,kill", &watch);
     match code {
         Some(5) => assert!(
             stderr.contains("CAP_SYS_ADMIN")
-                && stderr.contains("setcap cap_sys_admin,cap_sys_ptrace+ep"),
+                && stderr.contains("setcap cap_sys_admin,cap_sys_ptrace,cap_kill+ep"),
             "{stderr}"
         ),
         Some(0) => assert!(stderr.contains("detached"), "{stderr}"),

@@ -3,11 +3,14 @@
 //! blocked by `time.sleep`, a pure-Python CPU loop and a blocking
 //! `socket.recv`, and already stuck when loopguard attaches. Every stall's
 //! stack must hold the handler's Python frame with the file and line of
-//! the source (read from the `# LINE:` markers of the app).
+//! the source (read from the `# LINE:` markers of the app), and a blocking
+//! builtin's Python-level frame (`time.sleep`, `socket.recv`) between it
+//! and the native leaf. 3.11 runs twice: Debian's (the interpreter in a
+//! stripped executable) and pyenv's (in `libpython3.11.so`).
 //!
 //! Root and the virtual environments `cargo xtask test` makes
-//! (`LOOPGUARD_PYTHON_3_11`, `_3_12`, `_3_13`) are needed, so the tests are
-//! `#[ignore]`d in a plain `cargo test`.
+//! (`LOOPGUARD_PYTHON_3_11`, `_3_11_7`, `_3_12`, `_3_13`) are needed, so
+//! the tests are `#[ignore]`d in a plain `cargo test`.
 
 mod support;
 
@@ -124,10 +127,18 @@ fn python_frames(stall: &Value) -> Vec<&Value> {
         .unwrap_or_default()
 }
 
-/// The stall's innermost Python frame is `function` in the app at the
-/// line marked `marker`; frames without Python stand before it only.
+/// Frames of Python code: a builtin's frame (`time.sleep`) has no file.
+fn code_frames(stall: &Value) -> Vec<&Value> {
+    python_frames(stall)
+        .into_iter()
+        .filter(|f| f["file"].is_string())
+        .collect()
+}
+
+/// The stall's innermost frame of Python code is `function` in the app at
+/// the line marked `marker`; frames without Python code stand before it only.
 fn assert_python_top(stall: &Value, function: &str, marker: &str) {
-    let frames = python_frames(stall);
+    let frames = code_frames(stall);
     let top = frames
         .first()
         .unwrap_or_else(|| panic!("no Python frames in {stall}"));
@@ -150,6 +161,22 @@ fn leaf(stall: &Value) -> &str {
     stall["stack"][0]["function"].as_str().unwrap_or_default()
 }
 
+/// The innermost Python-level frame is builtin `name` (no file, no line),
+/// right inside the frame of Python code that called it, and the native
+/// leaf (`clock_nanosleep`, `recv`) stays innermost.
+fn assert_builtin(stall: &Value, name: &str, native_leaf: &str) {
+    let frames = python_frames(stall);
+    assert_eq!(frames[0]["function"], name, "{stall}");
+    assert!(frames[0]["file"].is_null(), "{stall}");
+    assert!(frames[0]["line"].is_null(), "{stall}");
+    assert!(frames[1]["file"].is_string(), "{stall}");
+    assert!(
+        leaf(stall).contains(native_leaf),
+        "leaf {}: {stall}",
+        leaf(stall)
+    );
+}
+
 fn the_stall<'a>(stalls: &[&'a Value], function: &str) -> &'a Value {
     let found: Vec<_> = stalls
         .iter()
@@ -164,13 +191,14 @@ fn assert_deep(stalls: &[&Value]) {
     let deep = stalls
         .iter()
         .find(|s| {
-            python_frames(s)
+            code_frames(s)
                 .first()
                 .is_some_and(|f| f["function"] == "deep")
         })
         .unwrap_or_else(|| panic!("no stall in `deep`: {stalls:#?}"));
     assert_python_top(deep, "deep", "deep");
-    let deep_frames = python_frames(deep);
+    assert_builtin(deep, "time.sleep", "sleep");
+    let deep_frames = code_frames(deep);
     // `deep(1000)` .. `deep(1)` call from the recursion's line, under
     // `deep_handler` and the framework, whose outermost frames are cut.
     assert_eq!(deep_frames.len(), 1024, "{deep}");
@@ -218,7 +246,7 @@ fn blocks_in_python(version: &str) {
     let sleeps: Vec<_> = stalls
         .iter()
         .filter(|s| {
-            python_frames(s)
+            code_frames(s)
                 .first()
                 .is_some_and(|f| f["function"] == "sleep_handler")
         })
@@ -226,17 +254,15 @@ fn blocks_in_python(version: &str) {
     assert_eq!(sleeps.len(), 2, "{stalls:#?}");
     for stall in sleeps {
         assert_python_top(stall, "sleep_handler", "sleep");
-        assert!(
-            leaf(stall).contains("sleep"),
-            "leaf {}: {stall}",
-            leaf(stall)
-        );
+        assert_builtin(stall, "time.sleep", "sleep");
     }
-    assert_python_top(the_stall(&stalls, "doze_handler"), "doze_handler", "doze");
+    let doze = the_stall(&stalls, "doze_handler");
+    assert_python_top(doze, "doze_handler", "doze");
+    assert_builtin(doze, "time.sleep", "sleep");
 
     let spin = the_stall(&stalls, "spin");
     assert_python_top(spin, "spin", "spin");
-    let spin_frames = python_frames(spin);
+    let spin_frames = code_frames(spin);
     assert_eq!(spin_frames[1]["function"], "spin_handler", "{spin}");
     assert_eq!(
         spin_frames[1]["line"].as_u64(),
@@ -246,7 +272,8 @@ fn blocks_in_python(version: &str) {
 
     let recv = the_stall(&stalls, "recv_handler");
     assert_python_top(recv, "recv_handler", "recv");
-    assert!(leaf(recv).contains("recv"), "leaf {}: {recv}", leaf(recv));
+    // A method of `_socket.socket`, named as its `__qualname__`.
+    assert_builtin(recv, "socket.recv", "recv");
 
     assert_deep(&stalls);
 
@@ -259,6 +286,11 @@ fn blocks_in_python(version: &str) {
     };
     assert_eq!(with("sleep_handler").len(), 1, "{text}");
     assert_eq!(with("doze_handler").len(), 1, "{text}");
+    // The builtin folds right inside its caller.
+    assert!(
+        with("sleep_handler")[0].contains(";sleep_handler;time.sleep;"),
+        "{text}"
+    );
     assert!(!text.contains("_PyEval_EvalFrameDefault"), "{text}");
     let summary = support::of_type(&lines, "summary");
     let stacks = summary[0]["stacks"].as_array().expect("summary stacks");
@@ -293,6 +325,7 @@ fn stuck_at_attach(version: &str) {
     let stuck = agent.wait_for_stuck_before_attach("the loop", attached, |_| true);
     assert_eq!(stuck.value["kind"], "loop", "{}", stuck.value);
     assert_python_top(&stuck.value, "sleep_handler", "sleep");
+    assert_builtin(&stuck.value, "time.sleep", "sleep");
     let programs = agent.programs();
     assert_eq!(blocker.join().unwrap().status, 200);
     let (status, _) = agent.interrupt();
@@ -306,6 +339,15 @@ fn python_3_11_stacks() {
     require_root();
     blocks_in_python("3.11");
     stuck_at_attach("3.11");
+}
+
+/// pyenv's 3.11: the interpreter in `libpython3.11.so`, with symbols.
+#[test]
+#[ignore = "end-to-end: needs root and the FastAPI environments; run `cargo xtask test`"]
+fn python_3_11_libpython_stacks() {
+    require_root();
+    blocks_in_python("3.11.7");
+    stuck_at_attach("3.11.7");
 }
 
 #[test]

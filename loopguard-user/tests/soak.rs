@@ -27,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::freezes::Freezes;
 use support::{Agent, Line, assert_detached, http_get, require_root};
 
 /// Every rule on: poll and loop stalls (the defaults), cumulative (on by
@@ -153,9 +154,50 @@ impl Drop for Target {
     }
 }
 
+/// The load average (`/proc/loadavg`'s first three fields): the soak is
+/// timing-sensitive, and the machine is shared.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |e| format!("unknown ({e})"),
+        |text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
+}
+
+/// Each alert with what the freeze witness saw during it, one per line.
+fn explain(alerts: &[&Value], freezes: &Freezes) -> String {
+    alerts
+        .iter()
+        .map(|alert| {
+            let start = alert["start_ns"].as_u64().unwrap_or(0);
+            let ms = alert["duration_ms"].as_f64().unwrap_or(0.0);
+            let end = start + (ms * 1e6) as u64;
+            format!(
+                "{} {} of {ms} ms at {start}: {}",
+                alert["type"],
+                alert["kind"],
+                freezes.describe(start, end)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Watches `target` with every rule on while `load` runs for `seconds`;
-/// panics on any alert. `poke` runs every 500 ms meanwhile.
-fn soak(label: &str, target: &Target, load: Load, seconds: u64, mut poke: impl FnMut()) {
+/// panics on any alert, saying what the freeze witness saw during each.
+/// `poke` runs every 500 ms meanwhile.
+fn soak(
+    label: &str,
+    target: &Target,
+    load: Load,
+    seconds: u64,
+    freezes: &Freezes,
+    mut poke: impl FnMut(),
+) {
     let agent = Agent::attach(target.pid(), EVERY_RULE);
     let programs = agent.programs();
     let until = Instant::now() + Duration::from_secs(seconds);
@@ -170,11 +212,16 @@ fn soak(label: &str, target: &Target, load: Load, seconds: u64, mut poke: impl F
     let alerts = alerts(&lines);
     assert!(
         alerts.is_empty(),
-        "{label}: {} false alarms under healthy load ({served} requests): {alerts:#?}",
-        alerts.len()
+        "{label}: {} false alarms under healthy load ({served} requests, load average {}):\n{}\n{alerts:#?}",
+        alerts.len(),
+        load_average(),
+        explain(&alerts, freezes),
     );
     assert_detached(&programs);
-    eprintln!("soak {label}: {served} requests, no alert");
+    eprintln!(
+        "soak {label}: {served} requests, no alert (load average {})",
+        load_average()
+    );
 }
 
 /// The example's healthy endpoints, one fresh connection each.
@@ -188,7 +235,7 @@ const HEALTHY: &[&str] = &[
 
 /// One build of the example under the mixed load; with `stdin`, its
 /// `block_on` body awaits stdin and SIGUSR1 (poked every 500 ms).
-fn soak_example(label: &str, var: &str, flavor: &str, stdin: bool) {
+fn soak_example(label: &str, var: &str, flavor: &str, stdin: bool, freezes: &Freezes) {
     let binary = support::server_binary(var);
     let mut args = vec!["--flavor", flavor];
     if stdin {
@@ -215,7 +262,7 @@ fn soak_example(label: &str, var: &str, flavor: &str, stdin: bool) {
         "/work/yield?ms=5",
     );
     let pid = target.pid().to_string();
-    soak(label, &target, load, 10, || {
+    soak(label, &target, load, 10, freezes, || {
         if stdin {
             let _ = Command::new("kill").args(["-USR1", &pid]).status();
         }
@@ -227,36 +274,48 @@ fn soak_example(label: &str, var: &str, flavor: &str, stdin: bool) {
 fn no_alert_from_any_build_under_healthy_mixed_load() {
     require_root();
     let started = Instant::now();
+    let freezes = Freezes::watch();
     soak_example(
         "release multi-thread",
         "LOOPGUARD_SERVER",
         "multi-thread",
         false,
+        &freezes,
     );
     soak_example(
         "release current-thread --stdin",
         "LOOPGUARD_SERVER",
         "current-thread",
         true,
+        &freezes,
     );
     soak_example(
         "fat LTO --stdin",
         "LOOPGUARD_SERVER_LTO",
         "multi-thread",
         true,
+        &freezes,
     );
-    soak_example("v0 mangling", "LOOPGUARD_SERVER_V0", "multi-thread", false);
+    soak_example(
+        "v0 mangling",
+        "LOOPGUARD_SERVER_V0",
+        "multi-thread",
+        false,
+        &freezes,
+    );
     soak_example(
         "non-PIE --stdin",
         "LOOPGUARD_SERVER_NOPIE",
         "multi-thread",
         true,
+        &freezes,
     );
     soak_example(
         "debug info",
         "LOOPGUARD_SERVER_DEBUGINFO",
         "current-thread",
         false,
+        &freezes,
     );
     let matrix = std::env::var("LOOPGUARD_MATRIX")
         .expect("LOOPGUARD_MATRIX is not set; run `cargo xtask test` (or `cargo xtask matrix`)");
@@ -279,7 +338,14 @@ fn no_alert_from_any_build_under_healthy_mixed_load() {
         };
         load.cycle(target.addr, paths, Duration::from_millis(2));
         load.cycle(target.addr, paths, Duration::ZERO);
-        soak(&format!("{label} {flavor}"), &target, load, 5, || {});
+        soak(
+            &format!("{label} {flavor}"),
+            &target,
+            load,
+            5,
+            &freezes,
+            || {},
+        );
     }
     eprintln!("soak: {:.0?} in all", started.elapsed());
 }

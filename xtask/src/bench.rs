@@ -6,10 +6,14 @@
 //! (the order alternates round to round, ABBA, to cancel drift), and the
 //! medians of the per-round ratios are compared with issue #7's targets.
 //! `--soak-minutes` then checks the agent's memory over a longer run.
+//! `--python` compares loopguard with fastapi-loopguard on a `FastAPI` app
+//! instead (`python.rs`).
 
 mod agent;
 mod attach_time;
 mod load;
+mod parts;
+mod python;
 mod report;
 mod scrape;
 mod soak;
@@ -42,10 +46,13 @@ What it does:
   oha -q RATE --latency-correction (latency counted from when each request
   was due).
 
-The floor: the same probe sites with programs that return at their first
-  instruction, and an agent that reads nothing (`attach
-  --bench-empty-programs`). attached / floor is loopguard's own work;
+The floor: the poll floor, the poll probes alone with programs that
+  return at their first instruction, and an agent that reads nothing
+  (`attach --bench-empty-programs --wait-probes off --no-stacks
+  --no-requests`, plus any --floor-arg): the kernel entries the design
+  cannot do without. attached / floor is what loopguard adds on top;
   floor / unattached is what the kernel charges for entering the probes.
+  --parts splits what is added into its parts.
   Server µs/request (its CPU time per request served) shows the cost where
   it lands even when the load generator, not the server, is the limit.
 
@@ -60,7 +67,29 @@ Targets (issue #18): throughput ≥ 0.90 on trivial at saturation with
   endpoint, p99 latency ≤ +10 %. A MISS is reported, not an error; only the
   soak's memory check fails the command.
 
-Needs root (it loads eBPF programs): sudo -E cargo xtask bench")]
+Python mode (--python, issue #27): the same FastAPI app
+  (examples/loop-servers/fastapi_app.py) under uvicorn, four processes at
+  once on --server-cpus: bare; loopguard-asgi with the agent attached
+  (`attach --threshold-ms 50`, as users run it); loopguard-asgi with no
+  agent (the middleware's own cost); fastapi-loopguard 0.9.0 with its
+  defaults. Each round loads them one after another in a rotating order:
+  /fast at saturation (wrk) and at a fixed rate (oha). Any report made
+  meanwhile is a false alarm. Then it injects blocks into the two watched
+  apps (time.sleep and a CPU loop, 100 and 200 ms, each beside two
+  requests suspended on `await asyncio.sleep` and /fast traffic) and reads
+  the agent's JSON events and fastapi-loopguard's warnings from the app's
+  stderr: recall, duration error against the endpoint's own timing,
+  whether the culprit is named (fastapi-loopguard by the x-request-id it
+  answered with), bystanders blamed. One table, both tools side by side,
+  then one summary line per row. --endpoints, --workers, the floor, the
+  soak, --scrape-every-ms and --attach-only do not apply.
+
+Needs root (it loads eBPF programs): sudo -E cargo xtask bench
+  [--python]")]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "clap flags, each independent"
+)]
 pub struct Options {
     /// Seconds of load per measurement [default: 10, or 3 with --quick].
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
@@ -127,7 +156,37 @@ pub struct Options {
     /// round (--rounds, --agent-arg apply); no load.
     #[arg(long)]
     attach_only: bool,
+    /// Compare loopguard (loopguard-asgi + the agent) with fastapi-loopguard 0.9.0 on a `FastAPI` app: recall, duration error, culprits, false alarms, throughput (see below).
+    #[arg(long, conflicts_with_all = [
+        "endpoints", "workers", "floor_args", "no_floor", "scrape_every_ms",
+        "soak_minutes", "attach_only", "parts",
+    ])]
+    python: bool,
+    /// Instead of the comparison, measure what each part costs, in one run:
+    /// the poll floor, then the program bodies, the wait path, stacks, the
+    /// request probes (the default) and a scrape a second, each added to
+    /// the one before; at saturation, on --endpoints and on --servers.
+    #[arg(long)]
+    parts: bool,
+    /// Real servers for --parts, installed from crates.io into
+    /// target/bench-servers the first time (symbols kept).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [parts::RealServer::StaticWebServer], requires = "parts")]
+    servers: Vec<parts::RealServer>,
+    /// --parts on the example only, without installing a real server.
+    #[arg(long, requires = "parts")]
+    no_servers: bool,
 }
+
+/// The floor: the poll probes alone, with programs that return at once.
+/// No wait path, stacks or request probes: what the design cannot do
+/// without (a kernel entry on each poll's entry and return).
+const POLL_FLOOR_ARGS: [&str; 5] = [
+    "--bench-empty-programs",
+    "--wait-probes",
+    "off",
+    "--no-stacks",
+    "--no-requests",
+];
 
 /// The default fixed rate as a share of unattached saturation. Half was
 /// too close to the attached server's capacity: its p99 then measured
@@ -275,6 +334,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     check_cpus(options)?;
     let plan = plan(options);
+    if options.python {
+        return python::run(options, &plan);
+    }
     let binaries = build::build_all()?;
     if options.attach_only {
         return attach_time::run(
@@ -284,8 +346,6 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             plan.rounds,
         );
     }
-    let oha = setup::install_oha()?;
-
     let mut server_command = Command::new("taskset");
     server_command
         .args(["-c", &options.server_cpus])
@@ -293,6 +353,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .args(["--workers", &options.workers.to_string()]);
     let server = Example::spawn(server_command)?;
     let base = format!("http://{}", server.addr);
+    if options.parts {
+        return run_parts(options, &plan, &binaries.loopguard, server.pid(), &base);
+    }
+    let oha = setup::install_oha()?;
     eprintln!(
         "bench: stall-server pid {} on {} ({} worker(s), CPUs {}); load on CPUs {}, agent on CPUs {}; {} round(s) of {} s",
         server.pid(),
@@ -356,6 +420,34 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         soak.verdict()?;
     }
     Ok(())
+}
+
+/// `--parts`: the ladder of parts on the example (pid `example_pid` at
+/// `base`) and the real servers.
+fn run_parts(
+    options: &Options,
+    plan: &Plan,
+    loopguard: &Path,
+    example_pid: u32,
+    base: &str,
+) -> anyhow::Result<()> {
+    parts::run(&parts::Setup {
+        loopguard,
+        example_pid,
+        example_base: base,
+        endpoints: &plan.endpoints,
+        servers: if options.no_servers {
+            &[]
+        } else {
+            &options.servers
+        },
+        server_cpus: &options.server_cpus,
+        load_cpus: &options.load_cpus,
+        agent_cpus: &options.agent_cpus,
+        seconds: plan.seconds,
+        rounds: plan.rounds,
+        connections: options.connections,
+    })
 }
 
 /// What every measurement shares.
@@ -425,11 +517,11 @@ fn compare(setting: &Setting) -> anyhow::Result<Results> {
                         setting.server_pid,
                         &options.agent_cpus,
                         THRESHOLD_MS,
-                        &[
-                            options.agent_args.clone(),
-                            vec!["--bench-empty-programs".to_owned()],
-                        ]
-                        .concat(),
+                        &POLL_FLOOR_ARGS
+                            .iter()
+                            .map(|&arg| arg.to_owned())
+                            .chain(options.floor_args.iter().cloned())
+                            .collect::<Vec<_>>(),
                         None,
                     )?),
                     Variant::Attached => {

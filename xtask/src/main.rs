@@ -9,7 +9,8 @@
 //! - `hygiene`: the build-hygiene checks `test` runs (no aya in middleware
 //!   users; the pure crates on stable without bpf-linker)
 //! - `bench`: the example's throughput and latency with and without loopguard
-//!   attached, the agent's CPU and memory, and optionally a memory soak
+//!   attached, the agent's CPU and memory, and optionally a memory soak;
+//!   `--python`: loopguard-asgi + the agent against fastapi-loopguard
 
 mod bench;
 mod build;
@@ -61,7 +62,8 @@ enum Command {
     Matrix,
     /// Measure what attaching costs the example: throughput, p50/p99 latency, agent CPU and memory.
     ///
-    /// Installs oha (the fixed-rate load generator) on first use.
+    /// Installs oha (the fixed-rate load generator) on first use. `--python`: loopguard
+    /// against fastapi-loopguard 0.9.0 on a `FastAPI` app instead.
     Bench(Box<bench::Options>),
 }
 

@@ -42,6 +42,9 @@ pub const STACK_PYTHONS: &[(&str, &[&str])] = &[
             "/root/.pyenv/versions/3.11.7/bin/python3.11",
         ],
     ),
+    // pyenv's 3.11 too: its interpreter is in `libpython3.11.so`, not
+    // the executable as Debian's is.
+    ("3.11.7", &["/root/.pyenv/versions/3.11.7/bin/python3.11"]),
     ("3.12", &["/root/.pyenv/versions/3.12.1/bin/python3.12"]),
     ("3.13", &["/root/.pyenv/versions/3.13.0/bin/python3.13"]),
 ];

@@ -425,10 +425,19 @@ fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
 /// How the wait path is probed (`--wait-probes`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum WaitProbes {
-    /// uprobes on the C library's epoll wrappers where the target has them,
-    /// the syscall tracepoints otherwise.
+    /// `switch` for a Tokio program (its task polls split a busy worker's
+    /// time); for an event loop without task polls, uprobes on the C
+    /// library's epoll wrappers where the target has them, the syscall
+    /// tracepoints otherwise.
     #[default]
     Auto,
+    /// The `sched_switch` tracepoint that already runs: a thread switched
+    /// out asleep in an epoll wait is waiting until it is switched back in.
+    /// No probe per epoll wait; uprobes only on the Tokio parks that sleep
+    /// in a futex (the `block_on` thread's, a worker's condvar). A wait
+    /// that does not sleep (`epoll_wait` with events ready) is not seen:
+    /// a task poll's return ends a busy stretch instead.
+    Switch,
     /// uprobes on the epoll wrappers: cost only the target's own waits, but
     /// miss a program that makes the syscall itself.
     Uprobe,
@@ -442,6 +451,8 @@ pub enum WaitProbes {
 /// What the wait path ended up as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WaitPath {
+    /// `sched_switch` (plus uprobes on Tokio's futex parks).
+    Switch,
     /// uprobes on this many epoll wrappers (plus Tokio's parks).
     Uprobes { epoll_sites: usize },
     /// The syscall tracepoints (plus uprobes on Tokio's parks).
@@ -454,47 +465,62 @@ impl WaitPath {
     /// How the `attached` line names it.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Switch => "sched_switch",
             Self::Uprobes { .. } => "uprobes",
             Self::Tracepoints => "syscall tracepoints",
             Self::Off => "off",
         }
     }
+
+    /// The sites that get a wait probe on this path.
+    fn probed(self, sites: &[WaitSite]) -> Vec<&WaitSite> {
+        match self {
+            Self::Off => Vec::new(),
+            Self::Switch => crate::discover::waits::probed_on_switch(sites),
+            Self::Tracepoints => sites
+                .iter()
+                .filter(|site| site.kind == WaitKind::TokioPark)
+                .collect(),
+            Self::Uprobes { .. } => sites.iter().collect(),
+        }
+    }
 }
 
-/// Chooses how to see epoll waits: uprobes where the wrappers exist.
-pub fn choose_wait_path(wanted: WaitProbes, epoll_sites: usize) -> WaitPath {
+/// Chooses how to see waits: on `sched_switch` for a program with task
+/// polls (`tokio`), else uprobes where the epoll wrappers exist.
+pub fn choose_wait_path(wanted: WaitProbes, epoll_sites: usize, tokio: bool) -> WaitPath {
     match wanted {
         WaitProbes::Off => WaitPath::Off,
+        WaitProbes::Switch => WaitPath::Switch,
+        WaitProbes::Auto if tokio => WaitPath::Switch,
         WaitProbes::Uprobe => WaitPath::Uprobes { epoll_sites },
         WaitProbes::Auto if epoll_sites > 0 => WaitPath::Uprobes { epoll_sites },
         WaitProbes::Auto | WaitProbes::Tracepoint => WaitPath::Tracepoints,
     }
 }
 
-/// Chooses the wait path, attaches its tracepoints if it has them, and
-/// returns its uprobes: on every wait site, returns first (an entry recorded
-/// without its return would look like a thread waiting forever, which is
-/// harmless, but the other order would miss the first return).
-fn wait_groups(
-    ebpf: &mut Ebpf,
-    target: &ProbeTarget,
-    wanted: WaitProbes,
-) -> Result<(WaitPath, Vec<ProbeGroup>), AttachError> {
+/// The wait path `wanted` gives `target`.
+fn wait_path_for(target: &ProbeTarget, wanted: WaitProbes) -> WaitPath {
     let epoll_sites = target
         .wait_sites
         .iter()
         .filter(|site| site.kind == WaitKind::Epoll)
         .count();
-    let path = choose_wait_path(wanted, epoll_sites);
-    let sites: Vec<&WaitSite> = target
-        .wait_sites
-        .iter()
-        .filter(|site| match path {
-            WaitPath::Off => false,
-            WaitPath::Tracepoints => site.kind == WaitKind::TokioPark,
-            WaitPath::Uprobes { .. } => true,
-        })
-        .collect();
+    let tokio = !target.is_loop_only()
+        && crate::discover::waits::switch_sees_every_park(&target.wait_sites);
+    choose_wait_path(wanted, epoll_sites, tokio)
+}
+
+/// Attaches the wait path's tracepoints if it has them, and returns its
+/// uprobes: on every wait site, returns first (an entry recorded without
+/// its return would look like a thread waiting forever, which is harmless,
+/// but the other order would miss the first return).
+fn wait_groups(
+    ebpf: &mut Ebpf,
+    target: &ProbeTarget,
+    path: WaitPath,
+) -> Result<Vec<ProbeGroup>, AttachError> {
+    let sites = path.probed(&target.wait_sites);
     if path == WaitPath::Tracepoints {
         for (program, tracepoint) in [
             (names::WAIT_SYSCALL_EXIT, "sys_exit"),
@@ -503,7 +529,7 @@ fn wait_groups(
             attach_raw_tracepoint(ebpf, program, tracepoint)?;
         }
     }
-    Ok((path, group_wait_sites(&sites)))
+    Ok(group_wait_sites(&sites))
 }
 
 /// One group per program and file (the C library and the executable are
@@ -758,6 +784,10 @@ pub fn attach(
     if options.requests && !target.binary.usdt_sites.is_empty() {
         config.flags |= config_flags::REQUESTS;
     }
+    let wait_path = wait_path_for(target, options.wait_probes);
+    if wait_path == WaitPath::Switch {
+        config.flags |= config_flags::WAIT_SWITCH;
+    }
     config.report_floor_ns = report_floor_ns;
     let ranges = target.blocking_runtime_ranges();
     for (slot, range) in config.blocking_ranges.iter_mut().zip(&ranges) {
@@ -791,6 +821,9 @@ pub fn attach(
     // preemption counted as held time, and under load that is a false
     // stall of a poll that only waited for a CPU during the attach.
     attach_raw_tracepoint(&mut ebpf, names::THREAD_SWITCH, "sched_switch")?;
+    // And for the same reason the steal-time program: a vCPU the host did
+    // not run would make the poll in flight look that much longer.
+    attach_raw_tracepoint(&mut ebpf, names::THREAD_RUNTIME, "sched_stat_runtime")?;
     let stacks = options.stacks
         && stacks::attach_programs(&mut ebpf)
             .inspect_err(|error| {
@@ -805,8 +838,7 @@ pub fn attach(
     if options.requests {
         groups.extend(usdt_groups(&mut ebpf, target)?);
     }
-    let (wait_path, wait) = wait_groups(&mut ebpf, target, options.wait_probes)?;
-    groups.extend(wait);
+    groups.extend(wait_groups(&mut ebpf, target, wait_path)?);
     let probe_count = groups.iter().map(|group| group.sites.len()).sum();
 
     let multi = choose_links(options.probe_links, &ebpf)?;
@@ -862,15 +894,38 @@ mod tests {
     #[test]
     fn the_wait_path_prefers_uprobes_where_wrappers_exist() {
         assert_eq!(
-            choose_wait_path(WaitProbes::Auto, 3),
+            choose_wait_path(WaitProbes::Auto, 3, false),
             WaitPath::Uprobes { epoll_sites: 3 }
         );
-        assert_eq!(choose_wait_path(WaitProbes::Auto, 0), WaitPath::Tracepoints);
         assert_eq!(
-            choose_wait_path(WaitProbes::Tracepoint, 3),
+            choose_wait_path(WaitProbes::Auto, 0, false),
             WaitPath::Tracepoints
         );
-        assert_eq!(choose_wait_path(WaitProbes::Off, 3), WaitPath::Off);
+        assert_eq!(
+            choose_wait_path(WaitProbes::Tracepoint, 3, true),
+            WaitPath::Tracepoints
+        );
+        assert_eq!(
+            choose_wait_path(WaitProbes::Uprobe, 3, true),
+            WaitPath::Uprobes { epoll_sites: 3 }
+        );
+        assert_eq!(choose_wait_path(WaitProbes::Off, 3, true), WaitPath::Off);
+    }
+
+    #[test]
+    fn a_tokio_program_waits_on_sched_switch_by_default() {
+        assert_eq!(
+            choose_wait_path(WaitProbes::Auto, 3, true),
+            WaitPath::Switch
+        );
+        assert_eq!(
+            choose_wait_path(WaitProbes::Auto, 0, true),
+            WaitPath::Switch
+        );
+        assert_eq!(
+            choose_wait_path(WaitProbes::Switch, 3, false),
+            WaitPath::Switch
+        );
     }
 
     fn wait_site(path: &str, offset: u64) -> WaitSite {

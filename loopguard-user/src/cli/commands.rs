@@ -73,6 +73,7 @@ fn start_watch(
 /// `loopguard report`: a recording shown again.
 pub fn report(args: &crate::config::args::ReportArgs) -> Result<i32, Error> {
     crate::term::setup(args.color, false);
+    crate::privilege::drop_to(crate::privilege::FILES);
     crate::cli::report::report(args)?;
     Ok(0)
 }
@@ -163,6 +164,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
         empty_programs: args.bench_empty_programs,
         entry_only: args.bench_entry_only,
     };
+    crate::privilege::drop_to(crate::privilege::WATCH);
     let runtime = runtime()?;
     let local = tokio::task::LocalSet::new();
     runtime.block_on(local.run_until(async {
@@ -240,6 +242,8 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             forwarded.push((signo, incoming));
         }
         let stopped = launch::launch_stopped(&args.command, run_as.as_ref())?;
+        // Started (as its user): setuid and setgid are not needed any more.
+        crate::privilege::drop_to(crate::privilege::WATCH);
         let pid = stopped.pid();
         // Following starts while the command is stopped: nothing it forks
         // or execs is missed.

@@ -3,6 +3,7 @@
 //! state from the mapped thread slots ([`slots`]), and sums the per-CPU
 //! counters and histogram.
 
+pub mod lost;
 pub mod slots;
 pub mod totals;
 

@@ -229,11 +229,14 @@ pub struct WatchArgs {
     /// [default: /health,/healthz,/ready,/metrics].
     #[arg(long, value_delimiter = ',', value_name = "GLOBS")]
     pub exclude_routes: Option<Vec<String>>,
-    /// How event-loop waits are seen: `uprobe` on the C library's epoll
-    /// wrappers (costs nothing outside the target, misses programs that make
-    /// the syscall themselves), `tracepoint` on every syscall's entry and exit
-    /// (sees every wait, but runs for every process on the host), `auto`
-    /// (uprobes where the wrappers exist), or `off` [default: auto].
+    /// How event-loop waits are seen: `switch` on the context-switch
+    /// tracepoint (no probe per epoll wait; needs task polls to split a busy
+    /// worker's time), `uprobe` on the C library's epoll wrappers (costs
+    /// nothing outside the target, misses programs that make the syscall
+    /// themselves), `tracepoint` on every syscall's entry and exit (sees
+    /// every wait, but runs for every process on the host), `auto` (`switch`
+    /// for Tokio, else uprobes where the wrappers exist), or `off`
+    /// [default: auto].
     #[arg(long, value_enum)]
     pub wait_probes: Option<crate::attach::WaitProbes>,
     /// How the uprobes are attached: `multi` puts each program's probes in

@@ -4,8 +4,10 @@
 //! Three rules, each a small type with its own synthetic-stream tests:
 //! [`stall`] (one poll over the threshold), [`adaptive`] (the threshold
 //! follows a percentile of this process's recent polls) and [`cumulative`]
-//! (short polls that add up inside a window). [`thresholds`] runs them
-//! together: the engine the agent feeds.
+//! (short polls that add up inside a window), and [`loops`] (an event-loop
+//! thread away from its wait too long). [`thresholds`] runs them together:
+//! the engine the agent feeds, which keeps the loop rule on the threshold
+//! in force and tells it of every poll stall.
 
 pub mod adaptive;
 pub mod cumulative;

@@ -1,5 +1,5 @@
-//! The threshold engine: the stall, adaptive and cumulative rules run
-//! together on one stream of polls.
+//! The threshold engine: the stall, adaptive, cumulative and loop rules
+//! run together on one stream of polls and loop stretches.
 //!
 //! Input: finished worker polls at least [`DetectSettings::report_floor_ns`]
 //! long (the kernel ships nothing shorter), snapshots of in-flight polls,
@@ -9,11 +9,16 @@
 //! With `--adaptive`, a cut must also be longer than the baseline's
 //! percentile: polls that are normal for this process are not cuts, and
 //! there are no cuts until the baseline exists.
+//!
+//! The loop rule ([`LoopDetector`]) lives here too, so it follows the
+//! threshold in force and learns of every poll stall without the agent
+//! passing either on by hand.
 
 use loopguard_common::{PollEvent, ThreadPolls};
 
 use super::adaptive::{AdaptiveSettings, AdaptiveThreshold, Baseline};
 use super::cumulative::{Culprit, CumulativeDetector, CumulativeSettings, Cut};
+use super::loops::LoopDetector;
 use super::stall::{StallDetector, held_ns, is_task_poll, task_id};
 use super::{Finding, ThresholdChange};
 use crate::collect::totals::Histogram;
@@ -85,6 +90,7 @@ pub struct ThresholdEngine {
     stall: StallDetector,
     adaptive: Option<AdaptiveThreshold>,
     cumulative: Option<CumulativeDetector>,
+    loops: LoopDetector,
     baseline: Option<Baseline>,
     announced_ns: u64,
     range: ThresholdRange,
@@ -100,6 +106,7 @@ impl ThresholdEngine {
             stall: StallDetector::new(threshold_ns),
             adaptive: settings.adaptive.clone().map(AdaptiveThreshold::new),
             cumulative: settings.cumulative.clone().map(CumulativeDetector::new),
+            loops: LoopDetector::new(threshold_ns, Vec::new()),
             baseline: None,
             announced_ns: threshold_ns,
             range: ThresholdRange::new(threshold_ns),
@@ -108,8 +115,38 @@ impl ThresholdEngine {
         }
     }
 
+    /// Loop stalls only on threads named by `only` (`--loop-threads`; all
+    /// threads when empty).
+    #[must_use]
+    pub fn with_loop_threads(mut self, only: Vec<String>) -> Self {
+        self.loops = LoopDetector::new(self.threshold_ns(), only);
+        self
+    }
+
     pub fn settings(&self) -> &DetectSettings {
         &self.settings
+    }
+
+    /// The loop rule, fed loop stretches and snapshots by the agent; its
+    /// threshold and the poll stalls it must not repeat come from here.
+    pub fn loops(&mut self) -> &mut LoopDetector {
+        &mut self.loops
+    }
+
+    /// Loop stalls reported in progress whose end has not been seen (yet).
+    pub fn unfinished_loops(&self) -> usize {
+        self.loops.unfinished()
+    }
+
+    /// Tells the loop rule of a poll stall, so the stretch that holds it
+    /// is not reported again.
+    fn noted(&mut self, finding: Finding) -> Finding {
+        if let Some(stall) = finding.stall()
+            && stall.kind == super::StallKind::Poll
+        {
+            self.loops.note_poll_stall(stall.tid, stall.start_ns);
+        }
+        finding
     }
 
     pub fn threshold_ns(&self) -> u64 {
@@ -155,7 +192,7 @@ impl ThresholdEngine {
         request: impl FnOnce(Option<u64>, u64) -> (Option<Culprit>, bool),
     ) -> Option<Finding> {
         if let Some(finding) = self.stall.on_poll_end(event) {
-            return Some(finding);
+            return Some(self.noted(finding));
         }
         let cumulative = self.cumulative.as_ref()?;
         let floor_ns = self.cut_floor_ns(cumulative.settings())?;
@@ -215,7 +252,8 @@ impl ThresholdEngine {
 
     /// A snapshot of every thread's poll stack, taken at `now_ns`.
     pub fn on_snapshot(&mut self, now_ns: u64, threads: &[(u32, ThreadPolls)]) -> Vec<Finding> {
-        self.stall.on_snapshot(now_ns, threads)
+        let findings = self.stall.on_snapshot(now_ns, threads);
+        findings.into_iter().map(|f| self.noted(f)).collect()
     }
 
     /// A read of the kernel's poll histogram at `now_ns` (every update
@@ -227,6 +265,8 @@ impl ThresholdEngine {
         self.baseline = Some(baseline);
         let to_ns = baseline.threshold_ns;
         self.stall.set_threshold(to_ns);
+        // Loop stalls follow the threshold in force.
+        self.loops.set_threshold_ns(to_ns);
         self.range.set(to_ns);
         let from_ns = self.announced_ns;
         if (to_ns.abs_diff(from_ns) as f64) <= from_ns as f64 * ANNOUNCE_SHARE {
@@ -482,6 +522,44 @@ mod tests {
         }
         assert_eq!(alerts, 0);
         assert_eq!(engine.preempted_cuts, 40);
+    }
+
+    #[test]
+    fn the_loop_rule_follows_the_engine_without_being_told() {
+        let mut sim = Sim::new(adaptive());
+        // A baseline well above the floor moves the threshold...
+        sim.healthy(1, 20 * MS, 3 * S);
+        let moved = sim.engine.threshold_ns();
+        assert_ne!(moved, adaptive().threshold_ns);
+        // ...and a loop stretch just under it is no stall, just over it is.
+        let stretch = |start_ns: u64, duration_ns: u64| loopguard_common::LoopEvent {
+            tid: 2,
+            start_ns,
+            duration_ns,
+            ..Default::default()
+        };
+        let at = 10 * S;
+        let names = |_| String::new();
+        assert!(
+            sim.engine
+                .loops()
+                .on_busy(&stretch(at, moved - 1), names)
+                .is_none()
+        );
+        assert!(
+            sim.engine
+                .loops()
+                .on_busy(&stretch(at, moved + 1), names)
+                .is_some()
+        );
+        // A poll stall the engine found is held against the stretch around it.
+        sim.poll_at(3, 9, 20 * S, 2 * moved, "/slow");
+        assert!(sim.findings.iter().any(|f| f.stall().is_some()));
+        let around = loopguard_common::LoopEvent {
+            tid: 3,
+            ..stretch(20 * S - MS, 3 * moved)
+        };
+        assert!(sim.engine.loops().on_busy(&around, names).is_none());
     }
 
     #[test]

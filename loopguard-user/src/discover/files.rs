@@ -39,11 +39,16 @@ pub fn mapping_path(pid: u32, mapping: &Mapping) -> PathBuf {
 /// Reads a file through a magic link of `/proc` (`/proc/PID/exe`,
 /// `/proc/PID/map_files/…`): a regular file of at most `cap` bytes.
 pub fn read_through_proc(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
-    let file = std::fs::OpenOptions::new()
+    read_regular(open_through_proc(path)?, cap)
+}
+
+/// Opens a magic link of `/proc` without blocking (a FIFO cannot hold the
+/// open); the caller checks what it got.
+pub fn open_through_proc(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)?;
-    read_regular(file, cap)
+        .open(path)
 }
 
 /// Reads the file behind one mapping of process `pid`.

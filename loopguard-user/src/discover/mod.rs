@@ -30,7 +30,7 @@ pub enum DiscoverError {
     #[error("no process with pid {pid}; check the pid with `pgrep -a NAME` or `ps -e`")]
     NoSuchProcess { pid: u32 },
     #[error(
-        "cannot read the executable of pid {pid}: permission denied; run loopguard as root (sudo), or with CAP_SYS_ADMIN and CAP_SYS_PTRACE"
+        "cannot read the executable of pid {pid}: permission denied; run loopguard as root (sudo), or with CAP_SYS_ADMIN, CAP_SYS_PTRACE and CAP_KILL"
     )]
     Permission { pid: u32 },
     #[error(
@@ -41,6 +41,10 @@ pub enum DiscoverError {
         "pid {pid} ({name}) is a kernel thread, not a program: it has no executable to probe; point --pid at a process running a Tokio runtime or an event loop (`pgrep -a NAME`)"
     )]
     KernelThread { pid: u32, name: String },
+    #[error(
+        "pid {pid} exited while loopguard was reading it (its executable was already gone); nothing was attached"
+    )]
+    Exiting { pid: u32 },
     #[error("failed to read the executable of pid {pid} ({path})")]
     ReadExe {
         pid: u32,
@@ -270,6 +274,9 @@ fn io_error(pid: u32, path: &str, source: io::Error) -> DiscoverError {
             pid,
             name: crate::term::printable(&proc::thread_name(pid, pid)).into_owned(),
         },
+        // A user process has an executable until it lets go of its memory
+        // on the way out, a moment before it becomes a zombie.
+        io::ErrorKind::NotFound => DiscoverError::Exiting { pid },
         io::ErrorKind::PermissionDenied if proc::has_effective_cap(proc::CAP_SYS_PTRACE) => {
             DiscoverError::Unreachable { pid }
         }

@@ -5,7 +5,9 @@
 //! What the kernel really asks for: loading needs `CAP_BPF` and
 //! `CAP_PERFMON` (or `CAP_SYS_ADMIN`); reading another user's
 //! `/proc/PID/exe` and opening perf events on its threads need
-//! `CAP_SYS_PTRACE`; and the uprobes themselves (the `uprobe` perf PMU) need
+//! `CAP_SYS_PTRACE`; resuming a process of another user that loopguard
+//! stopped at exec (to attach to its new program) needs `CAP_KILL`, or it
+//! stays stopped; and the uprobes themselves (the `uprobe` perf PMU) need
 //! `CAP_SYS_ADMIN` on current kernels: `CAP_PERFMON` was enough from Linux
 //! 5.8 until a 2025 fix (backported to stable kernels) took it back. So
 //! without `CAP_SYS_ADMIN` preflight asks the kernel: it opens a uprobe perf
@@ -19,6 +21,7 @@ use std::fs;
 /// BPF cookies on uprobes: 5.15).
 pub const MIN_KERNEL: (u32, u32) = (5, 15);
 
+const CAP_KILL: u32 = 5;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -27,11 +30,11 @@ const CAP_BPF: u32 = 39;
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "loopguard needs root, or the capabilities CAP_SYS_ADMIN and CAP_SYS_PTRACE (missing: {missing}); run it with sudo, or `setcap cap_sys_admin,cap_sys_ptrace+ep` on the loopguard binary (then everyone who can execute the binary can watch, stop at exec and read the memory of every process on the host: limit it to a group, `chgrp loopguard-users loopguard && chmod 750 loopguard`)"
+        "loopguard needs root, or the capabilities CAP_SYS_ADMIN, CAP_SYS_PTRACE and CAP_KILL (missing: {missing}); run it with sudo, or `setcap cap_sys_admin,cap_sys_ptrace,cap_kill+ep` on the loopguard binary (then everyone who can execute the binary can watch any process on the host, read its memory and stop it at exec: limit it to a group, `chgrp loopguard-users loopguard && chmod 750 loopguard`)"
     )]
     Privileges { missing: String },
     #[error(
-        "this kernel lets only CAP_SYS_ADMIN create uprobes (CAP_BPF and CAP_PERFMON are not enough since Linux's 2025 fix); run loopguard with sudo, or give it `setcap cap_sys_admin,cap_sys_ptrace+ep` (then everyone who can execute the binary can watch, stop at exec and read the memory of every process on the host: limit it to a group, `chgrp loopguard-users loopguard && chmod 750 loopguard`)"
+        "this kernel lets only CAP_SYS_ADMIN create uprobes (CAP_BPF and CAP_PERFMON are not enough since Linux's 2025 fix); run loopguard with sudo, or give it `setcap cap_sys_admin,cap_sys_ptrace,cap_kill+ep` (then everyone who can execute the binary can watch any process on the host, read its memory and stop it at exec: limit it to a group, `chgrp loopguard-users loopguard && chmod 750 loopguard`)"
     )]
     UprobesNeedSysAdmin,
     #[error(
@@ -128,6 +131,11 @@ pub fn check_privileges(status: &str) -> Result<(), PreflightError> {
     if !has(CAP_SYS_PTRACE) {
         missing.push("CAP_SYS_PTRACE");
     }
+    // Without it, SIGCONT reaches another user's process only in our own
+    // session: a watched process that execs would be left stopped.
+    if !has(CAP_KILL) {
+        missing.push("CAP_KILL");
+    }
     if missing.is_empty() {
         Ok(())
     } else {
@@ -165,8 +173,15 @@ mod tests {
 
     #[test]
     fn bpf_perfmon_ptrace_without_sys_admin_pass() {
-        let caps = (1u64 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE);
+        let caps = (1u64 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE) | (1 << CAP_KILL);
         assert!(check_privileges(&format!("CapEff:\t{caps:016x}\n")).is_ok());
+        // The set once documented, without CAP_KILL: a process stopped at
+        // exec could not be resumed.
+        let caps = (1u64 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE);
+        let text = check_privileges(&format!("CapEff:\t{caps:016x}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("missing: CAP_KILL"), "{text}");
     }
 
     #[test]
@@ -175,8 +190,8 @@ mod tests {
         let text = err.to_string();
         assert!(
             text.contains("sudo")
-                && text.contains("missing: CAP_SYS_ADMIN, CAP_SYS_PTRACE")
-                && text.contains("setcap cap_sys_admin,cap_sys_ptrace+ep"),
+                && text.contains("missing: CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_KILL")
+                && text.contains("setcap cap_sys_admin,cap_sys_ptrace,cap_kill+ep"),
             "{text}"
         );
     }
@@ -188,7 +203,7 @@ mod tests {
             .to_string();
         assert!(
             text.contains("CAP_SYS_ADMIN")
-                && text.contains("setcap cap_sys_admin,cap_sys_ptrace+ep"),
+                && text.contains("setcap cap_sys_admin,cap_sys_ptrace,cap_kill+ep"),
             "{text}"
         );
         assert!(check_uprobe_access(Err(libc::ENOENT)).is_ok());

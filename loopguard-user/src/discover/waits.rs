@@ -90,6 +90,56 @@ fn is_tokio_park(demangled: &str) -> bool {
     TOKIO_PARKS.contains(&path.as_str())
 }
 
+/// The multi-thread worker parks that sleep in a futex (its condvar), from
+/// the innermost: a build that inlined `park_condvar` keeps an outer level.
+const WORKER_CONDVAR_PARKS: [&str; 3] = [
+    "tokio::runtime::scheduler::multi_thread::park::Inner::park_condvar",
+    "tokio::runtime::scheduler::multi_thread::park::Inner::park",
+    "tokio::runtime::scheduler::multi_thread::park::Parker::park",
+];
+
+/// Whether the `sched_switch` wait path sees every park of `sites`' Tokio:
+/// a multi-thread worker that parks on its condvar sleeps in a futex, which
+/// only a park probe tells from a lock. When the build kept a multi-thread
+/// park but none of [`WORKER_CONDVAR_PARKS`] (inlined), the uprobe path is
+/// used instead. (With no multi-thread park at all, the runtime is
+/// current-thread only, or every park was inlined, which no path sees.)
+pub fn switch_sees_every_park(sites: &[WaitSite]) -> bool {
+    let parks = || {
+        sites
+            .iter()
+            .filter(|site| site.kind == WaitKind::TokioPark)
+            .map(|site| plain_path(&site.name))
+    };
+    let multi_thread = "tokio::runtime::scheduler::multi_thread::";
+    !parks().any(|path| path.starts_with(multi_thread))
+        || parks().any(|path| WORKER_CONDVAR_PARKS.contains(&path.as_str()))
+}
+
+/// The wait sites the `sched_switch` wait path still probes. It sees a
+/// thread asleep in epoll without a probe, but not a park that sleeps in a
+/// futex, which a lock sleeps in too: so the `block_on` thread's parks
+/// (`tokio::runtime::park::`) and a worker's condvar park keep their
+/// uprobes, both only run on the way to sleep. A worker's `park_timeout`
+/// (a driver poll that does not sleep, on every maintenance tick) and
+/// `park_driver` (epoll) are not probed, nor the epoll wrappers.
+pub fn probed_on_switch(sites: &[WaitSite]) -> Vec<&WaitSite> {
+    let path_of = |site: &WaitSite| plain_path(&site.name);
+    let condvar = WORKER_CONDVAR_PARKS.iter().find_map(|wanted| {
+        sites
+            .iter()
+            .find(|site| site.kind == WaitKind::TokioPark && path_of(site) == *wanted)
+    });
+    sites
+        .iter()
+        .filter(|site| {
+            site.kind == WaitKind::TokioPark
+                && (path_of(site).starts_with("tokio::runtime::park::")
+                    || condvar.is_some_and(|chosen| std::ptr::eq(chosen, *site)))
+        })
+        .collect()
+}
+
 /// The file offset of virtual address `vaddr` in an ELF.
 fn file_offset(file: &object::File<'_>, vaddr: u64) -> Option<u64> {
     file.segments().find_map(|segment| {
@@ -195,6 +245,81 @@ mod tests {
         assert!(!is_tokio_park(
             "tokio::runtime::park::CachedParkThread::block_on"
         ));
+    }
+
+    fn park_site(name: &str) -> WaitSite {
+        WaitSite {
+            probe_path: PathBuf::from("/srv/app"),
+            display_path: "/srv/app".to_owned(),
+            file_offset: 0,
+            name: name.to_owned(),
+            kind: if EPOLL_WRAPPERS.contains(&name) {
+                WaitKind::Epoll
+            } else {
+                WaitKind::TokioPark
+            },
+        }
+    }
+
+    fn probed_names(names: &[&str]) -> Vec<String> {
+        let sites: Vec<WaitSite> = names.iter().map(|name| park_site(name)).collect();
+        probed_on_switch(&sites)
+            .into_iter()
+            .map(|site| site.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn sched_switch_keeps_the_futex_parks_probed() {
+        let mt = "tokio::runtime::scheduler::multi_thread::park::";
+        let all = [
+            "epoll_wait",
+            "tokio::runtime::park::CachedParkThread::park",
+            "<tokio::runtime::park::Inner>::park_timeout",
+            &format!("<{mt}Inner>::park_condvar"),
+            &format!("{mt}Inner::park_driver"),
+            &format!("{mt}Inner::park"),
+            &format!("{mt}Parker::park_timeout"),
+        ];
+        assert_eq!(
+            probed_names(&all),
+            [
+                "tokio::runtime::park::CachedParkThread::park",
+                "<tokio::runtime::park::Inner>::park_timeout",
+                &format!("<{mt}Inner>::park_condvar"),
+            ]
+        );
+        // park_condvar inlined: the next level out, never park_timeout.
+        assert_eq!(
+            probed_names(&[
+                &format!("{mt}Parker::park_timeout"),
+                &format!("{mt}Parker::park"),
+                &format!("{mt}Inner::park_driver"),
+            ]),
+            [format!("{mt}Parker::park")]
+        );
+    }
+
+    #[test]
+    fn a_worker_park_inlined_away_keeps_the_uprobe_path() {
+        let mt = "tokio::runtime::scheduler::multi_thread::park::";
+        let sites = |names: &[&str]| names.iter().map(|name| park_site(name)).collect::<Vec<_>>();
+        assert!(switch_sees_every_park(&sites(&[
+            "epoll_wait",
+            &format!("<{mt}Inner>::park_condvar"),
+            &format!("{mt}Inner::park_driver"),
+        ])));
+        // Current-thread only: the block_on parks and epoll.
+        assert!(switch_sees_every_park(&sites(&[
+            "epoll_wait",
+            "tokio::runtime::park::CachedParkThread::park",
+        ])));
+        // A multi-thread worker whose condvar park no probe can catch.
+        assert!(!switch_sees_every_park(&sites(&[
+            "epoll_wait",
+            &format!("{mt}Inner::park_driver"),
+            &format!("{mt}Parker::park_timeout"),
+        ])));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::{
     StackSummary, StallEvent, SummaryEvent, TaskShareRecord, ThresholdEvent, ThresholdSummary, ms,
 };
 use crate::attribute::{Request, RouteTable};
+use crate::collect::lost::Lost;
 use crate::detect::cumulative::{RouteShare, TaskShare};
 use crate::detect::{Culprit, CumulativeAlert, Finding, Scope, Stall, ThresholdChange};
 use crate::events::StallContext;
@@ -262,7 +263,7 @@ fn histogram(histogram: &crate::collect::totals::Histogram) -> Vec<HistogramSlot
 pub fn summary(summary: &Summary, pid: u32) -> SummaryEvent {
     let counters = &summary.counters;
     let thresholds = &summary.thresholds;
-    SummaryEvent {
+    let mut event = SummaryEvent {
         pid,
         threshold_ms: ms(thresholds.current_ns),
         threshold: ThresholdSummary {
@@ -289,11 +290,6 @@ pub fn summary(summary: &Summary, pid: u32) -> SummaryEvent {
         longest_stall_task_id: summary.longest.as_ref().and_then(|s| s.task_id),
         poll_p50_ms_upper: summary.histogram.quantile_upper_ns(0.5).map(ms),
         poll_p99_ms_upper: summary.histogram.quantile_upper_ns(0.99).map(ms),
-        dropped_events: counters.get(Counter::DroppedEvents),
-        unmatched_returns: counters.get(Counter::UnmatchedReturns),
-        stack_overflows: counters.get(Counter::StackOverflow),
-        thread_map_full: counters.get(Counter::ThreadMapFull),
-        request_map_full: counters.get(Counter::RequestMapFull),
         requests: summary.requests.clone(),
         stacks: stacks(&summary.stacks),
         loop_threads: summary
@@ -318,5 +314,10 @@ pub fn summary(summary: &Summary, pid: u32) -> SummaryEvent {
         poll_histogram: histogram(&summary.histogram),
         at_ns: summary.at_ns,
         time: clock::from_monotonic(summary.at_ns),
+        ..SummaryEvent::default()
+    };
+    for cause in Lost::ALL {
+        *event.lost_mut(cause) = counters.get(cause.counter());
     }
+    event
 }

@@ -15,6 +15,8 @@ pub mod summary;
 
 use serde::{Deserialize, Serialize};
 
+use crate::collect::lost::Lost;
+
 /// The schema these records follow: bumped when a field changes meaning
 /// or goes away (adding one does not).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -239,7 +241,7 @@ pub struct ThresholdEvent {
 }
 
 /// The end of a run: everything the text summary shows.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SummaryEvent {
     pub pid: u32,
     pub threshold_ms: f64,
@@ -266,6 +268,10 @@ pub struct SummaryEvent {
     /// (Absent from recordings made before it was counted apart.)
     #[serde(default)]
     pub request_map_full: u64,
+    /// Thread slots that could not be put back for reuse.
+    /// (Absent from recordings made before it was reported.)
+    #[serde(default)]
+    pub thread_slot_leaked: u64,
     pub requests: RequestsSummary,
     pub stacks: Vec<StackSummary>,
     pub loop_threads: Vec<LoopThreadSummary>,
@@ -282,7 +288,33 @@ pub struct SummaryEvent {
     pub time: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+impl SummaryEvent {
+    /// The count of one cause of lost data: the one place that ties a
+    /// [`Lost`] to its JSON field.
+    pub fn lost(&self, cause: Lost) -> u64 {
+        match cause {
+            Lost::DroppedEvents => self.dropped_events,
+            Lost::UnmatchedReturns => self.unmatched_returns,
+            Lost::StackOverflow => self.stack_overflows,
+            Lost::ThreadMapFull => self.thread_map_full,
+            Lost::RequestMapFull => self.request_map_full,
+            Lost::SlotLeaked => self.thread_slot_leaked,
+        }
+    }
+
+    pub fn lost_mut(&mut self, cause: Lost) -> &mut u64 {
+        match cause {
+            Lost::DroppedEvents => &mut self.dropped_events,
+            Lost::UnmatchedReturns => &mut self.unmatched_returns,
+            Lost::StackOverflow => &mut self.stack_overflows,
+            Lost::ThreadMapFull => &mut self.thread_map_full,
+            Lost::RequestMapFull => &mut self.request_map_full,
+            Lost::SlotLeaked => &mut self.thread_slot_leaked,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ThresholdSummary {
     pub adaptive: bool,
     pub min_ms: f64,
@@ -290,7 +322,7 @@ pub struct ThresholdSummary {
     pub current_ms: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExcludedSummary {
     pub stalls: u64,
     pub cumulative_polls: u64,

@@ -51,6 +51,11 @@ pub fn launch_stopped(
             if let Some(run_as) = &run_as {
                 run_as.switch()?;
             }
+            // No capability of loopguard's passes to the command through
+            // the ambient set (setpriv, systemd's AmbientCapabilities=).
+            if let Err(errno) = crate::privilege::clear_ambient() {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
             // Die with loopguard (with the thread that forked, which is the
             // one that waits for the command until loopguard exits).
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {

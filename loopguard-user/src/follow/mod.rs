@@ -142,8 +142,15 @@ impl Follower {
         // the pidfd names the stopped process, not one that reused its pid.
         let pidfd = crate::follow::pidfd::Pidfd::open(pid);
         if self.stopped.get(&pid, 0).is_ok() {
-            if let Ok(pidfd) = pidfd {
-                let _ = pidfd.signal(libc::SIGCONT);
+            let sent = pidfd.and_then(|pidfd| pidfd.signal(libc::SIGCONT));
+            // ESRCH: it has just exited. Anything else leaves it stopped:
+            // say so, with the way out.
+            if let Err(error) = sent
+                && error.raw_os_error() != Some(libc::ESRCH)
+            {
+                crate::diag!(
+                    "loopguard: error: cannot resume pid {pid}, stopped at its exec ({error}); it stays stopped until `sudo kill -CONT {pid}`"
+                );
             }
             let _ = self.stopped.remove(&pid);
         }

@@ -24,7 +24,9 @@ impl Skip {
     pub fn from_error(error: &Error) -> Self {
         match error {
             Error::Discover(
-                DiscoverError::NoSuchProcess { .. } | DiscoverError::NotMapped { .. },
+                DiscoverError::NoSuchProcess { .. }
+                | DiscoverError::Exiting { .. }
+                | DiscoverError::NotMapped { .. },
             )
             | Error::Attach(AttachError::ProcessExited { .. }) => Self::ExitedTooFast,
             Error::Discover(DiscoverError::ReadExe { source, .. })

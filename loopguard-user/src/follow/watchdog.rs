@@ -76,6 +76,11 @@ fn watchdog_main(map: RawFd, pipe: RawFd) -> ! {
     // SAFETY: raw system calls only, on fds this process owns.
     unsafe {
         libc::setpgid(0, 0);
+        // SIGCONT is all it sends (without CAP_SETPCAP, the bounding set stays).
+        let keep = crate::privilege::WATCHDOG;
+        if crate::privilege::restrict_this_thread(keep, true).is_err() {
+            let _ = crate::privilege::restrict_this_thread(keep, false);
+        }
         // Deaf to what `run` forwards to its command (Ctrl+C, a
         // supervisor's TERM): the watchdog must outlive loopguard; nor may
         // a closed pipe kill it.

@@ -430,11 +430,6 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
         longest_stall_task_id: longest.and_then(|s| s.task_id),
         poll_p50_ms_upper: None,
         poll_p99_ms_upper: None,
-        dropped_events: 0,
-        unmatched_returns: 0,
-        stack_overflows: 0,
-        thread_map_full: 0,
-        request_map_full: 0,
         requests: crate::events::RequestsSummary {
             routes,
             ..Default::default()
@@ -452,6 +447,8 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
         poll_histogram: Vec::new(),
         at_ns: aggregate.last_ns.unwrap_or(0),
         time: String::new(),
+        // No counter is known: every lost-data count is 0.
+        ..SummaryEvent::default()
     }
 }
 

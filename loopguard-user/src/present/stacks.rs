@@ -52,14 +52,21 @@ pub fn stall_lines(stack: &StackFields) -> String {
     if let Some(cause) = &stack.cause {
         text.push_str("\n    cause: ");
         text.push_str(&cause_text(cause));
-        // A Python stack: the Python function that made the call.
-        if let Some(caller) = stack
+        // A Python stack: the Python function that made the call, and the
+        // builtin it called (`time.sleep`, a frame with no file).
+        let mut python = stack
             .stack
             .iter()
-            .find(|f| f.module.as_deref() == Some(crate::stacks::python::merge::PYTHON_MODULE))
-        {
+            .filter(|f| f.module.as_deref() == Some(crate::stacks::python::merge::PYTHON_MODULE));
+        if let Some(innermost) = python.next() {
             text.push_str(" in Python ");
-            text.push_str(&frame_text(caller));
+            text.push_str(&frame_text(innermost));
+            if innermost.file.is_none()
+                && let Some(caller) = python.find(|f| f.file.is_some())
+            {
+                text.push_str(" from ");
+                text.push_str(&frame_text(caller));
+            }
         }
     }
     for (index, frame) in stack.stack.iter().take(TEXT_FRAMES).enumerate() {
@@ -195,6 +202,17 @@ mod tests {
         let text = stall_lines(&fields(&stack));
         assert!(
             text.starts_with("\n    cause: blocked in clock_nanosleep (on CPU 1.0 ms, off CPU 199.0 ms) in Python sleep_handler (/srv/app.py:25)\n"),
+            "{text}"
+        );
+        // With the builtin it called: both.
+        let mut stack = stack;
+        stack.frames.insert(
+            1,
+            crate::stacks::python::merge::builtin_frame("time.sleep".into()),
+        );
+        let text = stall_lines(&fields(&stack));
+        assert!(
+            text.starts_with("\n    cause: blocked in clock_nanosleep (on CPU 1.0 ms, off CPU 199.0 ms) in Python time.sleep from sleep_handler (/srv/app.py:25)\n    at clock_nanosleep\n       time.sleep\n       sleep_handler (/srv/app.py:25)"),
             "{text}"
         );
     }

@@ -4,6 +4,7 @@
 //! what the live run printed. Stdout carries reports; diagnostics go to
 //! stderr.
 
+use crate::collect::lost::Lost;
 use crate::events::{Event, StallEvent, SummaryEvent};
 use crate::present::alerts;
 use crate::term::printable;
@@ -120,7 +121,24 @@ fn threshold_lines(summary: &SummaryEvent) -> Vec<String> {
 
 /// The summary as text lines.
 pub fn summary_text(summary: &SummaryEvent) -> String {
-    let mut lines = vec![format!(
+    let mut lines = vec![headline(summary)];
+    lines.extend(threshold_lines(summary));
+    lines.extend(stall_lines(summary));
+    lines.extend(loop_thread_lines(summary));
+    if let (Some(p50), Some(p99)) = (summary.poll_p50_ms_upper, summary.poll_p99_ms_upper) {
+        lines.push(format!(
+            "  poll duration: p50 < {p50:.3} ms, p99 < {p99:.3} ms"
+        ));
+    }
+    lines.extend(request_lines(summary));
+    lines.push(lost_line(summary));
+    lines.extend(crate::present::stacks::summary_lines(&summary.stacks));
+    lines.join("\n")
+}
+
+/// The summary's first line: why it stopped, how long, polls and stalls.
+fn headline(summary: &SummaryEvent) -> String {
+    format!(
         "loopguard summary ({}): {:.1} s, {} worker polls ({} blocking-pool polls ignored), {} stall(s) over {} ms",
         if summary.stop_reason.is_empty() {
             "stopped"
@@ -132,8 +150,12 @@ pub fn summary_text(summary: &SummaryEvent) -> String {
         summary.blocking_pool_polls,
         summary.stalls,
         summary.threshold_ms,
-    )];
-    lines.extend(threshold_lines(summary));
+    )
+}
+
+/// The longest stall, and the stalls still in progress at exit.
+fn stall_lines(summary: &SummaryEvent) -> Vec<String> {
+    let mut lines = Vec::new();
     if let Some(longest) = &summary.longest_stall {
         lines.push(format!(
             "  longest stall: {:.1} ms, tid {} {}; total stalled {:.1} ms",
@@ -149,14 +171,19 @@ pub fn summary_text(summary: &SummaryEvent) -> String {
             summary.stalls_unfinished
         ));
     }
-    for thread in &summary.loop_threads {
+    lines
+}
+
+/// Each event-loop thread's busy and waiting time.
+fn loop_thread_lines(summary: &SummaryEvent) -> impl Iterator<Item = String> + '_ {
+    summary.loop_threads.iter().map(|thread| {
         let watched = thread.busy_ms + thread.wait_ms;
         let busy = if watched > 0.0 {
             thread.busy_ms / watched
         } else {
             0.0
         };
-        lines.push(format!(
+        format!(
             "  event loop tid {} ({}): busy {:.1} ms, waiting {:.1} ms ({:.0} % busy), {} waits",
             thread.tid,
             printable(&thread.thread),
@@ -164,58 +191,51 @@ pub fn summary_text(summary: &SummaryEvent) -> String {
             thread.wait_ms,
             busy * 100.0,
             thread.waits,
-        ));
+        )
+    })
+}
+
+/// The middleware's request totals and the ten worst routes, when it
+/// reported any request.
+fn request_lines(summary: &SummaryEvent) -> Vec<String> {
+    let requests = &summary.requests;
+    if requests.started == 0 {
+        return Vec::new();
     }
-    if let (Some(p50), Some(p99)) = (summary.poll_p50_ms_upper, summary.poll_p99_ms_upper) {
+    let mut lines = vec![format!(
+        "  requests: {} started, {} ended, {} in flight at exit (peak {}, capacity {})",
+        requests.started,
+        requests.ended,
+        requests.in_flight,
+        requests.peak_in_flight,
+        requests.capacity
+    )];
+    for route in requests.routes.iter().take(10) {
         lines.push(format!(
-            "  poll duration: p50 < {p50:.3} ms, p99 < {p99:.3} ms"
+            "    {}: {} stall(s), {:.1} ms in all, longest {:.1} ms",
+            printable(&route.route),
+            route.stalls,
+            route.total_stall_ms,
+            route.longest_stall_ms
         ));
     }
-    let lost = [
-        (summary.dropped_events, "events dropped (ring buffer full)"),
-        (
-            summary.unmatched_returns,
-            "returns without a matching entry",
-        ),
-        (summary.stack_overflows, "polls nested too deep to time"),
-        (summary.thread_map_full, "polls untracked (thread map full)"),
-        (
-            summary.request_map_full,
-            "requests untracked (request map full)",
-        ),
-    ];
-    let lost: Vec<String> = lost
-        .iter()
+    lines
+}
+
+/// `data lost: ...` with every cause that lost something, or
+/// `dropped events: 0`.
+fn lost_line(summary: &SummaryEvent) -> String {
+    let lost: Vec<String> = Lost::ALL
+        .into_iter()
+        .map(|cause| (summary.lost(cause), cause.text()))
         .filter(|(n, _)| *n > 0)
         .map(|(n, what)| format!("{n} {what}"))
         .collect();
-    let requests = &summary.requests;
-    if requests.started > 0 {
-        lines.push(format!(
-            "  requests: {} started, {} ended, {} in flight at exit (peak {}, capacity {})",
-            requests.started,
-            requests.ended,
-            requests.in_flight,
-            requests.peak_in_flight,
-            requests.capacity
-        ));
-        for route in requests.routes.iter().take(10) {
-            lines.push(format!(
-                "    {}: {} stall(s), {:.1} ms in all, longest {:.1} ms",
-                printable(&route.route),
-                route.stalls,
-                route.total_stall_ms,
-                route.longest_stall_ms
-            ));
-        }
-    }
-    lines.push(if lost.is_empty() {
+    if lost.is_empty() {
         "  dropped events: 0".to_owned()
     } else {
         format!("  data lost: {}", lost.join(", "))
-    });
-    lines.extend(crate::present::stacks::summary_lines(&summary.stacks));
-    lines.join("\n")
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +405,34 @@ mod tests {
         old.as_object_mut().unwrap().remove("request_map_full");
         let back: crate::events::SummaryEvent = serde_json::from_value(old).unwrap();
         assert_eq!(back.request_map_full, 0);
+    }
+
+    #[test]
+    fn every_lost_data_cause_reaches_the_text_and_the_json_summary() {
+        for cause in crate::collect::lost::Lost::ALL {
+            let mut summary = Summary::default();
+            summary.counters.0[cause.counter() as usize] = 5;
+            let event = build::summary(&summary, 1);
+            assert_eq!(event.lost(cause), 5, "{cause:?}");
+            let text = summary_text(&event);
+            assert!(
+                text.contains(&format!("data lost: 5 {}", cause.text())),
+                "{text}"
+            );
+            let value = serde_json::to_value(&event).unwrap();
+            let field = value
+                .as_object()
+                .unwrap()
+                .iter()
+                .find(|(_, v)| **v == 5)
+                .map(|(k, _)| k.clone());
+            assert!(field.is_some(), "{cause:?} has no JSON field: {value}");
+        }
+        // SlotLeaked is the one the summary used to leave out.
+        let mut old = serde_json::to_value(build::summary(&Summary::default(), 1)).unwrap();
+        old.as_object_mut().unwrap().remove("thread_slot_leaked");
+        let back: crate::events::SummaryEvent = serde_json::from_value(old).unwrap();
+        assert_eq!(back.thread_slot_leaked, 0);
     }
 
     #[test]

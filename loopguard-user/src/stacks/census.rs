@@ -351,7 +351,8 @@ impl Stacks {
         };
         let mut waiting = Vec::new();
         for (_, sample) in &census.asleep {
-            let frames = self.frames_of_asleep(sample);
+            let addrs = self.addrs_of_asleep(sample);
+            let frames = self.symbols.frames(&addrs);
             if stuck_in(&frames).is_none() && frames.iter().any(is_event_wait) {
                 waiting.push(sample.tid);
             }
@@ -360,17 +361,17 @@ impl Stacks {
         waiting
     }
 
-    /// The frames of a thread asleep in a system call (its frame pointer guessed).
-    fn frames_of_asleep(&mut self, sample: &Sample) -> Vec<Frame> {
+    /// The return addresses of a thread asleep in a system call (its frame
+    /// pointer guessed).
+    fn addrs_of_asleep(&mut self, sample: &Sample) -> Vec<u64> {
         let top = sample.stack_base + sample.stack.len() as u64;
         let (pid, symbols) = (self.pid, &mut self.symbols);
-        let addrs = self.unwinder.unwind_guessing_bp(
+        self.unwinder.unwind_guessing_bp(
             sample.regs,
             top,
             |addr| sample.read_u64(addr),
             |inside, next| calls_function_of(pid, symbols, inside, next),
-        );
-        self.symbols.frames(&addrs)
+        )
     }
 
     /// The sleeping threads still asleep at the same place, inside a task poll.
@@ -385,7 +386,8 @@ impl Stacks {
             if self.syscall_file(sample.tid) != text {
                 continue;
             }
-            let frames = self.frames_of_asleep(&sample);
+            let addrs = self.addrs_of_asleep(&sample);
+            let frames = self.symbols.frames(&addrs);
             let kind = stuck_in(&frames).or_else(|| {
                 let waiting = sample.syscall.is_some_and(syscalls::is_event_wait);
                 (!waiting && loop_thread(sample.tid)).then_some(StallKind::Loop)
@@ -404,7 +406,8 @@ impl Stacks {
                 // could be from after it woke.
                 let python = self.python.stack_now(sample.tid);
                 if self.syscall_file(sample.tid) == text {
-                    frames = self.python.interleave(&frames, &python);
+                    let native = self.python.native_frames(&mut self.symbols, &addrs);
+                    frames = self.python.interleave(&self.shown(&native), &python);
                 }
             }
             found.push(Found {
@@ -427,8 +430,9 @@ impl Stacks {
         loop_thread: &mut impl FnMut(u32) -> bool,
     ) -> Vec<Found> {
         // Per thread: samples, the kind every sample was stuck in so far
-        // (`None` once two disagree or one is not stuck), the last frames.
-        let mut by_thread: HashMap<u32, (usize, Option<StallKind>, Vec<Frame>)> = HashMap::new();
+        // (`None` once two disagree or one is not stuck), the last frames
+        // and the last addresses.
+        let mut by_thread: HashMap<u32, ThreadSamples> = HashMap::new();
         for sample in samples {
             let addrs = self
                 .unwinder
@@ -436,29 +440,44 @@ impl Stacks {
             let frames = self.symbols.frames(&addrs);
             let kind =
                 stuck_in(&frames).or_else(|| loop_thread(sample.tid).then_some(StallKind::Loop));
-            let entry = by_thread.entry(sample.tid).or_insert((0, kind, Vec::new()));
+            let entry = by_thread
+                .entry(sample.tid)
+                .or_insert((0, kind, Vec::new(), Vec::new()));
             entry.0 += 1;
             if kind.is_some() && entry.1 == kind {
                 entry.2 = frames;
+                entry.3 = addrs;
             } else {
                 entry.1 = None;
             }
         }
-        by_thread
-            .into_iter()
-            .filter(|(_, (samples, kind, _))| kind.is_some() && *samples >= MIN_CENSUS_SAMPLES)
-            .filter_map(|(tid, (_, kind, frames))| Some((tid, kind?, frames)))
-            .map(|(tid, kind, frames)| Found {
+        let mut found = Vec::new();
+        for (tid, (samples, kind, frames, addrs)) in by_thread {
+            let Some(kind) = kind.filter(|_| samples >= MIN_CENSUS_SAMPLES) else {
+                continue;
+            };
+            // A loop thread's builtin (`time.sleep`) named.
+            let frames = if kind == StallKind::Loop {
+                self.python.native_frames(&mut self.symbols, &addrs)
+            } else {
+                frames
+            };
+            found.push(Found {
                 tid,
                 kind,
                 since_ns: started,
                 syscall: None,
                 frames: self.shown(&frames),
                 python_read: false,
-            })
-            .collect()
+            });
+        }
+        found
     }
 }
+
+/// Of one thread's census samples: how many, the kind every one was stuck
+/// in so far, the last frames and their addresses.
+type ThreadSamples = (usize, Option<StallKind>, Vec<Frame>, Vec<u64>);
 
 /// Whether the code before return address `next + 1` (the unwinder's
 /// addresses are return addresses minus one) calls the function `inside` is

@@ -8,6 +8,7 @@
 
 pub mod capture;
 pub mod census;
+mod debug_files;
 pub mod fold;
 pub mod profile;
 pub mod python;
@@ -287,7 +288,11 @@ impl Stacks {
         let cause = classify(stall.duration_ns, &profile);
         let frames = match profile.dominant() {
             Some(stack) => {
-                let frames = self.symbols.frames(&stack.addrs);
+                let frames = if stall.kind == StallKind::Loop {
+                    self.python.native_frames(&mut self.symbols, &stack.addrs)
+                } else {
+                    self.symbols.frames(&stack.addrs)
+                };
                 if self.options.all_frames {
                     frames
                 } else {

@@ -9,6 +9,7 @@ use std::num::NonZeroU32;
 use blazesym::symbolize::source::{Process, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer};
 
+use super::debug_files::DebugFiles;
 use super::fold::Frame;
 
 /// Addresses cached at most; the cache is emptied when it grows past this.
@@ -19,6 +20,10 @@ pub struct Symbols {
     symbolizer: Symbolizer,
     /// Address → its frames, innermost (inlined) first.
     cache: HashMap<u64, Vec<Frame>>,
+    /// The files blazesym would open by path to read DWARF.
+    debug_files: DebugFiles,
+    /// Whether the agent said why DWARF is not read for this process.
+    warned: bool,
 }
 
 fn location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
@@ -29,6 +34,22 @@ fn location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
         };
         (Some(path.display().to_string()), info.line)
     })
+}
+
+/// What blazesym reads for process `pid`: each module through
+/// `/proc/PID/map_files/` (the inode really mapped), never the path the
+/// maps name, which the target can swap for a FIFO, a device or a symlink
+/// after mapping the file. preflight requires the capability it needs
+/// (`CAP_SYS_ADMIN`); where it is refused (another user's process, for a
+/// non-root loopguard) those frames stay unnamed. No perf map: blazesym
+/// would open `/proc/PID/root/tmp/perf-N.map`, a path the target writes,
+/// following links (an absolute one leads out of the target's root) and
+/// blocking on a FIFO, and parse all of it; JIT frames stay unnamed.
+fn process_source(pid: u32) -> Process {
+    let mut process = Process::new(pid.into());
+    process.map_files = true;
+    process.perf_map = false;
+    process
 }
 
 impl Symbols {
@@ -42,6 +63,8 @@ impl Symbols {
             pid,
             symbolizer,
             cache: HashMap::new(),
+            debug_files: DebugFiles::default(),
+            warned: false,
         }
     }
 
@@ -65,7 +88,25 @@ impl Symbols {
             .collect()
     }
 
-    fn resolve(&self, addrs: &[u64]) -> Vec<Vec<Frame>> {
+    /// The process source for this symbolization: DWARF only when no file
+    /// blazesym would open for it by path is a FIFO, a device or a link
+    /// out ([`super::debug_files`]).
+    fn source(&mut self) -> Source<'static> {
+        let mut process = process_source(self.pid);
+        if let Some(why) = self.debug_files.hazard(self.pid) {
+            process.debug_syms = false;
+            if !self.warned {
+                self.warned = true;
+                tracing::warn!(
+                    pid = self.pid,
+                    "debug info not read: {why}; frames keep their names without file:line"
+                );
+            }
+        }
+        Source::Process(process)
+    }
+
+    fn resolve(&mut self, addrs: &[u64]) -> Vec<Vec<Frame>> {
         let unknown = |addr: u64| {
             vec![Frame {
                 function: format!("{addr:#x}"),
@@ -75,12 +116,23 @@ impl Symbols {
         if NonZeroU32::new(self.pid).is_none() {
             return addrs.iter().map(|&addr| unknown(addr)).collect();
         }
-        let mut process = Process::new(self.pid.into());
-        // map_files needs CAP_SYS_ADMIN; without it, read the paths the maps name.
-        process.map_files = unsafe { libc::geteuid() } == 0;
-        let source = Source::Process(process);
-        let Ok(results) = self.symbolizer.symbolize(&source, Input::AbsAddr(addrs)) else {
-            return addrs.iter().map(|&addr| unknown(addr)).collect();
+        let source = self.source();
+        let results = match self.symbolizer.symbolize(&source, Input::AbsAddr(addrs)) {
+            Ok(results) => results,
+            // One address blazesym cannot take (in a JIT page, the stack, or
+            // a module it cannot open: the target chooses its return
+            // addresses) fails the batch; then each address alone, so the
+            // others keep their names.
+            Err(_) => addrs
+                .iter()
+                .map(|&addr| {
+                    self.symbolizer
+                        .symbolize_single(&source, Input::AbsAddr(addr))
+                        .unwrap_or(Symbolized::Unknown(
+                            blazesym::symbolize::Reason::Unsupported,
+                        ))
+                })
+                .collect(),
         };
         results
             .into_iter()
@@ -122,6 +174,13 @@ mod tests {
     use super::*;
     use crate::stacks::sample::Regs;
     use crate::stacks::unwind::StackUnwinder;
+
+    #[test]
+    fn modules_are_read_through_the_mapping_never_by_their_path() {
+        let source = process_source(1);
+        assert!(source.map_files, "never the path the maps name");
+        assert!(!source.perf_map, "never a file the target names in /tmp");
+    }
 
     /// Registers and a copy of this thread's stack, as the kernel records a sample.
     #[inline(never)]

@@ -5,7 +5,10 @@
 //! while it is stuck. On stop the ring buffer is drained one last time and
 //! the summary printed.
 
+mod banner;
 pub mod setup;
+
+pub use banner::print_attached;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -13,19 +16,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use loopguard_common::{Counter, ThreadPolls};
+use loopguard_common::ThreadPolls;
 
-use crate::attach::{LinkSummary, ProbeLinks, WaitPath, WaitProbes};
+use crate::attach::{ProbeLinks, WaitProbes};
 use crate::attribute::{self, Request, RouteNames, RouteTable, Victims};
+use crate::collect::lost::Lost;
 use crate::collect::totals::LoopThread;
 use crate::collect::{CollectError, Collector, RawEvent, RequestMaps, monotonic_ns};
-use crate::detect::loops::LoopDetector;
 use crate::detect::{
     Culprit, DetectSettings, Finding, RouteFilter, Stall, StallKind, ThresholdEngine,
 };
-use crate::discover::vtable::PollClass;
-use crate::discover::waits::WaitKind;
-use crate::discover::{ProbeTarget, WatchMode, proc};
+use crate::discover::{ProbeTarget, proc};
 use crate::events::StallContext;
 use crate::events::summary::Summary;
 use crate::events::{self, build};
@@ -251,7 +252,6 @@ const METRICS_REFRESH: Duration = Duration::from_millis(200);
 /// Everything one watch keeps between events.
 struct Session<'t> {
     engine: ThresholdEngine,
-    loops: LoopDetector,
     routes: RouteFilter,
     offending: Offending,
     /// ns when the adaptive rule last read the histogram.
@@ -335,11 +335,6 @@ impl Session<'_> {
             let finished = matches!(finding, Finding::Finished { .. });
             context.stack = Some(stacks.describe(stall, finished));
         }
-        if let Some(stall) = finding.stall()
-            && stall.kind == StallKind::Poll
-        {
-            self.loops.note_poll_stall(stall.tid, stall.start_ns);
-        }
         if let Finding::Finished { stall, .. } = finding {
             self.route_stalls
                 .record_stall(context.request.as_ref(), stall.duration_ns);
@@ -401,7 +396,7 @@ impl Session<'_> {
         };
         let pid = self.printer.target.pid;
         let loop_only = self.printer.target.is_loop_only();
-        let loops = &mut self.loops;
+        let loops = self.engine.loops();
         // A Python app's table names its loop threads (read once, if asked).
         let asgi = &mut self.asgi;
         let mut asgi_loops: Option<Vec<u32>> = None;
@@ -507,8 +502,10 @@ impl Session<'_> {
                 }
                 RawEvent::LoopBusy(busy) => {
                     let pid = self.printer.target.pid;
-                    if let Some(finding) =
-                        self.loops.on_busy(busy, |tid| proc::thread_name(pid, tid))
+                    if let Some(finding) = self
+                        .engine
+                        .loops()
+                        .on_busy(busy, |tid| proc::thread_name(pid, tid))
                     {
                         self.report(&finding);
                     } else if !self.polling_threads.contains(&busy.tid) {
@@ -582,10 +579,9 @@ impl Session<'_> {
             }
         }
         let pid = self.printer.target.pid;
-        // Loop stalls follow the threshold in force (adaptive or fixed).
-        self.loops.set_threshold_ns(self.engine.threshold_ns());
         for finding in self
-            .loops
+            .engine
+            .loops()
             .on_snapshot(now_ns, &loop_threads, &threads, |tid| {
                 proc::thread_name(pid, tid)
             })
@@ -692,25 +688,18 @@ impl Session<'_> {
         }
         feed.metrics.set_live(LiveState {
             histogram: collector.histogram(),
-            lost: vec![
-                ("ring_buffer_full", counters.get(Counter::DroppedEvents)),
-                (
-                    "return_without_entry",
-                    counters.get(Counter::UnmatchedReturns),
-                ),
-                ("poll_stack_overflow", counters.get(Counter::StackOverflow)),
-                ("thread_map_full", counters.get(Counter::ThreadMapFull)),
-                ("request_map_full", counters.get(Counter::RequestMapFull)),
-                ("thread_slot_leaked", counters.get(Counter::SlotLeaked)),
-                // A scan that found a thread's slot being written on every
-                // attempt leaves it out: that scan's view of it is lost.
-                ("snapshot_slot_busy", collector.busy_slots.get()),
-                ("malformed_record", collector.malformed),
-                ("request_evicted", totals.replaced),
-                ("request_end_without_start", totals.unmatched_ends),
-                ("request_start_outside_poll", totals.outside_poll),
-                ("request_probe_layout_mismatch", totals.layout_mismatches),
-            ],
+            lost: Lost::causes(&counters)
+                .chain([
+                    // A scan that found a thread's slot being written on every
+                    // attempt leaves it out: that scan's view of it is lost.
+                    ("snapshot_slot_busy", collector.busy_slots.get()),
+                    ("malformed_record", collector.malformed),
+                    ("request_evicted", totals.replaced),
+                    ("request_end_without_start", totals.unmatched_ends),
+                    ("request_start_outside_poll", totals.outside_poll),
+                    ("request_probe_layout_mismatch", totals.layout_mismatches),
+                ])
+                .collect(),
             threads: busy,
             loop_threads: loop_busy,
             requests_in_flight: totals.started.saturating_sub(totals.ended),
@@ -769,176 +758,6 @@ fn culprit(
     (Some(culprit), excluded)
 }
 
-/// Announces the attachment: JSON on stdout, text on stderr.
-pub fn print_attached(
-    target: &ProbeTarget,
-    probe_count: usize,
-    wait_path: WaitPath,
-    links: &LinkSummary,
-    options: &WatchOptions,
-) {
-    let copies = &target.binary.poll_copies;
-    let event_loop = copies
-        .iter()
-        .filter(|copy| copy.class() == PollClass::EventLoop)
-        .count();
-    let blocking_pool = copies.iter().filter(|copy| copy.is_blocking_pool()).count();
-    let unknown: Vec<&str> = copies
-        .iter()
-        .filter(|copy| copy.class() == PollClass::Unknown)
-        .map(|copy| copy.name.as_str())
-        .collect();
-    let request_sites = target.binary.usdt_sites.len();
-    let requests = if !options.requests {
-        "request probes off (--no-requests), so stalls are not tied to requests".to_owned()
-    } else if request_sites == 0 {
-        "no loopguard-middleware probes, so stalls are not tied to requests".to_owned()
-    } else {
-        format!("{request_sites} request probe sites")
-    };
-    let sites = &target.wait_sites;
-    let epoll_sites = sites.iter().filter(|s| s.kind == WaitKind::Epoll).count();
-    let park_sites = sites.len() - epoll_sites;
-    let mut wait_functions: Vec<&str> = sites.iter().map(|site| site.name.as_str()).collect();
-    wait_functions.sort_unstable();
-    wait_functions.dedup();
-    let (mode, why) = match &target.mode {
-        WatchMode::Tokio => ("tokio", None),
-        WatchMode::LoopOnly { why } => ("loop", Some(why.as_str())),
-    };
-    let linked = format!(
-        "{probe_count} probes in {} {} links, attached in {:.2} s",
-        links.links,
-        links.kind.as_str(),
-        links.attach_time.as_secs_f64()
-    );
-    let at_ns = crate::collect::monotonic_ns();
-    let attached = events::Event::Attached(events::Attached {
-        pid: target.pid,
-        exe: target.exe.display_path.clone(),
-        mode: mode.to_owned(),
-        loop_only_reason: why.map(str::to_owned),
-        poll_functions: copies.len(),
-        task_ids_verified: event_loop,
-        blocking_pool_functions_unprobed: blocking_pool,
-        unknown_layout_functions: unknown.iter().map(|name| (*name).to_owned()).collect(),
-        probes: probe_count,
-        probe_links: links.kind.as_str().to_owned(),
-        links: links.links,
-        attach_s: links.attach_time.as_secs_f64(),
-        request_probe_sites: request_sites,
-        request_probes_attached: options.requests && request_sites > 0,
-        wait_sites: sites.len(),
-        wait_functions: wait_functions.iter().map(|f| (*f).to_owned()).collect(),
-        wait_probes: wait_path.as_str().to_owned(),
-        threshold_ms: options.detect.threshold_ns as f64 / 1e6,
-        adaptive: options.detect.adaptive.is_some(),
-        cumulative: options.detect.cumulative.is_some(),
-        report_floor_ms: options.detect.report_floor_ns() as f64 / 1e6,
-        schema_version: events::SCHEMA_VERSION,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        at_ns,
-        time: events::clock::from_monotonic(at_ns),
-    });
-    emit::event(&attached, options.format);
-    match options.format {
-        Format::Json => {}
-        Format::Text => {
-            let waits = waits_text(wait_path, (epoll_sites, park_sites), &wait_functions);
-            match why {
-                None => crate::diag!(
-                    "loopguard: watching pid {} ({}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {linked}; {}; Ctrl+C to stop",
-                    target.pid,
-                    target.exe.display_path,
-                    copies.len() - blocking_pool,
-                    event_loop,
-                    rules_text(&options.detect),
-                ),
-                Some(why) => crate::diag!(
-                    "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; {linked}; threshold {} ms; Ctrl+C to stop",
-                    target.pid,
-                    target.exe.display_path,
-                    options.detect.threshold_ns / 1_000_000,
-                ),
-            }
-        }
-    }
-    if !unknown.is_empty() {
-        crate::diag!("{}", unknown_layout_warning(&unknown));
-    }
-}
-
-/// The attach-time warning naming the poll functions whose task layout is
-/// not one loopguard knows (probed anyway, without task ids).
-fn unknown_layout_warning(unknown: &[&str]) -> String {
-    const SHOWN: usize = 4;
-    let mut names = unknown
-        .iter()
-        .take(SHOWN)
-        .map(|name| crate::term::printable(name).into_owned())
-        .collect::<Vec<_>>()
-        .join("; ");
-    if unknown.len() > SHOWN {
-        use std::fmt::Write as _;
-        let _ = write!(names, "; and {} more", unknown.len() - SHOWN);
-    }
-    format!(
-        "loopguard: warning: {} poll function(s) have a task layout this loopguard does not know (a newer Tokio?): they are probed, told apart from blocking-pool work by return address, and their stalls carry no task id: {names}",
-        unknown.len()
-    )
-}
-
-/// How the wait path is watched, for the attached line.
-fn waits_text(
-    wait_path: WaitPath,
-    (epoll_sites, park_sites): (usize, usize),
-    wait_functions: &[&str],
-) -> String {
-    match wait_path {
-        WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
-        WaitPath::Tracepoints => format!(
-            "epoll waits seen on the syscall tracepoints{}",
-            if park_sites > 0 {
-                format!(" and {park_sites} Tokio park sites")
-            } else {
-                String::new()
-            }
-        ),
-        WaitPath::Uprobes { .. } => format!(
-            "wait uprobes on {epoll_sites} epoll and {park_sites} Tokio park sites ({})",
-            wait_functions.join(", ")
-        ),
-    }
-}
-
-/// The rules in force, for the attached line.
-fn rules_text(detect: &DetectSettings) -> String {
-    use std::fmt::Write as _;
-    let ms = |ns: u64| ns as f64 / 1e6;
-    let mut text = match &detect.adaptive {
-        Some(a) => format!(
-            "adaptive threshold ({} ms until {} polls were seen, then {} x p{} within {}..{} ms)",
-            ms(detect.threshold_ns),
-            a.min_samples,
-            a.multiplier,
-            a.percentile * 100.0,
-            ms(a.floor_ns),
-            ms(a.ceiling_ns)
-        ),
-        None => format!("threshold {} ms", ms(detect.threshold_ns)),
-    };
-    if let Some(c) = &detect.cumulative {
-        let _ = write!(
-            text,
-            ", cumulative {} ms per {} ms of polls over {} ms",
-            ms(c.budget_ns),
-            ms(c.window_ns),
-            ms(c.floor_ns)
-        );
-    }
-    text
-}
-
 impl<'t> Session<'t> {
     fn new(
         target: &'t ProbeTarget,
@@ -948,10 +767,10 @@ impl<'t> Session<'t> {
         started: Instant,
     ) -> Self {
         Session {
-            engine: ThresholdEngine::new(options.detect.clone()),
+            engine: ThresholdEngine::new(options.detect.clone())
+                .with_loop_threads(options.loop_threads.clone()),
             // Loop stalls keep the fixed threshold: the adaptive baseline is
             // of task polls.
-            loops: LoopDetector::new(options.detect.threshold_ns, options.loop_threads.clone()),
             routes: options.routes.clone(),
             offending: Offending::default(),
             histogram_read_ns: 0,
@@ -1050,7 +869,7 @@ pub async fn watch(
     // The endpoint stays up until loopguard exits: a last scrape sees the totals.
     session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
     let mut summary = session.summary;
-    summary.unfinished = session.engine.unfinished() + session.loops.unfinished();
+    summary.unfinished = session.engine.unfinished() + session.engine.unfinished_loops();
     summary.thresholds = session.engine.range();
     summary.adaptive = options.detect.adaptive.is_some();
     summary.excluded_cuts = session.engine.excluded_cuts();
@@ -1178,33 +997,4 @@ fn name_from_asgi(
         context.victim_count = named.victim_count;
     }
     verdict
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unknown_layout_warning;
-
-    #[test]
-    fn copies_of_an_unknown_layout_are_named_at_attach() {
-        let names = [
-            "a::poll",
-            "b::poll",
-            "c::poll",
-            "d::poll",
-            "e\u{1b}]0;x::poll",
-            "f",
-        ];
-        let text = unknown_layout_warning(&names[..2]);
-        assert!(text.contains("2 poll function(s)"), "{text}");
-        assert!(text.contains("a::poll; b::poll"), "{text}");
-        assert!(
-            text.contains("probed") && text.contains("no task id"),
-            "{text}"
-        );
-        let text = unknown_layout_warning(&names);
-        assert!(
-            text.contains("and 2 more") && !text.contains("e\u{1b}"),
-            "{text}"
-        );
-    }
 }

@@ -226,3 +226,28 @@ def test_a_wrapped_child_task_can_be_cancelled_and_its_steps_end():
     assert "child" in seen["repr"] or "Steps" in seen["repr"]
     _, slot = newest()
     assert slot["tid"] == 0 and slot["seq"] % 2 == 0 and slot["ended"] > 0
+
+
+def test_a_child_task_that_outlives_its_request_writes_nothing_after_the_end():
+    """The slot may already hold the next request: a step of a task the
+    ended request left running must not mark it."""
+    holder = {}
+
+    async def child():
+        await asyncio.sleep(0.01)
+        time.sleep(0.002)
+
+    async def app(scope, receive, send):
+        holder["task"] = asyncio.get_running_loop().create_task(child())
+
+    mw = LoopguardMiddleware(app)
+
+    async def run():
+        await mw({"type": "http", "method": "GET", "path": "/outlive"}, None, None)
+        rid, ended = newest()
+        await holder["task"]
+        return rid, ended
+
+    rid, ended = asyncio.run(run())
+    assert ended["ended"] > 0
+    assert slots()[rid] == ended

@@ -135,6 +135,11 @@ impl Agent {
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// The stdout lines (JSON events) printed since the last call.
+    pub fn take_lines(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     /// Whether the agent is still running.
     pub fn alive(&mut self) -> bool {
         self.child

@@ -1,7 +1,8 @@
 //! Python frames in a native stack: each `_PyEval_EvalFrameDefault` frame
 //! gives way to the Python frames it ran, the interpreter's own helpers
-//! between them go, and the native leaf (the system call's wrapper, a C
-//! extension's function) stays.
+//! between them go, a builtin's frame (`time.sleep`, named by
+//! [`super::builtin`]) stands for the C function Python called, and the
+//! native leaf (the system call's wrapper, a C extension's function) stays.
 
 use crate::stacks::fold::Frame;
 
@@ -16,6 +17,27 @@ const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";
 /// Whether `frame` is a Python frame (made by [`interleave`]).
 pub fn is_python(frame: &Frame) -> bool {
     frame.module.as_deref() == Some(PYTHON_MODULE)
+}
+
+/// Whether `frame` is a builtin's: a C function called from Python, named
+/// as Python calls it (`time.sleep`), with no file or line.
+pub fn is_builtin(frame: &Frame) -> bool {
+    is_python(frame) && frame.file.is_none()
+}
+
+/// Whether `frame` is a frame of Python code (a file and a line).
+pub fn is_python_code(frame: &Frame) -> bool {
+    is_python(frame) && frame.file.is_some()
+}
+
+/// The Python-level frame of builtin `name`.
+pub fn builtin_frame(name: String) -> Frame {
+    Frame {
+        function: name,
+        module: Some(PYTHON_MODULE.to_owned()),
+        file: None,
+        line: None,
+    }
 }
 
 fn frame(py: &PyFrame) -> Frame {
@@ -35,9 +57,11 @@ fn file_name(path: &str) -> &str {
 /// one group per eval call at `call_start`) in place of its eval-loop
 /// frames. Native frames of `interpreter` (the executable or libpython
 /// holding the interpreter, a path or a file name) outside the innermost
-/// eval frame are the interpreter calling itself and are dropped; native
-/// frames of other modules (C extensions) stay where they are. Groups left
-/// over (the native unwind stopped early) go outermost.
+/// eval frame are the interpreter calling itself and are dropped, and so
+/// are those outside a builtin's frame (the call's trampolines,
+/// `cfunction_vectorcall_O`); native frames of other modules (C
+/// extensions) stay where they are. Groups left over (the native unwind
+/// stopped early) go outermost.
 pub fn interleave(native: &[Frame], python: &[PyFrame], interpreter: &str) -> Vec<Frame> {
     if python.is_empty() {
         return native.to_vec();
@@ -67,6 +91,9 @@ pub fn interleave(native: &[Frame], python: &[PyFrame], interpreter: &str) -> Ve
                 Some(group) => out.extend(group.iter().map(frame)),
                 None => out.push(native_frame.clone()),
             }
+        } else if is_builtin(native_frame) {
+            past_eval = true;
+            out.push(native_frame.clone());
         } else if !(past_eval && in_interpreter(native_frame)) {
             out.push(native_frame.clone());
         }
@@ -81,9 +108,9 @@ pub fn interleave(native: &[Frame], python: &[PyFrame], interpreter: &str) -> Ve
 /// innermost frame when it is a library's (`clock_nanosleep`, `recv` in
 /// libc) other than libpython, so a sleep and a CPU loop in one handler
 /// fold apart while samples of one CPU loop (whose innermost native frame
-/// moves) fold together. `None` for a stack without Python frames.
+/// moves) fold together. `None` for a stack without frames of Python code.
 pub fn fold_frames(frames: &[Frame]) -> Option<Vec<&Frame>> {
-    if !frames.iter().any(is_python) {
+    if !frames.iter().any(is_python_code) {
         return None;
     }
     let mut kept: Vec<&Frame> = Vec::new();
@@ -101,10 +128,20 @@ pub fn fold_frames(frames: &[Frame]) -> Option<Vec<&Frame>> {
     Some(kept)
 }
 
-/// `function (file:line)` of the innermost Python frame: the Python code
-/// that made the blocking call, or that runs on the CPU.
+/// `function (file:line)` of the innermost frame of Python code: the
+/// Python code that made the blocking call (through a builtin such as
+/// `time.sleep`, or not), or that runs on the CPU.
 pub fn python_caller(frames: &[Frame]) -> Option<&Frame> {
-    frames.iter().find(|f| is_python(f))
+    frames.iter().find(|f| is_python_code(f))
+}
+
+/// The builtin the innermost frame of Python code called, when the stack
+/// has one inside it (`time.sleep`).
+pub fn python_builtin(frames: &[Frame]) -> Option<&Frame> {
+    frames
+        .iter()
+        .take_while(|f| !is_python_code(f))
+        .find(|f| is_builtin(f))
 }
 
 #[cfg(test)]
@@ -189,6 +226,69 @@ mod tests {
                 "<module>"
             ]
         );
+    }
+
+    #[test]
+    fn a_builtin_stands_for_its_c_function_and_its_trampolines_go() {
+        let natives = [
+            native("clock_nanosleep", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            native("pysleep", LIB),
+            builtin_frame("time.sleep".to_owned()),
+            native("cfunction_vectorcall_O", LIB),
+            native(EVAL_LOOP, LIB),
+            native("0x4f2a10", "/usr/bin/python3.11"),
+            builtin_frame("Context.run".to_owned()),
+            native("_PyObject_MakeTpCall", LIB),
+            native(EVAL_LOOP, LIB),
+        ];
+        let python = [
+            py("block", 8, false),
+            py("handler", 12, true),
+            py("Handle._run", 30, true),
+        ];
+        let merged = interleave(&natives, &python, "libpython3.12.so.1.0");
+        let names: Vec<_> = merged.iter().map(|f| f.function.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "clock_nanosleep",
+                "pysleep",
+                "time.sleep",
+                "block",
+                "handler",
+                "0x4f2a10",
+                "Context.run",
+                "Handle._run",
+            ]
+        );
+        assert_eq!(
+            python_caller(&merged).map(|f| f.function.as_str()),
+            Some("block")
+        );
+        assert_eq!(
+            python_builtin(&merged).map(|f| f.function.as_str()),
+            Some("time.sleep")
+        );
+        let folded: Vec<_> = fold_frames(&merged)
+            .unwrap()
+            .iter()
+            .map(|f| f.function.as_str())
+            .collect();
+        assert_eq!(
+            folded,
+            [
+                "clock_nanosleep",
+                "time.sleep",
+                "block",
+                "handler",
+                "Context.run",
+                "Handle._run"
+            ]
+        );
+        // A builtin with no Python code read: folded as native frames.
+        let alone = [natives[0].clone(), natives[2].clone()];
+        assert!(fold_frames(&alone).is_none());
+        assert!(python_caller(&alone).is_none());
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //!
 //! [`layout`] says where each version keeps things, [`walk`] reads a
 //! thread's frames through a [`walk::Memory`], [`linetable`] turns an
-//! instruction into a line, [`merge`] puts the frames in place of the
+//! instruction into a line, [`builtin`] names the C function a Python
+//! frame called (`time.sleep`), [`merge`] puts the frames in place of the
 //! native eval-loop frames. This module finds the interpreter in a process
 //! (dynamic symbols of the executable or a mapped `libpython3.x.so`, so
 //! stripped binaries work) and keeps the stacks sampled while a stall is
 //! in progress. Nothing here runs per request or per poll: only for a
 //! thread stuck past the arm delay, and when a stall is reported.
 
+pub mod builtin;
 pub mod layout;
 pub mod linetable;
 pub mod merge;
@@ -22,6 +24,7 @@ use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::discover::proc::{self, FileMappings};
 use crate::stacks::fold::Frame;
+use crate::stacks::symbolize::Symbols;
 use walk::{CodeCache, Interpreter, Memory, PyFrame};
 
 /// The target's memory, read with `process_vm_readv`.
@@ -92,11 +95,14 @@ pub fn find(pid: u32) -> Found {
         return Found::NotPython;
     };
     let exe_inode = proc::executable(pid).map(|e| e.inode).ok();
-    let mut candidates: Vec<(String, u64, String)> = Vec::new();
+    // Where each candidate is read from: through `/proc/PID/exe` or the
+    // mapping itself (never the path the maps name, which the target can
+    // swap for a FIFO or a symlink to /dev/zero), at most a cap.
+    let mut candidates: Vec<(Option<proc::Mapping>, u64, String)> = Vec::new();
     if let Some(inode) = exe_inode
         && let Some(mapping) = maps.iter().find(|m| m.inode == inode)
     {
-        candidates.push((format!("/proc/{pid}/exe"), inode, mapping.path.clone()));
+        candidates.push((None, inode, mapping.path.clone()));
     }
     for mapping in &maps {
         let name = mapping.path.rsplit('/').next().unwrap_or_default();
@@ -104,15 +110,19 @@ pub fn find(pid: u32) -> Found {
             && name.contains(".so")
             && !candidates.iter().any(|c| c.1 == mapping.inode)
         {
-            candidates.push((
-                format!("/proc/{pid}/root{}", mapping.path),
-                mapping.inode,
-                mapping.path.clone(),
-            ));
+            candidates.push((Some(mapping.clone()), mapping.inode, mapping.path.clone()));
         }
     }
-    for (open, inode, path) in candidates {
-        let Ok(data) = std::fs::read(&open) else {
+    for (mapping, inode, path) in candidates {
+        let cap = crate::discover::files::MAX_EXECUTABLE_BYTES;
+        let read = match &mapping {
+            None => crate::discover::files::read_through_proc(
+                std::path::Path::new(&format!("/proc/{pid}/exe")),
+                cap,
+            ),
+            Some(mapping) => crate::discover::files::read_mapping(pid, mapping, cap),
+        };
+        let Ok(data) = read else {
             continue;
         };
         let Some([Some(runtime), version, code_type]) = symbol_offsets(&data) else {
@@ -204,6 +214,7 @@ pub struct PythonStacks {
     state: State,
     cache: CodeCache,
     samples: HashMap<(u32, u64), StallSamples>,
+    builtins: builtin::Builtins,
 }
 
 impl PythonStacks {
@@ -213,6 +224,7 @@ impl PythonStacks {
             state: State::Unknown,
             cache: CodeCache::default(),
             samples: HashMap::new(),
+            builtins: builtin::Builtins::default(),
         }
     }
 
@@ -259,6 +271,57 @@ impl PythonStacks {
             State::Present { target, .. } => Some(&**target),
             _ => None,
         }
+    }
+
+    /// The native frames of `addrs` (innermost first), with the frame of
+    /// a C function called from Python as that builtin's Python-level frame
+    /// (`time.sleep` for `time_sleep`). Only for a `CPython` target, and
+    /// only functions of the interpreter or of an extension module are
+    /// looked up; a module is indexed the first time one of its addresses
+    /// is (see [`builtin`]).
+    pub fn native_frames(&mut self, symbols: &mut Symbols, addrs: &[u64]) -> Vec<Frame> {
+        let frames = symbols.frames(addrs);
+        let Some(interpreter) = self.target().map(|t| t.module.clone()) else {
+            return frames;
+        };
+        let Ok(maps) = proc::read_maps(self.pid) else {
+            return frames;
+        };
+        let memory = ProcessMemory { pid: self.pid };
+        let started = std::time::Instant::now();
+        let mut out = Vec::with_capacity(frames.len());
+        for &addr in addrs {
+            // From the cache `frames` above filled.
+            let mut frames = symbols.frames(&[addr]);
+            let code = maps
+                .iter()
+                .find(|m| m.executable && (m.start..m.end).contains(&addr));
+            // An unnamed frame (a stripped interpreter's static function)
+            // still says whose it is, so the interpreter's are told apart.
+            if let Some(code) = code {
+                for frame in frames.iter_mut().filter(|f| f.module.is_none()) {
+                    frame.module = Some(code.path.clone());
+                }
+            }
+            let base = code
+                .filter(|m| m.path == interpreter || builtin::is_extension_module(&m.path))
+                .and_then(|code| {
+                    maps.iter()
+                        .find(|m| m.inode == code.inode && m.path == code.path && m.offset == 0)
+                })
+                .map(|header| header.start);
+            let name = base.and_then(|base| self.builtins.name(&memory, base, addr));
+            if let (Some(name), Some(function)) = (name, frames.last_mut()) {
+                *function = merge::builtin_frame(name);
+            }
+            out.extend(frames);
+        }
+        tracing::debug!(
+            addrs = addrs.len(),
+            us = started.elapsed().as_micros(),
+            "Python builtins named"
+        );
+        out
     }
 
     /// The Python stack of thread `tid` right now, innermost first.
@@ -328,8 +391,7 @@ impl PythonStacks {
             })
         };
         let python = sampled
-            .and_then(|s| s.stacks.into_iter().max_by_key(|(_, count)| *count))
-            .map(|(stack, _)| stack)
+            .and_then(|s| most_seen(s.stacks))
             .or_else(|| (!finished).then(|| self.stack_now(tid)))
             .unwrap_or_default();
         self.interleave(native, &python)
@@ -352,6 +414,18 @@ impl PythonStacks {
     }
 }
 
+/// The stack seen most often; of those seen as often, the first seen: a
+/// deep stack is read rarely (see [`SAMPLE_DUTY`]), so a stall may hold
+/// one sample of its blocking call and one of the code that ran after it
+/// in the same busy stretch, and the call came first.
+fn most_seen(stacks: Vec<(Vec<PyFrame>, u32)>) -> Option<Vec<PyFrame>> {
+    stacks
+        .into_iter()
+        .enumerate()
+        .max_by_key(|(index, (_, count))| (*count, std::cmp::Reverse(*index)))
+        .map(|(_, (stack, _))| stack)
+}
+
 fn tids(pid: u32) -> Vec<u64> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|dir| {
@@ -359,4 +433,32 @@ fn tids(pid: u32) -> Vec<u64> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(function: &str) -> Vec<PyFrame> {
+        vec![PyFrame {
+            function: function.to_owned(),
+            file: "app.py".to_owned(),
+            line: Some(1),
+            call_start: true,
+        }]
+    }
+
+    #[test]
+    fn the_stack_seen_most_wins_and_a_tie_goes_to_the_first_seen() {
+        let one = |f: &str, n| (stack(f), n);
+        assert_eq!(
+            most_seen(vec![one("deep", 1), one("after", 1)]),
+            Some(stack("deep"))
+        );
+        assert_eq!(
+            most_seen(vec![one("a", 1), one("b", 3), one("c", 3)]),
+            Some(stack("b"))
+        );
+        assert_eq!(most_seen(Vec::new()), None);
+    }
 }

@@ -43,7 +43,12 @@ class Steps:
         return self
 
     def __next__(self):
-        return self.send(None)
+        slot, tid = self._slot, self._tid
+        slot.step_begin(tid)
+        try:
+            return self._coro.send(None)
+        finally:
+            slot.step_end(tid)
 
     def send(self, value):
         slot, tid = self._slot, self._tid

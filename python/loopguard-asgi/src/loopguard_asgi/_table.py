@@ -46,6 +46,11 @@ _MASK32 = 0xFFFFFFFF
 _now = time.monotonic_ns
 # polling tid, id, started, step started, flags, method, route, path lengths
 _HEAD = struct.Struct("<IQQQBBBB")
+# A whole slot after its sequence: the head, padding to TEXT, then the
+# method, route and path texts (``s`` cuts and zero-pads each): one
+# ``pack_into`` files a request.
+_SLOT = struct.Struct(f"<IQQQBBBB{TEXT - 4 - _HEAD.size}x{METHOD_BYTES}s{TEXT_BYTES}s{TEXT_BYTES}s")
+assert _SLOT.size == SLOT_BYTES - 4
 # long step tid, loop tid, long step start and end, ended
 _STEP = struct.Struct("<IIQQQ")
 # Encoded and cut texts, by text (methods and route templates are few).
@@ -83,27 +88,21 @@ class Table:
                 return None
             self._busy[index] = 1
             self._next_id = request_id + 1
-        slot = Slot(self, index, request_id, tid)
-        slot.fill(method, path)
-        return slot
+        return Slot(self, index, request_id, tid, method, path)
 
     def free(self, index):
         self._busy[index] = 0
 
 
-def _cut(text, width):
-    cut = _CUT_CACHE.get(text)
-    if cut is None:
+def _encoded(text):
+    """``text`` as UTF-8 bytes; the few methods and route templates an
+    app has are cached."""
+    data = _CUT_CACHE.get(text)
+    if data is None:
         data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
-        cut = data[:width]
         if len(_CUT_CACHE) < _CUT_CACHE_MAX:
-            _CUT_CACHE[text] = cut
-    return cut
-
-
-def _cut_path(text):
-    data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
-    return data[:TEXT_BYTES]
+            _CUT_CACHE[text] = data
+    return data
 
 
 class Slot:
@@ -114,20 +113,34 @@ class Slot:
         "seq", "depth", "step_began", "ended", "route_text",
     )
 
-    def __init__(self, table, index, request_id, tid):
+    def __init__(self, table, index, request_id, tid, method, path):
+        """Files the request ``request_id`` in slot ``index``: one write
+        section holding the whole slot and its step record."""
         self.table = table
         self.index = index
         self.id = request_id
         self.tid = tid
-        self.base = RESERVED_BYTES + index * SLOT_BYTES
-        self.w32 = self.base // 4
-        self.w64 = self.base // 8
-        self.steps64 = (STEPS_AT + index * STEP_BYTES) // 8
-        self.seq = table.u32[self.w32] & ~1 & _MASK32
+        self.base = base = RESERVED_BYTES + index * SLOT_BYTES
+        self.w32 = w32 = base // 4
+        self.w64 = base // 8
+        self.steps64 = steps64 = (STEPS_AT + index * STEP_BYTES) // 8
         self.depth = 0
         self.step_began = 0
         self.ended = False
         self.route_text = None
+        method = _encoded(method)
+        path = path.encode("utf-8", "replace") if isinstance(path, str) else bytes(path)
+        buffer, u32 = table.buffer, table.u32
+        seq = (u32[w32] | 1) & _MASK32
+        u32[w32] = seq
+        _SLOT.pack_into(
+            buffer, base + 4, 0, request_id, _now(), 0, FLAG_POLLS_TRACKED,
+            min(len(method), METHOD_BYTES), 0, min(len(path), TEXT_BYTES),
+            method, b"", path,
+        )
+        _STEP.pack_into(buffer, steps64 * 8, 0, tid, 0, 0, 0)
+        self.seq = seq = (seq + 1) & _MASK32
+        u32[w32] = seq
 
     def _open(self):
         self.seq = (self.seq + 1) & _MASK32
@@ -137,31 +150,13 @@ class Slot:
         self.seq = (self.seq + 1) & _MASK32
         self.table.u32[self.w32] = self.seq
 
-    def fill(self, method, path):
-        table, base = self.table, self.base
-        now = _now()
-        method = _cut(method, METHOD_BYTES)
-        path = _cut_path(path)
-        buffer = table.buffer
-        self._open()
-        _HEAD.pack_into(
-            buffer, base + 4, 0, self.id, now, 0,
-            FLAG_POLLS_TRACKED, len(method), 0, len(path),
-        )
-        at = base + TEXT
-        buffer[at:at + len(method)] = method
-        at += METHOD_BYTES + TEXT_BYTES
-        buffer[at:at + len(path)] = path
-        _STEP.pack_into(buffer, self.steps64 * 8, 0, self.tid, 0, 0, 0)
-        self._close()
-
     def route(self, template):
         """The router matched: ``template`` is the route's path."""
         if self.ended or not isinstance(template, str) or template is self.route_text:
             return
         self.route_text = template
         buffer, base = self.table.buffer, self.base
-        route = _cut(template, TEXT_BYTES)
+        route = _encoded(template)[:TEXT_BYTES]
         self._open()
         at = base + TEXT + METHOD_BYTES
         buffer[at:at + len(route)] = route
@@ -173,7 +168,7 @@ class Slot:
         """A step of the request's coroutine (or of a child task) begins
         on thread ``tid``."""
         self.depth += 1
-        if self.depth != 1:
+        if self.depth != 1 or self.ended:
             return
         began = _now()
         self.step_began = began
@@ -187,7 +182,7 @@ class Slot:
 
     def step_end(self, tid):
         self.depth -= 1
-        if self.depth != 0:
+        if self.depth != 0 or self.ended:
             return
         ended = _now()
         began = self.step_began
@@ -211,11 +206,15 @@ class Slot:
         if self.ended:
             return
         self.ended = True
-        self._open()
-        self.table.u32[self.w32 + 1] = 0
-        self.table.u64[self.steps64 + 3] = _now()
-        self._close()
-        self.table.free(self.index)
+        table, w32 = self.table, self.w32
+        u32 = table.u32
+        seq = (self.seq + 1) & _MASK32
+        u32[w32] = seq
+        u32[w32 + 1] = 0
+        table.u64[self.steps64 + 3] = _now()
+        self.seq = seq = (seq + 1) & _MASK32
+        u32[w32] = seq
+        table._busy[self.index] = 0
 
 
 _table = None

@@ -1,0 +1,104 @@
+//! `thread_runtime` (raw tracepoint `sched_stat_runtime`): time the host
+//! took from the vCPU while a thread of the target ran inside a poll or a
+//! busy stretch (steal time), counted with its preemptions so the poll is
+//! judged by the time it really held its thread (issue #23,
+//! `loopguard_common::steal`).
+//!
+//! `sched_stat_runtime(task, runtime)` fires whenever the scheduler updates
+//! the running task's clock (every tick, every switch out, wakeup checks),
+//! with the task clock it ran since the previous update; that clock leaves
+//! steal time out. The wall time since that previous update, less the
+//! runtime, is what the host took. The previous update may have been made
+//! from another CPU (a wakeup checks the remote CPU's running task), so
+//! every update of a target thread, wherever it runs, moves its mark.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_task},
+    macros::{map, raw_tracepoint},
+    maps::HashMap,
+    programs::RawTracePointContext,
+};
+use loopguard_common::{MAX_POLL_DEPTH, slots::MAX_THREAD_SLOTS, steal::stolen_ns};
+
+use crate::{frame_index, last_switch_ns, slots, target_tgid};
+
+/// `task_struct` address of each target thread seen running → ns of its
+/// last runtime update. Entries are made by the thread itself (a pointer
+/// the program reads as current), and removed when it exits.
+#[map]
+static RUNTIME_MARKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_THREAD_SLOTS, 0);
+
+#[raw_tracepoint(tracepoint = "sched_stat_runtime")]
+pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
+    if crate::empty_programs() {
+        return 0;
+    }
+    let task: u64 = ctx.arg(0);
+    let runtime_ns: u64 = ctx.arg(1);
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the helper has no preconditions.
+    let current = unsafe { bpf_get_current_task() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if task != current || (pid_tgid >> 32) as u32 != target_tgid() {
+        // Another CPU's running task, or a task of another process: only
+        // move the mark of a target thread (one lookup, no insert).
+        if let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task) {
+            // SAFETY: a valid map value pointer.
+            unsafe { core::ptr::write_volatile(mark, now) };
+        }
+        return 0;
+    }
+    let tid = pid_tgid as u32;
+    // SAFETY: a read-only look at the map value.
+    let mark = unsafe { RUNTIME_MARKS.get(task) }.copied();
+    let _ = RUNTIME_MARKS.insert(task, now, 0);
+    // Without a mark of its own, a runtime update made elsewhere may be
+    // missing from the interval: start counting from this one.
+    let Some(mark) = mark else {
+        return 0;
+    };
+    // It has run without a switch since its mark or since it came back to
+    // this CPU, whichever is later.
+    let stolen = stolen_ns(mark.max(last_switch_ns()), now, runtime_ns);
+    if stolen != 0 {
+        credit(tid, stolen, now);
+    }
+    0
+}
+
+/// Counts `stolen` ns (taken at some point before `now`) as a wait for the
+/// CPU of `tid`'s innermost poll in flight, and of its busy stretch; at
+/// most the time each has run, so a pause before either began is never
+/// taken from it.
+#[inline(always)]
+fn credit(tid: u32, stolen: u64, now: u64) {
+    let Some(slot) = slots::slot_of(tid) else {
+        return;
+    };
+    if slots::peek_polls(slot, tid).is_some_and(|polls| polls.depth > 0)
+        && let Some(mut polls) = slots::polls_mut(slot, tid, false)
+    {
+        let depth = polls.depth as usize;
+        if depth <= MAX_POLL_DEPTH
+            && let Some(frame) = polls.frames.get(frame_index(depth - 1))
+        {
+            let since_start = now.saturating_sub(frame.start_ns);
+            polls.preempted_ns += stolen.min(since_start);
+        }
+    }
+    if slots::peek_loops(slot, tid)
+        .is_some_and(|state| state.depth == 0 && state.busy_start_ns != 0)
+        && let Some(mut state) = slots::loops_mut(slot, tid, false)
+    {
+        let since_start = now.saturating_sub(state.busy_start_ns);
+        state.preempted_ns += stolen.min(since_start);
+    }
+}
+
+/// The calling thread exits: forget its mark.
+#[inline(always)]
+pub(crate) fn forget() {
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let _ = RUNTIME_MARKS.remove(task);
+}

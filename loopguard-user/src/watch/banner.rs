@@ -1,0 +1,280 @@
+//! The attached banner: what was found and probed, announced once the
+//! probes are in (the `attached` event on stdout, a line on stderr).
+
+use crate::attach::{LinkSummary, WaitPath};
+use crate::detect::DetectSettings;
+use crate::discover::vtable::PollClass;
+use crate::discover::waits::WaitKind;
+use crate::discover::{ProbeTarget, WatchMode};
+use crate::events;
+use crate::present::emit;
+use crate::present::text::Format;
+use crate::watch::WatchOptions;
+
+/// Announces the attachment: JSON on stdout, text on stderr.
+pub fn print_attached(
+    target: &ProbeTarget,
+    probe_count: usize,
+    wait_path: WaitPath,
+    links: &LinkSummary,
+    options: &WatchOptions,
+) {
+    let found = Found::of(target);
+    let attached = attached_event(target, &found, probe_count, wait_path, links, options);
+    emit::event(&events::Event::Attached(attached), options.format);
+    if options.format == Format::Text {
+        print_attached_text(target, &found, probe_count, wait_path, links, options);
+    }
+    if !found.unknown.is_empty() {
+        crate::diag!("{}", unknown_layout_warning(&found.unknown));
+    }
+}
+
+/// What discovery found, counted for the banner.
+struct Found<'t> {
+    /// Poll copies whose task ids are read (verified event-loop layout).
+    event_loop: usize,
+    /// Poll copies only the blocking pool runs: not probed.
+    blocking_pool: usize,
+    /// Names of the poll copies whose task layout is not known.
+    unknown: Vec<&'t str>,
+    epoll_sites: usize,
+    park_sites: usize,
+    /// Wait functions probed, sorted, once each.
+    wait_functions: Vec<&'t str>,
+    /// Why the target is watched in loop mode (`None` for Tokio).
+    loop_only: Option<&'t str>,
+}
+
+impl<'t> Found<'t> {
+    fn of(target: &'t ProbeTarget) -> Self {
+        let copies = &target.binary.poll_copies;
+        let sites = &target.wait_sites;
+        let epoll_sites = sites.iter().filter(|s| s.kind == WaitKind::Epoll).count();
+        let mut wait_functions: Vec<&str> = sites.iter().map(|site| site.name.as_str()).collect();
+        wait_functions.sort_unstable();
+        wait_functions.dedup();
+        Self {
+            event_loop: copies
+                .iter()
+                .filter(|copy| copy.class() == PollClass::EventLoop)
+                .count(),
+            blocking_pool: copies.iter().filter(|copy| copy.is_blocking_pool()).count(),
+            unknown: copies
+                .iter()
+                .filter(|copy| copy.class() == PollClass::Unknown)
+                .map(|copy| copy.name.as_str())
+                .collect(),
+            epoll_sites,
+            park_sites: sites.len() - epoll_sites,
+            wait_functions,
+            loop_only: match &target.mode {
+                WatchMode::Tokio => None,
+                WatchMode::LoopOnly { why } => Some(why.as_str()),
+            },
+        }
+    }
+}
+
+/// The `attached` record.
+fn attached_event(
+    target: &ProbeTarget,
+    found: &Found,
+    probe_count: usize,
+    wait_path: WaitPath,
+    links: &LinkSummary,
+    options: &WatchOptions,
+) -> events::Attached {
+    let request_sites = target.binary.usdt_sites.len();
+    let at_ns = crate::collect::monotonic_ns();
+    events::Attached {
+        pid: target.pid,
+        exe: target.exe.display_path.clone(),
+        mode: if found.loop_only.is_some() {
+            "loop"
+        } else {
+            "tokio"
+        }
+        .to_owned(),
+        loop_only_reason: found.loop_only.map(str::to_owned),
+        poll_functions: target.binary.poll_copies.len(),
+        task_ids_verified: found.event_loop,
+        blocking_pool_functions_unprobed: found.blocking_pool,
+        unknown_layout_functions: found
+            .unknown
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect(),
+        probes: probe_count,
+        probe_links: links.kind.as_str().to_owned(),
+        links: links.links,
+        attach_s: links.attach_time.as_secs_f64(),
+        request_probe_sites: request_sites,
+        request_probes_attached: options.requests && request_sites > 0,
+        wait_sites: target.wait_sites.len(),
+        wait_functions: found
+            .wait_functions
+            .iter()
+            .map(|f| (*f).to_owned())
+            .collect(),
+        wait_probes: wait_path.as_str().to_owned(),
+        threshold_ms: options.detect.threshold_ns as f64 / 1e6,
+        adaptive: options.detect.adaptive.is_some(),
+        cumulative: options.detect.cumulative.is_some(),
+        report_floor_ms: options.detect.report_floor_ns() as f64 / 1e6,
+        schema_version: events::SCHEMA_VERSION,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        at_ns,
+        time: events::clock::from_monotonic(at_ns),
+    }
+}
+
+/// The banner's line on stderr.
+fn print_attached_text(
+    target: &ProbeTarget,
+    found: &Found,
+    probe_count: usize,
+    wait_path: WaitPath,
+    links: &LinkSummary,
+    options: &WatchOptions,
+) {
+    let request_sites = target.binary.usdt_sites.len();
+    let requests = if !options.requests {
+        "request probes off (--no-requests), so stalls are not tied to requests".to_owned()
+    } else if request_sites == 0 {
+        "no loopguard-middleware probes, so stalls are not tied to requests".to_owned()
+    } else {
+        format!("{request_sites} request probe sites")
+    };
+    let linked = format!(
+        "{probe_count} probes in {} {} links, attached in {:.2} s",
+        links.links,
+        links.kind.as_str(),
+        links.attach_time.as_secs_f64()
+    );
+    let waits = waits_text(
+        wait_path,
+        (found.epoll_sites, found.park_sites),
+        &found.wait_functions,
+    );
+    match found.loop_only {
+        None => crate::diag!(
+            "loopguard: watching pid {} ({}): {} poll functions probed ({} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {linked}; {}; Ctrl+C to stop",
+            target.pid,
+            target.exe.display_path,
+            target.binary.poll_copies.len() - found.blocking_pool,
+            found.blocking_pool,
+            found.event_loop,
+            rules_text(&options.detect),
+        ),
+        Some(why) => crate::diag!(
+            "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; {linked}; threshold {} ms; Ctrl+C to stop",
+            target.pid,
+            target.exe.display_path,
+            options.detect.threshold_ns / 1_000_000,
+        ),
+    }
+}
+
+/// The attach-time warning naming the poll functions whose task layout is
+/// not one loopguard knows (probed anyway, without task ids).
+fn unknown_layout_warning(unknown: &[&str]) -> String {
+    const SHOWN: usize = 4;
+    let mut names = unknown
+        .iter()
+        .take(SHOWN)
+        .map(|name| crate::term::printable(name).into_owned())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if unknown.len() > SHOWN {
+        use std::fmt::Write as _;
+        let _ = write!(names, "; and {} more", unknown.len() - SHOWN);
+    }
+    format!(
+        "loopguard: warning: {} poll function(s) have a task layout this loopguard does not know (a newer Tokio?): they are probed, told apart from blocking-pool work by return address, and their stalls carry no task id: {names}",
+        unknown.len()
+    )
+}
+
+/// How the wait path is watched, for the attached line.
+fn waits_text(
+    wait_path: WaitPath,
+    (epoll_sites, park_sites): (usize, usize),
+    wait_functions: &[&str],
+) -> String {
+    match wait_path {
+        WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
+        WaitPath::Switch => {
+            "epoll waits seen on sched_switch (uprobes only on Tokio's futex parks)".to_owned()
+        }
+        WaitPath::Tracepoints => format!(
+            "epoll waits seen on the syscall tracepoints{}",
+            if park_sites > 0 {
+                format!(" and {park_sites} Tokio park sites")
+            } else {
+                String::new()
+            }
+        ),
+        WaitPath::Uprobes { .. } => format!(
+            "wait uprobes on {epoll_sites} epoll and {park_sites} Tokio park sites ({})",
+            wait_functions.join(", ")
+        ),
+    }
+}
+
+/// The rules in force, for the attached line.
+fn rules_text(detect: &DetectSettings) -> String {
+    use std::fmt::Write as _;
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let mut text = match &detect.adaptive {
+        Some(a) => format!(
+            "adaptive threshold ({} ms until {} polls were seen, then {} x p{} within {}..{} ms)",
+            ms(detect.threshold_ns),
+            a.min_samples,
+            a.multiplier,
+            a.percentile * 100.0,
+            ms(a.floor_ns),
+            ms(a.ceiling_ns)
+        ),
+        None => format!("threshold {} ms", ms(detect.threshold_ns)),
+    };
+    if let Some(c) = &detect.cumulative {
+        let _ = write!(
+            text,
+            ", cumulative {} ms per {} ms of polls over {} ms",
+            ms(c.budget_ns),
+            ms(c.window_ns),
+            ms(c.floor_ns)
+        );
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unknown_layout_warning;
+
+    #[test]
+    fn copies_of_an_unknown_layout_are_named_at_attach() {
+        let names = [
+            "a::poll",
+            "b::poll",
+            "c::poll",
+            "d::poll",
+            "e\u{1b}]0;x::poll",
+            "f",
+        ];
+        let text = unknown_layout_warning(&names[..2]);
+        assert!(text.contains("2 poll function(s)"), "{text}");
+        assert!(text.contains("a::poll; b::poll"), "{text}");
+        assert!(
+            text.contains("probed") && text.contains("no task id"),
+            "{text}"
+        );
+        let text = unknown_layout_warning(&names);
+        assert!(
+            text.contains("and 2 more") && !text.contains("e\u{1b}"),
+            "{text}"
+        );
+    }
+}

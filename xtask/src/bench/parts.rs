@@ -1,0 +1,416 @@
+//! `cargo xtask bench --parts`: what each part of loopguard costs, in one
+//! run, against the poll floor.
+//!
+//! Each round measures every target unattached and then under a ladder of
+//! agents, each adding one part to the one before: the poll floor (the poll
+//! probes with programs that return at once, nothing else), the program
+//! bodies, the wait path, stack capture, the request probes (the default
+//! configuration) and a Prometheus scrape every second; beside them, the
+//! default with the wait path on uprobes, as it was before issue #24. The
+//! order reverses every other round. Targets: the example's endpoints, and
+//! real servers none of us wrote (installed from crates.io into
+//! `target/bench-servers`).
+//! Saturation only (wrk), where a per-request cost shows as lost
+//! throughput; the server's CPU time per request is printed beside it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::agent::{self, Agent};
+use super::{Endpoint, THRESHOLD_MS, load, median};
+use crate::cmd;
+
+/// One rung of the ladder: what the agent adds over the rung before.
+struct Step {
+    name: &'static str,
+    args: &'static [&'static str],
+    scrape: bool,
+    /// Only where the target has loopguard-middleware's probe sites.
+    needs_middleware: bool,
+    /// Not a rung of the ladder but a variant beside it (the wait path as
+    /// it was before issue #24), compared with the poll floor only.
+    aside: bool,
+}
+
+const STEPS: [Step; 7] = [
+    Step {
+        name: "poll floor",
+        args: &[
+            "--bench-empty-programs",
+            "--wait-probes",
+            "off",
+            "--no-stacks",
+            "--no-requests",
+        ],
+        scrape: false,
+        needs_middleware: false,
+        aside: false,
+    },
+    Step {
+        name: "+ program bodies",
+        args: &["--wait-probes", "off", "--no-stacks", "--no-requests"],
+        scrape: false,
+        needs_middleware: false,
+        aside: false,
+    },
+    Step {
+        name: "+ wait path",
+        args: &["--no-stacks", "--no-requests"],
+        scrape: false,
+        needs_middleware: false,
+        aside: false,
+    },
+    Step {
+        name: "+ stacks",
+        args: &["--no-requests"],
+        scrape: false,
+        needs_middleware: false,
+        aside: false,
+    },
+    Step {
+        name: "+ request probes",
+        args: &[],
+        scrape: false,
+        needs_middleware: true,
+        aside: false,
+    },
+    Step {
+        name: "+ metrics scraping (1 s)",
+        args: &[],
+        scrape: true,
+        needs_middleware: false,
+        aside: false,
+    },
+    Step {
+        name: "aside: default, wait path on uprobes (before #24)",
+        args: &["--wait-probes", "uprobe"],
+        scrape: false,
+        needs_middleware: false,
+        aside: true,
+    },
+];
+
+/// The issue's target: the default attach keeps this share of the poll
+/// floor's throughput.
+const DEFAULT_OVER_FLOOR_MIN: f64 = 0.93;
+
+/// Real servers the bench can install and load.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
+pub enum RealServer {
+    /// static-web-server (hyper + Tokio, default features off), serving a
+    /// small file.
+    StaticWebServer,
+}
+
+impl RealServer {
+    fn name(self) -> &'static str {
+        match self {
+            Self::StaticWebServer => "static-web-server",
+        }
+    }
+
+    fn version(self) -> &'static str {
+        match self {
+            Self::StaticWebServer => "2.44.1",
+        }
+    }
+}
+
+/// Where real servers are installed (`cargo install --root`).
+fn servers_root() -> PathBuf {
+    cmd::target_dir().join("bench-servers")
+}
+
+/// Installs `server` into `target/bench-servers` unless it is there: the
+/// release profile with symbols kept (loopguard needs them), once.
+fn install(server: RealServer) -> anyhow::Result<PathBuf> {
+    let root = servers_root();
+    let binary = root.join("bin").join(server.name());
+    if binary.exists() {
+        return Ok(binary);
+    }
+    eprintln!(
+        "bench: installing {} {} into {} (several minutes on two cores, once)",
+        server.name(),
+        server.version(),
+        root.display()
+    );
+    let mut install = cmd::cargo();
+    install
+        .args(["install", "--locked", "--root"])
+        .arg(&root)
+        .args([server.name(), "--version", server.version()])
+        // The HTTP serving path only: no TLS, compression or auth crates,
+        // so the first install takes minutes, not a quarter of an hour.
+        .arg("--no-default-features")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "false")
+        .env("CARGO_TARGET_DIR", root.join("build"));
+    cmd::run(&mut install).with_context(|| {
+        format!(
+            "failed to install {}: run `{}` to see why (it needs crates.io)",
+            server.name(),
+            cmd::display(&install)
+        )
+    })?;
+    Ok(binary)
+}
+
+/// A real server running pinned, killed when dropped.
+struct Running {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(server: RealServer, binary: &Path, cpus: &str) -> anyhow::Result<Running> {
+    let www = servers_root().join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(
+        www.join("index.html"),
+        "<!doctype html><title>bench</title><p>hello</p>\n",
+    )?;
+    let addr = super::scrape::free_addr()?;
+    let mut command = Command::new("taskset");
+    command.args(["-c", cpus]).arg(binary);
+    match server {
+        RealServer::StaticWebServer => command
+            .args(["--host", "127.0.0.1", "--port", &addr.port().to_string()])
+            .arg("--root")
+            .arg(&www)
+            .args(["--threads-multiplier", "1", "--log-level", "error"]),
+    };
+    let child = command
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("failed to start `{}`", cmd::display(&command)))?;
+    let running = Running {
+        child,
+        url: format!("http://{addr}/index.html"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("{} did not listen on {addr} within 10 s", server.name());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(running)
+}
+
+/// One target of the ladder: a URL on a pinned server.
+struct Target {
+    label: String,
+    pid: u32,
+    url: String,
+    middleware: bool,
+}
+
+/// What the ladder gave one target: per rung (0 = unattached), the
+/// requests/s and server µs per request of every round.
+#[derive(Default)]
+struct Ladder {
+    rps: BTreeMap<usize, Vec<f64>>,
+    us: BTreeMap<usize, Vec<f64>>,
+}
+
+/// The settings the ladder runs with.
+pub struct Setup<'a> {
+    pub loopguard: &'a Path,
+    pub example_pid: u32,
+    pub example_base: &'a str,
+    pub endpoints: &'a [Endpoint],
+    pub servers: &'a [RealServer],
+    pub server_cpus: &'a str,
+    pub load_cpus: &'a str,
+    pub agent_cpus: &'a str,
+    pub seconds: u64,
+    pub rounds: u32,
+    pub connections: u32,
+}
+
+pub fn run(setup: &Setup) -> anyhow::Result<()> {
+    let mut running = Vec::new();
+    let mut targets: Vec<Target> = setup
+        .endpoints
+        .iter()
+        .map(|endpoint| Target {
+            label: format!("stall-server {}", endpoint.path()),
+            pid: setup.example_pid,
+            url: format!("{}{}", setup.example_base, endpoint.path()),
+            middleware: true,
+        })
+        .collect();
+    for &server in setup.servers {
+        let binary = install(server)?;
+        let server_process = start(server, &binary, setup.server_cpus)?;
+        targets.push(Target {
+            label: format!("{} {} (small file)", server.name(), server.version()),
+            pid: server_process.child.id(),
+            url: server_process.url.clone(),
+            middleware: false,
+        });
+        running.push(server_process);
+    }
+    for target in &targets {
+        load::wrk(setup.load_cpus, &target.url, 1, setup.connections)?;
+    }
+    let mut ladders: Vec<Ladder> = targets.iter().map(|_| Ladder::default()).collect();
+    for round in 1..=setup.rounds {
+        for (target, ladder) in targets.iter().zip(&mut ladders) {
+            let mut rungs: Vec<usize> = (0..=STEPS.len())
+                .filter(|&rung| rung == 0 || target.middleware || !STEPS[rung - 1].needs_middleware)
+                .collect();
+            if round % 2 == 0 {
+                rungs.reverse();
+            }
+            for rung in rungs {
+                let (rps, us) = measure(setup, target, rung)?;
+                let name = if rung == 0 {
+                    "unattached"
+                } else {
+                    STEPS[rung - 1].name
+                };
+                eprintln!(
+                    "bench: parts round {round}/{} {}: {name}: {rps:.0} req/s, server {us:.2} µs/request",
+                    setup.rounds, target.label
+                );
+                ladder.rps.entry(rung).or_default().push(rps);
+                ladder.us.entry(rung).or_default().push(us);
+            }
+        }
+    }
+    drop(running);
+    print!("{}", render(setup, &targets, &ladders));
+    Ok(())
+}
+
+/// One wrk run at `rung` (0: unattached): requests/s and the server's CPU
+/// µs per request.
+fn measure(setup: &Setup, target: &Target, rung: usize) -> anyhow::Result<(f64, f64)> {
+    let agent = if rung == 0 {
+        None
+    } else {
+        let step = &STEPS[rung - 1];
+        let args: Vec<String> = step.args.iter().map(|&arg| arg.to_owned()).collect();
+        Some(Agent::attach(
+            setup.loopguard,
+            target.pid,
+            setup.agent_cpus,
+            THRESHOLD_MS,
+            &args,
+            step.scrape.then_some(Duration::from_secs(1)),
+        )?)
+    };
+    let before = agent::cpu_seconds(target.pid);
+    let start = Instant::now();
+    let sample = load::wrk(
+        setup.load_cpus,
+        &target.url,
+        setup.seconds,
+        setup.connections,
+    )?;
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = agent::cpu_seconds(target.pid) - before;
+    if let Some(agent) = agent {
+        agent.detach()?;
+    }
+    let served = sample.rps * wall;
+    let us = if served > 0.0 {
+        1e6 * cpu / served
+    } else {
+        f64::NAN
+    };
+    Ok((sample.rps, us))
+}
+
+fn render(setup: &Setup, targets: &[Target], ladders: &[Ladder]) -> String {
+    let mut out = String::new();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "\nWhat each part costs (wrk -t1 -c{} -d{}s, median of {} round(s); server on CPUs {}, wrk and agent on {}; load average {}):",
+        setup.connections,
+        setup.seconds,
+        setup.rounds,
+        setup.server_cpus,
+        setup.load_cpus,
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    for (target, ladder) in targets.iter().zip(ladders) {
+        let rps = |rung: usize| ladder.rps.get(&rung).and_then(|v| median(v));
+        let us = |rung: usize| ladder.us.get(&rung).and_then(|v| median(v));
+        let Some(unattached) = rps(0) else { continue };
+        let _ = writeln!(
+            out,
+            "\n{}: unattached {unattached:.0} req/s, {:.2} µs/request",
+            target.label,
+            us(0).unwrap_or(f64::NAN)
+        );
+        let _ = writeln!(
+            out,
+            "| part | req/s | ratio | share (ratio lost) | server µs/request | added µs/request |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        let mut previous = (1.0, us(0).unwrap_or(f64::NAN));
+        let mut default_ratio = None;
+        let mut aside_ratio = None;
+        for (index, step) in STEPS.iter().enumerate() {
+            let rung = index + 1;
+            let (Some(r), Some(u)) = (rps(rung), us(rung)) else {
+                continue;
+            };
+            let ratio = r / unattached;
+            if step.aside {
+                let _ = writeln!(out, "| {} | {r:.0} | {ratio:.3} | | {u:.2} | |", step.name);
+                aside_ratio = Some(ratio);
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "| {} | {r:.0} | {ratio:.3} | {:+.3} | {u:.2} | {:+.2} |",
+                step.name,
+                ratio - previous.0,
+                u - previous.1
+            );
+            previous = (ratio, u);
+            if !step.scrape {
+                default_ratio = Some(ratio);
+            }
+        }
+        let Some(floor) = rps(1).map(|floor| floor / unattached) else {
+            continue;
+        };
+        for (what, ratio) in [
+            ("default", default_ratio),
+            ("default with the wait uprobes (before #24)", aside_ratio),
+        ] {
+            let Some(ratio) = ratio else { continue };
+            let over = ratio / floor;
+            let _ = writeln!(
+                out,
+                "{what} / poll floor: {over:.3} ({} the issue's {DEFAULT_OVER_FLOOR_MIN})",
+                if over >= DEFAULT_OVER_FLOOR_MIN {
+                    "meets"
+                } else {
+                    "misses"
+                }
+            );
+        }
+    }
+    out
+}
