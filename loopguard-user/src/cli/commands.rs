@@ -32,7 +32,6 @@ fn watch_options(settings: &Settings) -> WatchOptions {
         scan_interval: Duration::from_millis(settings.scan_interval_ms.unsigned_abs()),
         requests: settings.requests,
         metrics: None,
-        loop_threads: settings.loop_threads.clone(),
         wait_probes: settings.wait_probes,
         probe_links: settings.probe_links,
         capture_stacks: settings.stacks.enabled,

@@ -306,6 +306,7 @@ impl Settings {
                 window_ns: ms(c.window_ms),
                 budget_ns: ms(c.budget_ms),
             }),
+            loop_threads: self.loop_threads.clone(),
         }
     }
 

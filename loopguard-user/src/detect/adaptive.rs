@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 
 use loopguard_common::hist;
 
+use super::rule::Rule;
 use crate::collect::totals::Histogram;
 
 /// The adaptive rule's settings (validated by `config`).
@@ -150,6 +151,71 @@ impl AdaptiveThreshold {
     pub fn threshold_for(&self, quantile_ns: u64) -> u64 {
         let scaled = (quantile_ns as f64 * self.settings.multiplier).round() as u64;
         scaled.clamp(self.settings.floor_ns, self.settings.ceiling_ns)
+    }
+}
+
+/// One read of the kernel's histogram, taken at `now_ns` while
+/// `threshold_ns` was in force.
+#[derive(Clone, Copy, Debug)]
+pub struct HistogramRead<'a> {
+    pub now_ns: u64,
+    pub read: &'a Histogram,
+    pub threshold_ns: u64,
+}
+
+/// A move of the threshold, as its line says it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ThresholdShown {
+    pub threshold_ms: f64,
+    pub previous_ms: f64,
+    /// 0.5..=0.999.
+    pub percentile: f64,
+    pub samples: u64,
+    pub percentile_ms: f64,
+    pub multiplier: f64,
+}
+
+/// The thresholds in force over a run, as the summary says them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AdaptiveTotals {
+    /// Whether the rule ran.
+    pub adaptive: bool,
+    pub current_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Rule for AdaptiveThreshold {
+    type Input<'a> = HistogramRead<'a>;
+    type Found = Option<Baseline>;
+    type Shown<'a> = ThresholdShown;
+    type Totals<'a> = AdaptiveTotals;
+
+    fn check(&mut self, input: HistogramRead<'_>) -> Option<Baseline> {
+        self.observe(input.now_ns, input.read, input.threshold_ns)
+    }
+
+    fn describe(change: &ThresholdShown) -> String {
+        format!(
+            "{:<17} {:.1} ms (was {:.1} ms): p{} of {} recent polls = {:.3} ms, x {}",
+            "THRESHOLD",
+            change.threshold_ms,
+            change.previous_ms,
+            change.percentile * 100.0,
+            change.samples,
+            change.percentile_ms,
+            change.multiplier,
+        )
+    }
+
+    fn summary(totals: &AdaptiveTotals) -> Vec<String> {
+        if !totals.adaptive {
+            return Vec::new();
+        }
+        vec![format!(
+            "  adaptive threshold: {:.1} ms now, {:.1} to {:.1} ms over the run",
+            totals.current_ms, totals.min_ms, totals.max_ms
+        )]
     }
 }
 

@@ -13,6 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use super::rule::Rule;
+use crate::term::printable;
+
 /// The rule's settings (validated by `config`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CumulativeSettings {
@@ -253,6 +256,122 @@ impl CumulativeDetector {
                     .last_alert_ns
                     .is_some_and(|at| at.saturating_add(2 * window_ns) > from_ns + window_ns)
         });
+    }
+}
+
+/// A cut, and whether it served an excluded route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CutInput {
+    pub cut: Cut,
+    pub excluded: bool,
+}
+
+/// A cumulative alert, as its line says it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CumulativeShown<'a> {
+    /// `(tid, thread name)` of a thread's alert; `None` for the process.
+    pub thread: Option<(u32, &'a str)>,
+    pub total_ms: f64,
+    pub polls: u64,
+    pub window_ms: f64,
+    pub budget_ms: f64,
+    pub repeat: u64,
+    /// Worst first.
+    pub routes: Vec<RouteShown<'a>>,
+    /// `(task id, ms)`, worst first.
+    pub tasks: Vec<(Option<u64>, f64)>,
+}
+
+/// A route's share of an alert, as its line says it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouteShown<'a> {
+    pub method: &'a str,
+    pub route: &'a str,
+    pub total_ms: f64,
+    pub polls: u64,
+}
+
+/// What the summary holds of cumulative alerts and excluded routes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CumulativeTotals {
+    pub alerts: u64,
+    /// Stalls of excluded routes.
+    pub excluded_stalls: u64,
+    /// Cuts of excluded routes, and their ms.
+    pub excluded_polls: u64,
+    pub excluded_ms: f64,
+}
+
+/// Contributors an alert's line names.
+const CONTRIBUTORS_SAID: usize = 3;
+
+impl Rule for CumulativeDetector {
+    type Input<'a> = CutInput;
+    type Found = Option<CumulativeAlert>;
+    type Shown<'a> = CumulativeShown<'a>;
+    type Totals<'a> = CumulativeTotals;
+
+    fn check(&mut self, input: CutInput) -> Option<CumulativeAlert> {
+        self.on_cut(input.cut, input.excluded)
+    }
+
+    fn describe(alert: &CumulativeShown<'_>) -> String {
+        let scope = match alert.thread {
+            Some((tid, thread)) => format!("tid {tid} ({})", printable(thread)),
+            None => "process".to_owned(),
+        };
+        let repeat = if alert.repeat > 1 {
+            format!(" [still, {} windows in a row]", alert.repeat)
+        } else {
+            String::new()
+        };
+        let routes: Vec<String> = alert
+            .routes
+            .iter()
+            .take(CONTRIBUTORS_SAID)
+            .map(|r| {
+                format!(
+                    "{} {} {:.1} ms in {} polls",
+                    printable(r.method),
+                    printable(r.route),
+                    r.total_ms,
+                    r.polls
+                )
+            })
+            .collect();
+        let tasks: Vec<String> = alert
+            .tasks
+            .iter()
+            .take(CONTRIBUTORS_SAID)
+            .map(|(task_id, total_ms)| {
+                let task = task_id.map_or_else(|| "task ?".to_owned(), |id| format!("task {id}"));
+                format!("{task} {total_ms:.1} ms")
+            })
+            .collect();
+        let by = if routes.is_empty() {
+            format!("; by {}", tasks.join(", "))
+        } else {
+            format!("; by {}", routes.join(", "))
+        };
+        format!(
+            "{:<17} {scope} blocked {:.1} ms in {} short polls within {:.0} ms (budget {:.0} ms){repeat}{by}",
+            "CUMULATIVE", alert.total_ms, alert.polls, alert.window_ms, alert.budget_ms,
+        )
+    }
+
+    /// The alerts raised, and what excluded routes kept quiet.
+    fn summary(totals: &CumulativeTotals) -> Vec<String> {
+        let mut lines = Vec::new();
+        if totals.alerts > 0 {
+            lines.push(format!("  cumulative alerts: {}", totals.alerts));
+        }
+        if totals.excluded_stalls > 0 || totals.excluded_polls > 0 {
+            lines.push(format!(
+                "  excluded routes: {} stall(s) and {} short polls ({:.1} ms) not alerted on",
+                totals.excluded_stalls, totals.excluded_polls, totals.excluded_ms
+            ));
+        }
+        lines
     }
 }
 

@@ -21,17 +21,19 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use loopguard_common::{LoopEvent, LoopState, ThreadPolls};
 
+use super::rule::{Rule, StallShown, stall_head};
 use crate::detect::{Finding, Stall, StallKind};
+use crate::term::printable;
 
 /// Poll stalls remembered per thread, to tell a loop stretch that holds one.
 const POLL_STALLS_KEPT: usize = 64;
 /// How long an in-progress loop stall is remembered without news.
 const FORGET_AFTER_NS: u64 = 10_000_000_000;
 
-/// Finds loop stalls for one threshold.
+/// Finds loop stalls against the threshold in force, which every check is
+/// given (the engine's: the loop rule keeps no threshold of its own).
 #[derive(Debug)]
 pub struct LoopDetector {
-    threshold_ns: u64,
     /// `(tid, busy start)` reported in progress → when last seen.
     in_progress: HashMap<(u32, u64), u64>,
     /// Start times of poll stalls (finished or in progress), per thread.
@@ -52,19 +54,13 @@ pub fn name_matches(pattern: &str, name: &str) -> bool {
 }
 
 impl LoopDetector {
-    pub fn new(threshold_ns: u64, only: Vec<String>) -> Self {
+    pub fn new(only: Vec<String>) -> Self {
         Self {
-            threshold_ns,
             in_progress: HashMap::new(),
             poll_stalls: HashMap::new(),
             only,
             allowed: HashMap::new(),
         }
-    }
-
-    /// The threshold in force now (the adaptive rule moves it).
-    pub fn set_threshold_ns(&mut self, threshold_ns: u64) {
-        self.threshold_ns = threshold_ns;
     }
 
     /// Whether thread `tid` (named by `name`) may be reported.
@@ -117,6 +113,7 @@ impl LoopDetector {
     /// A loop thread came back to wait after a busy stretch.
     pub fn on_busy(
         &mut self,
+        threshold_ns: u64,
         event: &LoopEvent,
         mut name: impl FnMut(u32) -> String,
     ) -> Option<Finding> {
@@ -127,19 +124,14 @@ impl LoopDetector {
         let end_ns = event.start_ns + event.duration_ns;
         // Time spent preempted is the scheduler's, not the loop's.
         let held_ns = event.duration_ns.saturating_sub(event.preempted_ns);
-        if held_ns < self.threshold_ns
+        if held_ns < threshold_ns
             || self.holds_poll_stall(event.tid, event.start_ns, end_ns)
             || !self.is_loop_thread(event.tid, &mut name)
         {
             return None;
         }
         Some(Finding::Finished {
-            stall: loop_stall(
-                event.tid,
-                event.start_ns,
-                event.duration_ns,
-                self.threshold_ns,
-            ),
+            stall: loop_stall(event.tid, event.start_ns, event.duration_ns, threshold_ns),
             seen_in_progress,
         })
     }
@@ -148,6 +140,7 @@ impl LoopDetector {
     /// taken at `now_ns`.
     pub fn on_snapshot(
         &mut self,
+        threshold_ns: u64,
         now_ns: u64,
         loops: &[(u32, LoopState)],
         polls: &[(u32, ThreadPolls)],
@@ -163,7 +156,7 @@ impl LoopDetector {
             if state.depth > 0 || state.busy_start_ns == 0 {
                 continue;
             }
-            if held_so_far_ns(now_ns, state) < self.threshold_ns
+            if held_so_far_ns(now_ns, state) < threshold_ns
                 || in_task_poll.contains(tid)
                 || self.holds_poll_stall(*tid, state.busy_start_ns, now_ns)
                 || !self.is_loop_thread(*tid, &mut name)
@@ -179,7 +172,7 @@ impl LoopDetector {
                     *tid,
                     state.busy_start_ns,
                     now_ns.saturating_sub(state.busy_start_ns),
-                    self.threshold_ns,
+                    threshold_ns,
                 )));
             }
         }
@@ -194,6 +187,89 @@ impl LoopDetector {
     /// Loop stalls reported in progress whose end has not been seen (yet).
     pub fn unfinished(&self) -> usize {
         self.in_progress.len()
+    }
+}
+
+/// What the loop rule looks at, against the threshold in force.
+pub struct LoopInput<'a, 'n> {
+    pub threshold_ns: u64,
+    pub seen: LoopSeen<'a>,
+    /// A thread's name, asked only under `--loop-threads`.
+    pub name: &'n mut dyn FnMut(u32) -> String,
+}
+
+/// A busy stretch that ended, or the wait states and poll stacks at `now_ns`.
+#[derive(Clone, Copy, Debug)]
+pub enum LoopSeen<'a> {
+    Busy(&'a LoopEvent),
+    Snapshot {
+        now_ns: u64,
+        loops: &'a [(u32, LoopState)],
+        polls: &'a [(u32, ThreadPolls)],
+    },
+}
+
+/// An event-loop thread's time over the run, as the summary says it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoopThreadShown<'a> {
+    pub tid: u32,
+    pub thread: &'a str,
+    pub busy_ms: f64,
+    pub wait_ms: f64,
+    pub waits: u64,
+}
+
+impl Rule for LoopDetector {
+    type Input<'a> = LoopInput<'a, 'a>;
+    type Found = Vec<Finding>;
+    type Shown<'a> = StallShown<'a>;
+    type Totals<'a> = [LoopThreadShown<'a>];
+
+    fn check(&mut self, input: LoopInput<'_, '_>) -> Vec<Finding> {
+        let LoopInput {
+            threshold_ns,
+            seen,
+            name,
+        } = input;
+        match seen {
+            LoopSeen::Busy(event) => self
+                .on_busy(threshold_ns, event, name)
+                .into_iter()
+                .collect(),
+            LoopSeen::Snapshot {
+                now_ns,
+                loops,
+                polls,
+            } => self.on_snapshot(threshold_ns, now_ns, loops, polls, name),
+        }
+    }
+
+    fn describe(shown: &StallShown<'_>) -> String {
+        stall_head(["LOOP STALL IN PROGRESS", "LOOP STALL"], shown)
+    }
+
+    /// Each event-loop thread's busy and waiting time.
+    fn summary(threads: &[LoopThreadShown<'_>]) -> Vec<String> {
+        threads
+            .iter()
+            .map(|thread| {
+                let watched = thread.busy_ms + thread.wait_ms;
+                let busy = if watched > 0.0 {
+                    thread.busy_ms / watched
+                } else {
+                    0.0
+                };
+                format!(
+                    "  event loop tid {} ({}): busy {:.1} ms, waiting {:.1} ms ({:.0} % busy), {} waits",
+                    thread.tid,
+                    printable(thread.thread),
+                    thread.busy_ms,
+                    thread.wait_ms,
+                    busy * 100.0,
+                    thread.waits,
+                )
+            })
+            .collect()
     }
 }
 
@@ -284,10 +360,10 @@ mod tests {
 
     #[test]
     fn before_any_wait_the_main_thread_or_the_named_ones_are_loop_threads() {
-        let mut any = LoopDetector::new(50 * MS, Vec::new());
+        let mut any = LoopDetector::new(Vec::new());
         assert!(any.presumed_loop_thread(100, 100, anyone));
         assert!(!any.presumed_loop_thread(100, 101, anyone));
-        let mut named = LoopDetector::new(50 * MS, vec!["loop-*".into()]);
+        let mut named = LoopDetector::new(vec!["loop-*".into()]);
         let name = |tid: u32| {
             if tid == 101 {
                 "loop-1".into()
@@ -301,9 +377,10 @@ mod tests {
 
     #[test]
     fn a_long_busy_stretch_is_a_loop_stall() {
-        let mut detector = LoopDetector::new(50 * MS, Vec::new());
-        assert_eq!(detector.on_busy(&busy(7, 100, 49), anyone), None);
-        let Some(Finding::Finished { stall, .. }) = detector.on_busy(&busy(7, 200, 200), anyone)
+        let mut detector = LoopDetector::new(Vec::new());
+        assert_eq!(detector.on_busy(50 * MS, &busy(7, 100, 49), anyone), None);
+        let Some(Finding::Finished { stall, .. }) =
+            detector.on_busy(50 * MS, &busy(7, 200, 200), anyone)
         else {
             panic!("no loop stall");
         };
@@ -315,19 +392,27 @@ mod tests {
 
     #[test]
     fn a_stretch_holding_a_poll_stall_is_reported_once_as_the_poll() {
-        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        let mut detector = LoopDetector::new(Vec::new());
         detector.note_poll_stall(7, 210 * MS);
-        assert_eq!(detector.on_busy(&busy(7, 200, 300), anyone), None);
+        assert_eq!(detector.on_busy(50 * MS, &busy(7, 200, 300), anyone), None);
         // The same thread later blocks outside any poll: that one is a loop stall.
-        assert!(detector.on_busy(&busy(7, 600, 100), anyone).is_some());
+        assert!(
+            detector
+                .on_busy(50 * MS, &busy(7, 600, 100), anyone)
+                .is_some()
+        );
         // Another thread's poll stall does not hide this one.
         detector.note_poll_stall(8, 1000 * MS);
-        assert!(detector.on_busy(&busy(7, 990, 100), anyone).is_some());
+        assert!(
+            detector
+                .on_busy(50 * MS, &busy(7, 990, 100), anyone)
+                .is_some()
+        );
     }
 
     #[test]
     fn in_progress_once_then_finished() {
-        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        let mut detector = LoopDetector::new(Vec::new());
         let loops = [
             (7, busy_since(100)),
             (8, waiting()),
@@ -335,22 +420,22 @@ mod tests {
         ];
         assert!(
             detector
-                .on_snapshot(140 * MS, &loops, &[], anyone)
+                .on_snapshot(50 * MS, 140 * MS, &loops, &[], anyone)
                 .is_empty()
         );
-        let found = detector.on_snapshot(160 * MS, &loops, &[], anyone);
+        let found = detector.on_snapshot(50 * MS, 160 * MS, &loops, &[], anyone);
         assert!(
             matches!(&found[..], [Finding::InProgress(stall)] if stall.tid == 7 && stall.duration_ns == 60 * MS),
             "{found:?}"
         );
         assert!(
             detector
-                .on_snapshot(170 * MS, &loops, &[], anyone)
+                .on_snapshot(50 * MS, 170 * MS, &loops, &[], anyone)
                 .is_empty()
         );
         let Some(Finding::Finished {
             seen_in_progress, ..
-        }) = detector.on_busy(&busy(7, 100, 200), anyone)
+        }) = detector.on_busy(50 * MS, &busy(7, 100, 200), anyone)
         else {
             panic!("not finished");
         };
@@ -360,45 +445,56 @@ mod tests {
 
     #[test]
     fn inside_a_task_poll_the_poll_detector_decides() {
-        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        let mut detector = LoopDetector::new(Vec::new());
         let loops = [(7, busy_since(100))];
         let polls = [(7, in_poll(140, 0))];
         assert!(
             detector
-                .on_snapshot(200 * MS, &loops, &polls, anyone)
+                .on_snapshot(50 * MS, 200 * MS, &loops, &polls, anyone)
                 .is_empty()
         );
         // A scheduler loop's poll (container) is not a task poll.
         let polls = [(7, in_poll(0, frame_flags::CONTAINER))];
         assert_eq!(
-            detector.on_snapshot(200 * MS, &loops, &polls, anyone).len(),
+            detector
+                .on_snapshot(50 * MS, 200 * MS, &loops, &polls, anyone)
+                .len(),
             1
         );
     }
 
     #[test]
     fn a_wait_in_progress_at_attach_and_an_unknown_start_raise_nothing() {
-        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        let mut detector = LoopDetector::new(Vec::new());
         // Attached mid-wait: depth 0 until the wait returns; the kernel
         // then starts a stretch. Attached mid-stretch: start unknown (0).
         let loops = [(7, LoopState::default()), (8, waiting())];
         assert!(
             detector
-                .on_snapshot(10_000 * MS, &loops, &[], anyone)
+                .on_snapshot(50 * MS, 10_000 * MS, &loops, &[], anyone)
                 .is_empty()
         );
     }
 
     #[test]
     fn a_thread_that_exits_mid_stretch_is_forgotten() {
-        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        let mut detector = LoopDetector::new(Vec::new());
         let loops = [(7, busy_since(100))];
-        assert_eq!(detector.on_snapshot(200 * MS, &loops, &[], anyone).len(), 1);
+        assert_eq!(
+            detector
+                .on_snapshot(50 * MS, 200 * MS, &loops, &[], anyone)
+                .len(),
+            1
+        );
         // Its entry left the map (thread exit): no finish ever comes.
-        assert!(detector.on_snapshot(300 * MS, &[], &[], anyone).is_empty());
         assert!(
             detector
-                .on_snapshot(200 * MS + FORGET_AFTER_NS, &[], &[], anyone)
+                .on_snapshot(50 * MS, 300 * MS, &[], &[], anyone)
+                .is_empty()
+        );
+        assert!(
+            detector
+                .on_snapshot(50 * MS, 200 * MS + FORGET_AFTER_NS, &[], &[], anyone)
                 .is_empty()
         );
         assert_eq!(detector.unfinished(), 0);
@@ -406,28 +502,28 @@ mod tests {
 
     #[test]
     fn a_lost_end_does_not_hide_the_next_stretch() {
-        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        let mut detector = LoopDetector::new(Vec::new());
         // In progress, then its LoopEvent is lost (ring buffer full): the
         // thread waits again and starts a new stretch.
         assert_eq!(
             detector
-                .on_snapshot(200 * MS, &[(7, busy_since(100))], &[], anyone)
+                .on_snapshot(50 * MS, 200 * MS, &[(7, busy_since(100))], &[], anyone)
                 .len(),
             1
         );
         assert!(
             detector
-                .on_snapshot(300 * MS, &[(7, waiting())], &[], anyone)
+                .on_snapshot(50 * MS, 300 * MS, &[(7, waiting())], &[], anyone)
                 .is_empty()
         );
-        let found = detector.on_snapshot(500 * MS, &[(7, busy_since(400))], &[], anyone);
+        let found = detector.on_snapshot(50 * MS, 500 * MS, &[(7, busy_since(400))], &[], anyone);
         assert!(
             matches!(&found[..], [Finding::InProgress(stall)] if stall.start_ns == 400 * MS),
             "{found:?}"
         );
         let Some(Finding::Finished {
             seen_in_progress, ..
-        }) = detector.on_busy(&busy(7, 400, 150), anyone)
+        }) = detector.on_busy(50 * MS, &busy(7, 400, 150), anyone)
         else {
             panic!("the next stretch is reported");
         };
@@ -436,7 +532,7 @@ mod tests {
 
     #[test]
     fn time_spent_preempted_does_not_make_a_loop_stall() {
-        let mut detector = LoopDetector::new(50 * MS, Vec::new());
+        let mut detector = LoopDetector::new(Vec::new());
         // 70 ms since the stretch began, 30 of them switched out runnable
         // (20 counted, 10 still open): it held its thread 40 ms.
         let preempted = LoopState {
@@ -448,7 +544,7 @@ mod tests {
         };
         assert!(
             detector
-                .on_snapshot(170 * MS, &[(7, preempted)], &[], anyone)
+                .on_snapshot(50 * MS, 170 * MS, &[(7, preempted)], &[], anyone)
                 .is_empty()
         );
         // Back on CPU at 190 ms (50 ms preempted in all since the start):
@@ -459,7 +555,7 @@ mod tests {
             preempted_since_ns: 0,
             ..preempted
         };
-        let found = detector.on_snapshot(230 * MS, &[(7, running)], &[], anyone);
+        let found = detector.on_snapshot(50 * MS, 230 * MS, &[(7, running)], &[], anyone);
         assert!(
             matches!(&found[..], [Finding::InProgress(stall)] if stall.duration_ns == 130 * MS),
             "{found:?}"
@@ -467,10 +563,11 @@ mod tests {
         // Finished: 60 of 100 ms preempted is no stall; 40 of 140 is.
         let mut event = busy(8, 0, 100);
         event.preempted_ns = 60 * MS;
-        assert!(detector.on_busy(&event, anyone).is_none());
+        assert!(detector.on_busy(50 * MS, &event, anyone).is_none());
         let mut event = busy(8, 200, 140);
         event.preempted_ns = 40 * MS;
-        let Some(Finding::Finished { stall, .. }) = detector.on_busy(&event, anyone) else {
+        let Some(Finding::Finished { stall, .. }) = detector.on_busy(50 * MS, &event, anyone)
+        else {
             panic!("held 100 ms");
         };
         assert_eq!(stall.duration_ns, 140 * MS, "wall-clock duration");
@@ -481,9 +578,9 @@ mod tests {
         assert!(name_matches("node", "node"));
         assert!(name_matches("tokio-*", "tokio-rt-worker"));
         assert!(!name_matches("node", "node-worker"));
-        let mut detector = LoopDetector::new(50 * MS, vec!["python*".to_owned()]);
+        let mut detector = LoopDetector::new(vec!["python*".to_owned()]);
         let name = |tid: u32| if tid == 7 { "python3" } else { "worker" }.to_owned();
-        assert!(detector.on_busy(&busy(7, 0, 100), name).is_some());
-        assert!(detector.on_busy(&busy(8, 0, 100), name).is_none());
+        assert!(detector.on_busy(50 * MS, &busy(7, 0, 100), name).is_some());
+        assert!(detector.on_busy(50 * MS, &busy(8, 0, 100), name).is_none());
     }
 }

@@ -1,24 +1,27 @@
 //! Detect: turns finished polls, snapshots of in-flight polls and reads of
 //! the poll-duration histogram into findings.
 //!
-//! Three rules, each a small type with its own synthetic-stream tests:
-//! [`stall`] (one poll over the threshold), [`adaptive`] (the threshold
-//! follows a percentile of this process's recent polls) and [`cumulative`]
-//! (short polls that add up inside a window), and [`loops`] (an event-loop
-//! thread away from its wait too long). [`thresholds`] runs them together:
-//! the engine the agent feeds, which keeps the loop rule on the threshold
-//! in force and tells it of every poll stall.
+//! Four rules, each a small type with its own synthetic-stream tests and
+//! one shape ([`rule::Rule`]: check, describe, summary): [`stall`] (one
+//! poll over the threshold), [`adaptive`] (the threshold follows a
+//! percentile of this process's recent polls), [`cumulative`] (short polls
+//! that add up inside a window) and [`loops`] (an event-loop thread away
+//! from its wait too long). [`thresholds`] runs them together: the engine
+//! the agent feeds, which gives the loop rule the threshold in force and
+//! tells it of every poll stall.
 
 pub mod adaptive;
 pub mod cumulative;
 pub mod exclude;
 pub mod loops;
+pub mod rule;
 pub mod stall;
 pub mod thresholds;
 
 pub use adaptive::{AdaptiveSettings, Baseline};
 pub use cumulative::{Culprit, CumulativeAlert, CumulativeSettings, Cut, Scope};
 pub use exclude::RouteFilter;
+pub use rule::Rule;
 pub use stall::{Stall, StallDetector, StallKind};
 pub use thresholds::{DetectSettings, ThresholdEngine, ThresholdRange};
 
@@ -45,6 +48,15 @@ impl Finding {
         match self {
             Self::InProgress(stall) | Self::Finished { stall, .. } => Some(stall),
             Self::Cumulative(_) | Self::ThresholdChanged(_) => None,
+        }
+    }
+
+    /// Which `--fail-on` kind the finding is, if any.
+    pub fn fail_on(&self) -> Option<FailOn> {
+        match self {
+            Self::Finished { .. } => Some(FailOn::Stall),
+            Self::Cumulative(_) => Some(FailOn::Cumulative),
+            Self::InProgress(_) | Self::ThresholdChanged(_) => None,
         }
     }
 }

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use loopguard_common::{PollEvent, ThreadPolls, frame_flags};
 
 use super::Finding;
+use super::rule::{Rule, StallShown, StallTotals, stall_head, task_label};
 
 /// What kept the thread from its event loop.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,6 +31,15 @@ impl StallKind {
         match self {
             Self::Poll => "poll",
             Self::Loop => "loop",
+        }
+    }
+
+    /// The kind JSON names (`loop`, else a task poll).
+    pub fn from_name(name: &str) -> Self {
+        if name == "loop" {
+            Self::Loop
+        } else {
+            Self::Poll
         }
     }
 }
@@ -164,6 +174,57 @@ impl StallDetector {
     /// Stalls reported in progress whose end has not been seen (yet).
     pub fn unfinished(&self) -> usize {
         self.in_progress.len()
+    }
+}
+
+/// What the stall rule looks at.
+#[derive(Clone, Copy, Debug)]
+pub enum PollInput<'a> {
+    /// A worker poll returned.
+    Ended(&'a PollEvent),
+    /// Every thread's poll stack, read at `now_ns`.
+    Snapshot {
+        now_ns: u64,
+        threads: &'a [(u32, ThreadPolls)],
+    },
+}
+
+impl Rule for StallDetector {
+    type Input<'a> = PollInput<'a>;
+    type Found = Vec<Finding>;
+    type Shown<'a> = StallShown<'a>;
+    type Totals<'a> = StallTotals;
+
+    fn check(&mut self, input: PollInput<'_>) -> Vec<Finding> {
+        match input {
+            PollInput::Ended(event) => self.on_poll_end(event).into_iter().collect(),
+            PollInput::Snapshot { now_ns, threads } => self.on_snapshot(now_ns, threads),
+        }
+    }
+
+    fn describe(shown: &StallShown<'_>) -> String {
+        stall_head(["STALL IN PROGRESS", "STALL"], shown)
+    }
+
+    /// The longest stall (of either kind), and those still in progress at exit.
+    fn summary(totals: &StallTotals) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some(longest) = &totals.longest {
+            lines.push(format!(
+                "  longest stall: {:.1} ms, tid {} {}; total stalled {:.1} ms",
+                longest.duration_ms,
+                longest.tid,
+                task_label(longest.kind, longest.task_id, longest.header),
+                totals.total_ms,
+            ));
+        }
+        if totals.unfinished > 0 {
+            lines.push(format!(
+                "  {} stall(s) were still in progress at exit",
+                totals.unfinished
+            ));
+        }
+        lines
     }
 }
 

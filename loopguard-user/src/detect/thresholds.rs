@@ -10,16 +10,17 @@
 //! percentile: polls that are normal for this process are not cuts, and
 //! there are no cuts until the baseline exists.
 //!
-//! The loop rule ([`LoopDetector`]) lives here too, so it follows the
-//! threshold in force and learns of every poll stall without the agent
-//! passing either on by hand.
+//! The loop rule ([`LoopDetector`]) runs here too: every check is given
+//! the threshold in force, and every poll stall is held against the
+//! stretch around it, so nothing is passed on to it by hand.
 
-use loopguard_common::{PollEvent, ThreadPolls};
+use loopguard_common::{LoopEvent, LoopState, PollEvent, ThreadPolls};
 
-use super::adaptive::{AdaptiveSettings, AdaptiveThreshold, Baseline};
-use super::cumulative::{Culprit, CumulativeDetector, CumulativeSettings, Cut};
-use super::loops::LoopDetector;
-use super::stall::{StallDetector, held_ns, is_task_poll, task_id};
+use super::adaptive::{AdaptiveSettings, AdaptiveThreshold, Baseline, HistogramRead};
+use super::cumulative::{Culprit, CumulativeDetector, CumulativeSettings, Cut, CutInput};
+use super::loops::{LoopDetector, LoopInput, LoopSeen};
+use super::rule::Rule;
+use super::stall::{PollInput, StallDetector, held_ns, is_task_poll, task_id};
 use super::{Finding, ThresholdChange};
 use crate::collect::totals::Histogram;
 
@@ -30,6 +31,9 @@ pub struct DetectSettings {
     pub threshold_ns: u64,
     pub adaptive: Option<AdaptiveSettings>,
     pub cumulative: Option<CumulativeSettings>,
+    /// Name patterns of the threads that count as event loops
+    /// (`--loop-threads`); every thread that waits for events when empty.
+    pub loop_threads: Vec<String>,
 }
 
 /// A move of the threshold smaller than this share of the last announced
@@ -106,7 +110,7 @@ impl ThresholdEngine {
             stall: StallDetector::new(threshold_ns),
             adaptive: settings.adaptive.clone().map(AdaptiveThreshold::new),
             cumulative: settings.cumulative.clone().map(CumulativeDetector::new),
-            loops: LoopDetector::new(threshold_ns, Vec::new()),
+            loops: LoopDetector::new(settings.loop_threads.clone()),
             baseline: None,
             announced_ns: threshold_ns,
             range: ThresholdRange::new(threshold_ns),
@@ -115,22 +119,59 @@ impl ThresholdEngine {
         }
     }
 
-    /// Loop stalls only on threads named by `only` (`--loop-threads`; all
-    /// threads when empty).
-    #[must_use]
-    pub fn with_loop_threads(mut self, only: Vec<String>) -> Self {
-        self.loops = LoopDetector::new(self.threshold_ns(), only);
-        self
-    }
-
     pub fn settings(&self) -> &DetectSettings {
         &self.settings
     }
 
-    /// The loop rule, fed loop stretches and snapshots by the agent; its
-    /// threshold and the poll stalls it must not repeat come from here.
-    pub fn loops(&mut self) -> &mut LoopDetector {
-        &mut self.loops
+    /// A loop thread came back to wait after a busy stretch: a loop stall
+    /// when it held the thread past the threshold in force, and held no
+    /// poll stall. `name` names a thread (asked under `--loop-threads`).
+    pub fn on_loop_stretch(
+        &mut self,
+        stretch: &LoopEvent,
+        mut name: impl FnMut(u32) -> String,
+    ) -> Option<Finding> {
+        let threshold_ns = self.threshold_ns();
+        self.loops
+            .check(LoopInput {
+                threshold_ns,
+                seen: LoopSeen::Busy(stretch),
+                name: &mut name,
+            })
+            .pop()
+    }
+
+    /// Snapshots of every loop thread's wait state and every thread's
+    /// polls, taken at `now_ns`: loop stalls in progress.
+    pub fn on_loop_snapshot(
+        &mut self,
+        now_ns: u64,
+        loops: &[(u32, LoopState)],
+        polls: &[(u32, ThreadPolls)],
+        mut name: impl FnMut(u32) -> String,
+    ) -> Vec<Finding> {
+        let threshold_ns = self.threshold_ns();
+        self.loops.check(LoopInput {
+            threshold_ns,
+            seen: LoopSeen::Snapshot {
+                now_ns,
+                loops,
+                polls,
+            },
+            name: &mut name,
+        })
+    }
+
+    /// Whether thread `tid` of process `pid` is taken for an event-loop
+    /// thread before it was seen waiting (see
+    /// [`LoopDetector::presumed_loop_thread`]).
+    pub fn presumed_loop_thread(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        name: impl FnMut(u32) -> String,
+    ) -> bool {
+        self.loops.presumed_loop_thread(pid, tid, name)
     }
 
     /// Loop stalls reported in progress whose end has not been seen (yet).
@@ -191,7 +232,7 @@ impl ThresholdEngine {
         event: &PollEvent,
         request: impl FnOnce(Option<u64>, u64) -> (Option<Culprit>, bool),
     ) -> Option<Finding> {
-        if let Some(finding) = self.stall.on_poll_end(event) {
+        if let Some(finding) = self.stall.check(PollInput::Ended(event)).pop() {
             return Some(self.noted(finding));
         }
         let cumulative = self.cumulative.as_ref()?;
@@ -217,7 +258,7 @@ impl ThresholdEngine {
         };
         self.cumulative
             .as_mut()?
-            .on_cut(cut, excluded)
+            .check(CutInput { cut, excluded })
             .map(Finding::Cumulative)
     }
 
@@ -246,13 +287,16 @@ impl ThresholdEngine {
         };
         self.cumulative
             .as_mut()?
-            .on_cut(cut, false)
+            .check(CutInput {
+                cut,
+                excluded: false,
+            })
             .map(Finding::Cumulative)
     }
 
     /// A snapshot of every thread's poll stack, taken at `now_ns`.
     pub fn on_snapshot(&mut self, now_ns: u64, threads: &[(u32, ThreadPolls)]) -> Vec<Finding> {
-        let findings = self.stall.on_snapshot(now_ns, threads);
+        let findings = self.stall.check(PollInput::Snapshot { now_ns, threads });
         findings.into_iter().map(|f| self.noted(f)).collect()
     }
 
@@ -261,12 +305,16 @@ impl ThresholdEngine {
     /// more than a tenth.
     pub fn on_histogram(&mut self, now_ns: u64, read: &Histogram) -> Option<Finding> {
         let adaptive = self.adaptive.as_mut()?;
-        let baseline = adaptive.observe(now_ns, read, self.stall.threshold_ns())?;
+        let baseline = adaptive.check(HistogramRead {
+            now_ns,
+            read,
+            threshold_ns: self.stall.threshold_ns(),
+        })?;
         self.baseline = Some(baseline);
         let to_ns = baseline.threshold_ns;
+        // The threshold in force, for the stall rule and (through
+        // `threshold_ns`) the loop rule.
         self.stall.set_threshold(to_ns);
-        // Loop stalls follow the threshold in force.
-        self.loops.set_threshold_ns(to_ns);
         self.range.set(to_ns);
         let from_ns = self.announced_ns;
         if (to_ns.abs_diff(from_ns) as f64) <= from_ns as f64 * ANNOUNCE_SHARE {
@@ -406,6 +454,7 @@ mod tests {
             threshold_ns: 50 * MS,
             adaptive: None,
             cumulative: Some(CumulativeSettings::default()),
+            loop_threads: Vec::new(),
         }
     }
 
@@ -542,14 +591,12 @@ mod tests {
         let names = |_| String::new();
         assert!(
             sim.engine
-                .loops()
-                .on_busy(&stretch(at, moved - 1), names)
+                .on_loop_stretch(&stretch(at, moved - 1), names)
                 .is_none()
         );
         assert!(
             sim.engine
-                .loops()
-                .on_busy(&stretch(at, moved + 1), names)
+                .on_loop_stretch(&stretch(at, moved + 1), names)
                 .is_some()
         );
         // A poll stall the engine found is held against the stretch around it.
@@ -559,7 +606,7 @@ mod tests {
             tid: 3,
             ..stretch(20 * S - MS, 3 * moved)
         };
-        assert!(sim.engine.loops().on_busy(&around, names).is_none());
+        assert!(sim.engine.on_loop_stretch(&around, names).is_none());
     }
 
     #[test]
@@ -708,6 +755,7 @@ mod tests {
                 threshold_ns: 50 * MS,
                 adaptive: None,
                 cumulative: Some(settings.clone()),
+                loop_threads: Vec::new(),
             });
             for _ in 0..2000 {
                 // Threads run side by side: polls end (and reach the agent)

@@ -11,6 +11,7 @@
 
 pub mod build;
 pub mod clock;
+pub mod shown;
 pub mod summary;
 
 use serde::{Deserialize, Serialize};

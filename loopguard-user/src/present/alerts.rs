@@ -2,82 +2,19 @@
 //! moves of the adaptive threshold (a JSON object or a text line each), and
 //! the block of offending events `loopguard run --fail-on` prints at the end.
 
-use crate::detect::FailOn;
-use crate::detect::Finding;
+use crate::detect::adaptive::AdaptiveThreshold;
+use crate::detect::cumulative::CumulativeDetector;
+use crate::detect::{FailOn, Rule};
 use crate::events::{CumulativeEvent, ThresholdEvent};
-use crate::term::printable;
 
-/// The text line of a cumulative alert.
+/// The text line of a cumulative alert (the cumulative rule's words).
 pub fn cumulative_text(alert: &CumulativeEvent) -> String {
-    let scope = match alert.tid {
-        Some(tid) if alert.scope == "thread" => format!(
-            "tid {tid} ({})",
-            printable(alert.thread.as_deref().unwrap_or("?"))
-        ),
-        _ => "process".to_owned(),
-    };
-    let repeat = if alert.repeat > 1 {
-        format!(" [still, {} windows in a row]", alert.repeat)
-    } else {
-        String::new()
-    };
-    let routes: Vec<String> = alert
-        .requests
-        .iter()
-        .take(3)
-        .map(|r| {
-            format!(
-                "{} {} {:.1} ms in {} polls",
-                printable(&r.method),
-                printable(&r.route),
-                r.total_ms,
-                r.polls
-            )
-        })
-        .collect();
-    let tasks: Vec<String> = alert
-        .tasks
-        .iter()
-        .take(3)
-        .map(|t| {
-            let task = t
-                .task_id
-                .map_or_else(|| "task ?".to_owned(), |id| format!("task {id}"));
-            format!("{task} {:.1} ms", t.total_ms)
-        })
-        .collect();
-    let by = if routes.is_empty() {
-        format!("; by {}", tasks.join(", "))
-    } else {
-        format!("; by {}", routes.join(", "))
-    };
-    format!(
-        "{:<17} {scope} blocked {:.1} ms in {} short polls within {:.0} ms (budget {:.0} ms){repeat}{by}",
-        "CUMULATIVE", alert.total_ms, alert.polls, alert.window_ms, alert.budget_ms,
-    )
+    CumulativeDetector::describe(&alert.shown())
 }
 
-/// The text line of a threshold move.
+/// The text line of a threshold move (the adaptive rule's words).
 pub fn threshold_text(change: &ThresholdEvent) -> String {
-    format!(
-        "{:<17} {:.1} ms (was {:.1} ms): p{} of {} recent polls = {:.3} ms, x {}",
-        "THRESHOLD",
-        change.threshold_ms,
-        change.previous_ms,
-        change.percentile * 100.0,
-        change.samples,
-        change.percentile_ms,
-        change.multiplier,
-    )
-}
-
-/// Which `--fail-on` kind a finding is, if any.
-pub fn fail_kind(finding: &Finding) -> Option<FailOn> {
-    match finding {
-        Finding::Finished { .. } => Some(FailOn::Stall),
-        Finding::Cumulative(_) => Some(FailOn::Cumulative),
-        Finding::InProgress(_) | Finding::ThresholdChanged(_) => None,
-    }
+    AdaptiveThreshold::describe(&change.shown())
 }
 
 /// Offending events kept for the block at the end; the rest are counted.

@@ -5,6 +5,12 @@
 //! stderr.
 
 use crate::collect::lost::Lost;
+use crate::detect::Rule;
+use crate::detect::adaptive::AdaptiveThreshold;
+use crate::detect::cumulative::CumulativeDetector;
+use crate::detect::loops::LoopDetector;
+use crate::detect::rule::stall_line;
+use crate::detect::stall::StallDetector;
 use crate::events::{Event, StallEvent, SummaryEvent};
 use crate::present::alerts;
 use crate::term::printable;
@@ -33,20 +39,9 @@ pub fn event_text(event: &Event) -> Option<String> {
 
 /// The text line of a stall, with its cause and frames under it.
 pub fn stall_text(stall: &StallEvent, in_progress: bool) -> String {
-    let looped = stall.kind == "loop";
-    let (label, verb) = match (looped, in_progress) {
-        (true, true) => ("LOOP STALL IN PROGRESS", "blocked for"),
-        (true, false) => ("LOOP STALL", "blocked"),
-        (false, true) => ("STALL IN PROGRESS", "blocked for"),
-        (false, false) => ("STALL", "blocked"),
-    };
     format!(
-        "{label:<17} tid {tid} ({thread}) {task} {verb} {duration:.1} ms (threshold {threshold} ms){from}{stack}",
-        tid = stall.tid,
-        thread = printable(&stall.thread),
-        task = task_label(&stall.kind, stall.task_id, stall.task_header),
-        duration = stall.duration_ms,
-        threshold = stall.threshold_ms,
+        "{head}{from}{stack}",
+        head = stall_line(&stall.shown(in_progress)),
         from = request_text(stall),
         stack = stall
             .stack
@@ -82,49 +77,14 @@ fn request_text(stall: &StallEvent) -> String {
     format!("{from}{waited}")
 }
 
-fn task_label(kind: &str, task_id: Option<u64>, header: Option<u64>) -> String {
-    if kind == "loop" {
-        return "its event loop (outside any task poll)".to_owned();
-    }
-    match (task_id, header) {
-        (Some(id), _) => format!("task {id}"),
-        (None, Some(header)) => format!("task@{header:#x}"),
-        (None, None) => "task ?".to_owned(),
-    }
-}
-
-/// The summary's lines about the threshold rules.
-fn threshold_lines(summary: &SummaryEvent) -> Vec<String> {
-    let mut lines = Vec::new();
-    let t = &summary.threshold;
-    if t.adaptive {
-        lines.push(format!(
-            "  adaptive threshold: {:.1} ms now, {:.1} to {:.1} ms over the run",
-            t.current_ms, t.min_ms, t.max_ms
-        ));
-    }
-    if summary.cumulative_alerts > 0 {
-        lines.push(format!(
-            "  cumulative alerts: {}",
-            summary.cumulative_alerts
-        ));
-    }
-    let excluded = &summary.excluded;
-    if excluded.stalls > 0 || excluded.cumulative_polls > 0 {
-        lines.push(format!(
-            "  excluded routes: {} stall(s) and {} short polls ({:.1} ms) not alerted on",
-            excluded.stalls, excluded.cumulative_polls, excluded.cumulative_ms
-        ));
-    }
-    lines
-}
-
-/// The summary as text lines.
+/// The summary as text lines: the rules' own lines between the headline
+/// and the totals.
 pub fn summary_text(summary: &SummaryEvent) -> String {
     let mut lines = vec![headline(summary)];
-    lines.extend(threshold_lines(summary));
-    lines.extend(stall_lines(summary));
-    lines.extend(loop_thread_lines(summary));
+    lines.extend(AdaptiveThreshold::summary(&summary.adaptive_totals()));
+    lines.extend(CumulativeDetector::summary(&summary.cumulative_totals()));
+    lines.extend(StallDetector::summary(&summary.stall_totals()));
+    lines.extend(LoopDetector::summary(&summary.loop_threads_shown()));
     if let (Some(p50), Some(p99)) = (summary.poll_p50_ms_upper, summary.poll_p99_ms_upper) {
         lines.push(format!(
             "  poll duration: p50 < {p50:.3} ms, p99 < {p99:.3} ms"
@@ -151,48 +111,6 @@ fn headline(summary: &SummaryEvent) -> String {
         summary.stalls,
         summary.threshold_ms,
     )
-}
-
-/// The longest stall, and the stalls still in progress at exit.
-fn stall_lines(summary: &SummaryEvent) -> Vec<String> {
-    let mut lines = Vec::new();
-    if let Some(longest) = &summary.longest_stall {
-        lines.push(format!(
-            "  longest stall: {:.1} ms, tid {} {}; total stalled {:.1} ms",
-            longest.duration_ms,
-            longest.tid,
-            task_label(&longest.kind, longest.task_id, longest.task_header),
-            summary.total_stall_ms,
-        ));
-    }
-    if summary.stalls_unfinished > 0 {
-        lines.push(format!(
-            "  {} stall(s) were still in progress at exit",
-            summary.stalls_unfinished
-        ));
-    }
-    lines
-}
-
-/// Each event-loop thread's busy and waiting time.
-fn loop_thread_lines(summary: &SummaryEvent) -> impl Iterator<Item = String> + '_ {
-    summary.loop_threads.iter().map(|thread| {
-        let watched = thread.busy_ms + thread.wait_ms;
-        let busy = if watched > 0.0 {
-            thread.busy_ms / watched
-        } else {
-            0.0
-        };
-        format!(
-            "  event loop tid {} ({}): busy {:.1} ms, waiting {:.1} ms ({:.0} % busy), {} waits",
-            thread.tid,
-            printable(&thread.thread),
-            thread.busy_ms,
-            thread.wait_ms,
-            busy * 100.0,
-            thread.waits,
-        )
-    })
 }
 
 /// The middleware's request totals and the ten worst routes, when it

@@ -32,7 +32,7 @@ use crate::events::summary::Summary;
 use crate::events::{self, build};
 use crate::export::live::{BusyTracker, stuck_polls};
 use crate::export::{BlockingKind, LiveState, Metrics};
-use crate::present::alerts::{self, Offending};
+use crate::present::alerts::Offending;
 use crate::present::emit;
 use crate::present::text::Format;
 use crate::stacks::{StackOptions, Stacks};
@@ -50,9 +50,6 @@ pub struct WatchOptions {
     pub requests: bool,
     /// Where findings and live values go for `/metrics` (`--metrics-addr`).
     pub metrics: Option<Arc<Metrics>>,
-    /// Name patterns of the threads that count as event loops
-    /// (`--loop-threads`); every thread that waits for events when empty.
-    pub loop_threads: Vec<String>,
     /// How the wait path is probed (`--wait-probes`).
     pub wait_probes: WaitProbes,
     /// How the uprobes are attached (`--probe-links`).
@@ -370,7 +367,7 @@ impl Session<'_> {
             return;
         }
         let text = self.printer.finding(finding, &context, &self.engine);
-        if let Some(kind) = alerts::fail_kind(finding) {
+        if let Some(kind) = finding.fail_on() {
             self.offending.record(kind, text);
         }
     }
@@ -396,7 +393,7 @@ impl Session<'_> {
         };
         let pid = self.printer.target.pid;
         let loop_only = self.printer.target.is_loop_only();
-        let loops = self.engine.loops();
+        let engine = &mut self.engine;
         // A Python app's table names its loop threads (read once, if asked).
         let asgi = &mut self.asgi;
         let mut asgi_loops: Option<Vec<u32>> = None;
@@ -412,7 +409,7 @@ impl Session<'_> {
                             .unwrap_or_default()
                     })
                     .contains(&tid)
-                    || loops.presumed_loop_thread(pid, tid, |tid| proc::thread_name(pid, tid)))
+                    || engine.presumed_loop_thread(pid, tid, |tid| proc::thread_name(pid, tid)))
         };
         let Some(found) = stacks.finish_census(now_ns, polls_seen, loop_thread) else {
             return;
@@ -504,8 +501,7 @@ impl Session<'_> {
                     let pid = self.printer.target.pid;
                     if let Some(finding) = self
                         .engine
-                        .loops()
-                        .on_busy(busy, |tid| proc::thread_name(pid, tid))
+                        .on_loop_stretch(busy, |tid| proc::thread_name(pid, tid))
                     {
                         self.report(&finding);
                     } else if !self.polling_threads.contains(&busy.tid) {
@@ -581,8 +577,7 @@ impl Session<'_> {
         let pid = self.printer.target.pid;
         for finding in self
             .engine
-            .loops()
-            .on_snapshot(now_ns, &loop_threads, &threads, |tid| {
+            .on_loop_snapshot(now_ns, &loop_threads, &threads, |tid| {
                 proc::thread_name(pid, tid)
             })
         {
@@ -767,10 +762,7 @@ impl<'t> Session<'t> {
         started: Instant,
     ) -> Self {
         Session {
-            engine: ThresholdEngine::new(options.detect.clone())
-                .with_loop_threads(options.loop_threads.clone()),
-            // Loop stalls keep the fixed threshold: the adaptive baseline is
-            // of task polls.
+            engine: ThresholdEngine::new(options.detect.clone()),
             routes: options.routes.clone(),
             offending: Offending::default(),
             histogram_read_ns: 0,
