@@ -6,6 +6,7 @@
 //! the summary printed.
 
 mod banner;
+pub mod findings;
 pub mod setup;
 
 pub use banner::print_attached;
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 use loopguard_common::ThreadPolls;
 
 use crate::attach::{ProbeLinks, WaitProbes};
-use crate::attribute::{self, Request, RouteNames, RouteTable, Victims};
+use crate::attribute::asgi::{AsgiTables, Verdict};
+use crate::attribute::{self, Request, RouteNames, Victims};
 use crate::collect::lost::Lost;
 use crate::collect::totals::LoopThread;
 use crate::collect::{CollectError, Collector, RawEvent, RequestMaps, monotonic_ns};
@@ -31,11 +33,12 @@ use crate::events::StallContext;
 use crate::events::summary::Summary;
 use crate::events::{self, build};
 use crate::export::live::{BusyTracker, stuck_polls};
-use crate::export::{BlockingKind, LiveState, Metrics};
+use crate::export::{LiveState, Metrics};
 use crate::present::alerts::Offending;
 use crate::present::emit;
 use crate::present::text::Format;
 use crate::stacks::{StackOptions, Stacks};
+use findings::{Router, Sink, Target, Thresholds};
 
 /// How the watch loop runs.
 #[derive(Clone, Debug)]
@@ -101,12 +104,11 @@ pub struct Outcome {
     pub offending: Offending,
 }
 
-/// Prints findings in the chosen format, with names resolved from the target.
+/// Prints (and records) events in the chosen format.
 struct Printer<'t> {
     target: &'t ProbeTarget,
     format: Format,
     label: bool,
-    callers: HashMap<u64, Option<String>>,
 }
 
 /// Victims listed by name on a stall; the count covers the rest.
@@ -120,14 +122,57 @@ impl Printer<'_> {
             exe: &self.target.exe.display_path,
         }
     }
+}
 
-    fn context(&mut self, stall: &Stall, requests: &RequestView) -> StallContext {
+impl Sink for Printer<'_> {
+    fn emit(&mut self, event: &events::Event) -> String {
+        emit::event_from(event, self.format, self.label.then(|| self.process())).unwrap_or_default()
+    }
+}
+
+/// The target process and the kernel's request maps, as the routing of
+/// findings asks them.
+struct LiveTarget<'t> {
+    target: &'t ProbeTarget,
+    /// Function names of the return addresses seen (who polled a task).
+    callers: HashMap<u64, Option<String>>,
+    /// The kernel's request maps, when the request probes are attached.
+    request_maps: Option<RequestMaps>,
+    route_names: RouteNames,
+    /// A Python target's `loopguard-asgi` tables (loop mode).
+    asgi: Option<AsgiTables>,
+}
+
+impl LiveTarget<'_> {
+    fn requests(&self) -> RequestView<'_> {
+        RequestView {
+            maps: self.request_maps.as_ref(),
+            names: &self.route_names,
+        }
+    }
+}
+
+impl Target for LiveTarget<'_> {
+    fn pid(&self) -> u32 {
+        self.target.pid
+    }
+
+    fn is_loop_only(&self) -> bool {
+        self.target.is_loop_only()
+    }
+
+    fn thread_name(&self, tid: u32) -> String {
+        proc::thread_name(self.target.pid, tid)
+    }
+
+    fn context(&mut self, stall: &Stall) -> StallContext {
         let target = self.target;
         let polled_from = self
             .callers
             .entry(stall.return_addr)
             .or_insert_with(|| target.function_at(stall.return_addr).map(str::to_owned))
             .clone();
+        let requests = self.requests();
         let request = requests.culprit(stall.task_id, stall.start_ns);
         let victims = requests.victims(stall, request.as_ref());
         StallContext {
@@ -146,32 +191,14 @@ impl Printer<'_> {
         }
     }
 
-    /// Prints (and records) a finding; returns its text line (for `--fail-on`).
-    fn finding(
+    fn name_from_asgi(
         &mut self,
-        finding: &Finding,
-        context: &StallContext,
-        engine: &ThresholdEngine,
-    ) -> String {
-        let pid = self.target.pid;
-        let cumulative = match finding {
-            Finding::Cumulative(alert) => build::CumulativeContext {
-                threshold_ns: engine.threshold_ns(),
-                floor_ns: engine
-                    .settings()
-                    .cumulative
-                    .as_ref()
-                    .map_or(0, |c| c.floor_ns),
-                thread: match alert.scope {
-                    crate::detect::Scope::Thread(tid) => Some(proc::thread_name(pid, tid)),
-                    crate::detect::Scope::Process => None,
-                },
-            },
-            _ => build::CumulativeContext::default(),
-        };
-        let event = build::finding(finding, pid, context, &cumulative);
-        emit::event_from(&event, self.format, self.label.then(|| self.process()))
-            .unwrap_or_default()
+        stall: &Stall,
+        in_progress: bool,
+        context: &mut StallContext,
+    ) -> Option<Verdict> {
+        let asgi = self.asgi.as_mut()?;
+        Some(name_from_asgi(asgi, stall, in_progress, context))
     }
 }
 
@@ -249,23 +276,18 @@ const METRICS_REFRESH: Duration = Duration::from_millis(200);
 /// Everything one watch keeps between events.
 struct Session<'t> {
     engine: ThresholdEngine,
-    routes: RouteFilter,
-    offending: Offending,
+    /// Where findings go: summary, metrics, `--fail-on`, output.
+    findings: Router,
     /// ns when the adaptive rule last read the histogram.
     histogram_read_ns: u64,
-    /// The kernel's request maps, when the request probes are attached.
-    request_maps: Option<RequestMaps>,
-    route_names: RouteNames,
+    /// The target and the kernel's request maps.
+    live: LiveTarget<'t>,
     /// Runtime addresses of the middleware's in-flight tables: the
     /// requests behind polls already stuck at attach.
     inflight_tables: Vec<u64>,
-    /// A Python target's `loopguard-asgi` tables (loop mode).
-    asgi: Option<crate::attribute::asgi::AsgiTables>,
-    route_stalls: RouteTable,
     /// The probe layout mismatch was said.
     layout_said: bool,
     printer: Printer<'t>,
-    summary: Summary,
     events: Vec<RawEvent>,
     metrics: Option<MetricsFeed>,
     stacks: Option<Stacks>,
@@ -304,72 +326,27 @@ const CENSUS_MAX: Duration = Duration::from_millis(500);
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
 impl Session<'_> {
+    fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            threshold_ns: self.engine.threshold_ns(),
+            cumulative_floor_ns: self
+                .engine
+                .settings()
+                .cumulative
+                .as_ref()
+                .map_or(0, |c| c.floor_ns),
+        }
+    }
+
     fn report(&mut self, finding: &Finding) {
-        let view = RequestView {
-            maps: self.request_maps.as_ref(),
-            names: &self.route_names,
-        };
-        let mut context = match finding.stall() {
-            Some(stall) => self.printer.context(stall, &view),
-            None => StallContext::default(),
-        };
-        if let (Some(stall), Some(asgi)) = (finding.stall(), &mut self.asgi) {
-            let in_progress = matches!(finding, Finding::InProgress(_));
-            let verdict = name_from_asgi(asgi, stall, in_progress, &mut context);
-            if verdict == crate::attribute::asgi::Verdict::ShortSteps {
-                return;
-            }
-        }
-        // A loop-only target's stretches are captured like polls; a Tokio
-        // worker's are not (see `StackConfig::loop_stretches`).
-        let captured =
-            |kind: StallKind| kind == StallKind::Poll || self.printer.target.is_loop_only();
-        if let Some(stall) = finding.stall()
-            && captured(stall.kind)
-            && context.stack.is_none()
-            && let Some(stacks) = &mut self.stacks
-        {
-            let finished = matches!(finding, Finding::Finished { .. });
-            context.stack = Some(stacks.describe(stall, finished));
-        }
-        if let Finding::Finished { stall, .. } = finding {
-            self.route_stalls
-                .record_stall(context.request.as_ref(), stall.duration_ns);
-            if let Some(feed) = &self.metrics {
-                feed.metrics.record(
-                    match stall.kind {
-                        StallKind::Poll => BlockingKind::Stall,
-                        StallKind::Loop => BlockingKind::Loop,
-                    },
-                    context.request.as_ref(),
-                    stall.duration_ns,
-                    context.victim_count,
-                );
-                if stall.kind == StallKind::Poll && self.stacks.is_some() {
-                    feed.metrics.record_top_frame(
-                        context
-                            .stack
-                            .as_ref()
-                            .and_then(|stack| crate::stacks::fold::top_frame(&stack.frames)),
-                    );
-                }
-            }
-        }
-        if let Some(feed) = &self.metrics {
-            tell_metrics(&feed.metrics, finding);
-        }
-        let excluded = context
-            .request
-            .as_ref()
-            .is_some_and(|r| self.routes.excludes(r.route.as_deref().unwrap_or(&r.path)));
-        self.summary.record(finding, excluded);
-        if excluded {
-            return;
-        }
-        let text = self.printer.finding(finding, &context, &self.engine);
-        if let Some(kind) = finding.fail_on() {
-            self.offending.record(kind, text);
-        }
+        let thresholds = self.thresholds();
+        self.findings.report(
+            finding,
+            thresholds,
+            &mut self.live,
+            self.stacks.as_mut(),
+            &mut self.printer,
+        );
     }
 
     /// Polls (and `block_on` bodies) already stuck when loopguard attached,
@@ -395,7 +372,7 @@ impl Session<'_> {
         let loop_only = self.printer.target.is_loop_only();
         let engine = &mut self.engine;
         // A Python app's table names its loop threads (read once, if asked).
-        let asgi = &mut self.asgi;
+        let asgi = &mut self.live.asgi;
         let mut asgi_loops: Option<Vec<u32>> = None;
         // A process with no epoll instance (an interpreter met at exec) has
         // no loop to be stuck in.
@@ -434,34 +411,27 @@ impl Session<'_> {
                 stall.duration_ns += stall.start_ns - began;
                 stall.start_ns = began;
             }
-            let view = RequestView {
-                maps: self.request_maps.as_ref(),
-                names: &self.route_names,
-            };
-            let mut context = self.printer.context(&stall, &view);
+            let thresholds = self.thresholds();
+            let mut context = self.live.context(&stall);
             if let Some(request) = request {
                 context.request = Some(request.to_request());
             }
-            if let Some(asgi) = &mut self.asgi {
-                name_from_asgi(asgi, &stall, true, &mut context);
-            }
+            self.live.name_from_asgi(&stall, true, &mut context);
             context.stack = Some(stack);
-            let named = stall.kind == StallKind::Loop && context.request.is_some();
-            let finding = Finding::InProgress(stall);
-            self.summary.record(&finding, false);
-            let text = self.printer.finding(&finding, &context, &self.engine);
-            // Its end is never seen: a loop stall with its request counts
-            // for `--fail-on` now.
-            if named {
-                self.offending.record(crate::detect::FailOn::Stall, text);
-            }
+            self.findings.report_stuck(
+                stall,
+                &context,
+                thresholds,
+                &mut self.live,
+                &mut self.printer,
+            );
         }
     }
 
     /// Says once that the app's middleware fires a probe layout this agent
     /// does not read (the kernel ignores those hits and counts them).
     fn check_layout(&mut self) {
-        let Some(maps) = &self.request_maps else {
+        let Some(maps) = &self.live.request_maps else {
             return;
         };
         let totals = maps.totals();
@@ -478,18 +448,15 @@ impl Session<'_> {
     /// Handles everything queued in the ring buffer, in order.
     fn handle_events(&mut self, collector: &mut Collector) {
         collector.drain(&mut self.events);
-        if let Some(maps) = &self.request_maps {
+        if let Some(maps) = &self.live.request_maps {
             maps.forget_recent_ends();
         }
         let events = std::mem::take(&mut self.events);
         for event in &events {
             match event {
                 RawEvent::PollEnd(poll) => {
-                    let view = RequestView {
-                        maps: self.request_maps.as_ref(),
-                        names: &self.route_names,
-                    };
-                    let routes = &self.routes;
+                    let view = self.live.requests();
+                    let routes = &self.findings.routes;
                     let finding = self.engine.on_poll_end(poll, |task_id, start_ns| {
                         culprit(&view, routes, task_id, start_ns)
                     });
@@ -509,7 +476,7 @@ impl Session<'_> {
                         let end_ns = busy.start_ns + busy.duration_ns;
                         // A Python app's table gives the step that held the
                         // loop, if one did, instead of the whole stretch.
-                        let step = self.asgi.as_mut().and_then(|asgi| {
+                        let step = self.live.asgi.as_mut().and_then(|asgi| {
                             crate::attribute::asgi::cut_of_stretch(
                                 asgi,
                                 busy.tid,
@@ -532,7 +499,9 @@ impl Session<'_> {
                     }
                 }
                 RawEvent::RouteName { key, method, route } => {
-                    self.route_names.insert(*key, method.clone(), route.clone());
+                    self.live
+                        .route_names
+                        .insert(*key, method.clone(), route.clone());
                 }
             }
         }
@@ -542,7 +511,7 @@ impl Session<'_> {
 
     fn scan(&mut self, collector: &Collector) {
         self.check_layout();
-        if let Some(maps) = &self.request_maps {
+        if let Some(maps) = &self.live.request_maps {
             maps.forget_recent_ends();
         }
         let now_ns = monotonic_ns();
@@ -614,9 +583,9 @@ impl Session<'_> {
         feed.last = Some((now, polls));
         crate::present::output::status(Some(crate::term::status_text(
             rate,
-            self.summary.stalls,
+            self.findings.summary.stalls,
             events::ms(self.engine.threshold_ns()),
-            self.request_maps.as_ref().map_or(0, |maps| {
+            self.live.request_maps.as_ref().map_or(0, |maps| {
                 let totals = maps.totals();
                 usize::try_from(totals.started.saturating_sub(totals.ended)).unwrap_or(usize::MAX)
             }),
@@ -669,12 +638,13 @@ impl Session<'_> {
         });
         let counters = collector.counters();
         let totals = self
+            .live
             .request_maps
             .as_ref()
             .map(RequestMaps::totals)
             .unwrap_or_default();
-        if let Some(maps) = &self.request_maps {
-            let names = &self.route_names;
+        if let Some(maps) = &self.live.request_maps {
+            let names = &self.live.route_names;
             feed.metrics
                 .set_requests_started(maps.route_counts().into_iter().map(|(key, started)| {
                     let (method, route) = names.get(key).unwrap_or(("?", None));
@@ -701,33 +671,6 @@ impl Session<'_> {
             stuck_polls: stuck,
             stuck_longest_ns: longest,
         });
-    }
-}
-
-/// What the metrics count of the threshold rules' findings (stalls are
-/// recorded with their context above).
-fn tell_metrics(metrics: &Metrics, finding: &Finding) {
-    match finding {
-        Finding::Cumulative(alert) => {
-            // Labelled with the request that blocked longest in the window.
-            let top = alert
-                .tasks
-                .iter()
-                .find_map(|t| t.request.as_ref())
-                .map(|c| crate::attribute::Request {
-                    id: c.id,
-                    method: c.method.clone(),
-                    route: Some(c.route.clone()),
-                    path: c.path.clone(),
-                    task_id: 0,
-                    start_ns: 0,
-                    end_ns: None,
-                    status: None,
-                });
-            metrics.record(BlockingKind::Cumulative, top.as_ref(), alert.blocked_ns, 0);
-        }
-        Finding::ThresholdChanged(change) => metrics.set_threshold_ns(change.to_ns),
-        Finding::InProgress(_) | Finding::Finished { .. } => {}
     }
 }
 
@@ -763,27 +706,25 @@ impl<'t> Session<'t> {
     ) -> Self {
         Session {
             engine: ThresholdEngine::new(options.detect.clone()),
-            routes: options.routes.clone(),
-            offending: Offending::default(),
+            findings: Router::new(options.routes.clone(), options.metrics.clone()),
             histogram_read_ns: 0,
-            request_maps: collector
-                .requests
-                .take()
-                .filter(|_| options.requests && !target.binary.usdt_sites.is_empty()),
-            route_names: RouteNames::default(),
+            live: LiveTarget {
+                target,
+                callers: HashMap::new(),
+                request_maps: collector
+                    .requests
+                    .take()
+                    .filter(|_| options.requests && !target.binary.usdt_sites.is_empty()),
+                route_names: RouteNames::default(),
+                asgi: target.is_loop_only().then(|| AsgiTables::new(target.pid)),
+            },
             inflight_tables: crate::attribute::inflight::table_addresses(target),
-            asgi: target
-                .is_loop_only()
-                .then(|| crate::attribute::asgi::AsgiTables::new(target.pid)),
-            route_stalls: RouteTable::default(),
             layout_said: false,
             printer: Printer {
                 target,
                 format: options.format,
                 label: options.label,
-                callers: HashMap::new(),
             },
-            summary: Summary::default(),
             events: Vec::new(),
             metrics: options.metrics.as_ref().map(|metrics| {
                 metrics.set_threshold_ns(options.detect.threshold_ns);
@@ -860,7 +801,7 @@ pub async fn watch(
     crate::present::output::status(None);
     // The endpoint stays up until loopguard exits: a last scrape sees the totals.
     session.refresh_metrics(collector, monotonic_ns(), &collector.snapshot());
-    let mut summary = session.summary;
+    let mut summary = session.findings.summary;
     summary.unfinished = session.engine.unfinished() + session.engine.unfinished_loops();
     summary.thresholds = session.engine.range();
     summary.adaptive = options.detect.adaptive.is_some();
@@ -882,8 +823,8 @@ pub async fn watch(
     summary.at_ns = now_ns;
     summary.stop_reason = reason.as_str();
     summary.requests = events::RequestsSummary::new(
-        session.request_maps.as_ref().map(RequestMaps::totals),
-        &session.route_stalls,
+        session.live.request_maps.as_ref().map(RequestMaps::totals),
+        &session.findings.route_stalls,
     );
     // Several processes (`run` following) share the file: each line says whose.
     let root_frame = options.label.then(|| {
@@ -906,7 +847,7 @@ pub async fn watch(
     Ok(Outcome {
         summary,
         reason,
-        offending: session.offending,
+        offending: session.findings.offending,
     })
 }
 
