@@ -1,0 +1,191 @@
+//! The request view: what the kernel's request maps and the target's
+//! memory say of a stall (its culprit request and victims, named), and the
+//! target as the routing of findings asks it ([`LiveTarget`]).
+
+use std::collections::HashMap;
+
+use crate::attribute::asgi::{self, AsgiTables, Verdict};
+use crate::attribute::{self, Request, RouteNames, Victims};
+use crate::collect::RequestMaps;
+use crate::detect::{Culprit, RouteFilter, Stall};
+use crate::discover::{ProbeTarget, proc};
+use crate::events::StallContext;
+
+use super::findings::Target;
+
+/// Victims listed by name on a stall; the count covers the rest.
+const VICTIMS_LISTED: usize = 20;
+
+/// The target process and the kernel's request maps, as the routing of
+/// findings asks them.
+pub(super) struct LiveTarget<'t> {
+    pub(super) target: &'t ProbeTarget,
+    /// Function names of the return addresses seen (who polled a task).
+    pub(super) callers: HashMap<u64, Option<String>>,
+    /// The kernel's request maps, when the request probes are attached.
+    pub(super) request_maps: Option<RequestMaps>,
+    pub(super) route_names: RouteNames,
+    /// A Python target's `loopguard-asgi` tables (loop mode).
+    pub(super) asgi: Option<AsgiTables>,
+}
+
+impl LiveTarget<'_> {
+    pub(super) fn requests(&self) -> RequestView<'_> {
+        RequestView {
+            maps: self.request_maps.as_ref(),
+            names: &self.route_names,
+        }
+    }
+}
+
+impl Target for LiveTarget<'_> {
+    fn pid(&self) -> u32 {
+        self.target.pid
+    }
+
+    fn is_loop_only(&self) -> bool {
+        self.target.is_loop_only()
+    }
+
+    fn thread_name(&self, tid: u32) -> String {
+        proc::thread_name(self.target.pid, tid)
+    }
+
+    fn context(&mut self, stall: &Stall) -> StallContext {
+        let target = self.target;
+        let polled_from = self
+            .callers
+            .entry(stall.return_addr)
+            .or_insert_with(|| target.function_at(stall.return_addr).map(str::to_owned))
+            .clone();
+        let requests = self.requests();
+        let request = requests.culprit(stall.task_id, stall.start_ns);
+        let victims = requests.victims(stall, request.as_ref());
+        StallContext {
+            thread: proc::thread_name(target.pid, stall.tid),
+            poll_fn: target
+                .binary
+                .poll_copies
+                .get(stall.copy_index as usize)
+                .map(|copy| copy.name.clone())
+                .unwrap_or_default(),
+            polled_from,
+            request,
+            victim_count: victims.count,
+            victims: victims.named,
+            stack: None,
+        }
+    }
+
+    fn name_from_asgi(
+        &mut self,
+        stall: &Stall,
+        in_progress: bool,
+        context: &mut StallContext,
+    ) -> Option<Verdict> {
+        let asgi = self.asgi.as_mut()?;
+        Some(name_from_asgi(asgi, stall, in_progress, context))
+    }
+}
+
+/// What the kernel holds of requests, named (`None` maps: not tracked).
+pub(super) struct RequestView<'a> {
+    pub(super) maps: Option<&'a RequestMaps>,
+    pub(super) names: &'a RouteNames,
+}
+
+impl RequestView<'_> {
+    /// The request task `task_id` served during a poll that began at `start_ns`.
+    pub(super) fn culprit(&self, task_id: Option<u64>, start_ns: u64) -> Option<Request> {
+        let (maps, task) = (self.maps?, task_id?);
+        let name = |entry: loopguard_common::requests::RequestEntry| {
+            attribute::request(&entry, self.names)
+        };
+        let ended = maps.ended_in_poll(task).map(name);
+        let serving = maps.serving(task).map(name);
+        let found = attribute::culprit(task, start_ns, ended, serving, &[]);
+        if found.is_some() {
+            return found;
+        }
+        // Ended since, in a poll too short to keep it by task.
+        let recent: Vec<Request> = maps
+            .recent_ends()
+            .iter()
+            .filter(|entry| entry.task_id == task)
+            .map(|entry| name(*entry))
+            .collect();
+        attribute::culprit(task, start_ns, None, None, &recent)
+    }
+
+    /// The other requests in flight during `stall`: counted in the kernel,
+    /// named while it still knows them.
+    fn victims(&self, stall: &Stall, culprit: Option<&Request>) -> Victims {
+        let Some(maps) = self.maps else {
+            return Victims::default();
+        };
+        let overlapping = stall
+            .requests_window
+            .map_or(0, |(ended_at_start, started_at_end)| {
+                started_at_end
+                    .unwrap_or_else(|| maps.totals().started)
+                    .saturating_sub(ended_at_start)
+            });
+        let recent = maps.recent_ends();
+        let known = maps
+            .in_flight()
+            .into_iter()
+            .chain(recent.iter().copied())
+            .map(|entry| attribute::request(&entry, self.names));
+        attribute::victims(
+            overlapping,
+            culprit,
+            known,
+            (stall.start_ns, stall.start_ns + stall.duration_ns),
+            VICTIMS_LISTED,
+        )
+    }
+}
+
+/// The request a task served during a poll that began at `start_ns`, and
+/// whether its route is excluded.
+pub(super) fn culprit(
+    requests: &RequestView,
+    routes: &RouteFilter,
+    task_id: Option<u64>,
+    start_ns: u64,
+) -> (Option<Culprit>, bool) {
+    let Some(request) = requests.culprit(task_id, start_ns) else {
+        return (None, false);
+    };
+    let route = request.route.unwrap_or_else(|| request.path.clone());
+    let excluded = routes.excludes(&route);
+    let culprit = Culprit {
+        id: request.id,
+        method: request.method,
+        route,
+        path: request.path,
+    };
+    (Some(culprit), excluded)
+}
+
+/// The culprit and victims of loop stall `stall` from a Python app's
+/// `loopguard-asgi` table, into `context` (unless it already has a request).
+pub(super) fn name_from_asgi(
+    tables: &mut AsgiTables,
+    stall: &Stall,
+    in_progress: bool,
+    context: &mut StallContext,
+) -> Verdict {
+    let mut named = asgi::Named {
+        request: context.request.take(),
+        ..Default::default()
+    };
+    let verdict =
+        asgi::attribute_loop_stall(tables, stall, in_progress, &mut named, VICTIMS_LISTED);
+    context.request = named.request;
+    if verdict == Verdict::Attributed {
+        context.victims = named.victims;
+        context.victim_count = named.victim_count;
+    }
+    verdict
+}

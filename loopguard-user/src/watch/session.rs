@@ -1,0 +1,270 @@
+//! The session: everything one watch keeps between events, and what it
+//! does with each: ring buffer records to the rules, scans of the thread
+//! slots to the rules and the stack capture, findings to the router.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use loopguard_common::LoopEvent;
+
+use crate::attribute::RouteNames;
+use crate::attribute::asgi::{self, AsgiTables};
+use crate::collect::{Collector, RawEvent, monotonic_ns};
+use crate::detect::{Finding, ThresholdEngine};
+use crate::discover::{ProbeTarget, proc};
+use crate::stacks::Stacks;
+
+use super::WatchOptions;
+use super::findings::{Router, Thresholds};
+use super::metrics_feed::MetricsFeed;
+use super::printer::Printer;
+use super::requests::{LiveTarget, culprit};
+use super::status::StatusFeed;
+
+/// Everything one watch keeps between events.
+pub(super) struct Session<'t> {
+    pub(super) engine: ThresholdEngine,
+    /// Where findings go: summary, metrics, `--fail-on`, output.
+    pub(super) findings: Router,
+    /// ns when the adaptive rule last read the histogram.
+    pub(super) histogram_read_ns: u64,
+    /// The target and the kernel's request maps.
+    pub(super) live: LiveTarget<'t>,
+    /// Runtime addresses of the middleware's in-flight tables: the
+    /// requests behind polls already stuck at attach.
+    pub(super) inflight_tables: Vec<u64>,
+    /// The probe layout mismatch was said.
+    pub(super) layout_said: bool,
+    pub(super) printer: Printer<'t>,
+    pub(super) events: Vec<RawEvent>,
+    pub(super) metrics: Option<MetricsFeed>,
+    pub(super) stacks: Option<Stacks>,
+    /// Threads that have polled a task (at the last scan): their polls, not
+    /// their busy stretches, feed the cumulative rule.
+    pub(super) polling_threads: HashSet<u32>,
+    /// The live status line (stderr is a terminal).
+    pub(super) status: Option<StatusFeed>,
+}
+
+impl<'t> Session<'t> {
+    pub(super) fn new(
+        target: &'t ProbeTarget,
+        collector: &mut Collector,
+        stacks: Option<Stacks>,
+        options: &WatchOptions,
+        started: Instant,
+    ) -> Self {
+        Session {
+            engine: ThresholdEngine::new(options.detect.clone()),
+            findings: Router::new(options.routes.clone(), options.metrics.clone()),
+            histogram_read_ns: 0,
+            live: LiveTarget {
+                target,
+                callers: HashMap::new(),
+                request_maps: collector
+                    .requests
+                    .take()
+                    .filter(|_| options.requests && !target.binary.usdt_sites.is_empty()),
+                route_names: RouteNames::default(),
+                asgi: target.is_loop_only().then(|| AsgiTables::new(target.pid)),
+            },
+            inflight_tables: crate::attribute::inflight::table_addresses(target),
+            layout_said: false,
+            printer: Printer {
+                target,
+                format: options.format,
+                label: options.label,
+            },
+            events: Vec::new(),
+            metrics: options
+                .metrics
+                .as_ref()
+                .map(|metrics| MetricsFeed::new(metrics, options.detect.threshold_ns)),
+            stacks,
+            polling_threads: HashSet::new(),
+            status: StatusFeed::when_shown(started),
+        }
+    }
+}
+
+impl Session<'_> {
+    pub(super) fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            threshold_ns: self.engine.threshold_ns(),
+            cumulative_floor_ns: self
+                .engine
+                .settings()
+                .cumulative
+                .as_ref()
+                .map_or(0, |c| c.floor_ns),
+        }
+    }
+
+    fn report(&mut self, finding: &Finding) {
+        let thresholds = self.thresholds();
+        self.findings.report(
+            finding,
+            thresholds,
+            &mut self.live,
+            self.stacks.as_mut(),
+            &mut self.printer,
+        );
+    }
+
+    /// Says once that the app's middleware fires a probe layout this agent
+    /// does not read (the kernel ignores those hits and counts them).
+    fn check_layout(&mut self) {
+        let Some(maps) = &self.live.request_maps else {
+            return;
+        };
+        let totals = maps.totals();
+        if totals.layout_mismatches > 0 && !self.layout_said {
+            self.layout_said = true;
+            crate::diag!(
+                "loopguard: error: the app's loopguard-middleware fires probe layout {}, this loopguard reads layout {}; requests are not attributed (use matching versions)",
+                totals.last_bad_layout,
+                loopguard_common::usdt::LAYOUT_VERSION
+            );
+        }
+    }
+
+    /// Handles everything queued in the ring buffer, in order.
+    pub(super) fn handle_events(&mut self, collector: &mut Collector) {
+        collector.drain(&mut self.events);
+        if let Some(maps) = &self.live.request_maps {
+            maps.forget_recent_ends();
+        }
+        let events = std::mem::take(&mut self.events);
+        for event in &events {
+            match event {
+                RawEvent::PollEnd(poll) => {
+                    let view = self.live.requests();
+                    let routes = &self.findings.routes;
+                    let finding = self.engine.on_poll_end(poll, |task_id, start_ns| {
+                        culprit(&view, routes, task_id, start_ns)
+                    });
+                    if let Some(finding) = finding {
+                        self.report(&finding);
+                    }
+                }
+                RawEvent::LoopBusy(busy) => self.on_loop_busy(busy),
+                RawEvent::RouteName { key, method, route } => {
+                    self.live
+                        .route_names
+                        .insert(*key, method.clone(), route.clone());
+                }
+            }
+        }
+        self.events = events;
+        self.events.clear();
+    }
+
+    pub(super) fn scan(&mut self, collector: &Collector) {
+        self.check_layout();
+        if let Some(maps) = &self.live.request_maps {
+            maps.forget_recent_ends();
+        }
+        let now_ns = monotonic_ns();
+        let threads = collector.snapshot();
+        self.polling_threads.clear();
+        self.polling_threads.extend(
+            threads
+                .iter()
+                .filter(|(_, polls)| polls.task_polls > 0 || polls.depth > 0)
+                .map(|(tid, _)| *tid),
+        );
+        let loop_threads = collector.loop_snapshot();
+        if let Some(stacks) = &mut self.stacks {
+            let stretches: &[_] = if self.printer.target.is_loop_only() {
+                &loop_threads
+            } else {
+                &[]
+            };
+            stacks.scan(now_ns, &threads, stretches);
+        }
+        self.report_stuck_before_attach(collector, now_ns);
+        for finding in self.engine.on_snapshot(now_ns, &threads) {
+            self.report(&finding);
+        }
+        let interval = self.engine.settings().update_interval_ns();
+        if interval.is_some_and(|every| now_ns >= self.histogram_read_ns + every) {
+            self.histogram_read_ns = now_ns;
+            if let Some(finding) = self.engine.on_histogram(now_ns, &collector.histogram()) {
+                self.report(&finding);
+            }
+        }
+        let pid = self.printer.target.pid;
+        for finding in self
+            .engine
+            .on_loop_snapshot(now_ns, &loop_threads, &threads, |tid| {
+                proc::thread_name(pid, tid)
+            })
+        {
+            self.report(&finding);
+        }
+        if let Some(status) = &mut self.status {
+            status.refresh(
+                collector,
+                self.findings.summary.stalls,
+                self.engine.threshold_ns(),
+                self.live.request_maps.as_ref(),
+            );
+        }
+        if self.metrics.as_ref().is_some_and(MetricsFeed::due) {
+            self.refresh_metrics(collector, now_ns, &threads);
+        }
+    }
+
+    /// Reads what only the kernel's maps hold into the metrics.
+    pub(super) fn refresh_metrics(
+        &mut self,
+        collector: &Collector,
+        now_ns: u64,
+        threads: &[(u32, loopguard_common::ThreadPolls)],
+    ) {
+        if let Some(feed) = &mut self.metrics {
+            feed.refresh(
+                collector,
+                now_ns,
+                threads,
+                self.engine.threshold_ns(),
+                self.printer.target.pid,
+                &self.live.requests(),
+            );
+        }
+    }
+
+    /// A loop thread came back to wait: a loop stall, or else (on a thread
+    /// that polls no task) a cut for the cumulative rule.
+    fn on_loop_busy(&mut self, busy: &LoopEvent) {
+        let pid = self.printer.target.pid;
+        if let Some(finding) = self
+            .engine
+            .on_loop_stretch(busy, |tid| proc::thread_name(pid, tid))
+        {
+            self.report(&finding);
+            return;
+        }
+        if self.polling_threads.contains(&busy.tid) {
+            return;
+        }
+        let held_ns = busy.duration_ns.saturating_sub(busy.preempted_ns);
+        let end_ns = busy.start_ns + busy.duration_ns;
+        // A Python app's table gives the step that held the loop, if one
+        // did, instead of the whole stretch.
+        let step = self.live.asgi.as_mut().and_then(|tables| {
+            asgi::cut_of_stretch(tables, busy.tid, busy.start_ns, end_ns, held_ns)
+        });
+        let cut = match step {
+            None => Some((busy.start_ns, held_ns, None)),
+            Some(step) => step.map(|(start, held, who)| (start, held, Some(who))),
+        };
+        if let Some((start_ns, held_ns, request)) = cut
+            && let Some(finding) = self
+                .engine
+                .on_loop_busy(busy.tid, start_ns, held_ns, request)
+        {
+            self.report(&finding);
+        }
+    }
+}
