@@ -28,8 +28,9 @@ const LAYERS: &[&str] = &[
     "cli",
 ];
 
-/// Files that are not a stage: the crate root and the binary.
-const ROOTS: &[&str] = &["lib", "main", "layers"];
+/// Files that are not a stage: the crate root, the binary and the
+/// crate's own tests.
+const ROOTS: &[&str] = &["lib", "main", "layers", "lengths"];
 
 /// The stage a file under `src/` belongs to: its first path component.
 fn stage_of(relative: &Path) -> String {

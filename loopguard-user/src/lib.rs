@@ -71,3 +71,6 @@ pub mod cli;
 
 #[cfg(test)]
 mod layers;
+
+#[cfg(test)]
+mod lengths;

@@ -775,61 +775,10 @@ pub fn attach(
 ) -> Result<AttachedProbes, AttachError> {
     let started = Instant::now();
     let pid = target.pid;
-    let report_floor_ns = options.report_floor_ns;
-    let mut config = Config::zeroed();
-    config.target_tgid = pid;
-    if options.bench.empty_programs {
-        config.flags |= config_flags::EMPTY_PROGRAMS;
-    }
-    if options.requests && !target.binary.usdt_sites.is_empty() {
-        config.flags |= config_flags::REQUESTS;
-    }
     let wait_path = wait_path_for(target, options.wait_probes);
-    if wait_path == WaitPath::Switch {
-        config.flags |= config_flags::WAIT_SWITCH;
-    }
-    config.report_floor_ns = report_floor_ns;
-    let ranges = target.blocking_runtime_ranges();
-    for (slot, range) in config.blocking_ranges.iter_mut().zip(&ranges) {
-        *slot = [range.start, range.end];
-    }
-    config.blocking_range_count = ranges.len().min(MAX_BLOCKING_RANGES) as u32;
-
-    if EBPF_OBJECT.is_empty() {
-        return Err(AttachError::NoEbpfObject);
-    }
-    let stack_config = stacks::kernel_config(
-        pid,
-        report_floor_ns / 2,
-        options.stacks,
-        target.is_loop_only(),
-    );
-    let mut ebpf = EbpfLoader::new()
-        .override_global(names::CONFIG, &config, true)
-        .override_global(
-            loopguard_common::stacks::names::STACK_CONFIG,
-            &stack_config,
-            true,
-        )
-        .load(EBPF_OBJECT)
-        .map_err(|error| AttachError::Load(Box::new(error)))?;
+    let mut ebpf = load(target, &options, wait_path)?;
     fill_free_slots(&mut ebpf)?;
-    // Before any probe, so every thread that takes a slot gives it back.
-    attach_raw_tracepoint(&mut ebpf, names::THREAD_EXIT, "sched_process_exit")?;
-    // The context-switch programs before any probe, too: a poll (or busy
-    // stretch) that began while they were missing would have its
-    // preemption counted as held time, and under load that is a false
-    // stall of a poll that only waited for a CPU during the attach.
-    attach_raw_tracepoint(&mut ebpf, names::THREAD_SWITCH, "sched_switch")?;
-    // And for the same reason the steal-time program: a vCPU the host did
-    // not run would make the poll in flight look that much longer.
-    attach_raw_tracepoint(&mut ebpf, names::THREAD_RUNTIME, "sched_stat_runtime")?;
-    let stacks = options.stacks
-        && stacks::attach_programs(&mut ebpf)
-            .inspect_err(|error| {
-                tracing::warn!(error = %error, "stalls are reported without stacks");
-            })
-            .is_ok();
+    let stacks = attach_tracepoints(&mut ebpf, options.stacks)?;
 
     let mut groups = poll_groups(target);
     if options.bench.entry_only {
@@ -840,30 +789,7 @@ pub fn attach(
     }
     groups.extend(wait_groups(&mut ebpf, target, wait_path)?);
     let probe_count = groups.iter().map(|group| group.sites.len()).sum();
-
-    let multi = choose_links(options.probe_links, &ebpf)?;
-    let kind = if multi.is_some() {
-        LinkKind::UprobeMulti
-    } else {
-        LinkKind::PerfEvent
-    };
-    progress(AttachProgress::Starting {
-        kind,
-        probes: probe_count,
-        links: if multi.is_some() {
-            groups.len()
-        } else {
-            probe_count
-        },
-    });
-    let links = match multi {
-        Some(mut programs) => UprobeLinks::Multi {
-            links: attach_multi(&mut programs, &groups, pid, progress)?,
-            // The parsed object is no longer needed.
-            programs: programs.into_loaded(),
-        },
-        None => UprobeLinks::Perf(attach_perf(&mut ebpf, &groups, pid, progress)?),
-    };
+    let (links, kind) = link_groups(&mut ebpf, &groups, options.probe_links, pid, progress)?;
     let link_count = match &links {
         UprobeLinks::Perf(links) => links.len(),
         UprobeLinks::Multi { links, .. } => links.len(),
@@ -884,6 +810,115 @@ pub fn attach(
         },
         stacks,
     })
+}
+
+/// The kernel side's configuration for `target`: its tgid, the report
+/// floor, the blocking pool's code ranges and the paths switched on.
+fn kernel_config(target: &ProbeTarget, options: &AttachOptions, wait_path: WaitPath) -> Config {
+    let mut config = Config::zeroed();
+    config.target_tgid = target.pid;
+    if options.bench.empty_programs {
+        config.flags |= config_flags::EMPTY_PROGRAMS;
+    }
+    if options.requests && !target.binary.usdt_sites.is_empty() {
+        config.flags |= config_flags::REQUESTS;
+    }
+    if wait_path == WaitPath::Switch {
+        config.flags |= config_flags::WAIT_SWITCH;
+    }
+    config.report_floor_ns = options.report_floor_ns;
+    let ranges = target.blocking_runtime_ranges();
+    for (slot, range) in config.blocking_ranges.iter_mut().zip(&ranges) {
+        *slot = [range.start, range.end];
+    }
+    config.blocking_range_count = ranges.len().min(MAX_BLOCKING_RANGES) as u32;
+    config
+}
+
+/// Loads the embedded object with its configuration globals set for
+/// `target`.
+fn load(
+    target: &ProbeTarget,
+    options: &AttachOptions,
+    wait_path: WaitPath,
+) -> Result<Ebpf, AttachError> {
+    let config = kernel_config(target, options, wait_path);
+    if EBPF_OBJECT.is_empty() {
+        return Err(AttachError::NoEbpfObject);
+    }
+    let stack_config = stacks::kernel_config(
+        target.pid,
+        options.report_floor_ns / 2,
+        options.stacks,
+        target.is_loop_only(),
+    );
+    EbpfLoader::new()
+        .override_global(names::CONFIG, &config, true)
+        .override_global(
+            loopguard_common::stacks::names::STACK_CONFIG,
+            &stack_config,
+            true,
+        )
+        .load(EBPF_OBJECT)
+        .map_err(|error| AttachError::Load(Box::new(error)))
+}
+
+/// The tracepoints every probe relies on, attached before any probe, and
+/// the stack capture's programs when `stacks` is asked; returns whether
+/// stacks are captured.
+fn attach_tracepoints(ebpf: &mut Ebpf, stacks: bool) -> Result<bool, AttachError> {
+    // Before any probe, so every thread that takes a slot gives it back.
+    attach_raw_tracepoint(ebpf, names::THREAD_EXIT, "sched_process_exit")?;
+    // The context-switch programs before any probe, too: a poll (or busy
+    // stretch) that began while they were missing would have its
+    // preemption counted as held time, and under load that is a false
+    // stall of a poll that only waited for a CPU during the attach.
+    attach_raw_tracepoint(ebpf, names::THREAD_SWITCH, "sched_switch")?;
+    // And for the same reason the steal-time program: a vCPU the host did
+    // not run would make the poll in flight look that much longer.
+    attach_raw_tracepoint(ebpf, names::THREAD_RUNTIME, "sched_stat_runtime")?;
+    Ok(stacks
+        && stacks::attach_programs(ebpf)
+            .inspect_err(|error| {
+                tracing::warn!(error = %error, "stalls are reported without stacks");
+            })
+            .is_ok())
+}
+
+/// Attaches `groups` for `pid`: one `uprobe_multi` link per group where
+/// wanted and possible, one perf-event link per probe otherwise.
+fn link_groups(
+    ebpf: &mut Ebpf,
+    groups: &[ProbeGroup],
+    wanted: ProbeLinks,
+    pid: u32,
+    progress: &mut dyn FnMut(AttachProgress),
+) -> Result<(UprobeLinks, LinkKind), AttachError> {
+    let probe_count = groups.iter().map(|group| group.sites.len()).sum();
+    let multi = choose_links(wanted, ebpf)?;
+    let kind = if multi.is_some() {
+        LinkKind::UprobeMulti
+    } else {
+        LinkKind::PerfEvent
+    };
+    progress(AttachProgress::Starting {
+        kind,
+        probes: probe_count,
+        links: if multi.is_some() {
+            groups.len()
+        } else {
+            probe_count
+        },
+    });
+    let links = match multi {
+        Some(mut programs) => UprobeLinks::Multi {
+            links: attach_multi(&mut programs, groups, pid, progress)?,
+            // The parsed object is no longer needed.
+            programs: programs.into_loaded(),
+        },
+        None => UprobeLinks::Perf(attach_perf(ebpf, groups, pid, progress)?),
+    };
+    Ok((links, kind))
 }
 
 #[cfg(test)]

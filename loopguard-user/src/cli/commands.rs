@@ -264,41 +264,17 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         std::thread::spawn(move || {
             let _ = exit_tx.send(Some(child.wait().ok()));
         });
-        for (signo, mut incoming) in forwarded {
-            let pidfd = Arc::clone(&pidfd);
-            tokio::spawn(async move {
-                while incoming.recv().await.is_some() {
-                    // ESRCH once the command has exited: nothing to forward to.
-                    let _ = pidfd.signal(signo);
-                }
-            });
-        }
-        let duration = settings.duration_s.map(i64::unsigned_abs);
-        let mut child_exit = exit_rx.clone();
+        forward_signals(forwarded, &pidfd);
         // Set when --duration's SIGTERM goes out. The watch loop may see the
         // child die (and stop) before this future returns, so the stop reason
         // cannot tell.
         let terminated_by_us = Arc::new(AtomicBool::new(false));
-        let terminating = Arc::clone(&terminated_by_us);
-        let stop = async move {
-            let exited = child_exit.wait_for(Option::is_some);
-            let timed_out = if let Some(secs) = duration {
-                tokio::time::timeout(Duration::from_secs(secs), exited)
-                    .await
-                    .is_err()
-            } else {
-                let _ = exited.await;
-                false
-            };
-            if !timed_out {
-                return StopReason::TargetExited;
-            }
-            // --duration ends the command: SIGTERM, then wait for it to go.
-            terminating.store(true, Ordering::SeqCst);
-            let _ = pidfd.signal(libc::SIGTERM);
-            let _ = child_exit.wait_for(Option::is_some).await;
-            StopReason::DurationElapsed
-        };
+        let stop = command_stop(
+            exit_rx.clone(),
+            settings.duration_s.map(i64::unsigned_abs),
+            pidfd,
+            Arc::clone(&terminated_by_us),
+        );
         supervisor.run_until(stop).await?;
         let status = exit_rx
             .wait_for(Option::is_some)
@@ -317,6 +293,54 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         });
         finish_run(&mut supervisor, &settings, code)
     }))
+}
+
+/// Forwards each signal loopguard receives to the command (through its
+/// pidfd, so never to a recycled pid).
+fn forward_signals(
+    forwarded: Vec<(i32, tokio::signal::unix::Signal)>,
+    pidfd: &Arc<crate::follow::pidfd::Pidfd>,
+) {
+    for (signo, mut incoming) in forwarded {
+        let pidfd = Arc::clone(pidfd);
+        tokio::spawn(async move {
+            while incoming.recv().await.is_some() {
+                // ESRCH once the command has exited: nothing to forward to.
+                let _ = pidfd.signal(signo);
+            }
+        });
+    }
+}
+
+/// When `run`'s watch stops: the command exited, or `duration_s` passed
+/// and the command, sent SIGTERM (`terminating` set), has gone.
+#[expect(
+    clippy::option_option,
+    reason = "the exit channel: not yet exited, or exited with a status that may not have been read"
+)]
+async fn command_stop(
+    mut child_exit: tokio::sync::watch::Receiver<Option<Option<std::process::ExitStatus>>>,
+    duration_s: Option<u64>,
+    pidfd: Arc<crate::follow::pidfd::Pidfd>,
+    terminating: Arc<AtomicBool>,
+) -> StopReason {
+    let exited = child_exit.wait_for(Option::is_some);
+    let timed_out = if let Some(secs) = duration_s {
+        tokio::time::timeout(Duration::from_secs(secs), exited)
+            .await
+            .is_err()
+    } else {
+        let _ = exited.await;
+        false
+    };
+    if !timed_out {
+        return StopReason::TargetExited;
+    }
+    // --duration ends the command: SIGTERM, then wait for it to go.
+    terminating.store(true, Ordering::SeqCst);
+    let _ = pidfd.signal(libc::SIGTERM);
+    let _ = child_exit.wait_for(Option::is_some).await;
+    StopReason::DurationElapsed
 }
 
 /// Attaches to `run`'s command, stopped after exec; a program loopguard

@@ -136,44 +136,70 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     metric
 }
 
+/// The families counted per blocking event: events by kind and route,
+/// their lag, and a stall's victims.
+fn event_families(registry: &Registry) -> (IntCounterVec, HistogramVec, HistogramVec) {
+    let blocking = register(
+        registry,
+        IntCounterVec::new(
+            Opts::new(
+                "loopguard_blocking_total",
+                "Blocking events: kind=stall (one task poll over the threshold), cumulative (short polls adding up in a window), loop (an event loop away from its wait)",
+            ),
+            &["kind", "route", "method"],
+        )
+        .expect("valid metric"),
+    );
+    let lag = register(
+        registry,
+        HistogramVec::new(
+            HistogramOpts::new(
+                "loopguard_lag_seconds",
+                "How long each blocking event kept its thread from the event loop",
+            )
+            .buckets(LAG_BUCKETS_S.to_vec()),
+            &["kind", "route", "method"],
+        )
+        .expect("valid metric"),
+    );
+    let victims = register(
+        registry,
+        HistogramVec::new(
+            HistogramOpts::new(
+                "loopguard_stall_victims",
+                "Other requests in flight while a stall blocked its thread, by the culprit's route",
+            )
+            .buckets(VICTIM_BUCKETS.to_vec()),
+            &["route", "method"],
+        )
+        .expect("valid metric"),
+    );
+    (blocking, lag, victims)
+}
+
+/// `loopguard_target_info`: the process watched, always 1.
+fn register_target_info(registry: &Registry, target: &TargetInfo) {
+    let info = register(
+        registry,
+        IntGaugeVec::new(
+            Opts::new("loopguard_target_info", "The process watched (always 1)"),
+            &["pid", "exe", "tokio_version", "loopguard_version"],
+        )
+        .expect("valid metric"),
+    );
+    info.with_label_values(&[
+        &target.pid.to_string(),
+        &target.exe,
+        target.tokio_version.as_deref().unwrap_or("unknown"),
+        env!("CARGO_PKG_VERSION"),
+    ])
+    .set(1);
+}
+
 impl Metrics {
     pub fn new(target: &TargetInfo, max_routes: usize) -> Self {
         let registry = Registry::new();
-        let blocking = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "loopguard_blocking_total",
-                    "Blocking events: kind=stall (one task poll over the threshold), cumulative (short polls adding up in a window), loop (an event loop away from its wait)",
-                ),
-                &["kind", "route", "method"],
-            )
-            .expect("valid metric"),
-        );
-        let lag = register(
-            &registry,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "loopguard_lag_seconds",
-                    "How long each blocking event kept its thread from the event loop",
-                )
-                .buckets(LAG_BUCKETS_S.to_vec()),
-                &["kind", "route", "method"],
-            )
-            .expect("valid metric"),
-        );
-        let victims = register(
-            &registry,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "loopguard_stall_victims",
-                    "Other requests in flight while a stall blocked its thread, by the culprit's route",
-                )
-                .buckets(VICTIM_BUCKETS.to_vec()),
-                &["route", "method"],
-            )
-            .expect("valid metric"),
-        );
+        let (blocking, lag, victims) = event_families(&registry);
         let threshold = register(
             &registry,
             Gauge::new(
@@ -190,21 +216,7 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let info = register(
-            &registry,
-            IntGaugeVec::new(
-                Opts::new("loopguard_target_info", "The process watched (always 1)"),
-                &["pid", "exe", "tokio_version", "loopguard_version"],
-            )
-            .expect("valid metric"),
-        );
-        info.with_label_values(&[
-            &target.pid.to_string(),
-            &target.exe,
-            target.tokio_version.as_deref().unwrap_or("unknown"),
-            env!("CARGO_PKG_VERSION"),
-        ])
-        .set(1);
+        register_target_info(&registry, target);
         Self {
             registry,
             blocking,

@@ -235,12 +235,6 @@ pub fn page(aggregate: &Aggregate, source: &str) -> String {
         .saturating_sub(first)
         .max(1);
     let bin_ns = span_ns as f64 / BINS as f64;
-    let mut longest: Vec<Stall> = aggregate
-        .longest
-        .iter()
-        .map(|s| stall(aggregate, s, first))
-        .collect();
-    longest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     let mut alert_points = aggregate.alert_points.clone();
     alert_points.sort_unstable_by_key(|(at, _)| *at);
     let data = Page {
@@ -261,48 +255,16 @@ pub fn page(aggregate: &Aggregate, source: &str) -> String {
             .as_ref()
             .map(crate::present::text::summary_text),
         threads: bin_threads(aggregate, first, bin_ns),
-        longest,
+        longest: longest_stalls(aggregate, first),
         kept: KEPT_STALLS,
-        routes: aggregate
-            .ranked_routes()
-            .into_iter()
-            .take(ROUTES)
-            .map(|(name, totals)| Route {
-                name,
-                stalls: totals.stalls,
-                total_ms: (totals.total_ms * 1000.0).round() / 1000.0,
-                longest_ms: totals.longest_ms,
-            })
-            .collect(),
+        routes: routes(aggregate),
         histogram: aggregate
             .summary
             .as_ref()
             .map(|s| buckets(&s.poll_histogram))
             .unwrap_or_default(),
         alert_curve: alert_curve(&alert_points, first),
-        alert_list: aggregate
-            .kept_alerts
-            .iter()
-            .map(|a| Alert {
-                at_ms: rel_ms(a.window_end_ns, first),
-                scope: match (&a.thread, a.tid) {
-                    (Some(name), Some(tid)) => format!("tid {tid} ({name})"),
-                    (None, Some(tid)) => format!("tid {tid}"),
-                    _ => "process".to_owned(),
-                },
-                total_ms: a.total_ms,
-                polls: a.polls,
-                window_ms: a.window_ms,
-                budget_ms: a.budget_ms,
-                by: a
-                    .requests
-                    .iter()
-                    .take(3)
-                    .map(|r| format!("{} {} {:.1} ms", r.method, r.route, r.total_ms))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-            .collect(),
+        alert_list: alert_list(aggregate, first),
         thresholds: aggregate
             .thresholds
             .iter()
@@ -314,6 +276,59 @@ pub fn page(aggregate: &Aggregate, source: &str) -> String {
         .replace("/*STYLE*/", STYLE)
         .replace("/*SCRIPT*/", SCRIPT)
         .replace("{{DATA}}", &json)
+}
+
+/// The longest stalls kept, longest first.
+fn longest_stalls(aggregate: &Aggregate, first: u64) -> Vec<Stall> {
+    let mut longest: Vec<Stall> = aggregate
+        .longest
+        .iter()
+        .map(|s| stall(aggregate, s, first))
+        .collect();
+    longest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    longest
+}
+
+/// The routes with the most stall time, worst first.
+fn routes(aggregate: &Aggregate) -> Vec<Route<'_>> {
+    aggregate
+        .ranked_routes()
+        .into_iter()
+        .take(ROUTES)
+        .map(|(name, totals)| Route {
+            name,
+            stalls: totals.stalls,
+            total_ms: (totals.total_ms * 1000.0).round() / 1000.0,
+            longest_ms: totals.longest_ms,
+        })
+        .collect()
+}
+
+/// The cumulative alerts kept, as the page lists them.
+fn alert_list(aggregate: &Aggregate, first: u64) -> Vec<Alert> {
+    aggregate
+        .kept_alerts
+        .iter()
+        .map(|a| Alert {
+            at_ms: rel_ms(a.window_end_ns, first),
+            scope: match (&a.thread, a.tid) {
+                (Some(name), Some(tid)) => format!("tid {tid} ({name})"),
+                (None, Some(tid)) => format!("tid {tid}"),
+                _ => "process".to_owned(),
+            },
+            total_ms: a.total_ms,
+            polls: a.polls,
+            window_ms: a.window_ms,
+            budget_ms: a.budget_ms,
+            by: a
+                .requests
+                .iter()
+                .take(3)
+                .map(|r| format!("{} {} {:.1} ms", r.method, r.route, r.total_ms))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+        .collect()
 }
 
 /// JSON text that cannot change how the HTML tokenizer reads the script

@@ -94,26 +94,7 @@ pub fn find(pid: u32) -> Found {
     let Ok(maps) = proc::read_maps(pid) else {
         return Found::NotPython;
     };
-    let exe_inode = proc::executable(pid).map(|e| e.inode).ok();
-    // Where each candidate is read from: through `/proc/PID/exe` or the
-    // mapping itself (never the path the maps name, which the target can
-    // swap for a FIFO or a symlink to /dev/zero), at most a cap.
-    let mut candidates: Vec<(Option<proc::Mapping>, u64, String)> = Vec::new();
-    if let Some(inode) = exe_inode
-        && let Some(mapping) = maps.iter().find(|m| m.inode == inode)
-    {
-        candidates.push((None, inode, mapping.path.clone()));
-    }
-    for mapping in &maps {
-        let name = mapping.path.rsplit('/').next().unwrap_or_default();
-        if name.starts_with("libpython3")
-            && name.contains(".so")
-            && !candidates.iter().any(|c| c.1 == mapping.inode)
-        {
-            candidates.push((Some(mapping.clone()), mapping.inode, mapping.path.clone()));
-        }
-    }
-    for (mapping, inode, path) in candidates {
+    for (mapping, inode, path) in candidates(pid, &maps) {
         let cap = crate::discover::files::MAX_EXECUTABLE_BYTES;
         let read = match &mapping {
             None => crate::discover::files::read_through_proc(
@@ -129,52 +110,90 @@ pub fn find(pid: u32) -> Found {
             continue;
         };
         let mapped = FileMappings::new(&maps, inode);
-        let memory = ProcessMemory { pid };
         let at = |offset: Option<u64>| offset.and_then(|o| mapped.runtime_addr(o));
-        let unsupported = |why: String| Found::Unsupported {
-            module: path.clone(),
-            why,
-        };
-        let (Some(runtime), Some(code_type)) = (at(Some(runtime)), at(code_type)) else {
-            return unsupported("`_PyRuntime` or `PyCode_Type` is not mapped".to_owned());
-        };
-        let mut word = [0u8; 4];
-        let version = at(version)
-            .filter(|&addr| memory.read(addr, &mut word))
-            .map(|_| u32::from_le_bytes(word));
-        let Some(version) = version else {
-            return unsupported(
-                "it has no `Py_Version` (CPython before 3.11; loopguard reads 3.11, 3.12 and 3.13)"
-                    .to_owned(),
-            );
-        };
-        let (major, minor) = ((version >> 24) & 0xff, ((version >> 16) & 0xff) as u8);
-        let layout = match (major, minor) {
-            (3, 11 | 12) => layout::builtin(minor),
-            (3, 13) => {
-                let mut offsets = vec![0u8; layout::DEBUG_OFFSETS_BYTES];
-                memory
-                    .read(runtime, &mut offsets)
-                    .then(|| layout::from_debug_offsets(&offsets))
-                    .flatten()
-            }
-            _ => None,
-        };
-        let Some(layout) = layout else {
-            return unsupported(format!(
-                "CPython {major}.{minor} is not one loopguard reads (3.11, 3.12 and 3.13 without free threading are)"
-            ));
-        };
-        return Found::Python(PythonTarget {
-            interp: Interpreter {
-                layout,
-                runtime,
-                code_type,
-            },
-            module: path,
-        });
+        return interpreter(pid, path, at(Some(runtime)), at(version), at(code_type));
     }
     Found::NotPython
+}
+
+/// The files that may hold the interpreter: the executable, then each
+/// `libpython3*.so` mapped, as `(mapping, inode, path)`. Each is read
+/// through `/proc/PID/exe` (no mapping) or the mapping itself (never the
+/// path the maps name, which the target can swap for a FIFO or a symlink
+/// to /dev/zero).
+fn candidates(pid: u32, maps: &[proc::Mapping]) -> Vec<(Option<proc::Mapping>, u64, String)> {
+    let exe_inode = proc::executable(pid).map(|e| e.inode).ok();
+    let mut candidates: Vec<(Option<proc::Mapping>, u64, String)> = Vec::new();
+    if let Some(inode) = exe_inode
+        && let Some(mapping) = maps.iter().find(|m| m.inode == inode)
+    {
+        candidates.push((None, inode, mapping.path.clone()));
+    }
+    for mapping in maps {
+        let name = mapping.path.rsplit('/').next().unwrap_or_default();
+        if name.starts_with("libpython3")
+            && name.contains(".so")
+            && !candidates.iter().any(|c| c.1 == mapping.inode)
+        {
+            candidates.push((Some(mapping.clone()), mapping.inode, mapping.path.clone()));
+        }
+    }
+    candidates
+}
+
+/// The interpreter in `module`, from the runtime addresses of its
+/// `_PyRuntime`, `Py_Version` and `PyCode_Type`, when its version is one
+/// loopguard reads.
+fn interpreter(
+    pid: u32,
+    module: String,
+    runtime: Option<u64>,
+    version: Option<u64>,
+    code_type: Option<u64>,
+) -> Found {
+    let memory = ProcessMemory { pid };
+    let unsupported = |why: String| Found::Unsupported {
+        module: module.clone(),
+        why,
+    };
+    let (Some(runtime), Some(code_type)) = (runtime, code_type) else {
+        return unsupported("`_PyRuntime` or `PyCode_Type` is not mapped".to_owned());
+    };
+    let mut word = [0u8; 4];
+    let version = version
+        .filter(|&addr| memory.read(addr, &mut word))
+        .map(|_| u32::from_le_bytes(word));
+    let Some(version) = version else {
+        return unsupported(
+            "it has no `Py_Version` (CPython before 3.11; loopguard reads 3.11, 3.12 and 3.13)"
+                .to_owned(),
+        );
+    };
+    let (major, minor) = ((version >> 24) & 0xff, ((version >> 16) & 0xff) as u8);
+    let layout = match (major, minor) {
+        (3, 11 | 12) => layout::builtin(minor),
+        (3, 13) => {
+            let mut offsets = vec![0u8; layout::DEBUG_OFFSETS_BYTES];
+            memory
+                .read(runtime, &mut offsets)
+                .then(|| layout::from_debug_offsets(&offsets))
+                .flatten()
+        }
+        _ => None,
+    };
+    let Some(layout) = layout else {
+        return unsupported(format!(
+            "CPython {major}.{minor} is not one loopguard reads (3.11, 3.12 and 3.13 without free threading are)"
+        ));
+    };
+    Found::Python(PythonTarget {
+        interp: Interpreter {
+            layout,
+            runtime,
+            code_type,
+        },
+        module,
+    })
 }
 
 /// Python stacks sampled per stall `(tid, start)`, at most this many kinds.
