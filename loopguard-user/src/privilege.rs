@@ -345,46 +345,17 @@ pub fn restrict_process(keep: CapSet) -> Result<CapSet, PrivilegeError> {
     BOUNDING.store(bounding, Ordering::SeqCst);
     FAILED.store(0, Ordering::SeqCst);
     let signo = drop_signal();
-    // SAFETY: installs a handler that makes raw system calls only; it stays
-    // installed (a late signal must not meet the default action, which ends
-    // the process).
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&raw mut action.sa_mask);
-        if libc::sigaction(signo, &raw const action, std::ptr::null_mut()) == -1 {
-            return Err(failed("sigaction", errno()));
-        }
-    }
+    install_handler(signo).map_err(|code| failed("sigaction", code))?;
     restrict_this_thread(keep, bounding).map_err(|(call, code)| failed(call, code))?;
     // SAFETY: no preconditions.
     let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
     for _ in 0..ROUNDS {
-        let pending: Vec<u32> = threads()
-            .into_iter()
-            .filter(|&tid| i64::from(tid) != i64::from(me))
-            .filter(|tid| {
-                // A thread gone since the listing is no concern.
-                fs::read_to_string(format!("/proc/self/task/{tid}/status"))
-                    .ok()
-                    .and_then(|status| ThreadCaps::parse(&status))
-                    .is_some_and(|caps| !caps.restricted_to(keep, bounding))
-            })
-            .collect();
+        let pending = unrestricted_threads(me, keep, bounding);
         if pending.is_empty() {
             return Ok(CapSet(effective.0 & keep.0));
         }
         let before = HANDLED.load(Ordering::SeqCst);
-        let mut sent = 0;
-        for &tid in &pending {
-            // SAFETY: a signal to a thread of this process; ESRCH if it
-            // has just exited.
-            #[expect(clippy::cast_possible_wrap, reason = "thread ids fit an i32")]
-            if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid as libc::pid_t, signo) } == 0 {
-                sent += 1;
-            }
-        }
+        let sent = signal_threads(pid, &pending, signo);
         let deadline = Instant::now() + Duration::from_millis(500);
         while HANDLED.load(Ordering::SeqCst) < before + sent && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
@@ -402,6 +373,55 @@ pub fn restrict_process(keep: CapSet) -> Result<CapSet, PrivilegeError> {
         tid,
         rounds: ROUNDS,
     })
+}
+
+/// Installs the handler that restricts the thread it runs on, for
+/// `signo`; the error is the errno of `sigaction`.
+fn install_handler(signo: libc::c_int) -> Result<(), i32> {
+    // SAFETY: installs a handler that makes raw system calls only; it stays
+    // installed (a late signal must not meet the default action, which ends
+    // the process).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&raw mut action.sa_mask);
+        if libc::sigaction(signo, &raw const action, std::ptr::null_mut()) == -1 {
+            return Err(errno());
+        }
+    }
+    Ok(())
+}
+
+/// The threads of this process, other than `me`, that still hold more
+/// than `keep` (and, with `bounding`, a bounding set over it).
+fn unrestricted_threads(me: libc::pid_t, keep: CapSet, bounding: bool) -> Vec<u32> {
+    threads()
+        .into_iter()
+        .filter(|&tid| i64::from(tid) != i64::from(me))
+        .filter(|tid| {
+            // A thread gone since the listing is no concern.
+            fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+                .ok()
+                .and_then(|status| ThreadCaps::parse(&status))
+                .is_some_and(|caps| !caps.restricted_to(keep, bounding))
+        })
+        .collect()
+}
+
+/// Sends `signo` to each of `tids` of process `pid`; returns how many
+/// were sent (a thread that has just exited is not).
+fn signal_threads(pid: libc::pid_t, tids: &[u32], signo: libc::c_int) -> usize {
+    let mut sent = 0;
+    for &tid in tids {
+        // SAFETY: a signal to a thread of this process; ESRCH if it
+        // has just exited.
+        #[expect(clippy::cast_possible_wrap, reason = "thread ids fit an i32")]
+        if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid as libc::pid_t, signo) } == 0 {
+            sent += 1;
+        }
+    }
+    sent
 }
 
 /// Drops every capability outside `keep`, saying so at debug level; a

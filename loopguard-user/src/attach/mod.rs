@@ -25,7 +25,7 @@ use loopguard_common::{
     config_flags, names, slots, usdt,
 };
 
-use crate::discover::elf::PollCopy;
+use crate::discover::elf::{PollCopy, UsdtSite};
 use crate::discover::usdt::{ArgLocation, ArgSpec, ArgSpecError};
 use crate::discover::vtable::PollClass;
 use crate::discover::waits::{WaitKind, WaitSite};
@@ -306,9 +306,10 @@ fn usdt_spec(args: &[ArgSpec]) -> UsdtSpec {
     spec
 }
 
-/// Checks the middleware's USDT sites and stores their argument specs;
-/// returns their probes (none: nothing to do).
-fn usdt_groups(ebpf: &mut Ebpf, target: &ProbeTarget) -> Result<Vec<ProbeGroup>, AttachError> {
+/// The middleware's USDT sites this agent reads, with their argument
+/// specs; an error for a site whose arguments or semaphore do not fit (an
+/// unknown probe is skipped, with a warning).
+fn checked_usdt_sites(target: &ProbeTarget) -> Result<Vec<(&UsdtSite, UsdtSpec)>, AttachError> {
     let path = &target.exe.display_path;
     let mut known = Vec::new();
     for site in &target.binary.usdt_sites {
@@ -340,6 +341,14 @@ fn usdt_groups(ebpf: &mut Ebpf, target: &ProbeTarget) -> Result<Vec<ProbeGroup>,
         }
         known.push((site, usdt_spec(args)));
     }
+    Ok(known)
+}
+
+/// Checks the middleware's USDT sites and stores their argument specs;
+/// returns their probes (none: nothing to do).
+fn usdt_groups(ebpf: &mut Ebpf, target: &ProbeTarget) -> Result<Vec<ProbeGroup>, AttachError> {
+    let path = &target.exe.display_path;
+    let known = checked_usdt_sites(target)?;
     if known.is_empty() {
         return Ok(Vec::new());
     }
@@ -349,16 +358,14 @@ fn usdt_groups(ebpf: &mut Ebpf, target: &ProbeTarget) -> Result<Vec<ProbeGroup>,
             max: MAX_USDT_SITES,
         });
     }
-    {
-        let map = ebpf
-            .map_mut(names::USDT_SPECS)
-            .ok_or(AttachError::Missing(names::USDT_SPECS))?;
-        let mut specs: Array<_, UsdtSpec> = Array::try_from(map).map_err(AttachError::UsdtSpecs)?;
-        for (index, (_, spec)) in known.iter().enumerate() {
-            specs
-                .set(index as u32, spec, 0)
-                .map_err(AttachError::UsdtSpecs)?;
-        }
+    let map = ebpf
+        .map_mut(names::USDT_SPECS)
+        .ok_or(AttachError::Missing(names::USDT_SPECS))?;
+    let mut specs: Array<_, UsdtSpec> = Array::try_from(map).map_err(AttachError::UsdtSpecs)?;
+    for (index, (_, spec)) in known.iter().enumerate() {
+        specs
+            .set(index as u32, spec, 0)
+            .map_err(AttachError::UsdtSpecs)?;
     }
     // The cookie is the site's index in USDT_SPECS.
     let sites = |probe: &str| -> Vec<(u64, u64)> {

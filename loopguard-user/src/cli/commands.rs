@@ -235,11 +235,15 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     runtime.block_on(local.run_until(async {
         // Handlers first: a signal in the first moments must be forwarded,
         // not kill loopguard by its default action.
-        let mut forwarded = Vec::with_capacity(FORWARDED.len());
-        for signo in FORWARDED {
-            let incoming = signal(SignalKind::from_raw(signo)).map_err(Error::Signals)?;
-            forwarded.push((signo, incoming));
-        }
+        let forwarded = FORWARDED
+            .into_iter()
+            .map(|signo| {
+                Ok((
+                    signo,
+                    signal(SignalKind::from_raw(signo)).map_err(Error::Signals)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let stopped = launch::launch_stopped(&args.command, run_as.as_ref())?;
         // Started (as its user): setuid and setgid are not needed any more.
         crate::privilege::drop_to(crate::privilege::WATCH);
@@ -281,18 +285,22 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             .await
             .ok()
             .and_then(|status| status.flatten());
-        let code = status.map_or(1, |status| {
-            // A command ended by --duration's own SIGTERM ran as asked.
-            let ended_by_us =
-                terminated_by_us.load(Ordering::SeqCst) && status.signal() == Some(libc::SIGTERM);
-            if ended_by_us {
-                0
-            } else {
-                launch::exit_code(status)
-            }
-        });
+        let code = command_exit_code(status, terminated_by_us.load(Ordering::SeqCst));
         finish_run(&mut supervisor, &settings, code)
     }))
+}
+
+/// The exit code `run` passes on from its command (1 when its status could
+/// not be read); `terminated_by_us`: --duration sent it SIGTERM.
+fn command_exit_code(status: Option<std::process::ExitStatus>, terminated_by_us: bool) -> i32 {
+    status.map_or(1, |status| {
+        // A command ended by --duration's own SIGTERM ran as asked.
+        if terminated_by_us && status.signal() == Some(libc::SIGTERM) {
+            0
+        } else {
+            launch::exit_code(status)
+        }
+    })
 }
 
 /// Forwards each signal loopguard receives to the command (through its

@@ -93,9 +93,27 @@ pub const MAX_ANY_MS: i64 = 86_400_000;
 
 /// Upper bounds, the same whether a value comes from a flag or the file.
 fn check_ranges(s: &Settings) -> Result<(), ConfigError> {
+    for (key, flag, value, max) in upper_bounds(s) {
+        if let Some(value) = value.filter(|&v| v > max) {
+            return Err(invalid(key, flag, &value, format!("must be at most {max}")));
+        }
+    }
+    if let Some(routes) = s.metrics_max_routes.filter(|&r| r > 100_000) {
+        return Err(invalid(
+            "metrics_max_routes",
+            "--metrics-max-routes",
+            &routes,
+            "must be at most 100000",
+        ));
+    }
+    Ok(())
+}
+
+/// `(file key, flag, value, upper bound)` of every bounded number.
+fn upper_bounds(s: &Settings) -> [(&'static str, &'static str, Option<i64>, i64); 10] {
     let a = &s.adaptive;
     let c = &s.cumulative;
-    let bounded: [(&str, &str, Option<i64>, i64); 10] = [
+    [
         (
             "threshold_ms",
             "--threshold-ms",
@@ -152,21 +170,7 @@ fn check_ranges(s: &Settings) -> Result<(), ConfigError> {
             Some(c.budget_ms),
             MAX_ANY_MS,
         ),
-    ];
-    for (key, flag, value, max) in bounded {
-        if let Some(value) = value.filter(|&v| v > max) {
-            return Err(invalid(key, flag, &value, format!("must be at most {max}")));
-        }
-    }
-    if let Some(routes) = s.metrics_max_routes.filter(|&r| r > 100_000) {
-        return Err(invalid(
-            "metrics_max_routes",
-            "--metrics-max-routes",
-            &routes,
-            "must be at most 100000",
-        ));
-    }
-    Ok(())
+    ]
 }
 
 fn check_adaptive(s: &Settings) -> Result<(), ConfigError> {

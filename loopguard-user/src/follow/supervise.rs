@@ -150,32 +150,7 @@ impl Supervisor {
             } else {
                 String::new()
             };
-            let total = probes.probe_count;
-            let links = probes.links_summary;
-            crate::diag!(
-                "{prefix}loopguard: detaching {total} probes in {} {} links (expect about {:.1} s)",
-                links.links,
-                links.kind.as_str(),
-                links.kind.expected(total, links.links).detach.as_secs_f64()
-            );
-            let started = std::time::Instant::now();
-            let detached = tokio::task::spawn_blocking(move || {
-                let mut said_done = false;
-                probes.detach(|done, total| {
-                    if done == total && !std::mem::replace(&mut said_done, true) {
-                        crate::diag!(
-                            "{prefix}loopguard: detached: all {total} probes removed in {:.1} s",
-                            started.elapsed().as_secs_f64()
-                        );
-                    } else if done < total {
-                        crate::diag!("{prefix}loopguard: detaching: {done}/{total} probes removed");
-                    }
-                });
-            })
-            .await;
-            if detached.is_err() {
-                crate::diag!("loopguard: error: detaching from pid {} failed", target.pid);
-            }
+            detach(probes, prefix, target.pid).await;
             let _ = done.send(Finished {
                 pid: target.pid,
                 generation,
@@ -343,5 +318,37 @@ async fn next_exec(
     match follower {
         Some(follower) => follower.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Detaches `probes` from `pid` on the blocking pool (a grace period per
+/// probe: seconds), saying how long it should take and when it is done;
+/// every line starts with `prefix`.
+async fn detach(probes: AttachedProbes, prefix: String, pid: u32) {
+    let total = probes.probe_count;
+    let links = probes.links_summary;
+    crate::diag!(
+        "{prefix}loopguard: detaching {total} probes in {} {} links (expect about {:.1} s)",
+        links.links,
+        links.kind.as_str(),
+        links.kind.expected(total, links.links).detach.as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    let detached = tokio::task::spawn_blocking(move || {
+        let mut said_done = false;
+        probes.detach(|done, total| {
+            if done == total && !std::mem::replace(&mut said_done, true) {
+                crate::diag!(
+                    "{prefix}loopguard: detached: all {total} probes removed in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+            } else if done < total {
+                crate::diag!("{prefix}loopguard: detaching: {done}/{total} probes removed");
+            }
+        });
+    })
+    .await;
+    if detached.is_err() {
+        crate::diag!("loopguard: error: detaching from pid {pid} failed");
     }
 }

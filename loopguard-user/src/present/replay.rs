@@ -392,6 +392,43 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
         (Some(first), Some(last)) => last.saturating_sub(first) as f64 / 1e9,
         _ => 0.0,
     };
+    SummaryEvent {
+        pid,
+        threshold_ms,
+        threshold: crate::events::ThresholdSummary {
+            adaptive: aggregate.attached.as_ref().is_some_and(|a| a.adaptive),
+            min_ms: threshold_ms,
+            max_ms: threshold_ms,
+            current_ms: threshold_ms,
+        },
+        cumulative_alerts: aggregate.alerts,
+        elapsed_s: (span_s * 1000.0).round() / 1000.0,
+        stop_reason: "recording ends without a summary: loopguard was killed? totals from the recorded events".to_owned(),
+        stalls: aggregate.stalls,
+        total_stall_ms: (aggregate.total_stall_ms * 1000.0).round() / 1000.0,
+        longest_stall_ms: longest.map(|s| s.duration_ms),
+        longest_stall_task_id: longest.and_then(|s| s.task_id),
+        requests: crate::events::RequestsSummary {
+            routes: recorded_routes(aggregate),
+            ..Default::default()
+        },
+        longest_stall: longest.map(|s| crate::events::LongestStall {
+            kind: s.kind.clone(),
+            tid: s.tid,
+            task_id: s.task_id,
+            task_header: None,
+            duration_ms: s.duration_ms,
+            start_ns: s.start_ns,
+        }),
+        at_ns: aggregate.last_ns.unwrap_or(0),
+        // No counter, poll, exclusion or stack is known: those are 0 and
+        // empty.
+        ..SummaryEvent::default()
+    }
+}
+
+/// The ten routes of the recorded stalls with the most stall time.
+fn recorded_routes(aggregate: &Aggregate) -> Vec<crate::events::RouteSummary> {
     let mut routes: Vec<crate::events::RouteSummary> = aggregate
         .ranked_routes()
         .into_iter()
@@ -403,53 +440,7 @@ pub fn partial_summary(aggregate: &Aggregate) -> SummaryEvent {
         })
         .collect();
     routes.truncate(10);
-    SummaryEvent {
-        pid,
-        threshold_ms,
-        threshold: crate::events::ThresholdSummary {
-            adaptive: aggregate.attached.as_ref().is_some_and(|a| a.adaptive),
-            min_ms: threshold_ms,
-            max_ms: threshold_ms,
-            current_ms: threshold_ms,
-        },
-        cumulative_alerts: aggregate.alerts,
-        preempted_polls_not_counted: 0,
-        excluded: crate::events::ExcludedSummary {
-            stalls: 0,
-            cumulative_polls: 0,
-            cumulative_ms: 0.0,
-        },
-        elapsed_s: (span_s * 1000.0).round() / 1000.0,
-        stop_reason: "recording ends without a summary: loopguard was killed? totals from the recorded events".to_owned(),
-        polls: 0,
-        blocking_pool_polls: 0,
-        stalls: aggregate.stalls,
-        stalls_unfinished: 0,
-        total_stall_ms: (aggregate.total_stall_ms * 1000.0).round() / 1000.0,
-        longest_stall_ms: longest.map(|s| s.duration_ms),
-        longest_stall_task_id: longest.and_then(|s| s.task_id),
-        poll_p50_ms_upper: None,
-        poll_p99_ms_upper: None,
-        requests: crate::events::RequestsSummary {
-            routes,
-            ..Default::default()
-        },
-        stacks: Vec::new(),
-        loop_threads: Vec::new(),
-        longest_stall: longest.map(|s| crate::events::LongestStall {
-            kind: s.kind.clone(),
-            tid: s.tid,
-            task_id: s.task_id,
-            task_header: None,
-            duration_ms: s.duration_ms,
-            start_ns: s.start_ns,
-        }),
-        poll_histogram: Vec::new(),
-        at_ns: aggregate.last_ns.unwrap_or(0),
-        time: String::new(),
-        // No counter is known: every lost-data count is 0.
-        ..SummaryEvent::default()
-    }
+    routes
 }
 
 #[cfg(test)]
