@@ -15,7 +15,11 @@ pub fn report(args: &crate::config::args::ReportArgs) -> Result<(), ReplayError>
         if !args.lines {
             return;
         }
-        if let Ok(event) = serde_json::from_str::<Event>(line)
+        let event = serde_json::from_str::<Event>(line);
+        if let Ok(Event::Attached(attached)) = &event {
+            // On stderr, where the live run said it.
+            crate::diag!("{}", crate::present::attached::attached_text(attached));
+        } else if let Ok(event) = event
             && !matches!(event, Event::Summary(_))
             && let Some(text) = report::event_text(&event)
         {

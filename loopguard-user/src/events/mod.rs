@@ -57,6 +57,10 @@ impl Event {
 
 /// The probes are in place: what was found and attached, and the rules.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "a wire record: each bool is one published yes/no field, not a state"
+)]
 pub struct Attached {
     pub pid: u32,
     pub exe: String,
@@ -90,6 +94,21 @@ pub struct Attached {
     pub adaptive: bool,
     pub cumulative: bool,
     pub report_floor_ms: f64,
+    /// The adaptive rule's settings (null when it is off; recordings made
+    /// before the banner was replayable have none).
+    #[serde(default)]
+    pub adaptive_rule: Option<AdaptiveRule>,
+    /// The cumulative rule's settings (null when it is off; as above).
+    #[serde(default)]
+    pub cumulative_rule: Option<CumulativeRule>,
+    /// Wait sites that are epoll wrappers (the rest are Tokio's parks).
+    #[serde(default)]
+    pub epoll_wait_sites: usize,
+    #[serde(default)]
+    pub park_wait_sites: usize,
+    /// `--no-requests` turned the request probes off.
+    #[serde(default)]
+    pub requests_off: bool,
     /// [`SCHEMA_VERSION`] of this stream.
     pub schema_version: u32,
     /// loopguard's own version.
@@ -99,6 +118,28 @@ pub struct Attached {
     pub at_ns: u64,
     /// RFC 3339 of `at_ns`.
     pub time: String,
+}
+
+/// The adaptive rule as `attached` states it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveRule {
+    /// Polls the window must hold before the rule takes over.
+    pub min_samples: u64,
+    pub multiplier: f64,
+    /// 0.5..=0.999.
+    pub percentile: f64,
+    pub floor_ms: f64,
+    pub ceiling_ms: f64,
+}
+
+/// The cumulative rule as `attached` states it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CumulativeRule {
+    /// ms of short polls a window may hold without an alert.
+    pub budget_ms: f64,
+    pub window_ms: f64,
+    /// The shortest poll that counts.
+    pub floor_ms: f64,
 }
 
 /// A request as stalls name it.

@@ -24,8 +24,9 @@ pub enum Format {
     Json,
 }
 
-/// The text line of an event (`None` for `attached` and `followed`, which
-/// are said on stderr in their own words).
+/// The text line of an event on stdout (`None` for `attached` and
+/// `followed`, which are said on stderr: [`crate::present::attached`]
+/// renders the banner, which `loopguard report --lines` replays).
 pub fn event_text(event: &Event) -> Option<String> {
     Some(match event {
         Event::Attached(_) | Event::Followed(_) => return None,

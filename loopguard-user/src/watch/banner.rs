@@ -2,11 +2,11 @@
 //! probes are in (the `attached` event on stdout, a line on stderr).
 
 use crate::attach::{LinkSummary, WaitPath};
-use crate::detect::DetectSettings;
 use crate::discover::vtable::PollClass;
 use crate::discover::waits::WaitKind;
 use crate::discover::{ProbeTarget, WatchMode};
 use crate::events;
+use crate::present::attached::attached_text;
 use crate::present::emit;
 use crate::present::text::Format;
 use crate::watch::WatchOptions;
@@ -21,9 +21,10 @@ pub fn print_attached(
 ) {
     let found = Found::of(target);
     let attached = attached_event(target, &found, probe_count, wait_path, links, options);
+    let text = attached_text(&attached);
     emit::event(&events::Event::Attached(attached), options.format);
     if options.format == Format::Text {
-        print_attached_text(target, &found, probe_count, wait_path, links, options);
+        crate::diag!("{text}");
     }
     if !found.unknown.is_empty() {
         crate::diag!("{}", unknown_layout_warning(&found.unknown));
@@ -122,57 +123,33 @@ fn attached_event(
         adaptive: options.detect.adaptive.is_some(),
         cumulative: options.detect.cumulative.is_some(),
         report_floor_ms: options.detect.report_floor_ns() as f64 / 1e6,
+        adaptive_rule: options
+            .detect
+            .adaptive
+            .as_ref()
+            .map(|a| events::AdaptiveRule {
+                min_samples: a.min_samples,
+                multiplier: a.multiplier,
+                percentile: a.percentile,
+                floor_ms: ms(a.floor_ns),
+                ceiling_ms: ms(a.ceiling_ns),
+            }),
+        cumulative_rule: options
+            .detect
+            .cumulative
+            .as_ref()
+            .map(|c| events::CumulativeRule {
+                budget_ms: ms(c.budget_ns),
+                window_ms: ms(c.window_ns),
+                floor_ms: ms(c.floor_ns),
+            }),
+        epoll_wait_sites: found.epoll_sites,
+        park_wait_sites: found.park_sites,
+        requests_off: !options.requests,
         schema_version: events::SCHEMA_VERSION,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         at_ns,
         time: events::clock::from_monotonic(at_ns),
-    }
-}
-
-/// The banner's line on stderr.
-fn print_attached_text(
-    target: &ProbeTarget,
-    found: &Found,
-    probe_count: usize,
-    wait_path: WaitPath,
-    links: &LinkSummary,
-    options: &WatchOptions,
-) {
-    let request_sites = target.binary.usdt_sites.len();
-    let requests = if !options.requests {
-        "request probes off (--no-requests), so stalls are not tied to requests".to_owned()
-    } else if request_sites == 0 {
-        "no loopguard-middleware probes, so stalls are not tied to requests".to_owned()
-    } else {
-        format!("{request_sites} request probe sites")
-    };
-    let linked = format!(
-        "{probe_count} probes in {} {} links, attached in {:.2} s",
-        links.links,
-        links.kind.as_str(),
-        links.attach_time.as_secs_f64()
-    );
-    let waits = waits_text(
-        wait_path,
-        (found.epoll_sites, found.park_sites),
-        &found.wait_functions,
-    );
-    match found.loop_only {
-        None => crate::diag!(
-            "loopguard: watching pid {} ({}): {} poll functions probed ({} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {linked}; {}; Ctrl+C to stop",
-            target.pid,
-            target.exe.display_path,
-            target.binary.poll_copies.len() - found.blocking_pool,
-            found.blocking_pool,
-            found.event_loop,
-            rules_text(&options.detect),
-        ),
-        Some(why) => crate::diag!(
-            "loopguard: watching pid {} ({}) in loop mode ({why}): every thread that waits in epoll is an event loop, reported when it stays away longer than the threshold; {waits}; {linked}; threshold {} ms; Ctrl+C to stop",
-            target.pid,
-            target.exe.display_path,
-            options.detect.threshold_ns / 1_000_000,
-        ),
     }
 }
 
@@ -196,58 +173,9 @@ fn unknown_layout_warning(unknown: &[&str]) -> String {
     )
 }
 
-/// How the wait path is watched, for the attached line.
-fn waits_text(
-    wait_path: WaitPath,
-    (epoll_sites, park_sites): (usize, usize),
-    wait_functions: &[&str],
-) -> String {
-    match wait_path {
-        WaitPath::Off => "wait path off (--wait-probes off)".to_owned(),
-        WaitPath::Switch => {
-            "epoll waits seen on sched_switch (uprobes only on Tokio's futex parks)".to_owned()
-        }
-        WaitPath::Tracepoints => format!(
-            "epoll waits seen on the syscall tracepoints{}",
-            if park_sites > 0 {
-                format!(" and {park_sites} Tokio park sites")
-            } else {
-                String::new()
-            }
-        ),
-        WaitPath::Uprobes { .. } => format!(
-            "wait uprobes on {epoll_sites} epoll and {park_sites} Tokio park sites ({})",
-            wait_functions.join(", ")
-        ),
-    }
-}
-
-/// The rules in force, for the attached line.
-fn rules_text(detect: &DetectSettings) -> String {
-    use std::fmt::Write as _;
-    let ms = |ns: u64| ns as f64 / 1e6;
-    let mut text = match &detect.adaptive {
-        Some(a) => format!(
-            "adaptive threshold ({} ms until {} polls were seen, then {} x p{} within {}..{} ms)",
-            ms(detect.threshold_ns),
-            a.min_samples,
-            a.multiplier,
-            a.percentile * 100.0,
-            ms(a.floor_ns),
-            ms(a.ceiling_ns)
-        ),
-        None => format!("threshold {} ms", ms(detect.threshold_ns)),
-    };
-    if let Some(c) = &detect.cumulative {
-        let _ = write!(
-            text,
-            ", cumulative {} ms per {} ms of polls over {} ms",
-            ms(c.budget_ns),
-            ms(c.window_ns),
-            ms(c.floor_ns)
-        );
-    }
-    text
+/// ns as the `attached` event gives ms (exactly, not rounded).
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
 }
 
 #[cfg(test)]
