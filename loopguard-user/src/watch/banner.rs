@@ -2,6 +2,7 @@
 //! probes are in (the `attached` event on stdout, a line on stderr).
 
 use crate::attach::{LinkSummary, WaitPath};
+use crate::detect::{AdaptiveSettings, CumulativeSettings};
 use crate::discover::vtable::PollClass;
 use crate::discover::waits::WaitKind;
 use crate::discover::{ProbeTarget, WatchMode};
@@ -123,26 +124,8 @@ fn attached_event(
         adaptive: options.detect.adaptive.is_some(),
         cumulative: options.detect.cumulative.is_some(),
         report_floor_ms: options.detect.report_floor_ns() as f64 / 1e6,
-        adaptive_rule: options
-            .detect
-            .adaptive
-            .as_ref()
-            .map(|a| events::AdaptiveRule {
-                min_samples: a.min_samples,
-                multiplier: a.multiplier,
-                percentile: a.percentile,
-                floor_ms: ms(a.floor_ns),
-                ceiling_ms: ms(a.ceiling_ns),
-            }),
-        cumulative_rule: options
-            .detect
-            .cumulative
-            .as_ref()
-            .map(|c| events::CumulativeRule {
-                budget_ms: ms(c.budget_ns),
-                window_ms: ms(c.window_ns),
-                floor_ms: ms(c.floor_ns),
-            }),
+        adaptive_rule: options.detect.adaptive.as_ref().map(adaptive_rule),
+        cumulative_rule: options.detect.cumulative.as_ref().map(cumulative_rule),
         epoll_wait_sites: found.epoll_sites,
         park_wait_sites: found.park_sites,
         requests_off: !options.requests,
@@ -171,6 +154,26 @@ fn unknown_layout_warning(unknown: &[&str]) -> String {
         "loopguard: warning: {} poll function(s) have a task layout this loopguard does not know (a newer Tokio?): they are probed, told apart from blocking-pool work by return address, and their stalls carry no task id: {names}",
         unknown.len()
     )
+}
+
+/// The adaptive rule's settings as `attached` states them.
+fn adaptive_rule(a: &AdaptiveSettings) -> events::AdaptiveRule {
+    events::AdaptiveRule {
+        min_samples: a.min_samples,
+        multiplier: a.multiplier,
+        percentile: a.percentile,
+        floor_ms: ms(a.floor_ns),
+        ceiling_ms: ms(a.ceiling_ns),
+    }
+}
+
+/// The cumulative rule's settings as `attached` states them.
+fn cumulative_rule(c: &CumulativeSettings) -> events::CumulativeRule {
+    events::CumulativeRule {
+        budget_ms: ms(c.budget_ns),
+        window_ms: ms(c.window_ns),
+        floor_ms: ms(c.floor_ns),
+    }
 }
 
 /// ns as the `attached` event gives ms (exactly, not rounded).

@@ -197,75 +197,10 @@ pub struct MethodIndex {
 impl MethodIndex {
     /// Finds every method definition of `image` and who owns its table.
     pub fn build(image: &Image) -> Self {
-        let mut methods: HashMap<u64, (u64, u64)> = HashMap::new();
         let words: Vec<(u64, u64)> = image.words().collect();
-        for (index, window) in words.windows(4).enumerate() {
-            // The flags first: most words are not, and that check is cheap.
-            let flags = window[2].1;
-            if flags & !METH_FLAGS != 0 || flags & METH_CALLS == 0 {
-                continue;
-            }
-            let at = words[index].0;
-            // The four words of one segment only.
-            if window[3].0 != at + 24 {
-                continue;
-            }
-            if let Some((name, meth)) = image.method_def(at) {
-                methods.entry(meth).or_insert((name, at));
-            }
-        }
-        // A table runs back to the entry after the previous one's sentinel.
-        let mut starts: HashMap<u64, u64> = HashMap::new();
-        for entry in methods.values_mut() {
-            let at = entry.1;
-            let mut start = at;
-            for _ in 0..MAX_TABLE {
-                match start.checked_sub(METHOD_DEF_BYTES) {
-                    Some(previous) if image.method_def(previous).is_some() => {
-                        if let Some(&known) = starts.get(&previous) {
-                            start = known;
-                            break;
-                        }
-                        start = previous;
-                    }
-                    _ => break,
-                }
-            }
-            starts.insert(at, start);
-            entry.1 = start;
-        }
-        let tables: HashSet<u64> = methods.values().map(|entry| entry.1).collect();
-        let lowest = tables.iter().min().copied().unwrap_or(u64::MAX);
-        let highest = tables.iter().max().copied().unwrap_or(0);
-        let mut owners = HashMap::new();
-        // Slot arrays holding a `Py_tp_methods` slot → the table.
-        let mut slot_arrays: HashMap<u64, u64> = HashMap::new();
-        for &(at, value) in &words {
-            if !(lowest..=highest).contains(&value) || !tables.contains(&value) {
-                continue;
-            }
-            match image.owner_at(at) {
-                Some(owner @ Owner::Module(_)) => {
-                    owners.insert(value, owner);
-                }
-                Some(owner) => {
-                    owners.entry(value).or_insert(owner);
-                }
-                None if at >= 8 && image.word(at - 8) == Some(PY_TP_METHODS) => {
-                    slot_arrays.insert(image.slots_start(at - 8), value);
-                }
-                None => {}
-            }
-        }
-        if !slot_arrays.is_empty() {
-            for &(at, value) in &words {
-                if let Some(&table) = slot_arrays.get(&value)
-                    && let Some(owner) = image.spec_at(at)
-                {
-                    owners.entry(table).or_insert(owner);
-                }
-            }
-        }
+        let mut methods = method_defs(image, &words);
+        table_starts(image, &mut methods);
+        let owners = table_owners(image, &words, &methods);
         Self { methods, owners }
     }
 
@@ -473,6 +408,94 @@ pub fn is_extension_module(path: &str) -> bool {
     (name.contains(".cpython-3") && name.contains(".so"))
         || name.ends_with(".abi3.so")
         || path.contains("/lib-dynload/")
+}
+
+/// Every method definition in `words` of `image`: function → (name, where
+/// its definition is).
+fn method_defs(image: &Image, words: &[(u64, u64)]) -> HashMap<u64, (u64, u64)> {
+    let mut methods: HashMap<u64, (u64, u64)> = HashMap::new();
+    for (index, window) in words.windows(4).enumerate() {
+        // The flags first: most words are not, and that check is cheap.
+        let flags = window[2].1;
+        if flags & !METH_FLAGS != 0 || flags & METH_CALLS == 0 {
+            continue;
+        }
+        let at = words[index].0;
+        // The four words of one segment only.
+        if window[3].0 != at + 24 {
+            continue;
+        }
+        if let Some((name, meth)) = image.method_def(at) {
+            methods.entry(meth).or_insert((name, at));
+        }
+    }
+    methods
+}
+
+/// Replaces where each definition is with where its table starts: a table
+/// runs back to the entry after the previous one's sentinel.
+fn table_starts(image: &Image, methods: &mut HashMap<u64, (u64, u64)>) {
+    let mut starts: HashMap<u64, u64> = HashMap::new();
+    for entry in methods.values_mut() {
+        let at = entry.1;
+        let mut start = at;
+        for _ in 0..MAX_TABLE {
+            match start.checked_sub(METHOD_DEF_BYTES) {
+                Some(previous) if image.method_def(previous).is_some() => {
+                    if let Some(&known) = starts.get(&previous) {
+                        start = known;
+                        break;
+                    }
+                    start = previous;
+                }
+                _ => break,
+            }
+        }
+        starts.insert(at, start);
+        entry.1 = start;
+    }
+}
+
+/// Who owns each method table: the module or type whose definition points
+/// at it, or the type spec whose slots (`Py_tp_methods`) do.
+fn table_owners(
+    image: &Image,
+    words: &[(u64, u64)],
+    methods: &HashMap<u64, (u64, u64)>,
+) -> HashMap<u64, Owner> {
+    let tables: HashSet<u64> = methods.values().map(|entry| entry.1).collect();
+    let lowest = tables.iter().min().copied().unwrap_or(u64::MAX);
+    let highest = tables.iter().max().copied().unwrap_or(0);
+    let mut owners = HashMap::new();
+    // Slot arrays holding a `Py_tp_methods` slot → the table.
+    let mut slot_arrays: HashMap<u64, u64> = HashMap::new();
+    for &(at, value) in words {
+        if !(lowest..=highest).contains(&value) || !tables.contains(&value) {
+            continue;
+        }
+        match image.owner_at(at) {
+            Some(owner @ Owner::Module(_)) => {
+                owners.insert(value, owner);
+            }
+            Some(owner) => {
+                owners.entry(value).or_insert(owner);
+            }
+            None if at >= 8 && image.word(at - 8) == Some(PY_TP_METHODS) => {
+                slot_arrays.insert(image.slots_start(at - 8), value);
+            }
+            None => {}
+        }
+    }
+    if !slot_arrays.is_empty() {
+        for &(at, value) in words {
+            if let Some(&table) = slot_arrays.get(&value)
+                && let Some(owner) = image.spec_at(at)
+            {
+                owners.entry(table).or_insert(owner);
+            }
+        }
+    }
+    owners
 }
 
 #[cfg(test)]

@@ -139,17 +139,8 @@ pub fn frames(
     cache: &mut CodeCache,
 ) -> Vec<PyFrame> {
     let layout = &interp.layout;
-    let first = match layout.frame_path {
-        FramePath::ViaCFrame {
-            cframe,
-            current_frame,
-        } => read_u64(memory, tstate + cframe)
-            .filter(|&a| pointer(a))
-            .and_then(|cframe| read_u64(memory, cframe + current_frame)),
-        FramePath::Direct(at) => read_u64(memory, tstate + at),
-    };
     let mut out: Vec<PyFrame> = Vec::new();
-    let Some(mut frame) = first else {
+    let Some(mut frame) = current_frame(memory, layout, tstate) else {
         return out;
     };
     let mut buf = vec![0u8; layout.frame_bytes()];
@@ -180,14 +171,7 @@ pub fn frames(
             break;
         };
         let start = code_addr.wrapping_add(layout.code_adaptive);
-        let instr = word(&buf, layout.frame_instr);
-        // 3.11 sets `prev_instr` one unit before the code when a frame
-        // has not run yet: its first line.
-        let line = if instr < start {
-            u32::try_from(code.first_line).ok()
-        } else {
-            line_of(&code.linetable, code.first_line, (instr - start) / 2)
-        };
+        let line = frame_line(code, start, word(&buf, layout.frame_instr));
         let call_start = match layout.entry {
             EntryMark::IsEntry(at) => word(&buf, at) & 0xff != 0,
             EntryMark::Shim => false,
@@ -201,6 +185,31 @@ pub fn frames(
         frame = previous;
     }
     out
+}
+
+/// The innermost frame of thread state `tstate`, if it has one.
+fn current_frame(memory: &dyn Memory, layout: &Layout, tstate: u64) -> Option<u64> {
+    match layout.frame_path {
+        FramePath::ViaCFrame {
+            cframe,
+            current_frame,
+        } => read_u64(memory, tstate + cframe)
+            .filter(|&a| pointer(a))
+            .and_then(|cframe| read_u64(memory, cframe + current_frame)),
+        FramePath::Direct(at) => read_u64(memory, tstate + at),
+    }
+}
+
+/// The line a frame of `code` is at, from its instruction pointer `instr`
+/// (`start`: where the code's instructions begin).
+fn frame_line(code: &Code, start: u64, instr: u64) -> Option<u32> {
+    // 3.11 sets `prev_instr` one unit before the code when a frame has not
+    // run yet: its first line.
+    if instr < start {
+        u32::try_from(code.first_line).ok()
+    } else {
+        line_of(&code.linetable, code.first_line, (instr - start) / 2)
+    }
 }
 
 /// The code object at `addr`, from the cache when its fields are unchanged.
