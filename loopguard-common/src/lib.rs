@@ -419,6 +419,57 @@ impl ThreadPolls {
     }
 }
 
+/// The attach cookie of a wait uprobe on an epoll wrapper (whose first
+/// argument is the epoll fd); a park's is 0.
+pub const WAIT_SITE_EPOLL: u64 = 1;
+
+/// The epoll fd of a loop thread's wait, as [`LoopState::wait_fd`] and
+/// [`LoopEvent::wait_fd`] hold it: the fd plus one, so that 0 means "not
+/// known" (a park that sleeps in a futex, or a wait entered before attach).
+pub mod wait_fd {
+    /// In [`super::LoopEvent::wait_fd`]: the stretch ended in a wait on
+    /// another epoll fd than the one it came back from.
+    pub const ENDED_ELSEWHERE: u32 = 1 << 31;
+
+    /// The encoding of epoll fd `register`, the low 32 bits of the
+    /// register that held the `int` (a negative one is unknown).
+    pub const fn encode(register: u64) -> u32 {
+        let fd = register as u32;
+        if fd < ENDED_ELSEWHERE - 1 { fd + 1 } else { 0 }
+    }
+
+    /// The epoll fd an encoded value names, if known.
+    pub const fn decode(encoded: u32) -> Option<u32> {
+        match encoded & !ENDED_ELSEWHERE {
+            0 => None,
+            fd => Some(fd - 1),
+        }
+    }
+
+    /// Whether an event's stretch ended in a wait on another epoll fd.
+    pub const fn ended_elsewhere(encoded: u32) -> bool {
+        encoded & ENDED_ELSEWHERE != 0
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn an_fd_survives_the_round_trip_and_garbage_is_unknown() {
+            assert_eq!(decode(encode(0)), Some(0));
+            assert_eq!(decode(encode(7)), Some(7));
+            // Only the low half of the register holds the `int`.
+            assert_eq!(decode(encode(0xdead_0000_0000_0005)), Some(5));
+            assert_eq!(decode(encode(u64::MAX)), None);
+            assert_eq!(decode(0), None);
+            assert_eq!(decode(encode(9) | ENDED_ELSEWHERE), Some(9));
+            assert!(ended_elsewhere(encode(9) | ENDED_ELSEWHERE));
+            assert!(!ended_elsewhere(encode(9)));
+        }
+    }
+}
+
 /// What the wait probes keep per thread (a slot of [`names::THREAD_LOOPS`]).
 /// A thread appears here once it has entered or left a wait.
 #[repr(C)]
@@ -430,8 +481,9 @@ pub struct LoopState {
     pub tid: u32,
     /// Waits entered and not yet returned (epoll inside a park nests).
     pub depth: u32,
-    /// Explicit padding, always 0.
-    pub pad: u32,
+    /// The epoll fd of the thread's last epoll wait, as [`wait_fd`]
+    /// encodes it (0: no epoll wait seen, or its fd is not known).
+    pub wait_fd: u32,
     /// ns, `CLOCK_MONOTONIC`, when the thread last came back from its
     /// outermost wait: the start of the busy stretch now running (0: not
     /// known yet, the thread was busy when loopguard attached).
@@ -466,8 +518,13 @@ pub struct LoopEvent {
     pub kind: u32,
     pub pid: u32,
     pub tid: u32,
-    /// Explicit padding, always 0.
-    pub pad: u32,
+    /// The epoll fd of the wait the stretch came back from, as
+    /// [`wait_fd`] encodes it (0: not known), with [`wait_fd::ENDED_ELSEWHERE`]
+    /// set when the wait that ended the stretch was on another epoll fd.
+    /// Then, once the first fd is no longer an epoll instance, that loop
+    /// closed during the stretch, and the stretch is the thread's own work
+    /// between loops, not a loop stall.
+    pub wait_fd: u32,
     /// ns, `CLOCK_MONOTONIC`, when the busy stretch began (the wait's return).
     pub start_ns: u64,
     /// ns the thread stayed away from its wait (wall time).

@@ -28,13 +28,19 @@
 //! their uprobes.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{self, bpf_get_attach_cookie},
+    },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
-use loopguard_common::{EventKind, LoopEvent, LoopState, pt_regs, slots::MAX_THREAD_SLOTS};
+use loopguard_common::{
+    EventKind, LoopEvent, LoopState, WAIT_SITE_EPOLL, pt_regs, slots::MAX_THREAD_SLOTS, wait_fd,
+};
 
 use crate::{
     Counter, EVENTS, add, bump, last_switch_ns, report_floor_ns,
@@ -123,12 +129,20 @@ pub(crate) fn busy_since(tid: u32) -> Option<u64> {
 }
 
 #[uprobe]
-pub fn wait_enter(_ctx: ProbeContext) -> u32 {
+pub fn wait_enter(ctx: ProbeContext) -> u32 {
     if crate::empty_programs() {
         return 0;
     }
     if let Some((tgid, tid, mut state)) = this_thread() {
-        enter(tgid, tid, &mut state);
+        // SAFETY: the helper reads this probe's own cookie.
+        let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        // An epoll wrapper's first argument is the epoll fd; a park's is not.
+        let fd = if cookie == WAIT_SITE_EPOLL {
+            wait_fd::encode(ctx.arg::<u64>(0).unwrap_or(u64::MAX))
+        } else {
+            0
+        };
+        enter(tgid, tid, &mut state, fd);
     }
     0
 }
@@ -169,7 +183,8 @@ pub fn wait_syscall_enter(ctx: RawTracePointContext) -> i32 {
     if is_epoll_wait(id)
         && let Some((tgid, tid, mut state)) = this_thread()
     {
-        enter(tgid, tid, &mut state);
+        let regs: u64 = ctx.arg(0);
+        enter(tgid, tid, &mut state, epoll_fd_of(regs));
     }
     0
 }
@@ -193,6 +208,15 @@ pub fn wait_syscall_exit(ctx: RawTracePointContext) -> i32 {
         exit(&mut state);
     }
     0
+}
+
+/// The epoll fd a thread in an epoll wait syscall passed, from its user
+/// registers at `regs` (the first argument, in `rdi`), encoded.
+#[inline(always)]
+fn epoll_fd_of(regs: u64) -> u32 {
+    // SAFETY: the helper tolerates any address.
+    unsafe { bpf_probe_read_kernel((regs + u64::from(pt_regs::RDI)) as *const u64) }
+        .map_or(0, wait_fd::encode)
 }
 
 /// A task poll of a worker (not a scheduler loop, not blocking-pool work)
@@ -234,7 +258,7 @@ pub(crate) fn task_poll_returned(
         .saturating_sub(poll_preempted_ns)
         .min(busy);
     if busy - preempted >= report_floor_ns() {
-        send_busy(tgid, tid, start, busy, preempted);
+        send_busy(tgid, tid, start, busy, preempted, state.wait_fd);
     }
     state.busy_ns += now.saturating_sub(start);
     state.busy_start_ns = now;
@@ -242,14 +266,14 @@ pub(crate) fn task_poll_returned(
 }
 
 /// One `LoopEvent`: a stretch of `busy` ns from `start`, `preempted` of it
-/// switched out.
+/// switched out, back from a wait on `wait_fd` (encoded).
 #[inline(always)]
-fn send_busy(tgid: u32, tid: u32, start: u64, busy: u64, preempted: u64) {
+fn send_busy(tgid: u32, tid: u32, start: u64, busy: u64, preempted: u64, wait_fd: u32) {
     let event = LoopEvent {
         kind: EventKind::LoopBusy as u32,
         pid: tgid,
         tid,
-        pad: 0,
+        wait_fd,
         start_ns: start,
         duration_ns: busy,
         preempted_ns: preempted,
@@ -259,9 +283,10 @@ fn send_busy(tgid: u32, tid: u32, start: u64, busy: u64, preempted: u64) {
     }
 }
 
-/// A wait begins: closes the busy stretch at the outermost one.
+/// A wait begins: closes the busy stretch at the outermost one. `fd` is
+/// the wait's epoll fd, encoded (0 for a park, or not known).
 #[inline(always)]
-fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
+fn enter(tgid: u32, tid: u32, state: &mut LoopState, fd: u32) {
     if state.depth == 0 {
         let now = unsafe { bpf_ktime_get_ns() };
         // Back from a wait entered before attaching, not switched out since
@@ -278,11 +303,28 @@ fn enter(tgid: u32, tid: u32, state: &mut LoopState) {
             let preempted = preempted.min(busy);
             state.busy_ns += busy;
             if busy - preempted >= report_floor_ns() {
-                send_busy(tgid, tid, state.busy_start_ns, busy, preempted);
+                let elsewhere = fd != 0 && state.wait_fd != 0 && fd != state.wait_fd;
+                let flag = if elsewhere {
+                    wait_fd::ENDED_ELSEWHERE
+                } else {
+                    0
+                };
+                send_busy(
+                    tgid,
+                    tid,
+                    state.busy_start_ns,
+                    busy,
+                    preempted,
+                    state.wait_fd | flag,
+                );
             }
         }
         state.busy_start_ns = 0;
         state.wait_start_ns = now;
+    }
+    // Nested or not: a park that sleeps in the driver's epoll names it.
+    if fd != 0 {
+        state.wait_fd = fd;
     }
     if state.depth < MAX_WAIT_DEPTH {
         state.depth += 1;
@@ -411,7 +453,7 @@ pub(crate) fn switch_out(tid: u32) {
     if let Some(count) = WAITING_FILTER.get_ptr_mut(bucket_of(task)) {
         add(count, 1);
     }
-    enter(tgid, tid, &mut state);
+    enter(tgid, tid, &mut state, epoll_fd_of(regs));
 }
 
 /// `sched_switch` puts task `next` on this CPU at `now`: if it was asleep

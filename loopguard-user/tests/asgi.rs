@@ -309,14 +309,6 @@ fn guard_pytest(suite: &str) -> (i32, Vec<Line>, Vec<u64>) {
             "no:cacheprovider",
             "-p",
             "no:terminal",
-            // Known false alarm, left open (issue #27): at exit pytest's
-            // unraisableexception plugin runs gc.collect() on the thread that
-            // ran the loop, after the loop is closed; one CI run saw 60 ms of
-            // it reported as a loop stall outside any request. The agent
-            // should stop reading a thread as a loop once its loop is
-            // closed; until then this plugin is off for the guard tests.
-            "-p",
-            "no:unraisableexception",
         ])
         .arg(&file)
         .current_dir(examples());

@@ -545,7 +545,14 @@ fn group_wait_sites(sites: &[&WaitSite]) -> Vec<ProbeGroup> {
     let mut groups: Vec<ProbeGroup> = Vec::new();
     for program in [names::WAIT_EXIT, names::WAIT_ENTER] {
         for site in sites {
-            let site_probe = (site.file_offset, 0);
+            // An epoll wrapper's entry reads its epoll fd (the loop it waits
+            // for); a park has none.
+            let cookie = if site.kind == WaitKind::Epoll {
+                loopguard_common::WAIT_SITE_EPOLL
+            } else {
+                0
+            };
+            let site_probe = (site.file_offset, cookie);
             match groups
                 .iter_mut()
                 .find(|group| group.program == program && group.probe_path == site.probe_path)

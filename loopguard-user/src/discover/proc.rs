@@ -145,6 +145,23 @@ pub fn has_epoll_fd(pid: u32) -> bool {
     })
 }
 
+/// Whether thread `tid` of process `pid` still has epoll fd `fd` open:
+/// `Some(false)` once the fd is closed (or now names something else), so
+/// the event loop that waited on it is closed; `None` when that cannot be
+/// told (the thread has exited, whose fd table went with it, or /proc
+/// refuses), which callers take as "still open".
+pub fn epoll_fd_open(pid: u32, tid: u32, fd: u32) -> Option<bool> {
+    let fds = format!("/proc/{pid}/task/{tid}/fd");
+    match fs::read_link(format!("{fds}/{fd}")) {
+        Ok(target) => Some(target.as_os_str() == "anon_inode:[eventpoll]"),
+        // No such fd, in a table that is still there: closed.
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            fs::read_dir(&fds).ok().map(|_| false)
+        }
+        Err(_) => None,
+    }
+}
+
 /// The process (thread group) `id` belongs to: itself for a process, its
 /// process for a thread id (`/proc/TID` exists for threads too); `None`
 /// when there is no such task.

@@ -173,7 +173,16 @@ impl Session<'_> {
                 .filter(|(_, polls)| polls.task_polls > 0 || polls.depth > 0)
                 .map(|(tid, _)| *tid),
         );
-        let loop_threads = collector.loop_snapshot();
+        let mut loop_threads = collector.loop_snapshot();
+        // A stretch whose loop has closed since is not a loop stall; only
+        // stretches already as long as the threshold are looked at in /proc.
+        let threshold_ns = self.engine.threshold_ns();
+        loop_threads.retain(|(tid, state)| {
+            state.depth > 0
+                || state.busy_start_ns == 0
+                || now_ns.saturating_sub(state.busy_start_ns) < threshold_ns
+                || !self.loop_closed(*tid, state.wait_fd)
+        });
         if let Some(stacks) = &mut self.stacks {
             let stretches: &[_] = if self.printer.target.is_loop_only() {
                 &loop_threads
@@ -236,7 +245,24 @@ impl Session<'_> {
 
     /// A loop thread came back to wait: a loop stall, or else (on a thread
     /// that polls no task) a cut for the cumulative rule.
+    /// Whether the event loop thread `tid` last waited for (epoll fd
+    /// `wait_fd`, encoded) has been closed since: its epoll fd is gone.
+    fn loop_closed(&self, tid: u32, wait_fd: u32) -> bool {
+        loopguard_common::wait_fd::decode(wait_fd).is_some_and(|fd| {
+            proc::epoll_fd_open(self.printer.target.pid, tid, fd) == Some(false)
+        })
+    }
+
     fn on_loop_busy(&mut self, busy: &LoopEvent) {
+        if loopguard_common::wait_fd::ended_elsewhere(busy.wait_fd)
+            && self.loop_closed(busy.tid, busy.wait_fd)
+        {
+            // The thread's own work between two loops: the one it came back
+            // from closed, and it next waited on another (a second
+            // `asyncio.run`); no loop was held up. A stretch that ends on the
+            // same loop stands, even when that loop has closed since.
+            return;
+        }
         let pid = self.printer.target.pid;
         if let Some(finding) = self
             .engine
