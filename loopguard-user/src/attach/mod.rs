@@ -987,14 +987,17 @@ mod tests {
         }
     }
 
+    /// Returns first, and an epoll wrapper's probes carry the cookie that
+    /// makes the entry read its epoll fd; a park's carry none.
     #[test]
     fn wait_sites_make_one_group_per_program_and_file_returns_first() {
         let (libc, exe) = ("/lib/libc.so.6", "/srv/app");
-        let sites = [
-            wait_site(libc, 0x10),
-            wait_site(exe, 0x20),
-            wait_site(libc, 0x30),
-        ];
+        let park = WaitSite {
+            name: "park_timeout".into(),
+            kind: WaitKind::TokioPark,
+            ..wait_site(exe, 0x20)
+        };
+        let sites = [wait_site(libc, 0x10), park, wait_site(libc, 0x30)];
         let groups = group_wait_sites(&sites.iter().collect::<Vec<_>>());
         let summary: Vec<_> = groups
             .iter()
@@ -1003,9 +1006,9 @@ mod tests {
         assert_eq!(
             summary,
             [
-                (names::WAIT_EXIT, libc, vec![(0x10, 0), (0x30, 0)]),
+                (names::WAIT_EXIT, libc, vec![(0x10, 1), (0x30, 1)]),
                 (names::WAIT_EXIT, exe, vec![(0x20, 0)]),
-                (names::WAIT_ENTER, libc, vec![(0x10, 0), (0x30, 0)]),
+                (names::WAIT_ENTER, libc, vec![(0x10, 1), (0x30, 1)]),
                 (names::WAIT_ENTER, exe, vec![(0x20, 0)]),
             ]
         );
