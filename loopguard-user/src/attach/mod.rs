@@ -798,12 +798,8 @@ pub fn attach(
     if EBPF_OBJECT.is_empty() {
         return Err(AttachError::NoEbpfObject);
     }
-    let stack_config = stacks::kernel_config(
-        pid,
-        report_floor_ns / 2,
-        options.stacks,
-        target.is_loop_only(),
-    );
+    let stack_config =
+        stacks::kernel_config(report_floor_ns / 2, options.stacks, target.is_loop_only());
     let mut ebpf = EbpfLoader::new()
         .override_global(names::CONFIG, &config, true)
         .override_global(
