@@ -13,6 +13,10 @@ pub const EPOLL_PWAIT: u64 = 281;
 pub const EPOLL_PWAIT2: u64 = 441;
 
 /// Whether system call `nr` is one of the epoll waits.
+#[expect(
+    clippy::inline_always,
+    reason = "the eBPF programs call it on their hot path and must not call out of line"
+)]
 #[inline(always)]
 pub const fn is_epoll_wait(nr: u64) -> bool {
     nr == EPOLL_WAIT || nr == EPOLL_PWAIT || nr == EPOLL_PWAIT2
