@@ -19,6 +19,7 @@ const PURE_CRATES: &[&str] = &[
     "loopguard",
     "loopguard-common",
     "loopguard-usdt",
+    "loopguard-parse",
     "loopguard-middleware",
 ];
 
@@ -26,7 +27,7 @@ const PURE_CRATES: &[&str] = &[
 /// application using the middleware: `stall-server` in this workspace, where
 /// feature unification once brought it in, and `actix-server` in its own.
 /// Also checks the unified workspace build: neither the middleware nor an
-/// example reaches aya.
+/// example reaches aya; and the parse crate built alone has no aya in it.
 pub fn check_no_aya_in_apps() -> anyhow::Result<()> {
     let started = Instant::now();
     let root = cmd::root();
@@ -58,6 +59,23 @@ pub fn check_no_aya_in_apps() -> anyhow::Result<()> {
             packages.len()
         );
     }
+    // The parsers of target files: pure, so they build, test and fuzz
+    // without the agent's eBPF stack.
+    let parse = tree(&root, &["-p", "loopguard-parse"].map(OsString::from))?;
+    let aya: Vec<&String> = parse.iter().filter(|p| is_aya(p)).collect();
+    ensure!(
+        aya.is_empty(),
+        "loopguard-parse now depends on {}: the parse crate must stay free of the eBPF stack \
+         (see `cargo tree -p loopguard-parse -i aya`)",
+        aya.iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    eprintln!(
+        "hygiene: loopguard-parse: {} packages, none of them aya",
+        parse.len()
+    );
     // All workspace members selected together, as a plain `cargo build`
     // does: what reaches aya through feature unification.
     let dependents = tree(

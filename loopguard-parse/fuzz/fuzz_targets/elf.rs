@@ -1,9 +1,9 @@
-//! `discover::elf::analyze` on any bytes: an error or a result, never a
+//! `elf::analyze` on any bytes: an error or a result, never a
 //! panic, and what it returns points inside the file.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use loopguard::discover::elf::analyze;
+use loopguard_parse::elf::analyze;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(info) = analyze(data) {
