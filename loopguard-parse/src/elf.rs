@@ -309,12 +309,10 @@ impl<'d> Image<'d> {
                     SegmentFlags::Elf { p_flags } => p_flags & elf::PF_X != 0,
                     _ => false,
                 };
-                Some((
-                    segment.address()..segment.address() + size,
-                    offset,
-                    bytes,
-                    executable,
-                ))
+                // A hostile header may place a segment at the top of the
+                // address space: one that wraps around is no segment.
+                let end = segment.address().checked_add(size)?;
+                Some((segment.address()..end, offset, bytes, executable))
             })
             .collect();
         let relocations = file

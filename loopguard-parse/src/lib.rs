@@ -14,6 +14,8 @@
 //!   demangling).
 //! - [`version`]: the Tokio version a binary was built with, and whether
 //!   it is a Rust or Tokio program at all, from its bytes.
+//! - [`waits`]: the functions an event-loop thread waits in (epoll
+//!   wrappers, Tokio's parks) among an ELF file's symbols.
 //!
 //! `loopguard`'s `discover` stage reads the files from `/proc` and hands
 //! their bytes here.
@@ -23,3 +25,4 @@ pub mod symbols;
 pub mod usdt;
 pub mod version;
 pub mod vtable;
+pub mod waits;

@@ -7,10 +7,10 @@
 //! ([`version`]).
 //!
 //! The parsers of the bytes read ([`elf`], [`usdt`], [`vtable`],
-//! [`symbols`], [`version`]) are the `loopguard-parse` crate, which has no
-//! kernel, aya or system call in it; they are re-exported here, the stage
-//! that hands them the target's files, so the stages above name them
-//! through `discover`.
+//! [`symbols`], [`version`], and the symbol half of [`waits`]) are the
+//! `loopguard-parse` crate, which has no kernel, aya or system call in it;
+//! they are re-exported here, the stage that hands them the target's
+//! files, so the stages above name them through `discover`.
 
 pub mod files;
 pub mod preflight;
