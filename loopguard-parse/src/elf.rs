@@ -430,6 +430,47 @@ mod tests {
         assert!(info.foreign_inflight_tables.is_empty());
     }
 
+    /// An x86-64 executable of headers only: one loadable segment of the
+    /// whole file at `vaddr`, no sections, no symbols.
+    fn headers_only_executable(vaddr: u64) -> Vec<u8> {
+        let mut bytes = b"\x7fELF\x02\x01\x01".to_vec();
+        bytes.resize(16, 0);
+        for half in [2u16, 62] {
+            bytes.extend_from_slice(&half.to_le_bytes()); // e_type EXEC, e_machine x86-64
+        }
+        bytes.extend_from_slice(&1u32.to_le_bytes()); // e_version
+        for word in [0u64, 64, 0] {
+            bytes.extend_from_slice(&word.to_le_bytes()); // e_entry, e_phoff, e_shoff
+        }
+        bytes.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for half in [64u16, 56, 1, 64, 0, 0] {
+            // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+            bytes.extend_from_slice(&half.to_le_bytes());
+        }
+        let size = 64 + 56;
+        bytes.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        bytes.extend_from_slice(&5u32.to_le_bytes()); // R + X
+        for word in [0, vaddr, vaddr, size, size, 0x1000] {
+            // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+            bytes.extend_from_slice(&word.to_le_bytes());
+        }
+        assert_eq!(bytes.len() as u64, size);
+        bytes
+    }
+
+    #[test]
+    fn a_segment_at_the_top_of_the_address_space_does_not_wrap() {
+        assert!(matches!(
+            analyze(&headers_only_executable(0x40_0000)),
+            Err(ElfError::Stripped)
+        ));
+        // Its end would be past u64::MAX: no panic, just no such segment.
+        assert!(matches!(
+            analyze(&headers_only_executable(u64::MAX - 8)),
+            Err(ElfError::Stripped)
+        ));
+    }
+
     #[test]
     fn only_the_in_flight_table_layout_of_this_agent_is_known() {
         use loopguard_common::usdt::{INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_VERSION};
