@@ -16,11 +16,14 @@
 //!   it is a Rust or Tokio program at all, from its bytes.
 //! - [`waits`]: the functions an event-loop thread waits in (epoll
 //!   wrappers, Tokio's parks) among an ELF file's symbols.
+//! - [`linetable`]: the source line of an instruction, from a `CPython`
+//!   3.11+ code object's location table (read from a Python target).
 //!
 //! `loopguard`'s `discover` stage reads the files from `/proc` and hands
 //! their bytes here.
 
 pub mod elf;
+pub mod linetable;
 pub mod symbols;
 pub mod usdt;
 pub mod version;

@@ -1,8 +1,9 @@
 //! `cargo xtask fuzz [--seconds N]`: the cargo-fuzz targets of
 //! `loopguard-parse/fuzz` (ELF parser, USDT notes and argument specs, task
-//! vtables) and `loopguard-user/fuzz` (recordings for `loopguard report`),
-//! seeded from real binaries, each run for N seconds (20 by default; `cargo
-//! xtask test` runs them so). Installs cargo-fuzz once.
+//! vtables, `CPython` line tables) and `loopguard-user/fuzz` (recordings for
+//! `loopguard report`), seeded from real binaries, each run for N seconds
+//! (20 by default; `cargo xtask test` runs them so). Installs cargo-fuzz
+//! once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,7 +17,10 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// process hands loopguard, in the parse crate (no eBPF object, no aya),
 /// and what the agent reads back itself.
 const WORKSPACES: &[(&str, &[&str])] = &[
-    ("loopguard-parse/fuzz", &["elf", "usdt", "vtable"]),
+    (
+        "loopguard-parse/fuzz",
+        &["elf", "usdt", "vtable", "linetable"],
+    ),
     ("loopguard-user/fuzz", &["report"]),
 ];
 
@@ -183,6 +187,14 @@ fn write_seeds() -> anyhow::Result<PathBuf> {
         }
         std::fs::write(seeds.join(format!("vtable/{name}")), bytes)?;
     }
+    // linetable: first line 10, code unit 12, then a table with every form
+    // (the one the parser's unit test reads).
+    let mut table = 10i64.to_le_bytes().to_vec();
+    table.extend_from_slice(&12u64.to_le_bytes());
+    table.extend_from_slice(&[
+        0xf9, 0xf2, 4, 0, 1, 5, 0x99, 0x12, 0xd8, 4, 9, 0xea, 7, 0xf1, 0x90, 0x01, 0, 0, 0,
+    ]);
+    std::fs::write(seeds.join("linetable/forms"), table)?;
     // report: the golden recording of the output tests.
     std::fs::copy(
         cmd::root().join("loopguard-user/tests/golden/session.jsonl"),
