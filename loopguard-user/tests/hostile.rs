@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use support::{
     Agent, Server, http_get, next_line, of_type, prometheus::free_port, require_root,
-    server_binary, spawn_piped,
+    server_binary, spawn_piped, stack_functions,
 };
 
 /// A Python process running `script` (with `args`), once it printed `ready`.
@@ -511,15 +511,7 @@ fn a_jit_frame_and_a_fifo_perf_map_leave_the_rest_of_the_stack_named() {
     let (status, lines) = agent.wait(Duration::from_secs(20));
     let _ = std::fs::remove_file(&perf_map);
     assert!(status.success(), "{lines:#?}");
-    let functions: Vec<&str> = stuck.value["stack"]
-        .as_array()
-        .map(|frames| {
-            frames
-                .iter()
-                .filter_map(|f| f["function"].as_str())
-                .collect()
-        })
-        .unwrap_or_default();
+    let functions = stack_functions(&stuck.value);
     assert!(
         functions
             .iter()
@@ -610,15 +602,7 @@ fn a_fifo_where_a_dwarf_package_would_be_does_not_hang_symbolization() {
     assert!(status.success(), "loopguard exited with {status}");
     let stalls = of_type(&lines, "stall");
     assert_eq!(stalls.len(), 1, "{lines:#?}");
-    let functions: Vec<&str> = stalls[0]["stack"]
-        .as_array()
-        .map(|frames| {
-            frames
-                .iter()
-                .filter_map(|f| f["function"].as_str())
-                .collect()
-        })
-        .unwrap_or_default();
+    let functions = stack_functions(stalls[0]);
     assert!(
         functions.iter().any(|f| f.contains("block")),
         "the service's frames keep their names: {functions:?}"

@@ -15,7 +15,7 @@ use loopguard::privilege::{
 use serde_json::Value;
 use support::{
     Agent, assert_detached, http_get, next_line, process_state, require_root, server_binary,
-    spawn_piped,
+    spawn_piped, stack_functions,
 };
 
 /// A `CapXxx:` field (hex) or `NoNewPrivs:` of a status file.
@@ -114,11 +114,10 @@ fn assert_stall_with_stack(agent: &Agent, addr: std::net::SocketAddr) {
     let stall = agent.wait_for("the stall", Duration::from_secs(10), |v| {
         v["type"] == "stall" && v["tid"] == blocked.body["tid"]
     });
-    let stack = stall.value["stack"].as_array().cloned().unwrap_or_default();
     assert!(
-        stack.iter().any(|frame| frame["function"]
-            .as_str()
-            .is_some_and(|f| f.contains("block_sleep"))),
+        stack_functions(&stall.value)
+            .iter()
+            .any(|f| f.contains("block_sleep")),
         "the stack is read after the drop: {}",
         stall.value
     );

@@ -138,6 +138,19 @@ pub fn stall_a_worker(agent: &Agent, addr: SocketAddr, timeout: Duration) -> (Re
     (blocked, stall)
 }
 
+/// The frames of a stall's stack, as `function` strings (none without a stack).
+pub fn stack_functions(stall: &Value) -> Vec<String> {
+    stall["stack"]
+        .as_array()
+        .map(|frames| {
+            frames
+                .iter()
+                .filter_map(|frame| frame["function"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The example server, killed on drop.
 pub struct Server {
     pub child: Child,
