@@ -39,6 +39,11 @@ pub const MAX_FOLLOW_TASKS: u32 = 8192;
 /// Ring buffer for exec events (a power of two, a multiple of the page size).
 pub const FOLLOW_RING_BYTES: u32 = 1 << 16;
 
+/// `SIGSTOP` on x86-64 Linux: what the kernel side sends a followed
+/// process at exec (`bpf_send_signal`). Here, and not in the eBPF crate,
+/// so the agent's unit tests can hold it against `libc::SIGSTOP`.
+pub const SIGSTOP: u32 = 19;
+
 /// Set by the agent before load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -79,12 +84,14 @@ pub enum FollowCounter {
     /// Children not followed because [`names::FOLLOW_TASKS`] was full.
     TasksFull = 0,
     /// Exec events lost because the ring buffer was full (the process was
-    /// not stopped either).
+    /// not stopped either). Keep it last: [`FOLLOW_COUNTER_SLOTS`] is
+    /// counted from it.
     EventsLost = 1,
 }
 
-/// Slots in [`names::FOLLOW_COUNTERS`].
-pub const FOLLOW_COUNTER_SLOTS: u32 = 2;
+/// Slots in [`names::FOLLOW_COUNTERS`]: one per [`FollowCounter`], tied
+/// to its last variant so a new counter cannot be left out.
+pub const FOLLOW_COUNTER_SLOTS: u32 = FollowCounter::EventsLost as u32 + 1;
 
 #[cfg(feature = "user")]
 mod pod {

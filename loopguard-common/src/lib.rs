@@ -12,6 +12,7 @@ pub mod requests;
 pub mod slots;
 pub mod stacks;
 pub mod steal;
+pub mod syscalls;
 
 /// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
 pub mod names {

@@ -44,34 +44,29 @@ pub const MAX_OFFCPU_THREADS: u32 = 4096;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct StackConfig {
-    /// Process (tgid) whose threads are captured.
-    pub target_tgid: u32,
-    /// 1 when capture is on.
+    /// 1 when capture is on. The process whose threads are captured is
+    /// [`crate::Config::target_tgid`], the one every program filters on.
     pub enabled: u32,
-    /// ns a task poll must have run before its thread's stack is copied.
-    pub arm_delay_ns: u64,
-    /// ns between two off-CPU samples of one thread (a poll that blocks a
-    /// thousand times is sampled at this pace, not a thousand times).
-    pub min_sample_gap_ns: u64,
     /// 1: a thread outside any task poll but in a busy stretch of its event
     /// loop (between two waits) is captured like a poll, its stretch's
     /// start standing for the poll's. Set for loop-only targets (Python,
     /// Node), whose stalls are stretches; a Tokio worker's stretches hold
     /// many polls and are not sampled.
     pub loop_stretches: u32,
-    /// Explicit padding, always 0.
-    pub pad: u32,
+    /// ns a task poll must have run before its thread's stack is copied.
+    pub arm_delay_ns: u64,
+    /// ns between two off-CPU samples of one thread (a poll that blocks a
+    /// thousand times is sampled at this pace, not a thousand times).
+    pub min_sample_gap_ns: u64,
 }
 
 impl StackConfig {
     pub const fn zeroed() -> Self {
         Self {
-            target_tgid: 0,
             enabled: 0,
+            loop_stretches: 0,
             arm_delay_ns: u64::MAX,
             min_sample_gap_ns: 0,
-            loop_stretches: 0,
-            pad: 0,
         }
     }
 }
@@ -177,7 +172,7 @@ pub struct ThreadOffCpu {
 const _: () = assert!(core::mem::size_of::<StackSample>() == 80 + STACK_BYTES);
 const _: () = assert!(core::mem::size_of::<OffCpuEnd>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadOffCpu>() == 80);
-const _: () = assert!(core::mem::size_of::<StackConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<StackConfig>() == 24);
 const _: () = assert!(STACK_BYTES.is_multiple_of(STACK_CHUNK_BYTES));
 
 #[cfg(feature = "user")]

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use loopguard_common::follow::{
     ExecEvent, FOLLOW_COUNTER_SLOTS, FOLLOW_RING_BYTES, FollowConfig, FollowCounter,
-    MAX_FOLLOW_PIDS, MAX_FOLLOW_TASKS,
+    MAX_FOLLOW_PIDS, MAX_FOLLOW_TASKS, SIGSTOP,
 };
 
 /// Set by the agent before load.
@@ -37,8 +37,6 @@ static FOLLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FOLLOW_RING_BYTES, 0);
 
 #[map]
 static FOLLOW_COUNTERS: Array<u64> = Array::with_max_entries(FOLLOW_COUNTER_SLOTS, 0);
-
-const SIGSTOP: u32 = 19;
 
 fn bump(counter: FollowCounter) {
     if let Some(slot) = FOLLOW_COUNTERS.get_ptr_mut(counter as u32) {

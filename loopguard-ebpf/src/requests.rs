@@ -26,7 +26,7 @@ use loopguard_common::{
         self, MAX_ENDED_IN_POLL, MAX_REQUESTS, MAX_ROUTES, OTHER_ROUTES, RECENT_ENDS, RecentEnds,
         RequestEntry, RequestScratch, RequestTotals, RouteName, RouteStats,
     },
-    usdt::LAYOUT_VERSION,
+    usdt::{LAYOUT_ARG, LAYOUT_VERSION, end_arg, start_arg},
 };
 
 use crate::{EVENTS, add, add_one, bump, frame_index, slots};
@@ -132,7 +132,10 @@ fn usdt_site(ctx: &ProbeContext) -> Option<(u32, u32, SavedRegs, &'static UsdtSp
     let spec = USDT_SPECS.get(site)?;
     // SAFETY: a uprobe's context is the thread's `pt_regs`, readable in full.
     let regs: SavedRegs = unsafe { core::ptr::read(ctx.regs.cast::<SavedRegs>()) };
-    let layout = spec.args.first().map_or(0, |arg| usdt_arg(&regs, arg));
+    let layout = spec
+        .args
+        .get(LAYOUT_ARG)
+        .map_or(0, |arg| usdt_arg(&regs, arg));
     if layout != LAYOUT_VERSION {
         if let Some(totals) = REQUEST_TOTALS.get_ptr_mut(0) {
             // SAFETY: a map value pointer; the field is aligned.
@@ -163,15 +166,23 @@ fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
     let scratch = REQUEST_SCRATCH.get_ptr_mut(0).ok_or(0i64)?;
     let totals = REQUEST_TOTALS.get_ptr_mut(0).ok_or(0i64)?;
     let (task_id, _, flags) = current_poll(tid);
-    let request_id = arg(1);
-    let (method_len, route_len, path_len) = (arg(3), arg(5), arg(7));
+    let request_id = arg(start_arg::ID);
+    let (method_len, route_len, path_len) = (
+        arg(start_arg::METHOD_LEN),
+        arg(start_arg::ROUTE_LEN),
+        arg(start_arg::PATH_LEN),
+    );
     // SAFETY: `scratch` is this CPU's scratch value; `totals` a map value.
     unsafe {
         let name = &raw mut (*scratch).name;
         (*name).method = [0; loopguard_common::METHOD_BYTES];
         (*name).route = [0; loopguard_common::ROUTE_BYTES];
-        read_user_str(arg(2), method_len, &raw mut (*name).method);
-        read_user_str(arg(4), route_len, &raw mut (*name).route);
+        read_user_str(
+            arg(start_arg::METHOD_PTR),
+            method_len,
+            &raw mut (*name).method,
+        );
+        read_user_str(arg(start_arg::ROUTE_PTR), route_len, &raw mut (*name).route);
         let lens = (
             method_len.min(loopguard_common::METHOD_BYTES as u64) as u32,
             route_len.min(loopguard_common::ROUTE_BYTES as u64) as u32,
@@ -189,7 +200,7 @@ fn try_request_start(ctx: &ProbeContext) -> Result<(), i64> {
         (*entry).status = 0;
         (*entry).flags = flags;
         (*entry).path_len = path_len as u32;
-        read_user_str(arg(6), path_len, &raw mut (*entry).path);
+        read_user_str(arg(start_arg::PATH_PTR), path_len, &raw mut (*entry).path);
 
         let key = requests::request_key(task_id, request_id);
         if task_id == 0 {
@@ -279,7 +290,7 @@ fn try_request_end(ctx: &ProbeContext) -> Result<(), i64> {
     };
     let arg = |i: usize| spec.args.get(i).map_or(0, |arg| usdt_arg(&regs, arg));
     let totals = REQUEST_TOTALS.get_ptr_mut(0).ok_or(0i64)?;
-    let request_id = arg(1);
+    let request_id = arg(end_arg::ID);
     let (task_id, poll_start_ns, _) = current_poll(tid);
     let now = unsafe { bpf_ktime_get_ns() };
     // Where its start filed it: under this task, or by id.
@@ -298,7 +309,7 @@ fn try_request_end(ctx: &ProbeContext) -> Result<(), i64> {
     // SAFETY: map value pointers, valid for this program run.
     unsafe {
         (*entry).end_ns = now;
-        (*entry).status = arg(2) as u32;
+        (*entry).status = arg(end_arg::STATUS) as u32;
         if let Some(ring) = RECENT_ENDS_RING.get_ptr_mut(0) {
             let slot = ((*ring).next as usize) & (RECENT_ENDS - 1);
             if let Some(slot) = (*ring).entries.get_mut(slot) {

@@ -30,7 +30,7 @@ use loopguard_common::{
     },
 };
 
-use crate::{add, bump, frame_index, slots};
+use crate::{add, bump, frame_index, slots, target_tgid};
 
 /// Set by the agent before load (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -123,7 +123,7 @@ fn send_sample(cause: u32, tid: u32, poll_start_ns: u64, now: u64, regs: &pt_reg
     // every copy stays inside `stack` (chunk index < STACK_BYTES / chunk).
     unsafe {
         (*sample).kind = record_kind::SAMPLE;
-        (*sample).pid = config_u32(&raw const STACK_CONFIG.target_tgid);
+        (*sample).pid = target_tgid();
         (*sample).tid = tid;
         (*sample).cause = cause;
         (*sample).ts_ns = now;
@@ -166,7 +166,7 @@ pub fn stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
     // Every context switch of the machine runs this: the clock is read only
     // once a thread of ours is involved.
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == config_u32(&raw const STACK_CONFIG.target_tgid) {
+    if (pid_tgid >> 32) as u32 == target_tgid() {
         // sched_switch(bool preempt, prev, next, unsigned int prev_state); prev is current.
         let preempt: u64 = ctx.arg(0);
         let prev_state: u64 = ctx.arg(3);
@@ -279,7 +279,7 @@ fn switch_in(next: u64) {
     }
     let end = OffCpuEnd {
         kind: record_kind::OFF_CPU_END,
-        pid: config_u32(&raw const STACK_CONFIG.target_tgid),
+        pid: target_tgid(),
         tid,
         cause: state.cause,
         poll_start_ns: state.poll_start_ns,
@@ -303,7 +303,7 @@ pub fn stack_on_cpu(ctx: PerfEventContext) -> u32 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 != config_u32(&raw const STACK_CONFIG.target_tgid) {
+    if (pid_tgid >> 32) as u32 != target_tgid() {
         return 0;
     }
     let tid = pid_tgid as u32;

@@ -39,7 +39,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use loopguard_common::{
-    EventKind, LoopEvent, LoopState, WAIT_SITE_EPOLL, pt_regs, slots::MAX_THREAD_SLOTS, wait_fd,
+    EventKind, LoopEvent, LoopState, WAIT_SITE_EPOLL, pt_regs, slots::MAX_THREAD_SLOTS,
+    syscalls::is_epoll_wait, wait_fd,
 };
 
 use crate::{
@@ -156,16 +157,6 @@ pub fn wait_exit(_ctx: RetProbeContext) -> u32 {
         exit(&mut state);
     }
     0
-}
-
-/// x86-64 syscall numbers of the epoll waits.
-const SYS_EPOLL_WAIT: u64 = 232;
-const SYS_EPOLL_PWAIT: u64 = 281;
-const SYS_EPOLL_PWAIT2: u64 = 441;
-
-#[inline(always)]
-fn is_epoll_wait(id: u64) -> bool {
-    id == SYS_EPOLL_WAIT || id == SYS_EPOLL_PWAIT || id == SYS_EPOLL_PWAIT2
 }
 
 /// Raw tracepoint `sys_enter` (every syscall of every process): the wait

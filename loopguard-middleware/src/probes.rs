@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 //   Bump it whenever the argument list of either probe changes.
 // - `request_start`: layout version, request id, method pointer and length,
 //   route template pointer and length (null and 0 when unknown), path
-//   pointer and length. All 8 bytes wide.
+//   pointer and length. All 8 bytes wide, in the order of
+//   `loopguard_usdt::start_arg`, which the kernel side reads them by.
 // - `request_end`: layout version, request id, HTTP status (0 when no
-//   response was produced). All 8 bytes wide.
+//   response was produced). All 8 bytes wide, as `loopguard_usdt::end_arg`.
 pub use loopguard_usdt::{
     LAYOUT_VERSION, PROVIDER, REQUEST_END, REQUEST_END_ARGS, REQUEST_START, REQUEST_START_ARGS,
 };

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::{
     Agent, FastTraffic, Server, assert_detached, http_get, of_type, require_root, server_binary,
+    stall_a_worker,
 };
 
 const THRESHOLD_MS: f64 = 50.0;
@@ -386,9 +387,7 @@ fn run_never_leaks_its_command_when_loopguard_is_killed() {
     let attached = agent.wait_for("attached", Duration::from_secs(20), |v| {
         v["type"] == "attached"
     });
-    agent.wait_for("the server's address", Duration::from_secs(20), |v| {
-        v.as_str().is_some_and(|s| s.starts_with("listening on "))
-    });
+    agent.wait_for_listening(Duration::from_secs(20));
     let ours = agent.programs();
     let server_pid = attached.value["pid"].as_u64().unwrap();
     agent.signal("KILL");
@@ -428,23 +427,10 @@ fn run_attaches_before_serving_forwards_signals_and_exit_codes() {
     let attached = agent.wait_for("attached", Duration::from_secs(20), |v| {
         v["type"] == "attached"
     });
-    let listening = agent.wait_for("the server's address", Duration::from_secs(20), |v| {
-        v.as_str().is_some_and(|s| s.starts_with("listening on "))
-    });
+    let (listening, addr) = agent.wait_for_listening(Duration::from_secs(20));
     assert!(attached.at <= listening.at);
     let ours = agent.programs();
-    let addr = listening
-        .value
-        .as_str()
-        .unwrap()
-        .trim_start_matches("listening on ")
-        .parse()
-        .unwrap();
-    let blocked = http_get(addr, "/block/sleep?ms=200").unwrap();
-    let stall = agent.wait_for("the stall", Duration::from_secs(5), |v| {
-        v["type"] == "stall"
-    });
-    assert_eq!(stall.value["tid"], blocked.body["tid"]);
+    let (blocked, stall) = stall_a_worker(&agent, addr, Duration::from_secs(5));
     assert_close(
         stall.value["duration_ms"].as_f64().unwrap(),
         blocked.body["blocked_ms"].as_f64().unwrap(),
@@ -485,16 +471,7 @@ fn run_with_duration_fails_on_stall_even_when_the_command_dies_of_sigterm() {
         ]
         .concat(),
     );
-    let listening = agent.wait_for("the server's address", Duration::from_secs(20), |v| {
-        v.as_str().is_some_and(|s| s.starts_with("listening on "))
-    });
-    let addr = listening
-        .value
-        .as_str()
-        .unwrap()
-        .trim_start_matches("listening on ")
-        .parse()
-        .unwrap();
+    let (_, addr) = agent.wait_for_listening(Duration::from_secs(20));
     // A sleep, not a spin: a poll is judged by the time it held its thread,
     // and a spin on a CPU-starved CI machine may hold it less than it asked.
     http_get(addr, "/block/sleep?ms=100").unwrap();

@@ -10,7 +10,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Agent, Line, assert_detached, http_get, of_type, require_root, server_binary};
+use support::{
+    Agent, Line, assert_detached, next_line, of_type, process_state, require_root, server_binary,
+    spawn_piped, stall_a_worker,
+};
 
 /// The workspace's target directory (the example server lives in `release/`).
 fn target_dir() -> PathBuf {
@@ -160,20 +163,11 @@ fn run_follows_an_entrypoint_that_execs() {
         "the exec'd server is watched, not sh: {}",
         attached.value
     );
-    let listening = agent.wait_for("the server's address", Duration::from_secs(20), |v| {
-        v.as_str().is_some_and(|s| s.starts_with("listening on "))
-    });
+    let (listening, addr) = agent.wait_for_listening(Duration::from_secs(20));
     // Attached while stopped at exec: before the server printed anything.
     assert!(attached.at <= listening.at);
     let ours = agent.programs();
-    let addr = listening.value.as_str().unwrap()["listening on ".len()..]
-        .parse()
-        .unwrap();
-    let blocked = http_get(addr, "/block/sleep?ms=200").unwrap();
-    let stall = agent.wait_for("the stall", Duration::from_secs(5), |v| {
-        v["type"] == "stall"
-    });
-    assert_eq!(stall.value["tid"], blocked.body["tid"]);
+    let (_, stall) = stall_a_worker(&agent, addr, Duration::from_secs(5));
     assert_eq!(stall.value["pid"], attached.value["pid"]);
     agent.signal("TERM");
     let (status, lines) = agent.wait(Duration::from_secs(30));
@@ -201,22 +195,18 @@ fn attach_follows_its_target_across_exec() {
     let app = target_dir().join("release/guarded-app");
     let server = server_binary("LOOPGUARD_SERVER");
     // A Tokio program that execs the example server after 2 s.
-    let mut target = Command::new(&app)
-        .args(["--exec-after-ms", "2000"])
-        .arg(&server)
-        .args(["--addr", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = std::io::BufReader::new(target.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let (mut target, mut reader) = spawn_piped(
+        Command::new(&app)
+            .args(["--exec-after-ms", "2000"])
+            .arg(&server)
+            .args(["--addr", "127.0.0.1:0"]),
+    );
+    let line = next_line(&mut reader);
     assert!(line.starts_with("running pid"), "{line}");
     let pid = target.id();
     let agent = Agent::attach(pid, &[]);
     let before = agent.programs();
-    line.clear();
-    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let line = next_line(&mut reader);
     let addr = line
         .trim()
         .strip_prefix("listening on ")
@@ -231,11 +221,8 @@ fn attach_follows_its_target_across_exec() {
     });
     assert_eq!(reattached.value["pid"], pid);
     let after = agent.programs();
-    let blocked = http_get(addr, "/block/sleep?ms=200").unwrap();
-    let stall = agent.wait_for("the stall after exec", Duration::from_secs(5), |v| {
-        v["type"] == "stall"
-    });
-    assert_eq!(stall.value["tid"], blocked.body["tid"]);
+    // The stall after the exec.
+    stall_a_worker(&agent, addr, Duration::from_secs(5));
     let (status, lines) = agent.interrupt();
     assert_eq!(status.code(), Some(0), "{lines:#?}");
     let summaries = of_type(&lines, "summary");
@@ -247,29 +234,16 @@ fn attach_follows_its_target_across_exec() {
     assert_detached(&after);
 
     // An exec into something loopguard cannot watch ends the watch, loudly.
-    let mut target = Command::new(&app)
-        .args(["--exec-after-ms", "1500", "sleep", "30"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = std::io::BufReader::new(target.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let (mut target, mut reader) =
+        spawn_piped(Command::new(&app).args(["--exec-after-ms", "1500", "sleep", "30"]));
+    next_line(&mut reader);
     let pid = target.id();
     let agent = Agent::attach(pid, &[]);
     let ours = agent.programs();
     let (status, lines) = agent.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(4), "{lines:#?}");
     // The target was resumed, not left stopped: it is sleeping, not stopped.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let state = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .next()
-        .unwrap();
-    assert_eq!(state, "S", "{stat}");
+    assert_eq!(process_state(pid), "S", "pid {pid}");
     let _ = target.kill();
     let _ = target.wait();
     assert_detached(&ours);

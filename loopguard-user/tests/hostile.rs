@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -12,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{
-    Agent, Server, http_get, of_type, prometheus::free_port, require_root, server_binary,
+    Agent, Server, http_get, next_line, of_type, prometheus::free_port, require_root,
+    server_binary, spawn_piped, stack_functions,
 };
 
 /// A Python process running `script` (with `args`), once it printed `ready`.
@@ -30,18 +30,13 @@ impl Target {
         let python = std::env::var_os(var).unwrap_or_else(|| {
             panic!("{var} is not set; run the end-to-end tests through `cargo xtask test`")
         });
-        let mut child = Command::new(python)
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start python");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "the target did not start");
+        let (child, mut stdout) =
+            spawn_piped(Command::new(python).arg("-c").arg(script).args(args));
+        assert_eq!(
+            next_line(&mut stdout).trim(),
+            "ready",
+            "the target did not start"
+        );
         Self { child }
     }
 
@@ -125,17 +120,10 @@ fn peak_rss_mib(agent: &mut Agent, timeout: Duration) -> u64 {
     peak
 }
 
-#[test]
-#[ignore = "needs root and a kernel with BPF; run via `cargo xtask test`"]
-fn libraries_swapped_for_dev_zero_and_a_fifo_do_not_stall_attach() {
-    require_root();
-    let dir = scratch_dir("swapped");
-    let mut target = Target::start(SWAPPED_LIBRARIES, &[dir.to_str().unwrap()]);
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", target.pid())).unwrap();
-    assert!(
-        maps.contains("libc.so.evil (deleted)") && maps.contains("libc.so.fifo (deleted)"),
-        "the target did not map the swapped libraries: {maps}"
-    );
+/// `attach --duration 2` to `target` in JSON, which must succeed with one
+/// `attached` line within `timeout`: how long it took in all and the
+/// agent's peak RSS (MiB).
+fn attach_for_two_seconds(target: &Target, timeout: Duration) -> (Duration, u64) {
     let started = Instant::now();
     let pid = target.pid().to_string();
     let mut agent = Agent::start_capturing_stderr(&[
@@ -147,17 +135,33 @@ fn libraries_swapped_for_dev_zero_and_a_fifo_do_not_stall_attach() {
         "--duration",
         "2",
     ]);
-    let rss = peak_rss_mib(&mut agent, Duration::from_secs(40));
+    let rss = peak_rss_mib(&mut agent, timeout);
     let (status, lines, stderr) = agent.wait_with_stderr(Duration::from_secs(5));
     let took = started.elapsed();
     assert!(
         status.success(),
         "attach failed: {status}; stderr: {stderr:#?}"
     );
-    assert!(
-        support::of_type(&lines, "attached").len() == 1,
+    assert_eq!(
+        support::of_type(&lines, "attached").len(),
+        1,
         "no attached line: {lines:#?}"
     );
+    (took, rss)
+}
+
+#[test]
+#[ignore = "needs root and a kernel with BPF; run via `cargo xtask test`"]
+fn libraries_swapped_for_dev_zero_and_a_fifo_do_not_stall_attach() {
+    require_root();
+    let dir = scratch_dir("swapped");
+    let mut target = Target::start(SWAPPED_LIBRARIES, &[dir.to_str().unwrap()]);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", target.pid())).unwrap();
+    assert!(
+        maps.contains("libc.so.evil (deleted)") && maps.contains("libc.so.fifo (deleted)"),
+        "the target did not map the swapped libraries: {maps}"
+    );
+    let (took, rss) = attach_for_two_seconds(&target, Duration::from_secs(40));
     assert!(
         took < Duration::from_secs(20),
         "attach and 2 s of watching took {took:?}"
@@ -165,6 +169,24 @@ fn libraries_swapped_for_dev_zero_and_a_fifo_do_not_stall_attach() {
     assert!(rss < 512, "the agent grew to {rss} MiB");
     target.assert_running();
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Starts `command` with at most `limit` open descriptors (soft and hard).
+fn limit_descriptors(command: &mut Command, limit: libc::rlim_t) {
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
 }
 
 #[test]
@@ -186,20 +208,7 @@ fn two_thousand_idle_metrics_connections_do_not_end_the_watch() {
         &metrics,
     ]);
     // The common default: 1,024 descriptors, fewer than the connections.
-    // SAFETY: setrlimit is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 1024,
-                rlim_max: 1024,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    limit_descriptors(&mut command, 1024);
     let mut agent = Agent::spawn(command);
     agent.wait_for("the attached line", Duration::from_secs(20), |v| {
         v["type"] == "attached"
@@ -343,16 +352,12 @@ fn target_strings_cannot_drive_the_terminal() {
     let dir = scratch_dir("escapes");
     let python = python_under_hostile_name(&dir);
     let start = |mode: &str| {
-        let mut child = Command::new(&python)
-            .args(["-c", ESCAPING_LOOP, mode])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, mut stdout) = spawn_piped(
+            Command::new(&python)
+                .args(["-c", ESCAPING_LOOP, mode])
+                .stderr(Stdio::null()),
+        );
+        let line = next_line(&mut stdout);
         let tid = line
             .trim()
             .strip_prefix("ready ")
@@ -414,20 +419,7 @@ fn the_watchdog_lives_under_a_low_descriptor_limit() {
     require_root();
     let mut command = Command::new(support::LOOPGUARD);
     command.args(["run", "--format", "json", "--", "sh", "-c", "sleep 8"]);
-    // SAFETY: setrlimit is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 512,
-                rlim_max: 512,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    limit_descriptors(&mut command, 512);
     let agent = Agent::spawn(command);
     let deadline = Instant::now() + Duration::from_secs(5);
     let watchdog = loop {
@@ -471,22 +463,7 @@ time.sleep(600)
 fn ten_thousand_sleeping_threads_keep_attach_small_and_quick() {
     require_root();
     let mut target = Target::start(MANY_SLEEPERS, &[]);
-    let pid = target.pid().to_string();
-    let started = Instant::now();
-    let mut agent = Agent::start_capturing_stderr(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--format",
-        "json",
-        "--duration",
-        "2",
-    ]);
-    let rss = peak_rss_mib(&mut agent, Duration::from_mins(1));
-    let (status, lines, stderr) = agent.wait_with_stderr(Duration::from_secs(5));
-    let took = started.elapsed();
-    assert!(status.success(), "{status}: {stderr:#?}");
-    assert_eq!(support::of_type(&lines, "attached").len(), 1, "{lines:#?}");
+    let (took, rss) = attach_for_two_seconds(&target, Duration::from_mins(1));
     assert!(
         took < Duration::from_secs(30),
         "attach and 2 s of watching took {took:?}"
@@ -534,15 +511,7 @@ fn a_jit_frame_and_a_fifo_perf_map_leave_the_rest_of_the_stack_named() {
     let (status, lines) = agent.wait(Duration::from_secs(20));
     let _ = std::fs::remove_file(&perf_map);
     assert!(status.success(), "{lines:#?}");
-    let functions: Vec<&str> = stuck.value["stack"]
-        .as_array()
-        .map(|frames| {
-            frames
-                .iter()
-                .filter_map(|f| f["function"].as_str())
-                .collect()
-        })
-        .unwrap_or_default();
+    let functions = stack_functions(&stuck.value);
     assert!(
         functions
             .iter()
@@ -633,15 +602,7 @@ fn a_fifo_where_a_dwarf_package_would_be_does_not_hang_symbolization() {
     assert!(status.success(), "loopguard exited with {status}");
     let stalls = of_type(&lines, "stall");
     assert_eq!(stalls.len(), 1, "{lines:#?}");
-    let functions: Vec<&str> = stalls[0]["stack"]
-        .as_array()
-        .map(|frames| {
-            frames
-                .iter()
-                .filter_map(|f| f["function"].as_str())
-                .collect()
-        })
-        .unwrap_or_default();
+    let functions = stack_functions(stalls[0]);
     assert!(
         functions.iter().any(|f| f.contains("block")),
         "the service's frames keep their names: {functions:?}"

@@ -8,20 +8,15 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use loopguard::privilege::{
+    CAP_BPF, CAP_DAC_OVERRIDE, CAP_KILL, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_SETGID,
+    CAP_SETPCAP, CAP_SETUID, CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_SYS_PTRACE,
+};
 use serde_json::Value;
-use support::{Agent, assert_detached, http_get, require_root, server_binary};
-
-const CAP_DAC_OVERRIDE: u32 = 1;
-const CAP_KILL: u32 = 5;
-const CAP_SETGID: u32 = 6;
-const CAP_SETUID: u32 = 7;
-const CAP_SETPCAP: u32 = 8;
-const CAP_NET_BIND_SERVICE: u32 = 10;
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_MODULE: u32 = 16;
-const CAP_SYS_PTRACE: u32 = 19;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_BPF: u32 = 39;
+use support::{
+    Agent, assert_detached, http_get, next_line, process_state, require_root, server_binary,
+    spawn_piped, stack_functions,
+};
 
 /// A `CapXxx:` field (hex) or `NoNewPrivs:` of a status file.
 fn field(status: &str, name: &str) -> u64 {
@@ -119,11 +114,10 @@ fn assert_stall_with_stack(agent: &Agent, addr: std::net::SocketAddr) {
     let stall = agent.wait_for("the stall", Duration::from_secs(10), |v| {
         v["type"] == "stall" && v["tid"] == blocked.body["tid"]
     });
-    let stack = stall.value["stack"].as_array().cloned().unwrap_or_default();
     assert!(
-        stack.iter().any(|frame| frame["function"]
-            .as_str()
-            .is_some_and(|f| f.contains("block_sleep"))),
+        stack_functions(&stall.value)
+            .iter()
+            .any(|f| f.contains("block_sleep")),
         "the stack is read after the drop: {}",
         stall.value
     );
@@ -175,13 +169,7 @@ fn run_drops_setuid_after_the_start_and_still_follows_a_child_of_another_user() 
         status.lines().any(|l| l.starts_with("Uid:\t65534\t")),
         "the server runs as nobody: {status}"
     );
-    let listening = agent.wait_for("the server's address", Duration::from_secs(10), |v| {
-        v.as_str().is_some_and(|l| l.starts_with("listening on "))
-    });
-    let addr = listening.value.as_str().unwrap()["listening on ".len()..]
-        .trim()
-        .parse()
-        .unwrap();
+    let (_, addr) = agent.wait_for_listening(Duration::from_secs(10));
     let programs = agent.programs();
     let pid = agent.child.id();
     assert_watch_privileges(pid);
@@ -207,13 +195,6 @@ if len(sys.argv) < 2:
 time.sleep(60)
 ";
 
-/// The one-letter state of process `pid` (`T`: stopped).
-fn state(pid: u32) -> String {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    after_name[..1].to_owned()
-}
-
 #[test]
 #[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
 fn a_user_with_the_documented_capabilities_resumes_a_root_process_stopped_at_exec() {
@@ -222,18 +203,14 @@ fn a_user_with_the_documented_capabilities_resumes_a_root_process_stopped_at_exe
         .expect("LOOPGUARD_PYTHON is not set; run the end-to-end tests through `cargo xtask test`");
     // Root's process in a session of its own: SIGCONT from another user
     // needs CAP_KILL there.
-    let mut target = Command::new("setsid")
-        .arg(&python)
-        .arg("-c")
-        .arg(EXECS_ONCE)
-        .env("CODE", EXECS_ONCE)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = std::io::BufReader::new(target.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    let (mut target, mut reader) = spawn_piped(
+        Command::new("setsid")
+            .arg(&python)
+            .arg("-c")
+            .arg(EXECS_ONCE)
+            .env("CODE", EXECS_ONCE),
+    );
+    assert_eq!(next_line(&mut reader).trim(), "ready");
     let pid = target.id();
     // What `setcap cap_sys_admin,cap_sys_ptrace,cap_kill+ep` gives uid 65534.
     let mut command = Command::new("setpriv");
@@ -248,9 +225,11 @@ fn a_user_with_the_documented_capabilities_resumes_a_root_process_stopped_at_exe
     agent.wait_for("the first attach", Duration::from_secs(20), |v| {
         v["type"] == "attached"
     });
-    line.clear();
-    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "the target ran on after its exec");
+    assert_eq!(
+        next_line(&mut reader).trim(),
+        "ready",
+        "the target ran on after its exec"
+    );
     let after_exec = agent.wait_for("the re-attach", Duration::from_secs(15), |v| {
         v["type"] == "summary"
     });
@@ -260,7 +239,11 @@ fn a_user_with_the_documented_capabilities_resumes_a_root_process_stopped_at_exe
     );
     let (status, lines) = agent.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{lines:#?}");
-    assert_ne!(state(pid), "T", "the target was left stopped: {lines:#?}");
+    assert_ne!(
+        process_state(pid),
+        "T",
+        "the target was left stopped: {lines:#?}"
+    );
     let _ = target.kill();
     let _ = target.wait();
 }

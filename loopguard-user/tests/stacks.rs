@@ -11,20 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::{
     Agent, Server, assert_cause, assert_detached, http_get, of_type, require_root, server_binary,
+    stack_functions,
 };
-
-/// The frames of a stall, as `function` strings.
-fn stack_functions(stall: &Value) -> Vec<String> {
-    stall["stack"]
-        .as_array()
-        .map(|frames| {
-            frames
-                .iter()
-                .filter_map(|frame| frame["function"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// The stall's stack holds every one of `functions` (each a list of
 /// alternatives), the runtime's frames are trimmed, and its cause is one of

@@ -1,7 +1,9 @@
 //! `cargo xtask fuzz [--seconds N]`: the cargo-fuzz targets of
-//! `loopguard-user/fuzz` (ELF parser, USDT notes and argument specs, task
-//! vtables, recordings for `loopguard report`), seeded from real binaries, each run for N seconds (20 by
-//! default; `cargo xtask test` runs them so). Installs cargo-fuzz once.
+//! `loopguard-parse/fuzz` (ELF parser, USDT notes and argument specs, task
+//! vtables, `CPython` line tables) and `loopguard-user/fuzz` (recordings for
+//! `loopguard report`), seeded from real binaries, each run for N seconds
+//! (20 by default; `cargo xtask test` runs them so). Installs cargo-fuzz
+//! once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,7 +13,23 @@ use anyhow::Context;
 use crate::cmd;
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
-pub const TARGETS: &[&str] = &["elf", "usdt", "vtable", "report"];
+/// The fuzz workspaces and their targets: the parsers of what a target
+/// process hands loopguard, in the parse crate (no eBPF object, no aya),
+/// and what the agent reads back itself.
+const WORKSPACES: &[(&str, &[&str])] = &[
+    (
+        "loopguard-parse/fuzz",
+        &["elf", "usdt", "vtable", "linetable"],
+    ),
+    ("loopguard-user/fuzz", &["report"]),
+];
+
+/// Every target with the fuzz workspace (directory) it is in.
+fn targets() -> impl Iterator<Item = (&'static str, &'static str)> {
+    WORKSPACES
+        .iter()
+        .flat_map(|&(dir, targets)| targets.iter().map(move |&target| (dir, target)))
+}
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -23,8 +41,8 @@ pub struct Options {
 pub fn run(options: &Options) -> anyhow::Result<()> {
     install_cargo_fuzz()?;
     let seeds = write_seeds()?;
-    let fuzz_dir = cmd::root().join("loopguard-user/fuzz");
-    for target in TARGETS {
+    for (dir, target) in targets() {
+        let fuzz_dir = cmd::root().join(dir);
         let corpus = cmd::target_dir().join("fuzz-corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let mut fuzz = nightly_cargo();
@@ -47,20 +65,23 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 
 /// Clippy for the fuzz targets, on stable like the main workspace's (they
 /// need no nightly feature to build; only running them does), in the fuzz
-/// target directory. `--locked`: their lock must follow the agent's
-/// dependencies.
+/// target directory. `--locked`: their locks must follow the parse crate's
+/// and the agent's dependencies.
 pub fn clippy() -> anyhow::Result<()> {
-    let manifest = cmd::root().join("loopguard-user/fuzz/Cargo.toml");
-    cmd::run(
-        cmd::cargo()
-            .args(["clippy", "--all-targets", "--locked", "--manifest-path"])
-            .arg(manifest)
-            .args(["--", "-D", "warnings"])
-            .env("CARGO_TARGET_DIR", cmd::target_dir().join("fuzz"))
-            // As for the fuzzers themselves: no eBPF object (an empty one).
-            .env("AYA_BUILD_SKIP", "1")
-            .env_remove("LOOPGUARD_REQUIRE_EBPF"),
-    )
+    for (dir, _) in WORKSPACES {
+        let manifest = cmd::root().join(dir).join("Cargo.toml");
+        cmd::run(
+            cmd::cargo()
+                .args(["clippy", "--all-targets", "--locked", "--manifest-path"])
+                .arg(manifest)
+                .args(["--", "-D", "warnings"])
+                .env("CARGO_TARGET_DIR", cmd::target_dir().join("fuzz"))
+                // As for the fuzzers themselves: no eBPF object (an empty one).
+                .env("AYA_BUILD_SKIP", "1")
+                .env_remove("LOOPGUARD_REQUIRE_EBPF"),
+        )?;
+    }
+    Ok(())
 }
 
 fn nightly_cargo() -> Command {
@@ -103,7 +124,7 @@ fn max_len(dir: &Path) -> u64 {
 /// Tokio uses for `vtable`.
 fn write_seeds() -> anyhow::Result<PathBuf> {
     let seeds = cmd::target_dir().join("fuzz-seeds");
-    for target in TARGETS {
+    for (_, target) in targets() {
         std::fs::create_dir_all(seeds.join(target))?;
     }
     let example = cmd::target_dir().join("release/stall-server");
@@ -166,6 +187,14 @@ fn write_seeds() -> anyhow::Result<PathBuf> {
         }
         std::fs::write(seeds.join(format!("vtable/{name}")), bytes)?;
     }
+    // linetable: first line 10, code unit 12, then a table with every form
+    // (the one the parser's unit test reads).
+    let mut table = 10i64.to_le_bytes().to_vec();
+    table.extend_from_slice(&12u64.to_le_bytes());
+    table.extend_from_slice(&[
+        0xf9, 0xf2, 4, 0, 1, 5, 0x99, 0x12, 0xd8, 4, 9, 0xea, 7, 0xf1, 0x90, 0x01, 0, 0, 0,
+    ]);
+    std::fs::write(seeds.join("linetable/forms"), table)?;
     // report: the golden recording of the output tests.
     std::fs::copy(
         cmd::root().join("loopguard-user/tests/golden/session.jsonl"),

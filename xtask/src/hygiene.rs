@@ -19,19 +19,29 @@ const PURE_CRATES: &[&str] = &[
     "loopguard",
     "loopguard-common",
     "loopguard-usdt",
+    "loopguard-parse",
     "loopguard-middleware",
 ];
 
 /// Fails if aya (or any `aya-*` crate) is in the dependency tree of an
 /// application using the middleware: `stall-server` in this workspace, where
-/// feature unification once brought it in, and `actix-server` in its own.
-/// Also checks the unified workspace build: neither the middleware nor an
-/// example reaches aya.
+/// feature unification once brought it in, and `actix-server` in its own;
+/// or of the parse crate built alone. Also checks the unified workspace
+/// build: neither the middleware nor an example reaches aya.
 pub fn check_no_aya_in_apps() -> anyhow::Result<()> {
     let started = Instant::now();
     let root = cmd::root();
-    let apps: [(&str, Vec<OsString>); 2] = [
-        ("stall-server", vec!["-p".into(), "stall-server".into()]),
+    // What must never reach aya, and why: the apps using the middleware,
+    // and the parsers of target files (pure, so they build, test and fuzz
+    // without the agent's eBPF stack).
+    let middleware = "uses loopguard-middleware: the middleware must not pull the agent's \
+                      eBPF stack into applications";
+    let pure: [(&str, Vec<OsString>, &str); 3] = [
+        (
+            "stall-server",
+            vec!["-p".into(), "stall-server".into()],
+            middleware,
+        ),
         (
             "actix-server",
             vec![
@@ -39,22 +49,27 @@ pub fn check_no_aya_in_apps() -> anyhow::Result<()> {
                 root.join("examples/actix-server/Cargo.toml").into(),
                 "--locked".into(),
             ],
+            middleware,
+        ),
+        (
+            "loopguard-parse",
+            vec!["-p".into(), "loopguard-parse".into()],
+            "is the parse crate: it must stay free of the eBPF stack",
         ),
     ];
-    for (app, selection) in apps {
+    for (package, selection, why) in pure {
         let packages = tree(&root, &selection)?;
         let aya: Vec<&String> = packages.iter().filter(|p| is_aya(p)).collect();
         ensure!(
             aya.is_empty(),
-            "{app} uses loopguard-middleware and now depends on {}: the middleware must not \
-             pull the agent's eBPF stack into applications (see `cargo tree -p {app} -i aya`)",
+            "{package} now depends on {}; it {why} (see `cargo tree -p {package} -i aya`)",
             aya.iter()
                 .map(|p| p.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         );
         eprintln!(
-            "hygiene: {app} (middleware user): {} packages, none of them aya",
+            "hygiene: {package}: {} packages, none of them aya",
             packages.len()
         );
     }

@@ -2,7 +2,7 @@
 //! test` builds: the main one (host crates, then the eBPF crate for its own
 //! target), and those outside the main lock: the version matrix's examples
 //! (`examples/tokio-matrix`, `examples/actix-server`) and the fuzz targets
-//! (`loopguard-user/fuzz`).
+//! (`loopguard-parse/fuzz`, `loopguard-user/fuzz`).
 
 use std::process::Command;
 use std::time::Instant;
@@ -13,6 +13,7 @@ use crate::{cmd, fuzz, matrix, setup};
 const OTHER_WORKSPACES: &[&str] = &[
     "examples/tokio-matrix/Cargo.toml",
     "examples/actix-server/Cargo.toml",
+    "loopguard-parse/fuzz/Cargo.toml",
     "loopguard-user/fuzz/Cargo.toml",
 ];
 

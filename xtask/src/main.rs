@@ -54,8 +54,9 @@ enum Command {
     /// Check build hygiene (part of `test`): no aya in the dependency tree of an app using
     /// the middleware, and the pure crates built and unit-tested on stable without bpf-linker.
     Hygiene,
-    /// Run the fuzz targets (ELF, USDT notes and argument specs, task vtables), seeded
-    /// from real binaries, for a few seconds each. Installs cargo-fuzz once.
+    /// Run the fuzz targets (ELF, USDT notes and argument specs, task vtables, Python line
+    /// tables, recordings), seeded from real binaries, for a few seconds each. Installs
+    /// cargo-fuzz once.
     Fuzz(fuzz::Options),
     /// Build the Tokio version matrix's examples; prints the `LOOPGUARD_MATRIX` value
     /// the `matrix` end-to-end test reads.

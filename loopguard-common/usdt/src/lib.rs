@@ -6,16 +6,52 @@
 
 /// Provider of every loopguard probe.
 pub const PROVIDER: &str = "loopguard";
-/// `request_start(layout, id, method_ptr, method_len, route_ptr, route_len, path_ptr, path_len)`.
+/// `request_start(layout, id, method_ptr, method_len, route_ptr, route_len, path_ptr, path_len)`,
+/// at the positions in [`start_arg`].
 pub const REQUEST_START: &str = "request_start";
-/// `request_end(layout, id, status)`.
+/// `request_end(layout, id, status)`, at the positions in [`end_arg`].
 pub const REQUEST_END: &str = "request_end";
 /// Arguments of `request_start`.
-pub const REQUEST_START_ARGS: usize = 8;
+pub const REQUEST_START_ARGS: usize = start_arg::PATH_LEN + 1;
 /// Arguments of `request_end`.
-pub const REQUEST_END_ARGS: usize = 3;
-/// The argument layout this agent understands (the first argument of both probes).
+pub const REQUEST_END_ARGS: usize = end_arg::STATUS + 1;
+/// The argument layout this agent understands (the first argument of both
+/// probes, [`LAYOUT_ARG`]).
 pub const LAYOUT_VERSION: u64 = 1;
+/// Position of the layout version among the arguments, the same in every
+/// probe so that a site is judged before anything else is read.
+pub const LAYOUT_ARG: usize = 0;
+
+/// Positions of `request_start`'s arguments (0-based, all 8 bytes wide):
+/// the order the middleware passes them in and the kernel side reads them.
+pub mod start_arg {
+    /// [`super::LAYOUT_VERSION`].
+    pub const LAYOUT: usize = super::LAYOUT_ARG;
+    /// The request id (never 0).
+    pub const ID: usize = 1;
+    /// Pointer to the method's bytes.
+    pub const METHOD_PTR: usize = 2;
+    /// Bytes of method.
+    pub const METHOD_LEN: usize = 3;
+    /// Pointer to the route template's bytes (null when there is none).
+    pub const ROUTE_PTR: usize = 4;
+    /// Bytes of route template (0 when there is none).
+    pub const ROUTE_LEN: usize = 5;
+    /// Pointer to the path's bytes (no query string).
+    pub const PATH_PTR: usize = 6;
+    /// Bytes of path.
+    pub const PATH_LEN: usize = 7;
+}
+
+/// Positions of `request_end`'s arguments (0-based, all 8 bytes wide).
+pub mod end_arg {
+    /// [`super::LAYOUT_VERSION`].
+    pub const LAYOUT: usize = super::LAYOUT_ARG;
+    /// The request id `request_start` was given.
+    pub const ID: usize = 1;
+    /// The HTTP status (0: no response was produced).
+    pub const STATUS: usize = 2;
+}
 
 /// The in-flight table: the requests a process is serving, kept by the
 /// middleware in a static array so that an agent attaching later can name

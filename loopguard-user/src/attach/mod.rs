@@ -861,7 +861,6 @@ fn load(
         return Err(AttachError::NoEbpfObject);
     }
     let stack_config = stacks::kernel_config(
-        target.pid,
         options.report_floor_ns / 2,
         options.stacks,
         target.is_loop_only(),

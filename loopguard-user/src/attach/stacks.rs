@@ -30,22 +30,16 @@ pub enum StackError {
     },
 }
 
-/// The kernel configuration: capture for `pid`, armed at `arm_delay_ns`.
+/// The kernel configuration: capture armed at `arm_delay_ns` (of the
+/// process every program filters on, `Config::target_tgid`).
 /// `loop_stretches`: also capture loop threads in a long busy stretch
 /// (loop-only targets).
-pub fn kernel_config(
-    pid: u32,
-    arm_delay_ns: u64,
-    enabled: bool,
-    loop_stretches: bool,
-) -> StackConfig {
+pub fn kernel_config(arm_delay_ns: u64, enabled: bool, loop_stretches: bool) -> StackConfig {
     StackConfig {
-        target_tgid: pid,
         enabled: u32::from(enabled),
+        loop_stretches: u32::from(loop_stretches),
         arm_delay_ns,
         min_sample_gap_ns: 2_000_000,
-        loop_stretches: u32::from(loop_stretches),
-        pad: 0,
     }
 }
 

@@ -1,19 +1,23 @@
 //! Discover: from a pid to a [`ProbeTarget`], everything needed to attach.
 //!
-//! Reads the executable through `/proc/PID/exe`, finds every copy of Tokio's
-//! task poll function and the task-id offset its vtable gives
-//! ([`elf`]), where the file is mapped in the process ([`proc`]), and the
-//! Tokio version it was built with, when that can be told ([`version`]).
+//! Reads the executable through `/proc/PID/exe` ([`files`]), finds every
+//! copy of Tokio's task poll function and the task-id offset its vtable
+//! gives ([`elf`]), where the file is mapped in the process ([`proc`]), and
+//! the Tokio version it was built with, when that can be told
+//! ([`version`]).
+//!
+//! The parsers of the bytes read ([`elf`], [`usdt`], [`vtable`],
+//! [`symbols`], [`version`], and the symbol half of [`waits`]) are the
+//! `loopguard-parse` crate, which has no kernel, aya or system call in it;
+//! they are re-exported here, the stage that hands them the target's
+//! files, so the stages above name them through `discover`.
 
-pub mod elf;
 pub mod files;
 pub mod preflight;
 pub mod proc;
-pub mod symbols;
-pub mod usdt;
-pub mod version;
-pub mod vtable;
 pub mod waits;
+
+pub use loopguard_parse::{elf, symbols, usdt, version, vtable};
 
 use std::io;
 use std::ops::Range;
@@ -115,7 +119,12 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
         .map_err(|error| io_error(pid, &exe.display_path, error))?;
     let tokio_version = version::tokio_version(&data);
     let (binary, mode) = match elf::analyze(&data) {
-        Ok(binary) => (binary, WatchMode::Tokio),
+        Ok(binary) => {
+            for layout in &binary.foreign_inflight_tables {
+                tracing::warn!(layout = %layout, "in-flight table of another middleware version ignored");
+            }
+            (binary, WatchMode::Tokio)
+        }
         // A Tokio program whose task polls cannot be found: loop mode would
         // take its parked workers (a futex, not epoll, and no park symbol to
         // tell) for busy ones. Refuse, with the fix.

@@ -186,3 +186,14 @@ impl Drop for Follower {
         self.resume_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_kernel_side_stops_a_process_at_exec_with_sigstop() {
+        assert_eq!(
+            i32::try_from(loopguard_common::follow::SIGSTOP),
+            Ok(libc::SIGSTOP)
+        );
+    }
+}

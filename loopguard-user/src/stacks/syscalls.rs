@@ -1,19 +1,19 @@
 //! Names of the x86-64 system calls a blocked poll is likely to sleep in.
 
+use loopguard_common::syscalls;
+
 /// Whether `nr` is a call an event loop waits for events in (epoll, and
 /// `poll`/`select` for loops built on those): a loop thread asleep there is
 /// idle, not stuck.
 pub fn is_event_wait(nr: i64) -> bool {
-    [
-        libc::SYS_epoll_wait,
-        libc::SYS_epoll_pwait,
-        libc::SYS_epoll_pwait2,
-        libc::SYS_poll,
-        libc::SYS_ppoll,
-        libc::SYS_select,
-        libc::SYS_pselect6,
-    ]
-    .contains(&nr)
+    u64::try_from(nr).is_ok_and(syscalls::is_epoll_wait)
+        || [
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_select,
+            libc::SYS_pselect6,
+        ]
+        .contains(&nr)
 }
 
 /// The name of system call `nr`, for the ones a stuck thread plausibly
@@ -107,5 +107,17 @@ mod tests {
         assert_eq!(syscall_name(75), Some("fdatasync"));
         assert_eq!(syscall_name(1), Some("write"));
         assert_eq!(syscall_name(100_000), None);
+    }
+
+    #[test]
+    fn the_kernel_sides_epoll_numbers_are_the_c_librarys() {
+        assert_eq!(syscalls::EPOLL_WAIT as i64, libc::SYS_epoll_wait);
+        assert_eq!(syscalls::EPOLL_PWAIT as i64, libc::SYS_epoll_pwait);
+        assert_eq!(syscalls::EPOLL_PWAIT2 as i64, libc::SYS_epoll_pwait2);
+        for nr in [libc::SYS_epoll_wait, libc::SYS_epoll_pwait2, libc::SYS_poll] {
+            assert!(is_event_wait(nr), "{nr}");
+        }
+        assert!(!is_event_wait(libc::SYS_futex));
+        assert!(!is_event_wait(-1));
     }
 }

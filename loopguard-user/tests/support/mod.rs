@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -105,6 +105,50 @@ pub fn listening_addr(child: &mut Child) -> SocketAddr {
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .parse()
         .unwrap()
+}
+
+/// `command` started with its stdout piped, and a reader of that stdout.
+pub fn spawn_piped(command: &mut Command) -> (Child, BufReader<ChildStdout>) {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().expect("stdout piped");
+    (child, BufReader::new(stdout))
+}
+
+/// The next line `reader` gives, with its newline (empty at the end).
+pub fn next_line(reader: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    line
+}
+
+/// The one-letter state of process `pid` (`S`: asleep, `T`: stopped).
+pub fn process_state(pid: u32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = stat.rsplit_once(')').unwrap().1;
+    after_name.split_whitespace().next().unwrap().to_owned()
+}
+
+/// Blocks a worker of the example server at `addr` for 200 ms
+/// (`/block/sleep`), then waits up to `timeout` for the agent's first
+/// stall, which must be that worker's: the server's response and the stall.
+pub fn stall_a_worker(agent: &Agent, addr: SocketAddr, timeout: Duration) -> (Response, Line) {
+    let blocked = http_get(addr, "/block/sleep?ms=200").unwrap();
+    let stall = agent.wait_for("the stall", timeout, |v| v["type"] == "stall");
+    assert_eq!(stall.value["tid"], blocked.body["tid"]);
+    (blocked, stall)
+}
+
+/// The frames of a stall's stack, as `function` strings (none without a stack).
+pub fn stack_functions(stall: &Value) -> Vec<String> {
+    stall["stack"]
+        .as_array()
+        .map(|frames| {
+            frames
+                .iter()
+                .filter_map(|frame| frame["function"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The example server, killed on drop.
@@ -257,6 +301,19 @@ impl Agent {
     /// Waits for a line matching `pred`; panics with everything seen on timeout.
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Line {
         self.wait_for_since(None, what, timeout, pred)
+    }
+
+    /// The `listening on ADDR` line of a server the agent runs (its
+    /// output passed through on stdout), and that address.
+    pub fn wait_for_listening(&self, timeout: Duration) -> (Line, SocketAddr) {
+        let line = self.wait_for("the server's address", timeout, |v| {
+            v.as_str().is_some_and(|s| s.starts_with("listening on "))
+        });
+        let addr = line.value.as_str().unwrap()["listening on ".len()..]
+            .trim()
+            .parse()
+            .unwrap();
+        (line, addr)
     }
 
     /// Like [`Self::wait_for`], counting only lines printed after `since`.

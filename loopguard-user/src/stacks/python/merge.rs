@@ -168,6 +168,21 @@ mod tests {
 
     const LIB: &str = "/opt/py/lib/libpython3.12.so.1.0";
 
+    /// The function names of `frames`, innermost first.
+    fn names<'a>(frames: impl IntoIterator<Item = &'a Frame>) -> Vec<&'a str> {
+        frames.into_iter().map(|f| f.function.as_str()).collect()
+    }
+
+    /// The function names of `frames` as they fold (they hold Python code).
+    fn folded(frames: &[Frame]) -> Vec<&str> {
+        names(fold_frames(frames).expect("Python frames to fold"))
+    }
+
+    /// The function name of a frame found, if one was.
+    fn name(frame: Option<&Frame>) -> Option<&str> {
+        frame.map(|f| f.function.as_str())
+    }
+
     #[test]
     fn eval_frames_give_way_to_their_python_frames() {
         let natives = [
@@ -191,9 +206,8 @@ mod tests {
             py("<module>", 1, true),
         ];
         let merged = interleave(&natives, &python, "libpython3.12.so.1.0");
-        let names: Vec<_> = merged.iter().map(|f| f.function.as_str()).collect();
         assert_eq!(
-            names,
+            names(&merged),
             [
                 "clock_nanosleep",
                 "time_sleep",
@@ -207,17 +221,9 @@ mod tests {
             ]
         );
         assert_eq!(merged[3].display(), "block (/srv/app.py:8)");
+        assert_eq!(name(python_caller(&merged)), Some("block"));
         assert_eq!(
-            python_caller(&merged).map(|f| f.function.as_str()),
-            Some("block")
-        );
-        let folded: Vec<_> = fold_frames(&merged)
-            .unwrap()
-            .iter()
-            .map(|f| f.function.as_str())
-            .collect();
-        assert_eq!(
-            folded,
+            folded(&merged),
             [
                 "clock_nanosleep",
                 "block",
@@ -247,9 +253,8 @@ mod tests {
             py("Handle._run", 30, true),
         ];
         let merged = interleave(&natives, &python, "libpython3.12.so.1.0");
-        let names: Vec<_> = merged.iter().map(|f| f.function.as_str()).collect();
         assert_eq!(
-            names,
+            names(&merged),
             [
                 "clock_nanosleep",
                 "pysleep",
@@ -261,21 +266,10 @@ mod tests {
                 "Handle._run",
             ]
         );
+        assert_eq!(name(python_caller(&merged)), Some("block"));
+        assert_eq!(name(python_builtin(&merged)), Some("time.sleep"));
         assert_eq!(
-            python_caller(&merged).map(|f| f.function.as_str()),
-            Some("block")
-        );
-        assert_eq!(
-            python_builtin(&merged).map(|f| f.function.as_str()),
-            Some("time.sleep")
-        );
-        let folded: Vec<_> = fold_frames(&merged)
-            .unwrap()
-            .iter()
-            .map(|f| f.function.as_str())
-            .collect();
-        assert_eq!(
-            folded,
+            folded(&merged),
             [
                 "clock_nanosleep",
                 "time.sleep",
@@ -295,11 +289,7 @@ mod tests {
     fn more_groups_than_eval_frames_go_outermost_and_no_python_keeps_native() {
         let natives = [native("_PyEval_EvalFrameDefault", LIB)];
         let python = [py("a", 1, true), py("b", 2, true)];
-        let names: Vec<_> = interleave(&natives, &python, LIB)
-            .into_iter()
-            .map(|f| f.function)
-            .collect();
-        assert_eq!(names, ["a", "b"]);
+        assert_eq!(names(&interleave(&natives, &python, LIB)), ["a", "b"]);
         let kept = interleave(&natives, &[], LIB);
         assert_eq!(kept, natives);
         assert!(fold_frames(&kept).is_none());
@@ -317,13 +307,6 @@ mod tests {
             LIB,
         );
         let b = interleave(&[native(EVAL_LOOP, LIB)], &python, LIB);
-        let names = |frames: &[Frame]| -> Vec<String> {
-            fold_frames(frames)
-                .unwrap()
-                .iter()
-                .map(|f| f.function.clone())
-                .collect()
-        };
-        assert_eq!(names(&a), names(&b));
+        assert_eq!(folded(&a), folded(&b));
     }
 }

@@ -14,9 +14,11 @@
 
 pub mod builtin;
 pub mod layout;
-pub mod linetable;
 pub mod merge;
 pub mod walk;
+
+/// The line table parser, pure: `loopguard-parse`'s.
+pub use loopguard_parse::linetable;
 
 use std::collections::HashMap;
 

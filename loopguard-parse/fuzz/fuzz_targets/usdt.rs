@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use loopguard::discover::usdt::{ArgLocation, parse_args, parse_notes};
+use loopguard_parse::usdt::{ArgLocation, parse_args, parse_notes};
 
 fn check_args(text: &str) {
     if let Ok(args) = parse_args(text) {

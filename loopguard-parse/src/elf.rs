@@ -3,7 +3,7 @@
 //!
 //! Input: the bytes of an ELF file. Output: a [`BinaryInfo`] in virtual
 //! addresses and file offsets; turning those into runtime addresses needs the
-//! process's memory map (`super::proc`).
+//! process's memory map (the agent's `discover::proc`).
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -13,9 +13,9 @@ use object::{
     elf,
 };
 
-use super::symbols::{SymbolRole, classify, demangle, mentions_tokio};
-use super::usdt::{ArgSpec, ArgSpecError, parse_args, parse_notes};
-use super::vtable::{ImageWords, PollClass, TaskLayout, Word, agreed_layout, verify_vtable};
+use crate::symbols::{SymbolRole, classify, demangle, mentions_tokio};
+use crate::usdt::{ArgSpec, ArgSpecError, parse_args, parse_notes};
+use crate::vtable::{ImageWords, PollClass, TaskLayout, Word, agreed_layout, verify_vtable};
 
 /// One monomorphised copy of `tokio::runtime::task::raw::poll`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,6 +85,10 @@ pub struct BinaryInfo {
     /// The middleware's in-flight tables (one per copy of the middleware
     /// linked in; none with a middleware older than the table).
     pub inflight_tables: Vec<InflightTableSite>,
+    /// The argument strings of in-flight table notes of a layout this
+    /// agent does not read (another middleware version): ignored, for the
+    /// caller to say so.
+    pub foreign_inflight_tables: Vec<String>,
     /// File offset ranges of blocking-pool code.
     pub blocking_ranges: Vec<Range<u64>>,
     /// `(file offset, size, demangled name)` of every function symbol, sorted,
@@ -174,11 +178,12 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
     blocking_ranges.sort_by_key(|range| range.start);
     functions.sort_by_key(|&(offset, _, _)| offset);
     functions.dedup_by_key(|&mut (offset, _, _)| offset);
-    let (usdt_sites, inflight_tables) = find_usdt_sites(&file, &image);
+    let notes = find_usdt_sites(&file, &image);
     Ok(BinaryInfo {
         poll_copies,
-        usdt_sites,
-        inflight_tables,
+        usdt_sites: notes.sites,
+        inflight_tables: notes.tables,
+        foreign_inflight_tables: notes.foreign_tables,
         blocking_ranges,
         functions,
     })
@@ -222,18 +227,23 @@ fn find_layouts(image: &Image<'_>, copies: HashSet<u64>) -> HashMap<u64, Option<
         .collect()
 }
 
+/// What the `loopguard` provider's notes announce.
+#[derive(Default)]
+struct ProviderNotes {
+    sites: Vec<UsdtSite>,
+    tables: Vec<InflightTableSite>,
+    foreign_tables: Vec<String>,
+}
+
 /// The `loopguard` provider's USDT sites, their addresses corrected for
 /// prelinking the way `SystemTap` defines (`.stapsdt.base`), and the
 /// in-flight tables its notes announce.
-fn find_usdt_sites(
-    file: &object::File<'_>,
-    image: &Image<'_>,
-) -> (Vec<UsdtSite>, Vec<InflightTableSite>) {
+fn find_usdt_sites(file: &object::File<'_>, image: &Image<'_>) -> ProviderNotes {
     let Some(notes) = file
         .section_by_name(".note.stapsdt")
         .and_then(|section| section.data().ok())
     else {
-        return (Vec::new(), Vec::new());
+        return ProviderNotes::default();
     };
     let actual_base = file
         .section_by_name(".stapsdt.base")
@@ -242,8 +252,7 @@ fn find_usdt_sites(
         Some(base) if note_base != 0 => addr.wrapping_add(base).wrapping_sub(note_base),
         _ => addr,
     };
-    let mut sites = Vec::new();
-    let mut tables = Vec::new();
+    let mut found = ProviderNotes::default();
     for note in parse_notes(notes) {
         if note.provider != loopguard_common::usdt::PROVIDER {
             continue;
@@ -254,23 +263,23 @@ fn find_usdt_sites(
         };
         if note.name == loopguard_common::usdt::INFLIGHT_TABLE {
             if inflight_layout_known(&note.args) && note.semaphore != 0 {
-                tables.push(InflightTableSite {
+                found.tables.push(InflightTableSite {
                     site_file_offset: file_offset,
                     table_minus_site: corrected(note.base, note.semaphore).wrapping_sub(pc),
                 });
             } else {
-                tracing::warn!(layout = %note.args, "in-flight table of another middleware version ignored");
+                found.foreign_tables.push(note.args);
             }
             continue;
         }
-        sites.push(UsdtSite {
+        found.sites.push(UsdtSite {
             file_offset,
             semaphore: note.semaphore,
             args: parse_args(&note.args),
             name: note.name,
         });
     }
-    (sites, tables)
+    found
 }
 
 /// Whether an in-flight table note's arguments (`version slots slot_bytes`)
@@ -300,12 +309,10 @@ impl<'d> Image<'d> {
                     SegmentFlags::Elf { p_flags } => p_flags & elf::PF_X != 0,
                     _ => false,
                 };
-                Some((
-                    segment.address()..segment.address() + size,
-                    offset,
-                    bytes,
-                    executable,
-                ))
+                // A hostile header may place a segment at the top of the
+                // address space: one that wraps around is no segment.
+                let end = segment.address().checked_add(size)?;
+                Some((segment.address()..end, offset, bytes, executable))
             })
             .collect();
         let relocations = file
@@ -357,5 +364,124 @@ impl ImageWords for Image<'_> {
         self.segments
             .iter()
             .any(|(range, _, _, executable)| *executable && range.contains(&vaddr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use object::write::{Object as Writer, Symbol, SymbolSection};
+    use object::{Architecture, BinaryFormat, Endianness, SectionKind, SymbolFlags, SymbolScope};
+
+    use super::*;
+
+    /// A relocatable object for `architecture` with one text section and a
+    /// 16-byte function symbol per name (raw, mangled as given).
+    fn object_with_functions(architecture: Architecture, names: &[&str]) -> Vec<u8> {
+        let mut writer = Writer::new(BinaryFormat::Elf, architecture, Endianness::Little);
+        let text = writer.add_section(Vec::new(), b".text".to_vec(), SectionKind::Text);
+        writer.append_section_data(text, &vec![0xc3; 16 * (names.len() + 1)], 16);
+        for (i, name) in names.iter().enumerate() {
+            writer.add_symbol(Symbol {
+                name: name.as_bytes().to_vec(),
+                value: 16 * (i as u64 + 1),
+                size: 16,
+                kind: SymbolKind::Text,
+                scope: SymbolScope::Linkage,
+                weak: false,
+                section: SymbolSection::Section(text),
+                flags: SymbolFlags::None,
+            });
+        }
+        writer.write().unwrap()
+    }
+
+    const TASK_POLL: &str = "_ZN5tokio7runtime4task3raw4poll17h0123456789abcdefE";
+    const TOKIO_OTHER: &str = "_ZN5tokio7runtime4time6Driver4park17h0123456789abcdefE";
+
+    #[test]
+    fn what_is_not_an_x86_64_elf_is_refused_as_such() {
+        assert!(matches!(analyze(b"not an elf"), Err(ElfError::NotElf(_))));
+        assert!(matches!(analyze(&[]), Err(ElfError::NotElf(_))));
+        let arm = object_with_functions(Architecture::Aarch64, &[TASK_POLL]);
+        assert!(matches!(
+            analyze(&arm),
+            Err(ElfError::Architecture(Architecture::Aarch64))
+        ));
+    }
+
+    #[test]
+    fn programs_without_the_task_poll_are_told_apart() {
+        let c = object_with_functions(Architecture::X86_64, &["main", "epoll_wait"]);
+        assert!(matches!(analyze(&c), Err(ElfError::NotTokio)), "C program");
+        let tokio = object_with_functions(Architecture::X86_64, &["main", TOKIO_OTHER]);
+        let error = analyze(&tokio).unwrap_err();
+        assert!(matches!(error, ElfError::NoTaskPoll), "{error:?}");
+        assert!(error.to_string().contains("raw::poll"), "{error}");
+    }
+
+    #[test]
+    fn a_task_poll_symbol_makes_a_tokio_binary() {
+        let bytes = object_with_functions(Architecture::X86_64, &[TOKIO_OTHER, TASK_POLL]);
+        // A relocatable object maps nothing: no copy has a file offset to
+        // attach to, and nothing else is claimed.
+        let info = analyze(&bytes).unwrap();
+        assert!(info.poll_copies.is_empty(), "{:?}", info.poll_copies);
+        assert!(info.usdt_sites.is_empty() && info.inflight_tables.is_empty());
+        assert!(info.foreign_inflight_tables.is_empty());
+    }
+
+    /// An x86-64 executable of headers only: one loadable segment of the
+    /// whole file at `vaddr`, no sections, no symbols.
+    fn headers_only_executable(vaddr: u64) -> Vec<u8> {
+        let mut bytes = b"\x7fELF\x02\x01\x01".to_vec();
+        bytes.resize(16, 0);
+        for half in [2u16, 62] {
+            bytes.extend_from_slice(&half.to_le_bytes()); // e_type EXEC, e_machine x86-64
+        }
+        bytes.extend_from_slice(&1u32.to_le_bytes()); // e_version
+        for word in [0u64, 64, 0] {
+            bytes.extend_from_slice(&word.to_le_bytes()); // e_entry, e_phoff, e_shoff
+        }
+        bytes.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for half in [64u16, 56, 1, 64, 0, 0] {
+            // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+            bytes.extend_from_slice(&half.to_le_bytes());
+        }
+        let size = 64 + 56;
+        bytes.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        bytes.extend_from_slice(&5u32.to_le_bytes()); // R + X
+        for word in [0, vaddr, vaddr, size, size, 0x1000] {
+            // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+            bytes.extend_from_slice(&word.to_le_bytes());
+        }
+        assert_eq!(bytes.len() as u64, size);
+        bytes
+    }
+
+    #[test]
+    fn a_segment_at_the_top_of_the_address_space_does_not_wrap() {
+        assert!(matches!(
+            analyze(&headers_only_executable(0x40_0000)),
+            Err(ElfError::Stripped)
+        ));
+        // Its end would be past u64::MAX: no panic, just no such segment.
+        assert!(matches!(
+            analyze(&headers_only_executable(u64::MAX - 8)),
+            Err(ElfError::Stripped)
+        ));
+    }
+
+    #[test]
+    fn only_the_in_flight_table_layout_of_this_agent_is_known() {
+        use loopguard_common::usdt::{INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_VERSION};
+        let ours = format!("{INFLIGHT_VERSION} {INFLIGHT_SLOTS} {INFLIGHT_SLOT_BYTES}");
+        assert!(inflight_layout_known(&ours));
+        assert!(inflight_layout_known(&format!("  {ours} ")));
+        let newer = format!(
+            "{} {INFLIGHT_SLOTS} {INFLIGHT_SLOT_BYTES}",
+            INFLIGHT_VERSION + 1
+        );
+        assert!(!inflight_layout_known(&newer));
+        assert!(!inflight_layout_known(""));
     }
 }

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use loopguard::discover::vtable::{ImageWords, PollClass, Word, verify_vtable};
+use loopguard_parse::vtable::{ImageWords, PollClass, Word, verify_vtable};
 
 const CODE_START: u64 = 0x1000;
 const BASE: u64 = 0x20_0000;

@@ -63,15 +63,17 @@ pub fn line_of(table: &[u8], first_line: i64, unit: u64) -> Option<u32> {
         let mut has_line = true;
         match form {
             15 => has_line = false,
+            // A table that moves the line past what an i64 holds is
+            // malformed: no line, rather than one wrapped around.
             14 => {
-                line += reader.svarint()?;
+                line = line.checked_add(reader.svarint()?)?;
                 reader.varint()?;
                 reader.varint()?;
                 reader.varint()?;
             }
-            13 => line += reader.svarint()?,
+            13 => line = line.checked_add(reader.svarint()?)?,
             10..=12 => {
-                line += i64::from(form - 10);
+                line = line.checked_add(i64::from(form - 10))?;
                 reader.byte()?;
                 reader.byte()?;
             }
@@ -152,6 +154,10 @@ mod tests {
         assert_eq!(line_of(&endless, 1, 0), None);
         // A delta below line 1 is no line.
         assert_eq!(line_of(&[head(13, 1), 7], 1, 0), None);
+        // Nor one past what an i64 holds (+1, then +1 more).
+        assert_eq!(line_of(&[head(13, 1), 2], i64::MAX, 0), None);
+        assert_eq!(line_of(&[head(11, 1), 0, 0], i64::MAX, 0), None);
+        assert_eq!(line_of(&[head(13, 1), 3], i64::MIN, 0), None);
     }
 
     #[test]
