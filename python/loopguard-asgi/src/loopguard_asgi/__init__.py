@@ -63,7 +63,7 @@ class LoopguardMiddleware:
         tracked._loopguard_slot = slot
         token = _steps.CURRENT.set(slot)
         try:
-            return await _steps.Steps(self.app(tracked, receive, send), slot, tid)
+            return await _steps.Steps(self.app(tracked, receive, send), slot, tid, slot.step_last)
         finally:
             _steps.CURRENT.reset(token)
             slot.end()
