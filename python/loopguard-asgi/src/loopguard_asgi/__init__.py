@@ -12,6 +12,7 @@ Any ASGI app: ``app = LoopguardMiddleware(app)``.
 import asyncio
 
 from . import _steps, _table
+from ._steps import CURRENT, Steps, _native_id
 
 __all__ = ["LoopguardMiddleware"]
 __version__ = "0.1.0"
@@ -23,8 +24,10 @@ class _Scope(dict):
 
     __slots__ = ("_loopguard_slot",)
 
-    def __setitem__(self, key, value):
-        dict.__setitem__(self, key, value)
+    def __setitem__(self, key, value, _set=dict.__setitem__):
+        # Runs for every key the framework sets (FastAPI sets about eight
+        # per request): kept to a call and a comparison.
+        _set(self, key, value)
         if key == "route":
             self._loopguard_slot.route(getattr(value, "path", None))
 
@@ -51,7 +54,7 @@ class LoopguardMiddleware:
         table = _table.table()
         if table is None:
             return await self.app(scope, receive, send)
-        tid = _steps._native_id()
+        tid = _native_id()
         slot = table.start(scope.get("method", ""), scope.get("path", ""), tid)
         if slot is None:
             return await self.app(scope, receive, send)
@@ -61,9 +64,9 @@ class LoopguardMiddleware:
             self._loop = loop
         tracked = _Scope(scope)
         tracked._loopguard_slot = slot
-        token = _steps.CURRENT.set(slot)
+        token = CURRENT.set(slot)
         try:
-            return await _steps.Steps(self.app(tracked, receive, send), slot, tid, slot.step_last)
+            return await Steps(self.app(tracked, receive, send), slot, tid, slot.step_last)
         finally:
-            _steps.CURRENT.reset(token)
+            CURRENT.reset(token)
             slot.end()
