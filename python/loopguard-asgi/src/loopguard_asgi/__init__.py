@@ -10,6 +10,7 @@ Any ASGI app: ``app = LoopguardMiddleware(app)``.
 """
 
 import asyncio
+from threading import get_ident
 
 from . import _steps, _table
 from ._steps import CURRENT, Steps, _native_id
@@ -58,10 +59,14 @@ class LoopguardMiddleware:
         slot = table.start(scope.get("method", ""), scope.get("path", ""), tid)
         if slot is None:
             return await self.app(scope, receive, send)
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            _steps.install(loop)
-            self._loop = loop
+        loop = self._loop
+        # asyncio's loops mark the thread running them; get_running_loop()
+        # would cost a getpid system call per request on Python 3.11.
+        if getattr(loop, "_thread_id", None) != get_ident():
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                _steps.install(loop)
+                self._loop = loop
         tracked = _Scope(scope)
         tracked._loopguard_slot = slot
         token = CURRENT.set(slot)
