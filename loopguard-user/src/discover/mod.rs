@@ -7,6 +7,8 @@
 
 pub mod elf;
 pub mod files;
+pub mod glob;
+pub mod identity;
 pub mod preflight;
 pub mod proc;
 pub mod symbols;
