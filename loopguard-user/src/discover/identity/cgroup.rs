@@ -58,9 +58,12 @@ pub struct CgroupFacts {
     pub unit: Option<String>,
 }
 
-/// The cgroup path of a process from the text of `/proc/PID/cgroup`.
+/// The cgroup path of a process from the text of `/proc/PID/cgroup`: the
+/// v2 line's, unless it is the root while v1 hierarchies place the
+/// process (a hybrid host, where containers live in the v1 hierarchies):
+/// then `name=systemd`'s, else the first v1 path that is not the root.
 pub fn cgroup_path(text: &str) -> Option<&str> {
-    let mut fallback = None;
+    let (mut unified, mut systemd, mut other) = (None, None, None);
     for line in text.lines() {
         let mut fields = line.splitn(3, ':');
         let (Some(id), Some(controllers), Some(path)) =
@@ -69,13 +72,20 @@ pub fn cgroup_path(text: &str) -> Option<&str> {
             continue;
         };
         if id == "0" && controllers.is_empty() {
-            return Some(path);
-        }
-        if controllers == "name=systemd" || (fallback.is_none() && path != "/") {
-            fallback = Some(path);
+            unified = Some(path);
+        } else if path != "/" {
+            if controllers == "name=systemd" {
+                systemd = Some(path);
+            } else if other.is_none() {
+                other = Some(path);
+            }
         }
     }
-    fallback
+    unified
+        .filter(|path| *path != "/")
+        .or(systemd)
+        .or(other)
+        .or(unified)
 }
 
 /// Parses the text of `/proc/PID/cgroup`.
@@ -335,6 +345,13 @@ mod tests {
             Some((ContainerRuntime::Docker, ID.to_owned()))
         );
         assert_eq!(cgroup_path("garbage\n"), None);
+        // A hybrid host: the v2 line is the root, v1 places the container.
+        let hybrid = format!("9:name=systemd:/\n4:memory:/libpod_parent/libpod-{ID}\n0::/\n");
+        assert_eq!(
+            parse_cgroup(&hybrid).container,
+            Some((ContainerRuntime::Podman, ID.to_owned()))
+        );
+        assert_eq!(cgroup_path("0::/\n1:cpu:/\n"), Some("/"));
         assert_eq!(parse_cgroup(""), CgroupFacts::default());
     }
 }
