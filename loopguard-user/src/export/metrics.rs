@@ -292,6 +292,14 @@ impl Metrics {
 
     /// The `/metrics` body.
     pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.families())
+            .unwrap_or_else(|error| format!("# loopguard: failed to encode metrics: {error}\n"))
+    }
+
+    /// Every metric family with at least one sample (the host's exporter
+    /// labels and merges them, `super::fleet`).
+    pub fn families(&self) -> Vec<MetricFamily> {
         let mut families = self.registry.gather();
         // A family with no sample (no thread busy yet, nothing lost) is
         // left out: the format has no way to say "none yet".
@@ -304,9 +312,7 @@ impl Metrics {
             .chain(live_families(&lock(&self.live)))
             .filter(|family| !family.get_metric().is_empty()),
         );
-        TextEncoder::new()
-            .encode_to_string(&families)
-            .unwrap_or_else(|error| format!("# loopguard: failed to encode metrics: {error}\n"))
+        families
     }
 }
 
