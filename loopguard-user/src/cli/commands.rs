@@ -49,7 +49,7 @@ fn watch_options(settings: &Settings) -> WatchOptions {
 /// The watch options of `attach` and `run`; starts colour, the status line
 /// and the recording before anything is attached (a recording that cannot
 /// be made fails first).
-fn start_watch(
+pub(crate) fn start_watch(
     settings: &Settings,
     output: &crate::config::args::OutputArgs,
 ) -> Result<WatchOptions, Error> {
@@ -95,7 +95,7 @@ fn fail_on_flags(args: &RunArgs) -> Option<Vec<FailOn>> {
 
 /// Binds `--metrics-addr` before anything is attached or started, so a bad
 /// address or a port in use fails first.
-fn bind_metrics(settings: &Settings) -> Result<Option<std::net::TcpListener>, Error> {
+pub(crate) fn bind_metrics(settings: &Settings) -> Result<Option<std::net::TcpListener>, Error> {
     let Some(addr) = &settings.metrics_addr else {
         return Ok(None);
     };
@@ -132,7 +132,7 @@ fn serve_metrics(
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -205,7 +205,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     }))
 }
 
-async fn sleep_for(secs: Option<u64>) {
+pub(crate) async fn sleep_for(secs: Option<u64>) {
     match secs {
         Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
         None => std::future::pending().await,

@@ -27,7 +27,7 @@ use super::server::Scrape;
 use crate::discover::identity::{IDENTITY_LABELS, Identity};
 
 /// How long a gone target's series stay, by default.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
+pub const DEFAULT_GRACE: Duration = Duration::from_mins(5);
 
 /// A target's place in the host's metrics, for [`FleetMetrics::gone`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,7 +74,8 @@ impl FleetMetrics {
         let mut state = lock(&self.state);
         state.next += 1;
         let handle = TargetHandle(state.next);
-        let replica = (0..)
+        // The entries hold at most as many numbers as there are entries.
+        let replica = (0..=u32::try_from(state.entries.len()).unwrap_or(u32::MAX))
             .find(|replica| {
                 !state
                     .entries
@@ -159,15 +160,14 @@ impl FleetMetrics {
                             .into_iter()
                             .filter(|p| !(info && p.name() == "pid")),
                     );
-                    metric.set_label(pairs.into());
+                    metric.set_label(pairs);
                     metric
                 });
-                match merged.get_mut(family.name()) {
-                    Some(existing) => existing.mut_metric().extend(metrics),
-                    None => {
-                        family.set_metric(metrics.collect());
-                        merged.insert(family.name().to_owned(), family);
-                    }
+                if let Some(existing) = merged.get_mut(family.name()) {
+                    existing.mut_metric().extend(metrics);
+                } else {
+                    family.set_metric(metrics.collect());
+                    merged.insert(family.name().to_owned(), family);
                 }
             }
         }
@@ -226,7 +226,7 @@ fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> Met
     family.set_name(name.to_owned());
     family.set_help(help.to_owned());
     family.set_field_type(kind);
-    family.set_metric(metrics.into());
+    family.set_metric(metrics);
     family
 }
 

@@ -18,6 +18,7 @@
 pub mod cgroup;
 pub mod environ;
 pub mod kubelet;
+pub mod runtime;
 pub mod service;
 
 use std::io;
@@ -61,6 +62,8 @@ pub struct Identity {
     pub pod_uid: String,
     /// The systemd unit, outside containers.
     pub unit: String,
+    /// The cgroup path (for `--cgroup` selectors; not a label).
+    pub cgroup: String,
 }
 
 /// The label names [`Identity::labels`] gives values for, in order.
@@ -113,6 +116,7 @@ pub fn parse_containerenv(text: &str) -> ContainerEnv {
 #[derive(Clone, Debug, Default)]
 pub struct Facts {
     pub exe: String,
+    pub cgroup_path: String,
     pub cgroup: CgroupFacts,
     pub env: EnvFacts,
     pub pod_names: Option<PodNames>,
@@ -126,6 +130,7 @@ pub struct Facts {
 pub fn combine(facts: Facts) -> Identity {
     let Facts {
         exe,
+        cgroup_path,
         cgroup,
         env,
         pod_names,
@@ -134,6 +139,7 @@ pub fn combine(facts: Facts) -> Identity {
     } = facts;
     let mut identity = Identity {
         exe: label_value(&exe),
+        cgroup: cgroup_path,
         ..Identity::default()
     };
     identity.service = label_value(env.service.as_deref().unwrap_or(&exe));
@@ -217,9 +223,13 @@ pub fn read_identity(pid: u32, pods: &PodIndex) -> io::Result<Identity> {
     let proc_file = |name: &str, cap| {
         files::read_prefix_through_proc(Path::new(&format!("/proc/{pid}/{name}")), cap).ok()
     };
-    let cgroup = proc_file("cgroup", MAX_CGROUP_BYTES)
-        .map(|(bytes, _)| cgroup::parse_cgroup(&String::from_utf8_lossy(&bytes)))
+    let cgroup_text = proc_file("cgroup", MAX_CGROUP_BYTES)
+        .map(|(bytes, _)| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default();
+    let cgroup_path = cgroup::cgroup_path(&cgroup_text)
+        .unwrap_or_default()
+        .to_owned();
+    let cgroup = cgroup::parse_cgroup_path(&cgroup_path);
     let env = proc_file("environ", MAX_ENVIRON_BYTES)
         .map(|(bytes, whole)| environ::parse_environ(&bytes, whole))
         .unwrap_or_default();
@@ -252,6 +262,7 @@ pub fn read_identity(pid: u32, pods: &PodIndex) -> io::Result<Identity> {
     };
     Ok(combine(Facts {
         exe,
+        cgroup_path,
         cgroup,
         env,
         pod_names,

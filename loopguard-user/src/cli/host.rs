@@ -1,0 +1,79 @@
+//! `loopguard watch --all`: from its arguments to an exit code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::commands::{bind_metrics, runtime, sleep_for, start_watch};
+use crate::config::Settings;
+use crate::config::args::HostArgs;
+use crate::discover::identity::service::ServiceMap;
+use crate::discover::preflight;
+use crate::error::Error;
+use crate::export::fleet::FleetMetrics;
+use crate::export::server;
+use crate::host::budget::Budget;
+use crate::host::inspect::Inspector;
+use crate::host::select::Selectors;
+use crate::watch::StopReason;
+
+/// Gone targets whose series are kept at once, per target watched at most.
+const GONE_KEPT_PER_TARGET: usize = 4;
+
+/// `loopguard watch --all`.
+pub fn watch_all(args: &HostArgs) -> Result<i32, Error> {
+    let settings = Settings::resolve(&args.watch, None, None)?;
+    preflight::check()?;
+    let listener = bind_metrics(&settings)?;
+    let options = start_watch(&settings, &args.output)?;
+    let selectors = Selectors {
+        exe: args.exe.clone(),
+        cgroup: args.cgroup.clone(),
+        container: args.container.clone(),
+        runtimes: args.runtime.clone(),
+    };
+    let inspector = Inspector::new(selectors, ServiceMap::new(args.service_map.clone()));
+    let budget = Budget::new(args.max_targets, args.max_probes);
+    let fleet = Arc::new(FleetMetrics::new(
+        Duration::from_secs(args.series_grace_s),
+        args.max_targets.saturating_mul(GONE_KEPT_PER_TARGET),
+        settings
+            .metrics_max_routes
+            .unwrap_or(crate::export::labels::DEFAULT_MAX_ROUTES),
+    ));
+    crate::privilege::drop_to(crate::privilege::WATCH);
+    let runtime = runtime()?;
+    let local = tokio::task::LocalSet::new();
+    runtime.block_on(local.run_until(async {
+        if let Some(listener) = listener {
+            if let Ok(addr) = listener.local_addr() {
+                crate::diag!("loopguard: serving Prometheus metrics for the host at http://{addr}/metrics");
+            }
+            server::serve(listener, Arc::clone(&fleet))?;
+        }
+        let duration = settings.duration_s.map(i64::unsigned_abs);
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+        let stop = async move {
+            tokio::select! {
+                _ = interrupt.recv() => StopReason::Interrupted,
+                _ = terminate.recv() => StopReason::Interrupted,
+                () = sleep_for(duration) => StopReason::DurationElapsed,
+            }
+        };
+        crate::diag!(
+            "loopguard: watching every matching event loop on the host (at most {} targets, {} probes); Ctrl+C to stop",
+            args.max_targets,
+            args.max_probes
+        );
+        let summary = crate::host::watch_host(inspector, budget, fleet, &options, stop).await?;
+        crate::diag!(
+            "loopguard: host watch ended: {} target(s) watched, {} not watchable, {} over the budget",
+            summary.watched,
+            summary.refused,
+            summary.over_budget
+        );
+        Ok(0)
+    }))
+}
