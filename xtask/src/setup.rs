@@ -12,7 +12,9 @@ use crate::cmd;
 /// that detaching leaves no programs behind, Prometheus (and its promtool)
 /// for the metrics end-to-end test, Python's venv and Node.js for the
 /// event loops the wait-path end-to-end tests watch, Chromium to open the
-/// HTML report headless.
+/// HTML report headless, podman and runc to run the example in real
+/// containers (`tests/containers.rs`; crun, podman's default, refuses
+/// hybrid cgroup hosts).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     "nodejs",
     "chromium",
+    "podman",
+    "runc",
 ];
 /// The ASGI server the wait-path end-to-end test runs (from `PyPI`, into a
 /// virtual environment under the target directory).

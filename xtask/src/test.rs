@@ -181,6 +181,8 @@ const E2E_TESTS: &[&str] = &[
     "pystacks",
     // Issue #28: `watch --all` over processes before and during the watch.
     "host",
+    // Issue #28: the example and a uvicorn app in podman containers.
+    "containers",
     // Issue #23: false alarms and a missed block_on stall (about 1 min).
     "alarms",
     // Not yet "soak" (tests/soak.rs, every build under healthy mixed load,

@@ -57,6 +57,9 @@ struct Host<'a> {
     held: HashMap<u32, (TargetHandle, usize)>,
     /// Pids being inspected or attached to.
     busy: HashSet<u32>,
+    /// Busy pids that exec'd again meanwhile (`runc init` becoming the
+    /// container's program): inspected again when the first look ends.
+    again: HashSet<u32>,
     /// Watched pids that exec'd: inspected again once their watch ends.
     reinspect: HashSet<u32>,
     pending: usize,
@@ -86,6 +89,7 @@ pub async fn watch_host(
         notices: Notices::default(),
         held: HashMap::new(),
         busy: HashSet::new(),
+        again: HashSet::new(),
         reinspect: HashSet::new(),
         pending: 0,
         stopping: false,
@@ -150,7 +154,11 @@ impl Host<'_> {
 
     /// Inspects `pid` on the blocking pool (unless it is already).
     fn inspect(&mut self, pid: u32) {
-        if self.stopping || !self.busy.insert(pid) {
+        if self.stopping {
+            return;
+        }
+        if !self.busy.insert(pid) {
+            self.again.insert(pid);
             return;
         }
         self.pending += 1;
@@ -166,27 +174,35 @@ impl Host<'_> {
         });
     }
 
+    /// The look at `pid` is over; if it exec'd meanwhile, look again.
+    fn done(&mut self, pid: u32) {
+        self.busy.remove(&pid);
+        if self.again.remove(&pid) {
+            self.inspect(pid);
+        }
+    }
+
     fn on_step(&mut self, pid: u32, step: Step) {
         match step {
             Step::Inspected(Inspection::Skip(why)) => {
                 tracing::debug!(pid, why, "not watched");
-                self.busy.remove(&pid);
+                self.done(pid);
             }
             Step::Inspected(Inspection::Refused {
                 key,
                 reason,
                 message,
             }) => {
-                self.busy.remove(&pid);
+                self.done(pid);
                 self.refused(pid, &key, reason, &message);
             }
             Step::Inspected(Inspection::Candidate(candidate)) => {
-                if self.stopping {
-                    self.busy.remove(&pid);
+                if self.stopping || self.again.contains(&pid) {
+                    self.done(pid);
                     return;
                 }
                 if let Err(error) = self.budget.reserve_target() {
-                    self.busy.remove(&pid);
+                    self.done(pid);
                     self.summary.over_budget += 1;
                     self.fleet.skipped("budget");
                     if self.notices.first("budget: targets") {
@@ -200,6 +216,14 @@ impl Host<'_> {
                 self.attach(pid, candidate);
             }
             Step::Attached(candidate, result) => {
+                if self.again.contains(&pid) {
+                    // It exec'd while being attached: the probes are on
+                    // the old program.
+                    tokio::task::spawn_blocking(move || drop(result));
+                    self.budget.release(0);
+                    self.done(pid);
+                    return;
+                }
                 self.busy.remove(&pid);
                 self.attached(pid, *candidate, result);
             }
