@@ -283,3 +283,166 @@ fn stalls_in_podman_containers_carry_the_container_id_and_name() {
     assert_detached(&programs);
     drop((api, py));
 }
+
+/// The agent image `image` from the Containerfile over a stand-in base
+/// `base` (an empty root filesystem, returned: the host's C library is
+/// mounted at run time).
+fn build_image(repo: &Path, base: &str, image: &str) -> PathBuf {
+    // The base: the host's C library, mounted at run time.
+    let root = rootfs("base", &[]);
+    let tar = root.with_extension("tar");
+    let podman = || {
+        let mut podman = Command::new("podman");
+        podman.args([
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+        ]);
+        podman
+    };
+    let ok = |command: &mut Command| {
+        let out = command.stdin(Stdio::null()).output().expect("run podman");
+        assert!(
+            out.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."));
+    ok(podman().arg("import").arg(&tar).arg(base));
+    ok(podman()
+        .args(["build", "-q", "--pull=never", "--from", base, "-t", image])
+        .arg("-f")
+        .arg(repo.join("Containerfile"))
+        .arg(repo));
+
+    root
+}
+
+/// The agent image, built from the repository's Containerfile (over a
+/// stand-in base: no registry here; `--from` replaces its `FROM`), runs
+/// `watch --all` with exactly the `DaemonSet`'s privileges: every capability
+/// dropped but `SYS_ADMIN`, `SYS_PTRACE` and `KILL`, no new privileges,
+/// a read-only root, the runtime's default seccomp profile, the host's
+/// pids. It finds a Tokio program on the host and reports its stall.
+#[test]
+#[ignore = "end-to-end: needs root, podman and the example build; run `cargo xtask test`"]
+fn the_agent_image_watches_the_host_with_the_daemonsets_capabilities() {
+    require_root();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    assert!(
+        repo.join("target/release/loopguard").exists(),
+        "the Containerfile packages target/release/loopguard; build it (`cargo xtask build`)"
+    );
+    let (base, image) = (
+        format!("localhost/{}-base", tag()),
+        format!("localhost/{}-agent", tag()),
+    );
+    let images = Images(vec![base.clone(), image.clone()]);
+    let root = build_image(&repo, &base, &image);
+
+    let dir = std::env::temp_dir().join(format!("{}-image-target", tag()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let target_binary = dir.join("image-target");
+    std::fs::copy(server_binary("LOOPGUARD_SERVER"), &target_binary).unwrap();
+    let target = support::Server::start(&target_binary, &[]);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let name = format!("{}-agent", tag());
+    let mut agent = Command::new("podman");
+    agent
+        .args([
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+        ])
+        .args([
+            "run",
+            "--rm",
+            "--name",
+            &name,
+            "--pid",
+            "host",
+            "--network",
+            "host",
+        ])
+        .args([
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "--cap-add",
+            "SYS_ADMIN,SYS_PTRACE,KILL",
+        ])
+        .args(["--security-opt", "no-new-privileges"])
+        .args([
+            "--ulimit",
+            "nofile=4096:4096",
+            "--ulimit",
+            "nproc=4096:4096",
+        ])
+        .args([
+            "-v",
+            "/usr/lib:/usr/lib:ro",
+            "-v",
+            "/usr/lib64:/usr/lib64:ro",
+        ])
+        .arg(&image)
+        .args(["watch", "--all", "--exe", &format!("{}/*", dir.display())])
+        .args([
+            "--metrics-addr",
+            &metrics_addr,
+            "--no-stacks",
+            "--format",
+            "json",
+        ]);
+    let _running = Container {
+        name,
+        id: String::new(),
+        root,
+    };
+    let agent = Agent::spawn(agent);
+    agent.wait_for("the target attached", Duration::from_secs(30), |v| {
+        v["type"] == "attached" && v["pid"] == target.pid
+    });
+    target.get("/block/sleep?ms=150");
+    agent.wait_for("its stall", Duration::from_secs(5), |v| {
+        v["type"] == "stall" && v["pid"] == target.pid
+    });
+    let text = scrape(&metrics_addr);
+    let found = series(
+        &text,
+        "loopguard_blocking_total",
+        &[r#"service="image-target""#, r#"kind="stall""#],
+    );
+    assert_eq!(found.len(), 1, "{text}");
+    drop(agent);
+    drop(target);
+    drop(images);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Images removed on drop.
+struct Images(Vec<String>);
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            let _ = Command::new("podman")
+                .args(["--events-backend", "file", "rmi", "-f", image])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
