@@ -13,7 +13,9 @@
 //! gone targets kept at once are capped too. Two live targets with the
 //! same identity (replicas of one service outside containers) are told
 //! apart by `replica`, the lowest number free among them, so the series
-//! stay distinct without a pid.
+//! stay distinct without a pid; a target that takes the number of a gone
+//! one of the same identity (a restart) takes its place, so a service
+//! that restarts keeps one set of series.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -74,15 +76,19 @@ impl FleetMetrics {
         let mut state = lock(&self.state);
         state.next += 1;
         let handle = TargetHandle(state.next);
-        // The entries hold at most as many numbers as there are entries.
+        // The lowest number no live target of the same identity holds. A
+        // gone one holding it makes way: its service's series carry on
+        // (a counter reset, which rate() takes in its stride) instead of
+        // a new replica per restart.
+        let live = |e: &Entry, replica: u32| {
+            e.identity == labels && e.replica == replica && e.gone_at.is_none()
+        };
         let replica = (0..=u32::try_from(state.entries.len()).unwrap_or(u32::MAX))
-            .find(|replica| {
-                !state
-                    .entries
-                    .iter()
-                    .any(|e| e.identity == labels && e.replica == *replica)
-            })
+            .find(|replica| !state.entries.iter().any(|e| live(e, *replica)))
             .unwrap_or(0);
+        state
+            .entries
+            .retain(|e| !(e.identity == labels && e.replica == replica));
         state.entries.push(Entry {
             handle,
             identity: labels,
@@ -300,34 +306,63 @@ mod tests {
         let (_, _) = fleet.add(&same, &info(2));
         let text = fleet.render();
         assert!(text.contains(r#"replica="0""#) && text.contains(r#"replica="1""#));
-        // A gone replica keeps its number until its grace ends.
+        // A gone replica's series stay for the grace period...
         let now = Instant::now();
         fleet.gone_at(first, now);
-        fleet.add(&same, &info(3));
         let text = fleet.render_at(now);
-        assert!(text.contains(r#"replica="2""#), "{text}");
-        // After the grace it is dropped, and its number is free again.
-        let later = now + DEFAULT_GRACE + Duration::from_secs(1);
-        let text = fleet.render_at(later);
-        assert!(!text.contains(r#"replica="0""#), "{text}");
+        assert!(
+            text.contains(r#"loopguard_host_targets{state="gone"} 1"#),
+            "{text}"
+        );
+        // ...unless a new target of the same identity takes its number
+        // (a restart): no new replica per restart.
+        let (_, restarted) = fleet.add(&same, &info(3));
+        restarted.record(BlockingKind::Stall, None, 60_000_000, 0);
+        let text = fleet.render_at(now);
+        assert!(!text.contains(r#"replica="2""#), "{text}");
         assert!(
             text.contains(r#"loopguard_host_targets{state="gone"} 0"#),
             "{text}"
         );
-        fleet.add(&same, &info(4));
-        assert!(fleet.render_at(later).contains(r#"replica="0""#));
+        assert_eq!(
+            text.matches("loopguard_blocking_total{").count(),
+            1,
+            "{text}"
+        );
+        // After the grace a gone one is dropped.
+        let (third, _) = fleet.add(&same, &info(4));
+        fleet.gone_at(third, now);
+        let later = now + DEFAULT_GRACE + Duration::from_secs(1);
+        let text = fleet.render_at(later);
+        assert!(!text.contains(r#"replica="2""#), "{text}");
+        assert!(
+            text.contains(r#"loopguard_host_targets{state="watched"} 2"#),
+            "{text}"
+        );
     }
 
     #[test]
     fn churn_keeps_the_series_bounded() {
         let fleet = FleetMetrics::new(DEFAULT_GRACE, 5, 200);
         let now = Instant::now();
+        // One service restarting: one set of series.
         for pid in 0..1000 {
             let (handle, metrics) = fleet.add(&identity("job", ""), &info(pid));
             metrics.record(BlockingKind::Stall, None, 60_000_000, 0);
             fleet.gone_at(handle, now);
         }
         assert_eq!(fleet.live(), 0);
+        let text = fleet.render_at(now);
+        assert!(
+            text.contains(r#"loopguard_host_targets{state="gone"} 1"#),
+            "{text}"
+        );
+        // Many services coming and going: at most the cap of gone ones.
+        for pid in 0..1000 {
+            let (handle, metrics) = fleet.add(&identity(&format!("job-{pid}"), ""), &info(pid));
+            metrics.record(BlockingKind::Stall, None, 60_000_000, 0);
+            fleet.gone_at(handle, now);
+        }
         let text = fleet.render_at(now);
         assert!(
             text.contains(r#"loopguard_host_targets{state="gone"} 5"#),
