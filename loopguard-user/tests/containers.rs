@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::prometheus::free_port;
-use support::{Agent, assert_detached, http_get, require_root, server_binary};
+use support::{Agent, assert_detached, http_get, require_root, scrape, server_binary};
 
 fn tag() -> String {
     format!("loopguard-ctr-e2e-{}", std::process::id())
@@ -140,15 +140,6 @@ fn wait_answering(port: u16, path: &str) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn scrape(addr: &str) -> String {
-    let out = Command::new("curl")
-        .args(["-sSf", &format!("http://{addr}/metrics")])
-        .output()
-        .expect("run curl");
-    assert!(out.status.success(), "scrape {addr}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn series<'t>(text: &'t str, name: &str, labels: &[&str]) -> Vec<&'t str> {

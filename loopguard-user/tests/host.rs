@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::prometheus::free_port;
-use support::{Agent, Server, assert_detached, http_get, require_root, server_binary};
+use support::{Agent, Server, assert_detached, http_get, require_root, scrape, server_binary};
 
 /// This run's container name: the selector that keeps the watch to our
 /// own processes.
@@ -39,15 +39,6 @@ fn temp_dir(name: &str) -> PathBuf {
 
 fn start(binary: &Path) -> Server {
     Server::start_with_env(binary, &[], &[("CONTAINER_NAME", &tag())])
-}
-
-fn scrape(addr: &str) -> String {
-    let out = Command::new("curl")
-        .args(["-sSf", &format!("http://{addr}/metrics")])
-        .output()
-        .expect("run curl");
-    assert!(out.status.success(), "scrape {addr}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The value of the first series of `name` whose labels hold every one

@@ -179,18 +179,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
             probes.probe_count,
             &mut options,
         )?;
-        let duration = settings.duration_s.map(i64::unsigned_abs);
-        // A handler that cannot be installed is an error: a stop future
-        // that never completes would leave the probes in until SIGKILL.
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
-        let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signals)?;
-        let stop = async move {
-            tokio::select! {
-                _ = interrupt.recv() => StopReason::Interrupted,
-                _ = terminate.recv() => StopReason::Interrupted,
-                () = sleep_for(duration) => StopReason::DurationElapsed,
-            }
-        };
+        let stop = stop_on_signal_or(settings.duration_s.map(i64::unsigned_abs))?;
         let collector = announce(&target, &mut probes, &options)?;
         supervisor.watch((target, probes, tools), collector, options.clone());
         supervisor.run_until(stop).await?;
@@ -205,7 +194,24 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
     }))
 }
 
-pub(crate) async fn sleep_for(secs: Option<u64>) {
+/// Resolves on Ctrl+C or SIGTERM (`Interrupted`), or after `duration`
+/// seconds. A handler that cannot be installed is an error: a stop future
+/// that never completes would leave the probes in until SIGKILL.
+pub(crate) fn stop_on_signal_or(
+    duration: Option<u64>,
+) -> Result<impl std::future::Future<Output = StopReason>, Error> {
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => StopReason::Interrupted,
+            _ = terminate.recv() => StopReason::Interrupted,
+            () = sleep_for(duration) => StopReason::DurationElapsed,
+        }
+    })
+}
+
+async fn sleep_for(secs: Option<u64>) {
     match secs {
         Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
         None => std::future::pending().await,

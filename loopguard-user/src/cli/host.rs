@@ -3,9 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::{SignalKind, signal};
-
-use super::commands::{bind_metrics, runtime, sleep_for, start_watch};
+use super::commands::{bind_metrics, runtime, start_watch, stop_on_signal_or};
 use crate::config::Settings;
 use crate::config::args::HostArgs;
 use crate::discover::identity::service::ServiceMap;
@@ -16,7 +14,6 @@ use crate::export::server;
 use crate::host::budget::Budget;
 use crate::host::inspect::Inspector;
 use crate::host::select::Selectors;
-use crate::watch::StopReason;
 
 /// Gone targets whose series are kept at once, per target watched at most.
 const GONE_KEPT_PER_TARGET: usize = 4;
@@ -52,16 +49,7 @@ pub fn watch_all(args: &HostArgs) -> Result<i32, Error> {
             }
             server::serve(listener, Arc::clone(&fleet))?;
         }
-        let duration = settings.duration_s.map(i64::unsigned_abs);
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
-        let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signals)?;
-        let stop = async move {
-            tokio::select! {
-                _ = interrupt.recv() => StopReason::Interrupted,
-                _ = terminate.recv() => StopReason::Interrupted,
-                () = sleep_for(duration) => StopReason::DurationElapsed,
-            }
-        };
+        let stop = stop_on_signal_or(settings.duration_s.map(i64::unsigned_abs))?;
         crate::diag!(
             "loopguard: watching every matching event loop on the host (at most {} targets, {} probes); Ctrl+C to stop",
             args.max_targets,

@@ -22,9 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::TextEncoder;
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{LabelPair, MetricFamily, MetricType};
 
-use super::metrics::{Metrics, TargetInfo};
+use super::metrics::{Metrics, TargetInfo, counter, family, gauge};
 use super::server::Scrape;
 use crate::discover::identity::{IDENTITY_LABELS, Identity};
 
@@ -225,31 +225,6 @@ fn pair(name: &str, value: &str) -> LabelPair {
     pair.set_name(name.to_owned());
     pair.set_value(value.to_owned());
     pair
-}
-
-fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
-    let mut family = MetricFamily::default();
-    family.set_name(name.to_owned());
-    family.set_help(help.to_owned());
-    family.set_field_type(kind);
-    family.set_metric(metrics);
-    family
-}
-
-fn gauge(labels: &[(&str, &str)], value: f64) -> Metric {
-    let mut metric = Metric::from_label(labels.iter().map(|(n, v)| pair(n, v)).collect());
-    let mut gauge = Gauge::default();
-    gauge.set_value(value);
-    metric.set_gauge(gauge);
-    metric
-}
-
-fn counter(labels: &[(&str, &str)], value: u64) -> Metric {
-    let mut metric = Metric::from_label(labels.iter().map(|(n, v)| pair(n, v)).collect());
-    let mut counter = Counter::default();
-    counter.set_value(value as f64);
-    metric.set_counter(counter);
-    metric
 }
 
 #[cfg(test)]

@@ -331,7 +331,12 @@ fn method_index(method: &str) -> usize {
         .unwrap_or(STANDARD_METHODS.len())
 }
 
-fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+pub(super) fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    metrics: Vec<Metric>,
+) -> MetricFamily {
     let mut family = MetricFamily::default();
     family.set_name(name.to_owned());
     family.set_help(help.to_owned());
@@ -354,7 +359,7 @@ fn labelled(labels: &[(&str, &str)]) -> Metric {
     )
 }
 
-fn gauge(labels: &[(&str, &str)], value: f64) -> Metric {
+pub(super) fn gauge(labels: &[(&str, &str)], value: f64) -> Metric {
     let mut metric = labelled(labels);
     let mut gauge = GaugeValue::default();
     gauge.set_value(value);
@@ -362,7 +367,7 @@ fn gauge(labels: &[(&str, &str)], value: f64) -> Metric {
     metric
 }
 
-fn counter(labels: &[(&str, &str)], value: u64) -> Metric {
+pub(super) fn counter(labels: &[(&str, &str)], value: u64) -> Metric {
     let mut metric = labelled(labels);
     let mut counter = CounterValue::default();
     counter.set_value(value as f64);
