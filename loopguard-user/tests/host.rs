@@ -1,5 +1,5 @@
 //! End-to-end tests of `loopguard watch --all` (issue #28): real processes
-//! started before and during the watch, attached to as they come, their
+//! (Tokio, uvicorn, Node) started before and during the watch, attached to as they come, their
 //! stalls on one `/metrics` labelled by who they are, processes that
 //! cannot be watched said once, the budget, and a clean detach.
 //!
@@ -143,11 +143,43 @@ fn assert_labelled(text: &str) {
         !text.contains("pid="),
         "a pid label on the host's metrics: {text}"
     );
+    let node_loop = sample(
+        text,
+        "loopguard_blocking_total",
+        &[r#"service="node""#, &container, r#"kind="loop""#],
+    );
+    assert!(node_loop.is_some_and(|n| n >= 1.0), "{text}");
     assert_eq!(
         sample(text, "loopguard_host_targets", &[r#"state="watched""#]),
-        Some(3.0),
+        Some(4.0),
         "{text}"
     );
+}
+
+/// Node.js serving `examples/loop-servers/server.js`, with our tag.
+struct Node {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Node {
+    fn start() -> Self {
+        let mut child = Command::new("node")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/loop-servers/server.js"))
+            .env("CONTAINER_NAME", tag())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start node (`cargo xtask setup` installs Debian's nodejs)");
+        let addr = support::listening_addr(&mut child);
+        Self { child, addr }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
@@ -157,6 +189,7 @@ fn processes_before_and_during_the_watch_are_attached_and_their_stalls_labelled(
     let dir = temp_dir("labels");
     let before = start(&copy_as(&dir, "svc-before"));
     let python = Uvicorn::start();
+    let node = Node::start();
     // Another program, not ours to watch (no tag).
     let other = Server::start(&copy_as(&dir, "svc-untagged"), &[]);
     let metrics_addr = format!("127.0.0.1:{}", free_port());
@@ -178,6 +211,8 @@ fn processes_before_and_during_the_watch_are_attached_and_their_stalls_labelled(
     assert_eq!(tokio["mode"], "tokio", "{tokio}");
     let loop_mode = attached(&agent, python.child.id(), already);
     assert_eq!(loop_mode["mode"], "loop", "{loop_mode}");
+    let node_mode = attached(&agent, node.child.id(), already);
+    assert_eq!(node_mode["mode"], "loop", "{node_mode}");
 
     // Started during the watch: attached within seconds of its exec.
     let started = Instant::now();
@@ -191,6 +226,11 @@ fn processes_before_and_during_the_watch_are_attached_and_their_stalls_labelled(
     during.get("/block/sleep?ms=200");
     let response = http_get(python.addr(), "/sleep?ms=200").unwrap();
     assert_eq!(response.status, 200);
+    let response = http_get(node.addr, "/busy?ms=200").unwrap();
+    assert_eq!(response.status, 200);
+    agent.wait_for("the loop stall of node", Duration::from_secs(5), |v| {
+        v["type"] == "stall" && v["pid"] == node.child.id() && v["kind"] == "loop"
+    });
     agent.wait_for("the stall of svc-during", Duration::from_secs(5), |v| {
         v["type"] == "stall" && v["pid"] == during.pid
     });
@@ -223,15 +263,15 @@ fn processes_before_and_during_the_watch_are_attached_and_their_stalls_labelled(
     };
     assert!(status.success(), "{status:?}: {stderr:#?}");
     let summaries = support::of_type(&lines, "summary");
-    assert!(summaries.len() >= 3, "a summary per target: {summaries:#?}");
+    assert!(summaries.len() >= 4, "a summary per target: {summaries:#?}");
     assert!(
         stderr
             .iter()
-            .any(|l| l.contains("host watch ended: 3 target(s) watched")),
+            .any(|l| l.contains("host watch ended: 4 target(s) watched")),
         "{stderr:#?}"
     );
     assert_detached(&programs);
-    drop((before, python, other));
+    drop((before, python, node, other));
     let _ = std::fs::remove_dir_all(dir);
 }
 
