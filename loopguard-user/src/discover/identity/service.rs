@@ -1,8 +1,8 @@
 //! The user's mapping from executables and containers to service names.
 //!
-//! In: rules `PATTERN=SERVICE` (`--service-map`, or `[host] service_map` in
-//! the configuration file), each a glob over the executable's name, or,
-//! written `container:PATTERN=SERVICE`, over the container's name. Out:
+//! In: rules `PATTERN=SERVICE` (`--service-map`), each a glob over the
+//! executable's name, or, written `container:PATTERN=SERVICE`, over the
+//! container's name. Out:
 //! the service of an [`Identity`]: the first rule that matches wins over
 //! what the process declares and over its executable's name. A Python or
 //! Node service is `python3.11` or `node` by its executable alone; a rule
