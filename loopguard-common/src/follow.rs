@@ -50,14 +50,16 @@ pub const SIGSTOP: u32 = 19;
 pub struct FollowConfig {
     /// 1: stop a followed process at exec until the agent resumes it.
     pub stop_on_exec: u32,
-    pub pad: u32,
+    /// 1: every exec on the host is announced, followed or not
+    /// (`loopguard watch --all`; used with `stop_on_exec` 0).
+    pub all_processes: u32,
 }
 
 impl FollowConfig {
     pub const fn zeroed() -> Self {
         Self {
             stop_on_exec: 0,
-            pad: 0,
+            all_processes: 0,
         }
     }
 }

@@ -79,7 +79,9 @@ pub fn follow_fork(ctx: RawTracePointContext) -> i32 {
 pub fn follow_exec(_ctx: RawTracePointContext) -> i32 {
     // SAFETY: a helper with no arguments.
     let task = unsafe { bpf_get_current_task() };
-    if !current_followed(task) {
+    // SAFETY: a plain read of the config global.
+    let all = unsafe { core::ptr::read_volatile(&raw const FOLLOW_CONFIG.all_processes) } != 0;
+    if !all && !current_followed(task) {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;

@@ -25,6 +25,7 @@ const LAYERS: &[&str] = &[
     "error",
     "watch",
     "follow",
+    "host",
     "cli",
 ];
 

@@ -21,7 +21,9 @@
 //!     the settings the rules run with.
 //! 11. [`watch`]: the watch loop over one process.
 //! 12. [`follow`]: `loopguard run`: launch, follow forks, supervise.
-//! 13. [`cli`]: the subcommands, and [`error`] with their exit codes.
+//! 13. [`host`]: `loopguard watch --all`: every matching event loop on the
+//!     host, with one `/metrics` labelled by who each target is.
+//! 14. [`cli`]: the subcommands, and [`error`] with their exit codes.
 //!
 //! [`term`] (colour, the status line, diagnostics) is used by all, and
 //! [`privilege`] (the capabilities kept once a watch is set up) by the
@@ -64,6 +66,8 @@ pub mod config;
 pub mod watch;
 
 pub mod follow;
+
+pub mod host;
 
 pub mod error;
 

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Attach(args) => commands::attach(args),
         Command::Run(args) => commands::run(args),
+        Command::Watch(args) => loopguard::cli::host::watch_all(args),
         Command::Config(args) => commands::config(args),
         Command::Report(args) => commands::report(args),
     };

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use loopguard::export::metrics::names_used;
 use support::prometheus::{Prometheus, free_port, now_s};
-use support::{Agent, FastTraffic, Server, assert_detached, require_root, server_binary};
+use support::{Agent, FastTraffic, Server, assert_detached, require_root, scrape, server_binary};
 
 /// Blocks of `/block/sleep` sent one after another.
 const BLOCKS: u64 = 4;
@@ -58,15 +58,6 @@ fn promtool(args: &[&str], stdin: &str) {
 }
 
 /// The body of `/metrics` at `addr`.
-fn scrape(addr: &str) -> String {
-    let out = Command::new("curl")
-        .args(["-sSf", &format!("http://{addr}/metrics")])
-        .output()
-        .expect("run curl");
-    assert!(out.status.success(), "scrape {addr}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 #[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
 fn prometheus_scrapes_what_loopguard_saw() {

@@ -74,7 +74,7 @@ fn stdout_of(args: &[&str]) -> String {
 #[test]
 fn help_of_every_subcommand_is_golden() {
     assert_golden("help.txt", &stdout_of(&["--help"]));
-    for sub in ["attach", "run", "config", "report"] {
+    for sub in ["attach", "run", "watch", "config", "report"] {
         assert_golden(&format!("help-{sub}.txt"), &stdout_of(&[sub, "--help"]));
     }
 }

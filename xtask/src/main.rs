@@ -5,6 +5,7 @@
 //! - `build`: setup, then the `loopguard` agent and the example, in release
 //! - `demo`: build, start the example, attach, drive a few requests, show the output
 //! - `lint`: fmt and clippy of every workspace `test` builds
+//! - `manifests`: validate `deploy/kubernetes/` offline against the Kubernetes schemas
 //! - `test`: fmt, clippy, unit tests, then the privileged end-to-end tests
 //! - `hygiene`: the build-hygiene checks `test` runs (no aya in middleware
 //!   users; the pure crates on stable without bpf-linker)
@@ -20,6 +21,7 @@ mod example;
 mod fuzz;
 mod hygiene;
 mod lint;
+mod manifests;
 mod matrix;
 mod setup;
 mod test;
@@ -49,6 +51,9 @@ enum Command {
     /// Run fmt and clippy on every workspace: the main one, the eBPF crate, the version
     /// matrix's examples and the fuzz targets.
     Lint,
+    /// Validate deploy/kubernetes/ offline against the Kubernetes schemas (kubernetes-validate
+    /// from `PyPI`, installed into target/manifests-python) and check the manifests fit together.
+    Manifests,
     /// Run fmt, clippy, unit tests and the end-to-end tests (the latter as root, for real).
     Test(test::Options),
     /// Check build hygiene (part of `test`): no aya in the dependency tree of an app using
@@ -75,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         Command::Build => build::build_all().map(|_| ()),
         Command::Demo => demo::run(),
         Command::Lint => lint::run(),
+        Command::Manifests => manifests::run(),
         Command::Test(options) => test::run(&options),
         Command::Hygiene => {
             hygiene::check_no_aya_in_apps()?;

@@ -12,7 +12,9 @@ use crate::cmd;
 /// that detaching leaves no programs behind, Prometheus (and its promtool)
 /// for the metrics end-to-end test, Python's venv and Node.js for the
 /// event loops the wait-path end-to-end tests watch, Chromium to open the
-/// HTML report headless.
+/// HTML report headless, podman and runc to run the example in real
+/// containers (`tests/containers.rs`; crun, podman's default, refuses
+/// hybrid cgroup hosts).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     "nodejs",
     "chromium",
+    "podman",
+    "runc",
 ];
 /// The ASGI server the wait-path end-to-end test runs (from `PyPI`, into a
 /// virtual environment under the target directory).
@@ -206,6 +210,48 @@ pub fn python_with_uvicorn() -> anyhow::Result<PathBuf> {
         "failed to install uvicorn, FastAPI and python/loopguard-asgi (PyPI must be reachable)",
     )?;
     Ok(python)
+}
+
+/// The offline validator of `deploy/kubernetes/` (it ships the Kubernetes
+/// `OpenAPI` schemas of every release it knows; pinned, so its schemas do not
+/// move under the test).
+pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// A virtual environment with kubernetes-validate
+/// [`KUBERNETES_VALIDATE_VERSION`] (and `PyYAML`, which it depends on),
+/// made unless it is there; returns its `bin` directory.
+pub fn manifest_validator() -> anyhow::Result<PathBuf> {
+    let venv = cmd::target_dir().join("manifests-python");
+    let bin = venv.join("bin");
+    let installed = cmd::output(Command::new(bin.join("python")).args([
+        "-c",
+        "import importlib.metadata as m, yaml; print(m.version('kubernetes-validate'))",
+    ]));
+    if installed.trim() == KUBERNETES_VALIDATE_VERSION {
+        return Ok(bin);
+    }
+    if !bin.join("python").exists() {
+        eprintln!(
+            "setup: making a Python virtual environment with kubernetes-validate {KUBERNETES_VALIDATE_VERSION} for the manifest test"
+        );
+        cmd::run(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+        )
+        .context(
+            "failed to make the manifest test's Python virtual environment (Debian's python3-venv)",
+        )?;
+    }
+    cmd::run(
+        Command::new(bin.join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )),
+    )
+    .context("failed to install kubernetes-validate (PyPI must be reachable)")?;
+    Ok(bin)
 }
 
 /// Installs oha [`OHA_VERSION`] unless it is there; returns the binary to

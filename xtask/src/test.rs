@@ -1,8 +1,9 @@
 //! `cargo xtask test`: fmt and clippy (host crates, the eBPF crate, the
 //! version matrix and the fuzz targets: `cargo xtask lint`), unit tests,
 //! build hygiene (no aya in middleware users; the pure crates on stable
-//! without bpf-linker), then the end-to-end tests: as root, for real,
-//! against the example built five ways (release, fat LTO + panic=abort, v0
+//! without bpf-linker), the Kubernetes manifests (`cargo xtask
+//! manifests`), then the end-to-end tests: as root, for real, against the
+//! example built five ways (release, fat LTO + panic=abort, v0
 //! mangling, non-PIE, release with debug info), and against `many-futures`
 //! (hundreds of poll copies: attach and detach at scale).
 
@@ -11,7 +12,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::{build, cmd, fuzz, hygiene, lint, matrix, setup};
+use crate::{build, cmd, fuzz, hygiene, lint, manifests, matrix, setup};
 
 const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -36,6 +37,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     lint::run()?;
     cmd::run(cmd::cargo().current_dir(&root).args(["test", "--release"]))?;
     hygiene::check_pure_crates_on_stable()?;
+    // deploy/kubernetes/ against the Kubernetes schemas, offline.
+    manifests::run()?;
     // The parsers of what a target hands loopguard, fuzzed briefly (20 s
     // each); `cargo xtask fuzz --seconds N` for longer runs.
     fuzz::run(&fuzz::Options { seconds: 20 })?;
@@ -176,6 +179,10 @@ const E2E_TESTS: &[&str] = &[
     "hostile",
     "privilege",
     "pystacks",
+    // Issue #28: `watch --all` over processes before and during the watch.
+    "host",
+    // Issue #28: the example and a uvicorn app in podman containers.
+    "containers",
     // Issue #23: false alarms and a missed block_on stall (about 1 min).
     "alarms",
     // Not yet "soak" (tests/soak.rs, every build under healthy mixed load,

@@ -48,7 +48,7 @@ fn watch_options(settings: &Settings) -> WatchOptions {
 /// The watch options of `attach` and `run`; starts colour, the status line
 /// and the recording before anything is attached (a recording that cannot
 /// be made fails first).
-fn start_watch(
+pub(crate) fn start_watch(
     settings: &Settings,
     output: &crate::config::args::OutputArgs,
 ) -> Result<WatchOptions, Error> {
@@ -94,7 +94,7 @@ fn fail_on_flags(args: &RunArgs) -> Option<Vec<FailOn>> {
 
 /// Binds `--metrics-addr` before anything is attached or started, so a bad
 /// address or a port in use fails first.
-fn bind_metrics(settings: &Settings) -> Result<Option<std::net::TcpListener>, Error> {
+pub(crate) fn bind_metrics(settings: &Settings) -> Result<Option<std::net::TcpListener>, Error> {
     let Some(addr) = &settings.metrics_addr else {
         return Ok(None);
     };
@@ -131,7 +131,7 @@ fn serve_metrics(
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -178,18 +178,7 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
             probes.probe_count,
             &mut options,
         )?;
-        let duration = settings.duration_s.map(i64::unsigned_abs);
-        // A handler that cannot be installed is an error: a stop future
-        // that never completes would leave the probes in until SIGKILL.
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
-        let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signals)?;
-        let stop = async move {
-            tokio::select! {
-                _ = interrupt.recv() => StopReason::Interrupted,
-                _ = terminate.recv() => StopReason::Interrupted,
-                () = sleep_for(duration) => StopReason::DurationElapsed,
-            }
-        };
+        let stop = stop_on_signal_or(settings.duration_s.map(i64::unsigned_abs))?;
         let collector = announce(&target, &mut probes, &options)?;
         supervisor.watch((target, probes, tools), collector, options.clone());
         supervisor.run_until(stop).await?;
@@ -202,6 +191,23 @@ pub fn attach(args: &AttachArgs) -> Result<i32, Error> {
         }
         Ok(0)
     }))
+}
+
+/// Resolves on Ctrl+C or SIGTERM (`Interrupted`), or after `duration`
+/// seconds. A handler that cannot be installed is an error: a stop future
+/// that never completes would leave the probes in until SIGKILL.
+pub(crate) fn stop_on_signal_or(
+    duration: Option<u64>,
+) -> Result<impl std::future::Future<Output = StopReason>, Error> {
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => StopReason::Interrupted,
+            _ = terminate.recv() => StopReason::Interrupted,
+            () = sleep_for(duration) => StopReason::DurationElapsed,
+        }
+    })
 }
 
 async fn sleep_for(secs: Option<u64>) {

@@ -69,6 +69,10 @@ pub enum Command {
     Attach(AttachArgs),
     /// Start a command with the probes in place before it serves, and report its stalls.
     Run(RunArgs),
+    /// Watch every event loop on the host (Tokio, Python, Node) that the
+    /// selectors match, as processes come and go; one /metrics for all.
+    #[command(after_help = WATCH_EXAMPLES)]
+    Watch(HostArgs),
     /// Print the effective configuration (defaults, then FILE, then flags) as TOML.
     Config(ConfigArgs),
     /// Show a recording (`--record FILE.jsonl`) again: its summary, its
@@ -88,6 +92,63 @@ EXAMPLES:
       One self-contained page (no network): stalls per thread over time with
       their requests and stacks, the poll-duration histogram, routes ranked by
       stall time, cumulative alerts.";
+
+const WATCH_EXAMPLES: &str = "\
+EXAMPLES:
+  sudo loopguard watch --all --metrics-addr 0.0.0.0:9464
+      Every Tokio, Python and Node process on the host, running now or started
+      later; one /metrics whose series carry service, container_id, container,
+      namespace and pod (never the pid).
+  sudo loopguard watch --all --runtime python --container 'shop-*' --service-map 'python3*=checkout'
+      Only Python processes in containers named shop-*, reported as service checkout.
+  sudo loopguard watch --all --exe 'api-*' --cgroup '/system.slice/*'
+      Only programs named api-* run by systemd services.
+
+A process that matches but cannot be watched (stripped, too old a Tokio) is
+named once with why, and counted in loopguard_host_skipped_total{reason}.
+Past --max-targets or --max-probes, processes are not watched, said once.";
+
+/// `loopguard watch --all`: the host's event loops.
+#[derive(Debug, Args)]
+pub struct HostArgs {
+    /// Every process on the host that the selectors match (all of them
+    /// without selectors), already running or started later.
+    #[arg(long, required = true)]
+    pub all: bool,
+    /// Only executables whose name matches GLOB (or whose path does, for a
+    /// GLOB with a `/`); repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub exe: Vec<String>,
+    /// Only processes whose cgroup path matches GLOB; repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub cgroup: Vec<String>,
+    /// Only processes in a container whose name or id matches GLOB; repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub container: Vec<String>,
+    /// Only these runtimes [default: tokio,python,node].
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "RUNTIMES")]
+    pub runtime: Vec<crate::discover::identity::runtime::Runtime>,
+    /// Name the service of executables (or, with `container:`, of
+    /// containers) matching PATTERN; the first rule that matches wins over
+    /// `LOOPGUARD_SERVICE` / `OTEL_SERVICE_NAME` and the executable's name.
+    #[arg(long, value_name = "PATTERN=SERVICE")]
+    pub service_map: Vec<crate::discover::identity::service::ServiceRule>,
+    /// Targets watched at once; past it, processes are not watched (said once).
+    /// Each target loads its own programs and maps (a few MiB of kernel
+    /// memory, and a `sched_switch` program run on every context switch).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_targets: usize,
+    /// uprobes held in all targets at once.
+    #[arg(long, default_value_t = 20_000, value_name = "N")]
+    pub max_probes: usize,
+    /// Seconds a gone target's series stay in /metrics.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub series_grace_s: u64,
+    #[command(flatten)]
+    pub watch: WatchArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {

@@ -6,6 +6,8 @@
 //! the framework gave none): `*` matches any run of characters, `/`
 //! included; `?` matches one character; anything else matches itself.
 
+use crate::discover::glob::glob_match;
+
 /// The routes left out when nothing else is configured.
 pub const DEFAULT_EXCLUDED_ROUTES: [&str; 4] = ["/health", "/healthz", "/ready", "/metrics"];
 
@@ -33,33 +35,6 @@ impl RouteFilter {
         let route: Vec<char> = route.chars().collect();
         self.patterns.iter().any(|p| glob_match(p, &route))
     }
-}
-
-/// Iterative glob match with one backtrack point per `*` (linear in practice).
-fn glob_match(pattern: &[char], text: &[char]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        match pattern.get(p) {
-            Some('*') => {
-                star = Some((p, t));
-                p += 1;
-            }
-            Some(&c) if c == '?' || c == text[t] => {
-                p += 1;
-                t += 1;
-            }
-            _ => match star {
-                Some((star_p, star_t)) => {
-                    p = star_p + 1;
-                    t = star_t + 1;
-                    star = Some((star_p, star_t + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[p..].iter().all(|&c| c == '*')
 }
 
 #[cfg(test)]

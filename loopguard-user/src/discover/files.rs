@@ -106,6 +106,25 @@ pub fn exists_in_root(pid: u32, path: &str) -> bool {
     }
 }
 
+/// Reads at most `cap` bytes of a regular file through `/proc` (a
+/// process's `environ`, `cgroup`: their size is not known before reading,
+/// and the target sets it). Returns the bytes and whether they are the
+/// whole file.
+pub fn read_prefix_through_proc(path: &Path, cap: u64) -> io::Result<(Vec<u8>, bool)> {
+    let mut file = open_through_proc(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file; loopguard reads only regular files",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.by_ref().take(cap + 1).read_to_end(&mut bytes)?;
+    let whole = bytes.len() as u64 <= cap;
+    bytes.truncate(usize::try_from(cap).unwrap_or(usize::MAX));
+    Ok((bytes, whole))
+}
+
 /// Reads an open file whole if it is a regular file of at most `cap` bytes.
 pub fn read_regular(mut file: File, cap: u64) -> io::Result<Vec<u8>> {
     let metadata = file.metadata()?;
@@ -175,6 +194,30 @@ mod tests {
         let error = read_through_proc(&path, 9).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::FileTooLarge);
         assert!(error.to_string().contains("limit"), "{error}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_prefix_is_read_up_to_the_cap_and_says_whether_it_is_whole() {
+        let dir = temp_dir("prefix");
+        let path = dir.join("environ");
+        std::fs::write(&path, b"A=1\0B=2\0").unwrap();
+        assert_eq!(
+            read_prefix_through_proc(&path, 8).unwrap(),
+            (b"A=1\0B=2\0".to_vec(), true)
+        );
+        assert_eq!(
+            read_prefix_through_proc(&path, 5).unwrap(),
+            (b"A=1\0B".to_vec(), false)
+        );
+        let environ = format!("/proc/{}/environ", std::process::id());
+        assert!(
+            !read_prefix_through_proc(Path::new(&environ), 1 << 20)
+                .unwrap()
+                .0
+                .is_empty()
+        );
+        assert!(read_prefix_through_proc(Path::new("/dev/zero"), 16).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -13,6 +13,8 @@
 //! files, so the stages above name them through `discover`.
 
 pub mod files;
+pub mod glob;
+pub mod identity;
 pub mod preflight;
 pub mod proc;
 pub mod waits;

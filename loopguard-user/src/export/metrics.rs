@@ -304,6 +304,14 @@ impl Metrics {
 
     /// The `/metrics` body.
     pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.families())
+            .unwrap_or_else(|error| format!("# loopguard: failed to encode metrics: {error}\n"))
+    }
+
+    /// Every metric family with at least one sample (the host's exporter
+    /// labels and merges them, `super::fleet`).
+    pub fn families(&self) -> Vec<MetricFamily> {
         let mut families = self.registry.gather();
         // A family with no sample (no thread busy yet, nothing lost) is
         // left out: the format has no way to say "none yet".
@@ -316,9 +324,7 @@ impl Metrics {
             .chain(live_families(&lock(&self.live)))
             .filter(|family| !family.get_metric().is_empty()),
         );
-        TextEncoder::new()
-            .encode_to_string(&families)
-            .unwrap_or_else(|error| format!("# loopguard: failed to encode metrics: {error}\n"))
+        families
     }
 }
 
@@ -337,7 +343,12 @@ fn method_index(method: &str) -> usize {
         .unwrap_or(STANDARD_METHODS.len())
 }
 
-fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+pub(super) fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    metrics: Vec<Metric>,
+) -> MetricFamily {
     let mut family = MetricFamily::default();
     family.set_name(name.to_owned());
     family.set_help(help.to_owned());
@@ -360,7 +371,7 @@ fn labelled(labels: &[(&str, &str)]) -> Metric {
     )
 }
 
-fn gauge(labels: &[(&str, &str)], value: f64) -> Metric {
+pub(super) fn gauge(labels: &[(&str, &str)], value: f64) -> Metric {
     let mut metric = labelled(labels);
     let mut gauge = GaugeValue::default();
     gauge.set_value(value);
@@ -368,7 +379,7 @@ fn gauge(labels: &[(&str, &str)], value: f64) -> Metric {
     metric
 }
 
-fn counter(labels: &[(&str, &str)], value: u64) -> Metric {
+pub(super) fn counter(labels: &[(&str, &str)], value: u64) -> Metric {
     let mut metric = labelled(labels);
     let mut counter = CounterValue::default();
     counter.set_value(value as f64);

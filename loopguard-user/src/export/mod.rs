@@ -5,6 +5,7 @@
 //! [`metrics`] holds every metric and renders the text format, [`server`]
 //! answers scrapes.
 
+pub mod fleet;
 pub mod labels;
 pub mod live;
 pub mod metrics;

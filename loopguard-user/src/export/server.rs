@@ -89,8 +89,21 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ExportError> {
     Ok(listener)
 }
 
+/// What a scrape is answered with: one target's [`Metrics`], or the
+/// host's (`super::fleet`).
+pub trait Scrape: Send + Sync + 'static {
+    /// The `/metrics` body.
+    fn render(&self) -> String;
+}
+
+impl Scrape for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+}
+
 /// Serves scrapes on `listener` until the runtime shuts down.
-pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> Result<(), ExportError> {
+pub fn serve<S: Scrape>(listener: TcpListener, metrics: Arc<S>) -> Result<(), ExportError> {
     let addr = listener.local_addr().map_err(|source| ExportError::Bind {
         addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         source,
@@ -121,7 +134,7 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> Result<(), ExportE
             let connection = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let metrics = Arc::clone(&metrics);
-                    async move { Ok::<_, Infallible>(respond(&request, &metrics)) }
+                    async move { Ok::<_, Infallible>(respond(&request, metrics.as_ref())) }
                 });
                 if let Err(error) = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -141,7 +154,7 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> Result<(), ExportE
 /// The Prometheus text format's content type.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-fn respond<B>(request: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
+fn respond<B>(request: &Request<B>, metrics: &dyn Scrape) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/metrics") => {
             (StatusCode::OK, TEXT_FORMAT, metrics.render())

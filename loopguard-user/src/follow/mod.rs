@@ -62,7 +62,7 @@ impl Follower {
     ) -> Result<Self, FollowError> {
         let config = FollowConfig {
             stop_on_exec: 1,
-            pad: 0,
+            all_processes: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(names::FOLLOW_CONFIG, &config, true)
@@ -101,6 +101,34 @@ impl Follower {
         if children {
             attach_raw_tracepoint(&mut ebpf, names::FOLLOW_FORK, "sched_process_fork")?;
         }
+        attach_raw_tracepoint(&mut ebpf, names::FOLLOW_EXEC, "sched_process_exec")?;
+        Ok(Self {
+            ebpf: Some(ebpf),
+            // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd.
+            events: unsafe { AsyncFd::register(ring) }
+                .map_err(|error| FollowError::Poll(error.into()))?,
+            pids,
+            stopped,
+            counters,
+        })
+    }
+
+    /// Hears of every exec on the host, stopping none (`loopguard watch
+    /// --all`: a host agent must never hold a process it was not asked
+    /// about). No watchdog is needed: nothing is ever stopped.
+    pub fn start_all() -> Result<Self, FollowError> {
+        let config = FollowConfig {
+            stop_on_exec: 0,
+            all_processes: 1,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::FOLLOW_CONFIG, &config, true)
+            .load(EBPF_OBJECT)
+            .map_err(|error| AttachError::Load(Box::new(error)))?;
+        let pids = take(&mut ebpf, names::FOLLOW_PIDS)?;
+        let stopped = take(&mut ebpf, names::FOLLOW_STOPPED)?;
+        let counters = take(&mut ebpf, names::FOLLOW_COUNTERS)?;
+        let ring: RingBuf<MapData> = take(&mut ebpf, names::FOLLOW_EVENTS)?;
         attach_raw_tracepoint(&mut ebpf, names::FOLLOW_EXEC, "sched_process_exec")?;
         Ok(Self {
             ebpf: Some(ebpf),

@@ -160,6 +160,44 @@ impl Supervisor {
         });
     }
 
+    /// Whether `pid` is being watched now.
+    pub fn is_watching(&self, pid: u32) -> bool {
+        self.active.contains_key(&pid)
+    }
+
+    /// How many watches are running.
+    pub fn active_count(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Tells the watch of `pid`, if any, to stop.
+    pub fn stop(&self, pid: u32, reason: StopReason) {
+        if let Some((_, stop_tx)) = self.active.get(&pid) {
+            let _ = stop_tx.send(Some(reason));
+        }
+    }
+
+    /// Tells every watch to stop.
+    pub fn stop_all(&self, reason: StopReason) {
+        for (_, stop_tx) in self.active.values() {
+            let _ = stop_tx.send(Some(reason));
+        }
+    }
+
+    /// The next watch to end, for a caller that drives the watches itself
+    /// (`loopguard watch --all`) rather than through [`Self::run_until`].
+    pub async fn next_finished(&mut self) -> Option<Finished> {
+        let done = self.done_rx.recv().await?;
+        if self
+            .active
+            .get(&done.pid)
+            .is_some_and(|(generation, _)| *generation == done.generation)
+        {
+            self.active.remove(&done.pid);
+        }
+        Some(done)
+    }
+
     /// Runs until `stop` resolves and every watch has ended (`Run`), or
     /// until the target is gone or exec'd out of reach (`Attach`).
     pub async fn run_until(&mut self, stop: impl Future<Output = StopReason>) -> Result<(), Error> {

@@ -27,6 +27,16 @@ pub fn discover_and_attach(
     options: &WatchOptions,
 ) -> Result<(ProbeTarget, AttachedProbes), Error> {
     let target = discover::discover(pid)?;
+    let probes = attach_discovered(&target, options)?;
+    Ok((target, probes))
+}
+
+/// Attaches to a target already discovered.
+pub fn attach_discovered(
+    target: &ProbeTarget,
+    options: &WatchOptions,
+) -> Result<AttachedProbes, Error> {
+    let pid = target.pid;
     tracing::info!(
         pid,
         exe = %target.exe.display_path,
@@ -44,7 +54,7 @@ pub fn discover_and_attach(
         probe_links: options.probe_links,
         bench: options.bench,
     };
-    let probes = attach::attach(&target, attach_options, &mut |progress| {
+    let probes = attach::attach(target, attach_options, &mut |progress| {
         report_attach_progress(progress);
     })?;
     let links = probes.links_summary;
@@ -55,7 +65,7 @@ pub fn discover_and_attach(
         seconds = links.attach_time.as_secs_f64(),
         "attached"
     );
-    Ok((target, probes))
+    Ok(probes)
 }
 
 /// Prints what attaching is about to do, and how far it got when slow.

@@ -65,6 +65,16 @@ pub fn server_binary(var: &str) -> PathBuf {
     path
 }
 
+/// The agent's `/metrics` at `addr`, with curl.
+pub fn scrape(addr: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sSf", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "scrape {addr}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A response: status code and JSON body (Null when the body is not JSON).
 #[derive(Debug)]
 pub struct Response {

@@ -1,0 +1,340 @@
+//! End-to-end tests of `loopguard watch --all` (issue #28): real processes
+//! (Tokio, uvicorn, Node) started before and during the watch, attached to as they come, their
+//! stalls on one `/metrics` labelled by who they are, processes that
+//! cannot be watched said once, the budget, and a clean detach.
+//!
+//! The targets carry `CONTAINER_NAME` set to a name of this test run's own
+//! and the watch selects `--container` on it: the machine runs other
+//! developers' copies of the same programs, which must not be touched.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::prometheus::free_port;
+use support::{Agent, Server, assert_detached, http_get, require_root, scrape, server_binary};
+
+/// This run's container name: the selector that keeps the watch to our
+/// own processes.
+fn tag() -> String {
+    format!("loopguard-host-e2e-{}", std::process::id())
+}
+
+/// A copy of the example under another name (the service label it gets).
+fn copy_as(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::copy(server_binary("LOOPGUARD_SERVER"), &path).unwrap();
+    path
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{}-{name}", tag()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn start(binary: &Path) -> Server {
+    Server::start_with_env(binary, &[], &[("CONTAINER_NAME", &tag())])
+}
+
+/// The value of the first series of `name` whose labels hold every one
+/// of `labels` (`key="value"` each).
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn attached(agent: &Agent, pid: u32, within: Duration) -> Value {
+    agent
+        .wait_for(&format!("pid {pid} attached"), within, |v| {
+            v["type"] == "attached" && v["pid"] == pid
+        })
+        .value
+}
+
+/// uvicorn serving `examples/loop-servers/app.py`, with our tag.
+struct Uvicorn {
+    child: Child,
+    port: u16,
+}
+
+impl Uvicorn {
+    fn start() -> Self {
+        let python = std::env::var_os("LOOPGUARD_PYTHON").expect(
+            "LOOPGUARD_PYTHON is not set; run the end-to-end tests through `cargo xtask test`",
+        );
+        let port = free_port();
+        let child = Command::new(python)
+            .args(["-m", "uvicorn", "app:app", "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--log-level", "warning"])
+            .arg("--app-dir")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/loop-servers"))
+            .env("CONTAINER_NAME", tag())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start uvicorn");
+        let server = Self { child, port };
+        wait_until("uvicorn to answer", Duration::from_secs(30), || {
+            http_get(server.addr(), "/fast").is_ok_and(|r| r.status == 200)
+        });
+        server
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+}
+
+impl Drop for Uvicorn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The host's metrics after svc-during and uvicorn each blocked once:
+/// the stalls under their service and container, nothing of the others,
+/// never a pid.
+fn assert_labelled(text: &str) {
+    let container = format!(r#"container="{}""#, tag());
+    let stall = sample(
+        text,
+        "loopguard_blocking_total",
+        &[
+            r#"service="svc-during""#,
+            &container,
+            r#"kind="stall""#,
+            r#"route="/block/sleep""#,
+        ],
+    );
+    assert_eq!(stall, Some(1.0), "{text}");
+    let loop_stall = sample(
+        text,
+        "loopguard_blocking_total",
+        &[r#"service="checkout-py""#, &container, r#"kind="loop""#],
+    );
+    assert!(loop_stall.is_some_and(|n| n >= 1.0), "{text}");
+    // svc-before blocked nothing; svc-untagged is not watched at all.
+    assert_eq!(
+        sample(
+            text,
+            "loopguard_blocking_total",
+            &[r#"service="svc-before""#]
+        ),
+        None,
+        "{text}"
+    );
+    assert!(!text.contains("svc-untagged"), "{text}");
+    assert!(
+        !text.contains("pid="),
+        "a pid label on the host's metrics: {text}"
+    );
+    let node_loop = sample(
+        text,
+        "loopguard_blocking_total",
+        &[r#"service="node""#, &container, r#"kind="loop""#],
+    );
+    assert!(node_loop.is_some_and(|n| n >= 1.0), "{text}");
+    assert_eq!(
+        sample(text, "loopguard_host_targets", &[r#"state="watched""#]),
+        Some(4.0),
+        "{text}"
+    );
+}
+
+/// Node.js serving `examples/loop-servers/server.js`, with our tag.
+struct Node {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Node {
+    fn start() -> Self {
+        let mut child = Command::new("node")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/loop-servers/server.js"))
+            .env("CONTAINER_NAME", tag())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start node (`cargo xtask setup` installs Debian's nodejs)");
+        let addr = support::listening_addr(&mut child);
+        Self { child, addr }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example build and uvicorn; run `cargo xtask test`"]
+fn processes_before_and_during_the_watch_are_attached_and_their_stalls_labelled() {
+    require_root();
+    let dir = temp_dir("labels");
+    let before = start(&copy_as(&dir, "svc-before"));
+    let python = Uvicorn::start();
+    let node = Node::start();
+    // Another program, not ours to watch (no tag).
+    let other = Server::start(&copy_as(&dir, "svc-untagged"), &[]);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::start_capturing_stderr(&[
+        "watch",
+        "--all",
+        "--container",
+        &tag(),
+        "--service-map",
+        "python3*=checkout-py",
+        "--metrics-addr",
+        &metrics_addr,
+        "--format",
+        "json",
+        "--no-stacks",
+    ]);
+    let already = Duration::from_secs(30);
+    let tokio = attached(&agent, before.pid, already);
+    assert_eq!(tokio["mode"], "tokio", "{tokio}");
+    let loop_mode = attached(&agent, python.child.id(), already);
+    assert_eq!(loop_mode["mode"], "loop", "{loop_mode}");
+    let node_mode = attached(&agent, node.child.id(), already);
+    assert_eq!(node_mode["mode"], "loop", "{node_mode}");
+
+    // Started during the watch: attached within seconds of its exec.
+    let started = Instant::now();
+    let during = start(&copy_as(&dir, "svc-during"));
+    attached(&agent, during.pid, Duration::from_secs(10));
+    eprintln!(
+        "host test: svc-during attached {:.2} s after it was started",
+        started.elapsed().as_secs_f64()
+    );
+
+    during.get("/block/sleep?ms=200");
+    let response = http_get(python.addr(), "/sleep?ms=200").unwrap();
+    assert_eq!(response.status, 200);
+    let response = http_get(node.addr, "/busy?ms=200").unwrap();
+    assert_eq!(response.status, 200);
+    agent.wait_for("the loop stall of node", Duration::from_secs(5), |v| {
+        v["type"] == "stall" && v["pid"] == node.child.id() && v["kind"] == "loop"
+    });
+    agent.wait_for("the stall of svc-during", Duration::from_secs(5), |v| {
+        v["type"] == "stall" && v["pid"] == during.pid
+    });
+    agent.wait_for("the loop stall of uvicorn", Duration::from_secs(5), |v| {
+        v["type"] == "stall" && v["pid"] == python.child.id() && v["kind"] == "loop"
+    });
+
+    assert_labelled(&scrape(&metrics_addr));
+
+    // One exits: detached, its series kept for the grace period.
+    drop(during);
+    wait_until(
+        "svc-during to be counted gone",
+        Duration::from_secs(10),
+        || {
+            sample(
+                &scrape(&metrics_addr),
+                "loopguard_host_targets",
+                &[r#"state="gone""#],
+            ) == Some(1.0)
+        },
+    );
+    assert!(scrape(&metrics_addr).contains(r#"service="svc-during""#));
+
+    let programs = agent.programs();
+    assert!(!programs.is_empty());
+    let (status, lines, stderr) = {
+        agent.signal("INT");
+        agent.wait_with_stderr(Duration::from_secs(20))
+    };
+    assert!(status.success(), "{status:?}: {stderr:#?}");
+    let summaries = support::of_type(&lines, "summary");
+    assert!(summaries.len() >= 4, "a summary per target: {summaries:#?}");
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("host watch ended: 4 target(s) watched")),
+        "{stderr:#?}"
+    );
+    assert_detached(&programs);
+    drop((before, python, node, other));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example build; run `cargo xtask test`"]
+fn an_unwatchable_program_is_said_once_and_the_budget_holds() {
+    require_root();
+    let dir = temp_dir("refused");
+    let stripped = copy_as(&dir, "svc-stripped");
+    let status = Command::new("strip").arg(&stripped).status().unwrap();
+    assert!(status.success());
+    let first = start(&copy_as(&dir, "svc-first"));
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::start_capturing_stderr(&[
+        "watch",
+        "--all",
+        "--container",
+        &tag(),
+        "--max-targets",
+        "1",
+        "--metrics-addr",
+        &metrics_addr,
+        "--format",
+        "json",
+        "--no-stacks",
+    ]);
+    attached(&agent, first.pid, Duration::from_secs(30));
+    // Over the budget: said once, never attached.
+    let second = start(&copy_as(&dir, "svc-second"));
+    let third = start(&copy_as(&dir, "svc-third"));
+    // A stripped Tokio program, run twice: said once.
+    let refused = [start(&stripped), start(&stripped)];
+    wait_until("the skips to be counted", Duration::from_secs(15), || {
+        let text = scrape(&metrics_addr);
+        sample(
+            &text,
+            "loopguard_host_skipped_total",
+            &[r#"reason="unprobeable""#],
+        ) == Some(2.0)
+            && sample(
+                &text,
+                "loopguard_host_skipped_total",
+                &[r#"reason="budget""#],
+            ) == Some(2.0)
+    });
+    let lines = agent.lines();
+    for server in [&second, &third, &refused[0], &refused[1]] {
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.value["type"] == "attached" && l.value["pid"] == server.pid),
+            "pid {} was attached",
+            server.pid
+        );
+    }
+    let programs = agent.programs();
+    agent.signal("INT");
+    let (status, _, stderr) = agent.wait_with_stderr(Duration::from_secs(20));
+    assert!(status.success());
+    let said = |needle: &str| stderr.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(said("stripped"), 1, "{stderr:#?}");
+    assert_eq!(said("--max-targets"), 1, "{stderr:#?}");
+    assert_detached(&programs);
+    drop((first, second, third, refused));
+    let _ = std::fs::remove_dir_all(dir);
+}
