@@ -248,9 +248,8 @@ impl Session<'_> {
     /// Whether the event loop thread `tid` last waited for (epoll fd
     /// `wait_fd`, encoded) has been closed since: its epoll fd is gone.
     fn loop_closed(&self, tid: u32, wait_fd: u32) -> bool {
-        loopguard_common::wait_fd::decode(wait_fd).is_some_and(|fd| {
-            proc::epoll_fd_open(self.printer.target.pid, tid, fd) == Some(false)
-        })
+        loopguard_common::wait_fd::decode(wait_fd)
+            .is_some_and(|fd| proc::epoll_fd_open(self.printer.target.pid, tid, fd) == Some(false))
     }
 
     fn on_loop_busy(&mut self, busy: &LoopEvent) {
