@@ -320,7 +320,7 @@ mod tests {
             kind: EventKind::LoopBusy as u32,
             pid: 1,
             tid,
-            pad: 0,
+            wait_fd: 0,
             start_ns: start_ms * MS,
             duration_ns: duration_ms * MS,
             preempted_ns: 0,
