@@ -104,6 +104,47 @@ fn current_stretch(tid: u32) -> Option<u64> {
     })
 }
 
+/// `stolen` ns the host took from `tid` while it ran (steal time, found
+/// by `steal::thread_runtime` at `now`): a wait for a CPU as much as a
+/// preemption, so it joins the preempted total of the poll (or busy
+/// stretch) it ran in, at most the time that poll has run. Without it a
+/// stall's `cpu_wait_ms` left steal in the held time that the detector
+/// had already left out (issue #23).
+#[inline(always)]
+pub(crate) fn add_stolen(tid: u32, stolen: u64, now: u64) {
+    if config_u32(&raw const STACK_CONFIG.enabled) == 0 {
+        return;
+    }
+    let Some(poll_start) = current_stretch(tid) else {
+        return;
+    };
+    let state = match THREAD_OFFCPU.get_ptr_mut(tid) {
+        Some(state) => state,
+        None => {
+            if THREAD_OFFCPU
+                .insert(tid, ThreadOffCpu::default(), 0)
+                .is_err()
+            {
+                return;
+            }
+            let Some(state) = THREAD_OFFCPU.get_ptr_mut(tid) else {
+                return;
+            };
+            state
+        }
+    };
+    // SAFETY: map value pointer, valid for this run; the thread runs this
+    // itself, so neither its switch-out nor its switch-in writes it now.
+    let state = unsafe { &mut *state };
+    if state.poll_start_ns != poll_start {
+        *state = ThreadOffCpu {
+            poll_start_ns: poll_start,
+            ..ThreadOffCpu::default()
+        };
+    }
+    state.wait_ns += stolen.min(now.saturating_sub(poll_start));
+}
+
 #[inline(always)]
 fn watched() -> Option<*mut u64> {
     OFFCPU_WATCHED.get_ptr_mut(0)

@@ -62,6 +62,7 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
     let stolen = stolen_ns(mark.max(last_switch_ns()), now, runtime_ns);
     if stolen != 0 {
         credit(tid, stolen, now);
+        crate::stacks::add_stolen(tid, stolen, now);
     }
     0
 }

@@ -298,6 +298,7 @@ fn loop_stall(tid: u32, start_ns: u64, duration_ns: u64, threshold_ns: u64) -> S
         header: 0,
         start_ns,
         duration_ns,
+        preempted_ns: 0,
         copy_index: u32::MAX,
         return_addr: 0,
         threshold_ns,

@@ -58,6 +58,10 @@ pub struct Stall {
     pub start_ns: u64,
     /// ns the poll has lasted (so far, for one in progress).
     pub duration_ns: u64,
+    /// ns of `duration_ns` its thread waited for a CPU (preempted, or its
+    /// vCPU not run by the host): what the detector left out of the held
+    /// time. 0 where the stall was not judged by held time.
+    pub preempted_ns: u64,
     /// Index of the `raw::poll` copy (names the future type in v0 builds).
     pub copy_index: u32,
     /// Return address of the poll: the scheduler that polled it.
@@ -121,6 +125,7 @@ impl StallDetector {
             header: event.header,
             start_ns: event.start_ns,
             duration_ns: event.duration_ns,
+            preempted_ns: event.preempted_ns.min(event.duration_ns),
             copy_index: event.copy_index,
             return_addr: event.return_addr,
             threshold_ns,
@@ -144,7 +149,8 @@ impl StallDetector {
                 continue;
             };
             let elapsed = now_ns.saturating_sub(frame.start_ns);
-            if polls.held_so_far_ns(now_ns, frame) < self.threshold_ns {
+            let held_ns = polls.held_so_far_ns(now_ns, frame);
+            if held_ns < self.threshold_ns {
                 continue;
             }
             let key = (*tid, frame.start_ns);
@@ -159,6 +165,7 @@ impl StallDetector {
                     header: frame.header,
                     start_ns: frame.start_ns,
                     duration_ns: elapsed,
+                    preempted_ns: elapsed.saturating_sub(held_ns),
                     copy_index: frame.copy_index,
                     return_addr: frame.return_addr,
                     threshold_ns,
@@ -399,6 +406,35 @@ mod tests {
         assert_eq!(detector.on_poll_end(&preempted), None);
         preempted.preempted_ns = 5 * MS;
         assert!(detector.on_poll_end(&preempted).is_some());
+    }
+
+    #[test]
+    fn a_stall_carries_the_wait_left_out_of_its_held_time() {
+        // The cause's `cpu_wait_ms` is this figure: duration less it is the
+        // held time the stall was judged by (issue #23).
+        let mut detector = StallDetector::new(50 * MS);
+        let mut event = end(1, 0, 300, 0);
+        event.preempted_ns = 40 * MS;
+        let Some(Finding::Finished { stall, .. }) = detector.on_poll_end(&event) else {
+            panic!("a poll that held its thread 260 ms is a stall");
+        };
+        assert_eq!((stall.duration_ns, stall.preempted_ns), (300 * MS, 40 * MS));
+        // Never more than the poll lasted, whatever the kernel added up.
+        event.preempted_ns = 400 * MS;
+        event.duration_ns = 500 * MS;
+        let Some(Finding::Finished { stall, .. }) = detector.on_poll_end(&event) else {
+            panic!("a poll that held its thread 100 ms is a stall");
+        };
+        assert_eq!(stall.preempted_ns, 400 * MS);
+
+        let mut polls = stack(&[(100, 0)]);
+        polls.frames[0].preempted_at_entry = 4 * MS;
+        polls.preempted_ns = 14 * MS;
+        let found = detector.on_snapshot(170 * MS, &[(3, polls)]);
+        let [Finding::InProgress(stall)] = &found[..] else {
+            panic!("60 ms held of 70 ms is a stall in progress: {found:?}");
+        };
+        assert_eq!((stall.duration_ns, stall.preempted_ns), (70 * MS, 10 * MS));
     }
 
     #[test]

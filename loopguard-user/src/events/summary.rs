@@ -74,6 +74,7 @@ mod tests {
             header: 0,
             start_ns: 0,
             duration_ns,
+            preempted_ns: 0,
             copy_index: 0,
             return_addr: 0,
             threshold_ns: 1,

@@ -128,6 +128,7 @@ mod tests {
             header: 0,
             start_ns: 0,
             duration_ns: 1,
+            preempted_ns: 0,
             copy_index: 0,
             return_addr: 0,
             threshold_ns: 1,

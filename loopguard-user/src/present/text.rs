@@ -184,6 +184,7 @@ mod tests {
             header: 0xdead_0000,
             start_ns: 5,
             duration_ns: 340_123_456,
+            preempted_ns: 0,
             copy_index: 0,
             return_addr: 0,
             threshold_ns: 50_000_000,

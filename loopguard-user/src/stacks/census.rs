@@ -511,6 +511,7 @@ impl Found {
             header: 0,
             start_ns: self.since_ns,
             duration_ns,
+            preempted_ns: 0,
             copy_index: u32::MAX,
             return_addr: 0,
             // The agent sets the threshold in force.

@@ -284,6 +284,10 @@ impl Stacks {
         if finished {
             profile.asleep_since = None;
         }
+        // The detector's own count of the poll's wait for a CPU (its
+        // `sched_switch` preemptions and the host's steal time) is what it
+        // left out of the held time; the cause says no less.
+        profile.wait_ns = profile.wait_ns.max(stall.preempted_ns);
         profile.settle(end_ns);
         let cause = classify(stall.duration_ns, &profile);
         let frames = match profile.dominant() {

@@ -317,6 +317,7 @@ mod tests {
             header: 0,
             start_ns: MS,
             duration_ns: 80 * MS,
+            preempted_ns: 0,
             copy_index: 0,
             return_addr: 0,
             threshold_ns: 50 * MS,
