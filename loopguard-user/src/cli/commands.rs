@@ -241,15 +241,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     runtime.block_on(local.run_until(async {
         // Handlers first: a signal in the first moments must be forwarded,
         // not kill loopguard by its default action.
-        let forwarded = FORWARDED
-            .into_iter()
-            .map(|signo| {
-                Ok((
-                    signo,
-                    signal(SignalKind::from_raw(signo)).map_err(Error::Signals)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+        let forwarded = signal_handlers()?;
         let stopped = launch::launch_stopped(&args.command, run_as.as_ref())?;
         // Started (as its user): setuid and setgid are not needed any more.
         crate::privilege::drop_to(crate::privilege::WATCH);
@@ -269,11 +261,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             Ok(pidfd) => Arc::new(pidfd),
             Err(error) => return Err(abandon(stopped, Error::Signals(error))),
         };
-        let mut child = stopped.resume()?;
-        let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
-        std::thread::spawn(move || {
-            let _ = exit_tx.send(Some(child.wait().ok()));
-        });
+        let mut exit_rx = wait_in_thread(stopped.resume()?);
         forward_signals(forwarded, &pidfd);
         // Set when --duration's SIGTERM goes out. The watch loop may see the
         // child die (and stop) before this future returns, so the stop reason
@@ -307,6 +295,31 @@ fn command_exit_code(status: Option<std::process::ExitStatus>, terminated_by_us:
             launch::exit_code(status)
         }
     })
+}
+
+/// A handler for each signal `run` forwards to its command.
+fn signal_handlers() -> Result<Vec<(i32, tokio::signal::unix::Signal)>, Error> {
+    FORWARDED
+        .into_iter()
+        .map(|signo| {
+            Ok((
+                signo,
+                signal(SignalKind::from_raw(signo)).map_err(Error::Signals)?,
+            ))
+        })
+        .collect()
+}
+
+/// Waits for `child` on a thread of its own; the receiver gets its exit
+/// status (`None` inside while it runs).
+fn wait_in_thread(
+    mut child: std::process::Child,
+) -> tokio::sync::watch::Receiver<Option<Option<std::process::ExitStatus>>> {
+    let (exit_tx, exit_rx) = tokio::sync::watch::channel(None);
+    std::thread::spawn(move || {
+        let _ = exit_tx.send(Some(child.wait().ok()));
+    });
+    exit_rx
 }
 
 /// Forwards each signal loopguard receives to the command (through its
