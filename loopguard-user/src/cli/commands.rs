@@ -261,7 +261,11 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             Ok(pidfd) => Arc::new(pidfd),
             Err(error) => return Err(abandon(stopped, Error::Signals(error))),
         };
-        let mut exit_rx = wait_in_thread(stopped.resume()?);
+        let mut child = stopped.resume()?;
+        let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
+        std::thread::spawn(move || {
+            let _ = exit_tx.send(Some(child.wait().ok()));
+        });
         forward_signals(forwarded, &pidfd);
         // Set when --duration's SIGTERM goes out. The watch loop may see the
         // child die (and stop) before this future returns, so the stop reason
@@ -308,18 +312,6 @@ fn signal_handlers() -> Result<Vec<(i32, tokio::signal::unix::Signal)>, Error> {
             ))
         })
         .collect()
-}
-
-/// Waits for `child` on a thread of its own; the receiver gets its exit
-/// status (`None` inside while it runs).
-fn wait_in_thread(
-    mut child: std::process::Child,
-) -> tokio::sync::watch::Receiver<Option<Option<std::process::ExitStatus>>> {
-    let (exit_tx, exit_rx) = tokio::sync::watch::channel(None);
-    std::thread::spawn(move || {
-        let _ = exit_tx.send(Some(child.wait().ok()));
-    });
-    exit_rx
 }
 
 /// Forwards each signal loopguard receives to the command (through its
