@@ -119,39 +119,12 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
     }
     let image = Image::new(&file);
 
-    let symbols: Vec<_> = if file.symbol_table().is_some() {
-        file.symbols().collect()
-    } else {
-        file.dynamic_symbols().collect()
-    };
-    let mut copies: HashMap<u64, String> = HashMap::new();
-    let mut blocking_ranges = Vec::new();
-    let mut functions = Vec::new();
-    let mut saw_tokio = false;
-    for symbol in &symbols {
-        if symbol.kind() != SymbolKind::Text || symbol.address() == 0 {
-            continue;
-        }
-        let Ok(raw) = symbol.name() else { continue };
-        let name = demangle(raw);
-        saw_tokio |= mentions_tokio(&name);
-        match classify(&name) {
-            SymbolRole::TaskPoll => {
-                copies
-                    .entry(symbol.address())
-                    .or_insert_with(|| name.clone());
-            }
-            SymbolRole::BlockingPool if symbol.size() > 0 => {
-                if let Some(start) = image.file_offset(symbol.address()) {
-                    blocking_ranges.push(start..start + symbol.size());
-                }
-            }
-            _ => {}
-        }
-        if let Some(start) = image.file_offset(symbol.address()) {
-            functions.push((start, symbol.size(), name));
-        }
-    }
+    let TextSymbols {
+        copies,
+        mut blocking_ranges,
+        mut functions,
+        saw_tokio,
+    } = text_symbols(&file, &image);
     if copies.is_empty() {
         return Err(if file.symbol_table().is_none() {
             ElfError::Stripped
@@ -187,6 +160,56 @@ pub fn analyze(data: &[u8]) -> Result<BinaryInfo, ElfError> {
         blocking_ranges,
         functions,
     })
+}
+
+/// What the text symbols of an executable say, before it is judged.
+#[derive(Default)]
+struct TextSymbols {
+    /// Copies of Tokio's task poll: address → demangled name.
+    copies: HashMap<u64, String>,
+    /// File ranges of the blocking pool's functions.
+    blocking_ranges: Vec<Range<u64>>,
+    /// `(file offset, size, demangled name)` of every function.
+    functions: Vec<(u64, u64, String)>,
+    /// Whether any symbol names Tokio.
+    saw_tokio: bool,
+}
+
+/// Reads the text symbols of `file` (its symbol table, else its dynamic
+/// symbols).
+fn text_symbols(file: &object::File<'_>, image: &Image<'_>) -> TextSymbols {
+    let symbols: Vec<_> = if file.symbol_table().is_some() {
+        file.symbols().collect()
+    } else {
+        file.dynamic_symbols().collect()
+    };
+    let mut found = TextSymbols::default();
+    for symbol in &symbols {
+        if symbol.kind() != SymbolKind::Text || symbol.address() == 0 {
+            continue;
+        }
+        let Ok(raw) = symbol.name() else { continue };
+        let name = demangle(raw);
+        found.saw_tokio |= mentions_tokio(&name);
+        match classify(&name) {
+            SymbolRole::TaskPoll => {
+                found
+                    .copies
+                    .entry(symbol.address())
+                    .or_insert_with(|| name.clone());
+            }
+            SymbolRole::BlockingPool if symbol.size() > 0 => {
+                if let Some(start) = image.file_offset(symbol.address()) {
+                    found.blocking_ranges.push(start..start + symbol.size());
+                }
+            }
+            _ => {}
+        }
+        if let Some(start) = image.file_offset(symbol.address()) {
+            found.functions.push((start, symbol.size(), name));
+        }
+    }
+    found
 }
 
 /// For each copy: the layout all its vtables agree on (`None` inside when

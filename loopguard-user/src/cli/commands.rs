@@ -241,15 +241,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     runtime.block_on(local.run_until(async {
         // Handlers first: a signal in the first moments must be forwarded,
         // not kill loopguard by its default action.
-        let forwarded = FORWARDED
-            .into_iter()
-            .map(|signo| {
-                Ok((
-                    signo,
-                    signal(SignalKind::from_raw(signo)).map_err(Error::Signals)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+        let forwarded = signal_handlers()?;
         let stopped = launch::launch_stopped(&args.command, run_as.as_ref())?;
         // Started (as its user): setuid and setgid are not needed any more.
         crate::privilege::drop_to(crate::privilege::WATCH);
@@ -307,6 +299,19 @@ fn command_exit_code(status: Option<std::process::ExitStatus>, terminated_by_us:
             launch::exit_code(status)
         }
     })
+}
+
+/// A handler for each signal `run` forwards to its command.
+fn signal_handlers() -> Result<Vec<(i32, tokio::signal::unix::Signal)>, Error> {
+    FORWARDED
+        .into_iter()
+        .map(|signo| {
+            Ok((
+                signo,
+                signal(SignalKind::from_raw(signo)).map_err(Error::Signals)?,
+            ))
+        })
+        .collect()
 }
 
 /// Forwards each signal loopguard receives to the command (through its

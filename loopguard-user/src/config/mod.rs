@@ -207,7 +207,18 @@ impl Settings {
             &mut self.metrics_max_routes,
             file.metrics_max_routes.map(Some),
         );
-        let (a, fa) = (&mut self.adaptive, file.adaptive);
+        self.apply_file_tables(file.adaptive, file.cumulative, file.stacks);
+        Ok(())
+    }
+
+    /// The file's `[adaptive]`, `[cumulative]` and `[stacks]` tables.
+    fn apply_file_tables(
+        &mut self,
+        adaptive: file::AdaptiveFile,
+        cumulative: file::CumulativeFile,
+        stacks: file::StacksFile,
+    ) {
+        let (a, fa) = (&mut self.adaptive, adaptive);
         set(&mut a.enabled, fa.enabled);
         set(&mut a.percentile, fa.percentile);
         set(&mut a.multiplier, fa.multiplier);
@@ -215,18 +226,17 @@ impl Settings {
         set(&mut a.min_samples, fa.min_samples);
         set(&mut a.floor_ms, fa.floor_ms);
         set(&mut a.ceiling_ms, fa.ceiling_ms);
-        let (c, fc) = (&mut self.cumulative, file.cumulative);
+        let (c, fc) = (&mut self.cumulative, cumulative);
         set(&mut c.enabled, fc.enabled);
         set(&mut c.floor_ms, fc.floor_ms);
         set(&mut c.window_ms, fc.window_ms);
         set(&mut c.budget_ms, fc.budget_ms);
-        let (st, fst) = (&mut self.stacks, file.stacks);
+        let (st, fst) = (&mut self.stacks, stacks);
         set(&mut st.enabled, fst.enabled);
         set(&mut st.all_frames, fst.all_frames);
         if fst.folded.is_some() {
             st.folded = fst.folded;
         }
-        Ok(())
     }
 
     fn apply_flags(&mut self, args: &WatchArgs, fail_on: Option<&[FailOn]>) {
@@ -351,6 +361,12 @@ impl Settings {
             Some(n) => _ = writeln!(out, "metrics_max_routes = {n}"),
             None => out.push_str("# metrics_max_routes: unset (the exporter's default)\n"),
         }
+        self.tables_toml(&mut out);
+        out
+    }
+
+    /// The `[adaptive]`, `[cumulative]` and `[stacks]` tables of [`Self::to_toml`].
+    fn tables_toml(&self, out: &mut String) {
         let a = &self.adaptive;
         let _ = write!(
             out,
@@ -379,7 +395,6 @@ impl Settings {
             Some(path) => _ = writeln!(out, "folded = {:?}", path.display().to_string()),
             None => out.push_str("# folded: unset (no folded-stacks file)\n"),
         }
-        out
     }
 }
 

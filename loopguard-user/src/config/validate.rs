@@ -23,45 +23,8 @@ fn invalid(
 
 /// Checks every rule; the first broken one is the error.
 pub fn check(s: &Settings) -> Result<(), ConfigError> {
-    let a = &s.adaptive;
-    let c = &s.cumulative;
-    let positive: [(&str, &str, Option<i64>); 10] = [
-        ("threshold_ms", "--threshold-ms", Some(s.threshold_ms)),
-        (
-            "scan_interval_ms",
-            "--scan-interval-ms",
-            Some(s.scan_interval_ms),
-        ),
-        ("duration_s", "--duration", s.duration_s),
-        ("adaptive.window_s", "--adaptive-window-s", Some(a.window_s)),
-        (
-            "adaptive.min_samples",
-            "--adaptive-min-samples",
-            Some(a.min_samples),
-        ),
-        ("adaptive.floor_ms", "--adaptive-floor-ms", Some(a.floor_ms)),
-        (
-            "adaptive.ceiling_ms",
-            "--adaptive-ceiling-ms",
-            Some(a.ceiling_ms),
-        ),
-        (
-            "cumulative.floor_ms",
-            "--cumulative-floor-ms",
-            Some(c.floor_ms),
-        ),
-        (
-            "cumulative.window_ms",
-            "--cumulative-window-ms",
-            Some(c.window_ms),
-        ),
-        (
-            "cumulative.budget_ms",
-            "--cumulative-budget-ms",
-            Some(c.budget_ms),
-        ),
-    ];
-    for (key, flag, value) in positive {
+    // Every bounded number is also a duration or a count.
+    for (key, flag, value, _) in upper_bounds(s) {
         if let Some(value) = value.filter(|&v| v <= 0) {
             return Err(invalid(
                 key,
@@ -109,10 +72,16 @@ fn check_ranges(s: &Settings) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `(file key, flag, value, upper bound)` of every bounded number.
-fn upper_bounds(s: &Settings) -> [(&'static str, &'static str, Option<i64>, i64); 10] {
-    let a = &s.adaptive;
-    let c = &s.cumulative;
+/// `(file key, flag, value, upper bound)` of a bounded number.
+type Bound = (&'static str, &'static str, Option<i64>, i64);
+
+/// Every bounded number: those of the run, then those of the rules.
+fn upper_bounds(s: &Settings) -> impl Iterator<Item = Bound> {
+    run_bounds(s).into_iter().chain(rule_bounds(s))
+}
+
+/// The bounds of how often and how long loopguard watches.
+fn run_bounds(s: &Settings) -> [Bound; 3] {
     [
         (
             "threshold_ms",
@@ -128,6 +97,14 @@ fn upper_bounds(s: &Settings) -> [(&'static str, &'static str, Option<i64>, i64)
         ),
         // A year.
         ("duration_s", "--duration", s.duration_s, 31_536_000),
+    ]
+}
+
+/// The bounds of the adaptive and cumulative rules.
+fn rule_bounds(s: &Settings) -> [Bound; 7] {
+    let a = &s.adaptive;
+    let c = &s.cumulative;
+    [
         (
             "adaptive.window_s",
             "--adaptive-window-s",

@@ -398,6 +398,35 @@ fn alert<'a>(
     }
 }
 
+/// Adds `ns` blocked by one poll serving `request` to its route; the
+/// route's requests are counted once each.
+fn count_route(
+    routes: &mut BTreeMap<(String, String), (RouteShare, Vec<u64>)>,
+    request: &Culprit,
+    ns: u64,
+) {
+    let (route, ids) = routes
+        .entry((request.method.clone(), request.route.clone()))
+        .or_insert_with(|| {
+            (
+                RouteShare {
+                    method: request.method.clone(),
+                    route: request.route.clone(),
+                    requests: 0,
+                    polls: 0,
+                    blocked_ns: 0,
+                },
+                Vec::new(),
+            )
+        });
+    route.polls += 1;
+    route.blocked_ns += ns;
+    if !ids.contains(&request.id) {
+        ids.push(request.id);
+        route.requests += 1;
+    }
+}
+
 /// Tasks and routes by blocked time inside `[from_ns, to_ns]`, worst first.
 pub fn rank<'a>(
     cuts: impl Iterator<Item = &'a Cut>,
@@ -433,26 +462,7 @@ pub fn rank<'a>(
         let Some(request) = &cut.request else {
             continue;
         };
-        let (route, ids) = routes
-            .entry((request.method.clone(), request.route.clone()))
-            .or_insert_with(|| {
-                (
-                    RouteShare {
-                        method: request.method.clone(),
-                        route: request.route.clone(),
-                        requests: 0,
-                        polls: 0,
-                        blocked_ns: 0,
-                    },
-                    Vec::new(),
-                )
-            });
-        route.polls += 1;
-        route.blocked_ns += ns;
-        if !ids.contains(&request.id) {
-            ids.push(request.id);
-            route.requests += 1;
-        }
+        count_route(&mut routes, request, ns);
     }
     let mut tasks: Vec<TaskShare> = tasks.into_values().map(|(t, _)| t).collect();
     tasks.sort_by(|a, b| b.blocked_ns.cmp(&a.blocked_ns).then(b.polls.cmp(&a.polls)));

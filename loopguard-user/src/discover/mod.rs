@@ -120,43 +120,7 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
     let data = files::read_through_proc(&exe.probe_path, files::MAX_EXECUTABLE_BYTES)
         .map_err(|error| io_error(pid, &exe.display_path, error))?;
     let tokio_version = version::tokio_version(&data);
-    let (binary, mode) = match elf::analyze(&data) {
-        Ok(binary) => {
-            for layout in &binary.foreign_inflight_tables {
-                tracing::warn!(layout = %layout, "in-flight table of another middleware version ignored");
-            }
-            (binary, WatchMode::Tokio)
-        }
-        // A Tokio program whose task polls cannot be found: loop mode would
-        // take its parked workers (a futex, not epoll, and no park symbol to
-        // tell) for busy ones. Refuse, with the fix.
-        Err(ElfError::Stripped) if tokio_version.is_some() || version::mentions_tokio(&data) => {
-            return Err(DiscoverError::Stripped {
-                pid,
-                path: exe.display_path,
-            });
-        }
-        Err(ElfError::NoTaskPoll) => {
-            return Err(DiscoverError::NoTaskPoll {
-                pid,
-                path: exe.display_path,
-            });
-        }
-        // Not Tokio, or unreadable as such: the wait path may still watch it.
-        Err(error @ (ElfError::Stripped | ElfError::NotTokio)) => (
-            BinaryInfo::default(),
-            WatchMode::LoopOnly {
-                why: loop_only_reason(&error, version::looks_like_rust(&data)),
-            },
-        ),
-        Err(source) => {
-            return Err(DiscoverError::Binary {
-                pid,
-                path: exe.display_path.clone(),
-                source,
-            });
-        }
-    };
+    let (binary, mode) = analyze(pid, &exe, &data, tokio_version.is_some())?;
     // Every C library exports epoll_wait: only a process that has an epoll
     // instance open runs an event loop.
     if let WatchMode::LoopOnly { why } = &mode
@@ -188,6 +152,49 @@ pub fn discover(pid: u32) -> Result<ProbeTarget, DiscoverError> {
         mode,
         wait_sites,
     })
+}
+
+/// What the executable `data` of process `pid` holds, and so how it is
+/// watched: Tokio's task polls, or its event loop only.
+fn analyze(
+    pid: u32,
+    exe: &Executable,
+    data: &[u8],
+    has_tokio_version: bool,
+) -> Result<(BinaryInfo, WatchMode), DiscoverError> {
+    match elf::analyze(data) {
+        Ok(binary) => {
+            for layout in &binary.foreign_inflight_tables {
+                tracing::warn!(layout = %layout, "in-flight table of another middleware version ignored");
+            }
+            Ok((binary, WatchMode::Tokio))
+        }
+        // A Tokio program whose task polls cannot be found: loop mode would
+        // take its parked workers (a futex, not epoll, and no park symbol to
+        // tell) for busy ones. Refuse, with the fix.
+        Err(ElfError::Stripped) if has_tokio_version || version::mentions_tokio(data) => {
+            Err(DiscoverError::Stripped {
+                pid,
+                path: exe.display_path.clone(),
+            })
+        }
+        Err(ElfError::NoTaskPoll) => Err(DiscoverError::NoTaskPoll {
+            pid,
+            path: exe.display_path.clone(),
+        }),
+        // Not Tokio, or unreadable as such: the wait path may still watch it.
+        Err(error @ (ElfError::Stripped | ElfError::NotTokio)) => Ok((
+            BinaryInfo::default(),
+            WatchMode::LoopOnly {
+                why: loop_only_reason(&error, version::looks_like_rust(data)),
+            },
+        )),
+        Err(source) => Err(DiscoverError::Binary {
+            pid,
+            path: exe.display_path.clone(),
+            source,
+        }),
+    }
 }
 
 /// Whether `path` is an interpreter that opens its event loop after it
@@ -229,30 +236,7 @@ fn find_wait_sites(
     // A mapped library is read and probed through its mapping, so the
     // inode really mapped is the one used, whatever the target has since
     // put under its name.
-    let mut libraries: Vec<(std::path::PathBuf, io::Result<Vec<u8>>, String)> =
-        waits::c_libraries(maps)
-            .into_iter()
-            .map(|mapping| {
-                (
-                    files::mapping_path(pid, &mapping),
-                    files::read_mapping(pid, &mapping, files::MAX_C_LIBRARY_BYTES),
-                    mapping.path,
-                )
-            })
-            .collect();
-    if libraries.is_empty() && waits::is_dynamically_linked(data) {
-        // Stopped right after exec (`loopguard run`): the dynamic loader
-        // has not mapped the C library yet. A uprobe goes on the file, so
-        // one set on the library it will load fires once it is mapped.
-        libraries.extend(waits::default_c_library(pid).map(|library| {
-            (
-                std::path::PathBuf::from(format!("/proc/{pid}/root{library}")),
-                files::read_in_root(pid, &library, files::MAX_C_LIBRARY_BYTES),
-                library,
-            )
-        }));
-    }
-    for (probe_path, bytes, library) in libraries {
+    for (probe_path, bytes, library) in c_libraries(pid, data, maps) {
         let library = crate::term::printable(&library).into_owned();
         let bytes = match bytes {
             Ok(bytes) => bytes,
@@ -276,6 +260,38 @@ fn find_wait_sites(
         ));
     }
     sites
+}
+
+/// The C libraries process `pid` maps (or, stopped before its loader ran,
+/// the one it will map): `(path to probe, its bytes, its name)`.
+fn c_libraries(
+    pid: u32,
+    data: &[u8],
+    maps: &[proc::Mapping],
+) -> Vec<(std::path::PathBuf, io::Result<Vec<u8>>, String)> {
+    let mut libraries: Vec<_> = waits::c_libraries(maps)
+        .into_iter()
+        .map(|mapping| {
+            (
+                files::mapping_path(pid, &mapping),
+                files::read_mapping(pid, &mapping, files::MAX_C_LIBRARY_BYTES),
+                mapping.path,
+            )
+        })
+        .collect();
+    if libraries.is_empty() && waits::is_dynamically_linked(data) {
+        // Stopped right after exec (`loopguard run`): the dynamic loader
+        // has not mapped the C library yet. A uprobe goes on the file, so
+        // one set on the library it will load fires once it is mapped.
+        libraries.extend(waits::default_c_library(pid).map(|library| {
+            (
+                std::path::PathBuf::from(format!("/proc/{pid}/root{library}")),
+                files::read_in_root(pid, &library, files::MAX_C_LIBRARY_BYTES),
+                library,
+            )
+        }));
+    }
+    libraries
 }
 
 fn io_error(pid: u32, path: &str, source: io::Error) -> DiscoverError {

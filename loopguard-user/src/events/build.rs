@@ -259,6 +259,33 @@ fn histogram(histogram: &crate::collect::totals::Histogram) -> Vec<HistogramSlot
         .collect()
 }
 
+/// The event loop threads of `summary`, as the summary event lists them.
+fn loop_threads(summary: &Summary) -> Vec<LoopThreadSummary> {
+    summary
+        .loop_threads
+        .iter()
+        .map(|thread| LoopThreadSummary {
+            tid: thread.tid,
+            thread: thread.name.clone(),
+            busy_ms: ms(thread.busy_ns),
+            wait_ms: ms(thread.wait_ns),
+            waits: thread.waits,
+        })
+        .collect()
+}
+
+/// The longest stall of `summary`, as the summary event shows it.
+fn longest_stall(summary: &Summary) -> Option<LongestStall> {
+    summary.longest.as_ref().map(|s| LongestStall {
+        kind: s.kind.as_str().to_owned(),
+        tid: s.tid,
+        task_id: s.task_id,
+        task_header: (s.task_id.is_none() && s.header != 0).then_some(s.header),
+        duration_ms: ms(s.duration_ns),
+        start_ns: s.start_ns,
+    })
+}
+
 /// The summary's record.
 pub fn summary(summary: &Summary, pid: u32) -> SummaryEvent {
     let counters = &summary.counters;
@@ -292,25 +319,8 @@ pub fn summary(summary: &Summary, pid: u32) -> SummaryEvent {
         poll_p99_ms_upper: summary.histogram.quantile_upper_ns(0.99).map(ms),
         requests: summary.requests.clone(),
         stacks: stacks(&summary.stacks),
-        loop_threads: summary
-            .loop_threads
-            .iter()
-            .map(|thread| LoopThreadSummary {
-                tid: thread.tid,
-                thread: thread.name.clone(),
-                busy_ms: ms(thread.busy_ns),
-                wait_ms: ms(thread.wait_ns),
-                waits: thread.waits,
-            })
-            .collect(),
-        longest_stall: summary.longest.as_ref().map(|s| LongestStall {
-            kind: s.kind.as_str().to_owned(),
-            tid: s.tid,
-            task_id: s.task_id,
-            task_header: (s.task_id.is_none() && s.header != 0).then_some(s.header),
-            duration_ms: ms(s.duration_ns),
-            start_ns: s.start_ns,
-        }),
+        loop_threads: loop_threads(summary),
+        longest_stall: longest_stall(summary),
         poll_histogram: histogram(&summary.histogram),
         at_ns: summary.at_ns,
         time: clock::from_monotonic(summary.at_ns),

@@ -177,35 +177,41 @@ impl FleetMetrics {
                 }
             }
         }
-        let live = state.entries.iter().filter(|e| e.gone_at.is_none()).count();
-        let gone = state.entries.len() - live;
-        let mut host = vec![family(
-            "loopguard_host_targets",
-            "Targets on this host: watched now (state=watched), gone and kept for the grace period (state=gone)",
-            MetricType::GAUGE,
-            [("watched", live), ("gone", gone)]
-                .into_iter()
-                .map(|(state, count)| gauge(&[("state", state)], count as f64))
-                .collect(),
-        )];
-        let mut skipped: Vec<_> = state.skipped.iter().collect();
-        skipped.sort();
-        if !skipped.is_empty() {
-            host.push(family(
-                "loopguard_host_skipped_total",
-                "Processes that matched the selectors and were not watched, by reason",
-                MetricType::COUNTER,
-                skipped
-                    .into_iter()
-                    .map(|(reason, count)| counter(&[("reason", reason)], *count))
-                    .collect(),
-            ));
-        }
+        let host = host_families(&state);
         let families: Vec<MetricFamily> = merged.into_values().chain(host).collect();
         TextEncoder::new()
             .encode_to_string(&families)
             .unwrap_or_else(|error| format!("# loopguard: failed to encode metrics: {error}\n"))
     }
+}
+
+/// The host's own families: targets watched and gone, processes skipped.
+fn host_families(state: &State) -> Vec<MetricFamily> {
+    let live = state.entries.iter().filter(|e| e.gone_at.is_none()).count();
+    let gone = state.entries.len() - live;
+    let mut host = vec![family(
+        "loopguard_host_targets",
+        "Targets on this host: watched now (state=watched), gone and kept for the grace period (state=gone)",
+        MetricType::GAUGE,
+        [("watched", live), ("gone", gone)]
+            .into_iter()
+            .map(|(state, count)| gauge(&[("state", state)], count as f64))
+            .collect(),
+    )];
+    let mut skipped: Vec<_> = state.skipped.iter().collect();
+    skipped.sort();
+    if !skipped.is_empty() {
+        host.push(family(
+            "loopguard_host_skipped_total",
+            "Processes that matched the selectors and were not watched, by reason",
+            MetricType::COUNTER,
+            skipped
+                .into_iter()
+                .map(|(reason, count)| counter(&[("reason", reason)], *count))
+                .collect(),
+        ));
+    }
+    host
 }
 
 impl Scrape for FleetMetrics {

@@ -478,6 +478,14 @@ pub fn names_used(text: &str) -> std::collections::BTreeSet<String> {
 }
 
 fn live_families(live: &LiveState) -> Vec<MetricFamily> {
+    let mut families = poll_families(live);
+    families.extend(busy_families(live));
+    families.extend(stuck_families(live));
+    families
+}
+
+/// The polls timed and the data lost, so far.
+fn poll_families(live: &LiveState) -> Vec<MetricFamily> {
     vec![
         family(
             "loopguard_poll_duration_seconds",
@@ -500,6 +508,12 @@ fn live_families(live: &LiveState) -> Vec<MetricFamily> {
                 .map(|(cause, total)| counter(&[("cause", cause)], *total))
                 .collect(),
         ),
+    ]
+}
+
+/// How busy the threads were over the last refresh interval, and the requests in flight.
+fn busy_families(live: &LiveState) -> Vec<MetricFamily> {
+    vec![
         family(
             "loopguard_thread_busy_ratio",
             "Share of the last refresh interval each worker thread spent inside task polls (0..1)",
@@ -518,6 +532,12 @@ fn live_families(live: &LiveState) -> Vec<MetricFamily> {
             MetricType::GAUGE,
             vec![gauge(&[], live.requests_in_flight as f64)],
         ),
+    ]
+}
+
+/// The polls stuck now.
+fn stuck_families(live: &LiveState) -> Vec<MetricFamily> {
+    vec![
         family(
             "loopguard_poll_stuck",
             "1 while a task poll has been running longer than the threshold and has not returned",

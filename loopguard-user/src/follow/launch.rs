@@ -33,15 +33,7 @@ pub fn launch_stopped(
     cmd.args(&command[1..]);
     let run_as = run_as.cloned();
     if let Some(run_as) = &run_as {
-        for var in ["USER", "LOGNAME"] {
-            match &run_as.name {
-                Some(name) => cmd.env(var, name),
-                None => cmd.env_remove(var),
-            };
-        }
-        if let Some(home) = &run_as.home {
-            cmd.env("HOME", home);
-        }
+        user_env(&mut cmd, run_as);
     }
     // SAFETY: only async-signal-safe calls between fork and exec.
     let parent = unsafe { libc::getpid() };
@@ -78,19 +70,39 @@ pub fn launch_stopped(
         program: program.clone(),
         source,
     })?;
-    let pid = child.id() as libc::pid_t;
+    if let Err(detail) = wait_for_stop(child.id() as libc::pid_t) {
+        return Err(LaunchError::NoStop { program, detail });
+    }
+    Ok(StoppedChild { child, program })
+}
+
+/// The environment that names the user the command runs as.
+fn user_env(cmd: &mut Command, run_as: &RunAs) {
+    for var in ["USER", "LOGNAME"] {
+        match &run_as.name {
+            Some(name) => cmd.env(var, name),
+            None => cmd.env_remove(var),
+        };
+    }
+    if let Some(home) = &run_as.home {
+        cmd.env("HOME", home);
+    }
+}
+
+/// Waits for child `pid` to stop at its `exec` (`PTRACE_TRACEME`'s
+/// `SIGTRAP`); else why it did not.
+fn wait_for_stop(pid: libc::pid_t) -> Result<(), String> {
     let mut status = 0;
     // SAFETY: waiting on our own child.
     let waited = unsafe { libc::waitpid(pid, &raw mut status, 0) };
     if waited != pid || !libc::WIFSTOPPED(status) || libc::WSTOPSIG(status) != libc::SIGTRAP {
-        let detail = if waited == pid && libc::WIFEXITED(status) {
+        return Err(if waited == pid && libc::WIFEXITED(status) {
             format!("it exited with code {}", libc::WEXITSTATUS(status))
         } else {
             format!("wait status {status:#x}")
-        };
-        return Err(LaunchError::NoStop { program, detail });
+        });
     }
-    Ok(StoppedChild { child, program })
+    Ok(())
 }
 
 impl StoppedChild {

@@ -323,29 +323,33 @@ impl Supervisor {
                     },
                 );
             }
-            Err(error) => {
-                // Resumed at once: it is not ours to hold.
+            Err(error) => self.not_watched(pid, &exe, &error),
+        }
+    }
+
+    /// A followed program loopguard cannot watch: resumed, and let go
+    /// (under `attach`, the run ends with why).
+    fn not_watched(&mut self, pid: u32, exe: &str, error: &Error) {
+        // Resumed at once: it is not ours to hold.
+        if let Some(follower) = &mut self.follower {
+            follower.resume(pid);
+        }
+        let skip = Skip::from_error(error);
+        match self.mode {
+            Mode::Run => {
+                tracing::info!(pid, exe, ?skip, "followed program not watched");
+            }
+            Mode::Attach => {
+                self.gave_up = Some(format!(
+                    "pid {pid} exec'd {}, which loopguard cannot watch: {error}; it keeps running, unwatched",
+                    crate::term::printable(exe)
+                ));
                 if let Some(follower) = &mut self.follower {
-                    follower.resume(pid);
+                    follower.forget(pid);
                 }
-                let skip = Skip::from_error(&error);
-                match self.mode {
-                    Mode::Run => {
-                        tracing::info!(pid, exe, ?skip, "followed program not watched");
-                    }
-                    Mode::Attach => {
-                        self.gave_up = Some(format!(
-                            "pid {pid} exec'd {}, which loopguard cannot watch: {error}; it keeps running, unwatched",
-                            crate::term::printable(&exe)
-                        ));
-                        if let Some(follower) = &mut self.follower {
-                            follower.forget(pid);
-                        }
-                    }
-                }
-                self.roster.skipped(pid, &exe, skip);
             }
         }
+        self.roster.skipped(pid, exe, skip);
     }
 }
 

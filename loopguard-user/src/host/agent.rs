@@ -15,14 +15,14 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc};
 
-use super::budget::{Budget, Notices};
+use super::budget::{Budget, Notices, OverBudget};
 use super::inspect::{Candidate, Inspection, Inspector, all_pids};
 use crate::attach::AttachedProbes;
 use crate::error::Error;
 use crate::export::TargetInfo;
 use crate::export::fleet::{FleetMetrics, TargetHandle};
 use crate::follow::Follower;
-use crate::follow::supervise::{Mode, Supervisor};
+use crate::follow::supervise::{Finished, Mode, Supervisor};
 use crate::stacks::StackTools;
 use crate::watch::setup::{announce, attach_discovered};
 use crate::watch::{StopReason, WatchOptions};
@@ -117,18 +117,7 @@ pub async fn watch_host(
                 host.pending -= 1;
                 host.on_step(pid, next);
             }
-            Some(done) = host.supervisor.next_finished() => {
-                if let Err(error) = &done.outcome {
-                    crate::diag!("loopguard: watch of pid {} ({}) ended: {error}", done.pid, crate::term::printable(&done.exe));
-                }
-                if let Some((handle, probes)) = host.held.remove(&done.pid) {
-                    host.fleet.gone(handle);
-                    host.budget.release(probes);
-                }
-                if host.reinspect.remove(&done.pid) && !host.stopping {
-                    host.inspect(done.pid);
-                }
-            }
+            Some(done) = host.supervisor.next_finished() => host.on_finished(&done),
         }
     }
     let (tasks_full, events_lost) = follower.lost();
@@ -141,6 +130,25 @@ pub async fn watch_host(
 }
 
 impl Host<'_> {
+    /// A watch has ended: its target leaves the fleet and the budget, and
+    /// is looked at again if it exec'd meanwhile.
+    fn on_finished(&mut self, done: &Finished) {
+        if let Err(error) = &done.outcome {
+            crate::diag!(
+                "loopguard: watch of pid {} ({}) ended: {error}",
+                done.pid,
+                crate::term::printable(&done.exe)
+            );
+        }
+        if let Some((handle, probes)) = self.held.remove(&done.pid) {
+            self.fleet.gone(handle);
+            self.budget.release(probes);
+        }
+        if self.reinspect.remove(&done.pid) && !self.stopping {
+            self.inspect(done.pid);
+        }
+    }
+
     fn on_exec(&mut self, pid: u32) {
         if self.supervisor.is_watching(pid) {
             // The probes watched the old program; the new one is looked
@@ -255,17 +263,34 @@ impl Host<'_> {
         });
     }
 
+    /// Attaching to `candidate` failed: refused, unless it exited first.
+    fn attach_failed(&mut self, pid: u32, candidate: &Candidate, error: &Error) {
+        self.budget.release(0);
+        let key = format!("{}: {error}", candidate.target.exe.display_path);
+        let reason = match crate::follow::roster::Skip::from_error(error) {
+            crate::follow::roster::Skip::ExitedTooFast => return,
+            _ => "attach_failed",
+        };
+        self.refused(pid, &key, reason, &error.to_string());
+    }
+
+    /// `candidate`'s probes would take the host over its budget.
+    fn over_budget(&mut self, pid: u32, candidate: &Candidate, error: &OverBudget) {
+        self.summary.over_budget += 1;
+        self.fleet.skipped("budget");
+        if self.notices.first("budget: probes") {
+            crate::diag!(
+                "loopguard: pid {pid} ({}) not watched: {error}",
+                crate::term::printable(&candidate.target.exe.display_path)
+            );
+        }
+    }
+
     fn attached(&mut self, pid: u32, candidate: Candidate, result: Result<AttachedProbes, Error>) {
         let mut probes = match result {
             Ok(probes) => probes,
             Err(error) => {
-                self.budget.release(0);
-                let key = format!("{}: {error}", candidate.target.exe.display_path);
-                let reason = match crate::follow::roster::Skip::from_error(&error) {
-                    crate::follow::roster::Skip::ExitedTooFast => return,
-                    _ => "attach_failed",
-                };
-                self.refused(pid, &key, reason, &error.to_string());
+                self.attach_failed(pid, &candidate, &error);
                 return;
             }
         };
@@ -276,14 +301,7 @@ impl Host<'_> {
             return;
         }
         if let Err(error) = self.budget.add_probes(count) {
-            self.summary.over_budget += 1;
-            self.fleet.skipped("budget");
-            if self.notices.first("budget: probes") {
-                crate::diag!(
-                    "loopguard: pid {pid} ({}) not watched: {error}",
-                    crate::term::printable(&candidate.target.exe.display_path)
-                );
-            }
+            self.over_budget(pid, &candidate, &error);
             tokio::task::spawn_blocking(move || drop(probes));
             return;
         }

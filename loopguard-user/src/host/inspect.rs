@@ -109,16 +109,8 @@ impl Inspector {
         if !self.selectors.matches(&identity, &path) {
             return Inspection::Skip("not selected");
         }
-        let known = lock(&self.verdicts).get(&key).cloned();
-        if let Some(verdict) = known {
-            return match verdict {
-                Verdict::NotRuntime => Inspection::Skip("not an event-loop runtime"),
-                Verdict::Refused { reason, message } => Inspection::Refused {
-                    key: format!("{path}: {reason}"),
-                    reason,
-                    message,
-                },
-            };
+        if let Some(known) = self.known(key, &path) {
+            return known;
         }
         let target = match discover::discover(pid) {
             Ok(target) => target,
@@ -143,6 +135,20 @@ impl Inspector {
                 Inspection::Skip("not an event-loop runtime")
             }
         }
+    }
+
+    /// What an earlier look at the executable `key` (at `path`) decided,
+    /// if one did.
+    fn known(&self, key: (u64, u64), path: &str) -> Option<Inspection> {
+        let verdict = lock(&self.verdicts).get(&key).cloned()?;
+        Some(match verdict {
+            Verdict::NotRuntime => Inspection::Skip("not an event-loop runtime"),
+            Verdict::Refused { reason, message } => Inspection::Refused {
+                key: format!("{path}: {reason}"),
+                reason,
+                message,
+            },
+        })
     }
 
     /// Sorts a failure to inspect; a program's own failings are kept.

@@ -208,54 +208,61 @@ impl Stacks {
         stuck.extend(stretches);
         self.capture.sample_on_cpu(&stuck);
         for &(tid, start) in &stuck {
-            let Some(state) = self
-                .capture
-                .offcpu(tid)
-                .filter(|s| s.poll_start_ns == start)
-            else {
-                self.profile(tid, start, now_ns);
-                continue;
-            };
-            let asleep = state.out_ns != 0 && state.cause == sample_cause::OFF_CPU;
-            let profile = self.profile(tid, start, now_ns);
-            profile.off_ns = profile.off_ns.max(state.off_ns);
-            profile.wait_ns = profile.wait_ns.max(state.wait_ns);
-            if !asleep {
-                continue;
-            }
-            let syscall = syscall_of(state.syscall);
-            profile.asleep_since = Some((state.out_ns, syscall));
-            if profile.has_sample_at(state.out_ns) {
-                continue;
-            }
-            // Asleep since before it was armed: its stack cannot change
-            // until it wakes, so read it from here.
-            let base = state.sp & !(STACK_CHUNK_BYTES as u64 - 1);
-            let copied = capture::read_remote_stack(self.pid, base);
-            let unchanged = self
-                .capture
-                .offcpu(tid)
-                .is_some_and(|now| now.out_ns == state.out_ns);
-            if unchanged && !copied.is_empty() {
-                let sample = Sample {
-                    tid,
-                    cause: SampleCause::OffCpu,
-                    ts_ns: state.out_ns,
-                    poll_start_ns: start,
-                    regs: Regs {
-                        ip: state.ip,
-                        sp: state.sp,
-                        bp: state.bp,
-                    },
-                    syscall,
-                    stack_base: base,
-                    stack: copied,
-                };
-                self.add_sample(&sample, now_ns);
-            }
+            self.look_off_cpu(tid, start, now_ns);
         }
         self.profiles
             .retain(|_, (_, seen)| now_ns.saturating_sub(*seen) < PROFILE_TTL_NS);
+    }
+
+    /// Records what the off-CPU probe saw of thread `tid`, stuck in the
+    /// poll or stretch that started at `start`; copies its stack if it has
+    /// been asleep since before it was armed.
+    fn look_off_cpu(&mut self, tid: u32, start: u64, now_ns: u64) {
+        let Some(state) = self
+            .capture
+            .offcpu(tid)
+            .filter(|s| s.poll_start_ns == start)
+        else {
+            self.profile(tid, start, now_ns);
+            return;
+        };
+        let asleep = state.out_ns != 0 && state.cause == sample_cause::OFF_CPU;
+        let profile = self.profile(tid, start, now_ns);
+        profile.off_ns = profile.off_ns.max(state.off_ns);
+        profile.wait_ns = profile.wait_ns.max(state.wait_ns);
+        if !asleep {
+            return;
+        }
+        let syscall = syscall_of(state.syscall);
+        profile.asleep_since = Some((state.out_ns, syscall));
+        if profile.has_sample_at(state.out_ns) {
+            return;
+        }
+        // Asleep since before it was armed: its stack cannot change
+        // until it wakes, so read it from here.
+        let base = state.sp & !(STACK_CHUNK_BYTES as u64 - 1);
+        let copied = capture::read_remote_stack(self.pid, base);
+        let unchanged = self
+            .capture
+            .offcpu(tid)
+            .is_some_and(|now| now.out_ns == state.out_ns);
+        if unchanged && !copied.is_empty() {
+            let sample = Sample {
+                tid,
+                cause: SampleCause::OffCpu,
+                ts_ns: state.out_ns,
+                poll_start_ns: start,
+                regs: Regs {
+                    ip: state.ip,
+                    sp: state.sp,
+                    bp: state.bp,
+                },
+                syscall,
+                stack_base: base,
+                stack: copied,
+            };
+            self.add_sample(&sample, now_ns);
+        }
     }
 
     /// The stack and cause of `stall`; a finished stall's profile is used up

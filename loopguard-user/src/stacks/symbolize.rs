@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 
 use blazesym::symbolize::source::{Process, Source};
-use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer};
+use blazesym::symbolize::{CodeInfo, Input, Sym, Symbolized, Symbolizer};
 
 use super::debug_files::DebugFiles;
 use super::fold::Frame;
@@ -24,6 +24,33 @@ pub struct Symbols {
     debug_files: DebugFiles,
     /// Whether the agent said why DWARF is not read for this process.
     warned: bool,
+}
+
+/// The frames of a symbolized address, innermost (inlined) first.
+fn frames_of(sym: &Sym<'_>) -> Vec<Frame> {
+    let module = sym
+        .module
+        .as_ref()
+        .map(|m| m.to_string_lossy().into_owned());
+    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
+    // blazesym lists inlined calls outermost first; frames go innermost first.
+    for inlined in sym.inlined.iter().rev() {
+        let (file, line) = location(inlined.code_info.as_ref());
+        frames.push(Frame {
+            function: inlined.name.to_string(),
+            module: module.clone(),
+            file,
+            line,
+        });
+    }
+    let (file, line) = location(sym.code_info.as_deref());
+    frames.push(Frame {
+        function: sym.name.to_string(),
+        module,
+        file,
+        line,
+    });
+    frames
 }
 
 fn location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
@@ -138,31 +165,7 @@ impl Symbols {
             .into_iter()
             .zip(addrs)
             .map(|(result, &addr)| match result {
-                Symbolized::Sym(sym) => {
-                    let module = sym
-                        .module
-                        .as_ref()
-                        .map(|m| m.to_string_lossy().into_owned());
-                    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
-                    // blazesym lists inlined calls outermost first; frames go innermost first.
-                    for inlined in sym.inlined.iter().rev() {
-                        let (file, line) = location(inlined.code_info.as_ref());
-                        frames.push(Frame {
-                            function: inlined.name.to_string(),
-                            module: module.clone(),
-                            file,
-                            line,
-                        });
-                    }
-                    let (file, line) = location(sym.code_info.as_deref());
-                    frames.push(Frame {
-                        function: sym.name.to_string(),
-                        module,
-                        file,
-                        line,
-                    });
-                    frames
-                }
+                Symbolized::Sym(sym) => frames_of(&sym),
                 Symbolized::Unknown(_) => unknown(addr),
             })
             .collect()

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use loopguard_common::LoopEvent;
+use loopguard_common::{LoopEvent, LoopState};
 
 use crate::attribute::RouteNames;
 use crate::attribute::asgi::{self, AsgiTables};
@@ -173,16 +173,7 @@ impl Session<'_> {
                 .filter(|(_, polls)| polls.task_polls > 0 || polls.depth > 0)
                 .map(|(tid, _)| *tid),
         );
-        let mut loop_threads = collector.loop_snapshot();
-        // A stretch whose loop has closed since is not a loop stall; only
-        // stretches already as long as the threshold are looked at in /proc.
-        let threshold_ns = self.engine.threshold_ns();
-        loop_threads.retain(|(tid, state)| {
-            state.depth > 0
-                || state.busy_start_ns == 0
-                || now_ns.saturating_sub(state.busy_start_ns) < threshold_ns
-                || !self.loop_closed(*tid, state.wait_fd)
-        });
+        let loop_threads = self.open_loops(collector, now_ns);
         if let Some(stacks) = &mut self.stacks {
             let stretches: &[_] = if self.printer.target.is_loop_only() {
                 &loop_threads
@@ -241,6 +232,22 @@ impl Session<'_> {
                 &self.live.requests(),
             );
         }
+    }
+
+    /// The loop threads' wait state now, less the busy stretches whose
+    /// loop has closed since (those are not loop stalls).
+    fn open_loops(&self, collector: &Collector, now_ns: u64) -> Vec<(u32, LoopState)> {
+        let mut loop_threads = collector.loop_snapshot();
+        // Only stretches already as long as the threshold are looked at in
+        // /proc.
+        let threshold_ns = self.engine.threshold_ns();
+        loop_threads.retain(|(tid, state)| {
+            state.depth > 0
+                || state.busy_start_ns == 0
+                || now_ns.saturating_sub(state.busy_start_ns) < threshold_ns
+                || !self.loop_closed(*tid, state.wait_fd)
+        });
+        loop_threads
     }
 
     /// A loop thread came back to wait: a loop stall, or else (on a thread

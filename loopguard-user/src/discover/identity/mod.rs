@@ -143,19 +143,7 @@ pub fn combine(facts: Facts) -> Identity {
         ..Identity::default()
     };
     identity.service = label_value(env.service.as_deref().unwrap_or(&exe));
-    let container = if let Some((runtime, id)) = &cgroup.container {
-        Some((*runtime, id.as_str()))
-    } else if env.container_engine.as_deref() == Some("podman")
-        && let Some(id) = containerenv
-            .id
-            .as_deref()
-            .filter(|id| cgroup::is_container_id(id))
-    {
-        Some((ContainerRuntime::Podman, id))
-    } else {
-        None
-    };
-    if let Some((runtime, id)) = container {
+    if let Some((runtime, id)) = container_of(&cgroup, &env, &containerenv) {
         id.clone_into(&mut identity.container_id);
         runtime.as_str().clone_into(&mut identity.container_runtime);
     }
@@ -191,6 +179,27 @@ pub fn combine(facts: Facts) -> Identity {
         identity.unit = cgroup.unit.map(|u| label_value(&u)).unwrap_or_default();
     }
     identity
+}
+
+/// The runtime and id of the container the process runs in: from its
+/// cgroup, else (under podman) from `/run/.containerenv`.
+fn container_of<'a>(
+    cgroup: &'a CgroupFacts,
+    env: &EnvFacts,
+    containerenv: &'a ContainerEnv,
+) -> Option<(ContainerRuntime, &'a str)> {
+    if let Some((runtime, id)) = &cgroup.container {
+        Some((*runtime, id.as_str()))
+    } else if env.container_engine.as_deref() == Some("podman")
+        && let Some(id) = containerenv
+            .id
+            .as_deref()
+            .filter(|id| cgroup::is_container_id(id))
+    {
+        Some((ContainerRuntime::Podman, id))
+    } else {
+        None
+    }
 }
 
 /// A label value from a string the target may have chosen: control
