@@ -297,6 +297,21 @@ impl Stacks {
         profile.wait_ns = profile.wait_ns.max(stall.preempted_ns);
         profile.settle(end_ns);
         let cause = classify(stall.duration_ns, &profile);
+        let frames = self.frames_of(stall, finished, &profile);
+        if finished && !frames.is_empty() {
+            self.table.record(&frames, stall.duration_ns);
+        }
+        StallStack {
+            frames,
+            cause: Some(cause),
+            samples: profile.stacks.len(),
+            before_attach: false,
+        }
+    }
+
+    /// The frames of `stall`'s dominant stack in `profile`, symbolized and
+    /// trimmed; a loop stall's with its Python frames merged in.
+    fn frames_of(&mut self, stall: &Stall, finished: bool, profile: &PollProfile) -> Vec<Frame> {
         let frames = match profile.dominant() {
             Some(stack) => {
                 let frames = if stall.kind == StallKind::Loop {
@@ -312,20 +327,11 @@ impl Stacks {
             }
             None => Vec::new(),
         };
-        let frames = if stall.kind == StallKind::Loop {
+        if stall.kind == StallKind::Loop {
             self.python
                 .merge(stall.tid, stall.start_ns, finished, &frames)
         } else {
             frames
-        };
-        if finished && !frames.is_empty() {
-            self.table.record(&frames, stall.duration_ns);
-        }
-        StallStack {
-            frames,
-            cause: Some(cause),
-            samples: profile.stacks.len(),
-            before_attach: false,
         }
     }
 
