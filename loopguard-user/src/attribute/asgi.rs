@@ -11,6 +11,7 @@
 //! read is the target's to forge: sizes, magic and version are checked,
 //! texts are cut to their widths, and times only rank candidates.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use loopguard_common::usdt::{
@@ -177,7 +178,16 @@ pub struct AsgiTables {
     looked: Option<Instant>,
     /// The last read that could read a table.
     last: Vec<StepRequest>,
+    /// Culprits named while their stall was in progress, by `(tid, start)`,
+    /// oldest first: the step a finished stall's table read no longer
+    /// shows (the request ended, its slot was reused, or the process
+    /// exited before the read) is still that request's.
+    named_in_progress: VecDeque<((u32, u64), Request)>,
 }
+
+/// In-progress culprits remembered (a handful of loop threads stall at once
+/// at most; older entries are stalls whose end was lost).
+const NAMED_IN_PROGRESS_KEPT: usize = 64;
 
 impl AsgiTables {
     /// Whether the process has a table.
@@ -191,6 +201,7 @@ impl AsgiTables {
             addresses: Vec::new(),
             looked: None,
             last: Vec::new(),
+            named_in_progress: VecDeque::new(),
         }
     }
 
@@ -277,11 +288,30 @@ pub fn attribute_loop_stall(
                 || r.slot.polling_tid == stall.tid
         })
     };
-    let Some(culprit) = culprit else {
-        return Verdict::ShortSteps;
+    let key = (stall.tid, stall.start_ns);
+    let remembered = tables
+        .named_in_progress
+        .iter()
+        .position(|(named, _)| *named == key)
+        .and_then(|at| tables.named_in_progress.remove(at))
+        .map(|(_, request)| request);
+    let request = match culprit {
+        Some(culprit) => culprit.to_request(),
+        // Named while it ran, gone from the table by the time its end was
+        // read: still that request's stall.
+        None => match remembered {
+            Some(request) if !in_progress => request,
+            _ => return Verdict::ShortSteps,
+        },
     };
-    named.request = Some(culprit.to_request());
-    let mut others = victims(&requests, Some(culprit.slot.id), stall.start_ns, end_ns);
+    if in_progress {
+        if tables.named_in_progress.len() >= NAMED_IN_PROGRESS_KEPT {
+            tables.named_in_progress.pop_front();
+        }
+        tables.named_in_progress.push_back((key, request.clone()));
+    }
+    let mut others = victims(&requests, Some(request.id), stall.start_ns, end_ns);
+    named.request = Some(request);
     named.victim_count = others.len();
     others.truncate(listed);
     named.victims = others;
