@@ -4,6 +4,7 @@ read back the way the agent reads it (slot layout and sequence lock)."""
 import asyncio
 import os
 import struct
+import sys
 import threading
 import time
 
@@ -251,3 +252,54 @@ def test_a_child_task_that_outlives_its_request_writes_nothing_after_the_end():
     rid, ended = asyncio.run(run())
     assert ended["ended"] > 0
     assert slots()[rid] == ended
+
+
+def test_a_one_step_request_takes_three_write_sections():
+    """Filing (with the step running), the route, the end (closing the
+    step): after the filing, the slot's sequence moves by four."""
+    seen = {}
+
+    async def app(scope, receive, send):
+        rid, slot = newest()
+        seen["filed"] = slot["seq"]
+        scope["route"] = Route("/items/{id}")
+
+    call(LoopguardMiddleware(app))
+    _, slot = newest()
+    assert seen["filed"] % 2 == 0
+    assert slot["seq"] - seen["filed"] == 4, "the route and the end: two sections"
+    assert slot["tid"] == 0 and slot["ended"] > 0
+
+
+def test_the_running_loop_is_looked_up_once_per_loop():
+    """asyncio.get_running_loop() costs a getpid per call on Python 3.11."""
+    looked_up = []
+    real = asyncio.get_running_loop
+
+    def counting():
+        if "loopguard_asgi" in sys._getframe(1).f_code.co_filename:
+            looked_up.append(1)
+        return real()
+
+    async def app(scope, receive, send):
+        await asyncio.sleep(0)
+
+    mw = LoopguardMiddleware(app)
+
+    async def run():
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(message):
+            pass
+
+        for _ in range(5):
+            await mw({"type": "http", "method": "GET", "path": "/"}, receive, send)
+
+    asyncio.get_running_loop = counting
+    try:
+        asyncio.run(run())
+        asyncio.run(run())
+    finally:
+        asyncio.get_running_loop = real
+    assert len(looked_up) == 2, "once for each new loop"

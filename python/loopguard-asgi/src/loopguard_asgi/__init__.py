@@ -10,8 +10,10 @@ Any ASGI app: ``app = LoopguardMiddleware(app)``.
 """
 
 import asyncio
+from threading import get_ident
 
 from . import _steps, _table
+from ._steps import CURRENT, Steps, _native_id
 
 __all__ = ["LoopguardMiddleware"]
 __version__ = "0.1.0"
@@ -23,8 +25,10 @@ class _Scope(dict):
 
     __slots__ = ("_loopguard_slot",)
 
-    def __setitem__(self, key, value):
-        dict.__setitem__(self, key, value)
+    def __setitem__(self, key, value, _set=dict.__setitem__):
+        # Runs for every key the framework sets (FastAPI sets about eight
+        # per request): kept to a call and a comparison.
+        _set(self, key, value)
         if key == "route":
             self._loopguard_slot.route(getattr(value, "path", None))
 
@@ -51,19 +55,23 @@ class LoopguardMiddleware:
         table = _table.table()
         if table is None:
             return await self.app(scope, receive, send)
-        tid = _steps._native_id()
+        tid = _native_id()
         slot = table.start(scope.get("method", ""), scope.get("path", ""), tid)
         if slot is None:
             return await self.app(scope, receive, send)
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            _steps.install(loop)
-            self._loop = loop
+        loop = self._loop
+        # asyncio's loops mark the thread running them; get_running_loop()
+        # would cost a getpid system call per request on Python 3.11.
+        if getattr(loop, "_thread_id", None) != get_ident():
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                _steps.install(loop)
+                self._loop = loop
         tracked = _Scope(scope)
         tracked._loopguard_slot = slot
-        token = _steps.CURRENT.set(slot)
+        token = CURRENT.set(slot)
         try:
-            return await _steps.Steps(self.app(tracked, receive, send), slot, tid)
+            return await Steps(self.app(tracked, receive, send), slot, tid, slot.step_last)
         finally:
-            _steps.CURRENT.reset(token)
+            CURRENT.reset(token)
             slot.end()

@@ -27,14 +27,19 @@ def _native_id():
 
 class Steps:
     """A coroutine that marks its request's slot around every step of
-    ``coro``: the thread running it, and when the step began and ended."""
+    ``coro``: the thread running it, and when the step began and ended.
+    ``last`` is the slot's method for the step in which ``coro`` returns or
+    raises: :meth:`Slot.step_end` for a child task, :meth:`Slot.step_last`
+    for the request's own coroutine, whose last step the middleware closes
+    when it ends the request."""
 
-    __slots__ = ("_coro", "_slot", "_tid")
+    __slots__ = ("_coro", "_slot", "_tid", "_last")
 
-    def __init__(self, coro, slot, tid):
+    def __init__(self, coro, slot, tid, last=None):
         self._coro = coro
         self._slot = slot
         self._tid = tid
+        self._last = slot.step_end if last is None else last
 
     def __await__(self):
         return self
@@ -46,25 +51,34 @@ class Steps:
         slot, tid = self._slot, self._tid
         slot.step_begin(tid)
         try:
-            return self._coro.send(None)
-        finally:
-            slot.step_end(tid)
+            value = self._coro.send(None)
+        except BaseException:
+            self._last(tid)
+            raise
+        slot.step_end(tid)
+        return value
 
     def send(self, value):
         slot, tid = self._slot, self._tid
         slot.step_begin(tid)
         try:
-            return self._coro.send(value)
-        finally:
-            slot.step_end(tid)
+            value = self._coro.send(value)
+        except BaseException:
+            self._last(tid)
+            raise
+        slot.step_end(tid)
+        return value
 
     def throw(self, *args):
         slot, tid = self._slot, self._tid
         slot.step_begin(tid)
         try:
-            return self._coro.throw(*args)
-        finally:
-            slot.step_end(tid)
+            value = self._coro.throw(*args)
+        except BaseException:
+            self._last(tid)
+            raise
+        slot.step_end(tid)
+        return value
 
     def close(self):
         return self._coro.close()

@@ -17,6 +17,8 @@ its slot, inside a write section (sequence odd), so the agent keeps a copy
 only when it saw the same even sequence before and after it.
 """
 
+import collections
+import itertools
 import mmap
 import os
 import struct
@@ -53,14 +55,23 @@ _SLOT = struct.Struct(f"<IQQQBBBB{TEXT - 4 - _HEAD.size}x{METHOD_BYTES}s{TEXT_BY
 assert _SLOT.size == SLOT_BYTES - 4
 # long step tid, loop tid, long step start and end, ended
 _STEP = struct.Struct("<IIQQQ")
-# Encoded and cut texts, by text (methods and route templates are few).
+# The slots' first 32-bit words, and where a route text starts in a slot.
+_W32 = RESERVED_BYTES // 4
+_SLOT_W32 = SLOT_BYTES // 4
+_ROUTE_AT = TEXT + METHOD_BYTES
+# Encoded texts and their lengths cut to TEXT_BYTES, by text (methods and
+# route templates are few).
 _CUT_CACHE = {}
 _CUT_CACHE_MAX = 4096
 
 
 class Table:
     """One process's table. Writers are the loop threads; a slot is only
-    ever written by the thread that runs its request."""
+    ever written by the thread that runs its request.
+
+    Free slots wait in a queue, the longest free first (an ended request
+    stays readable for as long as possible); taking one and drawing an id
+    are each a single operation under the GIL, so threads need no lock."""
 
     def __init__(self, buffer):
         self.buffer = buffer
@@ -70,151 +81,156 @@ class Table:
         self.u64 = view.cast("Q")
         self.u32[0] = MAGIC
         self.u32[1] = STEPS_VERSION
-        self._lock = threading.Lock()
-        self._next_id = 1
-        self._busy = bytearray(SLOTS)
+        self._ids = itertools.count(1)
+        self._free = collections.deque(range(1, SLOTS))
+        self._free.append(0)
 
     def start(self, method, path, tid):
         """Files a new request; its :class:`Slot`, or ``None`` when all 256
         slots are in flight."""
-        with self._lock:
-            request_id = self._next_id
-            for _ in range(SLOTS):
-                index = request_id % SLOTS
-                if not self._busy[index]:
-                    break
-                request_id += 1
-            else:
-                return None
-            self._busy[index] = 1
-            self._next_id = request_id + 1
-        return Slot(self, index, request_id, tid, method, path)
+        try:
+            index = self._free.popleft()
+        except IndexError:
+            return None
+        return Slot(self, index, next(self._ids), tid, method, path)
 
     def free(self, index):
-        self._busy[index] = 0
+        self._free.append(index)
 
 
 def _encoded(text):
-    """``text`` as UTF-8 bytes; the few methods and route templates an
-    app has are cached."""
-    data = _CUT_CACHE.get(text)
-    if data is None:
-        data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
-        if len(_CUT_CACHE) < _CUT_CACHE_MAX:
-            _CUT_CACHE[text] = data
-    return data
+    """``text`` as UTF-8 bytes cut to ``TEXT_BYTES``, and their length;
+    the few methods and route templates an app has are cached."""
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
+    data = data[:TEXT_BYTES]
+    cut = (data, len(data))
+    if len(_CUT_CACHE) < _CUT_CACHE_MAX:
+        _CUT_CACHE[text] = cut
+    return cut
 
 
 class Slot:
-    """A request's slot; its methods open and close write sections."""
+    """A request's slot; its methods open and close write sections (the
+    sequence made odd, the fields, the sequence made even)."""
 
     __slots__ = (
-        "table", "index", "id", "tid", "base", "w32", "w64", "steps64",
-        "seq", "depth", "step_began", "ended", "route_text",
+        "table", "index", "id", "tid", "w32", "seq", "depth", "running",
+        "step_began", "ended", "route_text",
     )
 
     def __init__(self, table, index, request_id, tid, method, path):
         """Files the request ``request_id`` in slot ``index``: one write
-        section holding the whole slot and its step record."""
+        section holding the whole slot and its step record, with the step
+        that files it marked running on ``tid`` (the middleware files the
+        request inside its first step, so that step needs no section of
+        its own)."""
         self.table = table
         self.index = index
         self.id = request_id
         self.tid = tid
-        self.base = base = RESERVED_BYTES + index * SLOT_BYTES
-        self.w32 = w32 = base // 4
-        self.w64 = base // 8
-        self.steps64 = steps64 = (STEPS_AT + index * STEP_BYTES) // 8
+        self.w32 = w32 = _W32 + index * _SLOT_W32
         self.depth = 0
-        self.step_began = 0
+        self.running = True
+        self.step_began = now = _now()
         self.ended = False
         self.route_text = None
-        method = _encoded(method)
+        method, method_len = _CUT_CACHE.get(method) or _encoded(method)
         path = path.encode("utf-8", "replace") if isinstance(path, str) else bytes(path)
         buffer, u32 = table.buffer, table.u32
-        seq = (u32[w32] | 1) & _MASK32
+        seq = u32[w32] | 1
         u32[w32] = seq
         _SLOT.pack_into(
-            buffer, base + 4, 0, request_id, _now(), 0, FLAG_POLLS_TRACKED,
-            min(len(method), METHOD_BYTES), 0, min(len(path), TEXT_BYTES),
+            buffer, w32 * 4 + 4, tid, request_id, now, now, FLAG_POLLS_TRACKED,
+            min(method_len, METHOD_BYTES), 0, min(len(path), TEXT_BYTES),
             method, b"", path,
         )
-        _STEP.pack_into(buffer, steps64 * 8, 0, tid, 0, 0, 0)
+        _STEP.pack_into(buffer, STEPS_AT + index * STEP_BYTES, 0, tid, 0, 0, 0)
         self.seq = seq = (seq + 1) & _MASK32
         u32[w32] = seq
 
-    def _open(self):
-        self.seq = (self.seq + 1) & _MASK32
-        self.table.u32[self.w32] = self.seq
-
-    def _close(self):
-        self.seq = (self.seq + 1) & _MASK32
-        self.table.u32[self.w32] = self.seq
-
     def route(self, template):
         """The router matched: ``template`` is the route's path."""
-        if self.ended or not isinstance(template, str) or template is self.route_text:
+        if template is self.route_text or self.ended or not isinstance(template, str):
             return
         self.route_text = template
-        buffer, base = self.table.buffer, self.base
-        route = _encoded(template)[:TEXT_BYTES]
-        self._open()
-        at = base + TEXT + METHOD_BYTES
-        buffer[at:at + len(route)] = route
-        buffer[base + 32] |= FLAG_HAS_ROUTE
-        buffer[base + 34] = len(route)
-        self._close()
+        route, length = _CUT_CACHE.get(template) or _encoded(template)
+        buffer, u32, w32 = self.table.buffer, self.table.u32, self.w32
+        at = w32 * 4 + _ROUTE_AT
+        seq = (self.seq + 1) & _MASK32
+        u32[w32] = seq
+        buffer[at:at + length] = route
+        buffer[w32 * 4 + 32] = FLAG_POLLS_TRACKED | FLAG_HAS_ROUTE
+        buffer[w32 * 4 + 34] = length
+        self.seq = seq = (seq + 1) & _MASK32
+        u32[w32] = seq
 
     def step_begin(self, tid):
         """A step of the request's coroutine (or of a child task) begins
         on thread ``tid``."""
         self.depth += 1
-        if self.depth != 1 or self.ended:
+        if self.depth != 1 or self.ended or self.running:
             return
-        began = _now()
-        self.step_began = began
-        u32 = self.table.u32
+        self.running = True
+        self.step_began = began = _now()
+        u32, w32 = self.table.u32, self.w32
         seq = (self.seq + 1) & _MASK32
-        u32[self.w32] = seq
-        u32[self.w32 + 1] = tid
-        self.table.u64[self.w64 + 3] = began
+        u32[w32] = seq
+        u32[w32 + 1] = tid
+        self.table.u64[(w32 >> 1) + 3] = began
         self.seq = seq = (seq + 1) & _MASK32
-        u32[self.w32] = seq
+        u32[w32] = seq
 
     def step_end(self, tid):
         self.depth -= 1
         if self.depth != 0 or self.ended:
             return
+        self.running = False
         ended = _now()
-        began = self.step_began
-        u32 = self.table.u32
+        u32, w32 = self.table.u32, self.w32
         seq = (self.seq + 1) & _MASK32
-        u32[self.w32] = seq
-        u32[self.w32 + 1] = 0
-        if ended - began >= LONG_STEP_NS:
-            s64 = self.steps64
-            u64 = self.table.u64
-            u32[s64 * 2] = tid
-            u64[s64 + 1] = began
-            u64[s64 + 2] = ended
+        u32[w32] = seq
+        u32[w32 + 1] = 0
+        if ended - self.step_began >= LONG_STEP_NS:
+            self._long_step(tid, ended)
         self.seq = seq = (seq + 1) & _MASK32
-        u32[self.w32] = seq
+        u32[w32] = seq
+
+    def _long_step(self, tid, ended):
+        """Keeps the step that ends at ``ended`` as the slot's long step
+        (inside a write section)."""
+        s64 = (STEPS_AT + self.index * STEP_BYTES) // 8
+        u64 = self.table.u64
+        self.table.u32[s64 * 2] = tid
+        u64[s64 + 1] = self.step_began
+        u64[s64 + 2] = ended
+
+    def step_last(self, tid):
+        """The request's own coroutine returned or raised: its step goes on
+        in the middleware, which ends the request at once; :meth:`end`
+        closes the step in the same write section."""
+        self.depth -= 1
 
     def end(self):
         """The request ended: the slot keeps it, marked ended, until a new
         request takes the slot (the agent may still be matching a stall that
-        ended just before)."""
+        ended just before). A step still marked running (the one that ends
+        the request) is closed, and kept when it was long."""
         if self.ended:
             return
         self.ended = True
         table, w32 = self.table, self.w32
         u32 = table.u32
+        ended = _now()
         seq = (self.seq + 1) & _MASK32
         u32[w32] = seq
         u32[w32 + 1] = 0
-        table.u64[self.steps64 + 3] = _now()
+        if self.running and ended - self.step_began >= LONG_STEP_NS:
+            self._long_step(self.tid, ended)
+        self.running = False
+        table.u64[(STEPS_AT + self.index * STEP_BYTES) // 8 + 3] = ended
         self.seq = seq = (seq + 1) & _MASK32
         u32[w32] = seq
-        table._busy[self.index] = 0
+        table._free.append(self.index)
 
 
 _table = None
