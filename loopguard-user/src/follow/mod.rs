@@ -64,10 +64,7 @@ impl Follower {
             stop_on_exec: 1,
             all_processes: 0,
         };
-        let mut ebpf = EbpfLoader::new()
-            .override_global(names::FOLLOW_CONFIG, &config, true)
-            .load(EBPF_OBJECT)
-            .map_err(|error| AttachError::Load(Box::new(error)))?;
+        let mut ebpf = load(config)?;
         let mut pids: BpfHashMap<MapData, u32, u32> = take(&mut ebpf, names::FOLLOW_PIDS)?;
         pids.insert(seed, 1, 0).map_err(|source| FollowError::Map {
             name: names::FOLLOW_PIDS,
@@ -102,15 +99,7 @@ impl Follower {
             attach_raw_tracepoint(&mut ebpf, names::FOLLOW_FORK, "sched_process_fork")?;
         }
         attach_raw_tracepoint(&mut ebpf, names::FOLLOW_EXEC, "sched_process_exec")?;
-        Ok(Self {
-            ebpf: Some(ebpf),
-            // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd.
-            events: unsafe { AsyncFd::register(ring) }
-                .map_err(|error| FollowError::Poll(error.into()))?,
-            pids,
-            stopped,
-            counters,
-        })
+        Self::listening(ebpf, ring, pids, stopped, counters)
     }
 
     /// Hears of every exec on the host, stopping none (`loopguard watch
@@ -121,15 +110,23 @@ impl Follower {
             stop_on_exec: 0,
             all_processes: 1,
         };
-        let mut ebpf = EbpfLoader::new()
-            .override_global(names::FOLLOW_CONFIG, &config, true)
-            .load(EBPF_OBJECT)
-            .map_err(|error| AttachError::Load(Box::new(error)))?;
+        let mut ebpf = load(config)?;
         let pids = take(&mut ebpf, names::FOLLOW_PIDS)?;
         let stopped = take(&mut ebpf, names::FOLLOW_STOPPED)?;
         let counters = take(&mut ebpf, names::FOLLOW_COUNTERS)?;
         let ring: RingBuf<MapData> = take(&mut ebpf, names::FOLLOW_EVENTS)?;
         attach_raw_tracepoint(&mut ebpf, names::FOLLOW_EXEC, "sched_process_exec")?;
+        Self::listening(ebpf, ring, pids, stopped, counters)
+    }
+
+    /// The follower over a loaded object whose tracepoints are attached.
+    fn listening(
+        ebpf: Ebpf,
+        ring: RingBuf<MapData>,
+        pids: BpfHashMap<MapData, u32, u32>,
+        stopped: BpfHashMap<MapData, u32, u32>,
+        counters: Array<MapData, u64>,
+    ) -> Result<Self, FollowError> {
         Ok(Self {
             ebpf: Some(ebpf),
             // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd.
@@ -213,6 +210,14 @@ impl Drop for Follower {
         drop(self.ebpf.take());
         self.resume_all();
     }
+}
+
+/// The follow programs loaded with `config`.
+fn load(config: FollowConfig) -> Result<Ebpf, FollowError> {
+    Ok(EbpfLoader::new()
+        .override_global(names::FOLLOW_CONFIG, &config, true)
+        .load(EBPF_OBJECT)
+        .map_err(|error| AttachError::Load(Box::new(error)))?)
 }
 
 #[cfg(test)]
