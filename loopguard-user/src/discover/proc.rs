@@ -134,15 +134,19 @@ pub fn thread_name(pid: u32, tid: u32) -> String {
         .map_or_else(|_| "?".to_owned(), |name| name.trim_end().to_owned())
 }
 
+/// Whether an fd's link target (`/proc/PID/fd/N`) is an epoll instance.
+fn is_eventpoll(target: &std::path::Path) -> bool {
+    target.as_os_str() == "anon_inode:[eventpoll]"
+}
+
 /// Whether process `pid` has an epoll instance open (an event loop waits
 /// on one).
 pub fn has_epoll_fd(pid: u32) -> bool {
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
     };
-    fds.filter_map(Result::ok).any(|fd| {
-        fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == "anon_inode:[eventpoll]")
-    })
+    fds.filter_map(Result::ok)
+        .any(|fd| fs::read_link(fd.path()).is_ok_and(|target| is_eventpoll(&target)))
 }
 
 /// Whether thread `tid` of process `pid` still has epoll fd `fd` open:
@@ -153,7 +157,7 @@ pub fn has_epoll_fd(pid: u32) -> bool {
 pub fn epoll_fd_open(pid: u32, tid: u32, fd: u32) -> Option<bool> {
     let fds = format!("/proc/{pid}/task/{tid}/fd");
     match fs::read_link(format!("{fds}/{fd}")) {
-        Ok(target) => Some(target.as_os_str() == "anon_inode:[eventpoll]"),
+        Ok(target) => Some(is_eventpoll(&target)),
         // No such fd, in a table that is still there: closed.
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
             fs::read_dir(&fds).ok().map(|_| false)
