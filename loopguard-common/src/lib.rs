@@ -13,6 +13,7 @@ pub mod slots;
 pub mod stacks;
 pub mod steal;
 pub mod syscalls;
+pub mod wakeup;
 
 /// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
 pub mod names {
@@ -30,6 +31,10 @@ pub mod names {
     /// vCPU of a thread inside a poll (steal time, [`crate::steal`]), so
     /// that pause is not blamed on the poll either.
     pub const THREAD_RUNTIME: &str = "thread_runtime";
+    /// Raw tracepoint `sched_wakeup`: when a thread of the target asleep
+    /// inside a poll or a busy stretch was woken, so its wait for a CPU
+    /// after that is not blamed on the poll ([`crate::wakeup`]).
+    pub const THREAD_WAKEUP: &str = "thread_wakeup";
     /// uprobe on every `loopguard:request_start` USDT site.
     pub const REQUEST_START: &str = "request_start";
     /// uprobe on every `loopguard:request_end` USDT site.

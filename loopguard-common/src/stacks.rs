@@ -167,11 +167,15 @@ pub struct ThreadOffCpu {
     pub cause: u32,
     /// Switch-outs inside the poll.
     pub switches: u32,
+    /// When the thread, asleep since `out_ns`, was woken (0: not seen):
+    /// from there to its switch-in it waited for a CPU
+    /// ([`crate::wakeup::split_sleep`]).
+    pub woken_ns: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<StackSample>() == 80 + STACK_BYTES);
 const _: () = assert!(core::mem::size_of::<OffCpuEnd>() == 64);
-const _: () = assert!(core::mem::size_of::<ThreadOffCpu>() == 80);
+const _: () = assert!(core::mem::size_of::<ThreadOffCpu>() == 88);
 const _: () = assert!(core::mem::size_of::<StackConfig>() == 24);
 const _: () = assert!(STACK_BYTES.is_multiple_of(STACK_CHUNK_BYTES));
 

@@ -19,6 +19,9 @@
 //! - `thread_runtime` ([`steal`], raw tracepoint `sched_stat_runtime`):
 //!   time the host did not run the vCPU of a thread inside a poll (steal
 //!   time) counts as a wait for the CPU, like a preemption.
+//! - `thread_wakeup` ([`wakeup`], raw tracepoint `sched_wakeup`): a
+//!   thread woken from a sleep inside a poll waits for a CPU until
+//!   `sched_switch` runs it; that wait counts like a preemption.
 //! - `stack_sched_switch` / `stack_on_cpu` ([`stacks`]): the user stacks of
 //!   stuck polls, on and off CPU, and their off-CPU time (issue #14).
 //!
@@ -50,6 +53,7 @@ mod slots;
 mod stacks;
 mod steal;
 mod wait;
+mod wakeup;
 
 use loopguard_common::{
     COUNTER_SLOTS, Config, Counter, EVENTS_RING_BYTES, EventKind, MAX_BLOCKING_RANGES,
@@ -417,10 +421,12 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     // SAFETY: a per-CPU map value pointer; only this CPU writes it.
     let switched_in_ns = unsafe { core::ptr::replace(last, now) };
     let waits_on_switch = waits_on_switch();
+    // SAFETY: raw tracepoint argument 2 (next).
+    let next = unsafe { *args.add(2) };
     if waits_on_switch {
-        // SAFETY: raw tracepoint argument 2 (next).
-        wait::switch_in(unsafe { *args.add(2) }, now);
+        wait::switch_in(next, now);
     }
+    wakeup::switch_in(next, now);
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 != target_tgid() {
         return 0;
@@ -439,6 +445,9 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     let Some(slot) = slots::slot_of(tid) else {
         return 0;
     };
+    if !runnable {
+        wakeup::note_sleep(slot, tid);
+    }
     wait::note_switch(slot, tid, switched_in_ns, runnable, now);
     // Every switch of a target thread runs this: a write section (two
     // atomic adds) is opened only when there is something to write.

@@ -28,6 +28,7 @@ use loopguard_common::{
         STACK_CHUNK_BYTES, STACK_RING_BYTES, StackConfig, StackSample, ThreadOffCpu, record_kind,
         sample_cause,
     },
+    wakeup::split_sleep,
 };
 
 use crate::{add, bump, frame_index, slots, target_tgid};
@@ -143,6 +144,25 @@ pub(crate) fn add_stolen(tid: u32, stolen: u64, now: u64) {
         };
     }
     state.wait_ns += stolen.min(now.saturating_sub(poll_start));
+}
+
+/// `tid`, asleep and now being switched back in, was woken at `woken_ns`
+/// (`wakeup::switch_in`, which runs on the same switch just before
+/// [`switch_in`] here): its sleep is split there.
+#[inline(always)]
+pub(crate) fn note_woken(tid: u32, woken_ns: u64) {
+    if config_u32(&raw const STACK_CONFIG.enabled) == 0 {
+        return;
+    }
+    let Some(state) = THREAD_OFFCPU.get_ptr_mut(tid) else {
+        return;
+    };
+    // SAFETY: map value pointer, valid for this run; the thread is not on
+    // a CPU, and its switch-in is this same switch.
+    let state = unsafe { &mut *state };
+    if state.out_ns != 0 {
+        state.woken_ns = woken_ns;
+    }
 }
 
 #[inline(always)]
@@ -307,12 +327,15 @@ fn switch_in(next: u64) {
     if state.out_ns == 0 {
         return;
     }
-    let interval = now.saturating_sub(state.out_ns);
     if state.cause == sample_cause::OFF_CPU {
-        state.off_ns += interval;
+        // Asleep until its wake-up, then waiting for a CPU.
+        let (asleep, waited) = split_sleep(state.out_ns, state.woken_ns, now);
+        state.off_ns += asleep;
+        state.wait_ns += waited;
     } else {
-        state.wait_ns += interval;
+        state.wait_ns += now.saturating_sub(state.out_ns);
     }
+    state.woken_ns = 0;
     let out_ns = state.out_ns;
     state.out_ns = 0;
     if now.saturating_sub(state.poll_start_ns) < config_u64(&raw const STACK_CONFIG.arm_delay_ns) {
