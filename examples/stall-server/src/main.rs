@@ -8,7 +8,7 @@
 //! | `GET /block/spin?ms=N`       | busy-loops on the worker for N ms (`&clock=cpu`: N ms of CPU)    |
 //! | `GET /block/sleep?ms=N`      | `std::thread::sleep` on the worker for N ms                      |
 //! | `GET /block/mutex?ms=N`      | waits on the worker N ms for a `std::sync::Mutex` a helper holds |
-//! | `GET /block/file?ms=N`       | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms     |
+//! | `GET /block/file?ms=N`       | write 64 KiB + `sync_data` + read back on the worker, ≈ N ms (`&clock=held`: N ms less its waits for a CPU) |
 //! | `GET /users/{id}/block?ms=N` | like `/block/sleep`, under a route template (answer adds `user`) |
 //! | `GET /block/repeat?ms=N&times=K&gap_ms=G` | K blocking sleeps of N ms, each its own poll, G ms of `.await` apart |
 //! | `GET /spawn_blocking?ms=N`   | sleeps N ms in `spawn_blocking` (correct: worker stays free)     |
@@ -27,7 +27,11 @@
 //! stretch. `cpu_ms` is the CPU time the thread used during the stretch
 //! (`CLOCK_THREAD_CPUTIME_ID`): for a spin, the time it held its thread
 //! (what loopguard measures: the stretch less the time it sat preempted),
-//! which on a loaded machine is less than the wall-clock `blocked_ms`. `/spawn_blocking` answers the same plus `blocking_tid`, with
+//! which on a loaded machine is less than the wall-clock `blocked_ms`.
+//! `run_delay_ms` is the time the thread waited runnable for a CPU during
+//! the stretch (`/proc/thread-self/schedstat`): preempted, or woken from
+//! its sleep and not yet run; `blocked_ms - run_delay_ms` is the time the
+//! stretch held its thread, what loopguard judges. `/spawn_blocking` answers the same plus `blocking_tid`, with
 //! `tid` the worker that ran the handler. `ms` must be in `0..=60000`,
 //! otherwise the answer is a 400 with `{"error": "..."}`.
 //!
@@ -209,6 +213,10 @@ struct BlockReport {
     /// CPU time the thread used during the section.
     #[serde(skip_serializing_if = "Option::is_none")]
     cpu_ms: Option<f64>,
+    /// Time the thread waited runnable for a CPU during the section
+    /// (preempted, or woken and not yet run), by the kernel's own count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_delay_ms: Option<f64>,
     tid: i32,
     pid: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -225,6 +233,7 @@ impl BlockReport {
             requested_ms,
             blocked_ms,
             cpu_ms: None,
+            run_delay_ms: None,
             tid,
             pid: getpid(),
             blocking_tid: None,
@@ -289,14 +298,27 @@ fn blocking_section(
     section: impl FnOnce(Instant, Duration) -> std::io::Result<()>,
 ) -> BlockResult {
     let tid = gettid();
+    let delay_before = thread_run_delay();
     let cpu_before = thread_cpu_time();
     let start = Instant::now();
     section(start, Duration::from_millis(ms))?;
     let blocked = start.elapsed();
     let cpu = thread_cpu_time().saturating_sub(cpu_before);
+    let delay_after = thread_run_delay();
     let mut report = BlockReport::new(kind, ms, blocked, tid);
     report.cpu_ms = Some(cpu.as_secs_f64() * 1e3);
+    report.run_delay_ms = delay_before
+        .zip(delay_after)
+        .map(|(before, after)| after.saturating_sub(before).as_secs_f64() * 1e3);
     Ok(Json(report))
+}
+
+/// The time this thread has waited runnable for a CPU, in all: the second
+/// field of `/proc/thread-self/schedstat` (ns). `None` without schedstats.
+fn thread_run_delay() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 /// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`).
@@ -424,42 +446,74 @@ async fn user_block(
 
 async fn block_mutex(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
     let ms = parse_ms(q)?;
-    let (locked_tx, locked_rx) = mpsc::sync_channel::<()>(0);
-    let holder = std::thread::spawn(move || {
-        let guard = CONTENDED.lock().unwrap_or_else(PoisonError::into_inner);
-        // The handler waits for this before it contends for the lock.
-        let _ = locked_tx.send(());
-        std::thread::sleep(Duration::from_millis(ms));
-        drop(guard);
-    });
-    // Quick handshake: returns as soon as the holder has the lock. (Requests
-    // that overlap queue on the one lock, so they block for longer.)
-    locked_rx
-        .recv()
-        .map_err(|_| ApiError::internal("lock holder died"))?;
-    let report = blocking_section("mutex", ms, |_, _| {
+    // The section is all the worker waits for: the helper starting and
+    // taking the lock, the lock, and the helper's exit. On a busy machine
+    // the helper waits for a CPU at its start and its end, and the worker
+    // with it.
+    blocking_section("mutex", ms, |_, _| {
+        let (locked_tx, locked_rx) = mpsc::sync_channel::<()>(0);
+        let holder = std::thread::spawn(move || {
+            let guard = CONTENDED.lock().unwrap_or_else(PoisonError::into_inner);
+            // The handler waits for this before it contends for the lock.
+            let _ = locked_tx.send(());
+            std::thread::sleep(Duration::from_millis(ms));
+            drop(guard);
+        });
+        // Quick handshake: returns as soon as the holder has the lock.
+        // (Requests that overlap queue on the one lock, so they block for
+        // longer.)
+        locked_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("lock holder died"))?;
         drop(CONTENDED.lock().unwrap_or_else(PoisonError::into_inner));
+        let _ = holder.join();
         Ok(())
-    });
-    let _ = holder.join();
-    report
+    })
 }
 
-async fn block_file(q: Result<Query<MsParam>, QueryRejection>) -> BlockResult {
-    let ms = parse_ms(q)?;
+#[derive(Deserialize)]
+struct FileParam {
+    ms: u64,
+    /// `held`: write and read until the section has held its thread `ms`
+    /// (its time less its wait for a CPU), so that it blocks that long
+    /// however long a loaded machine makes it wait after each write.
+    clock: Option<String>,
+}
+
+async fn block_file(q: Result<Query<FileParam>, QueryRejection>) -> BlockResult {
+    let Query(FileParam { ms, clock }) =
+        q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let ms = at_most("ms", ms, MAX_MS)?;
+    let by_held = clock.as_deref() == Some("held");
     let seq = FILE_SEQ.fetch_add(1, Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!("stall-server-{}-{seq}.tmp", getpid()));
     // Everything the handler does to the disk is timed, clean-up included:
     // the test compares loopguard's figure with this one.
     blocking_section("file", ms, |start, d| {
-        let result = write_and_read_back(&path, start, d);
+        let delay_start = thread_run_delay().unwrap_or_default();
+        let elapsed = || {
+            if by_held {
+                let delay = thread_run_delay().unwrap_or_default();
+                start
+                    .elapsed()
+                    .saturating_sub(delay.saturating_sub(delay_start))
+            } else {
+                start.elapsed()
+            }
+        };
+        let result = write_and_read_back(&path, elapsed, d);
         let _ = std::fs::remove_file(&path);
         result
     })
 }
 
-/// `/block/file`'s loop: write 64 KiB, `sync_data`, read it back, until `d` has passed.
-fn write_and_read_back(path: &std::path::Path, start: Instant, d: Duration) -> std::io::Result<()> {
+/// `/block/file`'s loop: write 64 KiB, `sync_data`, read it back, until
+/// `elapsed()` reaches `d`.
+fn write_and_read_back(
+    path: &std::path::Path,
+    elapsed: impl Fn() -> Duration,
+    d: Duration,
+) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -467,11 +521,11 @@ fn write_and_read_back(path: &std::path::Path, start: Instant, d: Duration) -> s
         .truncate(true)
         .open(path)?;
     let mut buf = vec![0xa5_u8; FILE_CHUNK];
-    while start.elapsed() < d {
+    while elapsed() < d {
         file.seek(SeekFrom::Start(0))?;
         file.write_all(&buf)?;
         file.sync_data()?;
-        if start.elapsed() >= d {
+        if elapsed() >= d {
             break;
         }
         file.seek(SeekFrom::Start(0))?;
