@@ -61,6 +61,11 @@ pub mod names {
     /// before the probe existed), so the kernel dates the thread's first
     /// busy stretch from when it next ran, and removes the entry.
     pub const UNSEEN_WAITS: &str = "UNSEEN_WAITS";
+    /// Array of one `u32`, set to 1 by the agent once every probe is
+    /// attached: until then the wait paths that run on tracepoints
+    /// (`sched_switch`, `sys_enter`/`sys_exit`) start no busy stretch,
+    /// since no task poll return could end one yet.
+    pub const WAITS_ARMED: &str = "WAITS_ARMED";
 
     /// Ring buffer of [`super::PollEvent`]s.
     pub const EVENTS: &str = "EVENTS";

@@ -96,7 +96,7 @@ pub(crate) fn empty_programs() -> bool {
 pub(crate) fn waits_on_switch() -> bool {
     // SAFETY: a plain read of a global the loader patched before load.
     let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
-    flags & config_flags::WAIT_SWITCH != 0
+    flags & config_flags::WAIT_SWITCH != 0 && wait::armed()
 }
 
 /// The request probes are attached ([`config_flags::REQUESTS`]).

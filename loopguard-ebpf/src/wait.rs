@@ -52,6 +52,20 @@ use crate::{
 /// Waits deeper than this are not tracked (a runaway nesting count).
 const MAX_WAIT_DEPTH: u32 = 8;
 
+/// 1 once the agent has attached every probe (`names::WAITS_ARMED`). The
+/// tracepoints run from before the first probe is attached: a wait path
+/// on them would start busy stretches on Tokio workers that no task poll
+/// return could end until the poll probes exist (a false loop stall of a
+/// busy worker during attach, issue #23).
+#[map]
+static WAITS_ARMED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether the wait paths on tracepoints may start and end waits.
+#[inline(always)]
+pub(crate) fn armed() -> bool {
+    WAITS_ARMED.get(0).is_some_and(|armed| *armed != 0)
+}
+
 /// Threads the agent found asleep in a wait when it attached (filled by
 /// the agent, emptied here). The return probe of a wait entered before
 /// attaching never fires, so without this a thread that sleeps in its park
@@ -167,7 +181,7 @@ pub fn wait_syscall_enter(ctx: RawTracePointContext) -> i32 {
     if crate::empty_programs() {
         return 0;
     }
-    if (bpf_get_current_pid_tgid() >> 32) as u32 != target_tgid() {
+    if (bpf_get_current_pid_tgid() >> 32) as u32 != target_tgid() || !armed() {
         return 0;
     }
     let id: u64 = ctx.arg(1);
@@ -186,7 +200,7 @@ pub fn wait_syscall_exit(ctx: RawTracePointContext) -> i32 {
     if crate::empty_programs() {
         return 0;
     }
-    if (bpf_get_current_pid_tgid() >> 32) as u32 != target_tgid() {
+    if (bpf_get_current_pid_tgid() >> 32) as u32 != target_tgid() || !armed() {
         return 0;
     }
     let regs: u64 = ctx.arg(0);

@@ -90,6 +90,8 @@ pub enum AttachError {
     UsdtSpecs(#[source] aya::maps::MapError),
     #[error("failed to hand the kernel its free thread slots")]
     FreeSlots(#[source] aya::maps::MapError),
+    #[error("failed to arm the wait path")]
+    ArmWaits(#[source] aya::maps::MapError),
     #[error(
         "this kernel has no uprobe_multi links with a process filter (Linux 6.10+, or a stable release with the fix); use `--probe-links auto` or `perf`"
     )]
@@ -780,6 +782,17 @@ fn fill_free_slots(ebpf: &mut Ebpf) -> Result<(), AttachError> {
     Ok(())
 }
 
+/// Lets the wait paths on tracepoints start busy stretches, now that every
+/// task poll return can end one (`names::WAITS_ARMED`).
+fn arm_waits(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    let map = ebpf
+        .map_mut(names::WAITS_ARMED)
+        .ok_or(AttachError::Missing(names::WAITS_ARMED))?;
+    let mut armed: Array<&mut MapData, u32> =
+        Array::try_from(map).map_err(AttachError::ArmWaits)?;
+    armed.set(0, 1, 0).map_err(AttachError::ArmWaits)
+}
+
 /// Loads and attaches everything for `target`, telling `progress` what it
 /// is about to do and how far it got.
 pub fn attach(
@@ -804,6 +817,7 @@ pub fn attach(
     groups.extend(wait_groups(&mut ebpf, target, wait_path)?);
     let probe_count = groups.iter().map(|group| group.sites.len()).sum();
     let (links, kind) = link_groups(&mut ebpf, &groups, options.probe_links, pid, progress)?;
+    arm_waits(&mut ebpf)?;
     let link_count = match &links {
         UprobeLinks::Perf(links) => links.len(),
         UprobeLinks::Multi { links, .. } => links.len(),
