@@ -1,9 +1,11 @@
 // A tiny Node.js server for loopguard's end-to-end tests of the wait path.
 // `GET /busy?ms=N` busy-loops on the event loop (the bug loopguard must
 // find) and answers {"blocked_ms": ..., "cpu_ms": ...}, its own timing of
-// the block (with `&clock=cpu`, N ms of CPU time rather than wall time);
+// the block (with `&clock=cpu`, N ms of CPU time rather than wall time;
+// with `&until=PATH`, until PATH exists, N ms at most);
 // `GET /fast` answers at once. Prints `listening on 127.0.0.1:PORT`.
 'use strict';
+const fs = require('fs');
 const http = require('http');
 const { performance } = require('perf_hooks');
 
@@ -21,7 +23,17 @@ const server = http.createServer((req, res) => {
       const used = process.cpuUsage(cpuStart);
       return (used.user + used.system) / 1000;
     };
-    while ((byCpu ? cpuMs() : performance.now() - start) < ms) {
+    // `until=PATH`: spin until PATH exists (looked for every 20 ms of the
+    // spin), at most `ms`: a block that lasts as long as a test needs it.
+    const until = url.searchParams.get('until');
+    let looked = start;
+    const released = () => {
+      const now = performance.now();
+      if (now - looked < 20) return false;
+      looked = now;
+      return fs.existsSync(until);
+    };
+    while ((byCpu ? cpuMs() : performance.now() - start) < ms && !(until && released())) {
       // spin: the event loop cannot run anything else
     }
     body = { blocked_ms: performance.now() - start, cpu_ms: cpuMs() };

@@ -221,14 +221,24 @@ fn node_busy_loop_on_the_syscall_tracepoints() {
 /// Attaches while `path` has held the loop of `server` for 1.5 s: the
 /// attach census reports a loop stall in progress on the main thread,
 /// started before attach, within a second, with the cause `blocked_by`.
+/// `{until}` in `path` is replaced by a file that is created once that
+/// report came (a block that lasts until then, however long attaching
+/// takes on a loaded machine).
 fn reports_a_loop_already_stuck(server: &Foreign, path: &str, blocked_by: Blocked) {
     let addr = server.addr;
-    let path = path.to_owned();
+    let marker = std::env::temp_dir().join(format!(
+        "loopguard-loops-release-{}-{}",
+        std::process::id(),
+        server.pid()
+    ));
+    let _ = std::fs::remove_file(&marker);
+    let path = path.replace("{until}", &marker.display().to_string());
     let blocker = std::thread::spawn(move || http_get(addr, &path).unwrap());
     std::thread::sleep(Duration::from_millis(1500));
     let agent = Agent::attach(server.pid(), &["--threshold-ms", "50"]);
     let attached = Instant::now();
     let stuck = agent.wait_for_stuck_before_attach("the loop", attached, |_| true);
+    std::fs::write(&marker, b"").unwrap();
     let stall = &stuck.value;
     assert_eq!(stall["kind"], "loop", "{stall}");
     assert_eq!(
@@ -244,6 +254,7 @@ fn reports_a_loop_already_stuck(server: &Foreign, path: &str, blocked_by: Blocke
     );
     let programs = agent.programs();
     assert_eq!(blocker.join().unwrap().status, 200);
+    let _ = std::fs::remove_file(&marker);
     let (status, lines) = agent.interrupt();
     assert!(status.success());
     let in_progress = support::of_type(&lines, "stall_in_progress");
@@ -267,7 +278,9 @@ fn uvicorn_already_asleep_at_attach_is_a_loop_stall_in_progress() {
 fn node_already_busy_at_attach_is_a_loop_stall_in_progress() {
     require_root();
     let server = node();
-    reports_a_loop_already_stuck(&server, "/busy?ms=3500", SPUN);
+    // Busy until the report came (60 s at most): discovering the node
+    // binary alone takes over 2 s on a loaded machine.
+    reports_a_loop_already_stuck(&server, "/busy?ms=60000&until={until}", SPUN);
 }
 
 /// A `block_on` body that blocks is a loop stall, reported once; a handler

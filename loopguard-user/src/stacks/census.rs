@@ -33,6 +33,7 @@ const MIN_CENSUS_SAMPLES: usize = 3;
 pub(super) struct Census {
     started: u64,
     window_ns: u64,
+    longest_ns: u64,
     asleep: Vec<(String, Sample)>,
     running: Vec<u32>,
     events: Vec<OwnedFd>,
@@ -221,12 +222,39 @@ fn stuck_in(frames: &[Frame]) -> Option<StallKind> {
     }
 }
 
+impl Census {
+    /// Whether the census can conclude at `now` (its window has passed).
+    fn done(&self, now: u64) -> bool {
+        let sampled = |tid: &u32| self.samples.iter().filter(|s| s.tid == *tid).count();
+        census_done(
+            now.saturating_sub(self.started) >= self.longest_ns,
+            self.samples.len() >= MAX_CENSUS_SAMPLES,
+            self.running.iter().map(sampled),
+        )
+    }
+}
+
+/// Whether a census past its window concludes: at its longest, or with its
+/// sample store full, or once every thread that was on a CPU when it began
+/// has `samples` enough to judge ([`MIN_CENSUS_SAMPLES`]). A thread on a
+/// CPU a tenth of the time (a loaded machine) gets 3 samples of 2 ms of CPU
+/// in 60 ms, more than the window of a 50 ms threshold: the census waits
+/// for them rather than miss a loop stuck before attach.
+fn census_done(
+    at_longest: bool,
+    store_full: bool,
+    mut samples: impl Iterator<Item = usize>,
+) -> bool {
+    at_longest || store_full || samples.all(|count| count >= MIN_CENSUS_SAMPLES)
+}
+
 impl Stacks {
     /// Starts looking for polls that were already stuck when loopguard
     /// attached: notes the threads asleep in a system call (and their
-    /// stacks), samples the others on CPU for `window`. Does not block;
-    /// [`Self::finish_census`] concludes once the window has passed.
-    pub fn start_census(&mut self, window: Duration) {
+    /// stacks), samples the others on CPU for `window`, and on to
+    /// `longest` while one of them has too few samples to judge. Does not
+    /// block; [`Self::finish_census`] concludes once that has passed.
+    pub fn start_census(&mut self, window: Duration, longest: Duration) {
         let started = monotonic_ns();
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
             return;
@@ -240,6 +268,7 @@ impl Stacks {
         self.census = Some(Census {
             started,
             window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
+            longest_ns: u64::try_from(longest.as_nanos()).unwrap_or(u64::MAX),
             asleep,
             running,
             events,
@@ -268,6 +297,9 @@ impl Stacks {
             return None;
         }
         self.collect(now);
+        if !self.census.as_ref().is_some_and(|census| census.done(now)) {
+            return None;
+        }
         let census = self.census.take()?;
         self.capture.stop_census(&census.running, census.events);
         let busy = polls_seen();
@@ -542,6 +574,22 @@ impl Found {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_census_waits_for_every_running_thread_to_be_sampled_enough() {
+        // Past the window, a starved thread with 1 sample holds it open.
+        assert!(!census_done(false, false, [5, 1].into_iter()));
+        assert!(census_done(false, false, [5, 3].into_iter()));
+        // Nothing on a CPU: nothing to wait for.
+        assert!(census_done(false, false, std::iter::empty()));
+    }
+
+    #[test]
+    fn a_census_ends_at_its_longest_or_with_its_store_full() {
+        assert!(census_done(true, false, [0].into_iter()));
+        assert!(census_done(false, true, [0].into_iter()));
+    }
+
     use super::*;
 
     fn frames(names: &[&str]) -> Vec<Frame> {

@@ -15,7 +15,8 @@ use super::session::Session;
 use super::{Outcome, StopReason, WatchOptions};
 
 /// How long threads are watched at attach for polls stuck since before:
-/// the threshold, within these bounds.
+/// the threshold, within these bounds, and on to the longer one while a
+/// thread on a CPU has too few samples to judge (a loaded machine).
 const CENSUS_MIN: Duration = Duration::from_millis(50);
 const CENSUS_MAX: Duration = Duration::from_millis(500);
 
@@ -59,7 +60,7 @@ pub async fn watch(
 /// threads asleep in a wait to the kernel, whose returns it cannot see.
 fn start_census(stacks: &mut Stacks, collector: &mut Collector, options: &WatchOptions) {
     let window = Duration::from_nanos(options.detect.threshold_ns).clamp(CENSUS_MIN, CENSUS_MAX);
-    stacks.start_census(window);
+    stacks.start_census(window, CENSUS_MAX.max(window));
     // Their waits' returns cannot be seen: the kernel watches for them.
     // Not without a wait path: no wait would ever end the stretch that
     // starts, and a worker's idle time would read as a loop stall.
