@@ -39,9 +39,7 @@ pub fn looks_like_rust(data: &[u8]) -> bool {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// `X.Y.Z` (digits, three parts) followed by `/`, at the start of `bytes`.
