@@ -21,10 +21,6 @@ pub struct Options {
     /// Only fmt, clippy and unit tests (the end-to-end tests need root).
     #[arg(long)]
     no_e2e: bool,
-    /// Also run the false-alarm soak (tests/soak.rs, under 3 min), which
-    /// is not yet part of the default run (issue #23).
-    #[arg(long)]
-    soak: bool,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -61,8 +57,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     // Build the test binaries as the user, run them as root (sudo -E when
     // not root); every binary runs even when an earlier one failed.
     let mut failed = Vec::new();
-    let soak = options.soak.then_some("soak");
-    for name in E2E_TESTS.iter().copied().chain(soak) {
+    for &name in E2E_TESTS {
         let binary = build_test_binary(name)?;
         let mut command = cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?;
         // `LOOPGUARD_PYTHON_3_12`: a FastAPI environment per CPython version.
@@ -185,13 +180,9 @@ const E2E_TESTS: &[&str] = &[
     "containers",
     // Issue #23: false alarms and a missed block_on stall (about 1 min).
     "alarms",
-    // Not yet "soak" (tests/soak.rs, every build under healthy mixed load,
-    // about 2 min): it found an occasional false poll stall of 55-120 ms
-    // "on CPU" (release current-thread, Tokio 1.38 current-thread
-    // `/mixed`), the signature of a vCPU the host did not run. Steal time
-    // now counts as a wait for the CPU (`thread_runtime`), and the soak
-    // says for each alert whether the machine stood still; put it back
-    // after two full runs in a row pass. Run it with `cargo xtask test --soak`.
+    // Issue #23: every build of the example and of the matrix under
+    // healthy mixed load, every rule on, zero alerts (about 2 min).
+    "soak",
 ];
 
 /// Builds the integration test `name` of the agent; returns its executable.
