@@ -10,6 +10,8 @@ import collections.abc
 import contextvars
 import threading
 
+from ._impl import native
+
 # The slot of the request whose context is current.
 CURRENT = contextvars.ContextVar("loopguard_request", default=None)
 
@@ -28,18 +30,19 @@ def _native_id():
 class Steps:
     """A coroutine that marks its request's slot around every step of
     ``coro``: the thread running it, and when the step began and ended.
-    ``last`` is the slot's method for the step in which ``coro`` returns or
-    raises: :meth:`Slot.step_end` for a child task, :meth:`Slot.step_last`
-    for the request's own coroutine, whose last step the middleware closes
-    when it ends the request."""
+    The step in which ``coro`` returns or raises ends with
+    :meth:`Slot.step_end` for a child task, with :meth:`Slot.step_last`
+    for the request's own coroutine (``own``), whose last step the
+    middleware closes when it ends the request. (The pure-Python path;
+    ``_native.Steps`` is the C one.)"""
 
     __slots__ = ("_coro", "_slot", "_tid", "_last")
 
-    def __init__(self, coro, slot, tid, last=None):
+    def __init__(self, coro, slot, tid, own=False):
         self._coro = coro
         self._slot = slot
         self._tid = tid
-        self._last = slot.step_end if last is None else last
+        self._last = slot.step_last if own else slot.step_end
 
     def __await__(self):
         return self
@@ -118,8 +121,14 @@ def _factory(previous):
     return loopguard_task_factory
 
 
+if native is not None:
+    Steps = native.Steps
+    _native_id = native.native_id
+    collections.abc.Coroutine.register(Steps)
+
+
 def install(loop):
     """Installs the task factory on ``loop`` unless it is there."""
     current = loop.get_task_factory()
     if not getattr(current, "loopguard", False):
-        loop.set_task_factory(_factory(current))
+        loop.set_task_factory(native.TaskFactory(current, CURRENT) if native is not None else _factory(current))
