@@ -16,8 +16,12 @@ from . import _steps, _table
 from ._impl import native
 from ._steps import CURRENT, Steps, _native_id
 
-__all__ = ["LoopguardMiddleware"]
+__all__ = ["LoopguardMiddleware", "NATIVE"]
 __version__ = "0.1.0"
+
+# Whether the C path runs (see ``_impl``): ``pip install`` builds it where a
+# C compiler and the Python headers are found.
+NATIVE = native is not None
 
 
 class _Scope(dict):
