@@ -378,3 +378,22 @@ def test_the_pure_python_path_passes_the_same_tests():
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_a_missing_c_module_is_said_once(monkeypatch, caplog):
+    from loopguard_asgi import _impl
+
+    monkeypatch.setattr(_impl, "native", None)
+    monkeypatch.setattr(_impl, "why_not", "its C module is not built: test")
+    monkeypatch.setattr(_impl, "_chosen", False)
+    monkeypatch.setattr(_impl, "_said", False)
+    with caplog.at_level("WARNING", logger="loopguard_asgi"):
+        _impl.say_once()
+        _impl.say_once()
+    said = [r.getMessage() for r in caplog.records if r.name == "loopguard_asgi"]
+    assert len(said) == 1 and "pure-Python" in said[0] and "test" in said[0]
+    monkeypatch.setattr(_impl, "_said", False)
+    monkeypatch.setattr(_impl, "_chosen", True)
+    caplog.clear()
+    _impl.say_once()
+    assert not caplog.records, "nothing said when the pure-Python path was chosen"
