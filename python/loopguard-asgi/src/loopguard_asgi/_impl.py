@@ -5,6 +5,7 @@ Python headers are found), else the pure-Python one in ``_table``,
 higher cost per request. ``LOOPGUARD_ASGI_NATIVE=off`` picks the
 pure-Python one."""
 
+import importlib
 import logging
 import os
 
@@ -18,7 +19,7 @@ if _chosen:
     why_not = "LOOPGUARD_ASGI_NATIVE is off"
 else:
     try:
-        from . import _native as native
+        native = importlib.import_module("._native", __package__)
     except ImportError as error:
         why_not = f"its C module is not built: {error}"
     else:
@@ -39,6 +40,7 @@ def say_once():
     if native is None and not _chosen and not _said:
         _said = True
         logging.getLogger("loopguard_asgi").warning(
-            "loopguard-asgi runs its pure-Python path (%s); reinstall it where a C "
-            "compiler and the Python headers are found for the cheaper C one", why_not,
+            "loopguard-asgi runs its pure-Python path (%s); install it again with a C "
+            "compiler and the Python headers present (CPython 3.10 or later) for the C "
+            "path, about a quarter of the cost per request", why_not,
         )
