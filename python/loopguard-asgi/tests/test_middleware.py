@@ -397,3 +397,23 @@ def test_a_missing_c_module_is_said_once(monkeypatch, caplog):
     caplog.clear()
     _impl.say_once()
     assert not caplog.records, "nothing said when the pure-Python path was chosen"
+
+
+def test_a_forked_child_names_its_own_thread():
+    """The thread id is cached per thread; the child of a fork runs on a
+    thread of another id."""
+    parent = _steps._native_id()
+    assert parent == threading.get_native_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = _steps._native_id() == threading.get_native_id() != parent
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    said = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert said == b"1"

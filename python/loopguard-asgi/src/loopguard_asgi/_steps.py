@@ -8,6 +8,7 @@ their request."""
 import asyncio
 import collections.abc
 import contextvars
+import os
 import threading
 
 from ._impl import native
@@ -25,6 +26,17 @@ def _native_id():
     except AttributeError:
         _local.tid = threading.get_native_id()
         return _local.tid
+
+
+def _forget_tid_in_child():
+    # The forking thread goes on in the child with its thread-locals, under
+    # another id.
+    global _local
+    _local = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_tid_in_child)
 
 
 class Steps:
