@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from asgi_driver import request  # noqa: E402
 from fastapi_app import app  # noqa: E402
 
 counts = collections.Counter()
@@ -35,25 +36,11 @@ def tracer(frame, event, arg):
 
 
 async def main(count):
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        pass
-
-    def scope():
-        return {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-            "method": "GET", "scheme": "http", "path": "/fast", "raw_path": b"/fast",
-            "root_path": "", "query_string": b"", "headers": [],
-            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-        }
-
     for _ in range(20):
-        await app(scope(), receive, send)
+        await request(app)
     sys.settrace(tracer)
     for _ in range(count):
-        await app(scope(), receive, send)
+        await request(app)
     sys.settrace(None)
 
 

@@ -14,7 +14,8 @@ use crate::cmd;
 /// event loops the wait-path end-to-end tests watch, Chromium to open the
 /// HTML report headless, podman and runc to run the example in real
 /// containers (`tests/containers.rs`; crun, podman's default, refuses
-/// hybrid cgroup hosts).
+/// hybrid cgroup hosts), gcc and Debian's Python headers to build
+/// loopguard-asgi's C module.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "prometheus",
     "python3-venv",
+    "python3-dev",
+    "gcc",
     "nodejs",
     "chromium",
     "podman",
@@ -160,9 +163,11 @@ const PYTHON_PACKAGES: &[&str] = &[
 
 /// A virtual environment with uvicorn [`UVICORN_VERSION`],
 /// [`PYTHON_PACKAGES`] and this repository's `python/loopguard-asgi`
-/// (editable) for the Python end-to-end tests, made with Debian's `python3`
-/// (stripped, as users' Pythons often are) unless it is there; returns its
-/// `python`.
+/// (editable, its C module built in place) for the Python end-to-end
+/// tests, made with Debian's `python3` (stripped, as users' Pythons often
+/// are) unless it is there; returns its `python`. An editable install does
+/// not rebuild the C module when its source changes: a module older than
+/// its source, or missing, is built again.
 pub fn python_with_uvicorn() -> anyhow::Result<PathBuf> {
     let venv = cmd::target_dir().join("e2e-python");
     let python = venv.join("bin/python");
@@ -170,10 +175,14 @@ pub fn python_with_uvicorn() -> anyhow::Result<PathBuf> {
     let wanted = std::iter::once(format!("uvicorn=={UVICORN_VERSION}"))
         .chain(PYTHON_PACKAGES.iter().map(|p| (*p).to_owned()))
         .collect::<Vec<_>>();
-    // One line per package, `name==version`, then where loopguard_asgi is.
-    let check = "import importlib.metadata as m, sys, loopguard_asgi\n\
+    // One line per package, `name==version`, then where loopguard_asgi is,
+    // then whether its C module is built from the current source.
+    let check = "import importlib.metadata as m, os, sys, loopguard_asgi\n\
         for spec in sys.argv[1:]:\n    name = spec.split('==')[0]\n    print(name + '==' + m.version(name))\n\
-        print(loopguard_asgi.__file__)";
+        print(loopguard_asgi.__file__)\n\
+        from loopguard_asgi import _impl\n\
+        source = os.path.join(os.path.dirname(loopguard_asgi.__file__), '_native.c')\n\
+        print(_impl.native is not None and os.path.getmtime(_impl.native.__file__) >= os.path.getmtime(source))";
     let installed = cmd::output(Command::new(&python).arg("-c").arg(check).args(&wanted));
     let mut lines = installed.lines();
     let pinned = wanted
@@ -182,7 +191,8 @@ pub fn python_with_uvicorn() -> anyhow::Result<PathBuf> {
     let editable = lines
         .next()
         .is_some_and(|file| Path::new(file).starts_with(&asgi));
-    if pinned && editable {
+    let native = lines.next() == Some("True");
+    if pinned && editable && native {
         return Ok(python);
     }
     if !python.exists() {

@@ -303,3 +303,117 @@ def test_the_running_loop_is_looked_up_once_per_loop():
     finally:
         asyncio.get_running_loop = real
     assert len(looked_up) == 2, "once for each new loop"
+
+
+def test_the_c_path_runs_unless_it_is_turned_off():
+    """CI builds the C module (gcc and the Python headers are there): a
+    build that failed silently must not pass as the pure-Python path."""
+    from loopguard_asgi import _impl
+
+    if os.environ.get("LOOPGUARD_ASGI_NATIVE", "").lower() in ("0", "off", "false", "no"):
+        assert _impl.native is None
+    else:
+        assert _impl.native is not None, _impl.why_not
+        assert _steps.Steps is _impl.native.Steps
+
+
+def _anonymous_table(kind):
+    import mmap
+
+    return kind(mmap.mmap(-1, _table.TABLE_BYTES))
+
+
+def _masked(buffer):
+    """The table's bytes with every time cut to whether it is set."""
+    data = bytearray(buffer)
+    for index in range(_table.SLOTS):
+        base = _table.RESERVED_BYTES + index * _table.SLOT_BYTES
+        steps = _table.STEPS_AT + index * _table.STEP_BYTES
+        for at in (base + 16, base + 24, steps + 8, steps + 16, steps + 24):
+            set_ = any(data[at:at + 8])
+            data[at:at + 8] = bytes([set_]) + bytes(7)
+    return bytes(data)
+
+
+def test_both_paths_write_the_same_table():
+    from loopguard_asgi import _impl
+
+    if _impl.native is None:
+        pytest.skip(f"no C path: {_impl.why_not}")
+    tables = [_anonymous_table(_table.Table), _anonymous_table(_impl.native.Table)]
+    for table in tables:
+        slots = [table.start("GET", "/items/7", 11), table.start("PROPFINDVERYLONGMETHOD", "/" + "é" * 40, 12)]
+        slots += [table.start(b"POST", b"/raw", 13), table.start("GET", "/\udcff", 14)]
+        slots[0].route("/items/{id}")
+        slots[0].route("/items/{id}")
+        slots[1].route("/" + "r" * 100)
+        slots[2].route(None)
+        for slot in slots:
+            slot.step_end(11)
+            slot.step_begin(12)
+            slot.step_begin(12)
+            slot.step_end(12)
+        slots[0].step_end(12)
+        slots[0].step_begin(15)
+        time.sleep(0.002)
+        slots[0].step_last(15)
+        slots[0].end()
+        slots[0].end()
+        slots[1].end()
+        slots[1].route("/late")
+        again = table.start("DELETE", "/again", 16)
+        assert again is not None
+    python, c = (_masked(table.buffer) for table in tables)
+    assert python[:_table.STEPS_AT] == c[:_table.STEPS_AT], "slots"
+    assert python[_table.STEPS_AT:] == c[_table.STEPS_AT:], "step records"
+
+
+def test_the_pure_python_path_passes_the_same_tests():
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, LOOPGUARD_ASGI_NATIVE="off")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", here, "-k", "not pure_python_path"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_a_missing_c_module_is_said_once(monkeypatch, caplog):
+    from loopguard_asgi import _impl
+
+    monkeypatch.setattr(_impl, "native", None)
+    monkeypatch.setattr(_impl, "why_not", "its C module is not built: test")
+    monkeypatch.setattr(_impl, "_chosen", False)
+    monkeypatch.setattr(_impl, "_said", False)
+    with caplog.at_level("WARNING", logger="loopguard_asgi"):
+        _impl.say_once()
+        _impl.say_once()
+    said = [r.getMessage() for r in caplog.records if r.name == "loopguard_asgi"]
+    assert len(said) == 1 and "pure-Python" in said[0] and "test" in said[0]
+    monkeypatch.setattr(_impl, "_said", False)
+    monkeypatch.setattr(_impl, "_chosen", True)
+    caplog.clear()
+    _impl.say_once()
+    assert not caplog.records, "nothing said when the pure-Python path was chosen"
+
+
+def test_a_forked_child_names_its_own_thread():
+    """The thread id is cached per thread; the child of a fork runs on a
+    thread of another id."""
+    parent = _steps._native_id()
+    assert parent == threading.get_native_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = _steps._native_id() == threading.get_native_id() != parent
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    said = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert said == b"1"

@@ -13,15 +13,21 @@ import asyncio
 from threading import get_ident
 
 from . import _steps, _table
+from ._impl import native
 from ._steps import CURRENT, Steps, _native_id
 
-__all__ = ["LoopguardMiddleware"]
+__all__ = ["LoopguardMiddleware", "NATIVE"]
 __version__ = "0.1.0"
+
+# Whether the C path runs (see ``_impl``): ``pip install`` builds it where a
+# C compiler and the Python headers are found.
+NATIVE = native is not None
 
 
 class _Scope(dict):
     """The request's scope, telling the slot the route template as soon as
-    the router stores it (``scope["route"]``, Starlette and FastAPI)."""
+    the router stores it (``scope["route"]``, Starlette and FastAPI). (The
+    pure-Python path; ``_native.Scope`` is the C one.)"""
 
     __slots__ = ("_loopguard_slot",)
 
@@ -39,6 +45,16 @@ class _Scope(dict):
 
     def copy(self):
         return dict(self)
+
+
+def _scope_for(scope, slot):
+    tracked = _Scope(scope)
+    tracked._loopguard_slot = slot
+    return tracked
+
+
+# The request's scope, tracked for its slot.
+scope_for = native.scope_for if native is not None else _scope_for
 
 
 class LoopguardMiddleware:
@@ -67,11 +83,10 @@ class LoopguardMiddleware:
             if loop is not self._loop:
                 _steps.install(loop)
                 self._loop = loop
-        tracked = _Scope(scope)
-        tracked._loopguard_slot = slot
+        tracked = scope_for(scope, slot)
         token = CURRENT.set(slot)
         try:
-            return await Steps(self.app(tracked, receive, send), slot, tid, slot.step_last)
+            return await Steps(self.app(tracked, receive, send), slot, tid, True)
         finally:
             CURRENT.reset(token)
             slot.end()

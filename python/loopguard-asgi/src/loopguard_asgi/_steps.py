@@ -8,7 +8,10 @@ their request."""
 import asyncio
 import collections.abc
 import contextvars
+import os
 import threading
+
+from ._impl import native
 
 # The slot of the request whose context is current.
 CURRENT = contextvars.ContextVar("loopguard_request", default=None)
@@ -25,21 +28,33 @@ def _native_id():
         return _local.tid
 
 
+def _forget_tid_in_child():
+    # The forking thread goes on in the child with its thread-locals, under
+    # another id.
+    global _local
+    _local = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_tid_in_child)
+
+
 class Steps:
     """A coroutine that marks its request's slot around every step of
     ``coro``: the thread running it, and when the step began and ended.
-    ``last`` is the slot's method for the step in which ``coro`` returns or
-    raises: :meth:`Slot.step_end` for a child task, :meth:`Slot.step_last`
-    for the request's own coroutine, whose last step the middleware closes
-    when it ends the request."""
+    The step in which ``coro`` returns or raises ends with
+    :meth:`Slot.step_end` for a child task, with :meth:`Slot.step_last`
+    for the request's own coroutine (``own``), whose last step the
+    middleware closes when it ends the request. (The pure-Python path;
+    ``_native.Steps`` is the C one.)"""
 
     __slots__ = ("_coro", "_slot", "_tid", "_last")
 
-    def __init__(self, coro, slot, tid, last=None):
+    def __init__(self, coro, slot, tid, own=False):
         self._coro = coro
         self._slot = slot
         self._tid = tid
-        self._last = slot.step_end if last is None else last
+        self._last = slot.step_last if own else slot.step_end
 
     def __await__(self):
         return self
@@ -118,8 +133,14 @@ def _factory(previous):
     return loopguard_task_factory
 
 
+if native is not None:
+    Steps = native.Steps
+    _native_id = native.native_id
+    collections.abc.Coroutine.register(Steps)
+
+
 def install(loop):
     """Installs the task factory on ``loop`` unless it is there."""
     current = loop.get_task_factory()
     if not getattr(current, "loopguard", False):
-        loop.set_task_factory(_factory(current))
+        loop.set_task_factory(native.TaskFactory(current, CURRENT) if native is not None else _factory(current))

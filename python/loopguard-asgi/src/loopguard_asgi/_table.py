@@ -66,7 +66,8 @@ _CUT_CACHE_MAX = 4096
 
 
 class Table:
-    """One process's table. Writers are the loop threads; a slot is only
+    """One process's table (the pure-Python path; ``_native.Table`` is the
+    C one). Writers are the loop threads; a slot is only
     ever written by the thread that runs its request.
 
     Free slots wait in a queue, the longest free first (an ended request
@@ -278,4 +279,7 @@ def _make():
         return None
     finally:
         os.close(fd)
-    return Table(buffer)
+    from . import _impl
+
+    _impl.say_once()
+    return (_impl.native.Table if _impl.native is not None else Table)(buffer)
