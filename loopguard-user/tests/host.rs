@@ -413,42 +413,7 @@ fn a_fleet_is_attached_labelled_and_churn_leaks_nothing() {
     targets.extend(during);
     let slowest = latencies.iter().copied().fold(0.0, f64::max);
 
-    // A stall in each, under its own service, container and route. A
-    // loop waiting since before attach comes back from that wait unseen
-    // (README, loop mode's limit): one request first.
-    for target in &targets {
-        assert_eq!(http_get(target.addr, "/fast").unwrap().status, 200);
-    }
-    for target in &targets {
-        let (path, kind, _) = target.kind.stall(200, &target.service);
-        let response = http_get(target.addr, &path).unwrap();
-        assert_eq!(response.status, 200, "{} {path}", target.service);
-        let pid = target.pid();
-        agent.wait_for(
-            &format!("the stall of {}", target.service),
-            Duration::from_secs(10),
-            |v| v["type"] == "stall" && v["pid"] == pid && v["kind"] == kind,
-        );
-    }
-    let text = scrape(&metrics_addr);
-    let container = format!(r#"container="{tag}""#);
-    for target in &targets {
-        let (_, kind, route) = target.kind.stall(200, &target.service);
-        let metric_kind = if kind == "poll" { "stall" } else { "loop" };
-        let labels = [
-            format!(r#"service="{}""#, target.service),
-            container.clone(),
-            format!(r#"kind="{metric_kind}""#),
-            format!(r#"route="{route}""#),
-        ];
-        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-        let stalls = sample(&text, "loopguard_blocking_total", &labels);
-        assert!(
-            stalls.is_some_and(|n| n >= 1.0),
-            "no {metric_kind} of {} on {route}: {text}",
-            target.service
-        );
-    }
+    let missed = inject_stalls(&agent, &targets, &metrics_addr, &tag);
 
     // Churn: what the agent holds before and after it.
     let settle = |why: &str| {
@@ -518,6 +483,77 @@ fn a_fleet_is_attached_labelled_and_churn_leaks_nothing() {
         "agent memory grew through the churn: {first_half} KiB, then {second_half} KiB"
     );
     assert!(churn_attached > 0, "no churn process was attached");
+    assert!(missed.is_empty(), "stalls not found: {missed:#?}");
+}
+
+/// A stall in each target, found under its own service, container and
+/// route; the targets whose stall was not (each said at once, and the
+/// check goes on: a scale run keeps its numbers).
+fn inject_stalls(
+    agent: &Agent,
+    targets: &[support::fleet::Target],
+    metrics_addr: &str,
+    tag: &str,
+) -> Vec<String> {
+    // A loop waiting since before attach comes back from that wait unseen
+    // (README, loop mode's limit): one request first.
+    for target in targets {
+        assert_eq!(http_get(target.addr, "/fast").unwrap().status, 200);
+    }
+    let mut missed = Vec::new();
+    for target in targets {
+        let (path, kind, _) = target.kind.stall(200, &target.service);
+        let sent = Instant::now();
+        let response = http_get(target.addr, &path).unwrap();
+        assert_eq!(response.status, 200, "{} {path}", target.service);
+        let pid = target.pid();
+        let found = wait_for_line(agent, Duration::from_secs(10), |v| {
+            v["type"] == "stall" && v["pid"] == pid && v["kind"] == kind
+        });
+        if !found {
+            eprintln!(
+                "fleet: MISSED the {kind} stall of {} (pid {pid}, {path}, answered {:?} after it was sent: {})",
+                target.service,
+                sent.elapsed(),
+                response.body
+            );
+            missed.push(format!("{} (pid {pid}): no {kind} stall", target.service));
+        }
+    }
+    let text = scrape(metrics_addr);
+    let container = format!(r#"container="{tag}""#);
+    for target in targets {
+        let (_, kind, route) = target.kind.stall(200, &target.service);
+        let metric_kind = if kind == "poll" { "stall" } else { "loop" };
+        let labels = [
+            format!(r#"service="{}""#, target.service),
+            container.clone(),
+            format!(r#"kind="{metric_kind}""#),
+            format!(r#"route="{route}""#),
+        ];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        if !sample(&text, "loopguard_blocking_total", &labels).is_some_and(|n| n >= 1.0) {
+            missed.push(format!(
+                "{}: no {metric_kind} on route {route} in /metrics",
+                target.service
+            ));
+        }
+    }
+    missed
+}
+
+/// Whether the agent printed a line matching `pred` within `timeout`.
+fn wait_for_line(agent: &Agent, timeout: Duration, pred: impl Fn(&Value) -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if agent.lines().iter().any(|l| pred(&l.value)) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Seconds from `started` to the `attached` line of `pid`.
