@@ -404,14 +404,24 @@ fn a_fleet_is_attached_labelled_and_churn_leaks_nothing() {
         .step_by(2)
         .map(|n| Target::start(Kind::of(n), &service(n), &tag))
         .collect();
-    let mut latencies = Vec::new();
     for target in &during {
         attached(&agent, target.pid(), Duration::from_secs(60));
-        latencies.push(line_after(&agent, target.pid(), target.started));
         target.ready(ready_within);
     }
+    for kind in [Kind::Tokio, Kind::Python, Kind::Node] {
+        let latencies: Vec<f64> = during
+            .iter()
+            .filter(|t| t.kind == kind)
+            .map(|t| line_after(&agent, t.pid(), t.started))
+            .collect();
+        eprintln!(
+            "fleet: {} started during the watch: attached {:.2} to {:.2} s after their start",
+            kind.name(),
+            latencies.iter().copied().fold(f64::INFINITY, f64::min),
+            latencies.iter().copied().fold(0.0, f64::max)
+        );
+    }
     targets.extend(during);
-    let slowest = latencies.iter().copied().fold(0.0, f64::max);
 
     let missed = inject_stalls(&agent, &targets, &metrics_addr, &tag);
 
@@ -420,17 +430,24 @@ fn a_fleet_is_attached_labelled_and_churn_leaks_nothing() {
         wait_until(why, Duration::from_secs(120), || {
             Holdings::of(agent.child.id(), &scrape_quietly(&metrics_addr)).watched == count
         });
+        let idle = Holdings::of(agent.child.id(), "");
         std::thread::sleep(Duration::from_secs(grace_s + 5));
-        Holdings::of(agent.child.id(), &scrape_quietly(&metrics_addr))
+        let held = Holdings::of(agent.child.id(), &scrape_quietly(&metrics_addr));
+        let share = cpu_share(held.cpu_ticks - idle.cpu_ticks, grace_s + 5);
+        (held, share)
     };
-    let before = settle("the fleet to be watched");
+    let (before, idle_cpu) = settle("the fleet to be watched");
     eprintln!("fleet: before the churn: {before}");
     let churn_start = sampler.started.elapsed();
     let churn = Churn::start("fleet-churn", &tag);
     std::thread::sleep(churn_for);
     let churned = churn.stop();
     let churn_end = sampler.started.elapsed();
-    let after = settle("the churn's targets to be detached");
+    let churn_cpu = cpu_share(
+        Holdings::of(agent.child.id(), "").cpu_ticks - before.cpu_ticks,
+        churn_for.as_secs(),
+    );
+    let (after, _) = settle("the churn's targets to be detached");
     eprintln!("fleet: after the churn:  {after}");
     let churn_attached = support::of_type(&agent.lines(), "attached").len() - count;
 
@@ -456,10 +473,11 @@ fn a_fleet_is_attached_labelled_and_churn_leaks_nothing() {
     }
 
     eprintln!(
-        "fleet: {count} targets; the {} started before attached {:.1} s after the agent started; the {} started during within {slowest:.2} s of their start",
+        "fleet: {count} targets; the {} started before attached {:.1} s after the agent started; agent CPU {:.1} % of a core before the churn, {:.1} % during it",
         count.div_ceil(2),
         all_before.as_secs_f64(),
-        count / 2
+        idle_cpu,
+        churn_cpu
     );
     eprintln!(
         "fleet: churn {:.0} s: {churned} processes started, {churn_attached} attached; agent RSS max {:.1} MiB in its first half, {:.1} MiB in its second",
@@ -554,6 +572,11 @@ fn wait_for_line(agent: &Agent, timeout: Duration, pred: impl Fn(&Value) -> bool
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Clock ticks (100 a second) over `seconds`, in % of one core.
+fn cpu_share(ticks: u64, seconds: u64) -> f64 {
+    ticks as f64 / seconds as f64
 }
 
 /// Seconds from `started` to the `attached` line of `pid`.

@@ -48,7 +48,10 @@ impl Kind {
         match self {
             Self::Tokio => (format!("/block/sleep?ms={ms}"), "poll", "/block/sleep"),
             Self::Python => (format!("/sleep/{tag}?ms={ms}"), "loop", "/sleep/{tag}"),
-            Self::Node => (format!("/busy?ms={ms}"), "loop", "none"),
+            // CPU time: a loaded machine leaves a wall-clock busy loop too
+            // little of it to hold the loop past the threshold (loopguard
+            // judges held time, not time preempted).
+            Self::Node => (format!("/busy?ms={ms}&clock=cpu"), "loop", "none"),
         }
     }
 }
