@@ -357,32 +357,81 @@ fn env_number(name: &str, default: u64) -> u64 {
 #[test]
 #[ignore = "end-to-end: needs root, the example build, uvicorn and node; run `cargo xtask test`"]
 fn a_fleet_is_attached_labelled_and_churn_leaks_nothing() {
-    use support::fleet::{Churn, Holdings, Kind, Sampler, Target, scrape_quietly};
+    use support::fleet::{Sampler, Target};
     require_root();
     let count = usize::try_from(env_number("LOOPGUARD_FLEET_TARGETS", 10)).unwrap();
     let churn_for = Duration::from_secs(env_number("LOOPGUARD_FLEET_CHURN_S", 60));
-    let grace_s = 20;
     let tag = tag();
-    let service = |n: usize| format!("fleet-{}-{n}", Kind::of(n).name());
-    let ready_within = Duration::from_secs(120);
 
-    // Half before the watch.
-    let mut targets: Vec<Target> = (0..count)
-        .step_by(2)
-        .map(|n| Target::start(Kind::of(n), &service(n), &tag))
+    // Half before the watch, half during.
+    let mut targets = start_targets((0..count).step_by(2), &tag);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let agent_started = Instant::now();
+    let agent = fleet_agent(&tag, &metrics_addr);
+    for target in &targets {
+        attached(&agent, target.pid(), Duration::from_mins(2));
+    }
+    let all_before = agent_started.elapsed();
+    let sampler = Sampler::start(agent.child.id(), &metrics_addr, Duration::from_secs(5));
+    let during: Vec<Target> = start_targets((1..count).step_by(2), &tag);
+    for target in &during {
+        attached(&agent, target.pid(), Duration::from_mins(1));
+    }
+    say_attach_latencies(&agent, &during);
+    targets.extend(during);
+
+    let missed = inject_stalls(&agent, &targets, &metrics_addr, &tag);
+    let churn = churn_phase(&agent, &sampler, &metrics_addr, count, churn_for, &tag);
+    let text = scrape(&metrics_addr);
+    // Stopping the agent leaves the targets running and nothing attached.
+    let programs = sampler.stop();
+    agent.signal("INT");
+    let (status, _, stderr) = agent.wait_with_stderr(Duration::from_mins(2));
+    assert!(status.success(), "{status:?}: {stderr:#?}");
+    assert_detached(&programs);
+    for target in &targets {
+        assert_eq!(http_get(target.addr, "/fast").unwrap().status, 200);
+    }
+    eprintln!(
+        "fleet: {count} targets; the {} started before attached {:.1} s after the agent started",
+        count.div_ceil(2),
+        all_before.as_secs_f64(),
+    );
+    churn.check(&text);
+    assert!(missed.is_empty(), "stalls not found: {missed:#?}");
+}
+
+/// Series kept of a gone target, in the scale check: short, to see them go.
+const FLEET_GRACE_S: u64 = 20;
+
+/// Starts the fleet's `numbers`-th targets, each answering.
+fn start_targets(numbers: impl Iterator<Item = usize>, tag: &str) -> Vec<support::fleet::Target> {
+    use support::fleet::{Kind, Target};
+    let targets: Vec<Target> = numbers
+        .map(|n| {
+            Target::start(
+                Kind::of(n),
+                &format!("fleet-{}-{n}", Kind::of(n).name()),
+                tag,
+            )
+        })
         .collect();
     for target in &targets {
-        target.ready(ready_within);
+        target.ready(Duration::from_mins(2));
     }
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let grace = grace_s.to_string();
+    targets
+}
+
+/// `watch --all` over the processes tagged `tag`, as the scale check runs it.
+fn fleet_agent(tag: &str, metrics_addr: &str) -> Agent {
+    let grace = FLEET_GRACE_S.to_string();
     let mut args = vec![
         "watch",
         "--all",
         "--container",
-        &tag,
+        tag,
         "--metrics-addr",
-        &metrics_addr,
+        metrics_addr,
         "--format",
         "json",
         "--series-grace-s",
@@ -391,28 +440,18 @@ fn a_fleet_is_attached_labelled_and_churn_leaks_nothing() {
     if std::env::var_os("LOOPGUARD_FLEET_NO_STACKS").is_some() {
         args.push("--no-stacks");
     }
-    let agent_started = Instant::now();
-    let agent = Agent::start_capturing_stderr(&args);
-    for target in &targets {
-        attached(&agent, target.pid(), Duration::from_secs(120));
-    }
-    let all_before = agent_started.elapsed();
-    let sampler = Sampler::start(agent.child.id(), &metrics_addr, Duration::from_secs(5));
+    Agent::start_capturing_stderr(&args)
+}
 
-    // Half during: each attached within seconds of its start.
-    let during: Vec<Target> = (1..count)
-        .step_by(2)
-        .map(|n| Target::start(Kind::of(n), &service(n), &tag))
-        .collect();
-    for target in &during {
-        attached(&agent, target.pid(), Duration::from_secs(60));
-        target.ready(ready_within);
-    }
+/// How long after their start the targets started during the watch were
+/// attached, by runtime.
+fn say_attach_latencies(agent: &Agent, during: &[support::fleet::Target]) {
+    use support::fleet::Kind;
     for kind in [Kind::Tokio, Kind::Python, Kind::Node] {
         let latencies: Vec<f64> = during
             .iter()
             .filter(|t| t.kind == kind)
-            .map(|t| line_after(&agent, t.pid(), t.started))
+            .map(|t| line_after(agent, t.pid(), t.started))
             .collect();
         eprintln!(
             "fleet: {} started during the watch: attached {:.2} to {:.2} s after their start",
@@ -421,87 +460,103 @@ fn a_fleet_is_attached_labelled_and_churn_leaks_nothing() {
             latencies.iter().copied().fold(0.0, f64::max)
         );
     }
-    targets.extend(during);
+}
 
-    let missed = inject_stalls(&agent, &targets, &metrics_addr, &tag);
+/// What the agent held before and after the churn.
+struct ChurnResult {
+    before: support::fleet::Holdings,
+    after: support::fleet::Holdings,
+    churned: u64,
+    attached: usize,
+    /// Highest RSS (KiB) in the churn's first half, then its second.
+    halves: (u64, u64),
+}
 
-    // Churn: what the agent holds before and after it.
+/// Runs the churn for `churn_for` and reads what the agent holds before
+/// and after it (once its `count` targets alone are watched and the
+/// grace of the churn's series has passed).
+fn churn_phase(
+    agent: &Agent,
+    sampler: &support::fleet::Sampler,
+    metrics_addr: &str,
+    count: usize,
+    churn_for: Duration,
+    tag: &str,
+) -> ChurnResult {
+    use support::fleet::{Churn, Holdings, scrape_quietly};
     let settle = |why: &str| {
-        wait_until(why, Duration::from_secs(120), || {
-            Holdings::of(agent.child.id(), &scrape_quietly(&metrics_addr)).watched == count
+        wait_until(why, Duration::from_mins(2), || {
+            Holdings::of(agent.child.id(), &scrape_quietly(metrics_addr)).watched == count
         });
         let idle = Holdings::of(agent.child.id(), "");
-        std::thread::sleep(Duration::from_secs(grace_s + 5));
-        let held = Holdings::of(agent.child.id(), &scrape_quietly(&metrics_addr));
-        let share = cpu_share(held.cpu_ticks - idle.cpu_ticks, grace_s + 5);
+        std::thread::sleep(Duration::from_secs(FLEET_GRACE_S + 5));
+        let held = Holdings::of(agent.child.id(), &scrape_quietly(metrics_addr));
+        let share = cpu_share(held.cpu_ticks - idle.cpu_ticks, FLEET_GRACE_S + 5);
         (held, share)
     };
     let (before, idle_cpu) = settle("the fleet to be watched");
     eprintln!("fleet: before the churn: {before}");
-    let churn_start = sampler.started.elapsed();
-    let churn = Churn::start("fleet-churn", &tag);
+    let start = sampler.started.elapsed();
+    let churn = Churn::start("fleet-churn", tag);
     std::thread::sleep(churn_for);
     let churned = churn.stop();
-    let churn_end = sampler.started.elapsed();
+    let end = sampler.started.elapsed();
     let churn_cpu = cpu_share(
         Holdings::of(agent.child.id(), "").cpu_ticks - before.cpu_ticks,
         churn_for.as_secs(),
     );
     let (after, _) = settle("the churn's targets to be detached");
     eprintln!("fleet: after the churn:  {after}");
-    let churn_attached = support::of_type(&agent.lines(), "attached").len() - count;
-
+    eprintln!(
+        "fleet: agent CPU {idle_cpu:.1} % of a core before the churn (idle targets), {churn_cpu:.1} % during it"
+    );
     let rss = |from: Duration, to: Duration| {
-        sampler
-            .between(from, to)
-            .iter()
-            .map(|h| h.rss_kib)
-            .max()
-            .unwrap_or(0)
+        let taken = sampler.between(from, to);
+        taken.iter().map(|h| h.rss_kib).max().unwrap_or(0)
     };
-    let half = churn_start + (churn_end - churn_start) / 2;
-    let (first_half, second_half) = (rss(churn_start, half), rss(half, churn_end));
-    let text = scrape(&metrics_addr);
-    // Stopping the agent leaves the targets running and nothing attached.
-    let programs = sampler.stop();
-    agent.signal("INT");
-    let (status, _, stderr) = agent.wait_with_stderr(Duration::from_secs(120));
-    assert!(status.success(), "{status:?}: {stderr:#?}");
-    assert_detached(&programs);
-    for target in &targets {
-        assert_eq!(http_get(target.addr, "/fast").unwrap().status, 200);
+    let half = start + end.saturating_sub(start) / 2;
+    ChurnResult {
+        before,
+        after,
+        churned,
+        attached: support::of_type(&agent.lines(), "attached").len() - count,
+        halves: (rss(start, half), rss(half, end)),
     }
+}
 
-    eprintln!(
-        "fleet: {count} targets; the {} started before attached {:.1} s after the agent started; agent CPU {:.1} % of a core before the churn, {:.1} % during it",
-        count.div_ceil(2),
-        all_before.as_secs_f64(),
-        idle_cpu,
-        churn_cpu
-    );
-    eprintln!(
-        "fleet: churn {:.0} s: {churned} processes started, {churn_attached} attached; agent RSS max {:.1} MiB in its first half, {:.1} MiB in its second",
-        churn_for.as_secs_f64(),
-        first_half as f64 / 1024.0,
-        second_half as f64 / 1024.0
-    );
-    assert_eq!(after.bpf(), before.bpf(), "BPF objects leaked by the churn");
-    // A scrape's connection may be open at either count.
-    assert!(
-        after.fds <= before.fds + 2,
-        "fds leaked: {before} -> {after}"
-    );
-    assert!(
-        after.series <= before.series,
-        "series leaked: {before} -> {after}"
-    );
-    assert!(!text.contains("fleet-churn"), "churn series kept: {text}");
-    assert!(
-        second_half <= first_half + first_half / 10 + 16 * 1024,
-        "agent memory grew through the churn: {first_half} KiB, then {second_half} KiB"
-    );
-    assert!(churn_attached > 0, "no churn process was attached");
-    assert!(missed.is_empty(), "stalls not found: {missed:#?}");
+impl ChurnResult {
+    /// Nothing leaked: BPF objects, fds and series back where they were,
+    /// memory flat; `text` is the last scrape.
+    fn check(&self, text: &str) {
+        let Self {
+            before,
+            after,
+            churned,
+            attached,
+            halves: (first, second),
+        } = self;
+        eprintln!(
+            "fleet: churn: {churned} processes started, {attached} attached; agent RSS max {:.1} MiB in its first half, {:.1} MiB in its second",
+            *first as f64 / 1024.0,
+            *second as f64 / 1024.0
+        );
+        assert_eq!(after.bpf(), before.bpf(), "BPF objects leaked by the churn");
+        // A scrape's connection may be open at either count.
+        assert!(
+            after.fds <= before.fds + 2,
+            "fds leaked: {before} -> {after}"
+        );
+        assert!(
+            after.series <= before.series,
+            "series leaked: {before} -> {after}"
+        );
+        assert!(!text.contains("fleet-churn"), "churn series kept: {text}");
+        assert!(
+            *second <= first + first / 10 + 16 * 1024,
+            "agent memory grew through the churn: {first} KiB, then {second} KiB"
+        );
+        assert!(*attached > 0, "no churn process was attached");
+    }
 }
 
 /// A stall in each target, found under its own service, container and
