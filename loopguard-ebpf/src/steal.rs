@@ -35,13 +35,21 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
     }
     let task: u64 = ctx.arg(0);
     let runtime_ns: u64 = ctx.arg(1);
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the helper has no preconditions.
     let current = unsafe { bpf_get_current_task() };
     let pid_tgid = bpf_get_current_pid_tgid();
-    if task != current || (pid_tgid >> 32) as u32 != target_tgid() {
-        // Another CPU's running task, or a task of another process: only
-        // move the mark of a target thread (one lookup, no insert).
+    let ours = (pid_tgid >> 32) as u32 == target_tgid();
+    if task == current && !ours {
+        // A thread of another process updating its own clock: it has no
+        // mark (only a target thread makes one, for itself). Every other
+        // process on the host comes here on every tick and switch, once
+        // per target watched: no clock read, no lookup.
+        return 0;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if task != current {
+        // Another CPU's running task: only move the mark of a target
+        // thread (one lookup, no insert).
         if let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task) {
             // SAFETY: a valid map value pointer.
             unsafe { core::ptr::write_volatile(mark, now) };

@@ -14,6 +14,8 @@
 //!   demangling).
 //! - [`version`]: the Tokio version a binary was built with, and whether
 //!   it is a Rust or Tokio program at all, from its bytes.
+//! - [`interpreter`]: whether an ELF file is a Node runtime whatever its
+//!   name (its addon exports), or a mapped file is Node's shared library.
 //! - [`waits`]: the functions an event-loop thread waits in (epoll
 //!   wrappers, Tokio's parks) among an ELF file's symbols.
 //! - [`linetable`]: the source line of an instruction, from a `CPython`
@@ -23,6 +25,7 @@
 //! their bytes here.
 
 pub mod elf;
+pub mod interpreter;
 pub mod linetable;
 pub mod symbols;
 pub mod usdt;

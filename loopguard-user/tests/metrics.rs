@@ -140,8 +140,11 @@ fn prometheus_scrapes_what_loopguard_saw() {
     used.extend(names_used(
         &std::fs::read_to_string(examples().join("grafana/loopguard-dashboard.json")).unwrap(),
     ));
+    // `watch --all`'s own families (`loopguard_host_*`) are not served by
+    // one attach: the unit test of export::fleet checks those.
     let missing: Vec<&String> = used
         .iter()
+        .filter(|name| !name.starts_with("loopguard_host_"))
         .filter(|name| {
             !text.lines().any(|line| {
                 line.strip_prefix(name.as_str())

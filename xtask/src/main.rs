@@ -9,6 +9,7 @@
 //! - `test`: fmt, clippy, unit tests, then the privileged end-to-end tests
 //! - `hygiene`: the build-hygiene checks `test` runs (no aya in middleware
 //!   users; the pure crates on stable without bpf-linker)
+//! - `fleet`: `watch --all` at scale (issue #28): N targets, churn, leaks
 //! - `bench`: the example's throughput and latency with and without loopguard
 //!   attached, the agent's CPU and memory, and optionally a memory soak;
 //!   `--python`: loopguard-asgi + the agent against fastapi-loopguard
@@ -18,6 +19,7 @@ mod build;
 mod cmd;
 mod demo;
 mod example;
+mod fleet;
 mod fuzz;
 mod hygiene;
 mod lint;
@@ -71,6 +73,10 @@ enum Command {
     /// Installs oha (the fixed-rate load generator) on first use. `--python`: loopguard
     /// against fastapi-loopguard 0.9.0 on a `FastAPI` app instead.
     Bench(Box<bench::Options>),
+    /// Check `loopguard watch --all` at scale: `--targets` Tokio, uvicorn and Node processes
+    /// started before and during the watch, a stall in each found under its labels, then
+    /// `--churn-minutes` of churn; fails on a leak of BPF objects, fds, series or memory.
+    Fleet(fleet::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,5 +95,6 @@ fn main() -> anyhow::Result<()> {
         Command::Fuzz(options) => fuzz::run(&options),
         Command::Matrix => matrix::build().map(|entries| println!("{entries}")),
         Command::Bench(options) => bench::run(&options),
+        Command::Fleet(options) => fleet::run(&options),
     }
 }

@@ -186,7 +186,7 @@ const E2E_TESTS: &[&str] = &[
 ];
 
 /// Builds the integration test `name` of the agent; returns its executable.
-fn build_test_binary(name: &str) -> anyhow::Result<PathBuf> {
+pub fn build_test_binary(name: &str) -> anyhow::Result<PathBuf> {
     let mut build = cmd::cargo();
     build
         .current_dir(cmd::root())

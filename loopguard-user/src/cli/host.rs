@@ -20,21 +20,23 @@ const GONE_KEPT_PER_TARGET: usize = 4;
 
 /// `loopguard watch --all`.
 pub fn watch_all(args: &HostArgs) -> Result<i32, Error> {
-    let settings = Settings::resolve(&args.watch, None, None)?;
+    let mut settings = Settings::resolve(&args.watch, None, None)?;
+    settings.host.apply_flags(args)?;
+    let host = &settings.host;
     preflight::check()?;
     let listener = bind_metrics(&settings)?;
     let options = start_watch(&settings, &args.output)?;
     let selectors = Selectors {
-        exe: args.exe.clone(),
-        cgroup: args.cgroup.clone(),
-        container: args.container.clone(),
-        runtimes: args.runtime.clone(),
+        exe: host.exe.clone(),
+        cgroup: host.cgroup.clone(),
+        container: host.container.clone(),
+        runtimes: host.runtime.clone(),
     };
-    let inspector = Inspector::new(selectors, ServiceMap::new(args.service_map.clone()));
-    let budget = Budget::new(args.max_targets, args.max_probes);
+    let inspector = Inspector::new(selectors, ServiceMap::new(host.service_map.clone()));
+    let budget = Budget::new(host.max_targets, host.max_probes);
     let fleet = Arc::new(FleetMetrics::new(
-        Duration::from_secs(args.series_grace_s),
-        args.max_targets.saturating_mul(GONE_KEPT_PER_TARGET),
+        Duration::from_secs(host.series_grace_s),
+        host.max_targets.saturating_mul(GONE_KEPT_PER_TARGET),
         settings
             .metrics_max_routes
             .unwrap_or(crate::export::labels::DEFAULT_MAX_ROUTES),
@@ -52,8 +54,8 @@ pub fn watch_all(args: &HostArgs) -> Result<i32, Error> {
         let stop = stop_on_signal_or(settings.duration_s.map(i64::unsigned_abs))?;
         crate::diag!(
             "loopguard: watching every matching event loop on the host (at most {} targets, {} probes); Ctrl+C to stop",
-            args.max_targets,
-            args.max_probes
+            host.max_targets,
+            host.max_probes
         );
         let summary = crate::host::watch_host(inspector, budget, fleet, &options, stop).await?;
         crate::diag!(

@@ -106,7 +106,13 @@ EXAMPLES:
 
 A process that matches but cannot be watched (stripped, too old a Tokio) is
 named once with why, and counted in loopguard_host_skipped_total{reason}.
-Past --max-targets or --max-probes, processes are not watched, said once.";
+Past --max-targets or --max-probes, processes are not watched, said once.
+The selectors, --service-map and the budget are also keys of the
+configuration file's [host] table (--config FILE; flags win), e.g.
+  [host]
+  container = [\"shop-*\"]
+  service_map = [\"python3*=checkout\", \"container:shop-web=web\"]
+  max_targets = 32";
 
 /// `loopguard watch --all`: the host's event loops.
 #[derive(Debug, Args)]
@@ -135,15 +141,16 @@ pub struct HostArgs {
     pub service_map: Vec<crate::discover::identity::service::ServiceRule>,
     /// Targets watched at once; past it, processes are not watched (said once).
     /// Each target loads its own programs and maps (a few MiB of kernel
-    /// memory, and a `sched_switch` program run on every context switch).
-    #[arg(long, default_value_t = 64, value_name = "N")]
-    pub max_targets: usize,
-    /// uprobes held in all targets at once.
-    #[arg(long, default_value_t = 20_000, value_name = "N")]
-    pub max_probes: usize,
-    /// Seconds a gone target's series stay in /metrics.
-    #[arg(long, default_value_t = 300, value_name = "SECS")]
-    pub series_grace_s: u64,
+    /// memory, and a `sched_switch` program run on every context switch)
+    /// [default: 64].
+    #[arg(long, value_name = "N")]
+    pub max_targets: Option<usize>,
+    /// uprobes held in all targets at once [default: 20000].
+    #[arg(long, value_name = "N")]
+    pub max_probes: Option<usize>,
+    /// Seconds a gone target's series stay in /metrics [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub series_grace_s: Option<u64>,
     #[command(flatten)]
     pub watch: WatchArgs,
     #[command(flatten)]

@@ -37,6 +37,15 @@ pub const KNOWN_KEYS: &[&str] = &[
     "stacks.enabled",
     "stacks.all_frames",
     "stacks.folded",
+    "host",
+    "host.exe",
+    "host.cgroup",
+    "host.container",
+    "host.runtime",
+    "host.service_map",
+    "host.max_targets",
+    "host.max_probes",
+    "host.series_grace_s",
 ];
 
 /// The file as written; every key optional. Durations are signed so that a
@@ -64,6 +73,9 @@ pub struct FileConfig {
     pub cumulative: CumulativeFile,
     #[serde(default)]
     pub stacks: StacksFile,
+    /// `watch --all`'s selectors, service map and budget.
+    #[serde(default)]
+    pub host: super::host::HostFile,
 }
 
 #[derive(Debug, Default, Deserialize)]

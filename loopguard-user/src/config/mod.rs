@@ -5,6 +5,7 @@
 
 pub mod args;
 mod file;
+pub mod host;
 pub mod run_as;
 mod validate;
 
@@ -105,6 +106,8 @@ pub struct Settings {
     pub adaptive: AdaptiveConfig,
     pub cumulative: CumulativeConfig,
     pub stacks: StacksConfig,
+    /// `watch --all` only: selectors, service map, budget (`[host]`).
+    pub host: host::HostConfig,
 }
 
 impl Default for Settings {
@@ -142,6 +145,7 @@ impl Default for Settings {
                 all_frames: false,
                 folded: None,
             },
+            host: host::HostConfig::default(),
         }
     }
 }
@@ -208,7 +212,7 @@ impl Settings {
             file.metrics_max_routes.map(Some),
         );
         self.apply_file_tables(file.adaptive, file.cumulative, file.stacks);
-        Ok(())
+        self.host.apply_file(file.host)
     }
 
     /// The file's `[adaptive]`, `[cumulative]` and `[stacks]` tables.
@@ -362,6 +366,7 @@ impl Settings {
             None => out.push_str("# metrics_max_routes: unset (the exporter's default)\n"),
         }
         self.tables_toml(&mut out);
+        self.host.to_toml(&mut out);
         out
     }
 

@@ -19,7 +19,7 @@ pub mod preflight;
 pub mod proc;
 pub mod waits;
 
-pub use loopguard_parse::{elf, symbols, usdt, version, vtable};
+pub use loopguard_parse::{elf, interpreter, symbols, usdt, version, vtable};
 
 use std::io;
 use std::ops::Range;

@@ -352,6 +352,89 @@ mod tests {
         assert_eq!(text.matches("loopguard_blocking_total{").count(), 5);
     }
 
+    /// Label names a `PromQL` expression uses: in `by (...)` and in
+    /// matchers (`name=`, `name=~`, `name!=`, `name!~`).
+    fn labels_used(expr: &str) -> Vec<String> {
+        let mut labels = Vec::new();
+        let mut rest = expr;
+        while let Some(at) = rest.find("by (") {
+            let tail = &rest[at + 4..];
+            let end = tail.find(')').unwrap_or(tail.len());
+            labels.extend(tail[..end].split(',').map(|l| l.trim().to_owned()));
+            rest = &tail[end..];
+        }
+        for selector in expr.split('{').skip(1) {
+            let body = selector.split('}').next().unwrap_or("");
+            for matcher in body.split(',') {
+                if let Some(end) = matcher.find(['=', '!']) {
+                    labels.push(matcher[..end].trim().to_owned());
+                }
+            }
+        }
+        labels.retain(|l| !l.is_empty());
+        labels
+    }
+
+    #[test]
+    fn the_dashboard_uses_only_names_and_labels_the_fleet_exports() {
+        let fleet = FleetMetrics::new(DEFAULT_GRACE, 5, 200);
+        let (gone, _) = fleet.add(&identity("job", "job-0"), &info(1));
+        fleet.gone(gone);
+        let (_, api) = fleet.add(&identity("api", "api-0"), &info(2));
+        fleet.skipped("budget");
+        api.record(BlockingKind::Stall, None, 60_000_000, 0);
+        api.record(BlockingKind::Loop, None, 60_000_000, 0);
+        api.record(BlockingKind::Cumulative, None, 60_000_000, 0);
+        api.record_top_frame(Some("app::handler"));
+        api.set_requests_started([("GET".to_owned(), Some("/login".to_owned()), 1)]);
+        api.set_live(super::super::metrics::LiveState {
+            lost: vec![("ring_buffer_full", 0)],
+            threads: vec![super::super::metrics::ThreadBusy {
+                tid: 1,
+                name: "w".to_owned(),
+                ratio: 0.0,
+            }],
+            ..Default::default()
+        });
+        let text = fleet.render();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/grafana/loopguard-dashboard.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut exprs = Vec::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                exprs.push(target["expr"].as_str().unwrap().to_owned());
+            }
+        }
+        for variable in dashboard["templating"]["list"].as_array().unwrap() {
+            if let Some(query) = variable["definition"].as_str() {
+                exprs.push(query.to_owned());
+            }
+        }
+        let fleet_panels = exprs.iter().filter(|e| e.contains("$pod")).count();
+        assert!(fleet_panels >= 6, "the fleet views filter by pod");
+        for expr in &exprs {
+            for name in super::super::metrics::names_used(expr) {
+                assert!(
+                    text.lines().any(|line| line
+                        .strip_prefix(name.as_str())
+                        .is_some_and(|rest| rest.starts_with(['{', ' ']))),
+                    "the dashboard uses {name}, which loopguard does not export"
+                );
+            }
+            for label in labels_used(expr) {
+                // Prometheus's own: the histogram bucket, the scrape target.
+                let own = ["le", "instance"].contains(&label.as_str());
+                assert!(
+                    own || text.contains(&format!("{{{label}=\""))
+                        || text.contains(&format!(",{label}=\"")),
+                    "the dashboard uses the label {label} ({expr}), which loopguard does not export"
+                );
+            }
+        }
+    }
+
     #[test]
     fn skipped_processes_are_counted_by_reason() {
         let fleet = FleetMetrics::new(DEFAULT_GRACE, 5, 200);

@@ -783,7 +783,8 @@ mod tests {
             let used = std::fs::read_to_string(examples.join(file)).unwrap();
             let names = names_used(&used);
             assert!(names.len() > 3, "{file} uses no metric?");
-            for name in names {
+            // `watch --all`'s own families: export::fleet's test checks them.
+            for name in names.iter().filter(|n| !n.starts_with("loopguard_host_")) {
                 assert!(
                     text.lines().any(|line| line
                         .strip_prefix(name.as_str())

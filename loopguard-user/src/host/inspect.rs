@@ -97,7 +97,8 @@ impl Inspector {
         let interpreter = interpreter_of(discover::identity::exe_name(&path));
         let wanted = match interpreter {
             Some(runtime) => self.selectors.wants(runtime),
-            None => self.selectors.wants_tokio(),
+            // Tokio, or Node under another name.
+            None => self.selectors.wants_tokio() || self.selectors.wants(Runtime::Node),
         };
         if !wanted {
             return Inspection::Skip("a runtime not asked for");
@@ -112,12 +113,24 @@ impl Inspector {
         if let Some(known) = self.known(key, &path) {
             return known;
         }
+        let interpreter = match interpreter {
+            // Only Node is asked for among the programs not named as an
+            // interpreter: no need to read this one as Tokio.
+            None if !self.selectors.wants_tokio() => {
+                if !runs_node(pid) {
+                    self.remember(key, Verdict::NotRuntime);
+                    return Inspection::Skip("not an event-loop runtime");
+                }
+                Some(Runtime::Node)
+            }
+            known => known,
+        };
         let target = match discover::discover(pid) {
             Ok(target) => target,
             Err(error) => return self.refuse(key, &path, &Error::from(error)),
         };
         let runtime = if target.is_loop_only() {
-            interpreter
+            interpreter.or_else(|| runs_node(pid).then_some(Runtime::Node))
         } else {
             Some(Runtime::Tokio)
         };
@@ -208,6 +221,24 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether process `pid` runs Node whatever its executable's name: Node's
+/// shared library mapped, or the executable exporting Node's addon
+/// interface (read once per program: the verdict is kept by inode).
+fn runs_node(pid: u32) -> bool {
+    let maps = discover::proc::read_maps(pid).unwrap_or_default();
+    if maps
+        .iter()
+        .any(|m| discover::interpreter::is_node_library(discover::identity::exe_name(&m.path)))
+    {
+        return true;
+    }
+    discover::files::read_through_proc(
+        Path::new(&format!("/proc/{pid}/exe")),
+        discover::files::MAX_EXECUTABLE_BYTES,
+    )
+    .is_ok_and(|data| discover::interpreter::is_node(&data))
 }
 
 /// Every process on the host now (numeric entries of `/proc`).

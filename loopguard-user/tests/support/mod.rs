@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod fleet;
 pub mod freezes;
 pub mod prometheus;
 pub mod schema;

@@ -12,10 +12,12 @@
 //! controls (its environment, its root's files) only names the target.
 //!
 //! - [`cgroup`]: container runtime and id, pod UID, systemd unit;
+//! - [`docker`]: a Docker container's name, from Docker's record of it;
 //! - [`environ`]: declared service, pod and namespace names;
 //! - [`kubelet`]: pod, namespace and container names by container id.
 
 pub mod cgroup;
+pub mod docker;
 pub mod environ;
 pub mod kubelet;
 pub mod runtime;
@@ -121,6 +123,9 @@ pub struct Facts {
     pub env: EnvFacts,
     pub pod_names: Option<PodNames>,
     pub containerenv: ContainerEnv,
+    /// The container's name as its runtime recorded it on the host
+    /// (Docker's `config.v2.json`).
+    pub runtime_name: Option<String>,
     /// The service account's namespace file, inside the process's root.
     pub account_namespace: Option<String>,
 }
@@ -135,6 +140,7 @@ pub fn combine(facts: Facts) -> Identity {
         env,
         pod_names,
         containerenv,
+        runtime_name,
         account_namespace,
     } = facts;
     let mut identity = Identity {
@@ -159,6 +165,7 @@ pub fn combine(facts: Facts) -> Identity {
     let names = pod_names.as_ref();
     identity.container = first(&[
         names.map(|n| n.container.as_str()),
+        runtime_name.as_deref(),
         env.container_name.as_deref(),
         containerenv.name.as_deref(),
     ]);
@@ -261,6 +268,12 @@ pub fn read_identity(pid: u32, pods: &PodIndex) -> io::Result<Identity> {
         .as_ref()
         .and_then(|(_, id)| pods.get(id))
         .cloned();
+    let runtime_name = match &cgroup.container {
+        Some((ContainerRuntime::Docker, id)) if pod_names.is_none() => {
+            docker::container_name(Path::new(docker::DOCKER_CONTAINERS_DIR), id)
+        }
+        _ => None,
+    };
     let account_namespace = if pod_names.is_none()
         && env.pod_namespace.is_none()
         && (cgroup.pod_uid.is_some() || env.in_kubernetes)
@@ -276,6 +289,7 @@ pub fn read_identity(pid: u32, pods: &PodIndex) -> io::Result<Identity> {
         env,
         pod_names,
         containerenv,
+        runtime_name,
         account_namespace,
     }))
 }
@@ -366,6 +380,22 @@ mod tests {
         });
         assert_eq!(identity.labels(), ["api", "", "", "", ""]);
         assert_eq!(identity.unit, "api.service");
+    }
+
+    #[test]
+    fn a_docker_container_is_named_by_dockers_record_over_its_own_word() {
+        let identity = combine(Facts {
+            exe: "api".into(),
+            cgroup: cgroup::parse_cgroup_path(&format!("/system.slice/docker-{ID}.scope")),
+            env: EnvFacts {
+                container_name: Some("what-it-says".into()),
+                ..EnvFacts::default()
+            },
+            runtime_name: Some("shop-api".into()),
+            ..Facts::default()
+        });
+        assert_eq!(identity.labels(), ["api", ID, "shop-api", "", ""]);
+        assert_eq!(identity.container_runtime, "docker");
     }
 
     #[test]

@@ -59,6 +59,16 @@ impl std::str::FromStr for ServiceRule {
     }
 }
 
+impl std::fmt::Display for ServiceRule {
+    /// The rule as written: `PATTERN=SERVICE` or `container:PATTERN=SERVICE`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.subject == RuleSubject::Container {
+            f.write_str("container:")?;
+        }
+        write!(f, "{}={}", self.pattern, self.service)
+    }
+}
+
 /// The rules, in the order given.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceMap {
