@@ -4,18 +4,27 @@
 //! contract in `loopguard-usdt` (`INFLIGHT_*`); the table is announced by a
 //! note that never fires (see [`announce`]).
 //!
+//! Since layout 2 each slot also has a step record: the thread the request
+//! started on, its future's last poll that took a clock tick or more
+//! (thread, start, end), and its end time. An ended request stays in its
+//! slot until a new one takes it, so an agent that reads the table when a
+//! stall's end reaches it still finds the request that ended inside the
+//! poll that blocked, and which requests were in flight meanwhile: this is
+//! how loopguard names requests without a probe per request.
+//!
 //! Costs: a request start copies its method, route and path (at most 144
 //! bytes) into its slot; with the tower layer each later poll of the
 //! response future marks the slot twice (thread id from a thread-local, one
-//! `clock_gettime` of the coarse clock through the vDSO). No lock, no allocation, no system
-//! call after a thread's first request.
+//! `clock_gettime` of the coarse clock through the vDSO at each mark), and
+//! the end stores its time. No lock, no allocation, no system call after a
+//! thread's first request.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use loopguard_usdt::{
     INFLIGHT_METHOD_BYTES, INFLIGHT_RESERVED_BYTES, INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS,
-    INFLIGHT_TEXT_BYTES, inflight_slot,
+    INFLIGHT_STEP_BYTES, INFLIGHT_STEPS_AT, INFLIGHT_TEXT_BYTES, inflight_slot, inflight_step,
 };
 
 const TEXT_WORDS: usize = (INFLIGHT_METHOD_BYTES + 2 * INFLIGHT_TEXT_BYTES) / 8;
@@ -33,11 +42,26 @@ struct Slot {
     text: [AtomicU64; TEXT_WORDS],
 }
 
+/// What a slot's request did last (written inside the slot's section).
+#[repr(C)]
+struct Step {
+    /// The thread of the last long poll (0: none yet).
+    long_tid: AtomicU32,
+    /// The thread the request started on.
+    start_tid: AtomicU32,
+    /// ns, coarse monotonic: start and end of the last long poll.
+    long_start_ns: AtomicU64,
+    long_end_ns: AtomicU64,
+    /// ns, coarse monotonic: the request's end (0: in flight).
+    ended_ns: AtomicU64,
+}
+
 #[repr(C)]
 pub(crate) struct Table {
     /// Where a tool that enables the announcing note bumps its semaphore.
     reserved: AtomicU64,
     slots: [Slot; INFLIGHT_SLOTS],
+    steps: [Step; INFLIGHT_SLOTS],
 }
 
 const _: () = {
@@ -51,6 +75,13 @@ const _: () = {
     assert!(offset_of!(Slot, meta) == inflight_slot::FLAGS);
     assert!(offset_of!(Slot, text) == inflight_slot::TEXT);
     assert!(offset_of!(Table, slots) == INFLIGHT_RESERVED_BYTES);
+    assert!(offset_of!(Table, steps) == INFLIGHT_STEPS_AT);
+    assert!(size_of::<Step>() == INFLIGHT_STEP_BYTES);
+    assert!(offset_of!(Step, long_tid) == inflight_step::LONG_TID);
+    assert!(offset_of!(Step, start_tid) == inflight_step::LOOP_TID);
+    assert!(offset_of!(Step, long_start_ns) == inflight_step::LONG_START_NS);
+    assert!(offset_of!(Step, long_end_ns) == inflight_step::LONG_END_NS);
+    assert!(offset_of!(Step, ended_ns) == inflight_step::ENDED_NS);
 };
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -64,10 +95,20 @@ const FREE: Slot = Slot {
     text: [const { AtomicU64::new(0) }; TEXT_WORDS],
 };
 
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_STEP: Step = Step {
+    long_tid: AtomicU32::new(0),
+    start_tid: AtomicU32::new(0),
+    long_start_ns: AtomicU64::new(0),
+    long_end_ns: AtomicU64::new(0),
+    ended_ns: AtomicU64::new(0),
+};
+
 /// All zero: it lives in `.bss` and costs the binary nothing on disk.
 pub(crate) static TABLE: Table = Table {
     reserved: AtomicU64::new(0),
     slots: [FREE; INFLIGHT_SLOTS],
+    steps: [NO_STEP; INFLIGHT_SLOTS],
 };
 
 thread_local! {
@@ -99,8 +140,16 @@ fn now_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
+fn index_of(id: u64) -> usize {
+    (id % INFLIGHT_SLOTS as u64) as usize
+}
+
 fn slot_of(id: u64) -> &'static Slot {
-    &TABLE.slots[(id % INFLIGHT_SLOTS as u64) as usize]
+    &TABLE.slots[index_of(id)]
+}
+
+fn step_of(id: u64) -> &'static Step {
+    &TABLE.steps[index_of(id)]
 }
 
 impl Slot {
@@ -149,8 +198,15 @@ pub(crate) fn started(id: u64, method: &str, route: Option<&str>, path: &str, tr
         return;
     };
     let now = now_ns();
+    let tid = tid();
+    let step = step_of(id);
+    step.long_tid.store(0, Ordering::Relaxed);
+    step.start_tid.store(tid, Ordering::Relaxed);
+    step.long_start_ns.store(0, Ordering::Relaxed);
+    step.long_end_ns.store(0, Ordering::Relaxed);
+    step.ended_ns.store(0, Ordering::Relaxed);
     slot.id.store(id, Ordering::Relaxed);
-    slot.polling_tid.store(tid(), Ordering::Relaxed);
+    slot.polling_tid.store(tid, Ordering::Relaxed);
     slot.started_ns.store(now, Ordering::Relaxed);
     slot.poll_started_ns.store(now, Ordering::Relaxed);
     let method_len = slot.write_text(0, INFLIGHT_METHOD_BYTES, method.as_bytes());
@@ -177,39 +233,57 @@ pub(crate) fn started(id: u64, method: &str, route: Option<&str>, path: &str, tr
 }
 
 /// Runs `change` on request `id`'s slot inside a write section, unless the
-/// slot holds another request (it took the slot since) or is being written.
-fn change_request(id: u64, change: impl FnOnce(&Slot)) {
-    let slot = slot_of(id);
-    if slot.id.load(Ordering::Relaxed) != id {
+/// slot holds another request (it took the slot since), the request has
+/// ended, or the slot is being written.
+fn change_request(id: u64, change: impl FnOnce(&Slot, &Step)) {
+    let (slot, step) = (slot_of(id), step_of(id));
+    let mine =
+        || slot.id.load(Ordering::Relaxed) == id && step.ended_ns.load(Ordering::Relaxed) == 0;
+    if !mine() {
         return;
     }
     let Some(seq) = slot.claim() else {
         return;
     };
-    if slot.id.load(Ordering::Relaxed) == id {
-        change(slot);
+    if mine() {
+        change(slot, step);
     }
     slot.release(seq);
+}
+
+/// Ends the poll this thread made of a slot's request at `now`: it was
+/// long if it took a tick of the coarse clock or more.
+fn poll_done(slot: &Slot, step: &Step, tid: u32, now: u64) {
+    let began = slot.poll_started_ns.load(Ordering::Relaxed);
+    if slot.polling_tid.load(Ordering::Relaxed) == tid && began != 0 && now > began {
+        step.long_tid.store(tid, Ordering::Relaxed);
+        step.long_start_ns.store(began, Ordering::Relaxed);
+        step.long_end_ns.store(now, Ordering::Relaxed);
+    }
+    slot.polling_tid.store(0, Ordering::Relaxed);
 }
 
 /// Notes that this thread starts (`true`) or stops polling request `id`'s
 /// future.
 pub(crate) fn polling(id: u64, now_polling: bool) {
-    change_request(id, |slot| {
+    change_request(id, |slot, step| {
+        let now = now_ns();
         if now_polling {
-            slot.poll_started_ns.store(now_ns(), Ordering::Relaxed);
+            slot.poll_started_ns.store(now, Ordering::Relaxed);
             slot.polling_tid.store(tid(), Ordering::Relaxed);
         } else {
-            slot.polling_tid.store(0, Ordering::Relaxed);
+            poll_done(slot, step, tid(), now);
         }
     });
 }
 
-/// Frees request `id`'s slot.
+/// Marks request `id` ended, inside the poll that ends it: that poll is
+/// its last. The slot keeps it until a new request takes it.
 pub(crate) fn ended(id: u64) {
-    change_request(id, |slot| {
-        slot.id.store(0, Ordering::Relaxed);
-        slot.polling_tid.store(0, Ordering::Relaxed);
+    change_request(id, |slot, step| {
+        let now = now_ns();
+        poll_done(slot, step, tid(), now);
+        step.ended_ns.store(now.max(1), Ordering::Relaxed);
     });
 }
 
@@ -268,12 +342,14 @@ mod tests {
     }
 
     #[test]
-    fn a_request_is_filed_polled_and_freed() {
+    fn a_request_is_filed_polled_and_kept_ended() {
         let id = 1_000_003;
         started(id, "POST", Some("/login"), "/login", true);
-        let slot = slot_of(id);
+        let (slot, step) = (slot_of(id), step_of(id));
         assert_eq!(slot.id.load(Ordering::Relaxed), id);
         assert_eq!(slot.polling_tid.load(Ordering::Relaxed), tid());
+        assert_eq!(step.start_tid.load(Ordering::Relaxed), tid());
+        assert_eq!(step.ended_ns.load(Ordering::Relaxed), 0);
         assert_eq!(slot.seq.load(Ordering::Relaxed) & 1, 0);
         let meta = slot.meta.load(Ordering::Relaxed).to_le_bytes();
         assert_eq!(
@@ -288,10 +364,38 @@ mod tests {
         assert_eq!(slot.polling_tid.load(Ordering::Relaxed), tid());
         // Another request's end leaves this one alone.
         ended(id + INFLIGHT_SLOTS as u64);
-        assert_eq!(slot.id.load(Ordering::Relaxed), id);
+        assert_eq!(step.ended_ns.load(Ordering::Relaxed), 0);
         ended(id);
-        assert_eq!(slot.id.load(Ordering::Relaxed), 0);
+        // Ended, but kept with its texts until the slot is taken again.
+        assert_eq!(slot.id.load(Ordering::Relaxed), id);
+        assert_ne!(step.ended_ns.load(Ordering::Relaxed), 0);
+        assert_eq!(slot.polling_tid.load(Ordering::Relaxed), 0);
         assert_eq!(slot.seq.load(Ordering::Relaxed) & 1, 0);
+        // The poll guard's drop after the end changes nothing.
+        let seq = slot.seq.load(Ordering::Relaxed);
+        polling(id, false);
+        assert_eq!(slot.seq.load(Ordering::Relaxed), seq);
+        // The next request of the slot clears the step record.
+        started(id + INFLIGHT_SLOTS as u64, "GET", None, "/next", true);
+        assert_eq!(step.ended_ns.load(Ordering::Relaxed), 0);
+        assert_eq!(step.long_tid.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_poll_over_a_clock_tick_is_kept_as_the_last_long_one() {
+        let id = 4_000_250;
+        started(id, "GET", Some("/block"), "/block", true);
+        let (slot, step) = (slot_of(id), step_of(id));
+        // A poll that began 50 ms ago (as the coarse clock tells) and ends
+        // with the request: the one that blocked.
+        let began = now_ns().saturating_sub(50_000_000).max(1);
+        slot.poll_started_ns.store(began, Ordering::Relaxed);
+        ended(id);
+        assert_eq!(step.long_tid.load(Ordering::Relaxed), tid());
+        assert_eq!(step.long_start_ns.load(Ordering::Relaxed), began);
+        let end = step.long_end_ns.load(Ordering::Relaxed);
+        assert!(end > began);
+        assert_eq!(step.ended_ns.load(Ordering::Relaxed), end);
     }
 
     #[test]
