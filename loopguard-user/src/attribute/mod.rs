@@ -10,6 +10,7 @@
 
 pub mod asgi;
 pub mod inflight;
+pub mod table;
 
 use std::collections::{BTreeMap, HashMap};
 
