@@ -140,16 +140,24 @@ fn now_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-fn index_of(id: u64) -> usize {
-    (id % INFLIGHT_SLOTS as u64) as usize
+/// Slots a request may take: its home slot `id % INFLIGHT_SLOTS` and the
+/// next ones, so that a long request is not pushed out by the requests
+/// that start while it runs.
+const PROBED_SLOTS: u64 = 4;
+
+fn candidates(id: u64) -> impl Iterator<Item = usize> {
+    (0..PROBED_SLOTS).map(move |k| (id.wrapping_add(k) % INFLIGHT_SLOTS as u64) as usize)
 }
 
-fn slot_of(id: u64) -> &'static Slot {
-    &TABLE.slots[index_of(id)]
+/// Whether slot `index` holds a request in flight.
+fn in_flight(index: usize) -> bool {
+    TABLE.slots[index].id.load(Ordering::Relaxed) != 0
+        && TABLE.steps[index].ended_ns.load(Ordering::Relaxed) == 0
 }
 
-fn step_of(id: u64) -> &'static Step {
-    &TABLE.steps[index_of(id)]
+/// The slot request `id` was filed in, if it still holds it.
+fn find(id: u64) -> Option<usize> {
+    candidates(id).find(|&index| TABLE.slots[index].id.load(Ordering::Relaxed) == id)
 }
 
 impl Slot {
@@ -189,17 +197,17 @@ impl Slot {
     }
 }
 
-/// Files request `id` in its slot (a request still there with the same slot
-/// is replaced: more than [`INFLIGHT_SLOTS`] in flight). Called inside the
-/// poll that runs the handler, so the thread polling it is this one.
+/// Files request `id` in the first of its slots that holds no request in
+/// flight (all of them busy: its home slot, replacing the request there).
+/// Called inside the poll that runs the handler, so the thread polling it
+/// is this one.
 pub(crate) fn started(id: u64, method: &str, route: Option<&str>, path: &str, tracked: bool) {
-    let slot = slot_of(id);
-    let Some(seq) = slot.claim() else {
+    let Some((index, seq)) = claim_free(id) else {
         return;
     };
+    let (slot, step) = (&TABLE.slots[index], &TABLE.steps[index]);
     let now = now_ns();
     let tid = tid();
-    let step = step_of(id);
     step.long_tid.store(0, Ordering::Relaxed);
     step.start_tid.store(tid, Ordering::Relaxed);
     step.long_start_ns.store(0, Ordering::Relaxed);
@@ -232,11 +240,31 @@ pub(crate) fn started(id: u64, method: &str, route: Option<&str>, path: &str, tr
     slot.release(seq);
 }
 
+/// Claims the first of request `id`'s slots with no request in flight,
+/// else its home slot; `None` when the one chosen is being written.
+fn claim_free(id: u64) -> Option<(usize, u32)> {
+    for index in candidates(id).filter(|&index| !in_flight(index)) {
+        let Some(seq) = TABLE.slots[index].claim() else {
+            continue;
+        };
+        if !in_flight(index) {
+            return Some((index, seq));
+        }
+        // Taken meanwhile.
+        TABLE.slots[index].release(seq);
+    }
+    let home = candidates(id).next()?;
+    Some((home, TABLE.slots[home].claim()?))
+}
+
 /// Runs `change` on request `id`'s slot inside a write section, unless the
 /// slot holds another request (it took the slot since), the request has
 /// ended, or the slot is being written.
 fn change_request(id: u64, change: impl FnOnce(&Slot, &Step)) {
-    let (slot, step) = (slot_of(id), step_of(id));
+    let Some(index) = find(id) else {
+        return;
+    };
+    let (slot, step) = (&TABLE.slots[index], &TABLE.steps[index]);
     let mine =
         || slot.id.load(Ordering::Relaxed) == id && step.ended_ns.load(Ordering::Relaxed) == 0;
     if !mine() {
@@ -332,6 +360,14 @@ pub(crate) fn announce() {
 mod tests {
     use super::*;
 
+    fn slot_of(id: u64) -> &'static Slot {
+        &TABLE.slots[find(id).expect("filed")]
+    }
+
+    fn step_of(id: u64) -> &'static Step {
+        &TABLE.steps[find(id).expect("filed")]
+    }
+
     fn text(slot: &Slot, at: usize, len: u8) -> String {
         let bytes: Vec<u8> = slot
             .text
@@ -382,6 +418,23 @@ mod tests {
     }
 
     #[test]
+    fn a_long_request_keeps_its_slot_while_later_ones_come_and_go() {
+        // Slots 100.. of ids 5_000_100 + k * 256.
+        let long = 5_000_100 + 256 * 20_000;
+        let long = long - long % INFLIGHT_SLOTS as u64 + 100;
+        started(long, "GET", None, "/long", true);
+        for n in 1..=300 {
+            let id = long + n * INFLIGHT_SLOTS as u64;
+            started(id, "GET", None, "/short", true);
+            ended(id);
+        }
+        let slot = slot_of(long);
+        assert_eq!(slot.id.load(Ordering::Relaxed), long);
+        assert_eq!(step_of(long).ended_ns.load(Ordering::Relaxed), 0);
+        ended(long);
+    }
+
+    #[test]
     fn a_poll_over_a_clock_tick_is_kept_as_the_last_long_one() {
         let id = 4_000_250;
         started(id, "GET", Some("/block"), "/block", true);
@@ -413,7 +466,7 @@ mod tests {
 
     #[test]
     fn a_slot_being_written_is_not_claimed_twice() {
-        let slot = slot_of(3_000_017);
+        let slot = &TABLE.slots[candidates(3_000_017).next().unwrap()];
         let seq = slot.claim().expect("free");
         assert!(slot.claim().is_none());
         slot.release(seq);

@@ -67,7 +67,10 @@ pub mod end_arg {
 /// Layout: [`INFLIGHT_RESERVED_BYTES`] reserved bytes (a tool enabling the
 /// note as a probe would bump a semaphore there), then [`INFLIGHT_SLOTS`]
 /// slots of [`INFLIGHT_SLOT_BYTES`] bytes, every field little-endian at the
-/// offsets in [`inflight_slot`]. A request takes slot `id % INFLIGHT_SLOTS`.
+/// offsets in [`inflight_slot`]. A request takes slot `id % INFLIGHT_SLOTS`
+/// (from layout 2, the first of it and the next three that holds no request
+/// in flight, so a long request stays while later ones come and go); readers
+/// find requests by their `ID`, never by position.
 ///
 /// From [`INFLIGHT_VERSION`] 2 on, one step record of [`INFLIGHT_STEP_BYTES`]
 /// per slot follows the slots (at [`INFLIGHT_STEPS_AT`], as in the memfd
