@@ -23,11 +23,18 @@ use std::collections::VecDeque;
 use crate::attribute::inflight::StepRequest;
 use crate::attribute::{Request, Victims};
 
-/// The request whose future thread `tid` polls now, not ended: a tracked
-/// request (the tower layer marks every poll) by its latest poll start,
-/// else the latest started there of those that only say where they
-/// started (`RequestGuard`).
-pub fn running(requests: &[StepRequest], tid: u32) -> Option<&StepRequest> {
+/// The request whose future thread `tid` polls now, not ended, in a task
+/// poll that began at `since_ns`: a tracked request (the tower layer marks
+/// every poll) by its latest poll start, which must fall inside that task
+/// poll (a tick early at most: the coarse clock lags), else the latest
+/// started there of those that only say where they started
+/// (`RequestGuard`).
+pub fn running(
+    requests: &[StepRequest],
+    tid: u32,
+    since_ns: u64,
+    tick_ns: u64,
+) -> Option<&StepRequest> {
     let on_thread = || {
         requests
             .iter()
@@ -36,7 +43,12 @@ pub fn running(requests: &[StepRequest], tid: u32) -> Option<&StepRequest> {
     on_thread()
         .filter(|r| r.slot.polls_tracked)
         .max_by_key(|r| r.slot.poll_started_ns)
-        .or_else(|| on_thread().max_by_key(|r| r.slot.started_ns))
+        .filter(|r| r.slot.poll_started_ns.saturating_add(tick_ns) >= since_ns)
+        .or_else(|| {
+            on_thread()
+                .filter(|r| !r.slot.polls_tracked)
+                .max_by_key(|r| r.slot.started_ns)
+        })
 }
 
 /// The request a finished poll of thread `tid` over `[start_ns, end_ns]`
@@ -63,7 +75,9 @@ pub fn covering(
         .filter(|(overlap, _)| *overlap > 0)
         .max_by_key(|(overlap, r)| (*overlap, r.slot.id))
         .map(|(_, r)| r)
-        .or_else(|| running(requests, tid).filter(|r| r.slot.poll_started_ns <= end_ns))
+        .or_else(|| {
+            running(requests, tid, start_ns, tick_ns).filter(|r| r.slot.poll_started_ns <= end_ns)
+        })
 }
 
 /// The requests other than `culprit_id` in flight at some time in
@@ -178,7 +192,7 @@ impl TableAttribution {
             return Some(request.clone());
         }
         let found = if stall.in_progress {
-            running(requests, stall.tid)
+            running(requests, stall.tid, stall.start_ns, self.tick_ns)
         } else {
             covering(
                 requests,
@@ -280,13 +294,23 @@ mod tests {
             req(2, 90),                 // suspended: a victim
             polled(req(3, 95), 8, 120), // polled on another worker
         ];
-        assert_eq!(running(&requests, 7).map(|r| r.slot.id), Some(1));
-        assert!(running(&requests, 9).is_none());
-        assert!(running(&requests, 0).is_none());
+        let running = |requests: &[StepRequest], tid| {
+            running(requests, tid, 99 * MS, TICK).map(|r| r.slot.id)
+        };
+        assert_eq!(running(&requests, 7), Some(1));
+        assert_eq!(running(&requests, 9), None);
+        assert_eq!(running(&requests, 0), None);
         let mut ended = polled(req(4, 100), 9, 100);
         ended.ended_ns = Some(110 * MS);
         // An ended request is polled by nobody, whatever its slot says.
-        assert!(running(&[ended], 9).is_none());
+        assert_eq!(running(&[ended], 9), None);
+        // A mark older than the task poll is stale (its end was not written).
+        assert_eq!(running(&[polled(req(5, 10), 7, 10)], 7), None);
+        // A request that only says where it started: the latest there.
+        let mut guard = req(6, 50);
+        guard.slot.polls_tracked = false;
+        guard.slot.polling_tid = 7;
+        assert_eq!(running(&[guard], 7), Some(6));
     }
 
     #[test]
