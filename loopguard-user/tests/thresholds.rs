@@ -239,6 +239,6 @@ fn a_healthy_saturation_run_raises_no_alert_of_any_kind() {
     // wrk's own count: with requests named from the table (the default)
     // no probe counts them.
     let report = String::from_utf8_lossy(&wrk.stdout);
-    let served = wrk_requests(&report).unwrap_or(0);
-    assert!(served > 10_000, "not saturated: {summary}\n{report}");
+    let requests_done = wrk_requests(&report).unwrap_or(0);
+    assert!(requests_done > 10_000, "not saturated: {summary}\n{report}");
 }

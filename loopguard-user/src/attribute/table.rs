@@ -23,17 +23,23 @@ use std::collections::VecDeque;
 use crate::attribute::inflight::StepRequest;
 use crate::attribute::{Request, Victims};
 
+/// How far behind the monotonic clock a coarse time read in the target
+/// may be: four ticks, at least 20 ms.
+pub fn late_ns(tick_ns: u64) -> u64 {
+    tick_ns.saturating_mul(4).max(20_000_000)
+}
+
 /// The request whose future thread `tid` polls now, not ended, in a task
 /// poll that began at `since_ns`: a tracked request (the tower layer marks
 /// every poll) by its latest poll start, which must fall inside that task
-/// poll (a tick early at most: the coarse clock lags), else the latest
+/// poll (`late_ns` early at most: the coarse clock lags), else the latest
 /// started there of those that only say where they started
 /// (`RequestGuard`).
 pub fn running(
     requests: &[StepRequest],
     tid: u32,
     since_ns: u64,
-    tick_ns: u64,
+    late_ns: u64,
 ) -> Option<&StepRequest> {
     let on_thread = || {
         requests
@@ -43,7 +49,7 @@ pub fn running(
     on_thread()
         .filter(|r| r.slot.polls_tracked)
         .max_by_key(|r| r.slot.poll_started_ns)
-        .filter(|r| r.slot.poll_started_ns.saturating_add(tick_ns) >= since_ns)
+        .filter(|r| r.slot.poll_started_ns.saturating_add(late_ns) >= since_ns)
         .or_else(|| {
             on_thread()
                 .filter(|r| !r.slot.polls_tracked)
@@ -53,20 +59,20 @@ pub fn running(
 
 /// The request a finished poll of thread `tid` over `[start_ns, end_ns]`
 /// served: the one whose last long poll on that thread overlaps it most
-/// (its end taken a tick later, as the coarse clock may lag); else one
+/// (its end taken `late_ns` later, as the coarse clock may lag); else one
 /// still marked as polled there that began by the end.
 pub fn covering(
     requests: &[StepRequest],
     tid: u32,
     start_ns: u64,
     end_ns: u64,
-    tick_ns: u64,
+    late_ns: u64,
 ) -> Option<&StepRequest> {
     requests
         .iter()
         .filter(|r| r.long_tid == tid && tid != 0)
         .map(|r| {
-            let late_end = r.long_end_ns.saturating_add(tick_ns);
+            let late_end = r.long_end_ns.saturating_add(late_ns);
             let overlap = late_end
                 .min(end_ns)
                 .saturating_sub(r.long_start_ns.max(start_ns));
@@ -76,7 +82,7 @@ pub fn covering(
         .max_by_key(|(overlap, r)| (*overlap, r.slot.id))
         .map(|(_, r)| r)
         .or_else(|| {
-            running(requests, tid, start_ns, tick_ns).filter(|r| r.slot.poll_started_ns <= end_ns)
+            running(requests, tid, start_ns, late_ns).filter(|r| r.slot.poll_started_ns <= end_ns)
         })
 }
 
@@ -191,16 +197,11 @@ impl TableAttribution {
         if let Some(request) = remembered.and_then(|r| r.request.as_ref()) {
             return Some(request.clone());
         }
+        let late = late_ns(self.tick_ns);
         let found = if stall.in_progress {
-            running(requests, stall.tid, stall.start_ns, self.tick_ns)
+            running(requests, stall.tid, stall.start_ns, late)
         } else {
-            covering(
-                requests,
-                stall.tid,
-                stall.start_ns,
-                stall.end_ns,
-                self.tick_ns,
-            )
+            covering(requests, stall.tid, stall.start_ns, stall.end_ns, late)
         };
         found.map(StepRequest::to_request)
     }
@@ -237,6 +238,7 @@ mod tests {
 
     const MS: u64 = 1_000_000;
     const TICK: u64 = 4 * MS;
+    const LATE: u64 = 20 * MS;
 
     /// Request `id` on `/p{id}`, started at `started_ms`, tracked.
     fn req(id: u64, started_ms: u64) -> StepRequest {
@@ -295,7 +297,7 @@ mod tests {
             polled(req(3, 95), 8, 120), // polled on another worker
         ];
         let running = |requests: &[StepRequest], tid| {
-            running(requests, tid, 99 * MS, TICK).map(|r| r.slot.id)
+            running(requests, tid, 99 * MS, LATE).map(|r| r.slot.id)
         };
         assert_eq!(running(&requests, 7), Some(1));
         assert_eq!(running(&requests, 9), None);
@@ -306,6 +308,8 @@ mod tests {
         assert_eq!(running(&[ended], 9), None);
         // A mark older than the task poll is stale (its end was not written).
         assert_eq!(running(&[polled(req(5, 10), 7, 10)], 7), None);
+        // One a few ticks early is the coarse clock lagging after idle.
+        assert_eq!(running(&[polled(req(5, 85), 7, 85)], 7), Some(5));
         // A request that only says where it started: the latest there.
         let mut guard = req(6, 50);
         guard.slot.polls_tracked = false;
@@ -328,10 +332,10 @@ mod tests {
             ended_in_poll(req(4, 200), 8, 200, 300), // blocked another worker
         ];
         // The kernel's poll began a little before the coarse clock said.
-        let found = covering(&requests, 7, 99 * MS, 401 * MS, TICK).unwrap();
+        let found = covering(&requests, 7, 99 * MS, 401 * MS, LATE).unwrap();
         assert_eq!(found.slot.id, 1);
         assert_eq!(found.to_request().end_ns, Some(400 * MS));
-        assert!(covering(&requests, 9, 99 * MS, 401 * MS, TICK).is_none());
+        assert!(covering(&requests, 9, 99 * MS, 401 * MS, LATE).is_none());
         // Victims: in flight at some time during it, not the culprit.
         let victims = in_flight_during(&requests, Some(1), 99 * MS, 401 * MS, TICK);
         assert_eq!(ids(&victims), [2, 4, 5]);
@@ -340,9 +344,9 @@ mod tests {
     #[test]
     fn a_poll_still_marked_running_names_a_finished_stall_read_early() {
         let requests = [polled(req(1, 100), 7, 100)];
-        assert!(covering(&requests, 7, 99 * MS, 300 * MS, TICK).is_some());
+        assert!(covering(&requests, 7, 99 * MS, 300 * MS, LATE).is_some());
         // A poll that began after the stall ended is not its culprit.
-        assert!(covering(&requests, 7, 10 * MS, 50 * MS, TICK).is_none());
+        assert!(covering(&requests, 7, 10 * MS, 50 * MS, LATE).is_none());
     }
 
     #[test]

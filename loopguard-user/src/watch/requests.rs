@@ -169,7 +169,8 @@ impl TableView<'_> {
     /// end_ns]` served, from a read of the table now.
     fn culprit(&self, tid: u32, start_ns: u64, end_ns: u64) -> Option<Request> {
         let requests = inflight::read_steps(self.pid, self.tables);
-        table::covering(&requests, tid, start_ns, end_ns, self.tick_ns).map(StepRequest::to_request)
+        let late = table::late_ns(self.tick_ns);
+        table::covering(&requests, tid, start_ns, end_ns, late).map(StepRequest::to_request)
     }
 
     /// Requests in flight now (at most a table's worth).
