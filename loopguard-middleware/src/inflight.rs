@@ -23,8 +23,9 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use loopguard_usdt::{
-    INFLIGHT_METHOD_BYTES, INFLIGHT_RESERVED_BYTES, INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS,
-    INFLIGHT_STEP_BYTES, INFLIGHT_STEPS_AT, INFLIGHT_TEXT_BYTES, inflight_slot, inflight_step,
+    INFLIGHT_LONG_AT, INFLIGHT_LONG_ENDS, INFLIGHT_LONG_STEPS_AT, INFLIGHT_METHOD_BYTES,
+    INFLIGHT_RESERVED_BYTES, INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_STEP_BYTES,
+    INFLIGHT_STEPS_AT, INFLIGHT_TABLE_BYTES, INFLIGHT_TEXT_BYTES, inflight_slot, inflight_step,
 };
 
 const TEXT_WORDS: usize = (INFLIGHT_METHOD_BYTES + 2 * INFLIGHT_TEXT_BYTES) / 8;
@@ -62,6 +63,11 @@ pub(crate) struct Table {
     reserved: AtomicU64,
     slots: [Slot; INFLIGHT_SLOTS],
     steps: [Step; INFLIGHT_SLOTS],
+    /// Copies of requests that ended in a long poll, a ring.
+    long_slots: [Slot; INFLIGHT_LONG_ENDS],
+    long_steps: [Step; INFLIGHT_LONG_ENDS],
+    /// Copies written so far; the next goes to `long_next % INFLIGHT_LONG_ENDS`.
+    long_next: AtomicU64,
 }
 
 const _: () = {
@@ -76,6 +82,9 @@ const _: () = {
     assert!(offset_of!(Slot, text) == inflight_slot::TEXT);
     assert!(offset_of!(Table, slots) == INFLIGHT_RESERVED_BYTES);
     assert!(offset_of!(Table, steps) == INFLIGHT_STEPS_AT);
+    assert!(offset_of!(Table, long_slots) == INFLIGHT_LONG_AT);
+    assert!(offset_of!(Table, long_steps) == INFLIGHT_LONG_STEPS_AT);
+    assert!(offset_of!(Table, long_next) == INFLIGHT_TABLE_BYTES);
     assert!(size_of::<Step>() == INFLIGHT_STEP_BYTES);
     assert!(offset_of!(Step, long_tid) == inflight_step::LONG_TID);
     assert!(offset_of!(Step, start_tid) == inflight_step::LOOP_TID);
@@ -109,6 +118,9 @@ pub(crate) static TABLE: Table = Table {
     reserved: AtomicU64::new(0),
     slots: [FREE; INFLIGHT_SLOTS],
     steps: [NO_STEP; INFLIGHT_SLOTS],
+    long_slots: [FREE; INFLIGHT_LONG_ENDS],
+    long_steps: [NO_STEP; INFLIGHT_LONG_ENDS],
+    long_next: AtomicU64::new(0),
 };
 
 thread_local! {
@@ -306,13 +318,80 @@ pub(crate) fn polling(id: u64, now_polling: bool) {
 }
 
 /// Marks request `id` ended, inside the poll that ends it: that poll is
-/// its last. The slot keeps it until a new request takes it.
+/// its last. The slot keeps it until a new request takes it; if that poll
+/// was long, a copy goes to the ring of long ends too.
 pub(crate) fn ended(id: u64) {
+    let mut long_end = false;
     change_request(id, |slot, step| {
         let now = now_ns();
+        let began = slot.poll_started_ns.load(Ordering::Relaxed);
         poll_done(slot, step, tid(), now);
         step.ended_ns.store(now.max(1), Ordering::Relaxed);
+        long_end = began != 0 && now.saturating_sub(began) >= 2 * coarse_tick_ns();
     });
+    if long_end && let Some(index) = find(id) {
+        keep_long_end(index);
+    }
+}
+
+/// ns: the coarse clock's tick, asked once.
+fn coarse_tick_ns() -> u64 {
+    static TICK_NS: AtomicU64 = AtomicU64::new(0);
+    let known = TICK_NS.load(Ordering::Relaxed);
+    if known != 0 {
+        return known;
+    }
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out pointer.
+    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) } == 0;
+    let tick = if ok {
+        u64::try_from(res.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(res.tv_nsec).unwrap_or(0)
+    } else {
+        10_000_000
+    };
+    TICK_NS.store(tick.max(1), Ordering::Relaxed);
+    tick.max(1)
+}
+
+/// Copies slot `index` (a request that ended in a long poll) into the next
+/// entry of the ring of long ends. Rare: only requests whose last poll took
+/// two ticks of the coarse clock get here.
+fn keep_long_end(index: usize) {
+    let at = (TABLE.long_next.fetch_add(1, Ordering::Relaxed) % INFLIGHT_LONG_ENDS as u64) as usize;
+    let (from, from_step) = (&TABLE.slots[index], &TABLE.steps[index]);
+    let (to, to_step) = (&TABLE.long_slots[at], &TABLE.long_steps[at]);
+    let Some(seq) = to.claim() else {
+        return;
+    };
+    let copy32 =
+        |a: &AtomicU32, b: &AtomicU32| b.store(a.load(Ordering::Relaxed), Ordering::Relaxed);
+    let copy64 =
+        |a: &AtomicU64, b: &AtomicU64| b.store(a.load(Ordering::Relaxed), Ordering::Relaxed);
+    // The source is this thread's own request, ended: nothing writes it now
+    // but a new request taking the slot, which its sequence shows.
+    let source_seq = from.seq.load(Ordering::Acquire);
+    let id = from.id.load(Ordering::Relaxed);
+    copy32(&from.polling_tid, &to.polling_tid);
+    copy64(&from.started_ns, &to.started_ns);
+    copy64(&from.poll_started_ns, &to.poll_started_ns);
+    copy64(&from.meta, &to.meta);
+    for (a, b) in from.text.iter().zip(&to.text) {
+        copy64(a, b);
+    }
+    copy32(&from_step.long_tid, &to_step.long_tid);
+    copy32(&from_step.start_tid, &to_step.start_tid);
+    copy64(&from_step.long_start_ns, &to_step.long_start_ns);
+    copy64(&from_step.long_end_ns, &to_step.long_end_ns);
+    copy64(&from_step.ended_ns, &to_step.ended_ns);
+    fence(Ordering::Acquire);
+    let unchanged = source_seq & 1 == 0 && from.seq.load(Ordering::Relaxed) == source_seq;
+    to.id
+        .store(if unchanged { id } else { 0 }, Ordering::Relaxed);
+    to.release(seq);
 }
 
 /// The note announcing the table: provider `loopguard`, name
@@ -432,6 +511,34 @@ mod tests {
         assert_eq!(slot.id.load(Ordering::Relaxed), long);
         assert_eq!(step_of(long).ended_ns.load(Ordering::Relaxed), 0);
         ended(long);
+    }
+
+    #[test]
+    fn a_request_that_ended_in_a_long_poll_outlives_its_slot_in_the_ring() {
+        let id = 6_000_200;
+        started(id, "GET", Some("/slow"), "/slow", true);
+        let began = now_ns().saturating_sub(100_000_000).max(1);
+        slot_of(id).poll_started_ns.store(began, Ordering::Relaxed);
+        ended(id);
+        let kept = TABLE
+            .long_slots
+            .iter()
+            .position(|slot| slot.id.load(Ordering::Relaxed) == id)
+            .expect("copied to the ring");
+        let step = &TABLE.long_steps[kept];
+        assert_eq!(step.long_start_ns.load(Ordering::Relaxed), began);
+        assert_ne!(step.ended_ns.load(Ordering::Relaxed), 0);
+        assert_eq!(TABLE.long_slots[kept].seq.load(Ordering::Relaxed) & 1, 0);
+        // A quick one is not copied.
+        let quick = id + 1;
+        started(quick, "GET", None, "/quick", true);
+        ended(quick);
+        assert!(
+            TABLE
+                .long_slots
+                .iter()
+                .all(|slot| slot.id.load(Ordering::Relaxed) != quick)
+        );
     }
 
     #[test]

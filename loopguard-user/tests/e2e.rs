@@ -146,8 +146,8 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str], middleware: 
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        13,
-        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, request_start, request_end, wait_enter, wait_exit, stack_sched_switch, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded"
+        11,
+        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, wait_enter, wait_exit, stack_sched_switch, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded; no request program (requests come from the in-flight table)"
     );
     let traffic = FastTraffic::start(server.addr);
     std::thread::sleep(Duration::from_millis(300));

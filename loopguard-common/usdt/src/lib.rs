@@ -79,9 +79,12 @@ pub mod end_arg {
 /// took a clock tick or more (its thread, start and end), `ENDED_NS` its
 /// end. A slot whose request ended keeps it, texts and all, until a new
 /// request takes the slot: an agent that reads the table after a stall still
-/// finds the request that ended inside the blocked poll. Version 1 tables
-/// (no step records; a slot is freed, `ID` 0, at its request's end) are
-/// still read.
+/// finds the request that ended inside the blocked poll. Then (at
+/// [`INFLIGHT_LONG_AT`]) a ring of [`INFLIGHT_LONG_ENDS`] slots and their
+/// step records (at [`INFLIGHT_LONG_STEPS_AT`]), same layout: a copy of each
+/// request that ended in a poll of two ticks or more, so a stall's culprit
+/// outlives its slot when traffic takes it again. Version 1 tables (no step
+/// records; a slot is freed, `ID` 0, at its request's end) are still read.
 ///
 /// Each slot is a sequence lock: a writer makes `seq` odd before changing
 /// anything and even again after; a reader keeps a copy only if it read
@@ -165,6 +168,19 @@ pub const INFLIGHT_STEP_BYTES: usize = 32;
 pub const INFLIGHT_STEPS_AT: usize = INFLIGHT_RESERVED_BYTES + INFLIGHT_SLOTS * INFLIGHT_SLOT_BYTES;
 /// Bytes of a memfd table.
 pub const INFLIGHT_MEMFD_BYTES: usize = INFLIGHT_STEPS_AT + INFLIGHT_SLOTS * INFLIGHT_STEP_BYTES;
+
+/// Slots of the ring of requests that ended in a long poll (static tables
+/// from [`INFLIGHT_VERSION`] 2 on).
+pub const INFLIGHT_LONG_ENDS: usize = 64;
+/// Where that ring's slots begin: right after the step records.
+pub const INFLIGHT_LONG_AT: usize = INFLIGHT_MEMFD_BYTES;
+/// Where that ring's step records begin.
+pub const INFLIGHT_LONG_STEPS_AT: usize =
+    INFLIGHT_LONG_AT + INFLIGHT_LONG_ENDS * INFLIGHT_SLOT_BYTES;
+/// Bytes of a static table of [`INFLIGHT_VERSION`] 2 that a reader reads
+/// (the writer's ring cursor follows, unread).
+pub const INFLIGHT_TABLE_BYTES: usize =
+    INFLIGHT_LONG_STEPS_AT + INFLIGHT_LONG_ENDS * INFLIGHT_STEP_BYTES;
 
 /// Byte offsets of a step record's fields. In a static table (Rust
 /// middleware) a "step" is a poll of the request's future, "long" means it

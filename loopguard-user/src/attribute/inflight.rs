@@ -15,9 +15,10 @@
 //! first copy already saw it odd or newer; either way the slot is dropped.
 
 use loopguard_common::usdt::{
-    INFLIGHT_MEMFD_BYTES, INFLIGHT_METHOD_BYTES, INFLIGHT_RESERVED_BYTES, INFLIGHT_SLOT_BYTES,
-    INFLIGHT_SLOTS, INFLIGHT_STEP_BYTES, INFLIGHT_STEPS_AT, INFLIGHT_TEXT_BYTES,
-    INFLIGHT_VERSION_SLOTS_ONLY, inflight_slot, inflight_step,
+    INFLIGHT_LONG_AT, INFLIGHT_LONG_ENDS, INFLIGHT_LONG_STEPS_AT, INFLIGHT_METHOD_BYTES,
+    INFLIGHT_RESERVED_BYTES, INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_STEP_BYTES,
+    INFLIGHT_STEPS_AT, INFLIGHT_TABLE_BYTES, INFLIGHT_TEXT_BYTES, INFLIGHT_VERSION_SLOTS_ONLY,
+    inflight_slot, inflight_step,
 };
 
 use crate::attribute::Request;
@@ -45,7 +46,7 @@ impl TableAt {
 
     fn bytes(&self) -> usize {
         if self.has_steps() {
-            INFLIGHT_MEMFD_BYTES
+            INFLIGHT_TABLE_BYTES
         } else {
             TABLE_BYTES
         }
@@ -148,7 +149,7 @@ pub fn read_steps(pid: u32, tables: &[TableAt]) -> Vec<StepRequest> {
             let data = read_memory(pid, table.addr, bytes);
             let after = read_memory(pid, table.addr, bytes);
             if table.has_steps() {
-                settled_steps(&before, &data, &after)
+                with_long_ends(&before, &data, &after)
             } else {
                 consistent_requests(&before, &data, &after)
                     .into_iter()
@@ -163,12 +164,47 @@ pub fn read_steps(pid: u32, tables: &[TableAt]) -> Vec<StepRequest> {
 /// long, its header not looked at), copied three times in that order, as
 /// [`consistent_requests`] judges them, with their step records.
 pub fn settled_steps(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepRequest> {
-    if data.len() < INFLIGHT_MEMFD_BYTES {
+    let copies = [before, data, after];
+    settled_region(
+        copies,
+        (INFLIGHT_RESERVED_BYTES, INFLIGHT_STEPS_AT),
+        INFLIGHT_SLOTS,
+    )
+}
+
+/// A static table of layout 2: its slots, then the copies in its ring of
+/// long ends that the slots no longer hold (a request is listed once).
+pub fn with_long_ends(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepRequest> {
+    let mut requests = settled_steps(before, data, after);
+    if data.len() < INFLIGHT_TABLE_BYTES {
+        return requests;
+    }
+    let copies = [before, data, after];
+    for kept in settled_region(
+        copies,
+        (INFLIGHT_LONG_AT, INFLIGHT_LONG_STEPS_AT),
+        INFLIGHT_LONG_ENDS,
+    ) {
+        if requests.iter().all(|r| r.slot.id != kept.slot.id) {
+            requests.push(kept);
+        }
+    }
+    requests
+}
+
+/// The settled entries of `count` slots at `slots_at` with their step
+/// records at `steps_at`, in three copies of one table.
+fn settled_region(
+    [before, data, after]: [&[u8]; 3],
+    (slots_at, steps_at): (usize, usize),
+    count: usize,
+) -> Vec<StepRequest> {
+    if data.len() < steps_at + count * INFLIGHT_STEP_BYTES {
         return Vec::new();
     }
-    (0..INFLIGHT_SLOTS)
+    (0..count)
         .filter_map(|index| {
-            let at = INFLIGHT_RESERVED_BYTES + index * INFLIGHT_SLOT_BYTES;
+            let at = slots_at + index * INFLIGHT_SLOT_BYTES;
             let seq = u32_at(before, at + inflight_slot::SEQ)?;
             let settled = seq & 1 == 0
                 && u32_at(data, at + inflight_slot::SEQ)? == seq
@@ -177,7 +213,7 @@ pub fn settled_steps(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepReques
                 return None;
             }
             let slot = parse_slot(data.get(at..at + INFLIGHT_SLOT_BYTES)?)?;
-            let step = data.get(INFLIGHT_STEPS_AT + index * INFLIGHT_STEP_BYTES..)?;
+            let step = data.get(steps_at + index * INFLIGHT_STEP_BYTES..)?;
             let ended_ns = u64_at(step, inflight_step::ENDED_NS)?;
             Some(StepRequest {
                 slot,
@@ -452,5 +488,59 @@ mod tests {
         assert_eq!(chosen.id, 2);
         assert_eq!(chosen.poll_began_by(), None);
         assert_eq!(chosen.route, None);
+    }
+
+    /// A layout 2 table: `slots` at their index, `ring` entries in the ring
+    /// of long ends, each with an end time and a long poll.
+    fn table_v2(slots: &[(usize, Slot)], ring: &[(usize, Slot)]) -> Vec<u8> {
+        let mut bytes = table(slots);
+        bytes.resize(INFLIGHT_TABLE_BYTES, 0);
+        let v1 = table(ring);
+        for (index, slot) in ring {
+            let from = INFLIGHT_RESERVED_BYTES + index * INFLIGHT_SLOT_BYTES;
+            let to = INFLIGHT_LONG_AT + index * INFLIGHT_SLOT_BYTES;
+            bytes[to..to + INFLIGHT_SLOT_BYTES]
+                .copy_from_slice(&v1[from..from + INFLIGHT_SLOT_BYTES]);
+            let step = INFLIGHT_LONG_STEPS_AT + index * INFLIGHT_STEP_BYTES;
+            bytes[step..step + 4].copy_from_slice(&slot.tid.to_le_bytes());
+            bytes[step + inflight_step::LONG_START_NS..][..8]
+                .copy_from_slice(&5_000u64.to_le_bytes());
+            bytes[step + inflight_step::LONG_END_NS..][..8]
+                .copy_from_slice(&9_000u64.to_le_bytes());
+            bytes[step + inflight_step::ENDED_NS..][..8].copy_from_slice(&9_000u64.to_le_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn the_ring_of_long_ends_adds_requests_the_slots_no_longer_hold() {
+        let mut gone = login(2, 77);
+        gone.id = 41;
+        let mut also_in_slots = login(2, 0);
+        also_in_slots.id = 8812;
+        let t = table_v2(&[(3, login(2, 0))], &[(0, gone), (1, also_in_slots)]);
+        let requests = with_long_ends(&t, &t, &t);
+        let ids: Vec<u64> = requests.iter().map(|r| r.slot.id).collect();
+        assert_eq!(ids, [8812, 41], "listed once each, the slots first");
+        let kept = &requests[1];
+        assert_eq!(
+            (kept.long_tid, kept.long_start_ns, kept.ended_ns),
+            (77, 5_000, Some(9_000))
+        );
+        // A ring entry being written is left out.
+        let mut writing = login(3, 77);
+        writing.id = 41;
+        let torn = table_v2(&[(3, login(2, 0))], &[(0, writing)]);
+        assert_eq!(with_long_ends(&t, &torn, &t).len(), 1);
+        // A layout 1 sized read has no ring.
+        assert_eq!(
+            with_long_ends(
+                &t[..INFLIGHT_LONG_AT],
+                &t[..INFLIGHT_LONG_AT],
+                &t[..INFLIGHT_LONG_AT]
+            )
+            .len(),
+            1
+        );
     }
 }
