@@ -96,13 +96,14 @@
 //! # The in-flight table
 //!
 //! The crate keeps every request in a static table (`loopguard_usdt::INFLIGHT_*`,
-//! layout 2, 55 KiB of `.bss`): id, method, route and path (cut to 16 and
+//! layout 2, in `.bss`): id, method, route and path (cut to 16 and
 //! 64 bytes), start time, which thread polls its future now, its last poll
 //! of a clock tick or more (thread, start, end) and its end. A request takes
 //! slot `id % 256`, or one of the next three when that one holds a request
 //! in flight; an ended request stays until its slot is taken again, so an
 //! agent reading after a stall still finds the request that ended inside the
-//! poll that blocked. A third note, `loopguard:inflight_table`, never fires:
+//! poll that blocked, and a request that ended in a poll of two clock ticks
+//! or more is also copied into a ring of 64 (75 KiB in all). A third note, `loopguard:inflight_table`, never fires:
 //! its semaphore field carries the table's address, so the table is found in
 //! stripped binaries too. Each slot is a sequence lock, so the agent reads
 //! whole entries only. The same table names the request behind a poll that
