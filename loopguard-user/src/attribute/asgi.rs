@@ -18,9 +18,9 @@ use loopguard_common::usdt::{
     INFLIGHT_MEMFD_BYTES, INFLIGHT_MEMFD_MAGIC, INFLIGHT_MEMFD_NAME, INFLIGHT_STEPS_VERSION,
 };
 
-use crate::attribute::Request;
 pub use crate::attribute::inflight::StepRequest;
 use crate::attribute::inflight::{settled_steps, u32_at};
+use crate::attribute::{Request, take_remembered};
 use crate::detect::{Culprit, Stall, StallKind};
 use crate::discover::proc::read_memory;
 
@@ -228,12 +228,7 @@ pub fn attribute_loop_stall(
         })
     };
     let key = (stall.tid, stall.start_ns);
-    let remembered = tables
-        .named_in_progress
-        .iter()
-        .position(|(named, _)| *named == key)
-        .and_then(|at| tables.named_in_progress.remove(at))
-        .map(|(_, request)| request);
+    let remembered = take_remembered(&mut tables.named_in_progress, &key);
     let request = match culprit {
         Some(culprit) => culprit.to_request(),
         // Named while it ran, gone from the table by the time its end was

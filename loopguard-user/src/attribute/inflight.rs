@@ -205,11 +205,7 @@ fn settled_region(
     (0..count)
         .filter_map(|index| {
             let at = slots_at + index * INFLIGHT_SLOT_BYTES;
-            let seq = u32_at(before, at + inflight_slot::SEQ)?;
-            let settled = seq & 1 == 0
-                && u32_at(data, at + inflight_slot::SEQ)? == seq
-                && u32_at(after, at + inflight_slot::SEQ)? == seq;
-            if !settled {
+            if !settled_at([before, data, after], at) {
                 return None;
             }
             let slot = parse_slot(data.get(at..at + INFLIGHT_SLOT_BYTES)?)?;
@@ -227,6 +223,16 @@ fn settled_region(
         .collect()
 }
 
+/// Whether the slot at `at` has the same even sequence in three copies
+/// taken in that order: no writer touched it while it was copied.
+fn settled_at([before, data, after]: [&[u8]; 3], at: usize) -> bool {
+    let seq = |copy: &[u8]| u32_at(copy, at + inflight_slot::SEQ);
+    match seq(before) {
+        Some(first) => first & 1 == 0 && seq(data) == Some(first) && seq(after) == Some(first),
+        None => false,
+    }
+}
+
 pub(crate) fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
 }
@@ -241,11 +247,7 @@ pub fn consistent_requests(before: &[u8], data: &[u8], after: &[u8]) -> Vec<Infl
     (0..INFLIGHT_SLOTS)
         .filter_map(|index| {
             let at = INFLIGHT_RESERVED_BYTES + index * INFLIGHT_SLOT_BYTES;
-            let seq = u32_at(before, at + inflight_slot::SEQ)?;
-            let unchanged = seq & 1 == 0
-                && u32_at(data, at + inflight_slot::SEQ)? == seq
-                && u32_at(after, at + inflight_slot::SEQ)? == seq;
-            if !unchanged {
+            if !settled_at([before, data, after], at) {
                 return None;
             }
             parse_slot(data.get(at..at + INFLIGHT_SLOT_BYTES)?)

@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 
 use crate::attribute::inflight::StepRequest;
-use crate::attribute::{Request, Victims};
+use crate::attribute::{Request, Victims, take_remembered};
 
 /// How far behind the monotonic clock a coarse time read in the target
 /// may be: four ticks, at least 20 ms.
@@ -155,12 +155,7 @@ impl TableAttribution {
         listed: usize,
     ) -> (Option<Request>, Victims) {
         let key = (stall.tid, stall.start_ns);
-        let remembered = self
-            .remembered
-            .iter()
-            .position(|(k, _)| *k == key)
-            .and_then(|at| self.remembered.remove(at))
-            .map(|(_, r)| r);
+        let remembered = take_remembered(&mut self.remembered, &key);
         let request = self.culprit(requests, stall, remembered.as_ref());
         let culprit_id = request.as_ref().map(|r| r.id);
         let mut victims = in_flight_during(
