@@ -1,9 +1,18 @@
 //! Names the HTTP request behind a blocked Tokio worker, for loopguard.
 //!
 //! loopguard's agent sees *which Tokio task* blocked a worker thread. This
-//! crate fires two USDT probes per request, from inside the task that runs
-//! the handler, so that the agent can also tell *which request* that task
-//! was serving: method, route template and path.
+//! crate lets it also tell *which request* that task was serving (method,
+//! route template and path) and which requests waited behind it, two ways:
+//!
+//! - an **in-flight table** in the process's memory (the agent's default,
+//!   `--requests table`): every request, its thread, the start and end of
+//!   its future's last long poll, and its end, kept until its slot is
+//!   reused. The agent reads it only when it sees a stall, so a request
+//!   costs no kernel entry;
+//! - two **USDT probes** per request, fired from inside the task that runs
+//!   the handler (`--requests probes`): two kernel entries per request
+//!   while an agent is attached, for exact victim counts and per-route
+//!   request counters.
 //!
 //! # Usage
 //!
@@ -86,26 +95,37 @@
 //!
 //! # The in-flight table
 //!
-//! A request that started before the agent attached fired its
-//! `request_start` with nobody listening. So that the agent can still name
-//! the request behind a worker that is *already* stuck when it attaches,
-//! the crate also keeps every request in flight in a static table
-//! (`loopguard_usdt::INFLIGHT_*`, 47 KiB of `.bss`): id, method, route and
-//! path (cut to 16 and 64 bytes), start time, and which thread polls its
-//! future now. A third note, `loopguard:inflight_table`, never fires: its
-//! semaphore field carries the table's address, so the table is found in
+//! The crate keeps every request in a static table (`loopguard_usdt::INFLIGHT_*`,
+//! layout 2, in `.bss`): id, method, route and path (cut to 16 and
+//! 64 bytes), start time, which thread polls its future now, its last poll
+//! of a clock tick or more (thread, start, end) and its end. A request takes
+//! slot `id % 256`, or one of the next three when that one holds a request
+//! in flight; an ended request stays until its slot is taken again, so an
+//! agent reading after a stall still finds the request that ended inside the
+//! poll that blocked, and a request that ended in a poll of two clock ticks
+//! or more is also copied into a ring of 64 (75 KiB in all). A third note, `loopguard:inflight_table`, never fires:
+//! its semaphore field carries the table's address, so the table is found in
 //! stripped binaries too. Each slot is a sequence lock, so the agent reads
-//! whole entries only.
+//! whole entries only. The same table names the request behind a poll that
+//! was already stuck when the agent attached (its `request_start` fired
+//! with nobody listening).
+//!
+//! What the table gives the agent, and what it does not: the culprit of
+//! every stall (named while the stall is in progress, remembered until its
+//! end) and the victims still in the table; under heavy traffic the short
+//! requests that started and ended during a stall may have had their slots
+//! taken again before the agent looked, so the victim count is a lower
+//! bound, and nothing counts requests per route. The probes give both.
 //!
 //! # Cost without an agent
 //!
 //! A probe site is one `nop` instruction, preceded by the register moves that
 //! load its arguments, inside a function call: no system call, no branch on
-//! a semaphore, no locking. Only an attached agent turns the `nop` into a
-//! breakpoint. The in-flight table adds per request a copy of at most 144
-//! bytes of text and a few atomic stores, and per later poll of the
-//! response future two stores and one `clock_gettime` of the coarse clock
-//! (vDSO); no lock, no
+//! a semaphore, no locking. Only an attached agent in probe mode turns the
+//! `nop` into a breakpoint. The in-flight table adds per request a copy of at
+//! most 144 bytes of text and a few atomic stores (one compare-and-swap per
+//! write section), and per poll of the response future two marks, each one
+//! `clock_gettime` of the coarse clock (vDSO) and a few stores; no lock, no
 //! allocation, and no system call after a thread's first request (its
 //! thread id is cached). Per request the layer adds one relaxed atomic increment (the
 //! id), clones of the method (a plain enum value for standard methods), of
@@ -113,7 +133,7 @@
 //! increments on its `Bytes`), and keeps them in the response future until
 //! its first poll. It allocates nothing in the common case (only a method
 //! longer than 15 bytes or a URI scheme other than http/https allocates, as
-//! cloning them does).
+//! cloning them does). `examples/overhead.rs` measures it.
 
 mod inflight;
 mod probes;

@@ -73,6 +73,9 @@ pub struct InflightTableSite {
     pub site_file_offset: u64,
     /// Table address minus site address, as linked (wrapping).
     pub table_minus_site: u64,
+    /// Its layout (`loopguard_usdt::INFLIGHT_VERSION` or an older one this
+    /// agent still reads).
+    pub version: u32,
 }
 
 /// What [`analyze`] found in a binary (empty for a program watched only
@@ -285,10 +288,13 @@ fn find_usdt_sites(file: &object::File<'_>, image: &Image<'_>) -> ProviderNotes 
             continue;
         };
         if note.name == loopguard_common::usdt::INFLIGHT_TABLE {
-            if inflight_layout_known(&note.args) && note.semaphore != 0 {
+            if let Some(version) = inflight_layout_known(&note.args)
+                && note.semaphore != 0
+            {
                 found.tables.push(InflightTableSite {
                     site_file_offset: file_offset,
                     table_minus_site: corrected(note.base, note.semaphore).wrapping_sub(pc),
+                    version,
                 });
             } else {
                 found.foreign_tables.push(note.args);
@@ -305,12 +311,19 @@ fn find_usdt_sites(file: &object::File<'_>, image: &Image<'_>) -> ProviderNotes 
     found
 }
 
-/// Whether an in-flight table note's arguments (`version slots slot_bytes`)
-/// are the layout this agent reads.
-fn inflight_layout_known(args: &str) -> bool {
-    use loopguard_common::usdt::{INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_VERSION};
-    let expected = format!("{INFLIGHT_VERSION} {INFLIGHT_SLOTS} {INFLIGHT_SLOT_BYTES}");
-    args.split_whitespace().eq(expected.split_whitespace())
+/// The version of an in-flight table note's layout (`version slots
+/// slot_bytes`), if it is one this agent reads: the current one, or the
+/// first (slots only), with the same slots.
+fn inflight_layout_known(args: &str) -> Option<u32> {
+    use loopguard_common::usdt::{
+        INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_VERSION, INFLIGHT_VERSION_SLOTS_ONLY,
+    };
+    [INFLIGHT_VERSION, INFLIGHT_VERSION_SLOTS_ONLY]
+        .into_iter()
+        .find(|version| {
+            let expected = format!("{version} {INFLIGHT_SLOTS} {INFLIGHT_SLOT_BYTES}");
+            args.split_whitespace().eq(expected.split_whitespace())
+        })
 }
 
 /// The loadable segments of a file plus its `R_X86_64_RELATIVE` relocations.
@@ -498,13 +511,21 @@ mod tests {
     fn only_the_in_flight_table_layout_of_this_agent_is_known() {
         use loopguard_common::usdt::{INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_VERSION};
         let ours = format!("{INFLIGHT_VERSION} {INFLIGHT_SLOTS} {INFLIGHT_SLOT_BYTES}");
-        assert!(inflight_layout_known(&ours));
-        assert!(inflight_layout_known(&format!("  {ours} ")));
+        assert_eq!(inflight_layout_known(&ours), Some(INFLIGHT_VERSION));
+        assert_eq!(
+            inflight_layout_known(&format!("  {ours} ")),
+            Some(INFLIGHT_VERSION)
+        );
+        // The first layout (slots only) is still read.
+        let first = format!("1 {INFLIGHT_SLOTS} {INFLIGHT_SLOT_BYTES}");
+        assert_eq!(inflight_layout_known(&first), Some(1));
         let newer = format!(
             "{} {INFLIGHT_SLOTS} {INFLIGHT_SLOT_BYTES}",
             INFLIGHT_VERSION + 1
         );
-        assert!(!inflight_layout_known(&newer));
-        assert!(!inflight_layout_known(""));
+        assert_eq!(inflight_layout_known(&newer), None);
+        let other_slots = format!("{INFLIGHT_VERSION} 128 {INFLIGHT_SLOT_BYTES}");
+        assert_eq!(inflight_layout_known(&other_slots), None);
+        assert_eq!(inflight_layout_known(""), None);
     }
 }

@@ -165,8 +165,8 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str], middleware: 
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        14,
-        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, thread_wakeup, request_start, request_end, wait_enter, wait_exit, stack_sched_switch, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded"
+        12,
+        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, thread_wakeup, wait_enter, wait_exit, stack_sched_switch, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded; no request program (requests come from the in-flight table)"
     );
     let traffic = FastTraffic::start(server.addr);
     std::thread::sleep(Duration::from_millis(300));
@@ -521,10 +521,23 @@ fn run_with_duration_fails_on_stall_even_when_the_command_dies_of_sigterm() {
 #[test]
 #[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
 fn stalls_name_their_request_over_keep_alive_and_http2() {
+    keep_alive_and_http2("probes");
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn stalls_name_their_request_over_keep_alive_and_http2_from_the_table() {
+    keep_alive_and_http2("table");
+}
+
+/// Two blocks of a `/users/{id}/block` request, one over an HTTP/1.1
+/// keep-alive connection and one among HTTP/2 streams, named with their
+/// victims; with the probes (`--requests probes`) every request is counted.
+fn keep_alive_and_http2(source: &str) {
     require_root();
     let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
     let addr = server.addr;
-    let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
+    let agent = Agent::attach(server.pid, &["--threshold-ms", "50", "--requests", source]);
     // Bystanders: a request at a time on fresh connections, all along.
     let traffic = FastTraffic::start(addr);
     std::thread::sleep(Duration::from_millis(200));
@@ -599,7 +612,16 @@ fn stalls_name_their_request_over_keep_alive_and_http2() {
     }
 
     let summary = of_type(&lines, "summary")[0];
+    assert_eq!(summary["dropped_events"].as_u64(), Some(0), "{summary}");
     let requests = &summary["requests"];
+    let top = &requests["routes"][0];
+    assert_eq!(top["route"], "GET /users/{id}/block", "{requests}");
+    assert_eq!(top["stalls"].as_u64(), Some(2), "{requests}");
+    if source == "table" {
+        // No probe counts requests.
+        assert_eq!(requests["started"].as_u64(), Some(0), "{requests}");
+        return;
+    }
     let started = requests["started"].as_u64().unwrap();
     assert!(started >= 1000 + 6 + 2 + bystanders, "{requests}");
     assert_eq!(
@@ -617,10 +639,83 @@ fn stalls_name_their_request_over_keep_alive_and_http2() {
         assert_eq!(requests[counter].as_u64(), Some(0), "{counter}: {requests}");
     }
     assert!(requests["capacity"].as_u64().unwrap() > 0);
-    let top = &requests["routes"][0];
-    assert_eq!(top["route"], "GET /users/{id}/block", "{requests}");
-    assert_eq!(top["stalls"].as_u64(), Some(2), "{requests}");
-    assert_eq!(summary["dropped_events"].as_u64(), Some(0), "{summary}");
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example builds and wrk; run `cargo xtask test`"]
+fn the_table_names_a_culprit_that_ended_in_its_blocking_poll_under_traffic() {
+    require_root();
+    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &["--workers", "2"]);
+    let addr = server.addr;
+    // The default: requests from the in-flight table, no request probe.
+    let agent = Agent::attach(server.pid, &["--threshold-ms", "50"]);
+    let attached = of_type(&agent.lines(), "attached")[0].clone();
+    assert_eq!(attached["request_source"], "table", "{attached}");
+    assert_eq!(attached["request_probes_attached"], false, "{attached}");
+    assert_eq!(attached["inflight_table_version"], 2, "{attached}");
+    assert_eq!(agent.programs().len(), 11, "no request programs loaded");
+    // wrk keeps the other worker serving /fast throughout: each block sees
+    // far more than a table's worth of requests start and end, so the
+    // culprit's slot is taken again before the stall's end is read.
+    let url = format!("http://{addr}/fast");
+    let mut wrk = std::process::Command::new("wrk")
+        .args(["-t1", "-c4", "-d5s", &url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wrk (cargo xtask setup installs it)");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut blocks = Vec::new();
+    for ms in [200, 300] {
+        // A slow bystander in flight through the block: a victim.
+        let bystander = std::thread::spawn(move || http_get(addr, "/spawn_blocking?ms=900"));
+        std::thread::sleep(Duration::from_millis(150));
+        // The handler sleeps and returns: the request ends inside the very
+        // poll that blocked the worker.
+        let blocked = server.get(&format!("/block/sleep?ms={ms}"));
+        blocks.push(blocked);
+        bystander.join().unwrap().unwrap();
+    }
+    let wrk = wrk.wait().unwrap();
+    assert!(wrk.success());
+    let (status, lines) = agent.interrupt();
+    assert!(status.success());
+    let stalls: Vec<&Value> = of_type(&lines, "stall")
+        .into_iter()
+        .filter(|s| s["duration_ms"].as_f64().unwrap() >= 150.0)
+        .collect();
+    assert_eq!(stalls.len(), 2, "{stalls:#?}");
+    for (stall, blocked) in stalls.iter().zip(&blocks) {
+        assert_eq!(stall["tid"], blocked.body["tid"], "{stall}");
+        assert_close(
+            stall["duration_ms"].as_f64().unwrap(),
+            blocked.body["blocked_ms"].as_f64().unwrap(),
+            "table block",
+        );
+        let request = &stall["request"];
+        assert_eq!(request["path"], "/block/sleep", "{stall}");
+        assert_eq!(request["route"], "/block/sleep", "{stall}");
+        assert_eq!(request["method"], "GET", "{stall}");
+        let victims = stall["victims"].as_array().unwrap();
+        assert!(
+            victims.iter().any(|v| v["path"] == "/spawn_blocking"),
+            "the slow bystander is no victim: {stall}"
+        );
+        assert!(
+            victims.iter().all(|v| v["id"] != request["id"]),
+            "culprit among victims: {stall}"
+        );
+        assert!(stall["victim_count"].as_u64().unwrap() >= victims.len() as u64);
+    }
+    // Each was named in progress too, with the same request.
+    let in_progress = of_type(&lines, "stall_in_progress");
+    for stall in &stalls {
+        assert!(
+            in_progress
+                .iter()
+                .any(|p| p["start_ns"] == stall["start_ns"] && p["request"] == stall["request"]),
+            "{stall} not named in progress: {in_progress:#?}"
+        );
+    }
 }
 
 /// Runs `loopguard args`, expecting failure; returns (exit code, stderr).

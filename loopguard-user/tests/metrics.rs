@@ -64,7 +64,11 @@ fn prometheus_scrapes_what_loopguard_saw() {
     require_root();
     let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &[]);
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let agent = Agent::attach(server.pid, &["--metrics-addr", &metrics_addr]);
+    // The probes count every request per route (the table does not).
+    let agent = Agent::attach(
+        server.pid,
+        &["--metrics-addr", &metrics_addr, "--requests", "probes"],
+    );
     let programs = agent.programs();
     let prometheus = Prometheus::start(metrics_addr.parse().unwrap());
     prometheus.wait_for_scrape_after(now_s());

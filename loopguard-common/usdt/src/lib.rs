@@ -67,14 +67,33 @@ pub mod end_arg {
 /// Layout: [`INFLIGHT_RESERVED_BYTES`] reserved bytes (a tool enabling the
 /// note as a probe would bump a semaphore there), then [`INFLIGHT_SLOTS`]
 /// slots of [`INFLIGHT_SLOT_BYTES`] bytes, every field little-endian at the
-/// offsets in [`inflight_slot`]. A request takes slot `id % INFLIGHT_SLOTS`.
+/// offsets in [`inflight_slot`]. A request takes slot `id % INFLIGHT_SLOTS`
+/// (from layout 2, the first of it and the next three that holds no request
+/// in flight, so a long request stays while later ones come and go); readers
+/// find requests by their `ID`, never by position.
+///
+/// From [`INFLIGHT_VERSION`] 2 on, one step record of [`INFLIGHT_STEP_BYTES`]
+/// per slot follows the slots (at [`INFLIGHT_STEPS_AT`], as in the memfd
+/// table below), covered by its slot's sequence lock: `LOOP_TID` the thread
+/// the request started on, `LONG_*` the request future's last poll that
+/// took a clock tick or more (its thread, start and end), `ENDED_NS` its
+/// end. A slot whose request ended keeps it, texts and all, until a new
+/// request takes the slot: an agent that reads the table after a stall still
+/// finds the request that ended inside the blocked poll. Then (at
+/// [`INFLIGHT_LONG_AT`]) a ring of [`INFLIGHT_LONG_ENDS`] slots and their
+/// step records (at [`INFLIGHT_LONG_STEPS_AT`]), same layout: a copy of each
+/// request that ended in a poll of two ticks or more, so a stall's culprit
+/// outlives its slot when traffic takes it again. Version 1 tables (no step
+/// records; a slot is freed, `ID` 0, at its request's end) are still read.
 ///
 /// Each slot is a sequence lock: a writer makes `seq` odd before changing
 /// anything and even again after; a reader keeps a copy only if it read
 /// the same even `seq` before and after copying.
 pub const INFLIGHT_TABLE: &str = "inflight_table";
 /// Version of the table layout, the first word of the note's arguments.
-pub const INFLIGHT_VERSION: u32 = 1;
+pub const INFLIGHT_VERSION: u32 = 2;
+/// The first layout: slots only, freed at each request's end.
+pub const INFLIGHT_VERSION_SLOTS_ONLY: u32 = 1;
 /// Slots in the table.
 pub const INFLIGHT_SLOTS: usize = 256;
 /// Bytes before the first slot.
@@ -142,14 +161,31 @@ pub const INFLIGHT_MEMFD_NAME: &str = "loopguard-inflight";
 pub const INFLIGHT_MEMFD_MAGIC: u32 = u32::from_le_bytes(*b"lgif");
 /// Version of the step records.
 pub const INFLIGHT_STEPS_VERSION: u32 = 1;
-/// Bytes of one step record.
+/// Bytes of one step record (memfd tables, and static tables from
+/// [`INFLIGHT_VERSION`] 2 on).
 pub const INFLIGHT_STEP_BYTES: usize = 32;
 /// Where the step records begin.
 pub const INFLIGHT_STEPS_AT: usize = INFLIGHT_RESERVED_BYTES + INFLIGHT_SLOTS * INFLIGHT_SLOT_BYTES;
 /// Bytes of a memfd table.
 pub const INFLIGHT_MEMFD_BYTES: usize = INFLIGHT_STEPS_AT + INFLIGHT_SLOTS * INFLIGHT_STEP_BYTES;
 
-/// Byte offsets of a step record's fields.
+/// Slots of the ring of requests that ended in a long poll (static tables
+/// from [`INFLIGHT_VERSION`] 2 on).
+pub const INFLIGHT_LONG_ENDS: usize = 64;
+/// Where that ring's slots begin: right after the step records.
+pub const INFLIGHT_LONG_AT: usize = INFLIGHT_MEMFD_BYTES;
+/// Where that ring's step records begin.
+pub const INFLIGHT_LONG_STEPS_AT: usize =
+    INFLIGHT_LONG_AT + INFLIGHT_LONG_ENDS * INFLIGHT_SLOT_BYTES;
+/// Bytes of a static table of [`INFLIGHT_VERSION`] 2 that a reader reads
+/// (the writer's ring cursor follows, unread).
+pub const INFLIGHT_TABLE_BYTES: usize =
+    INFLIGHT_LONG_STEPS_AT + INFLIGHT_LONG_ENDS * INFLIGHT_STEP_BYTES;
+
+/// Byte offsets of a step record's fields. In a static table (Rust
+/// middleware) a "step" is a poll of the request's future, "long" means it
+/// took at least one tick of `CLOCK_MONOTONIC_COARSE` (whose times these
+/// then are), and `LOOP_TID` is the thread the request started on.
 pub mod inflight_step {
     /// u32: the thread that ran the request's last long step (1 ms or more).
     pub const LONG_TID: usize = 0;

@@ -431,6 +431,33 @@ fn poll_cookie(index: usize, copy: &PollCopy) -> u64 {
     .pack()
 }
 
+/// Where a stall's request comes from (`--requests`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RequestSource {
+    /// The middleware's in-flight table, read from the target's memory when
+    /// a stall is seen in progress and when it ends: no probe per request.
+    /// Names the culprit and the victims the table shows (a lower bound
+    /// under heavy load); no request counters.
+    #[default]
+    Table,
+    /// The middleware's USDT probes (`request_start`, `request_end`): two
+    /// kernel entries per request; victims counted exactly, requests
+    /// counted per route (`loopguard_requests_started_total`).
+    Probes,
+    /// No request at all: stalls are reported with their thread and task.
+    Off,
+}
+
+impl RequestSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Table => "table",
+            Self::Probes => "probes",
+            Self::Off => "off",
+        }
+    }
+}
+
 /// How the wait path is probed (`--wait-probes`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum WaitProbes {

@@ -15,57 +15,18 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use loopguard_common::usdt::{
-    INFLIGHT_MEMFD_BYTES, INFLIGHT_MEMFD_MAGIC, INFLIGHT_MEMFD_NAME, INFLIGHT_RESERVED_BYTES,
-    INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_STEP_BYTES, INFLIGHT_STEPS_AT,
-    INFLIGHT_STEPS_VERSION, inflight_slot, inflight_step,
+    INFLIGHT_MEMFD_BYTES, INFLIGHT_MEMFD_MAGIC, INFLIGHT_MEMFD_NAME, INFLIGHT_STEPS_VERSION,
 };
 
-use crate::attribute::Request;
-use crate::attribute::inflight::{InflightRequest, parse_slot, u32_at, u64_at};
+pub use crate::attribute::inflight::StepRequest;
+use crate::attribute::inflight::{settled_steps, u32_at};
+use crate::attribute::{Request, take_remembered};
 use crate::detect::{Culprit, Stall, StallKind};
 use crate::discover::proc::read_memory;
 
 /// How often the maps are read again while no table was found (the app
 /// makes it on its first request).
 const LOOK_AGAIN: Duration = Duration::from_millis(250);
-
-/// One request of the table, with its step record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StepRequest {
-    pub slot: InflightRequest,
-    /// The event-loop thread it started on.
-    pub loop_tid: u32,
-    /// Its last step of 1 ms or more: thread, start, end (ns, monotonic).
-    pub long_tid: u32,
-    pub long_start_ns: u64,
-    pub long_end_ns: u64,
-    /// ns, monotonic; `None` while in flight.
-    pub ended_ns: Option<u64>,
-}
-
-impl StepRequest {
-    pub fn to_request(&self) -> Request {
-        Request {
-            end_ns: self.ended_ns,
-            ..self.slot.to_request()
-        }
-    }
-
-    /// ns of its last long step on `tid` inside `[from_ns, to_ns]`.
-    fn long_overlap(&self, tid: u32, from_ns: u64, to_ns: u64) -> u64 {
-        if self.long_tid != tid || self.long_start_ns == 0 {
-            return 0;
-        }
-        self.long_end_ns
-            .min(to_ns)
-            .saturating_sub(self.long_start_ns.max(from_ns))
-    }
-
-    /// Whether it was in flight at some time in `[from_ns, to_ns]`.
-    fn in_flight_during(&self, from_ns: u64, to_ns: u64) -> bool {
-        self.slot.started_ns <= to_ns && self.ended_ns.is_none_or(|end| end >= from_ns)
-    }
-}
 
 /// The start addresses of the mappings of `maps` (a `/proc/PID/maps` text)
 /// that are a loopguard-asgi table, big enough to hold one.
@@ -97,29 +58,7 @@ pub fn consistent_steps(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepReq
     if !header_ok || data.len() < INFLIGHT_MEMFD_BYTES {
         return Vec::new();
     }
-    (0..INFLIGHT_SLOTS)
-        .filter_map(|index| {
-            let at = INFLIGHT_RESERVED_BYTES + index * INFLIGHT_SLOT_BYTES;
-            let seq = u32_at(before, at + inflight_slot::SEQ)?;
-            let settled = seq & 1 == 0
-                && u32_at(data, at + inflight_slot::SEQ)? == seq
-                && u32_at(after, at + inflight_slot::SEQ)? == seq;
-            if !settled {
-                return None;
-            }
-            let slot = parse_slot(data.get(at..at + INFLIGHT_SLOT_BYTES)?)?;
-            let step = data.get(INFLIGHT_STEPS_AT + index * INFLIGHT_STEP_BYTES..)?;
-            let ended_ns = u64_at(step, inflight_step::ENDED_NS)?;
-            Some(StepRequest {
-                slot,
-                loop_tid: u32_at(step, inflight_step::LOOP_TID)?,
-                long_tid: u32_at(step, inflight_step::LONG_TID)?,
-                long_start_ns: u64_at(step, inflight_step::LONG_START_NS)?,
-                long_end_ns: u64_at(step, inflight_step::LONG_END_NS)?,
-                ended_ns: (ended_ns != 0).then_some(ended_ns),
-            })
-        })
-        .collect()
+    settled_steps(before, data, after)
 }
 
 /// The culprit of a loop stall in progress on `tid`: the request whose
@@ -289,12 +228,7 @@ pub fn attribute_loop_stall(
         })
     };
     let key = (stall.tid, stall.start_ns);
-    let remembered = tables
-        .named_in_progress
-        .iter()
-        .position(|(named, _)| *named == key)
-        .and_then(|at| tables.named_in_progress.remove(at))
-        .map(|(_, request)| request);
+    let remembered = take_remembered(&mut tables.named_in_progress, &key);
     let request = match culprit {
         Some(culprit) => culprit.to_request(),
         // Named while it ran, gone from the table by the time its end was
@@ -385,7 +319,10 @@ pub fn loop_threads(tables: &mut AsgiTables) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use loopguard_common::usdt::{INFLIGHT_METHOD_BYTES, INFLIGHT_TEXT_BYTES};
+    use loopguard_common::usdt::{
+        INFLIGHT_METHOD_BYTES, INFLIGHT_RESERVED_BYTES, INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS,
+        INFLIGHT_STEP_BYTES, INFLIGHT_STEPS_AT, INFLIGHT_TEXT_BYTES, inflight_slot,
+    };
 
     use super::*;
 

@@ -1,8 +1,10 @@
-//! Requests the target was already serving when loopguard attached, read
-//! from the middleware's in-flight table (`loopguard_usdt::INFLIGHT_TABLE`):
-//! their `request_start` fired before any probe could see it, so the
-//! kernel's request maps do not hold them. This names the request behind a
-//! poll found stuck at attach.
+//! The middleware's in-flight table (`loopguard_usdt::INFLIGHT_TABLE`),
+//! read from the target's memory: the requests it serves, and (layout 2)
+//! those that ended since their slot was last taken, with their last long
+//! poll. It names the request behind a poll found stuck at attach (its
+//! `request_start` fired before any probe could see it), and, in table
+//! mode (`--requests table`), every stall's culprit and victims
+//! (`attribute::table`).
 //!
 //! Reading is exact: the table is copied three times, and a slot is kept
 //! only when its sequence is even and the same in the first and the third
@@ -13,16 +15,43 @@
 //! first copy already saw it odd or newer; either way the slot is dropped.
 
 use loopguard_common::usdt::{
-    INFLIGHT_METHOD_BYTES, INFLIGHT_RESERVED_BYTES, INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS,
-    INFLIGHT_TEXT_BYTES, inflight_slot,
+    INFLIGHT_LONG_AT, INFLIGHT_LONG_ENDS, INFLIGHT_LONG_STEPS_AT, INFLIGHT_METHOD_BYTES,
+    INFLIGHT_RESERVED_BYTES, INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, INFLIGHT_STEP_BYTES,
+    INFLIGHT_STEPS_AT, INFLIGHT_TABLE_BYTES, INFLIGHT_TEXT_BYTES, INFLIGHT_VERSION_SLOTS_ONLY,
+    inflight_slot, inflight_step,
 };
 
 use crate::attribute::Request;
 use crate::discover::ProbeTarget;
 use crate::discover::proc::read_memory;
 
-/// Bytes of one table.
+/// Bytes of one layout 1 table (slots only).
 pub const TABLE_BYTES: usize = INFLIGHT_RESERVED_BYTES + INFLIGHT_SLOTS * INFLIGHT_SLOT_BYTES;
+
+/// One table in the target's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableAt {
+    /// Runtime address.
+    pub addr: u64,
+    /// Layout, from its note.
+    pub version: u32,
+}
+
+impl TableAt {
+    /// Whether it keeps step records (ended requests, last long polls):
+    /// what naming requests without probes needs.
+    pub fn has_steps(&self) -> bool {
+        self.version > INFLIGHT_VERSION_SLOTS_ONLY
+    }
+
+    fn bytes(&self) -> usize {
+        if self.has_steps() {
+            INFLIGHT_TABLE_BYTES
+        } else {
+            TABLE_BYTES
+        }
+    }
+}
 
 /// One request in flight, as its slot tells.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,30 +113,124 @@ pub fn coarse_tick_ns() -> u64 {
     }
 }
 
-/// The runtime addresses of the target's in-flight tables.
-pub fn table_addresses(target: &ProbeTarget) -> Vec<u64> {
+/// The target's in-flight tables.
+pub fn table_addresses(target: &ProbeTarget) -> Vec<TableAt> {
     target
         .binary
         .inflight_tables
         .iter()
         .filter_map(|table| {
             let site = target.mappings.runtime_addr(table.site_file_offset)?;
-            Some(site.wrapping_add(table.table_minus_site))
+            Some(TableAt {
+                addr: site.wrapping_add(table.table_minus_site),
+                version: table.version,
+            })
         })
         .collect()
 }
 
-/// The requests in flight in the tables at `addresses` of process `pid`.
-pub fn read(pid: u32, addresses: &[u64]) -> Vec<InflightRequest> {
-    addresses
+/// The requests in flight in `tables` of process `pid`.
+pub fn read(pid: u32, tables: &[TableAt]) -> Vec<InflightRequest> {
+    read_steps(pid, tables)
+        .into_iter()
+        .filter(|r| r.ended_ns.is_none())
+        .map(|r| r.slot)
+        .collect()
+}
+
+/// Every settled request of `tables` of process `pid`, in flight or (layout
+/// 2) ended and still in its slot.
+pub fn read_steps(pid: u32, tables: &[TableAt]) -> Vec<StepRequest> {
+    tables
         .iter()
-        .flat_map(|&addr| {
-            let before = read_memory(pid, addr, TABLE_BYTES);
-            let data = read_memory(pid, addr, TABLE_BYTES);
-            let after = read_memory(pid, addr, TABLE_BYTES);
-            consistent_requests(&before, &data, &after)
+        .flat_map(|table| {
+            let bytes = table.bytes();
+            let before = read_memory(pid, table.addr, bytes);
+            let data = read_memory(pid, table.addr, bytes);
+            let after = read_memory(pid, table.addr, bytes);
+            if table.has_steps() {
+                with_long_ends(&before, &data, &after)
+            } else {
+                consistent_requests(&before, &data, &after)
+                    .into_iter()
+                    .map(StepRequest::without_steps)
+                    .collect()
+            }
         })
         .collect()
+}
+
+/// The settled slots of a table with step records (`INFLIGHT_MEMFD_BYTES`
+/// long, its header not looked at), copied three times in that order, as
+/// [`consistent_requests`] judges them, with their step records.
+pub fn settled_steps(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepRequest> {
+    let copies = [before, data, after];
+    settled_region(
+        copies,
+        (INFLIGHT_RESERVED_BYTES, INFLIGHT_STEPS_AT),
+        INFLIGHT_SLOTS,
+    )
+}
+
+/// A static table of layout 2: its slots, then the copies in its ring of
+/// long ends that the slots no longer hold (a request is listed once).
+pub fn with_long_ends(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepRequest> {
+    let mut requests = settled_steps(before, data, after);
+    if data.len() < INFLIGHT_TABLE_BYTES {
+        return requests;
+    }
+    let copies = [before, data, after];
+    for kept in settled_region(
+        copies,
+        (INFLIGHT_LONG_AT, INFLIGHT_LONG_STEPS_AT),
+        INFLIGHT_LONG_ENDS,
+    ) {
+        if requests.iter().all(|r| r.slot.id != kept.slot.id) {
+            requests.push(kept);
+        }
+    }
+    requests
+}
+
+/// The settled entries of `count` slots at `slots_at` with their step
+/// records at `steps_at`, in three copies of one table.
+fn settled_region(
+    [before, data, after]: [&[u8]; 3],
+    (slots_at, steps_at): (usize, usize),
+    count: usize,
+) -> Vec<StepRequest> {
+    if data.len() < steps_at + count * INFLIGHT_STEP_BYTES {
+        return Vec::new();
+    }
+    (0..count)
+        .filter_map(|index| {
+            let at = slots_at + index * INFLIGHT_SLOT_BYTES;
+            if !settled_at([before, data, after], at) {
+                return None;
+            }
+            let slot = parse_slot(data.get(at..at + INFLIGHT_SLOT_BYTES)?)?;
+            let step = data.get(steps_at + index * INFLIGHT_STEP_BYTES..)?;
+            let ended_ns = u64_at(step, inflight_step::ENDED_NS)?;
+            Some(StepRequest {
+                slot,
+                loop_tid: u32_at(step, inflight_step::LOOP_TID)?,
+                long_tid: u32_at(step, inflight_step::LONG_TID)?,
+                long_start_ns: u64_at(step, inflight_step::LONG_START_NS)?,
+                long_end_ns: u64_at(step, inflight_step::LONG_END_NS)?,
+                ended_ns: (ended_ns != 0).then_some(ended_ns),
+            })
+        })
+        .collect()
+}
+
+/// Whether the slot at `at` has the same even sequence in three copies
+/// taken in that order: no writer touched it while it was copied.
+fn settled_at([before, data, after]: [&[u8]; 3], at: usize) -> bool {
+    let seq = |copy: &[u8]| u32_at(copy, at + inflight_slot::SEQ);
+    match seq(before) {
+        Some(first) => first & 1 == 0 && seq(data) == Some(first) && seq(after) == Some(first),
+        None => false,
+    }
 }
 
 pub(crate) fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
@@ -124,11 +247,7 @@ pub fn consistent_requests(before: &[u8], data: &[u8], after: &[u8]) -> Vec<Infl
     (0..INFLIGHT_SLOTS)
         .filter_map(|index| {
             let at = INFLIGHT_RESERVED_BYTES + index * INFLIGHT_SLOT_BYTES;
-            let seq = u32_at(before, at + inflight_slot::SEQ)?;
-            let unchanged = seq & 1 == 0
-                && u32_at(data, at + inflight_slot::SEQ)? == seq
-                && u32_at(after, at + inflight_slot::SEQ)? == seq;
-            if !unchanged {
+            if !settled_at([before, data, after], at) {
                 return None;
             }
             parse_slot(data.get(at..at + INFLIGHT_SLOT_BYTES)?)
@@ -169,6 +288,58 @@ pub(crate) fn parse_slot(slot: &[u8]) -> Option<InflightRequest> {
         route: (flags_byte & flags::HAS_ROUTE != 0).then_some(route),
         path,
     })
+}
+
+/// One request of a table, with its step record (a layout 1 table has
+/// none: its step fields are zero, `loop_tid` the thread it started on).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepRequest {
+    pub slot: InflightRequest,
+    /// The event-loop thread it started on.
+    pub loop_tid: u32,
+    /// Its last step of 1 ms or more (Rust: poll of its future over a
+    /// clock tick): thread, start, end (ns, monotonic).
+    pub long_tid: u32,
+    pub long_start_ns: u64,
+    pub long_end_ns: u64,
+    /// ns, monotonic; `None` while in flight.
+    pub ended_ns: Option<u64>,
+}
+
+impl StepRequest {
+    /// A request of a layout 1 table (in flight, no step record).
+    pub fn without_steps(slot: InflightRequest) -> Self {
+        Self {
+            loop_tid: slot.polling_tid,
+            slot,
+            long_tid: 0,
+            long_start_ns: 0,
+            long_end_ns: 0,
+            ended_ns: None,
+        }
+    }
+
+    pub fn to_request(&self) -> Request {
+        Request {
+            end_ns: self.ended_ns,
+            ..self.slot.to_request()
+        }
+    }
+
+    /// ns of its last long step on `tid` inside `[from_ns, to_ns]`.
+    pub fn long_overlap(&self, tid: u32, from_ns: u64, to_ns: u64) -> u64 {
+        if self.long_tid != tid || self.long_start_ns == 0 {
+            return 0;
+        }
+        self.long_end_ns
+            .min(to_ns)
+            .saturating_sub(self.long_start_ns.max(from_ns))
+    }
+
+    /// Whether it was in flight at some time in `[from_ns, to_ns]`.
+    pub fn in_flight_during(&self, from_ns: u64, to_ns: u64) -> bool {
+        self.slot.started_ns <= to_ns && self.ended_ns.is_none_or(|end| end >= from_ns)
+    }
 }
 
 /// The request a poll stuck on thread `tid` serves: the tracked request
@@ -319,5 +490,59 @@ mod tests {
         assert_eq!(chosen.id, 2);
         assert_eq!(chosen.poll_began_by(), None);
         assert_eq!(chosen.route, None);
+    }
+
+    /// A layout 2 table: `slots` at their index, `ring` entries in the ring
+    /// of long ends, each with an end time and a long poll.
+    fn table_v2(slots: &[(usize, Slot)], ring: &[(usize, Slot)]) -> Vec<u8> {
+        let mut bytes = table(slots);
+        bytes.resize(INFLIGHT_TABLE_BYTES, 0);
+        let v1 = table(ring);
+        for (index, slot) in ring {
+            let from = INFLIGHT_RESERVED_BYTES + index * INFLIGHT_SLOT_BYTES;
+            let to = INFLIGHT_LONG_AT + index * INFLIGHT_SLOT_BYTES;
+            bytes[to..to + INFLIGHT_SLOT_BYTES]
+                .copy_from_slice(&v1[from..from + INFLIGHT_SLOT_BYTES]);
+            let step = INFLIGHT_LONG_STEPS_AT + index * INFLIGHT_STEP_BYTES;
+            bytes[step..step + 4].copy_from_slice(&slot.tid.to_le_bytes());
+            bytes[step + inflight_step::LONG_START_NS..][..8]
+                .copy_from_slice(&5_000u64.to_le_bytes());
+            bytes[step + inflight_step::LONG_END_NS..][..8]
+                .copy_from_slice(&9_000u64.to_le_bytes());
+            bytes[step + inflight_step::ENDED_NS..][..8].copy_from_slice(&9_000u64.to_le_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn the_ring_of_long_ends_adds_requests_the_slots_no_longer_hold() {
+        let mut gone = login(2, 77);
+        gone.id = 41;
+        let mut also_in_slots = login(2, 0);
+        also_in_slots.id = 8812;
+        let t = table_v2(&[(3, login(2, 0))], &[(0, gone), (1, also_in_slots)]);
+        let requests = with_long_ends(&t, &t, &t);
+        let ids: Vec<u64> = requests.iter().map(|r| r.slot.id).collect();
+        assert_eq!(ids, [8812, 41], "listed once each, the slots first");
+        let kept = &requests[1];
+        assert_eq!(
+            (kept.long_tid, kept.long_start_ns, kept.ended_ns),
+            (77, 5_000, Some(9_000))
+        );
+        // A ring entry being written is left out.
+        let mut writing = login(3, 77);
+        writing.id = 41;
+        let torn = table_v2(&[(3, login(2, 0))], &[(0, writing)]);
+        assert_eq!(with_long_ends(&t, &torn, &t).len(), 1);
+        // A layout 1 sized read has no ring.
+        assert_eq!(
+            with_long_ends(
+                &t[..INFLIGHT_LONG_AT],
+                &t[..INFLIGHT_LONG_AT],
+                &t[..INFLIGHT_LONG_AT]
+            )
+            .len(),
+            1
+        );
     }
 }

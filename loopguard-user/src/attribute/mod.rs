@@ -10,8 +10,9 @@
 
 pub mod asgi;
 pub mod inflight;
+pub mod table;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use loopguard_common::requests::RequestEntry;
 
@@ -158,6 +159,13 @@ pub fn victims(
             .max(named.len()),
         named,
     }
+}
+
+/// Takes the value remembered under `key` out of `list` (what was named of
+/// a stall while in progress, by thread and start).
+pub(crate) fn take_remembered<K: PartialEq, V>(list: &mut VecDeque<(K, V)>, key: &K) -> Option<V> {
+    let at = list.iter().position(|(k, _)| k == key)?;
+    list.remove(at).map(|(_, value)| value)
 }
 
 /// Stalls per route, bounded, for the summary.

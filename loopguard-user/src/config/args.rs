@@ -283,10 +283,17 @@ pub struct WatchArgs {
     /// dying of that SIGTERM counts as success).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub duration: Option<u64>,
-    /// Do not attach to loopguard-middleware's request probes. Stalls are then
-    /// reported without the request, and each request costs two probe hits
-    /// and two ring-buffer records less (on a trivial endpoint, about four
-    /// fifths of loopguard's overhead; see the README's Overhead section).
+    /// Where a stall's request comes from: `table` reads loopguard-middleware's
+    /// in-flight table from the target's memory when a stall is seen (no
+    /// probe per request; victims are those the table still shows, a lower
+    /// bound under heavy load; no request counters or
+    /// `loopguard_requests_started_total`), `probes` attaches to its two USDT
+    /// probes (two kernel entries per request, the largest part of the cost
+    /// on a trivial endpoint; exact victim counts and per-route request
+    /// counters), `off` names no request [default: table].
+    #[arg(long, value_enum, conflicts_with = "no_requests")]
+    pub requests: Option<crate::attach::RequestSource>,
+    /// `--requests off`.
     #[arg(long)]
     pub no_requests: bool,
     /// How often (ms) in-flight polls are checked for stalls still in progress [default: 5].

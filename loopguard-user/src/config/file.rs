@@ -55,7 +55,9 @@ pub struct FileConfig {
     pub threshold_ms: Option<i64>,
     pub format: Option<String>,
     pub duration_s: Option<i64>,
-    pub requests: Option<bool>,
+    /// `"table"`, `"probes"` or `"off"` (`--requests`); `true` is the
+    /// default source, `false` is `"off"`.
+    pub requests: Option<RequestsValue>,
     pub scan_interval_ms: Option<i64>,
     pub exclude_routes: Option<Vec<String>>,
     /// `uprobe`, `tracepoint`, `auto` or `off` (`--wait-probes`).
@@ -76,6 +78,14 @@ pub struct FileConfig {
     /// `watch --all`'s selectors, service map and budget.
     #[serde(default)]
     pub host: super::host::HostFile,
+}
+
+/// The `requests` key: a source's name, or a switch (the older form).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RequestsValue {
+    Switch(bool),
+    Source(String),
 }
 
 #[derive(Debug, Default, Deserialize)]

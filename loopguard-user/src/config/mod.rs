@@ -12,7 +12,7 @@ mod validate;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::attach::{ProbeLinks, WaitProbes};
+use crate::attach::{ProbeLinks, RequestSource, WaitProbes};
 use crate::config::args::WatchArgs;
 use crate::detect::FailOn;
 use crate::detect::adaptive::{self, AdaptiveSettings};
@@ -94,7 +94,7 @@ pub struct Settings {
     pub threshold_ms: i64,
     pub format: Format,
     pub duration_s: Option<i64>,
-    pub requests: bool,
+    pub requests: RequestSource,
     pub scan_interval_ms: i64,
     pub exclude_routes: Vec<String>,
     pub wait_probes: WaitProbes,
@@ -110,13 +110,29 @@ pub struct Settings {
     pub host: host::HostConfig,
 }
 
+/// The `requests` key's source: a name, or `true` (the default source) and
+/// `false` (off), as the key was first written.
+fn request_source(value: file::RequestsValue) -> Result<RequestSource, ConfigError> {
+    match value {
+        file::RequestsValue::Switch(true) => Ok(RequestSource::default()),
+        file::RequestsValue::Switch(false) => Ok(RequestSource::Off),
+        file::RequestsValue::Source(source) => {
+            clap::ValueEnum::from_str(&source, true).map_err(|_| ConfigError::Invalid {
+                key: "requests (--requests)".into(),
+                value: format!("{source:?}"),
+                rule: "must be \"table\", \"probes\" or \"off\"".into(),
+            })
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
             threshold_ms: 50,
             format: Format::Text,
             duration_s: None,
-            requests: true,
+            requests: RequestSource::Table,
             scan_interval_ms: 5,
             exclude_routes: DEFAULT_EXCLUDED_ROUTES.map(str::to_owned).to_vec(),
             wait_probes: WaitProbes::Auto,
@@ -182,7 +198,9 @@ impl Settings {
         if file.duration_s.is_some() {
             self.duration_s = file.duration_s;
         }
-        set(&mut self.requests, file.requests);
+        if let Some(requests) = file.requests {
+            self.requests = request_source(requests)?;
+        }
         set(&mut self.scan_interval_ms, file.scan_interval_ms);
         set(&mut self.exclude_routes, file.exclude_routes);
         set(&mut self.loop_threads, file.loop_threads);
@@ -250,8 +268,9 @@ impl Settings {
         if args.duration.is_some() {
             self.duration_s = signed(args.duration);
         }
+        set(&mut self.requests, args.requests);
         if args.no_requests {
-            self.requests = false;
+            self.requests = RequestSource::Off;
         }
         set(&mut self.scan_interval_ms, signed(args.scan_interval_ms));
         set(&mut self.wait_probes, args.wait_probes);
@@ -348,7 +367,7 @@ impl Settings {
             Some(secs) => _ = writeln!(out, "duration_s = {secs}"),
             None => out.push_str("# duration_s: unset (watch until stopped)\n"),
         }
-        let _ = writeln!(out, "requests = {}", self.requests);
+        let _ = writeln!(out, "requests = \"{}\"", self.requests.as_str());
         let _ = writeln!(out, "scan_interval_ms = {}", self.scan_interval_ms);
         let _ = writeln!(out, "exclude_routes = [{}]", list(&self.exclude_routes));
         let probes = clap::ValueEnum::to_possible_value(&self.wait_probes)

@@ -165,7 +165,10 @@ fn analyze(
     match elf::analyze(data) {
         Ok(binary) => {
             for layout in &binary.foreign_inflight_tables {
-                tracing::warn!(layout = %layout, "in-flight table of another middleware version ignored");
+                tracing::warn!(
+                    layout = %layout,
+                    "the app's loopguard-middleware keeps an in-flight table of a layout this loopguard does not read; it is ignored, so stalls are not tied to requests by it (use a loopguard that matches the middleware, or --requests probes)"
+                );
             }
             Ok((binary, WatchMode::Tokio))
         }

@@ -106,9 +106,17 @@ pub struct Attached {
     pub epoll_wait_sites: usize,
     #[serde(default)]
     pub park_wait_sites: usize,
-    /// `--no-requests` turned the request probes off.
+    /// `--no-requests` (`--requests off`) turned requests off.
     #[serde(default)]
     pub requests_off: bool,
+    /// Where stalls' requests come from: `table`, `probes` or `off`
+    /// (`--requests`; empty in recordings from before the table mode, which
+    /// used the probes).
+    #[serde(default)]
+    pub request_source: String,
+    /// The layout of the middleware's in-flight table (null: none found).
+    #[serde(default)]
+    pub inflight_table_version: Option<u32>,
     /// [`SCHEMA_VERSION`] of this stream.
     pub schema_version: u32,
     /// loopguard's own version.

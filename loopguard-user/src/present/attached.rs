@@ -23,13 +23,7 @@ pub fn attached_text(attached: &Attached) -> String {
             attached.threshold_ms.trunc(),
         );
     }
-    let requests = if attached.requests_off {
-        "request probes off (--no-requests), so stalls are not tied to requests".to_owned()
-    } else if attached.request_probe_sites == 0 {
-        "no loopguard-middleware probes, so stalls are not tied to requests".to_owned()
-    } else {
-        format!("{} request probe sites", attached.request_probe_sites)
-    };
+    let requests = requests_text(attached);
     let blocking_pool = attached.blocking_pool_functions_unprobed;
     format!(
         "loopguard: watching pid {} ({exe}): {} poll functions probed ({blocking_pool} more only run on the blocking pool), task ids for {}, {requests}, {waits}; {linked}; {}; Ctrl+C to stop",
@@ -38,6 +32,27 @@ pub fn attached_text(attached: &Attached) -> String {
         attached.task_ids_verified,
         rules_text(attached),
     )
+}
+
+/// Where stalls' requests come from.
+fn requests_text(attached: &Attached) -> String {
+    if attached.requests_off {
+        return "requests off (--requests off), so stalls are not tied to requests".to_owned();
+    }
+    if attached.request_source == "table" {
+        return match attached.inflight_table_version {
+            None => "no loopguard-middleware in-flight table, so stalls are not tied to requests"
+                .to_owned(),
+            Some(1) => "requests from loopguard-middleware's in-flight table, layout 1 (an older middleware: only stalls seen in progress are tied to requests; update it or use --requests probes)".to_owned(),
+            Some(_) => "requests from loopguard-middleware's in-flight table (no request probes)"
+                .to_owned(),
+        };
+    }
+    if attached.request_probe_sites == 0 {
+        "no loopguard-middleware probes, so stalls are not tied to requests".to_owned()
+    } else {
+        format!("{} request probe sites", attached.request_probe_sites)
+    }
 }
 
 /// How the wait path is watched.
@@ -135,6 +150,8 @@ mod tests {
             epoll_wait_sites: 1,
             park_wait_sites: 2,
             requests_off: false,
+            request_source: "probes".into(),
+            inflight_table_version: Some(2),
             schema_version: 1,
             version: "0.1.0".into(),
             at_ns: 0,
@@ -164,13 +181,36 @@ mod tests {
         };
         let text = attached_text(&adaptive);
         assert!(
-            text.contains("request probes off (--no-requests)")
+            text.contains("requests off (--requests off)")
                 && text.contains("epoll waits seen on sched_switch")
                 && text.ends_with(
                     "; adaptive threshold (50 ms until 1000 polls were seen, then 4 x p99 within 20..250 ms); Ctrl+C to stop"
                 ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_banner_says_where_requests_come_from() {
+        let table = |version| Attached {
+            request_source: "table".into(),
+            request_probes_attached: false,
+            inflight_table_version: version,
+            ..attached()
+        };
+        assert!(
+            attached_text(&table(Some(2))).contains(
+                "requests from loopguard-middleware's in-flight table (no request probes)"
+            )
+        );
+        assert!(attached_text(&table(Some(1))).contains("layout 1 (an older middleware"));
+        assert!(attached_text(&table(None)).contains("no loopguard-middleware in-flight table"));
+        // A recording from before the table mode: the probes.
+        let old = Attached {
+            request_source: String::new(),
+            ..attached()
+        };
+        assert!(attached_text(&old).contains("2 request probe sites"));
     }
 
     #[test]

@@ -115,20 +115,25 @@ fn headline(summary: &SummaryEvent) -> String {
 }
 
 /// The middleware's request totals and the ten worst routes, when it
-/// reported any request.
+/// reported any request (requests named from the in-flight table are not
+/// counted: then the routes alone, when a stall named one).
 fn request_lines(summary: &SummaryEvent) -> Vec<String> {
     let requests = &summary.requests;
-    if requests.started == 0 {
+    let named = requests.routes.iter().any(|r| r.route != "(no request)");
+    let mut lines = if requests.started > 0 {
+        vec![format!(
+            "  requests: {} started, {} ended, {} in flight at exit (peak {}, capacity {})",
+            requests.started,
+            requests.ended,
+            requests.in_flight,
+            requests.peak_in_flight,
+            requests.capacity
+        )]
+    } else if named {
+        vec!["  requests (not counted without the request probes):".to_owned()]
+    } else {
         return Vec::new();
-    }
-    let mut lines = vec![format!(
-        "  requests: {} started, {} ended, {} in flight at exit (peak {}, capacity {})",
-        requests.started,
-        requests.ended,
-        requests.in_flight,
-        requests.peak_in_flight,
-        requests.capacity
-    )];
+    };
     for route in requests.routes.iter().take(10) {
         lines.push(format!(
             "    {}: {} stall(s), {:.1} ms in all, longest {:.1} ms",

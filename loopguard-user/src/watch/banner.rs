@@ -1,7 +1,7 @@
 //! The attached banner: what was found and probed, announced once the
 //! probes are in (the `attached` event on stdout, a line on stderr).
 
-use crate::attach::{LinkSummary, WaitPath};
+use crate::attach::{LinkSummary, RequestSource, WaitPath};
 use crate::detect::{AdaptiveSettings, CumulativeSettings};
 use crate::discover::vtable::PollClass;
 use crate::discover::waits::WaitKind;
@@ -78,6 +78,12 @@ impl<'t> Found<'t> {
     }
 }
 
+/// The newest layout of the target's in-flight tables (none: `None`).
+fn table_version(target: &ProbeTarget) -> Option<u32> {
+    let tables = &target.binary.inflight_tables;
+    tables.iter().map(|table| table.version).max()
+}
+
 /// The `attached` record.
 fn attached_event(
     target: &ProbeTarget,
@@ -112,7 +118,7 @@ fn attached_event(
         links: links.links,
         attach_s: links.attach_time.as_secs_f64(),
         request_probe_sites: request_sites,
-        request_probes_attached: options.requests && request_sites > 0,
+        request_probes_attached: options.requests == RequestSource::Probes && request_sites > 0,
         wait_sites: target.wait_sites.len(),
         wait_functions: found
             .wait_functions
@@ -128,7 +134,9 @@ fn attached_event(
         cumulative_rule: options.detect.cumulative.as_ref().map(cumulative_rule),
         epoll_wait_sites: found.epoll_sites,
         park_wait_sites: found.park_sites,
-        requests_off: !options.requests,
+        requests_off: options.requests == RequestSource::Off,
+        request_source: options.requests.as_str().to_owned(),
+        inflight_table_version: table_version(target),
         schema_version: events::SCHEMA_VERSION,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         at_ns,

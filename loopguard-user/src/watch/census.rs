@@ -39,7 +39,7 @@ impl Session<'_> {
                 stall.start_ns = began;
             }
             let thresholds = self.thresholds();
-            let mut context = self.live.context(&stall);
+            let mut context = self.live.context(&stall, true);
             if let Some(request) = request {
                 context.request = Some(request.to_request());
             }

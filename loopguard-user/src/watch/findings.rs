@@ -28,8 +28,9 @@ pub trait Target {
     /// stretches are captured like polls.
     fn is_loop_only(&self) -> bool;
     fn thread_name(&self, tid: u32) -> String;
-    /// The stall's thread, poll function, culprit request and victims.
-    fn context(&mut self, stall: &Stall) -> StallContext;
+    /// The stall's thread, poll function, culprit request and victims
+    /// (`in_progress`: the stall is still under way).
+    fn context(&mut self, stall: &Stall, in_progress: bool) -> StallContext;
     /// A Python app's say on a loop stall, its request and victims put
     /// into `context`; `None` for a target without such a table.
     fn name_from_asgi(
@@ -151,8 +152,8 @@ fn context<S: StackSource>(
     let Some(stall) = finding.stall() else {
         return Some(StallContext::default());
     };
-    let mut context = target.context(stall);
     let in_progress = matches!(finding, Finding::InProgress(_));
+    let mut context = target.context(stall, in_progress);
     if target.name_from_asgi(stall, in_progress, &mut context) == Some(Verdict::ShortSteps) {
         return None;
     }
@@ -264,7 +265,7 @@ mod tests {
         fn thread_name(&self, tid: u32) -> String {
             format!("worker-{tid}")
         }
-        fn context(&mut self, stall: &Stall) -> StallContext {
+        fn context(&mut self, stall: &Stall, _: bool) -> StallContext {
             StallContext {
                 thread: self.thread_name(stall.tid),
                 request: self.request.clone(),

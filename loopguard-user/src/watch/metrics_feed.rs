@@ -83,7 +83,11 @@ impl MetricsFeed {
             lost: lost(collector, &totals),
             threads: busy,
             loop_threads: loop_busy,
-            requests_in_flight: totals.started.saturating_sub(totals.ended),
+            // Without the probes, the table's count (at most its slots).
+            requests_in_flight: match (requests.maps, &requests.table) {
+                (None, Some(table)) => table.in_flight() as u64,
+                _ => totals.started.saturating_sub(totals.ended),
+            },
             stuck_polls: stuck,
             stuck_longest_ns: longest,
         });

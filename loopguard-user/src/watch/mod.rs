@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::attach::{ProbeLinks, WaitProbes};
+use crate::attach::{ProbeLinks, RequestSource, WaitProbes};
 use crate::detect::{DetectSettings, RouteFilter};
 use crate::events::summary::Summary;
 use crate::export::Metrics;
@@ -47,8 +47,8 @@ pub struct WatchOptions {
     pub routes: RouteFilter,
     pub format: Format,
     pub scan_interval: Duration,
-    /// Attach to the middleware's request probes (`--no-requests` turns it off).
-    pub requests: bool,
+    /// Where a stall's request comes from (`--requests`).
+    pub requests: RequestSource,
     /// Where findings and live values go for `/metrics` (`--metrics-addr`).
     pub metrics: Option<Arc<Metrics>>,
     /// How the wait path is probed (`--wait-probes`).

@@ -5,9 +5,11 @@
 use std::collections::HashMap;
 
 use crate::attribute::asgi::{self, AsgiTables, Verdict};
+use crate::attribute::inflight::{self, StepRequest, TableAt};
+use crate::attribute::table::{self, PollStall, TableAttribution};
 use crate::attribute::{self, Request, RouteNames, Victims};
 use crate::collect::RequestMaps;
-use crate::detect::{Culprit, RouteFilter, Stall};
+use crate::detect::{Culprit, RouteFilter, Stall, StallKind};
 use crate::discover::{ProbeTarget, proc};
 use crate::events::StallContext;
 
@@ -27,6 +29,33 @@ pub(super) struct LiveTarget<'t> {
     pub(super) route_names: RouteNames,
     /// A Python target's `loopguard-asgi` tables (loop mode).
     pub(super) asgi: Option<AsgiTables>,
+    /// The middleware's in-flight tables, when requests are named from
+    /// them (`--requests table`).
+    pub(super) table: Option<TableSource>,
+}
+
+/// The in-flight tables a Tokio target's requests are named from, and
+/// what was named of stalls in progress.
+pub(super) struct TableSource {
+    pub(super) tables: Vec<TableAt>,
+    /// ns: the coarse clock's tick.
+    pub(super) tick_ns: u64,
+    pub(super) names: TableAttribution,
+}
+
+impl TableSource {
+    /// `None` when the target has no table.
+    pub(super) fn new(tables: Vec<TableAt>) -> Option<Self> {
+        if tables.is_empty() {
+            return None;
+        }
+        let tick_ns = inflight::coarse_tick_ns();
+        Some(Self {
+            tables,
+            tick_ns,
+            names: TableAttribution::new(tick_ns),
+        })
+    }
 }
 
 impl LiveTarget<'_> {
@@ -34,7 +63,32 @@ impl LiveTarget<'_> {
         RequestView {
             maps: self.request_maps.as_ref(),
             names: &self.route_names,
+            table: self.table.as_ref().map(|table| TableView {
+                pid: self.target.pid,
+                tables: &table.tables,
+                tick_ns: table.tick_ns,
+            }),
         }
+    }
+
+    /// A poll stall's culprit and victims from the in-flight table.
+    fn named_by_table(
+        &mut self,
+        stall: &Stall,
+        in_progress: bool,
+    ) -> Option<(Option<Request>, Victims)> {
+        let source = self.table.as_mut()?;
+        if stall.kind != StallKind::Poll {
+            return None;
+        }
+        let requests = inflight::read_steps(self.target.pid, &source.tables);
+        let asked = PollStall {
+            tid: stall.tid,
+            start_ns: stall.start_ns,
+            end_ns: stall.start_ns + stall.duration_ns,
+            in_progress,
+        };
+        Some(source.names.attribute(&requests, asked, VICTIMS_LISTED))
     }
 }
 
@@ -51,16 +105,23 @@ impl Target for LiveTarget<'_> {
         proc::thread_name(self.target.pid, tid)
     }
 
-    fn context(&mut self, stall: &Stall) -> StallContext {
+    fn context(&mut self, stall: &Stall, in_progress: bool) -> StallContext {
         let target = self.target;
         let polled_from = self
             .callers
             .entry(stall.return_addr)
             .or_insert_with(|| target.function_at(stall.return_addr).map(str::to_owned))
             .clone();
-        let requests = self.requests();
-        let request = requests.culprit(stall.task_id, stall.start_ns);
-        let victims = requests.victims(stall, request.as_ref());
+        let (request, victims) = if self.request_maps.is_none()
+            && let Some(named) = self.named_by_table(stall, in_progress)
+        {
+            named
+        } else {
+            let requests = self.requests();
+            let request = requests.culprit(stall.task_id, stall.start_ns);
+            let victims = requests.victims(stall, request.as_ref());
+            (request, victims)
+        };
         StallContext {
             thread: proc::thread_name(target.pid, stall.tid),
             poll_fn: target
@@ -88,10 +149,37 @@ impl Target for LiveTarget<'_> {
     }
 }
 
-/// What the kernel holds of requests, named (`None` maps: not tracked).
+/// What the kernel holds of requests, named (`None` maps: not tracked),
+/// or the in-flight table they are named from instead.
 pub(super) struct RequestView<'a> {
     pub(super) maps: Option<&'a RequestMaps>,
     pub(super) names: &'a RouteNames,
+    pub(super) table: Option<TableView<'a>>,
+}
+
+/// Where a target's in-flight tables are.
+pub(super) struct TableView<'a> {
+    pid: u32,
+    tables: &'a [TableAt],
+    tick_ns: u64,
+}
+
+impl TableView<'_> {
+    /// The request a finished poll of thread `tid` over `[start_ns,
+    /// end_ns]` served, from a read of the table now.
+    fn culprit(&self, tid: u32, start_ns: u64, end_ns: u64) -> Option<Request> {
+        let requests = inflight::read_steps(self.pid, self.tables);
+        let late = table::late_ns(self.tick_ns);
+        table::covering(&requests, tid, start_ns, end_ns, late).map(StepRequest::to_request)
+    }
+
+    /// Requests in flight now (at most a table's worth).
+    pub(super) fn in_flight(&self) -> usize {
+        inflight::read_steps(self.pid, self.tables)
+            .iter()
+            .filter(|r| r.ended_ns.is_none())
+            .count()
+    }
 }
 
 impl RequestView<'_> {
@@ -146,15 +234,20 @@ impl RequestView<'_> {
     }
 }
 
-/// The request a task served during a poll that began at `start_ns`, and
-/// whether its route is excluded.
+/// The request a task served during a poll of thread `tid` over
+/// `[start_ns, end_ns]`, and whether its route is excluded.
 pub(super) fn culprit(
     requests: &RequestView,
     routes: &RouteFilter,
-    task_id: Option<u64>,
+    (task_id, tid): (Option<u64>, u32),
     start_ns: u64,
+    end_ns: u64,
 ) -> (Option<Culprit>, bool) {
-    let Some(request) = requests.culprit(task_id, start_ns) else {
+    let found = match (&requests.maps, &requests.table) {
+        (None, Some(table)) => table.culprit(tid, start_ns, end_ns),
+        _ => requests.culprit(task_id, start_ns),
+    };
+    let Some(request) = found else {
         return (None, false);
     };
     let route = request.route.unwrap_or_else(|| request.path.clone());

@@ -7,8 +7,10 @@ use std::time::Instant;
 
 use loopguard_common::{LoopEvent, LoopState};
 
+use crate::attach::RequestSource;
 use crate::attribute::RouteNames;
 use crate::attribute::asgi::{self, AsgiTables};
+use crate::attribute::inflight::{self, TableAt};
 use crate::collect::{Collector, RawEvent, monotonic_ns};
 use crate::detect::{Finding, ThresholdEngine};
 use crate::discover::{ProbeTarget, proc};
@@ -18,7 +20,7 @@ use super::WatchOptions;
 use super::findings::{Router, Thresholds};
 use super::metrics_feed::MetricsFeed;
 use super::printer::Printer;
-use super::requests::{LiveTarget, culprit};
+use super::requests::{LiveTarget, TableSource, culprit};
 use super::status::StatusFeed;
 
 /// Everything one watch keeps between events.
@@ -30,9 +32,9 @@ pub(super) struct Session<'t> {
     pub(super) histogram_read_ns: u64,
     /// The target and the kernel's request maps.
     pub(super) live: LiveTarget<'t>,
-    /// Runtime addresses of the middleware's in-flight tables: the
-    /// requests behind polls already stuck at attach.
-    pub(super) inflight_tables: Vec<u64>,
+    /// The middleware's in-flight tables: the requests behind polls
+    /// already stuck at attach.
+    pub(super) inflight_tables: Vec<TableAt>,
     /// The probe layout mismatch was said.
     pub(super) layout_said: bool,
     pub(super) printer: Printer<'t>,
@@ -54,6 +56,7 @@ impl<'t> Session<'t> {
         options: &WatchOptions,
         started: Instant,
     ) -> Self {
+        let inflight_tables = inflight::table_addresses(target);
         Session {
             engine: ThresholdEngine::new(options.detect.clone()),
             findings: Router::new(options.routes.clone(), options.metrics.clone()),
@@ -61,14 +64,17 @@ impl<'t> Session<'t> {
             live: LiveTarget {
                 target,
                 callers: HashMap::new(),
-                request_maps: collector
-                    .requests
-                    .take()
-                    .filter(|_| options.requests && !target.binary.usdt_sites.is_empty()),
+                request_maps: collector.requests.take().filter(|_| {
+                    options.requests == RequestSource::Probes
+                        && !target.binary.usdt_sites.is_empty()
+                }),
                 route_names: RouteNames::default(),
                 asgi: target.is_loop_only().then(|| AsgiTables::new(target.pid)),
+                table: (options.requests == RequestSource::Table)
+                    .then(|| TableSource::new(inflight_tables.clone()))
+                    .flatten(),
             },
-            inflight_tables: crate::attribute::inflight::table_addresses(target),
+            inflight_tables,
             layout_said: false,
             printer: Printer {
                 target,
@@ -140,8 +146,9 @@ impl Session<'_> {
                 RawEvent::PollEnd(poll) => {
                     let view = self.live.requests();
                     let routes = &self.findings.routes;
+                    let end_ns = poll.start_ns + poll.duration_ns;
                     let finding = self.engine.on_poll_end(poll, |task_id, start_ns| {
-                        culprit(&view, routes, task_id, start_ns)
+                        culprit(&view, routes, (task_id, poll.tid), start_ns, end_ns)
                     });
                     if let Some(finding) = finding {
                         self.report(&finding);

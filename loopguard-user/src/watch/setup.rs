@@ -48,7 +48,7 @@ pub fn attach_discovered(
     tracing::info!(report_floor_ns = floor_ns, "kernel report floor");
     let attach_options = attach::AttachOptions {
         report_floor_ns: floor_ns,
-        requests: options.requests,
+        requests: options.requests == crate::attach::RequestSource::Probes,
         wait_probes: options.wait_probes,
         stacks: options.capture_stacks,
         probe_links: options.probe_links,

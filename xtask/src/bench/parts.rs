@@ -4,9 +4,12 @@
 //! Each round measures every target unattached and then under a ladder of
 //! agents, each adding one part to the one before: the poll floor (the poll
 //! probes with programs that return at once, nothing else), the program
-//! bodies, the wait path, stack capture, the request probes (the default
-//! configuration) and a Prometheus scrape every second; beside them, the
-//! default with the wait path on uprobes, as it was before issue #24. The
+//! bodies, the wait path, stack capture, requests named from the
+//! middleware's in-flight table (the default configuration) and a
+//! Prometheus scrape every second; beside them, the default with the
+//! request probes instead of the table (`--requests probes`, the default
+//! before issue #24's table mode) and with the wait path on uprobes, as it
+//! was before issue #24. The
 //! order reverses every other round. Targets: the example's endpoints, and
 //! real servers none of us wrote (installed from crates.io into
 //! `target/bench-servers`).
@@ -38,7 +41,7 @@ struct Step {
     aside: bool,
 }
 
-const STEPS: [Step; 7] = [
+const STEPS: [Step; 8] = [
     Step {
         name: "poll floor",
         args: &[
@@ -74,7 +77,7 @@ const STEPS: [Step; 7] = [
         aside: false,
     },
     Step {
-        name: "+ request probes",
+        name: "+ requests from the table (default)",
         args: &[],
         scrape: false,
         needs_middleware: true,
@@ -86,6 +89,13 @@ const STEPS: [Step; 7] = [
         scrape: true,
         needs_middleware: false,
         aside: false,
+    },
+    Step {
+        name: "aside: requests from the probes (--requests probes)",
+        args: &["--requests", "probes"],
+        scrape: false,
+        needs_middleware: true,
+        aside: true,
     },
     Step {
         name: "aside: default, wait path on uprobes (before #24)",
@@ -368,7 +378,7 @@ fn render(setup: &Setup, targets: &[Target], ladders: &[Ladder]) -> String {
         let _ = writeln!(out, "|---|---|---|---|---|---|");
         let mut previous = (1.0, us(0).unwrap_or(f64::NAN));
         let mut default_ratio = None;
-        let mut aside_ratio = None;
+        let mut asides = Vec::new();
         for (index, step) in STEPS.iter().enumerate() {
             let rung = index + 1;
             let (Some(r), Some(u)) = (rps(rung), us(rung)) else {
@@ -377,7 +387,8 @@ fn render(setup: &Setup, targets: &[Target], ladders: &[Ladder]) -> String {
             let ratio = r / unattached;
             if step.aside {
                 let _ = writeln!(out, "| {} | {r:.0} | {ratio:.3} | | {u:.2} | |", step.name);
-                aside_ratio = Some(ratio);
+                let name = step.name.trim_start_matches("aside: ");
+                asides.push((name, Some(ratio)));
                 continue;
             }
             let _ = writeln!(
@@ -395,10 +406,7 @@ fn render(setup: &Setup, targets: &[Target], ladders: &[Ladder]) -> String {
         let Some(floor) = rps(1).map(|floor| floor / unattached) else {
             continue;
         };
-        for (what, ratio) in [
-            ("default", default_ratio),
-            ("default with the wait uprobes (before #24)", aside_ratio),
-        ] {
+        for (what, ratio) in [("default", default_ratio)].into_iter().chain(asides) {
             let Some(ratio) = ratio else { continue };
             let over = ratio / floor;
             let _ = writeln!(
