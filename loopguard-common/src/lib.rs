@@ -13,6 +13,7 @@ pub mod slots;
 pub mod stacks;
 pub mod steal;
 pub mod syscalls;
+pub mod task_filter;
 
 /// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
 pub mod names {

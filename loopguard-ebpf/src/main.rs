@@ -49,6 +49,7 @@ mod requests;
 mod slots;
 mod stacks;
 mod steal;
+mod task_filter;
 mod wait;
 
 use loopguard_common::{
