@@ -59,6 +59,10 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
     let runtime_ns: u64 = ctx.arg(1);
     let now = unsafe { bpf_ktime_get_ns() };
     let tid = pid_tgid as u32;
+    // A clock tick (or another update) inside a poll: a long one, perhaps.
+    if let Some(slot) = slots::slot_of(tid) {
+        crate::task_ids::read_current(slot, tid);
+    }
     // Moved in place: an update of the hash map would take its bucket lock
     // and swap in a new element on every tick of every target thread.
     let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task) else {
