@@ -57,6 +57,12 @@ pub mod names {
     /// before the probe existed), so the kernel dates the thread's first
     /// busy stretch from when it next ran, and removes the entry.
     pub const UNSEEN_WAITS: &str = "UNSEEN_WAITS";
+    /// Array of [`super::task_filter::BUCKETS`] counts: the entries of
+    /// `UNSEEN_WAITS` per bucket of tids ([`super::task_filter::bucket_of`]),
+    /// so a context switch looks the hash up only for a tid that may be in
+    /// it. The agent adds to a bucket before it files a tid there; the
+    /// kernel takes 1 away after removing one.
+    pub const UNSEEN_FILTER: &str = "UNSEEN_FILTER";
 
     /// Ring buffer of [`super::PollEvent`]s.
     pub const EVENTS: &str = "EVENTS";

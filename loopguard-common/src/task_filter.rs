@@ -4,7 +4,7 @@
 //! update) reads its task's bucket, one array read, and looks the hash map
 //! up only when the count there is not 0. Each insert into the hash map
 //! adds 1 to its bucket and each remove takes 1 away, so a task that has an
-//! entry is never filtered out.
+//! entry is never filtered out. Keys may be thread ids too.
 
 /// Buckets of a task filter.
 pub const BUCKETS: u32 = 256;

@@ -61,15 +61,28 @@ const MAX_WAIT_DEPTH: u32 = 8;
 #[map]
 static UNSEEN_WAITS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 
+/// [`UNSEEN_WAITS`] entries per bucket of tids (`names::UNSEEN_FILTER`,
+/// counted up by the agent as it files them): every context switch of a
+/// target thread asks [`take_unseen`], nearly always about a thread that
+/// is not there.
+#[map]
+static UNSEEN_FILTER: Array<u64> = Array::with_max_entries(task_filter::BUCKETS, 0);
+
 /// Whether `tid` was asleep in a wait at attach and has not been seen
 /// since; forgets it.
 #[inline(always)]
 fn take_unseen(tid: u32) -> bool {
+    let key = u64::from(tid);
+    if !crate::task_filter::may_hold(&UNSEEN_FILTER, key) {
+        return false;
+    }
     // SAFETY: only the presence of the key is used.
     if unsafe { UNSEEN_WAITS.get(tid) }.is_none() {
         return false;
     }
-    let _ = UNSEEN_WAITS.remove(tid);
+    if UNSEEN_WAITS.remove(tid).is_ok() {
+        crate::task_filter::removed(&UNSEEN_FILTER, key);
+    }
     true
 }
 
