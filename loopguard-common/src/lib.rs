@@ -13,6 +13,7 @@ pub mod slots;
 pub mod stacks;
 pub mod steal;
 pub mod syscalls;
+pub mod task_filter;
 pub mod wakeup;
 
 /// Program names, so the `#[uprobe]` fns and `program_mut(NAME)` cannot drift.
@@ -66,6 +67,12 @@ pub mod names {
     /// (`sched_switch`, `sys_enter`/`sys_exit`) start no busy stretch,
     /// since no task poll return could end one yet.
     pub const WAITS_ARMED: &str = "WAITS_ARMED";
+    /// Array of [`super::task_filter::BUCKETS`] counts: the entries of
+    /// `UNSEEN_WAITS` per bucket of tids ([`super::task_filter::bucket_of`]),
+    /// so a context switch looks the hash up only for a tid that may be in
+    /// it. The agent adds to a bucket before it files a tid there; the
+    /// kernel takes 1 away after removing one.
+    pub const UNSEEN_FILTER: &str = "UNSEEN_FILTER";
 
     /// Ring buffer of [`super::PollEvent`]s.
     pub const EVENTS: &str = "EVENTS";
@@ -304,11 +311,32 @@ pub mod frame_flags {
     /// outside a task).
     pub const NO_POLL: u32 = 1 << 3;
 
+    /// On a [`super::PollFrame`]: `task_id` holds the address of the task
+    /// id in the target (the header plus the copy's id offset), not the id.
+    /// The id is read from there only once the poll has run into a clock
+    /// tick or a context switch (by `thread_runtime` or `thread_switch`,
+    /// run as the polling thread), or at its return when the poll is
+    /// shipped; most polls end before either, and never pay the read.
+    /// Set only while no request probe is attached (they key requests by
+    /// the id of the poll they run in, so the id is read at entry then).
+    /// Never on a [`super::PollEvent`].
+    pub const TASK_ID_ADDRESS: u32 = 1 << 4;
+
     /// Whether a frame with these flags is a worker task poll: not
     /// blocking-pool work, not a scheduler loop's own poll around the task
     /// polls.
     pub const fn is_task_poll(flags: u32) -> bool {
         flags & (BLOCKING | CONTAINER) == 0
+    }
+
+    /// The task id a frame or event with these flags holds in `task_id`:
+    /// `None` when it is unknown, or not read yet ([`TASK_ID_ADDRESS`]).
+    pub const fn task_id(task_id: u64, flags: u32) -> Option<u64> {
+        if flags & (NO_TASK_ID | TASK_ID_ADDRESS) != 0 || task_id == 0 {
+            None
+        } else {
+            Some(task_id)
+        }
     }
 }
 
@@ -318,7 +346,8 @@ pub mod frame_flags {
 pub struct PollFrame {
     /// ns, from `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) at poll entry.
     pub start_ns: u64,
-    /// Tokio task id, read from the task header at entry (0: unknown).
+    /// Tokio task id, read from the task header (0: unknown); while
+    /// [`frame_flags::TASK_ID_ADDRESS`] is set, the address to read it from.
     pub task_id: u64,
     /// Task header address (first argument of `raw::poll`).
     pub header: u64,
@@ -661,7 +690,20 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::PollCookie;
+    use super::{PollCookie, frame_flags};
+
+    #[test]
+    fn a_task_id_not_read_yet_is_no_task_id() {
+        assert_eq!(frame_flags::task_id(77, 0), Some(77));
+        assert_eq!(frame_flags::task_id(0, 0), None);
+        assert_eq!(frame_flags::task_id(77, frame_flags::NO_TASK_ID), None);
+        // An address, not an id.
+        assert_eq!(
+            frame_flags::task_id(0x7f00_0000_1048, frame_flags::TASK_ID_ADDRESS),
+            None
+        );
+        assert_eq!(frame_flags::task_id(77, frame_flags::CONTAINER), Some(77));
+    }
 
     #[test]
     fn poll_cookies_round_trip_at_the_edges() {

@@ -52,6 +52,8 @@ mod requests;
 mod slots;
 mod stacks;
 mod steal;
+mod task_filter;
+mod task_ids;
 mod wait;
 mod wakeup;
 
@@ -129,7 +131,15 @@ pub(crate) fn add_one(slot: *mut u64) {
 /// Closes a preempted wait still open on `stack`: the thread runs again, so
 /// it was switched back in at this CPU's last context switch.
 #[inline(always)]
-fn settle_preemption(stack: &mut ThreadPolls, switched_in_ns: u64) {
+fn settle_preemption(stack: &mut ThreadPolls) {
+    if stack.preempted_since_ns != 0 {
+        settle_preemption_at(stack, last_switch_ns());
+    }
+}
+
+/// Closes a preempted wait still open on `stack` at `switched_in_ns`.
+#[inline(always)]
+fn settle_preemption_at(stack: &mut ThreadPolls, switched_in_ns: u64) {
     if stack.preempted_since_ns != 0 {
         stack.preempted_ns += switched_in_ns.saturating_sub(stack.preempted_since_ns);
         stack.preempted_since_ns = 0;
@@ -220,6 +230,11 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
     let task_id = if id_offset == 0 {
         flags |= frame_flags::NO_TASK_ID;
         0
+    } else if !tracks_requests() {
+        // Read only if the poll turns out long ([`task_ids`]); the request
+        // probes, when attached, need it at once.
+        flags |= frame_flags::TASK_ID_ADDRESS;
+        header + id_offset
     } else {
         // SAFETY: bpf_probe_read_user tolerates any address.
         unsafe { bpf_probe_read_user((header + id_offset) as *const u64) }.unwrap_or_else(|_| {
@@ -263,7 +278,7 @@ fn try_poll_enter(ctx: &ProbeContext) -> Result<(), i64> {
     let slot = slots::claim_slot(tid).ok_or(1i64)?;
     let mut stack = slots::polls_mut(slot, tid, true).ok_or(1i64)?;
     let stack = &mut *stack;
-    settle_preemption(stack, last_switch_ns());
+    settle_preemption(stack);
     frame.preempted_at_entry = stack.preempted_ns;
     let depth = stack.depth as usize;
     // The poll below this one on the thread is a scheduler loop, not a task.
@@ -298,9 +313,13 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     }
     let tid = pid_tgid as u32;
     let end_ns = unsafe { bpf_ktime_get_ns() };
-    let Some((frame, depth, duration_ns, preempted_ns)) = pop_frame(tid, end_ns) else {
+    let Some(popped) = pop_frame(tid, end_ns) else {
         return Ok(());
     };
+    // SAFETY: the popped frame stays in the slot, above the depth: only
+    // this thread writes it, at its next poll entry.
+    let frame = unsafe { &*popped.frame };
+    let (duration_ns, preempted_ns) = (popped.duration_ns, popped.preempted_ns);
 
     if frame.flags & frame_flags::BLOCKING != 0 {
         bump(Counter::BlockingPolls);
@@ -313,16 +332,16 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     }
     // Back in the scheduler: the loop view's busy stretch ends at this
     // poll's start and restarts now (a loop that turns is not stuck).
-    if let Some(slot) = slots::slot_of(tid) {
-        wait::task_poll_returned(tgid, tid, slot, frame.start_ns, preempted_ns, end_ns);
-    }
+    wait::task_poll_returned(tgid, tid, popped.slot, frame.start_ns, preempted_ns, end_ns);
     // The histogram holds the time each poll held its thread: a preempted
     // stretch is the scheduler's, and would inflate the adaptive baseline.
-    count_poll(duration_ns - preempted_ns.min(duration_ns));
+    let held_ns = duration_ns - preempted_ns.min(duration_ns);
+    count_poll(held_ns);
     // Shipped by the time the poll held its thread, as the agent judges it.
-    if duration_ns - preempted_ns.min(duration_ns) < report_floor_ns() {
+    if held_ns < report_floor_ns() {
         return Ok(());
     }
+    let (task_id, flags) = task_ids::read_at_return(frame);
     let Some(mut entry) = EVENTS.reserve::<PollEvent>(0) else {
         bump(Counter::DroppedEvents);
         return Ok(());
@@ -331,16 +350,16 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
         kind: EventKind::PollEnd as u32,
         pid: tgid,
         tid,
-        flags: frame.flags,
+        flags,
         start_ns: frame.start_ns,
         duration_ns,
-        task_id: frame.task_id,
+        task_id,
         header: frame.header,
         // The kernel points `rip` back at the caller before a return probe runs.
         // SAFETY: `regs` points at the saved registers of the probed thread.
         return_addr: unsafe { (*ctx.regs).rip },
         copy_index: frame.copy_index,
-        depth: depth as u32 + 1,
+        depth: popped.depth as u32 + 1,
         preempted_ns: preempted_ns.min(duration_ns),
         requests_ended_at_entry: frame.requests_ended_at_entry,
         requests_started_at_exit: if tracks_requests() {
@@ -353,14 +372,27 @@ fn try_poll_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// A frame [`pop_frame`] took off a thread's poll stack.
+struct Popped {
+    /// The thread's slot.
+    slot: u32,
+    /// The frame, where it lies in the slot (above the depth now).
+    frame: *const PollFrame,
+    /// Its depth (0 = outermost).
+    depth: usize,
+    /// ns from its entry to `end_ns`.
+    duration_ns: u64,
+    /// ns of it the thread spent preempted.
+    preempted_ns: u64,
+}
+
 /// Pops `tid`'s innermost frame in one write section, adding a task poll's
-/// time to the thread's busy total: the frame, its depth (0 = outermost),
-/// its duration and the ns it spent preempted. `None` when there is no
-/// frame to pop (counted) or it was deeper than the stack records.
+/// time to the thread's busy total. `None` when there is no frame to pop
+/// (counted) or it was deeper than the stack records.
 #[inline(always)]
-fn pop_frame(tid: u32, end_ns: u64) -> Option<(PollFrame, usize, u64, u64)> {
-    let Some(mut stack) = slots::slot_of(tid).and_then(|slot| slots::polls_mut(slot, tid, false))
-    else {
+fn pop_frame(tid: u32, end_ns: u64) -> Option<Popped> {
+    let slot = slots::slot_of(tid);
+    let Some(mut stack) = slot.and_then(|slot| slots::polls_mut(slot, tid, false)) else {
         bump(Counter::UnmatchedReturns);
         return None;
     };
@@ -374,16 +406,25 @@ fn pop_frame(tid: u32, end_ns: u64) -> Option<(PollFrame, usize, u64, u64)> {
     if depth >= MAX_POLL_DEPTH {
         return None;
     }
-    let frame = *stack.frames.get(frame_index(depth))?;
-    let duration_ns = end_ns.saturating_sub(frame.start_ns);
-    settle_preemption(stack, last_switch_ns());
-    let preempted_ns = stack.preempted_ns.saturating_sub(frame.preempted_at_entry);
-    if frame.flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) == 0 {
+    let frame = stack.frames.get(frame_index(depth))?;
+    let (start_ns, preempted_at_entry, flags) =
+        (frame.start_ns, frame.preempted_at_entry, frame.flags);
+    let frame = &raw const *frame;
+    let duration_ns = end_ns.saturating_sub(start_ns);
+    settle_preemption(stack);
+    let preempted_ns = stack.preempted_ns.saturating_sub(preempted_at_entry);
+    if flags & (frame_flags::BLOCKING | frame_flags::CONTAINER) == 0 {
         // Only this thread writes its slot: plain adds are exact here.
         stack.busy_ns += duration_ns;
         stack.task_polls += 1;
     }
-    Some((frame, depth, duration_ns, preempted_ns))
+    Some(Popped {
+        slot: slot?,
+        frame,
+        depth,
+        duration_ns,
+        preempted_ns,
+    })
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
@@ -448,6 +489,8 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     if !runnable {
         wakeup::note_sleep(slot, tid);
     }
+    // Leaving the CPU inside a poll: a long one, perhaps; its task is alive.
+    task_ids::read_current(slot, tid);
     wait::note_switch(slot, tid, switched_in_ns, runnable, now);
     // Every switch of a target thread runs this: a write section (two
     // atomic adds) is opened only when there is something to write.
@@ -461,7 +504,7 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let stack = &mut *stack;
-    settle_preemption(stack, switched_in_ns);
+    settle_preemption_at(stack, switched_in_ns);
     if runnable && stack.depth > 0 {
         stack.preempted_since_ns = now;
     }

@@ -13,12 +13,13 @@
 //! every update of a target thread, wherever it runs, moves its mark.
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_task},
     macros::{map, raw_tracepoint},
-    maps::HashMap,
+    maps::{Array, HashMap},
     programs::RawTracePointContext,
 };
-use loopguard_common::{MAX_POLL_DEPTH, slots::MAX_THREAD_SLOTS, steal::stolen_ns};
+use loopguard_common::{MAX_POLL_DEPTH, slots::MAX_THREAD_SLOTS, steal::stolen_ns, task_filter};
 
 use crate::{frame_index, last_switch_ns, slots, target_tgid};
 
@@ -28,13 +29,18 @@ use crate::{frame_index, last_switch_ns, slots, target_tgid};
 #[map]
 static RUNTIME_MARKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_THREAD_SLOTS, 0);
 
+/// Entries of [`RUNTIME_MARKS`] per bucket of task pointers
+/// ([`crate::task_filter`]): every runtime update of every task on the host
+/// runs [`thread_runtime`], and only a target thread's needs the hash map.
+#[map]
+static RUNTIME_FILTER: Array<u64> = Array::with_max_entries(task_filter::BUCKETS, 0);
+
 #[raw_tracepoint(tracepoint = "sched_stat_runtime")]
 pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
     if crate::empty_programs() {
         return 0;
     }
     let task: u64 = ctx.arg(0);
-    let runtime_ns: u64 = ctx.arg(1);
     // SAFETY: the helper has no preconditions.
     let current = unsafe { bpf_get_current_task() };
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -46,25 +52,43 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
         // per target watched: no clock read, no lookup.
         return 0;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
     if task != current {
         // Another CPU's running task: only move the mark of a target
-        // thread (one lookup, no insert).
-        if let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task) {
+        // thread (one lookup, no insert), and only look for one where the
+        // filter says there may be one.
+        if crate::task_filter::may_hold(&RUNTIME_FILTER, task)
+            && let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task)
+        {
             // SAFETY: a valid map value pointer.
-            unsafe { core::ptr::write_volatile(mark, now) };
+            unsafe { core::ptr::write_volatile(mark, bpf_ktime_get_ns()) };
         }
         return 0;
     }
+    let runtime_ns: u64 = ctx.arg(1);
+    let now = unsafe { bpf_ktime_get_ns() };
     let tid = pid_tgid as u32;
-    // SAFETY: a read-only look at the map value.
-    let mark = unsafe { RUNTIME_MARKS.get(task) }.copied();
-    let _ = RUNTIME_MARKS.insert(task, now, 0);
-    // Without a mark of its own, a runtime update made elsewhere may be
-    // missing from the interval: start counting from this one.
-    let Some(mark) = mark else {
+    // A clock tick (or another update) inside a poll: a long one, perhaps.
+    if let Some(slot) = slots::slot_of(tid) {
+        crate::task_ids::read_current(slot, tid);
+    }
+    // Moved in place: an update of the hash map would take its bucket lock
+    // and swap in a new element on every tick of every target thread.
+    let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task) else {
+        // Without a mark of its own, a runtime update made elsewhere may be
+        // missing from the interval: start counting from this one. Counted
+        // in the filter first, so no remote update passes the mark by.
+        crate::task_filter::added(&RUNTIME_FILTER, task);
+        if RUNTIME_MARKS
+            .insert(task, now, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            crate::task_filter::removed(&RUNTIME_FILTER, task);
+        }
         return 0;
     };
+    // SAFETY: a valid map value pointer; a remote update may race with
+    // this one, and either time is a runtime update of this task.
+    let mark = unsafe { core::ptr::replace(mark, now) };
     // It has run without a switch since its mark or since it came back to
     // this CPU, whichever is later.
     let stolen = stolen_ns(mark.max(last_switch_ns()), now, runtime_ns);
@@ -109,5 +133,7 @@ fn credit(tid: u32, stolen: u64, now: u64) {
 pub(crate) fn forget() {
     // SAFETY: the helper has no preconditions.
     let task = unsafe { bpf_get_current_task() };
-    let _ = RUNTIME_MARKS.remove(task);
+    if RUNTIME_MARKS.remove(task).is_ok() {
+        crate::task_filter::removed(&RUNTIME_FILTER, task);
+    }
 }

@@ -40,11 +40,11 @@ use aya_ebpf::{
 };
 use loopguard_common::{
     EventKind, LoopEvent, LoopState, WAIT_SITE_EPOLL, pt_regs, slots::MAX_THREAD_SLOTS,
-    syscalls::is_epoll_wait, wait_fd,
+    syscalls::is_epoll_wait, task_filter, wait_fd,
 };
 
 use crate::{
-    Counter, EVENTS, add, bump, last_switch_ns, report_floor_ns,
+    Counter, EVENTS, bump, last_switch_ns, report_floor_ns,
     slots::{self, Writing},
     target_tgid,
 };
@@ -75,15 +75,28 @@ pub(crate) fn armed() -> bool {
 #[map]
 static UNSEEN_WAITS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 
+/// [`UNSEEN_WAITS`] entries per bucket of tids (`names::UNSEEN_FILTER`,
+/// counted up by the agent as it files them): every context switch of a
+/// target thread asks [`take_unseen`], nearly always about a thread that
+/// is not there.
+#[map]
+static UNSEEN_FILTER: Array<u64> = Array::with_max_entries(task_filter::BUCKETS, 0);
+
 /// Whether `tid` was asleep in a wait at attach and has not been seen
 /// since; forgets it.
 #[inline(always)]
 fn take_unseen(tid: u32) -> bool {
+    let key = u64::from(tid);
+    if !crate::task_filter::may_hold(&UNSEEN_FILTER, key) {
+        return false;
+    }
     // SAFETY: only the presence of the key is used.
     if unsafe { UNSEEN_WAITS.get(tid) }.is_none() {
         return false;
     }
-    let _ = UNSEEN_WAITS.remove(tid);
+    if UNSEEN_WAITS.remove(tid).is_ok() {
+        crate::task_filter::removed(&UNSEEN_FILTER, key);
+    }
     true
 }
 
@@ -400,23 +413,13 @@ fn exit_at(state: &mut LoopState, now: u64) {
 #[map]
 static WAITING_TASKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_THREAD_SLOTS, 0);
 
-/// Buckets of [`WAITING_FILTER`].
-const FILTER_BUCKETS: u32 = 256;
-
 /// How many entries of [`WAITING_TASKS`] fall in each bucket of task
-/// pointers ([`bucket_of`]): a switch in looks the hash map up only when
-/// its bucket is not empty. Every context switch on the host runs
+/// pointers ([`crate::task_filter`]): a switch in looks the hash map up
+/// only when its bucket is not empty. Every context switch on the host runs
 /// `thread_switch`, and a hash lookup on each one while any target thread
 /// sleeps cost more than the wait uprobes it replaces on a busy host.
 #[map]
-static WAITING_FILTER: Array<u64> = Array::with_max_entries(FILTER_BUCKETS, 0);
-
-/// The [`WAITING_FILTER`] bucket of a task pointer (Fibonacci hashing:
-/// task structs are slab objects, so their low bits say little).
-#[inline(always)]
-fn bucket_of(task: u64) -> u32 {
-    (task.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u32
-}
+static WAITING_FILTER: Array<u64> = Array::with_max_entries(task_filter::BUCKETS, 0);
 
 /// Run as thread `tid` of the target, which `sched_switch` takes off its
 /// CPU asleep: when it sleeps in an epoll wait, its wait begins now (nested
@@ -455,9 +458,7 @@ pub(crate) fn switch_out(tid: u32) {
     {
         return;
     }
-    if let Some(count) = WAITING_FILTER.get_ptr_mut(bucket_of(task)) {
-        add(count, 1);
-    }
+    crate::task_filter::added(&WAITING_FILTER, task);
     enter(tgid, tid, &mut state, epoll_fd_of(regs));
 }
 
@@ -466,11 +467,7 @@ pub(crate) fn switch_out(tid: u32) {
 /// unless a thread of the target sleeps in one in `next`'s bucket.
 #[inline(always)]
 pub(crate) fn switch_in(next: u64, now: u64) {
-    let Some(count) = WAITING_FILTER.get_ptr_mut(bucket_of(next)) else {
-        return;
-    };
-    // SAFETY: a valid map value pointer.
-    if unsafe { core::ptr::read_volatile(count) } == 0 {
+    if !crate::task_filter::may_hold(&WAITING_FILTER, next) {
         return;
     }
     // SAFETY: a read-only look at the map value.
@@ -481,7 +478,7 @@ pub(crate) fn switch_in(next: u64, now: u64) {
     if WAITING_TASKS.remove(next).is_err() {
         return;
     }
-    add(count, u64::MAX);
+    crate::task_filter::removed(&WAITING_FILTER, next);
     // `next` runs nowhere now: no program of its own writes its slot
     // meanwhile, so this write section is the only one.
     if let Some(mut state) = slots::loops_mut(slot, tid, false) {

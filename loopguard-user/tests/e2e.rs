@@ -381,6 +381,12 @@ fn no_requests_leaves_the_request_probes_alone() {
         v["type"] == "stall"
     });
     assert_eq!(stall.value["tid"], blocked.body["tid"]);
+    // Without request probes the task id is read only once a poll is long.
+    assert!(
+        stall.value["task_id"].as_u64().is_some_and(|id| id > 0),
+        "{}",
+        stall.value
+    );
     assert!(stall.value["request"].is_null(), "{}", stall.value);
     let (status, lines) = agent.interrupt();
     assert!(status.success());

@@ -13,6 +13,7 @@ use loopguard_common::hist::PollHistogram;
 use loopguard_common::requests::{
     self, RecentEnds, RequestEntry, RequestTotals, RouteName, RouteStats,
 };
+use loopguard_common::task_filter;
 use loopguard_common::{
     COUNTER_SLOTS, EventKind, LoopEvent, LoopState, PollEvent, ThreadPolls, names,
 };
@@ -56,6 +57,8 @@ pub struct Collector {
     pub malformed: u64,
     /// Threads asleep in a wait at attach (`names::UNSEEN_WAITS`).
     unseen_waits: BpfHashMap<MapData, u32, u8>,
+    /// Their count per bucket of tids (`names::UNSEEN_FILTER`).
+    unseen_filter: Array<MapData, u64>,
 }
 
 /// The maps that hold requests in the kernel (`loopguard_common::requests`).
@@ -183,6 +186,7 @@ impl Collector {
             requests: Some(RequestMaps::new(ebpf)?),
             malformed: 0,
             unseen_waits: take(ebpf, names::UNSEEN_WAITS)?,
+            unseen_filter: take(ebpf, names::UNSEEN_FILTER)?,
         })
     }
 
@@ -190,7 +194,25 @@ impl Collector {
     /// loopguard attached, so their first wakeup starts a busy stretch
     /// though that wait's return probe never fires. Returns how many were
     /// filed (a full map leaves the rest out: their first stretch is missed).
+    /// Each tid's filter bucket is counted up before the tid is filed, so
+    /// the kernel never misses one (a tid that is not filed after all only
+    /// costs its bucket's switches a lookup). Called once per watch: the
+    /// kernel only counts a bucket down after removing a tid filed here, so
+    /// these plain writes race with nothing.
     pub fn mark_unseen_waits(&mut self, tids: &[u32]) -> usize {
+        let mut added = std::collections::BTreeMap::<u32, u64>::new();
+        for &tid in tids {
+            *added
+                .entry(task_filter::bucket_of(u64::from(tid)))
+                .or_default() += 1;
+        }
+        for (bucket, n) in added {
+            let count = self.unseen_filter.get(&bucket, 0).unwrap_or(0);
+            if let Err(error) = self.unseen_filter.set(bucket, count + n, 0) {
+                tracing::warn!(%error, "threads asleep at attach are not filed");
+                return 0;
+            }
+        }
         tids.iter()
             .filter(|tid| self.unseen_waits.insert(**tid, 0, 0).is_ok())
             .count()

@@ -248,7 +248,7 @@ pub fn is_task_poll(flags: u32) -> bool {
 }
 
 pub fn task_id(id: u64, flags: u32) -> Option<u64> {
-    (flags & frame_flags::NO_TASK_ID == 0 && id != 0).then_some(id)
+    frame_flags::task_id(id, flags)
 }
 
 #[cfg(test)]
