@@ -169,8 +169,13 @@ pub struct Options {
     #[arg(long)]
     parts: bool,
     /// Real servers for --parts, installed from crates.io into
-    /// target/bench-servers the first time (symbols kept).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [parts::RealServer::StaticWebServer], requires = "parts")]
+    /// target/bench-servers the first time (symbols kept; several minutes
+    /// each on two cores).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [
+        parts::RealServer::StaticWebServer,
+        parts::RealServer::Dufs,
+        parts::RealServer::Miniserve,
+    ], requires = "parts")]
     servers: Vec<parts::RealServer>,
     /// --parts on the example only, without installing a real server.
     #[arg(long, requires = "parts")]

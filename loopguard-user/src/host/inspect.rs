@@ -125,9 +125,22 @@ impl Inspector {
             }
             known => known,
         };
+        self.judge(pid, key, &path, identity, interpreter)
+    }
+
+    /// Reads a selected process's runtime: a candidate when it is one the
+    /// selectors ask for.
+    fn judge(
+        &self,
+        pid: u32,
+        key: (u64, u64),
+        path: &str,
+        identity: Identity,
+        interpreter: Option<Runtime>,
+    ) -> Inspection {
         let target = match discover::discover(pid) {
             Ok(target) => target,
-            Err(error) => return self.refuse(key, &path, &Error::from(error)),
+            Err(error) => return self.refuse(key, path, &Error::from(error)),
         };
         let runtime = if target.is_loop_only() {
             interpreter.or_else(|| runs_node(pid).then_some(Runtime::Node))

@@ -116,18 +116,27 @@ pub enum RealServer {
     /// static-web-server (hyper + Tokio, default features off), serving a
     /// small file.
     StaticWebServer,
+    /// dufs (hyper + Tokio file server), serving the same file.
+    Dufs,
+    /// miniserve (actix-web on Tokio current-thread workers), serving the
+    /// same file.
+    Miniserve,
 }
 
 impl RealServer {
     fn name(self) -> &'static str {
         match self {
             Self::StaticWebServer => "static-web-server",
+            Self::Dufs => "dufs",
+            Self::Miniserve => "miniserve",
         }
     }
 
     fn version(self) -> &'static str {
         match self {
             Self::StaticWebServer => "2.44.1",
+            Self::Dufs => "0.47.0",
+            Self::Miniserve => "0.35.0",
         }
     }
 }
@@ -200,6 +209,19 @@ fn start(server: RealServer, binary: &Path, cpus: &str) -> anyhow::Result<Runnin
             .arg("--root")
             .arg(&www)
             .args(["--threads-multiplier", "1", "--log-level", "error"]),
+        // Both size their worker pools from the CPUs they may run on:
+        // one, under taskset.
+        RealServer::Dufs => {
+            command
+                .arg(&www)
+                .args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
+        }
+        RealServer::Miniserve => command.arg(&www).args([
+            "--interfaces",
+            "127.0.0.1",
+            "--port",
+            &addr.port().to_string(),
+        ]),
     };
     let child = command
         .stdout(Stdio::null())
