@@ -163,6 +163,7 @@ impl AsgiTables {
             readable |= data.len() == INFLIGHT_MEMFD_BYTES;
             requests.extend(consistent_steps(&before, &data, &after));
         }
+        crate::attribute::inflight::to_host_tids(self.pid, &mut requests);
         if readable {
             self.last.clone_from(&requests);
             requests

@@ -141,7 +141,7 @@ pub fn read(pid: u32, tables: &[TableAt]) -> Vec<InflightRequest> {
 /// Every settled request of `tables` of process `pid`, in flight or (layout
 /// 2) ended and still in its slot.
 pub fn read_steps(pid: u32, tables: &[TableAt]) -> Vec<StepRequest> {
-    tables
+    let mut requests: Vec<StepRequest> = tables
         .iter()
         .flat_map(|table| {
             let bytes = table.bytes();
@@ -157,7 +157,32 @@ pub fn read_steps(pid: u32, tables: &[TableAt]) -> Vec<StepRequest> {
                     .collect()
             }
         })
-        .collect()
+        .collect();
+    to_host_tids(pid, &mut requests);
+    requests
+}
+
+/// Puts our pid namespace's thread ids in place of the target's own in
+/// `requests` when it runs in another one (a container): the table holds
+/// what `gettid` told the app, the kernel programs see ours. A thread
+/// that is gone becomes 0 (none).
+pub fn to_host_tids(pid: u32, requests: &mut [StepRequest]) {
+    if requests.is_empty() {
+        return;
+    }
+    let Some(tids) = crate::discover::proc::namespace_tids(pid) else {
+        return;
+    };
+    let host = |tid: &mut u32| {
+        if *tid != 0 {
+            *tid = tids.get(tid).copied().unwrap_or(0);
+        }
+    };
+    for request in requests {
+        host(&mut request.slot.polling_tid);
+        host(&mut request.loop_tid);
+        host(&mut request.long_tid);
+    }
 }
 
 /// The settled slots of a table with step records (`INFLIGHT_MEMFD_BYTES`

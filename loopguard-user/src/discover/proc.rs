@@ -124,6 +124,42 @@ pub fn read_memory(pid: u32, addr: u64, len: usize) -> Vec<u8> {
     buffer
 }
 
+/// The innermost thread id on an `NSpid:` line of
+/// `/proc/PID/task/TID/status`: the number the thread has in its own pid
+/// namespace.
+pub fn innermost_nspid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+/// For a process in another pid namespace (a container): its threads' ids
+/// as that namespace numbers them (what `gettid` returned to it, and what
+/// the in-flight tables hold) → as ours does (what the kernel programs
+/// see). `None` when it shares our pid namespace, or is gone.
+pub fn namespace_tids(pid: u32) -> Option<std::collections::HashMap<u32, u32>> {
+    let ours = fs::read_link("/proc/self/ns/pid").ok()?;
+    let theirs = fs::read_link(format!("/proc/{pid}/ns/pid")).ok()?;
+    if ours == theirs {
+        return None;
+    }
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .filter_map(Result::ok)
+            .filter_map(|task| {
+                let host: u32 = task.file_name().to_str()?.parse().ok()?;
+                let status = fs::read_to_string(task.path().join("status")).ok()?;
+                Some((innermost_nspid(&status)?, host))
+            })
+            .collect(),
+    )
+}
+
 pub fn read_maps(pid: u32) -> io::Result<Vec<Mapping>> {
     fs::read_to_string(format!("/proc/{pid}/maps")).map(|text| parse_maps(&text))
 }
@@ -321,5 +357,13 @@ garbage line
     fn this_process_is_alive_and_a_made_up_one_is_not() {
         assert!(is_alive(std::process::id()));
         assert!(!is_alive(u32::MAX - 1));
+    }
+
+    #[test]
+    fn the_innermost_pid_namespace_number_is_read() {
+        let status = "Name:\tpython\nTgid:\t4100\nNSpid:\t4107\t12\nNStgid:\t4100\t1\n";
+        assert_eq!(innermost_nspid(status), Some(12));
+        assert_eq!(innermost_nspid("NSpid:\t4107\n"), Some(4107));
+        assert_eq!(innermost_nspid("Name:\tx\n"), None);
     }
 }
