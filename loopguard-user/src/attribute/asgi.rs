@@ -15,11 +15,12 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use loopguard_common::usdt::{
-    INFLIGHT_MEMFD_BYTES, INFLIGHT_MEMFD_MAGIC, INFLIGHT_MEMFD_NAME, INFLIGHT_STEPS_VERSION,
+    INFLIGHT_MEMFD_BYTES, INFLIGHT_MEMFD_MAGIC, INFLIGHT_MEMFD_NAME, INFLIGHT_SLOTS,
+    INFLIGHT_STEPS_VERSION,
 };
 
 pub use crate::attribute::inflight::StepRequest;
-use crate::attribute::inflight::{settled_steps, u32_at};
+use crate::attribute::inflight::{SlotCopy, settled_step_slot, settled_steps, u32_at};
 use crate::attribute::{Request, take_remembered};
 use crate::detect::{Culprit, Stall, StallKind};
 use crate::discover::proc::read_memory;
@@ -53,12 +54,59 @@ pub fn find_tables(maps: &str) -> Vec<u64> {
 /// (see `inflight::consistent_requests`); nothing unless the header says
 /// it is a table of the version this agent reads.
 pub fn consistent_steps(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepRequest> {
-    let header_ok = u32_at(data, 0) == Some(INFLIGHT_MEMFD_MAGIC)
-        && u32_at(data, 4) == Some(INFLIGHT_STEPS_VERSION);
-    if !header_ok || data.len() < INFLIGHT_MEMFD_BYTES {
+    if !header_ok(data) {
         return Vec::new();
     }
     settled_steps(before, data, after)
+}
+
+/// How many more times a table is copied while some of its slots were
+/// being written during the copies.
+const SETTLE_ATTEMPTS: usize = 8;
+
+/// The settled requests of the table `copy` reads (a whole copy a call;
+/// short once the process is gone), and whether its first copies read it.
+/// Three copies are taken (see `consistent_steps`); the slots a writer was
+/// in are taken from three more, up to `attempts` times, until each
+/// settles. The loop thread writes a slot for a few microseconds at a time,
+/// but when a stall ends it runs at once the requests that waited through
+/// it (a thread-pool request whose result came in during the block): the
+/// table read for the stall's end often meets one of them being written,
+/// and that request is still a victim of the stall.
+pub fn settle(mut copy: impl FnMut() -> Vec<u8>, attempts: usize) -> (Vec<StepRequest>, bool) {
+    let (mut before, mut data, mut after) = (copy(), copy(), copy());
+    let readable = data.len() == INFLIGHT_MEMFD_BYTES;
+    let mut requests = Vec::new();
+    let mut pending: Vec<usize> = (0..INFLIGHT_SLOTS).collect();
+    for attempt in 0..=attempts {
+        if attempt > 0 {
+            std::thread::yield_now();
+            (before, data, after) = (copy(), copy(), copy());
+        }
+        if !header_ok(&data) {
+            break;
+        }
+        pending.retain(
+            |&index| match settled_step_slot([&before, &data, &after], index) {
+                SlotCopy::Held(request) => {
+                    requests.push(request);
+                    false
+                }
+                SlotCopy::Free => false,
+                SlotCopy::Written => true,
+            },
+        );
+        if pending.is_empty() {
+            break;
+        }
+    }
+    (requests, readable)
+}
+
+fn header_ok(data: &[u8]) -> bool {
+    u32_at(data, 0) == Some(INFLIGHT_MEMFD_MAGIC)
+        && u32_at(data, 4) == Some(INFLIGHT_STEPS_VERSION)
+        && data.len() >= INFLIGHT_MEMFD_BYTES
 }
 
 /// The culprit of a loop stall in progress on `tid`: the request whose
@@ -157,11 +205,10 @@ impl AsgiTables {
         let mut readable = false;
         let mut requests = Vec::new();
         for &addr in &self.addresses {
-            let before = read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
-            let data = read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
-            let after = read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
-            readable |= data.len() == INFLIGHT_MEMFD_BYTES;
-            requests.extend(consistent_steps(&before, &data, &after));
+            let copy = || read_memory(self.pid, addr, INFLIGHT_MEMFD_BYTES);
+            let (found, read) = settle(copy, SETTLE_ATTEMPTS);
+            readable |= read;
+            requests.extend(found);
         }
         crate::attribute::inflight::to_host_tids(self.pid, &mut requests);
         if readable {
@@ -426,6 +473,37 @@ mod tests {
         let found = consistent_steps(&settled, &writing, &settled);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].slot.path, "/a");
+    }
+
+    #[test]
+    fn a_slot_being_written_is_copied_again_until_it_settles() {
+        // The loop resumes after a stall and runs the waiting request 2:
+        // its slot is written during the first copies, settled after.
+        let settled = table(&[filed(1, "/a"), filed(2, "/b")]);
+        let mut writing = filed(2, "/b");
+        writing.seq = 3;
+        let writing = table(&[filed(1, "/a"), writing]);
+        let mut copies = vec![
+            settled.clone(),
+            writing.clone(),
+            settled.clone(),
+            settled.clone(),
+        ];
+        copies.resize(6, settled.clone());
+        let mut copies = copies.into_iter();
+        let (found, readable) = settle(|| copies.next().unwrap_or_default(), 8);
+        assert!(readable);
+        let mut paths: Vec<_> = found.iter().map(|r| r.slot.path.as_str()).collect();
+        paths.sort_unstable();
+        assert_eq!(paths, ["/a", "/b"]);
+        // A slot never settled is left out after the attempts; the others
+        // are read once each.
+        let (found, _) = settle(|| writing.clone(), 2);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].slot.path, "/a");
+        // A process gone before the copies: nothing, unreadable.
+        let (found, readable) = settle(Vec::new, 8);
+        assert!(found.is_empty() && !readable);
     }
 
     #[test]

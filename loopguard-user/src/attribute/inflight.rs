@@ -220,32 +220,77 @@ pub fn with_long_ends(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepReque
 /// The settled entries of `count` slots at `slots_at` with their step
 /// records at `steps_at`, in three copies of one table.
 fn settled_region(
-    [before, data, after]: [&[u8]; 3],
+    copies: [&[u8]; 3],
     (slots_at, steps_at): (usize, usize),
     count: usize,
 ) -> Vec<StepRequest> {
-    if data.len() < steps_at + count * INFLIGHT_STEP_BYTES {
+    if copies[1].len() < steps_at + count * INFLIGHT_STEP_BYTES {
         return Vec::new();
     }
     (0..count)
-        .filter_map(|index| {
-            let at = slots_at + index * INFLIGHT_SLOT_BYTES;
-            if !settled_at([before, data, after], at) {
-                return None;
-            }
-            let slot = parse_slot(data.get(at..at + INFLIGHT_SLOT_BYTES)?)?;
-            let step = data.get(steps_at + index * INFLIGHT_STEP_BYTES..)?;
-            let ended_ns = u64_at(step, inflight_step::ENDED_NS)?;
-            Some(StepRequest {
-                slot,
-                loop_tid: u32_at(step, inflight_step::LOOP_TID)?,
-                long_tid: u32_at(step, inflight_step::LONG_TID)?,
-                long_start_ns: u64_at(step, inflight_step::LONG_START_NS)?,
-                long_end_ns: u64_at(step, inflight_step::LONG_END_NS)?,
-                ended_ns: (ended_ns != 0).then_some(ended_ns),
-            })
-        })
+        .filter_map(
+            |index| match settled_entry(copies, (slots_at, steps_at), index) {
+                SlotCopy::Held(request) => Some(request),
+                SlotCopy::Written | SlotCopy::Free => None,
+            },
+        )
         .collect()
+}
+
+/// Slot `index` of a table with step records (`INFLIGHT_MEMFD_BYTES`
+/// long, its header not looked at), copied three times in that order.
+pub fn settled_step_slot(copies: [&[u8]; 3], index: usize) -> SlotCopy {
+    if index >= INFLIGHT_SLOTS
+        || copies
+            .iter()
+            .any(|copy| copy.len() < INFLIGHT_STEPS_AT + INFLIGHT_SLOTS * INFLIGHT_STEP_BYTES)
+    {
+        return SlotCopy::Written;
+    }
+    settled_entry(copies, (INFLIGHT_RESERVED_BYTES, INFLIGHT_STEPS_AT), index)
+}
+
+/// One slot as three copies of it tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotCopy {
+    /// A writer was in it while it was copied (or a copy is short).
+    Written,
+    /// Settled, and no request holds it.
+    Free,
+    /// Settled, holding this request.
+    Held(StepRequest),
+}
+
+/// Entry `index` of the slots at `slots_at` with their step records at
+/// `steps_at`, in three copies of one table.
+fn settled_entry(
+    [before, data, after]: [&[u8]; 3],
+    (slots_at, steps_at): (usize, usize),
+    index: usize,
+) -> SlotCopy {
+    let at = slots_at + index * INFLIGHT_SLOT_BYTES;
+    if !settled_at([before, data, after], at) {
+        return SlotCopy::Written;
+    }
+    let Some(bytes) = data.get(at..at + INFLIGHT_SLOT_BYTES) else {
+        return SlotCopy::Written;
+    };
+    let Some(slot) = parse_slot(bytes) else {
+        return SlotCopy::Free;
+    };
+    let request = (|| {
+        let step = data.get(steps_at + index * INFLIGHT_STEP_BYTES..)?;
+        let ended_ns = u64_at(step, inflight_step::ENDED_NS)?;
+        Some(StepRequest {
+            slot,
+            loop_tid: u32_at(step, inflight_step::LOOP_TID)?,
+            long_tid: u32_at(step, inflight_step::LONG_TID)?,
+            long_start_ns: u64_at(step, inflight_step::LONG_START_NS)?,
+            long_end_ns: u64_at(step, inflight_step::LONG_END_NS)?,
+            ended_ns: (ended_ns != 0).then_some(ended_ns),
+        })
+    })();
+    request.map_or(SlotCopy::Written, SlotCopy::Held)
 }
 
 /// Whether the slot at `at` has the same even sequence in three copies
