@@ -283,40 +283,28 @@ series_grace_s = 0
         assert!(error.contains("must be 0 or more seconds"), "{error}");
     }
 
+    /// `loopguard watch --all` with `flags`, parsed.
+    fn watch_all(flags: &[&str]) -> crate::config::args::HostArgs {
+        let mut command_line = vec!["loopguard", "watch", "--all"];
+        command_line.extend_from_slice(flags);
+        let cli = <crate::config::args::Cli as clap::Parser>::try_parse_from(command_line).unwrap();
+        let crate::config::args::Command::Watch(args) = cli.command else {
+            panic!("not watch");
+        };
+        args
+    }
+
     #[test]
     fn flags_win_over_the_file_and_a_listed_flag_replaces_its_list() {
         let mut host =
             file("exe = [\"api-*\"]\ncontainer = [\"shop-*\"]\nmax_targets = 10").unwrap();
-        let cli = <crate::config::args::Cli as clap::Parser>::try_parse_from([
-            "loopguard",
-            "watch",
-            "--all",
-            "--exe",
-            "worker",
-            "--max-targets",
-            "5000",
-        ])
-        .unwrap();
-        let crate::config::args::Command::Watch(args) = cli.command else {
-            panic!("not watch");
-        };
+        let args = watch_all(&["--exe", "worker", "--max-targets", "5000"]);
         let error = host.apply_flags(&args).unwrap_err().to_string();
         assert_eq!(
             error,
             "host.max_targets (--max-targets) = 5000: must be a count from 1 to 4096"
         );
-        let cli = <crate::config::args::Cli as clap::Parser>::try_parse_from([
-            "loopguard",
-            "watch",
-            "--all",
-            "--exe",
-            "worker",
-        ])
-        .unwrap();
-        let crate::config::args::Command::Watch(args) = cli.command else {
-            panic!("not watch");
-        };
-        host.apply_flags(&args).unwrap();
+        host.apply_flags(&watch_all(&["--exe", "worker"])).unwrap();
         assert_eq!(host.exe, ["worker"], "the flag's list");
         assert_eq!(host.container, ["shop-*"], "the file's");
         assert_eq!(host.max_targets, 10, "the file's");
