@@ -21,9 +21,24 @@ pub struct Options {
     /// Only fmt, clippy and unit tests (the end-to-end tests need root).
     #[arg(long)]
     no_e2e: bool,
+    /// Only these end-to-end test files (comma-separated, e.g.
+    /// `stacks,thresholds`), without fmt, clippy, unit tests, hygiene,
+    /// manifests and fuzzing: for working on one test. CI runs them all.
+    #[arg(long, value_delimiter = ',', value_name = "NAME", conflicts_with = "no_e2e")]
+    only: Vec<String>,
+    /// With --only: run only the tests whose name contains this.
+    #[arg(long, value_name = "SUBSTRING", requires = "only")]
+    filter: Option<String>,
+    /// With --only: run the chosen tests this many times and count the
+    /// failing runs (a timing test that fails 1 run in 5 is a bug).
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "only")]
+    repeat: u32,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
+    if !options.only.is_empty() {
+        return run_only(options);
+    }
     let root = cmd::root();
     // No build needed, so first: a middleware user that pulls in aya fails fast.
     hygiene::check_no_aya_in_apps()?;
@@ -42,55 +57,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         eprintln!("test: end-to-end tests NOT run (--no-e2e)");
         return Ok(());
     }
-
-    let target = cmd::target_dir();
-    let (v0_dir, nopie_dir, debuginfo_dir) = build_variants(&root, &target)?;
-    let python = setup::python_with_uvicorn()?;
-    let stack_pythons = setup::pythons_with_fastapi()?;
-    // The loopguard-asgi middleware's own tests (no root, no agent).
-    cmd::run(
-        Command::new(&python)
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-            .arg(root.join("python/loopguard-asgi/tests")),
-    )?;
-    let matrix = matrix::build()?;
-    // Build the test binaries as the user, run them as root (sudo -E when
-    // not root); every binary runs even when an earlier one failed.
+    let e2e = E2eSetup::prepare(&binaries)?;
+    // Every binary runs even when an earlier one failed.
     let mut failed = Vec::new();
     for &name in E2E_TESTS {
-        let binary = build_test_binary(name)?;
-        let mut command = cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?;
-        // `LOOPGUARD_PYTHON_3_12`: a FastAPI environment per CPython version.
-        for (version, python) in &stack_pythons {
-            command.env(
-                format!("LOOPGUARD_PYTHON_{}", version.replace('.', "_")),
-                python,
-            );
-        }
-        let result = cmd::run(
-            command
-                .args(["--ignored", "--test-threads=1"])
-                .current_dir(root.join("loopguard-user"))
-                .env("LOOPGUARD_SERVER", &binaries.stall_server)
-                .env(
-                    "LOOPGUARD_SERVER_LTO",
-                    target.join("release-lto/stall-server"),
-                )
-                .env("LOOPGUARD_SERVER_V0", v0_dir.join("release/stall-server"))
-                .env(
-                    "LOOPGUARD_SERVER_NOPIE",
-                    nopie_dir.join(HOST_TARGET).join("release/stall-server"),
-                )
-                .env(
-                    "LOOPGUARD_SERVER_DEBUGINFO",
-                    debuginfo_dir.join("release/stall-server"),
-                )
-                .env("LOOPGUARD_MANY_FUTURES", &binaries.many_futures)
-                .env("LOOPGUARD_PYTHON", &python)
-                .env("LOOPGUARD_MATRIX", &matrix)
-                .env("RUST_LOG", "info"),
-        );
-        if let Err(error) = result {
+        if let Err(error) = e2e.run(name, None) {
             eprintln!("test: end-to-end tests `{name}` failed: {error:#}");
             failed.push(name);
         }
@@ -99,6 +70,130 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         bail!("end-to-end test binaries failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// `--only`: the named end-to-end test files, `--repeat` times.
+fn run_only(options: &Options) -> anyhow::Result<()> {
+    if let Some(unknown) = options
+        .only
+        .iter()
+        .find(|name| !E2E_TESTS.contains(&name.as_str()))
+    {
+        bail!(
+            "--only {unknown}: no such end-to-end test file; they are: {}",
+            E2E_TESTS.join(", ")
+        );
+    }
+    if options.repeat == 0 {
+        bail!("--repeat 0 runs nothing; give 1 or more");
+    }
+    let binaries = build::build_all()?;
+    let e2e = E2eSetup::prepare(&binaries)?;
+    let mut failures = Vec::new();
+    for round in 1..=options.repeat {
+        for name in &options.only {
+            if let Err(error) = e2e.run(name, options.filter.as_deref()) {
+                eprintln!("test: end-to-end tests `{name}` failed in run {round}: {error:#}");
+                failures.push(format!("{name} (run {round})"));
+            }
+        }
+        if options.repeat > 1 {
+            eprintln!(
+                "test: run {round} of {}: {} failed so far",
+                options.repeat,
+                failures.len()
+            );
+        }
+    }
+    if !failures.is_empty() {
+        bail!("end-to-end tests failed: {}", failures.join(", "));
+    }
+    Ok(())
+}
+
+/// What the end-to-end tests run against: the example's builds, the
+/// Python environments and the matrix, built or installed once.
+struct E2eSetup {
+    stall_server: PathBuf,
+    many_futures: PathBuf,
+    v0_dir: PathBuf,
+    nopie_dir: PathBuf,
+    debuginfo_dir: PathBuf,
+    python: PathBuf,
+    stack_pythons: Vec<(&'static str, PathBuf)>,
+    matrix: String,
+}
+
+impl E2eSetup {
+    fn prepare(binaries: &build::Binaries) -> anyhow::Result<Self> {
+        let root = cmd::root();
+        let target = cmd::target_dir();
+        let (v0_dir, nopie_dir, debuginfo_dir) = build_variants(&root, &target)?;
+        let python = setup::python_with_uvicorn()?;
+        let stack_pythons = setup::pythons_with_fastapi()?;
+        // The loopguard-asgi middleware's own tests (no root, no agent).
+        cmd::run(
+            Command::new(&python)
+                .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+                .arg(root.join("python/loopguard-asgi/tests")),
+        )?;
+        let matrix = matrix::build()?;
+        Ok(Self {
+            stall_server: binaries.stall_server.clone(),
+            many_futures: binaries.many_futures.clone(),
+            v0_dir,
+            nopie_dir,
+            debuginfo_dir,
+            python,
+            stack_pythons,
+            matrix,
+        })
+    }
+
+    /// Builds the test file `name` as the user and runs its end-to-end
+    /// tests as root (sudo -E when not root).
+    fn run(&self, name: &str, filter: Option<&str>) -> anyhow::Result<()> {
+        let root = cmd::root();
+        let target = cmd::target_dir();
+        let binary = build_test_binary(name)?;
+        let mut command = cmd::as_root(&binary, "the end-to-end tests (they load eBPF programs)")?;
+        // `LOOPGUARD_PYTHON_3_12`: a FastAPI environment per CPython version.
+        for (version, python) in &self.stack_pythons {
+            command.env(
+                format!("LOOPGUARD_PYTHON_{}", version.replace('.', "_")),
+                python,
+            );
+        }
+        command.args(["--ignored", "--test-threads=1"]);
+        if let Some(filter) = filter {
+            command.arg(filter);
+        }
+        cmd::run(
+            command
+                .current_dir(root.join("loopguard-user"))
+                .env("LOOPGUARD_SERVER", &self.stall_server)
+                .env(
+                    "LOOPGUARD_SERVER_LTO",
+                    target.join("release-lto/stall-server"),
+                )
+                .env(
+                    "LOOPGUARD_SERVER_V0",
+                    self.v0_dir.join("release/stall-server"),
+                )
+                .env(
+                    "LOOPGUARD_SERVER_NOPIE",
+                    self.nopie_dir.join(HOST_TARGET).join("release/stall-server"),
+                )
+                .env(
+                    "LOOPGUARD_SERVER_DEBUGINFO",
+                    self.debuginfo_dir.join("release/stall-server"),
+                )
+                .env("LOOPGUARD_MANY_FUTURES", &self.many_futures)
+                .env("LOOPGUARD_PYTHON", &self.python)
+                .env("LOOPGUARD_MATRIX", &self.matrix)
+                .env("RUST_LOG", "info"),
+        )
+    }
 }
 
 /// The example built the other ways the tests need: fat LTO, v0 mangling,

@@ -87,11 +87,13 @@ impl InflightRequest {
 
     /// When the poll stuck on `tid` began, at the latest, if this request
     /// tells: only a tracked request's current poll runs inside that task
-    /// poll. The middleware reads the coarse clock, up to a tick behind:
-    /// the tick is added back.
+    /// poll. The middleware reads the coarse clock, which is a tick behind
+    /// plus however late that tick's interrupt ran (a VM's ticks can be
+    /// milliseconds late): the lateness `table::late_ns` allows is added,
+    /// so a duration measured from here stays a lower bound.
     pub fn poll_began_by(&self) -> Option<u64> {
         (self.polls_tracked && self.poll_started_ns != 0)
-            .then(|| self.poll_started_ns + coarse_tick_ns())
+            .then(|| self.poll_started_ns + super::table::late_ns(coarse_tick_ns()))
     }
 }
 
@@ -517,7 +519,10 @@ mod tests {
                 path: "/login".into(),
             }]
         );
-        assert_eq!(requests[0].poll_began_by(), Some(2_000 + coarse_tick_ns()));
+        assert_eq!(
+            requests[0].poll_began_by(),
+            Some(2_000 + crate::attribute::table::late_ns(coarse_tick_ns()))
+        );
     }
 
     #[test]
