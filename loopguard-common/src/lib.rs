@@ -167,6 +167,10 @@ pub struct Config {
     pub blocking_ranges: [[u64; 2]; MAX_BLOCKING_RANGES],
     /// [`config_flags`].
     pub flags: u64,
+    /// ns: the kernel's timer tick, when a running thread's CPU ticks
+    /// every tick (`steal::paused_ns`); 0 when a CPU may stop its tick
+    /// while a task runs (`nohz_full`), which turns that rule off.
+    pub tick_ns: u64,
 }
 
 /// Bits of [`Config::flags`].
@@ -183,7 +187,7 @@ pub mod config_flags {
     pub const WAIT_SWITCH: u64 = 1 << 2;
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 24 + 16 * MAX_BLOCKING_RANGES);
+const _: () = assert!(core::mem::size_of::<Config>() == 32 + 16 * MAX_BLOCKING_RANGES);
 
 impl Config {
     pub const fn zeroed() -> Self {
@@ -193,6 +197,7 @@ impl Config {
             report_floor_ns: u64::MAX,
             blocking_ranges: [[0; 2]; MAX_BLOCKING_RANGES],
             flags: 0,
+            tick_ns: 0,
         }
     }
 }

@@ -43,9 +43,91 @@ pub fn stolen_ns(since_ns: u64, now_ns: u64, runtime_ns: u64) -> u64 {
     }
 }
 
+/// ns the vCPU did not run while a thread ran on it without a context
+/// switch from `since_ns` to `now_ns`, judged by the clock tick: a CPU
+/// that runs a task ticks every `tick_ns` (`NO_HZ_IDLE` stops the tick only
+/// when idle), and every tick updates the running task's runtime. Updates
+/// [`PAUSE_TICKS`] ticks apart (and at least [`PAUSE_FLOOR_NS`]) mean the
+/// CPU did not tick: the vCPU was not run. All but one tick of the gap is
+/// counted. This sees what steal time misses: with nested virtualisation
+/// the outer host's pauses never reach the guest's steal clock, so the
+/// task clock counts them as running. `tick_ns` 0 (`nohz_full`, where a
+/// CPU running one task stops its tick) counts nothing.
+#[expect(
+    clippy::inline_always,
+    reason = "the eBPF program calls it on every scheduler clock update"
+)]
+#[inline(always)]
+pub fn paused_ns(since_ns: u64, now_ns: u64, tick_ns: u64) -> u64 {
+    if tick_ns == 0 {
+        return 0;
+    }
+    let gap = now_ns.saturating_sub(since_ns);
+    // (No overflow check: eBPF has no 128-bit multiply, and a tick is
+    // milliseconds.)
+    let at_least = tick_ns.wrapping_mul(PAUSE_TICKS).max(PAUSE_FLOOR_NS);
+    if gap >= at_least { gap - tick_ns } else { 0 }
+}
+
+/// Runtime updates this many ticks apart mean the vCPU was paused: a tick
+/// may be late (on these VMs by a millisecond or two), never by two.
+pub const PAUSE_TICKS: u64 = 3;
+
+/// ...and at least this far apart (ns), whatever the tick: at `HZ=1000` a
+/// late tick is not a pause.
+pub const PAUSE_FLOOR_NS: u64 = 10_000_000;
+
+/// ns a thread that ran without a context switch from `since_ns` to
+/// `now_ns`, given `runtime_ns` of task clock, did not really run: the
+/// larger of what the steal clock knew ([`stolen_ns`]) and what the
+/// missing ticks tell ([`paused_ns`]). They overlap (a pause the guest was
+/// told of is both), so the larger, not the sum.
+#[expect(
+    clippy::inline_always,
+    reason = "the eBPF program calls it on every scheduler clock update"
+)]
+#[inline(always)]
+pub fn lost_ns(since_ns: u64, now_ns: u64, runtime_ns: u64, tick_ns: u64) -> u64 {
+    stolen_ns(since_ns, now_ns, runtime_ns).max(paused_ns(since_ns, now_ns, tick_ns))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TICK: u64 = 4 * MS;
+
+    #[test]
+    fn ticks_that_stop_while_a_thread_runs_are_a_pause() {
+        // 70 ms without a tick, all of it given as runtime (the steal
+        // clock was not told): all but one tick was a pause.
+        assert_eq!(paused_ns(100 * MS, 170 * MS, TICK), 66 * MS);
+        assert_eq!(lost_ns(100 * MS, 170 * MS, 70 * MS, TICK), 66 * MS);
+    }
+
+    #[test]
+    fn late_ticks_are_not_a_pause() {
+        // A tick on time, one a few ms late: a real 250 ms spin loses
+        // nothing.
+        assert_eq!(paused_ns(100 * MS, 104 * MS, TICK), 0);
+        assert_eq!(paused_ns(100 * MS, 109 * MS, TICK), 0);
+        // At HZ=1000, 3 ticks is 3 ms: the floor keeps 9 ms uncounted.
+        assert_eq!(paused_ns(100 * MS, 109 * MS, MS), 0);
+        assert_eq!(paused_ns(100 * MS, 120 * MS, MS), 19 * MS);
+    }
+
+    #[test]
+    fn without_a_steady_tick_nothing_is_judged_a_pause() {
+        assert_eq!(paused_ns(100 * MS, 900 * MS, 0), 0);
+    }
+
+    #[test]
+    fn a_pause_the_steal_clock_knew_of_is_not_counted_twice() {
+        // 70 ms gap, the guest was told of 66 ms of steal: 66, not 132.
+        assert_eq!(lost_ns(100 * MS, 170 * MS, 4 * MS, TICK), 66 * MS);
+        // Told of more than the ticks show: the steal clock wins.
+        assert_eq!(lost_ns(100 * MS, 108 * MS, 2 * MS, TICK), 6 * MS);
+    }
 
     const MS: u64 = 1_000_000;
 

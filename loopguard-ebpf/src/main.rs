@@ -109,6 +109,14 @@ fn tracks_requests() -> bool {
     flags & config_flags::REQUESTS != 0
 }
 
+/// The timer tick, when CPUs that run a task tick steadily (0: not known).
+#[inline(always)]
+pub(crate) fn tick_ns() -> u64 {
+    // SAFETY: a plain read of a global the loader patched before load.
+    unsafe { core::ptr::read_volatile(&raw const CONFIG.tick_ns) }
+}
+
+/// The process whose threads the programs watch.
 #[inline(always)]
 pub(crate) fn target_tgid() -> u32 {
     // SAFETY: a plain read of a global the loader patched before load.

@@ -1,7 +1,8 @@
 //! `thread_runtime` (raw tracepoint `sched_stat_runtime`): time the host
 //! took from the vCPU while a thread of the target ran inside a poll or a
-//! busy stretch (steal time), counted with its preemptions so the poll is
-//! judged by the time it really held its thread (issue #23,
+//! busy stretch (steal time, or a pause the steal clock never heard of,
+//! seen as missing clock ticks), counted with its preemptions so the poll
+//! is judged by the time it really held its thread (issue #23,
 //! `loopguard_common::steal`).
 //!
 //! `sched_stat_runtime(task, runtime)` fires whenever the scheduler updates
@@ -19,9 +20,9 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::RawTracePointContext,
 };
-use loopguard_common::{MAX_POLL_DEPTH, slots::MAX_THREAD_SLOTS, steal::stolen_ns, task_filter};
+use loopguard_common::{MAX_POLL_DEPTH, slots::MAX_THREAD_SLOTS, steal::lost_ns, task_filter};
 
-use crate::{frame_index, last_switch_ns, slots, target_tgid};
+use crate::{frame_index, last_switch_ns, slots, target_tgid, tick_ns};
 
 /// `task_struct` address of each target thread seen running → ns of its
 /// last runtime update. Entries are made by the thread itself (a pointer
@@ -90,8 +91,9 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
     // this one, and either time is a runtime update of this task.
     let mark = unsafe { core::ptr::replace(mark, now) };
     // It has run without a switch since its mark or since it came back to
-    // this CPU, whichever is later.
-    let stolen = stolen_ns(mark.max(last_switch_ns()), now, runtime_ns);
+    // this CPU, whichever is later: what the steal clock knew the host
+    // took, or what the missing ticks tell, whichever is more.
+    let stolen = lost_ns(mark.max(last_switch_ns()), now, runtime_ns, tick_ns());
     if stolen != 0 {
         credit(tid, stolen, now);
         crate::stacks::add_stolen(tid, stolen, now);

@@ -24,7 +24,12 @@ pub struct Options {
     /// Only these end-to-end test files (comma-separated, e.g.
     /// `stacks,thresholds`), without fmt, clippy, unit tests, hygiene,
     /// manifests and fuzzing: for working on one test. CI runs them all.
-    #[arg(long, value_delimiter = ',', value_name = "NAME", conflicts_with = "no_e2e")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NAME",
+        conflicts_with = "no_e2e"
+    )]
     only: Vec<String>,
     /// With --only: run only the tests whose name contains this.
     #[arg(long, value_name = "SUBSTRING", requires = "only")]
@@ -182,7 +187,9 @@ impl E2eSetup {
                 )
                 .env(
                     "LOOPGUARD_SERVER_NOPIE",
-                    self.nopie_dir.join(HOST_TARGET).join("release/stall-server"),
+                    self.nopie_dir
+                        .join(HOST_TARGET)
+                        .join("release/stall-server"),
                 )
                 .env(
                     "LOOPGUARD_SERVER_DEBUGINFO",

@@ -882,6 +882,7 @@ fn kernel_config(target: &ProbeTarget, options: &AttachOptions, wait_path: WaitP
         config.flags |= config_flags::WAIT_SWITCH;
     }
     config.report_floor_ns = options.report_floor_ns;
+    config.tick_ns = crate::discover::tick::steady_tick_ns();
     let ranges = target.blocking_runtime_ranges();
     for (slot, range) in config.blocking_ranges.iter_mut().zip(&ranges) {
         *slot = [range.start, range.end];

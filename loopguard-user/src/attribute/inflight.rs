@@ -97,23 +97,7 @@ impl InflightRequest {
     }
 }
 
-/// The resolution of `CLOCK_MONOTONIC_COARSE` (one timer tick), how far
-/// behind the monotonic clock the middleware's times may be.
-pub fn coarse_tick_ns() -> u64 {
-    let mut res = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out pointer.
-    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) } == 0;
-    if ok {
-        u64::try_from(res.tv_sec).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(res.tv_nsec).unwrap_or(0)
-    } else {
-        // The longest tick Linux has (HZ=100).
-        10_000_000
-    }
-}
+pub use crate::discover::tick::coarse_tick_ns;
 
 /// The target's in-flight tables.
 pub fn table_addresses(target: &ProbeTarget) -> Vec<TableAt> {
