@@ -287,7 +287,7 @@ impl Host<'_> {
     }
 
     fn attached(&mut self, pid: u32, candidate: Candidate, result: Result<AttachedProbes, Error>) {
-        let mut probes = match result {
+        let probes = match result {
             Ok(probes) => probes,
             Err(error) => {
                 self.attach_failed(pid, &candidate, &error);
@@ -305,6 +305,13 @@ impl Host<'_> {
             tokio::task::spawn_blocking(move || drop(probes));
             return;
         }
+        self.watch(pid, candidate, probes);
+    }
+
+    /// Starts watching an attached target within the budget: its series,
+    /// its stack tools, its session.
+    fn watch(&mut self, pid: u32, candidate: Candidate, mut probes: AttachedProbes) {
+        let count = probes.probe_count;
         let Candidate {
             identity,
             runtime,
@@ -322,7 +329,10 @@ impl Host<'_> {
         let mut options = self.options.clone();
         options.metrics = Some(metrics);
         options.label = true;
-        let tools = options.capture_stacks.then(|| StackTools::prepare(pid));
+        // One of many: lean tools (see `StackTools::prepare_lean`).
+        let tools = options
+            .capture_stacks
+            .then(|| StackTools::prepare_lean(pid));
         match announce(&target, &mut probes, &options) {
             Ok(collector) => {
                 crate::diag!(
@@ -336,6 +346,8 @@ impl Host<'_> {
                     .watch((target, probes, tools), collector, options);
                 self.held.insert(pid, (handle, count));
                 self.summary.watched += 1;
+                // Discovery read the binary whole: give those pages back.
+                crate::stacks::symbolize::trim_heap();
             }
             Err(error) => {
                 self.fleet.gone(handle);

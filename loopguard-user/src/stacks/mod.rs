@@ -94,6 +94,20 @@ impl StackTools {
             symbols,
         }
     }
+
+    /// For one target of many (`watch --all`): the unwind tables only (a
+    /// few MiB), nothing symbolized up front, and a symbolizer that lets go
+    /// of what it parsed after each stall ([`Symbols::transient`]). A
+    /// host's memory then grows by a few MiB a target, not tens; each
+    /// stall's stack is named more slowly (it parses the modules its
+    /// frames are in).
+    pub fn prepare_lean(pid: u32) -> Self {
+        Self {
+            pid,
+            unwinder: StackUnwinder::for_process(pid),
+            symbols: Symbols::transient(pid),
+        }
+    }
 }
 
 /// Stack capture for one watched process.
@@ -205,6 +219,7 @@ impl Stacks {
             self.python.sample(tid, start, now_ns);
         }
         self.python.expire(now_ns);
+        self.symbols.release_if_idle();
         stuck.extend(stretches);
         self.capture.sample_on_cpu(&stuck);
         for &(tid, start) in &stuck {

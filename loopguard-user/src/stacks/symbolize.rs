@@ -24,6 +24,11 @@ pub struct Symbols {
     debug_files: DebugFiles,
     /// Whether the agent said why DWARF is not read for this process.
     warned: bool,
+    /// Let go of the modules blazesym parsed once unused for a while
+    /// ([`Symbols::transient`]).
+    transient: bool,
+    /// When blazesym last parsed something it still holds.
+    used_at: Option<std::time::Instant>,
 }
 
 /// The frames of a symbolized address, innermost (inlined) first.
@@ -79,19 +84,71 @@ fn process_source(pid: u32) -> Process {
     process
 }
 
+/// How long a transient symbolizer keeps what it parsed after its last use:
+/// a stall's stack, its census and the stalls right after it share one
+/// parse.
+pub const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Gives the C heap's free pages back to the kernel. glibc keeps what was
+/// freed below its top, and raises its mmap threshold after the first large
+/// free, so the tens of MiB a module's parse (or a binary read whole for
+/// discovery) took stay resident after they are freed. The host agent calls
+/// it when a target's parse is let go and after each attach: rare, and a
+/// few ms each.
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: no arguments but the padding to keep; glibc locks its arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+fn symbolizer() -> Symbolizer {
+    Symbolizer::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .enable_demangling(true)
+        .build()
+}
+
 impl Symbols {
     pub fn new(pid: u32) -> Self {
-        let symbolizer = Symbolizer::builder()
-            .enable_code_info(true)
-            .enable_inlined_fns(true)
-            .enable_demangling(true)
-            .build();
         Self {
             pid,
-            symbolizer,
+            symbolizer: symbolizer(),
             cache: HashMap::new(),
             debug_files: DebugFiles::default(),
             warned: false,
+            transient: false,
+            used_at: None,
+        }
+    }
+
+    /// A symbolizer that keeps the frames it named but lets go of the
+    /// modules it parsed for them (their symbol tables and debug info:
+    /// 15-50 MiB a process, for Tokio, `CPython` and Node targets on these
+    /// machines) once [`Symbols::release_if_idle`] finds them unused for
+    /// [`IDLE_RELEASE`]. For one target of many (`watch --all`): a stall
+    /// after that parses again, and a host's memory stays a few MiB per
+    /// target.
+    pub fn transient(pid: u32) -> Self {
+        Self {
+            transient: true,
+            ..Self::new(pid)
+        }
+    }
+
+    /// Drops what blazesym parsed, if transient and unused for
+    /// [`IDLE_RELEASE`]; called on the agent's tick.
+    pub fn release_if_idle(&mut self) {
+        if self.transient
+            && self
+                .used_at
+                .is_some_and(|used| used.elapsed() >= IDLE_RELEASE)
+        {
+            self.symbolizer = symbolizer();
+            self.used_at = None;
+            trim_heap();
         }
     }
 
@@ -108,6 +165,7 @@ impl Symbols {
             }
             let resolved = self.resolve(&missing);
             self.cache.extend(missing.into_iter().zip(resolved));
+            self.used_at = Some(std::time::Instant::now());
         }
         addrs
             .iter()

@@ -52,6 +52,44 @@ impl Agent {
         extra_args: &[String],
         scrape_every: Option<Duration>,
     ) -> anyhow::Result<Self> {
+        Self::start(
+            loopguard,
+            &["attach", "--pid", &pid.to_string()],
+            cpus,
+            threshold_ms,
+            extra_args,
+            scrape_every,
+        )
+    }
+
+    /// `loopguard watch --all --exe EXE`: the target as one of the host's,
+    /// attached to by the host agent (its first `attached` line).
+    pub fn watch_all(
+        loopguard: &Path,
+        exe: &Path,
+        cpus: &str,
+        threshold_ms: u64,
+        extra_args: &[String],
+    ) -> anyhow::Result<Self> {
+        let exe = exe.to_str().context("a target path that is not UTF-8")?;
+        Self::start(
+            loopguard,
+            &["watch", "--all", "--exe", exe],
+            cpus,
+            threshold_ms,
+            extra_args,
+            None,
+        )
+    }
+
+    fn start(
+        loopguard: &Path,
+        what: &[&str],
+        cpus: &str,
+        threshold_ms: u64,
+        extra_args: &[String],
+        scrape_every: Option<Duration>,
+    ) -> anyhow::Result<Self> {
         let start = Instant::now();
         let metrics_addr = match scrape_every {
             Some(_) => {
@@ -60,12 +98,11 @@ impl Agent {
             None => None,
         };
         let mut command = Command::new("taskset");
-        command.args(["-c", cpus]).arg(loopguard).arg("attach");
+        command.args(["-c", cpus]).arg(loopguard).args(what);
         if let Some(addr) = metrics_addr {
             command.args(["--metrics-addr", &addr.to_string()]);
         }
         command
-            .args(["--pid", &pid.to_string()])
             .args(["--threshold-ms", &threshold_ms.to_string()])
             .args(["--format", "json"])
             .args(extra_args)

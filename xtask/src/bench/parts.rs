@@ -8,8 +8,9 @@
 //! middleware's in-flight table (the default configuration) and a
 //! Prometheus scrape every second; beside them, the default with the
 //! request probes instead of the table (`--requests probes`, the default
-//! before issue #24's table mode) and with the wait path on uprobes, as it
-//! was before issue #24. The
+//! before issue #24's table mode), with the wait path on uprobes, as it
+//! was before issue #24, and as one target of the host agent (`watch --all
+//! --exe PATH`, issue #28: no dearer than attached alone). The
 //! order reverses every other round. Targets: the example's endpoints, and
 //! real servers none of us wrote (installed from crates.io into
 //! `target/bench-servers`).
@@ -39,9 +40,20 @@ struct Step {
     /// Not a rung of the ladder but a variant beside it (the wait path as
     /// it was before issue #24), compared with the poll floor only.
     aside: bool,
+    how: How,
 }
 
-const STEPS: [Step; 8] = [
+/// How the agent takes the target.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// `loopguard attach --pid PID`.
+    Attach,
+    /// As one target of `loopguard watch --all --exe PATH` (issue #28: a
+    /// target of the host agent costs no more than attached alone).
+    WatchAll,
+}
+
+const STEPS: [Step; 9] = [
     Step {
         name: "poll floor",
         args: &[
@@ -54,6 +66,7 @@ const STEPS: [Step; 8] = [
         scrape: false,
         needs_middleware: false,
         aside: false,
+        how: How::Attach,
     },
     Step {
         name: "+ program bodies",
@@ -61,6 +74,7 @@ const STEPS: [Step; 8] = [
         scrape: false,
         needs_middleware: false,
         aside: false,
+        how: How::Attach,
     },
     Step {
         name: "+ wait path",
@@ -68,6 +82,7 @@ const STEPS: [Step; 8] = [
         scrape: false,
         needs_middleware: false,
         aside: false,
+        how: How::Attach,
     },
     Step {
         name: "+ stacks",
@@ -75,6 +90,7 @@ const STEPS: [Step; 8] = [
         scrape: false,
         needs_middleware: false,
         aside: false,
+        how: How::Attach,
     },
     Step {
         name: "+ requests from the table (default)",
@@ -82,6 +98,7 @@ const STEPS: [Step; 8] = [
         scrape: false,
         needs_middleware: true,
         aside: false,
+        how: How::Attach,
     },
     Step {
         name: "+ metrics scraping (1 s)",
@@ -89,6 +106,7 @@ const STEPS: [Step; 8] = [
         scrape: true,
         needs_middleware: false,
         aside: false,
+        how: How::Attach,
     },
     Step {
         name: "aside: requests from the probes (--requests probes)",
@@ -96,6 +114,7 @@ const STEPS: [Step; 8] = [
         scrape: false,
         needs_middleware: true,
         aside: true,
+        how: How::Attach,
     },
     Step {
         name: "aside: default, wait path on uprobes (before #24)",
@@ -103,6 +122,15 @@ const STEPS: [Step; 8] = [
         scrape: false,
         needs_middleware: false,
         aside: true,
+        how: How::Attach,
+    },
+    Step {
+        name: "aside: default, as a target of `watch --all --exe PATH`",
+        args: &[],
+        scrape: false,
+        needs_middleware: false,
+        aside: true,
+        how: How::WatchAll,
     },
 ];
 
@@ -336,14 +364,20 @@ fn measure(setup: &Setup, target: &Target, rung: usize) -> anyhow::Result<(f64, 
     } else {
         let step = &STEPS[rung - 1];
         let args: Vec<String> = step.args.iter().map(|&arg| arg.to_owned()).collect();
-        Some(Agent::attach(
-            setup.loopguard,
-            target.pid,
-            setup.agent_cpus,
-            THRESHOLD_MS,
-            &args,
-            step.scrape.then_some(Duration::from_secs(1)),
-        )?)
+        Some(if step.how == How::WatchAll {
+            let exe = std::fs::read_link(format!("/proc/{}/exe", target.pid))
+                .with_context(|| format!("the executable of pid {}", target.pid))?;
+            Agent::watch_all(setup.loopguard, &exe, setup.agent_cpus, THRESHOLD_MS, &args)?
+        } else {
+            Agent::attach(
+                setup.loopguard,
+                target.pid,
+                setup.agent_cpus,
+                THRESHOLD_MS,
+                &args,
+                step.scrape.then_some(Duration::from_secs(1)),
+            )?
+        })
     };
     let before = agent::cpu_seconds(target.pid);
     let start = Instant::now();
