@@ -140,9 +140,11 @@ pub struct HostArgs {
     #[arg(long, value_name = "PATTERN=SERVICE")]
     pub service_map: Vec<crate::discover::identity::service::ServiceRule>,
     /// Targets watched at once; past it, processes are not watched (said once).
-    /// Each target loads its own programs and maps (a few MiB of kernel
-    /// memory, and a `sched_switch` program run on every context switch)
-    /// [default: 64].
+    /// This is the host's memory budget too: each target costs the agent
+    /// about 12 MiB (its own programs and maps, 6 MiB of them, charged to
+    /// the agent's cgroup; its collector and unwind tables), and a
+    /// `sched_switch` program run on every context switch [default: 64:
+    /// about 800 MiB].
     #[arg(long, value_name = "N")]
     pub max_targets: Option<usize>,
     /// uprobes held in all targets at once [default: 20000].

@@ -21,7 +21,7 @@ pub struct Budget {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum OverBudget {
     #[error(
-        "the host budget of {max} targets is reached; raise --max-targets (each target costs a few MiB of kernel memory and a sched_switch program)"
+        "the host budget of {max} targets is reached; raise --max-targets (each target costs about 12 MiB of memory, half of it BPF maps, and a sched_switch program)"
     )]
     Targets { max: usize },
     #[error(
