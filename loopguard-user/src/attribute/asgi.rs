@@ -20,7 +20,7 @@ use loopguard_common::usdt::{
 };
 
 pub use crate::attribute::inflight::StepRequest;
-use crate::attribute::inflight::{SlotCopy, settled_step_slot, settled_steps, u32_at};
+use crate::attribute::inflight::{self, SETTLE_ATTEMPTS, SlotCopy, settled_step_slot, u32_at};
 use crate::attribute::{Request, take_remembered};
 use crate::detect::{Culprit, Stall, StallKind};
 use crate::discover::proc::read_memory;
@@ -50,57 +50,31 @@ pub fn find_tables(maps: &str) -> Vec<u64> {
         .collect()
 }
 
-/// The settled requests of one table, copied three times in that order
-/// (see `inflight::consistent_requests`); nothing unless the header says
-/// it is a table of the version this agent reads.
+/// The settled requests of one table, copied three times in that order;
+/// nothing unless the header says it is a table of the version this agent
+/// reads.
 pub fn consistent_steps(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepRequest> {
-    if !header_ok(data) {
-        return Vec::new();
-    }
-    settled_steps(before, data, after)
+    let mut copies = [before, data, after].into_iter().map(<[u8]>::to_vec);
+    settle(|| copies.next().unwrap_or_default(), 0).0
 }
 
-/// How many more times a table is copied while some of its slots were
-/// being written during the copies.
-const SETTLE_ATTEMPTS: usize = 8;
-
 /// The settled requests of the table `copy` reads (a whole copy a call;
-/// short once the process is gone), and whether its first copies read it.
-/// Three copies are taken (see `consistent_steps`); the slots a writer was
-/// in are taken from three more, up to `attempts` times, until each
-/// settles. The loop thread writes a slot for a few microseconds at a time,
-/// but when a stall ends it runs at once the requests that waited through
-/// it (a thread-pool request whose result came in during the block): the
-/// table read for the stall's end often meets one of them being written,
-/// and that request is still a victim of the stall.
-pub fn settle(mut copy: impl FnMut() -> Vec<u8>, attempts: usize) -> (Vec<StepRequest>, bool) {
-    let (mut before, mut data, mut after) = (copy(), copy(), copy());
-    let readable = data.len() == INFLIGHT_MEMFD_BYTES;
-    let mut requests = Vec::new();
-    let mut pending: Vec<usize> = (0..INFLIGHT_SLOTS).collect();
-    for attempt in 0..=attempts {
-        if attempt > 0 {
-            std::thread::yield_now();
-            (before, data, after) = (copy(), copy(), copy());
+/// short once the process is gone), and whether its first copies read it:
+/// `inflight::settle`, with the header checked in every copy.
+pub fn settle(copy: impl FnMut() -> Vec<u8>, attempts: usize) -> (Vec<StepRequest>, bool) {
+    let judge = |copies: [&[u8]; 3], index: usize| {
+        if copies.iter().all(|copy| header_ok(copy)) {
+            settled_step_slot(copies, index)
+        } else {
+            SlotCopy::Free
         }
-        if !header_ok(&data) {
-            break;
-        }
-        pending.retain(
-            |&index| match settled_step_slot([&before, &data, &after], index) {
-                SlotCopy::Held(request) => {
-                    requests.push(request);
-                    false
-                }
-                SlotCopy::Free => false,
-                SlotCopy::Written => true,
-            },
-        );
-        if pending.is_empty() {
-            break;
-        }
-    }
-    (requests, readable)
+    };
+    let (found, readable) =
+        inflight::settle(copy, INFLIGHT_MEMFD_BYTES, INFLIGHT_SLOTS, attempts, judge);
+    (
+        found.into_iter().map(|(_, request)| request).collect(),
+        readable,
+    )
 }
 
 fn header_ok(data: &[u8]) -> bool {

@@ -130,22 +130,119 @@ pub fn read_steps(pid: u32, tables: &[TableAt]) -> Vec<StepRequest> {
     let mut requests: Vec<StepRequest> = tables
         .iter()
         .flat_map(|table| {
-            let bytes = table.bytes();
-            let before = read_memory(pid, table.addr, bytes);
-            let data = read_memory(pid, table.addr, bytes);
-            let after = read_memory(pid, table.addr, bytes);
+            let copy = || read_memory(pid, table.addr, table.bytes());
             if table.has_steps() {
-                with_long_ends(&before, &data, &after)
+                read_with_long_ends(copy, SETTLE_ATTEMPTS)
             } else {
-                consistent_requests(&before, &data, &after)
-                    .into_iter()
-                    .map(StepRequest::without_steps)
-                    .collect()
+                settle(
+                    copy,
+                    TABLE_BYTES,
+                    INFLIGHT_SLOTS,
+                    SETTLE_ATTEMPTS,
+                    settled_slot_only,
+                )
+                .0
+                .into_iter()
+                .map(|(_, request)| request)
+                .collect()
             }
         })
         .collect();
     to_host_tids(pid, &mut requests);
     requests
+}
+
+/// How many more times a table is copied while some of its slots were
+/// being written during the copies.
+pub const SETTLE_ATTEMPTS: usize = 8;
+
+/// The settled entries of a table that `copy` reads (a whole copy a call;
+/// short once the process is gone), with their indexes, and whether its
+/// first copies were `len` bytes long. Three copies are taken and `judge`
+/// tells each of `count` entries from them; the entries a writer was in
+/// are judged again on three more, up to `attempts` times, until each
+/// settles. A thread writes a slot for microseconds at a time, but when a
+/// stall ends the requests that waited through it run at once: the read
+/// for the stall's end often meets one of them being written, and that
+/// request is still a victim of the stall. Both middlewares' tables are
+/// read through here.
+pub fn settle(
+    mut copy: impl FnMut() -> Vec<u8>,
+    len: usize,
+    count: usize,
+    attempts: usize,
+    judge: impl Fn([&[u8]; 3], usize) -> SlotCopy,
+) -> (Vec<(usize, StepRequest)>, bool) {
+    let (mut before, mut data, mut after) = (copy(), copy(), copy());
+    let readable = data.len() >= len;
+    let mut requests = Vec::new();
+    let mut pending: Vec<usize> = (0..count).collect();
+    for attempt in 0..=attempts {
+        if attempt > 0 {
+            std::thread::yield_now();
+            (before, data, after) = (copy(), copy(), copy());
+        }
+        if [&before, &data, &after].iter().any(|c| c.len() < len) {
+            break;
+        }
+        pending.retain(|&index| match judge([&before, &data, &after], index) {
+            SlotCopy::Held(request) => {
+                requests.push((index, request));
+                false
+            }
+            SlotCopy::Free => false,
+            SlotCopy::Written => true,
+        });
+        if pending.is_empty() {
+            break;
+        }
+    }
+    requests.sort_by_key(|&(index, _)| index);
+    (requests, readable)
+}
+
+/// A static table of layout 2, read until its entries settle: its slots,
+/// then the copies in its ring of long ends that the slots no longer hold
+/// (a request is listed once).
+fn read_with_long_ends(copy: impl FnMut() -> Vec<u8>, attempts: usize) -> Vec<StepRequest> {
+    let judge = |copies: [&[u8]; 3], index: usize| {
+        if index < INFLIGHT_SLOTS {
+            settled_entry(copies, (INFLIGHT_RESERVED_BYTES, INFLIGHT_STEPS_AT), index)
+        } else {
+            settled_entry(
+                copies,
+                (INFLIGHT_LONG_AT, INFLIGHT_LONG_STEPS_AT),
+                index - INFLIGHT_SLOTS,
+            )
+        }
+    };
+    let (entries, _) = settle(
+        copy,
+        INFLIGHT_TABLE_BYTES,
+        INFLIGHT_SLOTS + INFLIGHT_LONG_ENDS,
+        attempts,
+        judge,
+    );
+    let mut requests: Vec<StepRequest> = Vec::new();
+    for (index, request) in entries {
+        if index < INFLIGHT_SLOTS || requests.iter().all(|r| r.slot.id != request.slot.id) {
+            requests.push(request);
+        }
+    }
+    requests
+}
+
+/// Slot `index` of a layout 1 table (slots only), in three copies.
+fn settled_slot_only(copies: [&[u8]; 3], index: usize) -> SlotCopy {
+    let at = INFLIGHT_RESERVED_BYTES + index * INFLIGHT_SLOT_BYTES;
+    if !settled_at(copies, at) {
+        return SlotCopy::Written;
+    }
+    match copies[1].get(at..at + INFLIGHT_SLOT_BYTES).map(parse_slot) {
+        Some(Some(slot)) => SlotCopy::Held(StepRequest::without_steps(slot)),
+        Some(None) => SlotCopy::Free,
+        None => SlotCopy::Written,
+    }
 }
 
 /// Puts our pid namespace's thread ids in place of the target's own in
@@ -171,56 +268,11 @@ pub fn to_host_tids(pid: u32, requests: &mut [StepRequest]) {
     }
 }
 
-/// The settled slots of a table with step records (`INFLIGHT_MEMFD_BYTES`
-/// long, its header not looked at), copied three times in that order, as
-/// [`consistent_requests`] judges them, with their step records.
-pub fn settled_steps(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepRequest> {
-    let copies = [before, data, after];
-    settled_region(
-        copies,
-        (INFLIGHT_RESERVED_BYTES, INFLIGHT_STEPS_AT),
-        INFLIGHT_SLOTS,
-    )
-}
-
-/// A static table of layout 2: its slots, then the copies in its ring of
-/// long ends that the slots no longer hold (a request is listed once).
+/// A static table of layout 2, copied three times in that order: its
+/// settled slots, then the ring's long ends they no longer hold.
 pub fn with_long_ends(before: &[u8], data: &[u8], after: &[u8]) -> Vec<StepRequest> {
-    let mut requests = settled_steps(before, data, after);
-    if data.len() < INFLIGHT_TABLE_BYTES {
-        return requests;
-    }
-    let copies = [before, data, after];
-    for kept in settled_region(
-        copies,
-        (INFLIGHT_LONG_AT, INFLIGHT_LONG_STEPS_AT),
-        INFLIGHT_LONG_ENDS,
-    ) {
-        if requests.iter().all(|r| r.slot.id != kept.slot.id) {
-            requests.push(kept);
-        }
-    }
-    requests
-}
-
-/// The settled entries of `count` slots at `slots_at` with their step
-/// records at `steps_at`, in three copies of one table.
-fn settled_region(
-    copies: [&[u8]; 3],
-    (slots_at, steps_at): (usize, usize),
-    count: usize,
-) -> Vec<StepRequest> {
-    if copies[1].len() < steps_at + count * INFLIGHT_STEP_BYTES {
-        return Vec::new();
-    }
-    (0..count)
-        .filter_map(
-            |index| match settled_entry(copies, (slots_at, steps_at), index) {
-                SlotCopy::Held(request) => Some(request),
-                SlotCopy::Written | SlotCopy::Free => None,
-            },
-        )
-        .collect()
+    let mut copies = [before, data, after].into_iter().map(<[u8]>::to_vec);
+    read_with_long_ends(|| copies.next().unwrap_or_default(), 0)
 }
 
 /// Slot `index` of a table with step records (`INFLIGHT_MEMFD_BYTES`
@@ -298,16 +350,15 @@ pub(crate) fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
 }
 
 /// The occupied slots of `data` whose sequence is even and the same in
-/// `before` and `after` (three copies of one table, taken in that order).
+/// `before` and `after` (three copies of a layout 1 table, taken in that
+/// order).
 pub fn consistent_requests(before: &[u8], data: &[u8], after: &[u8]) -> Vec<InflightRequest> {
-    (0..INFLIGHT_SLOTS)
-        .filter_map(|index| {
-            let at = INFLIGHT_RESERVED_BYTES + index * INFLIGHT_SLOT_BYTES;
-            if !settled_at([before, data, after], at) {
-                return None;
-            }
-            parse_slot(data.get(at..at + INFLIGHT_SLOT_BYTES)?)
-        })
+    let mut copies = [before, data, after].into_iter().map(<[u8]>::to_vec);
+    let copy = || copies.next().unwrap_or_default();
+    settle(copy, TABLE_BYTES, INFLIGHT_SLOTS, 0, settled_slot_only)
+        .0
+        .into_iter()
+        .map(|(_, request)| request.slot)
         .collect()
 }
 
@@ -414,6 +465,7 @@ pub fn running_on(requests: &[InflightRequest], tid: u32) -> Option<&InflightReq
 mod tests {
     use super::*;
 
+    #[derive(Clone)]
     struct Slot {
         seq: u32,
         tid: u32,
@@ -593,15 +645,35 @@ mod tests {
         writing.id = 41;
         let torn = table_v2(&[(3, login(2, 0))], &[(0, writing)]);
         assert_eq!(with_long_ends(&t, &torn, &t).len(), 1);
-        // A layout 1 sized read has no ring.
-        assert_eq!(
+        // A read cut short (the process going away) is not trusted.
+        assert!(
             with_long_ends(
                 &t[..INFLIGHT_LONG_AT],
                 &t[..INFLIGHT_LONG_AT],
                 &t[..INFLIGHT_LONG_AT]
             )
-            .len(),
-            1
+            .is_empty()
         );
+    }
+
+    #[test]
+    fn a_slot_caught_mid_write_is_copied_again_until_it_settles() {
+        // The stall ends and the worker runs the request that waited: its
+        // slot is written during the first copies, settled after. Same
+        // reading as loopguard-asgi's table (`settle`).
+        let mut other = login(2, 0);
+        other.id = 5;
+        let settled = table_v2(&[(3, login(2, 0)), (4, other.clone())], &[]);
+        let writing = table_v2(&[(3, login(3, 0)), (4, other)], &[]);
+        let mut copies = [&settled, &writing, &settled, &settled, &settled, &settled]
+            .into_iter()
+            .cloned();
+        let requests = read_with_long_ends(|| copies.next().unwrap_or_default(), 8);
+        let ids: Vec<u64> = requests.iter().map(|r| r.slot.id).collect();
+        assert_eq!(ids, [8812, 5], "both, the slots in their order");
+        // Never settled: left out once the attempts are spent.
+        let mut copies = std::iter::repeat_n(writing.clone(), 9);
+        let requests = read_with_long_ends(|| copies.next().unwrap_or_default(), 2);
+        assert_eq!(requests.len(), 1, "{requests:?}");
     }
 }
