@@ -1,7 +1,7 @@
 //! End-to-end tests of `loopguard watch --all` (issue #28): real processes
 //! (Tokio, uvicorn, Node) started before and during the watch, attached to as they come, their
 //! stalls on one `/metrics` labelled by who they are, processes that
-//! cannot be watched said once, the budget, and a clean detach.
+//! cannot be watched said once, the budgets (targets, memory), and a clean detach.
 //!
 //! The targets carry `CONTAINER_NAME` set to a name of this test run's own
 //! and the watch selects `--container` on it: the machine runs other
@@ -336,6 +336,59 @@ fn an_unwatchable_program_is_said_once_and_the_budget_holds() {
     assert_eq!(said("--max-targets"), 1, "{stderr:#?}");
     assert_detached(&programs);
     drop((first, second, third, refused));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example build; run `cargo xtask test`"]
+fn a_target_past_the_memory_budget_is_not_watched_and_said_once() {
+    require_root();
+    let dir = temp_dir("memory");
+    // 1 MiB: less than the agent itself holds, so no target fits.
+    let servers = [
+        start(&copy_as(&dir, "svc-mem-a")),
+        start(&copy_as(&dir, "svc-mem-b")),
+    ];
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::start_capturing_stderr(&[
+        "watch",
+        "--all",
+        "--container",
+        &tag(),
+        "--max-memory-mib",
+        "1",
+        "--metrics-addr",
+        &metrics_addr,
+        "--format",
+        "json",
+        "--no-stacks",
+    ]);
+    wait_until(
+        "the refusals to be counted",
+        Duration::from_secs(15),
+        || {
+            sample(
+                &scrape(&metrics_addr),
+                "loopguard_host_skipped_total",
+                &[r#"reason="budget""#],
+            ) == Some(2.0)
+        },
+    );
+    let lines = agent.lines();
+    assert!(
+        !lines.iter().any(|l| l.value["type"] == "attached"),
+        "attached past the budget: {lines:?}"
+    );
+    agent.signal("INT");
+    let (status, _, stderr) = agent.wait_with_stderr(Duration::from_secs(20));
+    assert!(status.success());
+    let said: Vec<&String> = stderr
+        .iter()
+        .filter(|l| l.contains("--max-memory-mib"))
+        .collect();
+    assert_eq!(said.len(), 1, "{stderr:#?}");
+    assert!(said[0].contains("memory budget of 1 MiB"), "{said:?}");
+    drop(servers);
     let _ = std::fs::remove_dir_all(dir);
 }
 

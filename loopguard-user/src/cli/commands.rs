@@ -261,9 +261,6 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             Ok(pidfd) => Arc::new(pidfd),
             Err(error) => return Err(abandon(stopped, Error::Signals(error))),
         };
-        // The `attached` line waits in the output thread's queue: out
-        // before the command runs and prints its own.
-        crate::present::output::finish(std::time::Duration::from_millis(100));
         let mut child = stopped.resume()?;
         let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || {

@@ -33,7 +33,7 @@ pub fn watch_all(args: &HostArgs) -> Result<i32, Error> {
         runtimes: host.runtime.clone(),
     };
     let inspector = Inspector::new(selectors, ServiceMap::new(host.service_map.clone()));
-    let budget = Budget::new(host.max_targets, host.max_probes);
+    let budget = Budget::new(host.max_targets, host.max_probes, host.max_memory_mib);
     let fleet = Arc::new(FleetMetrics::new(
         Duration::from_secs(host.series_grace_s),
         host.max_targets.saturating_mul(GONE_KEPT_PER_TARGET),

@@ -106,7 +106,8 @@ EXAMPLES:
 
 A process that matches but cannot be watched (stripped, too old a Tokio) is
 named once with why, and counted in loopguard_host_skipped_total{reason}.
-Past --max-targets or --max-probes, processes are not watched, said once.
+Past --max-targets, --max-probes or --max-memory-mib, processes are not
+watched, said once.
 The selectors, --service-map and the budget are also keys of the
 configuration file's [host] table (--config FILE; flags win), e.g.
   [host]
@@ -140,16 +141,21 @@ pub struct HostArgs {
     #[arg(long, value_name = "PATTERN=SERVICE")]
     pub service_map: Vec<crate::discover::identity::service::ServiceRule>,
     /// Targets watched at once; past it, processes are not watched (said once).
-    /// This is the host's memory budget too: each target costs the agent
-    /// about 12 MiB (its own programs and maps, 6 MiB of them, charged to
-    /// the agent's cgroup; its collector and unwind tables), and a
-    /// `sched_switch` program run on every context switch [default: 64:
-    /// about 800 MiB].
+    /// Each target costs the agent about 12 MiB (its own programs and
+    /// maps, 6 MiB of them, charged to the agent's cgroup; its collector
+    /// and unwind tables; see --max-memory-mib), and a `sched_switch`
+    /// program run on every context switch [default: 64].
     #[arg(long, value_name = "N")]
     pub max_targets: Option<usize>,
     /// uprobes held in all targets at once [default: 20000].
     #[arg(long, value_name = "N")]
     pub max_probes: Option<usize>,
+    /// The agent's memory (resident, MiB) past which no new target is
+    /// watched (said once): a target costs about 12 MiB. Set it at or
+    /// below the agent's cgroup limit, so a busy node gets a message
+    /// rather than an OOM kill [default: 1024].
+    #[arg(long, value_name = "MIB")]
+    pub max_memory_mib: Option<usize>,
     /// Seconds a gone target's series stay in /metrics [default: 300].
     #[arg(long, value_name = "SECS")]
     pub series_grace_s: Option<u64>,

@@ -45,6 +45,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "host.service_map",
     "host.max_targets",
     "host.max_probes",
+    "host.max_memory_mib",
     "host.series_grace_s",
 ];
 

@@ -16,8 +16,14 @@ use crate::discover::identity::service::ServiceRule;
 pub const DEFAULT_MAX_TARGETS: usize = 64;
 /// uprobes held in all targets at once, by default (`--max-probes`).
 pub const DEFAULT_MAX_PROBES: usize = 20_000;
+/// The agent's memory budget in MiB, by default (`--max-memory-mib`): the
+/// default targets at about 12 MiB each, with room, and the `DaemonSet`'s
+/// limit.
+pub const DEFAULT_MAX_MEMORY_MIB: usize = 1024;
 /// Seconds a gone target's series stay, by default (`--series-grace-s`).
 pub const DEFAULT_SERIES_GRACE_S: u64 = 300;
+/// The largest memory budget (MiB) taken: 1 TiB; more is a typo.
+pub const MAX_MEMORY_MIB: usize = 1 << 20;
 /// The most targets one agent may be asked to hold: each loads its own
 /// programs (see `--max-targets`'s help), so more is a typo.
 pub const MAX_MAX_TARGETS: usize = 4096;
@@ -32,6 +38,7 @@ pub struct HostFile {
     pub service_map: Option<Vec<String>>,
     pub max_targets: Option<i64>,
     pub max_probes: Option<i64>,
+    pub max_memory_mib: Option<i64>,
     pub series_grace_s: Option<i64>,
 }
 
@@ -46,6 +53,7 @@ pub struct HostConfig {
     pub service_map: Vec<ServiceRule>,
     pub max_targets: usize,
     pub max_probes: usize,
+    pub max_memory_mib: usize,
     pub series_grace_s: u64,
 }
 
@@ -59,6 +67,7 @@ impl Default for HostConfig {
             service_map: Vec::new(),
             max_targets: DEFAULT_MAX_TARGETS,
             max_probes: DEFAULT_MAX_PROBES,
+            max_memory_mib: DEFAULT_MAX_MEMORY_MIB,
             series_grace_s: DEFAULT_SERIES_GRACE_S,
         }
     }
@@ -146,6 +155,9 @@ impl HostConfig {
         if let Some(n) = file.max_probes {
             self.max_probes = count("max_probes", "--max-probes", n, usize::MAX)?;
         }
+        if let Some(n) = file.max_memory_mib {
+            self.max_memory_mib = count("max_memory_mib", "--max-memory-mib", n, MAX_MEMORY_MIB)?;
+        }
         if let Some(secs) = file.series_grace_s {
             self.series_grace_s = u64::try_from(secs).map_err(|_| {
                 invalid(
@@ -190,6 +202,10 @@ impl HostConfig {
             let n = i64::try_from(n).unwrap_or(i64::MAX);
             self.max_probes = count("max_probes", "--max-probes", n, usize::MAX)?;
         }
+        if let Some(n) = args.max_memory_mib {
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            self.max_memory_mib = count("max_memory_mib", "--max-memory-mib", n, MAX_MEMORY_MIB)?;
+        }
         if let Some(secs) = args.series_grace_s {
             self.series_grace_s = secs;
         }
@@ -221,6 +237,7 @@ impl HostConfig {
         let _ = writeln!(out, "service_map = [{}]", list(&rules));
         let _ = writeln!(out, "max_targets = {}", self.max_targets);
         let _ = writeln!(out, "max_probes = {}", self.max_probes);
+        let _ = writeln!(out, "max_memory_mib = {}", self.max_memory_mib);
         let _ = writeln!(out, "series_grace_s = {}", self.series_grace_s);
     }
 }

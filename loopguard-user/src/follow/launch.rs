@@ -110,8 +110,10 @@ impl StoppedChild {
         self.child.id()
     }
 
-    /// Lets the program run.
+    /// Lets the program run, once loopguard's queued lines (the `attached`
+    /// one) are out: they come before its own.
     pub fn resume(self) -> Result<Child, LaunchError> {
+        crate::present::output::before_resume();
         let pid = self.child.id() as libc::pid_t;
         // SAFETY: detaching from our own stopped tracee.
         if unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) } == -1 {

@@ -311,10 +311,7 @@ impl Supervisor {
                     let _ = stop_tx.send(Some(reason));
                 }
                 let stopped_ms = monotonic_ns().saturating_sub(exec_ns) as f64 / 1e6;
-                // The `attached` line is queued for the output thread: out
-                // before the program runs and prints its own (a few ms; a
-                // reader that does not read costs it at most 100 ms).
-                crate::present::output::finish(std::time::Duration::from_millis(100));
+                crate::present::output::before_resume();
                 if let Some(follower) = &mut self.follower {
                     follower.resume(pid);
                 }

@@ -209,11 +209,15 @@ impl Host<'_> {
                     self.done(pid);
                     return;
                 }
-                if let Err(error) = self.budget.reserve_target() {
+                if let Err(error) = self.budget.reserve_target(resident_kib()) {
                     self.done(pid);
                     self.summary.over_budget += 1;
                     self.fleet.skipped("budget");
-                    if self.notices.first("budget: targets") {
+                    let key = match error {
+                        OverBudget::Memory { .. } => "budget: memory",
+                        _ => "budget: targets",
+                    };
+                    if self.notices.first(key) {
                         crate::diag!(
                             "loopguard: pid {pid} ({}) not watched: {error}",
                             crate::term::printable(&candidate.target.exe.display_path)
@@ -384,4 +388,18 @@ fn describe_place(identity: &crate::discover::identity::Identity) -> String {
         );
     }
     out
+}
+
+/// KiB of memory the agent holds now (`VmRSS`); 0 when unknown, which
+/// leaves the memory budget to the other limits.
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

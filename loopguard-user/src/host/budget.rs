@@ -8,11 +8,18 @@
 
 use std::collections::HashSet;
 
+/// What a watched target costs the agent, about (MiB): measured with 50
+/// Tokio, uvicorn and Node targets (`cargo xtask fleet`: 578 MiB), half of
+/// it the target's BPF maps.
+pub const PER_TARGET_MIB: u64 = 12;
+
 /// What the host holds, against its limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Budget {
     pub max_targets: usize,
     pub max_probes: usize,
+    /// KiB of resident memory the agent may hold.
+    pub max_memory_kib: u64,
     targets: usize,
     probes: usize,
 }
@@ -25,6 +32,10 @@ pub enum OverBudget {
     )]
     Targets { max: usize },
     #[error(
+        "the agent holds {held_mib} MiB, and a target costs about {PER_TARGET_MIB} MiB more: past the host's memory budget of {max_mib} MiB; raise --max-memory-mib (and the agent's memory limit with it), or narrow the selectors"
+    )]
+    Memory { held_mib: u64, max_mib: u64 },
+    #[error(
         "its {probes} probes would take the host past its budget of {max} probes ({held} held); raise --max-probes, or narrow the selectors"
     )]
     Probes {
@@ -35,20 +46,28 @@ pub enum OverBudget {
 }
 
 impl Budget {
-    pub fn new(max_targets: usize, max_probes: usize) -> Self {
+    pub fn new(max_targets: usize, max_probes: usize, max_memory_mib: usize) -> Self {
         Self {
             max_targets,
             max_probes,
+            max_memory_kib: (max_memory_mib as u64).saturating_mul(1024),
             targets: 0,
             probes: 0,
         }
     }
 
-    /// Takes a place for one more target (before attaching).
-    pub fn reserve_target(&mut self) -> Result<(), OverBudget> {
+    /// Takes a place for one more target (before attaching), the agent
+    /// holding `resident_kib` of memory now.
+    pub fn reserve_target(&mut self, resident_kib: u64) -> Result<(), OverBudget> {
         if self.targets >= self.max_targets {
             return Err(OverBudget::Targets {
                 max: self.max_targets,
+            });
+        }
+        if resident_kib + PER_TARGET_MIB * 1024 > self.max_memory_kib {
+            return Err(OverBudget::Memory {
+                held_mib: resident_kib / 1024,
+                max_mib: self.max_memory_kib / 1024,
             });
         }
         self.targets += 1;
@@ -110,21 +129,36 @@ mod tests {
 
     #[test]
     fn targets_and_probes_are_held_within_their_limits() {
-        let mut budget = Budget::new(2, 100);
-        budget.reserve_target().unwrap();
+        let mut budget = Budget::new(2, 100, 1024);
+        budget.reserve_target(0).unwrap();
         budget.add_probes(60).unwrap();
-        budget.reserve_target().unwrap();
+        budget.reserve_target(0).unwrap();
         let error = budget.add_probes(50).unwrap_err();
         assert!(error.to_string().contains("--max-probes"), "{error}");
         // The refused target's place was given back.
         assert_eq!((budget.targets(), budget.probes()), (1, 60));
-        budget.reserve_target().unwrap();
+        budget.reserve_target(0).unwrap();
         budget.add_probes(40).unwrap();
-        let error = budget.reserve_target().unwrap_err();
+        let error = budget.reserve_target(0).unwrap_err();
         assert!(error.to_string().contains("--max-targets"), "{error}");
         budget.release(60);
         assert_eq!((budget.targets(), budget.probes()), (1, 40));
-        budget.reserve_target().unwrap();
+        budget.reserve_target(0).unwrap();
+    }
+
+    #[test]
+    fn a_target_past_the_memory_budget_is_refused_with_the_flag_to_raise() {
+        let mut budget = Budget::new(64, 20_000, 100);
+        // 80 MiB held: one more target (about 12) still fits.
+        budget.reserve_target(80 * 1024).unwrap();
+        let error = budget.reserve_target(90 * 1024).unwrap_err();
+        let said = error.to_string();
+        assert!(
+            said.contains("--max-memory-mib") && said.contains("90 MiB"),
+            "{said}"
+        );
+        // Refused before any place was taken.
+        assert_eq!(budget.targets(), 1);
     }
 
     #[test]

@@ -130,6 +130,13 @@ fn is_gone(revents: libc::c_short) -> bool {
     revents & libc::POLLNVAL == 0 && revents & (libc::POLLERR | libc::POLLHUP) != 0
 }
 
+/// Lets the queued lines (the `attached` one) out before a stopped program
+/// is resumed, so they come before its own first line: a few ms; a reader
+/// that does not read costs it at most 100 ms.
+pub fn before_resume() {
+    finish(Duration::from_millis(100));
+}
+
 /// Waits up to `limit` for the queued lines to be written; returns how many
 /// lines were lost in all (queue full, reader gone, or still queued).
 pub fn finish(limit: Duration) -> u64 {
