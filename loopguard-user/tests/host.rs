@@ -284,20 +284,7 @@ fn an_unwatchable_program_is_said_once_and_the_budget_holds() {
     let status = Command::new("strip").arg(&stripped).status().unwrap();
     assert!(status.success());
     let first = start(&copy_as(&dir, "svc-first"));
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let agent = Agent::start_capturing_stderr(&[
-        "watch",
-        "--all",
-        "--container",
-        &tag(),
-        "--max-targets",
-        "1",
-        "--metrics-addr",
-        &metrics_addr,
-        "--format",
-        "json",
-        "--no-stacks",
-    ]);
+    let (agent, metrics_addr) = budget_agent(&["--max-targets", "1"]);
     attached(&agent, first.pid, Duration::from_secs(30));
     // Over the budget: said once, never attached.
     let second = start(&copy_as(&dir, "svc-second"));
@@ -349,20 +336,7 @@ fn a_target_past_the_memory_budget_is_not_watched_and_said_once() {
         start(&copy_as(&dir, "svc-mem-a")),
         start(&copy_as(&dir, "svc-mem-b")),
     ];
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let agent = Agent::start_capturing_stderr(&[
-        "watch",
-        "--all",
-        "--container",
-        &tag(),
-        "--max-memory-mib",
-        "1",
-        "--metrics-addr",
-        &metrics_addr,
-        "--format",
-        "json",
-        "--no-stacks",
-    ]);
+    let (agent, metrics_addr) = budget_agent(&["--max-memory-mib", "1"]);
     wait_until(
         "the refusals to be counted",
         Duration::from_secs(15),
@@ -390,6 +364,23 @@ fn a_target_past_the_memory_budget_is_not_watched_and_said_once() {
     assert!(said[0].contains("memory budget of 1 MiB"), "{said:?}");
     drop(servers);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `watch --all` over our tagged processes under `limit` (a budget flag
+/// and its value), serving metrics; its address.
+fn budget_agent(limit: &[&str]) -> (Agent, String) {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let tag = tag();
+    let mut args = vec!["watch", "--all", "--container", &tag];
+    args.extend_from_slice(limit);
+    args.extend([
+        "--metrics-addr",
+        &metrics_addr,
+        "--format",
+        "json",
+        "--no-stacks",
+    ]);
+    (Agent::start_capturing_stderr(&args), metrics_addr)
 }
 
 /// A number from the environment (`cargo xtask fleet` sets them), or `default`.

@@ -97,10 +97,10 @@ impl StackTools {
 
     /// For one target of many (`watch --all`): the unwind tables only (a
     /// few MiB), nothing symbolized up front, and a symbolizer that lets go
-    /// of what it parsed after each stall ([`Symbols::transient`]). A
-    /// host's memory then grows by a few MiB a target, not tens; each
-    /// stall's stack is named more slowly (it parses the modules its
-    /// frames are in).
+    /// of what it parsed once idle ([`Symbols::transient`]). A host's
+    /// memory then grows by a few MiB a target, not tens; a stall after an
+    /// idle spell is named more slowly (it parses the modules its frames
+    /// are in again).
     pub fn prepare_lean(pid: u32) -> Self {
         Self {
             pid,
