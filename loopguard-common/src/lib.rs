@@ -185,6 +185,12 @@ pub mod config_flags {
     /// thread switched out asleep in an epoll wait is waiting until it is
     /// switched back in. No probe per epoll wait.
     pub const WAIT_SWITCH: u64 = 1 << 2;
+    /// With [`WAIT_SWITCH`]: the epoll wrappers have an entry probe and no
+    /// return probe (`--wait-probes calls`). Each call ends the busy
+    /// stretch and counts as a wait that returned at once; a call that
+    /// sleeps is seen on `sched_switch`, whose switch back in starts the
+    /// next stretch without counting the wait again.
+    pub const WAIT_CALLS: u64 = 1 << 3;
 }
 
 const _: () = assert!(core::mem::size_of::<Config>() == 32 + 16 * MAX_BLOCKING_RANGES);
@@ -467,6 +473,11 @@ impl ThreadPolls {
 /// The attach cookie of a wait uprobe on an epoll wrapper (whose first
 /// argument is the epoll fd); a park's is 0.
 pub const WAIT_SITE_EPOLL: u64 = 1;
+
+/// Added to a wait uprobe's cookie when the site has no return probe
+/// ([`config_flags::WAIT_CALLS`]): the wait returns at once unless it
+/// sleeps, which `sched_switch` sees.
+pub const WAIT_SITE_CALL: u64 = 2;
 
 /// The epoll fd of a loop thread's wait, as [`LoopState::wait_fd`] and
 /// [`LoopEvent::wait_fd`] hold it: the fd plus one, so that 0 means "not

@@ -101,6 +101,14 @@ pub(crate) fn waits_on_switch() -> bool {
     flags & config_flags::WAIT_SWITCH != 0 && wait::armed()
 }
 
+/// The epoll wrappers have entry probes only ([`config_flags::WAIT_CALLS`]).
+#[inline(always)]
+pub(crate) fn waits_on_calls() -> bool {
+    // SAFETY: a plain read of a global the loader patched before load.
+    let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
+    flags & config_flags::WAIT_CALLS != 0
+}
+
 /// The request probes are attached ([`config_flags::REQUESTS`]).
 #[inline(always)]
 fn tracks_requests() -> bool {

@@ -26,6 +26,14 @@
 //! which the task polls make up for: each one's return ends the stretch.
 //! Tokio's parks that sleep in a futex (which a lock sleeps in too) keep
 //! their uprobes.
+//!
+//! An event loop without task polls (uvicorn, Node) has nothing else to end
+//! a stretch when its `epoll_wait` finds events ready and does not sleep.
+//! By default it gets a uprobe on each epoll wrapper's entry and no return
+//! probe (`config_flags::WAIT_CALLS`, cookie [`WAIT_SITE_CALL`]): each call
+//! ends the busy stretch and starts the next at once, as if the wait
+//! returned at once; a call that sleeps is seen on `sched_switch`, which
+//! ends the wait at the switch back in. One trap per wait instead of two.
 
 use aya_ebpf::{
     EbpfContext,
@@ -39,8 +47,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use loopguard_common::{
-    EventKind, LoopEvent, LoopState, WAIT_SITE_EPOLL, pt_regs, slots::MAX_THREAD_SLOTS,
-    syscalls::is_epoll_wait, task_filter, wait_fd,
+    EventKind, LoopEvent, LoopState, WAIT_SITE_CALL, WAIT_SITE_EPOLL, pt_regs,
+    slots::MAX_THREAD_SLOTS, syscalls::is_epoll_wait, task_filter, wait_fd,
 };
 
 use crate::{
@@ -124,7 +132,16 @@ pub fn note_unseen_return(tid: u32, switched_in_ns: u64) {
 /// A busy stretch begins at `at` (after a wait's return).
 #[inline(always)]
 fn start_stretch(state: &mut LoopState, at: u64) {
-    state.waits += 1;
+    start_stretch_counted(state, at, true);
+}
+
+/// A busy stretch begins at `at`; `counted` when the wait it comes back
+/// from was not counted at its call ([`WAIT_SITE_CALL`]).
+#[inline(always)]
+fn start_stretch_counted(state: &mut LoopState, at: u64, counted: bool) {
+    if counted {
+        state.waits += 1;
+    }
     state.busy_start_ns = at;
     settle(state);
     state.preempted_at_start_ns = state.preempted_ns;
@@ -165,12 +182,24 @@ pub fn wait_enter(ctx: ProbeContext) -> u32 {
         // SAFETY: the helper reads this probe's own cookie.
         let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
         // An epoll wrapper's first argument is the epoll fd; a park's is not.
-        let fd = if cookie == WAIT_SITE_EPOLL {
+        let fd = if cookie & WAIT_SITE_EPOLL != 0 {
             wait_fd::encode(ctx.arg::<u64>(0).unwrap_or(u64::MAX))
         } else {
             0
         };
-        enter(tgid, tid, &mut state, fd);
+        let now = unsafe { bpf_ktime_get_ns() };
+        enter(tgid, tid, &mut state, fd, now);
+        // No return probe here: the call returns at once unless it sleeps,
+        // and `switch_out` takes over if it does. Before the agent arms the
+        // switch path, a sleep would go unseen and a stretch started now
+        // would run through it: the thread's stretch stays unknown instead.
+        if cookie & WAIT_SITE_CALL != 0 {
+            if armed() {
+                exit_at(&mut state, now, true);
+            } else {
+                returned_unarmed(&mut state);
+            }
+        }
     }
     0
 }
@@ -202,7 +231,8 @@ pub fn wait_syscall_enter(ctx: RawTracePointContext) -> i32 {
         && let Some((tgid, tid, mut state)) = this_thread()
     {
         let regs: u64 = ctx.arg(0);
-        enter(tgid, tid, &mut state, epoll_fd_of(regs));
+        let now = unsafe { bpf_ktime_get_ns() };
+        enter(tgid, tid, &mut state, epoll_fd_of(regs), now);
     }
     0
 }
@@ -301,12 +331,11 @@ fn send_busy(tgid: u32, tid: u32, start: u64, busy: u64, preempted: u64, wait_fd
     }
 }
 
-/// A wait begins: closes the busy stretch at the outermost one. `fd` is
-/// the wait's epoll fd, encoded (0 for a park, or not known).
+/// A wait begins at `now`: closes the busy stretch at the outermost one.
+/// `fd` is the wait's epoll fd, encoded (0 for a park, or not known).
 #[inline(always)]
-fn enter(tgid: u32, tid: u32, state: &mut LoopState, fd: u32) {
+fn enter(tgid: u32, tid: u32, state: &mut LoopState, fd: u32, now: u64) {
     if state.depth == 0 {
-        let now = unsafe { bpf_ktime_get_ns() };
         // Back from a wait entered before attaching, not switched out since
         // (that would have told): it has run since this CPU's last switch.
         if state.busy_start_ns == 0 && take_unseen(tid) {
@@ -349,6 +378,17 @@ fn enter(tgid: u32, tid: u32, state: &mut LoopState, fd: u32) {
     }
 }
 
+/// A call returns before the switch path is armed: out of the wait, with
+/// no busy stretch known (as for a wait entered before attaching).
+#[inline(always)]
+fn returned_unarmed(state: &mut LoopState) {
+    state.depth = state.depth.saturating_sub(1);
+    if state.depth == 0 {
+        state.wait_start_ns = 0;
+        state.busy_start_ns = 0;
+    }
+}
+
 /// Closes a preemption still open on `state`: the thread runs again, so it
 /// was switched back in at this CPU's last context switch.
 #[inline(always)]
@@ -387,12 +427,13 @@ pub fn note_switch(slot: u32, tid: u32, switched_in_ns: u64, runnable: bool, now
 /// A wait returns: the outermost one starts a busy stretch.
 #[inline(always)]
 fn exit(state: &mut LoopState) {
-    exit_at(state, unsafe { bpf_ktime_get_ns() });
+    exit_at(state, unsafe { bpf_ktime_get_ns() }, true);
 }
 
-/// A wait returns at `now`: the outermost one starts a busy stretch.
+/// A wait returns at `now`: the outermost one starts a busy stretch, and
+/// counts the wait when `counted` (not counted already at its call).
 #[inline(always)]
-fn exit_at(state: &mut LoopState, now: u64) {
+fn exit_at(state: &mut LoopState, now: u64, counted: bool) {
     if state.depth > 1 {
         state.depth -= 1;
         return;
@@ -404,7 +445,7 @@ fn exit_at(state: &mut LoopState, now: u64) {
     }
     state.depth = 0;
     state.wait_start_ns = 0;
-    start_stretch(state, now);
+    start_stretch_counted(state, now, counted);
 }
 
 /// Threads switched out asleep in an epoll wait ([`switch_out`]), by task
@@ -459,7 +500,8 @@ pub(crate) fn switch_out(tid: u32) {
         return;
     }
     crate::task_filter::added(&WAITING_FILTER, task);
-    enter(tgid, tid, &mut state, epoll_fd_of(regs));
+    let now = unsafe { bpf_ktime_get_ns() };
+    enter(tgid, tid, &mut state, epoll_fd_of(regs), now);
 }
 
 /// `sched_switch` puts task `next` on this CPU at `now`: if it was asleep
@@ -482,6 +524,7 @@ pub(crate) fn switch_in(next: u64, now: u64) {
     // `next` runs nowhere now: no program of its own writes its slot
     // meanwhile, so this write section is the only one.
     if let Some(mut state) = slots::loops_mut(slot, tid, false) {
-        exit_at(&mut state, now);
+        // On the entry-only path the call counted this wait already.
+        exit_at(&mut state, now, !crate::waits_on_calls());
     }
 }

@@ -135,10 +135,10 @@ fn watches_a_foreign_loop(server: &Foreign, path: &str, wait_probes: &str, block
         v["type"] == "attached"
     });
     assert_eq!(attached.value["mode"], "loop", "{}", attached.value);
-    let chosen = if wait_probes == "tracepoint" {
-        "syscall tracepoints"
-    } else {
-        "uprobes"
+    let chosen = match wait_probes {
+        "tracepoint" => "syscall tracepoints",
+        "uprobe" => "uprobes",
+        _ => "epoll entries + sched_switch",
     };
     assert_eq!(attached.value["wait_probes"], chosen, "{}", attached.value);
     let programs = agent.programs();
@@ -216,6 +216,14 @@ fn node_busy_loop_on_the_syscall_tracepoints() {
     require_root();
     let server = node();
     watches_a_foreign_loop(&server, "/busy?ms=300", "tracepoint", SPUN);
+}
+
+#[test]
+#[ignore = "end-to-end: needs root, the example builds and node; run `cargo xtask test`"]
+fn node_busy_loop_on_uprobe_pairs() {
+    require_root();
+    let server = node();
+    watches_a_foreign_loop(&server, "/busy?ms=300", "uprobe", SPUN);
 }
 
 /// Attaches while `path` has held the loop of `server` for 1.5 s: the

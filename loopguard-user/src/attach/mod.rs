@@ -462,9 +462,9 @@ impl RequestSource {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum WaitProbes {
     /// `switch` for a Tokio program (its task polls split a busy worker's
-    /// time); for an event loop without task polls, uprobes on the C
-    /// library's epoll wrappers where the target has them, the syscall
-    /// tracepoints otherwise.
+    /// time); for an event loop without task polls, `calls` where the
+    /// target has the C library's epoll wrappers, the syscall tracepoints
+    /// otherwise.
     #[default]
     Auto,
     /// The `sched_switch` tracepoint that already runs: a thread switched
@@ -474,8 +474,15 @@ pub enum WaitProbes {
     /// that does not sleep (`epoll_wait` with events ready) is not seen:
     /// a task poll's return ends a busy stretch instead.
     Switch,
-    /// uprobes on the epoll wrappers: cost only the target's own waits, but
-    /// miss a program that makes the syscall itself.
+    /// A uprobe on each epoll wrapper's entry and none on its return, with
+    /// `sched_switch` for the calls that sleep: one kernel entry per wait
+    /// of the target's own, where `uprobe` costs two. A call ends the busy
+    /// stretch and the next begins at once, unless the call sleeps; then it
+    /// begins when the thread is switched back in.
+    Calls,
+    /// A uprobe and a return probe on each epoll wrapper: the wait's
+    /// return is seen where it happens, at two kernel entries per wait.
+    /// Both miss a program that makes the syscall itself.
     Uprobe,
     /// The `sys_enter`/`sys_exit` raw tracepoints: see every epoll wait,
     /// but run (and return at once) for every syscall of every process.
@@ -489,6 +496,9 @@ pub enum WaitProbes {
 pub enum WaitPath {
     /// `sched_switch` (plus uprobes on Tokio's futex parks).
     Switch,
+    /// Entry uprobes on this many epoll wrappers, and `sched_switch` (plus
+    /// uprobes on Tokio's futex parks).
+    Calls { epoll_sites: usize },
     /// uprobes on this many epoll wrappers (plus Tokio's parks).
     Uprobes { epoll_sites: usize },
     /// The syscall tracepoints (plus uprobes on Tokio's parks).
@@ -502,6 +512,7 @@ impl WaitPath {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Switch => "sched_switch",
+            Self::Calls { .. } => "epoll entries + sched_switch",
             Self::Uprobes { .. } => "uprobes",
             Self::Tracepoints => "syscall tracepoints",
             Self::Off => "off",
@@ -513,6 +524,16 @@ impl WaitPath {
         match self {
             Self::Off => Vec::new(),
             Self::Switch => crate::discover::waits::probed_on_switch(sites),
+            Self::Calls { .. } => {
+                let parks = crate::discover::waits::probed_on_switch(sites);
+                sites
+                    .iter()
+                    .filter(|site| {
+                        site.kind == WaitKind::Epoll
+                            || parks.iter().any(|p| std::ptr::eq(*p, *site))
+                    })
+                    .collect()
+            }
             Self::Tracepoints => sites
                 .iter()
                 .filter(|site| site.kind == WaitKind::TokioPark)
@@ -523,14 +544,15 @@ impl WaitPath {
 }
 
 /// Chooses how to see waits: on `sched_switch` for a program with task
-/// polls (`tokio`), else uprobes where the epoll wrappers exist.
+/// polls (`tokio`), else entry uprobes where the epoll wrappers exist.
 pub fn choose_wait_path(wanted: WaitProbes, epoll_sites: usize, tokio: bool) -> WaitPath {
     match wanted {
         WaitProbes::Off => WaitPath::Off,
         WaitProbes::Switch => WaitPath::Switch,
         WaitProbes::Auto if tokio => WaitPath::Switch,
         WaitProbes::Uprobe => WaitPath::Uprobes { epoll_sites },
-        WaitProbes::Auto if epoll_sites > 0 => WaitPath::Uprobes { epoll_sites },
+        WaitProbes::Calls => WaitPath::Calls { epoll_sites },
+        WaitProbes::Auto if epoll_sites > 0 => WaitPath::Calls { epoll_sites },
         WaitProbes::Auto | WaitProbes::Tracepoint => WaitPath::Tracepoints,
     }
 }
@@ -565,21 +587,29 @@ fn wait_groups(
             attach_raw_tracepoint(ebpf, program, tracepoint)?;
         }
     }
-    Ok(group_wait_sites(&sites))
+    let calls_only = matches!(path, WaitPath::Calls { .. });
+    Ok(group_wait_sites(&sites, calls_only))
 }
 
 /// One group per program and file (the C library and the executable are
-/// two files), exits first.
-fn group_wait_sites(sites: &[&WaitSite]) -> Vec<ProbeGroup> {
+/// two files), exits first. With `calls_only`, the epoll wrappers get no
+/// return probe.
+fn group_wait_sites(sites: &[&WaitSite], calls_only: bool) -> Vec<ProbeGroup> {
     let mut groups: Vec<ProbeGroup> = Vec::new();
     for program in [names::WAIT_EXIT, names::WAIT_ENTER] {
         for site in sites {
+            let epoll = site.kind == WaitKind::Epoll;
+            if epoll && calls_only && program == names::WAIT_EXIT {
+                continue;
+            }
             // An epoll wrapper's entry reads its epoll fd (the loop it waits
             // for); a park has none.
-            let cookie = if site.kind == WaitKind::Epoll {
-                loopguard_common::WAIT_SITE_EPOLL
-            } else {
-                0
+            let cookie = match (epoll, calls_only) {
+                (true, true) => {
+                    loopguard_common::WAIT_SITE_EPOLL | loopguard_common::WAIT_SITE_CALL
+                }
+                (true, false) => loopguard_common::WAIT_SITE_EPOLL,
+                (false, _) => 0,
             };
             let site_probe = (site.file_offset, cookie);
             match groups
@@ -878,8 +908,12 @@ fn kernel_config(target: &ProbeTarget, options: &AttachOptions, wait_path: WaitP
     if options.requests && !target.binary.usdt_sites.is_empty() {
         config.flags |= config_flags::REQUESTS;
     }
-    if wait_path == WaitPath::Switch {
-        config.flags |= config_flags::WAIT_SWITCH;
+    match wait_path {
+        WaitPath::Switch => config.flags |= config_flags::WAIT_SWITCH,
+        WaitPath::Calls { .. } => {
+            config.flags |= config_flags::WAIT_SWITCH | config_flags::WAIT_CALLS;
+        }
+        WaitPath::Uprobes { .. } | WaitPath::Tracepoints | WaitPath::Off => {}
     }
     config.report_floor_ns = options.report_floor_ns;
     config.tick_ns = crate::discover::tick::steady_tick_ns();
@@ -988,10 +1022,14 @@ mod tests {
     use crate::discover::usdt::parse_args;
 
     #[test]
-    fn the_wait_path_prefers_uprobes_where_wrappers_exist() {
+    fn the_wait_path_prefers_entry_uprobes_where_wrappers_exist() {
         assert_eq!(
             choose_wait_path(WaitProbes::Auto, 3, false),
-            WaitPath::Uprobes { epoll_sites: 3 }
+            WaitPath::Calls { epoll_sites: 3 }
+        );
+        assert_eq!(
+            choose_wait_path(WaitProbes::Calls, 3, true),
+            WaitPath::Calls { epoll_sites: 3 }
         );
         assert_eq!(
             choose_wait_path(WaitProbes::Auto, 0, false),
@@ -1045,7 +1083,7 @@ mod tests {
             ..wait_site(exe, 0x20)
         };
         let sites = [wait_site(libc, 0x10), park, wait_site(libc, 0x30)];
-        let groups = group_wait_sites(&sites.iter().collect::<Vec<_>>());
+        let groups = group_wait_sites(&sites.iter().collect::<Vec<_>>(), false);
         let summary: Vec<_> = groups
             .iter()
             .map(|g| (g.program, g.display_path.as_str(), g.sites.clone()))
@@ -1059,7 +1097,33 @@ mod tests {
                 (names::WAIT_ENTER, exe, vec![(0x20, 0)]),
             ]
         );
-        assert!(group_wait_sites(&[]).is_empty());
+        assert!(group_wait_sites(&[], false).is_empty());
+    }
+
+    /// On the entry-only path an epoll wrapper has an entry probe alone,
+    /// whose cookie says so; a park keeps both.
+    #[test]
+    fn entry_only_epoll_wrappers_get_no_return_probe() {
+        let (libc, exe) = ("/lib/libc.so.6", "/srv/app");
+        let park = WaitSite {
+            name: "park".into(),
+            kind: WaitKind::TokioPark,
+            ..wait_site(exe, 0x20)
+        };
+        let sites = [wait_site(libc, 0x10), park];
+        let groups = group_wait_sites(&sites.iter().collect::<Vec<_>>(), true);
+        let summary: Vec<_> = groups
+            .iter()
+            .map(|g| (g.program, g.display_path.as_str(), g.sites.clone()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (names::WAIT_EXIT, exe, vec![(0x20, 0)]),
+                (names::WAIT_ENTER, libc, vec![(0x10, 3)]),
+                (names::WAIT_ENTER, exe, vec![(0x20, 0)]),
+            ]
+        );
     }
 
     #[test]
