@@ -18,6 +18,8 @@
 //!   name (its addon exports), or a mapped file is Node's shared library.
 //! - [`waits`]: the functions an event-loop thread waits in (epoll
 //!   wrappers, Tokio's parks) among an ELF file's symbols.
+//! - [`placement`]: where on a function an entry probe costs least (an
+//!   instruction the kernel emulates rather than single-steps).
 //! - [`linetable`]: the source line of an instruction, from a `CPython`
 //!   3.11+ code object's location table (read from a Python target).
 //!
@@ -27,6 +29,7 @@
 pub mod elf;
 pub mod interpreter;
 pub mod linetable;
+pub mod placement;
 pub mod symbols;
 pub mod usdt;
 pub mod version;

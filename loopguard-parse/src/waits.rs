@@ -89,8 +89,23 @@ fn file_offset(file: &object::File<'_>, vaddr: u64) -> Option<u64> {
     })
 }
 
+/// How far past its entry, at file offset `entry`, a wait probe goes on
+/// the function of `size` bytes at `address` ([`crate::placement`]); 0 for
+/// a function whose size is not known or whose bytes are not all there.
+fn probe_skip(data: &[u8], entry: u64, size: u64, address: u64) -> u64 {
+    let code = usize::try_from(entry)
+        .ok()
+        .zip(usize::try_from(size).ok())
+        .and_then(|(start, size)| data.get(start..start.checked_add(size)?));
+    code.map_or(0, |code| {
+        crate::placement::entry_probe_offset(code, address)
+    })
+}
+
 /// Wait sites in one ELF file's symbols: the epoll wrappers it defines and,
-/// when `tokio` is set, Tokio's park functions.
+/// when `tokio` is set, Tokio's park functions. Each offset is where the
+/// probe goes: the function's entry, or a few instructions in where the
+/// kernel emulates the instruction ([`crate::placement`]).
 pub fn sites_in(data: &[u8], tokio: bool) -> Vec<(u64, String, WaitKind)> {
     let Ok(file) = object::File::parse(data) else {
         return Vec::new();
@@ -110,9 +125,13 @@ pub fn sites_in(data: &[u8], tokio: bool) -> Vec<(u64, String, WaitKind)> {
         } else {
             continue;
         };
-        if let Some(offset) = file_offset(&file, symbol.address())
-            && !sites.iter().any(|(seen, _, _)| *seen == offset)
-        {
+        let Some(entry) = file_offset(&file, symbol.address()) else {
+            continue;
+        };
+        // Aliases of one function (its symbol and its dynamic symbol) get
+        // the same place.
+        let offset = entry + probe_skip(data, entry, symbol.size(), symbol.address());
+        if !sites.iter().any(|(seen, _, _)| *seen == offset) {
             sites.push((offset, demangle(bare), kind));
         }
     }
