@@ -314,12 +314,14 @@ pub struct WatchArgs {
     pub exclude_routes: Option<Vec<String>>,
     /// How event-loop waits are seen: `switch` on the context-switch
     /// tracepoint (no probe per epoll wait; needs task polls to split a busy
-    /// worker's time), `uprobe` on the C library's epoll wrappers (costs
-    /// nothing outside the target, misses programs that make the syscall
-    /// themselves), `tracepoint` on every syscall's entry and exit (sees
-    /// every wait, but runs for every process on the host), `auto` (`switch`
-    /// for Tokio, else uprobes where the wrappers exist), or `off`
-    /// [default: auto].
+    /// worker's time), `calls` on the entries of the C library's epoll
+    /// wrappers plus the context-switch tracepoint for the calls that sleep
+    /// (one kernel entry per wait), `uprobe` on their entries and returns
+    /// (two; both cost nothing outside the target and miss programs that
+    /// make the syscall themselves), `tracepoint` on every syscall's entry
+    /// and exit (sees every wait, but runs for every process on the host),
+    /// `auto` (`switch` for Tokio, else `calls` where the wrappers exist,
+    /// else `tracepoint`), or `off` [default: auto].
     #[arg(long, value_enum)]
     pub wait_probes: Option<crate::attach::WaitProbes>,
     /// How the uprobes are attached: `multi` puts each program's probes in

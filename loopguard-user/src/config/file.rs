@@ -61,7 +61,8 @@ pub struct FileConfig {
     pub requests: Option<RequestsValue>,
     pub scan_interval_ms: Option<i64>,
     pub exclude_routes: Option<Vec<String>>,
-    /// `uprobe`, `tracepoint`, `auto` or `off` (`--wait-probes`).
+    /// `switch`, `calls`, `uprobe`, `tracepoint`, `auto` or `off`
+    /// (`--wait-probes`).
     pub wait_probes: Option<String>,
     /// Thread names that count as event loops (`--loop-threads`).
     pub loop_threads: Option<Vec<String>>,
