@@ -84,37 +84,37 @@ pub(crate) fn report_floor_ns() -> u64 {
     unsafe { core::ptr::read_volatile(&raw const CONFIG.report_floor_ns) }
 }
 
+/// Whether the loader set `flag` ([`config_flags`]) in the configuration.
+#[inline(always)]
+fn config_has(flag: u64) -> bool {
+    // SAFETY: a plain read of a global the loader patched before load.
+    let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
+    flags & flag != 0
+}
+
 /// The benchmark's floor ([`config_flags::EMPTY_PROGRAMS`]): every program
 /// returns before doing anything, so only the kernel's probe entry is paid.
 #[inline(always)]
 pub(crate) fn empty_programs() -> bool {
-    // SAFETY: a plain read of a global the loader patched before load.
-    let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
-    flags & config_flags::EMPTY_PROGRAMS != 0
+    config_has(config_flags::EMPTY_PROGRAMS)
 }
 
 /// The wait path rides on `sched_switch` ([`config_flags::WAIT_SWITCH`]).
 #[inline(always)]
 pub(crate) fn waits_on_switch() -> bool {
-    // SAFETY: a plain read of a global the loader patched before load.
-    let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
-    flags & config_flags::WAIT_SWITCH != 0 && wait::armed()
+    config_has(config_flags::WAIT_SWITCH) && wait::armed()
 }
 
 /// The epoll wrappers have entry probes only ([`config_flags::WAIT_CALLS`]).
 #[inline(always)]
 pub(crate) fn waits_on_calls() -> bool {
-    // SAFETY: a plain read of a global the loader patched before load.
-    let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
-    flags & config_flags::WAIT_CALLS != 0
+    config_has(config_flags::WAIT_CALLS)
 }
 
 /// The request probes are attached ([`config_flags::REQUESTS`]).
 #[inline(always)]
 fn tracks_requests() -> bool {
-    // SAFETY: a plain read of a global the loader patched before load.
-    let flags = unsafe { core::ptr::read_volatile(&raw const CONFIG.flags) };
-    flags & config_flags::REQUESTS != 0
+    config_has(config_flags::REQUESTS)
 }
 
 /// The timer tick, when CPUs that run a task tick steadily (0: not known).
@@ -497,7 +497,7 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     // this switch may begin (which closes the stretch that return opened).
     wait::note_unseen_return(tid, switched_in_ns);
     if waits_on_switch && !runnable {
-        wait::switch_out(tid);
+        wait::switch_out(tid, now);
     }
     let Some(slot) = slots::slot_of(tid) else {
         return 0;

@@ -463,11 +463,11 @@ static WAITING_TASKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_THREAD_S
 static WAITING_FILTER: Array<u64> = Array::with_max_entries(task_filter::BUCKETS, 0);
 
 /// Run as thread `tid` of the target, which `sched_switch` takes off its
-/// CPU asleep: when it sleeps in an epoll wait, its wait begins now (nested
+/// CPU asleep: when it sleeps in an epoll wait, its wait begins at `now` (nested
 /// inside a park probe's, if any). A futex is not a wait here, since a
 /// lock sleeps in one too: the parks that sleep in one keep their uprobes.
 #[inline(always)]
-pub(crate) fn switch_out(tid: u32) {
+pub(crate) fn switch_out(tid: u32, now: u64) {
     // SAFETY: the helpers return the current task and its user registers.
     let task = unsafe { generated::bpf_get_current_task_btf() };
     let regs = unsafe { generated::bpf_task_pt_regs(task) } as u64;
@@ -500,7 +500,6 @@ pub(crate) fn switch_out(tid: u32) {
         return;
     }
     crate::task_filter::added(&WAITING_FILTER, task);
-    let now = unsafe { bpf_ktime_get_ns() };
     enter(tgid, tid, &mut state, epoll_fd_of(regs), now);
 }
 
