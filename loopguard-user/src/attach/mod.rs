@@ -525,14 +525,12 @@ impl WaitPath {
             Self::Off => Vec::new(),
             Self::Switch => crate::discover::waits::probed_on_switch(sites),
             Self::Calls { .. } => {
-                let parks = crate::discover::waits::probed_on_switch(sites);
-                sites
+                let mut probed: Vec<_> = sites
                     .iter()
-                    .filter(|site| {
-                        site.kind == WaitKind::Epoll
-                            || parks.iter().any(|p| std::ptr::eq(*p, *site))
-                    })
-                    .collect()
+                    .filter(|site| site.kind == WaitKind::Epoll)
+                    .collect();
+                probed.extend(crate::discover::waits::probed_on_switch(sites));
+                probed
             }
             Self::Tracepoints => sites
                 .iter()
@@ -1072,6 +1070,18 @@ mod tests {
         }
     }
 
+    /// A probe group as the tests compare it: program, file, (offset,
+    /// cookie) of each site.
+    type Grouped = (&'static str, String, Vec<(u64, u64)>);
+
+    /// `sites` grouped for attaching.
+    fn grouped(sites: &[WaitSite], calls_only: bool) -> Vec<Grouped> {
+        group_wait_sites(&sites.iter().collect::<Vec<_>>(), calls_only)
+            .into_iter()
+            .map(|g| (g.program, g.display_path, g.sites))
+            .collect()
+    }
+
     /// Returns first, and an epoll wrapper's probes carry the cookie that
     /// makes the entry read its epoll fd; a park's carry none.
     #[test]
@@ -1083,18 +1093,21 @@ mod tests {
             ..wait_site(exe, 0x20)
         };
         let sites = [wait_site(libc, 0x10), park, wait_site(libc, 0x30)];
-        let groups = group_wait_sites(&sites.iter().collect::<Vec<_>>(), false);
-        let summary: Vec<_> = groups
-            .iter()
-            .map(|g| (g.program, g.display_path.as_str(), g.sites.clone()))
-            .collect();
         assert_eq!(
-            summary,
+            grouped(&sites, false),
             [
-                (names::WAIT_EXIT, libc, vec![(0x10, 1), (0x30, 1)]),
-                (names::WAIT_EXIT, exe, vec![(0x20, 0)]),
-                (names::WAIT_ENTER, libc, vec![(0x10, 1), (0x30, 1)]),
-                (names::WAIT_ENTER, exe, vec![(0x20, 0)]),
+                (
+                    names::WAIT_EXIT,
+                    libc.to_owned(),
+                    vec![(0x10, 1), (0x30, 1)]
+                ),
+                (names::WAIT_EXIT, exe.to_owned(), vec![(0x20, 0)]),
+                (
+                    names::WAIT_ENTER,
+                    libc.to_owned(),
+                    vec![(0x10, 1), (0x30, 1)]
+                ),
+                (names::WAIT_ENTER, exe.to_owned(), vec![(0x20, 0)]),
             ]
         );
         assert!(group_wait_sites(&[], false).is_empty());
@@ -1111,17 +1124,12 @@ mod tests {
             ..wait_site(exe, 0x20)
         };
         let sites = [wait_site(libc, 0x10), park];
-        let groups = group_wait_sites(&sites.iter().collect::<Vec<_>>(), true);
-        let summary: Vec<_> = groups
-            .iter()
-            .map(|g| (g.program, g.display_path.as_str(), g.sites.clone()))
-            .collect();
         assert_eq!(
-            summary,
+            grouped(&sites, true),
             [
-                (names::WAIT_EXIT, exe, vec![(0x20, 0)]),
-                (names::WAIT_ENTER, libc, vec![(0x10, 3)]),
-                (names::WAIT_ENTER, exe, vec![(0x20, 0)]),
+                (names::WAIT_EXIT, exe.to_owned(), vec![(0x20, 0)]),
+                (names::WAIT_ENTER, libc.to_owned(), vec![(0x10, 3)]),
+                (names::WAIT_ENTER, exe.to_owned(), vec![(0x20, 0)]),
             ]
         );
     }
