@@ -171,6 +171,11 @@ pub struct Config {
     /// every tick (`steal::paused_ns`); 0 when a CPU may stop its tick
     /// while a task runs (`nohz_full`), which turns that rule off.
     pub tick_ns: u64,
+    /// ns: a task poll or busy stretch that has run this long, or that
+    /// goes to sleep, sends the agent one [`NudgeEvent`], so the agent
+    /// reads the poll stacks often only while something may be stuck
+    /// (0: no nudges; the agent then reads them at a fixed pace).
+    pub nudge_ns: u64,
 }
 
 /// Bits of [`Config::flags`].
@@ -193,7 +198,7 @@ pub mod config_flags {
     pub const WAIT_CALLS: u64 = 1 << 3;
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 32 + 16 * MAX_BLOCKING_RANGES);
+const _: () = assert!(core::mem::size_of::<Config>() == 40 + 16 * MAX_BLOCKING_RANGES);
 
 impl Config {
     pub const fn zeroed() -> Self {
@@ -204,6 +209,7 @@ impl Config {
             blocking_ranges: [[0; 2]; MAX_BLOCKING_RANGES],
             flags: 0,
             tick_ns: 0,
+            nudge_ns: 0,
         }
     }
 }
@@ -593,6 +599,25 @@ pub struct LoopEvent {
 
 const _: () = assert!(core::mem::size_of::<LoopEvent>() == 40);
 
+/// Sent once per task poll or busy stretch that has run
+/// [`Config::nudge_ns`], or that goes to sleep, while it is still running:
+/// it may be a stall in progress, so the agent reads the poll stacks at its
+/// fast pace until it is over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NudgeEvent {
+    /// [`EventKind::Nudge`].
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// Explicit padding, always 0.
+    pub pad: u32,
+    /// ns, `CLOCK_MONOTONIC`: the poll's start, or the stretch's.
+    pub start_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<NudgeEvent>() == 24);
+
 /// Kinds of [`PollEvent`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -603,6 +628,8 @@ pub enum EventKind {
     LoopBusy = 4,
     /// [`requests::RouteName`]: the first start of a route.
     RouteName = 5,
+    /// [`NudgeEvent`].
+    Nudge = 6,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -613,6 +640,7 @@ impl TryFrom<u32> for EventKind {
             1 => Ok(Self::PollEnd),
             4 => Ok(Self::LoopBusy),
             5 => Ok(Self::RouteName),
+            6 => Ok(Self::Nudge),
             other => Err(other),
         }
     }
@@ -698,6 +726,7 @@ mod pod {
     unsafe impl aya::Pod for super::hist::PollHistogram {}
     unsafe impl aya::Pod for super::LoopState {}
     unsafe impl aya::Pod for super::LoopEvent {}
+    unsafe impl aya::Pod for super::NudgeEvent {}
     unsafe impl aya::Pod for super::requests::RequestEntry {}
     unsafe impl aya::Pod for super::requests::RecentEnds {}
     unsafe impl aya::Pod for super::requests::RouteStats {}

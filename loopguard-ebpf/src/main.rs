@@ -19,6 +19,9 @@
 //! - `thread_runtime` ([`steal`], raw tracepoint `sched_stat_runtime`):
 //!   time the host did not run the vCPU of a thread inside a poll (steal
 //!   time) counts as a wait for the CPU, like a preemption.
+//! - [`nudge`]: a poll or busy stretch that runs past the nudge delay,
+//!   or sleeps, tells the agent once, which then reads the poll stacks at
+//!   its fast pace until it is over (issue #24).
 //! - `thread_wakeup` ([`wakeup`], raw tracepoint `sched_wakeup`): a
 //!   thread woken from a sleep inside a poll waits for a CPU until
 //!   `sched_switch` runs it; that wait counts like a preemption.
@@ -48,6 +51,7 @@ use aya_ebpf::{
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 mod follow;
+mod nudge;
 mod requests;
 mod slots;
 mod stacks;
@@ -65,7 +69,7 @@ use loopguard_common::{
 
 /// Set by the agent before load (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
-static CONFIG: Config = Config::zeroed();
+pub(crate) static CONFIG: Config = Config::zeroed();
 
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
@@ -504,6 +508,7 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     };
     if !runnable {
         wakeup::note_sleep(slot, tid);
+        nudge::asleep((pid_tgid >> 32) as u32, slot, tid);
     }
     // Leaving the CPU inside a poll: a long one, perhaps; its task is alive.
     task_ids::read_current(slot, tid);

@@ -71,6 +71,7 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
     // A clock tick (or another update) inside a poll: a long one, perhaps.
     if let Some(slot) = slots::slot_of(tid) {
         crate::task_ids::read_current(slot, tid);
+        crate::nudge::on_cpu((pid_tgid >> 32) as u32, slot, tid, now);
     }
     // Moved in place: an update of the hash map would take its bucket lock
     // and swap in a new element on every tick of every target thread.

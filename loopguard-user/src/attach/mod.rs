@@ -895,6 +895,13 @@ pub fn attach(
     })
 }
 
+/// How long a poll or stretch runs before it nudges the agent: half the
+/// report floor, as the stack capture's arm delay (at least 1 µs, since 0
+/// turns nudges off).
+pub fn nudge_ns(report_floor_ns: u64) -> u64 {
+    (report_floor_ns / 2).max(1_000)
+}
+
 /// The kernel side's configuration for `target`: its tgid, the report
 /// floor, the blocking pool's code ranges and the paths switched on.
 fn kernel_config(target: &ProbeTarget, options: &AttachOptions, wait_path: WaitPath) -> Config {
@@ -914,6 +921,9 @@ fn kernel_config(target: &ProbeTarget, options: &AttachOptions, wait_path: WaitP
         WaitPath::Uprobes { .. } | WaitPath::Tracepoints | WaitPath::Off => {}
     }
     config.report_floor_ns = options.report_floor_ns;
+    // When the stack capture arms: the earliest a scan has anything to do
+    // with a poll or stretch still running.
+    config.nudge_ns = nudge_ns(options.report_floor_ns);
     config.tick_ns = crate::discover::tick::steady_tick_ns();
     let ranges = target.blocking_runtime_ranges();
     for (slot, range) in config.blocking_ranges.iter_mut().zip(&ranges) {

@@ -15,7 +15,7 @@ use loopguard_common::requests::{
 };
 use loopguard_common::task_filter;
 use loopguard_common::{
-    COUNTER_SLOTS, EventKind, LoopEvent, LoopState, PollEvent, ThreadPolls, names,
+    COUNTER_SLOTS, EventKind, LoopEvent, LoopState, NudgeEvent, PollEvent, ThreadPolls, names,
 };
 use std::cell::Cell;
 
@@ -298,6 +298,11 @@ pub enum RawEvent {
         method: String,
         route: Option<String>,
     },
+    /// A poll or stretch may be stuck ([`loopguard_common::NudgeEvent`]).
+    Nudge {
+        tid: u32,
+        start_ns: u64,
+    },
 }
 
 /// Reads a `T` from the front of `bytes`, if it is long enough.
@@ -320,6 +325,13 @@ pub fn decode(bytes: &[u8]) -> Option<RawEvent> {
     Some(match EventKind::try_from(kind).ok()? {
         EventKind::PollEnd => RawEvent::PollEnd(read_record(bytes)?),
         EventKind::LoopBusy => RawEvent::LoopBusy(read_record(bytes)?),
+        EventKind::Nudge => {
+            let nudge: NudgeEvent = read_record(bytes)?;
+            RawEvent::Nudge {
+                tid: nudge.tid,
+                start_ns: nudge.start_ns,
+            }
+        }
         EventKind::RouteName => {
             let name: RouteName = read_record(bytes)?;
             RawEvent::RouteName {
@@ -346,13 +358,10 @@ pub fn monotonic_ns() -> u64 {
 mod tests {
     use super::*;
 
-    fn bytes_of(event: &PollEvent) -> Vec<u8> {
-        // SAFETY: PollEvent is repr(C) plain integers with no padding.
+    fn bytes_of<T: Copy>(event: &T) -> Vec<u8> {
+        // SAFETY: the records are repr(C) plain integers with no padding.
         unsafe {
-            std::slice::from_raw_parts(
-                std::ptr::from_ref(event).cast::<u8>(),
-                size_of::<PollEvent>(),
-            )
+            std::slice::from_raw_parts(std::ptr::from_ref(event).cast::<u8>(), size_of::<T>())
         }
         .to_vec()
     }
@@ -369,6 +378,22 @@ mod tests {
             panic!("not a poll end");
         };
         assert_eq!((decoded.tid, decoded.duration_ns), (9, 5));
+    }
+
+    #[test]
+    fn a_nudge_decodes_its_thread_and_start() {
+        let nudge = NudgeEvent {
+            kind: EventKind::Nudge as u32,
+            pid: 1,
+            tid: 7,
+            pad: 0,
+            start_ns: 123,
+        };
+        let Some(RawEvent::Nudge { tid, start_ns }) = decode(&bytes_of(&nudge)) else {
+            panic!("not a nudge");
+        };
+        assert_eq!((tid, start_ns), (7, 123));
+        assert!(decode(&bytes_of(&nudge)[..16]).is_none(), "short");
     }
 
     #[test]

@@ -304,7 +304,9 @@ pub struct WatchArgs {
     /// `--requests off`.
     #[arg(long)]
     pub no_requests: bool,
-    /// How often (ms) in-flight polls are checked for stalls still in progress [default: 5].
+    /// How often (ms) in-flight polls are checked for stalls still in progress, while one may
+    /// be stuck (the kernel says when a poll or busy stretch has run half the report floor, or
+    /// sleeps); otherwise every 100 ms [default: 5].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub scan_interval_ms: Option<u64>,
     /// Route globs that raise no alert and are left out of rankings (still

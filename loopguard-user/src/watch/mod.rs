@@ -1,9 +1,10 @@
 //! Watch: one process, collect → detect → report, until told to stop.
 //!
-//! Ring buffer events are handled as they arrive; every scan interval the
-//! in-flight poll stacks are read so a poll that is still stuck is reported
-//! while it is stuck. On stop the ring buffer is drained one last time and
-//! the summary printed.
+//! Ring buffer events are handled as they arrive; scans read the in-flight
+//! poll stacks so a poll that is still stuck is reported while it is stuck,
+//! at the fast pace only while the kernel says something may be stuck
+//! ([`cadence`]). On stop the ring buffer is drained one last time and the
+//! summary printed.
 //!
 //! [`setup`] discovers, attaches and opens the maps; [`run`] is the watch
 //! loop; [`session`] keeps what one watch knows between events and
@@ -12,6 +13,7 @@
 //! [`status`] (the status line), [`printer`] and [`banner`].
 
 mod banner;
+mod cadence;
 mod census;
 pub mod findings;
 mod metrics_feed;

@@ -80,21 +80,33 @@ async fn watch_until(
     stop: impl Future<Output = StopReason>,
 ) -> Result<StopReason, CollectError> {
     let pid = session.printer.target.pid;
-    let mut scan = tokio::time::interval(options.scan_interval);
-    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The first scan at once; then as the session's cadence says: fast
+    // while something may be stuck, slow otherwise.
+    let scan = tokio::time::sleep(Duration::ZERO);
+    let mut last_scan = tokio::time::Instant::now();
     let mut liveness = tokio::time::interval(Duration::from_millis(200));
-    tokio::pin!(stop);
+    tokio::pin!(stop, scan);
     Ok(loop {
         tokio::select! {
             reason = &mut stop => break reason,
             ready = collector.readable(), if !options.bench.empty_programs => {
                 ready?;
                 session.handle_events(collector);
+                // A poll or stretch may be stuck: scan at the fast pace from
+                // the last scan, not at the idle one.
+                if session.cadence.take_new_nudge() {
+                    let soon = last_scan + session.cadence.fast();
+                    if soon < scan.deadline() {
+                        scan.as_mut().reset(soon);
+                    }
+                }
             }
-            _ = scan.tick(), if !options.bench.empty_programs => {
+            () = &mut scan, if !options.bench.empty_programs => {
                 // Events first, so a poll that just ended is not reported as in progress.
                 session.handle_events(collector);
-                session.scan(collector);
+                last_scan = tokio::time::Instant::now();
+                let next = session.scan(collector);
+                scan.as_mut().reset(last_scan + next);
             }
             _ = liveness.tick() => {
                 if crate::present::output::reader_gone() {

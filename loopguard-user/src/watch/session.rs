@@ -3,9 +3,9 @@
 //! slots to the rules and the stack capture, findings to the router.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use loopguard_common::{LoopEvent, LoopState};
+use loopguard_common::{LoopEvent, LoopState, MAX_POLL_DEPTH, ThreadPolls};
 
 use crate::attach::RequestSource;
 use crate::attribute::RouteNames;
@@ -17,6 +17,7 @@ use crate::discover::{ProbeTarget, proc};
 use crate::stacks::Stacks;
 
 use super::WatchOptions;
+use super::cadence::{Cadence, Seen};
 use super::findings::{Router, Thresholds};
 use super::metrics_feed::MetricsFeed;
 use super::printer::Printer;
@@ -46,7 +47,13 @@ pub(super) struct Session<'t> {
     pub(super) polling_threads: HashSet<u32>,
     /// The live status line (stderr is a terminal).
     pub(super) status: Option<StatusFeed>,
+    /// When the next scan comes.
+    pub(super) cadence: Cadence,
 }
+
+/// The attach census (`census.rs`) is read by scans at the fast pace for
+/// this long after the watch starts.
+const CENSUS_SCANS_NS: u64 = 1_000_000_000;
 
 impl<'t> Session<'t> {
     pub(super) fn new(
@@ -89,6 +96,11 @@ impl<'t> Session<'t> {
             stacks,
             polling_threads: HashSet::new(),
             status: StatusFeed::when_shown(started),
+            cadence: Cadence::new(
+                options.scan_interval,
+                true,
+                monotonic_ns() + CENSUS_SCANS_NS,
+            ),
         }
     }
 }
@@ -155,6 +167,9 @@ impl Session<'_> {
                     }
                 }
                 RawEvent::LoopBusy(busy) => self.on_loop_busy(busy),
+                RawEvent::Nudge { tid, start_ns } => {
+                    self.cadence.nudge(*tid, *start_ns, monotonic_ns());
+                }
                 RawEvent::RouteName { key, method, route } => {
                     self.live
                         .route_names
@@ -166,7 +181,9 @@ impl Session<'_> {
         self.events.clear();
     }
 
-    pub(super) fn scan(&mut self, collector: &Collector) {
+    /// Reads the thread slots and acts on what is stuck; returns the time
+    /// until the next scan.
+    pub(super) fn scan(&mut self, collector: &Collector) -> Duration {
         self.check_layout();
         if let Some(maps) = &self.live.request_maps {
             maps.forget_recent_ends();
@@ -220,6 +237,9 @@ impl Session<'_> {
         if self.metrics.as_ref().is_some_and(MetricsFeed::due) {
             self.refresh_metrics(collector, now_ns, &threads);
         }
+        self.cadence.after_scan(now_ns, |tid, start_ns| {
+            seen(&threads, &loop_threads, tid, start_ns)
+        })
     }
 
     /// Reads what only the kernel's maps hold into the metrics.
@@ -305,5 +325,32 @@ impl Session<'_> {
         {
             self.report(&finding);
         }
+    }
+}
+
+/// What a scan's snapshots say of the poll or busy stretch of thread `tid`
+/// that began at `start_ns` (a nudge's).
+fn seen(
+    threads: &[(u32, ThreadPolls)],
+    loops: &[(u32, LoopState)],
+    tid: u32,
+    start_ns: u64,
+) -> Seen {
+    let polls = threads.iter().find(|(t, _)| *t == tid).map(|(_, p)| p);
+    let state = loops.iter().find(|(t, _)| *t == tid).map(|(_, s)| s);
+    if polls.is_none() && state.is_none() {
+        return Seen::Unseen;
+    }
+    let in_poll = polls.is_some_and(|polls| {
+        let depth = (polls.depth as usize).min(MAX_POLL_DEPTH);
+        polls.frames[..depth]
+            .iter()
+            .any(|frame| frame.start_ns == start_ns)
+    });
+    let in_stretch = state.is_some_and(|state| state.depth == 0 && state.busy_start_ns == start_ns);
+    if in_poll || in_stretch {
+        Seen::Running
+    } else {
+        Seen::Over
     }
 }
