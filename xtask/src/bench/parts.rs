@@ -16,6 +16,9 @@
 //! `target/bench-servers`).
 //! Saturation only (wrk), where a per-request cost shows as lost
 //! throughput; the server's CPU time per request is printed beside it.
+//! Each target gets the fewest connections (`--connections`, then four
+//! and sixteen times as many) that keep it at 90 % of its CPU or more
+//! unattached: a server bound by its own latency measures nothing else.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -275,6 +278,37 @@ struct Target {
     pid: u32,
     url: String,
     middleware: bool,
+    /// wrk's connections for it ([`saturating_connections`]).
+    connections: u32,
+}
+
+/// The server's share of one CPU at or above which it counts as saturated.
+const SATURATED_CPU: f64 = 0.9;
+
+/// The fewest connections, from `first` up by fours to 256, at which wrk
+/// keeps the unattached target's CPU saturated. Under too few a server can
+/// be bound by its own latency (dufs and miniserve wait out 40 ms delayed
+/// ACKs under `-c16` here, at 10-25 % CPU): its throughput then measures
+/// that wait, not what a probe costs, and moves 20 % from run to run.
+fn saturating_connections(setup: &Setup, target: &Target, first: u32) -> anyhow::Result<u32> {
+    let mut connections = first;
+    loop {
+        let before = agent::cpu_seconds(target.pid);
+        let start = Instant::now();
+        load::wrk(setup.load_cpus, &target.url, 1, connections)?;
+        let share = (agent::cpu_seconds(target.pid) - before) / start.elapsed().as_secs_f64();
+        if share >= SATURATED_CPU || connections >= 256 {
+            if share < SATURATED_CPU {
+                eprintln!(
+                    "bench: {} uses {:.0} % of its CPU under {connections} connections: its ratios measure its latency more than our cost",
+                    target.label,
+                    share * 100.0
+                );
+            }
+            return Ok(connections);
+        }
+        connections = (connections * 4).min(256);
+    }
 }
 
 /// What the ladder gave one target: per rung (0 = unattached), the
@@ -310,6 +344,7 @@ pub fn run(setup: &Setup) -> anyhow::Result<()> {
             pid: setup.example_pid,
             url: format!("{}{}", setup.example_base, endpoint.path()),
             middleware: true,
+            connections: setup.connections,
         })
         .collect();
     for &server in setup.servers {
@@ -320,11 +355,12 @@ pub fn run(setup: &Setup) -> anyhow::Result<()> {
             pid: server_process.child.id(),
             url: server_process.url.clone(),
             middleware: false,
+            connections: setup.connections,
         });
         running.push(server_process);
     }
-    for target in &targets {
-        load::wrk(setup.load_cpus, &target.url, 1, setup.connections)?;
+    for target in &mut targets {
+        target.connections = saturating_connections(setup, target, setup.connections)?;
     }
     let mut ladders: Vec<Ladder> = targets.iter().map(|_| Ladder::default()).collect();
     for round in 1..=setup.rounds {
@@ -385,7 +421,7 @@ fn measure(setup: &Setup, target: &Target, rung: usize) -> anyhow::Result<(f64, 
         setup.load_cpus,
         &target.url,
         setup.seconds,
-        setup.connections,
+        target.connections,
     )?;
     let wall = start.elapsed().as_secs_f64();
     let cpu = agent::cpu_seconds(target.pid) - before;
@@ -406,9 +442,9 @@ fn render(setup: &Setup, targets: &[Target], ladders: &[Ladder]) -> String {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let _ = writeln!(
         out,
-        "\nWhat each part costs (wrk -t1 -c{} -d{}s, median of {} round(s); server on CPUs {}, wrk and agent on {}; load average {}):",
-        setup.connections,
+        "\nWhat each part costs (wrk -t1 -d{}s, -c{} or more where the server needs more to use its CPU; median of {} round(s); server on CPUs {}, wrk and agent on {}; load average {}):",
         setup.seconds,
+        setup.connections,
         setup.rounds,
         setup.server_cpus,
         setup.load_cpus,
@@ -423,9 +459,10 @@ fn render(setup: &Setup, targets: &[Target], ladders: &[Ladder]) -> String {
         let Some(unattached) = rps(0) else { continue };
         let _ = writeln!(
             out,
-            "\n{}: unattached {unattached:.0} req/s, {:.2} µs/request",
+            "\n{}: unattached {unattached:.0} req/s, {:.2} µs/request (wrk -c{})",
             target.label,
-            us(0).unwrap_or(f64::NAN)
+            us(0).unwrap_or(f64::NAN),
+            target.connections
         );
         let _ = writeln!(
             out,
