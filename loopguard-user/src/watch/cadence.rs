@@ -42,8 +42,6 @@ pub enum Seen {
 #[derive(Debug)]
 pub struct Cadence {
     fast: Duration,
-    /// Whether the kernel nudges; without, every scan is at the fast pace.
-    nudges: bool,
     /// Fast until then (ns): the attach census.
     fast_until_ns: u64,
     /// Nudged (thread, start) → when a scan last saw it running (ns).
@@ -54,11 +52,10 @@ pub struct Cadence {
 
 impl Cadence {
     /// `fast`: `--scan-interval-ms`; fast until `fast_until_ns` whatever
-    /// the nudges say.
-    pub fn new(fast: Duration, nudges: bool, fast_until_ns: u64) -> Self {
+    /// the nudges say (the kernel always nudges: attach sets `nudge_ns`).
+    pub fn new(fast: Duration, fast_until_ns: u64) -> Self {
         Self {
             fast,
-            nudges,
             fast_until_ns,
             nudged: HashMap::new(),
             new_nudge: false,
@@ -100,7 +97,7 @@ impl Cadence {
 
     /// The time until the next scan, as things stand at `now_ns`.
     pub fn next(&self, now_ns: u64) -> Duration {
-        if !self.nudges || now_ns < self.fast_until_ns || !self.nudged.is_empty() {
+        if now_ns < self.fast_until_ns || !self.nudged.is_empty() {
             self.fast
         } else {
             IDLE_SCAN.max(self.fast)
@@ -121,21 +118,15 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     #[test]
-    fn without_nudges_every_scan_is_fast() {
-        let mut cadence = Cadence::new(FAST, false, 0);
-        assert_eq!(cadence.after_scan(10 * MS, |_, _| Seen::Over), FAST);
-    }
-
-    #[test]
     fn the_census_is_scanned_fast_then_the_pace_drops() {
-        let mut cadence = Cadence::new(FAST, true, 500 * MS);
+        let mut cadence = Cadence::new(FAST, 500 * MS);
         assert_eq!(cadence.after_scan(100 * MS, |_, _| Seen::Over), FAST);
         assert_eq!(cadence.after_scan(600 * MS, |_, _| Seen::Over), IDLE_SCAN);
     }
 
     #[test]
     fn a_nudged_poll_keeps_the_fast_pace_until_it_is_over() {
-        let mut cadence = Cadence::new(FAST, true, 0);
+        let mut cadence = Cadence::new(FAST, 0);
         cadence.nudge(7, 40 * MS, 50 * MS);
         assert!(cadence.take_new_nudge());
         assert!(!cadence.take_new_nudge(), "said once");
@@ -146,7 +137,7 @@ mod tests {
 
     #[test]
     fn an_unseen_thread_is_followed_for_a_while_then_let_go() {
-        let mut cadence = Cadence::new(FAST, true, 0);
+        let mut cadence = Cadence::new(FAST, 0);
         cadence.nudge(7, 0, MS);
         assert_eq!(cadence.after_scan(2 * MS, |_, _| Seen::Running), FAST);
         assert_eq!(cadence.after_scan(1_000 * MS, |_, _| Seen::Unseen), FAST);
@@ -158,7 +149,7 @@ mod tests {
 
     #[test]
     fn each_nudge_is_judged_alone() {
-        let mut cadence = Cadence::new(FAST, true, 0);
+        let mut cadence = Cadence::new(FAST, 0);
         cadence.nudge(7, 10 * MS, 20 * MS);
         cadence.nudge(8, 12 * MS, 20 * MS);
         let pace = cadence.after_scan(
@@ -174,7 +165,7 @@ mod tests {
     #[test]
     fn a_slow_fast_pace_is_never_made_faster() {
         let slow = Duration::from_millis(500);
-        let mut cadence = Cadence::new(slow, true, 0);
+        let mut cadence = Cadence::new(slow, 0);
         assert_eq!(cadence.after_scan(MS, |_, _| Seen::Over), slow);
     }
 }

@@ -96,11 +96,7 @@ impl<'t> Session<'t> {
             stacks,
             polling_threads: HashSet::new(),
             status: StatusFeed::when_shown(started),
-            cadence: Cadence::new(
-                options.scan_interval,
-                true,
-                monotonic_ns() + CENSUS_SCANS_NS,
-            ),
+            cadence: Cadence::new(options.scan_interval, monotonic_ns() + CENSUS_SCANS_NS),
         }
     }
 }
