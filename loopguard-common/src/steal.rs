@@ -77,18 +77,28 @@ pub const PAUSE_TICKS: u64 = 3;
 /// late tick is not a pause.
 pub const PAUSE_FLOOR_NS: u64 = 10_000_000;
 
-/// ns a thread that ran without a context switch from `since_ns` to
-/// `now_ns`, given `runtime_ns` of task clock, did not really run: the
-/// larger of what the steal clock knew ([`stolen_ns`]) and what the
-/// missing ticks tell ([`paused_ns`]). They overlap (a pause the guest was
-/// told of is both), so the larger, not the sum.
+/// ns a thread that ran without a context switch did not really run, at
+/// `now_ns`: the larger of what the steal clock knew ([`stolen_ns`], over
+/// the `runtime_ns` of task clock given since `updated_ns`, its last
+/// runtime update from any CPU) and what the missing ticks tell
+/// ([`paused_ns`], since `ticked_ns`, its last update made by its own
+/// CPU). They overlap (a pause the guest was told of is both), so the
+/// larger, not the sum.
+///
+/// Two marks, because another CPU updates a running thread's clock too (a
+/// wakeup aimed at its run queue checks it): that update takes the
+/// runtime so far, so the shortfall must be measured from it, yet it says
+/// nothing of whether the thread's own CPU ticked. A vCPU paused while the
+/// other vCPU sends it wakeups every few ms is still paused; measured from
+/// the last remote update, its pause looked like a late tick (a 35 ms
+/// freeze counted as 12 ms in CI).
 #[expect(
     clippy::inline_always,
     reason = "the eBPF program calls it on every scheduler clock update"
 )]
 #[inline(always)]
-pub fn lost_ns(since_ns: u64, now_ns: u64, runtime_ns: u64, tick_ns: u64) -> u64 {
-    stolen_ns(since_ns, now_ns, runtime_ns).max(paused_ns(since_ns, now_ns, tick_ns))
+pub fn lost_ns(updated_ns: u64, ticked_ns: u64, now_ns: u64, runtime_ns: u64, tick_ns: u64) -> u64 {
+    stolen_ns(updated_ns, now_ns, runtime_ns).max(paused_ns(ticked_ns, now_ns, tick_ns))
 }
 
 #[cfg(test)]
@@ -102,7 +112,10 @@ mod tests {
         // 70 ms without a tick, all of it given as runtime (the steal
         // clock was not told): all but one tick was a pause.
         assert_eq!(paused_ns(100 * MS, 170 * MS, TICK), 66 * MS);
-        assert_eq!(lost_ns(100 * MS, 170 * MS, 70 * MS, TICK), 66 * MS);
+        assert_eq!(
+            lost_ns(100 * MS, 100 * MS, 170 * MS, 70 * MS, TICK),
+            66 * MS
+        );
     }
 
     #[test]
@@ -124,9 +137,24 @@ mod tests {
     #[test]
     fn a_pause_the_steal_clock_knew_of_is_not_counted_twice() {
         // 70 ms gap, the guest was told of 66 ms of steal: 66, not 132.
-        assert_eq!(lost_ns(100 * MS, 170 * MS, 4 * MS, TICK), 66 * MS);
+        assert_eq!(lost_ns(100 * MS, 100 * MS, 170 * MS, 4 * MS, TICK), 66 * MS);
         // Told of more than the ticks show: the steal clock wins.
-        assert_eq!(lost_ns(100 * MS, 108 * MS, 2 * MS, TICK), 6 * MS);
+        assert_eq!(lost_ns(100 * MS, 100 * MS, 108 * MS, 2 * MS, TICK), 6 * MS);
+    }
+
+    #[test]
+    fn updates_from_another_cpu_do_not_hide_a_pause() {
+        // Ticked at 100 ms, then its vCPU stood still until 152 ms while
+        // the other vCPU's wakeups updated its clock at 110, 120, 130 and
+        // 140 ms (each taking the runtime so far): measured from the last
+        // of them the gap is 12 ms, yet its own CPU has not ticked for 52.
+        assert_eq!(
+            lost_ns(140 * MS, 100 * MS, 152 * MS, 12 * MS, TICK),
+            48 * MS
+        );
+        // A healthy spin: its CPU ticked 4 ms ago, another CPU looked 1 ms
+        // ago, nothing is lost.
+        assert_eq!(lost_ns(103 * MS, 100 * MS, 104 * MS, MS, TICK), 0);
     }
 
     const MS: u64 = 1_000_000;

@@ -11,7 +11,10 @@
 //! steal time out. The wall time since that previous update, less the
 //! runtime, is what the host took. The previous update may have been made
 //! from another CPU (a wakeup checks the remote CPU's running task), so
-//! every update of a target thread, wherever it runs, moves its mark.
+//! every update of a target thread, wherever it runs, moves its runtime
+//! mark. Only its own CPU's updates move its tick mark: an update from
+//! another CPU says nothing of whether the thread's CPU ran
+//! (`loopguard_common::steal::lost_ns`).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -24,11 +27,22 @@ use loopguard_common::{MAX_POLL_DEPTH, slots::MAX_THREAD_SLOTS, steal::lost_ns, 
 
 use crate::{frame_index, last_switch_ns, slots, target_tgid, tick_ns};
 
-/// `task_struct` address of each target thread seen running → ns of its
-/// last runtime update. Entries are made by the thread itself (a pointer
-/// the program reads as current), and removed when it exits.
+/// When a target thread's clock was last updated.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Marks {
+    /// ns of its last runtime update, made from any CPU.
+    updated_ns: u64,
+    /// ns of its last runtime update made by its own CPU (a tick, a
+    /// switch out, a wakeup it sent): proof that CPU ran.
+    ticked_ns: u64,
+}
+
+/// `task_struct` address of each target thread seen running → its
+/// [`Marks`]. Entries are made by the thread itself (a pointer the program
+/// reads as current), and removed when it exits.
 #[map]
-static RUNTIME_MARKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_THREAD_SLOTS, 0);
+static RUNTIME_MARKS: HashMap<u64, Marks> = HashMap::with_max_entries(MAX_THREAD_SLOTS, 0);
 
 /// Entries of [`RUNTIME_MARKS`] per bucket of task pointers
 /// ([`crate::task_filter`]): every runtime update of every task on the host
@@ -54,14 +68,16 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     if task != current {
-        // Another CPU's running task: only move the mark of a target
-        // thread (one lookup, no insert), and only look for one where the
-        // filter says there may be one.
+        // Another CPU's running task: only move the runtime mark of a
+        // target thread (one lookup, no insert), and only look for one
+        // where the filter says there may be one.
         if crate::task_filter::may_hold(&RUNTIME_FILTER, task)
-            && let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task)
+            && let Some(marks) = RUNTIME_MARKS.get_ptr_mut(task)
         {
             // SAFETY: a valid map value pointer.
-            unsafe { core::ptr::write_volatile(mark, bpf_ktime_get_ns()) };
+            unsafe {
+                core::ptr::write_volatile(&raw mut (*marks).updated_ns, bpf_ktime_get_ns());
+            }
         }
         return 0;
     }
@@ -75,13 +91,17 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
     }
     // Moved in place: an update of the hash map would take its bucket lock
     // and swap in a new element on every tick of every target thread.
-    let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task) else {
+    let Some(marks) = RUNTIME_MARKS.get_ptr_mut(task) else {
         // Without a mark of its own, a runtime update made elsewhere may be
         // missing from the interval: start counting from this one. Counted
         // in the filter first, so no remote update passes the mark by.
         crate::task_filter::added(&RUNTIME_FILTER, task);
+        let marks = Marks {
+            updated_ns: now,
+            ticked_ns: now,
+        };
         if RUNTIME_MARKS
-            .insert(task, now, u64::from(BPF_NOEXIST))
+            .insert(task, marks, u64::from(BPF_NOEXIST))
             .is_err()
         {
             crate::task_filter::removed(&RUNTIME_FILTER, task);
@@ -90,11 +110,23 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
     };
     // SAFETY: a valid map value pointer; a remote update may race with
     // this one, and either time is a runtime update of this task.
-    let mark = unsafe { core::ptr::replace(mark, now) };
-    // It has run without a switch since its mark or since it came back to
+    let (updated, ticked) = unsafe {
+        (
+            core::ptr::replace(&raw mut (*marks).updated_ns, now),
+            core::ptr::replace(&raw mut (*marks).ticked_ns, now),
+        )
+    };
+    // It has run without a switch since its marks or since it came back to
     // this CPU, whichever is later: what the steal clock knew the host
     // took, or what the missing ticks tell, whichever is more.
-    let stolen = lost_ns(mark.max(last_switch_ns()), now, runtime_ns, tick_ns());
+    let switched = last_switch_ns();
+    let stolen = lost_ns(
+        updated.max(switched),
+        ticked.max(switched),
+        now,
+        runtime_ns,
+        tick_ns(),
+    );
     if stolen != 0 {
         credit(tid, stolen, now);
         crate::stacks::add_stolen(tid, stolen, now);
