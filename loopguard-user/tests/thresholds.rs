@@ -76,10 +76,15 @@ fn alerts(lines: &[support::Line]) -> Vec<&Value> {
         .collect()
 }
 
-#[test]
-#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
-fn twenty_short_blocks_raise_one_cumulative_alert_naming_the_route_and_no_stall() {
-    require_root();
+/// Blocks the server's own clock may stretch to before a run no longer
+/// shows what it set out to (each block well under the stall threshold).
+const BLOCK_LIMIT_MS: f64 = 45.0;
+
+/// Runs the CI guard over twenty 20 ms blocks; `None` when the server's own
+/// clock measured a block of [`BLOCK_LIMIT_MS`] or more: the machine stood
+/// still (a whole-VM freeze delays the sleep's wakeup; the block really
+/// was that long, for the service too), and the run proves nothing.
+fn twenty_short_blocks_once() -> Option<(std::process::ExitStatus, Vec<support::Line>)> {
     let binary = server_binary("LOOPGUARD_SERVER");
     let binary = binary.to_str().unwrap();
     // The CI guard: fail on either kind; the blocks are cumulative only.
@@ -110,14 +115,34 @@ fn twenty_short_blocks_raise_one_cumulative_alert_naming_the_route_and_no_stall(
     assert_eq!(response.status, 200, "{response:?}");
     let blocked = response.body["blocked_ms"].as_array().unwrap();
     assert_eq!(blocked.len(), 20);
-    assert!(
-        blocked.iter().all(|ms| ms.as_f64().unwrap() < 45.0),
-        "{response:?}"
-    );
+    let longest = blocked
+        .iter()
+        .map(|ms| ms.as_f64().unwrap())
+        .fold(0.0, f64::max);
     std::thread::sleep(Duration::from_millis(1200));
     assert!(traffic.stop() > 0);
     agent.signal("TERM");
     let (status, lines) = agent.wait(Duration::from_secs(15));
+    if longest >= BLOCK_LIMIT_MS {
+        eprintln!(
+            "the server's own clock measured a {longest:.1} ms block of a 20 ms sleep \
+             (load average {}): the machine stood still; running again",
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+        );
+        return None;
+    }
+    Some((status, lines))
+}
+
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn twenty_short_blocks_raise_one_cumulative_alert_naming_the_route_and_no_stall() {
+    require_root();
+    let (status, lines) = (0..3)
+        .find_map(|_| twenty_short_blocks_once())
+        .expect("in three runs the server's own clock measured a 20 ms block at 45 ms or more each time: the machine is too loaded for this test");
 
     assert!(of_type(&lines, "stall").is_empty(), "{lines:#?}");
     assert!(
