@@ -32,6 +32,12 @@ pub mod names {
     /// vCPU of a thread inside a poll (steal time, [`crate::steal`]), so
     /// that pause is not blamed on the poll either.
     pub const THREAD_RUNTIME: &str = "thread_runtime";
+    /// Raw tracepoint `local_timer_entry`: a pause the steal clock never
+    /// heard of, seen as timer interrupts that did not come
+    /// ([`crate::steal::paused_ns`]).
+    pub const CPU_TIMER: &str = "cpu_timer";
+    /// Per-CPU `u64`: ns of the CPU's last local timer interrupt.
+    pub const CPU_TIMER_MAP: &str = "CPU_TIMER";
     /// Raw tracepoint `sched_wakeup`: when a thread of the target asleep
     /// inside a poll or a busy stretch was woken, so its wait for a CPU
     /// after that is not blamed on the poll ([`crate::wakeup`]).

@@ -980,6 +980,15 @@ fn attach_tracepoints(ebpf: &mut Ebpf, stacks: bool) -> Result<bool, AttachError
     // And for the same reason the steal-time program: a vCPU the host did
     // not run would make the poll in flight look that much longer.
     attach_raw_tracepoint(ebpf, names::THREAD_RUNTIME, "sched_stat_runtime")?;
+    // Pauses the steal clock never hears of are seen by the timer
+    // interrupts that did not come; x86 names that tracepoint. Elsewhere
+    // (or where it cannot be attached) those pauses count as held time.
+    if let Err(error) = attach_raw_tracepoint(ebpf, names::CPU_TIMER, "local_timer_entry") {
+        tracing::warn!(
+            %error,
+            "no local timer interrupts to watch: a pause of the virtual machine that its steal clock does not report counts as held time"
+        );
+    }
     Ok(stacks
         && stacks::attach_programs(ebpf)
             .inspect_err(|error| {

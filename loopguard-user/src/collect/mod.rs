@@ -59,6 +59,8 @@ pub struct Collector {
     unseen_waits: BpfHashMap<MapData, u32, u8>,
     /// Their count per bucket of tids (`names::UNSEEN_FILTER`).
     unseen_filter: Array<MapData, u64>,
+    /// Per CPU, its last local timer interrupt (`names::CPU_TIMER_MAP`).
+    cpu_timer: PerCpuArray<MapData, u64>,
 }
 
 /// The maps that hold requests in the kernel (`loopguard_common::requests`).
@@ -187,6 +189,7 @@ impl Collector {
             malformed: 0,
             unseen_waits: take(ebpf, names::UNSEEN_WAITS)?,
             unseen_filter: take(ebpf, names::UNSEEN_FILTER)?,
+            cpu_timer: take(ebpf, names::CPU_TIMER_MAP)?,
         })
     }
 
@@ -253,6 +256,14 @@ impl Collector {
         self.busy_slots
             .set(self.busy_slots.get() + snapshot.skipped);
         snapshot.threads
+    }
+
+    /// ns of each CPU's last local timer interrupt, by CPU number (0: none
+    /// seen, or not watched): one lookup.
+    pub fn timer_interrupts(&self) -> Vec<u64> {
+        self.cpu_timer
+            .get(&0, 0)
+            .map_or_else(|_| Vec::new(), |per_cpu| per_cpu.iter().copied().collect())
     }
 
     pub fn counters(&self) -> Counters {

@@ -165,6 +165,24 @@ pub fn read_maps(pid: u32) -> io::Result<Vec<Mapping>> {
 }
 
 /// The thread's name (`comm`), or `?` once it has gone.
+/// Thread `tid`'s scheduler state and the CPU it last ran on, from
+/// `/proc/<pid>/task/<tid>/stat`; `None` when it is gone.
+pub fn thread_state_cpu(pid: u32, tid: u32) -> Option<(char, usize)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    parse_state_cpu(&stat)
+}
+
+/// The state (field 3) and processor (field 39) of a `stat` line. The
+/// command name (field 2) may hold spaces and parentheses: fields are
+/// counted from after its last `)`.
+fn parse_state_cpu(stat: &str) -> Option<(char, usize)> {
+    let mut rest = stat.get(stat.rfind(')')? + 1..)?.split_ascii_whitespace();
+    let state = rest.next()?.chars().next()?;
+    // Fields 4 to 38 come between.
+    let cpu = rest.nth(35)?.parse().ok()?;
+    Some((state, cpu))
+}
+
 pub fn thread_name(pid: u32, tid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
         .map_or_else(|_| "?".to_owned(), |name| name.trim_end().to_owned())
@@ -278,6 +296,17 @@ pub fn exists_by_signal(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn state_and_cpu_come_after_the_command_name_whatever_it_holds() {
+        let stat = "4242 (tokio) rt (w)) R 1 4242 4242 0 -1 4194560 150 0 0 0 \
+                    12 3 0 0 20 0 9 0 1234 123456 789 18446744073709551615 1 1 0 0 0 0 \
+                    0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0";
+        assert_eq!(parse_state_cpu(stat), Some(('R', 1)));
+        assert_eq!(parse_state_cpu("4242 (cut"), None);
+        assert_eq!(parse_state_cpu("4242 (x) S 1 2"), None);
+    }
+
     use super::*;
 
     #[test]

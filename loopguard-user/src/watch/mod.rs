@@ -17,6 +17,7 @@ mod cadence;
 mod census;
 pub mod findings;
 mod metrics_feed;
+mod pauses;
 mod printer;
 mod requests;
 mod run;

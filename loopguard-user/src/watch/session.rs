@@ -20,6 +20,7 @@ use super::WatchOptions;
 use super::cadence::{Cadence, Seen};
 use super::findings::{Router, Thresholds};
 use super::metrics_feed::MetricsFeed;
+use super::pauses::Pauses;
 use super::printer::Printer;
 use super::requests::{LiveTarget, TableSource, culprit};
 use super::status::StatusFeed;
@@ -49,7 +50,12 @@ pub(super) struct Session<'t> {
     pub(super) status: Option<StatusFeed>,
     /// When the next scan comes.
     pub(super) cadence: Cadence,
+    /// Verdicts held back while a pause may be uncounted.
+    pub(super) pauses: Pauses,
 }
+
+/// Every thread's poll stack, and the loop threads' wait states.
+type Snapshots = (Vec<(u32, ThreadPolls)>, Vec<(u32, LoopState)>);
 
 /// The attach census (`census.rs`) is read by scans at the fast pace for
 /// this long after the watch starts.
@@ -97,6 +103,7 @@ impl<'t> Session<'t> {
             polling_threads: HashSet::new(),
             status: StatusFeed::when_shown(started),
             cadence: Cadence::new(options.scan_interval, monotonic_ns() + CENSUS_SCANS_NS),
+            pauses: Pauses::new(),
         }
     }
 }
@@ -203,6 +210,7 @@ impl Session<'_> {
             stacks.scan(now_ns, &threads, stretches);
         }
         self.report_stuck_before_attach(collector, now_ns);
+        let (threads, loop_threads) = self.judged(collector, now_ns, threads, loop_threads);
         for finding in self.engine.on_snapshot(now_ns, &threads) {
             self.report(&finding);
         }
@@ -259,6 +267,61 @@ impl Session<'_> {
 
     /// The loop threads' wait state now, less the busy stretches whose
     /// loop has closed since (those are not loop stalls).
+    /// The snapshots the detectors judge: without the threads whose
+    /// verdict waits for their CPU's next timer interrupt (`pauses.rs`).
+    fn judged(
+        &mut self,
+        collector: &Collector,
+        now_ns: u64,
+        threads: Vec<(u32, ThreadPolls)>,
+        loop_threads: Vec<(u32, LoopState)>,
+    ) -> Snapshots {
+        let pending = self.pauses_pending(collector, now_ns, &threads, &loop_threads);
+        if pending.is_empty() {
+            return (threads, loop_threads);
+        }
+        (
+            threads
+                .into_iter()
+                .filter(|(tid, _)| !pending.contains(tid))
+                .collect(),
+            loop_threads
+                .into_iter()
+                .filter(|(tid, _)| !pending.contains(tid))
+                .collect(),
+        )
+    }
+
+    /// Threads in a poll or busy stretch as long as the threshold, whose
+    /// CPU has taken no timer interrupt for longer than a pause allows.
+    fn pauses_pending(
+        &mut self,
+        collector: &Collector,
+        now_ns: u64,
+        threads: &[(u32, ThreadPolls)],
+        loop_threads: &[(u32, LoopState)],
+    ) -> HashSet<u32> {
+        let shortest = self.engine.threshold_ns();
+        let long = |start_ns: u64| start_ns != 0 && now_ns.saturating_sub(start_ns) >= shortest;
+        let candidates: Vec<u32> = threads
+            .iter()
+            .filter(|(_, polls)| {
+                polls
+                    .innermost_task_poll()
+                    .is_some_and(|frame| long(frame.start_ns))
+            })
+            .map(|(tid, _)| *tid)
+            .chain(
+                loop_threads
+                    .iter()
+                    .filter(|(_, state)| state.depth == 0 && long(state.busy_start_ns))
+                    .map(|(tid, _)| *tid),
+            )
+            .collect();
+        self.pauses
+            .pending(collector, self.printer.target.pid, now_ns, &candidates)
+    }
+
     fn open_loops(&self, collector: &Collector, now_ns: u64) -> Vec<(u32, LoopState)> {
         let mut loop_threads = collector.loop_snapshot();
         // Only stretches already as long as the threshold are looked at in
