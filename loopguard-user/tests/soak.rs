@@ -13,7 +13,11 @@
 //! timer) and `/fast`; actix serves `/fast`.
 //!
 //! Bounded: about 10 s per build of the example and 5 s per matrix entry,
-//! under 3 minutes in all, for CI's budget.
+//! under 3 minutes in all, for CI's budget. A build whose every alarm came
+//! while the whole machine stood still (the freeze witness held off on
+//! every CPU) is run again, at most three times; an alarm at a moment the
+//! machine ran fails at once (docs/THRESHOLDS.md, "Pauses of the virtual
+//! machine").
 
 mod support;
 
@@ -188,8 +192,11 @@ fn explain(alerts: &[&Value], freezes: &Freezes) -> String {
 }
 
 /// Watches `target` with every rule on while `load` runs for `seconds`;
-/// panics on any alert, saying what the freeze witness saw during each.
-/// `poke` runs every 500 ms meanwhile.
+/// panics on any alert the freeze witness does not explain, saying what it
+/// saw during each. `Err` (to run again) when every alert came while the
+/// whole machine stood still: the agent cannot see all of a pause in
+/// which the host runs a vCPU in slivers (docs/THRESHOLDS.md), and such a
+/// run proves nothing either way. `poke` runs every 500 ms meanwhile.
 fn soak(
     label: &str,
     target: &Target,
@@ -197,7 +204,7 @@ fn soak(
     seconds: u64,
     freezes: &Freezes,
     mut poke: impl FnMut(),
-) {
+) -> Result<(), String> {
     let agent = Agent::attach(target.pid(), EVERY_RULE);
     let programs = agent.programs();
     let until = Instant::now() + Duration::from_secs(seconds);
@@ -209,18 +216,48 @@ fn soak(
     let (status, lines) = agent.interrupt();
     assert!(status.success(), "{label}: loopguard exited with {status}");
     assert!(served > 0, "{label}: nothing was served");
-    let alerts = alerts(&lines);
-    assert!(
-        alerts.is_empty(),
-        "{label}: {} false alarms under healthy load ({served} requests, load average {}):\n{}\n{alerts:#?}",
-        alerts.len(),
-        load_average(),
-        explain(&alerts, freezes),
-    );
     assert_detached(&programs);
+    let alerts = alerts(&lines);
+    if !alerts.is_empty() {
+        let message = format!(
+            "{label}: {} false alarms under healthy load ({served} requests, load average {}):\n{}",
+            alerts.len(),
+            load_average(),
+            explain(&alerts, freezes),
+        );
+        let frozen = alerts.iter().all(|alert| {
+            let start = alert["start_ns"].as_u64().unwrap_or(0);
+            let ms = alert["duration_ms"].as_f64().unwrap_or(0.0);
+            freezes.whole_machine_during(start, start + (ms * 1e6) as u64)
+        });
+        assert!(frozen, "{message}\n{alerts:#?}");
+        return Err(message);
+    }
     eprintln!(
         "soak {label}: {served} requests, no alert (load average {})",
         load_average()
+    );
+    Ok(())
+}
+
+/// Runs one soak up to three times while each run's alarms all came
+/// during whole-machine freezes; panics after the third.
+fn until_the_machine_runs(label: &str, mut run: impl FnMut() -> Result<(), String>) {
+    let mut frozen = Vec::new();
+    for attempt in 1..=3 {
+        match run() {
+            Ok(()) => return,
+            Err(message) => {
+                eprintln!(
+                    "soak {label}, run {attempt}: every alarm came while the whole machine stood still; running again\n{message}"
+                );
+                frozen.push(message);
+            }
+        }
+    }
+    panic!(
+        "{label}: three runs, and the whole machine stood still during every alarm of each:\n{}",
+        frozen.join("\n")
     );
 }
 
@@ -236,6 +273,18 @@ const HEALTHY: &[&str] = &[
 /// One build of the example under the mixed load; with `stdin`, its
 /// `block_on` body awaits stdin and SIGUSR1 (poked every 500 ms).
 fn soak_example(label: &str, var: &str, flavor: &str, stdin: bool, freezes: &Freezes) {
+    until_the_machine_runs(label, || {
+        soak_example_once(label, var, flavor, stdin, freezes)
+    });
+}
+
+fn soak_example_once(
+    label: &str,
+    var: &str,
+    flavor: &str,
+    stdin: bool,
+    freezes: &Freezes,
+) -> Result<(), String> {
     let binary = support::server_binary(var);
     let mut args = vec!["--flavor", flavor];
     if stdin {
@@ -266,7 +315,7 @@ fn soak_example(label: &str, var: &str, flavor: &str, stdin: bool, freezes: &Fre
         if stdin {
             let _ = Command::new("kill").args(["-USR1", &pid]).status();
         }
-    });
+    })
 }
 
 #[test]
@@ -329,23 +378,19 @@ fn no_alert_from_any_build_under_healthy_mixed_load() {
         } else {
             &["--flavor", flavor]
         };
-        let target = Target::start(Path::new(binary), args);
-        let mut load = Load::new();
-        let paths: &'static [&'static str] = if flavor == "actix" {
-            &["/fast"]
-        } else {
-            &["/mixed", "/fast"]
-        };
-        load.cycle(target.addr, paths, Duration::from_millis(2));
-        load.cycle(target.addr, paths, Duration::ZERO);
-        soak(
-            &format!("{label} {flavor}"),
-            &target,
-            load,
-            5,
-            &freezes,
-            || {},
-        );
+        let label = format!("{label} {flavor}");
+        until_the_machine_runs(&label, || {
+            let target = Target::start(Path::new(binary), args);
+            let mut load = Load::new();
+            let paths: &'static [&'static str] = if flavor == "actix" {
+                &["/fast"]
+            } else {
+                &["/mixed", "/fast"]
+            };
+            load.cycle(target.addr, paths, Duration::from_millis(2));
+            load.cycle(target.addr, paths, Duration::ZERO);
+            soak(&label, &target, load, 5, &freezes, || {})
+        });
     }
     eprintln!("soak: {:.0?} in all", started.elapsed());
 }

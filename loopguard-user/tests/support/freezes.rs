@@ -7,8 +7,9 @@
 //! threads of every CPU are late over the same interval, the whole virtual
 //! machine stood still (its vCPUs were not run by the host). A task poll in
 //! flight then looks as long as the freeze, on CPU, and no context switch
-//! the agent could subtract happened. The witness only reports: a test that
-//! uses it still fails on the alert, and says what the machine did meanwhile.
+//! the agent could subtract happened. The witness only reports what the
+//! machine did meanwhile; the soak runs a build again when every alarm of a
+//! run came while the whole machine stood still, and fails on any other.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,6 +81,14 @@ impl Freezes {
             .filter(|l| l.from_ns < to_ns && l.to_ns > from_ns)
             .copied()
             .collect()
+    }
+
+    /// Whether the watchers of every CPU were held off during
+    /// `[from_ns, to_ns]`: the whole virtual machine stood still.
+    pub fn whole_machine_during(&self, from_ns: u64, to_ns: u64) -> bool {
+        let cpus: std::collections::BTreeSet<usize> =
+            self.during(from_ns, to_ns).iter().map(|l| l.cpu).collect();
+        cpus.len() == self.threads.len()
     }
 
     /// A sentence on what the watchers saw during `[from_ns, to_ns]`.
