@@ -4,9 +4,14 @@
 //!
 //! A poll is *armed* once it has run for [`StackConfig::arm_delay_ns`]: only
 //! armed polls cost a stack copy. The off-CPU bookkeeping
-//! ([`ThreadOffCpu`]) is done for every switch-out inside a task poll (a
-//! well-behaved task poll never sleeps, so these are rare), so that a poll
-//! that went to sleep before it was armed still has its sleep measured.
+//! ([`ThreadOffCpu`]) is done for every switch-out inside a task poll that
+//! sleeps (a well-behaved task poll never does, so these are rare), so that
+//! a poll that went to sleep before it was armed still has its sleep
+//! measured, and for every preemption of an armed one. A preemption of a
+//! poll not yet armed is left alone: under load most switch-outs inside
+//! polls are those, its wait for a CPU is the detector's own count too
+//! (`ThreadPolls::preempted_ns`, which a stall's cause takes as its floor),
+//! and it has no stack to copy yet.
 
 /// Program and map names.
 pub mod names {
@@ -165,7 +170,8 @@ pub struct ThreadOffCpu {
     pub last_sample_ns: u64,
     /// [`sample_cause`] of the last switch-out.
     pub cause: u32,
-    /// Switch-outs inside the poll.
+    /// Switch-outs inside the poll that were recorded (every sleep, the
+    /// preemptions once armed).
     pub switches: u32,
     /// When the thread, asleep since `out_ns`, was woken (0: not seen):
     /// from there to its switch-in it waited for a CPU

@@ -2,10 +2,11 @@
 //! stretches of their event loop (issue #14).
 //!
 //! - `stack_sched_switch` (BTF tracepoint `sched_switch`): when a target
-//!   thread leaves its CPU inside a task poll, records when, why (asleep or
-//!   preempted), its user registers and the system call it sleeps in; when
-//!   it comes back, adds the interval to the poll's off-CPU totals. A poll
-//!   that has run past the arm delay also gets a copy of its user stack.
+//!   thread leaves its CPU inside a task poll asleep (or preempted, once
+//!   the poll has run past the arm delay), records when, why, its user
+//!   registers and the system call it sleeps in; when it comes back, adds
+//!   the interval to the poll's off-CPU totals. A poll that has run past
+//!   the arm delay also gets a copy of its user stack.
 //! - `stack_on_cpu` (perf event, cpu-clock, opened by the agent only on a
 //!   thread whose poll is stuck): copies the registers and user stack.
 //!
@@ -246,7 +247,17 @@ pub fn stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
 
 fn switch_out(tid: u32, preempted: bool) -> Result<(), i64> {
     let poll_start = current_stretch(tid).ok_or(0i64)?;
-    let now = unsafe { bpf_ktime_get_ns() };
+    // `thread_switch`, attached first, dated this switch.
+    let now = crate::last_switch_ns();
+    let arm_delay = config_u64(&raw const STACK_CONFIG.arm_delay_ns);
+    let armed = now.saturating_sub(poll_start) >= arm_delay;
+    if preempted && !armed {
+        // Nothing to copy yet, and the wait it begins is counted by
+        // `thread_switch` as the poll's preempted time, which the stall's
+        // cause takes as its floor: the common case under load costs no
+        // register read and no map update (`loopguard_common::stacks`).
+        return Ok(());
+    }
     // SAFETY: helpers that take no pointer from us but the current task.
     let task = unsafe { generated::bpf_get_current_task_btf() };
     let regs_ptr = unsafe { generated::bpf_task_pt_regs(task) } as *const pt_regs;
@@ -297,11 +308,8 @@ fn switch_out(tid: u32, preempted: bool) -> Result<(), i64> {
         add(count, 1);
     }
 
-    let arm_delay = config_u64(&raw const STACK_CONFIG.arm_delay_ns);
     let gap = config_u64(&raw const STACK_CONFIG.min_sample_gap_ns);
-    if now.saturating_sub(poll_start) >= arm_delay
-        && now.saturating_sub(state.last_sample_ns) >= gap
-    {
+    if armed && now.saturating_sub(state.last_sample_ns) >= gap {
         state.last_sample_ns = now;
         send_sample(cause, tid, poll_start, now, &regs, syscall);
     }
@@ -313,7 +321,8 @@ fn switch_in(next: u64) {
     let Some(&tid) = (unsafe { OFFCPU_TASKS.get(next) }) else {
         return;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // `thread_switch`, attached first, dated this switch.
+    let now = crate::last_switch_ns();
     if OFFCPU_TASKS.remove(next).is_ok()
         && let Some(count) = watched()
     {
