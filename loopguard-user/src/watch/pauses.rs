@@ -22,15 +22,12 @@ use crate::discover::proc;
 pub(super) struct Pauses {
     /// The steady tick (0: pauses are not judged by timer interrupts).
     tick_ns: u64,
-    /// Verdicts held back so far.
-    pub(super) held_back: u64,
 }
 
 impl Pauses {
     pub(super) fn new() -> Self {
         Self {
             tick_ns: crate::discover::tick::steady_tick_ns(),
-            held_back: 0,
         }
     }
 
@@ -39,7 +36,7 @@ impl Pauses {
     /// verdicts. Reads the timer marks (one lookup) and each candidate's
     /// `/proc` stat only when there are candidates.
     pub(super) fn pending(
-        &mut self,
+        &self,
         collector: &Collector,
         pid: u32,
         now_ns: u64,
@@ -65,7 +62,6 @@ impl Pauses {
                 "their CPU has not taken a timer interrupt for longer than a pause allows: verdicts wait for it"
             );
         }
-        self.held_back += pending.len() as u64;
         pending
     }
 }
