@@ -164,7 +164,6 @@ pub fn read_maps(pid: u32) -> io::Result<Vec<Mapping>> {
     fs::read_to_string(format!("/proc/{pid}/maps")).map(|text| parse_maps(&text))
 }
 
-/// The thread's name (`comm`), or `?` once it has gone.
 /// Thread `tid`'s scheduler state and the CPU it last ran on, from
 /// `/proc/<pid>/task/<tid>/stat`; `None` when it is gone.
 pub fn thread_state_cpu(pid: u32, tid: u32) -> Option<(char, usize)> {
@@ -172,17 +171,24 @@ pub fn thread_state_cpu(pid: u32, tid: u32) -> Option<(char, usize)> {
     parse_state_cpu(&stat)
 }
 
-/// The state (field 3) and processor (field 39) of a `stat` line. The
-/// command name (field 2) may hold spaces and parentheses: fields are
-/// counted from after its last `)`.
+/// The state (field 3) and processor (field 39) of a `stat` line.
 fn parse_state_cpu(stat: &str) -> Option<(char, usize)> {
-    let mut rest = stat.get(stat.rfind(')')? + 1..)?.split_ascii_whitespace();
+    let mut rest = fields_after_command(stat)?;
     let state = rest.next()?.chars().next()?;
     // Fields 4 to 38 come between.
     let cpu = rest.nth(35)?.parse().ok()?;
     Some((state, cpu))
 }
 
+/// The fields of a `stat` line from the third (the state) on. The command
+/// name (the second) may hold spaces and parentheses: they are counted
+/// from after its last `)`.
+fn fields_after_command(stat: &str) -> Option<std::str::SplitAsciiWhitespace<'_>> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_ascii_whitespace())
+}
+
+/// The thread's name (`comm`), or `?` once it has gone.
 pub fn thread_name(pid: u32, tid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
         .map_or_else(|_| "?".to_owned(), |name| name.trim_end().to_owned())
@@ -241,8 +247,7 @@ pub fn is_kernel_thread(pid: u32) -> bool {
         .and_then(|stat| {
             // Fields after the command: state, ppid, pgrp, session, tty_nr,
             // tpgid, flags.
-            let (_, rest) = stat.rsplit_once(')')?;
-            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+            fields_after_command(&stat)?.nth(6)?.parse::<u64>().ok()
         })
         .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
@@ -274,9 +279,8 @@ pub fn is_alive(pid: u32) -> bool {
 
 fn alive_from_stat(pid: u32, stat: io::Result<String>) -> bool {
     match stat {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
+        Ok(stat) => fields_after_command(&stat)
+            .and_then(|mut fields| fields.next())
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(error) if error.raw_os_error() == Some(libc::ENOENT) => false,
         Err(_) => exists_by_signal(pid),
@@ -296,6 +300,7 @@ pub fn exists_by_signal(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn state_and_cpu_come_after_the_command_name_whatever_it_holds() {
@@ -306,8 +311,6 @@ mod tests {
         assert_eq!(parse_state_cpu("4242 (cut"), None);
         assert_eq!(parse_state_cpu("4242 (x) S 1 2"), None);
     }
-
-    use super::*;
 
     #[test]
     fn a_thread_id_resolves_to_its_process() {
