@@ -265,12 +265,10 @@ impl Session<'_> {
         }
     }
 
-    /// The loop threads' wait state now, less the busy stretches whose
-    /// loop has closed since (those are not loop stalls).
     /// The snapshots the detectors judge: without the threads whose
     /// verdict waits for their CPU's next timer interrupt (`pauses.rs`).
     fn judged(
-        &mut self,
+        &self,
         collector: &Collector,
         now_ns: u64,
         threads: Vec<(u32, ThreadPolls)>,
@@ -295,7 +293,7 @@ impl Session<'_> {
     /// Threads in a poll or busy stretch as long as the threshold, whose
     /// CPU has taken no timer interrupt for longer than a pause allows.
     fn pauses_pending(
-        &mut self,
+        &self,
         collector: &Collector,
         now_ns: u64,
         threads: &[(u32, ThreadPolls)],
@@ -322,6 +320,8 @@ impl Session<'_> {
             .pending(collector, self.printer.target.pid, now_ns, &candidates)
     }
 
+    /// The loop threads' wait state now, less the busy stretches whose
+    /// loop has closed since (those are not loop stalls).
     fn open_loops(&self, collector: &Collector, now_ns: u64) -> Vec<(u32, LoopState)> {
         let mut loop_threads = collector.loop_snapshot();
         // Only stretches already as long as the threshold are looked at in
