@@ -1,9 +1,8 @@
 //! `thread_runtime` (raw tracepoint `sched_stat_runtime`): time the host
 //! took from the vCPU while a thread of the target ran inside a poll or a
-//! busy stretch (steal time, or a pause the steal clock never heard of,
-//! seen as missing clock ticks), counted with its preemptions so the poll
-//! is judged by the time it really held its thread (issue #23,
-//! `loopguard_common::steal`).
+//! busy stretch, as far as the steal clock tells, counted with its
+//! preemptions so the poll is judged by the time it really held its thread
+//! (issue #23, `loopguard_common::steal`).
 //!
 //! `sched_stat_runtime(task, runtime)` fires whenever the scheduler updates
 //! the running task's clock (every tick, every switch out, wakeup checks),
@@ -77,9 +76,7 @@ pub fn cpu_timer(_ctx: RawTracePointContext) -> i32 {
     }
     let paused = paused_ns(previous.max(last_switch_ns()), now, tick_ns());
     if paused != 0 {
-        let tid = pid_tgid as u32;
-        credit(tid, paused, now);
-        crate::stacks::add_stolen(tid, paused, now);
+        lost(pid_tgid as u32, paused, now);
         // The runtime update of this same tick would find the pause again
         // as a shortfall when the steal clock knew of it.
         // SAFETY: the helper has no preconditions.
@@ -152,8 +149,7 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
     // took.
     let stolen = stolen_ns(mark.max(last_switch_ns()), now, runtime_ns);
     if stolen != 0 {
-        credit(tid, stolen, now);
-        crate::stacks::add_stolen(tid, stolen, now);
+        lost(tid, stolen, now);
         // Counted: the timer interrupt that ends the pause must not count
         // it again.
         if let Some(timer) = CPU_TIMER.get_ptr_mut(0) {
@@ -162,6 +158,15 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
         }
     }
     0
+}
+
+/// `ns` the host took from running thread `tid` before `now`: a wait for a
+/// CPU of its poll and busy stretch ([`credit`]) and of the poll the stack
+/// capture follows.
+#[inline(always)]
+fn lost(tid: u32, ns: u64, now: u64) {
+    credit(tid, ns, now);
+    crate::stacks::add_stolen(tid, ns, now);
 }
 
 /// Counts `stolen` ns (taken at some point before `now`) as a wait for the
