@@ -10,7 +10,11 @@
 //! steal time out. The wall time since that previous update, less the
 //! runtime, is what the host took. The previous update may have been made
 //! from another CPU (a wakeup checks the remote CPU's running task), so
-//! every update of a target thread, wherever it runs, moves its mark.
+//! every update of a target thread, wherever it runs, moves its mark: its
+//! own updates in its CPU's [`CPU_MARK`], the others in its entry of
+//! [`TASK_MARKS`] (both updates take the run queue's lock, so they never
+//! race). No hash lookup and no clock read is made for a task of another
+//! process.
 //!
 //! `cpu_timer` (raw tracepoint `local_timer_entry`, every local APIC timer
 //! interrupt): a pause the steal clock never heard of (nested
@@ -37,15 +41,58 @@ use loopguard_common::{
 
 use crate::{frame_index, last_switch_ns, slots, target_tgid, tick_ns};
 
-/// `task_struct` address of each target thread seen running → ns of its
-/// last runtime update. Entries are made by the thread itself (a pointer
-/// the program reads as current), and removed when it exits.
+/// A task's runtime update: a target thread's entry in [`TASK_MARKS`], or
+/// a CPU's last one ([`CPU_MARK`]).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct TaskMark {
+    /// Its `task_struct` address (0: the entry is free).
+    task: u64,
+    /// ns of the update: in [`TASK_MARKS`], of the last one made from
+    /// another CPU (a wake-up checks the remote CPU's running task), 0
+    /// until one.
+    ns: u64,
+}
+
+/// Entries of [`TASK_MARKS`]: a power of two, far above the thread count
+/// of most services, so two of its threads seldom share one.
+const TASK_MARK_ENTRIES: u32 = 4096;
+
+/// Target threads by bucket of their task pointer
+/// ([`task_mark_index`]): claimed by the thread at its first runtime
+/// update, freed at its exit. A runtime update made from another CPU is
+/// noted here (one array read for every task on the host, one write for a
+/// target thread); the thread's own updates keep their mark per CPU
+/// ([`CPU_MARK`]). A thread whose bucket another target thread holds
+/// falls back to [`RUNTIME_MARKS`]. Every update of a thread of dufs (30
+/// or more on one CPU, 40 updates per request) took a hash lookup before.
+#[map]
+static TASK_MARKS: Array<TaskMark> = Array::with_max_entries(TASK_MARK_ENTRIES, 0);
+
+/// The [`TASK_MARKS`] index of a task pointer (Fibonacci hashing, as
+/// [`loopguard_common::task_filter::bucket_of`], with more bits).
+#[inline(always)]
+fn task_mark_index(task: u64) -> u32 {
+    (task.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as u32
+}
+
+const _: () = assert!(TASK_MARK_ENTRIES == 1 << (64 - 52));
+
+/// Per CPU, the task whose runtime update (or counted pause) it saw last
+/// and when: that thread's own mark while it stays on this CPU.
+#[map]
+static CPU_MARK: PerCpuArray<TaskMark> = PerCpuArray::with_max_entries(1, 0);
+
+/// `task_struct` address of a target thread whose [`TASK_MARKS`] entry
+/// another target thread holds → ns of its last runtime update. Entries
+/// are made by the thread itself (a pointer the program reads as current),
+/// and removed when it exits.
 #[map]
 static RUNTIME_MARKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_THREAD_SLOTS, 0);
 
 /// Entries of [`RUNTIME_MARKS`] per bucket of task pointers
-/// ([`crate::task_filter`]): every runtime update of every task on the host
-/// runs [`thread_runtime`], and only a target thread's needs the hash map.
+/// ([`crate::task_filter`]): a remote update looks the hash map up only
+/// where the filter says there may be one.
 #[map]
 static RUNTIME_FILTER: Array<u64> = Array::with_max_entries(task_filter::BUCKETS, 0);
 
@@ -71,7 +118,11 @@ pub fn cpu_timer(_ctx: RawTracePointContext) -> i32 {
     // SAFETY: a per-CPU map value pointer; only this CPU writes it.
     let previous = unsafe { core::ptr::replace(mark, now) };
     let pid_tgid = bpf_get_current_pid_tgid();
-    if previous == 0 || (pid_tgid >> 32) as u32 != target_tgid() {
+    if (pid_tgid >> 32) as u32 != target_tgid() {
+        return 0;
+    }
+    on_tick(pid_tgid, now);
+    if previous == 0 {
         return 0;
     }
     let paused = paused_ns(previous.max(last_switch_ns()), now, tick_ns());
@@ -81,10 +132,7 @@ pub fn cpu_timer(_ctx: RawTracePointContext) -> i32 {
         // as a shortfall when the steal clock knew of it.
         // SAFETY: the helper has no preconditions.
         let task = unsafe { bpf_get_current_task() };
-        if let Some(runtime_mark) = RUNTIME_MARKS.get_ptr_mut(task) {
-            // SAFETY: a valid map value pointer.
-            unsafe { core::ptr::write_volatile(runtime_mark, now) };
-        }
+        swap_cpu_mark(task, now);
     }
     0
 }
@@ -107,43 +155,20 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     if task != current {
-        // Another CPU's running task: only move the mark of a target
-        // thread (one lookup, no insert), and only look for one where the
-        // filter says there may be one.
-        if crate::task_filter::may_hold(&RUNTIME_FILTER, task)
-            && let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task)
-        {
-            // SAFETY: a valid map value pointer.
-            unsafe { core::ptr::write_volatile(mark, bpf_ktime_get_ns()) };
-        }
+        remote_update(task);
         return 0;
     }
     let runtime_ns: u64 = ctx.arg(1);
     let now = unsafe { bpf_ktime_get_ns() };
     let tid = pid_tgid as u32;
-    // A clock tick (or another update) inside a poll: a long one, perhaps.
-    if let Some(slot) = slots::slot_of(tid) {
-        crate::task_ids::read_current(slot, tid);
-        crate::nudge::on_cpu((pid_tgid >> 32) as u32, slot, tid, now);
+    if !ticks_seen() {
+        // No timer interrupt on this CPU yet (or none can be seen here):
+        // the clock updates stand in for the ticks.
+        on_tick(pid_tgid, now);
     }
-    // Moved in place: an update of the hash map would take its bucket lock
-    // and swap in a new element on every tick of every target thread.
-    let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task) else {
-        // Without a mark of its own, a runtime update made elsewhere may be
-        // missing from the interval: start counting from this one. Counted
-        // in the filter first, so no remote update passes the mark by.
-        crate::task_filter::added(&RUNTIME_FILTER, task);
-        if RUNTIME_MARKS
-            .insert(task, now, u64::from(BPF_NOEXIST))
-            .is_err()
-        {
-            crate::task_filter::removed(&RUNTIME_FILTER, task);
-        }
+    let Some(mark) = own_update(task, now) else {
         return 0;
     };
-    // SAFETY: a valid map value pointer; a remote update may race with
-    // this one, and either time is a runtime update of this task.
-    let mark = unsafe { core::ptr::replace(mark, now) };
     // It has run without a switch since its mark or since it came back to
     // this CPU, whichever is later: what the steal clock knew the host
     // took.
@@ -158,6 +183,108 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
         }
     }
     0
+}
+
+/// Marks `task`'s update on this CPU at `now`; returns the mark it had
+/// here (0: another task's was the last one here).
+#[inline(always)]
+fn swap_cpu_mark(task: u64, now: u64) -> u64 {
+    let Some(cpu) = CPU_MARK.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU map value pointer; only this CPU writes it (a
+    // nested program on this CPU writes a mark of the same kind).
+    unsafe {
+        let last = core::ptr::replace(cpu, TaskMark { task, ns: now });
+        if last.task == task { last.ns } else { 0 }
+    }
+}
+
+/// A runtime update of target thread `task` (current) at `now`: its
+/// previous update, made here or from another CPU; `None` for its first
+/// one, from which counting starts (an update made elsewhere may be
+/// missing from the interval before it).
+#[inline(always)]
+fn own_update(task: u64, now: u64) -> Option<u64> {
+    let here = swap_cpu_mark(task, now);
+    let entry = TASK_MARKS.get_ptr_mut(task_mark_index(task))?;
+    // SAFETY: a valid map value pointer; other CPUs write `ns` of
+    // an entry they find held by `task`, each a time of an update of it.
+    unsafe {
+        let holder = core::ptr::read_volatile(&raw const (*entry).task);
+        if holder == task {
+            let remote = core::ptr::read_volatile(&raw const (*entry).ns);
+            return Some(here.max(remote));
+        }
+        if holder == 0 && RUNTIME_MARKS.get_ptr_mut(task).is_none() {
+            // Claimed with plain stores: two threads of a bucket that both
+            // claim it find at their next update which one holds it, and
+            // the other starts over in the hash map.
+            core::ptr::write_volatile(&raw mut (*entry).ns, 0);
+            core::ptr::write_volatile(&raw mut (*entry).task, task);
+            return None;
+        }
+    }
+    // Moved in place: an update of the hash map would take its bucket lock
+    // and swap in a new element on every tick of every such thread.
+    let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task) else {
+        // Counted in the filter first, so no remote update passes it by.
+        crate::task_filter::added(&RUNTIME_FILTER, task);
+        if RUNTIME_MARKS
+            .insert(task, now, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            crate::task_filter::removed(&RUNTIME_FILTER, task);
+        }
+        return None;
+    };
+    // SAFETY: a valid map value pointer; a remote update may race with
+    // this one, and either time is a runtime update of this task.
+    Some(here.max(unsafe { core::ptr::replace(mark, now) }))
+}
+
+/// A runtime update of `task`, running on another CPU, made from this
+/// one: only a target thread's is noted (one array read, no insert).
+#[inline(always)]
+fn remote_update(task: u64) {
+    if let Some(entry) = TASK_MARKS.get_ptr_mut(task_mark_index(task)) {
+        // SAFETY: a valid map value pointer.
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*entry).task) == task {
+                core::ptr::write_volatile(&raw mut (*entry).ns, bpf_ktime_get_ns());
+                return;
+            }
+        }
+    }
+    if crate::task_filter::may_hold(&RUNTIME_FILTER, task)
+        && let Some(mark) = RUNTIME_MARKS.get_ptr_mut(task)
+    {
+        // SAFETY: a valid map value pointer.
+        unsafe { core::ptr::write_volatile(mark, bpf_ktime_get_ns()) };
+    }
+}
+
+/// A clock tick on a thread of the target (`pid_tgid`) at `now`: inside a
+/// poll, a long one perhaps; its task id is read and the agent nudged
+/// once the poll has run long enough. Done per tick by [`cpu_timer`], not
+/// per runtime update: a service that switches threads often (dufs: 40
+/// updates per request) paid a slot lookup on each.
+#[inline(always)]
+fn on_tick(pid_tgid: u64, now: u64) {
+    let tid = pid_tgid as u32;
+    if let Some(slot) = slots::slot_of(tid) {
+        crate::task_ids::read_current(slot, tid);
+        crate::nudge::on_cpu((pid_tgid >> 32) as u32, slot, tid, now);
+    }
+}
+
+/// Whether [`cpu_timer`] has run on this CPU, and so does the per-tick work.
+#[inline(always)]
+fn ticks_seen() -> bool {
+    // SAFETY: a per-CPU map value pointer; an aligned 8-byte load.
+    CPU_TIMER
+        .get_ptr_mut(0)
+        .is_some_and(|mark| unsafe { core::ptr::read_volatile(mark) } != 0)
 }
 
 /// `ns` the host took from running thread `tid` before `now`: a wait for a
@@ -203,6 +330,14 @@ fn credit(tid: u32, stolen: u64, now: u64) {
 pub(crate) fn forget() {
     // SAFETY: the helper has no preconditions.
     let task = unsafe { bpf_get_current_task() };
+    if let Some(entry) = TASK_MARKS.get_ptr_mut(task_mark_index(task)) {
+        // SAFETY: a valid map value pointer.
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*entry).task) == task {
+                core::ptr::write_volatile(&raw mut (*entry).task, 0);
+            }
+        }
+    }
     if RUNTIME_MARKS.remove(task).is_ok() {
         crate::task_filter::removed(&RUNTIME_FILTER, task);
     }
