@@ -15,8 +15,6 @@
 
 /// Program and map names.
 pub mod names {
-    /// BTF tracepoint `sched_switch`: off-CPU bookkeeping and samples.
-    pub const SCHED_SWITCH: &str = "stack_sched_switch";
     /// Perf event (software cpu-clock) opened per stuck thread: on-CPU samples.
     pub const ON_CPU: &str = "stack_on_cpu";
     /// Ring buffer of [`super::StackSample`]s and [`super::OffCpuEnd`]s.

@@ -25,8 +25,8 @@
 //! - `thread_wakeup` ([`wakeup`], raw tracepoint `sched_wakeup`): a
 //!   thread woken from a sleep inside a poll waits for a CPU until
 //!   `sched_switch` runs it; that wait counts like a preemption.
-//! - `stack_sched_switch` / `stack_on_cpu` ([`stacks`]): the user stacks of
-//!   stuck polls, on and off CPU, and their off-CPU time (issue #14).
+//! - [`stacks`] (on `thread_switch`, and `stack_on_cpu`): the user stacks
+//!   of stuck polls, on and off CPU, and their off-CPU time (issue #14).
 //!
 //! Each thread's poll stack and wait state live in a thread slot
 //! ([`slots`]); the agent maps those arrays and reads them in place to see
@@ -488,6 +488,7 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
         wait::switch_in(next, now);
     }
     wakeup::switch_in(next, now);
+    stacks::on_switch_in(next);
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 != target_tgid() {
         return 0;
@@ -497,6 +498,15 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     // Still on the run queue: preempted, or yielding (TASK_RUNNING is 0).
     let runnable = preempt & 1 != 0 || prev_state as u32 == 0;
     let tid = pid_tgid as u32;
+    leaves_cpu(tid, runnable, waits_on_switch, switched_in_ns, now);
+    stacks::on_switch_out(tid, runnable);
+    0
+}
+
+/// A thread `tid` of the target leaves its CPU at `now` (`runnable`: still
+/// on the run queue), which it had since `switched_in_ns`.
+#[inline(always)]
+fn leaves_cpu(tid: u32, runnable: bool, waits_on_switch: bool, switched_in_ns: u64, now: u64) {
     // First the return from a wait entered before attaching, then the wait
     // this switch may begin (which closes the stretch that return opened).
     wait::note_unseen_return(tid, switched_in_ns);
@@ -504,11 +514,11 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
         wait::switch_out(tid, now);
     }
     let Some(slot) = slots::slot_of(tid) else {
-        return 0;
+        return;
     };
     if !runnable {
         wakeup::note_sleep(slot, tid);
-        nudge::asleep((pid_tgid >> 32) as u32, slot, tid);
+        nudge::asleep(target_tgid(), slot, tid);
     }
     // Leaving the CPU inside a poll: a long one, perhaps; its task is alive.
     task_ids::read_current(slot, tid);
@@ -516,20 +526,19 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     // Every switch of a target thread runs this: a write section (two
     // atomic adds) is opened only when there is something to write.
     let Some(stack) = slots::peek_polls(slot, tid) else {
-        return 0;
+        return;
     };
     if stack.preempted_since_ns == 0 && !(runnable && stack.depth > 0) {
-        return 0;
+        return;
     }
     let Some(mut stack) = slots::polls_mut(slot, tid, false) else {
-        return 0;
+        return;
     };
     let stack = &mut *stack;
     settle_preemption_at(stack, switched_in_ns);
     if runnable && stack.depth > 0 {
         stack.preempted_since_ns = now;
     }
-    0
 }
 
 #[cfg(not(test))]

@@ -1,7 +1,8 @@
 //! Stack capture for stuck polls, and for loop-only targets stuck busy
 //! stretches of their event loop (issue #14).
 //!
-//! - `stack_sched_switch` (BTF tracepoint `sched_switch`): when a target
+//! - On `sched_switch` (run by `thread_switch`, [`on_switch_out`] and
+//!   [`on_switch_in`]): when a target
 //!   thread leaves its CPU inside a task poll asleep (or preempted, once
 //!   the poll has run past the arm delay), records when, why, its user
 //!   registers and the system call it sleeps in; when it comes back, adds
@@ -18,9 +19,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated,
     },
-    macros::{btf_tracepoint, map, perf_event},
+    macros::{map, perf_event},
     maps::{Array, HashMap, LruHashMap, RingBuf},
-    programs::{BtfTracePointContext, PerfEventContext},
+    programs::PerfEventContext,
 };
 use loopguard_common::{
     Counter, MAX_POLL_DEPTH, frame_flags,
@@ -217,37 +218,34 @@ fn send_sample(cause: u32, tid: u32, poll_start_ns: u64, now: u64, regs: &pt_reg
     entry.submit(u64::from(BPF_RB_NO_WAKEUP));
 }
 
-#[btf_tracepoint(function = "sched_switch")]
-pub fn stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
-    if crate::empty_programs() {
-        return 0;
+/// Run by `thread_switch` as thread `tid` of the target leaves its CPU
+/// (`preempted`: still runnable), after its own bookkeeping: the poll and
+/// stretch are as it left them. Folded into that program, not a second
+/// one on `sched_switch`: each program run on every context switch of the
+/// host costs its entry and checks again (issue #24).
+#[inline(always)]
+pub(crate) fn on_switch_out(tid: u32, preempted: bool) {
+    if config_u32(&raw const STACK_CONFIG.enabled) != 0 {
+        let _ = switch_out(tid, preempted);
     }
-    if config_u32(&raw const STACK_CONFIG.enabled) == 0 {
-        return 0;
-    }
-    // Every context switch of the machine runs this: the clock is read only
-    // once a thread of ours is involved.
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == target_tgid() {
-        // sched_switch(bool preempt, prev, next, unsigned int prev_state); prev is current.
-        let preempt: u64 = ctx.arg(0);
-        let prev_state: u64 = ctx.arg(3);
-        let _ = switch_out(
-            pid_tgid as u32,
-            preempt & 0xff != 0 || prev_state & 0xffff_ffff == 0,
-        );
-    }
+}
+
+/// Run by `thread_switch` for every context switch: task `next` comes
+/// back on a CPU. One array read while no target thread is off CPU inside
+/// a poll.
+#[inline(always)]
+pub(crate) fn on_switch_in(next: u64) {
     // SAFETY: a valid, aligned map value pointer.
-    if watched().is_some_and(|count| unsafe { core::ptr::read_volatile(count) } > 0) {
-        let next: u64 = ctx.arg(2);
+    if config_u32(&raw const STACK_CONFIG.enabled) != 0
+        && watched().is_some_and(|count| unsafe { core::ptr::read_volatile(count) } > 0)
+    {
         switch_in(next);
     }
-    0
 }
 
 fn switch_out(tid: u32, preempted: bool) -> Result<(), i64> {
     let poll_start = current_stretch(tid).ok_or(0i64)?;
-    // `thread_switch`, attached first, dated this switch.
+    // `thread_switch`, which runs this, dated the switch.
     let now = crate::last_switch_ns();
     let arm_delay = config_u64(&raw const STACK_CONFIG.arm_delay_ns);
     let armed = now.saturating_sub(poll_start) >= arm_delay;
@@ -321,7 +319,7 @@ fn switch_in(next: u64) {
     let Some(&tid) = (unsafe { OFFCPU_TASKS.get(next) }) else {
         return;
     };
-    // `thread_switch`, attached first, dated this switch.
+    // `thread_switch`, which runs this, dated the switch.
     let now = crate::last_switch_ns();
     if OFFCPU_TASKS.remove(next).is_ok()
         && let Some(count) = watched()

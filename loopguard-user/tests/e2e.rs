@@ -192,8 +192,8 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str], middleware: 
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        13,
-        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, cpu_timer, thread_wakeup, wait_enter, wait_exit, stack_sched_switch, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded; no request program (requests come from the in-flight table)"
+        12,
+        "poll_enter, poll_exit, thread_exit, thread_switch (with the stack capture's switch bookkeeping), thread_runtime, cpu_timer, thread_wakeup, wait_enter, wait_exit, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded; no request program (requests come from the in-flight table)"
     );
     let traffic = FastTraffic::start(server.addr);
     std::thread::sleep(Duration::from_millis(300));
@@ -400,8 +400,8 @@ fn no_requests_leaves_the_request_probes_alone() {
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        13,
-        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, cpu_timer, thread_wakeup, wait_enter, wait_exit, the two stack programs and the two exec-watch programs only"
+        12,
+        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, cpu_timer, thread_wakeup, wait_enter, wait_exit, stack_on_cpu and the two exec-watch programs only"
     );
     let blocked = server.get("/block/sleep?ms=120");
     let stall = agent.wait_for("the stall", Duration::from_secs(5), |v| {
@@ -686,8 +686,8 @@ fn the_table_names_a_culprit_that_ended_in_its_blocking_poll_under_traffic() {
     assert_eq!(attached["request_source"], "table", "{attached}");
     assert_eq!(attached["request_probes_attached"], false, "{attached}");
     assert_eq!(attached["inflight_table_version"], 2, "{attached}");
-    // The same thirteen as `detects_every_blocking_poll`: no request program.
-    assert_eq!(agent.programs().len(), 13, "no request programs loaded");
+    // The same twelve as `detects_every_blocking_poll`: no request program.
+    assert_eq!(agent.programs().len(), 12, "no request programs loaded");
     // wrk keeps the other worker serving /fast throughout: each block sees
     // far more than a table's worth of requests start and end, so the
     // culprit's slot is taken again before the stall's end is read.

@@ -972,9 +972,8 @@ fn attach_tracepoints(ebpf: &mut Ebpf, stacks: bool) -> Result<bool, AttachError
     // stall of a poll that only waited for a CPU during the attach.
     // The wake-up program first: `thread_switch` notes the sleepers whose
     // wake-up it dates, and a sleeper it misses only loses that one wait.
-    // `thread_switch` before the stack programs: programs on one
-    // tracepoint run in the order attached, and the stack capture splits a
-    // sleep at the wake-up `thread_switch` hands it on the same switch.
+    // `thread_switch` also does the stack capture's switch bookkeeping
+    // when `STACK_CONFIG.enabled` (set at load from `stacks`).
     attach_raw_tracepoint(ebpf, names::THREAD_WAKEUP, "sched_wakeup")?;
     attach_raw_tracepoint(ebpf, names::THREAD_SWITCH, "sched_switch")?;
     // And for the same reason the steal-time program: a vCPU the host did

@@ -1,17 +1,13 @@
 //! Stack capture's programs: the kernel configuration they are loaded
-//! with, and the `sched_switch` and perf-event programs loaded with the
+//! with, and the perf-event program loaded with the
 //! probes (what they capture is read by [`crate::stacks`]).
 
-use aya::programs::{BtfTracePoint, PerfEvent};
-use aya::{Btf, Ebpf};
+use aya::Ebpf;
+use aya::programs::PerfEvent;
 use loopguard_common::stacks::{StackConfig, names};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
-    #[error(
-        "cannot read the kernel's BTF (/sys/kernel/btf/vmlinux), which stack capture needs; use a kernel built with CONFIG_DEBUG_INFO_BTF, or pass --no-stacks"
-    )]
-    Btf(#[source] Box<aya::BtfError>),
     #[error(
         "failed to load the stack capture program `{program}`; pass --no-stacks to watch without stacks"
     )]
@@ -43,21 +39,10 @@ pub fn kernel_config(arm_delay_ns: u64, enabled: bool, loop_stretches: bool) -> 
     }
 }
 
-/// Loads and attaches `sched_switch`, loads the perf-event program. Both
-/// go with the `Ebpf` that owns them.
+/// Loads the perf-event program, which goes with the `Ebpf` that owns it.
+/// The `sched_switch` half runs inside `thread_switch`, switched on by
+/// [`kernel_config`]'s `enabled`.
 pub fn attach_programs(ebpf: &mut Ebpf) -> Result<(), StackError> {
-    let btf = Btf::from_sys_fs().map_err(|source| StackError::Btf(Box::new(source)))?;
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut(names::SCHED_SWITCH)
-        .ok_or(StackError::Missing(names::SCHED_SWITCH))?
-        .try_into()
-        .map_err(program_error(names::SCHED_SWITCH))?;
-    program
-        .load("sched_switch", &btf)
-        .map_err(program_error(names::SCHED_SWITCH))?;
-    program
-        .attach()
-        .map_err(program_error(names::SCHED_SWITCH))?;
     let program: &mut PerfEvent = ebpf
         .program_mut(names::ON_CPU)
         .ok_or(StackError::Missing(names::ON_CPU))?
