@@ -248,9 +248,9 @@ fn until_the_machine_runs(label: &str, mut run: impl FnMut() -> Result<(), Strin
         match run() {
             Ok(()) => return,
             Err(message) => {
-                eprintln!(
+                support::note_rerun(&format!(
                     "soak {label}, run {attempt}: every alarm came while the whole machine stood still; running again\n{message}"
-                );
+                ));
                 frozen.push(message);
             }
         }

@@ -71,6 +71,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             failed.push(name);
         }
     }
+    report_reruns();
     if !failed.is_empty() {
         bail!("end-to-end test binaries failed: {}", failed.join(", "));
     }
@@ -110,10 +111,34 @@ fn run_only(options: &Options) -> anyhow::Result<()> {
             );
         }
     }
+    report_reruns();
     if !failures.is_empty() {
         bail!("end-to-end tests failed: {}", failures.join(", "));
     }
     Ok(())
+}
+
+/// Where the end-to-end tests note each test they ran again because the
+/// machine stood still (`LOOPGUARD_RERUN_LOG`, read by the tests' harness).
+fn rerun_log() -> PathBuf {
+    cmd::target_dir().join("e2e-reruns.log")
+}
+
+/// Prints the tests run again during this run: a green run says it too.
+fn report_reruns() {
+    let reruns = std::fs::read_to_string(rerun_log()).unwrap_or_default();
+    let lines: Vec<&str> = reruns.lines().filter(|line| !line.is_empty()).collect();
+    if lines.is_empty() {
+        eprintln!("test: no end-to-end test was run again for a machine that stood still");
+        return;
+    }
+    eprintln!(
+        "test: {} end-to-end run(s) were run again because the machine stood still:",
+        lines.len()
+    );
+    for line in lines {
+        eprintln!("  {line}");
+    }
 }
 
 /// What the end-to-end tests run against: the example's builds, the
@@ -133,6 +158,14 @@ impl E2eSetup {
     fn prepare(binaries: &build::Binaries) -> anyhow::Result<Self> {
         let root = cmd::root();
         let target = cmd::target_dir();
+        // This run's reruns only.
+        match std::fs::remove_file(rerun_log()) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error)
+                    .with_context(|| format!("cannot remove {}", rerun_log().display()));
+            }
+            _ => {}
+        }
         let (v0_dir, nopie_dir, debuginfo_dir) = build_variants(&root, &target)?;
         let python = setup::python_with_uvicorn()?;
         let stack_pythons = setup::pythons_with_fastapi()?;
@@ -198,6 +231,7 @@ impl E2eSetup {
                 .env("LOOPGUARD_MANY_FUTURES", &self.many_futures)
                 .env("LOOPGUARD_PYTHON", &self.python)
                 .env("LOOPGUARD_MATRIX", &self.matrix)
+                .env("LOOPGUARD_RERUN_LOG", rerun_log())
                 .env("RUST_LOG", "info"),
         )
     }

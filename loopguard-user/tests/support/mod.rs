@@ -24,6 +24,29 @@ pub mod schema;
 
 pub const LOOPGUARD: &str = env!("CARGO_BIN_EXE_loopguard");
 
+/// Says that a test is run again because the machine stood still, on
+/// stderr and, where `cargo xtask test` asked for it, in the file
+/// `LOOPGUARD_RERUN_LOG` names: libtest keeps a passing test's stderr to
+/// itself, and a green run must still say what it ran twice.
+pub fn note_rerun(message: &str) {
+    eprintln!("{message}");
+    let Some(path) = std::env::var_os("LOOPGUARD_RERUN_LOG") else {
+        return;
+    };
+    let line = format!("{}\n", message.lines().next().unwrap_or(message));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+    if let Err(error) = written {
+        eprintln!(
+            "cannot note the rerun in {}: {error}",
+            Path::new(&path).display()
+        );
+    }
+}
+
 /// A finished command's exit code (`None`: killed by a signal) and stderr.
 pub fn code_and_stderr(out: &Output) -> (Option<i32>, String) {
     (
