@@ -9,11 +9,18 @@
 /// Buckets of a task filter.
 pub const BUCKETS: u32 = 256;
 
-/// The bucket of task pointer `task` (Fibonacci hashing: task structs are
-/// slab objects, so their low bits say little).
+/// The bucket of task pointer `task` among [`BUCKETS`].
 #[must_use]
 pub const fn bucket_of(task: u64) -> u32 {
-    (task.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u32
+    index_of(task, 8)
+}
+
+/// The index of task pointer `task` in a table of `2^bits` entries
+/// (Fibonacci hashing: task structs are slab objects, so their low bits
+/// say little). `bits` is 1 to 32.
+#[must_use]
+pub const fn index_of(task: u64, bits: u32) -> u32 {
+    (task.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as u32
 }
 
 const _: () = assert!(BUCKETS == 1 << (64 - 56));
@@ -34,5 +41,15 @@ mod tests {
         // 1024 tasks over 256 buckets: none empty, none crowded.
         assert!(seen.iter().all(|&n| (1..=16).contains(&n)), "{seen:?}");
         assert_eq!(bucket_of(0), 0);
+    }
+
+    #[test]
+    fn an_index_stays_in_its_table_and_its_top_bits_are_the_bucket() {
+        for i in 0..4096u64 {
+            let task = 0xffff_8880_0400_0000 + i * 0x2c40;
+            let index = index_of(task, 12);
+            assert!(index < 1 << 12);
+            assert_eq!(index >> 4, bucket_of(task));
+        }
     }
 }

@@ -69,14 +69,16 @@ const TASK_MARK_ENTRIES: u32 = 4096;
 #[map]
 static TASK_MARKS: Array<TaskMark> = Array::with_max_entries(TASK_MARK_ENTRIES, 0);
 
-/// The [`TASK_MARKS`] index of a task pointer (Fibonacci hashing, as
-/// [`loopguard_common::task_filter::bucket_of`], with more bits).
+/// `log2(TASK_MARK_ENTRIES)`.
+const TASK_MARK_BITS: u32 = 12;
+
+const _: () = assert!(TASK_MARK_ENTRIES == 1 << TASK_MARK_BITS);
+
+/// The [`TASK_MARKS`] index of a task pointer.
 #[inline(always)]
 fn task_mark_index(task: u64) -> u32 {
-    (task.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as u32
+    task_filter::index_of(task, TASK_MARK_BITS)
 }
-
-const _: () = assert!(TASK_MARK_ENTRIES == 1 << (64 - 52));
 
 /// Per CPU, the task whose runtime update (or counted pause) it saw last
 /// and when: that thread's own mark while it stays on this CPU.
@@ -216,10 +218,12 @@ fn own_update(task: u64, now: u64) -> Option<u64> {
             let remote = core::ptr::read_volatile(&raw const (*entry).ns);
             return Some(here.max(remote));
         }
-        if holder == 0 && RUNTIME_MARKS.get_ptr_mut(task).is_none() {
+        if holder == 0 {
             // Claimed with plain stores: two threads of a bucket that both
             // claim it find at their next update which one holds it, and
-            // the other starts over in the hash map.
+            // the other starts over in the hash map. A thread that was in
+            // the hash map leaves its entry there until it exits: remote
+            // updates look here first.
             core::ptr::write_volatile(&raw mut (*entry).ns, 0);
             core::ptr::write_volatile(&raw mut (*entry).task, task);
             return None;

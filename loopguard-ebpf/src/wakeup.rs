@@ -20,10 +20,11 @@ use aya_ebpf::{
 use loopguard_common::{
     MAX_POLL_DEPTH,
     slots::MAX_THREAD_SLOTS,
+    task_filter,
     wakeup::{counts_sleep, run_queue_wait_ns},
 };
 
-use crate::{add, frame_index, slots};
+use crate::{frame_index, slots};
 
 /// A thread asleep inside a poll or a busy stretch.
 #[derive(Clone, Copy)]
@@ -39,28 +40,11 @@ struct Sleeper {
 #[map]
 static SLEEPERS: HashMap<u64, Sleeper> = HashMap::with_max_entries(MAX_THREAD_SLOTS, 0);
 
-/// Buckets of [`SLEEPER_FILTER`].
-const FILTER_BUCKETS: u32 = 256;
-
-/// How many [`SLEEPERS`] fall in each bucket of task pointers: a wake-up
-/// or a switch in looks the hash map up only when its bucket is not empty.
+/// How many [`SLEEPERS`] fall in each bucket of task pointers
+/// ([`crate::task_filter`]): a wake-up or a switch in looks the hash map
+/// up only when its bucket is not empty.
 #[map]
-static SLEEPER_FILTER: Array<u64> = Array::with_max_entries(FILTER_BUCKETS, 0);
-
-/// The [`SLEEPER_FILTER`] bucket of a task pointer (Fibonacci hashing:
-/// task structs are slab objects, so their low bits say little).
-#[inline(always)]
-fn bucket_of(task: u64) -> u32 {
-    (task.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u32
-}
-
-/// The filter count of `task`'s bucket, when not zero.
-#[inline(always)]
-fn busy_bucket(task: u64) -> Option<*mut u64> {
-    let count = SLEEPER_FILTER.get_ptr_mut(bucket_of(task))?;
-    // SAFETY: a valid map value pointer.
-    (unsafe { core::ptr::read_volatile(count) } != 0).then_some(count)
-}
+static SLEEPER_FILTER: Array<u64> = Array::with_max_entries(task_filter::BUCKETS, 0);
 
 /// Run as thread `tid` of the target (slot `slot`), which `sched_switch`
 /// takes off its CPU asleep: noted when it sleeps inside a task poll or a
@@ -92,9 +76,8 @@ pub(crate) fn note_sleep(slot: u32, tid: u32) {
     if SLEEPERS
         .insert(task, sleeper, u64::from(BPF_NOEXIST))
         .is_ok()
-        && let Some(count) = SLEEPER_FILTER.get_ptr_mut(bucket_of(task))
     {
-        add(count, 1);
+        crate::task_filter::added(&SLEEPER_FILTER, task);
     }
 }
 
@@ -105,7 +88,7 @@ pub fn thread_wakeup(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let task: u64 = ctx.arg(0);
-    if busy_bucket(task).is_none() {
+    if !crate::task_filter::may_hold(&SLEEPER_FILTER, task) {
         return 0;
     }
     if let Some(sleeper) = SLEEPERS.get_ptr_mut(task) {
@@ -124,9 +107,9 @@ pub fn thread_wakeup(ctx: RawTracePointContext) -> i32 {
 /// and of its busy stretch (at most the time each has run).
 #[inline(always)]
 pub(crate) fn switch_in(next: u64, now: u64) {
-    let Some(count) = busy_bucket(next) else {
+    if !crate::task_filter::may_hold(&SLEEPER_FILTER, next) {
         return;
-    };
+    }
     // SAFETY: a read-only look at the map value.
     let Some(&sleeper) = (unsafe { SLEEPERS.get(next) }) else {
         return;
@@ -134,7 +117,7 @@ pub(crate) fn switch_in(next: u64, now: u64) {
     if SLEEPERS.remove(next).is_err() {
         return;
     }
-    add(count, u64::MAX);
+    crate::task_filter::removed(&SLEEPER_FILTER, next);
     let wait = run_queue_wait_ns(sleeper.woken_ns, now);
     if wait == 0 {
         return;
