@@ -11,12 +11,14 @@ use core::{
 };
 
 use aya_ebpf::{
+    helpers::generated::bpf_get_current_task,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, Stack},
 };
 use loopguard_common::{
     Counter, LoopState, ThreadPolls,
     slots::{MAP_MMAPABLE, MAX_THREAD_SLOTS, is_writing},
+    task_filter,
 };
 
 use crate::bump;
@@ -177,6 +179,70 @@ impl<T: Slotted> DerefMut for Writing<T> {
 #[map]
 static SLOT_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// A thread's slot filed by its task pointer ([`TASK_SLOTS`]).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct TaskSlot {
+    /// Its `task_struct` address (0: the entry is free).
+    task: u64,
+    tid: u32,
+    slot: u32,
+}
+
+/// `log2` of [`TASK_SLOTS`]' entries: as many as there are slots, so two
+/// threads of a service seldom share one.
+const TASK_SLOT_BITS: u32 = 12;
+
+const _: () = assert!(1 << TASK_SLOT_BITS == MAX_THREAD_SLOTS);
+
+/// Threads with a slot by index of their task pointer
+/// ([`task_filter::index_of`]), each claimed by the first slot holder
+/// there and freed at its exit: where the one-entry [`SLOT_CACHE`] misses
+/// (dufs runs 30 threads in turn on one CPU, and every context switch of
+/// each looks its slot up) an array read stands in for a hash lookup.
+#[map]
+static TASK_SLOTS: Array<TaskSlot> = Array::with_max_entries(MAX_THREAD_SLOTS, 0);
+
+/// Every [`THREAD_SLOTS`] entry counted by bucket of its thread's task
+/// pointer ([`crate::task_filter`]): a thread with no slot, whose
+/// [`TASK_SLOTS`] entry is not its own, is told so without the hash
+/// lookup unless a slot holder shares its bucket.
+#[map]
+static SLOT_FILTER: Array<u64> = Array::with_max_entries(task_filter::BUCKETS, 0);
+
+/// Where `tid` (running as `task`) has its slot filed, short of the hash.
+enum Filed {
+    /// In its [`TASK_SLOTS`] entry.
+    Here(u32),
+    /// Nowhere: it has no slot.
+    Nowhere,
+    /// Perhaps in [`THREAD_SLOTS`].
+    Maybe,
+}
+
+#[inline(always)]
+fn filed(task: u64, tid: u32) -> Filed {
+    if let Some(entry) = TASK_SLOTS.get(task_filter::index_of(task, TASK_SLOT_BITS)) {
+        // SAFETY: plain reads of a map value's fields; only the thread
+        // named in it writes an entry it holds.
+        let (holder, owner, slot) = unsafe {
+            (
+                read_volatile(&raw const entry.task),
+                read_volatile(&raw const entry.tid),
+                read_volatile(&raw const entry.slot),
+            )
+        };
+        if holder == task && owner == tid && SLOT_OWNERS.get(slot).is_some_and(|&o| o == tid) {
+            return Filed::Here(slot);
+        }
+    }
+    if crate::task_filter::may_hold(&SLOT_FILTER, task) {
+        Filed::Maybe
+    } else {
+        Filed::Nowhere
+    }
+}
+
 /// The slot of `tid`, if it has one. Run as thread `tid`.
 #[inline(always)]
 pub(crate) fn slot_of(tid: u32) -> Option<u32> {
@@ -194,12 +260,52 @@ pub(crate) fn slot_of(tid: u32) -> Option<u32> {
             return Some(slot);
         }
     }
-    // SAFETY: a read-only look at the map value.
-    let slot = unsafe { THREAD_SLOTS.get(tid) }.copied()?;
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let slot = match filed(task, tid) {
+        Filed::Here(slot) => slot,
+        Filed::Nowhere => return None,
+        // SAFETY: a read-only look at the map value.
+        Filed::Maybe => unsafe { THREAD_SLOTS.get(tid) }.copied()?,
+    };
     // SAFETY: as above; a nested program on this CPU may overwrite it,
     // which only costs the next lookup its shortcut.
     unsafe { write_volatile(cache, u64::from(tid) << 32 | u64::from(slot)) };
     Some(slot)
+}
+
+/// Files the new slot `slot` of `tid` (running as `task`): counted in
+/// [`SLOT_FILTER`] before anything else, so no lookup passes it by, and in
+/// its [`TASK_SLOTS`] entry when that is free. Two threads that claim an
+/// entry at once both stay counted, so the one that lost it is still found.
+#[inline(always)]
+fn file(task: u64, tid: u32, slot: u32) {
+    crate::task_filter::added(&SLOT_FILTER, task);
+    if let Some(entry) = TASK_SLOTS.get_ptr_mut(task_filter::index_of(task, TASK_SLOT_BITS)) {
+        // SAFETY: a valid map value pointer; the holder is written last.
+        unsafe {
+            if read_volatile(&raw const (*entry).task) == 0 {
+                write_volatile(&raw mut (*entry).tid, tid);
+                write_volatile(&raw mut (*entry).slot, slot);
+                write_volatile(&raw mut (*entry).task, task);
+            }
+        }
+    }
+}
+
+/// Takes `tid`'s (running as `task`) slot out of [`SLOT_FILTER`] and
+/// [`TASK_SLOTS`].
+#[inline(always)]
+fn unfile(task: u64) {
+    if let Some(entry) = TASK_SLOTS.get_ptr_mut(task_filter::index_of(task, TASK_SLOT_BITS)) {
+        // SAFETY: a valid map value pointer.
+        unsafe {
+            if read_volatile(&raw const (*entry).task) == task {
+                write_volatile(&raw mut (*entry).task, 0);
+            }
+        }
+    }
+    crate::task_filter::removed(&SLOT_FILTER, task);
 }
 
 /// The slot of `tid`, taken from the free stack at its first use; `None`
@@ -222,6 +328,8 @@ pub(crate) fn claim_slot(tid: u32) -> Option<u32> {
         // SAFETY: a valid, aligned map value pointer.
         unsafe { write_volatile(owner, tid) };
     }
+    // SAFETY: the helper has no preconditions.
+    file(unsafe { bpf_get_current_task() }, tid, slot);
     Some(slot)
 }
 
@@ -293,6 +401,9 @@ pub(crate) fn release(tid: u32) {
         // SAFETY: a valid, aligned map value pointer.
         unsafe { write_volatile(owner, 0) };
     }
-    let _ = THREAD_SLOTS.remove(tid);
+    if THREAD_SLOTS.remove(tid).is_ok() {
+        // SAFETY: the helper has no preconditions.
+        unfile(unsafe { bpf_get_current_task() });
+    }
     give_back(slot);
 }

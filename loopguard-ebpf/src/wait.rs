@@ -470,10 +470,15 @@ static WAITING_FILTER: Array<u64> = Array::with_max_entries(task_filter::BUCKETS
 pub(crate) fn switch_out(tid: u32, now: u64) {
     // SAFETY: the helpers return the current task and its user registers.
     let task = unsafe { generated::bpf_get_current_task_btf() };
-    let regs = unsafe { generated::bpf_task_pt_regs(task) } as u64;
-    // SAFETY: the helper tolerates any address.
-    let id = unsafe { bpf_probe_read_kernel((regs + u64::from(pt_regs::ORIG_AX)) as *const u64) }
-        .unwrap_or(u64::MAX);
+    let regs_ptr = unsafe { generated::bpf_task_pt_regs(task) } as *const u8;
+    // A direct load through the typed pointer the helper returns (the
+    // verifier makes it a fault-tolerant kernel read), not a helper call:
+    // every sleep of every target thread comes here.
+    // SAFETY: `orig_ax` is a u64 member of `pt_regs` at this offset.
+    let id = unsafe {
+        core::ptr::read_volatile(regs_ptr.add(usize::from(pt_regs::ORIG_AX)).cast::<u64>())
+    };
+    let regs = regs_ptr as u64;
     if !is_epoll_wait(id) {
         return;
     }
