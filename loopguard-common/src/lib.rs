@@ -55,6 +55,10 @@ pub mod names {
     pub const WAIT_ENTER: &str = "wait_enter";
     /// uretprobe on the same functions.
     pub const WAIT_EXIT: &str = "wait_exit";
+    /// uprobe on the instruction a call returns to, where a build inlined
+    /// a Tokio park and only its call to the condition variable's wait is
+    /// left to probe (`wait_enter` goes on the call itself).
+    pub const WAIT_RETURN: &str = "wait_return";
     /// Raw tracepoint `sys_enter`: epoll waits as syscalls, for programs
     /// whose wrappers cannot be probed.
     pub const WAIT_SYSCALL_ENTER: &str = "wait_syscall_enter";

@@ -215,6 +215,20 @@ pub fn wait_exit(_ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// A plain uprobe on the instruction a park call returns to (a park the
+/// build inlined, seen at its call: `wait_enter` is on the call): the
+/// wait ends, as at [`wait_exit`].
+#[uprobe]
+pub fn wait_return(_ctx: ProbeContext) -> u32 {
+    if crate::empty_programs() {
+        return 0;
+    }
+    if let Some((_, _, mut state)) = this_thread() {
+        exit(&mut state);
+    }
+    0
+}
+
 /// Raw tracepoint `sys_enter` (every syscall of every process): the wait
 /// path for programs whose epoll waits no uprobe can catch (statically
 /// linked without symbols, or making the syscall directly).

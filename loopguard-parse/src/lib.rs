@@ -29,6 +29,7 @@
 pub mod elf;
 pub mod interpreter;
 pub mod linetable;
+pub mod park_calls;
 pub mod placement;
 pub mod symbols;
 pub mod usdt;

@@ -43,6 +43,22 @@ pub enum WaitKind {
     Epoll,
     /// One of Tokio's park functions.
     TokioPark,
+    /// A call a Tokio thread parks through, in a function that inlined the
+    /// park ([`crate::park_calls`]): probed on the call instruction, as
+    /// the park's entry.
+    TokioParkCall,
+    /// The instruction such a call returns to: the park's end.
+    TokioParkReturn,
+}
+
+impl WaitKind {
+    /// Whether it is one of Tokio's parks (a function, or a call).
+    pub fn is_park(self) -> bool {
+        matches!(
+            self,
+            Self::TokioPark | Self::TokioParkCall | Self::TokioParkReturn
+        )
+    }
 }
 
 /// Strips what demangling leaves around a method path: `<`, `>` and
@@ -76,7 +92,7 @@ fn is_tokio_park(demangled: &str) -> bool {
 }
 
 /// The file offset of virtual address `vaddr` in an ELF.
-fn file_offset(file: &object::File<'_>, vaddr: u64) -> Option<u64> {
+pub(crate) fn file_offset(file: &object::File<'_>, vaddr: u64) -> Option<u64> {
     file.segments().find_map(|segment| {
         let (offset, size) = segment.file_range();
         // Header values, unchecked: no arithmetic on them may wrap.

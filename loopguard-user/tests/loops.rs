@@ -292,11 +292,15 @@ fn node_already_busy_at_attach_is_a_loop_stall_in_progress() {
 }
 
 /// A `block_on` body that blocks is a loop stall, reported once; a handler
-/// that blocks is a poll stall, reported once; idle workers raise nothing.
-fn block_on_body_blocks(flavor: &str) {
+/// that blocks is a poll stall, reported once; idle workers raise nothing,
+/// not even an alert in progress. `binary` is the example build's variable.
+fn block_on_body_blocks(binary: &str, server_args: &[&str]) -> Line {
     require_root();
-    let server = Server::start(&server_binary("LOOPGUARD_SERVER"), &["--flavor", flavor]);
+    let server = Server::start(&server_binary(binary), server_args);
     let agent = Agent::attach(server.pid, &[]);
+    let attached = agent.wait_for("attached", Duration::from_secs(1), |v| {
+        v["type"] == "attached"
+    });
     let programs = agent.programs();
     // A thread already waiting when loopguard attached comes back unseen
     // once (its return probe did not exist yet): let every thread wake once.
@@ -322,19 +326,48 @@ fn block_on_body_blocks(flavor: &str) {
     assert_matches(stalls[0], "loop", main["blocked_ms"].as_f64().unwrap());
     assert_eq!(stalls[0]["tid"], main["tid"], "the block_on thread");
     assert_matches(stalls[1], "poll", handler["blocked_ms"].as_f64().unwrap());
+    // A worker parked where no wait probe sees it would look busy from the
+    // moment it parked: an alert in progress that no stall ever closes.
+    let unclosed: Vec<&Value> = support::of_type(&lines, "stall_in_progress")
+        .into_iter()
+        .filter(|alert| stalls.iter().all(|s| s["start_ns"] != alert["start_ns"]))
+        .collect();
+    assert!(unclosed.is_empty(), "alerts no stall closed: {unclosed:#?}");
     assert_detached(&programs);
+    attached
 }
 
 #[test]
 #[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
 fn block_on_body_multi_thread() {
-    block_on_body_blocks("multi-thread");
+    block_on_body_blocks("LOOPGUARD_SERVER", &["--flavor", "multi-thread"]);
 }
 
 #[test]
 #[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
 fn block_on_body_current_thread() {
-    block_on_body_blocks("current-thread");
+    block_on_body_blocks("LOOPGUARD_SERVER", &["--flavor", "current-thread"]);
+}
+
+/// Issue #23: the fat-LTO build with Tokio's `parking_lot` feature (which
+/// `full` turns on) keeps `park_condvar` for one caller and inlines it into
+/// `worker::Context::park_internal` for the path idle workers take. The
+/// probe on the named copy never fired, and every worker that parked on its
+/// condvar after a burst was a loop stall in progress. The park is now
+/// probed at its call to the condition variable's wait.
+#[test]
+#[ignore = "end-to-end: needs root and the example builds; run `cargo xtask test`"]
+fn block_on_body_fat_lto_parking_lot_idle_workers_park() {
+    let attached = block_on_body_blocks(
+        "LOOPGUARD_SERVER_LTO",
+        &["--flavor", "multi-thread", "--workers", "4"],
+    );
+    let waits = attached.value["wait_functions"].to_string();
+    assert!(
+        waits.contains("worker::Context::park_internal"),
+        "the fat-LTO build no longer inlines the worker's condvar park, so this test no longer \
+         has issue #23's shape (build it so that it does): {waits}"
+    );
 }
 
 /// A thread whose event loop has closed is no loop thread any more: an

@@ -3,8 +3,9 @@
 //! build hygiene (no aya in middleware users; the pure crates on stable
 //! without bpf-linker), the Kubernetes manifests (`cargo xtask
 //! manifests`), then the end-to-end tests: as root, for real, against the
-//! example built five ways (release, fat LTO + panic=abort, v0
-//! mangling, non-PIE, release with debug info), and against `many-futures`
+//! example built five ways (release, fat LTO + panic=abort + Tokio's
+//! `parking_lot`, v0 mangling, non-PIE, release with debug info), and
+//! against `many-futures`
 //! (hundreds of poll copies: attach and detach at scale).
 
 use std::path::PathBuf;
@@ -237,19 +238,24 @@ impl E2eSetup {
     }
 }
 
-/// The example built the other ways the tests need: fat LTO, v0 mangling,
+/// The example built the other ways the tests need: fat LTO (with Tokio's
+/// `parking_lot`), v0 mangling,
 /// non-PIE and with debug info. Returns the v0, non-PIE and debug-info
 /// target directories.
 fn build_variants(
     root: &std::path::Path,
     target: &std::path::Path,
 ) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    // With Tokio's `parking_lot` feature (`full` turns it on): that build
+    // inlines the worker's condvar park into its callers (issue #23).
     cmd::run(cmd::cargo().current_dir(root).args([
         "build",
         "--profile",
         "release-lto",
         "-p",
         "stall-server",
+        "--features",
+        "parking-lot",
     ]))?;
     let v0_dir = target.join("v0");
     cmd::run(

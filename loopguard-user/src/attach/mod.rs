@@ -521,6 +521,14 @@ impl WaitPath {
 
     /// The sites that get a wait probe on this path.
     fn probed(self, sites: &[WaitSite]) -> Vec<&WaitSite> {
+        if self == Self::Off {
+            return Vec::new();
+        }
+        crate::discover::waits::and_park_calls(sites, self.probed_functions(sites))
+    }
+
+    /// The wait functions (not the park calls) probed on this path.
+    fn probed_functions(self, sites: &[WaitSite]) -> Vec<&WaitSite> {
         match self {
             Self::Off => Vec::new(),
             Self::Switch => crate::discover::waits::probed_on_switch(sites),
@@ -536,7 +544,10 @@ impl WaitPath {
                 .iter()
                 .filter(|site| site.kind == WaitKind::TokioPark)
                 .collect(),
-            Self::Uprobes { .. } => sites.iter().collect(),
+            Self::Uprobes { .. } => sites
+                .iter()
+                .filter(|site| matches!(site.kind, WaitKind::Epoll | WaitKind::TokioPark))
+                .collect(),
         }
     }
 }
@@ -594,12 +605,12 @@ fn wait_groups(
 /// return probe.
 fn group_wait_sites(sites: &[&WaitSite], calls_only: bool) -> Vec<ProbeGroup> {
     let mut groups: Vec<ProbeGroup> = Vec::new();
-    for program in [names::WAIT_EXIT, names::WAIT_ENTER] {
+    for program in [names::WAIT_EXIT, names::WAIT_RETURN, names::WAIT_ENTER] {
         for site in sites {
-            let epoll = site.kind == WaitKind::Epoll;
-            if epoll && calls_only && program == names::WAIT_EXIT {
+            if !wait_programs(site.kind, calls_only).contains(&program) {
                 continue;
             }
+            let epoll = site.kind == WaitKind::Epoll;
             // An epoll wrapper's entry reads its epoll fd (the loop it waits
             // for); a park has none.
             let cookie = match (epoll, calls_only) {
@@ -625,6 +636,19 @@ fn group_wait_sites(sites: &[&WaitSite], calls_only: bool) -> Vec<ProbeGroup> {
         }
     }
     groups
+}
+
+/// The programs a wait site of `kind` gets: a function its entry and
+/// return probes (an epoll wrapper only its entry with `calls_only`), a
+/// park call its entry probe on the call, and the instruction the call
+/// returns to a plain uprobe that ends the wait.
+fn wait_programs(kind: WaitKind, calls_only: bool) -> &'static [&'static str] {
+    match kind {
+        WaitKind::Epoll if calls_only => &[names::WAIT_ENTER],
+        WaitKind::Epoll | WaitKind::TokioPark => &[names::WAIT_EXIT, names::WAIT_ENTER],
+        WaitKind::TokioParkCall => &[names::WAIT_ENTER],
+        WaitKind::TokioParkReturn => &[names::WAIT_RETURN],
+    }
 }
 
 /// The poll probes: a uretprobe and a uprobe on every copy (returns
@@ -1150,6 +1174,32 @@ mod tests {
                 (names::WAIT_ENTER, exe.to_owned(), vec![(0x20, 0)]),
             ]
         );
+    }
+
+    /// A park the build inlined: the entry probe on its call, a plain
+    /// uprobe that ends the wait on the instruction the call returns to,
+    /// returns first as for every wait site.
+    #[test]
+    fn a_park_call_gets_its_entry_on_the_call_and_a_return_uprobe_after_it() {
+        let exe = "/srv/app";
+        let at = |file_offset, kind| WaitSite {
+            name: "tokio::runtime::scheduler::multi_thread::worker::Context::park_internal".into(),
+            kind,
+            ..wait_site(exe, file_offset)
+        };
+        let sites = [
+            at(0x40, WaitKind::TokioParkCall),
+            at(0x45, WaitKind::TokioParkReturn),
+        ];
+        for calls_only in [false, true] {
+            assert_eq!(
+                grouped(&sites, calls_only),
+                [
+                    (names::WAIT_RETURN, exe.to_owned(), vec![(0x45, 0)]),
+                    (names::WAIT_ENTER, exe.to_owned(), vec![(0x40, 0)]),
+                ]
+            );
+        }
     }
 
     #[test]

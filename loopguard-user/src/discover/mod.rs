@@ -237,6 +237,9 @@ fn find_wait_sites(
             kind,
         })
         .collect();
+    if tokio {
+        sites.extend(park_call_sites(exe, data));
+    }
     // A mapped library is read and probed through its mapping, so the
     // inode really mapped is the one used, whatever the target has since
     // put under its name.
@@ -264,6 +267,28 @@ fn find_wait_sites(
         ));
     }
     sites
+}
+
+/// The calls Tokio parks through where the build inlined a park
+/// (`loopguard_parse::park_calls`): each one a site at the call and one at
+/// its return, both named after the function they are in.
+fn park_call_sites(exe: &Executable, data: &[u8]) -> Vec<WaitSite> {
+    loopguard_parse::park_calls::park_calls_in(data)
+        .into_iter()
+        .flat_map(|call| {
+            [
+                (call.call_offset, waits::WaitKind::TokioParkCall),
+                (call.return_offset, waits::WaitKind::TokioParkReturn),
+            ]
+            .map(|(file_offset, kind)| WaitSite {
+                probe_path: exe.probe_path.clone(),
+                display_path: exe.display_path.clone(),
+                file_offset,
+                name: call.caller.clone(),
+                kind,
+            })
+        })
+        .collect()
 }
 
 /// The C libraries process `pid` maps (or, stopped before its loader ran,

@@ -51,6 +51,34 @@ pub fn switch_sees_every_park(sites: &[WaitSite]) -> bool {
     let multi_thread = "tokio::runtime::scheduler::multi_thread::";
     !parks().any(|path| path.starts_with(multi_thread))
         || parks().any(|path| WORKER_CONDVAR_PARKS.contains(&path.as_str()))
+        || sites.iter().any(|site| {
+            site.kind == WaitKind::TokioParkCall && plain_path(&site.name).starts_with(multi_thread)
+        })
+}
+
+/// `probed` (the park functions and epoll wrappers a wait path probes),
+/// and every park call of `sites` that is not inside one of those park
+/// functions: a park the build inlined is seen at its call, where a
+/// probed function's own call would only nest in it (two more traps per
+/// park).
+pub fn and_park_calls<'s>(sites: &'s [WaitSite], probed: Vec<&'s WaitSite>) -> Vec<&'s WaitSite> {
+    let inside_probed = |call: &WaitSite| {
+        probed
+            .iter()
+            .any(|site| site.kind == WaitKind::TokioPark && site.name == call.name)
+    };
+    let calls: Vec<&WaitSite> = sites
+        .iter()
+        .filter(|site| {
+            matches!(
+                site.kind,
+                WaitKind::TokioParkCall | WaitKind::TokioParkReturn
+            ) && !inside_probed(site)
+        })
+        .collect();
+    let mut all = probed;
+    all.extend(calls);
+    all
 }
 
 /// The wait sites the `sched_switch` wait path still probes. It sees a
@@ -174,6 +202,47 @@ mod tests {
             ]),
             [format!("{mt}Parker::park")]
         );
+    }
+
+    /// A park the build inlined is probed at its call, unless the call is
+    /// inside a park function the path probes anyway (it would only nest).
+    #[test]
+    fn park_calls_are_probed_outside_probed_park_functions() {
+        let mt = "tokio::runtime::scheduler::multi_thread::";
+        let condvar = format!("{mt}park::Inner::park_condvar");
+        let internal = format!("{mt}worker::Context::park_internal");
+        let call = |name: &str, kind| WaitSite {
+            kind,
+            ..park_site(name)
+        };
+        let sites = [
+            park_site(&condvar),
+            call(&condvar, WaitKind::TokioParkCall),
+            call(&condvar, WaitKind::TokioParkReturn),
+            call(&internal, WaitKind::TokioParkCall),
+            call(&internal, WaitKind::TokioParkReturn),
+        ];
+        let probed: Vec<(&str, WaitKind)> = and_park_calls(&sites, probed_on_switch(&sites))
+            .into_iter()
+            .map(|site| (site.name.as_str(), site.kind))
+            .collect();
+        assert_eq!(
+            probed,
+            [
+                (condvar.as_str(), WaitKind::TokioPark),
+                (internal.as_str(), WaitKind::TokioParkCall),
+                (internal.as_str(), WaitKind::TokioParkReturn),
+            ]
+        );
+        // Every named park inlined, but the call to the condvar found: the
+        // sched_switch path sees every park.
+        let only_calls = [
+            park_site(&format!("{mt}park::Inner::park_driver")),
+            call(&internal, WaitKind::TokioParkCall),
+            call(&internal, WaitKind::TokioParkReturn),
+        ];
+        assert!(switch_sees_every_park(&only_calls));
+        assert!(!switch_sees_every_park(&only_calls[..1]));
     }
 
     #[test]

@@ -68,7 +68,12 @@ impl<'t> Found<'t> {
                 .map(|copy| copy.name.as_str())
                 .collect(),
             epoll_sites,
-            park_sites: sites.len() - epoll_sites,
+            // A park call is probed twice (the call and its return): one
+            // park site.
+            park_sites: sites
+                .iter()
+                .filter(|s| matches!(s.kind, WaitKind::TokioPark | WaitKind::TokioParkCall))
+                .count(),
             wait_functions,
             loop_only: match &target.mode {
                 WatchMode::Tokio => None,
