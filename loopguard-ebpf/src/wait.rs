@@ -206,13 +206,19 @@ pub fn wait_enter(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn wait_exit(_ctx: RetProbeContext) -> u32 {
+    returned();
+    0
+}
+
+/// A wait function (or a park call) returned on this thread.
+#[inline(always)]
+fn returned() {
     if crate::empty_programs() {
-        return 0;
+        return;
     }
     if let Some((_, _, mut state)) = this_thread() {
         exit(&mut state);
     }
-    0
 }
 
 /// A plain uprobe on the instruction a park call returns to (a park the
@@ -220,12 +226,7 @@ pub fn wait_exit(_ctx: RetProbeContext) -> u32 {
 /// wait ends, as at [`wait_exit`].
 #[uprobe]
 pub fn wait_return(_ctx: ProbeContext) -> u32 {
-    if crate::empty_programs() {
-        return 0;
-    }
-    if let Some((_, _, mut state)) = this_thread() {
-        exit(&mut state);
-    }
+    returned();
     0
 }
 
