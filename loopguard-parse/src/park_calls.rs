@@ -15,9 +15,9 @@
 //! is a park. The wait path probes the call instruction as the park's
 //! entry and the instruction after it (where the call returns) as its end.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use iced_x86::{Decoder, DecoderOptions};
+use iced_x86::{Decoder, DecoderOptions, FlowControl};
 use object::{Architecture, Object, ObjectSymbol, SymbolKind};
 
 use crate::symbols::demangle;
@@ -25,12 +25,16 @@ use crate::waits::{file_offset, plain_path};
 
 /// Where Tokio's code that parks a thread lives (plain paths, prefixes):
 /// the multi-thread workers, the current-thread scheduler, the `block_on`
-/// thread's parker and `block_on` itself.
-const PARK_CALLERS: [&str; 4] = [
+/// thread's parker and the `block_on`s a park may be inlined into. Not the
+/// blocking pool: its idle threads wait on a condvar too, and a probe
+/// there would cost every `spawn_blocking` thread two traps per wait.
+const PARK_CALLERS: [&str; 6] = [
     "tokio::runtime::scheduler::multi_thread::",
     "tokio::runtime::scheduler::current_thread::",
     "tokio::runtime::park::",
     "tokio::runtime::context::blocking::",
+    "tokio::runtime::runtime::Runtime::block_on",
+    "tokio::runtime::handle::Handle::block_on",
 ];
 
 /// At most this much of one function is decoded (a `run` loop that
@@ -128,22 +132,36 @@ fn calls_in_function(
     let Some(code) = code else {
         return Vec::new();
     };
-    let mut found = Vec::new();
+    let mut calls = Vec::new();
+    let mut jumped_to = HashSet::new();
     for instruction in Decoder::with_ip(64, code, address, DecoderOptions::NONE) {
-        if !instruction.is_call_near() {
-            continue;
-        }
-        let Some(callee) = waits.get(&instruction.near_branch_target()) else {
-            continue;
-        };
-        if let (Some(call), Some(back)) = (
-            file_offset(file, instruction.ip()),
-            file_offset(file, instruction.next_ip()),
-        ) {
-            found.push((call, back, callee.clone()));
+        match instruction.flow_control() {
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                jumped_to.insert(instruction.near_branch_target());
+            }
+            FlowControl::Call => {
+                if let Some(callee) = waits.get(&instruction.near_branch_target()) {
+                    calls.push((instruction.ip(), instruction.next_ip(), callee));
+                }
+            }
+            _ => {}
         }
     }
-    found
+    // The return probe ends a wait wherever it fires: where another path
+    // of the function joins at that instruction (a `park_timeout` that
+    // never sleeps), it would end a wait that never began there. Such a
+    // call is left alone.
+    calls
+        .into_iter()
+        .filter(|(_, back, _)| !jumped_to.contains(back))
+        .filter_map(|(call, back, callee)| {
+            Some((
+                file_offset(file, call)?,
+                file_offset(file, back)?,
+                callee.clone(),
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -177,6 +195,7 @@ mod tests {
         assert!(is_park_caller(
             "tokio::runtime::context::blocking::BlockingRegionGuard::block_on"
         ));
+        assert!(is_park_caller("tokio::runtime::runtime::Runtime::block_on"));
         assert!(!is_park_caller(
             "tokio::runtime::blocking::pool::Inner::run"
         ));
@@ -185,7 +204,8 @@ mod tests {
 
     /// Code at 0x1000: `park_internal` (0x1000, 16 bytes) calls the
     /// condvar's wait (0x1030) and another function (0x1040); the
-    /// blocking pool's `run` (0x1010) calls the wait too.
+    /// blocking pool's `run` (0x1010) calls the wait too; `park_joined`
+    /// (0x1020) calls it where another path joins at its return.
     fn code() -> Vec<u8> {
         let mut code = vec![0xcc; 0x50];
         let call = |code: &mut Vec<u8>, at: usize, target: i64| {
@@ -197,13 +217,23 @@ mod tests {
         call(&mut code, 0x05, 0x1040);
         code[0x0a] = 0xc3;
         call(&mut code, 0x10, 0x1030);
-        for ret in [0x15, 0x30, 0x40] {
+        // park_joined (0x1020, 16 bytes): jmp +5 (to 0x1027, the return
+        // address of) call wait; ret.
+        code[0x20] = 0xeb;
+        code[0x21] = 0x05;
+        call(&mut code, 0x22, 0x1030);
+        for ret in [0x15, 0x27, 0x30, 0x40] {
             code[ret] = 0xc3;
         }
         code
     }
 
-    const SYMBOLS: [(&str, u64, u64); 4] = [
+    const SYMBOLS: [(&str, u64, u64); 5] = [
+        (
+            "_ZN5tokio7runtime9scheduler12multi_thread6worker7Context11park_joined17h0123456789abcdefE",
+            0x1020,
+            16,
+        ),
         (
             "_ZN5tokio7runtime9scheduler12multi_thread6worker7Context13park_internal17h0123456789abcdefE",
             0x1000,
