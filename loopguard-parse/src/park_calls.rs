@@ -18,10 +18,10 @@
 use std::collections::{HashMap, HashSet};
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl};
-use object::{Architecture, Object, ObjectSymbol, SymbolKind};
+use object::{Architecture, Object, ObjectSymbol};
 
 use crate::symbols::demangle;
-use crate::waits::{file_offset, plain_path};
+use crate::waits::{file_offset, function_code, is_defined_function, plain_path};
 
 /// Where Tokio's code that parks a thread lives (plain paths, prefixes):
 /// the multi-thread workers, the current-thread scheduler, the `block_on`
@@ -80,7 +80,7 @@ pub fn park_calls_in(data: &[u8]) -> Vec<ParkCall> {
     let mut waits: HashMap<u64, String> = HashMap::new();
     let mut callers: Vec<(u64, u64, String)> = Vec::new();
     for symbol in file.symbols() {
-        if symbol.kind() != SymbolKind::Text || symbol.address() == 0 || symbol.is_undefined() {
+        if !is_defined_function(&symbol) {
             continue;
         }
         let Ok(raw) = symbol.name() else { continue };
@@ -125,11 +125,7 @@ fn calls_in_function(
     let Some(start) = file_offset(file, address) else {
         return Vec::new();
     };
-    let code = usize::try_from(start)
-        .ok()
-        .zip(usize::try_from(size.min(MAX_SCANNED_BYTES)).ok())
-        .and_then(|(start, size)| data.get(start..start.checked_add(size)?));
-    let Some(code) = code else {
+    let Some(code) = function_code(data, start, size.min(MAX_SCANNED_BYTES)) else {
         return Vec::new();
     };
     let mut calls = Vec::new();

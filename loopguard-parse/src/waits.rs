@@ -51,16 +51,6 @@ pub enum WaitKind {
     TokioParkReturn,
 }
 
-impl WaitKind {
-    /// Whether it is one of Tokio's parks (a function, or a call).
-    pub fn is_park(self) -> bool {
-        matches!(
-            self,
-            Self::TokioPark | Self::TokioParkCall | Self::TokioParkReturn
-        )
-    }
-}
-
 /// Strips what demangling leaves around a method path: `<`, `>` and
 /// generic arguments (`::<T>` and `Type<T>`), so legacy and v0 names
 /// compare equal.
@@ -109,13 +99,22 @@ pub(crate) fn file_offset(file: &object::File<'_>, vaddr: u64) -> Option<u64> {
 /// the function of `size` bytes at `address` ([`crate::placement`]); 0 for
 /// a function whose size is not known or whose bytes are not all there.
 fn probe_skip(data: &[u8], entry: u64, size: u64, address: u64) -> u64 {
-    let code = usize::try_from(entry)
-        .ok()
-        .zip(usize::try_from(size).ok())
-        .and_then(|(start, size)| data.get(start..start.checked_add(size)?));
-    code.map_or(0, |code| {
+    function_code(data, entry, size).map_or(0, |code| {
         crate::placement::entry_probe_offset(code, address)
     })
+}
+
+/// The `size` bytes of a function at file offset `start`, when they are
+/// all there.
+pub(crate) fn function_code(data: &[u8], start: u64, size: u64) -> Option<&[u8]> {
+    let start = usize::try_from(start).ok()?;
+    data.get(start..start.checked_add(usize::try_from(size).ok()?)?)
+}
+
+/// Whether an ELF symbol is a function defined in its file (a text symbol
+/// with an address).
+pub(crate) fn is_defined_function(symbol: &object::Symbol<'_, '_>) -> bool {
+    symbol.kind() == SymbolKind::Text && symbol.address() != 0 && !symbol.is_undefined()
 }
 
 /// Wait sites in one ELF file's symbols: the epoll wrappers it defines and,
@@ -128,7 +127,7 @@ pub fn sites_in(data: &[u8], tokio: bool) -> Vec<(u64, String, WaitKind)> {
     };
     let mut sites: Vec<(u64, String, WaitKind)> = Vec::new();
     for symbol in file.symbols().chain(file.dynamic_symbols()) {
-        if symbol.kind() != SymbolKind::Text || symbol.address() == 0 || symbol.is_undefined() {
+        if !is_defined_function(&symbol) {
             continue;
         }
         let Ok(raw) = symbol.name() else { continue };
