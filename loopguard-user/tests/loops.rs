@@ -147,6 +147,10 @@ fn watches_a_foreign_loop(server: &Foreign, path: &str, wait_probes: &str, block
     let (status, lines) = agent.interrupt();
     assert!(status.success());
     support::schema::assert_events_follow_schema(lines.iter().map(|l| &l.value));
+    // Shown with a failure: what the run lost (dropped records and the like).
+    for summary in support::of_type(&lines, "summary") {
+        eprintln!("summary: {summary}");
+    }
     let stalls = stalls(&lines);
     assert_eq!(
         stalls.len(),

@@ -299,12 +299,18 @@ impl Stacks {
         {
             profile.off_ns = profile.off_ns.max(state.off_ns);
             profile.wait_ns = profile.wait_ns.max(state.wait_ns);
-            if !finished && state.out_ns != 0 && state.cause == sample_cause::OFF_CPU {
+            if state.out_ns != 0 && state.cause == sample_cause::OFF_CPU {
                 profile.asleep_since = Some((state.out_ns, syscall_of(state.syscall)));
             }
         }
-        if finished {
-            profile.asleep_since = None;
+        if finished && profile.finish() {
+            // A sleep the kernel saw begin and never saw end: counted up to
+            // the end rather than read as time on a CPU.
+            tracing::debug!(
+                tid = stall.tid,
+                asleep_since = ?profile.asleep_since,
+                "an off-CPU interval of a finished stall had no end; counted to the stall's end"
+            );
         }
         // The detector's own count of the poll's wait for a CPU (its
         // `sched_switch` preemptions and the host's steal time) is what it

@@ -35,6 +35,9 @@ pub struct PollProfile {
     pub syscall_ns: HashMap<i64, u64>,
     /// The interval in progress (`out_ns`, system call) when last looked at.
     pub asleep_since: Option<(u64, Option<i64>)>,
+    /// The latest end of an interval the kernel reported (its totals
+    /// count every interval up to there).
+    pub closed_until_ns: u64,
 }
 
 impl PollProfile {
@@ -79,8 +82,23 @@ impl PollProfile {
         }
         self.off_ns = self.off_ns.max(span.off_ns);
         self.wait_ns = self.wait_ns.max(span.wait_ns);
-        if self.asleep_since.is_some_and(|(out, _)| out == span.out_ns) {
+        self.closed_until_ns = self.closed_until_ns.max(span.in_ns);
+        if self.asleep_since.is_some_and(|(out, _)| out <= span.out_ns) {
             self.asleep_since = None;
+        }
+    }
+
+    /// The poll or stretch has ended: an interval still open here is one
+    /// whose end the kernel's totals do not count (its switch back in was
+    /// not seen, or its record was lost). It counts up to the end, since the
+    /// thread cannot have ended the poll asleep; `true` when there was one.
+    pub fn finish(&mut self) -> bool {
+        match self.asleep_since {
+            Some((out_ns, _)) if out_ns >= self.closed_until_ns => true,
+            _ => {
+                self.asleep_since = None;
+                false
+            }
         }
     }
 
@@ -265,6 +283,33 @@ mod tests {
         assert_eq!(cause.kind, CauseKind::Syscall);
         assert_eq!(cause.syscall, Some((202, Some("futex"))));
         assert_eq!(profile.dominant().unwrap().weight_ns, 100 * MS);
+    }
+
+    #[test]
+    fn a_finished_sleep_whose_end_was_never_reported_counts_to_the_end() {
+        // Seen asleep by a scan at 1 ms; no record of its switch back in.
+        let mut profile = PollProfile::default();
+        profile.add_stack(stack(&[7, 8], SampleCause::OffCpu, 1, Some(230)));
+        profile.asleep_since = Some((MS, Some(230)));
+        assert!(profile.finish());
+        profile.settle(301 * MS);
+        let cause = classify(301 * MS, &profile);
+        assert_eq!(cause.kind, CauseKind::Syscall);
+        assert_eq!(cause.syscall, Some((230, Some("clock_nanosleep"))));
+        assert_eq!(cause.off_cpu_ns, 300 * MS);
+    }
+
+    #[test]
+    fn a_finished_sleep_the_kernel_closed_is_not_counted_twice() {
+        let mut profile = PollProfile {
+            asleep_since: Some((MS, Some(230))),
+            ..PollProfile::default()
+        };
+        // A later interval's record: the kernel's totals include the first.
+        profile.add_span(&span(120, 200, 230, 280));
+        assert!(!profile.finish());
+        profile.settle(301 * MS);
+        assert_eq!(classify(301 * MS, &profile).off_cpu_ns, 280 * MS);
     }
 
     #[test]
