@@ -126,6 +126,7 @@ impl Drop for Container {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        let _ = std::fs::remove_file(self.root.with_extension("cid"));
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -309,6 +310,7 @@ fn build_image(repo: &Path, base: &str, image: &str) -> PathBuf {
         .arg(&tar)
         .arg("."));
     ok(podman().arg("import").arg(&tar).arg(base));
+    let _ = std::fs::remove_file(&tar);
     ok(podman()
         .args(["build", "-q", "--pull=never", "--from", base, "-t", image])
         .arg("-f")
