@@ -186,6 +186,9 @@ pub struct Config {
     /// reads the poll stacks often only while something may be stuck
     /// (0: no nudges; the agent then reads them at a fixed pace).
     pub nudge_ns: u64,
+    /// Where this kernel keeps the run queue's steal clock
+    /// ([`steal::RqSteal`]); all 0 where it is not known.
+    pub rq_steal: steal::RqSteal,
 }
 
 /// Bits of [`Config::flags`].
@@ -208,7 +211,7 @@ pub mod config_flags {
     pub const WAIT_CALLS: u64 = 1 << 3;
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 40 + 16 * MAX_BLOCKING_RANGES);
+const _: () = assert!(core::mem::size_of::<Config>() == 56 + 16 * MAX_BLOCKING_RANGES);
 
 impl Config {
     pub const fn zeroed() -> Self {
@@ -220,6 +223,7 @@ impl Config {
             flags: 0,
             tick_ns: 0,
             nudge_ns: 0,
+            rq_steal: steal::RqSteal::UNKNOWN,
         }
     }
 }

@@ -94,9 +94,120 @@ pub fn pause_pending(state: char, timer_ns: u64, now_ns: u64, tick_ns: u64) -> b
     state == 'R' && timer_ns != 0 && paused_ns(timer_ns, now_ns, tick_ns) != 0
 }
 
+/// Where this kernel keeps the steal clock's last reading on each CPU's
+/// run queue: byte offsets (from the kernel's BTF) of
+/// `task_struct.se.cfs_rq`, `cfs_rq.rq`, `rq.prev_steal_time_rq` and
+/// `rq.cpu`. The scheduler reads the paravirtual steal clock into
+/// `prev_steal_time_rq` at every run-queue clock update (each context
+/// switch, tick and wake-up), so at a context switch or after a timer
+/// interrupt it is current: the steal a thread suffered while it ran is
+/// its change from the switch-in to the switch-out. That is two reads
+/// where the runtime updates (`sched_stat_runtime`, 40-50 runs a request
+/// on dufs, each with its own clock read) were one program run each.
+/// All 0: not known (no BTF, or a kernel without paravirtual steal time
+/// accounting), and steal is found from the runtime updates instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RqSteal {
+    pub task_cfs_rq: u32,
+    pub cfs_rq_rq: u32,
+    pub rq_steal: u32,
+    pub rq_cpu: u32,
+}
+
+impl RqSteal {
+    pub const UNKNOWN: Self = Self {
+        task_cfs_rq: 0,
+        cfs_rq_rq: 0,
+        rq_steal: 0,
+        rq_cpu: 0,
+    };
+
+    /// Whether the run queue's steal clock can be read (no member a
+    /// struct's first: none of these is).
+    #[expect(
+        clippy::inline_always,
+        reason = "the eBPF program asks on every context switch"
+    )]
+    #[inline(always)]
+    pub const fn known(&self) -> bool {
+        self.task_cfs_rq != 0 && self.cfs_rq_rq != 0 && self.rq_steal != 0
+    }
+}
+
+/// Steal below this (ns) over one stretch on a CPU is left out: crediting
+/// it costs a slot lookup, and a stall is judged in milliseconds. Unlike
+/// [`STEAL_FLOOR_NS`] there is no clock skew to cover: both readings are
+/// of the same clock.
+pub const RQ_STEAL_FLOOR_NS: u64 = 50_000;
+
+/// ns the steal clock moved from `mark_steal` (read at `mark_ns`, 0: no
+/// reading) to `steal_now`, for the thread running on this CPU since
+/// `since_ns`: 0 when the reading was made before that (it was another
+/// thread's, or from before a switch), or the move is below
+/// [`RQ_STEAL_FLOOR_NS`].
+#[expect(
+    clippy::inline_always,
+    reason = "the eBPF program calls it on target threads' switches and ticks"
+)]
+#[inline(always)]
+pub fn steal_since(mark_steal: u64, mark_ns: u64, since_ns: u64, steal_now: u64) -> u64 {
+    if mark_ns == 0 || mark_ns < since_ns {
+        return 0;
+    }
+    let stolen = steal_now.saturating_sub(mark_steal);
+    if stolen >= RQ_STEAL_FLOOR_NS {
+        stolen
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_counts_from_a_reading_made_while_the_thread_ran() {
+        // Read at its switch-in (10 ms), 5 ms of steal since.
+        assert_eq!(steal_since(7 * MS, 10 * MS, 10 * MS, 12 * MS), 5 * MS);
+        // Read at a tick during its run.
+        assert_eq!(steal_since(7 * MS, 14 * MS, 10 * MS, 9 * MS), 2 * MS);
+    }
+
+    #[test]
+    fn a_reading_from_before_the_thread_ran_counts_nothing() {
+        // Another thread's, or none at all.
+        assert_eq!(steal_since(7 * MS, 9 * MS, 10 * MS, 20 * MS), 0);
+        assert_eq!(steal_since(0, 0, 10 * MS, 20 * MS), 0);
+    }
+
+    #[test]
+    fn specks_of_steal_are_left_out() {
+        assert_eq!(steal_since(MS, 10 * MS, 10 * MS, MS + 49_999), 0);
+        assert_eq!(steal_since(MS, 10 * MS, 10 * MS, MS + 50_000), 50_000);
+        // A clock that went back (it does not) counts nothing.
+        assert_eq!(steal_since(5 * MS, 10 * MS, 10 * MS, MS), 0);
+    }
+
+    #[test]
+    fn offsets_are_known_only_when_all_were_found() {
+        assert!(!RqSteal::UNKNOWN.known());
+        let found = RqSteal {
+            task_cfs_rq: 200,
+            cfs_rq_rq: 304,
+            rq_steal: 3000,
+            rq_cpu: 2900,
+        };
+        assert!(found.known());
+        assert!(
+            !RqSteal {
+                rq_steal: 0,
+                ..found
+            }
+            .known()
+        );
+    }
 
     const TICK: u64 = 4 * MS;
 

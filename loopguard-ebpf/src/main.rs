@@ -490,7 +490,9 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     wakeup::switch_in(next, now);
     stacks::on_switch_in(next);
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 != target_tgid() {
+    let ours = (pid_tgid >> 32) as u32 == target_tgid();
+    steal::on_switch(ours.then_some(pid_tgid as u32), switched_in_ns, next, now);
+    if !ours {
         return 0;
     }
     // SAFETY: raw tracepoint arguments 0 (preempt) and 3 (prev_state).

@@ -243,6 +243,13 @@ fn filed(task: u64, tid: u32) -> Filed {
     }
 }
 
+/// Whether task `task` (any thread on the host) may hold a slot: one
+/// array read, no lookup; false only for tasks that hold none.
+#[inline(always)]
+pub(crate) fn may_have_slot(task: u64) -> bool {
+    crate::task_filter::may_hold(&SLOT_FILTER, task)
+}
+
 /// The slot of `tid`, if it has one. Run as thread `tid`.
 #[inline(always)]
 pub(crate) fn slot_of(tid: u32) -> Option<u32> {

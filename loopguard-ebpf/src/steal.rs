@@ -27,7 +27,10 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_task},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, generated::bpf_get_current_task,
+    },
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray},
     programs::RawTracePointContext,
@@ -35,7 +38,7 @@ use aya_ebpf::{
 use loopguard_common::{
     MAX_POLL_DEPTH,
     slots::MAX_THREAD_SLOTS,
-    steal::{paused_ns, stolen_ns},
+    steal::{RqSteal, paused_ns, steal_since, stolen_ns},
     task_filter,
 };
 
@@ -108,6 +111,9 @@ static CPU_TIMER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// and the CPU's previous interrupt (or the thread's switch-in) is
 /// [`paused_ns`] back, the vCPU was not run meanwhile; that time is a wait
 /// for a CPU of the thread's poll and busy stretch.
+/// Attached to `local_timer_exit` where the run queue's steal clock is
+/// read ([`rq_steal`]): the tick has updated it by then. Elsewhere to
+/// `local_timer_entry`.
 #[raw_tracepoint(tracepoint = "local_timer_entry")]
 pub fn cpu_timer(_ctx: RawTracePointContext) -> i32 {
     if crate::empty_programs() {
@@ -124,12 +130,21 @@ pub fn cpu_timer(_ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     on_tick(pid_tgid, now);
-    if previous == 0 {
-        return 0;
-    }
-    let paused = paused_ns(previous.max(last_switch_ns()), now, tick_ns());
-    if paused != 0 {
-        lost(pid_tgid as u32, paused, now);
+    let paused = if previous == 0 {
+        0
+    } else {
+        paused_ns(previous.max(last_switch_ns()), now, tick_ns())
+    };
+    // Both see a host pause the steal clock knew of, over the same
+    // stretch (since the previous tick or the switch-in): the larger one.
+    let stolen = if rq_steal().known() {
+        tick_steal(now)
+    } else {
+        0
+    };
+    let lost_ns = paused.max(stolen);
+    if lost_ns != 0 {
+        lost(pid_tgid as u32, lost_ns, now);
         // The runtime update of this same tick would find the pause again
         // as a shortfall when the steal clock knew of it.
         // SAFETY: the helper has no preconditions.
@@ -137,6 +152,123 @@ pub fn cpu_timer(_ctx: RawTracePointContext) -> i32 {
         swap_cpu_mark(task, now);
     }
     0
+}
+
+/// Byte offsets to the run queue's steal clock, set by the agent.
+#[inline(always)]
+fn rq_steal() -> RqSteal {
+    // SAFETY: a plain read of a global the loader patched before load.
+    unsafe { core::ptr::read_volatile(&raw const crate::CONFIG.rq_steal) }
+}
+
+/// The steal clock's reading at a moment of a target thread's run on this
+/// CPU, and when (0: no reading since the last switch to a thread that
+/// may be the target's).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct StealMark {
+    steal: u64,
+    ns: u64,
+}
+
+#[map]
+static STEAL_MARK: PerCpuArray<StealMark> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's `struct rq` (0: not found yet): it never moves.
+#[map]
+static CPU_RQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's run queue, found from the current task (`se.cfs_rq->rq`)
+/// and kept only if it says it is this CPU's.
+#[inline(always)]
+fn find_rq(offsets: &RqSteal) -> Option<u64> {
+    // SAFETY: the helper has no preconditions; the reads tolerate any
+    // address and fail cleanly.
+    let task = unsafe { bpf_get_current_task() };
+    let cfs_rq =
+        unsafe { bpf_probe_read_kernel((task + u64::from(offsets.task_cfs_rq)) as *const u64) }
+            .ok()?;
+    if cfs_rq == 0 {
+        return None;
+    }
+    let rq =
+        unsafe { bpf_probe_read_kernel((cfs_rq + u64::from(offsets.cfs_rq_rq)) as *const u64) }
+            .ok()?;
+    if rq == 0 {
+        return None;
+    }
+    let cpu =
+        unsafe { bpf_probe_read_kernel((rq + u64::from(offsets.rq_cpu)) as *const u32) }.ok()?;
+    // SAFETY: the helper has no preconditions.
+    (cpu == unsafe { bpf_get_smp_processor_id() }).then_some(rq)
+}
+
+/// The steal clock as this CPU's run queue last read it.
+#[inline(always)]
+fn steal_clock(offsets: &RqSteal) -> Option<u64> {
+    let cached = CPU_RQ.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU map value pointer; only this CPU writes it.
+    let mut rq = unsafe { core::ptr::read_volatile(cached) };
+    if rq == 0 {
+        rq = find_rq(offsets)?;
+        unsafe { core::ptr::write_volatile(cached, rq) };
+    }
+    // SAFETY: the helper tolerates any address.
+    unsafe { bpf_probe_read_kernel((rq + u64::from(offsets.rq_steal)) as *const u64) }.ok()
+}
+
+/// A context switch at `now` where the run queue's steal clock is read:
+/// a target thread `prev` (running since `switched_in_ns`) leaving is
+/// credited the steal of its run; `next`, when it may be a target thread
+/// with a slot, gets a fresh reading to count its own run from. Other
+/// switches read nothing.
+#[inline(always)]
+pub(crate) fn on_switch(prev: Option<u32>, switched_in_ns: u64, next: u64, now: u64) {
+    let offsets = rq_steal();
+    if !offsets.known() {
+        return;
+    }
+    let next_counts = slots::may_have_slot(next);
+    if prev.is_none() && !next_counts {
+        return;
+    }
+    let Some(mark) = STEAL_MARK.get_ptr_mut(0) else {
+        return;
+    };
+    let Some(steal) = steal_clock(&offsets) else {
+        return;
+    };
+    // SAFETY: a per-CPU map value pointer; only this CPU writes it (a
+    // nested program on this CPU would write a reading of the same clock).
+    let last = unsafe { core::ptr::read_volatile(mark) };
+    if let Some(tid) = prev {
+        let stolen = steal_since(last.steal, last.ns, switched_in_ns, steal);
+        if stolen != 0 {
+            lost(tid, stolen, now);
+        }
+    }
+    let fresh = if next_counts {
+        StealMark { steal, ns: now }
+    } else {
+        StealMark { steal: 0, ns: 0 }
+    };
+    unsafe { core::ptr::write_volatile(mark, fresh) };
+}
+
+/// A tick at `now` on a target thread: the steal since the last reading
+/// made while it ran (none: counting starts here).
+#[inline(always)]
+fn tick_steal(now: u64) -> u64 {
+    let offsets = rq_steal();
+    let Some(mark) = STEAL_MARK.get_ptr_mut(0) else {
+        return 0;
+    };
+    let Some(steal) = steal_clock(&offsets) else {
+        return 0;
+    };
+    // SAFETY: as in `on_switch`.
+    let last = unsafe { core::ptr::replace(mark, StealMark { steal, ns: now }) };
+    steal_since(last.steal, last.ns, last_switch_ns(), steal)
 }
 
 #[raw_tracepoint(tracepoint = "sched_stat_runtime")]
@@ -167,6 +299,11 @@ pub fn thread_runtime(ctx: RawTracePointContext) -> i32 {
         // No timer interrupt on this CPU yet (or none can be seen here):
         // the clock updates stand in for the ticks.
         on_tick(pid_tgid, now);
+    }
+    if rq_steal().known() {
+        // Attached only to stand in for the ticks: the context switches
+        // count steal from the run queue.
+        return 0;
     }
     let Some(mark) = own_update(task, now) else {
         return 0;

@@ -4,6 +4,8 @@
 //! never panics (the `fuzz/` targets check that), and is unit-tested with
 //! synthetic inputs on any toolchain.
 //!
+//! - [`btf`]: the kernel's raw BTF → byte offsets of struct members (the
+//!   run queue's steal clock, read by the context-switch program).
 //! - [`elf`]: an executable's bytes → [`elf::BinaryInfo`]: Tokio's task
 //!   poll copies with their verified task layout, blocking-pool code, the
 //!   middleware's USDT sites and in-flight tables, every function symbol.
@@ -26,6 +28,7 @@
 //! `loopguard`'s `discover` stage reads the files from `/proc` and hands
 //! their bytes here.
 
+pub mod btf;
 pub mod elf;
 pub mod interpreter;
 pub mod linetable;

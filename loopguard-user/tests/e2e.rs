@@ -195,8 +195,8 @@ fn detects_every_blocking_poll(binary: &Path, server_args: &[&str], middleware: 
     let inlined_park = binary == server_binary("LOOPGUARD_SERVER_LTO");
     assert_eq!(
         ours.len(),
-        12 + usize::from(inlined_park),
-        "poll_enter, poll_exit, thread_exit, thread_switch (with the stack capture's switch bookkeeping), thread_runtime, cpu_timer, thread_wakeup, wait_enter, wait_exit, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded (and wait_return where the build inlined a park: {inlined_park}); no request program (requests come from the in-flight table)"
+        10 + agent.steal_programs() + usize::from(inlined_park),
+        "poll_enter, poll_exit, thread_exit, thread_switch (with the stack capture's switch bookkeeping), cpu_timer (and thread_runtime where steal is not read from the run queue), thread_wakeup, wait_enter, wait_exit, stack_on_cpu, and follow_exec, follow_exit (exec watch) should be loaded (and wait_return where the build inlined a park: {inlined_park}); no request program (requests come from the in-flight table)"
     );
     let traffic = FastTraffic::start(server.addr);
     std::thread::sleep(Duration::from_millis(300));
@@ -403,8 +403,8 @@ fn no_requests_leaves_the_request_probes_alone() {
     let ours = agent.programs();
     assert_eq!(
         ours.len(),
-        12,
-        "poll_enter, poll_exit, thread_exit, thread_switch, thread_runtime, cpu_timer, thread_wakeup, wait_enter, wait_exit, stack_on_cpu and the two exec-watch programs only"
+        10 + agent.steal_programs(),
+        "poll_enter, poll_exit, thread_exit, thread_switch, cpu_timer (and thread_runtime where steal is not read from the run queue), thread_wakeup, wait_enter, wait_exit, stack_on_cpu and the two exec-watch programs only"
     );
     let blocked = server.get("/block/sleep?ms=120");
     let stall = agent.wait_for("the stall", Duration::from_secs(5), |v| {
@@ -689,8 +689,12 @@ fn the_table_names_a_culprit_that_ended_in_its_blocking_poll_under_traffic() {
     assert_eq!(attached["request_source"], "table", "{attached}");
     assert_eq!(attached["request_probes_attached"], false, "{attached}");
     assert_eq!(attached["inflight_table_version"], 2, "{attached}");
-    // The same twelve as `detects_every_blocking_poll`: no request program.
-    assert_eq!(agent.programs().len(), 12, "no request programs loaded");
+    // The same as `detects_every_blocking_poll`: no request program.
+    assert_eq!(
+        agent.programs().len(),
+        10 + agent.steal_programs(),
+        "no request programs loaded"
+    );
     // wrk keeps the other worker serving /fast throughout: each block sees
     // far more than a table's worth of requests start and end, so the
     // culprit's slot is taken again before the stall's end is read.

@@ -822,6 +822,31 @@ pub(crate) fn attach_raw_tracepoint(
     Ok(())
 }
 
+/// Loads `program` and attaches it to the first of `tracepoints` that
+/// takes it.
+fn attach_raw_tracepoint_first(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    tracepoints: &[&str],
+) -> Result<(), AttachError> {
+    let raw: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::Missing(program))?
+        .try_into()
+        .map_err(program_error(program))?;
+    raw.load().map_err(program_error(program))?;
+    let mut last = None;
+    for tracepoint in tracepoints {
+        match raw.attach(tracepoint) {
+            Ok(_) => return Ok(()),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.map_or(AttachError::Missing(program), |error| {
+        program_error(program)(error)
+    }))
+}
+
 /// The benchmark's floor variants (`cargo xtask bench`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Bench {
@@ -949,6 +974,7 @@ fn kernel_config(target: &ProbeTarget, options: &AttachOptions, wait_path: WaitP
     // with a poll or stretch still running.
     config.nudge_ns = nudge_ns(options.report_floor_ns);
     config.tick_ns = crate::discover::tick::steady_tick_ns();
+    config.rq_steal = crate::discover::steal::rq_steal();
     let ranges = target.blocking_runtime_ranges();
     for (slot, range) in config.blocking_ranges.iter_mut().zip(&ranges) {
         *slot = [range.start, range.end];
@@ -1000,24 +1026,46 @@ fn attach_tracepoints(ebpf: &mut Ebpf, stacks: bool) -> Result<bool, AttachError
     // when `STACK_CONFIG.enabled` (set at load from `stacks`).
     attach_raw_tracepoint(ebpf, names::THREAD_WAKEUP, "sched_wakeup")?;
     attach_raw_tracepoint(ebpf, names::THREAD_SWITCH, "sched_switch")?;
-    // And for the same reason the steal-time program: a vCPU the host did
-    // not run would make the poll in flight look that much longer.
-    attach_raw_tracepoint(ebpf, names::THREAD_RUNTIME, "sched_stat_runtime")?;
-    // Pauses the steal clock never hears of are seen by the timer
-    // interrupts that did not come; x86 names that tracepoint. Elsewhere
-    // (or where it cannot be attached) those pauses count as held time.
-    if let Err(error) = attach_raw_tracepoint(ebpf, names::CPU_TIMER, "local_timer_entry") {
-        tracing::warn!(
-            %error,
-            "no local timer interrupts to watch: a pause of the virtual machine that its steal clock does not report counts as held time"
-        );
-    }
+    attach_steal_programs(ebpf, crate::discover::steal::rq_steal().known())?;
     Ok(stacks
         && stacks::attach_programs(ebpf)
             .inspect_err(|error| {
                 tracing::warn!(error = %error, "stalls are reported without stacks");
             })
             .is_ok())
+}
+
+/// The programs that find the time the host took from a thread (steal),
+/// attached before any probe for the same reason as the context-switch
+/// program: a vCPU the host did not run would make the poll in flight
+/// look that much longer. `from_run_queue`: `thread_switch` reads the
+/// steal clock from the run queue, and the timer program, after the tick
+/// has updated it, counts it for a thread that runs on; otherwise every
+/// scheduler clock update is watched (`sched_stat_runtime`).
+fn attach_steal_programs(ebpf: &mut Ebpf, from_run_queue: bool) -> Result<(), AttachError> {
+    if !from_run_queue {
+        attach_raw_tracepoint(ebpf, names::THREAD_RUNTIME, "sched_stat_runtime")?;
+    }
+    // Pauses the steal clock never hears of are seen by the timer
+    // interrupts that did not come; x86 names those tracepoints. Elsewhere
+    // (or where neither can be attached) those pauses count as held time.
+    let points: &[&str] = if from_run_queue {
+        &["local_timer_exit", "local_timer_entry"]
+    } else {
+        &["local_timer_entry"]
+    };
+    if let Err(error) = attach_raw_tracepoint_first(ebpf, names::CPU_TIMER, points) {
+        tracing::warn!(
+            %error,
+            "no local timer interrupts to watch: a pause of the virtual machine that its steal clock does not report counts as held time"
+        );
+        if from_run_queue {
+            // Its runtime updates stand in for the ticks (the steal it
+            // would count is the run queue's here).
+            attach_raw_tracepoint(ebpf, names::THREAD_RUNTIME, "sched_stat_runtime")?;
+        }
+    }
+    Ok(())
 }
 
 /// Attaches `groups` for `pid`: one `uprobe_multi` link per group where

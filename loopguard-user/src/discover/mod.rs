@@ -17,6 +17,7 @@ pub mod glob;
 pub mod identity;
 pub mod preflight;
 pub mod proc;
+pub mod steal;
 pub mod tick;
 pub mod waits;
 

@@ -90,6 +90,11 @@ pub struct Attached {
     pub wait_sites: usize,
     pub wait_functions: Vec<String>,
     pub wait_probes: String,
+    /// Where the time the host took from a thread (steal) is read: `run
+    /// queue` (at context switches and ticks) or `runtime updates` (at
+    /// every scheduler clock update); empty in recordings from before.
+    #[serde(default)]
+    pub steal_clock: String,
     pub threshold_ms: f64,
     pub adaptive: bool,
     pub cumulative: bool,

@@ -137,6 +137,7 @@ mod tests {
             wait_sites: 3,
             wait_functions: vec!["epoll_wait".into(), "park".into()],
             wait_probes: "uprobes".into(),
+            steal_clock: "run queue".into(),
             threshold_ms: 50.0,
             adaptive: false,
             cumulative: true,

@@ -131,6 +131,7 @@ fn attached_event(
             .map(|f| (*f).to_owned())
             .collect(),
         wait_probes: wait_path.as_str().to_owned(),
+        steal_clock: steal_clock().to_owned(),
         threshold_ms: options.detect.threshold_ns as f64 / 1e6,
         adaptive: options.detect.adaptive.is_some(),
         cumulative: options.detect.cumulative.is_some(),
@@ -192,6 +193,15 @@ fn cumulative_rule(c: &CumulativeSettings) -> events::CumulativeRule {
 /// ns as the `attached` event gives ms (exactly, not rounded).
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
+}
+
+/// Where the time the host took from a thread is read (`steal_clock`).
+fn steal_clock() -> &'static str {
+    if crate::discover::steal::rq_steal().known() {
+        "run queue"
+    } else {
+        "runtime updates"
+    }
 }
 
 #[cfg(test)]

@@ -320,6 +320,20 @@ impl Agent {
         programs_held_by(self.child.id())
     }
 
+    /// Programs this agent loads to find steal time: the timer program,
+    /// and the runtime-update one where the attached line says the run
+    /// queue's steal clock cannot be read.
+    pub fn steal_programs(&self) -> usize {
+        let lines = self.lines();
+        let attached = of_type(&lines, "attached");
+        let clock = attached.first().map(|a| a["steal_clock"].clone());
+        match clock.as_ref().and_then(Value::as_str) {
+            Some("run queue") => 1,
+            Some("runtime updates") => 2,
+            other => panic!("the attached line's steal_clock: {other:?}"),
+        }
+    }
+
     /// `loopguard attach --pid PID --format json` plus `args`; waits until attached.
     pub fn attach(pid: u32, args: &[&str]) -> Self {
         let pid = pid.to_string();
