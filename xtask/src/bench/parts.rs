@@ -16,8 +16,8 @@
 //! `target/bench-servers`).
 //! Saturation only (wrk), where a per-request cost shows as lost
 //! throughput; the server's CPU time per request is printed beside it.
-//! Each target gets the fewest connections (`--connections`, then four
-//! and sixteen times as many) that keep it at 90 % of its CPU or more
+//! Each target gets the fewest connections (`--connections`, doubled up to
+//! 256 until it is enough) that keep it at 90 % of its CPU or more
 //! unattached: a server bound by its own latency measures nothing else.
 
 use std::collections::BTreeMap;
@@ -285,11 +285,15 @@ struct Target {
 /// The server's share of one CPU at or above which it counts as saturated.
 const SATURATED_CPU: f64 = 0.9;
 
-/// The fewest connections, from `first` up by fours to 256, at which wrk
-/// keeps the unattached target's CPU saturated. Under too few a server can
-/// be bound by its own latency (dufs and miniserve wait out 40 ms delayed
-/// ACKs under `-c16` here, at 10-25 % CPU): its throughput then measures
-/// that wait, not what a probe costs, and moves 20 % from run to run.
+/// The fewest connections, from `first` up by doubling to 256, at which
+/// wrk keeps the unattached target's CPU saturated. Under too few a server
+/// can be bound by its own latency (dufs and miniserve wait out 40 ms
+/// delayed ACKs under `-c16` here, at 10-25 % CPU): its throughput then
+/// measures that wait, not what a probe costs, and moves 20 % from run to
+/// run. Under many more than it needs it thrashes: dufs saturates at
+/// `-c128` with 5,220-5,845 requests/s in ten 3 s runs, but at `-c256`
+/// (where steps of four landed) gave 4,100-5,400 with two modes, too wide
+/// to place a 7 % cost.
 fn saturating_connections(setup: &Setup, target: &Target, first: u32) -> anyhow::Result<u32> {
     let mut connections = first;
     loop {
@@ -307,7 +311,7 @@ fn saturating_connections(setup: &Setup, target: &Target, first: u32) -> anyhow:
             }
             return Ok(connections);
         }
-        connections = (connections * 4).min(256);
+        connections = (connections * 2).min(256);
     }
 }
 
