@@ -812,14 +812,7 @@ pub(crate) fn attach_raw_tracepoint(
     program: &'static str,
     tracepoint: &str,
 ) -> Result<(), AttachError> {
-    let raw: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or(AttachError::Missing(program))?
-        .try_into()
-        .map_err(program_error(program))?;
-    raw.load().map_err(program_error(program))?;
-    raw.attach(tracepoint).map_err(program_error(program))?;
-    Ok(())
+    attach_raw_tracepoint_first(ebpf, program, &[tracepoint])
 }
 
 /// Loads `program` and attaches it to the first of `tracepoints` that
