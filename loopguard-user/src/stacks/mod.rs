@@ -303,9 +303,11 @@ impl Stacks {
                 profile.asleep_since = Some((state.out_ns, syscall_of(state.syscall)));
             }
         }
-        if finished && profile.finish() {
-            // A sleep the kernel saw begin and never saw end: counted up to
-            // the end rather than read as time on a CPU.
+        // A finished stall's interval still open is one whose end the
+        // kernel's totals do not count (its switch back in was not seen,
+        // or its record was lost): `settle` counts it up to the end, since
+        // a thread cannot end a stall asleep, rather than as CPU time.
+        if finished && profile.asleep_since.is_some() {
             tracing::debug!(
                 tid = stall.tid,
                 asleep_since = ?profile.asleep_since,

@@ -35,9 +35,6 @@ pub struct PollProfile {
     pub syscall_ns: HashMap<i64, u64>,
     /// The interval in progress (`out_ns`, system call) when last looked at.
     pub asleep_since: Option<(u64, Option<i64>)>,
-    /// The latest end of an interval the kernel reported (its totals
-    /// count every interval up to there).
-    pub closed_until_ns: u64,
 }
 
 impl PollProfile {
@@ -82,23 +79,10 @@ impl PollProfile {
         }
         self.off_ns = self.off_ns.max(span.off_ns);
         self.wait_ns = self.wait_ns.max(span.wait_ns);
-        self.closed_until_ns = self.closed_until_ns.max(span.in_ns);
+        // A record of this interval or a later one closes it: the
+        // kernel's totals count every interval up to the record's.
         if self.asleep_since.is_some_and(|(out, _)| out <= span.out_ns) {
             self.asleep_since = None;
-        }
-    }
-
-    /// The poll or stretch has ended: an interval still open here is one
-    /// whose end the kernel's totals do not count (its switch back in was
-    /// not seen, or its record was lost). It counts up to the end, since the
-    /// thread cannot have ended the poll asleep; `true` when there was one.
-    pub fn finish(&mut self) -> bool {
-        match self.asleep_since {
-            Some((out_ns, _)) if out_ns >= self.closed_until_ns => true,
-            _ => {
-                self.asleep_since = None;
-                false
-            }
         }
     }
 
@@ -291,7 +275,6 @@ mod tests {
         let mut profile = PollProfile::default();
         profile.add_stack(stack(&[7, 8], SampleCause::OffCpu, 1, Some(230)));
         profile.asleep_since = Some((MS, Some(230)));
-        assert!(profile.finish());
         profile.settle(301 * MS);
         let cause = classify(301 * MS, &profile);
         assert_eq!(cause.kind, CauseKind::Syscall);
@@ -307,7 +290,7 @@ mod tests {
         };
         // A later interval's record: the kernel's totals include the first.
         profile.add_span(&span(120, 200, 230, 280));
-        assert!(!profile.finish());
+        assert_eq!(profile.asleep_since, None);
         profile.settle(301 * MS);
         assert_eq!(classify(301 * MS, &profile).off_cpu_ns, 280 * MS);
     }
