@@ -284,7 +284,9 @@ pub struct WatchArgs {
     /// A poll that keeps its thread at least this long (ms) is a stall [default: 50].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub threshold_ms: Option<u64>,
-    /// Output format on stdout [default: text].
+    /// Output format on stdout [default: text]. Under `run` the command
+    /// writes to the same stdout, so a JSON line can follow its unfinished
+    /// line; `--record FILE` gets the events alone.
     #[arg(long, value_enum)]
     pub format: Option<Format>,
     /// Stop by itself after this many seconds (`run`: SIGTERM the command then;

@@ -290,11 +290,11 @@ impl Agent {
         let sink = Arc::clone(&lines);
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                sink.lock().unwrap().push(Line {
-                    at: Instant::now(),
-                    value,
-                });
+                let at = Instant::now();
+                let mut sink = sink.lock().unwrap();
+                for value in split_stdout_line(line) {
+                    sink.push(Line { at, value });
+                }
             }
         });
         Self {
@@ -622,6 +622,27 @@ pub fn assert_cause(stall: &Value, kinds: &[&str], syscalls: &[&str]) {
     if !syscalls.is_empty() {
         let syscall = cause["syscall"].as_str().unwrap_or_default();
         assert!(syscalls.contains(&syscall), "cause {cause} of {stall}");
+    }
+}
+
+/// One line of the agent's stdout as values: its JSON object, or the line
+/// as a string. Under `loopguard run` the command shares that stdout, so an
+/// event can follow a line the command left unfinished (the test harness
+/// prints `test name ... ` before a test's result): that prefix becomes a
+/// string of its own and the event is still read.
+fn split_stdout_line(line: String) -> Vec<Value> {
+    if let Ok(value) = serde_json::from_str(&line) {
+        return vec![value];
+    }
+    let embedded = line.match_indices('{').find_map(|(at, _)| {
+        serde_json::from_str::<Value>(&line[at..])
+            .ok()
+            .filter(Value::is_object)
+            .map(|value| (at, value))
+    });
+    match embedded {
+        Some((at, value)) => vec![Value::String(line[..at].to_string()), value],
+        None => vec![Value::String(line)],
     }
 }
 
