@@ -162,8 +162,9 @@ fn rq_steal() -> RqSteal {
 }
 
 /// The steal clock's reading at a moment of a target thread's run on this
-/// CPU, and when (0: no reading since the last switch to a thread that
-/// may be the target's).
+/// CPU (a tick's, or its switch-in's without steady ticks), and when (0:
+/// none yet). A reading older than the running thread's switch-in is
+/// another run's, and counts nothing ([`steal_since`]).
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct StealMark {
@@ -219,40 +220,57 @@ fn steal_clock(offsets: &RqSteal) -> Option<u64> {
 
 /// A context switch at `now` where the run queue's steal clock is read:
 /// a target thread `prev` (running since `switched_in_ns`) leaving is
-/// credited the steal of its run; `next`, when it may be a target thread
-/// with a slot, gets a fresh reading to count its own run from. Other
-/// switches read nothing.
+/// credited the steal since the last reading made during its run.
+///
+/// Where CPUs tick steadily that reading is a tick's ([`tick_steal`]), and
+/// a switch reads the clock only when one was made: most runs of a thread
+/// end before the first tick (dufs: 40 switches a request, each of which
+/// read the clock, a third of `thread_switch`'s time). What a run loses
+/// that way is the steal before its first tick, at most a tick and the
+/// slack of [`paused_ns`] (5 ms here); a longer pause there delays the
+/// tick, which counts it as a pause. Without steady ticks (`nohz_full`,
+/// or no timer interrupt to watch) a switch to `next`, when it may be a
+/// target thread with a slot, makes the reading its run counts from, as
+/// before.
 #[inline(always)]
 pub(crate) fn on_switch(prev: Option<u32>, switched_in_ns: u64, next: u64, now: u64) {
     let offsets = rq_steal();
     if !offsets.known() {
         return;
     }
-    let next_counts = slots::may_have_slot(next);
+    // No tick reads the clock here: a tick-less CPU (`nohz_full`), or no
+    // timer interrupt seen on this CPU (none can be watched).
+    let eager = tick_ns() == 0 || !ticks_seen();
+    let next_counts = eager && slots::may_have_slot(next);
     if prev.is_none() && !next_counts {
         return;
     }
     let Some(mark) = STEAL_MARK.get_ptr_mut(0) else {
         return;
     };
-    let Some(steal) = steal_clock(&offsets) else {
-        return;
-    };
     // SAFETY: a per-CPU map value pointer; only this CPU writes it (a
     // nested program on this CPU would write a reading of the same clock).
     let last = unsafe { core::ptr::read_volatile(mark) };
+    // A reading from before `prev`'s run (another thread's, or none) counts
+    // nothing: skip the read.
+    let prev = prev.filter(|_| last.ns != 0 && last.ns >= switched_in_ns);
+    if prev.is_none() && !next_counts {
+        return;
+    }
+    let Some(steal) = steal_clock(&offsets) else {
+        return;
+    };
     if let Some(tid) = prev {
         let stolen = steal_since(last.steal, last.ns, switched_in_ns, steal);
         if stolen != 0 {
             lost(tid, stolen, now);
         }
     }
-    let fresh = if next_counts {
-        StealMark { steal, ns: now }
-    } else {
-        StealMark { steal: 0, ns: 0 }
-    };
-    unsafe { core::ptr::write_volatile(mark, fresh) };
+    // A reading left from before this switch needs no clearing: it is older
+    // than the next run's switch-in, so it counts nothing for it.
+    if next_counts {
+        unsafe { core::ptr::write_volatile(mark, StealMark { steal, ns: now }) };
+    }
 }
 
 /// A tick at `now` on a target thread: the steal since the last reading
