@@ -421,7 +421,12 @@ fn finish_run(supervisor: &mut Supervisor, settings: &Settings, code: i32) -> Re
     }
     let block = offending.block(&settings.fail_on);
     if let Some(block) = &block {
-        crate::diag!("{block}");
+        // One diagnostic per line: a diagnostic escapes line ends, and the
+        // block's (a stall's cause and stack under its line) are its own;
+        // what the target named in them was escaped when they were made.
+        for line in block.lines() {
+            crate::diag!("{line}");
+        }
     }
     let watched_nothing = supervisor.roster.attached_count() == 0;
     if watched_nothing {
