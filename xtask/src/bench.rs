@@ -185,7 +185,7 @@ pub struct Options {
     /// the server unattached. `--rungs floor,default --rounds 20 --seconds 2`
     /// places the default against the floor on a server that wanders, from
     /// many rounds' own ratios [default: all].
-    #[arg(long, value_delimiter = ',', requires = "parts")]
+    #[arg(long, value_delimiter = ',', requires = "parts", value_parser = clap::builder::PossibleValuesParser::new(parts::RUNG_KEYS))]
     rungs: Vec<String>,
 }
 

@@ -431,7 +431,20 @@ fn runs_rung(setup: &Setup, target: &Target, rung: usize) -> bool {
     chosen(step.key) || (step.key == "stacks" && !target.middleware && chosen("default"))
 }
 
-/// The keys `--rungs` takes, for its error message.
+/// The keys `--rungs` takes: the steps' own, in their order.
+pub const RUNG_KEYS: [&str; STEPS.len()] = [
+    "floor",
+    "bodies",
+    "wait",
+    "stacks",
+    "default",
+    "scrape",
+    "probes",
+    "uprobes",
+    "watch-all",
+];
+
+/// The keys `--rungs` takes, as the steps name them.
 pub fn rung_keys() -> Vec<&'static str> {
     STEPS.iter().map(|step| step.key).collect()
 }
@@ -593,4 +606,14 @@ fn render(setup: &Setup, targets: &[Target], ladders: &[Ladder]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rung_keys_are_the_steps_keys() {
+        assert_eq!(rung_keys(), RUNG_KEYS.to_vec());
+    }
 }
