@@ -1,3 +1,9 @@
+//! Where the kernel's BTF says where the run queue keeps its copy of the
+//! steal clock (`RqSteal`, the usual case), that clock is read: at a
+//! target thread's ticks (`cpu_timer`), and at its switch out when a tick
+//! read it during the run that ends ([`on_switch`]); `thread_runtime` is
+//! then not attached, or only to stand in for the ticks. Elsewhere:
+//!
 //! `thread_runtime` (raw tracepoint `sched_stat_runtime`): time the host
 //! took from the vCPU while a thread of the target ran inside a poll or a
 //! busy stretch, as far as the steal clock tells, counted with its
