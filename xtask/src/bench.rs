@@ -180,9 +180,8 @@ pub struct Options {
     /// --parts on the example only, without installing a real server.
     #[arg(long, requires = "parts")]
     no_servers: bool,
-    /// --parts measures only these rungs (comma-separated: floor, bodies,
-    /// wait, stacks, default, scrape, probes, uprobes, watch-all), besides
-    /// the server unattached. `--rungs floor,default --rounds 20 --seconds 2`
+    /// --parts measures only these rungs (comma-separated), besides the
+    /// server unattached. `--rungs floor,default --rounds 20 --seconds 2`
     /// places the default against the floor on a server that wanders, from
     /// many rounds' own ratios [default: all].
     #[arg(long, value_delimiter = ',', requires = "parts", value_parser = clap::builder::PossibleValuesParser::new(parts::RUNG_KEYS))]
