@@ -499,9 +499,13 @@ pub fn thread_switch(ctx: RawTracePointContext) -> i32 {
     let (preempt, prev_state) = unsafe { (*args, *args.add(3)) };
     // Still on the run queue: preempted, or yielding (TASK_RUNNING is 0).
     let runnable = preempt & 1 != 0 || prev_state as u32 == 0;
-    let tid = pid_tgid as u32;
-    leaves_cpu(tid, runnable, waits_on_switch, switched_in_ns, now);
-    stacks::on_switch_out(tid, runnable);
+    leaves_cpu(
+        pid_tgid as u32,
+        runnable,
+        waits_on_switch,
+        switched_in_ns,
+        now,
+    );
     0
 }
 
@@ -518,15 +522,38 @@ fn leaves_cpu(tid: u32, runnable: bool, waits_on_switch: bool, switched_in_ns: u
     let Some(slot) = slots::slot_of(tid) else {
         return;
     };
+    if idle(slot, tid) {
+        // Between polls and out of any busy stretch, with no preemption
+        // open: each step below would find nothing to do (dufs: most of
+        // its 35 switches a request are blocking-pool threads sleeping
+        // between tasks). Two array reads instead of a dozen.
+        return;
+    }
     if !runnable {
         wakeup::note_sleep(slot, tid);
         nudge::asleep(target_tgid(), slot, tid);
     }
-    // Leaving the CPU inside a poll: a long one, perhaps; its task is alive.
-    task_ids::read_current(slot, tid);
+    // Leaving the CPU inside a poll: a long one, perhaps; its task is
+    // alive. Asleep, it may not run again for long; preempted, it runs
+    // the poll on, so only a poll already as long as a report is read.
+    let started_by = if runnable {
+        now.saturating_sub(report_floor_ns())
+    } else {
+        u64::MAX
+    };
+    task_ids::read_current(slot, tid, started_by);
     wait::note_switch(slot, tid, switched_in_ns, runnable, now);
-    // Every switch of a target thread runs this: a write section (two
-    // atomic adds) is opened only when there is something to write.
+    note_poll_switch(slot, tid, runnable, switched_in_ns, now);
+    stacks::on_switch_out(slot, tid, runnable);
+}
+
+/// The preemption of `tid`'s poll stack: the one open since its last
+/// switch out is settled, and a new one opens when it leaves runnable
+/// inside a poll.
+#[inline(always)]
+fn note_poll_switch(slot: u32, tid: u32, runnable: bool, switched_in_ns: u64, now: u64) {
+    // A write section (two atomic adds) is opened only when there is
+    // something to write.
     let Some(stack) = slots::peek_polls(slot, tid) else {
         return;
     };
@@ -541,6 +568,20 @@ fn leaves_cpu(tid: u32, runnable: bool, waits_on_switch: bool, switched_in_ns: u
     if runnable && stack.depth > 0 {
         stack.preempted_since_ns = now;
     }
+}
+
+/// Whether thread `tid` (slot `slot`) leaves its CPU with nothing open:
+/// no poll in flight, no busy stretch of its event loop, no preemption
+/// left to settle. What [`leaves_cpu`]'s steps and the off-CPU stack
+/// check first, read once.
+#[inline(always)]
+fn idle(slot: u32, tid: u32) -> bool {
+    let polls_idle = slots::peek_polls(slot, tid)
+        .is_none_or(|polls| polls.depth == 0 && polls.preempted_since_ns == 0);
+    polls_idle
+        && slots::peek_loops(slot, tid).is_none_or(|state| {
+            state.preempted_since_ns == 0 && !(state.depth == 0 && state.busy_start_ns != 0)
+        })
 }
 
 #[cfg(not(test))]

@@ -379,7 +379,13 @@ pub(crate) fn peek_loops(slot: u32, tid: u32) -> Option<&'static LoopState> {
 /// none.
 #[inline(always)]
 pub(crate) fn polls_of(tid: u32) -> Option<&'static ThreadPolls> {
-    let polls = THREAD_POLLS.get(slot_of(tid)?)?;
+    polls_in(slot_of(tid)?, tid)
+}
+
+/// [`polls_of`] where the slot is known already.
+#[inline(always)]
+pub(crate) fn polls_in(slot: u32, tid: u32) -> Option<&'static ThreadPolls> {
+    let polls = THREAD_POLLS.get(slot)?;
     // SAFETY: plain reads of a map value's fields.
     let (seq, owner) = unsafe {
         (

@@ -79,10 +79,10 @@ fn config_u64(field: *const u64) -> u64 {
 /// The start of the task poll `tid` is inside now (the innermost poll, when
 /// it is neither a scheduler loop nor blocking-pool work).
 #[inline(always)]
-fn current_task_poll(tid: u32) -> Option<u64> {
+fn current_task_poll(slot: u32, tid: u32) -> Option<u64> {
     // `None` too when the thread was switched out in the middle of writing
     // its stack (a preempted probe): the stack is not whole then.
-    let stack = slots::polls_of(tid)?;
+    let stack = slots::polls_in(slot, tid)?;
     let depth = stack.depth as usize;
     if depth == 0 || depth > MAX_POLL_DEPTH {
         return None;
@@ -98,9 +98,15 @@ fn current_task_poll(tid: u32) -> Option<u64> {
 /// loop-only targets its event loop's busy stretch.
 #[inline(always)]
 fn current_stretch(tid: u32) -> Option<u64> {
-    current_task_poll(tid).or_else(|| {
+    current_stretch_in(slots::slot_of(tid)?, tid)
+}
+
+/// [`current_stretch`] where the slot is known already.
+#[inline(always)]
+fn current_stretch_in(slot: u32, tid: u32) -> Option<u64> {
+    current_task_poll(slot, tid).or_else(|| {
         if config_u32(&raw const STACK_CONFIG.loop_stretches) != 0 {
-            crate::wait::busy_since(tid)
+            crate::wait::busy_since(slot, tid)
         } else {
             None
         }
@@ -218,15 +224,15 @@ fn send_sample(cause: u32, tid: u32, poll_start_ns: u64, now: u64, regs: &pt_reg
     entry.submit(u64::from(BPF_RB_NO_WAKEUP));
 }
 
-/// Run by `thread_switch` as thread `tid` of the target leaves its CPU
-/// (`preempted`: still runnable), after its own bookkeeping: the poll and
+/// Run by `thread_switch` as thread `tid` of the target (slot `slot`)
+/// leaves its CPU (`preempted`: still runnable), after its own bookkeeping: the poll and
 /// stretch are as it left them. Folded into that program, not a second
 /// one on `sched_switch`: each program run on every context switch of the
 /// host costs its entry and checks again (issue #24).
 #[inline(always)]
-pub(crate) fn on_switch_out(tid: u32, preempted: bool) {
+pub(crate) fn on_switch_out(slot: u32, tid: u32, preempted: bool) {
     if config_u32(&raw const STACK_CONFIG.enabled) != 0 {
-        let _ = switch_out(tid, preempted);
+        let _ = switch_out(slot, tid, preempted);
     }
 }
 
@@ -243,8 +249,8 @@ pub(crate) fn on_switch_in(next: u64) {
     }
 }
 
-fn switch_out(tid: u32, preempted: bool) -> Result<(), i64> {
-    let poll_start = current_stretch(tid).ok_or(0i64)?;
+fn switch_out(slot: u32, tid: u32, preempted: bool) -> Result<(), i64> {
+    let poll_start = current_stretch_in(slot, tid).ok_or(0i64)?;
     // `thread_switch`, which runs this, dated the switch.
     let now = crate::last_switch_ns();
     let arm_delay = config_u64(&raw const STACK_CONFIG.arm_delay_ns);

@@ -438,7 +438,7 @@ fn remote_update(task: u64) {
 fn on_tick(pid_tgid: u64, now: u64) {
     let tid = pid_tgid as u32;
     if let Some(slot) = slots::slot_of(tid) {
-        crate::task_ids::read_current(slot, tid);
+        crate::task_ids::read_current(slot, tid, u64::MAX);
         crate::nudge::on_cpu((pid_tgid >> 32) as u32, slot, tid, now);
     }
 }

@@ -32,9 +32,13 @@ pub(crate) fn read_at_return(frame: &PollFrame) -> (u64, u32) {
 /// Run as thread `tid` (switched out, or its clock updated while it runs):
 /// reads the id of the task its innermost poll polls, when left for later.
 /// Nothing when the thread is inside one of its own write sections (this
-/// program interrupted a probe): the next tick or switch will do.
+/// program interrupted a probe): the next tick or switch will do. Nothing
+/// either for a poll that began after `started_by` ns: a thread preempted
+/// early in a poll (dufs: a third of its switches) runs that poll again,
+/// and a poll that turns long there is read by its next tick, switch or
+/// return.
 #[inline(always)]
-pub(crate) fn read_current(slot: u32, tid: u32) {
+pub(crate) fn read_current(slot: u32, tid: u32, started_by: u64) {
     let Some(peek) = slots::peek_polls(slot, tid) else {
         return;
     };
@@ -43,7 +47,9 @@ pub(crate) fn read_current(slot: u32, tid: u32) {
         return;
     }
     if peek.frames.get(frame_index(depth - 1)).is_none_or(|frame| {
-        frame.flags & frame_flags::TASK_ID_ADDRESS == 0 || !frame_flags::is_task_poll(frame.flags)
+        frame.flags & frame_flags::TASK_ID_ADDRESS == 0
+            || !frame_flags::is_task_poll(frame.flags)
+            || frame.start_ns > started_by
     }) {
         return;
     }

@@ -164,9 +164,9 @@ fn this_thread() -> Option<(u32, u32, Writing<LoopState>)> {
 /// When `tid`'s current busy stretch began, while it runs (the thread is
 /// in no wait and came back from one since attaching).
 #[inline(always)]
-pub(crate) fn busy_since(tid: u32) -> Option<u64> {
+pub(crate) fn busy_since(slot: u32, tid: u32) -> Option<u64> {
     // Read by a program of that same thread: its own last writes.
-    let state = slots::peek_loops(slots::slot_of(tid)?, tid)?;
+    let state = slots::peek_loops(slot, tid)?;
     (!loopguard_common::slots::is_writing(state.seq)
         && state.depth == 0
         && state.busy_start_ns != 0)
