@@ -523,9 +523,9 @@ fn measure(setup: &Setup, target: &Target, rung: usize) -> anyhow::Result<(f64, 
 /// round run seconds apart, so each is compared with what the machine and
 /// the server were doing then. The ratio of medians compares rungs
 /// measured minutes apart, and the machine drifts: in one run `/fast`
-/// unattached gave 115,000 requests/s for six rounds, 94,000 for the next
-/// three, so its ratio of medians came out at 0.850 while the rounds'
-/// median was 0.970. With fewer than four rounds there is no median of
+/// unattached gave ~94,000 requests/s in five rounds and ~115,000 in
+/// eleven, the other rungs moving with it, and its ratio of medians came
+/// out at 0.850 while the rounds' median was 0.970. With fewer than four rounds there is no median of
 /// rounds to trust, and the ratio of medians decides.
 fn over_floor(out: &mut String, ladder: &Ladder, what: &str, rung: usize) {
     let (Some(floor), Some(measured)) = (ladder.rps.get(&1), ladder.rps.get(&rung)) else {
