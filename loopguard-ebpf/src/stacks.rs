@@ -225,8 +225,8 @@ fn send_sample(cause: u32, tid: u32, poll_start_ns: u64, now: u64, regs: &pt_reg
 }
 
 /// Run by `thread_switch` as thread `tid` of the target (slot `slot`)
-/// leaves its CPU (`preempted`: still runnable), after its own bookkeeping: the poll and
-/// stretch are as it left them. Folded into that program, not a second
+/// leaves its CPU (`preempted`: still runnable), after its own
+/// bookkeeping: the poll and stretch are as it left them. Folded into that program, not a second
 /// one on `sched_switch`: each program run on every context switch of the
 /// host costs its entry and checks again (issue #24).
 #[inline(always)]

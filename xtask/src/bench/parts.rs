@@ -13,8 +13,7 @@
 //! as one target of the host agent (`watch --all --exe PATH`, issue #28:
 //! no dearer than attached alone). The order reverses every other round.
 //! Targets: the example's endpoints, and real servers none of us wrote
-//! (installed from crates.io into
-//! `target/bench-servers`).
+//! (installed from crates.io into `target/bench-servers`).
 //! Saturation only (wrk), where a per-request cost shows as lost
 //! throughput; the server's CPU time per request is printed beside it.
 //! Each target gets the fewest connections (`--connections`, doubled up to
